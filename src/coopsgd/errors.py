@@ -1,0 +1,96 @@
+"""Exceptions raised by coopsgd.
+
+Every error raised for bad user input is a :class:`ConfigError` (a ``ValueError``) whose message names
+the offending field, the value that was given and what is allowed, so that the CLI can print it as one
+line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CoopSGDError",
+    "ConfigError",
+    "MixingMatrixError",
+    "TheoryWarning",
+    "DivergenceWarning",
+    "check_int",
+    "check_float",
+]
+
+
+class CoopSGDError(Exception):
+    """Base class of all coopsgd errors."""
+
+
+class ConfigError(CoopSGDError, ValueError):
+    """Invalid user input: a bad argument, flag, config key or value.
+
+    Use :meth:`invalid` to build the standard message ``"<field>=<value!r> is invalid: <allowed>"``.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, value: Any = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+    @classmethod
+    def invalid(cls, field: str, value: Any, allowed: str) -> ConfigError:
+        return cls(f"{field}={value!r} is invalid: {allowed}", field=field, value=value)
+
+
+class MixingMatrixError(ConfigError):
+    """A mixing matrix that breaks a required property (shape, sign, stochasticity, symmetry, connectivity)."""
+
+
+class TheoryWarning(UserWarning):
+    """The theorems' assumptions do not hold for this setting; bounds are reported but do not apply."""
+
+
+class DivergenceWarning(UserWarning):
+    """A legal setting that is known to diverge (e.g. EASGD with alpha >= 2/(m+1))."""
+
+
+def check_int(field: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as an int, or raise a ConfigError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+        hasattr(value, "__index__") and not isinstance(value, float)
+    ):
+        raise ConfigError.invalid(field, value, "must be an integer")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ConfigError.invalid(field, value, f"must be an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError.invalid(field, value, f"must be an integer <= {maximum}")
+    return value
+
+
+def check_float(
+    field: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return ``value`` as a finite float inside the given interval, or raise a ConfigError naming ``field``."""
+    import math
+
+    if isinstance(value, bool):
+        raise ConfigError.invalid(field, value, "must be a number")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError.invalid(field, value, "must be a number") from None
+    if not math.isfinite(x):
+        raise ConfigError.invalid(field, value, "must be a finite number")
+    lo_bad = low is not None and (x <= low if low_open else x < low)
+    hi_bad = high is not None and (x >= high if high_open else x > high)
+    if lo_bad or hi_bad:
+        lb = "-inf" if low is None else f"{low:g}"
+        hb = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lb}, {hb}{')' if high_open or high is None else ']'}"
+        raise ConfigError.invalid(field, value, f"must lie in {interval}")
+    return x
