@@ -1,0 +1,438 @@
+"""Mixing schedules: which synchronization matrix S_k applies after step k.
+
+[CSGD] eq. (7): ``S_k = W`` when ``k mod tau = 0`` and the identity otherwise. Steps here are 0-based, so
+communication happens after step ``k`` when ``(k + 1) % tau == 0`` (after every ``tau`` local steps).
+
+A schedule answers two questions for every step ``k``:
+
+* :meth:`Schedule.mix` -- the :class:`Mix` to apply after step ``k`` (``None`` means ``S_k = I``: no
+  communication, nothing to do), possibly depending on run-time data passed in a :class:`MixContext`
+  (LSGD picks its leader from loss estimates);
+* :meth:`Schedule.active` -- which workers compute gradients in step ``k`` (FedAvg samples clients;
+  ``None`` means all).
+
+Matrices use the paper's column convention (see :func:`coopsgd.engines.mixing.apply_mixing`): column
+``i`` of ``S`` holds node ``i``'s in-weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from coopsgd.errors import ConfigError, check_int
+from coopsgd.topology import MixingMatrix
+
+__all__ = [
+    "Mix",
+    "MixContext",
+    "Schedule",
+    "PeriodicSchedule",
+    "LeaderSchedule",
+    "FedAvgSchedule",
+    "DownpourSchedule",
+    "CallableSchedule",
+    "PATTERNS",
+]
+
+#: Communication patterns understood by the cost model ([CSGD] Table 3 plus leader broadcast).
+PATTERNS = ("allreduce", "neighbor", "parameter_server", "broadcast", "local")
+
+
+@dataclass(frozen=True)
+class MixContext:
+    """Run-time information a schedule may use.
+
+    Attributes:
+        step: the 0-based step just taken (or about to be taken, for :meth:`Schedule.active`).
+        lr: learning rate of this step (LSGD's pull strength is ``lr * lambda``).
+        losses: the latest loss estimate of each worker (length m), or ``None`` when not available.
+    """
+
+    step: int
+    lr: float = 0.0
+    losses: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Mix:
+    """One synchronization: the matrix ``S_k`` and how it is communicated.
+
+    Attributes:
+        matrix: ``S_k`` as an (m+v)x(m+v) float64 array, column convention.
+        pattern: communication pattern for the cost model (one of :data:`PATTERNS`; ``"local"`` means the
+            mixing needs no network traffic, e.g. LSGD's pull toward a locally held leader copy).
+        round: the index of the communication round (counts only mixes with network traffic).
+        info: extra facts for logging (e.g. the LSGD leader, FedAvg's sampled clients).
+    """
+
+    matrix: np.ndarray
+    pattern: str
+    round: int = -1
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def communicates(self) -> bool:
+        return self.pattern != "local"
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """Protocol every mixing schedule implements."""
+
+    n: int
+
+    def mix(self, step: int, ctx: MixContext) -> Mix | None: ...
+
+    def active(self, step: int) -> np.ndarray | None: ...
+
+    def rounds_before(self, step: int) -> int: ...
+
+
+def _as_matrix(W: MixingMatrix | np.ndarray) -> np.ndarray:
+    return np.asarray(getattr(W, "matrix", W), dtype=np.float64)
+
+
+class PeriodicSchedule:
+    """``S_k = W`` every ``tau`` steps, identity otherwise ([CSGD] eq. (7)), generalised in three ways.
+
+    * ``matrices`` may hold several matrices, cycled over rounds (time-varying topologies such as the
+      one-peer exponential graph).
+    * ``levels`` adds slower levels: ``[(period, matrices), ...]``. After step ``k`` every level whose
+      period divides ``k + 1`` applies, fastest first; the product is one ``S_k``. Hierarchical averaging
+      uses this for its intra-group (tau) and inter-auxiliary (q*tau) mixing.
+    * ``warmup_steps`` steps of ``warmup_matrix`` every step (post-local SGD: fully synchronous warm-up).
+    """
+
+    def __init__(
+        self,
+        tau: int,
+        matrices: Sequence[MixingMatrix | np.ndarray],
+        *,
+        pattern: str = "allreduce",
+        levels: Sequence[tuple[int, Sequence[MixingMatrix | np.ndarray], str]] = (),
+        warmup_steps: int = 0,
+        warmup_matrix: MixingMatrix | np.ndarray | None = None,
+    ) -> None:
+        self.tau = check_int("tau", tau, minimum=1)
+        if len(matrices) == 0:
+            raise ConfigError.invalid("matrices", list(matrices), "need at least one mixing matrix")
+        self._levels: list[tuple[int, list[np.ndarray], str]] = [
+            (self.tau, [_as_matrix(W) for W in matrices], pattern)
+        ]
+        for period, mats, pat in levels:
+            period = check_int("period", period, minimum=1)
+            if len(mats) == 0:
+                raise ConfigError.invalid("levels", period, "each level needs at least one matrix")
+            self._levels.append((period, [_as_matrix(W) for W in mats], pat))
+        self.n = self._levels[0][1][0].shape[0]
+        for _, mats, _ in self._levels:
+            for M in mats:
+                if M.shape != (self.n, self.n):
+                    raise ConfigError.invalid(
+                        "matrices", M.shape, f"all matrices of one schedule must be {self.n}x{self.n}"
+                    )
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        if self.warmup_steps and warmup_matrix is None:
+            raise ConfigError.invalid("warmup_matrix", None, "needed when warmup_steps > 0")
+        self._warmup = None if warmup_matrix is None else _as_matrix(warmup_matrix)
+
+    def _level_rounds(self, period: int, step: int) -> int:
+        """Rounds of a level completed before ``step`` (after the warm-up)."""
+        local = step - self.warmup_steps
+        return max(local, 0) // period
+
+    def rounds_before(self, step: int) -> int:
+        """Communication rounds that happened in steps ``0 .. step-1``."""
+        warm = min(step, self.warmup_steps)
+        rounds = warm
+        local = max(step - self.warmup_steps, 0)
+        # a step where several levels fire counts once
+        fired = set()
+        for period, _, _ in self._levels:
+            fired.update(range(period - 1, local, period))
+        return rounds + len(fired)
+
+    def mix(self, step: int, ctx: MixContext) -> Mix | None:
+        if step < self.warmup_steps:
+            return Mix(self._warmup, "allreduce", round=step, info={"warmup": True})  # type: ignore[arg-type]
+        local = step - self.warmup_steps
+        product: np.ndarray | None = None
+        patterns = []
+        for period, mats, pat in self._levels:
+            if (local + 1) % period == 0:
+                M = mats[(local // period) % len(mats)]
+                # X S1 S2: the faster level's matrix acts first.
+                product = M if product is None else product @ M
+                patterns.append(pat)
+        if product is None:
+            return None
+        pattern = patterns[-1] if len(patterns) == 1 else max(patterns, key=_PATTERN_RANK.__getitem__)
+        return Mix(product, pattern, round=self.rounds_before(step))
+
+    def active(self, step: int) -> np.ndarray | None:
+        return None
+
+
+_PATTERN_RANK = {"local": 0, "neighbor": 1, "broadcast": 2, "allreduce": 3, "parameter_server": 4}
+
+
+class LeaderSchedule:
+    """Leader SGD ([LSGD] Algorithm 1, multi-level form) as a data-dependent mixing schedule.
+
+    Node layout: ``m`` workers, then one local-leader copy per group, then (when there are several
+    groups) one global-leader copy. Every ``tau`` steps (at steps ``k`` with ``k % tau == 0``, i.e. at the
+    start of each period) the leaders are re-elected as the workers with the lowest loss estimate and
+    their models are copied into the leader slots -- this is the communication (a small all-gather of
+    losses plus a broadcast). Every step, each worker is pulled toward its leaders:
+
+        x_i <- x_i - lr * (g_i + lam * (x_i - z_local) + lam_global * (x_i - z_global)),
+
+    which under the pre-mix rule ``X_{k+1} = X_k S_k - lr G_k`` is a column-stochastic matrix: column ``i``
+    is ``(1 - lr*lam - lr*lam_global) e_i + lr*lam e_{z_local} + lr*lam_global e_{z_global}``. A leader
+    is not pulled toward itself (the leader does plain SGD). The refresh ``R_k`` (leader slot <- leader
+    model) is applied before the pull, so ``S_k = R_k P_k``.
+
+    Where it leaves the paper's framework: ``S_k`` is not symmetric and depends on the data (the losses),
+    so Theorems 1-4 do not apply.
+    """
+
+    def __init__(
+        self, workers: int, tau: int, lam: float, *, groups: int = 1, lam_global: float | None = None
+    ) -> None:
+        self.m = check_int("workers", workers, minimum=1)
+        self.tau = check_int("tau", tau, minimum=1)
+        self.groups = check_int("groups", groups, minimum=1)
+        if self.m % self.groups:
+            raise ConfigError.invalid("groups", groups, f"must divide workers={workers}")
+        self.lam = float(lam)
+        self.lam_global = self.lam if lam_global is None else float(lam_global)
+        self.multi = self.groups > 1
+        self.v = self.groups + (1 if self.multi else 0)
+        self.n = self.m + self.v
+        size = self.m // self.groups
+        self.group_of = np.arange(self.m) // size
+        self.leaders: np.ndarray | None = None  # local leader per group
+        self.global_leader: int | None = None
+
+    def rounds_before(self, step: int) -> int:
+        return (step + self.tau - 1) // self.tau
+
+    def active(self, step: int) -> np.ndarray | None:
+        return None
+
+    def elect(self, losses: np.ndarray) -> None:
+        """Choose the leaders from per-worker loss estimates (ties: lowest index)."""
+        losses = np.asarray(losses, dtype=np.float64)
+        if losses.shape != (self.m,):
+            raise ValueError(f"LSGD needs one loss estimate per worker ({self.m}), got shape {losses.shape}")
+        self.leaders = np.array(
+            [int(np.flatnonzero(self.group_of == g)[np.argmin(losses[self.group_of == g])]) for g in range(self.groups)]
+        )
+        self.global_leader = int(np.argmin(losses))
+
+    def mix(self, step: int, ctx: MixContext) -> Mix:
+        n, m = self.n, self.m
+        refresh = step % self.tau == 0
+        if refresh or self.leaders is None:
+            if ctx.losses is None:
+                raise ValueError("LSGD needs loss estimates to elect a leader")
+            self.elect(ctx.losses)
+        assert self.leaders is not None
+        R = np.eye(n)
+        if refresh:
+            for g, leader in enumerate(self.leaders):
+                slot = m + g
+                R[:, slot] = 0.0
+                R[leader, slot] = 1.0
+            if self.multi:
+                slot = m + self.groups
+                R[:, slot] = 0.0
+                R[self.global_leader, slot] = 1.0
+        P = np.eye(n)
+        a_loc = ctx.lr * self.lam
+        a_glob = ctx.lr * self.lam_global
+        for i in range(m):
+            g = self.group_of[i]
+            col = np.zeros(n)
+            keep = 1.0
+            if i != self.leaders[g]:
+                col[m + g] += a_loc
+                keep -= a_loc
+            if self.multi and i != self.global_leader:
+                col[m + self.groups] += a_glob
+                keep -= a_glob
+            col[i] += keep
+            P[:, i] = col
+        info = {"leader": self.global_leader, "local_leaders": self.leaders.tolist(), "refresh": refresh}
+        pattern = "broadcast" if refresh else "local"
+        return Mix(R @ P, pattern, round=self.rounds_before(step) if refresh else -1, info=info)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "leaders": None if self.leaders is None else self.leaders.tolist(),
+            "global_leader": self.global_leader,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.leaders = None if state["leaders"] is None else np.asarray(state["leaders"], dtype=np.int64)
+        self.global_leader = state["global_leader"]
+
+
+class FedAvgSchedule:
+    """Federated averaging ([CSGD] §5, McMahan et al.): rounds of ``tau`` local steps on sampled clients.
+
+    Node layout: ``m`` clients then the server model (v = 1). At the start of round ``r`` a fraction
+    ``fraction`` of the clients (at least one) is drawn without replacement from a generator seeded by
+    ``(seed, r)``; only they compute gradients. After the round the server takes the average of the
+    sampled clients' models weighted by their sample counts, and every client receives it
+    (post-mix rule, every column of ``S`` equals the weight vector).
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        tau: int,
+        *,
+        fraction: float = 1.0,
+        sample_counts: Sequence[float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.m = check_int("workers", workers, minimum=1)
+        self.tau = check_int("tau", tau, minimum=1)
+        self.fraction = float(fraction)
+        self.n = self.m + 1
+        self.seed = int(seed)
+        if sample_counts is None:
+            counts = np.ones(self.m)
+        else:
+            counts = np.asarray(sample_counts, dtype=np.float64)
+            if counts.shape != (self.m,) or np.any(~np.isfinite(counts)) or np.any(counts <= 0):
+                raise ConfigError.invalid(
+                    "sample_counts", list(np.atleast_1d(counts)), f"need {self.m} positive numbers, one per client"
+                )
+        self.sample_counts = counts
+        self.clients_per_round = max(1, int(round(self.fraction * self.m)))
+
+    def rounds_before(self, step: int) -> int:
+        return step // self.tau
+
+    def clients(self, round_index: int) -> np.ndarray:
+        """Sorted indices of the clients sampled for round ``round_index`` (reproducible)."""
+        if self.clients_per_round == self.m:
+            return np.arange(self.m)
+        rng = np.random.default_rng([self.seed, round_index])
+        return np.sort(rng.choice(self.m, size=self.clients_per_round, replace=False))
+
+    def active(self, step: int) -> np.ndarray | None:
+        if self.clients_per_round == self.m:
+            return None
+        mask = np.zeros(self.m, dtype=bool)
+        mask[self.clients(step // self.tau)] = True
+        return mask
+
+    def mix(self, step: int, ctx: MixContext) -> Mix | None:
+        if (step + 1) % self.tau:
+            return None
+        r = step // self.tau
+        chosen = self.clients(r)
+        w = np.zeros(self.n)
+        w[chosen] = self.sample_counts[chosen] / self.sample_counts[chosen].sum()
+        S = np.tile(w[:, None], (1, self.n))
+        return Mix(S, "parameter_server", round=r, info={"clients": chosen.tolist()})
+
+
+class DownpourSchedule:
+    """DOWNPOUR (Dean et al. 2012), the asynchronous parameter-server baseline of [LSGD], as linear maps.
+
+    Node layout: ``m`` workers, the server model ``z`` (slot m), and one "last pulled" copy ``b_i`` per
+    worker (slots m+1 .. 2m), so v = m + 1. Every ``tau`` steps each worker, in an order that models
+    asynchrony, pushes its accumulated update and pulls the server model:
+
+        z <- z + (x_i - b_i);   x_i <- z;   b_i <- z.
+
+    Each push/pull is linear in the stacked state, so a round is a product of m matrices. Workers later
+    in the order see the earlier pushes: the staleness of asynchronous training. The order is a
+    permutation drawn from a generator seeded by ``(seed, round)``; the simulator replaces it with the
+    order of arrival on its simulated clock (``order`` argument of :meth:`round_matrix`).
+    """
+
+    def __init__(self, workers: int, tau: int, *, seed: int = 0, shuffle: bool = True) -> None:
+        self.m = check_int("workers", workers, minimum=1)
+        self.tau = check_int("tau", tau, minimum=1)
+        self.n = 2 * self.m + 1
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+
+    def rounds_before(self, step: int) -> int:
+        return step // self.tau
+
+    def active(self, step: int) -> np.ndarray | None:
+        return None
+
+    def order(self, round_index: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.m)
+        return np.random.default_rng([self.seed, round_index]).permutation(self.m)
+
+    def round_matrix(self, order: Sequence[int]) -> np.ndarray:
+        m, n, z = self.m, self.n, self.m
+        S = np.eye(n)
+        for i in order:
+            b = m + 1 + int(i)
+            T = np.eye(n)
+            # column convention: new_j = sum_l old_l T[l, j]
+            T[:, z] = 0.0
+            T[z, z] = 1.0
+            T[i, z] += 1.0
+            T[b, z] -= 1.0  # z + x_i - b_i
+            T[:, i] = T[:, z]  # x_i <- new z
+            T[:, b] = T[:, z]  # b_i <- new z
+            S = S @ T
+        return S
+
+    def mix(self, step: int, ctx: MixContext) -> Mix | None:
+        if (step + 1) % self.tau:
+            return None
+        r = step // self.tau
+        order = self.order(r)
+        return Mix(self.round_matrix(order), "parameter_server", round=r, info={"order": order.tolist()})
+
+
+class CallableSchedule:
+    """A user-supplied schedule: ``fn(step, ctx) -> matrix | None`` (None means identity / no communication).
+
+    Matrices are checked for shape and finiteness only; the theorems are not assumed to apply.
+    """
+
+    def __init__(
+        self, n: int, fn: Callable[[int, MixContext], MixingMatrix | np.ndarray | None], *, pattern: str = "neighbor"
+    ) -> None:
+        self.n = check_int("n", n, minimum=1)
+        if not callable(fn):
+            raise ConfigError.invalid("schedule", fn, "must be callable as fn(step, ctx)")
+        self.fn = fn
+        self.pattern = pattern
+        self._rounds = 0
+
+    def rounds_before(self, step: int) -> int:
+        return self._rounds
+
+    def active(self, step: int) -> np.ndarray | None:
+        return None
+
+    def mix(self, step: int, ctx: MixContext) -> Mix | None:
+        out = self.fn(step, ctx)
+        if out is None:
+            return None
+        M = _as_matrix(out)
+        if M.shape != (self.n, self.n) or not np.all(np.isfinite(M)):
+            raise ConfigError.invalid(
+                "schedule", f"matrix of shape {M.shape} at step {step}", f"must return a finite {self.n}x{self.n} matrix"
+            )
+        r = self._rounds
+        self._rounds += 1
+        return Mix(M, self.pattern, round=r)

@@ -1,0 +1,147 @@
+"""AlgorithmSpec: an algorithm of the Cooperative SGD family as data ([CSGD] §3, A(tau, W, v)).
+
+An algorithm is ``m`` workers, ``v`` auxiliary nodes, a mixing schedule (which ``S_k`` follows step ``k``)
+and an update rule:
+
+* ``post_mix`` ("average after the step", [CSGD] eq. (10)): ``X_{k+1} = (X_k - lr G_k) S_k``;
+* ``pre_mix`` ("step after mixing", [CSGD] Remark 1): ``X_{k+1} = X_k S_k - lr G_k``; EASGD's original
+  form and LSGD's pull need it.
+
+Engines execute any spec; presets (:mod:`coopsgd.algorithms.presets`) are thin constructors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from coopsgd.algorithms.schedules import Schedule
+from coopsgd.errors import ConfigError, check_int
+
+__all__ = ["AlgorithmSpec", "Policies", "UPDATE_RULES", "CENTERS"]
+
+UPDATE_RULES = ("post_mix", "pre_mix")
+#: Which model is evaluated/exported: the workers' average, auxiliary node 0 (z / server), or the leader.
+CENTERS = ("average", "auxiliary", "leader")
+_BUFFER_POLICIES = ("mix", "local")
+_OPTIMIZER_POLICIES = ("local", "reset", "mix")
+
+
+@dataclass(frozen=True)
+class Policies:
+    """What happens to non-parameter state at a communication round (simulator/distributed engines).
+
+    Attributes:
+        buffers: ``"mix"`` (default) -- buffers such as BatchNorm running statistics are mixed with the same
+            S_k as parameters; ``"local"`` -- each worker keeps its own.
+        optimizer_state: ``"local"`` (default) -- momentum buffers are left alone; ``"reset"`` -- zeroed after
+            each round; ``"mix"`` -- mixed like parameters.
+    """
+
+    buffers: Literal["mix", "local"] = "mix"
+    optimizer_state: Literal["local", "reset", "mix"] = "local"
+
+    def __post_init__(self) -> None:
+        if self.buffers not in _BUFFER_POLICIES:
+            raise ConfigError.invalid("buffers", self.buffers, f"choose one of {', '.join(_BUFFER_POLICIES)}")
+        if self.optimizer_state not in _OPTIMIZER_POLICIES:
+            raise ConfigError.invalid(
+                "optimizer_state", self.optimizer_state, f"choose one of {', '.join(_OPTIMIZER_POLICIES)}"
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class AlgorithmSpec:
+    """A member of the Cooperative SGD family A(tau, W, v).
+
+    Attributes:
+        name: preset name (``"custom"`` for hand-made specs).
+        workers: number of workers m (they compute gradients).
+        auxiliaries: number of auxiliary nodes v (hold z, a server model, leader copies; no gradients).
+        tau: communication period (local steps between rounds).
+        schedule: the mixing schedule (:class:`coopsgd.algorithms.schedules.Schedule`).
+        rule: ``"post_mix"`` or ``"pre_mix"`` (see module docstring).
+        center: which model to evaluate: ``"average"`` of the workers, ``"auxiliary"`` node 0, or ``"leader"``.
+        theory_matrix: the constant W the theorems use (``None`` when they do not apply), with ``theory_v``
+            the v to use in the bounds.
+        pattern: communication pattern of a round for the cost model.
+        overlap: non-blocking execution -- the round's communication overlaps the next tau local steps
+            (changes time only, never the iterates).
+        leader: True for LSGD (engines must provide per-worker loss estimates to the schedule).
+        policies: buffer / optimizer-state policies.
+        params: the preset's own arguments, for records and reports.
+        notes: remarks shown to users (e.g. why the theorems do not apply).
+    """
+
+    name: str
+    workers: int
+    auxiliaries: int
+    tau: int
+    schedule: Schedule
+    rule: Literal["post_mix", "pre_mix"] = "post_mix"
+    center: Literal["average", "auxiliary", "leader"] = "average"
+    theory_matrix: np.ndarray | None = None
+    theory_v: int = 0
+    pattern: str = "allreduce"
+    overlap: bool = False
+    leader: bool = False
+    policies: Policies = field(default_factory=Policies)
+    params: dict[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_int("workers", self.workers, minimum=1)
+        check_int("auxiliaries", self.auxiliaries, minimum=0)
+        check_int("tau", self.tau, minimum=1)
+        if self.rule not in UPDATE_RULES:
+            raise ConfigError.invalid("rule", self.rule, f"choose one of {', '.join(UPDATE_RULES)}")
+        if self.center not in CENTERS:
+            raise ConfigError.invalid("center", self.center, f"choose one of {', '.join(CENTERS)}")
+        if self.center == "auxiliary" and self.auxiliaries < 1:
+            raise ConfigError.invalid("center", self.center, "needs at least one auxiliary node")
+        n = getattr(self.schedule, "n", None)
+        if n != self.nodes:
+            raise ConfigError.invalid(
+                "schedule", f"{n} nodes", f"must act on workers + auxiliaries = {self.nodes} nodes"
+            )
+
+    @property
+    def nodes(self) -> int:
+        """Total number of nodes m + v (columns of X)."""
+        return self.workers + self.auxiliaries
+
+    def initial_state(self, x0: np.ndarray) -> np.ndarray:
+        """Stack ``x0`` (shape (d,), or (m, d) per-worker starts) into the (m+v) x d state.
+
+        Auxiliaries start at the workers' mean ([CSGD] Theorem 1 assumes one common start u_1).
+        """
+        x0 = np.asarray(x0)
+        if x0.ndim == 1:
+            return np.tile(x0, (self.nodes, 1))
+        if x0.ndim == 2 and x0.shape[0] == self.workers:
+            aux = np.tile(x0.mean(axis=0), (self.auxiliaries, 1))
+            return np.concatenate([x0, aux], axis=0)
+        raise ConfigError.invalid("x0", f"array of shape {x0.shape}", f"must be (d,) or ({self.workers}, d)")
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary (name, m, v, tau, rule, pattern, parameters, zeta when the theory applies)."""
+        from coopsgd.theory.spectral import zeta
+
+        out: dict[str, Any] = {
+            "name": self.name,
+            "workers": self.workers,
+            "auxiliaries": self.auxiliaries,
+            "tau": self.tau,
+            "rule": self.rule,
+            "center": self.center,
+            "pattern": self.pattern,
+            "overlap": self.overlap,
+            "params": dict(self.params),
+            "policies": {"buffers": self.policies.buffers, "optimizer_state": self.policies.optimizer_state},
+        }
+        out["zeta"] = None if self.theory_matrix is None else zeta(self.theory_matrix)
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out

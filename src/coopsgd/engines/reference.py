@@ -1,0 +1,246 @@
+"""Reference engine: the exact matrix update of [CSGD] eq. (10) in float64 on analytic objectives.
+
+State: an (m+v) x d numpy array, one row per node (workers first, then auxiliaries). One step:
+
+* workers compute gradients ``G_k`` at ``X_k`` (auxiliaries and inactive FedAvg clients: zero);
+* the schedule gives ``S_k`` (or nothing: identity);
+* ``post_mix``: ``X_{k+1} = (X_k - lr G_k) S_k``; ``pre_mix``: ``X_{k+1} = X_k S_k - lr G_k``.
+
+This is the ground truth the simulator and the distributed engine are tested against. Each worker has
+its own generator seeded from ``(seed, worker)``; the engine records per step each node's objective,
+the averaged model's objective (u_k = X_k 1/(m+v)), the centre model's objective and the consensus
+distance ``||X (I - J)||_F^2 / m``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from coopsgd.algorithms.schedules import MixContext
+from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.mixing import apply_mixing
+from coopsgd.errors import CoopSGDError, check_float, check_int
+from coopsgd.objectives import Objective
+
+__all__ = ["ReferenceEngine", "ReferenceResult", "StepStats", "NonFiniteError", "run_reference", "consensus_distance"]
+
+
+class NonFiniteError(CoopSGDError, FloatingPointError):
+    """A worker's model or loss became NaN/Inf; the message names the worker and the step."""
+
+
+def consensus_distance(state: np.ndarray, workers: int) -> float:
+    """``||X (I - J)||_F^2 / m`` over all m+v nodes ([CSGD] Lemma 2's network error quantity)."""
+    dev = state - state.mean(axis=0, keepdims=True)
+    return float(np.sum(dev * dev) / workers)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did (yielded by :meth:`ReferenceEngine.steps`)."""
+
+    step: int
+    lr: float
+    communicated: bool
+    round: int
+    pattern: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReferenceResult:
+    """Per-record arrays of a reference run (record ``j`` is the state after ``steps[j]`` steps)."""
+
+    spec: AlgorithmSpec
+    steps: np.ndarray
+    node_objectives: np.ndarray  # (records, m+v)
+    average_objective: np.ndarray  # objective at u_k = mean of all nodes
+    center_objective: np.ndarray
+    consensus: np.ndarray
+    rounds: np.ndarray
+    leaders: list[int | None]
+    final_state: np.ndarray
+    trajectory: np.ndarray | None = None  # (records, m+v, d) when requested
+
+    @property
+    def final_center_objective(self) -> float:
+        return float(self.center_objective[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.spec.workers
+        return {
+            "preset": self.spec.name,
+            "steps": int(self.steps[-1]),
+            "final_objective": float(self.center_objective[-1]),
+            "final_average_objective": float(self.average_objective[-1]),
+            "workers": [float(v) for v in self.node_objectives[-1, :m]],
+            "auxiliaries": [float(v) for v in self.node_objectives[-1, m:]],
+            "consensus_distance": float(self.consensus[-1]),
+            "communication_rounds": int(self.rounds[-1]),
+        }
+
+
+class ReferenceEngine:
+    """Runs an :class:`AlgorithmSpec` exactly on an :class:`Objective`.
+
+    Args:
+        spec: the algorithm.
+        objective: the problem (see :mod:`coopsgd.objectives`).
+        x0: common start (d,) or per-worker starts (m, d); default ``objective.initial_point``.
+        seed: base seed; worker i's gradient noise/batches use ``default_rng([seed, i])``.
+    """
+
+    def __init__(self, spec: AlgorithmSpec, objective: Objective, x0: np.ndarray | None = None, *, seed: int = 0) -> None:
+        self.spec = spec
+        self.objective = objective
+        self.seed = int(seed)
+        m = spec.workers
+        if x0 is None:
+            x0 = objective.initial_point(np.random.default_rng(seed))
+        x0 = np.asarray(x0, dtype=np.float64)
+        if x0.shape[-1] != objective.dim:
+            from coopsgd.errors import ConfigError
+
+            raise ConfigError.invalid("x0", f"array of shape {x0.shape}", f"last axis must be the objective's dimension {objective.dim}")
+        self.state = spec.initial_state(x0).astype(np.float64)
+        self.rngs = [np.random.default_rng([self.seed, i]) for i in range(m)]
+        self.step_count = 0
+        self.rounds = 0
+        self.leader: int | None = None
+
+    # -- views -----------------------------------------------------------------------------------
+    @property
+    def workers_state(self) -> np.ndarray:
+        return self.state[: self.spec.workers]
+
+    def average(self) -> np.ndarray:
+        """u_k = X_k 1/(m+v) ([CSGD] eq. (13))."""
+        return self.state.mean(axis=0)
+
+    def center(self) -> np.ndarray:
+        """The model to evaluate: workers' average, auxiliary node 0, or the current (global) leader."""
+        spec = self.spec
+        if spec.center == "auxiliary":
+            return self.state[spec.workers]
+        if spec.center == "leader":
+            if self.leader is None:
+                losses = np.asarray(self.objective.value(self.workers_state))
+                return self.state[int(np.argmin(losses))]
+            return self.state[self.leader]
+        return self.workers_state.mean(axis=0)
+
+    # -- stepping --------------------------------------------------------------------------------
+    def _gradients(self, active: np.ndarray | None) -> np.ndarray:
+        m = self.spec.workers
+        G = np.zeros_like(self.state)
+        for i in range(m):
+            if active is None or active[i]:
+                G[i] = self.objective.gradient(self.state[i], i, self.rngs[i])
+        return G
+
+    def step(self, lr: float) -> StepStats:
+        """Take one step of the algorithm with learning rate ``lr``."""
+        spec = self.spec
+        k = self.step_count
+        sched = spec.schedule
+        losses = None
+        if spec.leader:
+            losses = np.asarray(self.objective.value(self.workers_state), dtype=np.float64)
+            self._check_finite(losses, k, "loss")
+        G = self._gradients(sched.active(k))
+        self._check_finite(G[: spec.workers], k, "gradient")
+        mix = sched.mix(k, MixContext(step=k, lr=lr, losses=losses))
+        if spec.rule == "post_mix":
+            X = self.state - lr * G
+            if mix is not None:
+                X = apply_mixing(X, mix.matrix)
+        else:
+            X = self.state if mix is None else apply_mixing(self.state, mix.matrix)
+            X = X - lr * G
+        self._check_finite(X, k, "model")
+        self.state = X
+        self.step_count += 1
+        communicated = mix is not None and mix.communicates
+        if communicated:
+            self.rounds += 1
+        if mix is not None and "leader" in mix.info:
+            self.leader = mix.info["leader"]
+        return StepStats(
+            step=k, lr=lr, communicated=communicated, round=self.rounds,
+            pattern=None if mix is None else mix.pattern, info={} if mix is None else mix.info,
+        )
+
+    def _check_finite(self, arr: np.ndarray, step: int, what: str) -> None:
+        if np.all(np.isfinite(arr)):
+            return
+        bad = np.flatnonzero(~np.all(np.isfinite(arr.reshape(arr.shape[0], -1)), axis=1))
+        node = int(bad[0])
+        kind = "worker" if node < self.spec.workers else "auxiliary node"
+        raise NonFiniteError(
+            f"non-finite {what} on {kind} {node} at step {step}: the run diverged "
+            f"(try a smaller learning rate, or for EASGD alpha < 2/(m+1))"
+        )
+
+    def steps(self, n: int, lr: float | Callable[[int], float]) -> Iterator[StepStats]:
+        """Yield the stats of ``n`` further steps; ``lr`` may be a function of the global step."""
+        for _ in range(check_int("steps", n, minimum=0)):
+            eta = lr(self.step_count) if callable(lr) else lr
+            yield self.step(float(eta))
+
+
+def run_reference(
+    spec: AlgorithmSpec,
+    objective: Objective,
+    *,
+    steps: int,
+    lr: float | Callable[[int], float],
+    x0: np.ndarray | None = None,
+    seed: int = 0,
+    record_every: int = 1,
+    keep_trajectory: bool = False,
+    progress: bool = False,
+) -> ReferenceResult:
+    """Run ``spec`` for ``steps`` steps and return recorded objectives (record 0 is the start)."""
+    steps = check_int("steps", steps, minimum=1)
+    record_every = check_int("record_every", record_every, minimum=1)
+    if not callable(lr):
+        check_float("lr", lr, low=0.0, low_open=True)
+    eng = ReferenceEngine(spec, objective, x0, seed=seed)
+    rec_steps, nodes, avg, cen, cons, rnds, leaders, traj = [], [], [], [], [], [], [], []
+
+    def record() -> None:
+        rec_steps.append(eng.step_count)
+        nodes.append(np.asarray(objective.value(eng.state), dtype=np.float64))
+        avg.append(float(objective.value(eng.average())))
+        cen.append(float(objective.value(eng.center())))
+        cons.append(consensus_distance(eng.state, spec.workers))
+        rnds.append(eng.rounds)
+        leaders.append(eng.leader)
+        if keep_trajectory:
+            traj.append(eng.state.copy())
+
+    record()
+    iterator: Any = eng.steps(steps, lr)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=steps, desc=spec.name, unit="step", leave=False)
+    for stats in iterator:
+        if (stats.step + 1) % record_every == 0 or stats.step + 1 == steps:
+            record()
+    return ReferenceResult(
+        spec=spec,
+        steps=np.asarray(rec_steps),
+        node_objectives=np.vstack(nodes),
+        average_objective=np.asarray(avg),
+        center_objective=np.asarray(cen),
+        consensus=np.asarray(cons),
+        rounds=np.asarray(rnds),
+        leaders=leaders,
+        final_state=eng.state.copy(),
+        trajectory=np.stack(traj) if keep_trajectory else None,
+    )
