@@ -218,7 +218,7 @@ def test_fedavg_client_sampling_equals_handwritten() -> None:
                 x = x - LR * obj.gradient(x, i, rngs[i])
             models.append(x)
         w = counts[chosen] / counts[chosen].sum()
-        server = sum(wi * xi for wi, xi in zip(w, models))
+        server = sum(wi * xi for wi, xi in zip(w, models, strict=False))
     np.testing.assert_allclose(eng.state[m], server, rtol=0, atol=TOL)
     np.testing.assert_allclose(eng.state[:m], np.tile(server, (m, 1)), rtol=0, atol=TOL)
     # different rounds sample different clients

@@ -138,14 +138,17 @@ class MatrixCompletion:
         self.sigma = check_float("sigma", sigma, low=0.0)
         self.U = np.random.default_rng(seed).standard_normal((self.d, self.rank))
         self.dim = self.d * self.rank
-        self._UtU2 = float(np.sum((self.U.T @ self.U) ** 2))
 
     def value(self, x: np.ndarray) -> np.ndarray | float:
         X, single = _rows(x)
         Xs = X.reshape(X.shape[0], self.d, self.rank)
-        UtX = np.einsum("dr,nds->nrs", self.U, Xs)
-        XtX = np.einsum("ndr,nds->nrs", Xs, Xs)
-        v = 0.25 * (self._UtU2 - 2.0 * np.sum(UtX**2, axis=(1, 2)) + np.sum(XtX**2, axis=(1, 2)))
+        # M - X X^T = A D A^T with A = [U, X], D = diag(I, -I). With A = Q R (Q orthonormal),
+        # ||A D A^T||_F = ||R D R^T||_F: exact near the optimum, where expanding the square cancels badly.
+        A = np.concatenate([np.broadcast_to(self.U, Xs.shape[:1] + self.U.shape), Xs], axis=2)
+        R = np.linalg.qr(A, mode="r")
+        sign = np.concatenate([np.ones(self.rank), -np.ones(self.rank)])
+        core = np.einsum("nik,k,njk->nij", R, sign, R)
+        v = 0.25 * np.sum(core * core, axis=(1, 2))
         return float(v[0]) if single else v
 
     def gradient(self, x: np.ndarray, worker: int, rng: np.random.Generator) -> np.ndarray:

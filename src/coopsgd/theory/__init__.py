@@ -1,0 +1,88 @@
+"""Theory toolkit of Cooperative SGD ([CSGD] = Wang & Joshi, JMLR 22, 2021, §4-6).
+
+* :mod:`~coopsgd.theory.spectral` — eigenvalues, zeta and spectral gap of mixing matrices.
+* :mod:`~coopsgd.theory.bounds` — Theorems 1-4, Corollaries 1-3, EASGD's best alpha, zeta_tau.
+* :mod:`~coopsgd.theory.cost` — per-round communication cost ([CSGD] Table 3) and an alpha-beta
+  wall-clock model with straggler compute times.
+* :mod:`~coopsgd.theory.heatmap` — the network-error heat map of [CSGD] Fig. 3a.
+
+Pure numpy/scipy/matplotlib; importing this package never imports torch.
+"""
+
+from coopsgd.theory.bounds import (
+    BoundReport,
+    ProblemConstants,
+    check_easgd_alpha,
+    corollary1,
+    corollary1_lr,
+    corollary1_min_steps,
+    corollary2,
+    corollary3,
+    easgd_alpha_limit,
+    easgd_best_alpha,
+    easgd_mixing,
+    easgd_zeta,
+    effective_lr,
+    generalized_elastic_best_alpha,
+    generalized_elastic_mixing,
+    generalized_elastic_zeta,
+    network_error_term,
+    theorem1,
+    theorem2,
+    theorem2_constant,
+    theorem3,
+    zeta_tau,
+)
+from coopsgd.theory.cost import (
+    DISTRIBUTIONS,
+    PATTERNS,
+    ComputeModel,
+    NetworkModel,
+    RoundCost,
+    expected_runtime,
+    round_cost,
+)
+from coopsgd.theory.heatmap import network_error_grid, plot_network_error_heatmap
+from coopsgd.theory.spectral import eigenvalues, is_symmetric, spectral_gap, zeta
+
+__all__ = [
+    # spectral
+    "eigenvalues",
+    "zeta",
+    "spectral_gap",
+    "is_symmetric",
+    # bounds
+    "ProblemConstants",
+    "BoundReport",
+    "effective_lr",
+    "network_error_term",
+    "theorem1",
+    "corollary1",
+    "corollary1_lr",
+    "corollary1_min_steps",
+    "corollary2",
+    "corollary3",
+    "theorem2",
+    "theorem2_constant",
+    "theorem3",
+    "easgd_zeta",
+    "easgd_best_alpha",
+    "easgd_alpha_limit",
+    "easgd_mixing",
+    "check_easgd_alpha",
+    "zeta_tau",
+    "generalized_elastic_zeta",
+    "generalized_elastic_best_alpha",
+    "generalized_elastic_mixing",
+    # cost
+    "PATTERNS",
+    "DISTRIBUTIONS",
+    "RoundCost",
+    "round_cost",
+    "NetworkModel",
+    "ComputeModel",
+    "expected_runtime",
+    # heatmap
+    "network_error_grid",
+    "plot_network_error_heatmap",
+]

@@ -1,0 +1,134 @@
+"""What the theory says about an algorithm spec: zeta, best alpha, bounds, communication cost.
+
+Glue between :mod:`coopsgd.algorithms` (specs) and :mod:`coopsgd.theory` (pure formulas); the CLI's
+``coopsgd theory`` prints this.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.theory import bounds, cost
+from coopsgd.theory.spectral import eigenvalues, zeta
+from coopsgd.topology import MixingMatrix
+
+__all__ = ["analyze", "spec_round_cost"]
+
+
+def spec_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int = 4) -> cost.RoundCost:
+    """Per-round communication cost of ``spec`` for a model with ``params`` parameters ([CSGD] Table 3)."""
+    pattern = spec.pattern
+    max_degree = None
+    if pattern == "neighbor":
+        W = spec.theory_matrix
+        if W is None:
+            mats = getattr(spec.schedule, "_levels", None)
+            W = mats[0][1][0] if mats else np.eye(spec.nodes)
+        max_degree = max(1, MixingMatrix(W, check="none", allow_negative=True).max_degree)
+    return cost.round_cost(
+        pattern, workers=spec.workers, params=params, max_degree=max_degree, bytes_per_param=bytes_per_param
+    )
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def analyze(
+    spec: AlgorithmSpec,
+    constants: bounds.ProblemConstants | None = None,
+    *,
+    params: int = 1_000_000,
+) -> dict[str, Any]:
+    """JSON-ready theory summary of ``spec``.
+
+    Always: ``zeta``, ``spectral_gap``, ``eigenvalues`` of the theory matrix (``None`` when the theorems do
+    not apply, with ``notes`` saying why), the per-round communication cost for a model of ``params``
+    parameters and, by preset, ``best_alpha`` / ``alpha_limit`` (elastic presets) or ``zeta_tau``
+    (periodic presets). With ``constants``: the Theorem 1 bound (and the preset's own corollary or
+    theorem) with its terms and whether the step-size condition holds.
+    """
+    m, tau, name = spec.workers, spec.tau, spec.name
+    out: dict[str, Any] = {"preset": name, "workers": m, "auxiliaries": spec.auxiliaries, "tau": tau}
+    out["params"] = {k: v for k, v in spec.params.items()}
+    notes = list(spec.notes)
+    W = spec.theory_matrix
+    if W is not None:
+        z = zeta(W)
+        ev = np.asarray(eigenvalues(W))
+        out["zeta"] = z
+        out["spectral_gap"] = 1.0 - z
+        out["eigenvalues"] = ev.real.tolist() if not np.iscomplexobj(ev) else [[e.real, e.imag] for e in ev]
+        mm = MixingMatrix(W, check="none", allow_negative=True)
+        out["theory_applies"] = bool(mm.theory_applies)
+        notes.extend(f"theorems do not apply: {s}" for s in mm.theory_issues())
+    else:
+        out["zeta"] = None
+        out["spectral_gap"] = None
+        out["eigenvalues"] = None
+        out["theory_applies"] = False
+    if name in ("easgd", "hierarchical"):
+        size = m if name == "easgd" else m // spec.params["groups"]
+        a = spec.params["alpha"]
+        out["alpha"] = a
+        out["best_alpha"] = bounds.easgd_best_alpha(size)
+        out["alpha_limit"] = bounds.easgd_alpha_limit(size)
+        out["zeta_at_alpha"] = bounds.easgd_zeta(a, size)
+        out["zeta_at_best_alpha"] = bounds.easgd_zeta(out["best_alpha"], size)
+        if a >= out["alpha_limit"]:
+            notes.append(f"alpha={a:g} >= 2/(m+1)={out['alpha_limit']:g}: zeta >= 1, EASGD diverges")
+    if name == "generalized_elastic":
+        zw = spec.params["zeta_W"]
+        out["zeta_W"] = zw
+        out["alpha"] = spec.params["alpha"]
+        out["best_alpha"] = bounds.generalized_elastic_best_alpha(zw, m)
+        out["zeta_at_best_alpha"] = bounds.generalized_elastic_zeta(zw, out["best_alpha"], m)
+    if name in ("local_sgd", "sync", "decentralized_periodic", "dpsgd") and tau >= 1:
+        out["zeta_tau"] = bounds.zeta_tau(tau) if tau > 1 else 0.0
+    if name in ("dpsgd", "decentralized_periodic") and out["zeta"] is not None:
+        out["dpsgd_beats_psasgd_with_tau"] = _smallest_tau_beaten(out["zeta"])
+    rc = spec_round_cost(spec, params)
+    out["communication_per_round"] = {
+        "pattern": rc.pattern, "handshakes": rc.handshakes, "floats": rc.floats_sent, "bytes": rc.bytes_sent,
+        "model_params": params,
+    }
+    if constants is not None:
+        out["bounds"] = _bounds(spec, constants, out.get("zeta"))
+    out["notes"] = notes
+    return out
+
+
+def _smallest_tau_beaten(z: float) -> int | None:
+    """Smallest tau with zeta <= zeta_tau: D-PSGD on this W has a lower error floor than PSASGD(tau)."""
+    if z >= 1:
+        return None
+    # zeta^2 <= 1 - 2/(tau+1)  <=>  tau >= 2/(1 - zeta^2) - 1
+    return max(1, math.ceil(2.0 / (1.0 - z * z) - 1.0 - 1e-12))
+
+
+def _bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None) -> dict[str, Any]:
+    m, tau, v = spec.workers, spec.tau, spec.theory_v
+    res: dict[str, Any] = {}
+    if z is None:
+        res["note"] = "the theorems need a fixed symmetric doubly-stochastic W; not computed for this preset"
+        if spec.name == "fedavg":
+            k = spec.params["clients_per_round"]
+            res["corollary2_with_sampled_clients"] = bounds.corollary2(c, m=k, tau=tau).to_dict()
+        return res
+    res["theorem1"] = bounds.theorem1(c, m=m, v=v, tau=tau, zeta=z).to_dict()
+    res["corollary1"] = bounds.corollary1(c, m=m, v=v, tau=tau, zeta=z).to_dict()
+    res["corollary1"]["lr"] = bounds.corollary1_lr(m=m, v=v, L=c.L, steps=c.steps)
+    res["corollary1"]["min_steps"] = _finite(bounds.corollary1_min_steps(m=m, v=v, tau=tau, zeta=z))
+    if spec.name in ("local_sgd", "sync"):
+        res["corollary2"] = bounds.corollary2(c, m=m, tau=tau).to_dict()
+    if spec.name == "dpsgd":
+        res["corollary3"] = bounds.corollary3(c, m=m, zeta=z).to_dict()
+    if spec.name == "easgd" and abs(spec.params["alpha"] - bounds.easgd_best_alpha(m)) < 1e-12:
+        res["theorem3"] = bounds.theorem3(c, m=m, tau=tau).to_dict()
+    if c.kappa2 > 0:
+        res["theorem2"] = bounds.theorem2(c, m=m, v=v, tau=tau, zeta=z).to_dict()
+    return res
