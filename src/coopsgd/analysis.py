@@ -28,10 +28,13 @@ def spec_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int = 4) 
         if W is None:
             mats = getattr(spec.schedule, "_levels", None)
             W = mats[0][1][0] if mats else np.eye(spec.nodes)
-        max_degree = max(1, MixingMatrix(W, check="none", allow_negative=True).max_degree)
-    return cost.round_cost(
-        pattern, workers=spec.workers, params=params, max_degree=max_degree, bytes_per_param=bytes_per_param
-    )
+        degrees = MixingMatrix(W, check="none", allow_negative=True).degrees
+        # the workers' exchanges set the round time; an auxiliary's (elastic) exchange overlaps local steps
+        max_degree = max(1, int(degrees[: spec.workers].max()))
+        return cost.round_cost(
+            pattern, workers=spec.nodes, params=params, max_degree=max_degree, bytes_per_param=bytes_per_param
+        )
+    return cost.round_cost(pattern, workers=spec.workers, params=params, bytes_per_param=bytes_per_param)
 
 
 def _finite(x: float) -> float | None:

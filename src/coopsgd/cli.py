@@ -71,11 +71,11 @@ def _positive_int(name: str):
     return conv
 
 
-def _add_preset_args(p: argparse.ArgumentParser, *, preset_required: bool = True) -> None:
+def _add_preset_args(p: argparse.ArgumentParser, *, preset: str | None = "", with_preset: bool = True) -> None:
     from coopsgd.algorithms.presets import PRESETS
 
-    if preset_required:
-        p.add_argument("--preset", required=True, help=f"algorithm: {', '.join(PRESETS)}")
+    if with_preset:
+        p.add_argument("--preset", default=preset, help=f"algorithm: {', '.join(PRESETS)} (default {preset})")
     p.add_argument("--workers", type=int, default=8, help="number of workers m (default 8)")
     p.add_argument("--tau", type=int, default=None, help="communication period (preset default if omitted)")
     p.add_argument("--alpha", type=float, default=None, help="elasticity alpha (easgd, generalized_elastic, hierarchical)")
@@ -555,8 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("theory", help="zeta, bounds, best alpha, thresholds; 'theory heatmap' draws Fig. 3a")
     p.add_argument("what", nargs="?", default="bounds", choices=["bounds", "heatmap"])
-    _add_preset_args(p, preset_required=False)
-    p.add_argument("--preset", default=None, help="algorithm preset")
+    _add_preset_args(p, preset=None)
     p.add_argument("--L", type=float, default=None, help="smoothness constant L")
     p.add_argument("--sigma2", type=float, default=None, help="gradient variance sigma^2")
     p.add_argument("--lr", type=float, default=None, help="learning rate eta")
@@ -583,14 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("run", help="run one algorithm")
-    _add_preset_args(p, preset_required=False)
-    p.set_defaults(preset="local_sgd")
+    _add_preset_args(p, preset="local_sgd")
     _add_run_args(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("compare", help="run several algorithms on equal footing; one figure and a table")
     p.add_argument("--presets", default="sync,local_sgd,easgd,dpsgd,lsgd", help="comma-separated presets")
-    _add_preset_args(p, preset_required=False)
+    _add_preset_args(p, with_preset=False)
     _add_run_args(p)
     p.set_defaults(func=_cmd_compare)
     return parser
