@@ -154,13 +154,14 @@ class ReferenceEngine:
         G = self._gradients(sched.active(k))
         self._check_finite(G[: spec.workers], k, "gradient")
         mix = sched.mix(k, MixContext(step=k, lr=lr, losses=losses))
-        if spec.rule == "post_mix":
-            X = self.state - lr * G
-            if mix is not None:
-                X = apply_mixing(X, mix.matrix)
-        else:
-            X = self.state if mix is None else apply_mixing(self.state, mix.matrix)
-            X = X - lr * G
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported just below
+            if spec.rule == "post_mix":
+                X = self.state - lr * G
+                if mix is not None:
+                    X = apply_mixing(X, mix.matrix)
+            else:
+                X = self.state if mix is None else apply_mixing(self.state, mix.matrix)
+                X = X - lr * G
         self._check_finite(X, k, "model")
         self.state = X
         self.step_count += 1
