@@ -1,0 +1,256 @@
+"""RunConfig: one validated, typed description of a training run (flags or a TOML/YAML/JSON file).
+
+Unknown keys are errors naming the key; bad values are errors naming the key, the value and what is
+allowed. Files are read with safe parsers only (``tomllib``, ``yaml.safe_load``, ``json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from coopsgd.errors import ConfigError, check_float, check_int
+
+__all__ = ["RunConfig", "load_config", "ENGINES", "DTYPES", "EXECUTORS", "PARTITIONS", "LOSS_ESTIMATES"]
+
+ENGINES = ("reference", "simulate", "distributed")
+DTYPES = ("float32", "float64")
+EXECUTORS = ("auto", "loop", "vmap")
+PARTITIONS = ("iid", "dirichlet", "shards")
+LOSS_ESTIMATES = ("running_mean", "batch", "probe")
+COMPUTE_MODELS = ("measured", "constant", "exponential", "lognormal", "pareto")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Field names match the CLI flags (``--batch-size`` -> ``batch_size``).
+
+    Algorithm: ``preset`` and its arguments (``tau``, ``alpha``, ...; ``None`` = the preset's default).
+    Problem: ``model`` / ``dataset`` / ``partition`` for the simulator, ``objective`` for the reference engine.
+    Optimisation: ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``batch_size`` (per worker),
+    ``epochs`` or ``max_steps``; the learning rate is multiplied by ``lr_decay_factor`` at each epoch in
+    ``lr_decay_epochs`` and at the simulated wall-clock times ``lr_decay_times_s`` ([LSGD]), after a linear
+    warm-up of ``lr_warmup_steps`` steps.
+    Time: simulated compute (``compute`` = measured or a distribution with ``compute_ms``/``compute_spread``)
+    and network (``net_latency_ms``, ``net_bandwidth_mbps``).
+    """
+
+    # engine and algorithm
+    engine: str = "simulate"
+    preset: str = "local_sgd"
+    workers: int = 8
+    tau: int | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    topology: str | None = None
+    weights: str | None = None
+    groups: int | None = None
+    q: int | None = None
+    lam: float | None = None
+    lam_global: float | None = None
+    fraction: float | None = None
+    warmup_steps: int | None = None
+    nonblocking: bool = False
+    buffers: str = "mix"
+    optimizer_state: str = "local"
+    # problem
+    model: str = "mlp"
+    dataset: str = "mnist_bundled"
+    data_root: str | None = None
+    download: bool = False
+    partition: str = "iid"
+    dirichlet_beta: float = 0.5
+    shards_per_worker: int = 2
+    objective: str = "logistic"
+    # optimisation
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr_decay_epochs: list[float] = field(default_factory=list)
+    lr_decay_times_s: list[float] = field(default_factory=list)
+    lr_decay_factor: float = 0.1
+    lr_warmup_steps: int = 0
+    loss_estimate: str = "running_mean"
+    # execution
+    dtype: str = "float32"
+    executor: str = "auto"
+    seed: int = 0
+    eval_every: int | None = None
+    eval_samples: int = 2000
+    # simulated time
+    compute: str = "measured"
+    compute_ms: float = 10.0
+    compute_spread: float = 0.0
+    net_latency_ms: float = 1.0
+    net_bandwidth_mbps: float = 1000.0
+    # output
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation ------------------------------------------------------------------------------
+    def validate(self) -> RunConfig:
+        _choice("engine", self.engine, ENGINES)
+        from coopsgd.algorithms.presets import PRESETS
+
+        _choice("preset", self.preset, tuple(PRESETS))
+        self.workers = check_int("workers", self.workers, minimum=1)
+        for name in ("tau", "groups", "q"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        if self.warmup_steps is not None:
+            self.warmup_steps = check_int("warmup_steps", self.warmup_steps, minimum=0)
+        _choice("buffers", self.buffers, ("mix", "local"))
+        _choice("optimizer_state", self.optimizer_state, ("local", "reset", "mix"))
+        _choice("partition", self.partition, PARTITIONS)
+        self.dirichlet_beta = check_float("dirichlet_beta", self.dirichlet_beta, low=0.0, low_open=True)
+        self.shards_per_worker = check_int("shards_per_worker", self.shards_per_worker, minimum=1)
+        self.lr = check_float("lr", self.lr, low=0.0, low_open=True)
+        self.momentum = check_float("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, low=0.0)
+        self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
+        self.epochs = check_float("epochs", self.epochs, low=0.0, low_open=True)
+        if self.max_steps is not None:
+            self.max_steps = check_int("max_steps", self.max_steps, minimum=1)
+        self.lr_decay_epochs = [check_float("lr_decay_epochs", e, low=0.0) for e in _as_list("lr_decay_epochs", self.lr_decay_epochs)]
+        self.lr_decay_times_s = [check_float("lr_decay_times_s", t, low=0.0) for t in _as_list("lr_decay_times_s", self.lr_decay_times_s)]
+        self.lr_decay_factor = check_float("lr_decay_factor", self.lr_decay_factor, low=0.0, low_open=True)
+        self.lr_warmup_steps = check_int("lr_warmup_steps", self.lr_warmup_steps, minimum=0)
+        _choice("loss_estimate", self.loss_estimate, LOSS_ESTIMATES)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("executor", self.executor, EXECUTORS)
+        self.seed = check_int("seed", self.seed, minimum=0)
+        if self.eval_every is not None:
+            self.eval_every = check_int("eval_every", self.eval_every, minimum=1)
+        self.eval_samples = check_int("eval_samples", self.eval_samples, minimum=1)
+        _choice("compute", self.compute, COMPUTE_MODELS)
+        self.compute_ms = check_float("compute_ms", self.compute_ms, low=0.0)
+        self.compute_spread = check_float("compute_spread", self.compute_spread, low=0.0)
+        self.net_latency_ms = check_float("net_latency_ms", self.net_latency_ms, low=0.0)
+        self.net_bandwidth_mbps = check_float("net_bandwidth_mbps", self.net_bandwidth_mbps, low=0.0, low_open=True)
+        for name in ("nonblocking", "nesterov", "download"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError.invalid(name, getattr(self, name), "must be true or false")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError.invalid("nesterov", True, "needs momentum > 0")
+        return self
+
+    # -- conversion ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> RunConfig:
+        if not isinstance(data, dict):
+            raise ConfigError.invalid(source, type(data).__name__, "must be a mapping of keys to values")
+        known = {f.name for f in fields(cls)}
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            k = str(key).replace("-", "_")
+            if k not in known:
+                close = _closest(k, known)
+                hint = f" (did you mean {close!r}?)" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r}{hint}; allowed keys: {', '.join(sorted(known))}",
+                                  field=str(key), value=value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError.invalid(k, value, "must be a finite number")
+            flat[k] = value
+        return cls(**flat)
+
+    def spec_kwargs(self) -> dict[str, Any]:
+        """Arguments for :func:`coopsgd.algorithms.make_preset` that the chosen preset accepts."""
+        import inspect
+
+        from coopsgd.algorithms.presets import PRESETS
+        from coopsgd.algorithms.spec import Policies
+
+        accepted = set(inspect.signature(PRESETS[self.preset]).parameters)
+        candidates = {
+            "tau": self.tau, "alpha": self.alpha, "beta": self.beta, "topology": self.topology,
+            "weights": self.weights, "groups": self.groups, "q": self.q, "lam": self.lam,
+            "lam_global": self.lam_global, "fraction": self.fraction, "warmup_steps": self.warmup_steps,
+        }
+        out: dict[str, Any] = {}
+        for k, v in candidates.items():
+            if v is None:
+                continue
+            if k not in accepted:
+                raise ConfigError.invalid(k, v, f"preset {self.preset!r} does not take this setting")
+            out[k] = v
+        if self.nonblocking:
+            if "nonblocking" not in accepted:
+                raise ConfigError.invalid("nonblocking", True, f"preset {self.preset!r} has no non-blocking form")
+            out["nonblocking"] = True
+        if "seed" in accepted:
+            out["seed"] = self.seed
+        out["policies"] = Policies(buffers=self.buffers, optimizer_state=self.optimizer_state)  # type: ignore[arg-type]
+        return out
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError.invalid(name, value, f"choose one of {', '.join(allowed)}")
+
+
+def _as_list(name: str, value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, str):
+        try:
+            return [float(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError.invalid(name, value, "a list of numbers, e.g. 100,150") from None
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError.invalid(name, value, "a list of numbers, e.g. [100, 150]")
+
+
+def _closest(key: str, known: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+    return match[0] if match else None
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON file into a dict (safe parsers; no code is executed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError.invalid("config", str(path), "no such file")
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8")
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError.invalid("config", str(path), "must end in .toml, .yaml, .yml or .json")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parser errors: name the file and the parser's own position message
+        raise ConfigError(f"config {str(path)!r} could not be parsed: {exc}", field="config", value=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError.invalid("config", str(path), "must contain a mapping of keys to values")
+    if "run" in data and isinstance(data["run"], dict) and len(data) == 1:
+        data = data["run"]  # allow a [run] table
+    return data
