@@ -12,8 +12,9 @@ are cheap tensor indexing (no ``DataLoader`` worker processes). Names accepted b
     The full data sets through torchvision (optional extra ``coopsgd[vision]``); downloaded into ``root``
     (default ``~/.cache/coopsgd``) only when ``download=True``.
 ``"synthetic_mnist"``, ``"synthetic_cifar"``
-    Gaussian inputs of the real shapes (1x28x28, 3x32x32) labelled by a fixed random linear teacher, so
-    the task is learnable; seeded, size configurable.
+    Inputs of the real shapes (1x28x28, 3x32x32) near a random 16-dimensional subspace, labelled by a
+    fixed random linear teacher on the latent factors, so the task is learnable from a few thousand
+    samples; seeded, size configurable.
 ``"wikitext2"``
     WikiText-2 token files (``train.txt``/``valid.txt``/``test.txt`` under ``root``). Without ``train.txt``
     the bundled ``valid.txt`` is used for training and the bundled ``test.txt`` for testing (a warning is
@@ -92,6 +93,8 @@ _SYNTHETIC_SHAPES: dict[str, tuple[int, int, int]] = {
     "synthetic_cifar": (3, 32, 32),
 }
 _SYNTHETIC_DEFAULT_SIZE = {"train": 2048, "test": 512}
+_SYNTHETIC_LATENT = 16
+_SYNTHETIC_NOISE = 0.5
 
 #: A per-batch transform: ``(x, generator) -> x`` on a batch tensor (B, C, H, W).
 BatchTransform = Callable[[Tensor, torch.Generator], Tensor]
@@ -134,7 +137,7 @@ class Vocabulary:
         return [self.itos[int(i)] for i in ids]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dataset:
     """All samples of one split, pre-loaded.
 
@@ -260,11 +263,20 @@ def load_dataset(
         else:
             ds = _load_torchvision(key, root, split, download)
     if num_samples is not None and num_samples < len(ds):
-        ds = Dataset(ds.x[:num_samples], ds.y[:num_samples], ds.num_classes, ds.name, ds.input_shape,
-                     ds.transform, ds.vocab)
+        ds = Dataset(
+            ds.x[:num_samples],
+            ds.y[:num_samples],
+            ds.num_classes,
+            ds.name,
+            ds.input_shape,
+            ds.transform,
+            ds.vocab,
+        )
     if augment:
         if len(ds.input_shape) != 3:
-            raise ConfigError.invalid("augment", augment, f"only image data sets can be augmented, not {key!r}")
+            raise ConfigError.invalid(
+                "augment", augment, f"only image data sets can be augmented, not {key!r}"
+            )
         ds = Dataset(ds.x, ds.y, ds.num_classes, ds.name, ds.input_shape, RandomCropFlip(), ds.vocab)
     return ds
 
@@ -307,7 +319,9 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     offset = 4 + 4 * ndim
     count = int(np.prod(dims)) if dims else 0
     if len(raw) - offset != count:
-        raise ConfigError.invalid("path", str(path), f"IDX payload has {len(raw) - offset} bytes, header says {count}")
+        raise ConfigError.invalid(
+            "path", str(path), f"IDX payload has {len(raw) - offset} bytes, header says {count}"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -357,17 +371,26 @@ def _load_digits(split: str, seed: int) -> Dataset:
 
 
 def _load_synthetic(key: str, split: str, seed: int, num_samples: int | None) -> Dataset:
+    """Low-dimensional structure in a real-shaped tensor, labelled by a linear teacher.
+
+    ``z ~ N(0, I_k)`` with ``k = 16`` latent factors, ``x = z A / sqrt(k) + 0.5 * noise`` reshaped to the
+    image shape, label ``argmax(z W)``. The teacher (``A``, ``W``) depends on ``seed`` only, so train and
+    test share it; the samples depend on the split too. Because the inputs live near a 16-dimensional
+    subspace, a few thousand samples suffice to learn the task (pure Gaussian inputs of 3,072 dims with
+    a linear teacher would need far more samples than a quick run has).
+    """
     shape = _SYNTHETIC_SHAPES[key]
     n = num_samples if num_samples is not None else _SYNTHETIC_DEFAULT_SIZE[split]
     d = int(np.prod(shape))
-    classes = 10
-    # The teacher depends on the seed only, so train and test share it; samples depend on the split too.
+    classes, k = 10, _SYNTHETIC_LATENT
     teacher_gen = torch.Generator().manual_seed(mix_seed(seed, 0))
-    w = torch.randn(d, classes, generator=teacher_gen) / d**0.5
+    mixing = torch.randn(k, d, generator=teacher_gen) / k**0.5
+    w = torch.randn(k, classes, generator=teacher_gen)
     sample_gen = torch.Generator().manual_seed(mix_seed(seed, 1 if split == "train" else 2))
-    x = torch.randn(n, *shape, generator=sample_gen)
-    y = torch.argmax(x.reshape(n, d) @ w, dim=1)
-    return Dataset(x, y, classes, f"{key}/{split}", shape)
+    z = torch.randn(n, k, generator=sample_gen)
+    x = z @ mixing + _SYNTHETIC_NOISE * torch.randn(n, d, generator=sample_gen)
+    y = torch.argmax(z @ w, dim=1)
+    return Dataset(x.reshape(n, *shape), y, classes, f"{key}/{split}", shape)
 
 
 # ----------------------------------------------------------------------------------------------- torchvision
@@ -388,7 +411,9 @@ def _load_torchvision(key: str, root: str | os.PathLike[str] | None, split: str,
     cls = tvd.MNIST if key == "mnist" else tvd.CIFAR10
     try:
         raw = cls(str(base), train=(split == "train"), download=download)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+    except (
+        RuntimeError
+    ) as exc:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         hint = "pass download=True (needs internet)" if not download else "the download failed"
         raise ConfigError(
             f"dataset={key!r} files were not found under root={str(base)!r}: {hint}; "
@@ -437,18 +462,21 @@ def _load_wikitext2(root: str | os.PathLike[str] | None, split: str, download: b
     else:
         if download:
             raise ConfigError.invalid(
-                "download", download,
+                "download",
+                download,
                 f"coopsgd does not download WikiText-2; put train.txt, valid.txt and test.txt under root={str(base)!r}",
             )
         if split == "valid":
             raise ConfigError.invalid(
-                "split", split,
+                "split",
+                split,
                 f"no WikiText-2 train.txt under root={str(base)!r}: the bundled fallback trains on valid.txt, "
                 "so only split='train' or 'test' is available",
             )
         logger.warning(
             "WikiText-2 train.txt not found under %s: training on the bundled valid.txt and testing on the "
-            "bundled test.txt (the offline convention)", base,
+            "bundled test.txt (the offline convention)",
+            base,
         )
         files = {"train": str(BUNDLED_DIR / "valid.txt"), "test": str(BUNDLED_DIR / "test.txt")}
         order = (files["train"], files["test"])
@@ -500,7 +528,9 @@ def lm_batches(
         yield data[i : i + length], data[i + 1 : i + 1 + length]
 
 
-def lm_windows(tokens: Tensor, seq_len: int, *, name: str = "lm_windows", vocab: Vocabulary | None = None) -> Dataset:
+def lm_windows(
+    tokens: Tensor, seq_len: int, *, name: str = "lm_windows", vocab: Vocabulary | None = None
+) -> Dataset:
     """Cut a token stream into non-overlapping windows: a :class:`Dataset` of ``(N, seq_len)`` inputs and targets.
 
     Sample ``i`` is ``tokens[i*L : i*L+L]`` with target ``tokens[i*L+1 : i*L+L+1]``. With this form a
@@ -525,5 +555,7 @@ def shard_tokens(tokens: Tensor, workers: int) -> list[Tensor]:
     workers = check_int("workers", workers, minimum=1)
     per = tokens.numel() // workers
     if per < 2:
-        raise ConfigError.invalid("workers", workers, f"must be <= {tokens.numel() // 2} for {tokens.numel()} tokens")
+        raise ConfigError.invalid(
+            "workers", workers, f"must be <= {tokens.numel() // 2} for {tokens.numel()} tokens"
+        )
     return [tokens[i * per : (i + 1) * per] for i in range(workers)]

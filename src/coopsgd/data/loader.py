@@ -45,17 +45,23 @@ class _Default:
 _DEFAULT = _Default()
 
 
-def _xy(data: Dataset | tuple[Tensor, Tensor] | Sequence[Tensor]) -> tuple[Tensor, Tensor, BatchTransform | None]:
+def _xy(
+    data: Dataset | tuple[Tensor, Tensor] | Sequence[Tensor],
+) -> tuple[Tensor, Tensor, BatchTransform | None]:
     if isinstance(data, Dataset):
         return data.x, data.y, data.transform
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         x, y = data
         if x.shape[0] != y.shape[0]:
             raise ConfigError.invalid(
-                "dataset", f"(x of {x.shape[0]} rows, y of {y.shape[0]} rows)", "x and y must have the same length"
+                "dataset",
+                f"(x of {x.shape[0]} rows, y of {y.shape[0]} rows)",
+                "x and y must have the same length",
             )
         return x, y, None
-    raise ConfigError.invalid("dataset", type(data).__name__, "must be a coopsgd Dataset or a pair (x, y) of tensors")
+    raise ConfigError.invalid(
+        "dataset", type(data).__name__, "must be a coopsgd Dataset or a pair (x, y) of tensors"
+    )
 
 
 class WorkerLoader:
@@ -87,11 +93,15 @@ class WorkerLoader:
         x, y, own_transform = _xy(dataset)
         self.x: Tensor = x
         self.y: Tensor = y
-        self.transform: BatchTransform | None = own_transform if isinstance(transform, _Default) else transform
+        self.transform: BatchTransform | None = (
+            own_transform if isinstance(transform, _Default) else transform
+        )
         self.seed: int = check_int("seed", seed, minimum=0)
         self.batch_size: int = check_int("batch_size", batch_size, minimum=1)
         if len(parts) < 1:
-            raise ConfigError.invalid("parts", list(parts), "must hold one index array per worker (at least one)")
+            raise ConfigError.invalid(
+                "parts", list(parts), "must hold one index array per worker (at least one)"
+            )
         n = int(x.shape[0])
         self.parts: list[Tensor] = []
         for w, p in enumerate(parts):
@@ -128,7 +138,9 @@ class WorkerLoader:
         transform: BatchTransform | None | _Default = _DEFAULT,
     ) -> WorkerLoader:
         """Partition ``dataset`` by its labels (see :func:`~coopsgd.data.partition.partition`) and wrap it."""
-        parts = partition(dataset.y, workers, scheme, beta=beta, shards_per_worker=shards_per_worker, seed=seed)
+        parts = partition(
+            dataset.y, workers, scheme, beta=beta, shards_per_worker=shards_per_worker, seed=seed
+        )
         return cls(dataset, parts, batch_size, seed=seed, transform=transform)
 
     # ------------------------------------------------------------------ properties
@@ -232,7 +244,9 @@ class WorkerLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the position saved by :meth:`state_dict`; the loader must be built the same way."""
         if not isinstance(state, dict) or "epoch" not in state or "batch" not in state:
-            raise ConfigError.invalid("state_dict", type(state).__name__, "must be a dict from WorkerLoader.state_dict()")
+            raise ConfigError.invalid(
+                "state_dict", type(state).__name__, "must be a dict from WorkerLoader.state_dict()"
+            )
         mine = self.state_dict()
         for key in ("seed", "batch_size", "workers", "shard_sizes", "parts_crc32"):
             if key in state and state[key] != mine[key]:
