@@ -341,190 +341,189 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# run / compare (reference engine on analytic objectives)
+# run / compare / plot
 # ---------------------------------------------------------------------------------------------------------
 
-
-def _objective_from_args(args: argparse.Namespace) -> Any:
-    from coopsgd.objectives import make_objective
-
-    name = args.objective
-    kw: dict[str, Any] = {}
-    if name == "quadratic":
-        kw = {"dim": args.dim or 20, "workers": args.workers, "sigma": args.sigma, "heterogeneity": args.heterogeneity,
-              "seed": args.seed}
-    elif name == "sinc":
-        kw = {"sigma": args.sigma}
-    elif name == "matrix_completion":
-        kw = {"d": args.dim or 100, "rank": args.rank, "sigma": args.sigma, "seed": args.seed}
-    elif name == "logistic":
-        kw = {"workers": args.workers, "batch_size": args.batch_size, "seed": args.seed, "iid": not args.non_iid}
-    return make_objective(name, **kw)
-
-
-def _run_one(spec: Any, obj: Any, args: argparse.Namespace, progress: bool) -> dict[str, Any]:
-    import time
-
-    from coopsgd.analysis import spec_round_cost
-    from coopsgd.engines.reference import run_reference
-    from coopsgd.theory.cost import ComputeModel, NetworkModel, expected_runtime
-
-    t0 = time.perf_counter()
-    res = run_reference(spec, obj, steps=args.steps, lr=args.lr, seed=args.seed,
-                        record_every=max(1, args.steps // 200), progress=progress)
-    wall = time.perf_counter() - t0
-    rc = spec_round_cost(spec, obj.dim, bytes_per_param=8)
-    net = NetworkModel.from_mbps(args.net_latency_ms, args.net_bandwidth_mbps)
-    clock = expected_runtime(steps=args.steps, tau=spec.tau, workers=spec.workers, cost=rc, network=net,
-                             compute=ComputeModel(mean_s=args.compute_ms / 1e3), overlap=spec.overlap, trials=1)
-    summary = res.to_dict()
-    summary["simulated_time_s"] = clock["total_s"]
-    summary["simulated_split_s"] = {k: clock[k] for k in ("compute_s", "communication_s", "idle_s")}
-    summary["wall_time_s"] = wall
-    summary["bytes_sent"] = rc.bytes_sent * int(res.rounds[-1])
-    if hasattr(obj, "accuracy"):
-        summary["test_accuracy"] = obj.accuracy(res.final_state[spec.workers] if spec.center == "auxiliary"
-                                                else _center_of(res))
-    summary["_result"] = res
-    summary["_time_per_step"] = clock["per_step_s"]
-    return summary
+_RUN_HELP = {
+    "engine": "reference (analytic objectives, exact) | simulate (m workers of a torch model in one process)",
+    "preset": "algorithm preset", "workers": "number of workers m", "tau": "communication period",
+    "alpha": "elasticity alpha", "beta": "EASGD beta = m*alpha", "topology": "worker graph",
+    "weights": "mixing weight rule", "groups": "groups (hierarchical / multi-level lsgd)",
+    "q": "hierarchical: auxiliaries mix every q*tau steps", "lam": "LSGD pull lambda",
+    "lam_global": "LSGD global pull", "fraction": "FedAvg client fraction", "warmup_steps": "sync warm-up steps",
+    "nonblocking": "non-blocking EASGD", "buffers": "buffer policy: mix | local",
+    "optimizer_state": "momentum policy: local | reset | mix", "model": "mlp, lenet, cnn7, resnet20, vgg16, lstm_lm",
+    "dataset": "mnist_bundled (default, offline), digits, mnist, cifar10, synthetic_mnist, synthetic_cifar, wikitext2",
+    "data_root": "directory of downloaded data", "download": "allow torchvision downloads",
+    "partition": "iid | dirichlet | shards", "dirichlet_beta": "Dirichlet concentration (label skew)",
+    "shards_per_worker": "class shards per worker", "objective": "reference engine objective",
+    "lr": "learning rate", "momentum": "SGD momentum", "nesterov": "Nesterov momentum",
+    "weight_decay": "weight decay", "batch_size": "batch size per worker", "epochs": "epochs (simulate)",
+    "max_steps": "number of steps (overrides epochs)", "lr_decay_epochs": "decay the lr at these epochs, e.g. 100,150",
+    "lr_decay_times_s": "decay the lr at these simulated times (s)", "lr_decay_factor": "lr decay factor",
+    "lr_warmup_steps": "linear lr warm-up steps", "loss_estimate": "LSGD leader estimate: running_mean | batch | probe",
+    "dtype": "float32 | float64", "executor": "auto | loop | vmap", "seed": "random seed",
+    "eval_every": "steps between evaluations", "eval_samples": "training samples used to evaluate the loss",
+    "compute": "compute time: measured | constant | exponential | lognormal | pareto",
+    "compute_ms": "mean compute time per step for a modelled compute time (ms)",
+    "compute_spread": "spread of the compute-time distribution (stragglers)",
+    "net_latency_ms": "network latency per handshake (ms)", "net_bandwidth_mbps": "network bandwidth (Mbit/s)",
+    "out": "run directory",
+}
 
 
-def _center_of(res: Any) -> np.ndarray:
-    spec = res.spec
-    X = res.final_state
-    if spec.center == "leader" and res.leaders[-1] is not None:
-        return X[res.leaders[-1]]
-    return X[: spec.workers].mean(axis=0)
+def _add_config_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """One flag per RunConfig field (``--batch-size`` for ``batch_size``); only given flags are kept."""
+    import dataclasses
+
+    from coopsgd.train.config import RunConfig
+
+    for f in dataclasses.fields(RunConfig):
+        if f.name in skip or f.name == "objective_args":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        t = str(f.type)
+        help_ = _RUN_HELP.get(f.name, f.name)
+        if t == "bool":
+            p.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_)
+            continue
+        conv: Any = str
+        if t.startswith("int"):
+            conv = int
+        elif t.startswith("float"):
+            conv = float
+        p.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS, help=help_)
+    p.add_argument("--steps", dest="max_steps", type=int, default=argparse.SUPPRESS, help="alias of --max-steps")
+    for name, conv in (("sigma", float), ("heterogeneity", float), ("dim", int), ("rank", int)):
+        p.add_argument(f"--{name}", dest=f"obj_{name}", type=conv, default=argparse.SUPPRESS,
+                       help=f"reference objective argument {name}")
+    p.add_argument("--config", default=None, help="TOML / YAML / JSON config file (flags override it)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
+    import dataclasses
+
+    from coopsgd.train.config import RunConfig, load_config
+
+    data: dict[str, Any] = load_config(args.config) if args.config else {}
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for k, v in vars(args).items():
+        if k in names and k != "objective_args":
+            data[k] = v
+        elif k.startswith("obj_"):
+            data.setdefault("objective_args", {})[k[4:]] = v
+    data.update(overrides)
+    if data.get("objective") == "sinc" and "objective_args" in data:
+        data["objective_args"] = {k: v for k, v in data["objective_args"].items() if k == "sigma"}
+    return RunConfig.from_dict(data, source=f"config {args.config!r}" if args.config else "config")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "json", False) and sys.stderr.isatty()
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    f = summary["final"]
+    metric = ""
+    if f.get("test_accuracy") is not None:
+        metric = f", test accuracy {f['test_accuracy']:.4f}"
+    elif f.get("test_perplexity") is not None:
+        metric = f", test perplexity {f['test_perplexity']:.2f}"
+    split = summary.get("simulated_split_s", {})
+    print(f"{summary['preset']} x{summary['workers']}: train loss {f['train_loss']:.4g}, test loss "
+          f"{f['test_loss']:.4g}{metric} | {summary['steps']} steps, {summary['communication_rounds']} rounds, "
+          f"{summary['bytes_sent'] / 1e6:.3g} MB | simulated {summary['simulated_time_s']:.3g} s "
+          f"(compute {split.get('compute_s', 0):.3g}, comm {split.get('communication_s', 0):.3g}, "
+          f"idle {split.get('idle_s', 0):.3g}) | wall {summary['wall_time_s']:.1f} s"
+          + (f" | {summary['out']}" if summary.get("out") else ""))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    if args.engine != "reference":
-        raise ConfigError.invalid("--engine", args.engine, "this version runs 'reference' (analytic objectives)")
-    spec = _spec_from_args(args)
-    obj = _objective_from_args(args)
-    summary = _run_one(spec, obj, args, progress=not args.json and sys.stderr.isatty())
-    res = summary.pop("_result")
-    summary.pop("_time_per_step")
-    if args.out:
-        out = Path(args.out)
-        _write_json(out / "summary.json", {"config": _config_dict(args), "spec": spec.describe(), **summary})
-        _write_metrics(out / "metrics.jsonl", res)
-        summary["out"] = str(out)
+    from coopsgd.train.trainer import run
+
+    config = _config_from_args(args)
+    summary = run(config, progress=_progress(args))
     if args.json:
         _print_json(summary)
     else:
-        acc = f", test accuracy {summary['test_accuracy']:.3f}" if "test_accuracy" in summary else ""
-        print(f"{spec.name} on {args.objective}: centre objective {summary['final_objective']:.6g}{acc} after "
-              f"{summary['steps']} steps, {summary['communication_rounds']} rounds, simulated "
-              f"{summary['simulated_time_s']:.3g} s (wall {summary['wall_time_s']:.2f} s)")
+        _print_summary(summary)
     return 0
-
-
-def _config_dict(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("func",)}
-
-
-def _write_metrics(path: Path, res: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    m = res.spec.workers
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as f:
-        for j, step in enumerate(res.steps):
-            rec = {
-                "step": int(step), "average_objective": float(res.average_objective[j]),
-                "center_objective": float(res.center_objective[j]),
-                "worker_objectives": [float(v) for v in res.node_objectives[j, :m]],
-                "consensus_distance": float(res.consensus[j]), "rounds": int(res.rounds[j]),
-            }
-            f.write(json.dumps(_clean(rec)) + "\n")
-    tmp.replace(path)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    names = [p.strip() for p in args.presets.split(",") if p.strip()]
-    from coopsgd.algorithms.presets import PRESETS
+    import dataclasses
 
+    from coopsgd.algorithms.presets import PRESETS
+    from coopsgd.plots import plot_runs
+    from coopsgd.train.trainer import run
+
+    names = [p.strip() for p in args.presets.split(",") if p.strip()]
+    if not names:
+        raise ConfigError.invalid("--presets", args.presets, "give at least one preset")
     for n in names:
         if n not in PRESETS:
             raise ConfigError.invalid("--presets", n, f"choose from {', '.join(PRESETS)}")
-    obj = _objective_from_args(args)
-    rows = {}
+    base = _config_from_args(args, preset=names[0])
+    out = Path(base.out or "runs/compare")
+    results: dict[str, dict[str, Any]] = {}
+    dirs = []
     for n in names:
+        cfg = dataclasses.replace(base, preset=n, out=str(out / n))
+        cfg_kwargs = cfg.spec_kwargs(lenient=True)  # shared flags apply where the preset takes them
+        keep = {k for k in cfg_kwargs}
+        for k in ("tau", "alpha", "beta", "topology", "weights", "groups", "q", "lam", "lam_global", "fraction",
+                  "warmup_steps"):
+            if k not in keep:
+                cfg = dataclasses.replace(cfg, **{k: None})
+        if "nonblocking" not in keep:
+            cfg = dataclasses.replace(cfg, nonblocking=False)
+        if not args.json:
+            print(f"[{len(dirs) + 1}/{len(names)}] {n} ...", file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            spec = _spec_from_args(args, preset=n)
-        rows[n] = _run_one(spec, obj, args, progress=not args.json and sys.stderr.isatty())
-    out = Path(args.out or "runs/compare")
-    fig = _plot_compare(rows, out / "compare.png", args)
-    table = {n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in rows.items()}
-    _write_json(out / "compare.json", {"config": _config_dict(args), "results": table})
+            results[n] = run(cfg, progress=_progress(args))
+        dirs.append(out / n)
+    fig = plot_runs(dirs, out / "compare.png", labels=names,
+                    title=f"{base.engine}: {base.model if base.engine == 'simulate' else base.objective}, "
+                          f"m={base.workers}, network {base.net_latency_ms} ms / {base.net_bandwidth_mbps} Mbit/s")
+    _write_json(out / "compare.json", {"config": base.to_dict(), "results": results})
     if args.json:
-        _print_json({"results": table, "plot": str(fig)})
+        _print_json({"results": results, "plot": str(fig)})
         return 0
-    acc_col = any("test_accuracy" in r for r in table.values())
-    head = f"{'preset':24s} {'centre obj':>12s} {'avg obj':>12s} {'rounds':>7s} {'MB sent':>9s} {'sim time s':>11s}"
-    print(head + ("  test acc" if acc_col else ""))
-    for n, r in table.items():
-        line = (f"{n:24s} {r['final_objective']:12.5g} {r['final_average_objective']:12.5g} "
-                f"{r['communication_rounds']:7d} {r['bytes_sent'] / 1e6:9.3g} {r['simulated_time_s']:11.4g}")
-        if acc_col:
-            line += f"  {r.get('test_accuracy', float('nan')):8.3f}"
+    metric = "test_accuracy" if any("test_accuracy" in r["final"] for r in results.values()) else (
+        "test_perplexity" if any("test_perplexity" in r["final"] for r in results.values()) else None)
+    head = f"{'preset':24s} {'train loss':>10s} {'test loss':>10s}"
+    head += f" {metric.replace('test_', 'test ')[:10]:>10s}" if metric else ""
+    head += f" {'rounds':>7s} {'MB sent':>9s} {'sim time s':>10s} {'comm %':>7s} {'wall s':>7s}"
+    print(head)
+    for n, r in results.items():
+        f = r["final"]
+        sim = r["simulated_time_s"]
+        comm = r["simulated_split_s"]["communication_s"]
+        line = f"{n:24s} {f['train_loss']:10.4g} {f['test_loss']:10.4g}"
+        line += f" {f.get(metric, float('nan')):10.4g}" if metric else ""
+        line += (f" {r['communication_rounds']:7d} {r['bytes_sent'] / 1e6:9.3g} {sim:10.4g} "
+                 f"{100 * comm / sim if sim else 0:6.1f}% {r['wall_time_s']:7.1f}")
         print(line)
-    print(f"figure: {fig}")
+    print(f"figure: {fig}   table: {out / 'compare.json'}")
     return 0
 
 
-def _plot_compare(rows: dict[str, dict[str, Any]], path: Path, args: argparse.Namespace) -> Path:
-    import matplotlib
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from coopsgd.plots import plot_runs, runs_table
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
-    for n, r in rows.items():
-        res = r["_result"]
-        axes[0].plot(res.steps, res.center_objective, label=n)
-        axes[1].plot(res.steps * r["_time_per_step"], res.center_objective, label=n)
-        axes[2].plot(res.steps, np.maximum(res.consensus, 1e-30), label=n)
-    axes[0].set_xlabel("step")
-    axes[1].set_xlabel("simulated wall-clock (s)")
-    for ax in axes[:2]:
-        ax.set_ylabel("centre-model objective")
-        ax.set_yscale("log" if all(np.all(r["_result"].center_objective > 0) for r in rows.values()) else "linear")
-    axes[2].set_yscale("log")
-    axes[2].set_xlabel("step")
-    axes[2].set_ylabel("consensus distance ||X(I-J)||^2/m")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{args.objective}, m={args.workers}, lr={args.lr}, network {args.net_latency_ms} ms / "
-                 f"{args.net_bandwidth_mbps} Mbit/s")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    from coopsgd.objectives import OBJECTIVES
-
-    p.add_argument("--engine", default="reference", help="execution engine (default reference)")
-    p.add_argument("--objective", default="logistic", choices=list(OBJECTIVES),
-                   help="analytic objective (default logistic: regression on scikit-learn's digits)")
-    p.add_argument("--steps", type=int, default=300, help="number of steps K (default 300)")
-    p.add_argument("--lr", type=float, default=0.2, help="learning rate (default 0.2)")
-    p.add_argument("--sigma", type=float, default=0.0, help="gradient noise std (quadratic, sinc, matrix completion)")
-    p.add_argument("--heterogeneity", type=float, default=0.0, help="quadratic: spread of the workers' minimisers")
-    p.add_argument("--dim", type=int, default=None, help="quadratic dimension / matrix-completion d")
-    p.add_argument("--rank", type=int, default=5, help="matrix completion rank r")
-    p.add_argument("--batch-size", type=int, default=16, help="logistic: mini-batch per worker (default 16)")
-    p.add_argument("--non-iid", action="store_true", help="logistic: label-sorted shards")
-    p.add_argument("--compute-ms", type=float, default=5.0, help="simulated compute time per local step (ms)")
-    p.add_argument("--net-latency-ms", type=float, default=1.0, help="simulated network latency per handshake (ms)")
-    p.add_argument("--net-bandwidth-mbps", type=float, default=100.0, help="simulated bandwidth (Mbit/s)")
-    p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    out = plot_runs(args.run_dirs, args.out, title=args.title)
+    rows = runs_table(args.run_dirs)
+    if args.json:
+        _print_json({"plot": str(out), "runs": rows})
+    else:
+        for r in rows:
+            acc = f" acc {r['test_accuracy']:.4f}" if r.get("test_accuracy") is not None else ""
+            print(f"{r['run']:28s} train loss {r['train_loss']:.4g}{acc} rounds {r['rounds']} "
+                  f"sim {r['simulated_time_s']:.4g} s  ({r['path']})")
+        print(f"figure: {out}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -581,16 +580,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("run", help="run one algorithm")
-    _add_preset_args(p, preset="local_sgd")
-    _add_run_args(p)
+    p = sub.add_parser("run", help="train one algorithm (flags or --config FILE)")
+    _add_config_flags(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("compare", help="run several algorithms on equal footing; one figure and a table")
     p.add_argument("--presets", default="sync,local_sgd,easgd,dpsgd,lsgd", help="comma-separated presets")
-    _add_preset_args(p, with_preset=False)
-    _add_run_args(p)
+    _add_config_flags(p, skip=("preset",))
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("plot", help="overlay runs from their directories")
+    p.add_argument("run_dirs", nargs="+", help="run directories (with metrics.jsonl)")
+    p.add_argument("--out", default="runs/plot.png", help="figure file (png/svg/pdf)")
+    p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 

@@ -110,13 +110,13 @@ def test_reproduce_matrix_completion_small(capsys, tmp_path) -> None:
 
 
 def test_run_reference_and_compare(capsys, tmp_path) -> None:
-    data = run_json(capsys, "run", "--preset", "easgd", "--workers", "4", "--objective", "quadratic",
+    data = run_json(capsys, "run", "--engine", "reference", "--preset", "easgd", "--workers", "4", "--objective", "quadratic",
                     "--steps", "40", "--lr", "0.1", "--out", str(tmp_path / "r"), "--json")
     assert data["communication_rounds"] == 40
     assert data["simulated_time_s"] > 0
     lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["step"] == 0
-    data = run_json(capsys, "compare", "--presets", "sync,local_sgd,dpsgd", "--workers", "4", "--tau", "4",
+    data = run_json(capsys, "compare", "--engine", "reference", "--presets", "sync,local_sgd,dpsgd", "--workers", "4", "--tau", "4",
                     "--objective", "logistic", "--steps", "60", "--out", str(tmp_path / "c"), "--json")
     res = data["results"]
     assert res["local_sgd"]["communication_rounds"] == 15 and res["sync"]["communication_rounds"] == 60
@@ -145,7 +145,7 @@ BAD_FLAGS = [
     (["theory"], "--preset"),
     (["reproduce", "cifar-everything"], "invalid choice"),
     (["reproduce", "matrix-completion", "--ranks", "1,x"], "ranks"),
-    (["run", "--engine", "warp"], "--engine"),
+    (["run", "--engine", "warp"], "engine"),
     (["run", "--steps", "0"], "steps"),
     (["run", "--lr", "-1"], "lr"),
     (["run", "--preset", "fedavg", "--fraction", "2"], "fraction"),

@@ -66,13 +66,14 @@ class RunConfig:
     dirichlet_beta: float = 0.5
     shards_per_worker: int = 2
     objective: str = "logistic"
+    objective_args: dict[str, Any] = field(default_factory=dict)
     # optimisation
     lr: float = 0.1
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
     batch_size: int = 32
-    epochs: float = 1.0
+    epochs: float = 5.0
     max_steps: int | None = None
     lr_decay_epochs: list[float] = field(default_factory=list)
     lr_decay_times_s: list[float] = field(default_factory=list)
@@ -137,6 +138,11 @@ class RunConfig:
         self.compute_spread = check_float("compute_spread", self.compute_spread, low=0.0)
         self.net_latency_ms = check_float("net_latency_ms", self.net_latency_ms, low=0.0)
         self.net_bandwidth_mbps = check_float("net_bandwidth_mbps", self.net_bandwidth_mbps, low=0.0, low_open=True)
+        from coopsgd.objectives import OBJECTIVES
+
+        _choice("objective", self.objective, tuple(OBJECTIVES))
+        if not isinstance(self.objective_args, dict):
+            raise ConfigError.invalid("objective_args", self.objective_args, "must be a mapping of argument names to values")
         for name in ("nonblocking", "nesterov", "download"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError.invalid(name, getattr(self, name), "must be true or false")
@@ -166,8 +172,12 @@ class RunConfig:
             flat[k] = value
         return cls(**flat)
 
-    def spec_kwargs(self) -> dict[str, Any]:
-        """Arguments for :func:`coopsgd.algorithms.make_preset` that the chosen preset accepts."""
+    def spec_kwargs(self, *, lenient: bool = False) -> dict[str, Any]:
+        """Arguments for :func:`coopsgd.algorithms.make_preset`.
+
+        A setting the preset does not take is an error naming it, or silently dropped when ``lenient``
+        (``coopsgd compare`` shares one set of flags across presets).
+        """
         import inspect
 
         from coopsgd.algorithms.presets import PRESETS
@@ -184,9 +194,11 @@ class RunConfig:
             if v is None:
                 continue
             if k not in accepted:
+                if lenient:
+                    continue
                 raise ConfigError.invalid(k, v, f"preset {self.preset!r} does not take this setting")
             out[k] = v
-        if self.nonblocking:
+        if self.nonblocking and not (lenient and "nonblocking" not in accepted):
             if "nonblocking" not in accepted:
                 raise ConfigError.invalid("nonblocking", True, f"preset {self.preset!r} has no non-blocking form")
             out["nonblocking"] = True

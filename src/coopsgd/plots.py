@@ -1,0 +1,110 @@
+"""Figures from run directories only (this module never trains).
+
+:func:`plot_runs` overlays any number of runs: training loss of the averaged model vs steps and vs
+simulated wall-clock, the centre model's test accuracy (or perplexity) vs simulated wall-clock, and the
+consensus distance. :func:`runs_table` gives the matching table rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from coopsgd.errors import ConfigError
+from coopsgd.train.rundir import RunDir
+
+__all__ = ["load_run", "plot_runs", "runs_table"]
+
+
+def load_run(path: str | Path) -> dict[str, Any]:
+    """``{"path", "label", "config", "metrics", "summary"}`` of a run directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError.invalid("run_dir", str(path), "is not a directory")
+    metrics = RunDir.read_metrics(p)
+    if not metrics:
+        raise ConfigError.invalid("run_dir", str(path), "has an empty metrics.jsonl")
+    config = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
+    summary = json.loads((p / "summary.json").read_text()) if (p / "summary.json").is_file() else {}
+    label = config.get("preset", p.name)
+    if config.get("tau") is not None:
+        label += f" (tau={config['tau']})"
+    return {"path": str(p), "label": label, "config": config, "metrics": metrics, "summary": summary}
+
+
+def _series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in metrics:
+        if r.get(key) is not None:
+            xs.append(r)
+            ys.append(r[key])
+    return xs, ys  # type: ignore[return-value]
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None,
+              title: str | None = None) -> Path:
+    """Overlay runs in one 2x2 figure; the format follows the suffix of ``out`` (png/svg/pdf)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not run_dirs:
+        raise ConfigError.invalid("run_dirs", [], "give at least one run directory")
+    out = Path(out)
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ConfigError.invalid("out", str(out), "must end in .png, .svg or .pdf")
+    runs = [load_run(d) for d in run_dirs]
+    if labels is not None and len(labels) != len(runs):
+        raise ConfigError.invalid("labels", list(labels), f"need one label per run ({len(runs)})")
+    is_lm = any("test_perplexity" in r["metrics"][-1] for r in runs)
+    metric = "test_perplexity" if is_lm else "test_accuracy"
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    for i, run in enumerate(runs):
+        lab = labels[i] if labels is not None else run["label"]
+        ms = run["metrics"]
+        rec, loss = _series(ms, "train_loss")
+        axes[0, 0].plot([r["step"] for r in rec], loss, marker=".", label=lab)
+        axes[0, 1].plot([r["simulated_time_s"] for r in rec], loss, marker=".", label=lab)
+        rec, acc = _series(ms, metric)
+        axes[1, 0].plot([r["simulated_time_s"] for r in rec], acc, marker=".", label=lab)
+        rec, cons = _series(ms, "consensus_distance")
+        axes[1, 1].plot([r["step"] for r in rec], [max(c, 1e-30) for c in cons], marker=".", label=lab)
+    axes[0, 0].set(xlabel="step", ylabel="training loss (averaged model)", yscale="log")
+    axes[0, 1].set(xlabel="simulated wall-clock (s)", ylabel="training loss (averaged model)", yscale="log")
+    axes[1, 0].set(xlabel="simulated wall-clock (s)",
+                   ylabel="test perplexity (centre model)" if is_lm else "test accuracy (centre model)")
+    axes[1, 1].set(xlabel="step", ylabel="consensus distance ||X(I-J)||^2/m", yscale="log")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def runs_table(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One row per run: final losses/metrics, rounds, bytes, simulated and real time."""
+    rows = []
+    for d in run_dirs:
+        run = load_run(d)
+        last = run["metrics"][-1]
+        rows.append({
+            "run": run["label"],
+            "path": run["path"],
+            "train_loss": last.get("train_loss"),
+            "test_loss": last.get("test_loss"),
+            "test_accuracy": last.get("test_accuracy"),
+            "test_perplexity": last.get("test_perplexity"),
+            "rounds": last.get("rounds"),
+            "bytes_sent": last.get("bytes_sent"),
+            "simulated_time_s": last.get("simulated_time_s"),
+            "communication_s": last.get("communication_s"),
+            "wall_time_s": last.get("wall_time_s"),
+        })
+    return rows

@@ -1,0 +1,396 @@
+"""The trainer: one loop that drives an engine with identical inputs and yields per-evaluation records.
+
+The trainer owns what every engine must see identically: the step counter, the learning-rate schedule
+and the data order (:class:`coopsgd.data.WorkerLoader`: each worker its own shard, its own order per
+epoch, last incomplete batch dropped). :func:`iterate` is a generator of metric records; :func:`train`
+consumes it, writes the run directory and returns the summary the CLI prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from coopsgd.algorithms import AlgorithmSpec, make_preset
+from coopsgd.engines.reference import NonFiniteError
+from coopsgd.errors import ConfigError
+from coopsgd.train.config import RunConfig
+from coopsgd.train.rundir import RunDir
+
+__all__ = ["Experiment", "build", "iterate", "train", "train_reference", "run", "lr_at", "evaluate_model"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "coopsgd-checkpoint-v1"
+
+
+@dataclass
+class Experiment:
+    """Everything built from a RunConfig: spec, data, model, simulator, loader."""
+
+    config: RunConfig
+    spec: AlgorithmSpec
+    sim: Any
+    loader: Any
+    train_set: Any
+    test_set: Any
+    loss_fn: Callable[..., torch.Tensor]
+    total_steps: int
+    eval_every: int
+    is_lm: bool = False
+    histograms: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return int(self.loader.steps_per_epoch)
+
+
+def lr_at(config: RunConfig, step: int, steps_per_epoch: int, sim_time: float) -> float:
+    """Learning rate of ``step``: linear warm-up, then x ``lr_decay_factor`` per passed epoch/time milestone."""
+    lr = config.lr
+    if config.lr_warmup_steps and step < config.lr_warmup_steps:
+        lr *= (step + 1) / config.lr_warmup_steps
+    epoch = step / steps_per_epoch
+    passed = sum(1 for e in config.lr_decay_epochs if epoch >= e)
+    passed += sum(1 for t in config.lr_decay_times_s if sim_time >= t)
+    return lr * config.lr_decay_factor**passed
+
+
+def _lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def build(config: RunConfig) -> Experiment:
+    """Build the spec, data, partition, model and simulator of a ``simulate`` run."""
+    from coopsgd.data import WorkerLoader, label_histograms, load_dataset, partition
+    from coopsgd.engines.clock import SimClock
+    from coopsgd.engines.simulator import Simulator
+    from coopsgd.models import make_model
+    from coopsgd.theory.cost import ComputeModel, NetworkModel
+
+    c = config
+    train_set = load_dataset(c.dataset, root=c.data_root, split="train", download=c.download, seed=c.seed)
+    test_set = load_dataset(c.dataset, root=c.data_root, split="test", download=c.download, seed=c.seed)
+    is_lm = train_set.vocab is not None
+    histograms = None
+    if is_lm:
+        from coopsgd.data import lm_windows
+
+        seq_len = 35
+        train_set = lm_windows(train_set.x, seq_len, vocab=train_set.vocab)
+        test_set = lm_windows(test_set.x, seq_len, vocab=train_set.vocab)
+        parts = partition(np.zeros(len(train_set), dtype=np.int64), c.workers, "iid", seed=c.seed)
+    else:
+        if c.workers > len(train_set):
+            raise ConfigError.invalid("workers", c.workers, f"more workers than training samples ({len(train_set)})")
+        parts = partition(train_set.y, c.workers, c.partition, beta=c.dirichlet_beta,
+                          shards_per_worker=c.shards_per_worker, seed=c.seed)
+        histograms = label_histograms(train_set.y, parts, train_set.num_classes)
+    loader = WorkerLoader(train_set, parts, c.batch_size, seed=c.seed)
+    kwargs = c.spec_kwargs()
+    if c.preset == "fedavg":
+        kwargs["sample_counts"] = [float(s) for s in loader.shard_sizes]
+    spec = make_preset(c.preset, c.workers, **kwargs)
+    torch.manual_seed(c.seed)
+    model_kw: dict[str, Any] = {}
+    model = make_model(c.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape, **model_kw)
+    dtype = torch.float64 if c.dtype == "float64" else torch.float32
+    network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
+    compute = None if c.compute == "measured" else ComputeModel(
+        mean_s=c.compute_ms / 1e3, distribution=c.compute, spread=c.compute_spread)
+    clock = SimClock(network, compute, seed=c.seed)
+    loss_fn = _lm_loss if is_lm else F.cross_entropy
+    probe = None
+    if c.loss_estimate == "probe":
+        g = torch.Generator().manual_seed(c.seed)
+        idx = torch.randperm(len(train_set), generator=g)[: min(512, len(train_set))]
+        probe = (train_set.x[idx].to(dtype) if not is_lm else train_set.x[idx], train_set.y[idx])
+    sim = Simulator(spec, model, loss_fn=loss_fn, momentum=c.momentum, nesterov=c.nesterov,
+                    weight_decay=c.weight_decay, executor=c.executor, dtype=dtype, seed=c.seed,
+                    loss_estimate=c.loss_estimate, probe_batch=probe, clock=clock)
+    spe = loader.steps_per_epoch
+    total = c.max_steps if c.max_steps is not None else max(1, math.ceil(c.epochs * spe))
+    eval_every = c.eval_every or max(1, min(spe, total // 10 or 1))
+    return Experiment(config=c, spec=spec, sim=sim, loader=loader, train_set=train_set, test_set=test_set,
+                      loss_fn=loss_fn, total_steps=total, eval_every=eval_every, is_lm=is_lm, histograms=histograms)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
+                   *, is_lm: bool = False, batch: int = 500, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Mean loss and accuracy (classification) or perplexity (language model) of ``model`` on (x, y)."""
+    model.eval()
+    total, correct, n = 0.0, 0, 0
+    for i in range(0, len(x), batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        if not is_lm:
+            xb = xb.to(dtype)
+        out = model(xb)
+        k = yb.numel() if is_lm else len(yb)
+        total += float(loss_fn(out, yb)) * k
+        if not is_lm:
+            correct += int((out.argmax(dim=1) == yb).sum())
+        n += k
+    model.train()
+    loss = total / max(n, 1)
+    if is_lm:
+        return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0)))}
+    return {"loss": loss, "accuracy": correct / max(n, 1)}
+
+
+def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarray, wall: float) -> dict[str, Any]:
+    sim, spec, c = exp.sim, exp.spec, exp.config
+    dtype = torch.float64 if c.dtype == "float64" else torch.float32
+    test = evaluate_model(sim.center_model(), exp.test_set.x, exp.test_set.y, exp.loss_fn, is_lm=exp.is_lm,
+                          dtype=dtype)
+    n = min(c.eval_samples, len(exp.train_set))
+    avg_model = sim.average_model() if hasattr(sim, "average_model") else sim.center_model()
+    train = evaluate_model(avg_model, exp.train_set.x[:n], exp.train_set.y[:n], exp.loss_fn, is_lm=exp.is_lm,
+                           dtype=dtype)
+    clock = sim.clock
+    rec: dict[str, Any] = {
+        "step": step,
+        "epoch": step / exp.steps_per_epoch,
+        "lr": lr,
+        "train_loss": train["loss"],
+        "worker_losses": [float(v) for v in worker_losses],
+        "test_loss": test["loss"],
+        "consensus_distance": float(sim.consensus_distance()),
+        "zeta": None if spec.theory_matrix is None else float(_zeta(spec)),
+        "rounds": int(sim.rounds),
+        "bytes_sent": float(sim.bytes_sent),
+        "simulated_time_s": float(clock.elapsed),
+        "compute_s": float(clock.compute_s),
+        "communication_s": float(clock.communication_s),
+        "idle_s": float(clock.idle_s),
+        "wall_time_s": wall,
+        "samples_per_s": step * c.workers * c.batch_size / wall if wall > 0 else None,
+    }
+    if exp.is_lm:
+        rec["test_perplexity"] = test["perplexity"]
+        rec["train_perplexity"] = train["perplexity"]
+    else:
+        rec["test_accuracy"] = test["accuracy"]
+        rec["train_accuracy"] = train["accuracy"]
+    leader = getattr(sim, "leader", None)
+    if leader is not None:
+        rec["leader"] = int(leader)
+    return rec
+
+
+def _zeta(spec: AlgorithmSpec) -> float:
+    from coopsgd.theory.spectral import zeta
+
+    return zeta(spec.theory_matrix)
+
+
+def iterate(exp: Experiment, *, start_step: int = 0, progress: bool = False) -> Iterator[dict[str, Any]]:
+    """Run the experiment from ``start_step``; yield one metric record per evaluation (step 0 included)."""
+    sim, loader, c = exp.sim, exp.loader, exp.config
+    m = c.workers
+    t0 = time.perf_counter()
+    acc = np.zeros(m)
+    cnt = np.zeros(m)
+    if start_step == 0:
+        yield _eval_record(exp, 0, lr_at(c, 0, exp.steps_per_epoch, 0.0), np.full(m, np.nan), 0.0)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=exp.total_steps, initial=start_step, desc=f"{exp.spec.name} x{m}", unit="step",
+                   dynamic_ncols=True, leave=False)
+    try:
+        for step in range(start_step, exp.total_steps):
+            lr = lr_at(c, step, exp.steps_per_epoch, float(sim.clock.elapsed))
+            batches = loader.next_step()
+            active = exp.spec.schedule.active(step)
+            if active is not None:
+                batches = [b if active[i] else None for i, b in enumerate(batches)]
+            stats = sim.step(batches, lr)
+            losses = np.asarray(stats.losses, dtype=np.float64)
+            ok = np.isfinite(losses)
+            acc[ok] += losses[ok]
+            cnt[ok] += 1
+            if bar is not None:
+                bar.update(1)
+                if (step + 1) % 10 == 0:
+                    bar.set_postfix(loss=f"{np.nanmean(losses):.3f}", rounds=sim.rounds)
+            done = step + 1
+            if done % exp.eval_every == 0 or done == exp.total_steps:
+                worker_losses = np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
+                acc[:] = 0
+                cnt[:] = 0
+                yield _eval_record(exp, done, lr, worker_losses, time.perf_counter() - t0)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def checkpoint_state(exp: Experiment, step: int) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "config": exp.config.to_dict(),
+        "simulator": exp.sim.state_dict(),
+        "loader": exp.loader.state_dict(),
+    }
+
+
+def train(config: RunConfig, *, progress: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+    """Run ``config`` (engine ``simulate``), write the run directory, return the summary.
+
+    The summary holds ``final`` (train_loss, test_loss, test_accuracy or test_perplexity),
+    ``simulated_time_s`` and its split, ``wall_time_s``, ``communication_rounds``, ``bytes_sent``.
+    On a non-finite loss the run stops with an error naming the worker and the step; the metrics
+    written so far stay valid and ``summary.json`` records the failure (no checkpoint of a broken state).
+    """
+    if config.engine != "simulate":
+        raise ConfigError.invalid("engine", config.engine, "train() runs the 'simulate' engine")
+    exp = build(config)
+    out_dir = out or config.out
+    rd = RunDir(out_dir) if out_dir else None
+    if rd is not None:
+        extra = {"executor": exp.sim.executor_name, "steps_per_epoch": exp.steps_per_epoch,
+                 "total_steps": exp.total_steps, "spec": exp.spec.describe()}
+        if exp.histograms is not None:
+            extra["label_histograms"] = exp.histograms.tolist()
+        rd.write_config(config.to_dict(), extra)
+        rd.start_metrics()
+    last: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    try:
+        for rec in iterate(exp, progress=progress):
+            last = rec
+            if rd is not None:
+                rd.log(rec)
+    except NonFiniteError as exc:
+        if rd is not None:
+            rd.close()
+            rd.write_summary({"status": "failed", "error": str(exc), "last_record": last})
+        raise
+    finally:
+        if rd is not None:
+            rd.close()
+    wall = time.perf_counter() - t0
+    final = {"train_loss": last["train_loss"], "test_loss": last["test_loss"]}
+    if exp.is_lm:
+        final["test_perplexity"] = last["test_perplexity"]
+    else:
+        final["test_accuracy"] = last["test_accuracy"]
+    summary: dict[str, Any] = {
+        "status": "ok",
+        "preset": exp.spec.name,
+        "workers": config.workers,
+        "steps": exp.total_steps,
+        "final": final,
+        "simulated_time_s": last["simulated_time_s"],
+        "simulated_split_s": {k: last[k] for k in ("compute_s", "communication_s", "idle_s")},
+        "wall_time_s": wall,
+        "communication_rounds": last["rounds"],
+        "bytes_sent": last["bytes_sent"],
+        "consensus_distance": last["consensus_distance"],
+        "zeta": last["zeta"],
+        "executor": exp.sim.executor_name,
+    }
+    if rd is not None:
+        rd.checkpoint(checkpoint_state(exp, exp.total_steps))
+        rd.write_summary(summary)
+        summary["out"] = str(rd.path)
+    return summary
+
+
+def train_reference(config: RunConfig, *, progress: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+    """Run ``config`` on the exact reference engine (analytic ``objective``); same summary shape as :func:`train`.
+
+    ``final.train_loss`` is F at the averaged model u_k, ``final.test_loss`` F at the centre model (the
+    held-out loss for ``logistic``, with ``test_accuracy``). Time comes from the cost model
+    (:func:`coopsgd.theory.cost.expected_runtime` with ``compute_ms`` per step).
+    """
+    from coopsgd.analysis import spec_round_cost
+    from coopsgd.engines.reference import run_reference
+    from coopsgd.objectives import make_objective
+    from coopsgd.theory.cost import ComputeModel, NetworkModel, expected_runtime
+
+    c = config
+    args = dict(c.objective_args)
+    if c.objective in ("quadratic", "logistic"):
+        args.setdefault("workers", c.workers)
+    if c.objective in ("quadratic", "matrix_completion", "logistic"):
+        args.setdefault("seed", c.seed)
+    if c.objective == "logistic":
+        args.setdefault("batch_size", c.batch_size)
+        args.setdefault("iid", c.partition == "iid")
+    obj = make_objective(c.objective, **args)
+    spec = make_preset(c.preset, c.workers, **c.spec_kwargs())
+    steps = c.max_steps or 300
+    t0 = time.perf_counter()
+    res = run_reference(spec, obj, steps=steps, lr=lambda k: lr_at(c, k, max(1, steps), 0.0), seed=c.seed,
+                        record_every=max(1, steps // 200), progress=progress)
+    wall = time.perf_counter() - t0
+    rc = spec_round_cost(spec, obj.dim, bytes_per_param=8)
+    network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
+    compute = ComputeModel(mean_s=c.compute_ms / 1e3, distribution="constant" if c.compute == "measured" else c.compute,
+                           spread=c.compute_spread)
+    clock = expected_runtime(steps=steps, tau=spec.tau, workers=spec.workers, cost=rc, network=network,
+                             compute=compute, overlap=spec.overlap, trials=1 if compute.deterministic else 50)
+    d = res.to_dict()
+    final: dict[str, Any] = {"train_loss": d["final_average_objective"], "test_loss": d["final_objective"]}
+    center = res.final_state[spec.workers] if spec.center == "auxiliary" else (
+        res.final_state[res.leaders[-1]] if spec.center == "leader" and res.leaders[-1] is not None
+        else res.final_state[: spec.workers].mean(axis=0))
+    if hasattr(obj, "accuracy"):
+        final["test_accuracy"] = obj.accuracy(center)
+        final["test_loss"] = _logistic_test_loss(obj, center)
+    summary: dict[str, Any] = {
+        "status": "ok", "engine": "reference", "preset": spec.name, "workers": c.workers, "steps": steps,
+        "final": final, "simulated_time_s": clock["total_s"],
+        "simulated_split_s": {k: clock[k] for k in ("compute_s", "communication_s", "idle_s")},
+        "wall_time_s": wall, "communication_rounds": d["communication_rounds"],
+        "bytes_sent": rc.bytes_sent * d["communication_rounds"], "consensus_distance": d["consensus_distance"],
+        "zeta": None if spec.theory_matrix is None else _zeta(spec),
+        "worker_objectives": d["workers"], "center_objective": d["final_objective"],
+    }
+    out_dir = out or c.out
+    if out_dir:
+        rd = RunDir(out_dir)
+        rd.write_config(c.to_dict(), {"spec": spec.describe()})
+        rd.start_metrics()
+        per_step = clock["per_step_s"]
+        for j, step in enumerate(res.steps):
+            rd.log({
+                "step": int(step), "train_loss": float(res.average_objective[j]),
+                "test_loss": float(res.center_objective[j]),
+                "worker_losses": [float(v) for v in res.node_objectives[j, : spec.workers]],
+                "consensus_distance": float(res.consensus[j]), "rounds": int(res.rounds[j]),
+                "simulated_time_s": float(step) * per_step, "bytes_sent": rc.bytes_sent * int(res.rounds[j]),
+            })
+        rd.close()
+        rd.write_summary(summary)
+        summary["out"] = str(rd.path)
+    return summary
+
+
+def _logistic_test_loss(obj: Any, w: np.ndarray) -> float:
+    logits = obj.X_test @ np.asarray(w).reshape(obj.features, obj.classes)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-np.mean(logp[np.arange(len(obj.y_test)), obj.y_test]))
+
+
+def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+    """Dispatch on ``config.engine``."""
+    if config.engine == "reference":
+        return train_reference(config, progress=progress, out=out)
+    if config.engine == "simulate":
+        return train(config, progress=progress, out=out)
+    raise ConfigError.invalid("engine", config.engine, "this version runs 'reference' and 'simulate'")
