@@ -48,6 +48,7 @@ class Experiment:
     eval_every: int
     is_lm: bool = False
     histograms: np.ndarray | None = None
+    bytes_sent: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -154,7 +155,7 @@ def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarra
     test = evaluate_model(sim.center_model(), exp.test_set.x, exp.test_set.y, exp.loss_fn, is_lm=exp.is_lm,
                           dtype=dtype)
     n = min(c.eval_samples, len(exp.train_set))
-    avg_model = sim.average_model() if hasattr(sim, "average_model") else sim.center_model()
+    avg_model = _average_model(sim)
     train = evaluate_model(avg_model, exp.train_set.x[:n], exp.train_set.y[:n], exp.loss_fn, is_lm=exp.is_lm,
                            dtype=dtype)
     clock = sim.clock
@@ -168,7 +169,7 @@ def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarra
         "consensus_distance": float(sim.consensus_distance()),
         "zeta": None if spec.theory_matrix is None else float(_zeta(spec)),
         "rounds": int(sim.rounds),
-        "bytes_sent": float(sim.bytes_sent),
+        "bytes_sent": float(exp.bytes_sent),
         "simulated_time_s": float(clock.elapsed),
         "compute_s": float(clock.compute_s),
         "communication_s": float(clock.communication_s),
@@ -186,6 +187,15 @@ def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarra
     if leader is not None:
         rec["leader"] = int(leader)
     return rec
+
+
+def _average_model(sim: Any) -> torch.nn.Module:
+    """u_k = mean over all m+v nodes ([CSGD] eq. (13)) as a module, buffers averaged likewise."""
+    import copy
+
+    others = {k: v[0] for k, v in sim.other_buffers.items()}
+    model = sim.layout.load_into(copy.deepcopy(sim.template), sim.average_params(), sim.buffers.mean(dim=0), others)
+    return model.eval()
 
 
 def _zeta(spec: AlgorithmSpec) -> float:
@@ -217,6 +227,7 @@ def iterate(exp: Experiment, *, start_step: int = 0, progress: bool = False) -> 
             if active is not None:
                 batches = [b if active[i] else None for i, b in enumerate(batches)]
             stats = sim.step(batches, lr)
+            exp.bytes_sent += float(stats.bytes_sent)
             losses = np.asarray(stats.losses, dtype=np.float64)
             ok = np.isfinite(losses)
             acc[ok] += losses[ok]
@@ -243,6 +254,7 @@ def checkpoint_state(exp: Experiment, step: int) -> dict[str, Any]:
         "config": exp.config.to_dict(),
         "simulator": exp.sim.state_dict(),
         "loader": exp.loader.state_dict(),
+        "bytes_sent": exp.bytes_sent,
     }
 
 

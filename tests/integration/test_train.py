@@ -1,0 +1,130 @@
+"""Training runs end to end: learning on bundled MNIST, run directories, configs, failures, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from coopsgd.cli import main
+from coopsgd.engines.reference import NonFiniteError
+from coopsgd.errors import ConfigError
+from coopsgd.train import RunConfig, load_checkpoint
+from coopsgd.train.trainer import train
+
+
+def test_local_sgd_mlp_learns_bundled_mnist(tmp_path) -> None:
+    """Local SGD, 8 workers, MLP on the bundled MNIST split reaches >= 90% held-out accuracy."""
+    cfg = RunConfig(preset="local_sgd", workers=8, tau=4, model="mlp", dataset="mnist_bundled", lr=0.1,
+                    momentum=0.9, batch_size=32, epochs=3, seed=0, out=str(tmp_path / "run"))
+    summary = train(cfg)
+    assert summary["final"]["test_accuracy"] >= 0.90, summary
+    assert summary["communication_rounds"] == summary["steps"] // 4
+    assert summary["simulated_time_s"] > 0
+    run = tmp_path / "run"
+    for name in ("config.json", "environment.json", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        assert (run / name).is_file(), name
+    env = json.loads((run / "environment.json").read_text())
+    assert env["torch"] and "git_revision" in env
+    hist = env["label_histograms"]
+    assert len(hist) == 8 and sum(map(sum, hist)) == 8000
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and records[-1]["step"] == summary["steps"]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    for key in ("worker_losses", "test_accuracy", "consensus_distance", "zeta", "rounds", "bytes_sent",
+                "simulated_time_s", "compute_s", "communication_s", "idle_s"):
+        assert key in records[-1], key
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["step"] == summary["steps"]
+
+
+def test_cli_run_simulate_json_contract(capsys, tmp_path) -> None:
+    code = main(["run", "--preset", "easgd", "--workers", "4", "--tau", "2", "--max-steps", "12", "--eval-every",
+                 "6", "--out", str(tmp_path / "r"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data["final"]) >= {"train_loss", "test_loss", "test_accuracy"}
+    for key in ("simulated_time_s", "wall_time_s", "communication_rounds", "bytes_sent"):
+        assert key in data
+    assert data["communication_rounds"] == 6
+
+
+def test_config_file_and_flag_override(capsys, tmp_path) -> None:
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('preset = "dpsgd"\nworkers = 4\ntopology = "ring"\nmax_steps = 6\nlr = 0.05\n')
+    code = main(["run", "--config", str(cfg), "--workers", "3", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["workers"] == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: sync\nlearning_rate: 0.1\n")
+    code = main(["run", "--config", str(bad)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "learning_rate" in err
+
+
+def test_nan_stops_with_worker_and_step_and_no_checkpoint(tmp_path) -> None:
+    cfg = RunConfig(preset="local_sgd", workers=2, tau=2, model="mlp", lr=1e6, max_steps=50, eval_every=1,
+                    out=str(tmp_path / "nan"))
+    with pytest.raises(NonFiniteError, match=r"worker \d+ at step \d+"):
+        train(cfg)
+    run = tmp_path / "nan"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "step" in summary["error"]
+    assert not (run / "checkpoint.pt").exists()
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)  # every line that was written is valid JSON
+
+
+def test_compare_and_plot_commands(capsys, tmp_path) -> None:
+    out = tmp_path / "cmp"
+    code = main(["compare", "--presets", "sync,local_sgd", "--workers", "2", "--max-steps", "8", "--eval-every", "4",
+                 "--out", str(out), "--json"])
+    res, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(res)
+    assert data["results"]["sync"]["communication_rounds"] == 8
+    assert (out / "compare.png").stat().st_size > 1000
+    code = main(["plot", str(out / "sync"), str(out / "local_sgd"), "--out", str(tmp_path / "p.svg"), "--json"])
+    res, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(json.loads(res)["runs"]) == 2 and (tmp_path / "p.svg").is_file()
+
+
+BAD_RUNS = [
+    ({"dataset": "imagenet21k"}, "dataset"),
+    ({"model": "transformer"}, "model"),
+    ({"preset": "gossip"}, "preset"),
+    ({"dataset": "digits", "workers": 2000}, "workers"),
+    ({"partition": "dirichlet", "dirichlet_beta": 0.0}, "dirichlet_beta"),
+    ({"partition": "random"}, "partition"),
+    ({"batch_size": 5000}, "batch_size"),
+    ({"dtype": "float16"}, "dtype"),
+    ({"executor": "gpu"}, "executor"),
+    ({"epochs": 0}, "epochs"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"nesterov": True}, "nesterov"),
+    ({"lr_decay_epochs": "a,b"}, "lr_decay_epochs"),
+    ({"preset": "sync", "tau": 4}, "tau"),
+    ({"workers": 0}, "workers"),
+    ({"compute": "quantum"}, "compute"),
+    ({"net_bandwidth_mbps": 0}, "net_bandwidth_mbps"),
+    ({"dataset": "cifar10"}, "dataset"),
+]
+
+
+@pytest.mark.parametrize("override,field", BAD_RUNS, ids=[f for _, f in BAD_RUNS])
+def test_bad_run_input_names_the_field_and_writes_nothing(tmp_path, override, field) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as info:
+        train(RunConfig.from_dict({"max_steps": 2, "out": str(out), **override}))
+    assert field in str(info.value)
+    assert not out.exists(), "a rejected run must not leave a run directory behind"
+
+
+def test_out_path_that_is_a_file(tmp_path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="out"):
+        train(RunConfig(max_steps=2, out=str(f)))
