@@ -442,8 +442,31 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from coopsgd.train.trainer import run
 
-    config = _config_from_args(args)
-    summary = run(config, progress=_progress(args))
+    if args.resume:
+        rdir = Path(args.resume)
+        if not (rdir / "config.json").is_file():
+            raise ConfigError.invalid("--resume", args.resume, "must be a run directory with config.json and checkpoint.pt")
+        base = json.loads((rdir / "config.json").read_text())
+        if args.config:
+            raise ConfigError.invalid("--config", args.config, "cannot be combined with --resume (the run's config is used)")
+        import dataclasses
+
+        from coopsgd.train.config import RunConfig
+
+        names = {f.name for f in dataclasses.fields(RunConfig)}
+        given = {k: v for k, v in vars(args).items() if k in names}
+        allowed = {"max_steps", "epochs", "eval_every", "checkpoint_every"}
+        for k in given:
+            if k not in allowed:
+                raise ConfigError.invalid("--" + k.replace("_", "-"), given[k],
+                                          f"cannot change when resuming; only {', '.join(sorted(allowed))}")
+        base.update(given)
+        base["out"] = str(rdir)
+        config = RunConfig.from_dict(base, source=f"{rdir}/config.json")
+        summary = run(config, progress=_progress(args), resume=rdir)
+    else:
+        config = _config_from_args(args)
+        summary = run(config, progress=_progress(args))
     if args.json:
         _print_json(summary)
     else:
@@ -582,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train one algorithm (flags or --config FILE)")
     _add_config_flags(p)
+    p.add_argument("--resume", default=None, help="continue the run in this directory from its checkpoint.pt")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("compare", help="run several algorithms on equal footing; one figure and a table")

@@ -86,6 +86,7 @@ class RunConfig:
     seed: int = 0
     eval_every: int | None = None
     eval_samples: int = 2000
+    checkpoint_every: int | None = None
     # simulated time
     compute: str = "measured"
     compute_ms: float = 10.0
@@ -133,6 +134,8 @@ class RunConfig:
         if self.eval_every is not None:
             self.eval_every = check_int("eval_every", self.eval_every, minimum=1)
         self.eval_samples = check_int("eval_samples", self.eval_samples, minimum=1)
+        if self.checkpoint_every is not None:
+            self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         _choice("compute", self.compute, COMPUTE_MODELS)
         self.compute_ms = check_float("compute_ms", self.compute_ms, low=0.0)
         self.compute_spread = check_float("compute_spread", self.compute_spread, low=0.0)

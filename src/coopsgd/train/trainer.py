@@ -8,6 +8,7 @@ consumes it, writes the run directory and returns the summary the CLI prints.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -191,11 +192,10 @@ def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarra
 
 def _average_model(sim: Any) -> torch.nn.Module:
     """u_k = mean over all m+v nodes ([CSGD] eq. (13)) as a module, buffers averaged likewise."""
-    import copy
-
+    if hasattr(sim, "average_model"):
+        return sim.average_model()
     others = {k: v[0] for k, v in sim.other_buffers.items()}
-    model = sim.layout.load_into(copy.deepcopy(sim.template), sim.average_params(), sim.buffers.mean(dim=0), others)
-    return model.eval()
+    return sim._export(sim.average_params(), sim.buffers.mean(dim=0), others)
 
 
 def _zeta(spec: AlgorithmSpec) -> float:
@@ -204,8 +204,17 @@ def _zeta(spec: AlgorithmSpec) -> float:
     return zeta(spec.theory_matrix)
 
 
-def iterate(exp: Experiment, *, start_step: int = 0, progress: bool = False) -> Iterator[dict[str, Any]]:
-    """Run the experiment from ``start_step``; yield one metric record per evaluation (step 0 included)."""
+def iterate(
+    exp: Experiment,
+    *,
+    start_step: int = 0,
+    progress: bool = False,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Run the experiment from ``start_step``; yield one metric record per evaluation (step 0 included).
+
+    ``on_checkpoint(step)`` is called after every ``config.checkpoint_every`` steps.
+    """
     sim, loader, c = exp.sim, exp.loader, exp.config
     m = c.workers
     t0 = time.perf_counter()
@@ -237,6 +246,8 @@ def iterate(exp: Experiment, *, start_step: int = 0, progress: bool = False) -> 
                 if (step + 1) % 10 == 0:
                     bar.set_postfix(loss=f"{np.nanmean(losses):.3f}", rounds=sim.rounds)
             done = step + 1
+            if on_checkpoint is not None and c.checkpoint_every and done % c.checkpoint_every == 0:
+                on_checkpoint(done)
             if done % exp.eval_every == 0 or done == exp.total_steps:
                 worker_losses = np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
                 acc[:] = 0
@@ -250,6 +261,7 @@ def iterate(exp: Experiment, *, start_step: int = 0, progress: bool = False) -> 
 def checkpoint_state(exp: Experiment, step: int) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
+        "engine": "simulate",
         "step": step,
         "config": exp.config.to_dict(),
         "simulator": exp.sim.state_dict(),
@@ -258,30 +270,65 @@ def checkpoint_state(exp: Experiment, step: int) -> dict[str, Any]:
     }
 
 
-def train(config: RunConfig, *, progress: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+def train(
+    config: RunConfig,
+    *,
+    progress: bool = False,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+) -> dict[str, Any]:
     """Run ``config`` (engine ``simulate``), write the run directory, return the summary.
 
     The summary holds ``final`` (train_loss, test_loss, test_accuracy or test_perplexity),
     ``simulated_time_s`` and its split, ``wall_time_s``, ``communication_rounds``, ``bytes_sent``.
     On a non-finite loss the run stops with an error naming the worker and the step; the metrics
     written so far stay valid and ``summary.json`` records the failure (no checkpoint of a broken state).
+
+    ``resume`` is a checkpoint file (or a run directory holding ``checkpoint.pt``): the simulator state
+    (all nodes, buffers, momentum, RNG, schedule and leader state, clock), the data position and the
+    counters are restored and the run continues; the final parameters equal an uninterrupted run's
+    exactly. Metric records after the checkpoint's step are replaced.
     """
     if config.engine != "simulate":
         raise ConfigError.invalid("engine", config.engine, "train() runs the 'simulate' engine")
     exp = build(config)
+    start = 0
+    if resume is not None:
+        from coopsgd.train.rundir import load_checkpoint
+
+        rp = Path(resume)
+        state = load_checkpoint(rp / "checkpoint.pt" if rp.is_dir() else rp)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError.invalid("resume", str(resume), f"not a {CHECKPOINT_FORMAT} checkpoint")
+        exp.sim.load_state_dict(state["simulator"])
+        exp.loader.load_state_dict(state["loader"])
+        exp.bytes_sent = float(state.get("bytes_sent", 0.0))
+        start = int(state["step"])
+        if start > exp.total_steps:
+            raise ConfigError.invalid("max_steps", exp.total_steps, f"the checkpoint is already at step {start}")
     out_dir = out or config.out
     rd = RunDir(out_dir) if out_dir else None
     if rd is not None:
         extra = {"executor": exp.sim.executor_name, "steps_per_epoch": exp.steps_per_epoch,
-                 "total_steps": exp.total_steps, "spec": exp.spec.describe()}
+                 "total_steps": exp.total_steps, "spec": exp.spec.describe(), "resumed_from_step": start}
         if exp.histograms is not None:
             extra["label_histograms"] = exp.histograms.tolist()
         rd.write_config(config.to_dict(), extra)
-        rd.start_metrics()
+        if start > 0 and rd.metrics_path.is_file():
+            kept = [r for r in RunDir.read_metrics(rd.metrics_path) if r.get("step", 0) <= start]
+            from coopsgd.train.rundir import atomic_write_bytes, jsonable
+
+            atomic_write_bytes(rd.metrics_path, "".join(json.dumps(jsonable(r)) + "\n" for r in kept).encode())
+        rd.start_metrics(append=start > 0)
+
+    def on_checkpoint(step: int) -> None:
+        if rd is not None:
+            rd.checkpoint(checkpoint_state(exp, step))
+
     last: dict[str, Any] = {}
     t0 = time.perf_counter()
     try:
-        for rec in iterate(exp, progress=progress):
+        for rec in iterate(exp, start_step=start, progress=progress, on_checkpoint=on_checkpoint):
             last = rec
             if rd is not None:
                 rd.log(rec)
@@ -293,6 +340,9 @@ def train(config: RunConfig, *, progress: bool = False, out: str | Path | None =
     finally:
         if rd is not None:
             rd.close()
+    if not last:  # resumed exactly at the end
+        last = _eval_record(exp, exp.total_steps, lr_at(config, exp.total_steps, exp.steps_per_epoch,
+                                                         float(exp.sim.clock.elapsed)), np.full(config.workers, np.nan), 0.0)
     wall = time.perf_counter() - t0
     final = {"train_loss": last["train_loss"], "test_loss": last["test_loss"]}
     if exp.is_lm:
@@ -399,10 +449,13 @@ def _logistic_test_loss(obj: Any, w: np.ndarray) -> float:
     return float(-np.mean(logp[np.arange(len(obj.y_test)), obj.y_test]))
 
 
-def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = None,
+        resume: str | Path | None = None) -> dict[str, Any]:
     """Dispatch on ``config.engine``."""
+    if resume is not None and config.engine != "simulate":
+        raise ConfigError.invalid("resume", str(resume), "resuming is supported by the 'simulate' engine")
     if config.engine == "reference":
         return train_reference(config, progress=progress, out=out)
     if config.engine == "simulate":
-        return train(config, progress=progress, out=out)
+        return train(config, progress=progress, out=out, resume=resume)
     raise ConfigError.invalid("engine", config.engine, "this version runs 'reference' and 'simulate'")
