@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from coopsgd.engines.mixing import apply_mixing
 from coopsgd.engines.reference import (
     NonFiniteError,
@@ -12,6 +14,10 @@ from coopsgd.engines.reference import (
     run_reference,
 )
 
+if TYPE_CHECKING:
+    from coopsgd.engines.clock import SimClock
+    from coopsgd.engines.simulator import SimStepStats, Simulator
+
 __all__ = [
     "apply_mixing",
     "ReferenceEngine",
@@ -20,4 +26,18 @@ __all__ = [
     "NonFiniteError",
     "consensus_distance",
     "run_reference",
+    "Simulator",
+    "SimStepStats",
+    "SimClock",
 ]
+
+# the simulator needs torch; import it only when asked for so that numpy-only users stay fast
+_LAZY = {"Simulator": "simulator", "SimStepStats": "simulator", "SimClock": "clock"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"coopsgd.engines.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'coopsgd.engines' has no attribute {name!r}")

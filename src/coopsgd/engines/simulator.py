@@ -1,0 +1,747 @@
+"""One-process simulator: m workers (+ v auxiliary nodes) of any ``nn.Module`` on stacked state.
+
+State ([CSGD] §3, rows are nodes: workers 0..m-1, then auxiliaries m..m+v-1) lives in ONE tensor whose
+columns are ``[float buffers (b) | parameters (d) | momentum (d, only with momentum > 0)]``; the public
+views are :attr:`Simulator.params` (n, d), :attr:`Simulator.buffers` (n, b) and :attr:`Simulator.momentum`.
+Integer buffers (BatchNorm's ``num_batches_tracked``) are kept per name in :attr:`Simulator.other_buffers`
+and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
+:class:`coopsgd.engines.reference.ReferenceEngine` does:
+
+1. ``mask = spec.schedule.active(k)``; the active workers compute stochastic gradients G on their own
+   batch at the current parameters (inactive workers and auxiliaries: zero; their optimizer state is
+   untouched). An *executor* does this (:mod:`coopsgd.engines.executors`: a loop over replica modules
+   holding views into the rows, or ``torch.func.vmap``; ``"auto"`` times both on the first batches).
+2. LSGD (``spec.leader``): per-worker loss estimates for the leader election: ``"batch"`` (this step's
+   mini-batch loss), ``"running_mean"`` (mean of the last ``window`` mini-batch losses, this one included)
+   or ``"probe"`` (loss on a fixed probe batch at the current parameters, eval mode).
+3. ``mix = spec.schedule.mix(k, MixContext(k, lr, losses))`` (``None``: identity, no communication).
+4. Direction D: G, or torch.optim.SGD's momentum / Nesterov / weight-decay direction
+   (:mod:`coopsgd.engines.optim`). ``post_mix``: ``X <- (X - lr D) S``; ``pre_mix``: ``X <- X S - lr D``.
+   The mixing is ONE matrix product over a contiguous column range of the stacked state
+   (:func:`coopsgd.engines.mixing.apply_mixing`) -- never a loop over workers or parameters.
+5. Policies (:class:`coopsgd.algorithms.spec.Policies`), applied at every mix:
+
+   * buffers ``"mix"``: the float buffers *after* this step's forward pass are mixed with the same S (in
+     both rules: buffers have no gradient step to order against); ``"local"``: each node keeps its own;
+   * optimizer state ``"local"``: untouched; ``"reset"``: every momentum row is zeroed after each
+     communicating round; ``"mix"``: the momentum rows after this step's update are mixed with S, the
+     auxiliaries counting as zero momentum (their rows are zeroed again after the mix).
+
+   The columns are ordered so that every policy combination is one contiguous range: buffers+params,
+   params, params+momentum or all three.
+6. NaN/Inf in a loss, a gradient, a buffer or the new parameters raises
+   :class:`~coopsgd.engines.reference.NonFiniteError` naming the worker and the step, before any state is
+   modified. Updates are done in place (no extra full copy of the state per step) when a cheap running
+   bound proves that no value can overflow; otherwise the step is computed on a copy and checked first.
+
+Timing: a :class:`~coopsgd.engines.clock.SimClock` (default: measured compute, default network) keeps
+simulated per-worker clocks; see :mod:`coopsgd.engines.clock`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from coopsgd.algorithms.schedules import Mix, MixContext
+from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.clock import SimClock
+from coopsgd.engines.executors import (
+    EXECUTORS,
+    ComputeResult,
+    Executor,
+    FlatLayout,
+    make_executor,
+    synchronize,
+)
+from coopsgd.engines.mixing import apply_mixing
+from coopsgd.engines.optim import SGDOptions, sgd_direction_
+from coopsgd.engines.reference import NonFiniteError, consensus_distance
+from coopsgd.errors import ConfigError, check_float, check_int
+
+__all__ = ["Simulator", "SimStepStats", "LOSS_ESTIMATES"]
+
+#: How LSGD's per-worker loss estimates are formed.
+LOSS_ESTIMATES = ("batch", "running_mean", "probe")
+_DOWNPOUR_ORDERS = ("schedule", "clock")
+_STATE_VERSION = 1
+
+Batch = tuple[Tensor, Tensor]
+
+
+def _absmax(t: Tensor) -> float:
+    """max |t| (NaN if t holds a NaN; inf if an inf) in one fast pass (aminmax is ~20x faster than inf-norm)."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    a, b = abs(float(lo)), abs(float(hi))
+    return a if (math.isnan(a) or a > b) else b
+
+
+@dataclass(frozen=True)
+class SimStepStats:
+    """What one simulator step did.
+
+    Attributes:
+        step: the 0-based step index.
+        lr: its learning rate.
+        losses: (m,) mini-batch loss of each worker (NaN for inactive workers).
+        communicated: whether the step ended with a communication round.
+        round: communication rounds so far (after this step).
+        pattern: the mix's communication pattern (``None`` without a mix).
+        bytes_sent: bytes through the busiest link in this step (alpha-beta model).
+        info: the schedule's facts (LSGD leader, FedAvg clients, DOWNPOUR order, ...).
+        sim_time: the simulated clock after the step.
+        compute_s, communication_s, idle_s: this step's increments of the clock's totals.
+        estimates: the loss estimates given to the schedule (LSGD), else ``None``.
+    """
+
+    step: int
+    lr: float
+    losses: np.ndarray
+    communicated: bool
+    round: int
+    pattern: str | None
+    bytes_sent: float
+    info: dict[str, Any] = field(default_factory=dict)
+    sim_time: float = 0.0
+    compute_s: float = 0.0
+    communication_s: float = 0.0
+    idle_s: float = 0.0
+    estimates: np.ndarray | None = None
+
+    @property
+    def loss(self) -> float:
+        """Mean mini-batch loss over the active workers."""
+        vals = self.losses[np.isfinite(self.losses)]
+        return float(vals.mean()) if vals.size else float("nan")
+
+
+class Simulator:
+    """Runs an :class:`AlgorithmSpec` on m simulated workers of a PyTorch model, in one process.
+
+    Args:
+        spec: the algorithm (any preset or custom spec).
+        model: an ``nn.Module`` (its current parameters are the common start) or a zero-argument factory
+            (called under ``torch.manual_seed(seed)``; the global RNG is restored afterwards).
+        loss_fn: ``loss_fn(output, target) -> scalar`` (default cross-entropy).
+        momentum, nesterov, weight_decay: torch.optim.SGD options applied by every worker.
+        executor: ``"auto"`` (time both on the first batches and keep the faster), ``"loop"`` or ``"vmap"``.
+        dtype, device: of the stacked state (float64 for exact comparisons with the reference engine).
+        seed: seed of the model factory.
+        loss_estimate: LSGD's loss estimate, one of :data:`LOSS_ESTIMATES`.
+        window: length of the running mean.
+        probe_batch: ``(x, y)`` for ``loss_estimate="probe"``.
+        clock: simulated clock (default ``SimClock()``: measured compute time, default network).
+        downpour_order: DOWNPOUR's push order: ``"schedule"`` (seeded, as the reference engine) or
+            ``"clock"`` (workers in the order they finish the round on the simulated clock).
+        init_params: optional start, (d,) common or (m, d) per worker (auxiliaries start at the mean).
+        calibration_steps: minimum timed calls per executor for ``executor="auto"`` (see :meth:`_calibrate`).
+    """
+
+    def __init__(
+        self,
+        spec: AlgorithmSpec,
+        model: nn.Module | Callable[[], nn.Module],
+        *,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        executor: str = "auto",
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        loss_estimate: str = "running_mean",
+        window: int = 10,
+        probe_batch: Batch | None = None,
+        clock: SimClock | None = None,
+        downpour_order: str = "schedule",
+        init_params: Tensor | np.ndarray | None = None,
+        calibration_steps: int = 3,
+    ) -> None:
+        if not isinstance(spec, AlgorithmSpec):
+            raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
+        if executor not in ("auto", *EXECUTORS):
+            raise ConfigError.invalid("executor", executor, "choose one of auto, loop, vmap")
+        if loss_estimate not in LOSS_ESTIMATES:
+            raise ConfigError.invalid("loss_estimate", loss_estimate, f"choose one of {', '.join(LOSS_ESTIMATES)}")
+        if downpour_order not in _DOWNPOUR_ORDERS:
+            raise ConfigError.invalid("downpour_order", downpour_order, "choose one of schedule, clock")
+        if downpour_order == "clock" and not hasattr(spec.schedule, "round_matrix"):
+            raise ConfigError.invalid("downpour_order", downpour_order, "'clock' needs a DOWNPOUR schedule")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError.invalid("dtype", dtype, "must be a floating-point torch.dtype")
+        if clock is not None and not isinstance(clock, SimClock):
+            raise ConfigError.invalid("clock", clock, "must be a SimClock or None")
+        if not callable(loss_fn):
+            raise ConfigError.invalid("loss_fn", loss_fn, "must be callable as loss_fn(output, target)")
+        self.spec = spec
+        self.m = spec.workers
+        self.v = spec.auxiliaries
+        self.n = spec.nodes
+        self.loss_fn = loss_fn
+        self.opts = SGDOptions(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.seed = check_int("seed", seed)
+        self.loss_estimate = loss_estimate
+        self.window = check_int("window", window, minimum=1)
+        self.downpour_order = downpour_order
+        self.calibration_steps = check_int("calibration_steps", calibration_steps, minimum=1)
+        self.requested_executor = executor
+
+        # -- the template module and the flat layout -----------------------------------------------
+        self.template = self._build_model(model).to(device=self.device, dtype=dtype)
+        self.template.train()
+        self.layout = FlatLayout.from_module(self.template)
+        self.d, self.b = self.layout.d, self.layout.b
+        if self.d == 0:
+            raise ConfigError.invalid("model", type(self.template).__name__, "has no parameters to train")
+
+        # -- stacked state ---------------------------------------------------------------------------
+        n, m, d, b = self.n, self.m, self.d, self.b
+        width = b + d + (d if self.opts.stateful else 0)
+        self._state = torch.zeros((n, width), dtype=dtype, device=self.device)
+        x0 = self.layout.flat_params(self.template).to(self.device, dtype)
+        if init_params is not None:
+            x0 = torch.as_tensor(np.asarray(init_params) if isinstance(init_params, np.ndarray) else init_params)
+            x0 = x0.to(self.device, dtype)
+            if x0.shape[-1] != d or x0.ndim not in (1, 2) or (x0.ndim == 2 and x0.shape[0] != m):
+                raise ConfigError.invalid("init_params", f"tensor of shape {tuple(x0.shape)}", f"must be ({d},) or ({m}, {d})")
+        with torch.no_grad():
+            if x0.ndim == 1:
+                self._state[:, b : b + d] = x0
+            else:
+                self._state[:m, b : b + d] = x0
+                self._state[m:, b : b + d] = x0.mean(dim=0)
+            if b:
+                self._state[:, :b] = self.layout.flat_buffers(self.template).to(self.device, dtype)
+        if not math.isfinite(_absmax(self._state)):
+            raise ConfigError.invalid("init_params", "non-finite values", "the initial parameters must be finite")
+        self._drop_template_storage()
+        self.other_buffers: dict[str, Tensor] = {
+            name: t.unsqueeze(0).repeat(n, *([1] * t.dim())).contiguous()
+            for name, t in self.layout.other_buffers(self.template).items()
+        }
+        self._mom_init = torch.zeros(m, dtype=torch.bool, device=self.device)
+        # which columns a mix touches (always one contiguous range)
+        lo = 0 if spec.policies.buffers == "mix" else b
+        hi = b + d + (d if self.opts.stateful and spec.policies.optimizer_state == "mix" else 0)
+        self._mix_cols = (lo, hi)
+        self._bound = self._absmax()
+
+        # -- counters, estimates, executors, clock ---------------------------------------------------
+        self.step_count = 0
+        self.rounds = 0
+        self.leader: int | None = None
+        self._hist = np.full((self.window, m), np.nan)
+        self._hist_count = np.zeros(m, dtype=np.int64)
+        self._probe: Batch | None = None
+        if probe_batch is not None:
+            self._probe = self._to_batch(probe_batch, "probe_batch")
+        if spec.leader and loss_estimate == "probe" and self._probe is None:
+            raise ConfigError.invalid("probe_batch", None, "loss_estimate='probe' needs probe_batch=(x, y)")
+        self._executors: dict[str, Executor] = {}
+        self.executor_name: str = executor
+        self.calibration: dict[str, float] = {}
+        self.calibration_errors: dict[str, str] = {}
+        if executor != "auto":
+            self._executor: Executor | None = self._get_executor(executor)
+        else:
+            self._executor = None
+        self.clock = clock if clock is not None else SimClock()
+        self.clock.bind(m, d, torch.empty((), dtype=dtype).element_size())
+
+    # ------------------------------------------------------------------------------------------------
+    # construction helpers
+    # ------------------------------------------------------------------------------------------------
+    def _build_model(self, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+        if isinstance(model, nn.Module):
+            return copy.deepcopy(model)
+        if not callable(model):
+            raise ConfigError.invalid("model", model, "must be an nn.Module or a function returning one")
+        devices = [] if self.device.type == "cpu" else None
+        with torch.random.fork_rng(devices=devices):  # type: ignore[arg-type]
+            torch.manual_seed(self.seed)
+            built = model()
+        if not isinstance(built, nn.Module):
+            raise ConfigError.invalid("model", built, "the factory must return an nn.Module")
+        return built
+
+    def _drop_template_storage(self) -> None:
+        """Give the template no parameter storage of its own (only the stacked state holds parameters).
+
+        The template is only ever *read* for its structure: the vmap executor passes every parameter and
+        buffer explicitly to ``functional_call``; replicas and exported models are deep copies whose
+        parameters are supplied through the deepcopy memo.
+        """
+        with torch.no_grad():
+            for p in self.template.parameters():
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def _get_executor(self, name: str) -> Executor:
+        if name not in self._executors:
+            self._executors[name] = make_executor(
+                name, self.template, self.layout, self.params, self.buffers, self.other_buffers, self.loss_fn, self.m
+            )
+        return self._executors[name]
+
+    def _to_batch(self, batch: Any, what: str) -> Batch:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ConfigError.invalid(what, type(batch).__name__, "must be a pair (inputs, targets) of tensors")
+        x, y = batch
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise ConfigError.invalid(what, type(batch).__name__, "must be a pair (inputs, targets) of tensors")
+        x = x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
+        y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
+        return x, y
+
+    # ------------------------------------------------------------------------------------------------
+    # views
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def params(self) -> Tensor:
+        """(m+v, d) parameters, one row per node (a view into the stacked state)."""
+        return self._state[:, self.b : self.b + self.d]
+
+    @property
+    def buffers(self) -> Tensor:
+        """(m+v, b) floating-point buffers, one row per node (a view)."""
+        return self._state[:, : self.b]
+
+    @property
+    def momentum(self) -> Tensor | None:
+        """(m+v, d) momentum buffers (auxiliary rows stay zero), or ``None`` without momentum."""
+        if not self.opts.stateful:
+            return None
+        return self._state[:, self.b + self.d :]
+
+    @property
+    def executor(self) -> Executor | None:
+        return self._executor
+
+    def average_params(self) -> Tensor:
+        """u_k = X_k 1/(m+v): the mean over all m+v nodes ([CSGD] eq. (13))."""
+        return self.params.mean(dim=0)
+
+    def _center_row(self) -> int | None:
+        """Row of the centre model, or ``None`` for the workers' average."""
+        spec = self.spec
+        if spec.center == "auxiliary":
+            return self.m
+        if spec.center == "leader":
+            if self.leader is not None:
+                return self.leader
+            if self._probe is not None:
+                return int(torch.argmin(self._evaluator().evaluate(self._probe)).item())
+            if self._hist_count.any():
+                return int(np.nanargmin(np.nanmean(self._hist, axis=0)))
+            return 0
+        return None
+
+    def center_params(self) -> Tensor:
+        """The model to evaluate: the workers' average, auxiliary node 0, or the current (global) leader."""
+        row = self._center_row()
+        if row is None:
+            return self.params[: self.m].mean(dim=0)
+        return self.params[row].clone()
+
+    def center_model(self) -> nn.Module:
+        """A new module (eval mode) holding the centre parameters and buffers (averaged for ``"average"``)."""
+        row = self._center_row()
+        if row is None:
+            p = self.params[: self.m].mean(dim=0)
+            bufs = self.buffers[: self.m].mean(dim=0)
+            others = {k: v[0] for k, v in self.other_buffers.items()}
+        else:
+            p, bufs = self.params[row], self.buffers[row]
+            others = {k: v[row] for k, v in self.other_buffers.items()}
+        return self._export(p, bufs, others)
+
+    def _export(self, params: Tensor, buffers: Tensor, others: dict[str, Tensor]) -> nn.Module:
+        """A new module (eval mode) holding copies of the given flat rows."""
+        lay = self.layout
+        t_params = dict(self.template.named_parameters())
+        memo: dict[int, Any] = {}
+        for name, val, trainable in zip(lay.param_names, lay.split_params(params), lay.trainable, strict=True):
+            memo[id(t_params[name])] = nn.Parameter(val.detach().clone(), requires_grad=trainable)
+        module = copy.deepcopy(self.template, memo)
+        return lay.load_into(module, params, buffers, others).eval()
+
+    def worker_model(self, i: int) -> nn.Module:
+        """A new module (eval mode) holding node ``i``'s parameters and buffers (workers, then auxiliaries)."""
+        i = check_int("i", i, minimum=0, maximum=self.n - 1)
+        others = {k: v[i] for k, v in self.other_buffers.items()}
+        return self._export(self.params[i], self.buffers[i], others)
+
+    def consensus_distance(self) -> float:
+        """||X (I - J)||_F^2 / m over all m+v nodes (as :func:`coopsgd.engines.reference.consensus_distance`)."""
+        return consensus_distance(self.params.detach().to("cpu", torch.float64).numpy(), self.m)
+
+    # ------------------------------------------------------------------------------------------------
+    # executors
+    # ------------------------------------------------------------------------------------------------
+    def _evaluator(self) -> Executor:
+        return self._executor if self._executor is not None else self._get_executor("loop")
+
+    def _calibrate(self, batches: Sequence[Batch | None], rows: list[int] | None) -> None:
+        """Time each executor on the first real batches (state is not advanced) and keep the faster.
+
+        Each executor gets warm-up calls (one, or up to three while a call takes under 20 ms), then timed
+        calls interleaved (loop, vmap, loop, ...) so that machine drift affects both alike: at least
+        ``calibration_steps`` rounds, and for fast models more rounds until 0.25 s of timing or 20 rounds
+        (ms-scale steps are noisy). The timed call includes the step's gradient finiteness pass, which the
+        loop executor fuses into its loop. Medians are kept in :attr:`calibration`.
+        """
+        ready: list[str] = []
+        for name in EXECUTORS:
+            try:
+                ex = self._get_executor(name)
+                for _ in range(3):  # warm-up
+                    t0 = time.perf_counter()
+                    ex.compute(batches, rows)
+                    synchronize(self.device)
+                    if time.perf_counter() - t0 > 0.02:
+                        break
+                ready.append(name)
+            except Exception as exc:  # an executor the model does not support (e.g. an op without vmap rule)
+                if name == "loop":
+                    raise
+                self.calibration_errors[name] = f"{type(exc).__name__}: {exc}"
+                self._executors.pop(name, None)
+        times: dict[str, list[float]] = {name: [] for name in ready}
+        start = time.perf_counter()
+        rounds = 0
+        while rounds < self.calibration_steps or (time.perf_counter() - start < 0.25 and rounds < 20):
+            rounds += 1
+            for name in ready:
+                t0 = time.perf_counter()
+                res = self._executors[name].compute(batches, rows)
+                if res.grad_absmax is None:  # the step's finiteness pass, which the loop executor fuses
+                    _absmax(res.grads)
+                synchronize(self.device)
+                times[name].append(time.perf_counter() - t0)
+        self.calibration = {name: statistics.median(ts) for name, ts in times.items()}
+        best = min(self.calibration, key=self.calibration.__getitem__)
+        for name in list(self._executors):
+            if name != best:
+                del self._executors[name]  # free the other executor's replicas / gradient rows
+        self._executor = self._executors[best]
+        self.executor_name = best
+
+    # ------------------------------------------------------------------------------------------------
+    # stepping
+    # ------------------------------------------------------------------------------------------------
+    def _check_batches(self, batches: Sequence[Any], rows: list[int] | None) -> list[Batch | None]:
+        if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence) or len(batches) != self.m:
+            got = len(batches) if isinstance(batches, Sequence) else type(batches).__name__
+            raise ConfigError.invalid("batches", got, f"need one (x, y) batch per worker ({self.m} entries)")
+        active = range(self.m) if rows is None else rows
+        out: list[Batch | None] = [None] * self.m
+        for i in active:
+            if batches[i] is None:
+                raise ConfigError.invalid(f"batches[{i}]", None, f"worker {i} is active at step {self.step_count}")
+            out[i] = self._to_batch(batches[i], f"batches[{i}]")
+        return out
+
+    def _raise_rows(self, bad: Tensor | np.ndarray, idx: list[int], step: int, what: str) -> None:
+        j = int(np.flatnonzero(np.asarray(bad))[0])
+        node = idx[j]
+        kind = "worker" if node < self.m else "auxiliary node"
+        raise NonFiniteError(
+            f"non-finite {what} on {kind} {node} at step {step}: the run diverged "
+            f"(try a smaller learning rate, or for EASGD alpha < 2/(m+1))"
+        )
+
+    def _absmax(self) -> float:
+        return _absmax(self._state)
+
+    def _estimates(self, losses: np.ndarray, probe: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """LSGD loss estimates and the updated running-mean history (committed only after the step)."""
+        hist, count = self._hist.copy(), self._hist_count.copy()
+        active = np.isfinite(losses)
+        pos = count % self.window
+        cols = np.flatnonzero(active)
+        hist[pos[cols], cols] = losses[cols]
+        count[cols] += 1
+        if self.loss_estimate == "probe":
+            assert probe is not None
+            est = probe
+        elif self.loss_estimate == "batch":
+            est = losses
+        else:
+            with np.errstate(all="ignore"):
+                est = np.nanmean(hist, axis=0)
+        return np.asarray(est, dtype=np.float64), hist, count
+
+    def step(self, batches: Sequence[Batch | None], lr: float) -> SimStepStats:
+        """Take one step of the algorithm: one batch per worker (``None`` for inactive workers)."""
+        spec, m = self.spec, self.m
+        lr = check_float("lr", lr, low=0.0)
+        k = self.step_count
+        sched = spec.schedule
+        mask = sched.active(k)
+        rows = None if mask is None or bool(np.all(mask)) else np.flatnonzero(mask).tolist()
+        idx = list(range(m)) if rows is None else rows
+        batches = self._check_batches(batches, rows)
+        if self._executor is None:
+            self._calibrate(batches, rows)
+        ex = self._executor
+        assert ex is not None
+
+        with torch.no_grad():
+            probe = None
+            if spec.leader and self.loss_estimate == "probe":
+                assert self._probe is not None
+                pl = ex.evaluate(self._probe).to("cpu", torch.float64).numpy()
+                if not np.all(np.isfinite(pl)):
+                    self._raise_rows(~np.isfinite(pl), list(range(m)), k, "probe loss")
+                probe = pl
+        res = ex.compute(batches, rows)
+        with torch.no_grad():
+            batch_losses = res.losses.to("cpu", torch.float64).numpy()
+            if not np.all(np.isfinite(batch_losses)):
+                self._raise_rows(~np.isfinite(batch_losses), idx, k, "loss")
+            if res.grad_absmax is not None:
+                gmax = float(res.grad_absmax.max(initial=0.0)) if not np.isnan(res.grad_absmax).any() else math.nan
+            else:
+                gmax = _absmax(res.grads)
+            if not math.isfinite(gmax):
+                self._raise_rows(~torch.isfinite(res.grads).all(dim=1).cpu().numpy(), idx, k, "gradient")
+            bmax = 0.0
+            if res.buffers is not None and res.buffers.numel():
+                bmax = _absmax(res.buffers)
+                if not math.isfinite(bmax):
+                    self._raise_rows(~torch.isfinite(res.buffers).all(dim=1).cpu().numpy(), idx, k, "buffer")
+            losses = np.full(m, np.nan)
+            losses[idx] = batch_losses
+            est, hist, count = (None, self._hist, self._hist_count)
+            if spec.leader:
+                est, hist, count = self._estimates(losses, probe)
+
+            # state that may change before the parameters do; restored if the step fails
+            sched_state = sched.state_dict() if hasattr(sched, "state_dict") else None
+            sched_rounds = getattr(sched, "_rounds", None)
+            clock = self.clock
+            rng_state, t_before, busy_before = clock.rng.bit_generator.state, clock.t.copy(), clock.busy.copy()
+            before = (clock.compute_s, clock.communication_s, clock.idle_s)
+            try:
+                clock.add_compute(mask, self._measured(res))
+                mix = sched.mix(k, MixContext(step=k, lr=lr, losses=est))
+                if mix is not None and self.downpour_order == "clock":
+                    order = np.argsort(self.clock.t, kind="stable")
+                    info = dict(mix.info, order=order.tolist(), order_source="clock")
+                    mix = Mix(sched.round_matrix(order), mix.pattern, mix.round, info)  # type: ignore[attr-defined]
+                self._update(res, mix, lr, rows, gmax, bmax, k)
+            except BaseException:
+                clock.t, clock.busy = t_before, busy_before
+                clock.rng.bit_generator.state = rng_state
+                if sched_state is not None:
+                    sched.load_state_dict(sched_state)  # type: ignore[attr-defined]
+                if sched_rounds is not None:
+                    sched._rounds = sched_rounds  # type: ignore[attr-defined]
+                raise
+
+        # -- commit the bookkeeping --------------------------------------------------------------------
+        self._hist, self._hist_count = hist, count
+        self.step_count += 1
+        communicated = mix is not None and mix.communicates
+        bytes_sent = 0.0
+        if communicated:
+            assert mix is not None
+            self.rounds += 1
+            costs = self.clock.round_costs(mix.pattern, mix.matrix)
+            self.clock.communicate(costs, overlap=spec.overlap)
+            bytes_sent = float(sum(c.bytes_sent for c in costs))
+        if mix is not None and "leader" in mix.info:
+            self.leader = mix.info["leader"]
+        return SimStepStats(
+            step=k,
+            lr=lr,
+            losses=losses,
+            communicated=communicated,
+            round=self.rounds,
+            pattern=None if mix is None else mix.pattern,
+            bytes_sent=bytes_sent,
+            info={} if mix is None else dict(mix.info),
+            sim_time=self.clock.elapsed,
+            compute_s=self.clock.compute_s - before[0],
+            communication_s=self.clock.communication_s - before[1],
+            idle_s=self.clock.idle_s - before[2],
+            estimates=est,
+        )
+
+    def _measured(self, res: ComputeResult) -> np.ndarray:
+        out = np.zeros(self.m)
+        if res.rows is None:
+            out[:] = res.times
+        else:
+            out[res.rows] = res.times
+        return out
+
+    def _update(
+        self, res: ComputeResult, mix: Mix | None, lr: float, rows: list[int] | None, gmax: float, bmax: float, k: int
+    ) -> None:
+        """Apply direction, rule and mixing; in place when provably overflow-free, else on a checked copy."""
+        S = None if mix is None else np.asarray(mix.matrix, dtype=np.float64)
+        if S is not None and not np.all(np.isfinite(S)):
+            raise NonFiniteError(f"non-finite mixing matrix at step {k}")
+        opts = self.opts
+        X = max(self._bound, bmax)
+        g1 = gmax + opts.weight_decay * X
+        buf = opts.momentum * X + g1
+        D = g1 + opts.momentum * buf if opts.nesterov else (buf if opts.stateful else g1)
+        cs = 1.0 if S is None else float(np.abs(S).sum(axis=0).max())
+        new_bound = max(cs, 1.0) * (X + lr * D)
+        limit = float(torch.finfo(self.dtype).max) / 16
+        if new_bound < limit:
+            self._apply(self._state, res, mix, S, lr, rows)
+            self._bound = new_bound
+        else:
+            work = self._state.clone()
+            self._apply(work, res, mix, S, lr, rows)
+            finite = torch.isfinite(work).all(dim=1)
+            if not bool(finite.all()):
+                self._raise_rows(~finite.cpu().numpy(), list(range(self.n)), k, "model")
+            self._state.copy_(work)
+            self._bound = self._absmax()
+        if self._bound > limit * 1e-12:  # keep the running bound tight (one pass, rarely)
+            self._bound = self._absmax()
+        # integer buffers and momentum flags (not part of the checked state)
+        t = None if rows is None else torch.as_tensor(rows, device=self.device)
+        for name, val in res.others.items():
+            if t is None:
+                self.other_buffers[name][: self.m].copy_(val)
+            else:
+                self.other_buffers[name].index_copy_(0, t, val)
+        if opts.stateful:
+            if t is None:
+                self._mom_init.fill_(True)
+            else:
+                self._mom_init[t] = True
+
+    def _apply(
+        self, state: Tensor, res: ComputeResult, mix: Mix | None, S: np.ndarray | None, lr: float, rows: list[int] | None
+    ) -> None:
+        m, b, d = self.m, self.b, self.d
+        P = state[:, b : b + d]
+        Mo = state[:, b + d :] if self.opts.stateful else None
+        G = res.grads
+        if rows is None:
+            X = P[:m]
+            buf = None if Mo is None else Mo[:m]
+            init = self._mom_init
+            t = None
+        else:
+            t = torch.as_tensor(rows, device=self.device)
+            X = P.index_select(0, t)
+            buf = None if Mo is None else Mo.index_select(0, t)
+            init = self._mom_init.index_select(0, t)
+        D = sgd_direction_(G, X, buf, init if Mo is not None else None, self.opts)
+        if t is not None and Mo is not None:
+            assert buf is not None
+            Mo.index_copy_(0, t, buf)
+        if res.buffers is not None and b:
+            if t is None:
+                state[:m, :b].copy_(res.buffers)
+            else:
+                state[:, :b].index_copy_(0, t, res.buffers)
+        pre = self.spec.rule == "pre_mix" and S is not None
+        if not pre:
+            if t is None:
+                X.sub_(D, alpha=lr)
+            else:
+                P.index_copy_(0, t, X - lr * D)
+        if S is None:
+            return
+        assert mix is not None
+        lo, hi = self._mix_cols
+        out = apply_mixing(state[:, lo:hi], S)
+        if pre:
+            Pout = out[:, b - lo : b - lo + d]
+            if t is None:
+                Pout[:m].sub_(D, alpha=lr)
+            else:
+                Pout.index_add_(0, t, D, alpha=-lr)
+        state[:, lo:hi].copy_(out)
+        if Mo is not None:
+            if self.spec.policies.optimizer_state == "reset" and mix.communicates:
+                Mo.zero_()
+            elif self.spec.policies.optimizer_state == "mix":
+                Mo[m:].zero_()  # auxiliaries hold no momentum
+
+    # ------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-identically (loadable with ``torch.load(weights_only=True)``)."""
+        sched = self.spec.schedule
+        return {
+            "version": _STATE_VERSION,
+            "shape": [self.m, self.v, self.d, self.b],
+            "state": self._state.detach().clone(),
+            "other_buffers": {k: v.clone() for k, v in self.other_buffers.items()},
+            "momentum_initialized": self._mom_init.clone(),
+            "step": self.step_count,
+            "rounds": self.rounds,
+            "leader": self.leader,
+            "schedule": sched.state_dict() if hasattr(sched, "state_dict") else None,
+            "schedule_rounds": getattr(sched, "_rounds", None),
+            "loss_history": torch.from_numpy(self._hist.copy()),
+            "loss_count": torch.from_numpy(self._hist_count.copy()),
+            "clock": self.clock.state_dict(),
+            "executor": self.executor_name,
+            "calibration": dict(self.calibration),
+            "torch_rng_state": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (same spec, model and options)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ConfigError.invalid("state_dict.version", state.get("version"), f"expected {_STATE_VERSION}")
+        shape = [self.m, self.v, self.d, self.b]
+        if list(state["shape"]) != shape:
+            raise ConfigError.invalid(
+                "state_dict.shape", list(state["shape"]), f"this simulator has [m, v, d, b] = {shape}"
+            )
+        if tuple(state["state"].shape) != tuple(self._state.shape):
+            raise ConfigError.invalid(
+                "state_dict.state", tuple(state["state"].shape), f"expected {tuple(self._state.shape)} (momentum setting?)"
+            )
+        with torch.no_grad():
+            self._state.copy_(state["state"])
+            for k, v in state["other_buffers"].items():
+                self.other_buffers[k].copy_(v)
+            self._mom_init.copy_(state["momentum_initialized"])
+        self.step_count = int(state["step"])
+        self.rounds = int(state["rounds"])
+        self.leader = None if state["leader"] is None else int(state["leader"])
+        sched = self.spec.schedule
+        if state["schedule"] is not None and hasattr(sched, "load_state_dict"):
+            sched.load_state_dict(state["schedule"])
+        if state["schedule_rounds"] is not None and hasattr(sched, "_rounds"):
+            sched._rounds = int(state["schedule_rounds"])
+        hist = state["loss_history"].numpy()
+        if hist.shape != self._hist.shape:
+            raise ConfigError.invalid("state_dict.loss_history", hist.shape, f"expected window x m = {self._hist.shape}")
+        self._hist = hist.copy()
+        self._hist_count = state["loss_count"].numpy().copy()
+        self.clock.load_state_dict(state["clock"])
+        name = state["executor"]
+        if name in EXECUTORS:
+            self._executor = self._get_executor(name)
+            self.executor_name = name
+        self.calibration = dict(state.get("calibration", {}))
+        torch.set_rng_state(state["torch_rng_state"])
+        self._bound = self._absmax()
