@@ -274,52 +274,55 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         MC_QUICK,
         MC_SETTINGS,
         parse_ranks,
-        plot_lsgd_toy,
         plot_matrix_completion,
         public,
-        run_lsgd_toy,
         run_matrix_completion,
     )
+    from coopsgd.experiments.registry import EXPERIMENTS
 
-    out_dir = Path(args.out or Path("runs") / args.name)
-    if args.name == "lsgd-toy":
-        res = run_lsgd_toy()
-        plots = plot_lsgd_toy(res, out_dir)
-        data = public(res)
-        data["plots"] = [str(p) for p in plots]
-        _write_json(out_dir / "result.json", data)
-        if args.json:
-            _print_json(data)
-        else:
-            for key in ("easgd", "lsgd"):
-                r = data[key]
-                workers = ", ".join(f"{v:.4f}" for v in r["workers"])
-                print(f"{key.upper():6s} centre objective {r['final_objective']:.4f} after {r['steps']} steps; "
-                      f"workers: {workers}")
-            print(f"plots: {', '.join(data['plots'])}")
-        return 0
-    if args.name == "matrix-completion":
+    name = "matrix-completion" if args.name == "lsgd-matrix-completion" else args.name
+    out_dir = Path(args.out or Path("runs") / name)
+    if name == "matrix-completion":
         base = MC_QUICK if args.quick else MC_SETTINGS
         ranks = parse_ranks(args.ranks) if args.ranks else base["ranks"]
         res = run_matrix_completion(
             d=args.d or base["d"], ranks=ranks, trials=args.trials or base["trials"],
-            steps=args.steps or base["steps"], seed=args.seed, progress=not args.json and sys.stderr.isatty(),
+            steps=args.steps or base["steps"], seed=args.seed, progress=_progress(args),
         )
         plot = plot_matrix_completion(res, out_dir / "matrix_completion.png")
         data = public(res)
         data["plots"] = [str(plot)]
-        _write_json(out_dir / "result.json", data)
-        if args.json:
-            _print_json(data)
-        else:
-            print(f"matrix completion, d={data['settings']['d']}, {data['settings']['trials']} trials, "
-                  f"{data['settings']['steps']} steps; final centre objective (mean +- std):")
-            for r in data["settings"]["ranks"]:
-                e, l = data["easgd"][str(r)], data["lsgd"][str(r)]
-                print(f"  r={r:<4d} EASGD {e['mean']:.4g} +- {e['std']:.2g}   LSGD {l['mean']:.4g} +- {l['std']:.2g}")
-            print(f"plot: {plot}")
-        return 0
-    raise ConfigError.invalid("NAME", args.name, "choose one of lsgd-toy, matrix-completion")
+        data["summary"] = [
+            f"matrix completion, d={data['settings']['d']}, {data['settings']['trials']} trials, "
+            f"{data['settings']['steps']} steps; final centre objective (mean +- std):"
+        ] + [
+            f"  r={r:<4d} EASGD {data['easgd'][str(r)]['mean']:.4g} +- {data['easgd'][str(r)]['std']:.2g}   "
+            f"LSGD {data['lsgd'][str(r)]['mean']:.4g} +- {data['lsgd'][str(r)]['std']:.2g}"
+            for r in data["settings"]["ranks"]
+        ]
+    elif name in EXPERIMENTS:
+        entry = EXPERIMENTS[name]
+        engine = args.engine or entry.engines[0]
+        if engine not in entry.engines:
+            raise ConfigError.invalid("--engine", engine, f"{name} runs on {', '.join(entry.engines)}")
+        data = entry.run(quick=args.quick, engine=engine, out=out_dir, seed=args.seed, progress=_progress(args))
+    else:
+        raise ConfigError.invalid("NAME", args.name, f"choose one of {', '.join(_experiment_names())}")
+    _write_json(out_dir / "result.json", data)
+    if args.json:
+        _print_json(data)
+    else:
+        for line in data.get("summary", []):
+            print(line)
+        if data.get("plots"):
+            print(f"plots: {', '.join(str(p) for p in data['plots'])}")
+    return 0
+
+
+def _experiment_names() -> list[str]:
+    from coopsgd.experiments.registry import EXPERIMENTS
+
+    return sorted({*EXPERIMENTS, "matrix-completion", "lsgd-matrix-completion"})
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -592,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_theory)
 
     p = sub.add_parser("reproduce", help="rerun a paper experiment")
-    p.add_argument("name", choices=["lsgd-toy", "matrix-completion"], help="experiment")
+    p.add_argument("name", choices=_experiment_names(), help="experiment")
+    p.add_argument("--engine", default=None, help="simulate | distributed | reference (the experiment's default)")
     p.add_argument("--quick", action="store_true", help="2-core CPU scale")
     p.add_argument("--ranks", default=None, help="matrix completion: ranks, e.g. 1,10,50,100")
     p.add_argument("--trials", type=int, default=None, help="matrix completion: trials")

@@ -335,6 +335,11 @@ class Simulator:
         """u_k = X_k 1/(m+v): the mean over all m+v nodes ([CSGD] eq. (13))."""
         return self.params.mean(dim=0)
 
+    def average_model(self) -> nn.Module:
+        """A new module (eval mode) holding u_k, with the buffers averaged over all nodes likewise."""
+        others = {k: v[0] for k, v in self.other_buffers.items()}
+        return self._export(self.average_params(), self.buffers.mean(dim=0), others)
+
     def _center_row(self) -> int | None:
         """Row of the centre model, or ``None`` for the workers' average."""
         spec = self.spec

@@ -156,7 +156,7 @@ def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarra
     test = evaluate_model(sim.center_model(), exp.test_set.x, exp.test_set.y, exp.loss_fn, is_lm=exp.is_lm,
                           dtype=dtype)
     n = min(c.eval_samples, len(exp.train_set))
-    avg_model = _average_model(sim)
+    avg_model = sim.average_model()
     train = evaluate_model(avg_model, exp.train_set.x[:n], exp.train_set.y[:n], exp.loss_fn, is_lm=exp.is_lm,
                            dtype=dtype)
     clock = sim.clock
@@ -188,14 +188,6 @@ def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarra
     if leader is not None:
         rec["leader"] = int(leader)
     return rec
-
-
-def _average_model(sim: Any) -> torch.nn.Module:
-    """u_k = mean over all m+v nodes ([CSGD] eq. (13)) as a module, buffers averaged likewise."""
-    if hasattr(sim, "average_model"):
-        return sim.average_model()
-    others = {k: v[0] for k, v in sim.other_buffers.items()}
-    return sim._export(sim.average_params(), sim.buffers.mean(dim=0), others)
 
 
 def _zeta(spec: AlgorithmSpec) -> float:

@@ -1,0 +1,54 @@
+"""Registry of paper experiments for ``coopsgd reproduce NAME``.
+
+An experiment is a function ``run(*, quick, engine, out, seed, progress) -> dict`` returning a JSON-ready
+result that includes ``"plots"`` (paths of the figures it wrote) and ``"summary"`` (lines to print).
+Register one with :func:`register`; the CLI lists and runs whatever is registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ExperimentEntry", "EXPERIMENTS", "register"]
+
+
+@dataclass(frozen=True)
+class ExperimentEntry:
+    name: str
+    run: Callable[..., dict[str, Any]]
+    description: str
+    engines: tuple[str, ...] = ("simulate",)
+
+
+EXPERIMENTS: dict[str, ExperimentEntry] = {}
+
+
+def register(name: str, description: str, engines: tuple[str, ...] = ("simulate",)):
+    """Decorator adding ``fn`` to :data:`EXPERIMENTS` under ``name``."""
+
+    def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        EXPERIMENTS[name] = ExperimentEntry(name, fn, description, engines)
+        return fn
+
+    return deco
+
+
+def _lsgd_toy(*, quick: bool, engine: str, out: Path, seed: int, progress: bool) -> dict[str, Any]:
+    from coopsgd.experiments.lsgd_toy import plot_lsgd_toy, public, run_lsgd_toy
+
+    res = run_lsgd_toy()
+    plots = plot_lsgd_toy(res, out)
+    data = public(res)
+    data["plots"] = [str(p) for p in plots]
+    data["summary"] = [
+        f"{key.upper():6s} centre objective {data[key]['final_objective']:.4f} after {data[key]['steps']} steps; "
+        f"workers: {', '.join(f'{v:.4f}' for v in data[key]['workers'])}"
+        for key in ("easgd", "lsgd")
+    ]
+    return data
+
+
+register("lsgd-toy", "[LSGD] Table 1 / Fig. 7: EASGD vs LSGD on sin(pi r)/(pi r)", ("reference",))(_lsgd_toy)
