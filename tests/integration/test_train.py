@@ -128,3 +128,15 @@ def test_out_path_that_is_a_file(tmp_path) -> None:
     f.write_text("x")
     with pytest.raises(ConfigError, match="out"):
         train(RunConfig(max_steps=2, out=str(f)))
+
+
+def test_example_configs_are_valid() -> None:
+    from pathlib import Path
+
+    from coopsgd.train import load_config
+
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.[ty]*ml"))
+    assert examples, "examples/ should hold config files"
+    for path in examples:
+        cfg = RunConfig.from_dict(load_config(path), source=str(path))
+        cfg.spec_kwargs()  # every setting is accepted by its preset
