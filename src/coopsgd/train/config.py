@@ -87,6 +87,8 @@ class RunConfig:
     eval_every: int | None = None
     eval_samples: int = 2000
     checkpoint_every: int | None = None
+    nan_policy: str = "stop"
+    max_skips: int = 10
     # simulated time
     compute: str = "measured"
     compute_ms: float = 10.0
@@ -134,6 +136,8 @@ class RunConfig:
         if self.eval_every is not None:
             self.eval_every = check_int("eval_every", self.eval_every, minimum=1)
         self.eval_samples = check_int("eval_samples", self.eval_samples, minimum=1)
+        _choice("nan_policy", self.nan_policy, ("stop", "skip"))
+        self.max_skips = check_int("max_skips", self.max_skips, minimum=1)
         if self.checkpoint_every is not None:
             self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         _choice("compute", self.compute, COMPUTE_MODELS)

@@ -50,6 +50,8 @@ class Experiment:
     is_lm: bool = False
     histograms: np.ndarray | None = None
     bytes_sent: float = 0.0
+    skipped: list[int] = field(default_factory=list)
+    skips_in_a_row: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -184,6 +186,8 @@ def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarra
     else:
         rec["test_accuracy"] = test["accuracy"]
         rec["train_accuracy"] = train["accuracy"]
+    if exp.skipped:
+        rec["skipped_steps"] = list(exp.skipped)
     leader = getattr(sim, "leader", None)
     if leader is not None:
         rec["leader"] = int(leader)
@@ -227,15 +231,31 @@ def iterate(
             active = exp.spec.schedule.active(step)
             if active is not None:
                 batches = [b if active[i] else None for i, b in enumerate(batches)]
-            stats = sim.step(batches, lr)
-            exp.bytes_sent += float(stats.bytes_sent)
-            losses = np.asarray(stats.losses, dtype=np.float64)
-            ok = np.isfinite(losses)
-            acc[ok] += losses[ok]
-            cnt[ok] += 1
+            try:
+                stats = sim.step(batches, lr)
+            except NonFiniteError as exc:
+                # the simulator raises before touching any state, so the last good state is intact
+                if c.nan_policy != "skip" or exp.skips_in_a_row >= c.max_skips:
+                    if c.nan_policy == "skip":
+                        raise NonFiniteError(f"{exc} ({exp.skips_in_a_row} steps in a row skipped already; "
+                                             f"max_skips={c.max_skips})") from None
+                    raise
+                exp.skips_in_a_row += 1
+                exp.skipped.append(step)
+                log.warning("step %d skipped (nan_policy=skip): %s", step, exc)
+                stats = None
+            if stats is not None:
+                exp.skips_in_a_row = 0
+                exp.bytes_sent += float(stats.bytes_sent)
+                losses = np.asarray(stats.losses, dtype=np.float64)
+                ok = np.isfinite(losses)
+                acc[ok] += losses[ok]
+                cnt[ok] += 1
+            else:
+                losses = np.full(m, np.nan)
             if bar is not None:
                 bar.update(1)
-                if (step + 1) % 10 == 0:
+                if (step + 1) % 10 == 0 and stats is not None:
                     bar.set_postfix(loss=f"{np.nanmean(losses):.3f}", rounds=sim.rounds)
             done = step + 1
             if on_checkpoint is not None and c.checkpoint_every and done % c.checkpoint_every == 0:
