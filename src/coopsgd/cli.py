@@ -634,10 +634,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            warnings.formatwarning = lambda msg, cat, *a, **k: f"coopsgd: warning: {msg}\n"  # type: ignore[assignment]
-            return int(args.func(args) or 0)
+        saved = warnings.formatwarning
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.formatwarning = lambda msg, cat, *a, **k: f"coopsgd: warning: {msg}\n"  # type: ignore[assignment]
+                return int(args.func(args) or 0)
+        finally:
+            warnings.formatwarning = saved
     except ConfigError as exc:
         msg = str(exc)
         print(f"coopsgd: error: {msg}" if not msg.startswith("coopsgd") else f"{msg}", file=sys.stderr)
