@@ -140,3 +140,28 @@ def test_example_configs_are_valid() -> None:
     for path in examples:
         cfg = RunConfig.from_dict(load_config(path), source=str(path))
         cfg.spec_kwargs()  # every setting is accepted by its preset
+
+
+def test_fedavg_local_epochs_set_the_round_length() -> None:
+    from coopsgd.train.trainer import build
+
+    exp = build(RunConfig(preset="fedavg", workers=4, local_epochs=0.5, fraction=0.5, batch_size=50))
+    assert exp.spec.tau == round(0.5 * exp.steps_per_epoch)  # 2000 samples/client -> 40 batches of 50
+    assert exp.spec.tau == 20
+    with pytest.raises(ConfigError, match="local_epochs"):
+        RunConfig(preset="local_sgd", local_epochs=1.0)
+
+
+def test_downpour_push_order_follows_the_simulated_clock() -> None:
+    from coopsgd.train.trainer import build
+
+    cfg = dict(preset="downpour", workers=4, tau=2, max_steps=6, compute="pareto", compute_spread=0.8, seed=1)
+    exp = build(RunConfig(**cfg))
+    orders = []
+    for _ in range(6):
+        stats = exp.sim.step(exp.loader.next_step(), 0.05)
+        if "order" in stats.info:
+            orders.append(stats.info["order"])
+    assert len(orders) == 3
+    seeded = [exp.spec.schedule.order(r).tolist() for r in range(3)]
+    assert orders != seeded  # heavy-tailed compute times reorder the pushes

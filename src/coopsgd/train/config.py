@@ -55,6 +55,8 @@ class RunConfig:
     fraction: float | None = None
     warmup_steps: int | None = None
     nonblocking: bool = False
+    local_epochs: float | None = None
+    downpour_order: str = "clock"
     buffers: str = "mix"
     optimizer_state: str = "local"
     # problem
@@ -113,6 +115,13 @@ class RunConfig:
                 setattr(self, name, check_int(name, getattr(self, name), minimum=1))
         if self.warmup_steps is not None:
             self.warmup_steps = check_int("warmup_steps", self.warmup_steps, minimum=0)
+        if self.local_epochs is not None:
+            self.local_epochs = check_float("local_epochs", self.local_epochs, low=0.0, low_open=True)
+            if self.preset != "fedavg":
+                raise ConfigError.invalid("local_epochs", self.local_epochs, "only the fedavg preset takes local epochs")
+            if self.tau is not None:
+                raise ConfigError.invalid("local_epochs", self.local_epochs, "give tau (local steps) or local_epochs, not both")
+        _choice("downpour_order", self.downpour_order, ("clock", "schedule"))
         _choice("buffers", self.buffers, ("mix", "local"))
         _choice("optimizer_state", self.optimizer_state, ("local", "reset", "mix"))
         _choice("partition", self.partition, PARTITIONS)

@@ -104,6 +104,8 @@ def build(config: RunConfig) -> Experiment:
     kwargs = c.spec_kwargs()
     if c.preset == "fedavg":
         kwargs["sample_counts"] = [float(s) for s in loader.shard_sizes]
+        if c.local_epochs is not None:  # E local epochs = E passes over a client's shard between rounds
+            kwargs["tau"] = max(1, round(c.local_epochs * loader.steps_per_epoch))
     spec = make_preset(c.preset, c.workers, **kwargs)
     torch.manual_seed(c.seed)
     model_kw: dict[str, Any] = {}
@@ -121,7 +123,8 @@ def build(config: RunConfig) -> Experiment:
         probe = (train_set.x[idx].to(dtype) if not is_lm else train_set.x[idx], train_set.y[idx])
     sim = Simulator(spec, model, loss_fn=loss_fn, momentum=c.momentum, nesterov=c.nesterov,
                     weight_decay=c.weight_decay, executor=c.executor, dtype=dtype, seed=c.seed,
-                    loss_estimate=c.loss_estimate, probe_batch=probe, clock=clock)
+                    loss_estimate=c.loss_estimate, probe_batch=probe, clock=clock,
+                    downpour_order=c.downpour_order if c.preset == "downpour" else "schedule")
     spe = loader.steps_per_epoch
     total = c.max_steps if c.max_steps is not None else max(1, math.ceil(c.epochs * spe))
     eval_every = c.eval_every or max(1, min(spe, total // 10 or 1))
