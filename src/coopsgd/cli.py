@@ -348,7 +348,8 @@ def _write_json(path: Path, data: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 _RUN_HELP = {
-    "engine": "reference (analytic objectives, exact) | simulate (m workers of a torch model in one process)",
+    "engine": "reference (analytic objectives, exact) | simulate (m workers of a torch model in one process) "
+              "| distributed (one process per worker, torch.distributed)",
     "preset": "algorithm preset", "workers": "number of workers m", "tau": "communication period",
     "alpha": "elasticity alpha", "beta": "EASGD beta = m*alpha", "topology": "worker graph",
     "weights": "mixing weight rule", "groups": "groups (hierarchical / multi-level lsgd)",
@@ -374,6 +375,8 @@ _RUN_HELP = {
     "compute_ms": "mean compute time per step for a modelled compute time (ms)",
     "compute_spread": "spread of the compute-time distribution (stragglers)",
     "net_latency_ms": "network latency per handshake (ms)", "net_bandwidth_mbps": "network bandwidth (Mbit/s)",
+    "timeout_s": "distributed: communication timeout; a dead or hung rank stops the run within it",
+    "emulate_network": "distributed: delay every message by --net-latency-ms and --net-bandwidth-mbps",
     "out": "run directory",
 }
 
@@ -439,7 +442,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     split = summary.get("simulated_split_s", {})
     print(f"{summary['preset']} x{summary['workers']}: train loss {f['train_loss']:.4g}, test loss "
           f"{f['test_loss']:.4g}{metric} | {summary['steps']} steps, {summary['communication_rounds']} rounds, "
-          f"{summary['bytes_sent'] / 1e6:.3g} MB | simulated {summary['simulated_time_s']:.3g} s "
+          f"{summary['bytes_sent'] / 1e6:.3g} MB | "
+          f"{'measured' if summary.get('engine') == 'distributed' else 'simulated'} {summary['simulated_time_s']:.3g} s "
           f"(compute {split.get('compute_s', 0):.3g}, comm {split.get('communication_s', 0):.3g}, "
           f"idle {split.get('idle_s', 0):.3g}) | wall {summary['wall_time_s']:.1f} s"
           + (f" | {summary['out']}" if summary.get("out") else ""))

@@ -97,6 +97,9 @@ class RunConfig:
     compute_spread: float = 0.0
     net_latency_ms: float = 1.0
     net_bandwidth_mbps: float = 1000.0
+    # distributed engine
+    timeout_s: float = 60.0
+    emulate_network: bool = False
     # output
     out: str | None = None
 
@@ -159,7 +162,8 @@ class RunConfig:
         _choice("objective", self.objective, tuple(OBJECTIVES))
         if not isinstance(self.objective_args, dict):
             raise ConfigError.invalid("objective_args", self.objective_args, "must be a mapping of argument names to values")
-        for name in ("nonblocking", "nesterov", "download"):
+        self.timeout_s = check_float("timeout_s", self.timeout_s, low=0.0, low_open=True)
+        for name in ("nonblocking", "nesterov", "download", "emulate_network"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError.invalid(name, getattr(self, name), "must be true or false")
         if self.nesterov and self.momentum == 0:

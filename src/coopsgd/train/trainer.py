@@ -467,10 +467,15 @@ def _logistic_test_loss(obj: Any, w: np.ndarray) -> float:
 def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = None,
         resume: str | Path | None = None) -> dict[str, Any]:
     """Dispatch on ``config.engine``."""
-    if resume is not None and config.engine != "simulate":
+    if resume is not None and config.engine != "simulate":  # the distributed engine has no resume yet
         raise ConfigError.invalid("resume", str(resume), "resuming is supported by the 'simulate' engine")
     if config.engine == "reference":
         return train_reference(config, progress=progress, out=out)
     if config.engine == "simulate":
         return train(config, progress=progress, out=out, resume=resume)
-    raise ConfigError.invalid("engine", config.engine, "this version runs 'reference' and 'simulate'")
+    from coopsgd.engines.distributed import run_distributed
+
+    net = {}
+    if config.emulate_network:
+        net = {"net_latency_ms": config.net_latency_ms, "net_bandwidth_mbps": config.net_bandwidth_mbps}
+    return run_distributed(config, out=out, timeout_s=config.timeout_s, **net)

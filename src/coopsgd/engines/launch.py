@@ -1,0 +1,408 @@
+"""Local launcher: N processes on this machine, one per rank, with a monitor that never lets a run hang.
+
+:func:`launch` starts ``nprocs`` fresh Python processes (``python -m coopsgd.engines.launch --child DIR``;
+no fork, no re-import of the caller's ``__main__``), each of which
+
+1. joins a ``torch.distributed`` process group over TCP on ``127.0.0.1`` (loopback only) at a free port,
+   with the configured ``timeout_s`` for every collective (``gloo`` on CPU, ``nccl`` for CUDA runs);
+2. calls ``fn(rank, world_size, *args)`` (``fn`` must be importable, e.g. a module-level function; the
+   child gets the parent's ``sys.path``);
+3. writes its return value, or its error (type, message, traceback, and whether it was a communication
+   failure), into the job directory, and exits.
+
+The parent monitors the children and a heartbeat table (a small memory-mapped file: per rank the time of
+its last beat, its step and its phase -- computing or communicating). It stops the run, terminates every
+surviving child and raises :class:`RankFailure` naming the responsible rank when
+
+* a rank exits with an error it raised itself (its message and traceback are included),
+* a rank exits without reporting (``os._exit``, a crash) or is killed by a signal,
+* a rank stops beating for ``timeout_s`` while it is *not* waiting in a communication (a hang in its own
+  code), or every rank is stuck for ``timeout_s + 5`` s.
+
+Ranks that fail only because a peer went away (a :class:`~coopsgd.engines.comm.CommunicationError`,
+e.g. gloo's "Connection closed by peer" or a collective timeout) are not blamed when a better culprit is
+known. The error is raised within ``timeout_s`` + about one second of the failure.
+
+Under ``torchrun`` this module is not used: torchrun's agent watches the ranks, and the engine reports
+every exception with its rank before re-raising.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coopsgd.errors import ConfigError, CoopSGDError, check_float, check_int
+
+__all__ = ["launch", "RankFailure", "Heartbeat", "heartbeat", "free_port", "PHASES"]
+
+#: Heartbeat phases.
+PHASES = {"start": 0.0, "compute": 1.0, "comm": 2.0, "done": 3.0}
+_PHASE_NAMES = {v: k for k, v in PHASES.items()}
+_DOING = {"start": "starting up", "compute": "computing", "comm": "communicating", "done": "finishing"}
+_STARTUP_GRACE_S = 120.0
+
+
+class RankFailure(CoopSGDError, RuntimeError):
+    """A rank of a distributed run died, raised, was killed or hung. ``rank`` names it; ``kind`` says how."""
+
+    def __init__(self, message: str, *, rank: int, kind: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.kind = kind
+        self.details = details or {}
+
+
+class Heartbeat:
+    """One row per rank in a memory-mapped float64 file: (time.time() of the last beat, step, phase)."""
+
+    def __init__(self, path: str | Path, world: int, rank: int | None = None, *, create: bool = False) -> None:
+        mode = "w+" if create else "r+"
+        self.table = np.memmap(path, dtype=np.float64, mode=mode, shape=(world, 3))
+        if create:
+            self.table[:] = 0.0
+            self.table[:, 0] = time.time()
+            self.table.flush()
+        self.rank = rank
+
+    def __call__(self, step: int, phase: str) -> None:
+        if self.rank is None:
+            return
+        row = self.table[self.rank]
+        row[1] = float(step)
+        row[2] = PHASES[phase]
+        row[0] = time.time()
+
+
+class _NoHeartbeat:
+    def __call__(self, step: int, phase: str) -> None:
+        return None
+
+
+_CURRENT: Heartbeat | _NoHeartbeat = _NoHeartbeat()
+
+
+def heartbeat() -> Callable[[int, str], None]:
+    """The heartbeat of this process (a no-op outside :func:`launch`)."""
+    return _CURRENT
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _comm_error_text(exc: BaseException) -> bool:
+    from coopsgd.engines.comm import CommunicationError
+
+    if isinstance(exc, CommunicationError):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("Connection closed by peer", "Timed out waiting", "Connection reset", "Broken pipe"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# child side
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _child(job_dir: Path) -> int:
+    global _CURRENT
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    hb = Heartbeat(job_dir / "heartbeat.bin", world, rank)
+    _CURRENT = hb
+    hb(0, "start")
+    try:
+        import torch
+        import torch.distributed as dist
+
+        with open(job_dir / "job.pkl", "rb") as f:  # written by our own parent process (trusted)
+            job = pickle.load(f)
+        threads = job.get("threads")
+        if threads:
+            torch.set_num_threads(int(threads))
+        dist.init_process_group(
+            backend=job["backend"],
+            init_method=f"tcp://127.0.0.1:{job['port']}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=float(job["timeout_s"])),
+        )
+        try:
+            result = job["fn"](rank, world, *job["args"])
+        finally:
+            hb(-1, "done")
+        with open(job_dir / f"result_{rank}.pkl.tmp", "wb") as f:
+            pickle.dump(result, f)
+        os.replace(job_dir / f"result_{rank}.pkl.tmp", job_dir / f"result_{rank}.pkl")
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- peers may already be gone; the result is written
+            pass
+        # skip interpreter teardown: gloo's background threads can abort it ("terminate called without
+        # an active exception") after the work is done
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+        return 0  # not reached
+    except BaseException as exc:  # report every failure with the rank, then exit non-zero
+        info = {
+            "rank": rank,
+            "kind": "communication" if _comm_error_text(exc) else "exception",
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": traceback.format_exc(),
+        }
+        tmp = job_dir / f"error_{rank}.json.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, job_dir / f"error_{rank}.json")
+        print(f"[coopsgd rank {rank}] {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parent side
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _terminate(procs: Sequence[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.terminate()
+            except OSError:
+                pass
+    deadline = time.time() + 2.0
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.05, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                p.kill()
+                p.wait(timeout=2.0)
+            except OSError:
+                pass
+
+
+def _read_error(job_dir: Path, rank: int) -> dict[str, Any] | None:
+    p = job_dir / f"error_{rank}.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _blame(
+    job_dir: Path, procs: Sequence[subprocess.Popen], hb: Heartbeat, timeout_s: float, now: float
+) -> RankFailure | None:
+    """The failure to report, or ``None`` while every rank is healthy."""
+    codes = [0 if p.poll() is not None and (job_dir / f"result_{r}.pkl").is_file() else p.poll()
+             for r, p in enumerate(procs)]
+    errors = {r: _read_error(job_dir, r) for r in range(len(procs))}
+    table = np.array(hb.table)
+
+    def fmt_err(r: int, e: dict[str, Any]) -> RankFailure:
+        tb = e.get("traceback", "").strip().splitlines()
+        where = tb[-3].strip() if len(tb) >= 3 else ""
+        msg = f"rank {r} failed: {e.get('type')}: {e.get('message')}"
+        if where:
+            msg += f" (at {where})"
+        return RankFailure(msg, rank=r, kind=e.get("kind", "exception"), details=e)
+
+    # 1. killed by a signal or exited without reporting
+    for r, c in enumerate(codes):
+        if c is not None and c != 0 and errors[r] is None:
+            if c < 0:
+                try:
+                    name = signal.Signals(-c).name
+                except ValueError:
+                    name = f"signal {-c}"
+                why = f"was killed by {name}"
+            else:
+                why = f"exited with code {c} without reporting an error"
+            step = int(table[r, 1])
+            return RankFailure(f"rank {r} {why} (last heartbeat at step {step}); the other ranks were stopped",
+                               rank=r, kind="died")
+    # 2. a rank's own exception
+    for r, e in errors.items():
+        if e is not None and e.get("kind") != "communication":
+            return fmt_err(r, e)
+    # 3. hangs: no heartbeat for timeout_s while not communicating (or nobody progressing at all)
+    alive = [r for r, c in enumerate(codes) if c is None]
+    started = table[:, 2] >= PHASES["compute"]
+    stale = [r for r in alive if now - table[r, 0] > timeout_s and (started[r] or now - table[r, 0] > _STARTUP_GRACE_S)]
+    busy = [r for r in stale if _PHASE_NAMES.get(float(table[r, 2])) in ("compute", "start")]
+    if busy:
+        r = min(busy, key=lambda i: (table[i, 1], table[i, 0]))
+        return RankFailure(
+            f"rank {r} stopped responding: no heartbeat for {now - table[r, 0]:.1f} s (timeout {timeout_s:g} s) "
+            f"while {_DOING.get(_PHASE_NAMES.get(float(table[r, 2]), ''), 'running')} at step {int(table[r, 1])}; "
+            "the other ranks were stopped",
+            rank=r, kind="hang")
+    # 4. only communication failures: a peer of theirs is the culprit -- prefer a stale/slowest rank
+    comm = [r for r, e in errors.items() if e is not None]
+    if comm:
+        suspects = [r for r in alive if r not in comm]
+        if suspects and any(now - table[r, 0] > timeout_s for r in suspects):
+            r = min(suspects, key=lambda i: table[i, 0])
+            return RankFailure(
+                f"rank {r} stopped responding (no heartbeat for {now - table[r, 0]:.1f} s, step {int(table[r, 1])}); "
+                f"its peers timed out: {errors[comm[0]].get('message', '')[:200]}",  # type: ignore[union-attr]
+                rank=r, kind="hang")
+        if not suspects:
+            return fmt_err(comm[0], errors[comm[0]])  # type: ignore[arg-type]
+        return None  # give the others a moment: a real culprit usually shows up
+    if alive and len(stale) == len(alive) and all(now - table[r, 0] > timeout_s + 5.0 for r in alive):
+        r = min(alive, key=lambda i: (table[i, 1], table[i, 0]))
+        return RankFailure(f"no rank made progress for {timeout_s + 5:g} s; rank {r} is the furthest behind "
+                           f"(step {int(table[r, 1])})", rank=r, kind="hang")
+    return None
+
+
+def launch(
+    fn: Callable[..., Any],
+    nprocs: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout_s: float = 60.0,
+    backend: str | None = None,
+    threads: int | None = None,
+    env: dict[str, str] | None = None,
+    poll_s: float = 0.05,
+) -> list[Any]:
+    """Run ``fn(rank, nprocs, *args)`` in ``nprocs`` local processes; return the per-rank results.
+
+    Args:
+        fn: an importable callable (module-level function); ``args`` must be picklable.
+        nprocs: number of processes (ranks).
+        timeout_s: communication timeout passed to ``init_process_group`` and the hang detector.
+        backend: ``"gloo"`` (default) or ``"nccl"``.
+        threads: torch intra-op threads per process (default: cores // nprocs, at least 1).
+        env: extra environment variables for the children (e.g. a failure-injection hook).
+
+    Raises:
+        RankFailure: naming the rank that died, raised, was killed or hung; the others are terminated.
+    """
+    nprocs = check_int("nprocs", nprocs, minimum=1)
+    timeout_s = check_float("timeout_s", timeout_s, low=0.0, low_open=True)
+    backend = backend or "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ConfigError.invalid("backend", backend, "choose gloo or nccl")
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // nprocs)
+    for attempt in range(3):
+        try:
+            return _launch_once(fn, nprocs, args, timeout_s, backend, threads, env, poll_s)
+        except RankFailure as exc:  # the free port was taken between choosing and binding it: retry
+            text = (str(exc) + str(exc.details.get("message", ""))).lower()
+            if attempt == 2 or not ("address already in use" in text or "eaddrinuse" in text):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch_once(
+    fn: Callable[..., Any],
+    nprocs: int,
+    args: Sequence[Any],
+    timeout_s: float,
+    backend: str,
+    threads: int,
+    env: dict[str, str] | None,
+    poll_s: float,
+) -> list[Any]:
+    with tempfile.TemporaryDirectory(prefix="coopsgd-launch-") as tmp:
+        job_dir = Path(tmp)
+        job = {"fn": fn, "args": tuple(args), "backend": backend, "timeout_s": timeout_s,
+               "port": free_port(), "threads": threads}
+        try:
+            with open(job_dir / "job.pkl", "wb") as f:
+                pickle.dump(job, f)
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            raise ConfigError.invalid("fn", fn, f"must be picklable (a module-level function): {exc}") from None
+        hb = Heartbeat(job_dir / "heartbeat.bin", nprocs, create=True)
+        child_env = dict(os.environ)
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        child_env["WORLD_SIZE"] = str(nprocs)
+        child_env["MASTER_ADDR"] = "127.0.0.1"
+        child_env["MASTER_PORT"] = str(job["port"])
+        child_env.setdefault("OMP_NUM_THREADS", str(threads))
+        if env:
+            child_env.update(env)
+        procs: list[subprocess.Popen] = []
+        try:
+            for r in range(nprocs):
+                e = dict(child_env, RANK=str(r), LOCAL_RANK=str(r))
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "coopsgd.engines.launch", "--child", str(job_dir)], env=e))
+            failure: RankFailure | None = None
+            first_bad: float | None = None
+            while True:
+                codes = [p.poll() for p in procs]
+                # a rank that wrote its result has finished, whatever its teardown did
+                codes = [0 if c is not None and (job_dir / f"result_{r}.pkl").is_file() else c
+                         for r, c in enumerate(codes)]
+                if all(c == 0 for c in codes):
+                    break
+                now = time.time()
+                bad = any(c not in (None, 0) for c in codes)
+                if bad and first_bad is None:
+                    first_bad = now
+                verdict = _blame(job_dir, procs, hb, timeout_s, now)
+                if verdict is not None:
+                    # a comm error alone: wait briefly for the real culprit to show up
+                    if verdict.kind == "communication" and first_bad is not None and now - first_bad < 1.0:
+                        time.sleep(poll_s)
+                        continue
+                    failure = verdict
+                    break
+                if first_bad is not None and now - first_bad > timeout_s + 2.0:
+                    bad_rank = next(r for r, c in enumerate(codes) if c not in (None, 0))
+                    failure = RankFailure(f"rank {bad_rank} exited with code {codes[bad_rank]}",
+                                          rank=bad_rank, kind="died")
+                    break
+                time.sleep(poll_s)
+            if failure is not None:
+                failure.details.setdefault("detected_after_s", time.time() - float(hb.table[failure.rank, 0]))
+                _terminate(procs)
+                raise failure
+            results = []
+            for r in range(nprocs):
+                with open(job_dir / f"result_{r}.pkl", "rb") as f:  # written by our own child (trusted)
+                    results.append(pickle.load(f))
+            return results
+        finally:
+            _terminate(procs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coopsgd.engines.launch")
+    parser.add_argument("--child", required=True, help="job directory written by launch() (internal)")
+    ns = parser.parse_args(argv)
+    return _child(Path(ns.child))
+
+
+if __name__ == "__main__":
+    # run inside the importable module (not __main__) so that the engine sees this process's heartbeat
+    from coopsgd.engines.launch import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,188 @@
+"""The distributed engine (gloo, 2-4 local processes) equals the simulator, and failures never hang.
+
+Each equivalence test starts ONE set of processes and runs several presets in it (:func:`run_spec` with a
+list of jobs), because process start-up dominates on a 2-core machine. Model: a tiny MLP in float64 on
+synthetic data; both engines read the same :class:`WorkerLoader` batches (worker r's batch on rank r).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from coopsgd.algorithms import presets
+from coopsgd.data import WorkerLoader
+from coopsgd.engines.distributed import SpecJob, communication_table, run_distributed, run_spec
+from coopsgd.engines.launch import RankFailure, launch
+from coopsgd.engines.simulator import Simulator
+from coopsgd.train import RunConfig
+
+TOL = 1e-10
+STEPS = 8
+BATCH = 4
+LR = 0.1
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _data(m: int) -> tuple[tuple[torch.Tensor, torch.Tensor], list[np.ndarray]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (96,), generator=g)
+    return (x, y), [np.arange(i, 96, m) for i in range(m)]
+
+
+def _job(name: str, spec, m: int, **kw) -> SpecJob:
+    ds, parts = _data(m)
+    return SpecJob(spec=spec, model=_mlp(), dataset=ds, parts=parts, batch_size=BATCH, steps=STEPS, lr=LR,
+                   name=name, **kw)
+
+
+def _simulate(job: SpecJob) -> torch.Tensor:
+    """The same run on the one-process simulator (a fresh copy of the spec: schedules hold state)."""
+    job = copy.deepcopy(job)
+    loader = WorkerLoader(job.dataset, job.parts, job.batch_size, seed=job.loader_seed)
+    sim = Simulator(job.spec, job.model, dtype=torch.float64, executor="loop", seed=job.seed,
+                    momentum=job.momentum, loss_estimate=job.loss_estimate)
+    for k in range(job.steps):
+        batches = loader.next_step()
+        active = job.spec.schedule.active(k)
+        if active is not None:
+            batches = [b if active[i] else None for i, b in enumerate(batches)]
+        sim.step(batches, job.lr)
+    return sim.params.detach().clone()
+
+
+def _check(jobs: list[SpecJob], results: list[dict]) -> None:
+    for job, res in zip(jobs, results, strict=True):
+        expected = _simulate(job)
+        assert res["params"].shape == expected.shape, job.name
+        diff = float((res["params"] - expected).abs().max())
+        assert diff <= TOL, f"{job.name}: max |distributed - simulator| = {diff:.3e}"
+
+
+def test_presets_match_simulator_two_ranks() -> None:
+    m = 2
+    jobs = [
+        _job("sync", presets.sync(m), m),
+        _job("local_sgd", presets.local_sgd(m, 3), m, momentum=0.9),
+        _job("easgd", presets.easgd(m, 2), m),
+        _job("easgd_nonblocking", presets.easgd(m, 2, nonblocking=True), m),
+        _job("lsgd", presets.lsgd(m, 2, lam=0.5), m),
+        _job("fedavg", presets.fedavg(m, 2, fraction=0.5), m),
+    ]
+    results = run_spec(jobs, timeout_s=30)
+    _check(jobs, results)
+    by = {r["name"]: r for r in results}
+    ops = {name: r["timing"]["ranks"][0]["ops"] for name, r in by.items()}
+    assert ops["sync"] == {"all_reduce": STEPS}  # one all_reduce of the flat vector per round
+    assert ops["easgd_nonblocking"] == {"all_reduce_async": STEPS // 2}
+    assert ops["easgd"] == {"all_reduce": STEPS // 2}
+    assert ops["lsgd"] == {"all_gather": STEPS // 2, "broadcast": STEPS // 2}
+    assert by["local_sgd"]["rounds"] == STEPS // 3
+    t = by["sync"]["timing"]
+    assert len(t["ranks"]) == m and t["wall_s"] > 0 and t["bytes_sent"] > 0
+    assert "comm %" in communication_table({"sync": t})
+
+
+def test_presets_match_simulator_four_ranks() -> None:
+    m = 4
+    jobs = [
+        _job("dpsgd_ring", presets.dpsgd(m, topology="ring"), m),
+        _job("fedavg_half", presets.fedavg(m, 2, fraction=0.5), m),
+        _job("lsgd", presets.lsgd(m, 1, lam=0.2), m),
+        _job("downpour", presets.downpour(m, 2), m),
+        _job("hierarchical", presets.hierarchical(m, 1, groups=2, q=2), m),
+        _job("generalized_elastic", presets.generalized_elastic(m, 2), m),
+    ]
+    results = run_spec(jobs, timeout_s=30)
+    _check(jobs, results)
+    ops = {r["name"]: r["timing"]["ranks"][1]["ops"] for r in results}
+    assert ops["dpsgd_ring"] == {"neighbor": STEPS}  # point-to-point with the two ring neighbours
+    assert ops["lsgd"] == {"all_gather": STEPS, "broadcast": STEPS}  # losses, then the leader's model
+    assert ops["downpour"] == {"all_gather": STEPS // 2}
+    assert ops["fedavg_half"] == {"all_reduce": STEPS // 2}
+
+
+# -- the wrapper ---------------------------------------------------------------------------------------
+
+
+def _wrapper_rank(rank: int, world: int, spec, before_step: bool) -> torch.Tensor:
+    from coopsgd.wrapper import CooperativeSGD
+
+    ds, parts = _data(world)
+    loader = WorkerLoader(ds, parts, BATCH, seed=0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    coop = CooperativeSGD(model, opt, spec=spec)
+    for k in range(STEPS):
+        x, y = loader.batch(k // loader.steps_per_epoch, rank, k % loader.steps_per_epoch)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if before_step:  # exact pre-mix rule: X S - lr G
+            coop.step(loss=loss.item())
+            opt.step()
+        else:  # post-mix rule: (X - lr G) S
+            opt.step()
+            coop.step(loss=loss.item())
+    coop.finalize()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    rows = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(rows, flat)
+    aux = [coop.aux_vector(j) for j in range(spec.auxiliaries)]
+    return torch.stack(rows + aux)
+
+
+def test_wrapper_matches_simulator() -> None:
+    m = 2
+    cases = [("local_sgd", presets.local_sgd(m, 3), False), ("easgd", presets.easgd(m, 2), True)]
+    for name, spec, before in cases:
+        got = launch(_wrapper_rank, m, (spec, before), timeout_s=30)[0]
+        expected = _simulate(_job(name, spec, m))
+        diff = float((got - expected).abs().max())
+        assert diff <= TOL, f"wrapper {name}: {diff:.3e}"
+
+
+# -- failures ------------------------------------------------------------------------------------------
+
+
+def _config() -> RunConfig:
+    return RunConfig(preset="local_sgd", workers=2, tau=2, model="mlp", dataset="mnist_bundled", lr=0.05,
+                     batch_size=16, max_steps=6, eval_samples=200, seed=0)
+
+
+def test_run_distributed_summary(tmp_path) -> None:
+    summary = run_distributed(_config(), out=tmp_path / "run", timeout_s=30, net_latency_ms=1.0)
+    for key in ("status", "preset", "workers", "steps", "final", "simulated_time_s", "wall_time_s",
+                "communication_rounds", "bytes_sent", "timing"):
+        assert key in summary, key
+    assert summary["status"] == "ok" and summary["communication_rounds"] == 3
+    assert set(summary["final"]) == {"train_loss", "test_loss", "test_accuracy"}
+    assert len(summary["timing"]["ranks"]) == 2
+    r0 = summary["timing"]["ranks"][0]
+    assert r0["communication_s"] + r0["idle_s"] >= 3 * 2 * 1e-3  # emulated: 3 rounds x 2 handshakes x 1 ms
+    assert r0["ops"] == {"all_reduce": 3}
+    assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("mode", ["raise", "exit", "kill", "hang"])
+def test_failure_names_the_rank(mode: str) -> None:
+    timeout = 5.0
+    t0 = time.time()
+    with pytest.raises(RankFailure) as info:
+        run_distributed(_config(), timeout_s=timeout, env={"COOPSGD_INJECT_FAILURE": f"1:3:{mode}"})
+    err = info.value
+    assert err.rank == 1 and "rank 1" in str(err), str(err)
+    assert err.details["detected_after_s"] <= timeout + 5.0, err.details
+    assert time.time() - t0 < 60
