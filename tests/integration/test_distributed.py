@@ -186,3 +186,18 @@ def test_failure_names_the_rank(mode: str) -> None:
     assert err.rank == 1 and "rank 1" in str(err), str(err)
     assert err.details["detected_after_s"] <= timeout + 5.0, err.details
     assert time.time() - t0 < 60
+
+
+def test_cli_engine_distributed(capsys, tmp_path) -> None:
+    import json
+
+    from coopsgd.cli import main
+
+    code = main(["run", "--engine", "distributed", "--preset", "local_sgd", "--workers", "2", "--tau", "2",
+                 "--max-steps", "4", "--timeout-s", "30", "--out", str(tmp_path / "d"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["engine"] == "distributed" and data["communication_rounds"] == 2
+    assert len(data["timing"]["ranks"]) == 2
+    assert (tmp_path / "d" / "summary.json").is_file()
