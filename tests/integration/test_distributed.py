@@ -201,3 +201,16 @@ def test_cli_engine_distributed(capsys, tmp_path) -> None:
     assert data["engine"] == "distributed" and data["communication_rounds"] == 2
     assert len(data["timing"]["ranks"]) == 2
     assert (tmp_path / "d" / "summary.json").is_file()
+
+
+def test_local_launch_listens_on_loopback_only() -> None:
+    import ipaddress
+
+    from coopsgd.engines.launch import listening_addresses
+
+    per_rank = launch(listening_addresses, 2, timeout_s=30)
+    addrs = [a for ranks in per_rank for a in ranks]
+    assert addrs, "gloo opens at least one listening socket per rank"
+    for a in addrs:
+        host = a.rsplit(":", 1)[0]
+        assert ipaddress.ip_address(host).is_loopback, f"listening on {a}: not loopback"

@@ -102,6 +102,19 @@ def heartbeat() -> Callable[[int, str], None]:
     return _CURRENT
 
 
+def _loopback_interface() -> str:
+    """Name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS) for gloo to bind to."""
+    try:
+        import socket
+
+        for _, name in socket.if_nameindex():
+            if name in ("lo", "lo0"):
+                return name
+    except (OSError, AttributeError):
+        pass
+    return "lo"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -141,7 +154,9 @@ def _child(job_dir: Path) -> int:
             torch.set_num_threads(int(threads))
         dist.init_process_group(
             backend=job["backend"],
-            init_method=f"tcp://127.0.0.1:{job['port']}",
+            # a file store in the launcher's private directory: unlike a TCPStore (whose server listens on
+            # every interface), nothing but the loopback gloo pairs is opened for a local run
+            init_method=f"file://{job_dir / 'store'}",
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=float(job["timeout_s"])),
@@ -345,6 +360,7 @@ def _launch_once(
         child_env["WORLD_SIZE"] = str(nprocs)
         child_env["MASTER_ADDR"] = "127.0.0.1"
         child_env["MASTER_PORT"] = str(job["port"])
+        child_env.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
         child_env.setdefault("OMP_NUM_THREADS", str(threads))
         if env:
             child_env.update(env)
@@ -406,3 +422,41 @@ if __name__ == "__main__":
     from coopsgd.engines.launch import main as _main
 
     sys.exit(_main())
+
+
+def listening_addresses(rank: int = 0, world: int = 1) -> list[str]:
+    """Local addresses (``"IP:port"``) of the TCP sockets this process listens on (Linux ``/proc``).
+
+    Used to check that a local run opens nothing but loopback listeners; the signature lets
+    :func:`launch` run it inside every rank after the process group is up. Empty where ``/proc`` is absent.
+    """
+    import ipaddress
+
+    inodes = set()
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir():
+        return []
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if len(cols) < 10 or cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
+                continue
+            hex_ip, hex_port = cols[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            # /proc prints the address as 32-bit little-endian words
+            ip_bytes = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(ip_bytes[:width])
+            out.append(f"{ip}:{int(hex_port, 16)}")
+    return out
