@@ -76,6 +76,7 @@ __all__ = [
     "SpecJob",
     "communication_table",
     "FAILURE_ENV",
+    "DIST_CHECKPOINT_FORMAT",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ log = logging.getLogger(__name__)
 FAILURE_ENV = "COOPSGD_INJECT_FAILURE"
 _FAILURE_MODES = ("raise", "exit", "kill", "hang")
 _LOSS_ESTIMATES = ("batch", "running_mean", "probe")
+#: ``format`` tag of the distributed engine's ``checkpoint.pt`` (one file, every rank's state, written by rank 0).
+DIST_CHECKPOINT_FORMAT = "coopsgd-distributed-checkpoint-v1"
+_RANK_STATE_VERSION = 1
 
 Batch = tuple[Tensor, Tensor]
 
@@ -231,6 +235,7 @@ class DistributedEngine:
         self._round_durations: list[float] = []
         self._t_start: float | None = None
         self._t_last = 0.0
+        self._resumed_wall = 0.0  # wall seconds of the run before a resume (timing() continues from it)
 
     # ------------------------------------------------------------------------------------------------
     # construction helpers and views
@@ -337,7 +342,7 @@ class DistributedEngine:
         k = self.step_count
         now = time.perf_counter()
         if self._t_start is None:
-            self._t_start = now
+            self._t_start = now - self._resumed_wall
         self.heartbeat(k, "compute")
         self._inject(k)
         t0 = time.perf_counter()
@@ -435,6 +440,111 @@ class DistributedEngine:
             step=k, lr=lr, loss=loss, communicated=communicated, round=self.rounds,
             pattern=None if mix is None else mix.pattern, info={} if mix is None else dict(mix.info),
         )
+
+    # ------------------------------------------------------------------------------------------------
+    # checkpointing (local to this rank; complete a pending round with finish() first)
+    # ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state for a bit-identical continuation: tensors and plain Python only (CPU).
+
+        Holds the worker's and the replicated auxiliaries' rows (buffers, parameters, momentum), the
+        momentum flag, integer buffers, counters, schedule and leader state, the loss-estimate history,
+        the RNG states and the communication / timing counters. A pending non-blocking round must have
+        been completed (:meth:`finish`, a collective) before.
+        """
+        if self.mixer.pending:
+            raise RuntimeError("state_dict() with a pending non-blocking round: call finish() on every rank first")
+        sched = self.spec.schedule
+        st = self.mixer.stats
+        np_state = np.random.get_state(legacy=False)
+        out: dict[str, Any] = {
+            "version": _RANK_STATE_VERSION,
+            "rank": self.rank,
+            "shape": [self.m, self.v, self.d, self.b, int(self._state.shape[1])],
+            "dtype": str(self.dtype),
+            "state": self._state.detach().to("cpu", copy=True),
+            "other_buffers": {k: t.detach().to("cpu", copy=True) for k, t in self.other_buffers.items()},
+            "momentum_initialized": self._mom_init.to("cpu", copy=True),
+            "step": self.step_count,
+            "rounds": self.rounds,
+            "leader": self.leader,
+            "schedule": sched.state_dict() if hasattr(sched, "state_dict") else None,
+            "schedule_rounds": None if getattr(sched, "_rounds", None) is None else int(sched._rounds),
+            "loss_history": torch.from_numpy(self._hist.astype(np.float64, copy=True)),
+            "loss_count": int(self._hist_count),
+            "compute_s": float(self.compute_s),
+            "comm": {"bytes_sent": float(st.bytes_sent), "bytes_model": float(st.bytes_model),
+                     "ops": {str(k): int(n) for k, n in st.ops.items()}, "comm_s": float(st.comm_s),
+                     "emulated_s": float(st.emulated_s)},
+            "round_arrivals": [float(a) for a in self._round_arrivals],
+            "round_durations": [float(a) for a in self._round_durations],
+            "wall_s": (self._t_last - self._t_start) if self._t_start is not None else self._resumed_wall,
+            "torch_rng_state": torch.get_rng_state(),
+            "numpy_rng_state": {
+                "bit_generator": str(np_state["bit_generator"]),
+                "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+                "pos": int(np_state["state"]["pos"]),
+                "has_gauss": int(np_state["has_gauss"]),
+                "gauss": float(np_state["gauss"]),
+            },
+        }
+        if self.device.type == "cuda":
+            out["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` of the same rank (same spec, model, dtype and options)."""
+        if not isinstance(state, dict) or state.get("version") != _RANK_STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ConfigError.invalid("checkpoint.ranks.version", got, f"expected {_RANK_STATE_VERSION}")
+        if int(state["rank"]) != self.rank:
+            raise ConfigError.invalid("checkpoint.ranks.rank", state["rank"], f"this is rank {self.rank}")
+        shape = [self.m, self.v, self.d, self.b, int(self._state.shape[1])]
+        if list(state["shape"]) != shape:
+            raise ConfigError.invalid("checkpoint.shape", list(state["shape"]),
+                                      f"this run has [m, v, d, b, width] = {shape} (model, preset or momentum changed?)")
+        if state["state"].dtype != self.dtype:
+            raise ConfigError.invalid("checkpoint.dtype", str(state["state"].dtype), f"this run uses {self.dtype}")
+        if set(state["other_buffers"]) != set(self.other_buffers):
+            raise ConfigError.invalid("checkpoint.other_buffers", sorted(state["other_buffers"]),
+                                      f"this model has {sorted(self.other_buffers)}")
+        hist = state["loss_history"].numpy()
+        if hist.shape != self._hist.shape:
+            raise ConfigError.invalid("checkpoint.loss_history", tuple(hist.shape), f"expected ({self.window},) (window)")
+        self.mixer.finalize()
+        with torch.no_grad():
+            self._state.copy_(state["state"])
+            for k, t in state["other_buffers"].items():
+                self.other_buffers[k].copy_(t)
+            self._mom_init.copy_(state["momentum_initialized"])
+        self.step_count = int(state["step"])
+        self.rounds = int(state["rounds"])
+        self.leader = None if state["leader"] is None else int(state["leader"])
+        sched = self.spec.schedule
+        if state["schedule"] is not None and hasattr(sched, "load_state_dict"):
+            sched.load_state_dict(state["schedule"])
+        if state["schedule_rounds"] is not None and hasattr(sched, "_rounds"):
+            sched._rounds = int(state["schedule_rounds"])
+        self._hist = hist.astype(np.float64, copy=True)
+        self._hist_count = int(state["loss_count"])
+        self.compute_s = float(state["compute_s"])
+        st, saved = self.mixer.stats, state["comm"]
+        st.bytes_sent = float(saved["bytes_sent"])
+        st.bytes_model = float(saved["bytes_model"])
+        st.ops = {str(k): int(n) for k, n in saved["ops"].items()}
+        st.comm_s = float(saved["comm_s"])
+        st.emulated_s = float(saved["emulated_s"])
+        self._round_arrivals = [float(a) for a in state["round_arrivals"]]
+        self._round_durations = [float(a) for a in state["round_durations"]]
+        self._resumed_wall = float(state["wall_s"])
+        self._t_start = None
+        torch.set_rng_state(state["torch_rng_state"])
+        nps = state["numpy_rng_state"]
+        np.random.set_state({"bit_generator": nps["bit_generator"],
+                             "state": {"key": nps["key"].numpy().astype(np.uint32), "pos": int(nps["pos"])},
+                             "has_gauss": int(nps["has_gauss"]), "gauss": float(nps["gauss"])})
+        if self.device.type == "cuda" and "cuda_rng_state" in state:
+            torch.cuda.set_rng_state(state["cuda_rng_state"], self.device)
 
     # ------------------------------------------------------------------------------------------------
     # collective views (call on every rank)
@@ -673,6 +783,36 @@ def run_spec(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _checkpoint_path(resume: str | Path) -> Path:
+    rp = Path(resume)
+    return rp / "checkpoint.pt" if rp.is_dir() else rp
+
+
+def _load_dist_checkpoint(resume: str | Path, world: int) -> dict[str, Any]:
+    """Load and check a distributed checkpoint (format, engine, world size, one state per rank)."""
+    from coopsgd.train.rundir import load_checkpoint
+
+    state = load_checkpoint(_checkpoint_path(resume))
+    fmt = state.get("format")
+    if fmt != DIST_CHECKPOINT_FORMAT:
+        hint = " (a simulator checkpoint: resume it with engine 'simulate')" if state.get("engine") == "simulate" else ""
+        raise ConfigError.invalid("resume", str(resume),
+                                  f"checkpoint format {fmt!r} is not {DIST_CHECKPOINT_FORMAT!r}{hint}")
+    if state.get("engine") != "distributed":
+        raise ConfigError.invalid("resume", str(resume), f"checkpoint engine {state.get('engine')!r} is not 'distributed'")
+    saved = state.get("world_size")
+    if saved != world:
+        raise ConfigError.invalid("world_size", saved, f"the checkpoint was written by {saved} ranks; this run has "
+                                                       f"workers={world} (resume with the same number of workers)")
+    ranks = state.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != world:
+        raise ConfigError.invalid("resume", str(resume), f"the checkpoint must hold one state per rank ({world})")
+    step = state.get("step")
+    if not isinstance(step, int) or step < 0:
+        raise ConfigError.invalid("resume", str(resume), f"bad checkpoint step {step!r}")
+    return state
+
+
 def _build_problem(config: Any) -> dict[str, Any]:
     """The data, partition, loader, spec and model of a run (the same construction as the trainer's)."""
     from coopsgd.algorithms import make_preset
@@ -726,8 +866,13 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
     c = RunConfig.from_dict(config_dict)
     if c.workers != world:
         raise ConfigError.invalid("workers", c.workers, f"must equal the number of processes ({world})")
+    resume = opts.get("resume")
+    ckpt = _load_dist_checkpoint(resume, world) if resume else None
     p = _build_problem(c)
     spec, loader, dtype = p["spec"], p["loader"], p["dtype"]
+    start = 0 if ckpt is None else int(ckpt["step"])
+    if start > p["total"]:
+        raise ConfigError.invalid("max_steps", p["total"], f"the checkpoint is already at step {start}")
     net = NetEmulation(opts.get("net_latency_ms"), opts.get("net_bandwidth_mbps"))
     device = opts.get("device") or "cpu"
     eng = DistributedEngine(
@@ -735,6 +880,17 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
         weight_decay=c.weight_decay, dtype=dtype, device=device, seed=c.seed, loss_estimate=c.loss_estimate,
         probe_batch=p["probe"], net=net,
     )
+    acc, cnt = 0.0, 0
+    elapsed0 = 0.0
+    if ckpt is not None:
+        mine = ckpt["ranks"][rank]
+        eng.load_state_dict(mine)
+        if eng.step_count != start:
+            raise ConfigError.invalid("resume", str(resume), f"rank {rank}'s state is at step {eng.step_count}, "
+                                                             f"the checkpoint at step {start}")
+        loader.load_state_dict(ckpt["loader"])  # checks seed, batch size and shards
+        acc, cnt = float(mine.get("eval_acc", 0.0)), int(mine.get("eval_cnt", 0))
+        elapsed0 = float(ckpt.get("train_elapsed_s", 0.0))
     out_dir = opts.get("out")
     logging_on = bool(out_dir)  # every rank must take part in the evaluations' collectives
     rd = RunDir(out_dir) if (out_dir and rank == 0) else None
@@ -742,11 +898,16 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
         extra = {"engine": "distributed", "world_size": world, "steps_per_epoch": loader.steps_per_epoch,
                  "total_steps": p["total"], "spec": spec.describe(), "timeout_s": opts.get("timeout_s"),
                  "net_latency_ms": net.latency_ms, "net_bandwidth_mbps": net.bandwidth_mbps,
-                 "aux_hosts": [aux_host(j, world) for j in range(spec.auxiliaries)]}
+                 "aux_hosts": [aux_host(j, world) for j in range(spec.auxiliaries)], "resumed_from_step": start}
         if p["histograms"] is not None:
             extra["label_histograms"] = p["histograms"].tolist()
         rd.write_config(c.to_dict(), extra)
-        rd.start_metrics()
+        if start > 0 and rd.metrics_path.is_file():  # records after the checkpoint's step are replaced
+            from coopsgd.train.rundir import atomic_write_bytes, jsonable
+
+            kept = [r for r in RunDir.read_metrics(rd.metrics_path) if r.get("step", 0) <= start]
+            atomic_write_bytes(rd.metrics_path, "".join(json.dumps(jsonable(r)) + "\n" for r in kept).encode())
+        rd.start_metrics(append=start > 0)
     test_set, train_set, is_lm, loss_fn = p["test_set"], p["train_set"], p["is_lm"], p["loss_fn"]
     spe = loader.steps_per_epoch
 
@@ -775,20 +936,39 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
                 rec["leader"] = eng.leader
         return rec
 
+    def checkpoint(done: int, elapsed: float) -> None:
+        # collective: every rank completes its pending round and sends its state to rank 0, which writes
+        eng.finish()
+        eng.heartbeat(done, "comm")
+        mine = eng.state_dict()
+        mine["eval_acc"], mine["eval_cnt"] = float(acc), int(cnt)
+        states: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(mine, states, dst=0)
+        if rd is not None:
+            eng.heartbeat(done, "compute")
+            epoch, bi = divmod(done, spe)
+            loader.seek(epoch, bi)
+            rd.checkpoint({
+                "format": DIST_CHECKPOINT_FORMAT, "engine": "distributed", "step": done, "config": c.to_dict(),
+                "world_size": world, "loader": loader.state_dict(), "train_elapsed_s": float(elapsed),
+                "ranks": states,
+            })
+
     dist.barrier()
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - elapsed0  # a resumed run's clock continues from the checkpoint's
     eval_s = 0.0
-    acc, cnt = 0.0, 0
     last: dict[str, Any] = {}
     times_agree = bool(c.lr_decay_times_s)
     try:
-        if logging_on:
+        if logging_on and start == 0:
             t_e = time.perf_counter()
             last = evaluate(0, lr_at(c, 0, spe, 0.0), [math.nan] * world, 0.0)
             eval_s += time.perf_counter() - t_e
             if rd is not None:
                 rd.log(last)
-        for step in range(p["total"]):
+        if start >= p["total"]:  # resumed exactly at the end: the final evaluation only (collective)
+            last = evaluate(start, lr_at(c, start, spe, elapsed0), [math.nan] * world, elapsed0)
+        for step in range(start, p["total"]):
             elapsed = time.perf_counter() - t_start - eval_s
             if times_agree:  # wall-clock milestones must be the same on every rank: take the slowest clock
                 t = torch.tensor([elapsed], dtype=torch.float64)
@@ -813,6 +993,10 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
                     if rd is not None:
                         rd.log(last)
                 eval_s += time.perf_counter() - t_e
+            if logging_on and ((c.checkpoint_every and done % c.checkpoint_every == 0) or done == p["total"]):
+                t_e = time.perf_counter()
+                checkpoint(done, t_e - t_start - eval_s)
+                eval_s += time.perf_counter() - t_e
     finally:
         if rd is not None:
             rd.close()
@@ -831,6 +1015,7 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
             "preset": spec.name,
             "workers": world,
             "steps": p["total"],
+            "resumed_from_step": start,
             "final": final,
             "simulated_time_s": train_wall,
             "simulated_split_s": {k: timing[k] for k in ("compute_s", "communication_s", "idle_s")},
@@ -858,6 +1043,7 @@ def run_distributed(
     net_bandwidth_mbps: float | None = None,
     backend: str | None = None,
     env: dict[str, str] | None = None,
+    resume: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run a :class:`~coopsgd.train.RunConfig` with ``config.workers`` local processes; return the summary.
 
@@ -868,6 +1054,15 @@ def run_distributed(
     aggregate) and ``communication_fraction``. ``net_latency_ms`` / ``net_bandwidth_mbps`` emulate slow
     links (``None``: the loopback's real speed). A rank that dies, raises, is killed or hangs raises
     :class:`~coopsgd.engines.launch.RankFailure` naming it within ``timeout_s`` + a few seconds.
+
+    With a run directory (``out`` or ``config.out``) rank 0 writes ``checkpoint.pt`` every
+    ``config.checkpoint_every`` steps and at the end: format :data:`DIST_CHECKPOINT_FORMAT`, the step,
+    the config, the world size and every rank's state (gathered to rank 0; tensors and plain Python, it
+    loads with ``torch.load(weights_only=True)``). ``resume`` is such a file or a run directory holding
+    one: every rank restores its state (parameters, buffers, momentum, auxiliaries, schedule and leader,
+    loss history, RNG, counters) and the run continues from the checkpoint's step; the final
+    parameters equal an uninterrupted run's exactly. Metric records after that step are replaced.
+    A checkpoint of another format (e.g. the simulator's) or world size is a :class:`ConfigError`.
     """
     from coopsgd.train.config import RunConfig
 
@@ -878,6 +1073,11 @@ def run_distributed(
     out_dir = out or config.out
     opts = {"out": str(out_dir) if out_dir else None, "timeout_s": timeout_s, "net_latency_ms": net_latency_ms,
             "net_bandwidth_mbps": net_bandwidth_mbps}
+    if resume is not None:  # check here (a clear ConfigError, no process start-up); every rank loads it again
+        ck_step = int(_load_dist_checkpoint(resume, config.workers)["step"])
+        if config.max_steps is not None and ck_step > config.max_steps:
+            raise ConfigError.invalid("max_steps", config.max_steps, f"the checkpoint is already at step {ck_step}")
+        opts["resume"] = str(_checkpoint_path(resume).resolve())
     cfg = config.to_dict()
     cfg["engine"] = "distributed"
     results = launch(_config_rank_main, config.workers, (cfg, opts), timeout_s=timeout_s, backend=backend, env=env)
@@ -899,13 +1099,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--net-latency-ms", type=float, default=None, help="emulated latency per message")
     parser.add_argument("--net-bandwidth-mbps", type=float, default=None, help="emulated bandwidth")
     parser.add_argument("--backend", default=None, help="gloo (default on CPU) or nccl (GPU)")
+    parser.add_argument("--resume", default=None, help="continue from this checkpoint.pt (or run directory)")
     ns = parser.parse_args(argv)
     from coopsgd.train.config import RunConfig, load_config
 
     cfg = RunConfig.from_dict(load_config(ns.config), source=ns.config)
     if "RANK" not in os.environ:
         summary = run_distributed(cfg, out=ns.out, timeout_s=ns.timeout_s, net_latency_ms=ns.net_latency_ms,
-                                  net_bandwidth_mbps=ns.net_bandwidth_mbps, backend=ns.backend)
+                                  net_bandwidth_mbps=ns.net_bandwidth_mbps, backend=ns.backend, resume=ns.resume)
         print(json.dumps(_one_line(summary)))
         return 0
     use_cuda = ns.backend == "nccl" or (ns.backend is None and torch.cuda.is_available())
@@ -919,7 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank()
     try:
         opts = {"out": ns.out or cfg.out, "timeout_s": ns.timeout_s, "net_latency_ms": ns.net_latency_ms,
-                "net_bandwidth_mbps": ns.net_bandwidth_mbps, "device": device}
+                "net_bandwidth_mbps": ns.net_bandwidth_mbps, "device": device, "resume": ns.resume}
         summary = _config_rank_main(rank, dist.get_world_size(), cfg.to_dict(), opts)
     except BaseException as exc:
         print(f"[coopsgd rank {rank}] {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

@@ -467,8 +467,8 @@ def _logistic_test_loss(obj: Any, w: np.ndarray) -> float:
 def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = None,
         resume: str | Path | None = None) -> dict[str, Any]:
     """Dispatch on ``config.engine``."""
-    if resume is not None and config.engine != "simulate":  # the distributed engine has no resume yet
-        raise ConfigError.invalid("resume", str(resume), "resuming is supported by the 'simulate' engine")
+    if resume is not None and config.engine == "reference":
+        raise ConfigError.invalid("resume", str(resume), "resuming is supported by the 'simulate' and 'distributed' engines")
     if config.engine == "reference":
         return train_reference(config, progress=progress, out=out)
     if config.engine == "simulate":
@@ -478,4 +478,4 @@ def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = N
     net = {}
     if config.emulate_network:
         net = {"net_latency_ms": config.net_latency_ms, "net_bandwidth_mbps": config.net_bandwidth_mbps}
-    return run_distributed(config, out=out, timeout_s=config.timeout_s, **net)
+    return run_distributed(config, out=out, timeout_s=config.timeout_s, resume=resume, **net)
