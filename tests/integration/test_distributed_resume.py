@@ -105,3 +105,32 @@ def test_cli_resume_of_a_distributed_run(capsys, tmp_path) -> None:
     assert a["step"] == b["step"] == 6
     for r in range(2):
         assert torch.equal(a["ranks"][r]["state"], b["ranks"][r]["state"])
+
+
+def test_auto_resume_continues_from_the_run_directory(capsys, tmp_path) -> None:
+    """`python -m coopsgd.engines.distributed --auto-resume` resumes when the run directory has a checkpoint
+    (what a restarted job needs) and starts fresh when it has none."""
+    import torch
+
+    from coopsgd.engines.distributed import main as dist_main
+    from coopsgd.train import load_checkpoint
+
+    def cfg(steps: int) -> str:
+        p = tmp_path / f"run{steps}.toml"
+        p.write_text('preset = "local_sgd"\nworkers = 2\ntau = 2\nmomentum = 0.9\ndtype = "float64"\n'
+                     f"max_steps = {steps}\nbatch_size = 16\n")
+        return str(p)
+
+    assert dist_main(["--config", cfg(6), "--out", str(tmp_path / "ref"), "--timeout-s", "30"]) == 0
+    assert dist_main(["--config", cfg(3), "--out", str(tmp_path / "job"), "--auto-resume", "--timeout-s", "30"]) == 0
+    assert dist_main(["--config", cfg(6), "--out", str(tmp_path / "job"), "--auto-resume", "--timeout-s", "30"]) == 0
+    capsys.readouterr()
+    a = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "job" / "checkpoint.pt")
+    assert b["step"] == 6
+    for r in range(2):
+        assert torch.equal(a["ranks"][r]["state"], b["ranks"][r]["state"])
+    import json
+
+    summary = json.loads((tmp_path / "job" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 3  # it did resume (a fresh run would end the same)

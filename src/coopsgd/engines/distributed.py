@@ -84,6 +84,8 @@ log = logging.getLogger(__name__)
 #: Test hook: ``"RANK:STEP:MODE"`` makes rank RANK fail at the start of step STEP; MODE is ``raise``
 #: (an exception), ``exit`` (``os._exit(3)``), ``kill`` (SIGKILL itself) or ``hang`` (sleep forever).
 FAILURE_ENV = "COOPSGD_INJECT_FAILURE"
+#: With this set to a file path, the injected failure happens once (the file marks it as done).
+FAILURE_ONCE_ENV = "COOPSGD_INJECT_FAILURE_ONCE"
 _FAILURE_MODES = ("raise", "exit", "kill", "hang")
 _LOSS_ESTIMATES = ("batch", "running_mean", "probe")
 #: ``format`` tag of the distributed engine's ``checkpoint.pt`` (one file, every rank's state, written by rank 0).
@@ -301,6 +303,12 @@ class DistributedEngine:
         if f is None or f[0] != self.rank or f[1] != k:
             return
         mode = f[2]
+        once = os.environ.get(FAILURE_ONCE_ENV)
+        if once:  # fail only the first time (a restarted run then gets past this step)
+            marker = Path(once)
+            if marker.exists():
+                return
+            marker.write_text(f"rank {self.rank} step {k} {mode}\n")
         log.warning("rank %d: injected failure %r at step %d", self.rank, mode, k)
         if mode == "raise":
             raise RuntimeError(f"injected failure on rank {self.rank} at step {k}")
@@ -1100,10 +1108,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--net-bandwidth-mbps", type=float, default=None, help="emulated bandwidth")
     parser.add_argument("--backend", default=None, help="gloo (default on CPU) or nccl (GPU)")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint.pt (or run directory)")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="resume from the run directory's checkpoint.pt when there is one (for torchrun --max-restarts)")
     ns = parser.parse_args(argv)
     from coopsgd.train.config import RunConfig, load_config
 
     cfg = RunConfig.from_dict(load_config(ns.config), source=ns.config)
+    if ns.auto_resume and ns.resume is None:
+        out_dir = ns.out or cfg.out
+        if out_dir is None:
+            raise ConfigError.invalid("--auto-resume", True, "needs a run directory (--out or `out` in the config)")
+        if (Path(out_dir) / "checkpoint.pt").is_file():
+            ns.resume = str(Path(out_dir) / "checkpoint.pt")
     if "RANK" not in os.environ:
         summary = run_distributed(cfg, out=ns.out, timeout_s=ns.timeout_s, net_latency_ms=ns.net_latency_ms,
                                   net_bandwidth_mbps=ns.net_bandwidth_mbps, backend=ns.backend, resume=ns.resume)
