@@ -361,7 +361,7 @@ _RUN_HELP = {
     "max_skips": "consecutive skipped steps before stopping", "checkpoint_every": "steps between checkpoints", "buffers": "buffer policy: mix | local",
     "optimizer_state": "momentum policy: local | reset | mix", "model": "mlp, lenet, cnn7, resnet20, vgg16, lstm_lm",
     "dataset": "mnist_bundled (default, offline), digits, mnist, cifar10, synthetic_mnist, synthetic_cifar, wikitext2",
-    "data_root": "directory of downloaded data", "download": "allow torchvision downloads",
+    "data_root": "directory of downloaded data", "augment": "random crop + horizontal flip on training batches", "download": "allow torchvision downloads",
     "partition": "iid | dirichlet | shards", "dirichlet_beta": "Dirichlet concentration (label skew)",
     "shards_per_worker": "class shards per worker", "objective": "reference engine objective",
     "lr": "learning rate", "momentum": "SGD momentum", "nesterov": "Nesterov momentum",
@@ -370,7 +370,7 @@ _RUN_HELP = {
     "lr_decay_times_s": "decay the lr at these simulated times (s)", "lr_decay_factor": "lr decay factor",
     "lr_warmup_steps": "linear lr warm-up steps", "loss_estimate": "LSGD leader estimate: running_mean | batch | probe",
     "dtype": "float32 | float64", "executor": "auto | loop | vmap", "seed": "random seed",
-    "eval_every": "steps between evaluations", "eval_samples": "training samples used to evaluate the loss",
+    "eval_every": "steps between evaluations", "eval_samples": "training / test samples used per evaluation",
     "compute": "compute time: measured | constant | exponential | lognormal | pareto",
     "compute_ms": "mean compute time per step for a modelled compute time (ms)",
     "compute_spread": "spread of the compute-time distribution (stragglers)",
@@ -388,7 +388,7 @@ def _add_config_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ())
     from coopsgd.train.config import RunConfig
 
     for f in dataclasses.fields(RunConfig):
-        if f.name in skip or f.name == "objective_args":
+        if f.name in skip or f.name in ("objective_args", "model_args"):
             continue
         flag = "--" + f.name.replace("_", "-")
         t = str(f.type)

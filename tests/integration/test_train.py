@@ -165,3 +165,15 @@ def test_downpour_push_order_follows_the_simulated_clock() -> None:
     assert len(orders) == 3
     seeded = [exp.spec.schedule.order(r).tolist() for r in range(3)]
     assert orders != seeded  # heavy-tailed compute times reorder the pushes
+
+
+def test_language_model_run_reads_batches_as_batch_first(tmp_path) -> None:
+    """lm_windows + WorkerLoader give (batch, seq_len) tokens: the LSTM must be built batch-first."""
+    from coopsgd.train.trainer import build
+
+    cfg = RunConfig(dataset="wikitext2", model="lstm_lm", model_args={"emb_size": 16, "hidden_size": 16},
+                    workers=2, batch_size=4, max_steps=2, eval_samples=8, executor="loop", out=str(tmp_path / "lm"))
+    exp = build(cfg)
+    assert exp.is_lm and exp.sim.center_model().batch_first
+    summary = train(cfg)
+    assert summary["final"]["test_perplexity"] > 1

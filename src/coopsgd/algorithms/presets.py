@@ -170,10 +170,12 @@ def decentralized_periodic(
     tau = check_int("tau", tau, minimum=1)
     mats = _mixing_list(m, mixing, topology, weights, seed)
     theory, notes = _theory_for(mats)
+    # exact averaging is one all-reduce, whatever graph produced it (e.g. the complete graph)
+    pattern = "allreduce" if all(np.allclose(M, 1.0 / m, rtol=0, atol=1e-15) for M in mats) else "neighbor"
     return AlgorithmSpec(
         name="decentralized_periodic", workers=m, auxiliaries=0, tau=tau,
-        schedule=PeriodicSchedule(tau, mats, pattern="neighbor"),
-        theory_matrix=theory if not notes else None, pattern="neighbor", policies=policies or Policies(),
+        schedule=PeriodicSchedule(tau, mats, pattern=pattern),
+        theory_matrix=theory if not notes else None, pattern=pattern, policies=policies or Policies(),
         params={"topology": topology if mixing is None else "custom", "weights": weights},
         notes=notes,
     )

@@ -61,6 +61,8 @@ class RunConfig:
     optimizer_state: str = "local"
     # problem
     model: str = "mlp"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    augment: bool = False
     dataset: str = "mnist_bundled"
     data_root: str | None = None
     download: bool = False
@@ -160,10 +162,12 @@ class RunConfig:
         from coopsgd.objectives import OBJECTIVES
 
         _choice("objective", self.objective, tuple(OBJECTIVES))
+        if not isinstance(self.model_args, dict):
+            raise ConfigError.invalid("model_args", self.model_args, "must be a mapping of argument names to values")
         if not isinstance(self.objective_args, dict):
             raise ConfigError.invalid("objective_args", self.objective_args, "must be a mapping of argument names to values")
         self.timeout_s = check_float("timeout_s", self.timeout_s, low=0.0, low_open=True)
-        for name in ("nonblocking", "nesterov", "download", "emulate_network"):
+        for name in ("nonblocking", "nesterov", "download", "emulate_network", "augment"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError.invalid(name, getattr(self, name), "must be true or false")
         if self.nesterov and self.momentum == 0:

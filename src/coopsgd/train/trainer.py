@@ -83,7 +83,8 @@ def build(config: RunConfig) -> Experiment:
     from coopsgd.theory.cost import ComputeModel, NetworkModel
 
     c = config
-    train_set = load_dataset(c.dataset, root=c.data_root, split="train", download=c.download, seed=c.seed)
+    train_set = load_dataset(c.dataset, root=c.data_root, split="train", download=c.download, seed=c.seed,
+                             augment=c.augment)
     test_set = load_dataset(c.dataset, root=c.data_root, split="test", download=c.download, seed=c.seed)
     is_lm = train_set.vocab is not None
     histograms = None
@@ -108,7 +109,9 @@ def build(config: RunConfig) -> Experiment:
             kwargs["tau"] = max(1, round(c.local_epochs * loader.steps_per_epoch))
     spec = make_preset(c.preset, c.workers, **kwargs)
     torch.manual_seed(c.seed)
-    model_kw: dict[str, Any] = {}
+    model_kw: dict[str, Any] = dict(c.model_args)
+    if is_lm and c.model == "lstm_lm":
+        model_kw.setdefault("batch_first", True)  # lm_windows + WorkerLoader give (batch, seq_len) tokens
     model = make_model(c.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape, **model_kw)
     dtype = torch.float64 if c.dtype == "float64" else torch.float32
     network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
@@ -158,8 +161,9 @@ def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, los
 def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarray, wall: float) -> dict[str, Any]:
     sim, spec, c = exp.sim, exp.spec, exp.config
     dtype = torch.float64 if c.dtype == "float64" else torch.float32
-    test = evaluate_model(sim.center_model(), exp.test_set.x, exp.test_set.y, exp.loss_fn, is_lm=exp.is_lm,
-                          dtype=dtype)
+    nt = min(c.eval_samples, len(exp.test_set))  # the first eval_samples test samples (all 2,000 by default)
+    test = evaluate_model(sim.center_model(), exp.test_set.x[:nt], exp.test_set.y[:nt], exp.loss_fn,
+                          is_lm=exp.is_lm, dtype=dtype)
     n = min(c.eval_samples, len(exp.train_set))
     avg_model = sim.average_model()
     train = evaluate_model(avg_model, exp.train_set.x[:n], exp.train_set.y[:n], exp.loss_fn, is_lm=exp.is_lm,
