@@ -52,3 +52,8 @@ def _lsgd_toy(*, quick: bool, engine: str, out: Path, seed: int, progress: bool)
 
 
 register("lsgd-toy", "[LSGD] Table 1 / Fig. 7: EASGD vs LSGD on sin(pi r)/(pi r)", ("reference",))(_lsgd_toy)
+
+
+# Experiments defined in their own modules register themselves on import (kept last: they import `register`).
+from coopsgd.experiments import csgd as _csgd  # noqa: E402,F401
+from coopsgd.experiments import lsgd_nets as _lsgd_nets  # noqa: E402,F401
