@@ -65,7 +65,7 @@ from coopsgd.engines.executors import FlatLayout, LoopExecutor
 from coopsgd.engines.launch import heartbeat as _current_heartbeat
 from coopsgd.engines.launch import launch
 from coopsgd.engines.optim import SGDOptions, sgd_direction_
-from coopsgd.engines.reference import NonFiniteError
+from coopsgd.engines.reference import NonFiniteError, consensus_distance
 from coopsgd.errors import ConfigError, check_float, check_int
 
 __all__ = [
@@ -924,6 +924,7 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
         eng.heartbeat(step, "compute" if rank == 0 else "comm")
         center = eng.center_row()
         avg = eng.average_row()
+        stacked = eng.gather_params()  # collective: every rank takes part
         bytes_t = torch.tensor([eng.mixer.stats.bytes_sent], dtype=torch.float64)
         dist.all_reduce(bytes_t)
         rec: dict[str, Any] = {}
@@ -934,7 +935,8 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
             rec = {"step": step, "epoch": step / spe, "lr": lr, "train_loss": train["loss"],
                    "worker_losses": worker_losses, "test_loss": test["loss"], "rounds": eng.rounds,
                    "bytes_sent": float(bytes_t[0]), "simulated_time_s": train_wall, "wall_time_s": train_wall,
-                   "compute_s": eng.compute_s, "communication_s": eng.mixer.stats.comm_s}
+                   "compute_s": eng.compute_s, "communication_s": eng.mixer.stats.comm_s,
+                   "consensus_distance": consensus_distance(stacked.detach().to("cpu", torch.float64).numpy(), eng.m)}
             if is_lm:
                 rec["test_perplexity"] = test["perplexity"]
             else:

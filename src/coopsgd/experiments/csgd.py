@@ -36,12 +36,26 @@ from coopsgd.train.config import RunConfig
 __all__ = ["FULL", "QUICK", "base_config", "run_fig3", "run_fig4", "run_fig5", "run_fig6"]
 
 #: [CSGD] Appendix A.
-FULL: dict[str, Any] = {"model": "vgg16", "dataset": "cifar10", "workers": 8, "batch_size": 128, "lr": 0.4,
-                        "epochs": 200.0, "lr_decay_epochs": [100.0, 150.0], "lr_decay_factor": 0.1,
-                        "eval_samples": 10000}
+FULL: dict[str, Any] = {
+    "model": "vgg16",
+    "dataset": "cifar10",
+    "workers": 8,
+    "batch_size": 128,
+    "lr": 0.4,
+    "epochs": 200.0,
+    "lr_decay_epochs": [100.0, 150.0],
+    "lr_decay_factor": 0.1,
+    "eval_samples": 10000,
+}
 #: The CPU scale: same workers, a small model on bundled data; lr x ``lr_scale`` of the paper's value.
-QUICK: dict[str, Any] = {"model": "mlp", "dataset": "mnist_bundled", "workers": 8, "batch_size": 32,
-                         "eval_samples": 2000, "executor": "vmap"}
+QUICK: dict[str, Any] = {
+    "model": "mlp",
+    "dataset": "mnist_bundled",
+    "workers": 8,
+    "batch_size": 32,
+    "eval_samples": 2000,
+    "executor": "vmap",
+}
 #: The paper's learning rates are multiplied by this in quick mode (0.4 -> 0.2 for the MLP).
 QUICK_LR_SCALE = 0.5
 
@@ -67,20 +81,40 @@ def _start(quick: bool, out: Path) -> Path:
 
 def _scale_note(quick: bool) -> str:
     if quick:
-        return (f"quick scale: MLP on bundled MNIST (8,000 train images), 8 workers, batch 32/worker, "
-                f"lr = paper lr x {QUICK_LR_SCALE:g}")
+        return (
+            f"quick scale: MLP on bundled MNIST (8,000 train images), 8 workers, batch 32/worker, "
+            f"lr = paper lr x {QUICK_LR_SCALE:g}"
+        )
     return "full scale: VGG-16 on CIFAR-10, 8 workers, batch 128/worker ([CSGD] App. A)"
 
 
 # ------------------------------------------------------------------------------------------------- Fig. 3
 
-FIG3_POINTS: list[tuple[int, str]] = [(1, "complete"), (4, "complete"), (16, "complete"),
-                                      (1, "hypercube"), (1, "ring"), (4, "ring")]
+FIG3_POINTS: list[tuple[int, str]] = [
+    (1, "complete"),
+    (4, "complete"),
+    (16, "complete"),
+    (1, "hypercube"),
+    (1, "ring"),
+    (4, "ring"),
+]
 
 
-@register("csgd-fig3", "[CSGD] Fig. 3: network error bound over (tau, zeta) and measured error floors at fixed lr")
-def run_fig3(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, _scale: float = 1.0,
-             _points: list[tuple[int, str]] | None = None) -> dict[str, Any]:
+@register(
+    "csgd-fig3",
+    "[CSGD] Fig. 3: network error bound over (tau, zeta) and measured error floors at fixed lr",
+    engines=("simulate", "distributed"),
+)
+def run_fig3(
+    *,
+    quick: bool,
+    engine: str,
+    out: Path,
+    seed: int,
+    progress: bool,
+    _scale: float = 1.0,
+    _points: list[tuple[int, str]] | None = None,
+) -> dict[str, Any]:
     """Heat map of the NEB factor with circled (tau, zeta) points, and for each point the training loss of
     the averaged model at a fixed learning rate; the error floor is the mean over the last 25 % of steps."""
     from coopsgd.theory.bounds import network_error_term
@@ -93,40 +127,99 @@ def run_fig3(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, 
     runs = []
     for tau, topo in _points or FIG3_POINTS:
         z = float(mixing_matrix(topo, 8, "metropolis").zeta)
-        cfg = base_config(quick, seed, preset="decentralized_periodic", tau=tau, topology=topo, weights="metropolis",
-                          lr=lr, max_steps=steps, lr_decay_epochs=[], eval_every=max(1, steps // 30))
-        res = run_config(cfg, out / f"tau{tau}_{topo}", f"tau={tau}, {topo} (zeta={z:.2f})", progress=progress,
-                         extra={"tau": tau, "topology": topo, "zeta": z,
-                                "neb_factor": float(network_error_term(tau, z))})
+        cfg = base_config(
+            quick,
+            seed,
+            preset="decentralized_periodic",
+            tau=tau,
+            topology=topo,
+            weights="metropolis",
+            lr=lr,
+            max_steps=steps,
+            lr_decay_epochs=[],
+            eval_every=max(1, steps // 30),
+        )
+        res = run_config(
+            cfg,
+            out / f"tau{tau}_{topo}",
+            f"tau={tau}, {topo} (zeta={z:.2f})",
+            progress=progress,
+            extra={"tau": tau, "topology": topo, "zeta": z, "neb_factor": float(network_error_term(tau, z))},
+        )
         res["error_floor"] = tail_mean(res, "train_loss", 0.25)
         runs.append(res)
-    heat = plot_network_error_heatmap(out / "csgd_fig3a_heatmap.png", taus=range(1, 21),
-                                      circled=[(r["tau"], r["zeta"], f"τ={r['tau']}, ζ={r['zeta']:.2f}") for r in runs],
-                                      title="[CSGD] Fig. 3a: network error bound factor")
+    heat = plot_network_error_heatmap(
+        out / "csgd_fig3a_heatmap.png",
+        taus=range(1, 21),
+        circled=[(r["tau"], r["zeta"], f"τ={r['tau']}, ζ={r['zeta']:.2f}") for r in runs],
+        title="[CSGD] Fig. 3a: network error bound factor",
+    )
     note = f"{_scale_note(quick)}; fixed lr {lr:g}; {describe_time(time_fields(quick))}"
-    curves = plot_panels(out / "csgd_fig3b_loss.png", runs, [
-        {"x": "step", "y": "train_loss", "xlabel": "step", "ylabel": "training loss (averaged model)", "logy": True},
-        {"x": "simulated_time_s", "y": "train_loss", "xlabel": "simulated wall-clock (s)",
-         "ylabel": "training loss (averaged model)", "logy": True},
-    ], title="[CSGD] Fig. 3b: larger tau or zeta -> higher error floor at a fixed lr", note=note, ncols=2)
+    curves = plot_panels(
+        out / "csgd_fig3b_loss.png",
+        runs,
+        [
+            {
+                "x": "step",
+                "y": "train_loss",
+                "xlabel": "step",
+                "ylabel": "training loss (averaged model)",
+                "logy": True,
+            },
+            {
+                "x": "simulated_time_s",
+                "y": "train_loss",
+                "xlabel": "simulated wall-clock (s)",
+                "ylabel": "training loss (averaged model)",
+                "logy": True,
+            },
+        ],
+        title="[CSGD] Fig. 3b: larger tau or zeta -> higher error floor at a fixed lr",
+        note=note,
+        ncols=2,
+    )
     by = {(r["tau"], r["topology"]): r["error_floor"] for r in runs}
-    summary = [f"csgd-fig3 ({'quick' if quick else 'full'}): fixed lr {lr:g}, {steps} steps; "
-               "error floor = mean training loss over the last 25% of steps"]
+    summary = [
+        f"csgd-fig3 ({'quick' if quick else 'full'}): fixed lr {lr:g}, {steps} steps; "
+        "error floor = mean training loss over the last 25% of steps"
+    ]
     for r in runs:
-        summary.append(f"  tau={r['tau']:<3d} {r['topology']:9s} zeta={r['zeta']:.3f}  NEB factor {r['neb_factor']:7.2f}"
-                       f"  error floor {r['error_floor']:.4f}")
-    return {"experiment": "csgd-fig3", "quick": quick, "lr": lr, "steps": steps, "time_model": time_fields(quick),
-            "scale": note, "runs": public_runs(runs),
-            "error_floor": {f"tau={t},{topo}": v for (t, topo), v in by.items()},
-            "plots": [str(heat), str(curves)], "summary": summary}
+        summary.append(
+            f"  tau={r['tau']:<3d} {r['topology']:9s} zeta={r['zeta']:.3f}  NEB factor {r['neb_factor']:7.2f}"
+            f"  error floor {r['error_floor']:.4f}"
+        )
+    return {
+        "experiment": "csgd-fig3",
+        "quick": quick,
+        "lr": lr,
+        "steps": steps,
+        "time_model": time_fields(quick),
+        "scale": note,
+        "runs": public_runs(runs),
+        "error_floor": {f"tau={t},{topo}": v for (t, topo), v in by.items()},
+        "plots": [str(heat), str(curves)],
+        "summary": summary,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- Fig. 4
 
 
-@register("csgd-fig4", "[CSGD] Fig. 4: EASGD alpha sweep (m=8) and blocking vs non-blocking time")
-def run_fig4(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, _scale: float = 1.0,
-             _nonblocking: bool = True) -> dict[str, Any]:
+@register(
+    "csgd-fig4",
+    "[CSGD] Fig. 4: EASGD alpha sweep (m=8) and blocking vs non-blocking time",
+    engines=("simulate", "distributed"),
+)
+def run_fig4(
+    *,
+    quick: bool,
+    engine: str,
+    out: Path,
+    seed: int,
+    progress: bool,
+    _scale: float = 1.0,
+    _nonblocking: bool = True,
+) -> dict[str, Any]:
     """EASGD, m = 8, tau = 1: alpha = 0.9/m, 2/(m+2) (best, Lemma 1), 0.25 > 2/(m+1) (diverges), and the
     best alpha non-blocking. Reports the mean training loss of the local models (running mean of the
     workers' mini-batch losses), the discrepancy ||X(I-J)||^2/m over workers and z, and simulated time."""
@@ -137,22 +230,42 @@ def run_fig4(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, 
     lr = 0.4  # the paper's lr in both modes: the MLP takes it, and it separates the alphas more clearly
     steps = scaled(300, _scale, 30) if quick else None
     best = easgd_best_alpha(m)
-    cases = [("0.9/m", 0.9 / m, False), ("2/(m+2) (best)", best, False), ("0.25 > 2/(m+1)", 0.25, False),
-             ("2/(m+2) non-blocking", best, True)][: 4 if _nonblocking else 3]
+    cases = [
+        ("0.9/m", 0.9 / m, False),
+        ("2/(m+2) (best)", best, False),
+        ("0.25 > 2/(m+1)", 0.25, False),
+        ("2/(m+2) non-blocking", best, True),
+    ][: 4 if _nonblocking else 3]
     runs = []
     for name, alpha, nb in cases:
-        cfg = base_config(quick, seed, preset="easgd", tau=1, alpha=alpha, nonblocking=nb, lr=lr, max_steps=steps,
-                          eval_every=max(1, (steps or 10000) // 30) if quick else None)
-        res = run_config(cfg, out / f"alpha{alpha:.4f}{'_nb' if nb else ''}", f"alpha={alpha:.4f} ({name})",
-                         progress=progress, extra={"alpha": alpha, "nonblocking": nb, "zeta": easgd_zeta(alpha, m)})
+        cfg = base_config(
+            quick,
+            seed,
+            preset="easgd",
+            tau=1,
+            alpha=alpha,
+            nonblocking=nb,
+            lr=lr,
+            max_steps=steps,
+            eval_every=max(1, (steps or 10000) // 30) if quick else None,
+        )
+        res = run_config(
+            cfg,
+            out / f"alpha{alpha:.4f}{'_nb' if nb else ''}",
+            f"alpha={alpha:.4f} ({name})",
+            progress=progress,
+            extra={"alpha": alpha, "nonblocking": nb, "zeta": easgd_zeta(alpha, m)},
+        )
         for rec in res["_metrics"]:
             wl = [v for v in rec.get("worker_losses", []) if v is not None and np.isfinite(v)]
             rec["local_loss"] = float(np.mean(wl)) if wl else None
         res["local_loss_tail"] = tail_mean(res, "local_loss", 0.25)
         res["discrepancy_tail"] = tail_mean(res, "consensus_distance", 0.25)
         runs.append(res)
-    note = (f"{_scale_note(quick).split(', lr =')[0]}; tau=1, lr {lr:g} (the paper's); "
-            f"{describe_time(time_fields(quick))}")
+    note = (
+        f"{_scale_note(quick).split(', lr =')[0]}; tau=1, lr {lr:g} (the paper's); "
+        f"{describe_time(time_fields(quick))}"
+    )
     ok = [r for r in runs if not r["diverged"]]
 
     def _lim(key: str) -> tuple[float, float] | None:
@@ -160,34 +273,77 @@ def run_fig4(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, 
         vals = vals[vals > 0]
         return (float(vals.min()) / 1.5, float(vals.max()) * 1.5) if vals.size else None
 
-    plot = plot_panels(out / "csgd_fig4_easgd.png", runs, [
-        {"x": "step", "y": "local_loss", "xlabel": "step", "ylabel": "training loss of local models (mean)",
-         "logy": True, "runs": [0, 1, 2], "title": "(a) average training loss",
-         "ylim": _lim("local_loss")},
-        {"x": "step", "y": "consensus_distance", "xlabel": "step", "ylabel": "||X(I-J)||^2/m (workers + z)",
-         "logy": True, "runs": [0, 1, 2], "title": "(b) worker-auxiliary discrepancy",
-         "ylim": _lim("consensus_distance")},
-        {"x": "simulated_time_s", "y": "local_loss", "xlabel": "simulated wall-clock (s)",
-         "ylabel": "training loss of local models (mean)", "logy": True, "runs": [1, len(runs) - 1], "legend": True,
-         "title": "(c) blocking vs non-blocking, alpha=2/(m+2)"},
-    ], title="[CSGD] Fig. 4: EASGD with m=8", note=note, ncols=3)
+    plot = plot_panels(
+        out / "csgd_fig4_easgd.png",
+        runs,
+        [
+            {
+                "x": "step",
+                "y": "local_loss",
+                "xlabel": "step",
+                "ylabel": "training loss of local models (mean)",
+                "logy": True,
+                "runs": [0, 1, 2],
+                "title": "(a) average training loss",
+                "ylim": _lim("local_loss"),
+            },
+            {
+                "x": "step",
+                "y": "consensus_distance",
+                "xlabel": "step",
+                "ylabel": "||X(I-J)||^2/m (workers + z)",
+                "logy": True,
+                "runs": [0, 1, 2],
+                "title": "(b) worker-auxiliary discrepancy",
+                "ylim": _lim("consensus_distance"),
+            },
+            {
+                "x": "simulated_time_s",
+                "y": "local_loss",
+                "xlabel": "simulated wall-clock (s)",
+                "ylabel": "training loss of local models (mean)",
+                "logy": True,
+                "runs": [1, len(runs) - 1],
+                "legend": True,
+                "title": "(c) blocking vs non-blocking, alpha=2/(m+2)",
+            },
+        ],
+        title="[CSGD] Fig. 4: EASGD with m=8",
+        note=note,
+        ncols=3,
+    )
     blocking, nonblocking = runs[1], runs[-1]
     saving = None
     if _nonblocking and blocking.get("simulated_time_s") and nonblocking.get("simulated_time_s"):
         saving = 1.0 - nonblocking["simulated_time_s"] / blocking["simulated_time_s"]
-    summary = [f"csgd-fig4 ({'quick' if quick else 'full'}): EASGD m=8, tau=1, lr {lr:g}; "
-               f"best alpha 2/(m+2)={best:.4f}, divergence beyond 2/(m+1)={easgd_alpha_limit(m):.4f}"]
+    summary = [
+        f"csgd-fig4 ({'quick' if quick else 'full'}): EASGD m=8, tau=1, lr {lr:g}; "
+        f"best alpha 2/(m+2)={best:.4f}, divergence beyond 2/(m+1)={easgd_alpha_limit(m):.4f}"
+    ]
     for r in runs:
         if r["diverged"]:
-            summary.append(f"  {r['label']:34s} zeta={r['zeta']:.3f}  DIVERGED at step {r['diverged']['step']}")
+            summary.append(
+                f"  {r['label']:34s} zeta={r['zeta']:.3f}  DIVERGED at step {r['diverged']['step']}"
+            )
         else:
-            summary.append(f"  {r['label']:34s} zeta={r['zeta']:.3f}  local-model loss (last 25%) "
-                           f"{r['local_loss_tail']:.4f}  discrepancy {r['discrepancy_tail']:.4f}  "
-                           f"simulated time {r['simulated_time_s']:.1f} s")
+            summary.append(
+                f"  {r['label']:34s} zeta={r['zeta']:.3f}  local-model loss (last 25%) "
+                f"{r['local_loss_tail']:.4f}  discrepancy {r['discrepancy_tail']:.4f}  "
+                f"simulated time {r['simulated_time_s']:.1f} s"
+            )
     if saving is not None:
         summary.append(f"  non-blocking saves {100 * saving:.0f}% of the simulated time (identical iterates)")
-    return {"experiment": "csgd-fig4", "quick": quick, "lr": lr, "time_model": time_fields(quick), "scale": note,
-            "runs": public_runs(runs), "nonblocking_time_saving": saving, "plots": [str(plot)], "summary": summary}
+    return {
+        "experiment": "csgd-fig4",
+        "quick": quick,
+        "lr": lr,
+        "time_model": time_fields(quick),
+        "scale": note,
+        "runs": public_runs(runs),
+        "nonblocking_time_saving": saving,
+        "plots": [str(plot)],
+        "summary": summary,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- Fig. 5
@@ -195,9 +351,22 @@ def run_fig4(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, 
 FIG5_TAUS = (1, 4, 8, 16, 24)
 
 
-@register("csgd-fig5", "[CSGD] Fig. 5: local SGD tau in {1,4,8,16,24} at two learning rates")
-def run_fig5(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, _scale: float = 1.0,
-             _taus: tuple[int, ...] = FIG5_TAUS, _paper_lrs: tuple[float, ...] = (0.04, 0.4)) -> dict[str, Any]:
+@register(
+    "csgd-fig5",
+    "[CSGD] Fig. 5: local SGD tau in {1,4,8,16,24} at two learning rates",
+    engines=("simulate", "distributed"),
+)
+def run_fig5(
+    *,
+    quick: bool,
+    engine: str,
+    out: Path,
+    seed: int,
+    progress: bool,
+    _scale: float = 1.0,
+    _taus: tuple[int, ...] = FIG5_TAUS,
+    _paper_lrs: tuple[float, ...] = (0.04, 0.4),
+) -> dict[str, Any]:
     """PSASGD (local SGD) for each tau at the paper's lr 0.04 and 0.4 (scaled in quick mode), lr / 10 at
     50 % and 75 % of training: loss vs epochs and vs simulated wall-clock, test accuracy."""
     out = _start(quick, out)
@@ -207,10 +376,23 @@ def run_fig5(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, 
     for paper_lr in _paper_lrs:
         lr = _lr(paper_lr, quick)
         for tau in _taus:
-            cfg = base_config(quick, seed, preset="local_sgd", tau=tau, lr=lr, epochs=epochs, lr_decay_epochs=decay,
-                              eval_every=8 if quick else None)
-            res = run_config(cfg, out / f"lr{paper_lr:g}_tau{tau}", f"tau={tau}", progress=progress,
-                             extra={"tau": tau, "lr": lr, "paper_lr": paper_lr})
+            cfg = base_config(
+                quick,
+                seed,
+                preset="local_sgd",
+                tau=tau,
+                lr=lr,
+                epochs=epochs,
+                lr_decay_epochs=decay,
+                eval_every=8 if quick else None,
+            )
+            res = run_config(
+                cfg,
+                out / f"lr{paper_lr:g}_tau{tau}",
+                f"tau={tau}",
+                progress=progress,
+                extra={"tau": tau, "lr": lr, "paper_lr": paper_lr},
+            )
             runs.append(res)
     n = len(_taus)
     groups = [(list(range(k * n, (k + 1) * n)), p, _lr(p, quick)) for k, p in enumerate(_paper_lrs)]
@@ -218,38 +400,85 @@ def run_fig5(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, 
     panels = []
     for idx, _, lr in groups:
         panels += [
-            {"x": "epoch", "y": "train_loss", "xlabel": "epoch", "ylabel": "training loss", "logy": True, "runs": idx,
-             "title": f"lr {lr:g}: loss vs epochs", "legend": True},
-            {"x": "simulated_time_s", "y": "train_loss", "xlabel": "simulated wall-clock (s)", "ylabel": "training loss",
-             "logy": True, "runs": idx, "title": f"lr {lr:g}: loss vs wall-clock"},
-            {"x": "epoch", "y": "test_accuracy", "xlabel": "epoch", "ylabel": "test accuracy", "runs": idx,
-             "title": f"lr {lr:g}: test accuracy"},
+            {
+                "x": "epoch",
+                "y": "train_loss",
+                "xlabel": "epoch",
+                "ylabel": "training loss",
+                "logy": True,
+                "runs": idx,
+                "title": f"lr {lr:g}: loss vs epochs",
+                "legend": True,
+            },
+            {
+                "x": "simulated_time_s",
+                "y": "train_loss",
+                "xlabel": "simulated wall-clock (s)",
+                "ylabel": "training loss",
+                "logy": True,
+                "runs": idx,
+                "title": f"lr {lr:g}: loss vs wall-clock",
+            },
+            {
+                "x": "epoch",
+                "y": "test_accuracy",
+                "xlabel": "epoch",
+                "ylabel": "test accuracy",
+                "runs": idx,
+                "title": f"lr {lr:g}: test accuracy",
+            },
         ]
-    plot = plot_panels(out / "csgd_fig5_local_sgd.png", runs, panels,
-                       title="[CSGD] Fig. 5: local SGD error-runtime trade-off", note=note, ncols=3)
+    plot = plot_panels(
+        out / "csgd_fig5_local_sgd.png",
+        runs,
+        panels,
+        title="[CSGD] Fig. 5: local SGD error-runtime trade-off",
+        note=note,
+        ncols=3,
+    )
     table = []
     for r in runs:
-        table.append({"paper_lr": r["paper_lr"], "lr": r["lr"], "tau": r["tau"],
-                      "final_train_loss": r.get("final", {}).get("train_loss"),
-                      "test_accuracy": r.get("final", {}).get("test_accuracy"),
-                      "simulated_time_s": r.get("simulated_time_s"), "rounds": r.get("communication_rounds")})
+        table.append(
+            {
+                "paper_lr": r["paper_lr"],
+                "lr": r["lr"],
+                "tau": r["tau"],
+                "final_train_loss": r.get("final", {}).get("train_loss"),
+                "test_accuracy": r.get("final", {}).get("test_accuracy"),
+                "simulated_time_s": r.get("simulated_time_s"),
+                "rounds": r.get("communication_rounds"),
+            }
+        )
     gaps: dict[str, float | None] = {}
     for idx, paper_lr, _ in groups:
         losses = [runs[i].get("final", {}).get("train_loss") for i in idx]
         gaps[f"{paper_lr:g}"] = (max(losses) / min(losses)) if all(v is not None for v in losses) else None
-    summary = [f"csgd-fig5 ({'quick' if quick else 'full'}): local SGD, {epochs:g} epochs, lrs "
-               f"{', '.join(f'{g[2]:g}' for g in groups)} (paper {', '.join(f'{p:g}' for p in _paper_lrs)})"]
+    summary = [
+        f"csgd-fig5 ({'quick' if quick else 'full'}): local SGD, {epochs:g} epochs, lrs "
+        f"{', '.join(f'{g[2]:g}' for g in groups)} (paper {', '.join(f'{p:g}' for p in _paper_lrs)})"
+    ]
     for row in table:
-        summary.append(f"  lr {row['lr']:<6g} tau={row['tau']:<3d} final train loss {row['final_train_loss']:.4f}  "
-                       f"test acc {row['test_accuracy']:.3f}  simulated time {row['simulated_time_s']:.1f} s  "
-                       f"rounds {row['rounds']}")
+        summary.append(
+            f"  lr {row['lr']:<6g} tau={row['tau']:<3d} final train loss {row['final_train_loss']:.4f}  "
+            f"test acc {row['test_accuracy']:.3f}  simulated time {row['simulated_time_s']:.1f} s  "
+            f"rounds {row['rounds']}"
+        )
     for _, paper_lr, lr in groups:
         g = gaps[f"{paper_lr:g}"]
         if g is not None:
             summary.append(f"  lr {lr:g}: largest / smallest final training loss over tau = {g:.2f}x")
-    return {"experiment": "csgd-fig5", "quick": quick, "epochs": epochs, "time_model": time_fields(quick),
-            "scale": note, "table": table, "loss_spread_over_tau": gaps, "runs": public_runs(runs),
-            "plots": [str(plot)], "summary": summary}
+    return {
+        "experiment": "csgd-fig5",
+        "quick": quick,
+        "epochs": epochs,
+        "time_model": time_fields(quick),
+        "scale": note,
+        "table": table,
+        "loss_spread_over_tau": gaps,
+        "runs": public_runs(runs),
+        "plots": [str(plot)],
+        "summary": summary,
+    }
 
 
 def rounds_to_target(res: dict[str, Any], target: float) -> float | None:
@@ -260,8 +489,14 @@ def rounds_to_target(res: dict[str, Any], target: float) -> float | None:
 # ------------------------------------------------------------------------------------------------- Fig. 6
 
 
-@register("csgd-fig6", "[CSGD] Fig. 6: decentralized periodic averaging (tau=10, zeta=0.75) vs D-PSGD vs sync")
-def run_fig6(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, _scale: float = 1.0) -> dict[str, Any]:
+@register(
+    "csgd-fig6",
+    "[CSGD] Fig. 6: decentralized periodic averaging (tau=10, zeta=0.75) vs D-PSGD vs sync",
+    engines=("simulate", "distributed"),
+)
+def run_fig6(
+    *, quick: bool, engine: str, out: Path, seed: int, progress: bool, _scale: float = 1.0
+) -> dict[str, Any]:
     """Decentralized periodic averaging (tau = 10) and D-PSGD (tau = 1) on the same ring with zeta ~ 0.75,
     and fully synchronous SGD: training loss vs epochs and vs simulated wall-clock, time to a target loss."""
     out = _start(quick, out)
@@ -275,37 +510,85 @@ def run_fig6(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, 
     lr = _lr(0.4, quick)
     # the paper's target is 0.1 (VGG-16, 200 epochs); the 10-epoch quick runs stop near 0.2, so quick uses 0.25
     target = 0.25 if quick else 0.1
-    cases = [("fully sync (tau=1, zeta=0)", "sync", None), (f"D-PSGD (tau=1, zeta={z:.2f})", "dpsgd", 1),
-             (f"decentralized periodic (tau=10, zeta={z:.2f})", "decentralized_periodic", 10)]
+    cases = [
+        ("fully sync (tau=1, zeta=0)", "sync", None),
+        (f"D-PSGD (tau=1, zeta={z:.2f})", "dpsgd", 1),
+        (f"decentralized periodic (tau=10, zeta={z:.2f})", "decentralized_periodic", 10),
+    ]
     runs = []
     for label, preset, tau in cases:
         topo = {} if preset == "sync" else {"topology": "ring", "weights": "best_constant"}
-        cfg = base_config(quick, seed, preset=preset, tau=tau if preset == "decentralized_periodic" else None,
-                          lr=lr, epochs=epochs, lr_decay_epochs=decay, eval_every=8 if quick else None, **topo)
+        cfg = base_config(
+            quick,
+            seed,
+            preset=preset,
+            tau=tau if preset == "decentralized_periodic" else None,
+            lr=lr,
+            epochs=epochs,
+            lr_decay_epochs=decay,
+            eval_every=8 if quick else None,
+            **topo,
+        )
         res = run_config(cfg, out / preset, label, progress=progress)
         res["time_to_target_s"] = first_reach(res, target)
         res["epochs_to_target"] = first_reach(res, target, x="epoch")
         runs.append(res)
     ttt = [r["time_to_target_s"] for r in runs]
     ratio = ttt[1] / ttt[2] if ttt[1] is not None and ttt[2] is not None else None
-    note = (f"{_scale_note(quick)}; ring, best-constant weight {w:.4f} (zeta={z:.3f}); "
-            f"{describe_time(time_fields(quick))}")
-    plot = plot_panels(out / "csgd_fig6_decentralized.png", runs, [
-        {"x": "epoch", "y": "train_loss", "xlabel": "epoch", "ylabel": "training loss (averaged model)", "logy": True},
-        {"x": "simulated_time_s", "y": "train_loss", "xlabel": "simulated wall-clock (s)",
-         "ylabel": "training loss (averaged model)", "logy": True},
-    ], title=f"[CSGD] Fig. 6: decentralized periodic averaging (target loss {target:g})", note=note, ncols=2)
-    summary = [f"csgd-fig6 ({'quick' if quick else 'full'}): ring with zeta={z:.3f}, lr {lr:g}, {epochs:g} epochs, "
-               f"target training loss {target:g}"]
+    note = (
+        f"{_scale_note(quick)}; ring, best-constant weight {w:.4f} (zeta={z:.3f}); "
+        f"{describe_time(time_fields(quick))}"
+    )
+    plot = plot_panels(
+        out / "csgd_fig6_decentralized.png",
+        runs,
+        [
+            {
+                "x": "epoch",
+                "y": "train_loss",
+                "xlabel": "epoch",
+                "ylabel": "training loss (averaged model)",
+                "logy": True,
+            },
+            {
+                "x": "simulated_time_s",
+                "y": "train_loss",
+                "xlabel": "simulated wall-clock (s)",
+                "ylabel": "training loss (averaged model)",
+                "logy": True,
+            },
+        ],
+        title=f"[CSGD] Fig. 6: decentralized periodic averaging (target loss {target:g})",
+        note=note,
+        ncols=2,
+    )
+    summary = [
+        f"csgd-fig6 ({'quick' if quick else 'full'}): ring with zeta={z:.3f}, lr {lr:g}, {epochs:g} epochs, "
+        f"target training loss {target:g}"
+    ]
     for r in runs:
         t = r["time_to_target_s"]
-        summary.append(f"  {r['label']:42s} final loss {r['final']['train_loss']:.4f}  time to target "
-                       f"{'not reached' if t is None else f'{t:.1f} s'}  total {r['simulated_time_s']:.1f} s")
+        summary.append(
+            f"  {r['label']:42s} final loss {r['final']['train_loss']:.4f}  time to target "
+            f"{'not reached' if t is None else f'{t:.1f} s'}  total {r['simulated_time_s']:.1f} s"
+        )
     if ratio is not None:
         summary.append(f"  D-PSGD / decentralized periodic time to target: {ratio:.2f}x (paper: about 4x)")
-    return {"experiment": "csgd-fig6", "quick": quick, "zeta": z, "ring_weight": w, "lr": lr,
-            "epochs": epochs, "target_loss": target, "time_model": time_fields(quick), "scale": note,
-            "runs": public_runs(runs), "time_to_target_ratio": ratio, "plots": [str(plot)], "summary": summary}
+    return {
+        "experiment": "csgd-fig6",
+        "quick": quick,
+        "zeta": z,
+        "ring_weight": w,
+        "lr": lr,
+        "epochs": epochs,
+        "target_loss": target,
+        "time_model": time_fields(quick),
+        "scale": note,
+        "runs": public_runs(runs),
+        "time_to_target_ratio": ratio,
+        "plots": [str(plot)],
+        "summary": summary,
+    }
 
 
 __all__ += ["rounds_to_target", "series"]

@@ -13,6 +13,7 @@ says which model of time produced it.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 import time
@@ -53,6 +54,10 @@ QUICK_TIME: dict[str, Any] = {"compute": "constant", "compute_ms": 100.0, "net_l
                               "net_bandwidth_mbps": 100.0}
 #: Full-scale time model: the measured compute time of each step and the papers' 40 Gbit/s Ethernet.
 FULL_TIME: dict[str, Any] = {"compute": "measured", "net_latency_ms": 0.1, "net_bandwidth_mbps": 40_000.0}
+
+
+#: Engine of the current ``coopsgd reproduce`` call ("simulate" or "distributed"), set by the registry.
+ENGINE: contextvars.ContextVar[str] = contextvars.ContextVar("coopsgd_experiment_engine", default="simulate")
 
 
 def time_fields(quick: bool) -> dict[str, Any]:
@@ -98,7 +103,7 @@ def _finish(label: str, run_dir: Path, summary: dict[str, Any] | None, error: Ba
         res["simulated_time_s"] = summary["simulated_time_s"]
         res["simulated_split_s"] = summary["simulated_split_s"]
         res["communication_rounds"] = summary["communication_rounds"]
-        res["zeta"] = summary["zeta"]
+        res["zeta"] = summary.get("zeta")
     res["_metrics"] = metrics
     return res
 
@@ -109,17 +114,33 @@ def run_config(cfg: RunConfig, out: Path, label: str, *, progress: bool = False,
 
     A non-finite loss does not raise: the result's ``diverged`` holds the step and the message.
     """
-    from coopsgd.train.trainer import train
+    import dataclasses
+
+    from coopsgd.train.trainer import run
 
     out = Path(out)
+    if ENGINE.get() == "distributed":
+        # one process per worker; the stated network is emulated on every message, time is measured
+        cfg = dataclasses.replace(cfg, engine="distributed", emulate_network=True)
     t0 = time.perf_counter()
     summary, error = None, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DivergenceWarning)  # the experiments choose diverging settings on purpose
         try:
-            summary = train(cfg, progress=progress, out=out)
+            summary = run(cfg, progress=progress, out=out)
+            if summary.get("zeta") is None:  # the distributed summary has no zeta: take it from the spec
+                from coopsgd.algorithms import make_preset
+                from coopsgd.theory.spectral import zeta
+
+                spec = make_preset(cfg.preset, cfg.workers, **cfg.spec_kwargs())
+                summary["zeta"] = None if spec.theory_matrix is None else zeta(spec.theory_matrix)
         except NonFiniteError as exc:
             error = exc
+        except Exception as exc:  # a distributed rank that hit a NaN is reported by the launcher
+            if cfg.engine == "distributed" and "non-finite" in str(exc):
+                error = exc
+            else:
+                raise
     return _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
 
 

@@ -37,8 +37,16 @@ from coopsgd.experiments.harness import (
 from coopsgd.experiments.registry import register
 from coopsgd.train.config import RunConfig
 
-__all__ = ["METHODS", "NETS_FULL", "NETS_QUICK", "LSTM_FULL", "LSTM_QUICK", "run_lsgd_nets", "run_lsgd_lstm",
-           "build_lm_experiment"]
+__all__ = [
+    "METHODS",
+    "NETS_FULL",
+    "NETS_QUICK",
+    "LSTM_FULL",
+    "LSTM_QUICK",
+    "run_lsgd_nets",
+    "run_lsgd_lstm",
+    "build_lm_experiment",
+]
 
 #: (label, preset, RunConfig fields). tau = 4 for the three communication-saving methods is our choice.
 METHODS: list[tuple[str, str, dict[str, Any]]] = [
@@ -56,10 +64,23 @@ NETS_QUICK: list[dict[str, Any]] = [
     {"name": "LeNet (for CNN-7)", "model": "lenet", "dataset": "mnist_bundled", "executor": "loop"},
     {"name": "MLP (for ResNet-20)", "model": "mlp", "dataset": "mnist_bundled", "executor": "vmap"},
 ]
-_NET_TRAIN_FULL: dict[str, Any] = {"workers": 4, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
-                                   "epochs": 200.0, "lr_decay_epochs": [100.0, 150.0], "eval_samples": 10000}
-_NET_TRAIN_QUICK: dict[str, Any] = {"workers": 4, "batch_size": 32, "lr": 0.1, "max_steps": 400,
-                                    "eval_samples": 2000}
+_NET_TRAIN_FULL: dict[str, Any] = {
+    "workers": 4,
+    "batch_size": 128,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "epochs": 200.0,
+    "lr_decay_epochs": [100.0, 150.0],
+    "eval_samples": 10000,
+}
+_NET_TRAIN_QUICK: dict[str, Any] = {
+    "workers": 4,
+    "batch_size": 32,
+    "lr": 0.1,
+    "max_steps": 400,
+    "eval_samples": 2000,
+}
 
 
 def _comm_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -67,14 +88,33 @@ def _comm_table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in runs:
         total = r.get("simulated_time_s")
         comm = (r.get("simulated_split_s") or {}).get("communication_s")
-        rows.append({"net": r["net"], "method": r["method"], "simulated_time_s": total, "communication_s": comm,
-                     "communication_fraction": (comm / total) if total and comm is not None else None})
+        rows.append(
+            {
+                "net": r["net"],
+                "method": r["method"],
+                "simulated_time_s": total,
+                "communication_s": comm,
+                "communication_fraction": (comm / total) if total and comm is not None else None,
+            }
+        )
     return rows
 
 
-@register("lsgd-nets", "[LSGD] Fig. 4/5 + Table 6: SGD, DOWNPOUR, EASGD, LSGD on CNN-7 and ResNet-20")
-def run_lsgd_nets(*, quick: bool, engine: str, out: Path, seed: int, progress: bool, _scale: float = 1.0,
-                  _nets: int | None = None) -> dict[str, Any]:
+@register(
+    "lsgd-nets",
+    "[LSGD] Fig. 4/5 + Table 6: SGD, DOWNPOUR, EASGD, LSGD on CNN-7 and ResNet-20",
+    engines=("simulate", "distributed"),
+)
+def run_lsgd_nets(
+    *,
+    quick: bool,
+    engine: str,
+    out: Path,
+    seed: int,
+    progress: bool,
+    _scale: float = 1.0,
+    _nets: int | None = None,
+) -> dict[str, Any]:
     """Test loss of the centre variable vs simulated wall-clock, and the communication fractions."""
     nets = NETS_QUICK if quick else NETS_FULL
     if not quick:
@@ -92,21 +132,62 @@ def run_lsgd_nets(*, quick: bool, engine: str, out: Path, seed: int, progress: b
     for net in nets[: _nets or len(nets)]:
         net_runs = []
         for label, preset, kw in METHODS:
-            cfg = RunConfig(preset=preset, model=net["model"], dataset=net["dataset"], seed=seed,
-                            executor=net.get("executor", "auto"), **base, **kw, **tf,
-                            eval_every=max(1, base["max_steps"] // 20) if quick else None)
-            res = run_config(cfg, out / f"{net['model']}_{preset}", label, progress=progress,
-                             extra={"net": net["name"], "method": label, "preset": preset})
+            cfg = RunConfig(
+                preset=preset,
+                model=net["model"],
+                dataset=net["dataset"],
+                seed=seed,
+                executor=net.get("executor", "auto"),
+                **base,
+                **kw,
+                **tf,
+                eval_every=max(1, base["max_steps"] // 20) if quick else None,
+            )
+            res = run_config(
+                cfg,
+                out / f"{net['model']}_{preset}",
+                label,
+                progress=progress,
+                extra={"net": net["name"], "method": label, "preset": preset},
+            )
             net_runs.append(res)
-        note = (f"{net['name']} on {net['dataset']}, {base['workers']} workers, batch {base['batch_size']}, "
-                f"lr {base['lr']:g}; {describe_time(tf)}")
-        plots.append(str(plot_panels(out / f"lsgd_nets_{net['model']}.png", net_runs, [
-            {"x": "simulated_time_s", "y": "test_loss", "xlabel": "simulated wall-clock (s)",
-             "ylabel": "test loss (centre variable)", "logy": True},
-            {"x": "simulated_time_s", "y": "test_accuracy", "xlabel": "simulated wall-clock (s)",
-             "ylabel": "test accuracy (centre variable)"},
-            {"x": "step", "y": "test_loss", "xlabel": "step", "ylabel": "test loss (centre variable)", "logy": True},
-        ], title=f"[LSGD] {net['name']}: centre variable vs wall-clock", note=note, ncols=3)))
+        note = (
+            f"{net['name']} on {net['dataset']}, {base['workers']} workers, batch {base['batch_size']}, "
+            f"lr {base['lr']:g}; {describe_time(tf)}"
+        )
+        plots.append(
+            str(
+                plot_panels(
+                    out / f"lsgd_nets_{net['model']}.png",
+                    net_runs,
+                    [
+                        {
+                            "x": "simulated_time_s",
+                            "y": "test_loss",
+                            "xlabel": "simulated wall-clock (s)",
+                            "ylabel": "test loss (centre variable)",
+                            "logy": True,
+                        },
+                        {
+                            "x": "simulated_time_s",
+                            "y": "test_accuracy",
+                            "xlabel": "simulated wall-clock (s)",
+                            "ylabel": "test accuracy (centre variable)",
+                        },
+                        {
+                            "x": "step",
+                            "y": "test_loss",
+                            "xlabel": "step",
+                            "ylabel": "test loss (centre variable)",
+                            "logy": True,
+                        },
+                    ],
+                    title=f"[LSGD] {net['name']}: centre variable vs wall-clock",
+                    note=note,
+                    ncols=3,
+                )
+            )
+        )
         runs += net_runs
     table = _comm_table(runs)
     equal_time: dict[str, dict[str, float | None]] = {}
@@ -119,21 +200,52 @@ def run_lsgd_nets(*, quick: bool, engine: str, out: Path, seed: int, progress: b
         if r["diverged"]:
             summary.append(f"  {r['net']:22s} {r['method']:26s} DIVERGED at step {r['diverged']['step']}")
             continue
-        summary.append(f"  {r['net']:22s} {r['method']:26s} test loss {r['final']['test_loss']:.4f}  "
-                       f"acc {r['final']['test_accuracy']:.3f}  simulated {r['simulated_time_s']:8.1f} s  "
-                       f"communication {100 * row['communication_fraction']:5.1f}%  test loss at "
-                       f"{equal_time[r['net']]['time_s']:.0f} s: {equal_time[r['net']][r['method']]:.4f}")
-    return {"experiment": "lsgd-nets", "test_loss_at_equal_time": equal_time, "quick": quick, "time_model": tf, "train": base,
-            "methods": [{"label": lab, "preset": p, **kw} for lab, p, kw in METHODS],
-            "communication_table": table, "runs": public_runs(runs), "plots": plots, "summary": summary}
+        summary.append(
+            f"  {r['net']:22s} {r['method']:26s} test loss {r['final']['test_loss']:.4f}  "
+            f"acc {r['final']['test_accuracy']:.3f}  simulated {r['simulated_time_s']:8.1f} s  "
+            f"communication {100 * row['communication_fraction']:5.1f}%  test loss at "
+            f"{equal_time[r['net']]['time_s']:.0f} s: {equal_time[r['net']][r['method']]:.4f}"
+        )
+    return {
+        "experiment": "lsgd-nets",
+        "test_loss_at_equal_time": equal_time,
+        "quick": quick,
+        "time_model": tf,
+        "train": base,
+        "methods": [{"label": lab, "preset": p, **kw} for lab, p, kw in METHODS],
+        "communication_table": table,
+        "runs": public_runs(runs),
+        "plots": plots,
+        "summary": summary,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ LSTM
 
-LSTM_FULL: dict[str, Any] = {"workers": 4, "hidden": 200, "layers": 2, "seq_len": 35, "batch_size": 20, "lr": 1.0,
-                             "epochs": 40.0, "vocab_cap": None, "test_windows": None, "eval_samples": 2000}
-LSTM_QUICK: dict[str, Any] = {"workers": 4, "hidden": 64, "layers": 2, "seq_len": 35, "batch_size": 20, "lr": 1.0,
-                              "max_steps": 300, "vocab_cap": 2000, "test_windows": 150, "eval_samples": 150}
+LSTM_FULL: dict[str, Any] = {
+    "workers": 4,
+    "hidden": 200,
+    "layers": 2,
+    "seq_len": 35,
+    "batch_size": 20,
+    "lr": 1.0,
+    "epochs": 40.0,
+    "vocab_cap": None,
+    "test_windows": None,
+    "eval_samples": 2000,
+}
+LSTM_QUICK: dict[str, Any] = {
+    "workers": 4,
+    "hidden": 64,
+    "layers": 2,
+    "seq_len": 35,
+    "batch_size": 20,
+    "lr": 1.0,
+    "max_steps": 300,
+    "vocab_cap": 2000,
+    "test_windows": 150,
+    "eval_samples": 150,
+}
 
 
 def _lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -182,62 +294,146 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
     spec = make_preset(cfg.preset, cfg.workers, **cfg.spec_kwargs())
     torch.manual_seed(cfg.seed)
     h = int(settings["hidden"])
-    model = make_model("lstm_lm", num_classes=vocab, input_shape=(L,), emb_size=h, hidden_size=h,
-                       num_layers=int(settings["layers"]), batch_first=True)
-    compute = None if cfg.compute == "measured" else ComputeModel(mean_s=cfg.compute_ms / 1e3, distribution=cfg.compute,
-                                                                  spread=cfg.compute_spread)
-    clock = SimClock(NetworkModel.from_mbps(cfg.net_latency_ms, cfg.net_bandwidth_mbps), compute, seed=cfg.seed)
-    sim = Simulator(spec, model, loss_fn=_lm_loss, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    executor=cfg.executor, seed=cfg.seed, loss_estimate=cfg.loss_estimate, clock=clock)
+    model = make_model(
+        "lstm_lm",
+        num_classes=vocab,
+        input_shape=(L,),
+        emb_size=h,
+        hidden_size=h,
+        num_layers=int(settings["layers"]),
+        batch_first=True,
+    )
+    compute = (
+        None
+        if cfg.compute == "measured"
+        else ComputeModel(mean_s=cfg.compute_ms / 1e3, distribution=cfg.compute, spread=cfg.compute_spread)
+    )
+    clock = SimClock(
+        NetworkModel.from_mbps(cfg.net_latency_ms, cfg.net_bandwidth_mbps), compute, seed=cfg.seed
+    )
+    sim = Simulator(
+        spec,
+        model,
+        loss_fn=_lm_loss,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        executor=cfg.executor,
+        seed=cfg.seed,
+        loss_estimate=cfg.loss_estimate,
+        clock=clock,
+    )
     spe = loader.steps_per_epoch
     total = cfg.max_steps if cfg.max_steps is not None else max(1, int(np.ceil(cfg.epochs * spe)))
     eval_every = cfg.eval_every or max(1, min(spe, total // 10 or 1))
-    return Experiment(config=cfg, spec=spec, sim=sim, loader=loader, train_set=train_set, test_set=test_set,
-                      loss_fn=_lm_loss, total_steps=total, eval_every=eval_every, is_lm=True)
+    return Experiment(
+        config=cfg,
+        spec=spec,
+        sim=sim,
+        loader=loader,
+        train_set=train_set,
+        test_set=test_set,
+        loss_fn=_lm_loss,
+        total_steps=total,
+        eval_every=eval_every,
+        is_lm=True,
+    )
 
 
-@register("lsgd-lstm", "[LSGD] LSTM on WikiText-2: test perplexity vs wall-clock for SGD, DOWNPOUR, EASGD, LSGD")
-def run_lsgd_lstm(*, quick: bool, engine: str, out: Path, seed: int, progress: bool,
-                  _scale: float = 1.0) -> dict[str, Any]:
+@register(
+    "lsgd-lstm", "[LSGD] LSTM on WikiText-2: test perplexity vs wall-clock for SGD, DOWNPOUR, EASGD, LSGD"
+)
+def run_lsgd_lstm(
+    *, quick: bool, engine: str, out: Path, seed: int, progress: bool, _scale: float = 1.0
+) -> dict[str, Any]:
     """Test perplexity of the centre variable vs simulated wall-clock for the four methods."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     st = dict(LSTM_QUICK if quick else LSTM_FULL)
     tf = time_fields(quick)
-    length: dict[str, Any] = ({"max_steps": scaled(st["max_steps"], _scale, 4)} if quick
-                              else {"epochs": st["epochs"] * _scale})
+    length: dict[str, Any] = (
+        {"max_steps": scaled(st["max_steps"], _scale, 4)} if quick else {"epochs": st["epochs"] * _scale}
+    )
     runs = []
     for label, preset, kw in METHODS:
-        cfg = RunConfig(preset=preset, model="lstm_lm", dataset="wikitext2", workers=st["workers"],
-                        batch_size=st["batch_size"], lr=st["lr"], seed=seed, eval_samples=st["eval_samples"],
-                        executor="loop",  # measured: the per-replica loop beats vmap for this LSTM on CPU
-                        eval_every=max(1, length["max_steps"] // 12) if quick else None, **length, **kw, **tf)
+        cfg = RunConfig(
+            preset=preset,
+            model="lstm_lm",
+            dataset="wikitext2",
+            workers=st["workers"],
+            batch_size=st["batch_size"],
+            lr=st["lr"],
+            seed=seed,
+            eval_samples=st["eval_samples"],
+            executor="loop",  # measured: the per-replica loop beats vmap for this LSTM on CPU
+            eval_every=max(1, length["max_steps"] // 12) if quick else None,
+            **length,
+            **kw,
+            **tf,
+        )
         exp = build_lm_experiment(cfg, st)
-        res = run_built(exp, out / f"lstm_{preset}", label, progress=progress,
-                        extra={"net": "LSTM", "method": label, "preset": preset, "lstm": st})
+        res = run_built(
+            exp,
+            out / f"lstm_{preset}",
+            label,
+            progress=progress,
+            extra={"net": "LSTM", "method": label, "preset": preset, "lstm": st},
+        )
         res["final_test_perplexity"] = (res.get("final") or {}).get("test_perplexity")
         runs.append(res)
-    scale_note = (f"2-layer LSTM, {st['hidden']} units, seq {st['seq_len']}, {st['workers']} workers, batch "
-                  f"{st['batch_size']}, lr {st['lr']:g}" + (f", vocabulary cut to {st['vocab_cap']} words, test on the "
-                                                            f"first {st['test_windows']} windows" if quick else ""))
-    plot = plot_panels(out / "lsgd_lstm.png", runs, [
-        {"x": "simulated_time_s", "y": "test_perplexity", "xlabel": "simulated wall-clock (s)",
-         "ylabel": "test perplexity (centre variable)", "logy": True},
-        {"x": "step", "y": "test_perplexity", "xlabel": "step", "ylabel": "test perplexity (centre variable)",
-         "logy": True},
-    ], title="[LSGD] LSTM on WikiText-2 (bundled: train = valid.txt, test = test.txt)",
-        note=f"{scale_note}; {describe_time(tf)}", ncols=2)
+    scale_note = (
+        f"2-layer LSTM, {st['hidden']} units, seq {st['seq_len']}, {st['workers']} workers, batch "
+        f"{st['batch_size']}, lr {st['lr']:g}"
+        + (
+            f", vocabulary cut to {st['vocab_cap']} words, test on the first {st['test_windows']} windows"
+            if quick
+            else ""
+        )
+    )
+    plot = plot_panels(
+        out / "lsgd_lstm.png",
+        runs,
+        [
+            {
+                "x": "simulated_time_s",
+                "y": "test_perplexity",
+                "xlabel": "simulated wall-clock (s)",
+                "ylabel": "test perplexity (centre variable)",
+                "logy": True,
+            },
+            {
+                "x": "step",
+                "y": "test_perplexity",
+                "xlabel": "step",
+                "ylabel": "test perplexity (centre variable)",
+                "logy": True,
+            },
+        ],
+        title="[LSGD] LSTM on WikiText-2 (bundled: train = valid.txt, test = test.txt)",
+        note=f"{scale_note}; {describe_time(tf)}",
+        ncols=2,
+    )
     table = _comm_table(runs)
     summary = [f"lsgd-lstm ({'quick' if quick else 'full'}): {scale_note}; {describe_time(tf)}"]
     for r, row in zip(runs, table, strict=True):
         if r["diverged"]:
             summary.append(f"  {r['method']:26s} DIVERGED at step {r['diverged']['step']}")
             continue
-        summary.append(f"  {r['method']:26s} test perplexity {r['final_test_perplexity']:8.1f}  simulated "
-                       f"{r['simulated_time_s']:7.1f} s  communication {100 * row['communication_fraction']:5.1f}%")
-    return {"experiment": "lsgd-lstm", "quick": quick, "settings": st, "time_model": tf, "scale": scale_note,
-            "communication_table": table, "runs": public_runs(runs), "plots": [str(plot)], "summary": summary,
-            "time_to_best_sync_perplexity": _time_to(runs)}
+        summary.append(
+            f"  {r['method']:26s} test perplexity {r['final_test_perplexity']:8.1f}  simulated "
+            f"{r['simulated_time_s']:7.1f} s  communication {100 * row['communication_fraction']:5.1f}%"
+        )
+    return {
+        "experiment": "lsgd-lstm",
+        "quick": quick,
+        "settings": st,
+        "time_model": tf,
+        "scale": scale_note,
+        "communication_table": table,
+        "runs": public_runs(runs),
+        "plots": [str(plot)],
+        "summary": summary,
+        "time_to_best_sync_perplexity": _time_to(runs),
+    }
 
 
 def _time_to(runs: list[dict[str, Any]]) -> dict[str, float | None]:

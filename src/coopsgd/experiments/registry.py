@@ -30,7 +30,16 @@ def register(name: str, description: str, engines: tuple[str, ...] = ("simulate"
     """Decorator adding ``fn`` to :data:`EXPERIMENTS` under ``name``."""
 
     def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-        EXPERIMENTS[name] = ExperimentEntry(name, fn, description, engines)
+        def runner(**kwargs: Any) -> dict[str, Any]:
+            from coopsgd.experiments.harness import ENGINE
+
+            token = ENGINE.set(kwargs.get("engine", engines[0]))
+            try:
+                return fn(**kwargs)
+            finally:
+                ENGINE.reset(token)
+
+        EXPERIMENTS[name] = ExperimentEntry(name, runner, description, engines)
         return fn
 
     return deco
