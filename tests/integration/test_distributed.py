@@ -176,7 +176,7 @@ def test_run_distributed_summary(tmp_path) -> None:
     assert (tmp_path / "run" / "summary.json").is_file() and (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
-@pytest.mark.parametrize("mode", ["raise", "exit", "kill", "hang"])
+@pytest.mark.parametrize("mode", ["raise", "exit", "kill", "term", "hang"])
 def test_failure_names_the_rank(mode: str) -> None:
     timeout = 5.0
     t0 = time.time()

@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 FAILURE_ENV = "COOPSGD_INJECT_FAILURE"
 #: With this set to a file path, the injected failure happens once (the file marks it as done).
 FAILURE_ONCE_ENV = "COOPSGD_INJECT_FAILURE_ONCE"
-_FAILURE_MODES = ("raise", "exit", "kill", "hang")
+_FAILURE_MODES = ("raise", "exit", "kill", "hang", "term")
 _LOSS_ESTIMATES = ("batch", "running_mean", "probe")
 #: ``format`` tag of the distributed engine's ``checkpoint.pt`` (one file, every rank's state, written by rank 0).
 DIST_CHECKPOINT_FORMAT = "coopsgd-distributed-checkpoint-v1"
@@ -317,6 +317,9 @@ class DistributedEngine:
             os._exit(3)
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # the default SIGTERM action ends the process before this returns
         while True:  # hang
             time.sleep(3600)
 
