@@ -825,48 +825,10 @@ def _load_dist_checkpoint(resume: str | Path, world: int) -> dict[str, Any]:
 
 
 def _build_problem(config: Any) -> dict[str, Any]:
-    """The data, partition, loader, spec and model of a run (the same construction as the trainer's)."""
-    from coopsgd.algorithms import make_preset
-    from coopsgd.data import WorkerLoader, label_histograms, load_dataset, partition
-    from coopsgd.models import make_model
-    from coopsgd.train.trainer import _lm_loss
+    """The data, partition, loader, spec and model of a run: exactly the trainer's construction."""
+    from coopsgd.train.trainer import build_problem
 
-    c = config
-    train_set = load_dataset(c.dataset, root=c.data_root, split="train", download=c.download, seed=c.seed)
-    test_set = load_dataset(c.dataset, root=c.data_root, split="test", download=c.download, seed=c.seed)
-    is_lm = train_set.vocab is not None
-    histograms = None
-    if is_lm:
-        from coopsgd.data import lm_windows
-
-        train_set = lm_windows(train_set.x, 35, vocab=train_set.vocab)
-        test_set = lm_windows(test_set.x, 35, vocab=train_set.vocab)
-        parts = partition(np.zeros(len(train_set), dtype=np.int64), c.workers, "iid", seed=c.seed)
-    else:
-        if c.workers > len(train_set):
-            raise ConfigError.invalid("workers", c.workers, f"more workers than training samples ({len(train_set)})")
-        parts = partition(train_set.y, c.workers, c.partition, beta=c.dirichlet_beta,
-                          shards_per_worker=c.shards_per_worker, seed=c.seed)
-        histograms = label_histograms(train_set.y, parts, train_set.num_classes)
-    loader = WorkerLoader(train_set, parts, c.batch_size, seed=c.seed)
-    kwargs = c.spec_kwargs()
-    if c.preset == "fedavg":
-        kwargs["sample_counts"] = [float(s) for s in loader.shard_sizes]
-    spec = make_preset(c.preset, c.workers, **kwargs)
-    torch.manual_seed(c.seed)
-    model = make_model(c.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape)
-    dtype = torch.float64 if c.dtype == "float64" else torch.float32
-    probe = None
-    if c.loss_estimate == "probe":
-        g = torch.Generator().manual_seed(c.seed)
-        idx = torch.randperm(len(train_set), generator=g)[: min(512, len(train_set))]
-        probe = (train_set.x[idx].to(dtype) if not is_lm else train_set.x[idx], train_set.y[idx])
-    spe = loader.steps_per_epoch
-    total = c.max_steps if c.max_steps is not None else max(1, math.ceil(c.epochs * spe))
-    eval_every = c.eval_every or max(1, min(spe, total // 10 or 1))
-    return {"train_set": train_set, "test_set": test_set, "is_lm": is_lm, "histograms": histograms,
-            "loader": loader, "spec": spec, "model": model, "dtype": dtype, "probe": probe, "total": total,
-            "eval_every": eval_every, "loss_fn": _lm_loss if is_lm else F.cross_entropy}
+    return build_problem(config)
 
 
 def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:

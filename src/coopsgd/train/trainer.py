@@ -74,13 +74,13 @@ def _lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
-def build(config: RunConfig) -> Experiment:
-    """Build the spec, data, partition, model and simulator of a ``simulate`` run."""
+def build_problem(config: RunConfig) -> dict[str, Any]:
+    """Data, partition, loader, spec, model and step counts of a run: the one construction every engine uses.
+
+    Keys: train_set, test_set, is_lm, histograms, loader, spec, model, dtype, probe, total, eval_every, loss_fn.
+    """
     from coopsgd.data import WorkerLoader, label_histograms, load_dataset, partition
-    from coopsgd.engines.clock import SimClock
-    from coopsgd.engines.simulator import Simulator
     from coopsgd.models import make_model
-    from coopsgd.theory.cost import ComputeModel, NetworkModel
 
     c = config
     train_set = load_dataset(c.dataset, root=c.data_root, split="train", download=c.download, seed=c.seed,
@@ -114,25 +114,38 @@ def build(config: RunConfig) -> Experiment:
         model_kw.setdefault("batch_first", True)  # lm_windows + WorkerLoader give (batch, seq_len) tokens
     model = make_model(c.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape, **model_kw)
     dtype = torch.float64 if c.dtype == "float64" else torch.float32
-    network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
-    compute = None if c.compute == "measured" else ComputeModel(
-        mean_s=c.compute_ms / 1e3, distribution=c.compute, spread=c.compute_spread)
-    clock = SimClock(network, compute, seed=c.seed)
-    loss_fn = _lm_loss if is_lm else F.cross_entropy
     probe = None
     if c.loss_estimate == "probe":
         g = torch.Generator().manual_seed(c.seed)
         idx = torch.randperm(len(train_set), generator=g)[: min(512, len(train_set))]
         probe = (train_set.x[idx].to(dtype) if not is_lm else train_set.x[idx], train_set.y[idx])
-    sim = Simulator(spec, model, loss_fn=loss_fn, momentum=c.momentum, nesterov=c.nesterov,
-                    weight_decay=c.weight_decay, executor=c.executor, dtype=dtype, seed=c.seed,
-                    loss_estimate=c.loss_estimate, probe_batch=probe, clock=clock,
-                    downpour_order=c.downpour_order if c.preset == "downpour" else "schedule")
     spe = loader.steps_per_epoch
     total = c.max_steps if c.max_steps is not None else max(1, math.ceil(c.epochs * spe))
     eval_every = c.eval_every or max(1, min(spe, total // 10 or 1))
-    return Experiment(config=c, spec=spec, sim=sim, loader=loader, train_set=train_set, test_set=test_set,
-                      loss_fn=loss_fn, total_steps=total, eval_every=eval_every, is_lm=is_lm, histograms=histograms)
+    return {"train_set": train_set, "test_set": test_set, "is_lm": is_lm, "histograms": histograms,
+            "loader": loader, "spec": spec, "model": model, "dtype": dtype, "probe": probe, "total": total,
+            "eval_every": eval_every, "loss_fn": _lm_loss if is_lm else F.cross_entropy}
+
+
+def build(config: RunConfig) -> Experiment:
+    """Build the spec, data, partition, model and simulator of a ``simulate`` run."""
+    from coopsgd.engines.clock import SimClock
+    from coopsgd.engines.simulator import Simulator
+    from coopsgd.theory.cost import ComputeModel, NetworkModel
+
+    c = config
+    p = build_problem(c)
+    network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
+    compute = None if c.compute == "measured" else ComputeModel(
+        mean_s=c.compute_ms / 1e3, distribution=c.compute, spread=c.compute_spread)
+    clock = SimClock(network, compute, seed=c.seed)
+    sim = Simulator(p["spec"], p["model"], loss_fn=p["loss_fn"], momentum=c.momentum, nesterov=c.nesterov,
+                    weight_decay=c.weight_decay, executor=c.executor, dtype=p["dtype"], seed=c.seed,
+                    loss_estimate=c.loss_estimate, probe_batch=p["probe"], clock=clock,
+                    downpour_order=c.downpour_order if c.preset == "downpour" else "schedule")
+    return Experiment(config=c, spec=p["spec"], sim=sim, loader=p["loader"], train_set=p["train_set"],
+                      test_set=p["test_set"], loss_fn=p["loss_fn"], total_steps=p["total"],
+                      eval_every=p["eval_every"], is_lm=p["is_lm"], histograms=p["histograms"])
 
 
 @torch.no_grad()
