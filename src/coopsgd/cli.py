@@ -484,11 +484,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Defaults of ``coopsgd compare`` where they differ from a single run's (RunConfig's).
+COMPARE_DEFAULTS: dict[str, Any] = {"model": "lenet", "epochs": 15.0}
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     import dataclasses
 
     from coopsgd.algorithms.presets import PRESETS
     from coopsgd.plots import plot_runs
+    from coopsgd.train.config import load_config
     from coopsgd.train.trainer import run
 
     names = [p.strip() for p in args.presets.split(",") if p.strip()]
@@ -497,7 +502,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for n in names:
         if n not in PRESETS:
             raise ConfigError.invalid("--presets", n, f"choose from {', '.join(PRESETS)}")
-    base = _config_from_args(args, preset=names[0])
+    # the main job's defaults (a small CNN long enough to separate the algorithms, ~2 minutes on 2 cores);
+    # flags and config files override them
+    file_keys = set(load_config(args.config)) if args.config else set()
+    defaults = {k: v for k, v in COMPARE_DEFAULTS.items() if k not in vars(args) and k not in file_keys}
+    base = _config_from_args(args, preset=names[0], **defaults)
     out = Path(base.out or "runs/compare")
     results: dict[str, dict[str, Any]] = {}
     dirs = []

@@ -71,7 +71,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
         rec, acc = _series(ms, metric)
         axes[1, 0].plot([r["simulated_time_s"] for r in rec], acc, marker=".", label=lab)
         rec, cons = _series(ms, "consensus_distance")
-        axes[1, 1].plot([r["step"] for r in rec], [max(c, 1e-30) for c in cons], marker=".", label=lab)
+        # exact consensus (right after an all-reduce) is 0: draw it at 1e-12 so the scale stays readable
+        axes[1, 1].plot([r["step"] for r in rec], [max(c, 1e-12) for c in cons], marker=".", label=lab)
     axes[0, 0].set(xlabel="step", ylabel="training loss (averaged model)", yscale="log")
     axes[0, 1].set(xlabel="simulated wall-clock (s)", ylabel="training loss (averaged model)", yscale="log")
     axes[1, 0].set(xlabel="simulated wall-clock (s)",

@@ -177,3 +177,20 @@ def test_language_model_run_reads_batches_as_batch_first(tmp_path) -> None:
     assert exp.is_lm and exp.sim.center_model().batch_first
     summary = train(cfg)
     assert summary["final"]["test_perplexity"] > 1
+
+
+def test_compare_defaults_yield_to_flags_and_config(monkeypatch, tmp_path) -> None:
+    """`coopsgd compare` defaults to the main job's LeNet/15 epochs, but a flag or a config file wins."""
+    import coopsgd.cli as cli
+
+    seen = []
+    monkeypatch.setattr("coopsgd.train.trainer.run", lambda cfg, **kw: seen.append(cfg) or (_ for _ in ()).throw(
+        ConfigError("stop here")))
+    cli.main(["compare", "--presets", "sync", "--out", str(tmp_path)])
+    assert seen[-1].model == "lenet" and seen[-1].epochs == 15.0
+    cli.main(["compare", "--presets", "sync", "--model", "mlp", "--out", str(tmp_path)])
+    assert seen[-1].model == "mlp" and seen[-1].epochs == 15.0
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('epochs = 2\n')
+    cli.main(["compare", "--presets", "sync", "--config", str(cfg), "--out", str(tmp_path)])
+    assert seen[-1].model == "lenet" and seen[-1].epochs == 2.0
