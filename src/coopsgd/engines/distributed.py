@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.comm import Mixer, NetEmulation, aux_host
-from coopsgd.engines.executors import FlatLayout, LoopExecutor
+from coopsgd.engines.executors import FlatLayout, LoopExecutor, build_model, to_batch
 from coopsgd.engines.launch import heartbeat as _current_heartbeat
 from coopsgd.engines.launch import launch
 from coopsgd.engines.optim import SGDOptions, sgd_direction_
@@ -243,25 +243,10 @@ class DistributedEngine:
     # construction helpers and views
     # ------------------------------------------------------------------------------------------------
     def _build_model(self, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
-        if isinstance(model, nn.Module):
-            return copy.deepcopy(model)
-        if not callable(model):
-            raise ConfigError.invalid("model", model, "must be an nn.Module or a function returning one")
-        devices = [] if self.device.type == "cpu" else None
-        with torch.random.fork_rng(devices=devices):  # type: ignore[arg-type]
-            torch.manual_seed(self.seed)
-            built = model()
-        if not isinstance(built, nn.Module):
-            raise ConfigError.invalid("model", built, "the factory must return an nn.Module")
-        return built
+        return build_model(model, seed=self.seed, device=self.device)
 
     def _to_batch(self, batch: Any) -> Batch:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ConfigError.invalid("batch", type(batch).__name__, "must be a pair (inputs, targets) of tensors")
-        x, y = batch
-        x = x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
-        y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
-        return x, y
+        return to_batch(batch, "batch", device=self.device, dtype=self.dtype)
 
     @property
     def params_all(self) -> Tensor:

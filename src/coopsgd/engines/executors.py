@@ -43,6 +43,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "build_model",
+    "to_batch",
     "FlatLayout",
     "ComputeResult",
     "Executor",
@@ -50,6 +52,38 @@ __all__ = [
     "VmapExecutor",
     "EXECUTORS",
 ]
+
+
+def build_model(model: nn.Module | Callable[[], nn.Module], *, seed: int, device: torch.device) -> nn.Module:
+    """A private copy of ``model``, or ``model()`` built under ``torch.manual_seed(seed)`` (global RNG untouched)."""
+    from coopsgd.errors import ConfigError
+
+    if isinstance(model, nn.Module):
+        return copy.deepcopy(model)
+    if not callable(model):
+        raise ConfigError.invalid("model", model, "must be an nn.Module or a function returning one")
+    devices = [] if device.type == "cpu" else None
+    with torch.random.fork_rng(devices=devices):  # type: ignore[arg-type]
+        torch.manual_seed(seed)
+        built = model()
+    if not isinstance(built, nn.Module):
+        raise ConfigError.invalid("model", built, "the factory must return an nn.Module")
+    return built
+
+
+def to_batch(batch: Any, what: str, *, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Check ``batch`` is a pair of tensors (error naming ``what`` otherwise); move it to device/dtype."""
+    from coopsgd.errors import ConfigError
+
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ConfigError.invalid(what, type(batch).__name__, "must be a pair (inputs, targets) of tensors")
+    x, y = batch
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise ConfigError.invalid(what, type(batch).__name__, "must be a pair (inputs, targets) of tensors")
+    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+    y = y.to(device, dtype) if y.is_floating_point() else y.to(device)
+    return x, y
+
 
 #: Executors the simulator can be told to use (``"auto"`` calibrates and picks one of them).
 EXECUTORS = ("loop", "vmap")

@@ -61,8 +61,10 @@ from coopsgd.engines.executors import (
     ComputeResult,
     Executor,
     FlatLayout,
+    build_model,
     make_executor,
     synchronize,
+    to_batch,
 )
 from coopsgd.engines.mixing import apply_mixing
 from coopsgd.engines.optim import SGDOptions, sgd_direction_
@@ -267,17 +269,7 @@ class Simulator:
     # construction helpers
     # ------------------------------------------------------------------------------------------------
     def _build_model(self, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
-        if isinstance(model, nn.Module):
-            return copy.deepcopy(model)
-        if not callable(model):
-            raise ConfigError.invalid("model", model, "must be an nn.Module or a function returning one")
-        devices = [] if self.device.type == "cpu" else None
-        with torch.random.fork_rng(devices=devices):  # type: ignore[arg-type]
-            torch.manual_seed(self.seed)
-            built = model()
-        if not isinstance(built, nn.Module):
-            raise ConfigError.invalid("model", built, "the factory must return an nn.Module")
-        return built
+        return build_model(model, seed=self.seed, device=self.device)
 
     def _drop_template_storage(self) -> None:
         """Give the template no parameter storage of its own (only the stacked state holds parameters).
@@ -298,14 +290,7 @@ class Simulator:
         return self._executors[name]
 
     def _to_batch(self, batch: Any, what: str) -> Batch:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ConfigError.invalid(what, type(batch).__name__, "must be a pair (inputs, targets) of tensors")
-        x, y = batch
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-            raise ConfigError.invalid(what, type(batch).__name__, "must be a pair (inputs, targets) of tensors")
-        x = x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
-        y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
-        return x, y
+        return to_batch(batch, what, device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------------------------------------------
     # views
