@@ -50,8 +50,12 @@ log = logging.getLogger(__name__)
 
 #: Quick-mode time model: one local step costs a constant 100 ms (about one VGG-16 mini-batch of 128 on one
 #: 2015-era GPU), and the network is slow: 2 ms per handshake, 100 Mbit/s.
-QUICK_TIME: dict[str, Any] = {"compute": "constant", "compute_ms": 100.0, "net_latency_ms": 2.0,
-                              "net_bandwidth_mbps": 100.0}
+QUICK_TIME: dict[str, Any] = {
+    "compute": "constant",
+    "compute_ms": 100.0,
+    "net_latency_ms": 2.0,
+    "net_bandwidth_mbps": 100.0,
+}
 #: Full-scale time model: the measured compute time of each step and the papers' 40 Gbit/s Ethernet.
 FULL_TIME: dict[str, Any] = {"compute": "measured", "net_latency_ms": 0.1, "net_bandwidth_mbps": 40_000.0}
 
@@ -71,8 +75,10 @@ def describe_time(fields: dict[str, Any]) -> str:
         comp = f"compute {fields['compute_ms']:g} ms/step (constant)"
     else:
         comp = "measured compute time per step"
-    return (f"simulated time: {comp}; network {fields['net_latency_ms']:g} ms latency, "
-            f"{fields['net_bandwidth_mbps']:g} Mbit/s (alpha-beta model)")
+    return (
+        f"simulated time: {comp}; network {fields['net_latency_ms']:g} ms latency, "
+        f"{fields['net_bandwidth_mbps']:g} Mbit/s (alpha-beta model)"
+    )
 
 
 def check_full_data(dataset: str) -> None:
@@ -91,10 +97,22 @@ def scaled(n: float, scale: float, minimum: int = 1) -> int:
 _STEP_RE = re.compile(r"at step (\d+)")
 
 
-def _finish(label: str, run_dir: Path, summary: dict[str, Any] | None, error: BaseException | None,
-            wall: float, extra: dict[str, Any]) -> dict[str, Any]:
+def _finish(
+    label: str,
+    run_dir: Path,
+    summary: dict[str, Any] | None,
+    error: BaseException | None,
+    wall: float,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     metrics = RunDir.read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
-    res: dict[str, Any] = {"label": label, "dir": str(run_dir), "wall_s": round(wall, 2), "diverged": None, **extra}
+    res: dict[str, Any] = {
+        "label": label,
+        "dir": str(run_dir),
+        "wall_s": round(wall, 2),
+        "diverged": None,
+        **extra,
+    }
     if error is not None:
         m = _STEP_RE.search(str(error))
         res["diverged"] = {"step": int(m.group(1)) if m else None, "error": str(error)}
@@ -108,8 +126,9 @@ def _finish(label: str, run_dir: Path, summary: dict[str, Any] | None, error: Ba
     return res
 
 
-def run_config(cfg: RunConfig, out: Path, label: str, *, progress: bool = False,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_config(
+    cfg: RunConfig, out: Path, label: str, *, progress: bool = False, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Train ``cfg`` into ``out`` with the simulate engine; return its result (``_metrics``: the records).
 
     A non-finite loss does not raise: the result's ``diverged`` holds the step and the message.
@@ -125,7 +144,9 @@ def run_config(cfg: RunConfig, out: Path, label: str, *, progress: bool = False,
     t0 = time.perf_counter()
     summary, error = None, None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DivergenceWarning)  # the experiments choose diverging settings on purpose
+        warnings.simplefilter(
+            "ignore", DivergenceWarning
+        )  # the experiments choose diverging settings on purpose
         try:
             summary = run(cfg, progress=progress, out=out)
             if summary.get("zeta") is None:  # the distributed summary has no zeta: take it from the spec
@@ -144,16 +165,24 @@ def run_config(cfg: RunConfig, out: Path, label: str, *, progress: bool = False,
     return _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
 
 
-def run_built(exp: Any, out: Path, label: str, *, progress: bool = False,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_built(
+    exp: Any, out: Path, label: str, *, progress: bool = False, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run an :class:`~coopsgd.train.trainer.Experiment` built by hand through the trainer loop
     (:func:`coopsgd.train.trainer.iterate`), writing ``config.json``/``metrics.jsonl`` like :func:`train`."""
     from coopsgd.train.trainer import iterate
 
     out = Path(out)
     rd = RunDir(out)
-    rd.write_config(exp.config.to_dict(), {"spec": exp.spec.describe(), "steps_per_epoch": exp.steps_per_epoch,
-                                           "total_steps": exp.total_steps, **(extra or {})})
+    rd.write_config(
+        exp.config.to_dict(),
+        {
+            "spec": exp.spec.describe(),
+            "steps_per_epoch": exp.steps_per_epoch,
+            "total_steps": exp.total_steps,
+            **(extra or {}),
+        },
+    )
     rd.start_metrics()
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
@@ -170,9 +199,13 @@ def run_built(exp: Any, out: Path, label: str, *, progress: bool = False,
     if error is None and last:
         final = {"train_loss": last["train_loss"], "test_loss": last["test_loss"]}
         final.update({k: last[k] for k in ("test_perplexity", "test_accuracy") if k in last})
-        summary = {"final": final, "simulated_time_s": last["simulated_time_s"],
-                   "simulated_split_s": {k: last[k] for k in ("compute_s", "communication_s", "idle_s")},
-                   "communication_rounds": last["rounds"], "zeta": last["zeta"]}
+        summary = {
+            "final": final,
+            "simulated_time_s": last["simulated_time_s"],
+            "simulated_split_s": {k: last[k] for k in ("compute_s", "communication_s", "idle_s")},
+            "communication_rounds": last["rounds"],
+            "zeta": last["zeta"],
+        }
         rd.write_summary(jsonable({"status": "ok", **summary}))
     return _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
 
@@ -199,15 +232,23 @@ def tail_mean(res: dict[str, Any], y: str = "train_loss", frac: float = 0.25) ->
     return float(sel.mean())
 
 
-def value_at(res: dict[str, Any], t: float, *, x: str = "simulated_time_s", y: str = "test_loss") -> float | None:
+def value_at(
+    res: dict[str, Any], t: float, *, x: str = "simulated_time_s", y: str = "test_loss"
+) -> float | None:
     """``y`` of the last record with ``x <= t`` (``None`` when there is none)."""
     xs, ys = series(res, x, y)
     sel = np.flatnonzero(xs <= t + 1e-9)
     return float(ys[sel[-1]]) if sel.size else None
 
 
-def first_reach(res: dict[str, Any], target: float, *, x: str = "simulated_time_s", y: str = "train_loss",
-                above: bool = False) -> float | None:
+def first_reach(
+    res: dict[str, Any],
+    target: float,
+    *,
+    x: str = "simulated_time_s",
+    y: str = "train_loss",
+    above: bool = False,
+) -> float | None:
     """First ``x`` at which ``y`` reaches ``target`` (``<=``; ``>=`` when ``above``), or ``None``."""
     xs, ys = series(res, x, y)
     hit = ys >= target if above else ys <= target
@@ -215,9 +256,27 @@ def first_reach(res: dict[str, Any], target: float, *, x: str = "simulated_time_
     return float(xs[idx[0]]) if idx.size else None
 
 
-def plot_panels(path: Path, runs: Sequence[dict[str, Any]], panels: Sequence[dict[str, Any]], *,
-                title: str, note: str | None = None, ncols: int | None = None,
-                colors: Sequence[Any] | None = None, styles: Sequence[str] | None = None) -> Path:
+#: Axis labels of the x quantities the experiments plot against.
+X_LABELS = {"step": "step", "epoch": "epoch", "simulated_time_s": "simulated wall-clock (s)"}
+
+
+def panel(x: str, y: str, ylabel: str, *, logy: bool = False, **extra: Any) -> dict[str, Any]:
+    """A panel description for :func:`plot_panels`: ``y`` against ``x`` (one of :data:`X_LABELS`); ``extra``
+    holds the optional keys (``runs``, ``title``, ``legend``, ...)."""
+    return {"x": x, "y": y, "xlabel": X_LABELS[x], "ylabel": ylabel, "logy": logy, **extra}
+
+
+def plot_panels(
+    path: Path,
+    runs: Sequence[dict[str, Any]],
+    panels: Sequence[dict[str, Any]],
+    *,
+    title: str,
+    note: str | None = None,
+    ncols: int | None = None,
+    colors: Sequence[Any] | None = None,
+    styles: Sequence[str] | None = None,
+) -> Path:
     """One figure, one panel per entry of ``panels`` (``x``, ``y``, ``xlabel``, ``ylabel``, optional ``logy``,
     ``title``, ``runs`` (indices into ``runs``)); every run a line; ``note`` printed under the title."""
     import matplotlib
@@ -228,8 +287,9 @@ def plot_panels(path: Path, runs: Sequence[dict[str, Any]], panels: Sequence[dic
     n = len(panels)
     ncols = ncols or min(n, 3)
     nrows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows + 0.5), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows + 0.5), squeeze=False, constrained_layout=True
+    )
     for k, panel in enumerate(panels):
         ax = axes[k // ncols][k % ncols]
         for i in panel.get("runs", range(len(runs))):
