@@ -103,6 +103,7 @@ def test_presets_match_simulator_four_ranks() -> None:
         _job("lsgd", presets.lsgd(m, 1, lam=0.2), m),
         _job("downpour", presets.downpour(m, 2), m),
         _job("hierarchical", presets.hierarchical(m, 1, groups=2, q=2), m),
+        _job("hierarchical_4", presets.hierarchical(m, 2, groups=4, q=3, aux_topology="ring"), m, momentum=0.9),
         _job("generalized_elastic", presets.generalized_elastic(m, 2), m),
     ]
     results = run_spec(jobs, timeout_s=30)
@@ -112,6 +113,12 @@ def test_presets_match_simulator_four_ranks() -> None:
     assert ops["lsgd"] == {"all_gather": STEPS, "broadcast": STEPS}  # losses, then the leader's model
     assert ops["downpour"] == {"all_gather": STEPS // 2}
     assert ops["fedavg_half"] == {"all_reduce": STEPS // 2}
+    # hierarchical: each group's auxiliary lives only on its ranks; the group rounds are subgroup all_reduces
+    # (non-blocking), the q*tau rounds that mix the auxiliaries one reduction over the contributing ranks
+    assert ops["hierarchical"] == {"group_all_reduce_async": STEPS // 2, "all_reduce_async": STEPS // 2}
+    # groups of one worker: no exchange in the group rounds; the ring of auxiliaries (step 6) involves
+    # three reductions per rank (its own auxiliary and its two neighbours'), each over three ranks
+    assert ops["hierarchical_4"] == {"group_all_reduce_async": 3}
 
 
 # -- the wrapper ---------------------------------------------------------------------------------------

@@ -3,11 +3,19 @@
 Placement (the same for every spec, documented once here):
 
 * worker ``i`` lives on rank ``i`` (the world size is the number of workers m);
-* every auxiliary node (z of EASGD, the FedAvg / DOWNPOUR server, LSGD's leader copies, the group
-  auxiliaries of hierarchical averaging) is *replicated*: every rank holds a copy and updates it with the
-  same arithmetic, so all copies stay identical. Rank ``j % m`` is the auxiliary's *designated* host (it
-  reports it), but no rank ever has to ask another for an auxiliary's value. Memory per rank is
-  ``(1 + v) * width`` floats.
+* an auxiliary node (z of EASGD, the FedAvg / DOWNPOUR server, LSGD's leader copies, the group
+  auxiliaries of hierarchical averaging) is held by the ranks whose workers read it, and updated by them
+  with the same arithmetic so that the copies stay identical (:func:`aux_placement`):
+
+  - *replicated* (EASGD, FedAvg, LSGD, DOWNPOUR, time-varying or data-dependent schedules): every worker
+    reads it, so every rank holds it and no rank ever has to ask another for its value; rank ``j % m``
+    is its designated host (the one that reports it);
+  - *placed* (hierarchical averaging): a group's auxiliary lives only on the ranks of that group (its
+    designated host is the group's first rank). The group's rounds are all_reduces inside a process
+    subgroup (``torch.distributed.new_group``), never touching the other groups; a round that mixes
+    auxiliaries of different groups is one reduction over the ranks that contribute to it. Copies on
+    other ranks are not maintained (:meth:`Mixer.collect_aux` assembles every auxiliary's current value
+    from its host).
 
 A round on rank ``r`` updates the rows it holds (its worker and the auxiliaries) with the columns of S
 (column convention of :func:`coopsgd.engines.mixing.apply_mixing`: node i's new value is
@@ -67,6 +75,9 @@ __all__ = [
     "CommStats",
     "MixPlan",
     "build_plan",
+    "PlacedPlan",
+    "build_placed_plan",
+    "aux_placement",
     "Mixer",
     "aux_host",
 ]
@@ -267,19 +278,118 @@ def build_plan(S: np.ndarray, workers: int, auxiliaries: int) -> MixPlan:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# placement of the auxiliaries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _schedule_matrices(schedule: Any, limit: int) -> list[np.ndarray] | None:
+    """Every distinct matrix a static periodic schedule can produce, or ``None`` (not enumerable)."""
+    from coopsgd.algorithms.schedules import MixContext, PeriodicSchedule
+
+    if type(schedule) is not PeriodicSchedule:
+        return None
+    cycle = 1
+    for period, mats, _ in schedule._levels:
+        cycle = math.lcm(cycle, period * len(mats))
+    steps = schedule.warmup_steps + cycle
+    if steps > limit:
+        return None
+    out: dict[bytes, np.ndarray] = {}
+    for k in range(steps):
+        mix = schedule.mix(k, MixContext(step=k, lr=0.0, losses=None))
+        if mix is not None:
+            M = np.ascontiguousarray(mix.matrix, dtype=np.float64)
+            out.setdefault(M.tobytes(), M)
+    return list(out.values())
+
+
+def aux_placement(spec: Any, *, limit: int = 4096) -> tuple[tuple[int, ...], ...] | None:
+    """Which ranks hold each auxiliary of ``spec``: ``None`` when every rank holds every auxiliary.
+
+    For a static periodic schedule (every matrix known in advance, at most ``limit`` steps per cycle) an
+    auxiliary is held by the workers that ever read it (a non-zero ``S[m + a, i]``), or by its default host
+    ``a % m`` when no worker reads it. Any other schedule (data-dependent, random, user callables)
+    replicates every auxiliary on every rank.
+    """
+    m, v = spec.workers, spec.auxiliaries
+    if v == 0:
+        return None
+    mats = _schedule_matrices(spec.schedule, limit)
+    if mats is None:
+        return None
+    readers = [set() for _ in range(v)]
+    for S in mats:
+        for a in range(v):
+            readers[a].update(int(i) for i in np.flatnonzero(S[m + a, :m]))
+    holders = tuple(tuple(sorted(r)) if r else (aux_host(a, m),) for a, r in enumerate(readers))
+    if all(len(h) == m for h in holders):
+        return None
+    return holders
+
+
+@dataclass(frozen=True)
+class PlacedPlan:
+    """One round of a placed spec (auxiliaries held by subsets of ranks).
+
+    Attributes:
+        worker: the plan of the worker-to-worker block (no auxiliaries).
+        local_terms: (v, v) booleans, ``[b, a]`` true when every holder of a also holds b, so that the term
+            ``S[m+b, m+a] z_b`` is added locally by each holder of a.
+        reductions: ``(ranks, auxiliaries)`` pairs: one all_reduce over ``ranks`` (a subgroup, or the world)
+            completes the listed auxiliaries' columns.
+    """
+
+    worker: MixPlan
+    local_terms: np.ndarray
+    reductions: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+
+    @property
+    def communicates(self) -> bool:
+        return self.worker.communicates or len(self.reductions) > 0
+
+
+def build_placed_plan(S: np.ndarray, holders: tuple[tuple[int, ...], ...]) -> PlacedPlan:
+    """Classify ``S`` for a placement: worker block as :func:`build_plan`, auxiliary columns as reductions.
+
+    Raises ``RuntimeError`` when a worker reads an auxiliary its rank does not hold (the placement was
+    computed from the schedule's matrices, so this means the schedule produced an unforeseen matrix).
+    """
+    S = np.asarray(S, dtype=np.float64)
+    v = len(holders)
+    m = S.shape[0] - v
+    H = [frozenset(h) for h in holders]
+    host = [min(h) for h in holders]
+    for a in range(v):
+        missing = [int(i) for i in np.flatnonzero(S[m + a, :m]) if int(i) not in H[a]]
+        if missing:
+            raise RuntimeError(f"auxiliary {a} is read by worker(s) {missing} whose ranks do not hold it "
+                               f"(held by ranks {sorted(H[a])})")
+    local = np.zeros((v, v), dtype=bool)
+    parts: dict[tuple[int, ...], list[int]] = {}
+    for a in range(v):
+        P = {int(j) for j in np.flatnonzero(S[:m, m + a])}
+        for b in np.flatnonzero(S[m:, m + a]):
+            if H[b] >= H[a]:
+                local[b, a] = True
+            else:
+                P.add(host[b])
+        if P:
+            parts.setdefault(tuple(sorted(P | H[a])), []).append(a)
+    reductions = tuple(sorted((P, tuple(auxes)) for P, auxes in parts.items()))
+    return PlacedPlan(worker=build_plan(S[:m, :m], m, 0), local_terms=local, reductions=reductions)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the mixer
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Pending:
-    work: Any
-    buf: Tensor
-    partial: Tensor  # the auxiliaries' new values without the reduced contributions
-    targets: list[tuple[int, int]]  # (aux index, reduce vector)
-    consts: tuple[float | None, ...]
+    works: list[Any]  # asynchronous collectives to wait for
     launched: float
-    delay: float
+    delay: float  # emulated duration (the operation completes no earlier than launched + delay)
+    complete: Callable[[], None]  # writes the auxiliaries' new values once the works are done
 
 
 def _all_gather_single(out: Tensor, inp: Tensor, group: Any) -> None:
@@ -299,6 +409,11 @@ class Mixer:
         group: the process group (default: the world).
         on_finalize: called after deferred auxiliary values are written (the engine re-zeroes the
             auxiliaries' momentum columns there).
+        holders: per auxiliary, the ranks holding it (:func:`aux_placement`); ``None``: every rank holds
+            every auxiliary. With a placement, rows of auxiliaries this rank does not hold are left as
+            they are (stale) and :meth:`collect_aux` gives their current values.
+        matrices: the matrices the schedule will produce (when known): their process subgroups are
+            created at construction, a collective every rank must take part in.
     """
 
     def __init__(
@@ -310,6 +425,8 @@ class Mixer:
         net: NetEmulation | None = None,
         group: Any = None,
         on_finalize: Callable[[], None] | None = None,
+        holders: tuple[tuple[int, ...], ...] | None = None,
+        matrices: list[np.ndarray] | None = None,
     ) -> None:
         self.rank = int(rank)
         self.m = int(workers)
@@ -318,17 +435,71 @@ class Mixer:
         self.group = group
         self.stats = CommStats()
         self.on_finalize = on_finalize
-        self._plans: OrderedDict[bytes, MixPlan] = OrderedDict()
+        self._plans: OrderedDict[bytes, Any] = OrderedDict()
         self._pending: _Pending | None = None
-        self._rows: Tensor | None = None
+        if holders is not None:
+            holders = tuple(tuple(sorted(int(r) for r in h)) for h in holders)
+            if len(holders) != self.v or any(not h or h[0] < 0 or h[-1] >= self.m for h in holders):
+                raise ValueError(f"holders must give a non-empty set of ranks in [0, {self.m}) per auxiliary, got {holders}")
+            if group is not None:
+                raise ValueError("a placement (holders) needs the default (world) process group")
+        self.holders = holders
+        self._subgroups: dict[tuple[int, ...], Any] = {}
+        if holders is not None:
+            for S in matrices or ():
+                for ranks, _ in self.plan(S).reductions:
+                    self._subgroup(ranks)
+
+    # -- placement ---------------------------------------------------------------------------------------
+    @property
+    def placed(self) -> bool:
+        """True when auxiliaries are held by subsets of ranks (else every rank holds every auxiliary)."""
+        return self.holders is not None
+
+    def holds(self, aux: int) -> bool:
+        return self.holders is None or self.rank in self.holders[aux]
+
+    def host(self, aux: int) -> int:
+        """The designated host of auxiliary ``aux``: the first holder (placed), else ``aux % m``."""
+        return aux_host(aux, self.m) if self.holders is None else self.holders[aux][0]
+
+    def _subgroup(self, ranks: tuple[int, ...]) -> Any:
+        """The process group of ``ranks`` (the world when all of them), created once, collectively."""
+        if len(ranks) == self.m:
+            return self.group
+        g = self._subgroups.get(ranks)
+        if g is None:
+            timeout = None
+            try:  # the same timeout as the world group (new_group's default is 30 minutes)
+                import torch as _t
+
+                timeout = dist.group.WORLD._get_backend(_t.device("cpu")).options._timeout
+            except Exception:  # noqa: BLE001 -- not gloo / private API changed: torch's default
+                timeout = None
+            g = dist.new_group(list(ranks), timeout=timeout)
+            self._subgroups[ranks] = g
+        return g
+
+    def collect_aux(self, Z: Tensor) -> Tensor:
+        """Every auxiliary's current row (v, W) on every rank (collective when placed): ``Z`` is this rank's."""
+        self.finalize()
+        if self.holders is None or self.v == 0:
+            return Z.clone()
+        buf = torch.zeros_like(Z)
+        for a in range(self.v):
+            if self.host(a) == self.rank:
+                buf[a].copy_(Z[a])
+        dist.all_reduce(buf, group=self.group)  # exact: one non-zero term per entry
+        return buf
 
     # -- plans -----------------------------------------------------------------------------------------
-    def plan(self, S: np.ndarray) -> MixPlan:
+    def plan(self, S: np.ndarray) -> Any:
+        """The :class:`MixPlan` (or :class:`PlacedPlan` with a placement) of ``S``, cached."""
         S = np.ascontiguousarray(S, dtype=np.float64)
         key = S.tobytes()
         p = self._plans.get(key)
         if p is None:
-            p = build_plan(S, self.m, self.v)
+            p = build_plan(S, self.m, self.v) if self.holders is None else build_placed_plan(S, self.holders)
             self._plans[key] = p
             if len(self._plans) > 64:
                 self._plans.popitem(last=False)
@@ -350,16 +521,20 @@ class Mixer:
     def _fail(self, what: str, exc: BaseException) -> CommunicationError:
         return CommunicationError(f"rank {self.rank}: {what} failed: {str(exc).splitlines()[0][:300]}")
 
-    def all_reduce(self, t: Tensor) -> None:
+    def all_reduce(self, t: Tensor, ranks: tuple[int, ...] | None = None) -> None:
+        """Sum ``t`` over the world, or over the subgroup of ``ranks``."""
+        size = self.m if ranks is None else len(ranks)
+        group = self.group if ranks is None else self._subgroup(ranks)
         t0 = time.perf_counter()
         try:
-            dist.all_reduce(t, group=self.group)
+            dist.all_reduce(t, group=group)
         except Exception as exc:
-            raise self._fail("all_reduce", exc) from exc
+            where = "" if ranks is None or size == self.m else f" in the group of ranks {list(ranks)}"
+            raise self._fail(f"all_reduce{where}", exc) from exc
         n = t.numel()
         es = t.element_size()
-        cost = round_cost("allreduce", workers=self.m, params=n, bytes_per_param=es)
-        self._finish("all_reduce", t0, cost, 2.0 * n * es * (self.m - 1) / self.m)
+        cost = round_cost("allreduce", workers=size, params=n, bytes_per_param=es)
+        self._finish("all_reduce" if size == self.m else "group_all_reduce", t0, cost, 2.0 * n * es * (size - 1) / size)
 
     def broadcast(self, t: Tensor, src: int) -> None:
         t0 = time.perf_counter()
@@ -426,7 +601,8 @@ class Mixer:
         self._pending = None
         t0 = time.perf_counter()
         try:
-            p.work.wait()
+            for work in p.works:
+                work.wait()
         except Exception as exc:
             raise self._fail("non-blocking all_reduce", exc) from exc
         remaining = p.launched + p.delay - time.perf_counter()
@@ -434,14 +610,7 @@ class Mixer:
             time.sleep(remaining)
             self.stats.emulated_s += remaining
         self.stats.comm_s += time.perf_counter() - t0
-        red = p.buf
-        for k, c in enumerate(p.consts):
-            if c is not None:
-                red[k].mul_(c)
-        for a, k in p.targets:
-            p.partial[a].add_(red[k])
-        assert self._rows is not None
-        self._rows[1:].copy_(p.partial)
+        p.complete()
         if self.on_finalize is not None:
             self.on_finalize()
 
@@ -452,10 +621,12 @@ class Mixer:
         then keep their old values until :meth:`finalize` (called at the start of the next :meth:`mix`).
         """
         self.finalize()
-        self._rows = rows
         m, v, r = self.m, self.v, self.rank
         plan = self.plan(S)
         S = np.asarray(S, dtype=np.float64)
+        if isinstance(plan, PlacedPlan):
+            self._mix_placed(rows, S, plan, overlap)
+            return plan
         dtype, device = rows.dtype, rows.device
         x = rows[0]
         Z = rows[1:]
@@ -546,8 +717,108 @@ class Mixer:
                         targets.append((a, src[1]))
             if pending_red is not None:
                 work, buf, t0, delay = pending_red
-                self._pending = _Pending(work, buf, new_Z, targets, plan.reduce_const, t0, delay)
+
+                def complete(buf: Tensor = buf, new_Z: Tensor = new_Z, targets: list = targets,
+                             consts: tuple = plan.reduce_const, Z: Tensor = Z) -> None:
+                    for k, c in enumerate(consts):
+                        if c is not None:
+                            buf[k].mul_(c)
+                    for a, k in targets:
+                        new_Z[a].add_(buf[k])
+                    Z.copy_(new_Z)
+
+                self._pending = _Pending([work], t0, delay, complete)
             else:
                 Z.copy_(new_Z)
         x.copy_(new_x)
         return plan
+
+    def _mix_placed(self, rows: Tensor, S: np.ndarray, plan: PlacedPlan, overlap: bool) -> None:
+        """A round with placed auxiliaries: the worker block as usual, auxiliary columns by (sub)group reductions."""
+        m, r = self.m, self.rank
+        dtype, device = rows.dtype, rows.device
+        x = rows[0]
+        Z = rows[1:]
+        wp = plan.worker
+        # -- worker-to-worker contributions (the patterns of build_plan on the worker block) --
+        got: dict[int, Tensor] = {}
+        for j in wp.bcast_sources:
+            buf = x.clone() if j == r else torch.empty_like(x)
+            self.broadcast(buf, j)
+            got[j] = buf
+        if wp.worker_mode == "gather":
+            X_all = self.all_gather(x)
+            new_x = torch.as_tensor(np.ascontiguousarray(S[:m, r]), dtype=dtype, device=device) @ X_all
+        elif wp.worker_mode == "reduce":
+            assert wp.worker_vector is not None
+            new_x = x.clone()
+            c = wp.reduce_const[wp.worker_vector]
+            if c is None:
+                new_x.mul_(float(wp.reduce_vectors[wp.worker_vector, r]))
+            self.all_reduce(new_x)
+            if c is not None:
+                new_x.mul_(c)
+        else:
+            if wp.worker_mode == "neighbor":
+                got.update(self.exchange(x.contiguous(), wp))
+            new_x = x * float(S[r, r])
+            for j, xj in got.items():
+                w = float(S[j, r])
+                if j != r and w != 0.0:
+                    new_x.add_(xj, alpha=w)
+        held = [a for a in range(self.v) if self.holds(a)]
+        for a in held:  # the auxiliaries this worker reads (the placement guarantees they are held)
+            w = float(S[m + a, r])
+            if w != 0.0:
+                new_x.add_(Z[a], alpha=w)
+        # -- auxiliary columns: local terms, then one reduction per participant set --
+        new_Z = {a: torch.zeros_like(Z[a]) for a in held}
+        for a in held:
+            for b in np.flatnonzero(plan.local_terms[:, a]):
+                new_Z[a].add_(Z[int(b)], alpha=float(S[m + int(b), m + a]))
+        adds: list[tuple[int, Tensor]] = []
+        works: list[Any] = []
+        t_launch = time.perf_counter()
+        delay = 0.0
+        for ranks, auxes in plan.reductions:
+            if r not in ranks:
+                continue
+            buf = torch.zeros((len(auxes), x.numel()), dtype=dtype, device=device)
+            for k, a in enumerate(auxes):
+                w = float(S[r, m + a])
+                if w != 0.0:
+                    buf[k].add_(x, alpha=w)
+                for b in np.flatnonzero(S[m:, m + a]):
+                    b = int(b)
+                    if not plan.local_terms[b, a] and self.host(b) == r:
+                        buf[k].add_(Z[b], alpha=float(S[m + b, m + a]))
+            if len(ranks) == 1:  # a group of one (e.g. groups of one worker): nothing to exchange
+                pass
+            elif overlap:
+                size = len(ranks)
+                es = buf.element_size()
+                cost = round_cost("allreduce", workers=size, params=buf.numel(), bytes_per_param=es)
+                t0 = time.perf_counter()
+                try:
+                    works.append(dist.all_reduce(buf, group=self._subgroup(ranks), async_op=True))
+                except Exception as exc:
+                    raise self._fail(f"non-blocking all_reduce in the group of ranks {list(ranks)}", exc) from exc
+                self.stats.comm_s += time.perf_counter() - t0
+                kind = "all_reduce_async" if size == m else "group_all_reduce_async"
+                self.stats.count(kind, 2.0 * buf.numel() * es * (size - 1) / size, cost)
+                delay = max(delay, self.net.delay(cost))
+            else:
+                self.all_reduce(buf, ranks)
+            adds.extend((a, buf[k]) for k, a in enumerate(auxes) if self.holds(a))
+
+        def complete() -> None:
+            for a, t in adds:
+                new_Z[a].add_(t)
+            for a in held:
+                Z[a].copy_(new_Z[a])
+
+        if works:
+            self._pending = _Pending(works, t_launch, delay, complete)
+        else:
+            complete()
+        x.copy_(new_x)

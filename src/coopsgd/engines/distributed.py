@@ -1,10 +1,11 @@
 """Distributed engine: one process per worker with ``torch.distributed`` ([SPEC] §5, engine 3).
 
-Rank ``r`` runs worker ``r`` (the world size is m); the auxiliary nodes are replicated on every rank and
-their designated host is rank ``j % m`` (see :mod:`coopsgd.engines.comm` for the placement and for the
-collective each kind of mixing matrix uses). Each rank keeps ONE flat state tensor of shape
+Rank ``r`` runs worker ``r`` (the world size is m); an auxiliary node is held by the ranks whose workers
+read it -- every rank for EASGD, FedAvg, LSGD and DOWNPOUR, the ranks of its group for hierarchical
+averaging, whose rounds then run in process subgroups (see :mod:`coopsgd.engines.comm` for the placement
+and for the collective each kind of mixing matrix uses). Each rank keeps ONE flat state tensor of shape
 ``(1 + v, b + d [+ d])`` -- its worker's ``[float buffers | parameters | momentum]`` and the auxiliaries'
-rows -- and its own SGD state. One step ``k`` does exactly what
+rows (those of auxiliaries it does not hold are not maintained) -- and its own SGD state. One step ``k`` does exactly what
 :class:`coopsgd.engines.simulator.Simulator` does for that worker:
 
 1. ``spec.schedule.active(k)``: an inactive FedAvg client computes nothing;
@@ -60,7 +61,7 @@ from torch import Tensor, nn
 
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
-from coopsgd.engines.comm import Mixer, NetEmulation, aux_host
+from coopsgd.engines.comm import Mixer, NetEmulation, _schedule_matrices, aux_placement
 from coopsgd.engines.executors import FlatLayout, LoopExecutor, build_model, to_batch
 from coopsgd.engines.launch import heartbeat as _current_heartbeat
 from coopsgd.engines.launch import launch
@@ -223,7 +224,11 @@ class DistributedEngine:
         self._probe: Batch | None = None if probe_batch is None else self._to_batch(probe_batch)
         if spec.leader and loss_estimate == "probe" and self._probe is None:
             raise ConfigError.invalid("probe_batch", None, "loss_estimate='probe' needs probe_batch=(x, y)")
-        self.mixer = Mixer(self.rank, self.m, self.v, net=net, on_finalize=self._zero_aux_momentum)
+        holders = aux_placement(spec)
+        self.mixer = Mixer(
+            self.rank, self.m, self.v, net=net, on_finalize=self._zero_aux_momentum, holders=holders,
+            matrices=_schedule_matrices(spec.schedule, 4096) if holders is not None else None,
+        )
         self.net = self.mixer.net
 
         # -- counters ---------------------------------------------------------------------------------
@@ -267,14 +272,22 @@ class DistributedEngine:
         return self._state[0, self.b + self.d :] if self.opts.stateful else None
 
     def aux_params(self, j: int = 0) -> Tensor:
-        """Auxiliary node ``j``'s parameters (completes a pending non-blocking round first)."""
+        """Auxiliary node ``j``'s parameters on a rank that holds it (completes a pending round first)."""
         j = check_int("j", j, minimum=0, maximum=max(self.v - 1, 0))
+        if not self.mixer.holds(j):
+            raise ConfigError.invalid("j", j, f"auxiliary {j} is held by ranks {list(self.mixer.holders[j])}, "
+                                              f"not by rank {self.rank} (gather_state() collects every node)")
         self.mixer.finalize()
         return self._state[1 + j, self.b : self.b + self.d]
 
     def aux_host(self, j: int) -> int:
-        """The designated host rank of auxiliary ``j`` (every rank holds a replica)."""
-        return aux_host(j, self.m)
+        """The designated host rank of auxiliary ``j`` (see :func:`coopsgd.engines.comm.aux_placement`)."""
+        return self.mixer.host(j)
+
+    def aux_holders(self, j: int) -> list[int]:
+        """The ranks that hold (and update) auxiliary ``j``."""
+        h = self.mixer.holders
+        return list(range(self.m)) if h is None else list(h[j])
 
     def _zero_aux_momentum(self) -> None:
         if self.opts.stateful and self.v:
@@ -558,7 +571,7 @@ class DistributedEngine:
         out = torch.empty(self.m * row.numel(), dtype=row.dtype, device=row.device)
         fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         fn(out, row)
-        return torch.cat([out.view(self.m, -1), self._state[1:]], dim=0)
+        return torch.cat([out.view(self.m, -1), self.mixer.collect_aux(self._state[1:])], dim=0)
 
     def gather_params(self) -> Tensor:
         """(m+v, d) parameters of every node on every rank (collective)."""
@@ -581,7 +594,11 @@ class DistributedEngine:
             dist.all_reduce(t)
             return t / self.m
         if row >= self.m:
-            return self._state[1 + row - self.m, :w].clone()
+            a = row - self.m
+            t = self._state[1 + a, :w].clone()
+            if self.mixer.placed:
+                dist.broadcast(t, src=self.mixer.host(a))
+            return t
         t = self._state[0, :w].clone()
         dist.broadcast(t, src=row)
         return t
@@ -591,8 +608,9 @@ class DistributedEngine:
         self.mixer.finalize()
         w = self.b + self.d
         t = self._state[0, :w].clone()
-        if self.rank == 0 and self.v:
-            t += self._state[1:, :w].sum(dim=0)
+        for a in range(self.v):  # each auxiliary counted once, by its host
+            if self.mixer.host(a) == self.rank:
+                t += self._state[1 + a, :w]
         dist.all_reduce(t)
         return t / (self.m + self.v)
 
@@ -856,7 +874,7 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
         extra = {"engine": "distributed", "world_size": world, "steps_per_epoch": loader.steps_per_epoch,
                  "total_steps": p["total"], "spec": spec.describe(), "timeout_s": opts.get("timeout_s"),
                  "net_latency_ms": net.latency_ms, "net_bandwidth_mbps": net.bandwidth_mbps,
-                 "aux_hosts": [aux_host(j, world) for j in range(spec.auxiliaries)], "resumed_from_step": start}
+                 "aux_hosts": [eng.aux_host(j) for j in range(spec.auxiliaries)], "resumed_from_step": start}
         if p["histograms"] is not None:
             extra["label_histograms"] = p["histograms"].tolist()
         rd.write_config(c.to_dict(), extra)
@@ -986,7 +1004,7 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
             "communication_fraction": timing["communication_fraction"],
             "timing": timing,
             "net": {"latency_ms": net.latency_ms, "bandwidth_mbps": net.bandwidth_mbps},
-            "aux_hosts": [aux_host(j, world) for j in range(spec.auxiliaries)],
+            "aux_hosts": [eng.aux_host(j) for j in range(spec.auxiliaries)],
         }
         if rd is not None:
             rd.write_summary(summary)
