@@ -8,6 +8,7 @@ synthetic data; both engines read the same :class:`WorkerLoader` batches (worker
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import numpy as np
@@ -44,8 +45,8 @@ def _data(m: int) -> tuple[tuple[torch.Tensor, torch.Tensor], list[np.ndarray]]:
 
 def _job(name: str, spec, m: int, **kw) -> SpecJob:
     ds, parts = _data(m)
-    return SpecJob(spec=spec, model=_mlp(), dataset=ds, parts=parts, batch_size=BATCH, steps=STEPS, lr=LR,
-                   name=name, **kw)
+    kw.setdefault("lr", LR)
+    return SpecJob(spec=spec, model=_mlp(), dataset=ds, parts=parts, batch_size=BATCH, steps=STEPS, name=name, **kw)
 
 
 def _simulate(job: SpecJob) -> torch.Tensor:
@@ -221,3 +222,39 @@ def test_local_launch_listens_on_loopback_only() -> None:
     for a in addrs:
         host = a.rsplit(":", 1)[0]
         assert ipaddress.ip_address(host).is_loopback, f"listening on {a}: not loopback"
+
+
+# -- NaN / Inf: nan_policy="skip" drops the round everywhere and restores the last good state -------------
+
+
+def _lr_frozen_2_3(k: int) -> float:
+    return 0.0 if k in (2, 3) else LR
+
+
+def test_nan_skip_drops_the_round_on_every_rank() -> None:
+    m = 2
+    # worker 1's step 3 gives a NaN: at the round of step 3 every rank learns it and returns to the state
+    # after the round of step 1, i.e. exactly what learning rate 0 at steps 2 and 3 gives
+    skip = _job("skip", presets.local_sgd(m, 2), m, nan_policy="skip", inject_failure="1:3:nan")
+    frozen = _job("frozen", presets.local_sgd(m, 2), m, lr=_lr_frozen_2_3)
+    nb = _job("easgd_nb_skip", presets.easgd(m, 2, nonblocking=True), m, nan_policy="skip", inject_failure="0:5:nan")
+    skip_res, frozen_res, nb_res = run_spec([skip, frozen, nb], timeout_s=30)
+    assert torch.equal(skip_res["params"], frozen_res["params"])
+    assert skip_res["dropped_rounds"] == [{"step": 3, "workers": [1], "first_steps": {"1": 3}, "restored_to_step": 2}]
+    assert frozen_res["dropped_rounds"] == []
+    assert all(math.isfinite(x) for x in skip_res["losses"])  # rank 0 never saw a NaN itself
+    # non-blocking EASGD: the pending auxiliary update is completed, then rolled back with the rest
+    assert nb_res["dropped_rounds"][0]["workers"] == [0] and nb_res["dropped_rounds"][0]["restored_to_step"] == 4
+    assert nb_res["dropped_rounds"][0]["step"] == 5
+    assert bool(torch.isfinite(nb_res["params"]).all())
+
+
+def test_nan_stop_and_too_many_skips_name_the_worker() -> None:
+    m = 2
+    stop = _job("stop", presets.local_sgd(m, 2), m, inject_failure="1:3:nan")
+    with pytest.raises(RankFailure, match=r"non-finite loss on worker 1 at step 3"):
+        run_spec(stop, timeout_s=30)
+    # a learning rate that diverges at every attempt: after max_skips dropped rounds every rank stops
+    diverge = _job("diverge", presets.local_sgd(m, 1), m, lr=1e38, dtype=torch.float32, nan_policy="skip", max_skips=2)
+    with pytest.raises(RankFailure, match=r"non-finite values \(worker 0 at step \d+, worker 1 at step \d+\): 2 rounds .*max_skips=2"):
+        run_spec(diverge, timeout_s=30)

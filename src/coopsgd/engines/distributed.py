@@ -83,11 +83,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Test hook: ``"RANK:STEP:MODE"`` makes rank RANK fail at the start of step STEP; MODE is ``raise``
-#: (an exception), ``exit`` (``os._exit(3)``), ``kill`` (SIGKILL itself) or ``hang`` (sleep forever).
+#: (an exception), ``exit`` (``os._exit(3)``), ``kill`` (SIGKILL itself), ``term`` (SIGTERM itself),
+#: ``hang`` (sleep forever) or ``nan`` (that step's loss and gradient become NaN on that rank).
 FAILURE_ENV = "COOPSGD_INJECT_FAILURE"
 #: With this set to a file path, the injected failure happens once (the file marks it as done).
 FAILURE_ONCE_ENV = "COOPSGD_INJECT_FAILURE_ONCE"
-_FAILURE_MODES = ("raise", "exit", "kill", "hang", "term")
+_FAILURE_MODES = ("raise", "exit", "kill", "hang", "term", "nan")
+_NAN_POLICIES = ("stop", "skip")
 _LOSS_ESTIMATES = ("batch", "running_mean", "probe")
 #: ``format`` tag of the distributed engine's ``checkpoint.pt`` (one file, every rank's state, written by rank 0).
 DIST_CHECKPOINT_FORMAT = "coopsgd-distributed-checkpoint-v1"
@@ -133,6 +135,15 @@ class DistributedEngine:
         sync_init: broadcast rank 0's initial model to everyone (guards against unseeded inits); not
             done when ``init_params`` gives per-worker starts.
         inject_failure: test hook ``"RANK:STEP:MODE"`` (default: the ``COOPSGD_INJECT_FAILURE`` variable).
+        nan_policy: what a NaN/Inf loss, gradient or model does. ``"stop"``: the rank that sees it raises
+            :class:`~coopsgd.engines.reference.NonFiniteError` naming the worker and the step at once
+            (the others stop when it leaves). ``"skip"``: it stops updating and says so at the next
+            communication round, where every rank learns it (one small all_gather of health flags per
+            round), restores the state of the last good round (models, auxiliaries, momentum, buffers)
+            and goes on with the next data; the data of the dropped steps is not reused. A pending
+            non-blocking round is completed before each snapshot (no overlap under ``"skip"``).
+        max_skips: with ``"skip"``, the number of consecutive rounds that may be dropped before every
+            rank raises :class:`NonFiniteError` naming the workers and steps.
     """
 
     def __init__(
@@ -155,6 +166,8 @@ class DistributedEngine:
         sync_init: bool = True,
         heartbeat: Callable[[int, str], None] | None = None,
         inject_failure: str | None = None,
+        nan_policy: str = "stop",
+        max_skips: int = 10,
     ) -> None:
         if not isinstance(spec, AlgorithmSpec):
             raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
@@ -168,6 +181,10 @@ class DistributedEngine:
             raise ConfigError.invalid("loss_estimate", loss_estimate, f"choose one of {', '.join(_LOSS_ESTIMATES)}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError.invalid("dtype", dtype, "must be a floating-point torch.dtype")
+        if nan_policy not in _NAN_POLICIES:
+            raise ConfigError.invalid("nan_policy", nan_policy, f"choose one of {', '.join(_NAN_POLICIES)}")
+        self.nan_policy = nan_policy
+        self.max_skips = check_int("max_skips", max_skips, minimum=1)
         self.spec = spec
         self.m, self.v = spec.workers, spec.auxiliaries
         self.loss_fn = loss_fn
@@ -243,6 +260,15 @@ class DistributedEngine:
         self._t_start: float | None = None
         self._t_last = 0.0
         self._resumed_wall = 0.0  # wall seconds of the run before a resume (timing() continues from it)
+        # -- nan_policy="skip": the last good state and what went wrong since ---------------------------
+        self._bad: tuple[int, str] | None = None  # (first step, what) this rank saw non-finite since the last round
+        self._nan_next = False  # test hook "nan"
+        self.skips_in_a_row = 0
+        self.skipped: list[dict[str, Any]] = []  # per dropped round: step, workers, steps dropped
+        self._good: dict[str, Any] | None = None
+        self._good_step = 0
+        if self.nan_policy == "skip":
+            self._snapshot(0)
 
     # ------------------------------------------------------------------------------------------------
     # construction helpers and views
@@ -308,6 +334,9 @@ class DistributedEngine:
                 return
             marker.write_text(f"rank {self.rank} step {k} {mode}\n")
         log.warning("rank %d: injected failure %r at step %d", self.rank, mode, k)
+        if mode == "nan":
+            self._nan_next = True
+            return
         if mode == "raise":
             raise RuntimeError(f"injected failure on rank {self.rank} at step {k}")
         if mode == "exit":
@@ -373,12 +402,27 @@ class DistributedEngine:
             res = self._executor.compute([self._to_batch(batch)], None)
             with torch.no_grad():
                 loss = float(res.losses[0])
+                if self._nan_next:
+                    self._nan_next = False
+                    loss = math.nan
+                    res.grads.fill_(math.nan)
+                what = None
                 if not math.isfinite(loss):
-                    raise self._nonfinite("loss", k)
-                if not bool(torch.isfinite(res.grads).all()):
-                    raise self._nonfinite("gradient", k)
-                if res.buffers is not None and not bool(torch.isfinite(res.buffers).all()):
-                    raise self._nonfinite("buffer", k)
+                    what = "loss"
+                elif not bool(torch.isfinite(res.grads).all()):
+                    what = "gradient"
+                elif res.buffers is not None and not bool(torch.isfinite(res.buffers).all()):
+                    what = "buffer"
+                if what is not None:
+                    if self.nan_policy == "stop":
+                        raise self._nonfinite(what, k)
+                    if self._bad is None:
+                        self._bad = (k, what)
+                        log.warning("rank %d: non-finite %s at step %d; the round will be dropped", r, what, k)
+                    res = None  # this worker stops updating until the round
+                    loss = math.nan
+            if self._bad is not None:  # already bad since an earlier step: do not update
+                res = None
         est, hist, count = (math.nan, self._hist, self._hist_count)
         if spec.leader:
             est, hist, count = self._estimate(loss, probe)
@@ -423,7 +467,7 @@ class DistributedEngine:
                         self._state[:, b + d :].zero_()
                     elif spec.policies.optimizer_state == "mix":
                         self._zero_aux_momentum()
-                if mix.communicates and not bool(torch.isfinite(self._state[0]).all()):
+                if mix.communicates and self.nan_policy == "stop" and not bool(torch.isfinite(self._state[0]).all()):
                     raise NonFiniteError(
                         f"non-finite model on worker {r} after the communication round at step {k}: "
                         f"a NaN/Inf reached it from another node (the run diverged)"
@@ -434,21 +478,80 @@ class DistributedEngine:
                     self.other_buffers[name][0].copy_(val[0])
                 if self.opts.stateful:
                     self._mom_init.fill_(True)
+        communicated = mix is not None and mix.communicates
+        dropped = False
+        if self.nan_policy == "skip" and communicated:
+            dropped = self._health_check(k)
         if arrived is not None:
             self._round_arrivals.append(arrived)
             self._round_durations.append(self.mixer.stats.comm_s - comm0)
         self._hist, self._hist_count = hist, count
         self.step_count += 1
-        communicated = mix is not None and mix.communicates
         if communicated:
             self.rounds += 1
         if mix is not None and "leader" in mix.info:
             self.leader = int(mix.info["leader"])
         self._t_last = time.perf_counter()
+        info = {} if mix is None else dict(mix.info)
+        if dropped:
+            info["dropped"] = self.skipped[-1]
         return DistStepStats(
             step=k, lr=lr, loss=loss, communicated=communicated, round=self.rounds,
-            pattern=None if mix is None else mix.pattern, info={} if mix is None else dict(mix.info),
+            pattern=None if mix is None else mix.pattern, info=info,
         )
+
+    # ------------------------------------------------------------------------------------------------
+    # nan_policy="skip"
+    # ------------------------------------------------------------------------------------------------
+    def _snapshot(self, done: int) -> None:
+        """Keep the current state as the last good one (``done`` steps completed)."""
+        self.mixer.finalize()
+        self._good = {
+            "state": self._state.clone(),
+            "other": {k: t.clone() for k, t in self.other_buffers.items()},
+            "mom_init": self._mom_init.clone(),
+        }
+        self._good_step = int(done)
+
+    def _restore(self) -> None:
+        self.mixer.finalize()
+        assert self._good is not None
+        with torch.no_grad():
+            self._state.copy_(self._good["state"])
+            for k, t in self._good["other"].items():
+                self.other_buffers[k].copy_(t)
+            self._mom_init.copy_(self._good["mom_init"])
+
+    def _health_check(self, k: int) -> bool:
+        """Every rank's health after the round of step ``k``; drop the round everywhere if one is bad."""
+        with torch.no_grad():
+            self.mixer.finalize()
+            finite = bool(torch.isfinite(self._state[0]).all()) and (
+                self.v == 0 or bool(torch.isfinite(self._state[1:]).all()))
+        bad_step = -1.0 if self._bad is None else float(self._bad[0])
+        flags = self.mixer.gather_floats([bad_step, 0.0 if finite else 1.0])
+        self._bad = None
+        bad = [(i, int(f[0])) for i, f in enumerate(flags) if f[0] >= 0]
+        spread = [i for i, f in enumerate(flags) if f[1] > 0 and f[0] < 0]
+        if not bad and not spread:
+            self.skips_in_a_row = 0
+            self._snapshot(k + 1)
+            return False
+        what = ", ".join(f"worker {i} at step {s}" for i, s in bad) or \
+            f"the models of workers {spread} after the round at step {k}"
+        self.skips_in_a_row += 1
+        if self.skips_in_a_row > self.max_skips:
+            raise NonFiniteError(
+                f"non-finite values ({what}): {self.max_skips} rounds in a row dropped already "
+                f"(max_skips={self.max_skips}); the run diverged (try a smaller learning rate)"
+            )
+        rec = {"step": k, "workers": sorted({i for i, _ in bad} | set(spread)),
+               "first_steps": {str(i): s for i, s in bad}, "restored_to_step": self._good_step}
+        self.skipped.append(rec)
+        log.warning("round at step %d dropped (nan_policy=skip): non-finite values (%s); restored the state "
+                    "after step %d", k, what, self._good_step)
+        self._restore()
+        return True
 
     # ------------------------------------------------------------------------------------------------
     # checkpointing (local to this rank; complete a pending round with finish() first)
@@ -485,6 +588,8 @@ class DistributedEngine:
             "comm": {"bytes_sent": float(st.bytes_sent), "bytes_model": float(st.bytes_model),
                      "ops": {str(k): int(n) for k, n in st.ops.items()}, "comm_s": float(st.comm_s),
                      "emulated_s": float(st.emulated_s)},
+            "skips_in_a_row": int(self.skips_in_a_row),
+            "skipped": json.dumps(self.skipped),
             "round_arrivals": [float(a) for a in self._round_arrivals],
             "round_durations": [float(a) for a in self._round_durations],
             "wall_s": (self._t_last - self._t_start) if self._t_start is not None else self._resumed_wall,
@@ -543,6 +648,11 @@ class DistributedEngine:
         st.ops = {str(k): int(n) for k, n in saved["ops"].items()}
         st.comm_s = float(saved["comm_s"])
         st.emulated_s = float(saved["emulated_s"])
+        self.skips_in_a_row = int(state.get("skips_in_a_row", 0))
+        self.skipped = json.loads(state.get("skipped", "[]"))
+        self._bad = None
+        if self.nan_policy == "skip":  # the checkpoint was taken after a health check (finish())
+            self._snapshot(self.step_count)
         self._round_arrivals = [float(a) for a in state["round_arrivals"]]
         self._round_durations = [float(a) for a in state["round_durations"]]
         self._resumed_wall = float(state["wall_s"])
@@ -559,10 +669,17 @@ class DistributedEngine:
     # collective views (call on every rank)
     # ------------------------------------------------------------------------------------------------
     def finish(self) -> None:
-        """Complete any pending non-blocking round (the end of a run waits for the last one)."""
+        """Complete any pending non-blocking round (the end of a run waits for the last one).
+
+        With ``nan_policy="skip"`` also a health check (collective): non-finite values since the last
+        round drop the steps since then (restoring the last good state); the current state becomes the
+        last good one.
+        """
         if self.mixer.pending:
             self.mixer.finalize()
             self._t_last = time.perf_counter()
+        if self.nan_policy == "skip":
+            self._health_check(self.step_count - 1)
 
     def gather_state(self) -> Tensor:
         """(m+v, width) stacked state of every node -- workers then auxiliaries -- on every rank (collective)."""
@@ -717,6 +834,9 @@ class SpecJob:
     loss_every: int = 0
     return_state: bool = True
     name: str = ""
+    nan_policy: str = "stop"
+    max_skips: int = 10
+    inject_failure: str | None = None
 
 
 def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict[str, Any]]:
@@ -729,7 +849,8 @@ def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict
         eng = DistributedEngine(
             job.spec, job.model, loss_fn=job.loss_fn, momentum=job.momentum, nesterov=job.nesterov,
             weight_decay=job.weight_decay, dtype=job.dtype, seed=job.seed, loss_estimate=job.loss_estimate,
-            window=job.window, probe_batch=job.probe_batch, net=net,
+            window=job.window, probe_batch=job.probe_batch, net=net, nan_policy=job.nan_policy,
+            max_skips=job.max_skips, inject_failure=job.inject_failure,
         )
         dist.barrier()
         losses: list[float] = []
@@ -757,7 +878,7 @@ def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict
         timing = eng.timing()
         res: dict[str, Any] = {"name": job.name, "rank": rank, "losses": losses, "wall_s": wall,
                                "rounds": eng.rounds, "timing": timing, "curve": curve, "reached": reached,
-                               "leader": eng.leader}
+                               "leader": eng.leader, "dropped_rounds": list(eng.skipped)}
         if job.return_state:
             state = eng.gather_state()
             res["params"] = state[:, eng.b : eng.b + eng.d].clone()
@@ -854,7 +975,7 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
     eng = DistributedEngine(
         spec, p["model"], loss_fn=p["loss_fn"], momentum=c.momentum, nesterov=c.nesterov,
         weight_decay=c.weight_decay, dtype=dtype, device=device, seed=c.seed, loss_estimate=c.loss_estimate,
-        probe_batch=p["probe"], net=net,
+        probe_batch=p["probe"], net=net, nan_policy=c.nan_policy, max_skips=c.max_skips,
     )
     acc, cnt = 0.0, 0
     elapsed0 = 0.0
@@ -912,6 +1033,8 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
                 rec["train_accuracy"] = train["accuracy"]
             if eng.leader is not None:
                 rec["leader"] = eng.leader
+            if eng.skipped:
+                rec["dropped_rounds"] = list(eng.skipped)
         return rec
 
     def checkpoint(done: int, elapsed: float) -> None:
@@ -1006,6 +1129,8 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
             "net": {"latency_ms": net.latency_ms, "bandwidth_mbps": net.bandwidth_mbps},
             "aux_hosts": [eng.aux_host(j) for j in range(spec.auxiliaries)],
         }
+        if eng.skipped:
+            summary["dropped_rounds"] = list(eng.skipped)
         if rd is not None:
             rd.write_summary(summary)
             summary["out"] = str(rd.path)
