@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
-from coopsgd.engines.comm import Mixer, NetEmulation
+from coopsgd.engines.comm import Mixer, NetEmulation, _schedule_matrices, aux_placement
 from coopsgd.errors import ConfigError, check_int
 
 __all__ = ["CooperativeSGD"]
@@ -71,7 +71,9 @@ class CooperativeSGD:
         net_latency_ms, net_bandwidth_mbps: emulate slow links (see :class:`~coopsgd.engines.comm.NetEmulation`).
         sync_init: broadcast rank 0's model at construction so every worker starts from the same point.
         window: LSGD running-mean window of the passed losses.
-        group: process group (default: the world).
+        group: process group (default: the world). With the world, auxiliaries that only some workers read
+            (hierarchical averaging's group auxiliaries) live only on those ranks and their rounds run in
+            process subgroups; with another group every rank holds every auxiliary.
     """
 
     def __init__(
@@ -120,7 +122,11 @@ class CooperativeSGD:
             self._unflatten_from(self._rows[0])
         self._rows[1:] = self._rows[0]
         self._bind()
-        self.mixer = Mixer(self.rank, self.m, self.v, net=NetEmulation(net_latency_ms, net_bandwidth_mbps), group=group)
+        holders = aux_placement(spec) if group is None else None
+        self.mixer = Mixer(
+            self.rank, self.m, self.v, net=NetEmulation(net_latency_ms, net_bandwidth_mbps), group=group,
+            holders=holders, matrices=_schedule_matrices(spec.schedule, 4096) if holders is not None else None,
+        )
         self.step_count = 0
         self.rounds = 0
         self.leader: int | None = None
@@ -223,8 +229,15 @@ class CooperativeSGD:
     def aux_vector(self, j: int = 0) -> Tensor:
         """Auxiliary node ``j``'s flat vector (z, the server model, a leader copy)."""
         j = check_int("j", j, minimum=0, maximum=max(self.v - 1, 0))
+        if not self.mixer.holds(j):
+            raise ConfigError.invalid("j", j, f"auxiliary {j} is held by ranks {list(self.mixer.holders[j])}, "
+                                              f"not by rank {self.rank}")
         self.finalize()
         return self._rows[1 + j].clone()
+
+    def gather_aux(self) -> Tensor:
+        """Every auxiliary's flat vector, (v, width), on every rank (collective: call on every rank)."""
+        return self.mixer.collect_aux(self._rows[1:])
 
     @torch.no_grad()
     def center_vector(self) -> Tensor:

@@ -148,8 +148,10 @@ def _wrapper_rank(rank: int, world: int, spec, before_step: bool) -> torch.Tenso
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     rows = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(rows, flat)
-    aux = [coop.aux_vector(j) for j in range(spec.auxiliaries)]
-    return torch.stack(rows + aux)
+    if spec.auxiliaries:
+        held = [j for j in range(spec.auxiliaries) if coop.mixer.holds(j)]
+        assert torch.equal(coop.aux_vector(held[0]), coop.gather_aux()[held[0]])
+    return torch.cat([torch.stack(rows), coop.gather_aux()])
 
 
 def test_wrapper_matches_simulator() -> None:
@@ -160,6 +162,11 @@ def test_wrapper_matches_simulator() -> None:
         expected = _simulate(_job(name, spec, m))
         diff = float((got - expected).abs().max())
         assert diff <= TOL, f"wrapper {name}: {diff:.3e}"
+    # hierarchical: group auxiliaries held by their group only, rounds in process subgroups
+    spec = presets.hierarchical(4, 1, groups=2, q=2)
+    got = launch(_wrapper_rank, 4, (spec, True), timeout_s=30)[0]
+    diff = float((got - _simulate(_job("hierarchical", spec, 4))).abs().max())
+    assert diff <= TOL, f"wrapper hierarchical: {diff:.3e}"
 
 
 # -- failures ------------------------------------------------------------------------------------------
