@@ -11,6 +11,9 @@
 4. Time to a target training loss under emulated links: local SGD (tau=4) and decentralized periodic
    averaging (ring, tau=4) vs fully synchronous SGD.
 5. Communication fraction per algorithm, like [LSGD] Table 6.
+6. Hierarchical averaging (4 workers, 2 groups): a group round in process subgroups (each group's
+   auxiliary held by its ranks only) vs the same round with every auxiliary replicated on every rank (one
+   world all_reduce of both groups' sums), blocking, same model.
 
 Usage: ``python benchmarks/bench_distributed.py [--workers 2] [--quick]``. Every process uses one
 thread; on a 2-core machine keep ``--workers 2`` for timings that are not dominated by CPU contention.
@@ -260,11 +263,53 @@ def bench_fraction(world: int, quick: bool) -> None:
     print(communication_table({r["name"]: r["timing"] for r in res}))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 6. hierarchical: process subgroups vs replicated auxiliaries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _hier_rank(rank: int, world: int, hidden: tuple[int, ...], rounds: int, reps: int) -> dict[str, float]:
+    from coopsgd.engines.comm import _schedule_matrices, aux_placement
+
+    torch.set_num_threads(1)
+    spec = presets.hierarchical(world, 1, groups=2, q=2)  # step 0: the group level only
+    d = sum(p.numel() for p in _mlp(hidden).parameters())
+    S = spec.schedule.mix(0, _ctx(0)).matrix
+    holders = aux_placement(spec)
+    placed = Mixer(rank, world, spec.auxiliaries, holders=holders, matrices=_schedule_matrices(spec.schedule, 4096))
+    assert holders is not None
+    replicated = Mixer(rank, world, spec.auxiliaries)
+    rows = {"placed": torch.randn(1 + spec.auxiliaries, d), "replicated": torch.randn(1 + spec.auxiliaries, d)}
+    mixers = {"placed": placed, "replicated": replicated}
+    times: dict[str, list[float]] = {k: [] for k in mixers}
+    for name, mx in mixers.items():  # warm-up
+        for _ in range(3):
+            mx.mix(rows[name], S)
+    for _ in range(reps):
+        for name, mx in mixers.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                mx.mix(rows[name], S)
+            times[name].append((time.perf_counter() - t0) / rounds)
+    sent = {name: mx.stats.bytes_sent / mx.stats.ops.get(next(iter(mx.stats.ops)), 1) for name, mx in mixers.items()}
+    return {k: statistics.median(v) for k, v in times.items()} | {f"bytes_{k}": v for k, v in sent.items()} | {"params": float(d)}
+
+
+def bench_hierarchical(quick: bool) -> None:
+    print("\n6. hierarchical group round, 4 workers in 2 groups -- median seconds per round, rank 0")
+    print(f"{'model (params)':<24} {'subgroups':>10} {'replicated':>11} {'ratio':>7} {'MB sent/rank':>14}")
+    for hidden in ([(200, 200)] if quick else [(200, 200), (1024, 1024)]):
+        r = launch(_hier_rank, 4, (hidden, 10 if quick else 30, 3), timeout_s=120)[0]
+        print(f"{'mlp ' + str(int(r['params'])):<24} {r['placed'] * 1e3:>8.2f}ms {r['replicated'] * 1e3:>9.2f}ms "
+              f"{r['placed'] / r['replicated']:>6.2f}x {r['bytes_placed'] / 1e6:>6.2f} vs {r['bytes_replicated'] / 1e6:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="1,2,3,4,5")
+    parser.add_argument("--only", default="1,2,3,4,5,6")
     ns = parser.parse_args()
     only = set(ns.only.split(","))
     print(json.dumps({"torch": torch.__version__, "python": platform.python_version(), "cores": os.cpu_count(),
@@ -281,6 +326,8 @@ def main() -> None:
         bench_time_to_loss(ns.workers, ns.quick)
     if "5" in only:
         bench_fraction(ns.workers, ns.quick)
+    if "6" in only:
+        bench_hierarchical(ns.quick)
     print(f"\n(total {time.time() - t0:.0f} s)")
 
 
