@@ -356,7 +356,7 @@ _RUN_HELP = {
     "q": "hierarchical: auxiliaries mix every q*tau steps", "lam": "LSGD pull lambda",
     "lam_global": "LSGD global pull", "fraction": "FedAvg client fraction", "warmup_steps": "sync warm-up steps",
     "nonblocking": "non-blocking EASGD", "local_epochs": "FedAvg: local epochs per round (instead of --tau)",
-    "downpour_order": "DOWNPOUR push order: clock (arrival on the simulated clock) | schedule (seeded)",
+    "downpour_order": "DOWNPOUR push order: clock (order of arrival: on the simulated clock, or at a real asynchronous server with --engine distributed) | schedule (seeded, deterministic) | async (distributed only)",
     "nan_policy": "on NaN/Inf: stop | skip (drop the step, keep the last good state)",
     "max_skips": "consecutive skipped steps before stopping", "checkpoint_every": "steps between checkpoints", "buffers": "buffer policy: mix | local",
     "optimizer_state": "momentum policy: local | reset | mix", "model": "mlp, lenet, cnn7, resnet20, vgg16, lstm_lm",

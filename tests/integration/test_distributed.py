@@ -265,3 +265,28 @@ def test_nan_stop_and_too_many_skips_name_the_worker() -> None:
     diverge = _job("diverge", presets.local_sgd(m, 1), m, lr=1e38, dtype=torch.float32, nan_policy="skip", max_skips=2)
     with pytest.raises(RankFailure, match=r"non-finite values \(worker 0 at step \d+, worker 1 at step \d+\): 2 rounds .*max_skips=2"):
         run_spec(diverge, timeout_s=30)
+
+
+# -- DOWNPOUR with a real asynchronous parameter server ----------------------------------------------------
+
+
+def test_downpour_async_parameter_server(tmp_path) -> None:
+    m = 3
+    job = _job("async", presets.downpour(m, 2), m, downpour_order="async", momentum=0.9)
+    res = run_spec(job, timeout_s=30)[0]
+    P = res["params"]
+    assert P.shape[0] == m + m + 1 and bool(torch.isfinite(P).all())
+    assert [t["ops"] for t in res["timing"]["ranks"]] == [{"push_pull": STEPS // 2}] * m  # no collective per round
+    # the run ends with a push/pull on every worker: each model is the z it pulled last (its b_i row), and
+    # the worker whose push arrived last holds the final server model z exactly
+    assert torch.equal(P[:m], P[m + 1 :])
+    assert any(torch.equal(P[i], P[m]) for i in range(m))
+    # through a RunConfig: downpour_order "clock" (the default) is the order of arrival at the server
+    cfg = RunConfig(preset="downpour", workers=2, tau=2, model="mlp", dataset="mnist_bundled", lr=0.05,
+                    batch_size=16, max_steps=6, eval_samples=100, seed=0, engine="distributed")
+    summary = run_distributed(cfg, out=tmp_path / "run", timeout_s=30)
+    assert summary["status"] == "ok" and summary["communication_rounds"] == 3
+    assert summary["timing"]["ranks"][1]["ops"] == {"push_pull": 3}
+    assert summary["aux_hosts"] == [0, 0, 1]  # z on rank 0, worker i's last pull on rank i
+    with pytest.raises(Exception, match="downpour_order"):
+        RunConfig(preset="downpour", workers=2, downpour_order="async")  # the simulator has no real server

@@ -21,9 +21,12 @@ rows (those of auxiliaries it does not hold are not maintained) -- and its own S
 
 Given the same seeds and data order (:class:`~coopsgd.data.WorkerLoader`, worker r's batches on rank r)
 the parameters after K steps equal the simulator's (float64: to 1e-10; tested). Differences from the
-simulator: DOWNPOUR uses the schedule's seeded push order (``downpour_order="schedule"``), emulated
-exactly by one all_gather per round -- nothing is truly asynchronous; the pushes are applied in that
-order on every rank. Non-blocking EASGD is truly asynchronous (``async_op=True``, waited at the next
+simulator: DOWNPOUR either uses the schedule's seeded push order (``downpour_order="schedule"``),
+emulated exactly by one all_gather per round and applied in that order on every rank (deterministic,
+equal to the simulator), or runs a real asynchronous parameter server (``downpour_order="async"``,
+:mod:`coopsgd.engines.parameter_server`: z only on rank 0, pushes applied in arrival order, no barrier
+between workers -- the default of ``coopsgd run --engine distributed``, whose ``downpour_order="clock"``
+means "the order in which pushes arrive"). Non-blocking EASGD is truly asynchronous (``async_op=True``, waited at the next
 round). NaN/Inf in a worker's loss or gradient stops that rank with an error naming it; a NaN that
 reaches other workers through mixing is detected by them right after the communication round.
 
@@ -90,6 +93,7 @@ FAILURE_ENV = "COOPSGD_INJECT_FAILURE"
 FAILURE_ONCE_ENV = "COOPSGD_INJECT_FAILURE_ONCE"
 _FAILURE_MODES = ("raise", "exit", "kill", "hang", "term", "nan")
 _NAN_POLICIES = ("stop", "skip")
+_DOWNPOUR_ORDERS = ("schedule", "async")
 _LOSS_ESTIMATES = ("batch", "running_mean", "probe")
 #: ``format`` tag of the distributed engine's ``checkpoint.pt`` (one file, every rank's state, written by rank 0).
 DIST_CHECKPOINT_FORMAT = "coopsgd-distributed-checkpoint-v1"
@@ -144,6 +148,12 @@ class DistributedEngine:
             non-blocking round is completed before each snapshot (no overlap under ``"skip"``).
         max_skips: with ``"skip"``, the number of consecutive rounds that may be dropped before every
             rank raises :class:`NonFiniteError` naming the workers and steps.
+        downpour_order: DOWNPOUR only. ``"schedule"``: the schedule's seeded push order, emulated exactly
+            by one all_gather per round (deterministic, equals the simulator). ``"async"``: a real
+            asynchronous parameter server (:class:`~coopsgd.engines.parameter_server.AsyncParameterServer`):
+            z lives on rank 0 only, each worker pushes and pulls every tau steps without waiting for
+            the others, pushes are applied in arrival order (not deterministic). Call :meth:`close` on
+            every rank at the end.
     """
 
     def __init__(
@@ -168,6 +178,7 @@ class DistributedEngine:
         inject_failure: str | None = None,
         nan_policy: str = "stop",
         max_skips: int = 10,
+        downpour_order: str = "schedule",
     ) -> None:
         if not isinstance(spec, AlgorithmSpec):
             raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
@@ -185,6 +196,14 @@ class DistributedEngine:
             raise ConfigError.invalid("nan_policy", nan_policy, f"choose one of {', '.join(_NAN_POLICIES)}")
         self.nan_policy = nan_policy
         self.max_skips = check_int("max_skips", max_skips, minimum=1)
+        if downpour_order not in _DOWNPOUR_ORDERS:
+            raise ConfigError.invalid("downpour_order", downpour_order, f"choose one of {', '.join(_DOWNPOUR_ORDERS)}")
+        self.asynchronous = downpour_order == "async"
+        if self.asynchronous and not hasattr(spec.schedule, "round_matrix"):
+            raise ConfigError.invalid("downpour_order", downpour_order, f"'async' needs the downpour preset, not {spec.name}")
+        if self.asynchronous and nan_policy == "skip":
+            raise ConfigError.invalid("nan_policy", nan_policy, "'skip' cannot roll back an asynchronous parameter "
+                                                                "server; use 'stop' or downpour_order='schedule'")
         self.spec = spec
         self.m, self.v = spec.workers, spec.auxiliaries
         self.loss_fn = loss_fn
@@ -205,7 +224,9 @@ class DistributedEngine:
             raise ConfigError.invalid("model", type(self.template).__name__, "has no parameters to train")
         b, d, v = self.b, self.d, self.v
         width = b + d + (d if self.opts.stateful else 0)
-        self._state = torch.zeros((1 + v, width), dtype=dtype, device=self.device)
+        # rows: this worker, then the auxiliaries (none here with an asynchronous server: z lives in it)
+        rows = 1 if self.asynchronous else 1 + v
+        self._state = torch.zeros((rows, width), dtype=dtype, device=self.device)
         x0 = self.layout.flat_params(self.template).to(self.device, dtype)
         per_worker = False
         if init_params is not None:
@@ -228,7 +249,7 @@ class DistributedEngine:
         if not bool(torch.isfinite(self._state).all()):
             raise ConfigError.invalid("init_params", "non-finite values", "the initial parameters must be finite")
         self.other_buffers: dict[str, Tensor] = {
-            name: t.unsqueeze(0).repeat(1 + v, *([1] * t.dim())).contiguous()
+            name: t.unsqueeze(0).repeat(rows, *([1] * t.dim())).contiguous()
             for name, t in self.layout.other_buffers(self.template).items()
         }
         self._mom_init = torch.zeros(1, dtype=torch.bool, device=self.device)
@@ -247,6 +268,15 @@ class DistributedEngine:
             matrices=_schedule_matrices(spec.schedule, 4096) if holders is not None else None,
         )
         self.net = self.mixer.net
+        self._ps = None
+        if self.asynchronous:
+            from coopsgd.engines.parameter_server import AsyncParameterServer
+
+            lo, hi = self._mix_cols
+            self._aux_fill = self._state[0].clone()  # an auxiliary's columns that are not mixed: initial values
+            if self.opts.stateful:
+                self._aux_fill[b + d :] = 0.0
+            self._ps = AsyncParameterServer(self._state[0, lo:hi].clone(), host=0, net=net, heartbeat=self.heartbeat)
 
         # -- counters ---------------------------------------------------------------------------------
         self.step_count = 0
@@ -300,6 +330,8 @@ class DistributedEngine:
     def aux_params(self, j: int = 0) -> Tensor:
         """Auxiliary node ``j``'s parameters on a rank that holds it (completes a pending round first)."""
         j = check_int("j", j, minimum=0, maximum=max(self.v - 1, 0))
+        if self.asynchronous:
+            raise ConfigError.invalid("j", j, "with an asynchronous server use gather_state() or center_row()")
         if not self.mixer.holds(j):
             raise ConfigError.invalid("j", j, f"auxiliary {j} is held by ranks {list(self.mixer.holders[j])}, "
                                               f"not by rank {self.rank} (gather_state() collects every node)")
@@ -308,6 +340,8 @@ class DistributedEngine:
 
     def aux_host(self, j: int) -> int:
         """The designated host rank of auxiliary ``j`` (see :func:`coopsgd.engines.comm.aux_placement`)."""
+        if self.asynchronous:  # z on rank 0, worker i's last pull on rank i
+            return 0 if j == 0 else j - 1
         return self.mixer.host(j)
 
     def aux_holders(self, j: int) -> list[int]:
@@ -435,7 +469,8 @@ class DistributedEngine:
             self.heartbeat(k, "comm")
             arrived = time.time()
             losses = self.mixer.gather_floats(est)[:, 0]
-        mix = sched.mix(k, MixContext(step=k, lr=lr, losses=losses))
+        ps_round = self.asynchronous and (k + 1) % int(sched.tau) == 0
+        mix = None if self.asynchronous else sched.mix(k, MixContext(step=k, lr=lr, losses=losses))
 
         with torch.no_grad():
             t1 = time.perf_counter()
@@ -451,6 +486,9 @@ class DistributedEngine:
             if D is not None and not pre:
                 X.sub_(D, alpha=lr)
             self.compute_s += time.perf_counter() - t1
+            if ps_round:
+                arrived = time.time()
+                self._push_pull(k)
             if mix is not None:
                 plan = self.mixer.plan(mix.matrix)
                 if plan.communicates or self.mixer.pending:
@@ -478,7 +516,7 @@ class DistributedEngine:
                     self.other_buffers[name][0].copy_(val[0])
                 if self.opts.stateful:
                     self._mom_init.fill_(True)
-        communicated = mix is not None and mix.communicates
+        communicated = ps_round or (mix is not None and mix.communicates)
         dropped = False
         if self.nan_policy == "skip" and communicated:
             dropped = self._health_check(k)
@@ -493,12 +531,54 @@ class DistributedEngine:
             self.leader = int(mix.info["leader"])
         self._t_last = time.perf_counter()
         info = {} if mix is None else dict(mix.info)
+        if ps_round:
+            info["asynchronous"] = True
         if dropped:
             info["dropped"] = self.skipped[-1]
         return DistStepStats(
             step=k, lr=lr, loss=loss, communicated=communicated, round=self.rounds,
-            pattern=None if mix is None else mix.pattern, info=info,
+            pattern="parameter_server" if ps_round else (None if mix is None else mix.pattern), info=info,
         )
+
+    # ------------------------------------------------------------------------------------------------
+    # asynchronous DOWNPOUR
+    # ------------------------------------------------------------------------------------------------
+    def _push_pull(self, k: int) -> None:
+        """Push this worker's accumulated update to the server on rank 0 and pull z (no barrier)."""
+        assert self._ps is not None
+        ps, ms = self._ps.stats, self.mixer.stats
+        sent, waited, emulated = ps.bytes_sent, ps.wait_s, ps.emulated_s
+        lo, hi = self._mix_cols
+        self._ps.push_pull(self._state[0, lo:hi])
+        ms.count("push_pull", ps.bytes_sent - sent, None)
+        ms.comm_s += ps.wait_s - waited
+        ms.emulated_s += ps.emulated_s - emulated
+        b, d = self.b, self.d
+        if self.opts.stateful and self.spec.policies.optimizer_state == "reset":
+            self._state[0, b + d :].zero_()
+        if self.nan_policy == "stop" and not bool(torch.isfinite(self._state[0]).all()):
+            raise NonFiniteError(f"non-finite model on worker {self.rank} after its pull at step {k}: "
+                                 f"the server model diverged")
+
+    def _async_aux_rows(self, which: list[int]) -> Tensor:
+        """Rows of auxiliaries ``which`` (0: z on rank 0; 1+i: worker i's last pull) on every rank (collective)."""
+        assert self._ps is not None
+        lo, hi = self._mix_cols
+        buf = torch.zeros((len(which), self._state.shape[1]), dtype=self.dtype, device=self.device)
+        for n, a in enumerate(which):
+            owner = 0 if a == 0 else a - 1
+            if owner == self.rank:
+                buf[n].copy_(self._aux_fill)
+                buf[n, lo:hi] = self._ps.server_value() if a == 0 else self._ps.pulled
+        dist.all_reduce(buf)  # one contributor per row: exact
+        return buf
+
+    def close(self) -> None:
+        """End of a run (every rank): completes a pending round and, with ``downpour_order="async"``, ends
+        the parameter server (rank 0 waits for every worker's last push). Views still work afterwards."""
+        self.finish()
+        if self._ps is not None and not self._ps.closed:
+            self._ps.close()
 
     # ------------------------------------------------------------------------------------------------
     # nan_policy="skip"
@@ -588,6 +668,9 @@ class DistributedEngine:
             "comm": {"bytes_sent": float(st.bytes_sent), "bytes_model": float(st.bytes_model),
                      "ops": {str(k): int(n) for k, n in st.ops.items()}, "comm_s": float(st.comm_s),
                      "emulated_s": float(st.emulated_s)},
+            "parameter_server": None if self._ps is None else {
+                "z": self._ps.server_value() if self.rank == self._ps.host else None,
+                "pulled": self._ps.pulled.clone(), "pushes": int(self._ps.stats.pushes)},
             "skips_in_a_row": int(self.skips_in_a_row),
             "skipped": json.dumps(self.skipped),
             "round_arrivals": [float(a) for a in self._round_arrivals],
@@ -617,6 +700,10 @@ class DistributedEngine:
         if list(state["shape"]) != shape:
             raise ConfigError.invalid("checkpoint.shape", list(state["shape"]),
                                       f"this run has [m, v, d, b, width] = {shape} (model, preset or momentum changed?)")
+        if tuple(state["state"].shape) != tuple(self._state.shape) or (state.get("parameter_server") is None) != (self._ps is None):
+            raise ConfigError.invalid("checkpoint.state", tuple(state["state"].shape),
+                                      f"this run holds {tuple(self._state.shape)} (downpour_order changed between "
+                                      f"'async' and 'schedule'?)")
         if state["state"].dtype != self.dtype:
             raise ConfigError.invalid("checkpoint.dtype", str(state["state"].dtype), f"this run uses {self.dtype}")
         if set(state["other_buffers"]) != set(self.other_buffers):
@@ -648,6 +735,10 @@ class DistributedEngine:
         st.ops = {str(k): int(n) for k, n in saved["ops"].items()}
         st.comm_s = float(saved["comm_s"])
         st.emulated_s = float(saved["emulated_s"])
+        if self._ps is not None:
+            saved_ps = state["parameter_server"]
+            self._ps.load_state(saved_ps["z"], saved_ps["pulled"])
+            self._ps.stats.pushes = int(saved_ps["pushes"])
         self.skips_in_a_row = int(state.get("skips_in_a_row", 0))
         self.skipped = json.loads(state.get("skipped", "[]"))
         self._bad = None
@@ -688,7 +779,11 @@ class DistributedEngine:
         out = torch.empty(self.m * row.numel(), dtype=row.dtype, device=row.device)
         fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         fn(out, row)
-        return torch.cat([out.view(self.m, -1), self.mixer.collect_aux(self._state[1:])], dim=0)
+        if self.asynchronous:
+            aux = self._async_aux_rows(list(range(self.v)))
+        else:
+            aux = self.mixer.collect_aux(self._state[1:])
+        return torch.cat([out.view(self.m, -1), aux], dim=0)
 
     def gather_params(self) -> Tensor:
         """(m+v, d) parameters of every node on every rank (collective)."""
@@ -712,6 +807,8 @@ class DistributedEngine:
             return t / self.m
         if row >= self.m:
             a = row - self.m
+            if self.asynchronous:
+                return self._async_aux_rows([a])[0, :w]
             t = self._state[1 + a, :w].clone()
             if self.mixer.placed:
                 dist.broadcast(t, src=self.mixer.host(a))
@@ -725,9 +822,14 @@ class DistributedEngine:
         self.mixer.finalize()
         w = self.b + self.d
         t = self._state[0, :w].clone()
-        for a in range(self.v):  # each auxiliary counted once, by its host
-            if self.mixer.host(a) == self.rank:
-                t += self._state[1 + a, :w]
+        if self.asynchronous:
+            aux = self._async_aux_rows(list(range(self.v)))[:, :w].sum(dim=0)  # on every rank: add it once
+            if self.rank == 0:
+                t += aux
+        else:
+            for a in range(self.v):  # each auxiliary counted once, by its host
+                if self.mixer.host(a) == self.rank:
+                    t += self._state[1 + a, :w]
         dist.all_reduce(t)
         return t / (self.m + self.v)
 
@@ -837,6 +939,7 @@ class SpecJob:
     nan_policy: str = "stop"
     max_skips: int = 10
     inject_failure: str | None = None
+    downpour_order: str = "schedule"
 
 
 def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict[str, Any]]:
@@ -850,7 +953,7 @@ def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict
             job.spec, job.model, loss_fn=job.loss_fn, momentum=job.momentum, nesterov=job.nesterov,
             weight_decay=job.weight_decay, dtype=job.dtype, seed=job.seed, loss_estimate=job.loss_estimate,
             window=job.window, probe_batch=job.probe_batch, net=net, nan_policy=job.nan_policy,
-            max_skips=job.max_skips, inject_failure=job.inject_failure,
+            max_skips=job.max_skips, inject_failure=job.inject_failure, downpour_order=job.downpour_order,
         )
         dist.barrier()
         losses: list[float] = []
@@ -873,7 +976,7 @@ def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict
                 curve.append((k + 1, time.perf_counter() - t0, mean))
                 if job.target_loss is not None and reached is None and mean <= job.target_loss:
                     reached = (k + 1, time.perf_counter() - t0)
-        eng.finish()
+        eng.close()
         wall = time.perf_counter() - t0
         timing = eng.timing()
         res: dict[str, Any] = {"name": job.name, "rank": rank, "losses": losses, "wall_s": wall,
@@ -976,6 +1079,8 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
         spec, p["model"], loss_fn=p["loss_fn"], momentum=c.momentum, nesterov=c.nesterov,
         weight_decay=c.weight_decay, dtype=dtype, device=device, seed=c.seed, loss_estimate=c.loss_estimate,
         probe_batch=p["probe"], net=net, nan_policy=c.nan_policy, max_skips=c.max_skips,
+        # DOWNPOUR's pushes in the order they arrive: the real arrival order at a server on rank 0
+        downpour_order="async" if c.preset == "downpour" and c.downpour_order in ("clock", "async") else "schedule",
     )
     acc, cnt = 0.0, 0
     elapsed0 = 0.0
@@ -1101,6 +1206,7 @@ def _config_rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: 
     finally:
         if rd is not None:
             rd.close()
+    eng.close()  # an asynchronous parameter server waits for every worker's last push
     train_wall = time.perf_counter() - t_start - eval_s
     timing = eng.timing()
     summary: dict[str, Any] = {"rank": rank}
@@ -1227,7 +1333,9 @@ def main(argv: list[str] | None = None) -> int:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=ns.timeout_s))
+    from coopsgd.engines.launch import init_torchrun_group  # a key space per torchrun restart attempt
+
+    init_torchrun_group(backend, ns.timeout_s)
     rank = dist.get_rank()
     try:
         opts = {"out": ns.out or cfg.out, "timeout_s": ns.timeout_s, "net_latency_ms": ns.net_latency_ms,

@@ -23,8 +23,9 @@ Ranks that fail only because a peer went away (a :class:`~coopsgd.engines.comm.C
 e.g. gloo's "Connection closed by peer" or a collective timeout) are not blamed when a better culprit is
 known. The error is raised within ``timeout_s`` + about one second of the failure.
 
-Under ``torchrun`` this module is not used: torchrun's agent watches the ranks, and the engine reports
-every exception with its rank before re-raising.
+Under ``torchrun`` the launcher is not used: torchrun's agent watches the ranks, and the engine reports
+every exception with its rank before re-raising; :func:`init_torchrun_group` joins the process group there
+(one key space per restart attempt, so ``torchrun --max-restarts`` can restart the ranks).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ import numpy as np
 
 from coopsgd.errors import ConfigError, CoopSGDError, check_float, check_int
 
-__all__ = ["launch", "RankFailure", "Heartbeat", "heartbeat", "free_port", "PHASES"]
+__all__ = ["launch", "RankFailure", "Heartbeat", "heartbeat", "free_port", "PHASES", "init_torchrun_group",
+           "torchrun_store_prefix"]
 
 #: Heartbeat phases.
 PHASES = {"start": 0.0, "compute": 1.0, "comm": 2.0, "done": 3.0}
@@ -408,6 +410,68 @@ def _launch_once(
             return results
         finally:
             _terminate(procs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchrun side
+# ---------------------------------------------------------------------------------------------------------
+
+
+def torchrun_store_prefix() -> str:
+    """The key prefix this attempt's process group uses in the rendezvous store (see :func:`init_torchrun_group`).
+
+    Under torchrun's agent store (``TORCHELASTIC_USE_AGENT_STORE=True``) it names the run and the restart
+    attempt, ``coopsgd/<TORCHELASTIC_RUN_ID>/attempt<TORCHELASTIC_RESTART_COUNT>/``; otherwise the store is
+    new for every start and the prefix is just ``coopsgd/``.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return f"coopsgd/{run_id}/attempt{attempt}/"
+    return "coopsgd/"
+
+
+def init_torchrun_group(backend: str, timeout_s: float) -> tuple[int, int]:
+    """Join the default process group of a rank started by ``torchrun``; return ``(rank, world_size)``.
+
+    Replaces ``dist.init_process_group(backend, init_method="env://")``, which breaks restarts under
+    ``torchrun --max-restarts``: torchrun's agent hosts the TCPStore the workers rendezvous through
+    (``MASTER_ADDR:MASTER_PORT``, exported with ``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps the same
+    store server for every restart attempt, while ``init_process_group`` always writes its keys under the
+    same ``default_pg/`` prefix. A restarted rank then finds the previous attempt's keys -- gloo reads a
+    dead peer's address (``connectFullMesh ... Connection refused``) and NCCL a stale unique id -- and the
+    restart hangs or fails, depending on which rank gets there first. Here the store from the ``env://``
+    rendezvous is wrapped in a :class:`torch.distributed.PrefixStore` whose prefix names the attempt
+    (:func:`torchrun_store_prefix`), so every attempt starts with an empty key space.
+
+    When every rank runs on this machine (``LOCAL_WORLD_SIZE == WORLD_SIZE``, e.g. ``torchrun
+    --standalone``) and ``GLOO_SOCKET_IFNAME`` is not set, gloo is bound to the loopback interface (as for
+    :func:`launch`), so its pairs neither depend on what the host name resolves to nor listen on other
+    interfaces; multi-node runs keep gloo's default (the host name's address).
+
+    Limitation: ``TORCHELASTIC_RESTART_COUNT`` is counted by each node's agent. On one node it is the same
+    for every rank; in a multi-node job the agents' counts can differ after a failure (PyTorch issue
+    #135712), so multi-node jobs with ``--max-restarts`` should run torchrun with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store, hosted by rank 0, for every attempt; no
+    attempt prefix is then used).
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``.
+        timeout_s: timeout of the store and of every collective, in seconds.
+    """
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=float(timeout_s))
+    world_env = int(os.environ["WORLD_SIZE"])
+    if (backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ
+            and int(os.environ.get("LOCAL_WORLD_SIZE", "-1")) == world_env):
+        os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()
+    # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE as set by torchrun
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(torchrun_store_prefix(), store),
+                            rank=rank, world_size=world, timeout=timeout)
+    return rank, world
 
 
 def main(argv: list[str] | None = None) -> int:

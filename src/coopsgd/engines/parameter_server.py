@@ -453,6 +453,24 @@ class AsyncParameterServer:
         with self._cv:
             return self._z.clone()
 
+    @property
+    def pulled(self) -> Tensor:
+        """This rank's ``b_r``: the copy of ``z`` it pulled last (a view; do not modify)."""
+        return self._b
+
+    def load_state(self, z: Tensor | None, pulled: Tensor) -> None:
+        """Restore ``z`` (host: required, others: ignored) and ``b_r`` from a checkpoint.
+
+        Call it at a point where no push is in flight (e.g. right after construction, before training).
+        """
+        if pulled.numel() != self.width or (self.rank == self.host and (z is None or z.numel() != self.width)):
+            raise ConfigError.invalid("checkpoint.parameter_server", tuple(pulled.shape), f"width must be {self.width}")
+        with self._cv:
+            self._b.copy_(pulled.reshape(-1))
+            if self.rank == self.host:
+                assert self._z is not None and z is not None
+                self._z.copy_(z.reshape(-1))
+
     def broadcast_server_value(self) -> Tensor:
         """Collective, after :meth:`close` on every rank: every rank gets a copy of the final ``z``."""
         if not self._closed:

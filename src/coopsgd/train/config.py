@@ -126,7 +126,10 @@ class RunConfig:
                 raise ConfigError.invalid("local_epochs", self.local_epochs, "only the fedavg preset takes local epochs")
             if self.tau is not None:
                 raise ConfigError.invalid("local_epochs", self.local_epochs, "give tau (local steps) or local_epochs, not both")
-        _choice("downpour_order", self.downpour_order, ("clock", "schedule"))
+        _choice("downpour_order", self.downpour_order, ("clock", "schedule", "async"))
+        if self.downpour_order == "async" and self.engine != "distributed":
+            raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
+                                      "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
         _choice("buffers", self.buffers, ("mix", "local"))
         _choice("optimizer_state", self.optimizer_state, ("local", "reset", "mix"))
         _choice("partition", self.partition, PARTITIONS)
