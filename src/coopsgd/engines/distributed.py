@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import logging
 import math
