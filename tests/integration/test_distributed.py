@@ -288,5 +288,12 @@ def test_downpour_async_parameter_server(tmp_path) -> None:
     assert summary["status"] == "ok" and summary["communication_rounds"] == 3
     assert summary["timing"]["ranks"][1]["ops"] == {"push_pull": 3}
     assert summary["aux_hosts"] == [0, 0, 1]  # z on rank 0, worker i's last pull on rank i
+    # resume: the checkpoint holds z and every worker's last pull; the server continues from them
+    more = RunConfig(**{**cfg.to_dict(), "max_steps": 8})
+    resumed = run_distributed(more, out=tmp_path / "run", timeout_s=30, resume=tmp_path / "run")
+    assert resumed["resumed_from_step"] == 6 and resumed["communication_rounds"] == 4
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert [r["parameter_server"]["pushes"] for r in ck["ranks"]] == [4, 4]
+    assert ck["ranks"][0]["parameter_server"]["z"] is not None and ck["ranks"][1]["parameter_server"]["z"] is None
     with pytest.raises(Exception, match="downpour_order"):
         RunConfig(preset="downpour", workers=2, downpour_order="async")  # the simulator has no real server
