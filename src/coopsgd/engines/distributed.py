@@ -200,6 +200,9 @@ class DistributedEngine:
         self.asynchronous = downpour_order == "async"
         if self.asynchronous and not hasattr(spec.schedule, "round_matrix"):
             raise ConfigError.invalid("downpour_order", downpour_order, f"'async' needs the downpour preset, not {spec.name}")
+        if self.asynchronous and torch.device(device).type != "cpu":
+            raise ConfigError.invalid("downpour_order", downpour_order, "the asynchronous parameter server runs on "
+                                      "CPU tensors with gloo; use downpour_order='schedule' on GPUs")
         if self.asynchronous and nan_policy == "skip":
             raise ConfigError.invalid("nan_policy", nan_policy, "'skip' cannot roll back an asynchronous parameter "
                                                                 "server; use 'stop' or downpour_order='schedule'")
