@@ -471,9 +471,7 @@ class Mixer:
         if g is None:
             timeout = None
             try:  # the same timeout as the world group (new_group's default is 30 minutes)
-                import torch as _t
-
-                timeout = dist.group.WORLD._get_backend(_t.device("cpu")).options._timeout
+                timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
             except Exception:  # noqa: BLE001 -- not gloo / private API changed: torch's default
                 timeout = None
             g = dist.new_group(list(ranks), timeout=timeout)
