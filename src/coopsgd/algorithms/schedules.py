@@ -28,6 +28,8 @@ from coopsgd.topology import MixingMatrix
 
 __all__ = [
     "Mix",
+    "schedule_position",
+    "load_schedule_position",
     "MixContext",
     "Schedule",
     "PeriodicSchedule",
@@ -436,3 +438,22 @@ class CallableSchedule:
         r = self._rounds
         self._rounds += 1
         return Mix(M, self.pattern, round=r)
+
+
+def schedule_position(schedule: Any) -> dict[str, Any]:
+    """A schedule's position for a checkpoint: ``{"schedule": its state_dict or None, "schedule_rounds": n or None}``.
+
+    Covers schedules with their own ``state_dict`` (leaders, sampled clients) and those that count rounds
+    (callables). Both engines store these two keys in their checkpoints.
+    """
+    rounds = getattr(schedule, "_rounds", None)
+    return {"schedule": schedule.state_dict() if hasattr(schedule, "state_dict") else None,
+            "schedule_rounds": None if rounds is None else int(rounds)}
+
+
+def load_schedule_position(schedule: Any, state: dict[str, Any]) -> None:
+    """Restore what :func:`schedule_position` saved (the ``schedule`` / ``schedule_rounds`` keys of ``state``)."""
+    if state["schedule"] is not None and hasattr(schedule, "load_state_dict"):
+        schedule.load_state_dict(state["schedule"])
+    if state["schedule_rounds"] is not None and hasattr(schedule, "_rounds"):
+        schedule._rounds = int(state["schedule_rounds"])

@@ -61,7 +61,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from coopsgd.algorithms.schedules import MixContext
+from coopsgd.algorithms.schedules import MixContext, load_schedule_position, schedule_position
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.comm import Mixer, NetEmulation, _schedule_matrices, aux_placement
 from coopsgd.engines.executors import FlatLayout, LoopExecutor, build_model, to_batch
@@ -662,8 +662,7 @@ class DistributedEngine:
             "step": self.step_count,
             "rounds": self.rounds,
             "leader": self.leader,
-            "schedule": sched.state_dict() if hasattr(sched, "state_dict") else None,
-            "schedule_rounds": None if getattr(sched, "_rounds", None) is None else int(sched._rounds),
+            **schedule_position(sched),
             "loss_history": torch.from_numpy(self._hist.astype(np.float64, copy=True)),
             "loss_count": int(self._hist_count),
             "compute_s": float(self.compute_s),
@@ -723,11 +722,7 @@ class DistributedEngine:
         self.step_count = int(state["step"])
         self.rounds = int(state["rounds"])
         self.leader = None if state["leader"] is None else int(state["leader"])
-        sched = self.spec.schedule
-        if state["schedule"] is not None and hasattr(sched, "load_state_dict"):
-            sched.load_state_dict(state["schedule"])
-        if state["schedule_rounds"] is not None and hasattr(sched, "_rounds"):
-            sched._rounds = int(state["schedule_rounds"])
+        load_schedule_position(self.spec.schedule, state)
         self._hist = hist.astype(np.float64, copy=True)
         self._hist_count = int(state["loss_count"])
         self.compute_s = float(state["compute_s"])

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from coopsgd.algorithms.schedules import Mix, MixContext
+from coopsgd.algorithms.schedules import Mix, MixContext, load_schedule_position, schedule_position
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.clock import SimClock
 from coopsgd.engines.executors import (
@@ -686,8 +686,7 @@ class Simulator:
             "step": self.step_count,
             "rounds": self.rounds,
             "leader": self.leader,
-            "schedule": sched.state_dict() if hasattr(sched, "state_dict") else None,
-            "schedule_rounds": getattr(sched, "_rounds", None),
+            **schedule_position(sched),
             "loss_history": torch.from_numpy(self._hist.copy()),
             "loss_count": torch.from_numpy(self._hist_count.copy()),
             "clock": self.clock.state_dict(),
@@ -717,11 +716,7 @@ class Simulator:
         self.step_count = int(state["step"])
         self.rounds = int(state["rounds"])
         self.leader = None if state["leader"] is None else int(state["leader"])
-        sched = self.spec.schedule
-        if state["schedule"] is not None and hasattr(sched, "load_state_dict"):
-            sched.load_state_dict(state["schedule"])
-        if state["schedule_rounds"] is not None and hasattr(sched, "_rounds"):
-            sched._rounds = int(state["schedule_rounds"])
+        load_schedule_position(self.spec.schedule, state)
         hist = state["loss_history"].numpy()
         if hist.shape != self._hist.shape:
             raise ConfigError.invalid("state_dict.loss_history", hist.shape, f"expected window x m = {self._hist.shape}")
