@@ -39,7 +39,8 @@ from torch import nn
 from coopsgd.algorithms import presets
 from coopsgd.data import load_dataset, partition
 from coopsgd.engines.comm import Mixer
-from coopsgd.engines.distributed import SpecJob, communication_table, run_spec
+from coopsgd.engines.distributed import communication_table
+from coopsgd.train.distributed import SpecJob, run_spec
 from coopsgd.engines.launch import launch
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms.registry import TheoryHook, declarations
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.theory import bounds, cost
 from coopsgd.theory.spectral import eigenvalues, zeta
@@ -26,8 +27,8 @@ def spec_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int = 4) 
     if pattern == "neighbor":
         W = spec.theory_matrix
         if W is None:
-            mats = getattr(spec.schedule, "_levels", None)
-            W = mats[0][1][0] if mats else np.eye(spec.nodes)
+            mats = spec.schedule.matrices()
+            W = mats[0] if mats else np.eye(spec.nodes)
         degrees = MixingMatrix(W, check="none", allow_negative=True).degrees
         # the workers' exchanges set the round time; an auxiliary's (elastic) exchange overlaps local steps
         max_degree = max(1, int(degrees[: spec.workers].max()))
@@ -51,9 +52,11 @@ def analyze(
 
     Always: ``zeta``, ``spectral_gap``, ``eigenvalues`` of the theory matrix (``None`` when the theorems do
     not apply, with ``notes`` saying why), the per-round communication cost for a model of ``params``
-    parameters and, by preset, ``best_alpha`` / ``alpha_limit`` (elastic presets) or ``zeta_tau``
-    (periodic presets). With ``constants``: the Theorem 1 bound (and the preset's own corollary or
-    theorem) with its terms and whether the step-size condition holds.
+    parameters and whatever the preset's theory hooks add (its declaration in
+    :mod:`coopsgd.algorithms.presets`): ``best_alpha`` / ``alpha_limit`` (elastic presets), ``zeta_tau``
+    (periodic presets), MATCHA's ``expected_zeta``, ... With ``constants``: the Theorem 1 bound (and the
+    bounds the hooks add: the preset's own corollary or theorem) with its terms and whether the
+    step-size condition holds.
     """
     m, tau, name = spec.workers, spec.tau, spec.name
     out: dict[str, Any] = {"preset": name, "workers": m, "auxiliaries": spec.auxiliaries, "tau": tau}
@@ -74,64 +77,45 @@ def analyze(
         out["spectral_gap"] = None
         out["eigenvalues"] = None
         out["theory_applies"] = False
-    if name in ("easgd", "hierarchical"):
-        size = m if name == "easgd" else m // spec.params["groups"]
-        a = spec.params["alpha"]
-        out["alpha"] = a
-        out["best_alpha"] = bounds.easgd_best_alpha(size)
-        out["alpha_limit"] = bounds.easgd_alpha_limit(size)
-        out["zeta_at_alpha"] = bounds.easgd_zeta(a, size)
-        out["zeta_at_best_alpha"] = bounds.easgd_zeta(out["best_alpha"], size)
-        if a >= out["alpha_limit"]:
-            notes.append(f"alpha={a:g} >= 2/(m+1)={out['alpha_limit']:g}: zeta >= 1, EASGD diverges")
-    if name == "generalized_elastic":
-        zw = spec.params["zeta_W"]
-        out["zeta_W"] = zw
-        out["alpha"] = spec.params["alpha"]
-        out["best_alpha"] = bounds.generalized_elastic_best_alpha(zw, m)
-        out["zeta_at_best_alpha"] = bounds.generalized_elastic_zeta(zw, out["best_alpha"], m)
-    if name in ("local_sgd", "sync", "decentralized_periodic", "dpsgd") and tau >= 1:
-        out["zeta_tau"] = bounds.zeta_tau(tau) if tau > 1 else 0.0
-    if name in ("dpsgd", "decentralized_periodic") and out["zeta"] is not None:
-        out["dpsgd_beats_psasgd_with_tau"] = _smallest_tau_beaten(out["zeta"])
+    hooks = _hooks(spec)
+    for hook in hooks:
+        if hook.facts is not None:
+            hook.facts(spec, out, notes)
     rc = spec_round_cost(spec, params)
     out["communication_per_round"] = {
         "pattern": rc.pattern, "handshakes": rc.handshakes, "floats": rc.floats_sent, "bytes": rc.bytes_sent,
         "model_params": params,
     }
     if constants is not None:
-        out["bounds"] = _bounds(spec, constants, out.get("zeta"))
+        out["bounds"] = _bounds(spec, constants, out.get("zeta"), hooks)
     out["notes"] = notes
     return out
 
 
-def _smallest_tau_beaten(z: float) -> int | None:
-    """Smallest tau with zeta <= zeta_tau: D-PSGD on this W has a lower error floor than PSASGD(tau)."""
-    if z >= 1:
-        return None
-    # zeta^2 <= 1 - 2/(tau+1)  <=>  tau >= 2/(1 - zeta^2) - 1
-    return max(1, math.ceil(2.0 / (1.0 - z * z) - 1.0 - 1e-12))
+def _hooks(spec: AlgorithmSpec) -> tuple[TheoryHook, ...]:
+    """The theory hooks declared by the spec's preset (none for a hand-made spec)."""
+    decl = declarations().get(spec.name)
+    return () if decl is None else decl.theory
 
 
-def _bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None) -> dict[str, Any]:
+def _bounds(
+    spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, hooks: tuple[TheoryHook, ...] = ()
+) -> dict[str, Any]:
     m, tau, v = spec.workers, spec.tau, spec.theory_v
     res: dict[str, Any] = {}
     if z is None:
         res["note"] = "the theorems need a fixed symmetric doubly-stochastic W; not computed for this preset"
-        if spec.name == "fedavg":
-            k = spec.params["clients_per_round"]
-            res["corollary2_with_sampled_clients"] = bounds.corollary2(c, m=k, tau=tau).to_dict()
+        for hook in hooks:
+            if hook.bounds is not None:
+                hook.bounds(spec, c, None, res)
         return res
     res["theorem1"] = bounds.theorem1(c, m=m, v=v, tau=tau, zeta=z).to_dict()
     res["corollary1"] = bounds.corollary1(c, m=m, v=v, tau=tau, zeta=z).to_dict()
     res["corollary1"]["lr"] = bounds.corollary1_lr(m=m, v=v, L=c.L, steps=c.steps)
     res["corollary1"]["min_steps"] = _finite(bounds.corollary1_min_steps(m=m, v=v, tau=tau, zeta=z))
-    if spec.name in ("local_sgd", "sync"):
-        res["corollary2"] = bounds.corollary2(c, m=m, tau=tau).to_dict()
-    if spec.name == "dpsgd":
-        res["corollary3"] = bounds.corollary3(c, m=m, zeta=z).to_dict()
-    if spec.name == "easgd" and abs(spec.params["alpha"] - bounds.easgd_best_alpha(m)) < 1e-12:
-        res["theorem3"] = bounds.theorem3(c, m=m, tau=tau).to_dict()
+    for hook in hooks:
+        if hook.bounds is not None:
+            hook.bounds(spec, c, z, res)
     if c.kappa2 > 0:
         res["theorem2"] = bounds.theorem2(c, m=m, v=v, tau=tau, zeta=z).to_dict()
     return res

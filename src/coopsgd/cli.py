@@ -71,63 +71,68 @@ def _positive_int(name: str):
     return conv
 
 
+def _setting_help(name: str, *, with_defaults: bool = True) -> str:
+    """Help of a preset setting from the declarations: what it does, choices / range, which presets take it
+    (with each one's default)."""
+    from coopsgd.algorithms.registry import settings_table, takers
+
+    arg = settings_table()[name]
+    parts = [arg.help]
+    if arg.choices:
+        parts.append("choices: " + ", ".join(arg.choices))
+    rng = arg.range_str()
+    if rng:
+        parts.append(rng)
+    users = takers(name)
+    if with_defaults:
+        parts.append("presets (default): " + ", ".join(f"{n} ({a.default_str()})" for n, a in users))
+    else:
+        parts.append("presets: " + ", ".join(n for n, _ in users))
+    return "; ".join(parts).replace("%", "%%")
+
+
+def _flag_type(arg: Any) -> Any:
+    return {int: int, float: float, str: str}[arg.type]
+
+
 def _add_preset_args(p: argparse.ArgumentParser, *, preset: str | None = "", with_preset: bool = True) -> None:
-    from coopsgd.algorithms.presets import PRESETS
+    """``--preset``, ``--workers``, one flag per declared preset setting, ``--seed``.
+
+    Flags, types and help come from the preset declarations (:mod:`coopsgd.algorithms.registry`).
+    Settings that need the data (``--local-epochs``) are left out: they only make sense for ``run``.
+    """
+    from coopsgd.algorithms.registry import declarations, settings_table
 
     if with_preset:
-        p.add_argument("--preset", default=preset, help=f"algorithm: {', '.join(PRESETS)} (default {preset})")
+        names = ", ".join(declarations())
+        p.add_argument("--preset", default=preset, help=f"algorithm: {names} (default {preset})")
     p.add_argument("--workers", type=int, default=8, help="number of workers m (default 8)")
-    p.add_argument("--tau", type=int, default=None, help="communication period (preset default if omitted)")
-    p.add_argument("--alpha", type=float, default=None, help="elasticity alpha (easgd, generalized_elastic, hierarchical)")
-    p.add_argument("--beta", type=float, default=None, help="EASGD's beta = m*alpha (alternative to --alpha)")
-    p.add_argument("--topology", default=None, help="worker graph for dpsgd / decentralized_periodic / generalized_elastic")
-    p.add_argument("--weights", default=None, help="weight rule: uniform, metropolis, max_degree, best_constant")
-    p.add_argument("--groups", type=int, default=None, help="groups (hierarchical, multi-level lsgd)")
-    p.add_argument("--q", type=int, default=None, help="hierarchical: auxiliaries mix every q*tau steps")
-    p.add_argument("--lam", type=float, default=None, help="LSGD pull strength lambda")
-    p.add_argument("--lam-global", type=float, default=None, help="LSGD global-leader pull (default lambda)")
-    p.add_argument("--fraction", type=float, default=None, help="FedAvg client fraction c in (0, 1]")
-    p.add_argument("--warmup-steps", type=int, default=None, help="local_sgd: fully synchronous steps first")
-    p.add_argument("--nonblocking", action="store_true", help="easgd: non-blocking (overlapped) rounds")
-    p.add_argument("--strict", action="store_true", help="error (not warning) for a diverging alpha")
+    for name, arg in settings_table().items():
+        if arg.kind == "derived":
+            continue
+        if arg.type is bool:
+            p.add_argument(arg.flag, dest=name, action="store_true", help=_setting_help(name))
+        else:
+            p.add_argument(arg.flag, dest=name, type=_flag_type(arg), default=None, help=_setting_help(name))
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
-_PRESET_ARG_MAP = {
-    "tau": "tau", "alpha": "alpha", "beta": "beta", "topology": "topology", "weights": "weights",
-    "groups": "groups", "q": "q", "lam": "lam", "lam_global": "lam_global", "fraction": "fraction",
-    "warmup_steps": "warmup_steps",
-}
-
-
 def _spec_from_args(args: argparse.Namespace, preset: str | None = None) -> Any:
-    """Build the AlgorithmSpec from CLI flags; a flag the preset does not take is an error naming it."""
-    from coopsgd.algorithms.presets import PRESETS, make_preset
+    """Build the AlgorithmSpec from CLI flags; a flag the preset does not take is an error naming it.
+
+    With ``preset`` (``compare``-style sharing) flags apply only where the preset takes them.
+    """
+    from coopsgd.algorithms.registry import declarations, settings_table, spec_from_settings
 
     name = preset or args.preset
-    kwargs: dict[str, Any] = {}
-    for attr, key in _PRESET_ARG_MAP.items():
-        val = getattr(args, attr, None)
-        if val is not None:
-            kwargs[key] = val
-    if getattr(args, "nonblocking", False):
-        kwargs["nonblocking"] = True
-    if getattr(args, "strict", False):
-        kwargs["strict"] = True
-    import inspect
-
-    if name in PRESETS:
-        accepted = set(inspect.signature(PRESETS[name]).parameters)
-        if "seed" in accepted:
-            kwargs["seed"] = args.seed
-        if preset is not None:  # compare: shared flags apply only where the preset takes them
-            kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-        else:
-            for key in kwargs:
-                if key not in accepted:
-                    flag = "--" + key.replace("_", "-")
-                    raise ConfigError.invalid(flag, kwargs[key], f"preset {name!r} does not take this flag")
-    return make_preset(name, args.workers, **kwargs)
+    table = settings_table()
+    settings = {k: getattr(args, k, None) for k, a in table.items() if a.kind != "derived"}
+    decl = declarations().get(name)
+    if decl is not None and preset is None:
+        for key, value in settings.items():
+            if value is not None and value is not False and not decl.takes(key):
+                raise ConfigError.invalid(table[key].flag, value, f"preset {name!r} does not take this flag")
+    return spec_from_settings(name, args.workers, settings, seed=args.seed, lenient=preset is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,6 +211,13 @@ def _parse_circles(items: Sequence[str]) -> list[tuple[float, float]]:
     return out
 
 
+#: Keys of :func:`coopsgd.analysis.analyze` that every spec has (the rest come from theory hooks).
+_THEORY_BASE_KEYS = frozenset({
+    "preset", "workers", "auxiliaries", "tau", "params", "zeta", "spectral_gap", "eigenvalues", "theory_applies",
+    "communication_per_round", "bounds", "notes", "warnings",
+})
+
+
 def _cmd_theory(args: argparse.Namespace) -> int:
     if args.what == "heatmap":
         from coopsgd.theory.heatmap import plot_network_error_heatmap
@@ -245,10 +257,19 @@ def _cmd_theory(args: argparse.Namespace) -> int:
     print(f"{spec.name}: m={spec.workers}, v={spec.auxiliaries}, tau={spec.tau}")
     if out["zeta"] is not None:
         print(f"  zeta = {out['zeta']:.6f}   spectral gap = {out['spectral_gap']:.6f}")
-    for key in ("alpha", "best_alpha", "alpha_limit", "zeta_at_alpha", "zeta_at_best_alpha", "zeta_W", "zeta_tau",
-                "dpsgd_beats_psasgd_with_tau"):
-        if key in out and out[key] is not None:
-            print(f"  {key} = {out[key]:.6g}" if isinstance(out[key], float) else f"  {key} = {out[key]}")
+    # the entries the preset's theory hooks added, the familiar ones first
+    first = ("alpha", "best_alpha", "alpha_limit", "zeta_at_alpha", "zeta_at_best_alpha", "zeta_W", "zeta_tau",
+             "dpsgd_beats_psasgd_with_tau")
+    for key in (*first, *(k for k in out if k not in first and k not in _THEORY_BASE_KEYS)):
+        val = out.get(key)
+        if val is None:
+            continue
+        if isinstance(val, float):
+            print(f"  {key} = {val:.6g}")
+        elif isinstance(val, list):
+            print(f"  {key} = [" + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in val) + "]")
+        elif not isinstance(val, dict):
+            print(f"  {key} = {val}")
     c = out["communication_per_round"]
     print(f"  per round ({c['model_params']:,} params): {c['pattern']}, {c['handshakes']} handshakes, "
           f"{c['bytes'] / 1e6:.3g} MB")
@@ -350,12 +371,7 @@ def _write_json(path: Path, data: Any) -> None:
 _RUN_HELP = {
     "engine": "reference (analytic objectives, exact) | simulate (m workers of a torch model in one process) "
               "| distributed (one process per worker, torch.distributed)",
-    "preset": "algorithm preset", "workers": "number of workers m", "tau": "communication period",
-    "alpha": "elasticity alpha", "beta": "EASGD beta = m*alpha", "topology": "worker graph",
-    "weights": "mixing weight rule", "groups": "groups (hierarchical / multi-level lsgd)",
-    "q": "hierarchical: auxiliaries mix every q*tau steps", "lam": "LSGD pull lambda",
-    "lam_global": "LSGD global pull", "fraction": "FedAvg client fraction", "warmup_steps": "sync warm-up steps",
-    "nonblocking": "non-blocking EASGD", "local_epochs": "FedAvg: local epochs per round (instead of --tau)",
+    "preset": "algorithm preset", "workers": "number of workers m",
     "downpour_order": "DOWNPOUR push order: clock (order of arrival: on the simulated clock, or at a real asynchronous server with --engine distributed) | schedule (seeded, deterministic) | async (distributed only)",
     "nan_policy": "on NaN/Inf: stop | skip (drop the step, keep the last good state)",
     "max_skips": "consecutive skipped steps before stopping", "checkpoint_every": "steps between checkpoints", "buffers": "buffer policy: mix | local",
@@ -382,7 +398,10 @@ _RUN_HELP = {
 
 
 def _add_config_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-    """One flag per RunConfig field (``--batch-size`` for ``batch_size``); only given flags are kept."""
+    """One flag per RunConfig field (``--batch-size`` for ``batch_size``); only given flags are kept.
+
+    The preset settings' flags are RunConfig fields too (see :data:`coopsgd.train.config.PRESET_SETTING`).
+    """
     import dataclasses
 
     from coopsgd.train.config import RunConfig
@@ -392,7 +411,12 @@ def _add_config_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ())
             continue
         flag = "--" + f.name.replace("_", "-")
         t = str(f.type)
-        help_ = _RUN_HELP.get(f.name, f.name)
+        # a preset setting's help comes from the preset declarations
+        help_ = _setting_help(f.name) if f.metadata.get("preset") else _RUN_HELP.get(f.name, f.name)
+        if f.name == "preset":
+            from coopsgd.algorithms.registry import declarations
+
+            help_ = f"algorithm preset: {', '.join(declarations())}"
         if t == "bool":
             p.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_)
             continue
@@ -439,11 +463,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         metric = f", test accuracy {f['test_accuracy']:.4f}"
     elif f.get("test_perplexity") is not None:
         metric = f", test perplexity {f['test_perplexity']:.2f}"
-    split = summary.get("simulated_split_s", {})
+    split = summary.get("simulated_split_s") or summary.get("measured_split_s") or {}
     print(f"{summary['preset']} x{summary['workers']}: train loss {f['train_loss']:.4g}, test loss "
           f"{f['test_loss']:.4g}{metric} | {summary['steps']} steps, {summary['communication_rounds']} rounds, "
           f"{summary['bytes_sent'] / 1e6:.3g} MB | "
-          f"{'measured' if summary.get('engine') == 'distributed' else 'simulated'} {summary['simulated_time_s']:.3g} s "
+          f"{summary.get('time_source') or 'simulated'} {summary['time_s']:.3g} s "
           f"(compute {split.get('compute_s', 0):.3g}, comm {split.get('communication_s', 0):.3g}, "
           f"idle {split.get('idle_s', 0):.3g}) | wall {summary['wall_time_s']:.1f} s"
           + (f" | {summary['out']}" if summary.get("out") else ""))
@@ -492,6 +516,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     import dataclasses
 
     from coopsgd.algorithms.presets import PRESETS
+    from coopsgd.algorithms.registry import declaration
     from coopsgd.plots import plot_runs
     from coopsgd.train.config import load_config
     from coopsgd.train.trainer import run
@@ -509,17 +534,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     base = _config_from_args(args, preset=names[0], **defaults)
     out = Path(base.out or "runs/compare")
     results: dict[str, dict[str, Any]] = {}
-    dirs = []
+    dirs: list[Path] = []
     for n in names:
         cfg = dataclasses.replace(base, preset=n, out=str(out / n))
-        cfg_kwargs = cfg.spec_kwargs(lenient=True)  # shared flags apply where the preset takes them
-        keep = {k for k in cfg_kwargs}
-        for k in ("tau", "alpha", "beta", "topology", "weights", "groups", "q", "lam", "lam_global", "fraction",
-                  "warmup_steps"):
-            if k not in keep:
-                cfg = dataclasses.replace(cfg, **{k: None})
-        if "nonblocking" not in keep:
-            cfg = dataclasses.replace(cfg, nonblocking=False)
+        # shared flags apply where the preset takes them: clear the settings it does not take
+        decl = declaration(n)
+        cleared = {f.name: f.default for f in dataclasses.fields(cfg)
+                   if f.metadata.get("preset") and not decl.takes(f.name) and getattr(cfg, f.name) != f.default}
+        if cleared:
+            cfg = dataclasses.replace(cfg, **cleared)
         if not args.json:
             print(f"[{len(dirs) + 1}/{len(names)}] {n} ...", file=sys.stderr, flush=True)
         with warnings.catch_warnings():
@@ -537,12 +560,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         "test_perplexity" if any("test_perplexity" in r["final"] for r in results.values()) else None)
     head = f"{'preset':24s} {'train loss':>10s} {'test loss':>10s}"
     head += f" {metric.replace('test_', 'test ')[:10]:>10s}" if metric else ""
-    head += f" {'rounds':>7s} {'MB sent':>9s} {'sim time s':>10s} {'comm %':>7s} {'wall s':>7s}"
+    head += f" {'rounds':>7s} {'MB sent':>9s} {'time s':>10s} {'comm %':>7s} {'wall s':>7s}"
     print(head)
     for n, r in results.items():
         f = r["final"]
-        sim = r["simulated_time_s"]
-        comm = r["simulated_split_s"]["communication_s"]
+        sim = r["time_s"]
+        comm = (r.get("simulated_split_s") or r.get("measured_split_s") or {}).get("communication_s") or 0.0
         line = f"{n:24s} {f['train_loss']:10.4g} {f['test_loss']:10.4g}"
         line += f" {f.get(metric, float('nan')):10.4g}" if metric else ""
         line += (f" {r['communication_rounds']:7d} {r['bytes_sent'] / 1e6:9.3g} {sim:10.4g} "
@@ -563,7 +586,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         for r in rows:
             acc = f" acc {r['test_accuracy']:.4f}" if r.get("test_accuracy") is not None else ""
             print(f"{r['run']:28s} train loss {r['train_loss']:.4g}{acc} rounds {r['rounds']} "
-                  f"sim {r['simulated_time_s']:.4g} s  ({r['path']})")
+                  f"{r['time_source'] or 'simulated'} time {r['time_s']:.4g} s  ({r['path']})")
         print(f"figure: {out}")
     return 0
 

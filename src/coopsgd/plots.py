@@ -34,13 +34,15 @@ def load_run(path: str | Path) -> dict[str, Any]:
     return {"path": str(p), "label": label, "config": config, "metrics": metrics, "summary": summary}
 
 
-def _series(metrics: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
+def _series(metrics: list[dict[str, Any]], key: str) -> tuple[list[dict[str, Any]], list[float]]:
+    """The records that carry ``key`` and, in the same order, their ``key`` values."""
+    recs: list[dict[str, Any]] = []
+    ys: list[float] = []
     for r in metrics:
         if r.get(key) is not None:
-            xs.append(r)
+            recs.append(r)
             ys.append(r[key])
-    return xs, ys  # type: ignore[return-value]
+    return recs, ys
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None,
@@ -67,15 +69,18 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
         ms = run["metrics"]
         rec, loss = _series(ms, "train_loss")
         axes[0, 0].plot([r["step"] for r in rec], loss, marker=".", label=lab)
-        axes[0, 1].plot([r["simulated_time_s"] for r in rec], loss, marker=".", label=lab)
+        axes[0, 1].plot([_clock(r) for r in rec], loss, marker=".", label=lab)
         rec, acc = _series(ms, metric)
-        axes[1, 0].plot([r["simulated_time_s"] for r in rec], acc, marker=".", label=lab)
+        axes[1, 0].plot([_clock(r) for r in rec], acc, marker=".", label=lab)
         rec, cons = _series(ms, "consensus_distance")
         # exact consensus (right after an all-reduce) is 0: draw it at 1e-12 so the scale stays readable
         axes[1, 1].plot([r["step"] for r in rec], [max(c, 1e-12) for c in cons], marker=".", label=lab)
     axes[0, 0].set(xlabel="step", ylabel="training loss (averaged model)", yscale="log")
-    axes[0, 1].set(xlabel="simulated wall-clock (s)", ylabel="training loss (averaged model)", yscale="log")
-    axes[1, 0].set(xlabel="simulated wall-clock (s)",
+    sources = {r["metrics"][-1].get("time_source", "simulated") for r in runs}
+    clock = "simulated wall-clock (s)" if sources == {"simulated"} else (
+        "measured wall-clock (s)" if sources == {"measured"} else "wall-clock (s; simulated or measured)")
+    axes[0, 1].set(xlabel=clock, ylabel="training loss (averaged model)", yscale="log")
+    axes[1, 0].set(xlabel=clock,
                    ylabel="test perplexity (centre model)" if is_lm else "test accuracy (centre model)")
     axes[1, 1].set(xlabel="step", ylabel="consensus distance ||X(I-J)||^2/m", yscale="log")
     for ax in axes.flat:
@@ -87,6 +92,12 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _clock(record: dict[str, Any]) -> float | None:
+    """A record's time: the run's own clock (``time_s``; older runs: ``simulated_time_s``)."""
+    t = record.get("time_s", record.get("simulated_time_s"))
+    return None if t is None else float(t)
 
 
 def runs_table(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -104,8 +115,10 @@ def runs_table(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
             "test_perplexity": last.get("test_perplexity"),
             "rounds": last.get("rounds"),
             "bytes_sent": last.get("bytes_sent"),
+            "time_s": _clock(last),
+            "time_source": last.get("time_source", "simulated"),
             "simulated_time_s": last.get("simulated_time_s"),
-            "communication_s": last.get("communication_s"),
+            "communication_s": last.get("simulated_communication_s", last.get("measured_communication_s")),
             "wall_time_s": last.get("wall_time_s"),
         })
     return rows

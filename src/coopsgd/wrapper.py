@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
-from coopsgd.engines.comm import Mixer, NetEmulation, _schedule_matrices, aux_placement
+from coopsgd.engines.comm import Mixer, NetEmulation, aux_placement
 from coopsgd.errors import ConfigError, check_int
 
 __all__ = ["CooperativeSGD"]
@@ -125,11 +125,12 @@ class CooperativeSGD:
         holders = aux_placement(spec) if group is None else None
         self.mixer = Mixer(
             self.rank, self.m, self.v, net=NetEmulation(net_latency_ms, net_bandwidth_mbps), group=group,
-            holders=holders, matrices=_schedule_matrices(spec.schedule, 4096) if holders is not None else None,
+            holders=holders, matrices=spec.schedule.matrices(4096) if holders is not None else None,
         )
         self.step_count = 0
         self.rounds = 0
         self.leader: int | None = None
+        self.schedule_state = spec.schedule.init_state()
         self._hist: list[float] = []
 
     # -- flat buffer <-> model --------------------------------------------------------------------------
@@ -189,19 +190,19 @@ class CooperativeSGD:
         spec, k = self.spec, self.step_count
         sched = spec.schedule
         losses = None
-        if spec.leader:
+        if spec.needs_losses:
             if loss is not None:
                 val = float(loss.detach().item() if isinstance(loss, Tensor) else loss)
                 if math.isfinite(val):
                     self._hist = (self._hist + [val])[-self.window :]
-            tau = int(getattr(sched, "tau", spec.tau))
-            if k % tau == 0 or getattr(sched, "leaders", 0) is None:
+            if sched.wants_losses(k, self.schedule_state):
                 est = float(np.mean(self._hist)) if self._hist else math.nan
                 losses = self.mixer.gather_floats(est)[:, 0]
                 if not np.all(np.isfinite(losses)):
                     bad = int(np.flatnonzero(~np.isfinite(losses))[0])
                     raise ConfigError.invalid("loss", losses[bad], f"LSGD needs a finite loss from every rank (rank {bad})")
-        mix = sched.mix(k, MixContext(step=k, lr=self._lr(lr), losses=losses))
+        mix, self.schedule_state = sched.advance(k, MixContext(step=k, lr=self._lr(lr), losses=losses),
+                                                 self.schedule_state)
         self.step_count += 1
         if mix is None:
             return False
@@ -243,12 +244,16 @@ class CooperativeSGD:
     def center_vector(self) -> Tensor:
         """The flat centre model: workers' average, auxiliary 0, or the leader (collective: call on every rank)."""
         self.finalize()
-        if self.spec.center == "auxiliary":
-            return self._rows[1].clone()
+        estimates = None
+        if self.spec.center == "leader" and self.leader is None:  # before the first election (collective)
+            estimates = self.mixer.gather_floats(float(np.mean(self._hist)) if self._hist else math.nan)[:, 0]
+        node = self.spec.center_node(self.leader, estimates)
+        if node is not None and node >= self.m:
+            return self._rows[1 + node - self.m].clone()
         t = torch.empty(self.width, dtype=self.dtype, device=self.device)
         self._flatten_into(t)  # (a copy: the row itself is the live model)
-        if self.spec.center == "leader":
-            dist.broadcast(t, src=self.leader if self.leader is not None else 0, group=self.mixer.group)
+        if node is not None:
+            dist.broadcast(t, src=node, group=self.mixer.group)
             return t
         dist.all_reduce(t, group=self.mixer.group)
         return t / self.m

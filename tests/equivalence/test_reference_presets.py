@@ -282,7 +282,7 @@ def test_column_convention_with_non_symmetric_matrix() -> None:
     x0 = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
     eng = ReferenceEngine(spec, obj, x0)
     G = np.stack([obj.gradient(x0[i], i, eng.rngs[i]) for i in range(m)])
-    eng.step(0.1)
+    eng.step(None, 0.1)
     expected = np.stack([sum(S[j, i] * x0[j] for j in range(m)) for i in range(m)]) - 0.1 * G
     np.testing.assert_allclose(eng.state, expected, rtol=0, atol=1e-15)
     # the transpose would give a different answer, so the test pins the convention

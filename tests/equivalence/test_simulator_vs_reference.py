@@ -124,7 +124,7 @@ def test_simulator_equals_reference(name: str, executor: str) -> None:
     eng = ReferenceEngine(spec_ref, obj_ref, x0)
     counters = [0] * m
     for k in range(K):
-        ref_stats = eng.step(LR)
+        ref_stats = eng.step(None, LR)
         stats = _feed(sim, obj_sim, counters)
         assert stats.step == ref_stats.step == k
         assert stats.communicated == ref_stats.communicated
@@ -154,7 +154,7 @@ def test_per_worker_starts_equal_reference() -> None:
     eng = ReferenceEngine(spec_ref, obj_ref, x0)
     counters = [0] * m
     for _ in range(K):
-        eng.step(LR)
+        eng.step(None, LR)
         _feed(sim, obj_sim, counters)
     np.testing.assert_allclose(sim.params.numpy(), eng.state, rtol=0, atol=TOL)
 

@@ -20,10 +20,11 @@ from torch import nn
 
 from coopsgd.algorithms import presets
 from coopsgd.data import WorkerLoader
-from coopsgd.engines.distributed import SpecJob, communication_table, run_distributed, run_spec
+from coopsgd.engines.distributed import communication_table
 from coopsgd.engines.launch import RankFailure, launch
 from coopsgd.engines.simulator import Simulator
 from coopsgd.train import RunConfig
+from coopsgd.train.distributed import SpecJob, run_distributed, run_spec
 
 TOL = 1e-10
 STEPS = 8
@@ -293,7 +294,8 @@ def test_downpour_async_parameter_server(tmp_path) -> None:
     resumed = run_distributed(more, out=tmp_path / "run", timeout_s=30, resume=tmp_path / "run")
     assert resumed["resumed_from_step"] == 6 and resumed["communication_rounds"] == 4
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert [r["parameter_server"]["pushes"] for r in ck["ranks"]] == [4, 4]
-    assert ck["ranks"][0]["parameter_server"]["z"] is not None and ck["ranks"][1]["parameter_server"]["z"] is None
+    assert [r["payload"]["parameter_server"]["pushes"] for r in ck["ranks"]] == [4, 4]
+    assert ck["ranks"][0]["payload"]["parameter_server"]["z"] is not None
+    assert ck["ranks"][1]["payload"]["parameter_server"]["z"] is None
     with pytest.raises(Exception, match="downpour_order"):
         RunConfig(preset="downpour", workers=2, downpour_order="async")  # the simulator has no real server

@@ -12,12 +12,12 @@ import json
 import pytest
 import torch
 
-from coopsgd.engines.distributed import DIST_CHECKPOINT_FORMAT, run_distributed
 from coopsgd.engines.launch import RankFailure
 from coopsgd.errors import ConfigError
 from coopsgd.train import RunConfig, load_checkpoint
+from coopsgd.train.distributed import run_distributed
 from coopsgd.train.rundir import save_checkpoint
-from coopsgd.train.trainer import train
+from coopsgd.train.trainer import CHECKPOINT_FORMAT, train
 
 BASE = {"workers": 2, "model": "mlp", "dataset": "mnist_bundled", "lr": 0.05, "batch_size": 16,
         "eval_samples": 100, "seed": 1, "eval_every": 3}
@@ -30,14 +30,16 @@ CASES = [
 
 
 def _same_state(a: dict, b: dict) -> None:
-    assert a["format"] == b["format"] == DIST_CHECKPOINT_FORMAT
+    assert a["format"] == b["format"] == CHECKPOINT_FORMAT and a["engine"] == "distributed"
     assert a["step"] == b["step"] == 8 and a["world_size"] == b["world_size"] == 2
-    for ra, rb in zip(a["ranks"], b["ranks"], strict=True):
+    for ea, eb in zip(a["ranks"], b["ranks"], strict=True):
+        assert ea["engine"] == eb["engine"] == "distributed"
+        ra, rb = ea["payload"], eb["payload"]
         assert torch.equal(ra["state"], rb["state"]), f"rank {ra['rank']}: max diff {(ra['state'] - rb['state']).abs().max()}"
         assert torch.equal(ra["momentum_initialized"], rb["momentum_initialized"])
         ha, hb = ra["loss_history"], rb["loss_history"]
         assert torch.equal(ha.isnan(), hb.isnan()) and torch.equal(ha.nan_to_num(), hb.nan_to_num())
-        for key in ("step", "rounds", "leader", "schedule", "schedule_rounds", "loss_count"):
+        for key in ("step", "rounds", "leader", "schedule_state", "loss_count"):
             assert ra[key] == rb[key], key
         assert ra["comm"]["bytes_sent"] == rb["comm"]["bytes_sent"]
         assert torch.equal(ra["torch_rng_state"], rb["torch_rng_state"])
@@ -74,12 +76,12 @@ def test_resume_mismatches_are_clear_errors(tmp_path) -> None:
     # a simulator checkpoint
     train(RunConfig(preset="local_sgd", workers=2, tau=2, max_steps=2, out=str(tmp_path / "sim")))
     cfg = RunConfig(preset="local_sgd", workers=2, tau=2, max_steps=4)
-    with pytest.raises(ConfigError, match="not 'coopsgd-distributed-checkpoint-v1'.*simulate"):
+    with pytest.raises(ConfigError, match="written by the 'simulate' engine"):
         run_distributed(cfg, resume=tmp_path / "sim")
     # a distributed checkpoint written by 2 ranks, resumed with 4 workers
     ck = tmp_path / "dist" / "checkpoint.pt"
     ck.parent.mkdir()
-    save_checkpoint(ck, {"format": DIST_CHECKPOINT_FORMAT, "engine": "distributed", "step": 2, "world_size": 2,
+    save_checkpoint(ck, {"format": CHECKPOINT_FORMAT, "engine": "distributed", "step": 2, "world_size": 2,
                          "ranks": [{}, {}]})
     with pytest.raises(ConfigError, match="world_size=2") as info:
         run_distributed(RunConfig(preset="local_sgd", workers=4, tau=2, max_steps=4), resume=ck)
@@ -104,15 +106,15 @@ def test_cli_resume_of_a_distributed_run(capsys, tmp_path) -> None:
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert a["step"] == b["step"] == 6
     for r in range(2):
-        assert torch.equal(a["ranks"][r]["state"], b["ranks"][r]["state"])
+        assert torch.equal(a["ranks"][r]["payload"]["state"], b["ranks"][r]["payload"]["state"])
 
 
 def test_auto_resume_continues_from_the_run_directory(capsys, tmp_path) -> None:
-    """`python -m coopsgd.engines.distributed --auto-resume` resumes when the run directory has a checkpoint
+    """`python -m coopsgd.torchrun --auto-resume` resumes when the run directory has a checkpoint
     (what a restarted job needs) and starts fresh when it has none."""
     import torch
 
-    from coopsgd.engines.distributed import main as dist_main
+    from coopsgd.torchrun import main as dist_main
     from coopsgd.train import load_checkpoint
 
     def cfg(steps: int) -> str:
@@ -129,7 +131,7 @@ def test_auto_resume_continues_from_the_run_directory(capsys, tmp_path) -> None:
     b = load_checkpoint(tmp_path / "job" / "checkpoint.pt")
     assert b["step"] == 6
     for r in range(2):
-        assert torch.equal(a["ranks"][r]["state"], b["ranks"][r]["state"])
+        assert torch.equal(a["ranks"][r]["payload"]["state"], b["ranks"][r]["payload"]["state"])
     import json
 
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())

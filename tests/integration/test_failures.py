@@ -19,20 +19,17 @@ from coopsgd.train.trainer import build, iterate
 
 
 def _poisoned(exp, worker: int, at_step: int, times: int = 1):
-    """Make worker ``worker``'s batch NaN at steps at_step .. at_step+times-1 (counted by loader calls)."""
-    calls = {"n": 0}
-    orig = exp.loader.next_step
+    """Make worker ``worker``'s batch NaN at steps at_step .. at_step+times-1."""
+    orig = exp.loader.batch
+    spe = exp.loader.steps_per_epoch
 
-    def next_step():
-        batches = orig()
-        k = calls["n"]
-        calls["n"] += 1
-        if at_step <= k < at_step + times:
-            x, y = batches[worker]
-            batches[worker] = (torch.full_like(x, float("nan")), y)
-        return batches
+    def batch(epoch, w, index):
+        x, y = orig(epoch, w, index)
+        if w == worker and at_step <= epoch * spe + index < at_step + times:
+            x = torch.full_like(x, float("nan"))
+        return x, y
 
-    exp.loader.next_step = next_step
+    exp.loader.batch = batch
 
 
 def test_nan_stop_names_worker_and_step() -> None:
@@ -42,30 +39,42 @@ def test_nan_stop_names_worker_and_step() -> None:
         list(iterate(exp))
 
 
-def test_nan_skip_restores_last_good_state_and_continues() -> None:
+def test_nan_skip_drops_the_round_and_restores_its_start() -> None:
+    """nan_policy=skip (the same meaning on every engine): the round in which a worker went non-finite is
+    dropped on every worker -- the state after the last good round is restored -- and the run goes on."""
     cfg = RunConfig(preset="local_sgd", workers=3, tau=2, max_steps=8, eval_every=4, executor="loop", nan_policy="skip")
     exp = build(cfg)
     _poisoned(exp, worker=2, at_step=3)
-    checked = []
+    seen = {}
     orig_step = exp.sim.step
 
     def spy(batches, lr):
-        before = exp.sim.params.clone()
-        try:
-            return orig_step(batches, lr)
-        except NonFiniteError:
-            # nothing of the failed step reached the state: the last good state is what remains
-            assert torch.equal(before, exp.sim.params)
-            checked.append(exp.sim.step_count)
-            raise
+        k = exp.sim.step_count
+        stats = orig_step(batches, lr)
+        seen[k] = (stats.skipped, exp.sim.params.clone())
+        return stats
 
     exp.sim.step = spy
     records = list(iterate(exp))
-    assert checked == [3]
-    assert records[-1]["skipped_steps"] == [3]
-    assert records[-1]["step"] == 8
+    assert records[-1]["dropped_rounds"] == [{"step": 3, "workers": [2], "first_steps": {"2": 3}, "restored_to_step": 2}]
+    assert [k for k, (skipped, _) in seen.items() if skipped] == [3]
+    assert records[-1]["step"] == 8 and exp.sim.step_count == 8
     assert torch.isfinite(exp.sim.params).all()
-    assert exp.sim.step_count == 7  # one step fewer was applied
+
+
+def test_nan_skip_restored_state_equals_the_last_good_round() -> None:
+    cfg = RunConfig(preset="local_sgd", workers=3, tau=2, max_steps=4, eval_every=4, executor="loop", nan_policy="skip")
+    clean = build(cfg)
+    for _ in range(2):  # steps 0-1: one good round
+        clean.sim.step(clean.loader.next_step(), 0.1)
+    after_good_round = clean.sim.params.clone()
+    exp = build(cfg)
+    _poisoned(exp, worker=2, at_step=3)
+    gen = iterate(exp)
+    next(gen)  # step 0's record
+    rec = next(gen)  # step 4: the round of steps 2-3 was dropped
+    assert rec["dropped_rounds"][0]["restored_to_step"] == 2
+    assert torch.equal(exp.sim.params, after_good_round)
 
 
 def test_nan_skip_gives_up_after_max_skips() -> None:

@@ -31,8 +31,10 @@ def test_resume_is_bit_identical(tmp_path, preset, kw, executor) -> None:
     resumed = train(RunConfig(**common, max_steps=14, out=str(tmp_path / "part")), resume=tmp_path / "part")
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
-    assert torch.equal(a["simulator"]["state"], b["simulator"]["state"])  # tolerance 0
-    assert a["simulator"]["rounds"] == b["simulator"]["rounds"]
+    assert a["engine"] == b["engine"] == a["engine_state"]["engine"] == "simulate"
+    sa, sb = a["engine_state"]["payload"], b["engine_state"]["payload"]
+    assert torch.equal(sa["state"], sb["state"])  # tolerance 0
+    assert sa["rounds"] == sb["rounds"]
     assert a["loader"]["epoch"] == b["loader"]["epoch"] and a["loader"]["batch"] == b["loader"]["batch"]
     assert resumed["communication_rounds"] == full["communication_rounds"]
     assert resumed["bytes_sent"] == full["bytes_sent"]
@@ -46,8 +48,8 @@ def test_cli_resume_from_periodic_checkpoint(capsys, tmp_path) -> None:
     assert main([*base, "--max-steps", "4", "--checkpoint-every", "2", "--out", str(tmp_path / "b")]) == 0
     assert main(["run", "--resume", str(tmp_path / "b"), "--max-steps", "8", "--json"]) == 0
     capsys.readouterr()
-    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["simulator"]["state"]
-    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["simulator"]["state"]
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["engine_state"]["payload"]["state"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["engine_state"]["payload"]["state"]
     assert torch.equal(a, b)
     code = main(["run", "--resume", str(tmp_path / "b"), "--lr", "0.5"])
     assert code == 2 and "--lr" in capsys.readouterr().err

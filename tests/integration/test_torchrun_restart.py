@@ -43,7 +43,7 @@ def _torchrun(tmp_path: Path, out: Path, env_extra: dict[str, str], max_restarts
     env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", str(max_restarts), "-m", "coopsgd.engines.distributed",
+           "--max-restarts", str(max_restarts), "-m", "coopsgd.torchrun",
            "--config", str(tmp_path / "run.toml"), "--out", str(out), "--timeout-s", "20", "--auto-resume"]
     # a session of its own, so that a job past its time limit is killed with every rank it started
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -77,7 +77,8 @@ def test_torchrun_restart_resumes_from_the_checkpoint_exactly(tmp_path) -> None:
     a = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "job" / "checkpoint.pt")
     assert a["step"] == b["step"] == 10 and a["world_size"] == b["world_size"] == 2
-    for ra, rb in zip(a["ranks"], b["ranks"], strict=True):
+    for ea, eb in zip(a["ranks"], b["ranks"], strict=True):
+        ra, rb = ea["payload"], eb["payload"]
         assert torch.equal(ra["state"], rb["state"]), f"rank {ra['rank']}: max diff {(ra['state'] - rb['state']).abs().max()}"
         assert torch.equal(ra["torch_rng_state"], rb["torch_rng_state"])
         assert ra["comm"]["bytes_sent"] == rb["comm"]["bytes_sent"]

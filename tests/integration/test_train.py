@@ -32,7 +32,8 @@ def test_local_sgd_mlp_learns_bundled_mnist(tmp_path) -> None:
     assert records[0]["step"] == 0 and records[-1]["step"] == summary["steps"]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     for key in ("worker_losses", "test_accuracy", "consensus_distance", "zeta", "rounds", "bytes_sent",
-                "simulated_time_s", "compute_s", "communication_s", "idle_s"):
+                "simulated_time_s", "simulated_compute_s", "simulated_communication_s", "simulated_idle_s",
+                "time_s", "time_source", "measured_train_s", "wall_time_s", "dropped_rounds", "leader"):
         assert key in records[-1], key
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt["step"] == summary["steps"]
@@ -71,7 +72,7 @@ def test_nan_stops_with_worker_and_step_and_no_checkpoint(tmp_path) -> None:
         train(cfg)
     run = tmp_path / "nan"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "failed" and "step" in summary["error"]
+    assert summary["status"] == "diverged" and "step" in summary["error"]
     assert not (run / "checkpoint.pt").exists()
     for line in (run / "metrics.jsonl").read_text().splitlines():
         json.loads(line)  # every line that was written is valid JSON

@@ -85,13 +85,24 @@ def test_fedavg_samples_fraction_of_clients() -> None:
 
 def test_lsgd_pull_matrix_is_column_stochastic() -> None:
     spec = presets.lsgd(4, 2, lam=0.5)
-    mix = spec.schedule.mix(0, MixContext(step=0, lr=0.1, losses=np.array([3.0, 1.0, 2.0, 4.0])))
+    state = spec.schedule.init_state()
+    mix, state = spec.schedule.advance(0, MixContext(step=0, lr=0.1, losses=np.array([3.0, 1.0, 2.0, 4.0])), state)
     assert mix.info["leader"] == 1
     np.testing.assert_allclose(mix.matrix.sum(axis=0), 1.0)
     assert not np.allclose(mix.matrix.sum(axis=1), 1.0)
     assert mix.communicates
-    nxt = spec.schedule.mix(1, MixContext(step=1, lr=0.1, losses=np.array([0.0, 9, 9, 9])))
+    nxt, state = spec.schedule.advance(1, MixContext(step=1, lr=0.1, losses=np.array([0.0, 9, 9, 9])), state)
     assert not nxt.communicates and nxt.info["leader"] == 1  # the leader is only re-elected every tau steps
+    assert not spec.schedule.wants_losses(1, state) and spec.schedule.wants_losses(2, state)
+
+
+def test_schedules_are_pure() -> None:
+    """Running a schedule never changes it: its run state lives outside the frozen spec."""
+    spec = presets.lsgd(4, 2, lam=0.5)
+    before = spec.schedule.init_state()
+    spec.schedule.advance(0, MixContext(step=0, lr=0.1, losses=np.array([3.0, 1.0, 2.0, 4.0])), before)
+    assert before == {"leaders": None, "global_leader": None} == spec.schedule.init_state()
+    assert spec.schedule.wants_losses(1, before)
 
 
 def test_spec_rejects_schedule_of_wrong_size() -> None:
@@ -136,3 +147,180 @@ def test_bad_preset_arguments_name_the_field(make, field) -> None:
         with pytest.raises(ConfigError) as info:
             make()
     assert field in str(info.value)
+
+
+# -------------------------------------------------------------------------------------------------
+# declarations: settings, data inputs and theory hooks declared once (issue 12, item 5)
+# -------------------------------------------------------------------------------------------------
+
+
+def test_every_preset_has_one_declaration_matching_its_function() -> None:
+    import inspect
+
+    from coopsgd.algorithms.registry import declarations
+
+    decls = declarations()
+    assert list(decls) == list(presets.PRESETS)
+    for name, decl in decls.items():
+        assert presets.PRESETS[name] is decl.build
+        sig = inspect.signature(decl.build).parameters
+        for arg in decl.args:
+            if arg.kind == "derived":
+                assert arg.name not in sig
+                continue
+            # the declared default is the function's default (help text and docs cannot drift)
+            assert sig[arg.name].default == arg.default, (name, arg.name)
+
+
+def test_run_config_fields_match_the_declared_settings() -> None:
+    """Every declared preset setting has a RunConfig field (marked PRESET_SETTING) and vice versa."""
+    from dataclasses import fields
+
+    from coopsgd.algorithms.registry import settings_table
+    from coopsgd.train import RunConfig
+
+    declared = settings_table()
+    marked = {f.name: f for f in fields(RunConfig) if f.metadata.get("preset")}
+    assert set(marked) == set(declared), (
+        f"declared but no RunConfig field: {sorted(set(declared) - set(marked))}; "
+        f"RunConfig field but not declared: {sorted(set(marked) - set(declared))}"
+    )
+    unmarked = {f.name for f in fields(RunConfig) if not f.metadata.get("preset")}
+    assert not unmarked & set(declared)
+    for name, arg in declared.items():  # the field's type is the declared one (optional unless a switch)
+        expected = "bool" if arg.type is bool else f"{arg.type.__name__} | None"
+        assert str(marked[name].type) == expected, name
+        assert marked[name].default == (False if arg.type is bool else None), name
+
+
+def test_settings_shared_by_presets_agree_in_type_and_kind() -> None:
+    from coopsgd.algorithms.registry import declarations
+
+    seen: dict[str, tuple[type, str]] = {}
+    for decl in declarations().values():
+        for arg in decl.args:
+            assert seen.setdefault(arg.name, (arg.type, arg.kind)) == (arg.type, arg.kind), arg.name
+
+
+def test_spec_kwargs_come_from_the_declarations() -> None:
+    from coopsgd.train import RunConfig
+
+    kw = RunConfig(preset="easgd", tau=2, alpha=0.1, nonblocking=True, strict=True).spec_kwargs()
+    assert {k: kw[k] for k in ("tau", "alpha", "nonblocking", "strict")} == {
+        "tau": 2, "alpha": 0.1, "nonblocking": True, "strict": True}
+    assert "seed" not in kw and isinstance(kw["policies"], Policies)
+    kw = RunConfig(preset="hierarchical", aux_topology="ring", aux_weights="uniform", groups=4, seed=3).spec_kwargs()
+    assert kw["aux_topology"] == "ring" and kw["aux_weights"] == "uniform" and "seed" not in kw
+    assert make_preset("hierarchical", 8, **kw).params["aux_topology"] == "ring"
+    assert RunConfig(preset="dpsgd", seed=7).spec_kwargs()["seed"] == 7
+    with pytest.raises(ConfigError, match="alpha.*'dpsgd' does not take"):
+        RunConfig(preset="dpsgd", alpha=0.1).spec_kwargs()
+    assert "alpha" not in RunConfig(preset="dpsgd", alpha=0.1).spec_kwargs(lenient=True)
+    with pytest.raises(ConfigError, match="nonblocking"):
+        RunConfig(preset="local_sgd", nonblocking=True).spec_kwargs()
+    # local_epochs: only fedavg, never together with tau
+    with pytest.raises(ConfigError, match="local_epochs"):
+        RunConfig(preset="local_sgd", local_epochs=1.0)
+    with pytest.raises(ConfigError, match="local_epochs"):
+        RunConfig(preset="fedavg", local_epochs=1.0, tau=3)
+    with pytest.raises(ConfigError, match="local_epochs"):
+        RunConfig(preset="fedavg", local_epochs=0.0)
+    assert "local_epochs" not in RunConfig(preset="fedavg", local_epochs=2.0).spec_kwargs()
+
+
+def test_spec_from_settings_applies_data_inputs() -> None:
+    from coopsgd.algorithms import spec_from_settings
+
+    sizes = [10, 20, 30, 40]
+    spec = spec_from_settings("fedavg", 4, {"fraction": 0.5, "local_epochs": 1.5, "lam": None}, shard_sizes=sizes,
+                              steps_per_epoch=3, seed=2)
+    assert spec.tau == max(1, round(1.5 * 3)) == 4  # tau = max(1, round(local_epochs * steps_per_epoch))
+    np.testing.assert_array_equal(spec.schedule.sample_counts, sizes)
+    assert spec.params["seed"] == 2 and spec.params["fraction"] == 0.5
+    assert spec_from_settings("fedavg", 4, {"local_epochs": 0.01}, steps_per_epoch=3).tau == 1
+    # without data facts: equal client weights, and tau from the settings
+    plain = spec_from_settings("fedavg", 4, {"tau": 3})
+    assert plain.tau == 3 and np.all(plain.schedule.sample_counts == 1)
+    with pytest.raises(ConfigError, match="local_epochs"):
+        spec_from_settings("fedavg", 4, {"local_epochs": 1.0})  # needs steps_per_epoch
+    # presets without data inputs ignore the facts
+    assert spec_from_settings("local_sgd", 4, {"tau": 2}, shard_sizes=sizes, steps_per_epoch=3).tau == 2
+    # a setting the preset does not take: an error naming it and the preset, or dropped when lenient
+    with pytest.raises(ConfigError) as info:
+        spec_from_settings("sync", 4, {"tau": 2})
+    assert "tau" in str(info.value) and "'sync'" in str(info.value)
+    assert spec_from_settings("sync", 4, {"tau": 2, "local_epochs": 1.0}, lenient=True).tau == 1
+    with pytest.raises(ConfigError, match="preset"):
+        spec_from_settings("gossip", 4, {})
+    with pytest.raises(ConfigError, match="fraction"):
+        spec_from_settings("fedavg", 4, {"fraction": 2.0})
+    pol = Policies(buffers="local")
+    assert spec_from_settings("sync", 2, {}, policies=pol).policies is pol
+
+
+def test_cli_flags_and_help_come_from_the_declarations() -> None:
+    from coopsgd.algorithms.registry import declarations, settings_table
+    from coopsgd.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for command in ("theory", "run", "compare"):
+        p = sub.choices[command]
+        flags = {s: a for a in p._actions for s in a.option_strings}
+        for name, arg in settings_table().items():
+            if command == "theory" and arg.kind == "derived":
+                assert arg.flag not in flags  # needs the data: run / compare only
+                continue
+            assert arg.flag in flags, (command, arg.flag)
+            help_ = flags[arg.flag].help
+            assert arg.help.replace("%", "%%") in help_
+            for preset_name, a in [(n, d.arg(name)) for n, d in declarations().items() if d.takes(name)]:
+                assert f"{preset_name} ({a.default_str()})" in help_
+            if arg.choices:
+                assert ", ".join(arg.choices) in help_
+        if command != "compare":
+            assert all(n in flags["--preset"].help for n in declarations())
+    assert "in (0, 1]" in sub.choices["theory"]._option_string_actions["--budget"].help
+
+
+def test_analysis_has_no_preset_names() -> None:
+    """The preset-specific parts of `coopsgd theory` come from the declarations' theory hooks."""
+    import inspect
+
+    import coopsgd.analysis
+
+    source = inspect.getsource(coopsgd.analysis)
+    for name in presets.PRESETS:
+        assert f'"{name}"' not in source and f"'{name}'" not in source, name
+
+
+def test_a_new_declaration_gets_a_flag_a_spec_and_theory(monkeypatch, capsys) -> None:
+    """One declaration is all a preset needs: a CLI flag, spec_from_settings and its theory entries."""
+    import json
+
+    from coopsgd.algorithms import registry
+    from coopsgd.cli import main
+
+    def toy(workers: int, tau: int = 3, *, knob: float = 0.5, policies: Policies | None = None) -> AlgorithmSpec:
+        spec = presets.local_sgd(workers, tau, policies=policies)
+        import dataclasses
+
+        return dataclasses.replace(spec, name="toy", params={"knob": knob})
+
+    def facts(spec, out, notes):
+        out["twice_knob"] = 2 * spec.params["knob"]
+
+    decl = registry.PresetDecl("toy", toy, "a test preset", args=(
+        registry.PresetArg("tau", int, 3, help="communication period tau: local steps between rounds", low=1),
+        registry.PresetArg("knob", float, 0.5, help="a knob", low=0.0, high=1.0)),
+        theory=(registry.TheoryHook("toy", facts=facts),))
+    monkeypatch.setitem(registry._REGISTRY, "toy", decl)
+    monkeypatch.setitem(presets.PRESETS, "toy", toy)
+    assert registry.spec_from_settings("toy", 4, {"knob": 0.25}).params == {"knob": 0.25}
+    with pytest.raises(ConfigError, match="knob"):
+        registry.spec_from_settings("toy", 4, {"knob": 2.0})
+    assert main(["theory", "--preset", "toy", "--workers", "4", "--knob", "0.25", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["twice_knob"] == 0.5 and out["zeta"] < 1e-12 and "zeta_tau" not in out
+    assert main(["theory", "--preset", "local_sgd", "--knob", "0.25"]) == 2
+    assert "--knob" in capsys.readouterr().err

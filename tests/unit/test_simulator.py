@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import coopsgd.engines.simulator as simulator_module
 from coopsgd.algorithms import presets
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
 from coopsgd.engines.clock import SimClock
@@ -146,13 +145,15 @@ def test_inactive_workers_keep_their_momentum() -> None:
 
 def test_mixing_is_one_matrix_product_per_round(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = simulator_module.apply_mixing
+    from coopsgd.engines import kernel as kernel_module
+
+    real = kernel_module.apply_mixing
 
     def counting(state, S):
         calls.append(tuple(state.shape))
         return real(state, S)
 
-    monkeypatch.setattr(simulator_module, "apply_mixing", counting)
+    monkeypatch.setattr(kernel_module, "apply_mixing", counting)
     spec = presets.easgd(4, 2, policies=Policies(buffers="mix", optimizer_state="mix"))
     sim = Simulator(spec, cnn, executor="loop", momentum=0.9)
     stats = run(sim, 6, (1, 8, 8))
@@ -170,7 +171,7 @@ def test_mixing_is_one_matrix_product_per_round(monkeypatch: pytest.MonkeyPatch)
 def test_nan_loss_on_one_worker_raises_and_leaves_state_unchanged() -> None:
     sim = Simulator(presets.easgd(4, 2), cnn, executor="loop", momentum=0.9)
     run(sim, 3, (1, 8, 8))
-    snapshot = sim.state_dict()
+    snapshot = sim.state_dict()["payload"]
     bs = batches(4, 3, (1, 8, 8))
     bs[2][0][0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"worker 2 at step 3"):

@@ -1,25 +1,34 @@
-"""Named algorithms as thin constructors of :class:`AlgorithmSpec` ([CSGD] Table 2, §6; [LSGD]).
+"""Named algorithms as thin constructors of :class:`AlgorithmSpec` ([CSGD] Table 2, §6; [LSGD]; [MATCHA]).
 
 Every preset validates its arguments and raises :class:`coopsgd.errors.ConfigError` naming the argument.
 Use :func:`make_preset` to build one by name (as the CLI and config files do).
+
+Each preset is declared once (:class:`coopsgd.algorithms.registry.PresetDecl`, at the end of this module):
+its settings with types, defaults, help and ranges, the inputs it takes from the data, and its theory
+hooks. Config keys, CLI flags, :func:`coopsgd.algorithms.registry.spec_from_settings` and
+``coopsgd theory`` derive from these declarations; see ``docs/presets.md``.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms.registry import DataInput, PresetArg, PresetDecl, TheoryHook, register
 from coopsgd.algorithms.schedules import (
     DownpourSchedule,
     FedAvgSchedule,
     LeaderSchedule,
+    MatchaSchedule,
     PeriodicSchedule,
 )
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
 from coopsgd.errors import ConfigError, check_float, check_int
+from coopsgd.theory import bounds
 from coopsgd.theory.bounds import (
     check_easgd_alpha,
     easgd_best_alpha,
@@ -28,7 +37,7 @@ from coopsgd.theory.bounds import (
     generalized_elastic_mixing,
 )
 from coopsgd.theory.spectral import zeta as spectral_zeta
-from coopsgd.topology import MixingMatrix, mixing_schedule
+from coopsgd.topology import TOPOLOGIES, WEIGHT_RULES, MixingMatrix, mixing_schedule
 
 __all__ = [
     "sync",
@@ -41,6 +50,7 @@ __all__ = [
     "fedavg",
     "lsgd",
     "downpour",
+    "matcha",
     "PRESETS",
     "make_preset",
 ]
@@ -325,7 +335,7 @@ def lsgd(
     sched = LeaderSchedule(m, tau, lam, groups=g, lam_global=lam_global)
     return AlgorithmSpec(
         name="lsgd", workers=m, auxiliaries=sched.v, tau=tau, schedule=sched, rule="pre_mix", center="leader",
-        theory_matrix=None, pattern="broadcast", leader=True, policies=policies or Policies(),
+        theory_matrix=None, pattern="broadcast", policies=policies or Policies(),
         params={"lam": lam, "lam_global": sched.lam_global, "groups": g},
         notes=("LSGD's pull matrix depends on the losses and is not symmetric: Theorems 1-4 do not apply",),
     )
@@ -347,18 +357,286 @@ def downpour(workers: int, tau: int = 1, *, seed: int = 0, policies: Policies | 
     )
 
 
-PRESETS: dict[str, Callable[..., AlgorithmSpec]] = {
-    "sync": sync,
-    "local_sgd": local_sgd,
-    "easgd": easgd,
-    "dpsgd": dpsgd,
-    "decentralized_periodic": decentralized_periodic,
-    "generalized_elastic": generalized_elastic,
-    "hierarchical": hierarchical,
-    "fedavg": fedavg,
-    "lsgd": lsgd,
-    "downpour": downpour,
-}
+def matcha(
+    workers: int,
+    tau: int = 1,
+    *,
+    topology: str = "ring",
+    budget: float = 0.5,
+    mixing: MixingArg = None,
+    seed: int = 0,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """MATCHA: decentralized SGD over randomly activated matchings of a base graph ([MATCHA]).
+
+    The base graph (``topology``, or the support of ``mixing``; the union of the edges when the topology is
+    time-varying) is split into matchings by edge colouring; each round activates matching j with
+    probability p_j, the p_j maximising the expected graph's algebraic connectivity under the
+    communication budget ``mean(p) = budget`` (C_b in (0, 1]); the round mixes with
+    ``W = I - alpha sum_{active j} L_j``, alpha minimising ``rho = ||E[W^T W] - J||_2``. See
+    :mod:`coopsgd.theory.matcha` for the design and :class:`MatchaSchedule` for the sampling (seeded by
+    ``(seed, round)``). ``budget=1`` activates every matching every round: D-PSGD with ``W = I - alpha L``.
+
+    The matrices are random, so Theorems 1-4 (one fixed W) do not apply; ``coopsgd theory`` reports the
+    expected zeta ``sqrt(rho)`` instead. No weight rule is taken: the Laplacian form fixes the weights.
+    """
+    from coopsgd.theory.matcha import design
+    from coopsgd.topology.mixing import undirected_adjacency
+
+    m = _workers(workers)
+    tau = check_int("tau", tau, minimum=1)
+    b = check_float("budget", budget, low=0.0, high=1.0, low_open=True)
+    mats = _mixing_list(m, mixing, topology, "metropolis", seed)
+    adj = np.zeros((m, m), dtype=bool)
+    for M in mats:
+        adj |= undirected_adjacency(M)
+    d = design(adj, b)
+    sched = MatchaSchedule(m, d.laplacians, d.probabilities, d.alpha, tau=tau, seed=seed)
+    return AlgorithmSpec(
+        name="matcha", workers=m, auxiliaries=0, tau=tau, schedule=sched, theory_matrix=None,
+        pattern="neighbor", policies=policies or Policies(),
+        params={"topology": topology if mixing is None else "custom", "budget": b, "seed": int(seed),
+                "matchings": sched.matchings, "alpha": d.alpha},
+        notes=("random mixing matrices: Theorems 1-4 assume one fixed W; expected_zeta = sqrt(||E[W^T W] - J||_2) "
+               "takes the place of zeta",),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# theory hooks: the preset-specific entries of `coopsgd theory` (coopsgd.analysis.analyze)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _elastic_facts(group_size: Callable[[AlgorithmSpec], int]) -> Callable[[AlgorithmSpec, dict[str, Any], list[str]], None]:
+    """EASGD's alpha facts ([CSGD] Lemma 1, Theorem 3) for groups of ``group_size(spec)`` workers."""
+
+    def facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> None:
+        size = group_size(spec)
+        a = spec.params["alpha"]
+        out["alpha"] = a
+        out["best_alpha"] = bounds.easgd_best_alpha(size)
+        out["alpha_limit"] = bounds.easgd_alpha_limit(size)
+        out["zeta_at_alpha"] = bounds.easgd_zeta(a, size)
+        out["zeta_at_best_alpha"] = bounds.easgd_zeta(out["best_alpha"], size)
+        if a >= out["alpha_limit"]:
+            notes.append(f"alpha={a:g} >= 2/(m+1)={out['alpha_limit']:g}: zeta >= 1, EASGD diverges")
+
+    return facts
+
+
+def _generalized_elastic_facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> None:
+    """[CSGD] Theorem 4: zeta of the base W, and the best alpha with the zeta it gives."""
+    zw = spec.params["zeta_W"]
+    out["zeta_W"] = zw
+    out["alpha"] = spec.params["alpha"]
+    out["best_alpha"] = bounds.generalized_elastic_best_alpha(zw, spec.workers)
+    out["zeta_at_best_alpha"] = bounds.generalized_elastic_zeta(zw, out["best_alpha"], spec.workers)
+
+
+def _zeta_tau_facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> None:
+    """zeta_tau ([CSGD] §5.4): the zeta of D-PSGD whose network error equals PSASGD's with this tau."""
+    out["zeta_tau"] = bounds.zeta_tau(spec.tau) if spec.tau > 1 else 0.0
+
+
+def smallest_tau_beaten(z: float) -> int | None:
+    """Smallest tau with zeta <= zeta_tau: D-PSGD on this W has a lower error floor than PSASGD(tau)."""
+    if z >= 1:
+        return None
+    # zeta^2 <= 1 - 2/(tau+1)  <=>  tau >= 2/(1 - zeta^2) - 1
+    return max(1, math.ceil(2.0 / (1.0 - z * z) - 1.0 - 1e-12))
+
+
+def _dpsgd_vs_psasgd_facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> None:
+    if out.get("zeta") is not None:
+        out["dpsgd_beats_psasgd_with_tau"] = smallest_tau_beaten(out["zeta"])
+
+
+def _corollary2_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
+    """[CSGD] Corollary 2: periodic simple averaging A(tau, J, 0)."""
+    if z is not None:
+        res["corollary2"] = bounds.corollary2(c, m=spec.workers, tau=spec.tau).to_dict()
+
+
+def _corollary3_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
+    """[CSGD] Corollary 3: decentralized parallel SGD A(1, W, 0)."""
+    if z is not None:
+        res["corollary3"] = bounds.corollary3(c, m=spec.workers, zeta=z).to_dict()
+
+
+def _theorem3_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
+    """[CSGD] Theorem 3: EASGD at its best alpha 2/(m+2)."""
+    if z is not None and abs(spec.params["alpha"] - bounds.easgd_best_alpha(spec.workers)) < 1e-12:
+        res["theorem3"] = bounds.theorem3(c, m=spec.workers, tau=spec.tau).to_dict()
+
+
+def _fedavg_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
+    """FedAvg with IID data: [CSGD] Corollary 2 with the sampled clients as the workers."""
+    if z is None:
+        k = spec.params["clients_per_round"]
+        res["corollary2_with_sampled_clients"] = bounds.corollary2(c, m=k, tau=spec.tau).to_dict()
+
+
+def _matcha_facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> None:
+    """MATCHA's design: matchings, activation probabilities, alpha and the expected zeta."""
+    from coopsgd.theory.matcha import algebraic_connectivity, expected_laplacian, expected_rho
+
+    sched = spec.schedule
+    assert isinstance(sched, MatchaSchedule)
+    laps = list(sched.laplacians)
+    p = sched.probabilities
+    rho = expected_rho(laps, p, sched.alpha, sched.n)
+    out["matchings"] = sched.matchings
+    out["activation_probabilities"] = p.tolist()
+    out["expected_active_fraction"] = float(p.mean()) if len(p) else 0.0
+    out["alpha"] = sched.alpha
+    out["rho"] = rho
+    out["expected_zeta"] = math.sqrt(max(rho, 0.0))
+    out["expected_zeta_note"] = ("expected_zeta = sqrt(rho), rho = ||E[W^T W] - J||_2 over one round's random "
+                                 "W = I - alpha sum_j B_j L_j (B_j ~ Bernoulli(p_j)); MATCHA's analysis uses rho "
+                                 "where a fixed W has zeta^2")
+    if laps:
+        out["algebraic_connectivity"] = algebraic_connectivity(expected_laplacian(laps, p))
+        out["base_algebraic_connectivity"] = algebraic_connectivity(np.sum(laps, axis=0))
+    if rho >= 1.0 - 1e-12:
+        notes.append("expected_zeta >= 1: the base graph is disconnected (or has no edges); MATCHA does not mix")
+
+
+def _matcha_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
+    """An indicator, not a theorem: [CSGD] Theorem 1 evaluated at zeta = expected_zeta."""
+    import dataclasses
+
+    from coopsgd.theory.matcha import expected_rho
+
+    sched = spec.schedule
+    assert isinstance(sched, MatchaSchedule)
+    ez = math.sqrt(max(expected_rho(list(sched.laplacians), sched.probabilities, sched.alpha, sched.n), 0.0))
+    rep = bounds.theorem1(c, m=spec.workers, v=0, tau=spec.tau, zeta=ez)
+    note = ("indicator only: [CSGD] Theorem 1 assumes one fixed W; evaluated here at zeta = expected_zeta "
+            "(MATCHA's own analysis puts rho = expected_zeta^2 where a fixed W has zeta^2)")
+    res["theorem1_at_expected_zeta"] = dataclasses.replace(rep, notes=(note, *rep.notes)).to_dict()
+
+
+ZETA_TAU = TheoryHook("zeta_tau", facts=_zeta_tau_facts)
+DPSGD_VS_PSASGD = TheoryHook("dpsgd_vs_psasgd", facts=_dpsgd_vs_psasgd_facts)
+COROLLARY2 = TheoryHook("corollary2", bounds=_corollary2_bounds)
+COROLLARY3 = TheoryHook("corollary3", bounds=_corollary3_bounds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _client_weights(settings: Any, facts: Any) -> list[float]:
+    return [float(s) for s in facts["shard_sizes"]]
+
+
+def _tau_from_local_epochs(settings: Any, facts: Any) -> int:
+    # E local epochs = E passes over a client's shard between rounds
+    return max(1, round(settings["local_epochs"] * facts["steps_per_epoch"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# declarations: one per preset
+# ---------------------------------------------------------------------------------------------------------
+
+_TAU = PresetArg("tau", int, help="communication period tau: local steps between rounds", low=1)
+_SEED = PresetArg("seed", int, 0, help="random seed (the run's --seed)", kind="shared", low=0)
+_TOPOLOGY = PresetArg("topology", str, "ring", help="worker graph", choices=TOPOLOGIES)
+_WEIGHTS = PresetArg("weights", str, "metropolis", help="mixing weight rule", choices=tuple(WEIGHT_RULES))
+_ALPHA = PresetArg("alpha", float, None, help="elasticity alpha (the auxiliary's pull)")
+_STRICT = PresetArg("strict", bool, False, help="error (not warning) for a diverging alpha")
+_GROUPS = PresetArg("groups", int, help="number of equal groups of workers", low=1)
+
+_DECLS: tuple[PresetDecl, ...] = (
+    PresetDecl(
+        "sync", sync, "fully synchronous SGD, A(1, J, 0)",
+        theory=(ZETA_TAU, COROLLARY2),
+    ),
+    PresetDecl(
+        "local_sgd", local_sgd, "local SGD / periodic simple averaging, A(tau, J, 0)",
+        args=(_TAU.replace(default=4),
+              PresetArg("warmup_steps", int, 0, help="local_sgd: fully synchronous steps first (post-local SGD)",
+                        low=0)),
+        theory=(ZETA_TAU, COROLLARY2),
+    ),
+    PresetDecl(
+        "easgd", easgd, "elastic averaging SGD, A(tau, W_alpha, 1)",
+        args=(_TAU.replace(default=1), _ALPHA.replace(default_text="2/(m+2)"),
+              PresetArg("beta", float, None, help="EASGD's beta = m*alpha (alternative to alpha)", low=0.0,
+                        low_open=True, default_text="m*alpha"),
+              PresetArg("nonblocking", bool, False, help="easgd: non-blocking (overlapped) rounds"),
+              _STRICT),
+        theory=(TheoryHook("easgd_alpha", facts=_elastic_facts(lambda spec: spec.workers)),
+                TheoryHook("theorem3", bounds=_theorem3_bounds)),
+    ),
+    PresetDecl(
+        "dpsgd", dpsgd, "decentralized (gossip) SGD, A(1, W, 0)",
+        args=(_TOPOLOGY, _WEIGHTS, _SEED),
+        theory=(ZETA_TAU, DPSGD_VS_PSASGD, COROLLARY3),
+    ),
+    PresetDecl(
+        "decentralized_periodic", decentralized_periodic, "decentralized periodic averaging, A(tau, W, 0)",
+        args=(_TAU.replace(default=4), _TOPOLOGY, _WEIGHTS, _SEED),
+        theory=(ZETA_TAU, DPSGD_VS_PSASGD),
+    ),
+    PresetDecl(
+        "generalized_elastic", generalized_elastic, "generalized elastic averaging, A(tau, W', 1)",
+        args=(_TAU.replace(default=1),
+              _ALPHA.replace(default="best", default_text="best = (1+zeta)/(m+1+zeta)"),
+              _TOPOLOGY, _WEIGHTS, _SEED, _STRICT),
+        theory=(TheoryHook("generalized_elastic_alpha", facts=_generalized_elastic_facts),),
+    ),
+    PresetDecl(
+        "hierarchical", hierarchical, "elastic hierarchical averaging (groups with auxiliaries)",
+        args=(_TAU.replace(default=2), _GROUPS.replace(default=2),
+              PresetArg("q", int, 2, help="hierarchical: auxiliaries mix every q*tau steps", low=1),
+              _ALPHA.replace(default_text="2/(s+2), s = group size"),
+              PresetArg("aux_topology", str, "complete", help="hierarchical: graph of the group auxiliaries",
+                        choices=TOPOLOGIES),
+              PresetArg("aux_weights", str, "metropolis", help="hierarchical: weight rule of the auxiliaries' graph",
+                        choices=tuple(WEIGHT_RULES))),
+        theory=(TheoryHook("easgd_alpha_per_group",
+                           facts=_elastic_facts(lambda spec: spec.workers // spec.params["groups"])),),
+    ),
+    PresetDecl(
+        "fedavg", fedavg, "federated averaging on a sampled fraction of clients",
+        args=(_TAU.replace(default=5),
+              PresetArg("fraction", float, 1.0, help="FedAvg client fraction c", low=0.0, high=1.0, low_open=True),
+              _SEED,
+              PresetArg("local_epochs", float, None, help="FedAvg: local epochs per round (instead of tau)",
+                        low=0.0, low_open=True, kind="derived", excludes=("tau",), default_text="use tau")),
+        inputs=(DataInput("sample_counts", ("shard_sizes",), _client_weights,
+                          help="clients are weighted by their number of training samples"),
+                DataInput("tau", ("steps_per_epoch",), _tau_from_local_epochs, when="local_epochs",
+                          help="tau = max(1, round(local_epochs * steps_per_epoch))")),
+        theory=(TheoryHook("corollary2_sampled_clients", bounds=_fedavg_bounds),),
+    ),
+    PresetDecl(
+        "lsgd", lsgd, "Leader SGD: pull toward the best worker",
+        args=(_TAU.replace(default=1),
+              PresetArg("lam", float, 0.1, help="LSGD pull strength lambda", low=0.0),
+              _GROUPS.replace(default=1, help="groups of workers, each with a local leader (multi-level lsgd)"),
+              PresetArg("lam_global", float, None, help="LSGD global-leader pull", low=0.0, default_text="lam")),
+    ),
+    PresetDecl(
+        "downpour", downpour, "DOWNPOUR: asynchronous parameter server",
+        args=(_TAU.replace(default=1), _SEED),
+    ),
+    PresetDecl(
+        "matcha", matcha, "MATCHA: D-PSGD over randomly activated matchings under a communication budget",
+        args=(_TAU.replace(default=1), _TOPOLOGY,
+              PresetArg("budget", float, 0.5, help="MATCHA communication budget C_b: expected fraction of "
+                        "matchings active per round", low=0.0, high=1.0, low_open=True),
+              _SEED),
+        theory=(TheoryHook("matcha_expected_zeta", facts=_matcha_facts, bounds=_matcha_bounds),),
+    ),
+)
+for _decl in _DECLS:
+    register(_decl)
+
+#: Preset constructors by name (derived from the declarations).
+PRESETS: dict[str, Callable[..., AlgorithmSpec]] = {d.name: d.build for d in _DECLS}
 
 
 def make_preset(name: str, workers: int, **kwargs: Any) -> AlgorithmSpec:

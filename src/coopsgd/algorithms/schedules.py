@@ -3,13 +3,26 @@
 [CSGD] eq. (7): ``S_k = W`` when ``k mod tau = 0`` and the identity otherwise. Steps here are 0-based, so
 communication happens after step ``k`` when ``(k + 1) % tau == 0`` (after every ``tau`` local steps).
 
-A schedule answers two questions for every step ``k``:
+A schedule is pure: it never changes itself. What a run accumulates (LSGD's current leaders, the
+round counter of a user callable) is its *run state*, a small JSON-ready dict created by
+:meth:`Schedule.init_state` at the start of a run, advanced by the engine through
+:meth:`Schedule.advance` and saved in checkpoints. Running the same spec twice therefore starts from the
+same place. A schedule answers, for every step ``k``:
 
-* :meth:`Schedule.mix` -- the :class:`Mix` to apply after step ``k`` (``None`` means ``S_k = I``: no
-  communication, nothing to do), possibly depending on run-time data passed in a :class:`MixContext`
-  (LSGD picks its leader from loss estimates);
+* :meth:`Schedule.advance` -- the :class:`Mix` to apply after step ``k`` (``None`` means ``S_k = I``: no
+  communication, nothing to do) and the next run state, possibly depending on run-time data passed in a
+  :class:`MixContext` (LSGD picks its leader from loss estimates); :meth:`Schedule.mix` is the same
+  without a run (a fresh state), for inspection;
 * :meth:`Schedule.active` -- which workers compute gradients in step ``k`` (FedAvg samples clients;
   ``None`` means all).
+
+and declares what it needs from an engine, so that engines never look at its type or internals:
+
+* ``needs_losses`` and :meth:`Schedule.wants_losses` -- per-worker loss estimates at run time (LSGD);
+* :meth:`Schedule.matrices` -- the finite set of matrices it can produce (``None``: data-dependent or
+  random), from which the distributed engine places auxiliaries on ranks;
+* ``sequential`` -- a round is a sequence of pushes whose order may be given by the engine
+  (``MixContext.order``: DOWNPOUR in arrival order, or a real asynchronous parameter server).
 
 Matrices use the paper's column convention (see :func:`coopsgd.engines.mixing.apply_mixing`): column
 ``i`` of ``S`` holds node ``i``'s in-weights.
@@ -17,6 +30,7 @@ Matrices use the paper's column convention (see :func:`coopsgd.engines.mixing.ap
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -28,9 +42,8 @@ from coopsgd.topology import MixingMatrix
 
 __all__ = [
     "Mix",
-    "schedule_position",
-    "load_schedule_position",
     "MixContext",
+    "ScheduleState",
     "Schedule",
     "PeriodicSchedule",
     "LeaderSchedule",
@@ -52,11 +65,18 @@ class MixContext:
         step: the 0-based step just taken (or about to be taken, for :meth:`Schedule.active`).
         lr: learning rate of this step (LSGD's pull strength is ``lr * lambda``).
         losses: the latest loss estimate of each worker (length m), or ``None`` when not available.
+        order: for ``sequential`` schedules, the order in which the workers' pushes arrive (a permutation
+            of the m workers); ``None`` uses the schedule's own seeded order.
     """
 
     step: int
     lr: float = 0.0
     losses: np.ndarray | None = None
+    order: np.ndarray | None = None
+
+
+#: A schedule's run state: a JSON-ready dict (see the module docstring).
+ScheduleState = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -83,22 +103,62 @@ class Mix:
 
 @runtime_checkable
 class Schedule(Protocol):
-    """Protocol every mixing schedule implements."""
+    """Protocol every mixing schedule implements (see the module docstring)."""
 
     n: int
+    #: mix() reads ``ctx.losses`` at the steps where :meth:`wants_losses` is true
+    needs_losses: bool
+    #: a round is a sequence of pushes; ``ctx.order`` may give their order
+    sequential: bool
+
+    def init_state(self) -> ScheduleState: ...
+
+    def advance(self, step: int, ctx: MixContext, state: ScheduleState) -> tuple[Mix | None, ScheduleState]: ...
 
     def mix(self, step: int, ctx: MixContext) -> Mix | None: ...
 
     def active(self, step: int) -> np.ndarray | None: ...
 
-    def rounds_before(self, step: int) -> int: ...
+    def wants_losses(self, step: int, state: ScheduleState) -> bool: ...
+
+    def matrices(self, limit: int = 4096) -> list[np.ndarray] | None: ...
+
+
+class _Base:
+    """Defaults shared by the built-in schedules: stateless, no losses, not sequential, not enumerable."""
+
+    n: int
+    needs_losses = False
+    sequential = False
+
+    def init_state(self) -> ScheduleState:
+        return {}
+
+    def advance(self, step: int, ctx: MixContext, state: ScheduleState) -> tuple[Mix | None, ScheduleState]:
+        return self._mix(step, ctx), state
+
+    def _mix(self, step: int, ctx: MixContext) -> Mix | None:
+        raise NotImplementedError
+
+    def mix(self, step: int, ctx: MixContext | None = None) -> Mix | None:
+        """The mix after ``step`` from a fresh run state (for inspection; engines call :meth:`advance`)."""
+        return self.advance(step, ctx if ctx is not None else MixContext(step=step), self.init_state())[0]
+
+    def active(self, step: int) -> np.ndarray | None:
+        return None
+
+    def wants_losses(self, step: int, state: ScheduleState) -> bool:
+        return False
+
+    def matrices(self, limit: int = 4096) -> list[np.ndarray] | None:
+        return None
 
 
 def _as_matrix(W: MixingMatrix | np.ndarray) -> np.ndarray:
     return np.asarray(getattr(W, "matrix", W), dtype=np.float64)
 
 
-class PeriodicSchedule:
+class PeriodicSchedule(_Base):
     """``S_k = W`` every ``tau`` steps, identity otherwise ([CSGD] eq. (7)), generalised in three ways.
 
     * ``matrices`` may hold several matrices, cycled over rounds (time-varying topologies such as the
@@ -158,7 +218,7 @@ class PeriodicSchedule:
             fired.update(range(period - 1, local, period))
         return rounds + len(fired)
 
-    def mix(self, step: int, ctx: MixContext) -> Mix | None:
+    def _mix(self, step: int, ctx: MixContext) -> Mix | None:
         if step < self.warmup_steps:
             return Mix(self._warmup, "allreduce", round=step, info={"warmup": True})  # type: ignore[arg-type]
         local = step - self.warmup_steps
@@ -175,14 +235,33 @@ class PeriodicSchedule:
         pattern = patterns[-1] if len(patterns) == 1 else max(patterns, key=_PATTERN_RANK.__getitem__)
         return Mix(product, pattern, round=self.rounds_before(step))
 
-    def active(self, step: int) -> np.ndarray | None:
-        return None
+    def matrices(self, limit: int = 4096) -> list[np.ndarray] | None:
+        """Every distinct matrix this schedule produces (one cycle of all levels), or ``None`` when a
+        cycle is longer than ``limit`` steps."""
+        cycle = 1
+        for period, mats, _ in self._levels:
+            cycle = math.lcm(cycle, period * len(mats))
+        steps = self.warmup_steps + cycle
+        if steps > limit:
+            return None
+        out: dict[bytes, np.ndarray] = {}
+        for k in range(steps):
+            mix = self._mix(k, MixContext(step=k))
+            if mix is not None:
+                M = np.ascontiguousarray(mix.matrix, dtype=np.float64)
+                out.setdefault(M.tobytes(), M)
+        return list(out.values())
+
+    @property
+    def base_matrices(self) -> list[np.ndarray]:
+        """The matrices of the fastest level (one per round of a time-varying topology)."""
+        return list(self._levels[0][1])
 
 
 _PATTERN_RANK = {"local": 0, "neighbor": 1, "broadcast": 2, "allreduce": 3, "parameter_server": 4}
 
 
-class LeaderSchedule:
+class LeaderSchedule(_Base):
     """Leader SGD ([LSGD] Algorithm 1, multi-level form) as a data-dependent mixing schedule.
 
     Node layout: ``m`` workers, then one local-leader copy per group, then (when there are several
@@ -217,43 +296,47 @@ class LeaderSchedule:
         self.n = self.m + self.v
         size = self.m // self.groups
         self.group_of = np.arange(self.m) // size
-        self.leaders: np.ndarray | None = None  # local leader per group
-        self.global_leader: int | None = None
+
+    needs_losses = True
 
     def rounds_before(self, step: int) -> int:
         return (step + self.tau - 1) // self.tau
 
-    def active(self, step: int) -> np.ndarray | None:
-        return None
+    def init_state(self) -> ScheduleState:
+        """``leaders`` (local leader per group) and ``global_leader``: ``None`` until the first election."""
+        return {"leaders": None, "global_leader": None}
 
-    def elect(self, losses: np.ndarray) -> None:
-        """Choose the leaders from per-worker loss estimates (ties: lowest index)."""
+    def wants_losses(self, step: int, state: ScheduleState) -> bool:
+        return step % self.tau == 0 or state.get("leaders") is None
+
+    def elect(self, losses: np.ndarray) -> ScheduleState:
+        """The run state after electing the leaders from per-worker loss estimates (ties: lowest index)."""
         losses = np.asarray(losses, dtype=np.float64)
         if losses.shape != (self.m,):
             raise ValueError(f"LSGD needs one loss estimate per worker ({self.m}), got shape {losses.shape}")
-        self.leaders = np.array(
-            [int(np.flatnonzero(self.group_of == g)[np.argmin(losses[self.group_of == g])]) for g in range(self.groups)]
-        )
-        self.global_leader = int(np.argmin(losses))
+        leaders = [int(np.flatnonzero(self.group_of == g)[np.argmin(losses[self.group_of == g])])
+                   for g in range(self.groups)]
+        return {"leaders": leaders, "global_leader": int(np.argmin(losses))}
 
-    def mix(self, step: int, ctx: MixContext) -> Mix:
+    def advance(self, step: int, ctx: MixContext, state: ScheduleState) -> tuple[Mix, ScheduleState]:
         n, m = self.n, self.m
         refresh = step % self.tau == 0
-        if refresh or self.leaders is None:
+        if refresh or state.get("leaders") is None:
             if ctx.losses is None:
                 raise ValueError("LSGD needs loss estimates to elect a leader")
-            self.elect(ctx.losses)
-        assert self.leaders is not None
+            state = self.elect(ctx.losses)
+        leaders = state["leaders"]
+        global_leader = state["global_leader"]
         R = np.eye(n)
         if refresh:
-            for g, leader in enumerate(self.leaders):
+            for g, leader in enumerate(leaders):
                 slot = m + g
                 R[:, slot] = 0.0
                 R[leader, slot] = 1.0
             if self.multi:
                 slot = m + self.groups
                 R[:, slot] = 0.0
-                R[self.global_leader, slot] = 1.0
+                R[global_leader, slot] = 1.0
         P = np.eye(n)
         a_loc = ctx.lr * self.lam
         a_glob = ctx.lr * self.lam_global
@@ -261,30 +344,20 @@ class LeaderSchedule:
             g = self.group_of[i]
             col = np.zeros(n)
             keep = 1.0
-            if i != self.leaders[g]:
+            if i != leaders[g]:
                 col[m + g] += a_loc
                 keep -= a_loc
-            if self.multi and i != self.global_leader:
+            if self.multi and i != global_leader:
                 col[m + self.groups] += a_glob
                 keep -= a_glob
             col[i] += keep
             P[:, i] = col
-        info = {"leader": self.global_leader, "local_leaders": self.leaders.tolist(), "refresh": refresh}
+        info = {"leader": global_leader, "local_leaders": list(leaders), "refresh": refresh}
         pattern = "broadcast" if refresh else "local"
-        return Mix(R @ P, pattern, round=self.rounds_before(step) if refresh else -1, info=info)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "leaders": None if self.leaders is None else self.leaders.tolist(),
-            "global_leader": self.global_leader,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.leaders = None if state["leaders"] is None else np.asarray(state["leaders"], dtype=np.int64)
-        self.global_leader = state["global_leader"]
+        return Mix(R @ P, pattern, round=self.rounds_before(step) if refresh else -1, info=info), state
 
 
-class FedAvgSchedule:
+class FedAvgSchedule(_Base):
     """Federated averaging ([CSGD] §5, McMahan et al.): rounds of ``tau`` local steps on sampled clients.
 
     Node layout: ``m`` clients then the server model (v = 1). At the start of round ``r`` a fraction
@@ -336,7 +409,7 @@ class FedAvgSchedule:
         mask[self.clients(step // self.tau)] = True
         return mask
 
-    def mix(self, step: int, ctx: MixContext) -> Mix | None:
+    def _mix(self, step: int, ctx: MixContext) -> Mix | None:
         if (step + 1) % self.tau:
             return None
         r = step // self.tau
@@ -347,7 +420,7 @@ class FedAvgSchedule:
         return Mix(S, "parameter_server", round=r, info={"clients": chosen.tolist()})
 
 
-class DownpourSchedule:
+class DownpourSchedule(_Base):
     """DOWNPOUR (Dean et al. 2012), the asynchronous parameter-server baseline of [LSGD], as linear maps.
 
     Node layout: ``m`` workers, the server model ``z`` (slot m), and one "last pulled" copy ``b_i`` per
@@ -359,8 +432,10 @@ class DownpourSchedule:
     Each push/pull is linear in the stacked state, so a round is a product of m matrices. Workers later
     in the order see the earlier pushes: the staleness of asynchronous training. The order is a
     permutation drawn from a generator seeded by ``(seed, round)``; the simulator replaces it with the
-    order of arrival on its simulated clock (``order`` argument of :meth:`round_matrix`).
+    order of arrival on its simulated clock (``MixContext.order``: the schedule declares ``sequential``).
     """
+
+    sequential = True
 
     def __init__(self, workers: int, tau: int, *, seed: int = 0, shuffle: bool = True) -> None:
         self.m = check_int("workers", workers, minimum=1)
@@ -371,9 +446,6 @@ class DownpourSchedule:
 
     def rounds_before(self, step: int) -> int:
         return step // self.tau
-
-    def active(self, step: int) -> np.ndarray | None:
-        return None
 
     def order(self, round_index: int) -> np.ndarray:
         if not self.shuffle:
@@ -396,15 +468,22 @@ class DownpourSchedule:
             S = S @ T
         return S
 
-    def mix(self, step: int, ctx: MixContext) -> Mix | None:
+    def _mix(self, step: int, ctx: MixContext) -> Mix | None:
         if (step + 1) % self.tau:
             return None
         r = step // self.tau
-        order = self.order(r)
-        return Mix(self.round_matrix(order), "parameter_server", round=r, info={"order": order.tolist()})
+        if ctx.order is not None:
+            order = np.asarray(ctx.order, dtype=np.int64)
+            if sorted(order.tolist()) != list(range(self.m)):
+                raise ValueError(f"push order must be a permutation of the {self.m} workers, got {order.tolist()}")
+            info: dict[str, Any] = {"order": order.tolist(), "order_source": "engine"}
+        else:
+            order = self.order(r)
+            info = {"order": order.tolist()}
+        return Mix(self.round_matrix(order), "parameter_server", round=r, info=info)
 
 
-class CallableSchedule:
+class CallableSchedule(_Base):
     """A user-supplied schedule: ``fn(step, ctx) -> matrix | None`` (None means identity / no communication).
 
     Matrices are checked for shape and finiteness only; the theorems are not assumed to apply.
@@ -418,42 +497,96 @@ class CallableSchedule:
             raise ConfigError.invalid("schedule", fn, "must be callable as fn(step, ctx)")
         self.fn = fn
         self.pattern = pattern
-        self._rounds = 0
 
-    def rounds_before(self, step: int) -> int:
-        return self._rounds
+    def init_state(self) -> ScheduleState:
+        """``rounds``: the communication rounds so far."""
+        return {"rounds": 0}
 
-    def active(self, step: int) -> np.ndarray | None:
-        return None
-
-    def mix(self, step: int, ctx: MixContext) -> Mix | None:
+    def advance(self, step: int, ctx: MixContext, state: ScheduleState) -> tuple[Mix | None, ScheduleState]:
         out = self.fn(step, ctx)
         if out is None:
-            return None
+            return None, state
         M = _as_matrix(out)
         if M.shape != (self.n, self.n) or not np.all(np.isfinite(M)):
             raise ConfigError.invalid(
                 "schedule", f"matrix of shape {M.shape} at step {step}", f"must return a finite {self.n}x{self.n} matrix"
             )
-        r = self._rounds
-        self._rounds += 1
-        return Mix(M, self.pattern, round=r)
+        r = int(state.get("rounds", 0))
+        return Mix(M, self.pattern, round=r), {**state, "rounds": r + 1}
 
 
-def schedule_position(schedule: Any) -> dict[str, Any]:
-    """A schedule's position for a checkpoint: ``{"schedule": its state_dict or None, "schedule_rounds": n or None}``.
+class MatchaSchedule(_Base):
+    """MATCHA (Wang, Sahu, Yang, Joshi 2019): gossip over randomly activated matchings of a base graph.
 
-    Covers schedules with their own ``state_dict`` (leaders, sampled clients) and those that count rounds
-    (callables). Both engines store these two keys in their checkpoints.
+    The base graph's edges are split into M matchings with Laplacians ``L_1 .. L_M`` (see
+    :mod:`coopsgd.theory.matcha`). Every ``tau`` steps (after step ``k`` with ``(k + 1) % tau == 0``)
+    round ``r = k // tau`` draws ``B_j ~ Bernoulli(p_j)`` independently for every matching from
+    ``np.random.default_rng([seed, r])`` and mixes with
+
+        W_r = I - alpha * sum_j B_j L_j,
+
+    symmetric and doubly stochastic (every row of a Laplacian sums to zero). A round in which no matching
+    is active is the identity: no communication (``None``). The schedule is stateless given the step,
+    so a resumed run draws the same matchings; the matrices are random, so :meth:`matrices` is ``None``.
+    ``Mix.round`` is the MATCHA round index r (rounds without an active matching included) and
+    ``Mix.info["matchings"]`` lists the active matchings.
     """
-    rounds = getattr(schedule, "_rounds", None)
-    return {"schedule": schedule.state_dict() if hasattr(schedule, "state_dict") else None,
-            "schedule_rounds": None if rounds is None else int(rounds)}
+
+    def __init__(
+        self,
+        n: int,
+        laplacians: Sequence[np.ndarray],
+        probabilities: Sequence[float] | np.ndarray,
+        alpha: float,
+        *,
+        tau: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.n = check_int("n", n, minimum=1)
+        self.tau = check_int("tau", tau, minimum=1)
+        self.seed = int(seed)
+        self.laplacians = np.stack([np.asarray(L, dtype=np.float64) for L in laplacians]) if len(laplacians) \
+            else np.zeros((0, self.n, self.n))
+        if self.laplacians.shape[1:] != (self.n, self.n):
+            raise ConfigError.invalid("laplacians", self.laplacians.shape, f"need {self.n}x{self.n} Laplacians")
+        p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+        if p.shape != (len(self.laplacians),) or np.any(~np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
+            raise ConfigError.invalid("probabilities", p.tolist(), "need one probability in [0, 1] per matching")
+        self.probabilities = p
+        self.alpha = float(alpha)
+
+    @property
+    def matchings(self) -> int:
+        """M, the number of matchings."""
+        return len(self.laplacians)
+
+    def activations(self, round_index: int) -> np.ndarray:
+        """Which matchings are active in round ``round_index`` (booleans, reproducible from the seed)."""
+        rng = np.random.default_rng([self.seed, int(round_index)])
+        return rng.random(self.matchings) < self.probabilities
+
+    def round_matrix(self, active: np.ndarray) -> np.ndarray:
+        """``I - alpha * sum_{j active} L_j``."""
+        W = np.eye(self.n)
+        for j in np.flatnonzero(active):
+            W -= self.alpha * self.laplacians[j]
+        return W
+
+    def expected_gram(self) -> np.ndarray:
+        """The closed form of ``E[W^T W]`` over one round's draw (see :func:`coopsgd.theory.matcha.expected_gram`)."""
+        from coopsgd.theory.matcha import expected_gram
+
+        return expected_gram(list(self.laplacians), self.probabilities, self.alpha, self.n)
+
+    def _mix(self, step: int, ctx: MixContext) -> Mix | None:
+        if (step + 1) % self.tau:
+            return None
+        r = step // self.tau
+        active = self.activations(r)
+        if not active.any():
+            return None
+        return Mix(self.round_matrix(active), "neighbor", round=r,
+                   info={"matchings": np.flatnonzero(active).tolist()})
 
 
-def load_schedule_position(schedule: Any, state: dict[str, Any]) -> None:
-    """Restore what :func:`schedule_position` saved (the ``schedule`` / ``schedule_rounds`` keys of ``state``)."""
-    if state["schedule"] is not None and hasattr(schedule, "load_state_dict"):
-        schedule.load_state_dict(state["schedule"])
-    if state["schedule_rounds"] is not None and hasattr(schedule, "_rounds"):
-        schedule._rounds = int(state["schedule_rounds"])
+__all__.append("MatchaSchedule")

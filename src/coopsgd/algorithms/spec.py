@@ -69,7 +69,6 @@ class AlgorithmSpec:
         pattern: communication pattern of a round for the cost model.
         overlap: non-blocking execution -- the round's communication overlaps the next tau local steps
             (changes time only, never the iterates).
-        leader: True for LSGD (engines must provide per-worker loss estimates to the schedule).
         policies: buffer / optimizer-state policies.
         params: the preset's own arguments, for records and reports.
         notes: remarks shown to users (e.g. why the theorems do not apply).
@@ -86,7 +85,6 @@ class AlgorithmSpec:
     theory_v: int = 0
     pattern: str = "allreduce"
     overlap: bool = False
-    leader: bool = False
     policies: Policies = field(default_factory=Policies)
     params: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -106,6 +104,32 @@ class AlgorithmSpec:
             raise ConfigError.invalid(
                 "schedule", f"{n} nodes", f"must act on workers + auxiliaries = {self.nodes} nodes"
             )
+
+    @property
+    def needs_losses(self) -> bool:
+        """True when the schedule reads per-worker loss estimates (LSGD's election); engines provide them."""
+        return bool(getattr(self.schedule, "needs_losses", False))
+
+    def center_node(self, leader: int | None = None, estimates: np.ndarray | None = None) -> int | None:
+        """The one rule, for every engine, of which model is "the" model: a node index, or ``None`` for the
+        workers' average.
+
+        ``"auxiliary"``: node m (EASGD's z, FedAvg's server, DOWNPOUR's server). ``"leader"``: the current
+        global leader; before the first election, the worker with the lowest finite loss estimate in
+        ``estimates`` (ties and no estimates: worker 0). ``"average"``: ``None``.
+        """
+        if self.center == "auxiliary":
+            return self.workers
+        if self.center == "leader":
+            if leader is not None:
+                return int(leader)
+            if estimates is not None:
+                e = np.asarray(estimates, dtype=np.float64).reshape(-1)[: self.workers]
+                ok = np.isfinite(e)
+                if ok.any():
+                    return int(np.flatnonzero(ok)[np.argmin(e[ok])])
+            return 0
+        return None
 
     @property
     def nodes(self) -> int:

@@ -282,27 +282,6 @@ def build_plan(S: np.ndarray, workers: int, auxiliaries: int) -> MixPlan:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _schedule_matrices(schedule: Any, limit: int) -> list[np.ndarray] | None:
-    """Every distinct matrix a static periodic schedule can produce, or ``None`` (not enumerable)."""
-    from coopsgd.algorithms.schedules import MixContext, PeriodicSchedule
-
-    if type(schedule) is not PeriodicSchedule:
-        return None
-    cycle = 1
-    for period, mats, _ in schedule._levels:
-        cycle = math.lcm(cycle, period * len(mats))
-    steps = schedule.warmup_steps + cycle
-    if steps > limit:
-        return None
-    out: dict[bytes, np.ndarray] = {}
-    for k in range(steps):
-        mix = schedule.mix(k, MixContext(step=k, lr=0.0, losses=None))
-        if mix is not None:
-            M = np.ascontiguousarray(mix.matrix, dtype=np.float64)
-            out.setdefault(M.tobytes(), M)
-    return list(out.values())
-
-
 def aux_placement(spec: Any, *, limit: int = 4096) -> tuple[tuple[int, ...], ...] | None:
     """Which ranks hold each auxiliary of ``spec``: ``None`` when every rank holds every auxiliary.
 
@@ -314,7 +293,7 @@ def aux_placement(spec: Any, *, limit: int = 4096) -> tuple[tuple[int, ...], ...
     m, v = spec.workers, spec.auxiliaries
     if v == 0:
         return None
-    mats = _schedule_matrices(spec.schedule, limit)
+    mats = spec.schedule.matrices(limit)
     if mats is None:
         return None
     readers = [set() for _ in range(v)]

@@ -14,41 +14,34 @@ distance ``||X (I - J)||_F^2 / m``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.base import (
+    NAN_POLICIES,
+    Batch,
+    DroppedRound,
+    NonFiniteError,
+    StepStats,
+    unwrap_state,
+    wrap_state,
+)
 from coopsgd.engines.mixing import apply_mixing
-from coopsgd.errors import CoopSGDError, check_float, check_int
+from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.objectives import Objective
 
 __all__ = ["ReferenceEngine", "ReferenceResult", "StepStats", "NonFiniteError", "run_reference", "consensus_distance"]
-
-
-class NonFiniteError(CoopSGDError, FloatingPointError):
-    """A worker's model or loss became NaN/Inf; the message names the worker and the step."""
 
 
 def consensus_distance(state: np.ndarray, workers: int) -> float:
     """``||X (I - J)||_F^2 / m`` over all m+v nodes ([CSGD] Lemma 2's network error quantity)."""
     dev = state - state.mean(axis=0, keepdims=True)
     return float(np.sum(dev * dev) / workers)
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What one step did (yielded by :meth:`ReferenceEngine.steps`)."""
-
-    step: int
-    lr: float
-    communicated: bool
-    round: int
-    pattern: str | None
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,9 +85,14 @@ class ReferenceEngine:
         objective: the problem (see :mod:`coopsgd.objectives`).
         x0: common start (d,) or per-worker starts (m, d); default ``objective.initial_point``.
         seed: base seed; worker i's gradient noise/batches use ``default_rng([seed, i])``.
+        nan_policy: ``"stop"`` or ``"skip"`` (:class:`coopsgd.engines.base.Engine`).
     """
 
-    def __init__(self, spec: AlgorithmSpec, objective: Objective, x0: np.ndarray | None = None, *, seed: int = 0) -> None:
+    def __init__(self, spec: AlgorithmSpec, objective: Objective, x0: np.ndarray | None = None, *, seed: int = 0,
+                 nan_policy: str = "stop") -> None:
+        if nan_policy not in NAN_POLICIES:
+            raise ConfigError.invalid("nan_policy", nan_policy, f"choose one of {', '.join(NAN_POLICIES)}")
+        self.nan_policy = nan_policy
         self.spec = spec
         self.objective = objective
         self.seed = int(seed)
@@ -103,14 +101,15 @@ class ReferenceEngine:
             x0 = objective.initial_point(np.random.default_rng(seed))
         x0 = np.asarray(x0, dtype=np.float64)
         if x0.shape[-1] != objective.dim:
-            from coopsgd.errors import ConfigError
-
             raise ConfigError.invalid("x0", f"array of shape {x0.shape}", f"last axis must be the objective's dimension {objective.dim}")
         self.state = spec.initial_state(x0).astype(np.float64)
         self.rngs = [np.random.default_rng([self.seed, i]) for i in range(m)]
         self.step_count = 0
         self.rounds = 0
         self.leader: int | None = None
+        self.schedule_state = spec.schedule.init_state()
+        self._bad: dict[str, int] | None = None  # nan_policy="skip": worker -> first non-finite step
+        self._good: tuple[np.ndarray, int] = (self.state.copy(), 0)
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -122,16 +121,10 @@ class ReferenceEngine:
         return self.state.mean(axis=0)
 
     def center(self) -> np.ndarray:
-        """The model to evaluate: workers' average, auxiliary node 0, or the current (global) leader."""
-        spec = self.spec
-        if spec.center == "auxiliary":
-            return self.state[spec.workers]
-        if spec.center == "leader":
-            if self.leader is None:
-                losses = np.asarray(self.objective.value(self.workers_state))
-                return self.state[int(np.argmin(losses))]
-            return self.state[self.leader]
-        return self.workers_state.mean(axis=0)
+        """The model to evaluate (:meth:`AlgorithmSpec.center_node`): workers' average, auxiliary node 0,
+        or the current (global) leader; before the first election the worker of lowest objective."""
+        node = self.center_node()
+        return self.workers_state.mean(axis=0) if node is None else self.state[node]
 
     # -- stepping --------------------------------------------------------------------------------
     def _gradients(self, active: np.ndarray | None) -> np.ndarray:
@@ -142,38 +135,121 @@ class ReferenceEngine:
                 G[i] = self.objective.gradient(self.state[i], i, self.rngs[i])
         return G
 
-    def step(self, lr: float) -> StepStats:
-        """Take one step of the algorithm with learning rate ``lr``."""
+    name = "reference"
+    #: The reference engine draws its own gradient noise; it is fed no batches.
+    local_workers: tuple[int, ...] = ()
+    is_writer = True
+
+    def step(self, batches: Sequence[Batch | None] | None, lr: float) -> StepStats:
+        """Take one step of the algorithm with learning rate ``lr``.
+
+        ``batches`` must be ``None``: each worker draws its own stochastic gradient from the objective
+        (the engines' common signature is ``step(batches, lr)``).
+        """
+        if batches is not None:
+            raise ConfigError.invalid("batches", type(batches).__name__,
+                                      "the reference engine draws its own gradients; pass None")
+        lr = check_float("lr", lr, low=0.0)
         spec = self.spec
         k = self.step_count
         sched = spec.schedule
         losses = None
-        if spec.leader:
+        if spec.needs_losses and sched.wants_losses(k, self.schedule_state):
             losses = np.asarray(self.objective.value(self.workers_state), dtype=np.float64)
-            self._check_finite(losses, k, "loss")
-        G = self._gradients(sched.active(k))
-        self._check_finite(G[: spec.workers], k, "gradient")
-        mix = sched.mix(k, MixContext(step=k, lr=lr, losses=losses))
-        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported just below
-            if spec.rule == "post_mix":
-                X = self.state - lr * G
-                if mix is not None:
-                    X = apply_mixing(X, mix.matrix)
-            else:
-                X = self.state if mix is None else apply_mixing(self.state, mix.matrix)
-                X = X - lr * G
-        self._check_finite(X, k, "model")
-        self.state = X
+            if self._bad is None:
+                self._check_finite(losses, k, "loss")
+        skipped = self._bad is not None
+        G = None
+        if not skipped:
+            G = self._gradients(sched.active(k))
+            skipped = not self._finite_or_skip(G[: spec.workers], k, "gradient")
+        mix, sched_state = sched.advance(k, MixContext(step=k, lr=lr, losses=losses), self.schedule_state)
+        if not skipped:
+            assert G is not None
+            with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported just below
+                if spec.rule == "post_mix":
+                    X = self.state - lr * G
+                    if mix is not None:
+                        X = apply_mixing(X, mix.matrix)
+                else:
+                    X = self.state if mix is None else apply_mixing(self.state, mix.matrix)
+                    X = X - lr * G
+            if self._finite_or_skip(X, k, "model"):
+                self.state = X
+        self.schedule_state = sched_state
         self.step_count += 1
         communicated = mix is not None and mix.communicates
         if communicated:
             self.rounds += 1
         if mix is not None and "leader" in mix.info:
             self.leader = mix.info["leader"]
+        with np.errstate(all="ignore"):
+            values = np.asarray(self.objective.value(self.workers_state), dtype=np.float64)
         return StepStats(
-            step=k, lr=lr, communicated=communicated, round=self.rounds,
-            pattern=None if mix is None else mix.pattern, info={} if mix is None else mix.info,
+            step=k, lr=lr, losses=values, communicated=communicated, round=self.rounds,
+            pattern=None if mix is None else mix.pattern, info={} if mix is None else mix.info, skipped=skipped,
         )
+
+    def _finite_or_skip(self, arr: np.ndarray, step: int, what: str) -> bool:
+        """True when ``arr`` is finite; else raise (``"stop"``) or remember the workers (``"skip"``)."""
+        if np.all(np.isfinite(arr)):
+            return True
+        if self.nan_policy == "stop":
+            self._check_finite(arr, step, what)
+        bad = np.flatnonzero(~np.all(np.isfinite(arr.reshape(arr.shape[0], -1)), axis=1))
+        self._bad = self._bad or {}
+        for i in bad[bad < self.spec.workers]:
+            self._bad.setdefault(str(int(i)), step)
+        return False
+
+    # -- the loop's side of the engine contract ------------------------------------------------------
+    def check_health(self) -> DroppedRound | None:
+        """Under ``nan_policy="skip"``: drop the steps since the last good round after a non-finite value."""
+        if self.nan_policy != "skip":
+            return None
+        if self._bad is None:
+            self._good = (self.state.copy(), self.step_count)
+            return None
+        bad, self._bad = self._bad, None
+        self.state = self._good[0].copy()
+        first = dict(sorted(bad.items(), key=lambda kv: int(kv[0])))
+        return DroppedRound(step=self.step_count - 1, workers=[int(w) for w in first], first_steps=first,
+                            restored_to_step=self._good[1])
+
+    def finish(self) -> None:
+        return None
+
+    def reduce_losses(self, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+
+    def consensus_distance(self) -> float:
+        return consensus_distance(self.state, self.spec.workers)
+
+    def center_node(self) -> int | None:
+        """The centre model's node (:meth:`AlgorithmSpec.center_node`), ``None`` for the workers' average."""
+        estimates = None
+        if self.spec.center == "leader" and self.leader is None:
+            estimates = np.asarray(self.objective.value(self.workers_state), dtype=np.float64)
+        return self.spec.center_node(self.leader, estimates)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact state (nodes, generators, counters, schedule run state) in the engines' envelope."""
+        return wrap_state("reference", {
+            "state": self.state.copy(), "rngs": [g.bit_generator.state for g in self.rngs],
+            "step": self.step_count, "rounds": self.rounds, "leader": self.leader,
+            "schedule_state": dict(self.schedule_state),
+        })
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        p = unwrap_state(state, "reference")
+        if np.shape(p["state"]) != self.state.shape:
+            raise ConfigError.invalid("state_dict.state", np.shape(p["state"]), f"expected {self.state.shape}")
+        self.state = np.array(p["state"], dtype=np.float64)
+        for g, st in zip(self.rngs, p["rngs"], strict=True):
+            g.bit_generator.state = st
+        self.step_count, self.rounds = int(p["step"]), int(p["rounds"])
+        self.leader = None if p["leader"] is None else int(p["leader"])
+        self.schedule_state = dict(p["schedule_state"])
 
     def _check_finite(self, arr: np.ndarray, step: int, what: str) -> None:
         if np.all(np.isfinite(arr)):
@@ -190,7 +266,7 @@ class ReferenceEngine:
         """Yield the stats of ``n`` further steps; ``lr`` may be a function of the global step."""
         for _ in range(check_int("steps", n, minimum=0)):
             eta = lr(self.step_count) if callable(lr) else lr
-            yield self.step(float(eta))
+            yield self.step(None, float(eta))
 
 
 def run_reference(

@@ -41,11 +41,12 @@ simulated per-worker clocks; see :mod:`coopsgd.engines.clock`.
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from coopsgd.algorithms.schedules import Mix, MixContext, load_schedule_position, schedule_position
+from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.base import (
+    NAN_POLICIES,
+    DroppedRound,
+    NonFiniteError,
+    StepStats,
+    unwrap_state,
+    wrap_state,
+)
 from coopsgd.engines.clock import SimClock
 from coopsgd.engines.executors import (
     EXECUTORS,
@@ -66,17 +75,26 @@ from coopsgd.engines.executors import (
     synchronize,
     to_batch,
 )
-from coopsgd.engines.mixing import apply_mixing
-from coopsgd.engines.optim import SGDOptions, sgd_direction_
-from coopsgd.engines.reference import NonFiniteError, consensus_distance
+from coopsgd.engines.kernel import InProcess, RoundKernel, mix_columns
+from coopsgd.engines.optim import SGDOptions
+from coopsgd.engines.reference import consensus_distance
 from coopsgd.errors import ConfigError, check_float, check_int
 
 __all__ = ["Simulator", "SimStepStats", "LOSS_ESTIMATES"]
 
+log = logging.getLogger(__name__)
+
+#: The simulator's step record is the engines' common one.
+SimStepStats = StepStats
+
+
+class _Frozen(Exception):
+    """Internal: this step does not update (nan_policy="skip" after a non-finite value)."""
+
 #: How LSGD's per-worker loss estimates are formed.
 LOSS_ESTIMATES = ("batch", "running_mean", "probe")
 _DOWNPOUR_ORDERS = ("schedule", "clock")
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the schedule's run state ("schedule_state") replaces "schedule"/"schedule_rounds"
 
 Batch = tuple[Tensor, Tensor]
 
@@ -88,45 +106,6 @@ def _absmax(t: Tensor) -> float:
     lo, hi = torch.aminmax(t)
     a, b = abs(float(lo)), abs(float(hi))
     return a if (math.isnan(a) or a > b) else b
-
-
-@dataclass(frozen=True)
-class SimStepStats:
-    """What one simulator step did.
-
-    Attributes:
-        step: the 0-based step index.
-        lr: its learning rate.
-        losses: (m,) mini-batch loss of each worker (NaN for inactive workers).
-        communicated: whether the step ended with a communication round.
-        round: communication rounds so far (after this step).
-        pattern: the mix's communication pattern (``None`` without a mix).
-        bytes_sent: bytes through the busiest link in this step (alpha-beta model).
-        info: the schedule's facts (LSGD leader, FedAvg clients, DOWNPOUR order, ...).
-        sim_time: the simulated clock after the step.
-        compute_s, communication_s, idle_s: this step's increments of the clock's totals.
-        estimates: the loss estimates given to the schedule (LSGD), else ``None``.
-    """
-
-    step: int
-    lr: float
-    losses: np.ndarray
-    communicated: bool
-    round: int
-    pattern: str | None
-    bytes_sent: float
-    info: dict[str, Any] = field(default_factory=dict)
-    sim_time: float = 0.0
-    compute_s: float = 0.0
-    communication_s: float = 0.0
-    idle_s: float = 0.0
-    estimates: np.ndarray | None = None
-
-    @property
-    def loss(self) -> float:
-        """Mean mini-batch loss over the active workers."""
-        vals = self.losses[np.isfinite(self.losses)]
-        return float(vals.mean()) if vals.size else float("nan")
 
 
 class Simulator:
@@ -149,7 +128,11 @@ class Simulator:
             ``"clock"`` (workers in the order they finish the round on the simulated clock).
         init_params: optional start, (d,) common or (m, d) per worker (auxiliaries start at the mean).
         calibration_steps: minimum timed calls per executor for ``executor="auto"`` (see :meth:`_calibrate`).
+        nan_policy: ``"stop"`` or ``"skip"`` (see :class:`coopsgd.engines.base.Engine`; the loop calls
+            :meth:`check_health`).
     """
+
+    name = "simulate"
 
     def __init__(
         self,
@@ -171,6 +154,7 @@ class Simulator:
         downpour_order: str = "schedule",
         init_params: Tensor | np.ndarray | None = None,
         calibration_steps: int = 3,
+        nan_policy: str = "stop",
     ) -> None:
         if not isinstance(spec, AlgorithmSpec):
             raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
@@ -180,14 +164,18 @@ class Simulator:
             raise ConfigError.invalid("loss_estimate", loss_estimate, f"choose one of {', '.join(LOSS_ESTIMATES)}")
         if downpour_order not in _DOWNPOUR_ORDERS:
             raise ConfigError.invalid("downpour_order", downpour_order, "choose one of schedule, clock")
-        if downpour_order == "clock" and not hasattr(spec.schedule, "round_matrix"):
-            raise ConfigError.invalid("downpour_order", downpour_order, "'clock' needs a DOWNPOUR schedule")
+        if downpour_order == "clock" and not spec.schedule.sequential:
+            raise ConfigError.invalid("downpour_order", downpour_order,
+                                      "'clock' needs a schedule whose rounds are sequential pushes (DOWNPOUR)")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError.invalid("dtype", dtype, "must be a floating-point torch.dtype")
         if clock is not None and not isinstance(clock, SimClock):
             raise ConfigError.invalid("clock", clock, "must be a SimClock or None")
         if not callable(loss_fn):
             raise ConfigError.invalid("loss_fn", loss_fn, "must be callable as loss_fn(output, target)")
+        if nan_policy not in NAN_POLICIES:
+            raise ConfigError.invalid("nan_policy", nan_policy, f"choose one of {', '.join(NAN_POLICIES)}")
+        self.nan_policy = nan_policy
         self.spec = spec
         self.m = spec.workers
         self.v = spec.auxiliaries
@@ -238,21 +226,26 @@ class Simulator:
         }
         self._mom_init = torch.zeros(m, dtype=torch.bool, device=self.device)
         # which columns a mix touches (always one contiguous range)
-        lo = 0 if spec.policies.buffers == "mix" else b
-        hi = b + d + (d if self.opts.stateful and spec.policies.optimizer_state == "mix" else 0)
-        self._mix_cols = (lo, hi)
+        self._mix_cols = mix_columns(spec, b, d, self.opts)
+        self._kernel = RoundKernel(spec, self.opts, b, d, m, InProcess())
         self._bound = self._absmax()
+        # nan_policy="skip": what went non-finite since the last good round, and that round's state
+        self._bad: dict[str, Any] | None = None
+        self._good: dict[str, Any] | None = None
+        self._good_step = 0
 
         # -- counters, estimates, executors, clock ---------------------------------------------------
         self.step_count = 0
         self.rounds = 0
+        self.bytes_sent = 0.0  # the alpha-beta model's bytes of every round so far
         self.leader: int | None = None
+        self.schedule_state = spec.schedule.init_state()
         self._hist = np.full((self.window, m), np.nan)
         self._hist_count = np.zeros(m, dtype=np.int64)
         self._probe: Batch | None = None
         if probe_batch is not None:
             self._probe = self._to_batch(probe_batch, "probe_batch")
-        if spec.leader and loss_estimate == "probe" and self._probe is None:
+        if spec.needs_losses and loss_estimate == "probe" and self._probe is None:
             raise ConfigError.invalid("probe_batch", None, "loss_estimate='probe' needs probe_batch=(x, y)")
         self._executors: dict[str, Executor] = {}
         self.executor_name: str = executor
@@ -316,6 +309,30 @@ class Simulator:
     def executor(self) -> Executor | None:
         return self._executor
 
+    @property
+    def local_workers(self) -> range:
+        """Every worker runs in this process."""
+        return range(self.m)
+
+    @property
+    def is_writer(self) -> bool:
+        return True
+
+    def center_node(self) -> int | None:
+        """The centre model's node (:meth:`AlgorithmSpec.center_node`), ``None`` for the workers' average."""
+        return self._center_row()
+
+    def reduce_losses(self, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-worker loss sums and counts over every process (all workers are here: unchanged)."""
+        return np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+
+    def time_record(self, *, local: bool = False) -> dict[str, Any]:
+        """Bytes and time so far, in the metric schema's names: the simulated clock (nothing is measured)."""
+        c = self.clock
+        return {"bytes_sent": float(self.bytes_sent), "simulated_time_s": float(c.elapsed),
+                "simulated_compute_s": float(c.compute_s), "simulated_communication_s": float(c.communication_s),
+                "simulated_idle_s": float(c.idle_s), "measured_compute_s": None, "measured_communication_s": None}
+
     def average_params(self) -> Tensor:
         """u_k = X_k 1/(m+v): the mean over all m+v nodes ([CSGD] eq. (13))."""
         return self.params.mean(dim=0)
@@ -326,19 +343,16 @@ class Simulator:
         return self._export(self.average_params(), self.buffers.mean(dim=0), others)
 
     def _center_row(self) -> int | None:
-        """Row of the centre model, or ``None`` for the workers' average."""
+        """Row of the centre model (:meth:`AlgorithmSpec.center_node`), or ``None`` for the workers' average."""
         spec = self.spec
-        if spec.center == "auxiliary":
-            return self.m
-        if spec.center == "leader":
-            if self.leader is not None:
-                return self.leader
+        estimates = None
+        if spec.center == "leader" and self.leader is None:
             if self._probe is not None:
-                return int(torch.argmin(self._evaluator().evaluate(self._probe)).item())
-            if self._hist_count.any():
-                return int(np.nanargmin(np.nanmean(self._hist, axis=0)))
-            return 0
-        return None
+                estimates = self._evaluator().evaluate(self._probe).to("cpu", torch.float64).numpy()
+            elif self._hist_count.any():
+                with np.errstate(all="ignore"):
+                    estimates = np.nanmean(self._hist, axis=0)
+        return spec.center_node(self.leader, estimates)
 
     def center_params(self) -> Tensor:
         """The model to evaluate: the workers' average, auxiliary node 0, or the current (global) leader."""
@@ -446,13 +460,15 @@ class Simulator:
         return out
 
     def _raise_rows(self, bad: Tensor | np.ndarray, idx: list[int], step: int, what: str) -> None:
-        j = int(np.flatnonzero(np.asarray(bad))[0])
-        node = idx[j]
+        flagged = np.flatnonzero(np.asarray(bad))
+        node = idx[int(flagged[0])]
         kind = "worker" if node < self.m else "auxiliary node"
-        raise NonFiniteError(
+        exc = NonFiniteError(
             f"non-finite {what} on {kind} {node} at step {step}: the run diverged "
             f"(try a smaller learning rate, or for EASGD alpha < 2/(m+1))"
         )
+        exc.workers = sorted({int(idx[int(j)]) for j in flagged if idx[int(j)] < self.m})  # type: ignore[attr-defined]
+        raise exc
 
     def _absmax(self) -> float:
         return _absmax(self._state)
@@ -475,7 +491,7 @@ class Simulator:
                 est = np.nanmean(hist, axis=0)
         return np.asarray(est, dtype=np.float64), hist, count
 
-    def step(self, batches: Sequence[Batch | None], lr: float) -> SimStepStats:
+    def step(self, batches: Sequence[Batch | None] | None, lr: float) -> StepStats:
         """Take one step of the algorithm: one batch per worker (``None`` for inactive workers)."""
         spec, m = self.spec, self.m
         lr = check_float("lr", lr, low=0.0)
@@ -484,66 +500,83 @@ class Simulator:
         mask = sched.active(k)
         rows = None if mask is None or bool(np.all(mask)) else np.flatnonzero(mask).tolist()
         idx = list(range(m)) if rows is None else rows
+        if batches is None:
+            raise ConfigError.invalid("batches", None, f"need one (x, y) batch per worker ({self.m} entries)")
         batches = self._check_batches(batches, rows)
         if self._executor is None:
             self._calibrate(batches, rows)
         ex = self._executor
         assert ex is not None
 
+        losses = np.full(m, np.nan)
+        res: ComputeResult | None = None
+        gmax = bmax = 0.0
+        probe = None
+        skipped = False
         with torch.no_grad():
-            probe = None
-            if spec.leader and self.loss_estimate == "probe":
-                assert self._probe is not None
-                pl = ex.evaluate(self._probe).to("cpu", torch.float64).numpy()
-                if not np.all(np.isfinite(pl)):
-                    self._raise_rows(~np.isfinite(pl), list(range(m)), k, "probe loss")
-                probe = pl
-        res = ex.compute(batches, rows)
-        with torch.no_grad():
-            batch_losses = res.losses.to("cpu", torch.float64).numpy()
-            if not np.all(np.isfinite(batch_losses)):
-                self._raise_rows(~np.isfinite(batch_losses), idx, k, "loss")
-            if res.grad_absmax is not None:
-                gmax = float(res.grad_absmax.max(initial=0.0)) if not np.isnan(res.grad_absmax).any() else math.nan
-            else:
-                gmax = _absmax(res.grads)
-            if not math.isfinite(gmax):
-                self._raise_rows(~torch.isfinite(res.grads).all(dim=1).cpu().numpy(), idx, k, "gradient")
-            bmax = 0.0
-            if res.buffers is not None and res.buffers.numel():
-                bmax = _absmax(res.buffers)
-                if not math.isfinite(bmax):
-                    self._raise_rows(~torch.isfinite(res.buffers).all(dim=1).cpu().numpy(), idx, k, "buffer")
-            losses = np.full(m, np.nan)
-            losses[idx] = batch_losses
+            try:
+                if self._bad is not None:  # nan_policy="skip": frozen until the round is dropped
+                    raise _Frozen
+                if spec.needs_losses and self.loss_estimate == "probe":
+                    assert self._probe is not None
+                    pl = ex.evaluate(self._probe).to("cpu", torch.float64).numpy()
+                    if not np.all(np.isfinite(pl)):
+                        self._raise_rows(~np.isfinite(pl), list(range(m)), k, "probe loss")
+                    probe = pl
+                with torch.enable_grad():  # the gradients themselves (the rest of the step is no_grad)
+                    res = ex.compute(batches, rows)
+                batch_losses = res.losses.to("cpu", torch.float64).numpy()
+                if not np.all(np.isfinite(batch_losses)):
+                    self._raise_rows(~np.isfinite(batch_losses), idx, k, "loss")
+                if res.grad_absmax is not None:
+                    gmax = float(res.grad_absmax.max(initial=0.0)) if not np.isnan(res.grad_absmax).any() else math.nan
+                else:
+                    gmax = _absmax(res.grads)
+                if not math.isfinite(gmax):
+                    self._raise_rows(~torch.isfinite(res.grads).all(dim=1).cpu().numpy(), idx, k, "gradient")
+                if res.buffers is not None and res.buffers.numel():
+                    bmax = _absmax(res.buffers)
+                    if not math.isfinite(bmax):
+                        self._raise_rows(~torch.isfinite(res.buffers).all(dim=1).cpu().numpy(), idx, k, "buffer")
+                losses[idx] = batch_losses
+            except _Frozen:
+                res, skipped = None, True
+            except NonFiniteError as exc:
+                if self.nan_policy == "stop":
+                    raise
+                self._mark_bad(k, exc)
+                res, skipped = None, True
             est, hist, count = (None, self._hist, self._hist_count)
-            if spec.leader:
+            if spec.needs_losses:
                 est, hist, count = self._estimates(losses, probe)
 
-            # state that may change before the parameters do; restored if the step fails
-            sched_state = sched.state_dict() if hasattr(sched, "state_dict") else None
-            sched_rounds = getattr(sched, "_rounds", None)
+            # the clock may change before the parameters do; restored if the step fails (the schedule's
+            # run state is only committed after a successful step)
             clock = self.clock
             rng_state, t_before, busy_before = clock.rng.bit_generator.state, clock.t.copy(), clock.busy.copy()
             before = (clock.compute_s, clock.communication_s, clock.idle_s)
             try:
-                clock.add_compute(mask, self._measured(res))
-                mix = sched.mix(k, MixContext(step=k, lr=lr, losses=est))
-                if mix is not None and self.downpour_order == "clock":
-                    order = np.argsort(self.clock.t, kind="stable")
-                    info = dict(mix.info, order=order.tolist(), order_source="clock")
-                    mix = Mix(sched.round_matrix(order), mix.pattern, mix.round, info)  # type: ignore[attr-defined]
-                self._update(res, mix, lr, rows, gmax, bmax, k)
+                clock.add_compute(mask, self._measured(res) if res is not None else np.zeros(m))
+                order = np.argsort(self.clock.t, kind="stable") if self.downpour_order == "clock" else None
+                ctx = MixContext(step=k, lr=lr, losses=est, order=order)
+                mix, sched_state = sched.advance(k, ctx, self.schedule_state)
+                if mix is not None and order is not None:
+                    mix.info["order_source"] = "clock"
+                if res is not None:
+                    try:
+                        self._update(res, mix, lr, rows, gmax, bmax, k)
+                    except NonFiniteError as exc:
+                        if self.nan_policy == "stop":
+                            raise
+                        self._mark_bad(k, exc)
+                        skipped = True
             except BaseException:
                 clock.t, clock.busy = t_before, busy_before
                 clock.rng.bit_generator.state = rng_state
-                if sched_state is not None:
-                    sched.load_state_dict(sched_state)  # type: ignore[attr-defined]
-                if sched_rounds is not None:
-                    sched._rounds = sched_rounds  # type: ignore[attr-defined]
                 raise
 
         # -- commit the bookkeeping --------------------------------------------------------------------
+        self.schedule_state = sched_state
         self._hist, self._hist_count = hist, count
         self.step_count += 1
         communicated = mix is not None and mix.communicates
@@ -554,9 +587,10 @@ class Simulator:
             costs = self.clock.round_costs(mix.pattern, mix.matrix)
             self.clock.communicate(costs, overlap=spec.overlap)
             bytes_sent = float(sum(c.bytes_sent for c in costs))
+            self.bytes_sent += bytes_sent
         if mix is not None and "leader" in mix.info:
             self.leader = mix.info["leader"]
-        return SimStepStats(
+        return StepStats(
             step=k,
             lr=lr,
             losses=losses,
@@ -570,7 +604,48 @@ class Simulator:
             communication_s=self.clock.communication_s - before[1],
             idle_s=self.clock.idle_s - before[2],
             estimates=est,
+            skipped=skipped,
         )
+
+    # ------------------------------------------------------------------------------------------------
+    # nan_policy="skip"
+    # ------------------------------------------------------------------------------------------------
+    def _mark_bad(self, k: int, exc: NonFiniteError) -> None:
+        workers = getattr(exc, "workers", None) or []
+        if self._bad is None:
+            self._bad = {"step": k, "workers": {}}
+        for w in workers:
+            self._bad["workers"].setdefault(str(w), k)
+        log.warning("step %d: %s; the round will be dropped (nan_policy=skip)", k, exc)
+
+    def _snapshot(self) -> None:
+        self._good = {"state": self._state.clone(), "other": {k: t.clone() for k, t in self.other_buffers.items()},
+                      "mom_init": self._mom_init.clone()}
+        self._good_step = self.step_count
+
+    def check_health(self) -> DroppedRound | None:
+        """Under ``nan_policy="skip"``: drop the steps since the last good round if a worker went
+        non-finite (restoring that round's state), else make the current state the last good one."""
+        if self.nan_policy != "skip":
+            return None
+        if self._bad is None:
+            self._snapshot()
+            return None
+        assert self._good is not None
+        bad, self._bad = self._bad, None
+        with torch.no_grad():
+            self._state.copy_(self._good["state"])
+            for k, t in self._good["other"].items():
+                self.other_buffers[k].copy_(t)
+            self._mom_init.copy_(self._good["mom_init"])
+        self._bound = self._absmax()
+        first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
+        return DroppedRound(step=self.step_count - 1, workers=sorted(int(w) for w in first),
+                            first_steps=first, restored_to_step=self._good_step)
+
+    def finish(self) -> None:
+        """End of a run or before reading the state: nothing is pending in one process."""
+        return None
 
     def _measured(self, res: ComputeResult) -> np.ndarray:
         out = np.zeros(self.m)
@@ -595,12 +670,13 @@ class Simulator:
         cs = 1.0 if S is None else float(np.abs(S).sum(axis=0).max())
         new_bound = max(cs, 1.0) * (X + lr * D)
         limit = float(torch.finfo(self.dtype).max) / 16
+        t = RoundKernel.as_rows(rows, self.device)
         if new_bound < limit:
-            self._apply(self._state, res, mix, S, lr, rows)
+            self._kernel.apply(self._state, res.grads, t, res.buffers, self._mom_init, mix, lr)
             self._bound = new_bound
         else:
             work = self._state.clone()
-            self._apply(work, res, mix, S, lr, rows)
+            self._kernel.apply(work, res.grads, t, res.buffers, self._mom_init, mix, lr)
             finite = torch.isfinite(work).all(dim=1)
             if not bool(finite.all()):
                 self._raise_rows(~finite.cpu().numpy(), list(range(self.n)), k, "model")
@@ -609,7 +685,6 @@ class Simulator:
         if self._bound > limit * 1e-12:  # keep the running bound tight (one pass, rarely)
             self._bound = self._absmax()
         # integer buffers and momentum flags (not part of the checked state)
-        t = None if rows is None else torch.as_tensor(rows, device=self.device)
         for name, val in res.others.items():
             if t is None:
                 self.other_buffers[name][: self.m].copy_(val)
@@ -621,63 +696,12 @@ class Simulator:
             else:
                 self._mom_init[t] = True
 
-    def _apply(
-        self, state: Tensor, res: ComputeResult, mix: Mix | None, S: np.ndarray | None, lr: float, rows: list[int] | None
-    ) -> None:
-        m, b, d = self.m, self.b, self.d
-        P = state[:, b : b + d]
-        Mo = state[:, b + d :] if self.opts.stateful else None
-        G = res.grads
-        if rows is None:
-            X = P[:m]
-            buf = None if Mo is None else Mo[:m]
-            init = self._mom_init
-            t = None
-        else:
-            t = torch.as_tensor(rows, device=self.device)
-            X = P.index_select(0, t)
-            buf = None if Mo is None else Mo.index_select(0, t)
-            init = self._mom_init.index_select(0, t)
-        D = sgd_direction_(G, X, buf, init if Mo is not None else None, self.opts)
-        if t is not None and Mo is not None:
-            assert buf is not None
-            Mo.index_copy_(0, t, buf)
-        if res.buffers is not None and b:
-            if t is None:
-                state[:m, :b].copy_(res.buffers)
-            else:
-                state[:, :b].index_copy_(0, t, res.buffers)
-        pre = self.spec.rule == "pre_mix" and S is not None
-        if not pre:
-            if t is None:
-                X.sub_(D, alpha=lr)
-            else:
-                P.index_copy_(0, t, X - lr * D)
-        if S is None:
-            return
-        assert mix is not None
-        lo, hi = self._mix_cols
-        out = apply_mixing(state[:, lo:hi], S)
-        if pre:
-            Pout = out[:, b - lo : b - lo + d]
-            if t is None:
-                Pout[:m].sub_(D, alpha=lr)
-            else:
-                Pout.index_add_(0, t, D, alpha=-lr)
-        state[:, lo:hi].copy_(out)
-        if Mo is not None:
-            if self.spec.policies.optimizer_state == "reset" and mix.communicates:
-                Mo.zero_()
-            elif self.spec.policies.optimizer_state == "mix":
-                Mo[m:].zero_()  # auxiliaries hold no momentum
-
     # ------------------------------------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-identically (loadable with ``torch.load(weights_only=True)``)."""
-        sched = self.spec.schedule
-        return {
+        return wrap_state("simulate", {
             "version": _STATE_VERSION,
             "shape": [self.m, self.v, self.d, self.b],
             "state": self._state.detach().clone(),
@@ -685,18 +709,20 @@ class Simulator:
             "momentum_initialized": self._mom_init.clone(),
             "step": self.step_count,
             "rounds": self.rounds,
+            "bytes_sent": float(self.bytes_sent),
             "leader": self.leader,
-            **schedule_position(sched),
+            "schedule_state": json.dumps(self.schedule_state),
             "loss_history": torch.from_numpy(self._hist.copy()),
             "loss_count": torch.from_numpy(self._hist_count.copy()),
             "clock": self.clock.state_dict(),
             "executor": self.executor_name,
             "calibration": dict(self.calibration),
             "torch_rng_state": torch.get_rng_state(),
-        }
+        })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (same spec, model and options)."""
+        state = unwrap_state(state, "simulate")
         if state.get("version") != _STATE_VERSION:
             raise ConfigError.invalid("state_dict.version", state.get("version"), f"expected {_STATE_VERSION}")
         shape = [self.m, self.v, self.d, self.b]
@@ -715,8 +741,9 @@ class Simulator:
             self._mom_init.copy_(state["momentum_initialized"])
         self.step_count = int(state["step"])
         self.rounds = int(state["rounds"])
+        self.bytes_sent = float(state["bytes_sent"])
         self.leader = None if state["leader"] is None else int(state["leader"])
-        load_schedule_position(self.spec.schedule, state)
+        self.schedule_state = json.loads(state["schedule_state"])
         hist = state["loss_history"].numpy()
         if hist.shape != self._hist.shape:
             raise ConfigError.invalid("state_dict.loss_history", hist.shape, f"expected window x m = {self._hist.shape}")
@@ -730,3 +757,6 @@ class Simulator:
         self.calibration = dict(state.get("calibration", {}))
         torch.set_rng_state(state["torch_rng_state"])
         self._bound = self._absmax()
+        self._bad = None
+        if self.nan_policy == "skip":  # checkpoints are taken after a health check: this state is good
+            self._snapshot()

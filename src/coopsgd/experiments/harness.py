@@ -118,8 +118,12 @@ def _finish(
         res["diverged"] = {"step": int(m.group(1)) if m else None, "error": str(error)}
     if summary is not None:
         res["final"] = summary["final"]
+        # time_s: the run's clock -- simulated, or measured on the distributed engine (time_source says which)
+        res["time_s"] = summary.get("time_s")
+        res["time_source"] = summary.get("time_source")
         res["simulated_time_s"] = summary["simulated_time_s"]
         res["simulated_split_s"] = summary["simulated_split_s"]
+        res["measured_split_s"] = summary.get("measured_split_s")
         res["communication_rounds"] = summary["communication_rounds"]
         res["zeta"] = summary.get("zeta")
     res["_metrics"] = metrics
@@ -170,7 +174,7 @@ def run_built(
 ) -> dict[str, Any]:
     """Run an :class:`~coopsgd.train.trainer.Experiment` built by hand through the trainer loop
     (:func:`coopsgd.train.trainer.iterate`), writing ``config.json``/``metrics.jsonl`` like :func:`train`."""
-    from coopsgd.train.trainer import iterate
+    from coopsgd.train.trainer import iterate, summarize
 
     out = Path(out)
     rd = RunDir(out)
@@ -197,16 +201,9 @@ def run_built(
         rd.close()
     summary = None
     if error is None and last:
-        final = {"train_loss": last["train_loss"], "test_loss": last["test_loss"]}
-        final.update({k: last[k] for k in ("test_perplexity", "test_accuracy") if k in last})
-        summary = {
-            "final": final,
-            "simulated_time_s": last["simulated_time_s"],
-            "simulated_split_s": {k: last[k] for k in ("compute_s", "communication_s", "idle_s")},
-            "communication_rounds": last["rounds"],
-            "zeta": last["zeta"],
-        }
-        rd.write_summary(jsonable({"status": "ok", **summary}))
+        summary = summarize(exp.spec, exp.config, last, total_steps=exp.total_steps,
+                            wall=time.perf_counter() - t0, engine=exp.sim.name, is_lm=exp.is_lm)
+        rd.write_summary(jsonable(summary))
     return _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
 
 
@@ -233,7 +230,7 @@ def tail_mean(res: dict[str, Any], y: str = "train_loss", frac: float = 0.25) ->
 
 
 def value_at(
-    res: dict[str, Any], t: float, *, x: str = "simulated_time_s", y: str = "test_loss"
+    res: dict[str, Any], t: float, *, x: str = "time_s", y: str = "test_loss"
 ) -> float | None:
     """``y`` of the last record with ``x <= t`` (``None`` when there is none)."""
     xs, ys = series(res, x, y)
@@ -245,7 +242,7 @@ def first_reach(
     res: dict[str, Any],
     target: float,
     *,
-    x: str = "simulated_time_s",
+    x: str = "time_s",
     y: str = "train_loss",
     above: bool = False,
 ) -> float | None:
@@ -257,7 +254,8 @@ def first_reach(
 
 
 #: Axis labels of the x quantities the experiments plot against.
-X_LABELS = {"step": "step", "epoch": "epoch", "simulated_time_s": "simulated wall-clock (s)"}
+X_LABELS = {"step": "step", "epoch": "epoch", "simulated_time_s": "simulated wall-clock (s)",
+            "time_s": "wall-clock (s; simulated, measured on the distributed engine)"}
 
 
 def panel(x: str, y: str, ylabel: str, *, logy: bool = False, **extra: Any) -> dict[str, Any]:

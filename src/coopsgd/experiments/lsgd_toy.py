@@ -39,7 +39,7 @@ def _run_until_converged(spec: AlgorithmSpec, obj: SincToy, lr: float, max_steps
     converged = False
     while eng.step_count < max_steps:
         before = eng.state
-        eng.step(lr)
+        eng.step(None, lr)
         traj.append(eng.state.copy())
         centers.append(eng.center().copy())
         if np.max(np.abs(eng.state - before)) < tol:

@@ -15,7 +15,9 @@ from typing import Any
 
 from coopsgd.errors import ConfigError, check_float, check_int
 
-__all__ = ["RunConfig", "load_config", "ENGINES", "DTYPES", "EXECUTORS", "PARTITIONS", "LOSS_ESTIMATES"]
+__all__ = [
+    "RunConfig", "load_config", "ENGINES", "DTYPES", "EXECUTORS", "PARTITIONS", "LOSS_ESTIMATES", "PRESET_SETTING",
+]
 
 ENGINES = ("reference", "simulate", "distributed")
 DTYPES = ("float32", "float64")
@@ -23,13 +25,18 @@ EXECUTORS = ("auto", "loop", "vmap")
 PARTITIONS = ("iid", "dirichlet", "shards")
 LOSS_ESTIMATES = ("running_mean", "batch", "probe")
 COMPUTE_MODELS = ("measured", "constant", "exponential", "lognormal", "pareto")
+#: Field metadata marking a RunConfig field as a preset setting (declared by a preset; see
+#: :mod:`coopsgd.algorithms.registry`).
+PRESET_SETTING: dict[str, Any] = {"preset": True}
 
 
 @dataclass
 class RunConfig:
     """Everything a run needs. Field names match the CLI flags (``--batch-size`` -> ``batch_size``).
 
-    Algorithm: ``preset`` and its arguments (``tau``, ``alpha``, ...; ``None`` = the preset's default).
+    Algorithm: ``preset`` and its settings (``tau``, ``alpha``, ...; ``None`` = the preset's default). The
+    settings are the fields marked with :data:`PRESET_SETTING`: one per setting declared by a preset
+    (:mod:`coopsgd.algorithms.registry`); a unit test keeps the two in step.
     Problem: ``model`` / ``dataset`` / ``partition`` for the simulator, ``objective`` for the reference engine.
     Optimisation: ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``batch_size`` (per worker),
     ``epochs`` or ``max_steps``; the learning rate is multiplied by ``lr_decay_factor`` at each epoch in
@@ -43,19 +50,25 @@ class RunConfig:
     engine: str = "simulate"
     preset: str = "local_sgd"
     workers: int = 8
-    tau: int | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    topology: str | None = None
-    weights: str | None = None
-    groups: int | None = None
-    q: int | None = None
-    lam: float | None = None
-    lam_global: float | None = None
-    fraction: float | None = None
-    warmup_steps: int | None = None
-    nonblocking: bool = False
-    local_epochs: float | None = None
+    # the presets' settings (declared in coopsgd.algorithms.presets; None / False = the preset's default)
+    tau: int | None = field(default=None, metadata=PRESET_SETTING)
+    alpha: float | None = field(default=None, metadata=PRESET_SETTING)
+    beta: float | None = field(default=None, metadata=PRESET_SETTING)
+    topology: str | None = field(default=None, metadata=PRESET_SETTING)
+    weights: str | None = field(default=None, metadata=PRESET_SETTING)
+    groups: int | None = field(default=None, metadata=PRESET_SETTING)
+    q: int | None = field(default=None, metadata=PRESET_SETTING)
+    aux_topology: str | None = field(default=None, metadata=PRESET_SETTING)
+    aux_weights: str | None = field(default=None, metadata=PRESET_SETTING)
+    lam: float | None = field(default=None, metadata=PRESET_SETTING)
+    lam_global: float | None = field(default=None, metadata=PRESET_SETTING)
+    fraction: float | None = field(default=None, metadata=PRESET_SETTING)
+    warmup_steps: int | None = field(default=None, metadata=PRESET_SETTING)
+    nonblocking: bool = field(default=False, metadata=PRESET_SETTING)
+    strict: bool = field(default=False, metadata=PRESET_SETTING)
+    local_epochs: float | None = field(default=None, metadata=PRESET_SETTING)
+    budget: float | None = field(default=None, metadata=PRESET_SETTING)
+    # run settings
     downpour_order: str = "clock"
     buffers: str = "mix"
     optimizer_state: str = "local"
@@ -115,17 +128,7 @@ class RunConfig:
 
         _choice("preset", self.preset, tuple(PRESETS))
         self.workers = check_int("workers", self.workers, minimum=1)
-        for name in ("tau", "groups", "q"):
-            if getattr(self, name) is not None:
-                setattr(self, name, check_int(name, getattr(self, name), minimum=1))
-        if self.warmup_steps is not None:
-            self.warmup_steps = check_int("warmup_steps", self.warmup_steps, minimum=0)
-        if self.local_epochs is not None:
-            self.local_epochs = check_float("local_epochs", self.local_epochs, low=0.0, low_open=True)
-            if self.preset != "fedavg":
-                raise ConfigError.invalid("local_epochs", self.local_epochs, "only the fedavg preset takes local epochs")
-            if self.tau is not None:
-                raise ConfigError.invalid("local_epochs", self.local_epochs, "give tau (local steps) or local_epochs, not both")
+        self._validate_preset_settings()
         _choice("downpour_order", self.downpour_order, ("clock", "schedule", "async"))
         if self.downpour_order == "async" and self.engine != "distributed":
             raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
@@ -170,7 +173,7 @@ class RunConfig:
         if not isinstance(self.objective_args, dict):
             raise ConfigError.invalid("objective_args", self.objective_args, "must be a mapping of argument names to values")
         self.timeout_s = check_float("timeout_s", self.timeout_s, low=0.0, low_open=True)
-        for name in ("nonblocking", "nesterov", "download", "emulate_network", "augment"):
+        for name in ("nesterov", "download", "emulate_network", "augment"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError.invalid(name, getattr(self, name), "must be true or false")
         if self.nesterov and self.momentum == 0:
@@ -199,40 +202,62 @@ class RunConfig:
             flat[k] = value
         return cls(**flat)
 
-    def spec_kwargs(self, *, lenient: bool = False) -> dict[str, Any]:
-        """Arguments for :func:`coopsgd.algorithms.make_preset`.
+    def _validate_preset_settings(self) -> None:
+        """Check every given preset setting against its declaration (this preset's, else the first preset
+        declaring it); a derived setting (``local_epochs``) the preset does not take, or one given together
+        with a setting it excludes, is an error naming it."""
+        from coopsgd.algorithms.registry import declaration, takers
 
-        A setting the preset does not take is an error naming it, or silently dropped when ``lenient``
-        (``coopsgd compare`` shares one set of flags across presets).
-        """
-        import inspect
+        decl = declaration(self.preset)
+        given = self.preset_settings()
+        for key, value in given.items():
+            if value is None or value is False:
+                continue
+            own = decl.arg(key)
+            anyone = takers(key)
+            arg = own if own is not None else (anyone[0][1] if anyone else None)
+            if arg is None:
+                continue
+            setattr(self, key, arg.check(value))
+            if arg.kind == "derived" and own is None:
+                names = ", ".join(n for n, _ in anyone)
+                raise ConfigError.invalid(key, value, f"only the {names} preset takes this setting")
+            for other in arg.excludes:
+                if given.get(other) is not None and given.get(other) is not False:
+                    raise ConfigError.invalid(key, value, f"give {other} or {key}, not both")
 
-        from coopsgd.algorithms.presets import PRESETS
+    def preset_settings(self) -> dict[str, Any]:
+        """The preset settings of this config (every :data:`PRESET_SETTING` field; ``None`` / ``False`` = not
+        given), for :func:`coopsgd.algorithms.registry.spec_from_settings`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("preset")}
+
+    def spec_policies(self) -> Any:
+        """The buffer / optimizer-state :class:`coopsgd.algorithms.Policies` of this config."""
         from coopsgd.algorithms.spec import Policies
 
-        accepted = set(inspect.signature(PRESETS[self.preset]).parameters)
-        candidates = {
-            "tau": self.tau, "alpha": self.alpha, "beta": self.beta, "topology": self.topology,
-            "weights": self.weights, "groups": self.groups, "q": self.q, "lam": self.lam,
-            "lam_global": self.lam_global, "fraction": self.fraction, "warmup_steps": self.warmup_steps,
-        }
-        out: dict[str, Any] = {}
-        for k, v in candidates.items():
-            if v is None:
-                continue
-            if k not in accepted:
-                if lenient:
-                    continue
-                raise ConfigError.invalid(k, v, f"preset {self.preset!r} does not take this setting")
-            out[k] = v
-        if self.nonblocking and not (lenient and "nonblocking" not in accepted):
-            if "nonblocking" not in accepted:
-                raise ConfigError.invalid("nonblocking", True, f"preset {self.preset!r} has no non-blocking form")
-            out["nonblocking"] = True
-        if "seed" in accepted:
-            out["seed"] = self.seed
-        out["policies"] = Policies(buffers=self.buffers, optimizer_state=self.optimizer_state)  # type: ignore[arg-type]
-        return out
+        return Policies(buffers=self.buffers, optimizer_state=self.optimizer_state)  # type: ignore[arg-type]
+
+    def spec_kwargs(self, *, lenient: bool = False) -> dict[str, Any]:
+        """Arguments for :func:`coopsgd.algorithms.make_preset`, from the preset's declaration.
+
+        A setting the preset does not take is an error naming it, or silently dropped when ``lenient``
+        (``coopsgd compare`` shares one set of flags across presets). Settings that need the data
+        (FedAvg's ``local_epochs``) are not included: :meth:`build_spec` applies them.
+        """
+        from coopsgd.algorithms.registry import preset_kwargs
+
+        return preset_kwargs(self.preset, self.preset_settings(), seed=self.seed, policies=self.spec_policies(),
+                             lenient=lenient)
+
+    def build_spec(
+        self, *, shard_sizes: Any = None, steps_per_epoch: int | None = None, lenient: bool = False
+    ) -> Any:
+        """The :class:`AlgorithmSpec` of this config (see :func:`coopsgd.algorithms.registry.spec_from_settings`)."""
+        from coopsgd.algorithms.registry import spec_from_settings
+
+        return spec_from_settings(self.preset, self.workers, self.preset_settings(), shard_sizes=shard_sizes,
+                                  steps_per_epoch=steps_per_epoch, seed=self.seed, policies=self.spec_policies(),
+                                  lenient=lenient)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

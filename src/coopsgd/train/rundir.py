@@ -162,6 +162,13 @@ class RunDir:
         atomic_write_json(self.path / "config.json", config)
         atomic_write_json(self.path / "environment.json", {**environment(), **(extra or {})})
 
+    def truncate_metrics(self, step: int) -> None:
+        """Keep only the metric records up to ``step`` (a resumed run replaces what came after)."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [r for r in RunDir.read_metrics(self.metrics_path) if r.get("step", 0) <= step]
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(jsonable(r)) + "\n" for r in kept).encode())
+
     def start_metrics(self, *, append: bool = False) -> None:
         self._metrics = open(self.metrics_path, "a" if append else "w", encoding="utf-8")
 

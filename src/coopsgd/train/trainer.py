@@ -1,18 +1,20 @@
-"""The trainer: one loop that drives an engine with identical inputs and yields per-evaluation records.
+"""Runs built from a :class:`RunConfig`: the problem, the engine, the one training loop, the run directory.
 
-The trainer owns what every engine must see identically: the step counter, the learning-rate schedule
-and the data order (:class:`coopsgd.data.WorkerLoader`: each worker its own shard, its own order per
-epoch, last incomplete batch dropped). :func:`iterate` is a generator of metric records; :func:`train`
-consumes it, writes the run directory and returns the summary the CLI prints.
+Every engine is driven by :func:`coopsgd.train.loop.run_loop` with the same :class:`LoopPlan` pieces built
+here: the learning rate of each step (:func:`lr_at`), the data order (:class:`coopsgd.data.WorkerLoader`:
+each worker its own shard, its own order per epoch, last incomplete batch dropped; :func:`feed_from`),
+the evaluation (:func:`nn_evaluator`; one metric schema whatever the engine, :data:`TIME_KEYS`) and the
+checkpoints (:func:`checkpoint_state`, :func:`load_run_checkpoint`: one layout, the engine's state
+envelope inside). :func:`train` runs the simulator, :func:`train_reference` the reference engine and
+:func:`coopsgd.train.distributed.run_distributed` one process per worker, each rank running this loop.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,16 +24,20 @@ import torch
 import torch.nn.functional as F
 
 from coopsgd.algorithms import AlgorithmSpec, make_preset
-from coopsgd.engines.reference import NonFiniteError
+from coopsgd.engines.base import Engine, NonFiniteError, StepStats
 from coopsgd.errors import ConfigError
 from coopsgd.train.config import RunConfig
+from coopsgd.train.loop import LoopPlan, LoopState, run_loop
 from coopsgd.train.rundir import RunDir
 
-__all__ = ["Experiment", "build", "iterate", "train", "train_reference", "run", "lr_at", "evaluate_model"]
+__all__ = ["Experiment", "build", "build_problem", "iterate", "train", "train_reference", "run", "lr_at",
+           "evaluate_model", "checkpoint_state", "load_run_checkpoint", "summarize", "TIME_KEYS",
+           "CHECKPOINT_FORMAT"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "coopsgd-checkpoint-v1"
+#: ``format`` of every run checkpoint (``checkpoint.pt``), whatever the engine: ``engine`` says which wrote it.
+CHECKPOINT_FORMAT = "coopsgd-checkpoint-v2"
 
 
 @dataclass
@@ -49,9 +55,8 @@ class Experiment:
     eval_every: int
     is_lm: bool = False
     histograms: np.ndarray | None = None
-    bytes_sent: float = 0.0
-    skipped: list[int] = field(default_factory=list)
-    skips_in_a_row: int = 0
+    problem: dict[str, Any] = field(default_factory=dict)
+    loop_state: LoopState = field(default_factory=LoopState)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -142,10 +147,11 @@ def build(config: RunConfig) -> Experiment:
     sim = Simulator(p["spec"], p["model"], loss_fn=p["loss_fn"], momentum=c.momentum, nesterov=c.nesterov,
                     weight_decay=c.weight_decay, executor=c.executor, dtype=p["dtype"], seed=c.seed,
                     loss_estimate=c.loss_estimate, probe_batch=p["probe"], clock=clock,
-                    downpour_order=c.downpour_order if c.preset == "downpour" else "schedule")
+                    downpour_order=c.downpour_order if p["spec"].schedule.sequential else "schedule",
+                    nan_policy=c.nan_policy)
     return Experiment(config=c, spec=p["spec"], sim=sim, loader=p["loader"], train_set=p["train_set"],
                       test_set=p["test_set"], loss_fn=p["loss_fn"], total_steps=p["total"],
-                      eval_every=p["eval_every"], is_lm=p["is_lm"], histograms=p["histograms"])
+                      eval_every=p["eval_every"], is_lm=p["is_lm"], histograms=p["histograms"], problem=p)
 
 
 @torch.no_grad()
@@ -171,53 +177,126 @@ def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, los
     return {"loss": loss, "accuracy": correct / max(n, 1)}
 
 
-def _eval_record(exp: Experiment, step: int, lr: float, worker_losses: np.ndarray, wall: float) -> dict[str, Any]:
-    sim, spec, c = exp.sim, exp.spec, exp.config
-    dtype = torch.float64 if c.dtype == "float64" else torch.float32
-    nt = min(c.eval_samples, len(exp.test_set))  # the first eval_samples test samples (all 2,000 by default)
-    test = evaluate_model(sim.center_model(), exp.test_set.x[:nt], exp.test_set.y[:nt], exp.loss_fn,
-                          is_lm=exp.is_lm, dtype=dtype)
-    n = min(c.eval_samples, len(exp.train_set))
-    avg_model = sim.average_model()
-    train = evaluate_model(avg_model, exp.train_set.x[:n], exp.train_set.y[:n], exp.loss_fn, is_lm=exp.is_lm,
-                           dtype=dtype)
-    clock = sim.clock
-    rec: dict[str, Any] = {
-        "step": step,
-        "epoch": step / exp.steps_per_epoch,
-        "lr": lr,
-        "train_loss": train["loss"],
-        "worker_losses": [float(v) for v in worker_losses],
-        "test_loss": test["loss"],
-        "consensus_distance": float(sim.consensus_distance()),
-        "zeta": None if spec.theory_matrix is None else float(_zeta(spec)),
-        "rounds": int(sim.rounds),
-        "bytes_sent": float(exp.bytes_sent),
-        "simulated_time_s": float(clock.elapsed),
-        "compute_s": float(clock.compute_s),
-        "communication_s": float(clock.communication_s),
-        "idle_s": float(clock.idle_s),
-        "wall_time_s": wall,
-        "samples_per_s": step * c.workers * c.batch_size / wall if wall > 0 else None,
-    }
-    if exp.is_lm:
-        rec["test_perplexity"] = test["perplexity"]
-        rec["train_perplexity"] = train["perplexity"]
-    else:
-        rec["test_accuracy"] = test["accuracy"]
-        rec["train_accuracy"] = train["accuracy"]
-    if exp.skipped:
-        rec["skipped_steps"] = list(exp.skipped)
-    leader = getattr(sim, "leader", None)
-    if leader is not None:
-        rec["leader"] = int(leader)
-    return rec
-
-
-def _zeta(spec: AlgorithmSpec) -> float:
+def _zeta(spec: AlgorithmSpec) -> float | None:
     from coopsgd.theory.spectral import zeta
 
-    return zeta(spec.theory_matrix)
+    return None if spec.theory_matrix is None else float(zeta(spec.theory_matrix))
+
+
+#: Keys every engine's metric records and summaries carry (``None`` where an engine has no such value):
+#: simulated time from the simulated clock / cost model, measured time from real clocks, and ``time_s``,
+#: the run's own clock for plots (``time_source`` says which).
+TIME_KEYS = ("time_s", "time_source", "simulated_time_s", "simulated_compute_s", "simulated_communication_s",
+             "simulated_idle_s", "measured_train_s", "measured_compute_s", "measured_communication_s",
+             "wall_time_s")
+
+
+def nn_evaluator(exp: Experiment, *, wall_offset: float = 0.0) -> Callable[..., dict[str, Any]]:
+    """The evaluation of a neural-network run, the same for the simulator and the distributed engine.
+
+    Every process calls it (the engine's views are collective on the distributed engine); the writer
+    gets the record, the others an empty dict. The centre model (:meth:`AlgorithmSpec.center_node`) is
+    evaluated on the first ``eval_samples`` test samples, the averaged model u_k on as many training
+    samples.
+    """
+    c = exp.config
+    steps_per_epoch = exp.steps_per_epoch
+    dtype = torch.float64 if c.dtype == "float64" else torch.float32
+    test_set, train_set, is_lm, loss_fn = exp.test_set, exp.train_set, exp.is_lm, exp.loss_fn
+    zeta = _zeta(exp.spec)
+    t0 = time.perf_counter() - wall_offset
+
+    def evaluate(engine: Engine, step: int, lr: float, worker_losses: np.ndarray, st: LoopState) -> dict[str, Any]:
+        center = engine.center_model()
+        avg = engine.average_model()
+        consensus = engine.consensus_distance()
+        times = engine.time_record()
+        if not engine.is_writer:
+            return {}
+        nt = min(c.eval_samples, len(test_set))
+        test = evaluate_model(center, test_set.x[:nt], test_set.y[:nt], loss_fn, is_lm=is_lm, dtype=dtype)
+        n = min(c.eval_samples, len(train_set))
+        train = evaluate_model(avg, train_set.x[:n], train_set.y[:n], loss_fn, is_lm=is_lm, dtype=dtype)
+        wall = time.perf_counter() - t0
+        rec: dict[str, Any] = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "lr": lr,
+            "train_loss": train["loss"],
+            "worker_losses": [float(v) for v in worker_losses],
+            "test_loss": test["loss"],
+            "consensus_distance": float(consensus),
+            "zeta": zeta,
+            "rounds": int(engine.rounds),
+            "leader": engine.leader,
+            "dropped_rounds": list(st.dropped),
+            **_time_fields(times, st.train_s, wall),
+            "samples_per_s": step * c.workers * c.batch_size / st.train_s if st.train_s > 0 else None,
+        }
+        if is_lm:
+            rec["test_perplexity"] = test["perplexity"]
+            rec["train_perplexity"] = train["perplexity"]
+        else:
+            rec["test_accuracy"] = test["accuracy"]
+            rec["train_accuracy"] = train["accuracy"]
+        return rec
+
+    return evaluate
+
+
+def _time_fields(times: dict[str, Any], train_s: float, wall: float) -> dict[str, Any]:
+    simulated = times.get("simulated_time_s")
+    out = {k: times.get(k) for k in TIME_KEYS}
+    out["bytes_sent"] = float(times.get("bytes_sent", 0.0))
+    out["measured_train_s"] = float(train_s)
+    out["wall_time_s"] = float(wall)
+    out["time_source"] = "simulated" if simulated is not None else "measured"
+    out["time_s"] = float(simulated) if simulated is not None else float(train_s)
+    return out
+
+
+def feed_from(loader: Any) -> Callable[[int, Sequence[int], np.ndarray | None], list[Any]]:
+    """The data of step k for the workers a process runs: worker i's k-th batch of its own shard order."""
+    m = len(loader.shard_sizes)
+    spe = loader.steps_per_epoch
+
+    def feed(step: int, local: Sequence[int], active: np.ndarray | None) -> list[Any]:
+        epoch, bi = divmod(step, spe)
+        out: list[Any] = [None] * m
+        for i in local:
+            if active is None or active[i]:
+                out[i] = loader.batch(epoch, i, bi)
+        return out
+
+    return feed
+
+
+def loop_plan(exp: Experiment, *, checkpoint: Callable[[int, LoopState], None] | None = None,
+              progress: Any = None, lr_agree: Callable[[float], float] | None = None,
+              wall_offset: float = 0.0) -> LoopPlan:
+    """The :class:`LoopPlan` of a run built from a :class:`RunConfig` (simulator or one distributed rank)."""
+    c, eng = exp.config, exp.sim
+    spe = exp.steps_per_epoch
+    uses_time = bool(c.lr_decay_times_s)
+
+    def lr(step: int, train_s: float) -> float:
+        if not uses_time:
+            return lr_at(c, step, spe, 0.0)
+        t = eng.time_record(local=True).get("simulated_time_s")
+        if t is None:  # measured: every rank must agree on the milestone (the slowest clock)
+            t = lr_agree(train_s) if lr_agree is not None else train_s
+        return lr_at(c, step, spe, float(t))
+
+    def on_step(stats: StepStats) -> None:
+        if progress is not None:
+            progress(stats)
+
+    return LoopPlan(
+        total_steps=exp.total_steps, eval_every=exp.eval_every, lr=lr, feed=feed_from(exp.loader),
+        evaluate=nn_evaluator(exp, wall_offset=wall_offset), checkpoint=checkpoint,
+        checkpoint_every=c.checkpoint_every, nan_policy=c.nan_policy, max_skips=c.max_skips,
+        on_step=on_step if progress is not None else None,
+    )
 
 
 def iterate(
@@ -226,80 +305,75 @@ def iterate(
     start_step: int = 0,
     progress: bool = False,
     on_checkpoint: Callable[[int], None] | None = None,
+    state: LoopState | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Run the experiment from ``start_step``; yield one metric record per evaluation (step 0 included).
+    """Run the experiment from the simulator's current step; yield one metric record per evaluation.
 
     ``on_checkpoint(step)`` is called after every ``config.checkpoint_every`` steps.
     """
-    sim, loader, c = exp.sim, exp.loader, exp.config
-    m = c.workers
-    t0 = time.perf_counter()
-    acc = np.zeros(m)
-    cnt = np.zeros(m)
-    if start_step == 0:
-        yield _eval_record(exp, 0, lr_at(c, 0, exp.steps_per_epoch, 0.0), np.full(m, np.nan), 0.0)
+    if start_step != exp.sim.step_count:
+        raise ConfigError.invalid("start_step", start_step, f"the simulator is at step {exp.sim.step_count}")
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=exp.total_steps, initial=start_step, desc=f"{exp.spec.name} x{m}", unit="step",
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(total=exp.total_steps, initial=start_step, desc=f"{exp.spec.name} x{exp.config.workers}",
+                   unit="step", dynamic_ncols=True, leave=False)
+
+    def tick(stats: StepStats) -> None:
+        assert bar is not None
+        bar.update(1)
+        if (stats.step + 1) % 10 == 0 and np.isfinite(stats.losses).any():
+            bar.set_postfix(loss=f"{stats.loss:.3f}", rounds=stats.round)
+
+    def ckpt(step: int, st: LoopState) -> None:
+        exp.loop_state = st
+        if on_checkpoint is not None:
+            on_checkpoint(step)
+
+    plan = loop_plan(exp, checkpoint=ckpt if on_checkpoint is not None else None, progress=tick if bar else None)
     try:
-        for step in range(start_step, exp.total_steps):
-            lr = lr_at(c, step, exp.steps_per_epoch, float(sim.clock.elapsed))
-            batches = loader.next_step()
-            active = exp.spec.schedule.active(step)
-            if active is not None:
-                batches = [b if active[i] else None for i, b in enumerate(batches)]
-            try:
-                stats = sim.step(batches, lr)
-            except NonFiniteError as exc:
-                # the simulator raises before touching any state, so the last good state is intact
-                if c.nan_policy != "skip" or exp.skips_in_a_row >= c.max_skips:
-                    if c.nan_policy == "skip":
-                        raise NonFiniteError(f"{exc} ({exp.skips_in_a_row} steps in a row skipped already; "
-                                             f"max_skips={c.max_skips})") from None
-                    raise
-                exp.skips_in_a_row += 1
-                exp.skipped.append(step)
-                log.warning("step %d skipped (nan_policy=skip): %s", step, exc)
-                stats = None
-            if stats is not None:
-                exp.skips_in_a_row = 0
-                exp.bytes_sent += float(stats.bytes_sent)
-                losses = np.asarray(stats.losses, dtype=np.float64)
-                ok = np.isfinite(losses)
-                acc[ok] += losses[ok]
-                cnt[ok] += 1
-            else:
-                losses = np.full(m, np.nan)
-            if bar is not None:
-                bar.update(1)
-                if (step + 1) % 10 == 0 and stats is not None:
-                    bar.set_postfix(loss=f"{np.nanmean(losses):.3f}", rounds=sim.rounds)
-            done = step + 1
-            if on_checkpoint is not None and c.checkpoint_every and done % c.checkpoint_every == 0:
-                on_checkpoint(done)
-            if done % exp.eval_every == 0 or done == exp.total_steps:
-                worker_losses = np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
-                acc[:] = 0
-                cnt[:] = 0
-                yield _eval_record(exp, done, lr, worker_losses, time.perf_counter() - t0)
+        exp.loop_state = yield from run_loop(exp.sim, plan, state=state if state is not None else exp.loop_state)
     finally:
         if bar is not None:
             bar.close()
 
 
 def checkpoint_state(exp: Experiment, step: int) -> dict[str, Any]:
+    """A run checkpoint: the engine's state envelope, the data position and the loop's state."""
+    epoch, bi = divmod(step, exp.steps_per_epoch)
+    exp.loader.seek(epoch, bi)
     return {
         "format": CHECKPOINT_FORMAT,
-        "engine": "simulate",
+        "engine": exp.sim.name,
         "step": step,
         "config": exp.config.to_dict(),
-        "simulator": exp.sim.state_dict(),
+        "engine_state": exp.sim.state_dict(),
         "loader": exp.loader.state_dict(),
-        "bytes_sent": exp.bytes_sent,
+        "loop": exp.loop_state.to_dict(),
     }
+
+
+def load_run_checkpoint(path: str | Path, engine: str) -> dict[str, Any]:
+    """Read a run checkpoint (a file, or a run directory holding ``checkpoint.pt``) written by ``engine``.
+
+    One code path for every engine: the file must be a :data:`CHECKPOINT_FORMAT` checkpoint whose
+    ``engine`` matches; anything else is a :class:`ConfigError` saying what it is.
+    """
+    from coopsgd.train.rundir import load_checkpoint
+
+    rp = Path(path)
+    state = load_checkpoint(rp / "checkpoint.pt" if rp.is_dir() else rp)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError.invalid("resume", str(path), f"not a {CHECKPOINT_FORMAT} checkpoint "
+                                                       f"(format {state.get('format')!r})")
+    if state.get("engine") != engine:
+        raise ConfigError.invalid("resume", str(path), f"written by the {state.get('engine')!r} engine; "
+                                                       f"this run uses the {engine!r} engine")
+    step = state.get("step")
+    if not isinstance(step, int) or step < 0:
+        raise ConfigError.invalid("resume", str(path), f"checkpoint step {step!r} must be a non-negative integer")
+    return state
 
 
 def train(
@@ -326,15 +400,10 @@ def train(
     exp = build(config)
     start = 0
     if resume is not None:
-        from coopsgd.train.rundir import load_checkpoint
-
-        rp = Path(resume)
-        state = load_checkpoint(rp / "checkpoint.pt" if rp.is_dir() else rp)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError.invalid("resume", str(resume), f"not a {CHECKPOINT_FORMAT} checkpoint")
-        exp.sim.load_state_dict(state["simulator"])
+        state = load_run_checkpoint(resume, "simulate")
+        exp.sim.load_state_dict(state["engine_state"])
         exp.loader.load_state_dict(state["loader"])
-        exp.bytes_sent = float(state.get("bytes_sent", 0.0))
+        exp.loop_state = LoopState.from_dict(state.get("loop"))
         start = int(state["step"])
         if start > exp.total_steps:
             raise ConfigError.invalid("max_steps", exp.total_steps, f"the checkpoint is already at step {start}")
@@ -346,11 +415,8 @@ def train(
         if exp.histograms is not None:
             extra["label_histograms"] = exp.histograms.tolist()
         rd.write_config(config.to_dict(), extra)
-        if start > 0 and rd.metrics_path.is_file():
-            kept = [r for r in RunDir.read_metrics(rd.metrics_path) if r.get("step", 0) <= start]
-            from coopsgd.train.rundir import atomic_write_bytes, jsonable
-
-            atomic_write_bytes(rd.metrics_path, "".join(json.dumps(jsonable(r)) + "\n" for r in kept).encode())
+        if start > 0:
+            rd.truncate_metrics(start)
         rd.start_metrics(append=start > 0)
 
     def on_checkpoint(step: int) -> None:
@@ -367,35 +433,14 @@ def train(
     except NonFiniteError as exc:
         if rd is not None:
             rd.close()
-            rd.write_summary({"status": "failed", "error": str(exc), "last_record": last})
+            rd.write_summary({"status": "diverged", "error": str(exc), "last_record": last})
         raise
     finally:
         if rd is not None:
             rd.close()
-    if not last:  # resumed exactly at the end
-        last = _eval_record(exp, exp.total_steps, lr_at(config, exp.total_steps, exp.steps_per_epoch,
-                                                         float(exp.sim.clock.elapsed)), np.full(config.workers, np.nan), 0.0)
     wall = time.perf_counter() - t0
-    final = {"train_loss": last["train_loss"], "test_loss": last["test_loss"]}
-    if exp.is_lm:
-        final["test_perplexity"] = last["test_perplexity"]
-    else:
-        final["test_accuracy"] = last["test_accuracy"]
-    summary: dict[str, Any] = {
-        "status": "ok",
-        "preset": exp.spec.name,
-        "workers": config.workers,
-        "steps": exp.total_steps,
-        "final": final,
-        "simulated_time_s": last["simulated_time_s"],
-        "simulated_split_s": {k: last[k] for k in ("compute_s", "communication_s", "idle_s")},
-        "wall_time_s": wall,
-        "communication_rounds": last["rounds"],
-        "bytes_sent": last["bytes_sent"],
-        "consensus_distance": last["consensus_distance"],
-        "zeta": last["zeta"],
-        "executor": exp.sim.executor_name,
-    }
+    summary = summarize(exp.spec, config, last, total_steps=exp.total_steps, wall=wall, engine="simulate",
+                        is_lm=exp.is_lm, extra={"executor": exp.sim.executor_name})
     if rd is not None:
         rd.checkpoint(checkpoint_state(exp, exp.total_steps))
         rd.write_summary(summary)
@@ -403,15 +448,49 @@ def train(
     return summary
 
 
+def summarize(spec: AlgorithmSpec, config: RunConfig, last: dict[str, Any], *, total_steps: int, wall: float,
+              engine: str, is_lm: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run summary from the last metric record; the same keys from every engine."""
+    final: dict[str, Any] = {"train_loss": last["train_loss"], "test_loss": last["test_loss"]}
+    for k in ("test_perplexity", "test_accuracy"):
+        if k in last:
+            final[k] = last[k]
+    sim = last.get("simulated_time_s")
+    summary: dict[str, Any] = {
+        "status": "ok",
+        "engine": engine,
+        "preset": spec.name,
+        "workers": config.workers,
+        "steps": total_steps,
+        "final": final,
+        "time_s": last.get("time_s"),
+        "time_source": last.get("time_source"),
+        "simulated_time_s": sim,
+        "simulated_split_s": None if sim is None else {
+            "compute_s": last.get("simulated_compute_s"), "communication_s": last.get("simulated_communication_s"),
+            "idle_s": last.get("simulated_idle_s")},
+        "measured_train_s": last.get("measured_train_s"),
+        "wall_time_s": wall,
+        "communication_rounds": last["rounds"],
+        "bytes_sent": last["bytes_sent"],
+        "consensus_distance": last.get("consensus_distance"),
+        "zeta": last.get("zeta"),
+        "dropped_rounds": list(last.get("dropped_rounds") or []),
+    }
+    summary.update(extra or {})
+    return summary
+
+
 def train_reference(config: RunConfig, *, progress: bool = False, out: str | Path | None = None) -> dict[str, Any]:
-    """Run ``config`` on the exact reference engine (analytic ``objective``); same summary shape as :func:`train`.
+    """Run ``config`` on the exact reference engine (analytic ``objective``) through the training loop;
+    the summary has the same keys as :func:`train`'s.
 
     ``final.train_loss`` is F at the averaged model u_k, ``final.test_loss`` F at the centre model (the
     held-out loss for ``logistic``, with ``test_accuracy``). Time comes from the cost model
     (:func:`coopsgd.theory.cost.expected_runtime` with ``compute_ms`` per step).
     """
     from coopsgd.analysis import spec_round_cost
-    from coopsgd.engines.reference import run_reference
+    from coopsgd.engines.reference import ReferenceEngine, consensus_distance
     from coopsgd.objectives import make_objective
     from coopsgd.theory.cost import ComputeModel, NetworkModel, expected_runtime
 
@@ -427,48 +506,78 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
     obj = make_objective(c.objective, **args)
     spec = make_preset(c.preset, c.workers, **c.spec_kwargs())
     steps = c.max_steps or 300
-    t0 = time.perf_counter()
-    res = run_reference(spec, obj, steps=steps, lr=lambda k: lr_at(c, k, max(1, steps), 0.0), seed=c.seed,
-                        record_every=max(1, steps // 200), progress=progress)
-    wall = time.perf_counter() - t0
+    eng = ReferenceEngine(spec, obj, seed=c.seed, nan_policy=c.nan_policy)
     rc = spec_round_cost(spec, obj.dim, bytes_per_param=8)
     network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
     compute = ComputeModel(mean_s=c.compute_ms / 1e3, distribution="constant" if c.compute == "measured" else c.compute,
                            spread=c.compute_spread)
     clock = expected_runtime(steps=steps, tau=spec.tau, workers=spec.workers, cost=rc, network=network,
                              compute=compute, overlap=spec.overlap, trials=1 if compute.deterministic else 50)
-    d = res.to_dict()
-    final: dict[str, Any] = {"train_loss": d["final_average_objective"], "test_loss": d["final_objective"]}
-    center = res.final_state[spec.workers] if spec.center == "auxiliary" else (
-        res.final_state[res.leaders[-1]] if spec.center == "leader" and res.leaders[-1] is not None
-        else res.final_state[: spec.workers].mean(axis=0))
-    if hasattr(obj, "accuracy"):
-        final["test_accuracy"] = obj.accuracy(center)
-        final["test_loss"] = _logistic_test_loss(obj, center)
-    summary: dict[str, Any] = {
-        "status": "ok", "engine": "reference", "preset": spec.name, "workers": c.workers, "steps": steps,
-        "final": final, "simulated_time_s": clock["total_s"],
-        "simulated_split_s": {k: clock[k] for k in ("compute_s", "communication_s", "idle_s")},
-        "wall_time_s": wall, "communication_rounds": d["communication_rounds"],
-        "bytes_sent": rc.bytes_sent * d["communication_rounds"], "consensus_distance": d["consensus_distance"],
-        "zeta": None if spec.theory_matrix is None else _zeta(spec),
-        "worker_objectives": d["workers"], "center_objective": d["final_objective"],
-    }
+    per_step = clock["per_step_s"]
+    zeta = _zeta(spec)
+    t0 = time.perf_counter()
+    logistic = hasattr(obj, "accuracy")
+
+    def evaluate(engine: Engine, step: int, lr: float, worker_losses: np.ndarray, st: LoopState) -> dict[str, Any]:
+        assert isinstance(engine, ReferenceEngine)
+        center = engine.center()
+        frac = step / steps
+        times = {"simulated_time_s": step * per_step, "simulated_compute_s": frac * clock["compute_s"],
+                 "simulated_communication_s": frac * clock["communication_s"],
+                 "simulated_idle_s": frac * clock["idle_s"], "bytes_sent": rc.bytes_sent * engine.rounds}
+        rec: dict[str, Any] = {
+            "step": step, "epoch": None, "lr": lr, "train_loss": float(obj.value(engine.average())),
+            "worker_losses": [float(v) for v in np.asarray(obj.value(engine.workers_state))],
+            "test_loss": _logistic_test_loss(obj, center) if logistic else float(obj.value(center)),
+            "center_objective": float(obj.value(center)),
+            "consensus_distance": consensus_distance(engine.state, spec.workers), "zeta": zeta,
+            "rounds": int(engine.rounds), "leader": engine.leader, "dropped_rounds": list(st.dropped),
+            **_time_fields(times, st.train_s, time.perf_counter() - t0), "samples_per_s": None,
+        }
+        if logistic:
+            rec["test_accuracy"] = float(obj.accuracy(center))
+        return rec
+
+    plan = LoopPlan(total_steps=steps, eval_every=max(1, steps // 200), lr=lambda k, _t: lr_at(c, k, max(1, steps), 0.0),
+                    feed=lambda k, local, active: None, evaluate=evaluate, nan_policy=c.nan_policy,
+                    max_skips=c.max_skips)
     out_dir = out or c.out
-    if out_dir:
-        rd = RunDir(out_dir)
+    rd = RunDir(out_dir) if out_dir else None
+    if rd is not None:
         rd.write_config(c.to_dict(), {"spec": spec.describe()})
         rd.start_metrics()
-        per_step = clock["per_step_s"]
-        for j, step in enumerate(res.steps):
-            rd.log({
-                "step": int(step), "train_loss": float(res.average_objective[j]),
-                "test_loss": float(res.center_objective[j]),
-                "worker_losses": [float(v) for v in res.node_objectives[j, : spec.workers]],
-                "consensus_distance": float(res.consensus[j]), "rounds": int(res.rounds[j]),
-                "simulated_time_s": float(step) * per_step, "bytes_sent": rc.bytes_sent * int(res.rounds[j]),
-            })
-        rd.close()
+    last: dict[str, Any] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=spec.name, unit="step", leave=False)
+        plan.on_step = lambda stats: bar.update(1)
+    try:
+        for rec in run_loop(eng, plan):
+            last = rec
+            if rd is not None:
+                rd.log(rec)
+    except NonFiniteError as exc:
+        if rd is not None:
+            rd.close()
+            rd.write_summary({"status": "diverged", "error": str(exc), "last_record": last})
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if rd is not None:
+            rd.close()
+    summary = summarize(spec, c, last, total_steps=steps, wall=time.perf_counter() - t0, engine="reference",
+                        is_lm=False)
+    if logistic:
+        summary["final"]["test_accuracy"] = last["test_accuracy"]
+    # the cost model's expected totals (exact for deterministic compute)
+    summary["simulated_time_s"] = summary["time_s"] = clock["total_s"]
+    summary["simulated_split_s"] = {k: clock[k] for k in ("compute_s", "communication_s", "idle_s")}
+    summary["worker_objectives"] = [float(v) for v in np.asarray(obj.value(eng.workers_state))]
+    summary["center_objective"] = last["center_objective"]
+    if rd is not None:
         rd.write_summary(summary)
         summary["out"] = str(rd.path)
     return summary
@@ -490,7 +599,7 @@ def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = N
         return train_reference(config, progress=progress, out=out)
     if config.engine == "simulate":
         return train(config, progress=progress, out=out, resume=resume)
-    from coopsgd.engines.distributed import run_distributed
+    from coopsgd.train.distributed import run_distributed
 
     net = {}
     if config.emulate_network:

@@ -1,0 +1,411 @@
+"""Runs on the distributed engine: every rank runs the one training loop (:func:`coopsgd.train.loop.run_loop`).
+
+* :func:`run_distributed` -- a :class:`~coopsgd.train.RunConfig` with ``workers`` local processes (bound to
+  127.0.0.1; :mod:`coopsgd.engines.launch`); :func:`rank_main` is what each rank runs, also under
+  ``torchrun`` (:mod:`coopsgd.torchrun`).
+* :func:`run_spec` -- any :class:`~coopsgd.algorithms.AlgorithmSpec`, model and in-memory tensors
+  (:class:`SpecJob`; tests, benchmarks, notebooks).
+
+Rank 0 writes the run directory. A checkpoint is the simulator's layout (:func:`coopsgd.train.trainer.
+checkpoint_state`) with one engine state envelope per rank (``ranks``), gathered to rank 0.
+
+Test hook: the environment variable ``COOPSGD_INJECT_FAILURE="RANK:STEP:MODE"`` (read here, by the runner,
+and passed to the engine as a :data:`~coopsgd.engines.distributed.FaultHook`) makes rank RANK fail at step
+STEP (:data:`~coopsgd.engines.distributed.FAILURE_MODES`); with ``COOPSGD_INJECT_FAILURE_ONCE=FILE`` only
+the first time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.base import Engine, StepStats
+from coopsgd.engines.comm import NetEmulation
+from coopsgd.engines.distributed import FAILURE_MODES, DistributedEngine, FaultHook, fault_hook
+from coopsgd.engines.launch import launch
+from coopsgd.errors import ConfigError, check_float
+from coopsgd.train.config import RunConfig
+from coopsgd.train.loop import LoopPlan, LoopState, run_loop
+from coopsgd.train.rundir import RunDir
+from coopsgd.train.trainer import (
+    CHECKPOINT_FORMAT,
+    Experiment,
+    build_problem,
+    load_run_checkpoint,
+    loop_plan,
+    summarize,
+)
+
+__all__ = ["run_distributed", "run_spec", "SpecJob", "rank_main", "FAILURE_ENV", "FAILURE_ONCE_ENV",
+           "fault_from_env", "one_line"]
+
+#: ``"RANK:STEP:MODE"``: make rank RANK fail at the start of step STEP (tests).
+FAILURE_ENV = "COOPSGD_INJECT_FAILURE"
+#: With this set to a file path, the injected failure happens once (the file marks it as done).
+FAILURE_ONCE_ENV = "COOPSGD_INJECT_FAILURE_ONCE"
+
+Batch = tuple[Tensor, Tensor]
+
+
+def parse_fault(value: str | None, *, once_file: str | None = None) -> FaultHook | None:
+    """A fault hook from ``"RANK:STEP:MODE"`` (``None`` or ``""``: none)."""
+    if not value:
+        return None
+    try:
+        r, k, mode = value.split(":")
+        rank, step = int(r), int(k)
+    except ValueError:
+        raise ConfigError.invalid(FAILURE_ENV, value, "RANK:STEP:MODE, e.g. 1:3:raise") from None
+    if mode not in FAILURE_MODES:
+        raise ConfigError.invalid(FAILURE_ENV, value, f"MODE must be one of {', '.join(FAILURE_MODES)}")
+    return fault_hook(rank, step, mode, once_file=once_file)
+
+
+def fault_from_env() -> FaultHook | None:
+    """The fault hook the test environment asks for (:data:`FAILURE_ENV`, :data:`FAILURE_ONCE_ENV`)."""
+    return parse_fault(os.environ.get(FAILURE_ENV), once_file=os.environ.get(FAILURE_ONCE_ENV) or None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running a spec on tensors (tests, benchmarks, notebooks)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpecJob:
+    """One training run on in-memory tensors, executed by :func:`run_spec` on every rank.
+
+    The data order is :class:`coopsgd.data.WorkerLoader` ``(dataset, parts, batch_size, seed=loader_seed)``:
+    rank r takes worker r's batch of each step. ``lr`` is a number or a picklable ``step -> lr`` function.
+    ``inject_failure`` is a test hook ``"RANK:STEP:MODE"``.
+    """
+
+    spec: AlgorithmSpec
+    model: nn.Module | Callable[[], nn.Module]
+    dataset: tuple[Tensor, Tensor]
+    parts: Sequence[Any]
+    batch_size: int
+    steps: int
+    lr: float | Callable[[int], float] = 0.1
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    dtype: torch.dtype = torch.float64
+    seed: int = 0
+    loader_seed: int = 0
+    loss_estimate: str = "running_mean"
+    window: int = 10
+    probe_batch: Batch | None = None
+    net_latency_ms: float | None = None
+    net_bandwidth_mbps: float | None = None
+    target_loss: float | None = None
+    loss_every: int = 0
+    return_state: bool = True
+    name: str = ""
+    nan_policy: str = "stop"
+    max_skips: int = 10
+    inject_failure: str | None = None
+    downpour_order: str = "schedule"
+
+
+def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict[str, Any]]:
+    from coopsgd.data import WorkerLoader
+    from coopsgd.train.trainer import feed_from
+
+    out = []
+    for job in jobs:
+        loader = WorkerLoader(job.dataset, job.parts, job.batch_size, seed=job.loader_seed)
+        net = NetEmulation(job.net_latency_ms, job.net_bandwidth_mbps)
+        eng = DistributedEngine(
+            job.spec, job.model, loss_fn=job.loss_fn, momentum=job.momentum, nesterov=job.nesterov,
+            weight_decay=job.weight_decay, dtype=job.dtype, seed=job.seed, loss_estimate=job.loss_estimate,
+            window=job.window, probe_batch=job.probe_batch, net=net, nan_policy=job.nan_policy,
+            fault=parse_fault(job.inject_failure), downpour_order=job.downpour_order,
+        )
+        dist.barrier()
+        losses: list[float] = []
+        curve: list[tuple[int, float, float]] = []
+        reached: list[tuple[int, float]] = []
+        t0 = time.perf_counter()
+
+        def on_step(stats: StepStats) -> None:
+            losses.append(float(stats.losses[rank]))  # noqa: B023 -- used within this job's loop only
+
+        def evaluate(engine: Engine, step: int, lr: float, worker_losses: np.ndarray, st: LoopState) -> dict[str, Any]:
+            # the workers' mean mini-batch loss over the last loss_every steps (reduced by the loop)
+            if step == 0 or not job.loss_every:  # noqa: B023
+                return {}
+            vals = worker_losses[np.isfinite(worker_losses)]
+            mean = float(vals.mean()) if vals.size else math.nan
+            elapsed = time.perf_counter() - t0  # noqa: B023
+            curve.append((step, elapsed, mean))  # noqa: B023
+            if job.target_loss is not None and not reached and mean <= job.target_loss:  # noqa: B023
+                reached.append((step, elapsed))  # noqa: B023
+            return {}
+
+        lr_fn = job.lr
+        plan = LoopPlan(total_steps=job.steps, eval_every=job.loss_every or max(job.steps, 1),
+                        lr=lambda k, _t: float(lr_fn(k) if callable(lr_fn) else lr_fn),  # noqa: B023
+                        feed=feed_from(loader), evaluate=evaluate, nan_policy=job.nan_policy,
+                        max_skips=job.max_skips, on_step=on_step)
+        gen = run_loop(eng, plan)
+        state = LoopState()
+        try:
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            state = stop.value or state
+        eng.close()
+        wall = time.perf_counter() - t0
+        timing = eng.timing()
+        res: dict[str, Any] = {"name": job.name, "rank": rank, "losses": losses, "wall_s": wall,
+                               "rounds": eng.rounds, "timing": timing, "curve": curve,
+                               "reached": reached[0] if reached else None, "leader": eng.leader,
+                               "dropped_rounds": list(state.dropped)}
+        if job.return_state:
+            full = eng.gather_state()
+            res["params"] = full[:, eng.b : eng.b + eng.d].clone()
+            res["buffers"] = full[:, : eng.b].clone()
+        out.append(res)
+        dist.barrier()
+    return out
+
+
+def run_spec(
+    jobs: SpecJob | Sequence[SpecJob],
+    *,
+    timeout_s: float = 60.0,
+    backend: str | None = None,
+    env: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run one or several :class:`SpecJob` s (same number of workers) in one set of local processes.
+
+    Returns rank 0's result per job: ``params`` (m+v, d) and ``buffers`` of every node after the run,
+    ``losses`` (rank 0's per-step losses), ``rounds``, ``wall_s``, ``timing`` (per-rank table and
+    aggregate), ``curve`` (step, seconds, mean loss) when ``loss_every`` is set, ``reached``
+    (step, seconds) for ``target_loss`` and ``dropped_rounds`` (``nan_policy="skip"``). Several jobs share
+    one process start-up (faster tests).
+    """
+    job_list = [jobs] if isinstance(jobs, SpecJob) else list(jobs)
+    if not job_list:
+        raise ConfigError.invalid("jobs", job_list, "need at least one SpecJob")
+    m = job_list[0].spec.workers
+    for j in job_list:
+        if j.spec.workers != m:
+            raise ConfigError.invalid("jobs", j.spec.workers, f"all jobs must have the same number of workers ({m})")
+        parse_fault(j.inject_failure)  # a bad hook is an error here, not in every rank
+    results = launch(_spec_rank_main, m, (job_list,), timeout_s=timeout_s, backend=backend, env=env)
+    return results[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running a RunConfig (CLI, torchrun)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _checkpoint_path(resume: str | Path) -> Path:
+    rp = Path(resume)
+    return rp / "checkpoint.pt" if rp.is_dir() else rp
+
+
+def load_distributed_checkpoint(resume: str | Path, world: int) -> dict[str, Any]:
+    """Load and check a distributed run checkpoint (format, engine, world size, one state per rank)."""
+    state = load_run_checkpoint(resume, "distributed")
+    saved = state.get("world_size")
+    if saved != world:
+        raise ConfigError.invalid("world_size", saved, f"the checkpoint was written by {saved} ranks; this run has "
+                                                       f"workers={world} (resume with the same number of workers)")
+    ranks = state.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != world:
+        raise ConfigError.invalid("resume", str(resume), f"the checkpoint must hold one state per rank ({world})")
+    return state
+
+
+def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """One rank of a :class:`RunConfig` run: build the problem, the engine, run the loop; rank 0 writes.
+
+    ``opts``: ``out``, ``resume``, ``timeout_s``, ``net_latency_ms``, ``net_bandwidth_mbps``, ``device``.
+    """
+    c = RunConfig.from_dict(config_dict)
+    if c.workers != world:
+        raise ConfigError.invalid("workers", c.workers, f"must equal the number of processes ({world})")
+    resume = opts.get("resume")
+    ckpt = load_distributed_checkpoint(resume, world) if resume else None
+    p = build_problem(c)
+    spec, loader = p["spec"], p["loader"]
+    start = 0 if ckpt is None else int(ckpt["step"])
+    if start > p["total"]:
+        raise ConfigError.invalid("max_steps", p["total"], f"the checkpoint is already at step {start}")
+    net = NetEmulation(opts.get("net_latency_ms"), opts.get("net_bandwidth_mbps"))
+    eng = DistributedEngine(
+        spec, p["model"], loss_fn=p["loss_fn"], momentum=c.momentum, nesterov=c.nesterov,
+        weight_decay=c.weight_decay, dtype=p["dtype"], device=opts.get("device") or "cpu", seed=c.seed,
+        loss_estimate=c.loss_estimate, probe_batch=p["probe"], net=net, nan_policy=c.nan_policy,
+        fault=fault_from_env(),
+        # pushes of a sequential schedule (DOWNPOUR) in the order they arrive: a real server on rank 0
+        downpour_order="async" if spec.schedule.sequential and c.downpour_order in ("clock", "async") else "schedule",
+    )
+    exp = Experiment(config=c, spec=spec, sim=eng, loader=loader, train_set=p["train_set"], test_set=p["test_set"],
+                     loss_fn=p["loss_fn"], total_steps=p["total"], eval_every=p["eval_every"], is_lm=p["is_lm"],
+                     histograms=p["histograms"], problem=p)
+    wall0 = 0.0
+    if ckpt is not None:
+        eng.load_state_dict(ckpt["ranks"][rank])
+        if eng.step_count != start:
+            raise ConfigError.invalid("resume", str(resume), f"rank {rank}'s state is at step {eng.step_count}, "
+                                                             f"the checkpoint at step {start}")
+        loader.load_state_dict(ckpt["loader"])  # checks seed, batch size and shards
+        exp.loop_state = LoopState.from_dict(ckpt.get("loop"))
+        wall0 = float(ckpt.get("wall_time_s", exp.loop_state.train_s))
+    out_dir = opts.get("out")
+    rd = RunDir(out_dir) if (out_dir and rank == 0) else None
+    if rd is not None:
+        extra = {"engine": "distributed", "world_size": world, "steps_per_epoch": loader.steps_per_epoch,
+                 "total_steps": p["total"], "spec": spec.describe(), "timeout_s": opts.get("timeout_s"),
+                 "net_latency_ms": net.latency_ms, "net_bandwidth_mbps": net.bandwidth_mbps,
+                 "aux_hosts": [eng.aux_host(j) for j in range(spec.auxiliaries)], "resumed_from_step": start}
+        if p["histograms"] is not None:
+            extra["label_histograms"] = p["histograms"].tolist()
+        rd.write_config(c.to_dict(), extra)
+        if start > 0:
+            rd.truncate_metrics(start)
+        rd.start_metrics(append=start > 0)
+
+    def checkpoint(done: int, st: LoopState) -> None:
+        # collective: every rank sends its state to rank 0, which writes one file
+        eng.heartbeat(done, "comm")
+        mine = eng.state_dict()
+        states: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(mine, states, dst=0)
+        if rd is not None:
+            eng.heartbeat(done, "compute")
+            epoch, bi = divmod(done, loader.steps_per_epoch)
+            loader.seek(epoch, bi)
+            rd.checkpoint({
+                "format": CHECKPOINT_FORMAT, "engine": "distributed", "step": done, "config": c.to_dict(),
+                "world_size": world, "loader": loader.state_dict(), "loop": st.to_dict(), "ranks": states,
+            })
+
+    def lr_agree(elapsed: float) -> float:
+        # wall-clock milestones must be the same on every rank: take the slowest clock
+        t = torch.tensor([elapsed], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0])
+
+    plan = loop_plan(exp, checkpoint=checkpoint if out_dir else None, lr_agree=lr_agree, wall_offset=wall0)
+    plan.checkpoint_at_end = bool(out_dir)
+    evaluate = plan.evaluate
+
+    def evaluate_alive(engine: Engine, step: int, *args: Any) -> dict[str, Any]:
+        # rank 0 evaluates while the others wait in its next collective (must take < timeout_s)
+        eng.heartbeat(step, "compute" if rank == 0 else "comm")
+        return evaluate(engine, step, *args)
+
+    plan.evaluate = evaluate_alive
+    dist.barrier()
+    t0 = time.perf_counter()
+    last: dict[str, Any] = {}
+    try:
+        gen = run_loop(eng, plan, state=exp.loop_state)
+        while True:
+            rec = next(gen)
+            if rd is not None and rec:
+                last = rec
+                rd.log(rec)
+    except StopIteration:
+        pass
+    except BaseException as exc:
+        from coopsgd.engines.base import NonFiniteError
+
+        if rd is not None and isinstance(exc, NonFiniteError):
+            rd.close()
+            rd.write_summary({"status": "diverged", "error": str(exc), "last_record": last})
+        raise
+    finally:
+        if rd is not None:
+            rd.close()
+    eng.close()  # an asynchronous parameter server waits for every worker's last push
+    timing = eng.timing()
+    summary: dict[str, Any] = {"rank": rank}
+    if rank == 0:
+        summary = summarize(spec, c, last, total_steps=p["total"], wall=wall0 + time.perf_counter() - t0,
+                            engine="distributed", is_lm=p["is_lm"], extra={
+                                "resumed_from_step": start,
+                                "measured_split_s": {k: timing[k] for k in ("compute_s", "communication_s", "idle_s")},
+                                "bytes_model": timing["bytes_model"] * 1.0,
+                                "communication_fraction": timing["communication_fraction"],
+                                "timing": timing,
+                                "net": {"latency_ms": net.latency_ms, "bandwidth_mbps": net.bandwidth_mbps},
+                                "aux_hosts": [eng.aux_host(j) for j in range(spec.auxiliaries)]})
+        summary["bytes_sent"] = timing["bytes_sent"]
+        if rd is not None:
+            rd.write_summary(summary)
+            summary["out"] = str(rd.path)
+    return summary
+
+
+def run_distributed(
+    config: RunConfig,
+    *,
+    out: str | Path | None = None,
+    timeout_s: float = 60.0,
+    net_latency_ms: float | None = None,
+    net_bandwidth_mbps: float | None = None,
+    backend: str | None = None,
+    env: dict[str, str] | None = None,
+    resume: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run a :class:`~coopsgd.train.RunConfig` with ``config.workers`` local processes; return the summary.
+
+    The summary has the keys of :func:`coopsgd.train.trainer.train`'s. Time here is measured, not
+    simulated: ``time_s`` / ``measured_train_s`` (training wall-clock, evaluation excluded; ``time_source``
+    is ``"measured"``), ``simulated_time_s`` is ``None``; plus ``measured_split_s`` and ``timing`` (the
+    per-rank compute / communication / idle table and its aggregate) and ``communication_fraction``.
+    ``net_latency_ms`` / ``net_bandwidth_mbps`` emulate slow links (``None``: the loopback's real speed).
+    A rank that dies, raises, is killed or hangs raises :class:`~coopsgd.engines.launch.RankFailure`
+    naming it within ``timeout_s`` + a few seconds.
+
+    With a run directory (``out`` or ``config.out``) rank 0 writes ``checkpoint.pt`` every
+    ``config.checkpoint_every`` steps and at the end (:data:`~coopsgd.train.trainer.CHECKPOINT_FORMAT`,
+    engine ``"distributed"``, one engine state per rank under ``ranks``; it loads with
+    ``torch.load(weights_only=True)``). ``resume`` is such a file or a run directory holding one: every
+    rank restores its state and the run continues from the checkpoint's step; the final parameters
+    equal an uninterrupted run's exactly. Metric records after that step are replaced.
+    """
+    if not isinstance(config, RunConfig):
+        raise ConfigError.invalid("config", type(config).__name__, "must be a coopsgd.train.RunConfig")
+    timeout_s = check_float("timeout_s", timeout_s, low=0.0, low_open=True)
+    NetEmulation(net_latency_ms, net_bandwidth_mbps)  # validate here, not in the children
+    out_dir = out or config.out
+    opts: dict[str, Any] = {"out": str(out_dir) if out_dir else None, "timeout_s": timeout_s,
+                            "net_latency_ms": net_latency_ms, "net_bandwidth_mbps": net_bandwidth_mbps}
+    if resume is not None:  # check here (a clear ConfigError, no process start-up); every rank loads it again
+        ck_step = int(load_distributed_checkpoint(resume, config.workers)["step"])
+        if config.max_steps is not None and ck_step > config.max_steps:
+            raise ConfigError.invalid("max_steps", config.max_steps, f"the checkpoint is already at step {ck_step}")
+        opts["resume"] = str(_checkpoint_path(resume).resolve())
+    cfg = config.to_dict()
+    cfg["engine"] = "distributed"
+    results = launch(rank_main, config.workers, (cfg, opts), timeout_s=timeout_s, backend=backend, env=env)
+    return results[0]
+
+
+def one_line(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary's headline keys (what a torchrun rank 0 prints)."""
+    keys = ("status", "preset", "workers", "steps", "final", "time_s", "time_source", "communication_rounds",
+            "communication_fraction", "out")
+    return {k: summary[k] for k in keys if k in summary}
