@@ -40,8 +40,8 @@ from coopsgd.algorithms import presets
 from coopsgd.data import load_dataset, partition
 from coopsgd.engines.comm import Mixer
 from coopsgd.engines.distributed import communication_table
-from coopsgd.train.distributed import SpecJob, run_spec
 from coopsgd.engines.launch import launch
+from coopsgd.train.distributed import SpecJob, run_spec
 
 
 def _mlp(hidden: tuple[int, ...] = (200, 200)) -> nn.Module:

@@ -51,22 +51,22 @@ def main() -> None:
     model = make_model("mlp", num_classes=10, input_shape=train.input_shape)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     spec = algorithms.make_preset(args.preset, world, tau=args.tau)
-    coop = CooperativeSGD(model, opt, spec=spec, net_latency_ms=args.net_latency_ms,
-                          net_bandwidth_mbps=args.net_bandwidth_mbps)
-
     steps = int(args.epochs * loader.steps_per_epoch)
-    t0 = time.perf_counter()
-    for k in range(steps):
-        x, y = loader.batch(k // loader.steps_per_epoch, rank, k % loader.steps_per_epoch)
-        loss = None
-        if coop.is_active():  # FedAvg samples clients; every other preset: always True
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-        coop.step(loss=None if loss is None else loss.item())  # communicates when the schedule says so
-
-    center = coop.load_center(make_model("mlp", num_classes=10, input_shape=train.input_shape))
+    # leaving the block completes a pending non-blocking round and hands the model its own storage back
+    with CooperativeSGD(model, opt, spec=spec, net_latency_ms=args.net_latency_ms,
+                        net_bandwidth_mbps=args.net_bandwidth_mbps) as coop:
+        t0 = time.perf_counter()
+        for k in range(steps):
+            x, y = loader.batch(k // loader.steps_per_epoch, rank, k % loader.steps_per_epoch)
+            loss = None
+            if coop.is_active():  # FedAvg samples clients; every other preset: always True
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+            coop.step(loss=None if loss is None else loss.item())  # communicates when the schedule says so
+        # the centre model (collective: every rank) is read inside the block
+        center = coop.load_center(make_model("mlp", num_classes=10, input_shape=train.input_shape))
     if rank == 0:
         with torch.no_grad():
             acc = (center(test.x).argmax(dim=1) == test.y).float().mean().item()

@@ -677,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("default")
-                warnings.formatwarning = lambda msg, cat, *a, **k: f"coopsgd: warning: {msg}\n"  # type: ignore[assignment]
+                warnings.formatwarning = lambda msg, cat, *a, **k: f"coopsgd: warning: {msg}\n"
                 return int(args.func(args) or 0)
         finally:
             warnings.formatwarning = saved

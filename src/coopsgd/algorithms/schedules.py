@@ -213,7 +213,7 @@ class PeriodicSchedule(_Base):
         rounds = warm
         local = max(step - self.warmup_steps, 0)
         # a step where several levels fire counts once
-        fired = set()
+        fired: set[int] = set()
         for period, _, _ in self._levels:
             fired.update(range(period - 1, local, period))
         return rounds + len(fired)
@@ -480,7 +480,7 @@ class DownpourSchedule(_Base):
         else:
             order = self.order(r)
             info = {"order": order.tolist()}
-        return Mix(self.round_matrix(order), "parameter_server", round=r, info=info)
+        return Mix(self.round_matrix(order.tolist()), "parameter_server", round=r, info=info)
 
 
 class CallableSchedule(_Base):

@@ -34,6 +34,7 @@ __all__ = [
     "StepStats",
     "DroppedRound",
     "Engine",
+    "ModelEngine",
     "Communicator",
     "NonFiniteError",
     "ENGINE_STATE_FORMAT",
@@ -54,7 +55,14 @@ NAN_POLICIES = ("stop", "skip")
 
 
 class NonFiniteError(CoopSGDError, FloatingPointError):
-    """A worker's model or loss became NaN/Inf; the message names the worker(s) and the step(s)."""
+    """A worker's model or loss became NaN/Inf; the message names the worker(s) and the step(s).
+
+    ``workers`` lists the workers found non-finite (empty when only an auxiliary node or the mixing matrix is).
+    """
+
+    def __init__(self, message: str, *, workers: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.workers = [int(w) for w in workers]
 
 
 @dataclass(frozen=True)
@@ -172,17 +180,25 @@ class Engine(Protocol):
 
     def center_node(self) -> int | None: ...
 
+    def reduce_losses(self, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class ModelEngine(Engine, Protocol):
+    """An engine of ``nn.Module`` workers (simulator, distributed): the views a neural-network evaluation
+    reads. On the distributed engine each is a collective (every rank calls it)."""
+
     def center_model(self) -> nn.Module: ...
 
     def average_model(self) -> nn.Module: ...
 
     def consensus_distance(self) -> float: ...
 
-    def reduce_losses(self, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def time_record(self, *, local: bool = False) -> dict[str, Any]: ...
 
 
 def wrap_state(engine: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -173,7 +173,7 @@ class SimClock:
             "pending_until": self.pending_until,
             "bytes_total": self.bytes_total,
             "rounds": self.rounds,
-            "rng": _rng_state_to_lists(self.rng.bit_generator.state),
+            "rng": _rng_state_to_lists(dict(self.rng.bit_generator.state)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

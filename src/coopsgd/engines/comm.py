@@ -296,7 +296,7 @@ def aux_placement(spec: Any, *, limit: int = 4096) -> tuple[tuple[int, ...], ...
     mats = spec.schedule.matrices(limit)
     if mats is None:
         return None
-    readers = [set() for _ in range(v)]
+    readers: list[set[int]] = [set() for _ in range(v)]
     for S in mats:
         for a in range(v):
             readers[a].update(int(i) for i in np.flatnonzero(S[m + a, :m]))
@@ -450,7 +450,7 @@ class Mixer:
         if g is None:
             timeout = None
             try:  # the same timeout as the world group (new_group's default is 30 minutes)
-                timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+                timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout  # type: ignore[union-attr]
             except Exception:  # noqa: BLE001 -- not gloo / private API changed: torch's default
                 timeout = None
             g = dist.new_group(list(ranks), timeout=timeout)
@@ -591,7 +591,7 @@ class Mixer:
         if self.on_finalize is not None:
             self.on_finalize()
 
-    def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> MixPlan:
+    def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> MixPlan | PlacedPlan:
         """Replace ``rows`` (1+v, W) -- this rank's worker and the auxiliaries -- by their columns of ``X S``.
 
         With ``overlap`` an all_reduce that feeds only auxiliaries runs asynchronously; the auxiliary rows
@@ -765,10 +765,10 @@ class Mixer:
                 w = float(S[r, m + a])
                 if w != 0.0:
                     buf[k].add_(x, alpha=w)
-                for b in np.flatnonzero(S[m:, m + a]):
-                    b = int(b)
-                    if not plan.local_terms[b, a] and self.host(b) == r:
-                        buf[k].add_(Z[b], alpha=float(S[m + b, m + a]))
+                for bb in np.flatnonzero(S[m:, m + a]):
+                    src = int(bb)
+                    if not plan.local_terms[src, a] and self.host(src) == r:
+                        buf[k].add_(Z[src], alpha=float(S[m + src, m + a]))
             if len(ranks) == 1:  # a group of one (e.g. groups of one worker): nothing to exchange
                 pass
             elif overlap:

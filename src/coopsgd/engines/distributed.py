@@ -60,7 +60,6 @@ from torch import Tensor, nn
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import (
-    NAN_POLICIES,
     DroppedRound,
     NonFiniteError,
     StepStats,
@@ -68,11 +67,11 @@ from coopsgd.engines.base import (
     wrap_state,
 )
 from coopsgd.engines.comm import Mixer, NetEmulation, aux_placement
-from coopsgd.engines.executors import FlatLayout, LoopExecutor, build_model, to_batch
-from coopsgd.engines.kernel import RoundKernel, mix_columns
+from coopsgd.engines.executors import LoopExecutor
+from coopsgd.engines.kernel import RoundKernel
 from coopsgd.engines.launch import heartbeat as _current_heartbeat
-from coopsgd.engines.optim import SGDOptions
 from coopsgd.engines.reference import consensus_distance
+from coopsgd.engines.rows import ModelRows
 from coopsgd.errors import ConfigError, check_float, check_int
 
 __all__ = [
@@ -91,7 +90,6 @@ log = logging.getLogger(__name__)
 #: gradient become NaN on that rank).
 FAILURE_MODES = ("raise", "exit", "kill", "hang", "term", "nan")
 _DOWNPOUR_ORDERS = ("schedule", "async")
-_LOSS_ESTIMATES = ("batch", "running_mean", "probe")
 _RANK_STATE_VERSION = 2  # 2: the schedule's run state ("schedule_state")
 
 Batch = tuple[Tensor, Tensor]
@@ -138,7 +136,7 @@ def fault_hook(rank: int, step: int, mode: str, *, once_file: str | Path | None 
     return hook
 
 
-class DistributedEngine:
+class DistributedEngine(ModelRows):
     """Runs one worker of an :class:`AlgorithmSpec` in this process; call it on every rank of the group.
 
     The process group must be initialised (``torch.distributed.init_process_group``) with world size
@@ -195,13 +193,6 @@ class DistributedEngine:
         world = dist.get_world_size()
         if world != spec.workers:
             raise ConfigError.invalid("workers", spec.workers, f"must equal the world size ({world}): one rank per worker")
-        if loss_estimate not in _LOSS_ESTIMATES:
-            raise ConfigError.invalid("loss_estimate", loss_estimate, f"choose one of {', '.join(_LOSS_ESTIMATES)}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ConfigError.invalid("dtype", dtype, "must be a floating-point torch.dtype")
-        if nan_policy not in NAN_POLICIES:
-            raise ConfigError.invalid("nan_policy", nan_policy, f"choose one of {', '.join(NAN_POLICIES)}")
-        self.nan_policy = nan_policy
         if downpour_order not in _DOWNPOUR_ORDERS:
             raise ConfigError.invalid("downpour_order", downpour_order, f"choose one of {', '.join(_DOWNPOUR_ORDERS)}")
         self.asynchronous = downpour_order == "async"
@@ -214,64 +205,25 @@ class DistributedEngine:
         if self.asynchronous and nan_policy == "skip":
             raise ConfigError.invalid("nan_policy", nan_policy, "'skip' cannot roll back an asynchronous parameter "
                                                                 "server; use 'stop' or downpour_order='schedule'")
-        self.spec = spec
-        self.m, self.v = spec.workers, spec.auxiliaries
-        self.loss_fn = loss_fn
-        self.opts = SGDOptions(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.seed = check_int("seed", seed)
-        self.loss_estimate = loss_estimate
-        self.window = check_int("window", window, minimum=1)
-        self.heartbeat = heartbeat or _current_heartbeat()
         if fault is not None and not callable(fault):
             raise ConfigError.invalid("fault", fault, "must be callable as fault(rank, step)")
-        self._fault = fault
-
-        # -- model, layout, flat state ----------------------------------------------------------------
-        self.template = self._build_model(model).to(device=self.device, dtype=dtype).train()
-        self.layout = FlatLayout.from_module(self.template)
-        self.d, self.b = self.layout.d, self.layout.b
-        if self.d == 0:
-            raise ConfigError.invalid("model", type(self.template).__name__, "has no parameters to train")
-        b, d, v = self.b, self.d, self.v
-        width = b + d + (d if self.opts.stateful else 0)
         # rows: this worker, then the auxiliaries (none here with an asynchronous server: z lives in it)
-        rows = 1 if self.asynchronous else 1 + v
-        self._state = torch.zeros((rows, width), dtype=dtype, device=self.device)
-        x0 = self.layout.flat_params(self.template).to(self.device, dtype)
-        per_worker = False
-        if init_params is not None:
-            x0 = torch.as_tensor(init_params).to(self.device, dtype)
-            if x0.shape[-1] != d or x0.ndim not in (1, 2) or (x0.ndim == 2 and x0.shape[0] != self.m):
-                raise ConfigError.invalid("init_params", f"tensor of shape {tuple(x0.shape)}", f"must be ({d},) or ({self.m}, {d})")
-            per_worker = x0.ndim == 2
-        with torch.no_grad():
-            if per_worker:
-                self._state[0, b : b + d] = x0[self.rank]
-                self._state[1:, b : b + d] = x0.mean(dim=0)
-            else:
-                self._state[:, b : b + d] = x0
-            if b:
-                self._state[:, :b] = self.layout.flat_buffers(self.template).to(self.device, dtype)
-            if sync_init and not per_worker:
+        super().__init__(spec, model, workers_held=[self.rank], aux_rows=0 if self.asynchronous else spec.auxiliaries,
+                         loss_fn=loss_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                         dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
+                         nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch)
+        self.heartbeat = heartbeat or _current_heartbeat()
+        self._fault = fault
+        b, d = self.b, self.d
+        if sync_init and not self.per_worker_start:  # one common start even if the factory is not seeded
+            with torch.no_grad():
                 row = self._state[0, : b + d].clone()
                 dist.broadcast(row, src=0)
                 self._state[:, : b + d] = row
-        if not bool(torch.isfinite(self._state).all()):
-            raise ConfigError.invalid("init_params", "non-finite values", "the initial parameters must be finite")
-        self.other_buffers: dict[str, Tensor] = {
-            name: t.unsqueeze(0).repeat(rows, *([1] * t.dim())).contiguous()
-            for name, t in self.layout.other_buffers(self.template).items()
-        }
-        self._mom_init = torch.zeros(1, dtype=torch.bool, device=self.device)
-        self._mix_cols = mix_columns(spec, b, d, self.opts)
+        self._check_initial_state()
         self._executor = LoopExecutor(
             self.template, self.layout, self.params_all, self.buffers_all, self.other_buffers, loss_fn, 1
         )
-        self._probe: Batch | None = None if probe_batch is None else self._to_batch(probe_batch)
-        if spec.needs_losses and loss_estimate == "probe" and self._probe is None:
-            raise ConfigError.invalid("probe_batch", None, "loss_estimate='probe' needs probe_batch=(x, y)")
         holders = aux_placement(spec)
         self.mixer = Mixer(
             self.rank, self.m, self.v, net=net, on_finalize=self._zero_aux_momentum, holders=holders,
@@ -289,11 +241,7 @@ class DistributedEngine:
                 self._aux_fill[b + d :] = 0.0
             self._ps = AsyncParameterServer(self._state[0, lo:hi].clone(), host=0, net=net, heartbeat=self.heartbeat)
 
-        # -- counters ---------------------------------------------------------------------------------
-        self.step_count = 0
-        self.rounds = 0
-        self.leader: int | None = None
-        self.schedule_state = spec.schedule.init_state()
+        # -- estimates and timing ------------------------------------------------------------------------
         self._hist = np.full(self.window, np.nan)
         self._hist_count = 0
         self.compute_s = 0.0
@@ -312,25 +260,14 @@ class DistributedEngine:
     # ------------------------------------------------------------------------------------------------
     # construction helpers and views
     # ------------------------------------------------------------------------------------------------
-    def _build_model(self, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
-        return build_model(model, seed=self.seed, device=self.device)
-
-    def _to_batch(self, batch: Any) -> Batch:
-        return to_batch(batch, "batch", device=self.device, dtype=self.dtype)
-
-    @property
-    def params_all(self) -> Tensor:
-        """(1+v, d) parameters held here: row 0 this worker, rows 1.. the (replicated) auxiliaries."""
-        return self._state[:, self.b : self.b + self.d]
-
-    @property
-    def buffers_all(self) -> Tensor:
-        return self._state[:, : self.b]
+    #: (1+v, d) parameters and (1+v, b) float buffers held here: row 0 this worker, then the auxiliaries
+    params_all = ModelRows.rows_params
+    buffers_all = ModelRows.rows_buffers
 
     @property
     def params(self) -> Tensor:
         """This worker's flat parameters (a view)."""
-        return self._state[0, self.b : self.b + self.d]
+        return self.rows_params[0]
 
     @property
     def momentum(self) -> Tensor | None:
@@ -342,7 +279,7 @@ class DistributedEngine:
         if self.asynchronous:
             raise ConfigError.invalid("j", j, "with an asynchronous server use gather_state() or center_row()")
         if not self.mixer.holds(j):
-            raise ConfigError.invalid("j", j, f"auxiliary {j} is held by ranks {list(self.mixer.holders[j])}, "
+            raise ConfigError.invalid("j", j, f"auxiliary {j} is held by ranks {self.aux_holders(j)}, "
                                               f"not by rank {self.rank} (gather_state() collects every node)")
         self.mixer.finalize()
         return self._state[1 + j, self.b : self.b + self.d]
@@ -635,7 +572,7 @@ class DistributedEngine:
             finite = bool(torch.isfinite(self._state[0]).all()) and (
                 self.v == 0 or bool(torch.isfinite(self._state[1:]).all()))
         bad_step = -1.0 if self._bad is None else float(self._bad[0])
-        flags = self.mixer.gather_floats([bad_step, 0.0 if finite else 1.0])
+        flags = self.mixer.gather_floats(np.array([bad_step, 0.0 if finite else 1.0]))
         self._bad = None
         bad = [(i, int(f[0])) for i, f in enumerate(flags) if f[0] >= 0]
         spread = [i for i, f in enumerate(flags) if f[1] > 0 and f[0] < 0]

@@ -62,8 +62,8 @@ def build_model(model: nn.Module | Callable[[], nn.Module], *, seed: int, device
         return copy.deepcopy(model)
     if not callable(model):
         raise ConfigError.invalid("model", model, "must be an nn.Module or a function returning one")
-    devices = [] if device.type == "cpu" else None
-    with torch.random.fork_rng(devices=devices):  # type: ignore[arg-type]
+    devices: list[int] | None = [] if device.type == "cpu" else None
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         built = model()
     if not isinstance(built, nn.Module):
@@ -262,7 +262,7 @@ class LoopExecutor(Executor):
         t_params = dict(self.template.named_parameters())
         t_bufs = dict(self.template.named_buffers())
         memo: dict[int, Any] = {}
-        new_params = []
+        new_params: list[tuple[nn.Parameter, Tensor | None]] = []
         prow = lay.split_params(self.params[i])
         grow = lay.split_params(self.grads[i])
         for n, view, gview, trainable in zip(lay.param_names, prow, grow, lay.trainable, strict=True):
@@ -274,9 +274,9 @@ class LoopExecutor(Executor):
         for n in lay.other_names:
             memo[id(t_bufs[n])] = self.work_others[n][i]
         rep = copy.deepcopy(self.template, memo)
-        for p, gview in new_params:
-            if gview is not None:
-                p.grad = gview  # autograd accumulates in place into row i of self.grads
+        for param, g_row in new_params:
+            if g_row is not None:
+                param.grad = g_row  # autograd accumulates in place into row i of self.grads
         return rep
 
     def _sync_buffers(self) -> None:
@@ -314,7 +314,8 @@ class LoopExecutor(Executor):
             times[:] = (time.perf_counter() - start) / max(1, len(idx))
         loss_t = torch.stack(losses).to(self.params.dtype)
         norms = np.sqrt(torch.stack(sq).to("cpu", torch.float64).numpy())  # max|g| <= ||g||_2
-        for j in np.flatnonzero(~np.isfinite(norms)):  # NaN/inf, or a finite row whose square overflowed
+        for jj in np.flatnonzero(~np.isfinite(norms)):  # NaN/inf, or a finite row whose square overflowed
+            j = int(jj)
             lo, hi = torch.aminmax(self.grads[idx[j]])
             a, b = abs(float(lo)), abs(float(hi))
             norms[j] = a if (math.isnan(a) or a > b) else b
@@ -357,7 +358,7 @@ class VmapExecutor(Executor):
         template.train()
         loss_fn = self.loss_fn
 
-        def tensors(p_row: Tensor, b_row: Tensor, o_row: dict[str, Tensor]) -> tuple[dict, dict, Tensor]:
+        def tensors(p_row: Tensor, b_row: Tensor, o_row: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
             pieces = lay.split_params(p_row)
             params = {
                 n: (v if tr else v.detach()) for n, v, tr in zip(lay.param_names, pieces, lay.trainable, strict=True)

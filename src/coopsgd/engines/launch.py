@@ -74,8 +74,10 @@ class Heartbeat:
     """One row per rank in a memory-mapped float64 file: (time.time() of the last beat, step, phase)."""
 
     def __init__(self, path: str | Path, world: int, rank: int | None = None, *, create: bool = False) -> None:
-        mode = "w+" if create else "r+"
-        self.table = np.memmap(path, dtype=np.float64, mode=mode, shape=(world, 3))
+        if create:
+            self.table = np.memmap(str(path), dtype=np.float64, mode="w+", shape=(world, 3))
+        else:
+            self.table = np.memmap(str(path), dtype=np.float64, mode="r+", shape=(world, 3))
         if create:
             self.table[:] = 0.0
             self.table[:, 0] = time.time()

@@ -24,7 +24,7 @@ def apply_mixing(state: T, S: np.ndarray) -> T:
     matrix product, whatever the number of parameters.
     """
     if isinstance(state, np.ndarray):
-        return np.asarray(S, dtype=state.dtype).T @ state  # type: ignore[return-value]
+        return np.asarray(S, dtype=state.dtype).T @ state
     import torch
 
     assert isinstance(state, torch.Tensor)

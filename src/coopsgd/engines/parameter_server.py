@@ -273,6 +273,7 @@ class AsyncParameterServer:
                         return
                 try:
                     work = dist.irecv(buf, group=self._group, tag=_TAG_PUSH)  # any source
+                    assert work is not None  # this rank is in the group
                     work.wait()
                     src = dist.get_global_rank(self._group, int(work._source_rank()))
                 except Exception as exc:
@@ -360,6 +361,7 @@ class AsyncParameterServer:
         t0 = time.perf_counter()
         try:
             rwork = dist.irecv(self._reply, src=self.host, group=self._group, tag=_TAG_REPLY)  # before the push
+            assert rwork is not None  # this rank is in the group
             if d_push > 0:
                 time.sleep(d_push)  # the push is on the wire
             dist.send(self._msg, dst=self.host, group=self._group, tag=_TAG_PUSH)

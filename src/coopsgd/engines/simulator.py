@@ -57,7 +57,6 @@ from torch import Tensor, nn
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import (
-    NAN_POLICIES,
     DroppedRound,
     NonFiniteError,
     StepStats,
@@ -69,15 +68,12 @@ from coopsgd.engines.executors import (
     EXECUTORS,
     ComputeResult,
     Executor,
-    FlatLayout,
-    build_model,
     make_executor,
     synchronize,
-    to_batch,
 )
-from coopsgd.engines.kernel import InProcess, RoundKernel, mix_columns
-from coopsgd.engines.optim import SGDOptions
+from coopsgd.engines.kernel import InProcess, RoundKernel
 from coopsgd.engines.reference import consensus_distance
+from coopsgd.engines.rows import LOSS_ESTIMATES, ModelRows
 from coopsgd.errors import ConfigError, check_float, check_int
 
 __all__ = ["Simulator", "SimStepStats", "LOSS_ESTIMATES"]
@@ -91,8 +87,6 @@ SimStepStats = StepStats
 class _Frozen(Exception):
     """Internal: this step does not update (nan_policy="skip" after a non-finite value)."""
 
-#: How LSGD's per-worker loss estimates are formed.
-LOSS_ESTIMATES = ("batch", "running_mean", "probe")
 _DOWNPOUR_ORDERS = ("schedule", "clock")
 _STATE_VERSION = 2  # 2: the schedule's run state ("schedule_state") replaces "schedule"/"schedule_rounds"
 
@@ -108,7 +102,7 @@ def _absmax(t: Tensor) -> float:
     return a if (math.isnan(a) or a > b) else b
 
 
-class Simulator:
+class Simulator(ModelRows):
     """Runs an :class:`AlgorithmSpec` on m simulated workers of a PyTorch model, in one process.
 
     Args:
@@ -156,77 +150,26 @@ class Simulator:
         calibration_steps: int = 3,
         nan_policy: str = "stop",
     ) -> None:
-        if not isinstance(spec, AlgorithmSpec):
-            raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
         if executor not in ("auto", *EXECUTORS):
             raise ConfigError.invalid("executor", executor, "choose one of auto, loop, vmap")
-        if loss_estimate not in LOSS_ESTIMATES:
-            raise ConfigError.invalid("loss_estimate", loss_estimate, f"choose one of {', '.join(LOSS_ESTIMATES)}")
         if downpour_order not in _DOWNPOUR_ORDERS:
             raise ConfigError.invalid("downpour_order", downpour_order, "choose one of schedule, clock")
+        if clock is not None and not isinstance(clock, SimClock):
+            raise ConfigError.invalid("clock", clock, "must be a SimClock or None")
+        workers = spec.workers if isinstance(spec, AlgorithmSpec) else 0
+        super().__init__(spec, model, workers_held=range(workers), aux_rows=spec.auxiliaries if workers else 0,
+                         loss_fn=loss_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                         dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
+                         nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch)
         if downpour_order == "clock" and not spec.schedule.sequential:
             raise ConfigError.invalid("downpour_order", downpour_order,
                                       "'clock' needs a schedule whose rounds are sequential pushes (DOWNPOUR)")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ConfigError.invalid("dtype", dtype, "must be a floating-point torch.dtype")
-        if clock is not None and not isinstance(clock, SimClock):
-            raise ConfigError.invalid("clock", clock, "must be a SimClock or None")
-        if not callable(loss_fn):
-            raise ConfigError.invalid("loss_fn", loss_fn, "must be callable as loss_fn(output, target)")
-        if nan_policy not in NAN_POLICIES:
-            raise ConfigError.invalid("nan_policy", nan_policy, f"choose one of {', '.join(NAN_POLICIES)}")
-        self.nan_policy = nan_policy
-        self.spec = spec
-        self.m = spec.workers
-        self.v = spec.auxiliaries
-        self.n = spec.nodes
-        self.loss_fn = loss_fn
-        self.opts = SGDOptions(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.seed = check_int("seed", seed)
-        self.loss_estimate = loss_estimate
-        self.window = check_int("window", window, minimum=1)
         self.downpour_order = downpour_order
         self.calibration_steps = check_int("calibration_steps", calibration_steps, minimum=1)
         self.requested_executor = executor
-
-        # -- the template module and the flat layout -----------------------------------------------
-        self.template = self._build_model(model).to(device=self.device, dtype=dtype)
-        self.template.train()
-        self.layout = FlatLayout.from_module(self.template)
-        self.d, self.b = self.layout.d, self.layout.b
-        if self.d == 0:
-            raise ConfigError.invalid("model", type(self.template).__name__, "has no parameters to train")
-
-        # -- stacked state ---------------------------------------------------------------------------
-        n, m, d, b = self.n, self.m, self.d, self.b
-        width = b + d + (d if self.opts.stateful else 0)
-        self._state = torch.zeros((n, width), dtype=dtype, device=self.device)
-        x0 = self.layout.flat_params(self.template).to(self.device, dtype)
-        if init_params is not None:
-            x0 = torch.as_tensor(np.asarray(init_params) if isinstance(init_params, np.ndarray) else init_params)
-            x0 = x0.to(self.device, dtype)
-            if x0.shape[-1] != d or x0.ndim not in (1, 2) or (x0.ndim == 2 and x0.shape[0] != m):
-                raise ConfigError.invalid("init_params", f"tensor of shape {tuple(x0.shape)}", f"must be ({d},) or ({m}, {d})")
-        with torch.no_grad():
-            if x0.ndim == 1:
-                self._state[:, b : b + d] = x0
-            else:
-                self._state[:m, b : b + d] = x0
-                self._state[m:, b : b + d] = x0.mean(dim=0)
-            if b:
-                self._state[:, :b] = self.layout.flat_buffers(self.template).to(self.device, dtype)
-        if not math.isfinite(_absmax(self._state)):
-            raise ConfigError.invalid("init_params", "non-finite values", "the initial parameters must be finite")
+        m, d, b = self.m, self.d, self.b
+        self._check_initial_state()
         self._drop_template_storage()
-        self.other_buffers: dict[str, Tensor] = {
-            name: t.unsqueeze(0).repeat(n, *([1] * t.dim())).contiguous()
-            for name, t in self.layout.other_buffers(self.template).items()
-        }
-        self._mom_init = torch.zeros(m, dtype=torch.bool, device=self.device)
-        # which columns a mix touches (always one contiguous range)
-        self._mix_cols = mix_columns(spec, b, d, self.opts)
         self._kernel = RoundKernel(spec, self.opts, b, d, m, InProcess())
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
@@ -234,19 +177,10 @@ class Simulator:
         self._good: dict[str, Any] | None = None
         self._good_step = 0
 
-        # -- counters, estimates, executors, clock ---------------------------------------------------
-        self.step_count = 0
-        self.rounds = 0
+        # -- estimates, executors, clock -------------------------------------------------------------
         self.bytes_sent = 0.0  # the alpha-beta model's bytes of every round so far
-        self.leader: int | None = None
-        self.schedule_state = spec.schedule.init_state()
         self._hist = np.full((self.window, m), np.nan)
         self._hist_count = np.zeros(m, dtype=np.int64)
-        self._probe: Batch | None = None
-        if probe_batch is not None:
-            self._probe = self._to_batch(probe_batch, "probe_batch")
-        if spec.needs_losses and loss_estimate == "probe" and self._probe is None:
-            raise ConfigError.invalid("probe_batch", None, "loss_estimate='probe' needs probe_batch=(x, y)")
         self._executors: dict[str, Executor] = {}
         self.executor_name: str = executor
         self.calibration: dict[str, float] = {}
@@ -261,9 +195,6 @@ class Simulator:
     # ------------------------------------------------------------------------------------------------
     # construction helpers
     # ------------------------------------------------------------------------------------------------
-    def _build_model(self, model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
-        return build_model(model, seed=self.seed, device=self.device)
-
     def _drop_template_storage(self) -> None:
         """Give the template no parameter storage of its own (only the stacked state holds parameters).
 
@@ -282,28 +213,14 @@ class Simulator:
             )
         return self._executors[name]
 
-    def _to_batch(self, batch: Any, what: str) -> Batch:
-        return to_batch(batch, what, device=self.device, dtype=self.dtype)
-
     # ------------------------------------------------------------------------------------------------
     # views
     # ------------------------------------------------------------------------------------------------
-    @property
-    def params(self) -> Tensor:
-        """(m+v, d) parameters, one row per node (a view into the stacked state)."""
-        return self._state[:, self.b : self.b + self.d]
-
-    @property
-    def buffers(self) -> Tensor:
-        """(m+v, b) floating-point buffers, one row per node (a view)."""
-        return self._state[:, : self.b]
-
-    @property
-    def momentum(self) -> Tensor | None:
-        """(m+v, d) momentum buffers (auxiliary rows stay zero), or ``None`` without momentum."""
-        if not self.opts.stateful:
-            return None
-        return self._state[:, self.b + self.d :]
+    #: (m+v, d) parameters, (m+v, b) float buffers and (m+v, d) momentum (or ``None``), one row per node:
+    #: views into the stacked state
+    params = ModelRows.rows_params
+    buffers = ModelRows.rows_buffers
+    momentum = ModelRows.rows_momentum
 
     @property
     def executor(self) -> Executor | None:
@@ -463,12 +380,11 @@ class Simulator:
         flagged = np.flatnonzero(np.asarray(bad))
         node = idx[int(flagged[0])]
         kind = "worker" if node < self.m else "auxiliary node"
-        exc = NonFiniteError(
+        raise NonFiniteError(
             f"non-finite {what} on {kind} {node} at step {step}: the run diverged "
-            f"(try a smaller learning rate, or for EASGD alpha < 2/(m+1))"
+            f"(try a smaller learning rate, or for EASGD alpha < 2/(m+1))",
+            workers=sorted({int(idx[int(j)]) for j in flagged if idx[int(j)] < self.m}),
         )
-        exc.workers = sorted({int(idx[int(j)]) for j in flagged if idx[int(j)] < self.m})  # type: ignore[attr-defined]
-        raise exc
 
     def _absmax(self) -> float:
         return _absmax(self._state)
@@ -611,10 +527,9 @@ class Simulator:
     # nan_policy="skip"
     # ------------------------------------------------------------------------------------------------
     def _mark_bad(self, k: int, exc: NonFiniteError) -> None:
-        workers = getattr(exc, "workers", None) or []
         if self._bad is None:
             self._bad = {"step": k, "workers": {}}
-        for w in workers:
+        for w in exc.workers:
             self._bad["workers"].setdefault(str(w), k)
         log.warning("step %d: %s; the round will be dropped (nan_policy=skip)", k, exc)
 

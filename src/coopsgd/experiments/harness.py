@@ -146,7 +146,8 @@ def run_config(
         # one process per worker; the stated network is emulated on every message, time is measured
         cfg = dataclasses.replace(cfg, engine="distributed", emulate_network=True)
     t0 = time.perf_counter()
-    summary, error = None, None
+    summary: dict[str, Any] | None = None
+    error: Exception | None = None
     with warnings.catch_warnings():
         warnings.simplefilter(
             "ignore", DivergenceWarning

@@ -94,6 +94,7 @@ def plot_network_error_heatmap(
 
     vmax = float(np.max(grid)) if grid.size else 1.0
     vmin = float(np.min(grid))
+    norm: Normalize
     if log:
         norm = SymLogNorm(linthresh=1.0, linscale=0.5, vmin=min(0.0, vmin), vmax=max(vmax, 1.0), base=10)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -296,7 +297,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
     text = p.read_text(encoding="utf-8")
     try:
         if suffix == ".toml":
-            import tomllib
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # Python 3.10: the same parser from PyPI
+                import tomli as tomllib
 
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):

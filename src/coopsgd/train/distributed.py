@@ -17,6 +17,7 @@ the first time.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -35,7 +36,7 @@ from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Engine, StepStats
 from coopsgd.engines.comm import NetEmulation
 from coopsgd.engines.distributed import FAILURE_MODES, DistributedEngine, FaultHook, fault_hook
-from coopsgd.engines.launch import launch
+from coopsgd.engines.launch import RankFailure, launch
 from coopsgd.errors import ConfigError, check_float
 from coopsgd.train.config import RunConfig
 from coopsgd.train.loop import LoopPlan, LoopState, run_loop
@@ -46,6 +47,7 @@ from coopsgd.train.trainer import (
     build_problem,
     load_run_checkpoint,
     loop_plan,
+    record_run,
     summarize,
 )
 
@@ -162,13 +164,7 @@ def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict
                         lr=lambda k, _t: float(lr_fn(k) if callable(lr_fn) else lr_fn),  # noqa: B023
                         feed=feed_from(loader), evaluate=evaluate, nan_policy=job.nan_policy,
                         max_skips=job.max_skips, on_step=on_step)
-        gen = run_loop(eng, plan)
-        state = LoopState()
-        try:
-            while True:
-                next(gen)
-        except StopIteration as stop:
-            state = stop.value or state
+        _, state = record_run(run_loop(eng, plan), None)
         eng.close()
         wall = time.perf_counter() - t0
         timing = eng.timing()
@@ -318,26 +314,7 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
     plan.evaluate = evaluate_alive
     dist.barrier()
     t0 = time.perf_counter()
-    last: dict[str, Any] = {}
-    try:
-        gen = run_loop(eng, plan, state=exp.loop_state)
-        while True:
-            rec = next(gen)
-            if rd is not None and rec:
-                last = rec
-                rd.log(rec)
-    except StopIteration:
-        pass
-    except BaseException as exc:
-        from coopsgd.engines.base import NonFiniteError
-
-        if rd is not None and isinstance(exc, NonFiniteError):
-            rd.close()
-            rd.write_summary({"status": "diverged", "error": str(exc), "last_record": last})
-        raise
-    finally:
-        if rd is not None:
-            rd.close()
+    last, _ = record_run(run_loop(eng, plan, state=exp.loop_state), rd)
     eng.close()  # an asynchronous parameter server waits for every worker's last push
     timing = eng.timing()
     summary: dict[str, Any] = {"rank": rank}
@@ -400,8 +377,27 @@ def run_distributed(
         opts["resume"] = str(_checkpoint_path(resume).resolve())
     cfg = config.to_dict()
     cfg["engine"] = "distributed"
-    results = launch(rank_main, config.workers, (cfg, opts), timeout_s=timeout_s, backend=backend, env=env)
+    try:
+        results = launch(rank_main, config.workers, (cfg, opts), timeout_s=timeout_s, backend=backend, env=env)
+    except RankFailure as exc:
+        if out_dir and exc.details.get("type") == "NonFiniteError":
+            _record_divergence(Path(out_dir), str(exc.details.get("message", exc)))
+        raise
     return results[0]
+
+
+def _record_divergence(out_dir: Path, message: str) -> None:
+    """A diverged run's ``summary.json`` (status ``"diverged"``), unless rank 0 wrote it before being stopped."""
+    from coopsgd.train.rundir import atomic_write_json
+
+    path = out_dir / "summary.json"
+    try:
+        if path.is_file() and json.loads(path.read_text()).get("status") == "diverged":
+            return
+    except (OSError, ValueError):
+        pass
+    if out_dir.is_dir():
+        atomic_write_json(path, {"status": "diverged", "error": message})
 
 
 def one_line(summary: dict[str, Any]) -> dict[str, Any]:

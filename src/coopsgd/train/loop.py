@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +114,9 @@ def _health(engine: Engine, plan: LoopPlan, state: LoopState, *, after_round: bo
                 "%d steps", rec.step, what, rec.restored_to_step)
 
 
-def run_loop(engine: Engine, plan: LoopPlan, *, state: LoopState | None = None) -> Iterator[dict[str, Any]]:
+def run_loop(
+    engine: Engine, plan: LoopPlan, *, state: LoopState | None = None
+) -> Generator[dict[str, Any], None, LoopState]:
     """Run ``engine`` from its current step to ``plan.total_steps``; yield one record per evaluation.
 
     A fresh engine (step 0) is evaluated once before the first step. ``state`` is the loop's own state

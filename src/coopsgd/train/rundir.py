@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -156,7 +156,7 @@ class RunDir:
             raise ConfigError.invalid("out", str(path), "exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
-        self._metrics = None
+        self._metrics: TextIO | None = None
 
     def write_config(self, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
         atomic_write_json(self.path / "config.json", config)

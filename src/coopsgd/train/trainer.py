@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coopsgd.algorithms import AlgorithmSpec, make_preset
-from coopsgd.engines.base import Engine, NonFiniteError, StepStats
+from coopsgd.algorithms import AlgorithmSpec
+from coopsgd.engines.base import Engine, ModelEngine, NonFiniteError, StepStats
 from coopsgd.errors import ConfigError
 from coopsgd.train.config import RunConfig
 from coopsgd.train.loop import LoopPlan, LoopState, run_loop
@@ -107,12 +107,8 @@ def build_problem(config: RunConfig) -> dict[str, Any]:
                           shards_per_worker=c.shards_per_worker, seed=c.seed)
         histograms = label_histograms(train_set.y, parts, train_set.num_classes)
     loader = WorkerLoader(train_set, parts, c.batch_size, seed=c.seed)
-    kwargs = c.spec_kwargs()
-    if c.preset == "fedavg":
-        kwargs["sample_counts"] = [float(s) for s in loader.shard_sizes]
-        if c.local_epochs is not None:  # E local epochs = E passes over a client's shard between rounds
-            kwargs["tau"] = max(1, round(c.local_epochs * loader.steps_per_epoch))
-    spec = make_preset(c.preset, c.workers, **kwargs)
+    # the preset's declaration says which run-time inputs it takes (FedAvg: shard sizes, local epochs)
+    spec = c.build_spec(shard_sizes=loader.shard_sizes, steps_per_epoch=loader.steps_per_epoch)
     torch.manual_seed(c.seed)
     model_kw: dict[str, Any] = dict(c.model_args)
     if is_lm and c.model == "lstm_lm":
@@ -207,6 +203,7 @@ def nn_evaluator(exp: Experiment, *, wall_offset: float = 0.0) -> Callable[..., 
     t0 = time.perf_counter() - wall_offset
 
     def evaluate(engine: Engine, step: int, lr: float, worker_losses: np.ndarray, st: LoopState) -> dict[str, Any]:
+        assert isinstance(engine, ModelEngine)
         center = engine.center_model()
         avg = engine.average_model()
         consensus = engine.consensus_distance()
@@ -306,7 +303,7 @@ def iterate(
     progress: bool = False,
     on_checkpoint: Callable[[int], None] | None = None,
     state: LoopState | None = None,
-) -> Iterator[dict[str, Any]]:
+) -> Generator[dict[str, Any], None, None]:
     """Run the experiment from the simulator's current step; yield one metric record per evaluation.
 
     ``on_checkpoint(step)`` is called after every ``config.checkpoint_every`` steps.
@@ -423,21 +420,8 @@ def train(
         if rd is not None:
             rd.checkpoint(checkpoint_state(exp, step))
 
-    last: dict[str, Any] = {}
     t0 = time.perf_counter()
-    try:
-        for rec in iterate(exp, start_step=start, progress=progress, on_checkpoint=on_checkpoint):
-            last = rec
-            if rd is not None:
-                rd.log(rec)
-    except NonFiniteError as exc:
-        if rd is not None:
-            rd.close()
-            rd.write_summary({"status": "diverged", "error": str(exc), "last_record": last})
-        raise
-    finally:
-        if rd is not None:
-            rd.close()
+    last, _ = record_run(iterate(exp, start_step=start, progress=progress, on_checkpoint=on_checkpoint), rd)
     wall = time.perf_counter() - t0
     summary = summarize(exp.spec, config, last, total_steps=exp.total_steps, wall=wall, engine="simulate",
                         is_lm=exp.is_lm, extra={"executor": exp.sim.executor_name})
@@ -446,6 +430,32 @@ def train(
         rd.write_summary(summary)
         summary["out"] = str(rd.path)
     return summary
+
+
+def record_run(records: Generator[dict[str, Any], None, Any], rd: RunDir | None) -> tuple[dict[str, Any], Any]:
+    """Consume a loop's records, logging each non-empty one to the run directory (``None``: nowhere).
+
+    Returns the last record and the generator's return value. On divergence the run directory gets
+    ``summary.json`` with ``"status": "diverged"``, the error and the last record, and the error is raised.
+    """
+    last: dict[str, Any] = {}
+    try:
+        while True:
+            rec = next(records)
+            if rec:
+                last = rec
+                if rd is not None:
+                    rd.log(rec)
+    except StopIteration as stop:
+        return last, stop.value
+    except NonFiniteError as exc:
+        if rd is not None:
+            rd.close()
+            rd.write_summary({"status": "diverged", "error": str(exc), "last_record": last})
+        raise
+    finally:
+        if rd is not None:
+            rd.close()
 
 
 def summarize(spec: AlgorithmSpec, config: RunConfig, last: dict[str, Any], *, total_steps: int, wall: float,
@@ -504,7 +514,7 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
         args.setdefault("batch_size", c.batch_size)
         args.setdefault("iid", c.partition == "iid")
     obj = make_objective(c.objective, **args)
-    spec = make_preset(c.preset, c.workers, **c.spec_kwargs())
+    spec = c.build_spec()
     steps = c.max_steps or 300
     eng = ReferenceEngine(spec, obj, seed=c.seed, nan_policy=c.nan_policy)
     rc = spec_round_cost(spec, obj.dim, bytes_per_param=8)
@@ -535,7 +545,7 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
             **_time_fields(times, st.train_s, time.perf_counter() - t0), "samples_per_s": None,
         }
         if logistic:
-            rec["test_accuracy"] = float(obj.accuracy(center))
+            rec["test_accuracy"] = float(obj.accuracy(center))  # type: ignore[attr-defined]
         return rec
 
     plan = LoopPlan(total_steps=steps, eval_every=max(1, steps // 200), lr=lambda k, _t: lr_at(c, k, max(1, steps), 0.0),
@@ -546,28 +556,21 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
     if rd is not None:
         rd.write_config(c.to_dict(), {"spec": spec.describe()})
         rd.start_metrics()
-    last: dict[str, Any] = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, desc=spec.name, unit="step", leave=False)
-        plan.on_step = lambda stats: bar.update(1)
+
+        def tick(stats: StepStats) -> None:
+            bar.update(1)
+
+        plan.on_step = tick
     try:
-        for rec in run_loop(eng, plan):
-            last = rec
-            if rd is not None:
-                rd.log(rec)
-    except NonFiniteError as exc:
-        if rd is not None:
-            rd.close()
-            rd.write_summary({"status": "diverged", "error": str(exc), "last_record": last})
-        raise
+        last, _ = record_run(run_loop(eng, plan), rd)
     finally:
         if bar is not None:
             bar.close()
-        if rd is not None:
-            rd.close()
     summary = summarize(spec, c, last, total_steps=steps, wall=time.perf_counter() - t0, engine="reference",
                         is_lm=False)
     if logistic:
@@ -601,7 +604,7 @@ def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = N
         return train(config, progress=progress, out=out, resume=resume)
     from coopsgd.train.distributed import run_distributed
 
-    net = {}
-    if config.emulate_network:
-        net = {"net_latency_ms": config.net_latency_ms, "net_bandwidth_mbps": config.net_bandwidth_mbps}
-    return run_distributed(config, out=out, timeout_s=config.timeout_s, resume=resume, **net)
+    emulate = config.emulate_network
+    return run_distributed(config, out=out, timeout_s=config.timeout_s, resume=resume,
+                           net_latency_ms=config.net_latency_ms if emulate else None,
+                           net_bandwidth_mbps=config.net_bandwidth_mbps if emulate else None)

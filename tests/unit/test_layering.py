@@ -1,0 +1,110 @@
+"""Architecture rules (docs/architecture.md), checked on the source so that they cannot drift.
+
+* arrows point one way: ``engines`` never import ``train``, ``experiments``, the CLI layer or glue modules;
+  the pure math (``topology``, ``theory``, ``algorithms``) imports neither engines nor ``torch.distributed``;
+* nothing in the engines or the training loop branches on a preset's name, or reads a schedule's private
+  attributes (schedules declare what they need).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from coopsgd.algorithms.presets import PRESETS
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "coopsgd"
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((SRC / package).rglob("*.py"))
+
+
+def _imports(path: Path, pkg: str | None = None) -> list[tuple[int, str]]:
+    """Every module a file imports, at any depth (functions included), resolved to absolute names."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    if pkg is None:
+        pkg = ".".join(("coopsgd", *path.relative_to(SRC).with_suffix("").parts[:-1]))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            out.append((node.lineno, base))
+            out += [(node.lineno, f"{base}.{a.name}") for a in node.names]
+    return out
+
+
+def _violations(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    bad = []
+    for path in _modules(package):
+        for line, name in _imports(path):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                bad.append(f"{path.relative_to(SRC)}:{line} imports {name}")
+    return bad
+
+
+def test_engines_import_nothing_above_them() -> None:
+    forbidden = ("coopsgd.train", "coopsgd.experiments", "coopsgd.cli", "coopsgd.torchrun", "coopsgd.analysis",
+                 "coopsgd.plots", "coopsgd.wrapper")
+    assert _violations("engines", forbidden) == []
+
+
+@pytest.mark.parametrize("package", ["topology", "theory", "algorithms"])
+def test_pure_math_imports_no_engine_and_no_process_group(package: str) -> None:
+    forbidden = ("coopsgd.engines", "coopsgd.train", "coopsgd.experiments", "coopsgd.cli", "torch.distributed")
+    assert _violations(package, forbidden) == []
+
+
+def test_the_rule_catches_a_violation(tmp_path) -> None:
+    """The checker itself: imports inside functions and relative imports are found and resolved."""
+    f = tmp_path / "x.py"
+    f.write_text("def g():\n    from coopsgd.train.trainer import train\n    from ..train import loop\n")
+    names = {name for _, name in _imports(f, "coopsgd.engines")}
+    assert {"coopsgd.train.trainer", "coopsgd.train", "coopsgd.train.loop"} <= names
+
+
+def _preset_name_branches(path: Path) -> list[str]:
+    """Comparisons of a string literal naming a preset (``x == "fedavg"``, ``x in ("sync", ...)``)."""
+    tree = ast.parse(path.read_text())
+    bad = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        consts = []
+        for side in [node.left, *node.comparators]:
+            if isinstance(side, ast.Constant) and isinstance(side.value, str):
+                consts.append(side.value)
+            elif isinstance(side, (ast.Tuple, ast.List, ast.Set)):
+                consts += [e.value for e in side.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+        hits = [c for c in consts if c in PRESETS]
+        if hits:
+            bad.append(f"{path.relative_to(SRC)}:{node.lineno} compares with preset name(s) {hits}")
+    return bad
+
+
+def _private_schedule_reads(path: Path) -> list[str]:
+    """``schedule._x`` / ``sched._x`` reads: engines must use what a schedule declares."""
+    tree = ast.parse(path.read_text())
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = node.value
+            name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
+            if name in ("schedule", "sched"):
+                bad.append(f"{path.relative_to(SRC)}:{node.lineno} reads {name}.{node.attr}")
+    return bad
+
+
+@pytest.mark.parametrize("package", ["engines", "train"])
+def test_no_branch_on_preset_names_and_no_private_schedule_state(package: str) -> None:
+    bad = []
+    for path in _modules(package):
+        bad += _preset_name_branches(path) + _private_schedule_reads(path)
+    assert bad == []
