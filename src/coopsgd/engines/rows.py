@@ -10,6 +10,7 @@ mean), and gives the views. The update of a step is the round kernel's (:mod:`co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -126,7 +127,9 @@ class ModelRows:
         self.schedule_state = spec.schedule.init_state()
 
     def _check_initial_state(self) -> None:
-        if not bool(torch.isfinite(self._state).all()):
+        # aminmax: one pass and no temporary the size of the state (isfinite() would allocate one)
+        lo, hi = torch.aminmax(self._state) if self._state.numel() else (torch.zeros(()), torch.zeros(()))
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             raise ConfigError.invalid("init_params", "non-finite values", "the initial parameters must be finite")
 
     def _to_batch(self, batch: Any, what: str = "batch") -> Batch:
