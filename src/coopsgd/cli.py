@@ -35,6 +35,53 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (tables stay tables); every option's default in its help.
+
+    ``(default: X)`` is added unless the help already states a default; ``None`` (not given) is shown as
+    ``none``, a switch's ``False`` as ``off``.
+    """
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=_help_width())
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # each line is a paragraph, wrapped; indented lines (tables) are kept as written
+        import textwrap
+
+        return "\n".join(indent + line if line.startswith("  ") or len(line) <= width
+                         else textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        # argparse leaves the sub-commands' extra indent out of the column width: count it
+        subactions = getattr(action, "_get_subactions", None)
+        if action.help is not argparse.SUPPRESS and subactions is not None:
+            for sub in subactions():
+                width = len(self._format_action_invocation(sub)) + self._current_indent + self._indent_increment
+                self._action_max_length = max(self._action_max_length, width)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or not action.option_strings:
+            return text
+        default = action.default
+        if default is argparse.SUPPRESS or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return text
+        if default is False and action.nargs == 0:
+            return text + " (default: off)"
+        if default is None or (isinstance(default, list) and not default):
+            return text + " (default: none)"
+        return text + " (default: %(default)s)"
+
+
+def _help_width() -> int:
+    import shutil
+
+    return max(80, min(shutil.get_terminal_size().columns, 120)) - 2
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
@@ -326,7 +373,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         engine = args.engine or entry.engines[0]
         if engine not in entry.engines:
             raise ConfigError.invalid("--engine", engine, f"{name} runs on {', '.join(entry.engines)}")
-        data = entry.run(quick=args.quick, engine=engine, out=out_dir, seed=args.seed, progress=_progress(args))
+        from coopsgd.experiments.harness import OVERWRITE
+
+        token = OVERWRITE.set(bool(args.overwrite))
+        try:
+            data = entry.run(quick=args.quick, engine=engine, out=out_dir, seed=args.seed, progress=_progress(args))
+        finally:
+            OVERWRITE.reset(token)
     else:
         raise ConfigError.invalid("NAME", args.name, f"choose one of {', '.join(_experiment_names())}")
     _write_json(out_dir / "result.json", data)
@@ -341,9 +394,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _experiment_names() -> list[str]:
-    from coopsgd.experiments.registry import EXPERIMENTS
+    # a static table (checked against the experiments' registry by a test): listing the names must not
+    # import the experiments (torch, matplotlib)
+    from coopsgd.catalog import reproduction_names
 
-    return sorted({*EXPERIMENTS, "matrix-completion", "lsgd-matrix-completion"})
+    return reproduction_names()
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -369,56 +424,143 @@ def _write_json(path: Path, data: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 _RUN_HELP = {
-    "engine": "reference (analytic objectives, exact) | simulate (m workers of a torch model in one process) "
+    "engine": "reference (analytic objectives, exact, numpy) | simulate (m workers of a torch model in one process) "
               "| distributed (one process per worker, torch.distributed)",
-    "preset": "algorithm preset", "workers": "number of workers m",
-    "downpour_order": "DOWNPOUR push order: clock (order of arrival: on the simulated clock, or at a real asynchronous server with --engine distributed) | schedule (seeded, deterministic) | async (distributed only)",
-    "nan_policy": "on NaN/Inf: stop | skip (drop the step, keep the last good state)",
-    "max_skips": "consecutive skipped steps before stopping", "checkpoint_every": "steps between checkpoints", "buffers": "buffer policy: mix | local",
-    "optimizer_state": "momentum policy: local | reset | mix", "model": "mlp, lenet, cnn7, resnet20, vgg16, lstm_lm",
-    "dataset": "mnist_bundled (default, offline), digits, mnist, cifar10, synthetic_mnist, synthetic_cifar, wikitext2",
-    "data_root": "directory of downloaded data", "augment": "random crop + horizontal flip on training batches", "download": "allow torchvision downloads",
-    "partition": "iid | dirichlet | shards", "dirichlet_beta": "Dirichlet concentration (label skew)",
-    "shards_per_worker": "class shards per worker", "objective": "reference engine objective",
+    "workers": "number of workers m",
+    "downpour_order": "DOWNPOUR push order: clock (order of arrival: on the simulated clock, or at a real "
+                      "asynchronous server with --engine distributed) | schedule (seeded, deterministic) | async "
+                      "(distributed only)",
+    "nan_policy": "on NaN/Inf: stop | skip (drop the round, keep the last good state)",
+    "max_skips": "consecutive skipped rounds before stopping", "checkpoint_every": "steps between checkpoints",
+    "buffers": "buffer policy (BatchNorm statistics): mixed like parameters, or kept per worker",
+    "optimizer_state": "momentum policy", "model": "simulate / distributed: model",
+    "dataset": "simulate / distributed: data set (mnist_bundled ships with the package; mnist, cifar10 need "
+               "torchvision and --download)",
+    "data_root": "directory of downloaded data", "augment": "random crop + horizontal flip on training batches",
+    "download": "allow torchvision downloads",
+    "partition": "how the training set is split over the workers", "dirichlet_beta": "Dirichlet concentration (label skew)",
+    "shards_per_worker": "class shards per worker", "objective": "reference engine: analytic objective",
     "lr": "learning rate", "momentum": "SGD momentum", "nesterov": "Nesterov momentum",
-    "weight_decay": "weight decay", "batch_size": "batch size per worker", "epochs": "epochs (simulate)",
-    "max_steps": "number of steps (overrides epochs)", "lr_decay_epochs": "decay the lr at these epochs, e.g. 100,150",
+    "weight_decay": "weight decay", "batch_size": "batch size per worker", "epochs": "simulate / distributed: epochs",
+    "max_steps": "number of steps (overrides --epochs)", "lr_decay_epochs": "decay the lr at these epochs, e.g. 100,150",
     "lr_decay_times_s": "decay the lr at these simulated times (s)", "lr_decay_factor": "lr decay factor",
-    "lr_warmup_steps": "linear lr warm-up steps", "loss_estimate": "LSGD leader estimate: running_mean | batch | probe",
-    "dtype": "float32 | float64", "executor": "auto | loop | vmap", "seed": "random seed",
+    "lr_warmup_steps": "linear lr warm-up steps", "loss_estimate": "LSGD's leader election: loss estimate",
+    "dtype": "floating-point type of the models", "executor": "simulator: local steps in a loop over the workers or "
+                                                               "vectorised (vmap); auto times both once per workload and "
+                                                               "machine and caches the choice ($COOPSGD_CACHE_DIR)",
+    "device": "where the models live and train: cpu | cuda (distributed: each local rank on its own GPU, "
+              "cuda:LOCAL_RANK) | cuda:N | mps; the reference engine is numpy (cpu only)",
+    "seed": "random seed",
     "eval_every": "steps between evaluations", "eval_samples": "training / test samples used per evaluation",
-    "compute": "compute time: measured | constant | exponential | lognormal | pareto",
-    "compute_ms": "mean compute time per step for a modelled compute time (ms)",
+    "compute": "simulated compute time per step: flops (counted FLOPs / --compute-gflops; deterministic, the "
+               "default), measured (follows the machine's load), or drawn from a distribution",
+    "compute_ms": "mean compute time per step for a modelled compute time (ms); also the constant fallback of "
+                  "flops for a model that cannot be FLOP-counted",
+    "compute_gflops": "throughput of one worker for --compute flops (GFLOP/s; the default is one CPU core)",
     "compute_spread": "spread of the compute-time distribution (stragglers)",
     "net_latency_ms": "network latency per handshake (ms)", "net_bandwidth_mbps": "network bandwidth (Mbit/s)",
     "timeout_s": "distributed: communication timeout; a dead or hung rank stops the run within it",
     "emulate_network": "distributed: delay every message by --net-latency-ms and --net-bandwidth-mbps",
     "out": "run directory",
+    "tensorboard": "write TensorBoard scalars of the metrics to OUT/tensorboard/ (needs coopsgd[tensorboard])",
+}
+
+#: Defaults that are computed or mean "none", in words.
+_RUN_DEFAULT_TEXT = {
+    "max_steps": "from --epochs; the reference engine: 300",
+    "eval_every": "the smaller of one epoch and a tenth of the run; the reference engine: every steps/200",
+    "checkpoint_every": "once, at the end of a run with a run directory",
+    "data_root": "$COOPSGD_DATA, else ~/.cache/coopsgd",
+    "lr_decay_epochs": "none", "lr_decay_times_s": "none",
+    "out": "a new runs/PRESET-YYYYmmdd-HHMMSS", "tensorboard": "on when the tensorboard package is installed",
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+def _run_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the RunConfig fields that take a name (a test checks them against RunConfig)."""
+    from coopsgd.catalog import DATASETS, MODELS
+    from coopsgd.objectives import OBJECTIVES
+    from coopsgd.train.config import COMPUTE_MODELS, DTYPES, ENGINES, EXECUTORS, LOSS_ESTIMATES, PARTITIONS
+
+    return {
+        "engine": ENGINES, "model": MODELS, "dataset": DATASETS, "partition": PARTITIONS,
+        "objective": tuple(OBJECTIVES), "loss_estimate": LOSS_ESTIMATES, "dtype": DTYPES, "executor": EXECUTORS,
+        "compute": COMPUTE_MODELS, "nan_policy": ("stop", "skip"), "buffers": ("mix", "local"),
+        "optimizer_state": ("local", "reset", "mix"), "downpour_order": ("clock", "schedule", "async"),
+        "device": ("cpu", "cuda", "cuda:N", "mps"),
+    }
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def _presets_epilog() -> str:
+    """The presets, one line each, from their declarations."""
+    from coopsgd.algorithms.registry import declarations
+
+    decls = declarations()
+    width = max(len(n) for n in decls) + 2
+    lines = [f"  {n:{width}s}{d.summary}" for n, d in decls.items()]
+    return "presets:\n" + "\n".join(lines).replace("%", "%%")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = (),
+                      defaults: dict[str, Any] | None = None, other: str = "",
+                      default_text: dict[str, str] | None = None) -> None:
     """One flag per RunConfig field (``--batch-size`` for ``batch_size``); only given flags are kept.
 
-    The preset settings' flags are RunConfig fields too (see :data:`coopsgd.train.config.PRESET_SETTING`).
+    The preset settings' flags are RunConfig fields too (see :data:`coopsgd.train.config.PRESET_SETTING`);
+    their help (with each preset's default) comes from the preset declarations. Every other flag's help
+    says its choices and its default: RunConfig's, or ``defaults`` (a command's own, e.g. ``compare``'s;
+    ``other`` names the command whose default is RunConfig's, shown next to it), or ``default_text``.
     """
     import dataclasses
 
     from coopsgd.train.config import RunConfig
 
+    choices = _run_choices()
+    own = defaults or {}
+    words = {**_RUN_DEFAULT_TEXT, **(default_text or {})}
     for f in dataclasses.fields(RunConfig):
         if f.name in skip or f.name in ("objective_args", "model_args"):
             continue
         flag = "--" + f.name.replace("_", "-")
         t = str(f.type)
-        # a preset setting's help comes from the preset declarations
-        help_ = _setting_help(f.name) if f.metadata.get("preset") else _RUN_HELP.get(f.name, f.name)
-        if f.name == "preset":
-            from coopsgd.algorithms.registry import declarations
+        if f.metadata.get("preset"):
+            # a preset setting's help (choices, range, each preset's default) comes from the declarations
+            help_ = _setting_help(f.name)
+        else:
+            if f.name == "preset":
+                from coopsgd.algorithms.registry import declarations
 
-            help_ = f"algorithm preset: {', '.join(declarations())}"
+                help_ = f"algorithm, one of the presets (described below): {', '.join(declarations())}"
+            else:
+                help_ = _RUN_HELP.get(f.name, f.name.replace("_", " "))
+            if f.name in choices:
+                help_ += "; choices: " + ", ".join(choices[f.name])
+            if f.name in own:
+                base = f.default if f.default is not dataclasses.MISSING else None
+                help_ += f" (default: {_default_text(own[f.name])}; {other}: {_default_text(base)})"
+            elif f.name in words:
+                help_ += f" (default: {words[f.name]})"
+            elif f.default is not dataclasses.MISSING:
+                help_ += f" (default: {_default_text(f.default)})"
+            elif f.default_factory is not dataclasses.MISSING:
+                help_ += f" (default: {_default_text(f.default_factory())})"
+            help_ = help_.replace("%", "%%")
         if t == "bool":
             p.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_)
+            continue
+        if t == "bool | None":  # on, off or unset (auto): --NAME / --no-NAME
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_)
             continue
         conv: Any = str
         if t.startswith("int"):
@@ -426,11 +568,12 @@ def _add_config_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ())
         elif t.startswith("float"):
             conv = float
         p.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS, help=help_)
-    p.add_argument("--steps", dest="max_steps", type=int, default=argparse.SUPPRESS, help="alias of --max-steps")
+    p.add_argument("--steps", dest="max_steps", type=int, default=argparse.SUPPRESS, help="alias of --max-steps (same default)")
     for name, conv in (("sigma", float), ("heterogeneity", float), ("dim", int), ("rank", int)):
         p.add_argument(f"--{name}", dest=f"obj_{name}", type=conv, default=argparse.SUPPRESS,
-                       help=f"reference objective argument {name}")
-    p.add_argument("--config", default=None, help="TOML / YAML / JSON config file (flags override it)")
+                       help=f"reference engine: objective argument {name} (default: the objective's own)")
+    p.add_argument("--config", default=None, help="TOML / YAML / JSON config file; flags override it "
+                                                  "(default: none, flags and defaults only)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -453,7 +596,12 @@ def _config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    return not getattr(args, "json", False) and sys.stderr.isatty()
+    """Show progress on stderr unless the output is JSON (an explicit ``--progress``/``--no-progress`` wins):
+    a bar on a terminal, a plain line every ~10 s or 10% elsewhere (:mod:`coopsgd.train.progress`)."""
+    explicit = getattr(args, "progress", None)
+    if isinstance(explicit, bool):
+        return explicit
+    return not getattr(args, "json", False)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -476,8 +624,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from coopsgd.train.trainer import run
 
+    overwrite = bool(getattr(args, "overwrite", False))
     if args.resume:
         rdir = Path(args.resume)
+        if overwrite:
+            raise ConfigError.invalid("--overwrite", True, "cannot be combined with --resume (a resumed run "
+                                                            "continues its own run directory)")
         if not (rdir / "config.json").is_file():
             raise ConfigError.invalid("--resume", args.resume, "must be a run directory with config.json and checkpoint.pt")
         base = json.loads((rdir / "config.json").read_text())
@@ -486,10 +638,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         import dataclasses
 
         from coopsgd.train.config import RunConfig
+        from coopsgd.train.rundir import RESUME_FIELDS
 
         names = {f.name for f in dataclasses.fields(RunConfig)}
         given = {k: v for k, v in vars(args).items() if k in names}
-        allowed = {"max_steps", "epochs", "eval_every", "checkpoint_every"}
+        allowed = set(RESUME_FIELDS)
         for k in given:
             if k not in allowed:
                 raise ConfigError.invalid("--" + k.replace("_", "-"), given[k],
@@ -499,8 +652,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = RunConfig.from_dict(base, source=f"{rdir}/config.json")
         summary = run(config, progress=_progress(args), resume=rdir)
     else:
+        import dataclasses
+
         config = _config_from_args(args)
-        summary = run(config, progress=_progress(args))
+        fresh = None
+        if config.out is None:  # a new directory of its own: runs/<preset>-<time>[-N]
+            from coopsgd.train.rundir import fresh_run_dir
+
+            fresh = fresh_run_dir(config.preset)
+            config = dataclasses.replace(config, out=str(fresh))
+            if not args.json:
+                print(f"coopsgd: writing the run to {fresh}", file=sys.stderr, flush=True)
+        try:
+            summary = run(config, progress=_progress(args), overwrite=overwrite)
+        except BaseException:
+            if fresh is not None and fresh.is_dir() and not any(fresh.iterdir()):
+                fresh.rmdir()  # refused before anything was written: leave no empty directory behind
+            raise
     if args.json:
         _print_json(summary)
     else:
@@ -532,7 +700,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     file_keys = set(load_config(args.config)) if args.config else set()
     defaults = {k: v for k, v in COMPARE_DEFAULTS.items() if k not in vars(args) and k not in file_keys}
     base = _config_from_args(args, preset=names[0], **defaults)
-    out = Path(base.out or "runs/compare")
+    from coopsgd.train.rundir import fresh_run_dir, prepare_compare_dir
+
+    # a directory of its own (runs/compare-<time>[-N]), or --out: refused when it holds another comparison
+    # unless --overwrite; the old comparison's files are removed before the first run
+    out = Path(base.out) if base.out else fresh_run_dir("compare")
+    prepare_compare_dir(out, base.to_dict(), names, overwrite=bool(getattr(args, "overwrite", False)))
+    if not args.json and not base.out:
+        print(f"coopsgd: writing the comparison to {out}", file=sys.stderr, flush=True)
+    _write_json(out / "compare.json", {"config": base.to_dict(), "presets": names, "results": {}})
     results: dict[str, dict[str, Any]] = {}
     dirs: list[Path] = []
     for n in names:
@@ -552,9 +728,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     fig = plot_runs(dirs, out / "compare.png", labels=names,
                     title=f"{base.engine}: {base.model if base.engine == 'simulate' else base.objective}, "
                           f"m={base.workers}, network {base.net_latency_ms} ms / {base.net_bandwidth_mbps} Mbit/s")
-    _write_json(out / "compare.json", {"config": base.to_dict(), "results": results})
+    _write_json(out / "compare.json", {"config": base.to_dict(), "presets": names, "results": results})
     if args.json:
-        _print_json({"results": results, "plot": str(fig)})
+        _print_json({"results": results, "plot": str(fig), "out": str(out)})
         return 0
     metric = "test_accuracy" if any("test_accuracy" in r["final"] for r in results.values()) else (
         "test_perplexity" if any("test_perplexity" in r["final"] for r in results.values()) else None)
@@ -597,66 +773,112 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``coopsgd`` parser. Cheap: it imports neither torch, matplotlib nor the experiments (a test checks),
+    so ``coopsgd --help`` and ``--version`` answer at once."""
+    from coopsgd.algorithms.registry import declarations
+    from coopsgd.catalog import MATRIX_COMPLETION, REPRODUCTION_ALIASES, REPRODUCTIONS
     from coopsgd.topology import TOPOLOGIES, WEIGHT_RULES
 
-    parser = _Parser(prog="coopsgd", description="Cooperative SGD: local-update SGD algorithms as A(tau, W, v).")
+    fmt = _HelpFormatter
+    presets = ", ".join(declarations())
+    parser = _Parser(
+        prog="coopsgd", formatter_class=fmt,
+        description="Cooperative SGD: local-update SGD algorithms as A(tau, W, v).",
+        epilog=f"presets: {presets}\n`coopsgd command --help` lists a command's flags with their defaults.")
     parser.add_argument("--version", action="version", version=f"coopsgd {__version__}")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="command",
+                                title="commands")
     sub.required = True
 
-    p = sub.add_parser("topology", help="show / validate / plot a mixing matrix")
-    p.add_argument("name", help=f"one of {', '.join(TOPOLOGIES)}, or 'custom' with --matrix FILE")
-    p.add_argument("--workers", type=int, default=8, help="number of nodes (default 8)")
-    p.add_argument("--weights", default="metropolis", help=f"weight rule: {', '.join(WEIGHT_RULES)}")
+    p = sub.add_parser("topology", help="show / validate / plot a mixing matrix", formatter_class=fmt,
+                       description="Show, validate or plot the mixing matrix of a topology and weight rule.")
+    p.add_argument("name", help=f"topology: {', '.join(TOPOLOGIES)}, or 'custom' with --matrix FILE")
+    p.add_argument("--workers", type=int, default=8, help="number of nodes")
+    p.add_argument("--weights", default="metropolis", help=f"weight rule; choices: {', '.join(WEIGHT_RULES)}")
     p.add_argument("--seed", type=int, default=0, help="seed of the random graph")
-    p.add_argument("--p", type=float, default=None, help="edge probability of the random graph")
-    p.add_argument("--groups", type=int, default=None, help="number of groups (topology 'groups')")
-    p.add_argument("--rows", type=int, default=None, help="torus rows")
+    p.add_argument("--p", type=float, default=None, help="edge probability of the random graph (default: 0.5)")
+    p.add_argument("--groups", type=int, default=None, help="number of groups, topology 'groups' (default: 2)")
+    p.add_argument("--rows", type=int, default=None, help="torus rows (default: the most square shape)")
     p.add_argument("--matrix", default=None, help="custom matrix file (.npy, .csv, .txt, .json)")
     p.add_argument("--json", action="store_true", help="print JSON (zeta, eigenvalues, spectral_gap, ...)")
     p.add_argument("--plot", default=None, help="write a figure of the graph and matrix (png/svg/pdf)")
     p.set_defaults(func=_cmd_topology)
 
-    p = sub.add_parser("theory", help="zeta, bounds, best alpha, thresholds; 'theory heatmap' draws Fig. 3a")
-    p.add_argument("what", nargs="?", default="bounds", choices=["bounds", "heatmap"])
+    p = sub.add_parser("theory", help="zeta, bounds, best alpha, thresholds; 'theory heatmap' draws Fig. 3a",
+                       formatter_class=fmt, epilog=_presets_epilog(),
+                       description="The theory of a preset: zeta, spectral gap, the error bounds (with --L, "
+                                   "--sigma2, --lr, --steps, --f-gap), best alpha and thresholds; "
+                                   "'theory heatmap' draws [CSGD] Fig. 3a.")
+    p.add_argument("what", nargs="?", default="bounds", choices=["bounds", "heatmap"],
+                   help="bounds (of --preset) or heatmap (default: bounds)")
     _add_preset_args(p, preset=None)
     p.add_argument("--L", type=float, default=None, help="smoothness constant L")
     p.add_argument("--sigma2", type=float, default=None, help="gradient variance sigma^2")
     p.add_argument("--lr", type=float, default=None, help="learning rate eta")
     p.add_argument("--steps", type=int, default=None, help="iterations K")
     p.add_argument("--f-gap", type=float, default=None, help="F(u_1) - F_inf")
-    p.add_argument("--kappa2", type=float, default=None, help="non-IID dissimilarity kappa^2 (Theorem 2)")
-    p.add_argument("--params", type=int, default=1_000_000, help="model size for the per-round cost (default 1e6)")
+    p.add_argument("--kappa2", type=float, default=None, help="non-IID dissimilarity kappa^2 (Theorem 2; default: 0)")
+    p.add_argument("--params", type=int, default=1_000_000, help="model size for the per-round cost")
     p.add_argument("--out", default=None, help="heatmap output file")
-    p.add_argument("--max-tau", type=int, default=20, help="heatmap: largest tau (default 20)")
+    p.add_argument("--max-tau", type=int, default=20, help="heatmap: largest tau")
     p.add_argument("--circle", action="append", default=[], help="heatmap: circle TAU:ZETA (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_theory)
 
-    p = sub.add_parser("reproduce", help="rerun a paper experiment")
-    p.add_argument("name", choices=_experiment_names(), help="experiment")
-    p.add_argument("--engine", default=None, help="simulate | distributed | reference (the experiment's default)")
+    width = max(len(n) for n in REPRODUCTIONS) + 2
+    listing = "\n".join(f"  {r.name:{width}s}{r.description} [{', '.join(r.engines)}]" for r in REPRODUCTIONS.values())
+    aliases = ", ".join(f"{a} = {n}" for a, n in REPRODUCTION_ALIASES.items())
+    p = sub.add_parser("reproduce", help="rerun a paper experiment", formatter_class=fmt,
+                       description="Rerun an experiment of [CSGD] or [LSGD]; writes its figures and result.json.",
+                       epilog=(f"experiments [engines, the first is the default]:\n{listing}\n"
+                               f"aliases: {aliases}").replace("%", "%%"))
+    p.add_argument("name", choices=_experiment_names(), metavar="NAME", help="experiment (listed below)")
+    p.add_argument("--engine", default=None, help="simulate | distributed | reference (default: the experiment's "
+                                                  "first engine, listed below)")
     p.add_argument("--quick", action="store_true", help="2-core CPU scale")
-    p.add_argument("--ranks", default=None, help="matrix completion: ranks, e.g. 1,10,50,100")
-    p.add_argument("--trials", type=int, default=None, help="matrix completion: trials")
-    p.add_argument("--steps", type=int, default=None, help="matrix completion: steps per run")
-    p.add_argument("--d", type=int, default=None, help="matrix completion: dimension d")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace earlier runs of other settings in the output directory (e.g. --quick, then full)")
+    mc_full, mc_quick = MATRIX_COMPLETION["full"], MATRIX_COMPLETION["quick"]
+
+    def mc(key: str) -> str:
+        return f"(default: {_default_text(mc_full[key])}; --quick: {_default_text(mc_quick[key])})"
+
+    p.add_argument("--ranks", default=None, help=f"matrix completion: ranks, e.g. 1,10,50,100 {mc('ranks')}")
+    p.add_argument("--trials", type=int, default=None, help=f"matrix completion: trials {mc('trials')}")
+    p.add_argument("--steps", type=int, default=None, help=f"matrix completion: steps per run {mc('steps')}")
+    p.add_argument("--d", type=int, default=None, help=f"matrix completion: dimension d {mc('d')}")
     p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--out", default=None, help="output directory (default runs/NAME)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/NAME)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("run", help="train one algorithm (flags or --config FILE)")
+    compare_defaults = ", ".join(f"{k} {_default_text(v)}" for k, v in COMPARE_DEFAULTS.items())
+    p = sub.add_parser(
+        "run", help="train one algorithm (flags or --config FILE)", formatter_class=fmt, epilog=_presets_epilog(),
+        description="Train one algorithm on the simulator (default), the exact reference engine or one process "
+                    "per worker; flags override --config FILE.\n"
+                    f"Defaults: preset local_sgd, 8 workers, model mlp, 5 epochs of mnist_bundled "
+                    f"(`coopsgd compare` uses {compare_defaults} instead).")
     _add_config_flags(p)
     p.add_argument("--resume", default=None, help="continue the run in this directory from its checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run of another configuration in --out (its files are removed first)")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("compare", help="run several algorithms on equal footing; one figure and a table")
-    p.add_argument("--presets", default="sync,local_sgd,easgd,dpsgd,lsgd", help="comma-separated presets")
-    _add_config_flags(p, skip=("preset",))
+    p = sub.add_parser(
+        "compare", help="run several algorithms on equal footing; one figure and a table", formatter_class=fmt,
+        epilog=_presets_epilog(),
+        description="Train several presets on equal footing (same data, model, seed and simulated network); write "
+                    "one run directory each, compare.png and compare.json, and print a table.\n"
+                    f"Defaults: the main job, {compare_defaults} (a small CNN; `coopsgd run` defaults to model "
+                    "mlp, 5 epochs), 8 workers, mnist_bundled; every flag and config key overrides them.")
+    p.add_argument("--presets", default="sync,local_sgd,easgd,dpsgd,lsgd", help="comma-separated presets (listed below)")
+    _add_config_flags(p, skip=("preset",), defaults=COMPARE_DEFAULTS, other="coopsgd run",
+                      default_text={"out": "a new runs/compare-YYYYmmdd-HHMMSS, one run directory per preset inside"})
+    p.add_argument("--overwrite", action="store_true", help="replace the comparison of another configuration in --out (its files are removed first)")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("plot", help="overlay runs from their directories")
+    p = sub.add_parser("plot", help="overlay runs from their directories", formatter_class=fmt,
+                       description="Overlay the metrics of run directories in one figure and print a table.")
     p.add_argument("run_dirs", nargs="+", help="run directories (with metrics.jsonl)")
     p.add_argument("--out", default="runs/plot.png", help="figure file (png/svg/pdf)")
     p.add_argument("--title", default=None, help="figure title")
@@ -667,6 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``coopsgd`` console script; returns the exit status."""
+    if list(sys.argv[1:] if argv is None else argv) == ["--version"]:  # fast path: no parser at all
+        print(f"coopsgd {__version__}")
+        return 0
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -19,9 +19,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["main"]
+
+#: How long a rank other than 0 waits before exiting on a configuration error (rank 0 prints it).
+_QUIET_EXIT_S = 3.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=60.0, help="communication timeout in seconds (default 60)")
     parser.add_argument("--net-latency-ms", type=float, default=None, help="emulated latency per message")
     parser.add_argument("--net-bandwidth-mbps", type=float, default=None, help="emulated bandwidth")
-    parser.add_argument("--backend", default=None, choices=("gloo", "nccl"), help="default: nccl with CUDA, else gloo")
+    parser.add_argument("--backend", default=None, choices=("gloo", "nccl"),
+                        help="default: nccl for a config with device = \"cuda\", else gloo")
     parser.add_argument("--resume", default=None, help="continue from this checkpoint.pt (or run directory)")
     parser.add_argument("--auto-resume", action="store_true",
                         help="resume from the run directory's checkpoint.pt when there is one (torchrun --max-restarts)")
@@ -59,30 +64,37 @@ def main(argv: list[str] | None = None) -> int:
         if rank_env is not None and world_env is not None and int(world_env) != cfg.workers:
             raise ConfigError.invalid("workers", cfg.workers, f"the config asks for {cfg.workers} workers but torchrun "
                                                               f"started {world_env} processes (nproc-per-node x nnodes)")
+        use_cuda = cfg.device.startswith("cuda")
+        if ns.backend == "nccl" and not use_cuda:
+            raise ConfigError.invalid("--backend", "nccl", f"NCCL needs the GPUs: the config has device = "
+                                                           f"{cfg.device!r} (set device = \"cuda\")")
     except CoopSGDError as exc:
         if rank_env in (None, "0"):
             print(f"coopsgd: error: {exc}", file=sys.stderr, flush=True)
+        else:
+            # every rank finds the same error: give rank 0 the time to say it before torchrun's agent, seeing
+            # this rank exit, stops the others (rank 0 included)
+            time.sleep(_QUIET_EXIT_S)
         return 2
     if rank_env is None:
         summary = run_distributed(cfg, out=ns.out, timeout_s=ns.timeout_s, net_latency_ms=ns.net_latency_ms,
                                   net_bandwidth_mbps=ns.net_bandwidth_mbps, backend=ns.backend, resume=ns.resume)
         print(json.dumps(one_line(summary)))
         return 0
-    use_cuda = ns.backend == "nccl" or (ns.backend is None and torch.cuda.is_available())
     backend = ns.backend or ("nccl" if use_cuda else "gloo")
-    device = "cpu"
-    if use_cuda:
+    if use_cuda:  # each local rank on its own GPU (rank_main checks there is one), current before NCCL starts
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
+        if local < torch.cuda.device_count():
+            torch.cuda.set_device(local)
     from coopsgd.engines.launch import init_torchrun_group  # a key space per torchrun restart attempt
 
     init_torchrun_group(backend, ns.timeout_s)
     rank = dist.get_rank()
     try:
         opts = {"out": ns.out or cfg.out, "timeout_s": ns.timeout_s, "net_latency_ms": ns.net_latency_ms,
-                "net_bandwidth_mbps": ns.net_bandwidth_mbps, "device": device, "resume": ns.resume}
-        summary = rank_main(rank, dist.get_world_size(), cfg.to_dict(), opts)
+                "net_bandwidth_mbps": ns.net_bandwidth_mbps, "resume": ns.resume}
+        # the run directory records the engine that ran it (a config file may say "simulate")
+        summary = rank_main(rank, dist.get_world_size(), {**cfg.to_dict(), "engine": "distributed"}, opts)
     except CoopSGDError as exc:
         if rank == 0:
             print(f"coopsgd: error: {exc}", file=sys.stderr, flush=True)

@@ -164,6 +164,7 @@ def test_bad_flags_give_one_line_error(capsys, argv, needle) -> None:
     assert err.strip().count("\n") == 0, err
 
 
+@pytest.mark.slow
 def test_console_script_entry_point() -> None:
     exe = shutil.which("coopsgd")
     cmd = [exe] if exe else [sys.executable, "-m", "coopsgd.cli"]

@@ -26,6 +26,8 @@ from coopsgd.engines.simulator import Simulator
 from coopsgd.train import RunConfig
 from coopsgd.train.distributed import SpecJob, run_distributed, run_spec
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 TOL = 1e-10
 STEPS = 8
 BATCH = 4

@@ -46,6 +46,7 @@ def _same_state(a: dict, b: dict) -> None:
     assert a["loader"] == b["loader"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,kw,how", CASES, ids=[c[0] for c in CASES])
 def test_distributed_resume_is_bit_identical(tmp_path, preset, kw, how) -> None:
     common = {**BASE, "preset": preset, **kw}
@@ -90,6 +91,7 @@ def test_resume_mismatches_are_clear_errors(tmp_path) -> None:
         run_distributed(cfg, resume=tmp_path / "missing.pt")
 
 
+@pytest.mark.slow
 def test_cli_resume_of_a_distributed_run(capsys, tmp_path) -> None:
     import torch
 
@@ -109,6 +111,7 @@ def test_cli_resume_of_a_distributed_run(capsys, tmp_path) -> None:
         assert torch.equal(a["ranks"][r]["payload"]["state"], b["ranks"][r]["payload"]["state"])
 
 
+@pytest.mark.slow
 def test_auto_resume_continues_from_the_run_directory(capsys, tmp_path) -> None:
     """`python -m coopsgd.torchrun --auto-resume` resumes when the run directory has a checkpoint
     (what a restarted job needs) and starts fresh when it has none."""

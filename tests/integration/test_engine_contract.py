@@ -18,6 +18,7 @@ from coopsgd.train import RunConfig
 from coopsgd.train.trainer import TIME_KEYS, build, iterate
 
 
+@pytest.mark.slow
 def test_fedavg_partial_participation_survives_skipped_rounds(capsys) -> None:
     """The command of issue 12: FedAvg with half the clients and a diverging lr under nan_policy=skip."""
     cfg = RunConfig(preset="fedavg", fraction=0.5, workers=8, tau=2, model="mlp", dataset="mnist_bundled", lr=10.0,

@@ -142,6 +142,7 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"], "temporary files must be cleaned up"
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_never_leaves_an_unreadable_checkpoint(tmp_path) -> None:
     """A writer killed at random moments: the checkpoint on disk is always a complete one."""
     script = tmp_path / "writer.py"

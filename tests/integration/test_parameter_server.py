@@ -18,6 +18,8 @@ from coopsgd.engines.launch import RankFailure, launch
 from coopsgd.engines.parameter_server import AsyncParameterServer
 from coopsgd.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 TOL = 1e-10
 W = 6
 LR = 0.05

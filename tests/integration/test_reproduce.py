@@ -21,6 +21,7 @@ def test_all_experiments_registered() -> None:
         assert name in EXPERIMENTS
 
 
+@pytest.mark.slow
 def test_fig4_best_alpha_beats_empirical_and_large_alpha_diverges(tmp_path) -> None:
     res = EXPERIMENTS["csgd-fig4"].run(out=tmp_path, _scale=0.5, _nonblocking=False, **COMMON)
     empirical, best, too_large = res["runs"]
@@ -33,6 +34,7 @@ def test_fig4_best_alpha_beats_empirical_and_large_alpha_diverges(tmp_path) -> N
     assert all(p.endswith(".png") for p in res["plots"])
 
 
+@pytest.mark.slow
 def test_fig3_error_floor_grows_with_tau_and_zeta(tmp_path) -> None:
     res = EXPERIMENTS["csgd-fig3"].run(out=tmp_path, _scale=0.5,
                                        _points=[(1, "complete"), (8, "complete"), (8, "ring")], **COMMON)

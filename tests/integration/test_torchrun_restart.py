@@ -23,6 +23,8 @@ pytest.importorskip("torch.distributed.run", reason="torchrun (torch.distributed
 
 from coopsgd.train import load_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 CONFIG = """\
 preset = "local_sgd"
 workers = 2

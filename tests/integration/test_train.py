@@ -187,11 +187,12 @@ def test_compare_defaults_yield_to_flags_and_config(monkeypatch, tmp_path) -> No
     seen = []
     monkeypatch.setattr("coopsgd.train.trainer.run", lambda cfg, **kw: seen.append(cfg) or (_ for _ in ()).throw(
         ConfigError("stop here")))
-    cli.main(["compare", "--presets", "sync", "--out", str(tmp_path)])
+    # one --out each: a directory holding another comparison is refused (tests/integration/test_rundirs.py)
+    cli.main(["compare", "--presets", "sync", "--out", str(tmp_path / "a")])
     assert seen[-1].model == "lenet" and seen[-1].epochs == 15.0
-    cli.main(["compare", "--presets", "sync", "--model", "mlp", "--out", str(tmp_path)])
+    cli.main(["compare", "--presets", "sync", "--model", "mlp", "--out", str(tmp_path / "b")])
     assert seen[-1].model == "mlp" and seen[-1].epochs == 15.0
     cfg = tmp_path / "c.toml"
     cfg.write_text('epochs = 2\n')
-    cli.main(["compare", "--presets", "sync", "--config", str(cfg), "--out", str(tmp_path)])
+    cli.main(["compare", "--presets", "sync", "--config", str(cfg), "--out", str(tmp_path / "c")])
     assert seen[-1].model == "lenet" and seen[-1].epochs == 2.0

@@ -564,6 +564,7 @@ def test_grid_values():
     np.testing.assert_allclose(g, [[0.0, 1.0], [5 / 3 - 1, 10 / 3 - 1]])
 
 
+@pytest.mark.slow
 def test_no_torch_import():
     # torch may be loaded by other tests in the same session, so check the sources and a fresh interpreter
     import inspect

@@ -1,7 +1,17 @@
 """Simulated wall-clock for the one-process simulator ([CSGD] Fig. 2 and §3.3; alpha-beta cost model).
 
-Every worker has its own clock. A local step adds that worker's compute time (drawn from a
-:class:`~coopsgd.theory.cost.ComputeModel`, or the time the simulator measured for it). A communication
+Every worker has its own clock. A local step adds that worker's compute time, from one of three sources:
+
+* :class:`FlopCompute` (the default of the simulator and of every :class:`~coopsgd.train.config.RunConfig`
+  run): the FLOPs of the worker's forward + backward pass, counted once per model and batch shape with
+  ``torch.utils.flop_counter.FlopCounterMode``, divided by a stated throughput (``gflops``, default
+  :data:`DEFAULT_GFLOPS`). It does not depend on the machine or its load: the same run gives the same
+  simulated times everywhere;
+* a :class:`~coopsgd.theory.cost.ComputeModel`: a seeded draw from a distribution (stragglers);
+* ``None``: the compute time the simulator *measured* for the worker (follows the machine's load; two runs
+  differ).
+
+A communication
 round synchronises the workers -- each waits for the slowest (*idle* time) -- and then costs the
 alpha-beta time of the round (:func:`~coopsgd.theory.cost.round_cost` priced by a
 :class:`~coopsgd.theory.cost.NetworkModel`):
@@ -26,14 +36,57 @@ and does not synchronise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from coopsgd.errors import ConfigError
+from coopsgd.errors import ConfigError, check_float
 from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, round_cost
 
-__all__ = ["SimClock"]
+__all__ = ["SimClock", "FlopCompute", "DEFAULT_GFLOPS"]
+
+#: Default throughput of :class:`FlopCompute`, in GFLOP/s per worker: a stated, round, conservative figure
+#: for one CPU core running PyTorch's float32 training kernels on small per-worker batches. Where it comes
+#: from: the float32 peak of a ~3 GHz AVX2 core (two 8-lane FMA units) is 2 x 8 x 2 x 3 = 96 GFLOP/s, and
+#: small-batch training reaches a fraction of it. For reference, one thread of an AMD EPYC core (torch 2.13,
+#: batch 32, forward + backward, counted FLOPs / measured seconds) gave MLP 44, LeNet 29, LSTM LM 60,
+#: ResNet-20 116 and CNN-7 161 GFLOP/s. It is an assumption, not a measurement of this machine: pass
+#: ``compute_gflops`` to model another worker (a GPU: thousands).
+DEFAULT_GFLOPS = 20.0
+
+
+@dataclass(frozen=True)
+class FlopCompute:
+    """Compute time of a local step = the worker's counted FLOPs / (``gflops`` x 1e9).
+
+    The simulator counts the FLOPs of one forward + backward pass of one worker (model + loss) once per
+    batch shape with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions and
+    attention are counted; element-wise operations are not) and passes them to
+    :meth:`SimClock.add_compute`. Where a model cannot be counted (an error, or zero counted FLOPs) the
+    simulator warns and the clock uses ``fallback``: a :class:`~coopsgd.theory.cost.ComputeModel` (the
+    trainer passes ``constant`` ``compute_ms``, which stays deterministic) or ``None`` (measured time).
+    """
+
+    gflops: float = DEFAULT_GFLOPS
+    fallback: ComputeModel | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gflops", check_float("compute_gflops", self.gflops, low=0.0, low_open=True))
+        if self.fallback is not None and not isinstance(self.fallback, ComputeModel):
+            raise ConfigError.invalid("fallback", self.fallback, "must be a coopsgd.theory.cost.ComputeModel or None")
+
+    def seconds(self, flops: np.ndarray | float) -> np.ndarray:
+        """Seconds of compute for ``flops`` floating-point operations."""
+        return np.asarray(flops, dtype=np.float64) / (self.gflops * 1e9)
+
+    def fallback_name(self) -> str:
+        """What the clock uses for a model it cannot count, in words."""
+        if self.fallback is None:
+            return "the measured compute time"
+        f = self.fallback
+        spread = "" if f.distribution == "constant" else f", spread {f.spread:g}"
+        return f"{f.distribution} {f.mean_s * 1e3:g} ms per step{spread} (compute_ms)"
 
 
 class SimClock:
@@ -41,16 +94,19 @@ class SimClock:
 
     Args:
         network: the alpha-beta network (default: 1 ms latency, 10 Gbit/s).
-        compute: per-step compute-time distribution; ``None`` uses the compute time the simulator measured
-            for each worker.
+        compute: a :class:`FlopCompute` (counted FLOPs / throughput), a per-step compute-time distribution
+            (:class:`~coopsgd.theory.cost.ComputeModel`), or ``None``: the compute time the simulator
+            measured for each worker.
         seed: seed of the compute-time draws.
     """
 
-    def __init__(self, network: NetworkModel | None = None, compute: ComputeModel | None = None, seed: int = 0) -> None:
+    def __init__(self, network: NetworkModel | None = None, compute: ComputeModel | FlopCompute | None = None,
+                 seed: int = 0) -> None:
         if network is not None and not isinstance(network, NetworkModel):
             raise ConfigError.invalid("network", network, "must be a coopsgd.theory.cost.NetworkModel")
-        if compute is not None and not isinstance(compute, ComputeModel):
-            raise ConfigError.invalid("compute", compute, "must be a coopsgd.theory.cost.ComputeModel or None (measured)")
+        if compute is not None and not isinstance(compute, (ComputeModel, FlopCompute)):
+            raise ConfigError.invalid("compute", compute, "must be a FlopCompute, a coopsgd.theory.cost.ComputeModel "
+                                      "or None (measured)")
         self.network = network or NetworkModel()
         self.compute = compute
         self.seed = int(seed)
@@ -59,6 +115,18 @@ class SimClock:
         self.params = 0
         self.bytes_per_param = 4.0
         self.reset_counters(1)
+
+    @property
+    def compute_kind(self) -> str:
+        """``"flops"``, ``"measured"`` or the distribution's name (``"constant"``, ``"lognormal"``, ...)."""
+        if isinstance(self.compute, FlopCompute):
+            return "flops"
+        return "measured" if self.compute is None else self.compute.distribution
+
+    @property
+    def counts_flops(self) -> bool:
+        """Whether :meth:`add_compute` wants the workers' FLOPs (a :class:`FlopCompute` model)."""
+        return isinstance(self.compute, FlopCompute)
 
     # -- set-up ------------------------------------------------------------------------------------
     def bind(self, workers: int, params: int, bytes_per_param: float) -> SimClock:
@@ -109,17 +177,26 @@ class SimClock:
         }
 
     # -- stepping ----------------------------------------------------------------------------------
-    def add_compute(self, active: np.ndarray | None, measured: np.ndarray | None = None) -> np.ndarray:
+    def add_compute(self, active: np.ndarray | None, measured: np.ndarray | None = None,
+                    flops: np.ndarray | None = None) -> np.ndarray:
         """Advance each active worker by one step of compute; returns the per-worker times (0 if inactive).
 
-        ``measured`` (length m) is used when the clock has no compute model.
+        ``flops`` (length m: each worker's counted FLOPs for this step) is used by a :class:`FlopCompute`
+        model; without it (the model could not be counted) that model's ``fallback`` is used. ``measured``
+        (length m) is used when the clock has no compute model, or as a ``FlopCompute`` fallback of ``None``.
         """
         m = self.workers
         mask = np.ones(m, dtype=bool) if active is None else np.asarray(active, dtype=bool)
-        if self.compute is None:
-            dt = np.zeros(m) if measured is None else np.asarray(measured, dtype=np.float64).copy()
+        cm = self.compute
+        if isinstance(cm, FlopCompute) and flops is not None:
+            dt = cm.seconds(flops).reshape(m).copy()
         else:
-            dt = self.compute.sample(self.rng, m)
+            if isinstance(cm, FlopCompute):
+                cm = cm.fallback
+            if cm is None:
+                dt = np.zeros(m) if measured is None else np.asarray(measured, dtype=np.float64).copy()
+            else:
+                dt = cm.sample(self.rng, m)
         dt = np.where(mask, dt, 0.0)
         self.t += dt
         self.busy += dt

@@ -157,7 +157,7 @@ def _child(job_dir: Path) -> int:
         if threads:
             torch.set_num_threads(int(threads))
         dist.init_process_group(
-            backend=job["backend"],
+            backend=process_group_backend(job["backend"]),
             # a file store in the launcher's private directory: unlike a TCPStore (whose server listens on
             # every interface), nothing but the loopback gloo pairs is opened for a local run
             init_method=f"file://{job_dir / 'store'}",
@@ -433,6 +433,13 @@ def torchrun_store_prefix() -> str:
     return "coopsgd/"
 
 
+def process_group_backend(backend: str) -> str:
+    """The ``init_process_group`` backend string: with ``"nccl"`` (CUDA tensors) the engines still exchange
+    a few small CPU tensors and Python objects (loss estimates, health flags, byte counts), which NCCL refuses,
+    so CPU tensors go through gloo: ``"cpu:gloo,cuda:nccl"``. Untested here: no GPU was available."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
 def init_torchrun_group(backend: str, timeout_s: float) -> tuple[int, int]:
     """Join the default process group of a rank started by ``torchrun``; return ``(rank, world_size)``.
 
@@ -471,7 +478,8 @@ def init_torchrun_group(backend: str, timeout_s: float) -> tuple[int, int]:
     # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE as set by torchrun
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
-    dist.init_process_group(backend=backend, store=dist.PrefixStore(torchrun_store_prefix(), store),
+    dist.init_process_group(backend=process_group_backend(backend),
+                            store=dist.PrefixStore(torchrun_store_prefix(), store),
                             rank=rank, world_size=world, timeout=timeout)
     return rank, world
 

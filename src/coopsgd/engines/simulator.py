@@ -10,7 +10,8 @@ and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
 1. ``mask = spec.schedule.active(k)``; the active workers compute stochastic gradients G on their own
    batch at the current parameters (inactive workers and auxiliaries: zero; their optimizer state is
    untouched). An *executor* does this (:mod:`coopsgd.engines.executors`: a loop over replica modules
-   holding views into the rows, or ``torch.func.vmap``; ``"auto"`` times both on the first batches).
+   holding views into the rows, or ``torch.func.vmap``; ``"auto"`` times both on the first batches, or
+   reads the choice an earlier run made from an :class:`~coopsgd.engines.calibration.ExecutorCache`).
 2. LSGD (``spec.leader``): per-worker loss estimates for the leader election: ``"batch"`` (this step's
    mini-batch loss), ``"running_mean"`` (mean of the last ``window`` mini-batch losses, this one included)
    or ``"probe"`` (loss on a fixed probe batch at the current parameters, eval mode).
@@ -34,8 +35,12 @@ and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
    modified. Updates are done in place (no extra full copy of the state per step) when a cheap running
    bound proves that no value can overflow; otherwise the step is computed on a copy and checked first.
 
-Timing: a :class:`~coopsgd.engines.clock.SimClock` (default: measured compute, default network) keeps
-simulated per-worker clocks; see :mod:`coopsgd.engines.clock`.
+Timing: a :class:`~coopsgd.engines.clock.SimClock` keeps simulated per-worker clocks; see
+:mod:`coopsgd.engines.clock`. The default clock (no ``clock`` argument) charges each step its counted FLOPs
+at :data:`~coopsgd.engines.clock.DEFAULT_GFLOPS` (:class:`~coopsgd.engines.clock.FlopCompute`, falling back
+to the measured time, with a warning, for a model FlopCounterMode cannot count) over the default network,
+so that simulated times do not follow the machine's load; pass ``SimClock(compute=None)`` for measured
+compute time.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import logging
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,7 +69,8 @@ from coopsgd.engines.base import (
     unwrap_state,
     wrap_state,
 )
-from coopsgd.engines.clock import SimClock
+from coopsgd.engines.calibration import ExecutorCache, cache_key, machine_fingerprint, model_fingerprint
+from coopsgd.engines.clock import FlopCompute, SimClock
 from coopsgd.engines.executors import (
     EXECUTORS,
     ComputeResult,
@@ -111,17 +118,24 @@ class Simulator(ModelRows):
             (called under ``torch.manual_seed(seed)``; the global RNG is restored afterwards).
         loss_fn: ``loss_fn(output, target) -> scalar`` (default cross-entropy).
         momentum, nesterov, weight_decay: torch.optim.SGD options applied by every worker.
-        executor: ``"auto"`` (time both on the first batches and keep the faster), ``"loop"`` or ``"vmap"``.
+        executor: ``"auto"`` (time both on the first batches and keep the faster, or read the choice from
+            ``executor_cache``), ``"loop"`` or ``"vmap"``.
         dtype, device: of the stacked state (float64 for exact comparisons with the reference engine).
         seed: seed of the model factory.
         loss_estimate: LSGD's loss estimate, one of :data:`LOSS_ESTIMATES`.
         window: length of the running mean.
         probe_batch: ``(x, y)`` for ``loss_estimate="probe"``.
-        clock: simulated clock (default ``SimClock()``: measured compute time, default network).
+        clock: simulated clock (default ``SimClock(compute=FlopCompute())``: counted FLOPs at
+            :data:`~coopsgd.engines.clock.DEFAULT_GFLOPS`, default network; see the module docstring).
         downpour_order: DOWNPOUR's push order: ``"schedule"`` (seeded, as the reference engine) or
             ``"clock"`` (workers in the order they finish the round on the simulated clock).
         init_params: optional start, (d,) common or (m, d) per worker (auxiliaries start at the mean).
         calibration_steps: minimum timed calls per executor for ``executor="auto"`` (see :meth:`_calibrate`).
+        executor_cache: where ``executor="auto"`` keeps its choice per workload and machine
+            (:class:`~coopsgd.engines.calibration.ExecutorCache`): the first run times both executors and
+            stores the choice, later runs read it and time nothing, so they compute the same numbers.
+            ``None`` (default): time in every run. :func:`coopsgd.train.trainer.build` passes the default
+            cache.
         nan_policy: ``"stop"`` or ``"skip"`` (see :class:`coopsgd.engines.base.Engine`; the loop calls
             :meth:`check_health`).
     """
@@ -149,6 +163,7 @@ class Simulator(ModelRows):
         init_params: Tensor | np.ndarray | None = None,
         calibration_steps: int = 3,
         nan_policy: str = "stop",
+        executor_cache: ExecutorCache | None = None,
     ) -> None:
         if executor not in ("auto", *EXECUTORS):
             raise ConfigError.invalid("executor", executor, "choose one of auto, loop, vmap")
@@ -156,6 +171,8 @@ class Simulator(ModelRows):
             raise ConfigError.invalid("downpour_order", downpour_order, "choose one of schedule, clock")
         if clock is not None and not isinstance(clock, SimClock):
             raise ConfigError.invalid("clock", clock, "must be a SimClock or None")
+        if executor_cache is not None and not isinstance(executor_cache, ExecutorCache):
+            raise ConfigError.invalid("executor_cache", executor_cache, "must be an ExecutorCache or None")
         workers = spec.workers if isinstance(spec, AlgorithmSpec) else 0
         super().__init__(spec, model, workers_held=range(workers), aux_rows=spec.auxiliaries if workers else 0,
                          loss_fn=loss_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -183,14 +200,23 @@ class Simulator(ModelRows):
         self._hist_count = np.zeros(m, dtype=np.int64)
         self._executors: dict[str, Executor] = {}
         self.executor_name: str = executor
-        self.calibration: dict[str, float] = {}
+        self.calibration: dict[str, float] = {}  # medians of the executors' timed calls (s), "auto" only
         self.calibration_errors: dict[str, str] = {}
+        self.executor_cache = executor_cache
+        #: where the executor came from: "requested", "calibrated" (timed in this run), "cache" (an earlier
+        #: run's choice), "checkpoint" (a resumed run's); None until "auto" has chosen
+        self.executor_source: str | None = None
+        self.calibration_key: str | None = None  # the executor cache's key of this workload
         if executor != "auto":
             self._executor: Executor | None = self._get_executor(executor)
+            self.executor_source = "requested"
         else:
             self._executor = None
-        self.clock = clock if clock is not None else SimClock()
+        self.clock = clock if clock is not None else SimClock(compute=FlopCompute())
         self.clock.bind(m, d, torch.empty((), dtype=dtype).element_size())
+        # FLOPs of one worker's forward + backward per batch signature (None: could not be counted)
+        self._flops: dict[tuple[Any, ...], int | None] = {}
+        self.flops_error: str | None = None  # why the model could not be FLOP-counted
 
     # ------------------------------------------------------------------------------------------------
     # construction helpers
@@ -316,6 +342,150 @@ class Simulator(ModelRows):
     def _evaluator(self) -> Executor:
         return self._executor if self._executor is not None else self._get_executor("loop")
 
+    def _rng_guard(self) -> Any:
+        """A context restoring torch's RNG afterwards (one-time work must not shift dropout's draws)."""
+        if self.device.type == "cpu":
+            return torch.random.fork_rng(devices=[])
+        return torch.random.fork_rng(device_type=self.device.type)
+
+    def prepare(self, batches: Sequence[Batch | None]) -> None:
+        """Make the one-time choices of the next step now, on its batches (the state is not advanced).
+
+        ``executor="auto"``: choose the executor (from :attr:`executor_cache`, or by timing both); a
+        :class:`~coopsgd.engines.clock.FlopCompute` clock: count the FLOPs of one worker's step. :meth:`step`
+        does both lazily; a runner calls this first to record the choices before training
+        (:meth:`executor_info`, :meth:`compute_model_info`).
+        """
+        mask = self.spec.schedule.active(self.step_count)
+        rows = None if mask is None or bool(np.all(mask)) else np.flatnonzero(mask).tolist()
+        checked = self._check_batches(batches, rows)
+        if self._executor is None:
+            self._choose_executor(checked, rows)
+        if self.clock.counts_flops:
+            self._step_flops(checked)
+
+    def executor_info(self) -> dict[str, Any]:
+        """The executor and where it came from, in plain data (for a run directory's ``environment.json``).
+
+        ``source``: ``"requested"``, ``"calibrated"`` (timed in this run), ``"cache"`` (an earlier run's
+        choice, nothing timed), ``"checkpoint"`` (a resumed run's); ``medians_s``: the timed calls' medians
+        (this run's, or the cached ones).
+        """
+        return {
+            "executor": self.executor_name,
+            "requested": self.requested_executor,
+            "source": self.executor_source,
+            "from_cache": self.executor_source == "cache",
+            "cache_key": self.calibration_key,
+            "cache_file": None if self.executor_cache is None else str(self.executor_cache.path),
+            "medians_s": dict(self.calibration),
+            "errors": dict(self.calibration_errors),
+        }
+
+    def compute_model_info(self) -> dict[str, Any]:
+        """The clock's compute model in plain data: ``kind`` and, for ``"flops"``, the FLOPs of one worker's
+        step (first batch shape counted), the throughput and the resulting seconds, and the fallback in use
+        (``None`` unless the model could not be counted)."""
+        cm = self.clock.compute
+        info: dict[str, Any] = {"kind": self.clock.compute_kind}
+        if isinstance(cm, FlopCompute):
+            counted = [(sig, f) for sig, f in self._flops.items()]
+            flops = counted[0][1] if counted else None
+            info.update({
+                "flops_per_worker_step": flops,
+                "batch_shape": list(counted[0][0][0]) if counted else None,
+                "gflops": cm.gflops,
+                "seconds_per_worker_step": None if flops is None else float(cm.seconds(flops)),
+                "fallback": None if self.flops_error is None else {"reason": self.flops_error,
+                                                                   "uses": cm.fallback_name()},
+            })
+        elif cm is not None:
+            info.update({"mean_s": cm.mean_s, "spread": cm.spread})
+        return info
+
+    def _choose_executor(self, batches: Sequence[Batch | None], rows: list[int] | None) -> None:
+        """``executor="auto"``: the cached choice of this workload if there is one, else time both (and store)."""
+        cache = self.executor_cache
+        if cache is None:
+            self._calibrate(batches, rows)
+            return
+        model = model_fingerprint(self.template, self.layout.param_shapes, self.layout.buffer_shapes)
+        key, workload = cache_key(model=model, workers=self.m, batches=batches, dtype=self.dtype, device=self.device,
+                                  loss_fn=self.loss_fn, machine=machine_fingerprint(self.device))
+        self.calibration_key = key
+        entry = cache.lookup(key)
+        if entry is not None and self._use_cached(entry):
+            return
+        self._calibrate(batches, rows)
+        kept = cache.store(key, {"executor": self.executor_name, "medians_s": dict(self.calibration),
+                                 "errors": dict(self.calibration_errors), "workload": workload})
+        if kept.get("executor") != self.executor_name:  # a concurrent run of this workload stored first
+            self._use_cached(kept)
+
+    def _use_cached(self, entry: dict[str, Any]) -> bool:
+        """Adopt a cache entry's executor (``False``, with a warning, if it cannot be built here)."""
+        name = str(entry["executor"])
+        try:
+            ex = self._get_executor(name)
+        except Exception as exc:
+            self._executors.pop(name, None)
+            warnings.warn(f"coopsgd: the executor cache names {name!r} for this workload but it cannot be built "
+                          f"({type(exc).__name__}: {exc}); timing the executors again", RuntimeWarning, stacklevel=4)
+            return False
+        for other in list(self._executors):
+            if other != name:
+                del self._executors[other]
+        self._executor, self.executor_name = ex, name
+        self.calibration = {str(k): float(v) for k, v in dict(entry.get("medians_s") or {}).items()}
+        self.calibration_errors = {str(k): str(v) for k, v in dict(entry.get("errors") or {}).items()}
+        self.executor_source = "cache"
+        return True
+
+    def _step_flops(self, batches: Sequence[Batch | None]) -> np.ndarray | None:
+        """Each worker's FLOPs for this step (0 for a worker without a batch); ``None`` if not countable."""
+        out = np.zeros(self.m)
+        for i, b in enumerate(batches):
+            if b is None:
+                continue
+            x, y = b
+            sig = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype))
+            if sig not in self._flops:
+                self._flops[sig] = self._count_flops(b)
+            f = self._flops[sig]
+            if f is None:
+                return None
+            out[i] = f
+        return out
+
+    def _count_flops(self, batch: Batch) -> int | None:
+        """FLOPs of one worker's forward + backward (model and loss) on ``batch``, by ``FlopCounterMode``.
+
+        Counted on a copy of worker 0 in train mode, with torch's RNG restored afterwards; the state is not
+        touched. A model that cannot be counted (an error, or no counted FLOPs) gives ``None`` and a warning
+        naming the fallback the clock uses instead.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        try:
+            module = self.worker_model(0).train()
+            counter = FlopCounterMode(display=False)
+            with self._rng_guard(), torch.enable_grad(), counter:
+                loss = self.loss_fn(module(batch[0]), batch[1])
+                loss.backward()
+            flops = int(counter.get_total_flops())
+            if flops <= 0:
+                raise ValueError("FlopCounterMode counted no FLOPs (no matrix product or convolution)")
+        except Exception as exc:
+            self.flops_error = f"{type(exc).__name__}: {exc}"
+            cm = self.clock.compute
+            uses = cm.fallback_name() if isinstance(cm, FlopCompute) else "the clock's fallback"
+            msg = (f"coopsgd: cannot count the FLOPs of {type(self.template).__name__} on a batch of shape "
+                   f"{tuple(batch[0].shape)} ({self.flops_error}); the simulated compute time falls back to {uses}")
+            log.warning("%s", msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            return None
+        return flops
+
     def _calibrate(self, batches: Sequence[Batch | None], rows: list[int] | None) -> None:
         """Time each executor on the first real batches (state is not advanced) and keep the faster.
 
@@ -323,8 +493,15 @@ class Simulator(ModelRows):
         calls interleaved (loop, vmap, loop, ...) so that machine drift affects both alike: at least
         ``calibration_steps`` rounds, and for fast models more rounds until 0.25 s of timing or 20 rounds
         (ms-scale steps are noisy). The timed call includes the step's gradient finiteness pass, which the
-        loop executor fuses into its loop. Medians are kept in :attr:`calibration`.
+        loop executor fuses into its loop. Medians are kept in :attr:`calibration`. Torch's RNG is restored
+        afterwards, so a run that times the executors and one that reads the choice from the cache draw
+        the same dropout masks.
         """
+        with self._rng_guard():
+            self._time_executors(batches, rows)
+        self.executor_source = "calibrated"
+
+    def _time_executors(self, batches: Sequence[Batch | None], rows: list[int] | None) -> None:
         ready: list[str] = []
         for name in EXECUTORS:
             try:
@@ -420,7 +597,8 @@ class Simulator(ModelRows):
             raise ConfigError.invalid("batches", None, f"need one (x, y) batch per worker ({self.m} entries)")
         batches = self._check_batches(batches, rows)
         if self._executor is None:
-            self._calibrate(batches, rows)
+            self._choose_executor(batches, rows)
+        flops = self._step_flops(batches) if self.clock.counts_flops else None
         ex = self._executor
         assert ex is not None
 
@@ -472,7 +650,7 @@ class Simulator(ModelRows):
             rng_state, t_before, busy_before = clock.rng.bit_generator.state, clock.t.copy(), clock.busy.copy()
             before = (clock.compute_s, clock.communication_s, clock.idle_s)
             try:
-                clock.add_compute(mask, self._measured(res) if res is not None else np.zeros(m))
+                clock.add_compute(mask, self._measured(res) if res is not None else np.zeros(m), flops=flops)
                 order = np.argsort(self.clock.t, kind="stable") if self.downpour_order == "clock" else None
                 ctx = MixContext(step=k, lr=lr, losses=est, order=order)
                 mix, sched_state = sched.advance(k, ctx, self.schedule_state)
@@ -668,6 +846,11 @@ class Simulator(ModelRows):
         name = state["executor"]
         if name in EXECUTORS:
             self._executor = self._get_executor(name)
+            for other in list(self._executors):
+                if other != name:
+                    del self._executors[other]
+            if self.requested_executor == "auto" or name != self.requested_executor:
+                self.executor_source = "checkpoint"
             self.executor_name = name
         self.calibration = dict(state.get("calibration", {}))
         torch.set_rng_state(state["torch_rng_state"])

@@ -62,6 +62,9 @@ FULL_TIME: dict[str, Any] = {"compute": "measured", "net_latency_ms": 0.1, "net_
 
 #: Engine of the current ``coopsgd reproduce`` call ("simulate" or "distributed"), set by the registry.
 ENGINE: contextvars.ContextVar[str] = contextvars.ContextVar("coopsgd_experiment_engine", default="simulate")
+#: Whether an experiment's runs may replace runs of another configuration in their directories
+#: (``coopsgd reproduce --overwrite``; see :func:`coopsgd.train.rundir.check_run_dir`).
+OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("coopsgd_experiment_overwrite", default=False)
 
 
 def time_fields(quick: bool) -> dict[str, Any]:
@@ -153,7 +156,7 @@ def run_config(
             "ignore", DivergenceWarning
         )  # the experiments choose diverging settings on purpose
         try:
-            summary = run(cfg, progress=progress, out=out)
+            summary = run(cfg, progress=progress, out=out, overwrite=OVERWRITE.get())
             if summary.get("zeta") is None:  # the distributed summary has no zeta: take it from the spec
                 from coopsgd.algorithms import make_preset
                 from coopsgd.theory.spectral import zeta

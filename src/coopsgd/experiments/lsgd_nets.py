@@ -255,11 +255,9 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
     """
     from coopsgd.algorithms import make_preset
     from coopsgd.data import WorkerLoader, lm_windows, load_dataset, partition
-    from coopsgd.engines.clock import SimClock
     from coopsgd.engines.simulator import Simulator
     from coopsgd.models import make_model
-    from coopsgd.theory.cost import ComputeModel, NetworkModel
-    from coopsgd.train.trainer import Experiment
+    from coopsgd.train.trainer import Experiment, sim_clock
 
     tr = load_dataset("wikitext2", split="train")
     te = load_dataset("wikitext2", split="test")
@@ -288,14 +286,7 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
         num_layers=int(settings["layers"]),
         batch_first=True,
     )
-    compute = (
-        None
-        if cfg.compute == "measured"
-        else ComputeModel(mean_s=cfg.compute_ms / 1e3, distribution=cfg.compute, spread=cfg.compute_spread)
-    )
-    clock = SimClock(
-        NetworkModel.from_mbps(cfg.net_latency_ms, cfg.net_bandwidth_mbps), compute, seed=cfg.seed
-    )
+    clock = sim_clock(cfg)  # the config's network and compute model, as every RunConfig run's
     sim = Simulator(
         spec,
         model,

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from scipy.sparse import csgraph
 
 from coopsgd.errors import ConfigError, MixingMatrixError, check_int
 from coopsgd.theory import spectral
@@ -52,6 +51,8 @@ def is_connected_adjacency(adj: np.ndarray) -> bool:
     a = np.asarray(adj, dtype=bool)
     if a.shape[0] <= 1:
         return True
+    from scipy.sparse import csgraph  # imported here: scipy costs ~0.2 s at start-up (`coopsgd --help`)
+
     n_components, _ = csgraph.connected_components(a.astype(np.int8), directed=False)
     return bool(n_components == 1)
 

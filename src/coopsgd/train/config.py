@@ -25,7 +25,7 @@ DTYPES = ("float32", "float64")
 EXECUTORS = ("auto", "loop", "vmap")
 PARTITIONS = ("iid", "dirichlet", "shards")
 LOSS_ESTIMATES = ("running_mean", "batch", "probe")
-COMPUTE_MODELS = ("measured", "constant", "exponential", "lognormal", "pareto")
+COMPUTE_MODELS = ("flops", "measured", "constant", "exponential", "lognormal", "pareto")
 #: Field metadata marking a RunConfig field as a preset setting (declared by a preset; see
 #: :mod:`coopsgd.algorithms.registry`).
 PRESET_SETTING: dict[str, Any] = {"preset": True}
@@ -43,8 +43,13 @@ class RunConfig:
     ``epochs`` or ``max_steps``; the learning rate is multiplied by ``lr_decay_factor`` at each epoch in
     ``lr_decay_epochs`` and at the simulated wall-clock times ``lr_decay_times_s`` ([LSGD]), after a linear
     warm-up of ``lr_warmup_steps`` steps.
-    Time: simulated compute (``compute`` = measured or a distribution with ``compute_ms``/``compute_spread``)
-    and network (``net_latency_ms``, ``net_bandwidth_mbps``).
+    Time: simulated compute and network (``net_latency_ms``, ``net_bandwidth_mbps``). ``compute`` is
+    ``"flops"`` (default: each step costs its FLOPs, counted once with ``FlopCounterMode``, at
+    ``compute_gflops`` GFLOP/s per worker -- the same simulated times on any machine under any load; a model
+    that cannot be counted falls back, with a warning, to a constant ``compute_ms``), ``"measured"`` (the
+    measured compute time: follows the machine's load) or a distribution with ``compute_ms`` /
+    ``compute_spread`` (``constant``, ``exponential``, ``lognormal``, ``pareto``). The reference engine has
+    no model to count: ``"flops"`` and ``"measured"`` are a constant ``compute_ms`` there.
     """
 
     # engine and algorithm
@@ -101,6 +106,7 @@ class RunConfig:
     # execution
     dtype: str = "float32"
     executor: str = "auto"
+    device: str = "cpu"
     seed: int = 0
     eval_every: int | None = None
     eval_samples: int = 2000
@@ -108,9 +114,10 @@ class RunConfig:
     nan_policy: str = "stop"
     max_skips: int = 10
     # simulated time
-    compute: str = "measured"
+    compute: str = "flops"
     compute_ms: float = 10.0
     compute_spread: float = 0.0
+    compute_gflops: float = 20.0  # coopsgd.engines.clock.DEFAULT_GFLOPS (where the number comes from)
     net_latency_ms: float = 1.0
     net_bandwidth_mbps: float = 1000.0
     # distributed engine
@@ -118,6 +125,7 @@ class RunConfig:
     emulate_network: bool = False
     # output
     out: str | None = None
+    tensorboard: bool | None = None  # TensorBoard scalars in <out>/tensorboard/; None: when the package is installed
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,6 +161,7 @@ class RunConfig:
         _choice("loss_estimate", self.loss_estimate, LOSS_ESTIMATES)
         _choice("dtype", self.dtype, DTYPES)
         _choice("executor", self.executor, EXECUTORS)
+        self.device = check_device(self.device, engine=self.engine, dtype=self.dtype)
         self.seed = check_int("seed", self.seed, minimum=0)
         if self.eval_every is not None:
             self.eval_every = check_int("eval_every", self.eval_every, minimum=1)
@@ -164,6 +173,7 @@ class RunConfig:
         _choice("compute", self.compute, COMPUTE_MODELS)
         self.compute_ms = check_float("compute_ms", self.compute_ms, low=0.0)
         self.compute_spread = check_float("compute_spread", self.compute_spread, low=0.0)
+        self.compute_gflops = check_float("compute_gflops", self.compute_gflops, low=0.0, low_open=True)
         self.net_latency_ms = check_float("net_latency_ms", self.net_latency_ms, low=0.0)
         self.net_bandwidth_mbps = check_float("net_bandwidth_mbps", self.net_bandwidth_mbps, low=0.0, low_open=True)
         from coopsgd.objectives import OBJECTIVES
@@ -177,6 +187,8 @@ class RunConfig:
         for name in ("nesterov", "download", "emulate_network", "augment"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError.invalid(name, getattr(self, name), "must be true or false")
+        if self.tensorboard is not None and not isinstance(self.tensorboard, bool):
+            raise ConfigError.invalid("tensorboard", self.tensorboard, "must be true, false or unset (auto)")
         if self.nesterov and self.momentum == 0:
             raise ConfigError.invalid("nesterov", True, "needs momentum > 0")
         return self
@@ -259,6 +271,44 @@ class RunConfig:
         return spec_from_settings(self.preset, self.workers, self.preset_settings(), shard_sizes=shard_sizes,
                                   steps_per_epoch=steps_per_epoch, seed=self.seed, policies=self.spec_policies(),
                                   lenient=lenient)
+
+
+def check_device(device: Any, *, engine: str = "simulate", dtype: str = "float32") -> str:
+    """``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``mps``) checked for the engine and for this machine.
+
+    The reference engine computes with numpy (``cpu`` only); the distributed engine puts each local rank on
+    its own GPU (``cuda`` = ``cuda:LOCAL_RANK``), so it takes ``cpu`` or ``cuda``. A device this machine does
+    not have is an error naming the field (torch is imported only for a device other than ``cpu``).
+    """
+    text = device.strip().lower() if isinstance(device, str) else None
+    if text is None or not (text in ("cpu", "cuda", "mps") or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise ConfigError.invalid("device", device, "choose cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
+    if text == "cpu":
+        return text
+    if engine == "reference":
+        raise ConfigError.invalid("device", device, "the reference engine computes with numpy on the CPU: use 'cpu'")
+    if engine == "distributed" and text != "cuda":
+        raise ConfigError.invalid("device", device, "the distributed engine runs on 'cpu' or 'cuda' (each local rank "
+                                  "on its own GPU, cuda:LOCAL_RANK; pick the GPUs with CUDA_VISIBLE_DEVICES)")
+    if text == "mps" and dtype == "float64":
+        raise ConfigError.invalid("device", device, "MPS has no float64: use dtype 'float32' or device 'cpu'")
+    import torch
+
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError.invalid("device", device, "no CUDA device is visible on this machine "
+                                      "(torch.cuda.is_available() is False); use 'cpu'")
+        count = torch.cuda.device_count()
+        index = int(text[5:]) if ":" in text else 0
+        if index >= count:
+            raise ConfigError.invalid("device", device, f"this machine has {count} visible CUDA device(s): "
+                                      f"cuda:0 to cuda:{count - 1}")
+    else:
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError.invalid("device", device, "no MPS device (Apple GPU) is available on this machine; "
+                                      "use 'cpu'")
+    return text
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

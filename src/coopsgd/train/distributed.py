@@ -40,7 +40,8 @@ from coopsgd.engines.launch import RankFailure, launch
 from coopsgd.errors import ConfigError, check_float
 from coopsgd.train.config import RunConfig
 from coopsgd.train.loop import LoopPlan, LoopState, run_loop
-from coopsgd.train.rundir import RunDir
+from coopsgd.train.progress import Progress
+from coopsgd.train.rundir import RunDir, check_run_dir, tensorboard_enabled
 from coopsgd.train.trainer import (
     CHECKPOINT_FORMAT,
     Experiment,
@@ -231,15 +232,36 @@ def load_distributed_checkpoint(resume: str | Path, world: int) -> dict[str, Any
     return state
 
 
+def rank_device(device: str, rank: int) -> str:
+    """The device of this rank for a run on ``device`` (``RunConfig.device``): ``cpu``, or for ``cuda`` the
+    GPU of the rank's local rank (``cuda:LOCAL_RANK``; made the current CUDA device, as NCCL needs)."""
+    if not device.startswith("cuda"):
+        return device
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    count = torch.cuda.device_count()
+    if local >= count:
+        raise ConfigError.invalid("device", device, f"local rank {local} needs its own GPU (cuda:{local}) but this "
+                                                    f"machine has {count} visible CUDA device(s): start at most "
+                                                    f"{count} processes per machine")
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"
+
+
 def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     """One rank of a :class:`RunConfig` run: build the problem, the engine, run the loop; rank 0 writes.
 
-    ``opts``: ``out``, ``resume``, ``timeout_s``, ``net_latency_ms``, ``net_bandwidth_mbps``, ``device``.
+    ``opts``: ``out``, ``resume``, ``timeout_s``, ``net_latency_ms``, ``net_bandwidth_mbps``, ``device``
+    (default: :func:`rank_device` of the config's ``device``).
     """
     c = RunConfig.from_dict(config_dict)
     if c.workers != world:
         raise ConfigError.invalid("workers", c.workers, f"must equal the number of processes ({world})")
+    device = opts.get("device") or rank_device(c.device, rank)
     resume = opts.get("resume")
+    out_dir = opts.get("out")
+    if out_dir and rank == 0 and not opts.get("checked"):  # under torchrun: no parent checked it
+        check_run_dir(out_dir, c.to_dict(), overwrite=bool(opts.get("overwrite")), resume=bool(resume))
+    tensorboard = tensorboard_enabled(c.tensorboard, has_dir=bool(out_dir))
     ckpt = load_distributed_checkpoint(resume, world) if resume else None
     p = build_problem(c)
     spec, loader = p["spec"], p["loader"]
@@ -249,7 +271,7 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
     net = NetEmulation(opts.get("net_latency_ms"), opts.get("net_bandwidth_mbps"))
     eng = DistributedEngine(
         spec, p["model"], loss_fn=p["loss_fn"], momentum=c.momentum, nesterov=c.nesterov,
-        weight_decay=c.weight_decay, dtype=p["dtype"], device=opts.get("device") or "cpu", seed=c.seed,
+        weight_decay=c.weight_decay, dtype=p["dtype"], device=device, seed=c.seed,
         loss_estimate=c.loss_estimate, probe_batch=p["probe"], net=net, nan_policy=c.nan_policy,
         fault=fault_from_env(),
         # pushes of a sequential schedule (DOWNPOUR) in the order they arrive: a real server on rank 0
@@ -267,8 +289,9 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
         loader.load_state_dict(ckpt["loader"])  # checks seed, batch size and shards
         exp.loop_state = LoopState.from_dict(ckpt.get("loop"))
         wall0 = float(ckpt.get("wall_time_s", exp.loop_state.train_s))
-    out_dir = opts.get("out")
-    rd = RunDir(out_dir) if (out_dir and rank == 0) else None
+    rd = None
+    if out_dir and rank == 0:  # refuses another configuration's run; removes the old run's files unless resuming
+        rd = RunDir.create(out_dir, c.to_dict(), overwrite=bool(opts.get("overwrite")), resume=bool(resume))
     if rd is not None:
         extra = {"engine": "distributed", "world_size": world, "steps_per_epoch": loader.steps_per_epoch,
                  "total_steps": p["total"], "spec": spec.describe(), "timeout_s": opts.get("timeout_s"),
@@ -279,7 +302,7 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
         rd.write_config(c.to_dict(), extra)
         if start > 0:
             rd.truncate_metrics(start)
-        rd.start_metrics(append=start > 0)
+        rd.start_metrics(append=start > 0, tensorboard=tensorboard, start_step=start)
 
     def checkpoint(done: int, st: LoopState) -> None:
         # collective: every rank sends its state to rank 0, which writes one file
@@ -298,11 +321,20 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
 
     def lr_agree(elapsed: float) -> float:
         # wall-clock milestones must be the same on every rank: take the slowest clock
-        t = torch.tensor([elapsed], dtype=torch.float64)
+        t = torch.tensor([elapsed], dtype=torch.float64, device=eng.device)  # NCCL: on the rank's GPU
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t[0])
 
-    plan = loop_plan(exp, checkpoint=checkpoint if out_dir else None, lr_agree=lr_agree, wall_offset=wall0)
+    bar = None
+    if opts.get("progress") and rank == 0:  # rank 0's steps: a bar on a terminal, a line every ~10 s or 10%
+        bar = Progress(p["total"], initial=start, desc=f"{spec.name} x{world} (distributed)")
+
+    def tick(stats: StepStats) -> None:
+        assert bar is not None
+        bar.update(stats.step + 1, loss=lambda: stats.loss)
+
+    plan = loop_plan(exp, checkpoint=checkpoint if out_dir else None, lr_agree=lr_agree, wall_offset=wall0,
+                     progress=tick if bar is not None else None)
     plan.checkpoint_at_end = bool(out_dir)
     evaluate = plan.evaluate
 
@@ -314,7 +346,11 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
     plan.evaluate = evaluate_alive
     dist.barrier()
     t0 = time.perf_counter()
-    last, _ = record_run(run_loop(eng, plan, state=exp.loop_state), rd)
+    try:
+        last, _ = record_run(run_loop(eng, plan, state=exp.loop_state), rd)
+    finally:
+        if bar is not None:
+            bar.close()
     eng.close()  # an asynchronous parameter server waits for every worker's last push
     timing = eng.timing()
     summary: dict[str, Any] = {"rank": rank}
@@ -345,6 +381,8 @@ def run_distributed(
     backend: str | None = None,
     env: dict[str, str] | None = None,
     resume: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run a :class:`~coopsgd.train.RunConfig` with ``config.workers`` local processes; return the summary.
 
@@ -354,7 +392,8 @@ def run_distributed(
     per-rank compute / communication / idle table and its aggregate) and ``communication_fraction``.
     ``net_latency_ms`` / ``net_bandwidth_mbps`` emulate slow links (``None``: the loopback's real speed).
     A rank that dies, raises, is killed or hangs raises :class:`~coopsgd.engines.launch.RankFailure`
-    naming it within ``timeout_s`` + a few seconds.
+    naming it within ``timeout_s`` + a few seconds. ``config.device`` ``"cuda"`` puts rank r on its own GPU
+    (``cuda:r``) with NCCL between the ranks (``backend`` default: ``"nccl"`` there, ``"gloo"`` on the CPU).
 
     With a run directory (``out`` or ``config.out``) rank 0 writes ``checkpoint.pt`` every
     ``config.checkpoint_every`` steps and at the end (:data:`~coopsgd.train.trainer.CHECKPOINT_FORMAT`,
@@ -362,11 +401,20 @@ def run_distributed(
     ``torch.load(weights_only=True)``). ``resume`` is such a file or a run directory holding one: every
     rank restores its state and the run continues from the checkpoint's step; the final parameters
     equal an uninterrupted run's exactly. Metric records after that step are replaced.
+
+    The run directory must not hold another configuration's run unless ``overwrite``
+    (:func:`coopsgd.train.rundir.check_run_dir`): checked here, before any process starts. ``progress``:
+    rank 0 shows its progress on stderr (:class:`coopsgd.train.progress.Progress`).
     """
     if not isinstance(config, RunConfig):
         raise ConfigError.invalid("config", type(config).__name__, "must be a coopsgd.train.RunConfig")
     timeout_s = check_float("timeout_s", timeout_s, low=0.0, low_open=True)
     NetEmulation(net_latency_ms, net_bandwidth_mbps)  # validate here, not in the children
+    if config.device.startswith("cuda"):  # one GPU per rank, NCCL between them
+        if torch.cuda.device_count() < config.workers:
+            raise ConfigError.invalid("device", config.device, f"a local run puts each of the {config.workers} "
+                                      f"workers on its own GPU; this machine has {torch.cuda.device_count()}")
+        backend = backend or "nccl"
     out_dir = out or config.out
     opts: dict[str, Any] = {"out": str(out_dir) if out_dir else None, "timeout_s": timeout_s,
                             "net_latency_ms": net_latency_ms, "net_bandwidth_mbps": net_bandwidth_mbps}
@@ -377,6 +425,10 @@ def run_distributed(
         opts["resume"] = str(_checkpoint_path(resume).resolve())
     cfg = config.to_dict()
     cfg["engine"] = "distributed"
+    if out_dir:  # a refused directory costs no process start-up; rank 0 removes the old run's files
+        check_run_dir(out_dir, cfg, overwrite=overwrite, resume=resume is not None)
+    tensorboard_enabled(config.tensorboard, has_dir=bool(out_dir))  # tensorboard=True without the package
+    opts.update(checked=True, overwrite=overwrite, progress=progress)
     try:
         results = launch(rank_main, config.workers, (cfg, opts), timeout_s=timeout_s, backend=backend, env=env)
     except RankFailure as exc:

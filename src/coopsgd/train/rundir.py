@@ -3,14 +3,24 @@
 Every file is written atomically (temporary file in the same directory, fsync, rename), so an
 interrupted run never leaves a half-written JSON or checkpoint behind. Checkpoints are loaded with
 ``torch.load(weights_only=True)``: loading never executes code.
+
+A run never writes into a directory that holds another configuration's run (:func:`check_run_dir`): the
+directory must be new or empty, or hold only the files coopsgd writes in a run directory
+(:data:`RUN_FILES`, ``tensorboard/``, figures) with a ``config.json`` equal to the new run's in every field
+but :data:`IGNORED_FIELDS`. ``overwrite=True`` removes such an old run first; files coopsgd did not write are
+never removed or replaced. With a run directory and the ``tensorboard`` package, the metric records are
+also written as TensorBoard scalars under ``<run dir>/tensorboard/``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +32,10 @@ import numpy as np
 
 from coopsgd.errors import ConfigError, CoopSGDError
 
-__all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "environment", "jsonable"]
+__all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "environment",
+           "jsonable", "check_run_dir", "prepare_run_dir", "check_compare_dir", "prepare_compare_dir",
+           "fresh_run_dir", "config_difference", "tensorboard_enabled", "tensorboard_scalars", "RUN_FILES",
+           "RESUME_FIELDS", "IGNORED_FIELDS", "TENSORBOARD_DIR", "COMPARE_FILE"]
 
 
 def jsonable(o: Any) -> Any:
@@ -147,8 +160,342 @@ def environment() -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------------------------------
+# safe run directories
+# ---------------------------------------------------------------------------------------------------------
+
+#: The files a run writes in its directory (besides ``tensorboard/`` and figures).
+RUN_FILES = ("config.json", "environment.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
+#: The TensorBoard event files' folder inside a run directory.
+TENSORBOARD_DIR = "tensorboard"
+#: The file ``coopsgd compare`` writes at the top of its directory (beside one run directory per preset).
+COMPARE_FILE = "compare.json"
+#: The RunConfig fields a resumed run may change (``coopsgd run --resume DIR --max-steps ...``).
+RESUME_FIELDS = ("max_steps", "epochs", "eval_every", "checkpoint_every", "tensorboard")
+#: Fields that do not make a run "another configuration": where it is written, and what a resume may change.
+IGNORED_FIELDS = ("out", *RESUME_FIELDS)
+
+_FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+_TMP = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")  # atomic_write_bytes' temporary files
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _head_tail(path: Path, size: int = 65536) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(size)
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            if end <= size:
+                return head
+            f.seek(max(size, end - size))
+            return head + f.read()
+    except OSError:
+        return b""
+
+
+def _is_figure(path: Path) -> bool:
+    """A figure coopsgd drew: png/svg/pdf with matplotlib's signature in its metadata."""
+    return path.suffix.lower() in _FIGURE_SUFFIXES and b"matplotlib" in _head_tail(path).lower()
+
+
+def _is_run_file(path: Path) -> bool:
+    """Whether ``path`` (a file directly inside a run directory) is one coopsgd wrote there: its name is one
+    coopsgd writes and its content is what coopsgd writes under that name."""
+    name = path.name
+    if not path.is_file() or path.is_symlink():
+        return False
+    tmp = _TMP.match(name)
+    if tmp:  # a temporary file of an interrupted atomic write
+        tname = tmp.group("name")
+        return tname in (*RUN_FILES, COMPARE_FILE) or Path(tname).suffix.lower() in _FIGURE_SUFFIXES
+    if name == "config.json":
+        data = _read_json_object(path)
+        return data is not None and "engine" in data and "preset" in data
+    if name == "environment.json":
+        data = _read_json_object(path)
+        return data is not None and "coopsgd" in data
+    if name == "summary.json":
+        data = _read_json_object(path)
+        return data is not None and "status" in data
+    if name == "metrics.jsonl":
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = f.readline(1 << 20).strip()
+        except (OSError, ValueError):
+            return False
+        if not first:
+            return True
+        try:
+            rec = json.loads(first)
+        except ValueError:
+            return False
+        return isinstance(rec, dict) and "step" in rec
+    if name == "checkpoint.pt":
+        return _head_tail(path, 4)[:4] == b"PK\x03\x04"  # torch.save's zip format
+    return _is_figure(path)
+
+
+def _is_tensorboard_dir(path: Path) -> bool:
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return all(p.is_file() and p.name.startswith("events.out.tfevents.") for p in path.iterdir())
+
+
+def _scan_run_dir(path: Path) -> tuple[list[Path], list[Path]]:
+    """(coopsgd's entries, foreign entries) of a run directory, each sorted by name."""
+    ours: list[Path] = []
+    foreign: list[Path] = []
+    for p in sorted(path.iterdir()):
+        if p.name == TENSORBOARD_DIR:
+            (ours if _is_tensorboard_dir(p) else foreign).append(p)
+        else:
+            (ours if _is_run_file(p) else foreign).append(p)
+    return ours, foreign
+
+
+def _normal(value: Any) -> Any:
+    """A value as it reads back from JSON (tuples -> lists, numpy -> Python, non-finite -> None)."""
+    return json.loads(json.dumps(jsonable(value)))
+
+
+def config_difference(old: dict[str, Any], new: dict[str, Any],
+                      ignore: tuple[str, ...] = IGNORED_FIELDS) -> tuple[str, Any, Any] | None:
+    """The first field (in the new config's order) whose value differs: ``(field, old, new)``; ``None`` if
+    none does. ``ignore`` fields are skipped; a field the old config lacks (one added to RunConfig since it
+    was written) counts as its default."""
+    import dataclasses
+
+    from coopsgd.train.config import RunConfig
+
+    defaults: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    missing = object()
+    for key in [*new, *sorted(k for k in old if k not in new)]:
+        if key in ignore:
+            continue
+        a = old.get(key, defaults.get(key, missing))
+        b = new.get(key, defaults.get(key, missing))
+        a = None if a is missing else _normal(a)
+        b = None if b is missing else _normal(b)
+        if a != b:
+            return key, a, b
+    return None
+
+
+def _names(paths: list[Path], limit: int = 3) -> str:
+    shown = ", ".join(repr(p.name + ("/" if p.is_dir() else "")) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _refuse(what: str, path: Path, reason: str, fix: str) -> ConfigError:
+    return ConfigError(f"{what} {str(path)!r} {reason}; {fix}", field="out", value=str(path))
+
+
+_REPLACE = "choose another directory, or add --overwrite (overwrite=True) to replace that run"
+_FOREIGN = ("coopsgd writes only into a new, empty or coopsgd run directory and never removes files it did "
+            "not write: choose another directory")
+
+
+def check_run_dir(path: str | Path, config: dict[str, Any], *, overwrite: bool = False,
+                  resume: bool = False) -> list[Path]:
+    """Check that a run of ``config`` (a :meth:`RunConfig.to_dict`) may write into ``path``; return the old
+    run's entries a fresh run removes first (nothing is removed here).
+
+    ``path`` may receive the run when it does not exist, is empty, or holds only coopsgd run files whose
+    ``config.json`` equals ``config`` in every field but :data:`IGNORED_FIELDS` (the same run, rerun or
+    resumed). Otherwise it holds *another configuration*: a different ``config.json``, coopsgd run files
+    without a readable ``config.json``, or files coopsgd did not write -- a :class:`ConfigError` naming the
+    directory and the first differing field, unless ``overwrite`` (then that old run's files are returned
+    for removal). Files coopsgd did not write are refused even with ``overwrite``. ``resume``: the run
+    continues the run in ``path`` (nothing is removed; ``overwrite`` cannot be combined with it).
+    """
+    p = Path(path)
+    if resume and overwrite:
+        raise ConfigError.invalid("overwrite", True, "cannot be combined with resume (a resumed run continues "
+                                                      "the run in its own directory)")
+    if not p.exists():
+        return []
+    if not p.is_dir():
+        raise ConfigError.invalid("out", str(path), "exists and is not a directory")
+    ours, foreign = _scan_run_dir(p)
+    if foreign:
+        raise _refuse("run directory", p, f"holds files coopsgd did not write ({_names(foreign)})", _FOREIGN)
+    if not ours:
+        return []
+    fix = ("a resumed run continues its own run directory: resume into it or into a new one" if resume
+           else _REPLACE)
+    old = _read_json_object(p / "config.json") if (p / "config.json").is_file() else None
+    if old is None:
+        if not overwrite:
+            raise _refuse("run directory", p, f"holds coopsgd run files ({_names(ours)}) but no readable "
+                          "config.json, so they may belong to another configuration", fix)
+    else:
+        diff = config_difference(old, config)
+        if diff is not None and not overwrite:
+            key, a, b = diff
+            raise _refuse("run directory", p, f"holds a run of another configuration ({key}: {a!r} there, "
+                          f"{b!r} here)", fix)
+    return [] if resume else ours
+
+
+def _remove(entries: list[Path]) -> None:
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e)
+        else:
+            e.unlink(missing_ok=True)
+
+
+def prepare_run_dir(path: str | Path, config: dict[str, Any], *, overwrite: bool = False,
+                    resume: bool = False) -> Path:
+    """:func:`check_run_dir`, then remove the old run's files (not when resuming) and create the directory."""
+    p = Path(path)
+    _remove(check_run_dir(p, config, overwrite=overwrite, resume=resume))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def check_compare_dir(path: str | Path, config: dict[str, Any], presets: list[str], *,
+                      overwrite: bool = False) -> list[Path]:
+    """:func:`check_run_dir` for ``coopsgd compare``'s directory: ``compare.json`` (the shared config and the
+    presets), figures and one run directory per listed preset. The same rule: another configuration (a
+    differing field or preset list) is refused unless ``overwrite``; files coopsgd did not write (including
+    subdirectories ``compare.json`` does not list) always are. Returns the entries to remove."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    if not p.is_dir():
+        raise ConfigError.invalid("out", str(path), "exists and is not a directory")
+    meta = _read_json_object(p / COMPARE_FILE) if (p / COMPARE_FILE).is_file() else None
+    if meta is not None and not isinstance(meta.get("config"), dict):
+        meta = None
+    listed: list[str] = []
+    if meta is not None:
+        old_presets = meta.get("presets")
+        if not isinstance(old_presets, list):
+            old_presets = list(meta.get("results") or {})
+        listed = [str(n) for n in old_presets]
+    ours: list[Path] = []
+    foreign: list[Path] = []
+    for e in sorted(p.iterdir()):
+        if e.name == COMPARE_FILE:
+            (ours if meta is not None else foreign).append(e)
+        elif e.is_dir() and not e.is_symlink():
+            if e.name in listed:
+                sub_ours, sub_foreign = _scan_run_dir(e)
+                foreign.extend(sub_foreign)
+                ours.append(e)
+            else:
+                foreign.append(e)
+        elif _is_run_file(e) and e.name not in RUN_FILES:  # figures, temporary files
+            ours.append(e)
+        else:
+            foreign.append(e)
+    if foreign:
+        raise _refuse("compare directory", p, f"holds files coopsgd did not write ({_names(foreign)})", _FOREIGN)
+    if not ours:
+        return []
+    if meta is None:
+        if not overwrite:
+            raise _refuse("compare directory", p, f"holds coopsgd files ({_names(ours)}) but no readable "
+                          f"{COMPARE_FILE}, so they may belong to another comparison", _REPLACE)
+        return ours
+    diff = config_difference(meta["config"], config)
+    if diff is None and listed != list(presets):
+        diff = ("presets", listed, list(presets))
+    if diff is not None and not overwrite:
+        key, a, b = diff
+        raise _refuse("compare directory", p, f"holds a comparison of another configuration ({key}: {a!r} "
+                      f"there, {b!r} here)", _REPLACE)
+    return ours
+
+
+def prepare_compare_dir(path: str | Path, config: dict[str, Any], presets: list[str], *,
+                        overwrite: bool = False) -> Path:
+    """:func:`check_compare_dir`, then remove the old comparison and create the directory."""
+    p = Path(path)
+    _remove(check_compare_dir(p, config, presets, overwrite=overwrite))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def fresh_run_dir(name: str, root: str | Path = "runs", *, now: float | None = None) -> Path:
+    """Create and return a new directory ``root/<name>-<YYYYmmdd-HHMMSS>[-N]`` (``-2``, ``-3``, ... when
+    that second's name is taken; creation is atomic, so two processes never get the same one)."""
+    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        p = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            p.mkdir()
+        except FileExistsError:
+            continue
+        return p
+    raise CoopSGDError(f"no free run directory name {str(root / base)!r}-N")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TensorBoard
+# ---------------------------------------------------------------------------------------------------------
+
+#: Tags of list-valued metric fields: ``worker_losses[i]`` is the scalar ``worker_loss/i``.
+_LIST_TAGS = {"worker_losses": "worker_loss"}
+
+
+def tensorboard_enabled(setting: bool | None, *, has_dir: bool = True) -> bool:
+    """Whether a run writes TensorBoard event files: ``setting`` (``RunConfig.tensorboard``) ``None`` means
+    when the ``tensorboard`` package is importable and the run has a directory. ``True`` without the
+    package, or without a run directory, is a :class:`ConfigError`."""
+    if setting is False:
+        return False
+    available = importlib.util.find_spec("tensorboard") is not None
+    if setting is True:
+        if not available:
+            raise ConfigError.invalid("tensorboard", True, "the tensorboard package is not installed "
+                                                           "(pip install 'coopsgd[tensorboard]')")
+        if not has_dir:
+            raise ConfigError.invalid("tensorboard", True, "needs a run directory (out)")
+    return available and has_dir
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars of one metric record: every numeric field as in ``metrics.jsonl`` (non-finite
+    values are left out there as ``null``, and here), list fields one scalar per entry (``worker_loss/3``);
+    ``step`` is the x axis, strings, booleans and nested records are left out."""
+    out: dict[str, float] = {}
+    for key, value in jsonable(record).items():
+        if key == "step" or isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+        elif isinstance(value, list):
+            tag = _LIST_TAGS.get(key, key)
+            for i, v in enumerate(value):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[f"{tag}/{i}"] = float(v)
+    return out
+
+
 class RunDir:
-    """A run directory: ``config.json``, ``environment.json``, ``metrics.jsonl``, ``summary.json``, checkpoints."""
+    """A run directory: ``config.json``, ``environment.json``, ``metrics.jsonl``, ``summary.json``, checkpoints,
+    and ``tensorboard/`` (TensorBoard scalars of every metric record, when enabled).
+
+    Runs create theirs with :meth:`create`, which refuses a directory holding another configuration's run
+    (:func:`check_run_dir`); ``RunDir(path)`` opens a directory as it is.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -157,6 +504,16 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
         self._metrics: TextIO | None = None
+        self._tb: Any = None
+        self._tb_start: int | None = None
+
+    @classmethod
+    def create(cls, path: str | Path, config: dict[str, Any], *, overwrite: bool = False,
+               resume: bool = False) -> RunDir:
+        """The run directory of a run of ``config`` (a :meth:`RunConfig.to_dict`): :func:`prepare_run_dir`
+        (refuse another configuration's run unless ``overwrite``; remove the old run's files unless
+        ``resume``), then open it."""
+        return cls(prepare_run_dir(path, config, overwrite=overwrite, resume=resume))
 
     def write_config(self, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
         atomic_write_json(self.path / "config.json", config)
@@ -169,21 +526,43 @@ class RunDir:
         kept = [r for r in RunDir.read_metrics(self.metrics_path) if r.get("step", 0) <= step]
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(jsonable(r)) + "\n" for r in kept).encode())
 
-    def start_metrics(self, *, append: bool = False) -> None:
+    def start_metrics(self, *, append: bool = False, tensorboard: bool = False, start_step: int = 0) -> None:
+        """Open ``metrics.jsonl`` (``append``: a resumed run) and, with ``tensorboard``, the TensorBoard
+        writer of ``tensorboard/``. A run resumed at ``start_step`` > 0 tells TensorBoard to drop the
+        earlier events after that step (as :meth:`truncate_metrics` drops the records)."""
         self._metrics = open(self.metrics_path, "a" if append else "w", encoding="utf-8")
+        self._tb_start = (start_step if append else 0) if tensorboard else None
+
+    def _tensorboard(self) -> Any:
+        if self._tb is None and self._tb_start is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = self._tb_start + 1 if self._tb_start > 0 else None
+            self._tb = SummaryWriter(log_dir=str(self.path / TENSORBOARD_DIR), purge_step=purge, flush_secs=10)
+        return self._tb
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line and flush it (a crash loses at most the line being written)."""
+        """Append one JSON line and flush it (a crash loses at most the line being written); with TensorBoard
+        on, the record's scalars too (:func:`tensorboard_scalars`)."""
         if self._metrics is None:
             self.start_metrics()
         assert self._metrics is not None
         self._metrics.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
         self._metrics.flush()
+        tb = self._tensorboard()
+        step = record.get("step")
+        if tb is not None and step is not None:
+            for tag, value in tensorboard_scalars(record).items():
+                tb.add_scalar(tag, value, global_step=int(step))
 
     def close(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self._tb_start = None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / "summary.json", summary)

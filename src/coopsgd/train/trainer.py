@@ -28,7 +28,8 @@ from coopsgd.engines.base import Engine, ModelEngine, NonFiniteError, StepStats
 from coopsgd.errors import ConfigError
 from coopsgd.train.config import RunConfig
 from coopsgd.train.loop import LoopPlan, LoopState, run_loop
-from coopsgd.train.rundir import RunDir
+from coopsgd.train.progress import Progress
+from coopsgd.train.rundir import RunDir, check_run_dir, tensorboard_enabled
 
 __all__ = ["Experiment", "build", "build_problem", "iterate", "train", "train_reference", "run", "lr_at",
            "evaluate_model", "checkpoint_state", "load_run_checkpoint", "summarize", "TIME_KEYS",
@@ -128,23 +129,44 @@ def build_problem(config: RunConfig) -> dict[str, Any]:
             "eval_every": eval_every, "loss_fn": _lm_loss if is_lm else F.cross_entropy}
 
 
-def build(config: RunConfig) -> Experiment:
-    """Build the spec, data, partition, model and simulator of a ``simulate`` run."""
-    from coopsgd.engines.clock import SimClock
-    from coopsgd.engines.simulator import Simulator
+def sim_clock(config: RunConfig) -> Any:
+    """The simulated clock of a run (:class:`coopsgd.engines.clock.SimClock`): the config's network and
+    compute model (``"flops"``: counted FLOPs at ``compute_gflops``, falling back to a constant
+    ``compute_ms`` for a model that cannot be counted; ``"measured"``; or a ``compute_ms`` distribution)."""
+    from coopsgd.engines.clock import FlopCompute, SimClock
     from coopsgd.theory.cost import ComputeModel, NetworkModel
 
     c = config
-    p = build_problem(c)
     network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
-    compute = None if c.compute == "measured" else ComputeModel(
-        mean_s=c.compute_ms / 1e3, distribution=c.compute, spread=c.compute_spread)
-    clock = SimClock(network, compute, seed=c.seed)
+    compute: ComputeModel | FlopCompute | None = None
+    if c.compute == "flops":
+        compute = FlopCompute(c.compute_gflops, fallback=ComputeModel(mean_s=c.compute_ms / 1e3))
+    elif c.compute != "measured":
+        compute = ComputeModel(mean_s=c.compute_ms / 1e3, distribution=c.compute, spread=c.compute_spread)
+    return SimClock(network, compute, seed=c.seed)
+
+
+def build(config: RunConfig) -> Experiment:
+    """Build the spec, data, partition, model and simulator of a ``simulate`` run.
+
+    The simulator's one-time choices are made here, on the batches of step 0 (nothing is trained):
+    ``executor="auto"`` reads the executor from the cache (:class:`coopsgd.engines.calibration.ExecutorCache`,
+    ``$COOPSGD_CACHE_DIR``) or times both once and stores the choice, and the FLOP compute model counts
+    the FLOPs of one worker's step (``sim.executor_info()``, ``sim.compute_model_info()``).
+    """
+    from coopsgd.engines.calibration import ExecutorCache
+    from coopsgd.engines.simulator import Simulator
+
+    c = config
+    p = build_problem(c)
+    clock = sim_clock(c)
     sim = Simulator(p["spec"], p["model"], loss_fn=p["loss_fn"], momentum=c.momentum, nesterov=c.nesterov,
                     weight_decay=c.weight_decay, executor=c.executor, dtype=p["dtype"], seed=c.seed,
                     loss_estimate=c.loss_estimate, probe_batch=p["probe"], clock=clock,
                     downpour_order=c.downpour_order if p["spec"].schedule.sequential else "schedule",
-                    nan_policy=c.nan_policy)
+                    nan_policy=c.nan_policy, device=c.device,
+                    executor_cache=ExecutorCache() if c.executor == "auto" else None)
+    sim.prepare(feed_from(p["loader"])(0, range(c.workers), p["spec"].schedule.active(0)))
     return Experiment(config=c, spec=p["spec"], sim=sim, loader=p["loader"], train_set=p["train_set"],
                       test_set=p["test_set"], loss_fn=p["loss_fn"], total_steps=p["total"],
                       eval_every=p["eval_every"], is_lm=p["is_lm"], histograms=p["histograms"], problem=p)
@@ -153,13 +175,19 @@ def build(config: RunConfig) -> Experiment:
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
                    *, is_lm: bool = False, batch: int = 500, dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Mean loss and accuracy (classification) or perplexity (language model) of ``model`` on (x, y)."""
+    """Mean loss and accuracy (classification) or perplexity (language model) of ``model`` on (x, y).
+
+    The data may live elsewhere (the data sets are on the CPU): each batch moves to the model's device.
+    """
     model.eval()
+    first: torch.Tensor | None = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
     total, correct, n = 0.0, 0, 0
     for i in range(0, len(x), batch):
-        xb, yb = x[i:i + batch], y[i:i + batch]
-        if not is_lm:
-            xb = xb.to(dtype)
+        xb, yb = x[i:i + batch], y[i:i + batch].to(device)
+        xb = xb.to(device) if is_lm else xb.to(device, dtype)
         out = model(xb)
         k = yb.numel() if is_lm else len(yb)
         total += float(loss_fn(out, yb)) * k
@@ -228,7 +256,7 @@ def nn_evaluator(exp: Experiment, *, wall_offset: float = 0.0) -> Callable[..., 
             "leader": engine.leader,
             "dropped_rounds": list(st.dropped),
             **_time_fields(times, st.train_s, wall),
-            "samples_per_s": step * c.workers * c.batch_size / st.train_s if st.train_s > 0 else None,
+            "measured_samples_per_s": step * c.workers * c.batch_size / st.train_s if st.train_s > 0 else None,
         }
         if is_lm:
             rec["test_perplexity"] = test["perplexity"]
@@ -311,17 +339,12 @@ def iterate(
     if start_step != exp.sim.step_count:
         raise ConfigError.invalid("start_step", start_step, f"the simulator is at step {exp.sim.step_count}")
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=exp.total_steps, initial=start_step, desc=f"{exp.spec.name} x{exp.config.workers}",
-                   unit="step", dynamic_ncols=True, leave=False)
+    if progress:  # a bar on a terminal, a line every ~10 s or 10% elsewhere
+        bar = Progress(exp.total_steps, initial=start_step, desc=f"{exp.spec.name} x{exp.config.workers}")
 
     def tick(stats: StepStats) -> None:
         assert bar is not None
-        bar.update(1)
-        if (stats.step + 1) % 10 == 0 and np.isfinite(stats.losses).any():
-            bar.set_postfix(loss=f"{stats.loss:.3f}", rounds=stats.round)
+        bar.update(stats.step + 1, loss=lambda: stats.loss, rounds=stats.round)
 
     def ckpt(step: int, st: LoopState) -> None:
         exp.loop_state = st
@@ -379,6 +402,7 @@ def train(
     progress: bool = False,
     out: str | Path | None = None,
     resume: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run ``config`` (engine ``simulate``), write the run directory, return the summary.
 
@@ -391,9 +415,17 @@ def train(
     (all nodes, buffers, momentum, RNG, schedule and leader state, clock), the data position and the
     counters are restored and the run continues; the final parameters equal an uninterrupted run's
     exactly. Metric records after the checkpoint's step are replaced.
+
+    The run directory (``out`` or ``config.out``; none: nothing is written) must not hold another
+    configuration's run (:func:`coopsgd.train.rundir.check_run_dir`; checked before anything is built)
+    unless ``overwrite``; the old run's files are removed first (not when resuming).
     """
     if config.engine != "simulate":
         raise ConfigError.invalid("engine", config.engine, "train() runs the 'simulate' engine")
+    out_dir = out or config.out
+    if out_dir:
+        check_run_dir(out_dir, config.to_dict(), overwrite=overwrite, resume=resume is not None)
+    tensorboard = tensorboard_enabled(config.tensorboard, has_dir=bool(out_dir))
     exp = build(config)
     start = 0
     if resume is not None:
@@ -404,17 +436,21 @@ def train(
         start = int(state["step"])
         if start > exp.total_steps:
             raise ConfigError.invalid("max_steps", exp.total_steps, f"the checkpoint is already at step {start}")
-    out_dir = out or config.out
-    rd = RunDir(out_dir) if out_dir else None
+    rd = RunDir.create(out_dir, config.to_dict(), overwrite=overwrite, resume=resume is not None) if out_dir else None
     if rd is not None:
-        extra = {"executor": exp.sim.executor_name, "steps_per_epoch": exp.steps_per_epoch,
+        # the executor and where it came from (cache key, timed medians) and the compute model: how the
+        # run's numbers and simulated times were produced (see docs/reliability.md, "Determinism")
+        calib = exp.sim.executor_info()
+        extra = {"executor": exp.sim.executor_name, "executor_from_cache": calib["from_cache"],
+                 "executor_calibration": calib, "compute_model": exp.sim.compute_model_info(),
+                 "steps_per_epoch": exp.steps_per_epoch,
                  "total_steps": exp.total_steps, "spec": exp.spec.describe(), "resumed_from_step": start}
         if exp.histograms is not None:
             extra["label_histograms"] = exp.histograms.tolist()
         rd.write_config(config.to_dict(), extra)
         if start > 0:
             rd.truncate_metrics(start)
-        rd.start_metrics(append=start > 0)
+        rd.start_metrics(append=start > 0, tensorboard=tensorboard, start_step=start)
 
     def on_checkpoint(step: int) -> None:
         if rd is not None:
@@ -491,13 +527,16 @@ def summarize(spec: AlgorithmSpec, config: RunConfig, last: dict[str, Any], *, t
     return summary
 
 
-def train_reference(config: RunConfig, *, progress: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+def train_reference(config: RunConfig, *, progress: bool = False, out: str | Path | None = None,
+                    overwrite: bool = False) -> dict[str, Any]:
     """Run ``config`` on the exact reference engine (analytic ``objective``) through the training loop;
     the summary has the same keys as :func:`train`'s.
 
     ``final.train_loss`` is F at the averaged model u_k, ``final.test_loss`` F at the centre model (the
     held-out loss for ``logistic``, with ``test_accuracy``). Time comes from the cost model
-    (:func:`coopsgd.theory.cost.expected_runtime` with ``compute_ms`` per step).
+    (:func:`coopsgd.theory.cost.expected_runtime` with ``compute_ms`` per step; an analytic objective has no
+    model to FLOP-count, so ``compute="flops"`` and ``"measured"`` are a constant ``compute_ms`` here).
+    The run directory is checked and replaced as in :func:`train` (``overwrite``).
     """
     from coopsgd.analysis import spec_round_cost
     from coopsgd.engines.reference import ReferenceEngine, consensus_distance
@@ -505,6 +544,10 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
     from coopsgd.theory.cost import ComputeModel, NetworkModel, expected_runtime
 
     c = config
+    out_dir = out or c.out
+    if out_dir:
+        check_run_dir(out_dir, c.to_dict(), overwrite=overwrite)
+    tensorboard = tensorboard_enabled(c.tensorboard, has_dir=bool(out_dir))
     args = dict(c.objective_args)
     if c.objective in ("quadratic", "logistic"):
         args.setdefault("workers", c.workers)
@@ -519,8 +562,8 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
     eng = ReferenceEngine(spec, obj, seed=c.seed, nan_policy=c.nan_policy)
     rc = spec_round_cost(spec, obj.dim, bytes_per_param=8)
     network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
-    compute = ComputeModel(mean_s=c.compute_ms / 1e3, distribution="constant" if c.compute == "measured" else c.compute,
-                           spread=c.compute_spread)
+    compute = ComputeModel(mean_s=c.compute_ms / 1e3, spread=c.compute_spread,
+                           distribution="constant" if c.compute in ("measured", "flops") else c.compute)
     clock = expected_runtime(steps=steps, tau=spec.tau, workers=spec.workers, cost=rc, network=network,
                              compute=compute, overlap=spec.overlap, trials=1 if compute.deterministic else 50)
     per_step = clock["per_step_s"]
@@ -542,7 +585,7 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
             "center_objective": float(obj.value(center)),
             "consensus_distance": consensus_distance(engine.state, spec.workers), "zeta": zeta,
             "rounds": int(engine.rounds), "leader": engine.leader, "dropped_rounds": list(st.dropped),
-            **_time_fields(times, st.train_s, time.perf_counter() - t0), "samples_per_s": None,
+            **_time_fields(times, st.train_s, time.perf_counter() - t0), "measured_samples_per_s": None,
         }
         if logistic:
             rec["test_accuracy"] = float(obj.accuracy(center))  # type: ignore[attr-defined]
@@ -551,19 +594,17 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
     plan = LoopPlan(total_steps=steps, eval_every=max(1, steps // 200), lr=lambda k, _t: lr_at(c, k, max(1, steps), 0.0),
                     feed=lambda k, local, active: None, evaluate=evaluate, nan_policy=c.nan_policy,
                     max_skips=c.max_skips)
-    out_dir = out or c.out
-    rd = RunDir(out_dir) if out_dir else None
+    rd = RunDir.create(out_dir, c.to_dict(), overwrite=overwrite) if out_dir else None
     if rd is not None:
         rd.write_config(c.to_dict(), {"spec": spec.describe()})
-        rd.start_metrics()
+        rd.start_metrics(tensorboard=tensorboard)
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc=spec.name, unit="step", leave=False)
+    if progress:  # a bar on a terminal, a line every ~10 s or 10% elsewhere
+        bar = Progress(steps, desc=f"{spec.name} x{spec.workers}")
 
         def tick(stats: StepStats) -> None:
-            bar.update(1)
+            assert bar is not None
+            bar.update(stats.step + 1, loss=lambda: stats.loss)
 
         plan.on_step = tick
     try:
@@ -594,17 +635,19 @@ def _logistic_test_loss(obj: Any, w: np.ndarray) -> float:
 
 
 def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = None,
-        resume: str | Path | None = None) -> dict[str, Any]:
-    """Dispatch on ``config.engine``."""
+        resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Dispatch on ``config.engine``. ``overwrite``: replace another configuration's run in the run directory
+    (:func:`coopsgd.train.rundir.check_run_dir`)."""
     if resume is not None and config.engine == "reference":
         raise ConfigError.invalid("resume", str(resume), "resuming is supported by the 'simulate' and 'distributed' engines")
     if config.engine == "reference":
-        return train_reference(config, progress=progress, out=out)
+        return train_reference(config, progress=progress, out=out, overwrite=overwrite)
     if config.engine == "simulate":
-        return train(config, progress=progress, out=out, resume=resume)
+        return train(config, progress=progress, out=out, resume=resume, overwrite=overwrite)
     from coopsgd.train.distributed import run_distributed
 
     emulate = config.emulate_network
     return run_distributed(config, out=out, timeout_s=config.timeout_s, resume=resume,
                            net_latency_ms=config.net_latency_ms if emulate else None,
-                           net_bandwidth_mbps=config.net_bandwidth_mbps if emulate else None)
+                           net_bandwidth_mbps=config.net_bandwidth_mbps if emulate else None,
+                           overwrite=overwrite, progress=progress)
