@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from coopsgd import __version__
-from coopsgd.errors import ConfigError, CoopSGDError
+from coopsgd.errors import ConfigError, CoopSGDError, Interrupted
 
 __all__ = ["main", "build_parser"]
 
@@ -916,6 +916,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"coopsgd: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # SIGTERM / SIGINT during a distributed run: its ranks were stopped
+        print(f"coopsgd: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("coopsgd: interrupted", file=sys.stderr)
         return 130

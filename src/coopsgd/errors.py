@@ -13,6 +13,7 @@ __all__ = [
     "CoopSGDError",
     "ConfigError",
     "MixingMatrixError",
+    "Interrupted",
     "TheoryWarning",
     "DivergenceWarning",
     "check_int",
@@ -42,6 +43,31 @@ class ConfigError(CoopSGDError, ValueError):
 
 class MixingMatrixError(ConfigError):
     """A mixing matrix that breaks a required property (shape, sign, stochasticity, symmetry, connectivity)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run was stopped by a signal (SIGTERM or SIGINT) and cleaned up after itself.
+
+    Raised by :func:`coopsgd.engines.launch.launch` after it has stopped every rank and removed its
+    temporary directory. ``signum`` is the signal; ``exit_status`` is what a shell reports for it
+    (``128 + signum``: 143 for SIGTERM, 130 for SIGINT), which the CLI returns. A ``KeyboardInterrupt``
+    (not a :class:`CoopSGDError`), so that no ``except Exception`` on its way out can swallow it and code
+    that already stops cleanly on Ctrl-C handles it too.
+    """
+
+    def __init__(self, message: str, *, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_status = 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
 
 
 class TheoryWarning(UserWarning):

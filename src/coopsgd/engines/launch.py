@@ -19,6 +19,11 @@ surviving child and raises :class:`RankFailure` naming the responsible rank when
 * a rank stops beating for ``timeout_s`` while it is *not* waiting in a communication (a hang in its own
   code), or every rank is stuck for ``timeout_s + 5`` s.
 
+No rank outlives the launcher, however the launcher ends (see :func:`launch`): while ranks run, SIGTERM
+and SIGINT make it stop them, remove its temporary directory and raise :class:`~coopsgd.errors.Interrupted`;
+if it is killed outright (SIGKILL), every rank dies at once (``PR_SET_PDEATHSIG`` on Linux, a watchdog
+thread everywhere) and a small janitor process removes the temporary directory.
+
 Ranks that fail only because a peer went away (a :class:`~coopsgd.engines.comm.CommunicationError`,
 e.g. gloo's "Connection closed by peer" or a collective timeout) are not blamed when a better culprit is
 known. The error is raised within ``timeout_s`` + about one second of the failure.
@@ -35,11 +40,13 @@ import datetime
 import json
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -48,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from coopsgd.errors import ConfigError, CoopSGDError, check_float, check_int
+from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float, check_int
 
 __all__ = ["launch", "RankFailure", "Heartbeat", "heartbeat", "free_port", "PHASES", "init_torchrun_group",
            "torchrun_store_prefix"]
@@ -58,6 +65,14 @@ PHASES = {"start": 0.0, "compute": 1.0, "comm": 2.0, "done": 3.0}
 _PHASE_NAMES = {v: k for k, v in PHASES.items()}
 _DOING = {"start": "starting up", "compute": "computing", "comm": "communicating", "done": "finishing"}
 _STARTUP_GRACE_S = 120.0
+#: Environment of a rank: the pid of the launcher that started it (the rank dies when that process is gone).
+PARENT_ENV = "COOPSGD_LAUNCH_PARENT"
+#: Environment of a rank: ``"1"`` when the launcher handles SIGINT for it (the rank then ignores Ctrl-C).
+_PARENT_HANDLES_SIGINT_ENV = "COOPSGD_LAUNCH_PARENT_HANDLES_SIGINT"
+#: How often a rank's watchdog thread checks that its launcher is still alive (seconds).
+WATCHDOG_S = 0.5
+#: Grace period between SIGTERM and SIGKILL when the launcher stops its ranks (seconds).
+TERMINATE_GRACE_S = 2.0
 
 
 class RankFailure(CoopSGDError, RuntimeError):
@@ -140,8 +155,50 @@ def _comm_error_text(exc: BaseException) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _set_parent_death_signal() -> bool:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        return int(libc.prctl(pr_set_pdeathsig, ctypes.c_ulong(int(signal.SIGKILL)), ctypes.c_ulong(0),
+                              ctypes.c_ulong(0), ctypes.c_ulong(0))) == 0
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(WATCHDOG_S)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """Make this rank die when the launcher that started it dies, however it died.
+
+    On Linux the kernel SIGKILLs us the moment the parent exits (``PR_SET_PDEATHSIG``); everywhere a daemon
+    thread polls the parent pid every :data:`WATCHDOG_S` seconds and calls ``os._exit`` once we were reparented.
+    The parent may die before the ``prctl`` takes effect: checking the parent pid *after* setting it closes
+    that race.
+    """
+    if parent is None:
+        return
+    _set_parent_death_signal()
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="coopsgd-parent-watchdog", daemon=True).start()
+
+
 def _child(job_dir: Path) -> int:
     global _CURRENT
+    parent = os.environ.get(PARENT_ENV)
+    _die_with_parent(int(parent) if parent else None)
+    if os.environ.get(_PARENT_HANDLES_SIGINT_ENV) == "1":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which stops us
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     hb = Heartbeat(job_dir / "heartbeat.bin", world, rank)
@@ -209,7 +266,7 @@ def _terminate(procs: Sequence[subprocess.Popen]) -> None:
                 p.terminate()
             except OSError:
                 pass
-    deadline = time.time() + 2.0
+    deadline = time.time() + TERMINATE_GRACE_S
     for p in procs:
         try:
             p.wait(timeout=max(0.05, deadline - time.time()))
@@ -298,6 +355,137 @@ def _blame(
     return None
 
 
+# The janitor: ``python -I -S -c _JANITOR JOB_DIR``, started by the launcher in a session of its own with the
+# read end of a pipe as stdin. The launcher writes each rank's pid to the pipe, and ``done`` once it has
+# removed the directory itself. End of file without ``done`` means the launcher died (SIGKILL, a crash):
+# the janitor waits up to 10 s for the ranks to go (they die with their parent) and removes the directory.
+_JANITOR = r"""# coopsgd launch janitor: removes the launcher's directory if the launcher dies without doing it
+import os, shutil, signal, sys, time
+for s in (signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+data = b""
+while True:
+    try:
+        chunk = os.read(0, 4096)
+    except InterruptedError:
+        continue
+    except OSError:
+        break
+    if not chunk:
+        break
+    data += chunk
+words = data.decode("ascii", "replace").split()
+if "done" not in words:
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        except OSError:
+            return True
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
+    pids = [int(w) for w in words if w.isdigit()]
+    deadline = time.time() + 10.0
+    while time.time() < deadline:
+        pids = [p for p in pids if alive(p)]
+        if not pids:
+            break
+        time.sleep(0.05)
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
+class _Janitor:
+    """Removes the launcher's temporary directory if the launcher dies without doing it (see ``_JANITOR``)."""
+
+    def __init__(self, job_dir: Path) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.fd: int | None = None
+        try:
+            r, w = os.pipe()
+        except OSError:
+            return
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _JANITOR, str(job_dir)], stdin=r,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+            self.fd = w
+        except OSError:
+            os.close(w)
+        finally:
+            os.close(r)
+
+    def watch(self, pid: int) -> None:
+        if self.fd is not None:
+            try:
+                os.write(self.fd, f"{pid}\n".encode())
+            except OSError:
+                pass
+
+    def dismiss(self) -> None:
+        """The directory is gone: tell the janitor to exit without doing anything."""
+        if self.fd is not None:
+            try:
+                os.write(self.fd, b"done\n")
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class _SignalGuard:
+    """While ranks run: SIGTERM and SIGINT are noted (main thread only; signal handlers cannot be set
+    elsewhere) and the launcher stops its ranks, cleans up and raises :class:`~coopsgd.errors.Interrupted`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                try:
+                    self.saved[sig] = signal.signal(sig, self._note)
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    @property
+    def handles_sigint(self) -> bool:
+        return signal.SIGINT in self.saved
+
+    def interrupted(self, nprocs: int) -> Interrupted:
+        assert self.signum is not None
+        exc = Interrupted("", signum=self.signum)
+        exc.args = (f"interrupted by {exc.signal_name}: the {nprocs} rank(s) were stopped",)
+        return exc
+
+    def check(self, nprocs: int) -> None:
+        if self.signum is not None:
+            raise self.interrupted(nprocs)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.saved.clear()
+
+
 def launch(
     fn: Callable[..., Any],
     nprocs: int,
@@ -319,8 +507,18 @@ def launch(
         threads: torch intra-op threads per process (default: cores // nprocs, at least 1).
         env: extra environment variables for the children (e.g. a failure-injection hook).
 
+    No rank outlives this call. Called from the main thread, it handles SIGTERM and SIGINT while the ranks
+    run: it stops them (SIGTERM, then SIGKILL after :data:`TERMINATE_GRACE_S` seconds), removes its temporary
+    ``coopsgd-launch-*`` directory and raises :class:`~coopsgd.errors.Interrupted` (``exit_status`` 143 or
+    130); a signal that arrives after every rank has returned its result is delivered again, to the handlers
+    that were there before, once this call is done. If this process is killed outright (SIGKILL, a crash),
+    every rank dies with it: the kernel kills it (Linux, ``PR_SET_PDEATHSIG``) or its watchdog thread sees
+    within :data:`WATCHDOG_S` seconds that its parent is gone; a janitor process (``python -I -S``, in a
+    session of its own, holding nothing but a pipe from this process) then removes the temporary directory.
+
     Raises:
         RankFailure: naming the rank that died, raised, was killed or hung; the others are terminated.
+        Interrupted: SIGTERM or SIGINT arrived while the ranks ran; they were stopped.
     """
     nprocs = check_int("nprocs", nprocs, minimum=1)
     timeout_s = check_float("timeout_s", timeout_s, low=0.0, low_open=True)
@@ -329,14 +527,25 @@ def launch(
         raise ConfigError.invalid("backend", backend, "choose gloo or nccl")
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // nprocs)
-    for attempt in range(3):
+    with _SignalGuard() as guard:
         try:
-            return _launch_once(fn, nprocs, args, timeout_s, backend, threads, env, poll_s)
-        except RankFailure as exc:  # the free port was taken between choosing and binding it: retry
-            text = (str(exc) + str(exc.details.get("message", ""))).lower()
-            if attempt == 2 or not ("address already in use" in text or "eaddrinuse" in text):
-                raise
-    raise AssertionError("unreachable")
+            for attempt in range(3):
+                try:
+                    results = _launch_once(fn, nprocs, args, timeout_s, backend, threads, env, poll_s, guard)
+                    break
+                except RankFailure as exc:  # the free port was taken between choosing and binding it: retry
+                    text = (str(exc) + str(exc.details.get("message", ""))).lower()
+                    if attempt == 2 or not ("address already in use" in text or "eaddrinuse" in text):
+                        raise
+        except Interrupted:
+            raise
+        except BaseException as exc:
+            if guard.signum is not None:  # the signal came first; the failure it caused is not the story
+                raise guard.interrupted(nprocs) from exc
+            raise
+    if guard.signum is not None:  # the run had finished: let the caller's own handlers see the signal
+        signal.raise_signal(guard.signum)
+    return results
 
 
 def _launch_once(
@@ -348,70 +557,97 @@ def _launch_once(
     threads: int,
     env: dict[str, str] | None,
     poll_s: float,
+    guard: _SignalGuard,
 ) -> list[Any]:
-    with tempfile.TemporaryDirectory(prefix="coopsgd-launch-") as tmp:
-        job_dir = Path(tmp)
-        job = {"fn": fn, "args": tuple(args), "backend": backend, "timeout_s": timeout_s,
-               "port": free_port(), "threads": threads}
-        try:
-            with open(job_dir / "job.pkl", "wb") as f:
-                pickle.dump(job, f)
-        except (pickle.PicklingError, AttributeError, TypeError) as exc:
-            raise ConfigError.invalid("fn", fn, f"must be picklable (a module-level function): {exc}") from None
-        hb = Heartbeat(job_dir / "heartbeat.bin", nprocs, create=True)
-        child_env = dict(os.environ)
-        child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        child_env["WORLD_SIZE"] = str(nprocs)
-        child_env["MASTER_ADDR"] = "127.0.0.1"
-        child_env["MASTER_PORT"] = str(job["port"])
-        child_env.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
-        child_env.setdefault("OMP_NUM_THREADS", str(threads))
-        if env:
-            child_env.update(env)
-        procs: list[subprocess.Popen] = []
-        try:
-            for r in range(nprocs):
-                e = dict(child_env, RANK=str(r), LOCAL_RANK=str(r))
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "coopsgd.engines.launch", "--child", str(job_dir)], env=e))
-            failure: RankFailure | None = None
-            first_bad: float | None = None
-            while True:
-                codes = [p.poll() for p in procs]
-                # a rank that wrote its result has finished, whatever its teardown did
-                codes = [0 if c is not None and (job_dir / f"result_{r}.pkl").is_file() else c
-                         for r, c in enumerate(codes)]
-                if all(c == 0 for c in codes):
-                    break
-                now = time.time()
-                bad = any(c not in (None, 0) for c in codes)
-                if bad and first_bad is None:
-                    first_bad = now
-                verdict = _blame(job_dir, procs, hb, timeout_s, now)
-                if verdict is not None:
-                    # a comm error alone: wait briefly for the real culprit to show up
-                    if verdict.kind == "communication" and first_bad is not None and now - first_bad < 1.0:
-                        time.sleep(poll_s)
-                        continue
-                    failure = verdict
-                    break
-                if first_bad is not None and now - first_bad > timeout_s + 2.0:
-                    bad_rank = next(r for r, c in enumerate(codes) if c not in (None, 0))
-                    failure = RankFailure(f"rank {bad_rank} exited with code {codes[bad_rank]}",
-                                          rank=bad_rank, kind="died")
-                    break
-                time.sleep(poll_s)
-            if failure is not None:
-                failure.details.setdefault("detected_after_s", time.time() - float(hb.table[failure.rank, 0]))
-                _terminate(procs)
-                raise failure
-            results = []
-            for r in range(nprocs):
-                with open(job_dir / f"result_{r}.pkl", "rb") as f:  # written by our own child (trusted)
-                    results.append(pickle.load(f))
-            return results
-        finally:
+    guard.check(nprocs)
+    job_dir = Path(tempfile.mkdtemp(prefix="coopsgd-launch-"))
+    janitor = _Janitor(job_dir)
+    try:
+        return _run_ranks(job_dir, janitor, fn, nprocs, args, timeout_s, backend, threads, env, poll_s, guard)
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        janitor.dismiss()
+
+
+def _run_ranks(
+    job_dir: Path,
+    janitor: _Janitor,
+    fn: Callable[..., Any],
+    nprocs: int,
+    args: Sequence[Any],
+    timeout_s: float,
+    backend: str,
+    threads: int,
+    env: dict[str, str] | None,
+    poll_s: float,
+    guard: _SignalGuard,
+) -> list[Any]:
+    job = {"fn": fn, "args": tuple(args), "backend": backend, "timeout_s": timeout_s,
+           "port": free_port(), "threads": threads}
+    try:
+        with open(job_dir / "job.pkl", "wb") as f:
+            pickle.dump(job, f)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise ConfigError.invalid("fn", fn, f"must be picklable (a module-level function): {exc}") from None
+    hb = Heartbeat(job_dir / "heartbeat.bin", nprocs, create=True)
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    child_env["WORLD_SIZE"] = str(nprocs)
+    child_env["MASTER_ADDR"] = "127.0.0.1"
+    child_env["MASTER_PORT"] = str(job["port"])
+    child_env.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+    child_env.setdefault("OMP_NUM_THREADS", str(threads))
+    if env:
+        child_env.update(env)
+    child_env[PARENT_ENV] = str(os.getpid())
+    child_env[_PARENT_HANDLES_SIGINT_ENV] = "1" if guard.handles_sigint else "0"
+    procs: list[subprocess.Popen] = []
+    try:
+        for r in range(nprocs):
+            guard.check(nprocs)
+            e = dict(child_env, RANK=str(r), LOCAL_RANK=str(r))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "coopsgd.engines.launch", "--child", str(job_dir)], env=e))
+            janitor.watch(procs[-1].pid)
+        failure: RankFailure | None = None
+        first_bad: float | None = None
+        while True:
+            guard.check(nprocs)
+            codes = [p.poll() for p in procs]
+            # a rank that wrote its result has finished, whatever its teardown did
+            codes = [0 if c is not None and (job_dir / f"result_{r}.pkl").is_file() else c
+                     for r, c in enumerate(codes)]
+            if all(c == 0 for c in codes):
+                break
+            now = time.time()
+            bad = any(c not in (None, 0) for c in codes)
+            if bad and first_bad is None:
+                first_bad = now
+            verdict = _blame(job_dir, procs, hb, timeout_s, now)
+            if verdict is not None:
+                # a comm error alone: wait briefly for the real culprit to show up
+                if verdict.kind == "communication" and first_bad is not None and now - first_bad < 1.0:
+                    time.sleep(poll_s)
+                    continue
+                failure = verdict
+                break
+            if first_bad is not None and now - first_bad > timeout_s + 2.0:
+                bad_rank = next(r for r, c in enumerate(codes) if c not in (None, 0))
+                failure = RankFailure(f"rank {bad_rank} exited with code {codes[bad_rank]}",
+                                      rank=bad_rank, kind="died")
+                break
+            time.sleep(poll_s)
+        if failure is not None:
+            failure.details.setdefault("detected_after_s", time.time() - float(hb.table[failure.rank, 0]))
             _terminate(procs)
+            raise failure
+        results = []
+        for r in range(nprocs):
+            with open(job_dir / f"result_{r}.pkl", "rb") as f:  # written by our own child (trusted)
+                results.append(pickle.load(f))
+        return results
+    finally:
+        _terminate(procs)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from coopsgd.engines.base import Engine, StepStats
 from coopsgd.engines.comm import NetEmulation
 from coopsgd.engines.distributed import FAILURE_MODES, DistributedEngine, FaultHook, fault_hook
 from coopsgd.engines.launch import RankFailure, launch
-from coopsgd.errors import ConfigError, check_float
+from coopsgd.errors import ConfigError, Interrupted, check_float
 from coopsgd.train.config import RunConfig
 from coopsgd.train.loop import LoopPlan, LoopState, run_loop
 from coopsgd.train.progress import Progress
@@ -435,6 +435,10 @@ def run_distributed(
         if out_dir and exc.details.get("type") == "NonFiniteError":
             _record_divergence(Path(out_dir), str(exc.details.get("message", exc)))
         raise
+    except Interrupted as exc:  # SIGTERM / SIGINT: the launcher has stopped every rank
+        if out_dir:
+            _record_interruption(Path(out_dir), exc)
+        raise
     return results[0]
 
 
@@ -450,6 +454,17 @@ def _record_divergence(out_dir: Path, message: str) -> None:
         pass
     if out_dir.is_dir():
         atomic_write_json(path, {"status": "diverged", "error": message})
+
+
+def _record_interruption(out_dir: Path, exc: Interrupted) -> None:
+    """An interrupted run's ``summary.json`` (status ``"interrupted"``). The ranks are stopped by now, so
+    nothing overwrites it; the last checkpoint is left as it is (written atomically, an interrupted write
+    never replaced it), so ``--resume`` continues from there."""
+    from coopsgd.train.rundir import atomic_write_json
+
+    if out_dir.is_dir():
+        atomic_write_json(out_dir / "summary.json",
+                          {"status": "interrupted", "signal": exc.signal_name, "error": str(exc)})
 
 
 def one_line(summary: dict[str, Any]) -> dict[str, Any]:
