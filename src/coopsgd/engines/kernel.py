@@ -30,19 +30,28 @@ from torch import Tensor
 from coopsgd.algorithms.schedules import Mix
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Communicator
-from coopsgd.engines.mixing import apply_mixing
+from coopsgd.engines.mixing import apply_mixing, round_plan
 from coopsgd.engines.optim import SGDOptions, sgd_direction_
 
 __all__ = ["RoundKernel", "InProcess", "mix_columns"]
 
 
 class InProcess:
-    """The simulator's communicator: every node is in this process, a round is one matrix product."""
+    """The simulator's communicator: every node is in this process.
+
+    A round is applied by the cheapest exact kernel for the structure of S
+    (:func:`coopsgd.engines.mixing.mix_rows_`: averaging, neighbour gather, only the changed rows); a
+    matrix with no usable structure is one dense product over every node (:func:`apply_mixing`).
+    """
 
     pending = False
 
     def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> None:
-        rows.copy_(apply_mixing(rows, S))
+        plan = round_plan(S)
+        if plan.kind == "dense" and plan.targets is None:
+            rows.copy_(apply_mixing(rows, S))
+        else:
+            plan.apply_(rows)
 
     def finalize(self) -> None:
         return None

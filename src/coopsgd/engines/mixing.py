@@ -3,18 +3,61 @@
 [CSGD] writes the state as X in R^{d x n} (one column per node) and a round as ``X S``: column ``i`` of
 ``X S`` is ``sum_j x_j S[j, i]``. Engines store nodes as *rows* (state of shape (n, d)), so the same round
 is ``S^T @ state``. For symmetric S the transpose does not matter; for column-stochastic matrices (LSGD's
-pull, push-sum) it does, and ``tests/unit/test_mixing.py`` pins it down with a non-symmetric S.
+pull, push-sum) it does, and ``tests/unit/test_round_kernels.py`` pins it down with a non-symmetric S.
+
+:func:`apply_mixing` is the reference definition (one dense product). :func:`mix_rows_` gives the same
+result in place with the cheapest exact kernel for the structure of S, analysed once per distinct matrix
+(:func:`round_plan`, a bounded cache keyed by a digest of the matrix's non-zero entries). Only the *changed* columns
+of S (those that differ from the identity column e_i) are computed; rows whose column is e_i are not
+touched. Over the changed columns, the kernels are, in the order they are tried:
+
+``"identity"``
+    S = I: nothing to do.
+``"average"``
+    every changed column is the same vector w (J, FedAvg's weighted average of the sampled clients, any
+    column-constant S = w 1^T): one weighted sum over the rows where w is non-zero, then a broadcast into
+    the changed rows. Transient memory: one row (plus the gathered source rows when they are not all rows).
+``"sparse"``
+    the changed columns hold at most ``SPARSE_MAX_DEGREE`` non-zeros each, or at most ``SPARSE_DENSITY``
+    of their entries are non-zero (ring, torus, hypercube, exponential graphs, LSGD's pull, DOWNPOUR's
+    pushes): a neighbour gather ``x_i <- sum_j S[j, i] x_j`` from (rows, k) index/weight tables, columns
+    grouped by their number of non-zeros so nothing is padded. In place, whatever the order: long rows
+    (>= 16k entries) are updated one at a time in their own memory (``x_i *= S[i, i]``, then
+    ``x_i += S[j, i] x_j``), after saving a copy of the old row when a later row still reads it (a ring
+    keeps two such rows at a time); short rows go in blocks of ~2 MiB gathered with ``index_select``,
+    each block written back as soon as no later block reads the rows it replaces. Transient memory: the
+    saved rows or held blocks -- a few rows for a ring or a banded matrix, up to the changed rows (one
+    state) for a scattered graph, like the dense product's output.
+``"dense"``
+    anything else: the matrix product over the changed columns (all of them: :func:`apply_mixing`).
+
+Every kernel equals the dense product up to the order of the floating-point sums (to ~1e-15 relative in
+float64); none is bitwise-identical to it in general.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["apply_mixing"]
+__all__ = ["apply_mixing", "mix_rows_", "round_plan", "RoundPlan", "SPARSE_DENSITY", "SPARSE_MAX_DEGREE"]
 
 T = TypeVar("T")
+
+#: a set of changed columns with at most this fraction of non-zeros uses the sparse kernel ...
+SPARSE_DENSITY = 0.25
+#: ... and so does one whose columns hold at most this many non-zeros each (small rings, hypercubes)
+SPARSE_MAX_DEGREE = 4
+#: bound on the number of analysed matrices kept (MATCHA and FedAvg draw a new matrix every round)
+PLAN_CACHE_SIZE = 128
+#: elements of a block of gathered rows in the sparse kernel (about 2 MiB of float32: cache-sized)
+_BLOCK_ELEMENTS = 1 << 19
+#: rows at least this long are combined one row at a time from views (no gathered copies)
+_ROW_ELEMENTS = 1 << 14
 
 
 def apply_mixing(state: T, S: np.ndarray) -> T:
@@ -30,3 +73,273 @@ def apply_mixing(state: T, S: np.ndarray) -> T:
     assert isinstance(state, torch.Tensor)
     St = torch.as_tensor(np.ascontiguousarray(np.asarray(S).T), dtype=state.dtype, device=state.device)
     return St @ state  # type: ignore[return-value]
+
+
+@dataclass
+class _Bucket:
+    """Changed columns with the same number ``k`` of non-zeros: rows ``start:stop`` of the output."""
+
+    start: int
+    stop: int
+    index: np.ndarray  # (rows, k) int64: source rows
+    weight: np.ndarray  # (rows, k) float64: S[source, target]
+
+
+@dataclass
+class RoundPlan:
+    """How :func:`mix_rows_` applies one matrix (see the module docstring for the kernels).
+
+    Attributes:
+        kind: ``"identity"``, ``"average"``, ``"sparse"`` or ``"dense"``.
+        n: the number of nodes.
+        targets: the rows the round changes (int64, in output order); ``None`` when it is every row in
+            order.
+        sources: ``"average"``: the rows with non-zero weight.
+        weights: ``"average"``: their weights; ``"dense"``: ``S[:, targets]^T`` (targets x n).
+        buckets: ``"sparse"``: the gather tables, one per number of non-zeros.
+    """
+
+    kind: str
+    n: int
+    targets: np.ndarray | None = None
+    sources: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    buckets: tuple[_Bucket, ...] = ()
+    _tensors: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def touched(self) -> int:
+        """How many rows the round changes."""
+        if self.kind == "identity":
+            return 0
+        return self.n if self.targets is None else int(self.targets.size)
+
+    def _on(self, like: Any) -> dict[str, Any]:
+        """The plan's tables as tensors of ``like``'s dtype and device (converted once)."""
+        import torch
+
+        key = (like.dtype, like.device)
+        got = self._tensors.get(key)
+        if got is None:
+            dev = like.device
+
+            def idx(a: np.ndarray | None) -> Any:
+                return None if a is None else torch.as_tensor(a, dtype=torch.long, device=dev)
+
+            def val(a: np.ndarray | None) -> Any:
+                return None if a is None else torch.as_tensor(a, dtype=like.dtype, device=dev)
+
+            got = {
+                "targets": idx(self.targets),
+                "sources": idx(self.sources),
+                "weights": val(self.weights),
+                "buckets": [(b.start, b.stop, idx(b.index), val(b.weight)) for b in self.buckets],
+            }
+            self._tensors[key] = got
+        return got
+
+    def apply_(self, rows: Any) -> Any:
+        """Apply the round to ``rows`` (a torch tensor of shape (n, d), any strides) in place."""
+        import torch
+
+        if rows.shape[0] != self.n:
+            raise ValueError(f"the matrix is {self.n}x{self.n} but the state has {rows.shape[0]} rows")
+        if self.kind == "identity" or rows.shape[1] == 0:
+            return rows
+        t = self._on(rows)
+        targets = t["targets"]
+        if self.kind == "average":
+            src = t["sources"]
+            R = rows if src is None else rows.index_select(0, src)
+            y = torch.matmul(t["weights"].unsqueeze(0), R)  # (1, d)
+            if targets is None:
+                rows.copy_(y.expand_as(rows))
+            else:
+                rows.index_copy_(0, targets, y.expand(targets.numel(), rows.shape[1]))
+            return rows
+        if self.kind == "sparse":
+            self._gather_(rows, t)
+            return rows
+        out = torch.matmul(t["weights"], rows)
+        if targets is None:
+            rows.copy_(out)
+        else:
+            rows.index_copy_(0, targets, out)
+        return rows
+
+    def _blocks(self, block: int) -> list[tuple[int, int, int, list[int]]]:
+        """Blocks of output positions ``(bucket, lo, hi, released)`` in processing order: after a block is
+        computed, the blocks listed in ``released`` are written back (no later block reads their old rows)."""
+        blocks: list[tuple[int, int, int]] = []
+        for k, bk in enumerate(self.buckets):
+            for lo in range(0, bk.stop - bk.start, block):
+                blocks.append((k, lo, min(lo + block, bk.stop - bk.start)))
+        targets = np.arange(self.n) if self.targets is None else self.targets
+        last_read = np.full(self.n, -1, dtype=np.int64)
+        for c, (k, lo, hi) in enumerate(blocks):
+            last_read[np.unique(self.buckets[k].index[lo:hi])] = c  # blocks run in order: the last one wins
+        release: list[list[int]] = [[] for _ in blocks]
+        for c, (k, lo, hi) in enumerate(blocks):
+            start = self.buckets[k].start
+            release[max(c, int(last_read[targets[start + lo : start + hi]].max()))].append(c)
+        return [(k, lo, hi, release[c]) for c, (k, lo, hi) in enumerate(blocks)]
+
+    def _program(self) -> list[tuple[int, bool, list[tuple[int, float, bool]], list[int]]]:
+        """The row-at-a-time in-place program: per changed row ``i`` (in output order) ``(i, save, terms,
+        free)``. ``save``: keep a copy of the old row ``i`` before overwriting it (a later row reads it);
+        ``terms``: ``(j, S[j, i], from_saved)`` with the row's own term first; ``free``: saved copies no
+        longer read after this row."""
+        targets = np.arange(self.n) if self.targets is None else self.targets
+        pos = np.full(self.n, -1, dtype=np.int64)
+        pos[targets] = np.arange(targets.size)
+        last_reader = np.full(self.n, -1, dtype=np.int64)
+        rows_terms: list[list[tuple[int, float]]] = []
+        for bk in self.buckets:
+            for r in range(bk.stop - bk.start):
+                p = bk.start + r
+                i = int(targets[p])
+                terms = sorted(zip(bk.index[r].tolist(), bk.weight[r].tolist(), strict=True), key=lambda t: t[0] != i)
+                rows_terms.append(terms)
+                for j, _ in terms:
+                    if j != i:
+                        last_reader[j] = max(last_reader[j], p)
+        frees: list[list[int]] = [[] for _ in rows_terms]
+        program = []
+        for p, terms in enumerate(rows_terms):
+            i = int(targets[p])
+            save = bool(last_reader[i] > p)
+            if save:
+                frees[int(last_reader[i])].append(i)
+            program.append((i, save, [(j, w, bool(0 <= pos[j] < p)) for j, w in terms], frees[p]))
+        return program
+
+    def _gather_(self, rows: Any, t: dict[str, Any]) -> None:
+        """The sparse kernel, in place (see the module docstring)."""
+        import torch
+
+        d = rows.shape[1]
+        if d >= _ROW_ELEMENTS:  # long rows: one row at a time, in place, from views of the source rows
+            prog = self._tensors.get("program")
+            if prog is None:
+                prog = self._tensors["program"] = self._program()
+            saved: dict[int, Any] = {}
+            R = rows.unbind(0)  # every row's view in one call
+            for i, save, terms, free in prog:
+                ri = R[i]
+                if save:
+                    saved[i] = ri.clone()
+                if not terms:  # a zero column: the row becomes zero
+                    ri.zero_()
+                    continue
+                j, w, from_saved = terms[0]
+                if j == i:
+                    ri.mul_(w)
+                else:
+                    torch.mul(saved[j] if from_saved else R[j], w, out=ri)
+                for j, w, from_saved in terms[1:]:
+                    ri.add_(saved[j] if from_saved else R[j], alpha=w)
+                for j in free:
+                    del saved[j]
+            return
+        # short rows: blocks of rows gathered with index_select, written back when no longer read
+        block = max(1, _BLOCK_ELEMENTS // max(d, 1))
+        key = ("blocks", block)
+        sched = self._tensors.get(key)
+        if sched is None:
+            sched = self._tensors[key] = self._blocks(block)
+        targets = t["targets"]
+        buckets = t["buckets"]
+        held: dict[int, Any] = {}
+        for c, (k, lo, hi, released) in enumerate(sched):
+            index, weight = buckets[k][2], buckets[k][3]
+            if index.shape[1] == 0:  # zero columns
+                o = rows.new_zeros((hi - lo, d))
+            else:
+                o = torch.index_select(rows, 0, index[lo:hi, 0])
+                o.mul_(weight[lo:hi, 0:1])
+            for j in range(1, index.shape[1]):
+                o.addcmul_(rows.index_select(0, index[lo:hi, j]), weight[lo:hi, j : j + 1])
+            held[c] = o
+            for r_c in released:
+                rk, rlo, rhi = sched[r_c][:3]
+                a = self.buckets[rk].start + rlo
+                out = held.pop(r_c)
+                if targets is None:
+                    rows[a : a + out.shape[0]].copy_(out)
+                else:
+                    rows.index_copy_(0, targets[a : a + out.shape[0]], out)
+        assert not held
+
+
+def _analyse(S: np.ndarray) -> RoundPlan:
+    n = S.shape[0]
+    changed = np.flatnonzero((S != np.eye(n)).any(axis=0))
+    if changed.size == 0:
+        return RoundPlan("identity", n)
+    all_rows = changed.size == n
+    Sc = S[:, changed]
+    targets = None if all_rows else changed.astype(np.int64)
+    if np.all(Sc == Sc[:, :1]):
+        w = Sc[:, 0]
+        nz = np.flatnonzero(w)
+        sources = None if nz.size == n else nz.astype(np.int64)
+        return RoundPlan("average", n, targets=targets, sources=sources, weights=w[nz].copy())
+    nnz = Sc != 0
+    degree = nnz.sum(axis=0)
+    if int(degree.max()) <= SPARSE_MAX_DEGREE or nnz.sum() <= SPARSE_DENSITY * n * changed.size:
+        order = np.argsort(degree, kind="stable")
+        buckets = []
+        pos = 0
+        for k in np.unique(degree):
+            cols = order[degree[order] == k]
+            index = np.zeros((cols.size, int(k)), dtype=np.int64)
+            weight = np.zeros((cols.size, int(k)), dtype=np.float64)
+            for r, c in enumerate(cols):
+                src = np.flatnonzero(nnz[:, c])
+                index[r] = src
+                weight[r] = Sc[src, c]
+            buckets.append(_Bucket(pos, pos + cols.size, index, weight))
+            pos += cols.size
+        out_targets = changed[order].astype(np.int64)
+        if np.array_equal(out_targets, np.arange(n)):
+            sparse_targets = None
+        else:
+            sparse_targets = out_targets
+        return RoundPlan("sparse", n, targets=sparse_targets, buckets=tuple(buckets))
+    return RoundPlan("dense", n, targets=targets, weights=np.ascontiguousarray(Sc.T))
+
+
+_PLANS: OrderedDict[tuple[tuple[int, ...], str, bytes], RoundPlan] = OrderedDict()
+
+
+def round_plan(S: np.ndarray) -> RoundPlan:
+    """The kernel for ``S`` (column convention), analysed once per distinct matrix (bounded LRU cache)."""
+    S = np.ascontiguousarray(S, dtype=np.float64)
+    if S.ndim != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"a mixing matrix must be square, got shape {S.shape}")
+    # the key is a digest of S; of its non-zero entries (positions and values, which determine S) when
+    # they are few, which is cheaper than hashing all n^2 entries
+    flat = S.reshape(-1)
+    if 4 * np.count_nonzero(flat) <= flat.size:
+        nz = np.flatnonzero(flat)
+        key = (S.shape, "nz", hashlib.sha256(nz.tobytes() + flat[nz].tobytes()).digest())
+    else:
+        key = (S.shape, "all", hashlib.sha256(S.data).digest())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _analyse(S)
+        _PLANS[key] = plan
+        if len(_PLANS) > PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def mix_rows_(rows: Any, S: np.ndarray, plan: RoundPlan | None = None) -> Any:
+    """Apply the round ``X <- X S`` to ``rows`` (a torch tensor, nodes as rows) in place; returns ``rows``.
+
+    Same result as ``rows.copy_(apply_mixing(rows, S))`` (up to the order of the sums), with the cheapest
+    exact kernel for the structure of S (see the module docstring). ``plan`` skips the cache look-up.
+    """
+    return (plan or round_plan(S)).apply_(rows)

@@ -1,0 +1,160 @@
+"""Scaling benchmark of one simulator round (issue 15; prints ratios side by side, never asserts).
+
+For m workers and an MLP of ~100k parameters (784-128-10, float32), one round over the stacked state (n, d):
+
+* (a) D-PSGD on a ring (Metropolis weights, 3 non-zeros per column),
+* (b) local SGD's averaging round (J),
+* (c) FedAvg with 1000 clients at fraction 0.01 (10 sampled clients, n = 1001 with the server),
+
+each applied three ways in the same run: the dense reference product ``state.copy_(apply_mixing(state, S))``
+(what the simulator did before), the structure-aware ``mix_rows_(state, S)`` (what it does now, plan cached),
+and one memory pass over the rows the round touches (``copy_`` of them into a preallocated buffer: the
+memory-bandwidth limit). Reported: the median times, ``mix_rows_`` / memory pass, dense / ``mix_rows_``, the
+first-call analysis time of S, and the peak memory of each round above the state (VmHWM after clear_refs)
+as a multiple of the state size. Targets (issue 15): every round <= 2x one memory pass over the rows it
+touches; on a ring at m = 1024, mix_rows_ >= 20x faster than the dense product.
+
+Usage: ``python benchmarks/bench_scale.py [--workers 8,64,256,1024] [--reps 5] [--threads N] [--quick]`` (``--quick``:
+m in {8, 64, 256}, under ~3 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from coopsgd.algorithms import presets
+from coopsgd.algorithms.schedules import MixContext
+from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.mixing import apply_mixing, mix_rows_, round_plan
+
+
+def first_matrix(spec: AlgorithmSpec) -> np.ndarray:
+    mix, _ = spec.schedule.advance(0, MixContext(step=0, lr=0.1), spec.schedule.init_state())
+    assert mix is not None
+    return np.asarray(mix.matrix, dtype=np.float64)
+
+
+def mlp_params() -> int:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    return sum(p.numel() for p in model.parameters())
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int, budget_s: float = 20.0) -> dict[str, float]:
+    """Median time of each function over up to ``reps`` interleaved rounds (after one warm-up each), so that
+    drift and other load hit every variant alike; fewer rounds when the slowest calls exhaust the budget."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> float:
+    """Peak resident memory above the current one during ``fn()`` (Linux; NaN elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = _status("VmRSS")
+    fn()
+    return float(_status("VmHWM") - base)
+
+
+def bench_case(name: str, S: np.ndarray, d: int, reps: int, dense_ok: bool) -> dict[str, object]:
+    n = S.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    state = torch.randn(n, d, generator=gen)
+    t0 = time.perf_counter()
+    plan = round_plan(S)  # first call: digest of S + analysis
+    analyse_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    round_plan(S)
+    lookup_s = time.perf_counter() - t0
+    touched = plan.touched
+    targets = plan.targets
+    buf = torch.empty(touched, d)
+    if targets is None:
+        def mem_pass() -> object:
+            return buf.copy_(state)
+    else:
+        idx = torch.as_tensor(targets)
+
+        def mem_pass() -> object:
+            return torch.index_select(state, 0, idx, out=buf)
+
+    res: dict[str, object] = {"case": name, "n": n, "kind": plan.kind, "touched": touched, "analyse_ms": analyse_s * 1e3,
+                              "lookup_ms": lookup_s * 1e3}
+    fns: dict[str, Callable[[], object]] = {"mem": mem_pass, "fast": lambda: mix_rows_(state, S)}
+    if dense_ok:
+        fns["dense"] = lambda: state.copy_(apply_mixing(state, S))
+    res.update(interleaved_medians(fns, reps))
+    res.setdefault("dense", float("nan"))
+    state_bytes = state.numel() * state.element_size()
+    res["peak_fast"] = peak_extra_bytes(lambda: mix_rows_(state, S)) / state_bytes
+    res["peak_dense"] = peak_extra_bytes(lambda: state.copy_(apply_mixing(state, S))) / state_bytes if dense_ok else float("nan")
+    res["state_mb"] = state_bytes / 2**20
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", default="8,64,256,1024", help="comma-separated list of m")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="m in {8, 64, 256}")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default); 1 gives stable numbers on a loaded machine")
+    ap.add_argument("--no-dense-above", type=int, default=4096, help="skip the dense product above this n")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workers = [8, 64, 256] if args.quick else [int(w) for w in args.workers.split(",")]
+    d = mlp_params()
+    print(f"# bench_scale: d = {d} parameters (MLP 784-128-10), float32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {platform.machine()}")
+    cases: list[tuple[str, np.ndarray]] = []
+    for m in workers:
+        cases.append((f"ring m={m}", first_matrix(presets.dpsgd(m))))
+        cases.append((f"J m={m}", first_matrix(presets.local_sgd(m, 1))))
+    cases.append(("fedavg 1000 c=0.01", first_matrix(presets.fedavg(1000, 1, fraction=0.01))))
+    head = (f"{'round':<20} {'kernel':<8} {'rows':>5} {'touched':>7} {'state MB':>8} {'dense ms':>9} {'mix_rows_ ms':>12} "
+            f"{'mem pass ms':>11} {'fast/mem':>8} {'dense/fast':>10} {'analyse ms':>10} {'lookup ms':>9} {'peak fast':>9} {'peak dense':>10}")
+    print(head)
+    for name, S in cases:
+        r = bench_case(name, np.asarray(S, dtype=np.float64), d, args.reps, S.shape[0] <= args.no_dense_above)
+        fast, mem, dense = float(r["fast"]), float(r["mem"]), float(r["dense"])  # type: ignore[arg-type]
+        print(f"{name:<20} {r['kind']!s:<8} {r['n']:>5} {r['touched']:>7} {float(r['state_mb']):>8.0f} "  # type: ignore[arg-type]
+              f"{dense * 1e3:>9.2f} {fast * 1e3:>12.2f} {mem * 1e3:>11.2f} {fast / mem:>7.2f}x {dense / fast:>9.1f}x "
+              f"{float(r['analyse_ms']):>10.2f} {float(r['lookup_ms']):>9.2f} {float(r['peak_fast']):>8.2f}x {float(r['peak_dense']):>9.2f}x",  # type: ignore[arg-type]
+              flush=True)
+    print("# fast/mem: mix_rows_ / one copy_ of the touched rows (target <= 2x); dense/fast: speed-up over the "
+          "dense product (target >= 20x on a ring at m = 1024); peak: memory above the state during the round, "
+          "in states")
+
+
+if __name__ == "__main__":
+    main()

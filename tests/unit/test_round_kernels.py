@@ -1,0 +1,134 @@
+"""Structure-aware rounds (engines/mixing.py: mix_rows_) equal the dense reference product."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from coopsgd.algorithms import presets
+from coopsgd.algorithms.presets import PRESETS
+from coopsgd.algorithms.schedules import MixContext
+from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines import mixing
+from coopsgd.engines.mixing import apply_mixing, mix_rows_, round_plan
+from coopsgd.topology import TOPOLOGIES
+
+TOL = 1e-12
+LONG_ROW = mixing._ROW_ELEMENTS + 3
+
+#: workers for each preset (hierarchical's groups must divide m; the rest take the defaults)
+PRESET_WORKERS = {"hierarchical": 8, "lsgd": 6}
+
+
+def spec_matrices(spec: AlgorithmSpec, steps: int = 12) -> list[np.ndarray]:
+    """The matrices of the first ``steps`` rounds of a spec (LSGD gets loss estimates and a learning rate)."""
+    sched = spec.schedule
+    state = sched.init_state()
+    rng = np.random.default_rng(1)
+    out = []
+    for step in range(steps):
+        losses = rng.random(spec.workers) if sched.needs_losses else None
+        mix, state = sched.advance(step, MixContext(step=step, lr=0.1, losses=losses), state)
+        if mix is not None:
+            out.append(np.asarray(mix.matrix, dtype=np.float64))
+    assert out, f"{spec.name} did not mix in {steps} steps"
+    return out
+
+
+def check(S: np.ndarray, d: int = 5, *, strided: bool = True) -> str:
+    n = S.shape[0]
+    gen = torch.Generator().manual_seed(n * 7919 + d)
+    full = torch.randn(n, d + 4, dtype=torch.float64, generator=gen)
+    rows = full[:, 2 : 2 + d] if strided else full[:, :d].contiguous()  # a column range of the state, as in the kernel
+    expected = apply_mixing(rows.clone(), S)
+    untouched = full[:, :2].clone(), full[:, 2 + d :].clone()
+    out = mix_rows_(rows, S)
+    assert out is rows
+    torch.testing.assert_close(rows, expected, rtol=0, atol=TOL)
+    if strided:  # columns outside the range are not touched
+        assert torch.equal(full[:, :2], untouched[0]) and torch.equal(full[:, 2 + d :], untouched[1])
+    return round_plan(S).kind
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_matches_dense(name: str) -> None:
+    spec = PRESETS[name](PRESET_WORKERS.get(name, 8))
+    for S in spec_matrices(spec):
+        check(S)
+        check(S, LONG_ROW)
+
+
+@pytest.mark.parametrize("topology", sorted(TOPOLOGIES))
+def test_every_topology_round_matches_dense(topology: str) -> None:
+    for m in (8, 16):
+        spec = presets.dpsgd(m, topology=topology)
+        for S in spec_matrices(spec, steps=5):
+            check(S)
+            if m == 8:
+                check(S, LONG_ROW)  # rows long enough for the row-at-a-time in-place path
+
+
+def test_random_matrices_match_dense() -> None:
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for n in (1, 2, 5, 9, 33):
+        dense = rng.random((n, n))  # not symmetric: pins the column convention
+        sparse = np.where(rng.random((n, n)) < 0.1, rng.standard_normal((n, n)), 0.0) + np.eye(n)
+        column_constant = np.outer(rng.random(n) * (rng.random(n) < 0.5), np.ones(n))
+        partial = np.eye(n)
+        partial[:, : max(1, n // 3)] = rng.random((n, max(1, n // 3)))  # only some rows change
+        for S in (dense, sparse, column_constant, partial, np.eye(n)):
+            for d in (1, 7, 300_000):  # 300k: the one-row-at-a-time gather
+                kinds.add(check(S, d if n <= 9 else min(d, 7)))
+    assert kinds == {"identity", "average", "sparse", "dense"}
+
+
+def test_zero_columns() -> None:
+    S = np.eye(6)
+    S[:, 1] = 0.0  # node 1 is zeroed
+    S[:, 4] = 0.0
+    S[2, 4] = 0.5
+    for d in (3, 40_000):  # short rows (blocks) and long rows (in place, row by row)
+        assert check(S, d) == "sparse"
+    assert check(np.zeros((5, 5))) == "average"
+
+
+def test_non_symmetric_column_convention() -> None:
+    # node 0 takes node 1's model, node 1 keeps its own, node 2 averages 0 and 2: column i is node i's input
+    S = np.array([[0.0, 0.0, 0.5], [1.0, 1.0, 0.0], [0.0, 0.0, 0.5]])
+    x = torch.tensor([[1.0], [2.0], [4.0]], dtype=torch.float64)
+    mix_rows_(x, S)
+    assert x.flatten().tolist() == [2.0, 2.0, 2.5]
+    check(S)
+    check(S.T.copy())
+
+
+def test_float32_and_empty_columns() -> None:
+    S = spec_matrices(presets.dpsgd(8), 1)[0]
+    x = torch.randn(8, 11)
+    expected = apply_mixing(x.clone(), S)
+    torch.testing.assert_close(mix_rows_(x, S), expected, rtol=1e-6, atol=1e-6)
+    empty = torch.zeros(8, 0)
+    mix_rows_(empty, S)
+    with pytest.raises(ValueError):
+        mix_rows_(torch.zeros(7, 3), S)
+
+
+def test_kernel_choice() -> None:
+    J = spec_matrices(presets.local_sgd(8), 4)[0]
+    assert round_plan(J).kind == "average" and round_plan(J).touched == 8
+    ring = spec_matrices(presets.dpsgd(8), 1)[0]
+    assert round_plan(ring).kind == "sparse" and round_plan(ring).touched == 8
+    big_ring = spec_matrices(presets.dpsgd(64), 1)[0]
+    assert round_plan(big_ring).kind == "sparse"
+    S = spec_matrices(presets.fedavg(8, fraction=0.25), 5)[0]
+    plan = round_plan(S)
+    assert plan.kind == "average" and plan.sources is not None and plan.sources.size == 2  # the 2 sampled clients
+    assert round_plan(np.random.default_rng(3).random((8, 8))).kind == "dense"
+    assert round_plan(np.eye(5)).kind == "identity" and round_plan(np.eye(5)).touched == 0
+
+
+def test_plans_are_cached() -> None:
+    S = spec_matrices(presets.dpsgd(12), 1)[0]
+    assert round_plan(S) is round_plan(S.copy())
