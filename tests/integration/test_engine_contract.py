@@ -143,3 +143,21 @@ def test_distributed_max_skips_stops_the_run(capsys, tmp_path) -> None:
     assert "worker" in err and "at step" in err
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["status"] == "diverged"
+
+
+@pytest.mark.parametrize("flags,field", [
+    (["--model", "vgg16"], "input_shape"),
+    (["--batch-size", "5000"], "batch_size"),
+    (["--timeout-s", "1e300"], "timeout_s"),
+])
+def test_distributed_bad_input_is_refused_before_any_process_starts(capsys, monkeypatch, flags, field) -> None:
+    """The parent builds and checks the whole problem: one line, exit 2, no rank started."""
+    import coopsgd.train.distributed as runner
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a process was started for a bad input")
+
+    monkeypatch.setattr(runner, "launch", no_launch)
+    code = main(["run", "--engine", "distributed", "--workers", "2", "--max-steps", "2", *flags, "--out", "d"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("coopsgd: error:") and field in err[0]

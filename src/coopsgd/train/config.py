@@ -31,6 +31,10 @@ COMPUTE_MODELS = ("flops", "measured", "constant", "exponential", "lognormal", "
 PRESET_SETTING: dict[str, Any] = {"preset": True}
 
 
+#: The longest communication timeout accepted (a week): torch's timers overflow far above it.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs. Field names match the CLI flags (``--batch-size`` -> ``batch_size``).
@@ -183,7 +187,7 @@ class RunConfig:
             raise ConfigError.invalid("model_args", self.model_args, "must be a mapping of argument names to values")
         if not isinstance(self.objective_args, dict):
             raise ConfigError.invalid("objective_args", self.objective_args, "must be a mapping of argument names to values")
-        self.timeout_s = check_float("timeout_s", self.timeout_s, low=0.0, low_open=True)
+        self.timeout_s = check_float("timeout_s", self.timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
         for name in ("nesterov", "download", "emulate_network", "augment"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError.invalid(name, getattr(self, name), "must be true or false")

@@ -38,7 +38,7 @@ from coopsgd.engines.comm import NetEmulation
 from coopsgd.engines.distributed import FAILURE_MODES, DistributedEngine, FaultHook, fault_hook
 from coopsgd.engines.launch import RankFailure, launch
 from coopsgd.errors import ConfigError, Interrupted, check_float
-from coopsgd.train.config import RunConfig
+from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig
 from coopsgd.train.loop import LoopPlan, LoopState, run_loop
 from coopsgd.train.progress import Progress
 from coopsgd.train.rundir import RunDir, check_run_dir, tensorboard_enabled
@@ -408,7 +408,10 @@ def run_distributed(
     """
     if not isinstance(config, RunConfig):
         raise ConfigError.invalid("config", type(config).__name__, "must be a coopsgd.train.RunConfig")
-    timeout_s = check_float("timeout_s", timeout_s, low=0.0, low_open=True)
+    timeout_s = check_float("timeout_s", timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
+    # build and check the whole problem here (data against the model, shard sizes, the spec), so that a
+    # bad input is one line and exit status 2 before any process starts
+    build_problem(config)
     NetEmulation(net_latency_ms, net_bandwidth_mbps)  # validate here, not in the children
     if config.device.startswith("cuda"):  # one GPU per rank, NCCL between them
         if torch.cuda.device_count() < config.workers:

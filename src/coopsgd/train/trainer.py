@@ -80,6 +80,22 @@ def _lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
+def _check_model_fits(model: torch.nn.Module, data: Any, c: RunConfig, dtype: torch.dtype) -> None:
+    """One forward pass of two samples (on a copy): a model that does not fit the data is a ConfigError
+    naming the model and the input shape, before any training (or any process) starts."""
+    import copy
+
+    x = data.x[:2]
+    probe = copy.deepcopy(model).to(dtype=dtype)
+    try:
+        with torch.no_grad():
+            probe.eval()(x if data.vocab is not None else x.to(dtype))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError.invalid("model", c.model, f"does not fit dataset {c.dataset!r} (inputs of shape "
+                                  f"{tuple(x.shape[1:])}): {first}") from None
+
+
 def build_problem(config: RunConfig) -> dict[str, Any]:
     """Data, partition, loader, spec, model and step counts of a run: the one construction every engine uses.
 
@@ -116,6 +132,7 @@ def build_problem(config: RunConfig) -> dict[str, Any]:
         model_kw.setdefault("batch_first", True)  # lm_windows + WorkerLoader give (batch, seq_len) tokens
     model = make_model(c.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape, **model_kw)
     dtype = torch.float64 if c.dtype == "float64" else torch.float32
+    _check_model_fits(model, train_set, c, dtype)
     probe = None
     if c.loss_estimate == "probe":
         g = torch.Generator().manual_seed(c.seed)
