@@ -403,20 +403,9 @@ def _experiment_names() -> list[str]:
 
 def _write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temporary file + rename) so a crash never leaves a half-written file."""
-    import os
-    import tempfile
+    from coopsgd.fileio import atomic_write_bytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(data), f, indent=2, default=_json_default, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps(_clean(data), indent=2, default=_json_default, allow_nan=False).encode())
 
 
 # ---------------------------------------------------------------------------------------------------------

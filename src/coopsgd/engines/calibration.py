@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from coopsgd.fileio import atomic_write_bytes
 
 __all__ = ["CACHE_ENV", "CACHE_FILE", "CACHE_FORMAT", "CacheWarning", "ExecutorCache", "cache_dir", "cache_key",
            "machine_fingerprint", "model_fingerprint"]
@@ -235,22 +236,9 @@ class ExecutorCache:
                     return dict(old)  # a concurrent run chose first: every run of this key uses its choice
                 entries[key] = new
                 data = {"format": CACHE_FORMAT, "entries": entries}
-                _atomic_write(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+                atomic_write_bytes(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
         except OSError as exc:
             warnings.warn(f"coopsgd: cannot write the executor cache {str(self.path)!r} ({exc}); the executor "
                           f"choice is not kept (set ${CACHE_ENV} to a writable directory)", CacheWarning,
                           stacklevel=2)
         return new
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -235,7 +235,7 @@ class DistributedEngine(ModelRows):
         if self.asynchronous:
             from coopsgd.engines.parameter_server import AsyncParameterServer
 
-            lo, hi = self._mix_cols
+            lo, hi = self._kernel.cols
             self._aux_fill = self._state[0].clone()  # an auxiliary's columns that are not mixed: initial values
             if self.opts.stateful:
                 self._aux_fill[b + d :] = 0.0
@@ -507,7 +507,7 @@ class DistributedEngine(ModelRows):
         assert self._ps is not None
         ps, ms = self._ps.stats, self.mixer.stats
         sent, waited, emulated = ps.bytes_sent, ps.wait_s, ps.emulated_s
-        lo, hi = self._mix_cols
+        lo, hi = self._kernel.cols
         self._ps.push_pull(self._state[0, lo:hi])
         ms.count("push_pull", ps.bytes_sent - sent, None)
         ms.comm_s += ps.wait_s - waited
@@ -522,7 +522,7 @@ class DistributedEngine(ModelRows):
     def _async_aux_rows(self, which: list[int]) -> Tensor:
         """Rows of auxiliaries ``which`` (0: z on rank 0; 1+i: worker i's last pull) on every rank (collective)."""
         assert self._ps is not None
-        lo, hi = self._mix_cols
+        lo, hi = self._kernel.cols
         buf = torch.zeros((len(which), self._state.shape[1]), dtype=self.dtype, device=self.device)
         for n, a in enumerate(which):
             owner = 0 if a == 0 else a - 1

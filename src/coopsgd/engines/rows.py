@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import NAN_POLICIES, Batch
 from coopsgd.engines.executors import FlatLayout, build_model, to_batch
-from coopsgd.engines.kernel import mix_columns
 from coopsgd.engines.optim import SGDOptions
 from coopsgd.errors import ConfigError, check_int
 
@@ -116,7 +115,6 @@ class ModelRows:
             for name, t in self.layout.other_buffers(self.template).items()
         }
         self._mom_init = torch.zeros(len(held), dtype=torch.bool, device=self.device)
-        self._mix_cols = mix_columns(spec, b, d, self.opts)
         self._probe: Batch | None = None if probe_batch is None else self._to_batch(probe_batch, "probe_batch")
         if spec.needs_losses and loss_estimate == "probe" and self._probe is None:
             raise ConfigError.invalid("probe_batch", None, "loss_estimate='probe' needs probe_batch=(x, y)")

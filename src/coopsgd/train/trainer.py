@@ -56,7 +56,6 @@ class Experiment:
     eval_every: int
     is_lm: bool = False
     histograms: np.ndarray | None = None
-    problem: dict[str, Any] = field(default_factory=dict)
     loop_state: LoopState = field(default_factory=LoopState)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -186,7 +185,7 @@ def build(config: RunConfig) -> Experiment:
     sim.prepare(feed_from(p["loader"])(0, range(c.workers), p["spec"].schedule.active(0)))
     return Experiment(config=c, spec=p["spec"], sim=sim, loader=p["loader"], train_set=p["train_set"],
                       test_set=p["test_set"], loss_fn=p["loss_fn"], total_steps=p["total"],
-                      eval_every=p["eval_every"], is_lm=p["is_lm"], histograms=p["histograms"], problem=p)
+                      eval_every=p["eval_every"], is_lm=p["is_lm"], histograms=p["histograms"])
 
 
 @torch.no_grad()
