@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from coopsgd import __version__
-from coopsgd.errors import ConfigError, CoopSGDError, Interrupted
+from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, describe_os_error
 
 __all__ = ["main", "build_parser"]
 
@@ -202,8 +202,17 @@ def _cmd_topology(args: argparse.Namespace) -> int:
             kw["groups"] = args.groups
         if args.rows is not None:
             kw["rows"] = args.rows
+        from coopsgd.topology.spectra import CLOSED_FORM_ABOVE, CLOSED_FORMS
+
+        if args.name in CLOSED_FORMS and isinstance(args.workers, int) and args.workers > CLOSED_FORM_ABOVE:
+            return _topology_closed_form(args, kw)
         mats = mixing_schedule(args.name, args.workers, args.weights, **kw)
-    info = mats[0].to_dict()
+    if args.plot:
+        from coopsgd.fileio import check_output_path
+
+        check_output_path(args.plot, "--plot")
+    # the n x n entries only where they can be read (and do not take longer to print than to compute)
+    info = mats[0].to_dict(matrix=mats[0].n <= MAX_PRINTED_MATRIX)
     if len(mats) > 1 or args.name in TIME_VARYING:
         product = mats[0].matrix
         for W in mats[1:]:
@@ -242,6 +251,43 @@ def _cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``coopsgd topology --json`` lists the matrix entries up to this many nodes (``"matrix": null`` above).
+MAX_PRINTED_MATRIX = 64
+
+
+def _topology_closed_form(args: argparse.Namespace, kw: dict[str, Any]) -> int:
+    """``coopsgd topology`` for a large named graph: its spectrum in closed form, no matrix built."""
+    from coopsgd.topology.builders import _normalise
+    from coopsgd.topology.spectra import closed_form_summary
+    from coopsgd.topology.weights import WEIGHT_RULES
+
+    if args.plot:
+        raise ConfigError.invalid("--plot", args.plot, f"draws the n x n matrix: at most "
+                                  f"{_closed_form_above()} nodes (workers={args.workers})")
+    weights = _normalise("weights", args.weights, list(WEIGHT_RULES))
+    info = closed_form_summary(args.name, args.workers, weights, rows=kw.get("rows"), groups=kw.get("groups", 2))
+    info["note"] = ("spectrum in closed form (coopsgd.topology.spectra); the matrix is not built above "
+                    f"{_closed_form_above()} nodes")
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{info['name']}: n={info['n']}, zeta={info['zeta']:.10f}, spectral gap={info['spectral_gap']:.6g}")
+    print(f"  degrees: min {info['degree_min']}, max {info['degree_max']}; connected: {info['connected']}; "
+          "symmetric: True; doubly stochastic: True")
+    print("  eigenvalues: " + ", ".join(f"{e:.10f}" for e in info["eigenvalues"])
+          + f" ... {info['smallest_eigenvalue']:.10f}")
+    if not info["theory_applies"]:
+        print(f"  theorems do not apply: zeta = {info['zeta']:.6g}")
+    print(f"  ({info['note']})")
+    return 0
+
+
+def _closed_form_above() -> int:
+    from coopsgd.topology.spectra import CLOSED_FORM_ABOVE
+
+    return CLOSED_FORM_ABOVE
+
+
 # ---------------------------------------------------------------------------------------------------------
 # theory
 # ---------------------------------------------------------------------------------------------------------
@@ -271,7 +317,10 @@ def _cmd_theory(args: argparse.Namespace) -> int:
 
         if not args.out:
             raise ConfigError.invalid("--out", None, "coopsgd theory heatmap needs --out FILE (.png, .svg or .pdf)")
-        taus = range(1, args.max_tau + 1)
+        from coopsgd.fileio import check_output_path
+
+        check_output_path(args.out, "--out")
+        taus = range(1, _flag_int("--max-tau", args.max_tau, 1, MAX_HEATMAP_TAU) + 1)
         path = plot_network_error_heatmap(args.out, taus=taus, circled=_parse_circles(args.circle))
         if args.json:
             _print_json({"plot": str(path)})
@@ -349,13 +398,30 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from coopsgd.experiments.registry import EXPERIMENTS
 
     name = "matrix-completion" if args.name == "lsgd-matrix-completion" else args.name
-    out_dir = Path(args.out or Path("runs") / name)
+    if args.out is not None:
+        from coopsgd.fileio import check_output_path
+
+        check_output_path(args.out, "--out", directory=True)
+    out_dir = Path(Path("runs") / name if args.out is None else args.out)
+    args.seed = _flag_int("--seed", args.seed, 0)
+    if name != "matrix-completion":
+        for flag in ("ranks", "trials", "steps", "d"):
+            if getattr(args, flag) is not None:
+                raise ConfigError.invalid("--" + flag, getattr(args, flag), f"a matrix-completion flag; {name} does "
+                                          "not take it")
     if name == "matrix-completion":
         base = MC_QUICK if args.quick else MC_SETTINGS
-        ranks = parse_ranks(args.ranks) if args.ranks else base["ranks"]
+        ranks = parse_ranks(args.ranks) if args.ranks is not None else base["ranks"]
+        d = base["d"] if args.d is None else _flag_int("--d", args.d, 2)
+        if d * max(ranks) > MC_MAX_PARAMS:
+            raise ConfigError.invalid("--d", d, f"d x rank = {d} x {max(ranks)} parameters per model must be <= "
+                                      f"{MC_MAX_PARAMS:,} (every worker and the centre hold one)")
+        # a given 0 is refused (never "the default"): only an absent flag takes the setting's default
         res = run_matrix_completion(
-            d=args.d or base["d"], ranks=ranks, trials=args.trials or base["trials"],
-            steps=args.steps or base["steps"], seed=args.seed, progress=_progress(args),
+            d=d, ranks=ranks,
+            trials=base["trials"] if args.trials is None else _flag_int("--trials", args.trials, 1),
+            steps=base["steps"] if args.steps is None else _flag_int("--steps", args.steps, 1),
+            seed=args.seed, progress=_progress(args),
         )
         plot = plot_matrix_completion(res, out_dir / "matrix_completion.png")
         data = public(res)
@@ -393,6 +459,21 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Largest tau of ``theory heatmap`` (one column per tau).
+MAX_HEATMAP_TAU = 1000
+#: Largest matrix-completion model, d x rank parameters (80 MB of float64; each worker and the centre hold one).
+MC_MAX_PARAMS = 10**7
+
+
+def _flag_int(flag: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    from coopsgd.errors import INT64_MAX, check_int
+
+    try:
+        return check_int(flag, value, minimum=minimum, maximum=INT64_MAX if maximum is None else maximum)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), field=flag, value=value) from None
+
+
 def _experiment_names() -> list[str]:
     # a static table (checked against the experiments' registry by a test): listing the names must not
     # import the experiments (torch, matplotlib)
@@ -422,7 +503,8 @@ _RUN_HELP = {
     "nan_policy": "on NaN/Inf: stop | skip (drop the round, keep the last good state)",
     "max_skips": "consecutive skipped rounds before stopping", "checkpoint_every": "steps between checkpoints",
     "buffers": "buffer policy (BatchNorm statistics): mixed like parameters, or kept per worker",
-    "optimizer_state": "momentum policy", "model": "simulate / distributed: model",
+    "optimizer_state": "what a round does to every worker's optimizer state (momentum, Adam's moments): keep it, "
+                       "reset it (with the step counts) or mix it like the parameters (step counts stay local)", "model": "simulate / distributed: model",
     "dataset": "simulate / distributed: data set (mnist_bundled ships with the package; mnist, cifar10 need "
                "torchvision and --download)",
     "data_root": "directory of downloaded data", "augment": "random crop + horizontal flip on training batches",
@@ -430,7 +512,12 @@ _RUN_HELP = {
     "partition": "how the training set is split over the workers", "dirichlet_beta": "Dirichlet concentration (label skew)",
     "shards_per_worker": "class shards per worker", "objective": "reference engine: analytic objective",
     "lr": "learning rate", "momentum": "SGD momentum", "nesterov": "Nesterov momentum",
-    "weight_decay": "weight decay", "batch_size": "batch size per worker", "epochs": "simulate / distributed: epochs",
+    "optimizer": "every worker's inner optimizer, with torch.optim's semantics and defaults (another torch.optim "
+                 "class through the Python API); choices: sgd, adam, adamw",
+    "beta1": "adam / adamw: beta1 (the first moment's decay)", "beta2": "adam / adamw: beta2 (the second moment's "
+                                                                       "decay)",
+    "eps": "adam / adamw: eps added to the denominator", "amsgrad": "adam / adamw: AMSGrad",
+    "weight_decay": "the optimizer's weight decay (adamw: decoupled)", "batch_size": "batch size per worker", "epochs": "simulate / distributed: epochs",
     "max_steps": "number of steps (overrides --epochs)", "lr_decay_epochs": "decay the lr at these epochs, e.g. 100,150",
     "lr_decay_times_s": "decay the lr at these simulated times (s)", "lr_decay_factor": "lr decay factor",
     "lr_warmup_steps": "linear lr warm-up steps", "loss_estimate": "LSGD's leader election: loss estimate",
@@ -462,6 +549,8 @@ _RUN_DEFAULT_TEXT = {
     "data_root": "$COOPSGD_DATA, else ~/.cache/coopsgd",
     "lr_decay_epochs": "none", "lr_decay_times_s": "none",
     "out": "a new runs/PRESET-YYYYmmdd-HHMMSS", "tensorboard": "on when the tensorboard package is installed",
+    "optimizer": "the preset's own (diloco: adamw), else sgd",
+    "weight_decay": "torch's: 0 (sgd, adam), 0.01 (adamw)",
 }
 
 
@@ -572,6 +661,7 @@ def _config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
     from coopsgd.train.config import RunConfig, load_config
 
     data: dict[str, Any] = load_config(args.config) if args.config else {}
+    file_keys = set(map(str, data))
     names = {f.name for f in dataclasses.fields(RunConfig)}
     for k, v in vars(args).items():
         if k in names and k != "objective_args":
@@ -579,9 +669,17 @@ def _config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
         elif k.startswith("obj_"):
             data.setdefault("objective_args", {})[k[4:]] = v
     data.update(overrides)
-    if data.get("objective") == "sinc" and "objective_args" in data:
+    if data.get("objective") == "sinc" and isinstance(data.get("objective_args"), dict):
         data["objective_args"] = {k: v for k, v in data["objective_args"].items() if k == "sigma"}
-    return RunConfig.from_dict(data, source=f"config {args.config!r}" if args.config else "config")
+    try:
+        return RunConfig.from_dict(data, source=f"config {args.config!r}" if args.config else "config")
+    except ConfigError as exc:  # a bad value from the config file: name the file too
+        if not args.config or str(args.config) in str(exc) or exc.field is None:
+            raise
+        from_file = {k.replace("-", "_") for k in file_keys}
+        if exc.field.replace("-", "_") not in from_file or exc.field in vars(args):
+            raise
+        raise ConfigError(f"config {args.config!r}: {exc}", field=exc.field, value=exc.value) from None
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -621,7 +719,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                                             "continues its own run directory)")
         if not (rdir / "config.json").is_file():
             raise ConfigError.invalid("--resume", args.resume, "must be a run directory with config.json and checkpoint.pt")
-        base = json.loads((rdir / "config.json").read_text())
+        from coopsgd.train.rundir import read_run_json
+
+        cfg_file = rdir / "config.json"
+        base = read_run_json(cfg_file, "config")  # empty, truncated, not UTF-8, not an object: one line
+        for key in ("engine", "preset"):
+            if key not in base:
+                raise ConfigError(f"{cfg_file}: key {key!r} is missing (a damaged config.json); the run cannot be "
+                                  "resumed from it", field=key)
         if args.config:
             raise ConfigError.invalid("--config", args.config, "cannot be combined with --resume (the run's config is used)")
         import dataclasses
@@ -638,7 +743,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                           f"cannot change when resuming; only {', '.join(sorted(allowed))}")
         base.update(given)
         base["out"] = str(rdir)
-        config = RunConfig.from_dict(base, source=f"{rdir}/config.json")
+        try:
+            config = RunConfig.from_dict(base, source=str(cfg_file))
+        except ConfigError as exc:  # a wrong-typed or out-of-range value in the run's config.json
+            if exc.field in given or str(cfg_file) in str(exc):
+                raise
+            raise ConfigError(f"{cfg_file}: {exc}", field=exc.field, value=exc.value) from None
         summary = run(config, progress=_progress(args), resume=rdir)
     else:
         import dataclasses
@@ -896,15 +1006,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             warnings.formatwarning = saved
     except ConfigError as exc:
-        msg = str(exc)
+        msg = _one_line(exc)
         print(f"coopsgd: error: {msg}" if not msg.startswith("coopsgd") else f"{msg}", file=sys.stderr)
         return 2
     except CoopSGDError as exc:
-        print(f"coopsgd: error: {exc}", file=sys.stderr)
+        print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except FileNotFoundError as exc:
-        print(f"coopsgd: error: {exc}", file=sys.stderr)
-        return 2
     except Interrupted as exc:  # SIGTERM / SIGINT during a distributed run: its ranks were stopped
         print(f"coopsgd: {exc}", file=sys.stderr)
         return exc.exit_status
@@ -916,6 +1023,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a file or directory the command needs: missing, unreadable, unwritable, a full disk
+        print(f"coopsgd: error: {_one_line(describe_os_error(exc))}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: object) -> str:
+    """An error message on one line (a message with line breaks would read as several errors)."""
+    return " ".join(str(exc).split("\n")).strip()
 
 
 if __name__ == "__main__":

@@ -13,12 +13,19 @@ __all__ = [
     "CoopSGDError",
     "ConfigError",
     "MixingMatrixError",
+    "write_failure",
+    "describe_os_error",
     "Interrupted",
     "TheoryWarning",
     "DivergenceWarning",
     "check_int",
     "check_float",
+    "INT64_MAX",
 ]
+
+#: The largest integer :func:`check_int` accepts unless told otherwise: counts, sizes and seeds end up in
+#: torch / numpy int64 (step counters, generators), where a larger value overflows.
+INT64_MAX = 2**63 - 1
 
 
 class CoopSGDError(Exception):
@@ -43,6 +50,25 @@ class ConfigError(CoopSGDError, ValueError):
 
 class MixingMatrixError(ConfigError):
     """A mixing matrix that breaks a required property (shape, sign, stochasticity, symmetry, connectivity)."""
+
+
+def write_failure(exc: OSError, path: Any, kept: str = "") -> OSError:
+    """Name ``path`` (the file or directory coopsgd meant to write) in a failed write's ``OSError`` and say
+    what was kept, in place: the caller re-raises it (its type and ``errno`` are unchanged, so callers that
+    handle ``OSError`` keep working). :func:`describe_os_error` gives the one-line message."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    exc.filename = str(path)
+    exc.coopsgd_message = f"cannot write {str(path)!r}: {reason}" + (f"; {kept}" if kept else "")  # type: ignore[attr-defined]
+    return exc
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file operation: :func:`write_failure`'s message, else the reason and the file."""
+    message = getattr(exc, "coopsgd_message", None)
+    if message:
+        return str(message)
+    where = f": {exc.filename!r}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -78,8 +104,11 @@ class DivergenceWarning(UserWarning):
     """A legal setting that is known to diverge (e.g. EASGD with alpha >= 2/(m+1))."""
 
 
-def check_int(field: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
-    """Return ``value`` as an int, or raise a ConfigError naming ``field``."""
+def check_int(field: str, value: Any, *, minimum: int | None = None, maximum: int | None = INT64_MAX) -> int:
+    """Return ``value`` as an int, or raise a ConfigError naming ``field``.
+
+    ``maximum`` defaults to :data:`INT64_MAX` (every count, size and seed ends up in an int64 somewhere:
+    a larger one is an error here, not an overflow deep inside torch); ``None`` accepts any size."""
     if isinstance(value, bool) or not isinstance(value, (int,)) and not (
         hasattr(value, "__index__") and not isinstance(value, float)
     ):

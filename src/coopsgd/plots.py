@@ -7,13 +7,13 @@ consensus distance. :func:`runs_table` gives the matching table rows.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from coopsgd.errors import ConfigError
-from coopsgd.train.rundir import RunDir
+from coopsgd.fileio import check_output_path
+from coopsgd.train.rundir import RunDir, read_run_json
 
 __all__ = ["load_run", "plot_runs", "runs_table"]
 
@@ -23,12 +23,12 @@ def load_run(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_dir():
         raise ConfigError.invalid("run_dir", str(path), "is not a directory")
-    metrics = RunDir.read_metrics(p)
+    metrics = RunDir.read_metrics(p)  # each record checked: the file, line and field of a bad one are named
     if not metrics:
         raise ConfigError.invalid("run_dir", str(path), "has an empty metrics.jsonl")
-    config = json.loads((p / "config.json").read_text()) if (p / "config.json").is_file() else {}
-    summary = json.loads((p / "summary.json").read_text()) if (p / "summary.json").is_file() else {}
-    label = config.get("preset", p.name)
+    config = read_run_json(p / "config.json", "config") if (p / "config.json").exists() else {}
+    summary = read_run_json(p / "summary.json", "summary") if (p / "summary.json").exists() else {}
+    label = str(config.get("preset", p.name))
     if config.get("tau") is not None:
         label += f" (tau={config['tau']})"
     return {"path": str(p), "label": label, "config": config, "metrics": metrics, "summary": summary}
@@ -58,6 +58,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
     out = Path(out)
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError.invalid("out", str(out), "must end in .png, .svg or .pdf")
+    check_output_path(out, "out")
     runs = [load_run(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
         raise ConfigError.invalid("labels", list(labels), f"need one label per run ({len(runs)})")
@@ -88,10 +89,16 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
     axes[0, 0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    import io
+
+    from coopsgd.fileio import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=110, format=out.suffix.lower()[1:])
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(out, buf.getvalue())  # a failed write leaves an earlier figure as it was
 
 
 def _clock(record: dict[str, Any]) -> float | None:

@@ -1,16 +1,25 @@
 """The torchrun entry point (CLI layer): ``torchrun --nproc-per-node N -m coopsgd.torchrun --config run.toml``.
 
 Each process torchrun starts runs one rank of the run (:func:`coopsgd.train.distributed.rank_main`: the one
-training loop on the distributed engine); rank 0 writes the run directory and prints the headline of the
-summary as one JSON line. ``N`` x the number of nodes must equal the config's ``workers``. Several
-machines::
+training loop on the distributed engine); global rank 0 (``RANK``) writes the run directory and prints the
+headline of the summary as one JSON line. ``N`` x the number of nodes must equal the config's ``workers``.
+Several machines::
 
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id job1 \\
         -m coopsgd.torchrun --config run.toml
 
+Ranks are global (``RANK``: worker, data shard, who writes); a rank's GPU is that of its local rank
+(``LOCAL_RANK``). Two agents on one machine with ``--rdzv-endpoint 127.0.0.1:PORT`` form a multi-node job
+on loopback (gloo then binds to loopback, see :func:`coopsgd.engines.launch.init_torchrun_group`).
+
 Without torchrun's environment (no ``RANK``), ``python -m coopsgd.torchrun --config run.toml`` starts the
 local processes itself, like ``coopsgd run --engine distributed``. A configuration error ends in one line
-on stderr (from rank 0 only) and exit status 2.
+on stderr, printed by rank 0 only (every rank exits with status 2): errors in the config file and flags
+are found by every rank alike; the checks before training (the run directory, on rank 0; the checkpoint;
+the data against the model; a local rank's GPU) are shared between the ranks before their first
+collective, so a check that fails on one rank only stops every rank at once. A rank that fails while
+training prints one line naming itself and exits with status 1 (an unexpected exception: with its
+traceback).
 """
 
 from __future__ import annotations
@@ -21,11 +30,35 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["main"]
 
-#: How long a rank other than 0 waits before exiting on a configuration error (rank 0 prints it).
+#: How long a rank other than 0 waits before exiting on a configuration error found after the ranks agreed
+#: on their checks (rank 0 prints it).
 _QUIET_EXIT_S = 3.0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _exit_together(status: int) -> NoReturn:
+    """Every rank has the same error and rank 0 has printed it: leave at the same moment with the same status.
+
+    torchrun's agent stops every rank (SIGTERM) as soon as it sees one exit, so a rank that left first would
+    get the others killed (exit status -15, and maybe before rank 0 had printed). The ranks meet in a barrier
+    and leave at once, without the interpreter's teardown.
+    """
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 -- a peer already gone: leave anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from coopsgd.errors import ConfigError, CoopSGDError
-    from coopsgd.train.config import RunConfig, load_config
-    from coopsgd.train.distributed import one_line, rank_main, run_distributed
+    from coopsgd.engines.comm import NetEmulation
+    from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float
+    from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig, load_config
+    from coopsgd.train.distributed import RankCheckError, one_line, rank_main, run_distributed
 
     rank_env = os.environ.get("RANK")
     try:
         cfg = RunConfig.from_dict(load_config(ns.config), source=ns.config)
+        ns.timeout_s = check_float("--timeout-s", ns.timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
+        NetEmulation(ns.net_latency_ms, ns.net_bandwidth_mbps)  # checks both
         if ns.auto_resume and ns.resume is None:
             out_dir = ns.out or cfg.out
             if out_dir is None:
@@ -68,17 +104,32 @@ def main(argv: list[str] | None = None) -> int:
         if ns.backend == "nccl" and not use_cuda:
             raise ConfigError.invalid("--backend", "nccl", f"NCCL needs the GPUs: the config has device = "
                                                            f"{cfg.device!r} (set device = \"cuda\")")
-    except CoopSGDError as exc:
+    except CoopSGDError as exc:  # every rank finds the same error in the file and the flags
         if rank_env in (None, "0"):
-            print(f"coopsgd: error: {exc}", file=sys.stderr, flush=True)
-        else:
-            # every rank finds the same error: give rank 0 the time to say it before torchrun's agent, seeing
-            # this rank exit, stops the others (rank 0 included)
-            time.sleep(_QUIET_EXIT_S)
+            print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        if rank_env is not None:  # under torchrun: join the group only to leave together
+            from coopsgd.engines.launch import init_torchrun_group
+
+            try:
+                init_torchrun_group("gloo", 60.0)
+            except Exception:  # noqa: BLE001 -- no group: leave now
+                os._exit(2)
+            _exit_together(2)
         return 2
-    if rank_env is None:
-        summary = run_distributed(cfg, out=ns.out, timeout_s=ns.timeout_s, net_latency_ms=ns.net_latency_ms,
-                                  net_bandwidth_mbps=ns.net_bandwidth_mbps, backend=ns.backend, resume=ns.resume)
+    if rank_env is None:  # no torchrun: the local launcher (which checks everything before any rank starts)
+        try:
+            summary = run_distributed(cfg, out=ns.out, timeout_s=ns.timeout_s, net_latency_ms=ns.net_latency_ms,
+                                      net_bandwidth_mbps=ns.net_bandwidth_mbps, backend=ns.backend,
+                                      resume=ns.resume)
+        except ConfigError as exc:
+            print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+            return 2
+        except CoopSGDError as exc:  # a rank failed (named in the message)
+            print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+            return 1
+        except Interrupted as exc:  # SIGTERM / SIGINT: the ranks were stopped
+            print(f"coopsgd: {exc}", file=sys.stderr, flush=True)
+            return exc.exit_status
         print(json.dumps(one_line(summary)))
         return 0
     backend = ns.backend or ("nccl" if use_cuda else "gloo")
@@ -92,15 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank()
     try:
         opts = {"out": ns.out or cfg.out, "timeout_s": ns.timeout_s, "net_latency_ms": ns.net_latency_ms,
-                "net_bandwidth_mbps": ns.net_bandwidth_mbps, "resume": ns.resume}
+                "net_bandwidth_mbps": ns.net_bandwidth_mbps, "resume": ns.resume, "agree_errors": True}
         # the run directory records the engine that ran it (a config file may say "simulate")
         summary = rank_main(rank, dist.get_world_size(), {**cfg.to_dict(), "engine": "distributed"}, opts)
-    except CoopSGDError as exc:
+    except RankCheckError as exc:  # every rank has it (the ranks agreed): rank 0 says it, once
         if rank == 0:
-            print(f"coopsgd: error: {exc}", file=sys.stderr, flush=True)
-        raise
-    except BaseException as exc:
-        print(f"[coopsgd rank {rank}] {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        _exit_together(2)
+    except ConfigError as exc:  # found later by every rank alike (a checkpoint's content)
+        if rank == 0:
+            print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(_QUIET_EXIT_S)
+        return 2
+    except CoopSGDError as exc:  # a run-time failure of this rank (non-finite values, a peer gone): one line
+        print(f"[coopsgd rank {rank}] coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return 1
+    except BaseException as exc:  # a bug: its traceback follows
+        print(f"[coopsgd rank {rank}] {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr, flush=True)
         raise
     finally:
         if dist.is_initialized():

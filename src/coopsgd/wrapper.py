@@ -185,6 +185,9 @@ class CooperativeSGD:
                                       "must be a torch.optim.Optimizer or None")
         if spec.policies.optimizer_state == "mix":
             raise ConfigError.invalid("optimizer_state", "mix", "the wrapper supports 'local' and 'reset'")
+        if spec.outer is not None:
+            raise ConfigError.invalid("spec.outer", spec.outer.kind, "the wrapper runs no outer optimizer (DiLoCo, "
+                                      "SlowMo); use the simulator or the distributed engine")
         self.window = check_int("window", window, minimum=1)
         if communicator is None:
             if not dist.is_available() or not dist.is_initialized():

@@ -1,11 +1,12 @@
 """No orphans: whatever ends ``coopsgd run --engine distributed``, its ranks end with it and its temporary
 ``coopsgd-launch-*`` directory is removed (issue 14).
 
-Each test starts a 2-rank run in a session of its own (TMPDIR points into ``tmp_path``, so the launcher's
-directory can be checked precisely), waits until both ranks are training (their heartbeats say so), then
-signals the parent: SIGKILL (only the kernel / the ranks' watchdog and the janitor can clean up), SIGTERM
-(exit status 143, ``summary.json`` says ``"interrupted"``) and SIGINT to the whole process group, as Ctrl-C
-sends it (exit status 130).
+The test here starts a 2-rank run in a session of its own (TMPDIR points into ``tmp_path``, so the
+launcher's directory can be checked precisely), waits until both ranks are training (their heartbeats say
+so), then sends SIGINT to the whole process group, as Ctrl-C does (exit status 130, ``summary.json`` says
+``"interrupted"``). SIGKILL and SIGTERM of the parent alone, and a rank killed or stopped, are the fault
+matrix in ``test_fault_matrix.py``, which uses the helpers of this module (:class:`Run`, :func:`leftovers`)
+and also resumes every faulted run.
 """
 
 from __future__ import annotations
@@ -31,13 +32,18 @@ START_TIMEOUT_S = 90.0  # the first rank start takes several seconds on a loaded
 DIE_WITHIN_S = 5.0
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of a process, or ``None`` when it does not exist."""
+def _fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, pgrp, session, ...)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return fields[0], int(fields[1])
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of a process, or ``None`` when it does not exist."""
+    fields = _fields(pid)
+    return None if fields is None else (fields[0], int(fields[1]))
 
 
 def _alive(pid: int) -> bool:
@@ -62,20 +68,51 @@ def _ranks_of(parent: int) -> list[int]:
     return sorted(ranks)
 
 
+def leftovers(session: int, marker: str) -> list[int]:
+    """Live processes (zombies excluded) in session ``session`` or whose command line contains ``marker``
+    (the ranks and the janitor name the launcher's directory, which lies under the run's own TMPDIR)."""
+    found = []
+    needle = marker.encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        fields = _fields(int(d.name))
+        if fields is None or fields[0] == "Z":
+            continue
+        if int(fields[3]) == session:
+            found.append(int(d.name))
+            continue
+        try:
+            if needle in (d / "cmdline").read_bytes():
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return sorted(found)
+
+
 class Run:
-    def __init__(self, tmp_path: Path) -> None:
+    """``coopsgd run --engine distributed --workers 2 ARGS --out RUN`` in a session of its own, with TMPDIR
+    (where the launcher makes its directory) inside the test's directory."""
+
+    def __init__(self, tmp_path: Path, args: tuple[str, ...] = ("--max-steps", "100000"),
+                 env: dict[str, str] | None = None) -> None:
         self.tmp = tmp_path / "tmp"
         self.tmp.mkdir()
         self.out = tmp_path / "run"
         self.stderr_path = tmp_path / "stderr.txt"
-        env = dict(os.environ, TMPDIR=str(self.tmp))
-        env.pop("COOPSGD_INJECT_FAILURE", None)
+        run_env = dict(os.environ, TMPDIR=str(self.tmp))
+        run_env.pop("COOPSGD_INJECT_FAILURE", None)
+        run_env.update(env or {})
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "coopsgd.cli", "run", "--engine", "distributed", "--workers", "2",
-                 "--max-steps", "100000", "--out", str(self.out)],
-                env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                 *args, "--out", str(self.out)],
+                env=run_env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         self.ranks: list[int] = []
+
+    def leftovers(self) -> list[int]:
+        """Processes of this run still alive: its session (parent and ranks), anything naming its TMPDIR."""
+        return leftovers(self.proc.pid, str(self.tmp))
 
     @property
     def stderr(self) -> str:
@@ -125,7 +162,7 @@ class Run:
             except OSError:
                 pass
             self.proc.wait()
-        for p in self.ranks:
+        for p in {*self.ranks, *self.leftovers()}:
             if _alive(p):
                 try:
                     os.kill(p, signal.SIGKILL)
@@ -142,34 +179,6 @@ def run(tmp_path: Path) -> Iterator[Run]:
         r.cleanup()
 
 
-def test_sigkill_of_the_parent_leaves_no_rank_and_no_directory(run: Run) -> None:
-    run.wait_training()
-    t0 = time.monotonic()
-    os.kill(run.proc.pid, signal.SIGKILL)
-    run.proc.wait()
-    died = run.wait_ranks_gone(t0)
-    cleaned = run.wait_no_launch_dir(t0)
-    print(f"SIGKILL: ranks gone after {died:.3f} s, directory after {cleaned:.3f} s")
-    summary = run.out / "summary.json"
-    assert not summary.is_file() or json.loads(summary.read_text()).get("status") != "ok"
-
-
-def test_sigterm_stops_the_ranks_and_records_the_interruption(run: Run) -> None:
-    run.wait_training()
-    t0 = time.monotonic()
-    os.kill(run.proc.pid, signal.SIGTERM)  # the parent only, as `kill PID` does
-    code = run.proc.wait(timeout=30)
-    elapsed = time.monotonic() - t0
-    assert code == 143, run.stderr
-    assert not any(_alive(p) for p in run.ranks)
-    assert run.launch_dirs() == []
-    assert json.loads((run.out / "summary.json").read_text())["status"] == "interrupted"
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("coopsgd: interrupted by SIGTERM"), run.stderr
-    assert "Traceback" not in run.stderr
-    print(f"SIGTERM: parent exited after {elapsed:.3f} s")
-
-
 def test_sigint_to_the_group_exits_130(run: Run) -> None:
     run.wait_training()
     t0 = time.monotonic()
@@ -178,6 +187,7 @@ def test_sigint_to_the_group_exits_130(run: Run) -> None:
     elapsed = time.monotonic() - t0
     assert code == 130, run.stderr
     assert not any(_alive(p) for p in run.ranks)
+    assert run.leftovers() == []
     assert run.launch_dirs() == []
     assert json.loads((run.out / "summary.json").read_text())["status"] == "interrupted"
     assert run.stderr.strip().splitlines()[-1].startswith("coopsgd: interrupted by SIGINT"), run.stderr

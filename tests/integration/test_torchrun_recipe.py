@@ -125,3 +125,63 @@ def test_workers_mismatch_is_one_line_from_rank_0(tmp_path) -> None:
     # torchrun's agent prints its own report (ChildFailedError), but no rank printed a traceback of ours
     assert not re.search(r'File ".*coopsgd[/\\]', res.stderr), res.stderr[-4000:]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_check_that_fails_on_rank_0_only_is_one_line_and_no_hang(tmp_path) -> None:
+    """Rank 0 alone checks the run directory: the ranks agree on the outcome before their first collective,
+    so rank 0 prints the one line and every rank exits at once (before, rank 1 waited in a collective)."""
+    argv = readme_torchrun_command()
+    config = _config_copy(argv, tmp_path, max_steps=2)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("not coopsgd's\n")
+    res = _run(_with(_with(argv, "--config", str(config)), "--out", str(out)), tmp_path)
+    assert res.returncode != 0
+    ours = [ln for ln in (res.stdout + res.stderr).splitlines() if "coopsgd" in ln and "error" in ln
+            and "torch/distributed" not in ln]
+    assert len(ours) == 1, res.stderr[-4000:]
+    assert ours[0].startswith("[default0]:coopsgd: error: ") and "notes.txt" in ours[0], ours
+    assert "[coopsgd rank" not in res.stderr
+    assert not re.search(r'File ".*coopsgd[/\\]', res.stderr), res.stderr[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_ranks_agree_on_the_lowest_failing_rank(monkeypatch) -> None:
+    """agree_on_checks with the all_gather faked: what each rank raises for given per-rank outcomes."""
+    import torch.distributed as dist
+
+    from coopsgd.errors import ConfigError
+    from coopsgd.train.distributed import RankCheckError, agree_on_checks, check_outcome
+
+    def outcome(rank: int, errors: dict[int, BaseException]) -> BaseException | None:
+        def gather(found: list, mine: object) -> None:
+            found[:] = [check_outcome(errors.get(r)) for r in range(3)]  # what each rank sends
+            assert found[rank] == mine
+
+        monkeypatch.setattr(dist, "all_gather_object", gather)
+        try:
+            agree_on_checks(rank, 3, errors.get(rank))
+        except BaseException as exc:  # noqa: BLE001 -- the outcome under test
+            return exc
+        return None
+
+    assert all(outcome(r, {}) is None for r in range(3))
+    # rank 0's check alone failed (it checks the run directory): every rank raises it, unprefixed
+    err = ConfigError.invalid("out", "d", "holds another run")
+    for r in range(3):
+        exc = outcome(r, {0: err})
+        assert isinstance(exc, RankCheckError) and exc.rank == 0 and exc.field == "out"
+        assert str(exc) == "out='d' is invalid: holds another run"
+    # ranks 1 and 2 failed (a missing local GPU): the lowest one is named
+    gpu = {1: ConfigError.invalid("device", "cuda", "local rank 1 needs\nits own GPU"),
+           2: ConfigError.invalid("device", "cuda", "local rank 0 needs its own GPU")}
+    for r in range(3):
+        exc = outcome(r, gpu)
+        assert isinstance(exc, RankCheckError) and exc.rank == 1
+        assert str(exc) == "rank 1: device='cuda' is invalid: local rank 1 needs its own GPU"  # one line
+    # a bug on rank 2: rank 2 keeps its own exception (and traceback), the others name it
+    bug = {2: KeyError("x")}
+    assert isinstance(outcome(2, bug), KeyError)
+    exc = outcome(0, bug)
+    assert isinstance(exc, RankCheckError) and str(exc) == "rank 2: KeyError: 'x'"

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms.outer import OuterOptimizer, OuterSchedule
 from coopsgd.algorithms.registry import DataInput, PresetArg, PresetDecl, TheoryHook, register
 from coopsgd.algorithms.schedules import (
+    STEP_COUNTINGS,
     DownpourSchedule,
     FedAvgSchedule,
     LeaderSchedule,
@@ -51,6 +53,8 @@ __all__ = [
     "lsgd",
     "downpour",
     "matcha",
+    "diloco",
+    "slowmo",
     "PRESETS",
     "make_preset",
 ]
@@ -102,19 +106,32 @@ def sync(workers: int, *, policies: Policies | None = None) -> AlgorithmSpec:
     )
 
 
-def local_sgd(workers: int, tau: int = 4, *, warmup_steps: int = 0, policies: Policies | None = None) -> AlgorithmSpec:
+def local_sgd(
+    workers: int,
+    tau: int = 4,
+    *,
+    warmup_steps: int = 0,
+    step_counting: str = "paper",
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
     """Local SGD / periodic simple averaging (PSASGD): A(tau, J, 0) ([CSGD] Corollary 2).
 
-    ``warmup_steps`` fully synchronous steps first (post-local SGD).
+    ``warmup_steps`` fully synchronous steps first (post-local SGD). ``step_counting`` says when the
+    averaging rounds fall after the warm-up (``j = k - warmup_steps``, 0-based): ``"paper"`` after local
+    steps ``tau-1, 2tau-1, ...`` (every tau local steps, [CSGD] eq. (7)); ``"pytorch"`` after local steps
+    ``0, tau, 2tau, ...``, the iterates of PyTorch's ``PostLocalSGDOptimizer`` with
+    ``PeriodicModelAverager(period=tau, warmup_steps=warmup_steps)`` (see ``docs/migrating.md``).
     """
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
+    if step_counting not in STEP_COUNTINGS:
+        raise ConfigError.invalid("step_counting", step_counting, f"choose one of {', '.join(STEP_COUNTINGS)}")
     J = _average(m)
-    sched = PeriodicSchedule(tau, [J], warmup_steps=warmup_steps, warmup_matrix=J)
+    sched = PeriodicSchedule(tau, [J], warmup_steps=warmup_steps, warmup_matrix=J, step_counting=step_counting)
     return AlgorithmSpec(
         name="local_sgd", workers=m, auxiliaries=0, tau=tau, schedule=sched, theory_matrix=J,
         pattern="allreduce", policies=policies or Policies(),
-        params={"warmup_steps": int(warmup_steps)},
+        params={"warmup_steps": int(warmup_steps), "step_counting": step_counting},
     )
 
 
@@ -403,6 +420,139 @@ def matcha(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# an outer optimizer on the auxiliary node (coopsgd.algorithms.outer): DiLoCo and SlowMo
+# ---------------------------------------------------------------------------------------------------------
+
+#: SlowMo's base algorithms: local SGD (no communication between outer rounds), fully synchronous SGD
+#: (an all-reduce every step) or gossip (D-PSGD over ``topology``, every step).
+SLOWMO_BASES = ("local_sgd", "sync", "dpsgd")
+#: DiLoCo's outer optimizers: SGD with Nesterov momentum (the paper's), heavy-ball SGD, or Adam.
+DILOCO_OUTER = ("nesterov", "sgd", "adam")
+
+
+def diloco(
+    workers: int,
+    tau: int = 500,
+    *,
+    outer_lr: float = 0.7,
+    outer_momentum: float = 0.9,
+    outer_optimizer: str = "nesterov",
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """DiLoCo (Douillard et al., 2023): inner AdamW, and every H = ``tau`` steps an outer step of z.
+
+    The workers run AdamW (the spec's ``inner_optimizer``; a run may name another) for tau steps; then z
+    (auxiliary node m, the model to evaluate) takes the averaged pseudo-gradient z - mean(workers) through
+    SGD with Nesterov momentum (the paper's outer lr 0.7, momentum 0.9, H = 500), and every worker restarts
+    from z. The inner optimizer state stays with each worker across rounds (``optimizer_state="local"``).
+    ``outer_optimizer="adam"`` uses torch's Adam defaults (betas (0.9, 0.999), eps 1e-8) and no momentum.
+    """
+    m = _workers(workers)
+    tau = check_int("tau", tau, minimum=1)
+    if outer_optimizer not in DILOCO_OUTER:
+        raise ConfigError.invalid("outer_optimizer", outer_optimizer, f"choose one of {', '.join(DILOCO_OUTER)}")
+    lr = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
+    mu = check_float("outer_momentum", outer_momentum, low=0.0, high=1.0, high_open=True)
+    if outer_optimizer == "adam":
+        outer = OuterOptimizer("adam", lr=lr)
+    else:
+        outer = OuterOptimizer("sgd", lr=lr, momentum=mu, nesterov=outer_optimizer == "nesterov" and mu > 0)
+    return AlgorithmSpec(
+        name="diloco", workers=m, auxiliaries=1, tau=tau, schedule=OuterSchedule(m, tau), rule="post_mix",
+        center="auxiliary", theory_matrix=None, pattern="allreduce", policies=policies or Policies(),
+        params={"outer_optimizer": outer_optimizer, "outer_lr": lr,
+                "outer_momentum": 0.0 if outer_optimizer == "adam" else mu},
+        notes=("an outer optimizer on z: no fixed W describes the round, so [CSGD] Theorems 1-4 do not apply; "
+               "with an adaptive inner (AdamW) or outer optimizer no convergence bound is computed",),
+        outer=outer, inner_optimizer="adamw",
+    )
+
+
+def slowmo(
+    workers: int,
+    tau: int = 12,
+    *,
+    base_algorithm: str = "local_sgd",
+    outer_lr: float = 1.0,
+    outer_momentum: float = 0.5,
+    topology: str = "ring",
+    weights: str = "metropolis",
+    seed: int = 0,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """SlowMo (Wang, Tantia, Ballas, Rabbat, ICLR 2020): a base algorithm plus slow momentum every tau steps.
+
+    The workers run ``base_algorithm`` (:data:`SLOWMO_BASES`) with their inner optimizer; every tau steps
+    they are averaged exactly, and z (auxiliary node m) takes SlowMo's step with slow learning rate
+    alpha = ``outer_lr`` and slow momentum beta = ``outer_momentum``::
+
+        u <- beta u + (z - mean(workers)) / lr,    z <- z - alpha lr u      (lr: the inner learning rate)
+
+    and every worker restarts from z. beta = 0 and alpha = 1 give the base algorithm with an exact
+    average every tau steps (local SGD itself for ``base_algorithm="local_sgd"``).
+    """
+    m = _workers(workers)
+    tau = check_int("tau", tau, minimum=1)
+    if base_algorithm not in SLOWMO_BASES:
+        raise ConfigError.invalid("base_algorithm", base_algorithm, f"choose one of {', '.join(SLOWMO_BASES)}")
+    alpha = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
+    beta = check_float("outer_momentum", outer_momentum, low=0.0, high=1.0, high_open=True)
+    base = None
+    params: dict[str, Any] = {"base_algorithm": base_algorithm, "outer_lr": alpha, "outer_momentum": beta}
+    notes = ["an outer optimizer on z: no fixed W describes the round, so [CSGD] Theorems 1-4 do not apply"]
+    if base_algorithm == "sync":
+        base = PeriodicSchedule(1, [_average(m)])
+    elif base_algorithm == "dpsgd":
+        mats = _mixing_list(m, None, topology, weights, seed)
+        pattern = "allreduce" if all(np.allclose(M, 1.0 / m, rtol=0, atol=1e-15) for M in mats) else "neighbor"
+        base = PeriodicSchedule(1, mats, pattern=pattern)
+        params.update(topology=topology, weights=weights)
+        notes.append("the cost model counts one round per tau steps; the gossip rounds in between are not "
+                     "in its time estimate")
+    return AlgorithmSpec(
+        name="slowmo", workers=m, auxiliaries=1, tau=tau, schedule=OuterSchedule(m, tau, base), rule="post_mix",
+        center="auxiliary", theory_matrix=None, pattern="allreduce", policies=policies or Policies(),
+        params=params, notes=tuple(notes),
+        outer=OuterOptimizer("sgd", lr=alpha, momentum=beta, lr_scaled=True),
+    )
+
+
+def _outer_facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> None:
+    """The outer optimizer of z and what the theory says about it (SlowMo's factor alpha / (1 - beta))."""
+    o = spec.outer
+    assert o is not None
+    out["outer_optimizer"] = o.describe()
+    out["inner_optimizer"] = spec.inner_optimizer or "sgd (or the run's --optimizer)"
+    if o.kind == "sgd" and not o.nesterov:
+        out["effective_lr_factor"] = bounds.slowmo_effective_lr_factor(o.lr, o.momentum)
+    no_bound = o.kind == "adam" or o.nesterov or spec.inner_optimizer in ("adam", "adamw")
+    if not no_bound and o.lr_scaled:
+        out["convergence_rate"] = bounds.SLOWMO_RATE_STATEMENT
+    if no_bound:
+        notes.append("no convergence bound applies: SlowMo's analysis covers heavy-ball slow momentum over "
+                     "SGD-type inner steps; an Adam or Nesterov outer step, or an adaptive inner optimizer "
+                     "(AdamW), is outside it")
+
+
+def _slowmo_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
+    """SlowMo's rate (an order, for SGD-type inner steps)."""
+    o = spec.outer
+    assert o is not None
+    rate = bounds.slowmo_rate(c, m=spec.workers, tau=spec.tau, alpha=o.lr, beta=o.momentum)
+    res["slowmo_rate"] = rate
+    res["slowmo"] = (f"{rate['name']}: 1/sqrt(m K) = {rate['order_1_over_sqrt_mK']:.4g} at m={spec.workers}, "
+                     f"K={c.steps} (an order, constants not evaluated; SGD-type inner steps)")
+
+
+def _diloco_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
+    res["diloco"] = ("no convergence bound applies: inner AdamW and an outer Nesterov (or Adam) step are outside "
+                     "the analyses of [CSGD] and SlowMo")
+
+
+OUTER_FACTS = TheoryHook("outer_optimizer", facts=_outer_facts)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # theory hooks: the preset-specific entries of `coopsgd theory` (coopsgd.analysis.analyze)
 # ---------------------------------------------------------------------------------------------------------
 
@@ -547,6 +697,10 @@ _WEIGHTS = PresetArg("weights", str, "metropolis", help="mixing weight rule", ch
 _ALPHA = PresetArg("alpha", float, None, help="elasticity alpha (the auxiliary's pull)")
 _STRICT = PresetArg("strict", bool, False, help="error (not warning) for a diverging alpha")
 _GROUPS = PresetArg("groups", int, help="number of equal groups of workers", low=1)
+_OUTER_LR = PresetArg("outer_lr", float, help="outer learning rate of z (SlowMo's slow lr alpha)", low=0.0,
+                      low_open=True)
+_OUTER_MOMENTUM = PresetArg("outer_momentum", float, help="outer momentum of z (SlowMo's slow momentum beta)",
+                            low=0.0, high=1.0, high_open=True)
 
 _DECLS: tuple[PresetDecl, ...] = (
     PresetDecl(
@@ -557,7 +711,10 @@ _DECLS: tuple[PresetDecl, ...] = (
         "local_sgd", local_sgd, "local SGD / periodic simple averaging, A(tau, J, 0)",
         args=(_TAU.replace(default=4),
               PresetArg("warmup_steps", int, 0, help="local_sgd: fully synchronous steps first (post-local SGD)",
-                        low=0)),
+                        low=0),
+              PresetArg("step_counting", str, "paper", choices=STEP_COUNTINGS,
+                        help="local_sgd: when rounds fall after the warm-up: paper = after every tau local steps; "
+                             "pytorch = after the 1st local step, then every tau (PyTorch's PeriodicModelAverager)")),
         theory=(ZETA_TAU, COROLLARY2),
     ),
     PresetDecl(
@@ -630,6 +787,23 @@ _DECLS: tuple[PresetDecl, ...] = (
                         "matchings active per round", low=0.0, high=1.0, low_open=True),
               _SEED),
         theory=(TheoryHook("matcha_expected_zeta", facts=_matcha_facts, bounds=_matcha_bounds),),
+    ),
+    PresetDecl(
+        "diloco", diloco, "DiLoCo: inner AdamW, every tau steps an outer Nesterov-SGD step of z on the "
+        "pseudo-gradient",
+        args=(_TAU.replace(default=500, help="communication period tau: local steps between rounds (DiLoCo's H)"),
+              _OUTER_LR.replace(default=0.7), _OUTER_MOMENTUM.replace(default=0.9),
+              PresetArg("outer_optimizer", str, "nesterov", choices=DILOCO_OUTER,
+                        help="diloco: z's optimizer on the pseudo-gradient (nesterov = SGD with Nesterov momentum)")),
+        theory=(OUTER_FACTS, TheoryHook("diloco_no_bound", bounds=_diloco_bounds)),
+    ),
+    PresetDecl(
+        "slowmo", slowmo, "SlowMo: a base algorithm plus slow momentum of z every tau steps",
+        args=(_TAU.replace(default=12), PresetArg("base_algorithm", str, "local_sgd", choices=SLOWMO_BASES,
+                                                  help="slowmo: the workers' algorithm between outer rounds"),
+              _OUTER_LR.replace(default=1.0), _OUTER_MOMENTUM.replace(default=0.5),
+              _TOPOLOGY.replace(help="worker graph (slowmo: of the dpsgd base)"), _WEIGHTS, _SEED),
+        theory=(OUTER_FACTS, TheoryHook("slowmo_rate", bounds=_slowmo_bounds)),
     ),
 )
 for _decl in _DECLS:

@@ -2,6 +2,9 @@
 
 [CSGD] eq. (7): ``S_k = W`` when ``k mod tau = 0`` and the identity otherwise. Steps here are 0-based, so
 communication happens after step ``k`` when ``(k + 1) % tau == 0`` (after every ``tau`` local steps).
+:class:`PeriodicSchedule` can also count steps the way PyTorch's ``PeriodicModelAverager`` does
+(``step_counting="pytorch"``: after step ``k`` when ``k % tau == 0``, i.e. after the 1st local step and then
+every ``tau`` steps); see :data:`STEP_COUNTINGS`.
 
 A schedule is pure: it never changes itself. What a run accumulates (LSGD's current leaders, the
 round counter of a user callable) is its *run state*, a small JSON-ready dict created by
@@ -51,10 +54,21 @@ __all__ = [
     "DownpourSchedule",
     "CallableSchedule",
     "PATTERNS",
+    "STEP_COUNTINGS",
 ]
 
 #: Communication patterns understood by the cost model ([CSGD] Table 3 plus leader broadcast).
 PATTERNS = ("allreduce", "neighbor", "parameter_server", "broadcast", "local")
+
+#: How a :class:`PeriodicSchedule` counts the local steps of a round (``j = k - warmup_steps`` is the 0-based
+#: local step after the warm-up; a level of period ``p`` communicates after local step ``j`` when):
+#:
+#: * ``"paper"`` -- ``(j + 1) % p == 0``: after local steps ``p-1, 2p-1, ...`` (every ``p`` local steps,
+#:   [CSGD] eq. (7));
+#: * ``"pytorch"`` -- ``j % p == 0``: after local steps ``0, p, 2p, ...``, as
+#:   ``torch.distributed.algorithms.model_averaging.averagers.PeriodicModelAverager(period=p,
+#:   warmup_steps=W)`` does (it averages when ``step >= W and (step - W) % p == 0``, counting from 0).
+STEP_COUNTINGS = ("paper", "pytorch")
 
 
 @dataclass(frozen=True)
@@ -167,6 +181,11 @@ class PeriodicSchedule(_Base):
       period divides ``k + 1`` applies, fastest first; the product is one ``S_k``. Hierarchical averaging
       uses this for its intra-group (tau) and inter-auxiliary (q*tau) mixing.
     * ``warmup_steps`` steps of ``warmup_matrix`` every step (post-local SGD: fully synchronous warm-up).
+
+    ``step_counting`` (:data:`STEP_COUNTINGS`) says at which local step of a period a level communicates:
+    ``"paper"`` (default) at its last, ``(j + 1) % period == 0``; ``"pytorch"`` at its first,
+    ``j % period == 0`` (PyTorch's ``PeriodicModelAverager``), where ``j = k - warmup_steps``. Either way the
+    matrices of a time-varying level are cycled by the round index ``j // period``.
     """
 
     def __init__(
@@ -178,8 +197,12 @@ class PeriodicSchedule(_Base):
         levels: Sequence[tuple[int, Sequence[MixingMatrix | np.ndarray], str]] = (),
         warmup_steps: int = 0,
         warmup_matrix: MixingMatrix | np.ndarray | None = None,
+        step_counting: str = "paper",
     ) -> None:
         self.tau = check_int("tau", tau, minimum=1)
+        if step_counting not in STEP_COUNTINGS:
+            raise ConfigError.invalid("step_counting", step_counting, f"choose one of {', '.join(STEP_COUNTINGS)}")
+        self.step_counting = step_counting
         if len(matrices) == 0:
             raise ConfigError.invalid("matrices", list(matrices), "need at least one mixing matrix")
         self._levels: list[tuple[int, list[np.ndarray], str]] = [
@@ -202,10 +225,9 @@ class PeriodicSchedule(_Base):
             raise ConfigError.invalid("warmup_matrix", None, "needed when warmup_steps > 0")
         self._warmup = None if warmup_matrix is None else _as_matrix(warmup_matrix)
 
-    def _level_rounds(self, period: int, step: int) -> int:
-        """Rounds of a level completed before ``step`` (after the warm-up)."""
-        local = step - self.warmup_steps
-        return max(local, 0) // period
+    def _phase(self, period: int) -> int:
+        """The local step ``j`` (mod ``period``) after which a level of this period communicates."""
+        return 0 if self.step_counting == "pytorch" else period - 1
 
     def rounds_before(self, step: int) -> int:
         """Communication rounds that happened in steps ``0 .. step-1``."""
@@ -215,7 +237,7 @@ class PeriodicSchedule(_Base):
         # a step where several levels fire counts once
         fired: set[int] = set()
         for period, _, _ in self._levels:
-            fired.update(range(period - 1, local, period))
+            fired.update(range(self._phase(period), local, period))
         return rounds + len(fired)
 
     def _mix(self, step: int, ctx: MixContext) -> Mix | None:
@@ -225,7 +247,7 @@ class PeriodicSchedule(_Base):
         product: np.ndarray | None = None
         patterns = []
         for period, mats, pat in self._levels:
-            if (local + 1) % period == 0:
+            if local % period == self._phase(period):
                 M = mats[(local // period) % len(mats)]
                 # X S1 S2: the faster level's matrix acts first.
                 product = M if product is None else product @ M

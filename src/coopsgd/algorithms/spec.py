@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from coopsgd.algorithms.outer import OuterOptimizer
 from coopsgd.algorithms.schedules import Schedule
 from coopsgd.errors import ConfigError, check_int
 
@@ -36,8 +37,12 @@ class Policies:
     Attributes:
         buffers: ``"mix"`` (default) -- buffers such as BatchNorm running statistics are mixed with the same
             S_k as parameters; ``"local"`` -- each worker keeps its own.
-        optimizer_state: ``"local"`` (default) -- momentum buffers are left alone; ``"reset"`` -- zeroed after
-            each round; ``"mix"`` -- mixed like parameters.
+        optimizer_state: what happens to every field of the workers' inner optimizer state (SGD's momentum
+            buffer, Adam's ``exp_avg`` / ``exp_avg_sq`` / ``max_exp_avg_sq``): ``"local"`` (default) -- left
+            alone; ``"reset"`` -- after each communicating round every field is zeroed and the step counts
+            restart at 0 (a fresh optimizer, as if it were created anew); ``"mix"`` -- the fields are mixed like
+            parameters (auxiliaries count as zero state) while each worker's step count stays its own (a
+            count of the updates that went into the bias correction, not a row quantity).
     """
 
     buffers: Literal["mix", "local"] = "mix"
@@ -72,6 +77,11 @@ class AlgorithmSpec:
         policies: buffer / optimizer-state policies.
         params: the preset's own arguments, for records and reports.
         notes: remarks shown to users (e.g. why the theorems do not apply).
+        outer: the auxiliary node's own optimizer (:class:`coopsgd.algorithms.outer.OuterOptimizer`;
+            DiLoCo, SlowMo): at the rounds the schedule tags ``info["outer"]`` the workers are averaged, z
+            (node m) steps on the pseudo-gradient z - average, and the workers restart from z. ``None``: none.
+        inner_optimizer: the workers' optimizer the algorithm prescribes (``"adamw"`` for DiLoCo), used when a
+            run does not name one; ``None``: SGD.
     """
 
     name: str
@@ -88,6 +98,8 @@ class AlgorithmSpec:
     policies: Policies = field(default_factory=Policies)
     params: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    outer: OuterOptimizer | None = None
+    inner_optimizer: str | None = None
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)
@@ -104,6 +116,14 @@ class AlgorithmSpec:
             raise ConfigError.invalid(
                 "schedule", f"{n} nodes", f"must act on workers + auxiliaries = {self.nodes} nodes"
             )
+        if self.outer is not None:
+            if not isinstance(self.outer, OuterOptimizer):
+                raise ConfigError.invalid("outer", self.outer, "must be an OuterOptimizer or None")
+            if self.auxiliaries < 1 or self.rule != "post_mix":
+                raise ConfigError.invalid("outer", self.outer.kind, "an outer optimizer needs an auxiliary node "
+                                          "(node m holds z) and the post_mix rule")
+        if self.inner_optimizer is not None and self.inner_optimizer not in ("sgd", "adam", "adamw"):
+            raise ConfigError.invalid("inner_optimizer", self.inner_optimizer, "choose one of sgd, adam, adamw")
 
     @property
     def needs_losses(self) -> bool:
@@ -166,6 +186,10 @@ class AlgorithmSpec:
             "policies": {"buffers": self.policies.buffers, "optimizer_state": self.policies.optimizer_state},
         }
         out["zeta"] = None if self.theory_matrix is None else zeta(self.theory_matrix)
+        if self.outer is not None:
+            out["outer"] = self.outer.describe()
+        if self.inner_optimizer is not None:
+            out["inner_optimizer"] = self.inner_optimizer
         if self.notes:
             out["notes"] = list(self.notes)
         return out

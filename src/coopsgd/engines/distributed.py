@@ -4,8 +4,8 @@ Rank ``r`` runs worker ``r`` (the world size is m); an auxiliary node is held by
 read it -- every rank for EASGD, FedAvg, LSGD and DOWNPOUR, the ranks of its group for hierarchical
 averaging, whose rounds then run in process subgroups (see :mod:`coopsgd.engines.comm` for the placement
 and for the collective each kind of mixing matrix uses). Each rank keeps ONE flat state tensor of shape
-``(1 + v, b + d [+ d])`` -- its worker's ``[float buffers | parameters | momentum]`` and the auxiliaries'
-rows (those of auxiliaries it does not hold are not maintained) -- and its own SGD state. One step ``k`` does exactly what
+``(1 + v, b + d [+ f d])`` -- its worker's ``[float buffers | parameters | optimizer state fields]`` and the auxiliaries'
+rows (those of auxiliaries it does not hold are not maintained) -- and its optimizer counters. One step ``k`` does exactly what
 :class:`coopsgd.engines.simulator.Simulator` does for that worker:
 
 1. ``spec.schedule.active(k)``: an inactive FedAvg client computes nothing;
@@ -15,9 +15,13 @@ rows (those of auxiliaries it does not hold are not maintained) -- and its own S
    rank); every rank then elects the same leader with the schedule's own rule;
 4. ``S_k = spec.schedule.mix(k, ctx)`` -- evaluated identically on every rank (deterministic given the
    step and the gathered losses);
-5. torch.optim.SGD's direction D (:mod:`coopsgd.engines.optim`); ``post_mix``: ``x <- x - lr D`` then the
-   round; ``pre_mix``: the round then ``x <- x - lr D``; buffers and momentum follow
-   :class:`~coopsgd.algorithms.spec.Policies` as in the simulator.
+5. the worker's inner optimizer (:mod:`coopsgd.engines.optim`: torch.optim.SGD's direction D, Adam / AdamW,
+   or a torch optimizer class); ``post_mix``: ``x <- x - lr D`` then the round; ``pre_mix``: the round
+   then ``x <- x - lr D``; buffers and every optimizer-state field follow
+   :class:`~coopsgd.algorithms.spec.Policies` as in the simulator;
+6. an outer round (DiLoCo, SlowMo: ``spec.outer``): every rank holds z and its outer optimizer's state,
+   and after the all-reduce that averages the workers applies the same outer step to it (identical
+   inputs, identical result on every rank), then restarts its worker from z.
 
 Given the same seeds and data order (:class:`~coopsgd.data.WorkerLoader`, worker r's batches on rank r)
 the parameters after K steps equal the simulator's (float64: to 1e-10; tested). Differences from the
@@ -70,6 +74,7 @@ from coopsgd.engines.comm import Mixer, NetEmulation, aux_placement
 from coopsgd.engines.executors import LoopExecutor
 from coopsgd.engines.kernel import RoundKernel
 from coopsgd.engines.launch import heartbeat as _current_heartbeat
+from coopsgd.engines.optim import SGDOptions
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import ModelRows
 from coopsgd.errors import ConfigError, check_float, check_int
@@ -86,9 +91,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: What an injected fault does (tests): ``raise`` (an exception), ``exit`` (``os._exit(3)``), ``kill``
-#: (SIGKILL itself), ``term`` (SIGTERM itself), ``hang`` (sleep forever) or ``nan`` (that step's loss and
-#: gradient become NaN on that rank).
-FAILURE_MODES = ("raise", "exit", "kill", "hang", "term", "nan")
+#: (SIGKILL itself), ``term`` (SIGTERM itself), ``stop`` (SIGSTOP itself: frozen until SIGCONT), ``hang``
+#: (sleep forever) or ``nan`` (that step's loss and gradient become NaN on that rank).
+FAILURE_MODES = ("raise", "exit", "kill", "hang", "term", "stop", "nan")
 _DOWNPOUR_ORDERS = ("schedule", "async")
 _RANK_STATE_VERSION = 2  # 2: the schedule's run state ("schedule_state")
 
@@ -130,6 +135,8 @@ def fault_hook(rank: int, step: int, mode: str, *, once_file: str | Path | None 
         if mode == "term":
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)  # the default SIGTERM action ends the process before this returns
+        if mode == "stop" and hasattr(signal, "SIGSTOP"):
+            os.kill(os.getpid(), signal.SIGSTOP)  # continued (SIGCONT) only to be terminated
         while True:  # hang
             time.sleep(3600)
 
@@ -170,7 +177,7 @@ class DistributedEngine(ModelRows):
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         momentum: float = 0.0,
         nesterov: bool = False,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         seed: int = 0,
@@ -184,6 +191,11 @@ class DistributedEngine(ModelRows):
         fault: FaultHook | None = None,
         nan_policy: str = "stop",
         downpour_order: str = "schedule",
+        optimizer: str | type | None = None,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        amsgrad: bool = False,
+        optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(spec, AlgorithmSpec):
             raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
@@ -211,7 +223,9 @@ class DistributedEngine(ModelRows):
         super().__init__(spec, model, workers_held=[self.rank], aux_rows=0 if self.asynchronous else spec.auxiliaries,
                          loss_fn=loss_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                          dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
-                         nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch)
+                         nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch,
+                         optimizer=optimizer, betas=betas, eps=eps, amsgrad=amsgrad,
+                         optimizer_kwargs=optimizer_kwargs)
         self.heartbeat = heartbeat or _current_heartbeat()
         self._fault = fault
         b, d = self.b, self.d
@@ -224,20 +238,21 @@ class DistributedEngine(ModelRows):
         self._executor = LoopExecutor(
             self.template, self.layout, self.params_all, self.buffers_all, self.other_buffers, loss_fn, 1
         )
-        holders = aux_placement(spec)
+        # z of an outer optimizer lives on every rank (each applies the same outer step to it)
+        holders = None if spec.outer is not None else aux_placement(spec)
         self.mixer = Mixer(
             self.rank, self.m, self.v, net=net, on_finalize=self._zero_aux_momentum, holders=holders,
             matrices=spec.schedule.matrices(4096) if holders is not None else None,
         )
         self.net = self.mixer.net
-        self._kernel = RoundKernel(spec, self.opts, b, d, 1, self.mixer)
+        self._kernel = RoundKernel(spec, self.opts, b, d, 1, self.mixer, outer=self.outer)
         self._ps = None
         if self.asynchronous:
             from coopsgd.engines.parameter_server import AsyncParameterServer
 
             lo, hi = self._kernel.cols
             self._aux_fill = self._state[0].clone()  # an auxiliary's columns that are not mixed: initial values
-            if self.opts.stateful:
+            if self.opts.fields:
                 self._aux_fill[b + d :] = 0.0
             self._ps = AsyncParameterServer(self._state[0, lo:hi].clone(), host=0, net=net, heartbeat=self.heartbeat)
 
@@ -271,7 +286,14 @@ class DistributedEngine(ModelRows):
 
     @property
     def momentum(self) -> Tensor | None:
-        return self._state[0, self.b + self.d :] if self.opts.stateful else None
+        """This worker's SGD momentum buffer (a view), ``None`` without one."""
+        mom = self.rows_momentum
+        return None if mom is None else mom[0]
+
+    @property
+    def optimizer_state(self) -> dict[str, Tensor]:
+        """This worker's inner-optimizer state fields by torch's names (views)."""
+        return {k: v[0] for k, v in self.rows_optimizer_state.items()}
 
     def aux_params(self, j: int = 0) -> Tensor:
         """Auxiliary node ``j``'s parameters on a rank that holds it (completes a pending round first)."""
@@ -461,7 +483,7 @@ class DistributedEngine(ModelRows):
             t1 = time.perf_counter()
             c1 = self.mixer.stats.comm_s
             self._kernel.apply(self._state, None if res is None else res.grads, None,
-                               None if res is None else res.buffers, self._mom_init, mix, lr, on_round=on_round)
+                               None if res is None else res.buffers, self._opt_counters, mix, lr, on_round=on_round)
             if ps_round:
                 arrived = time.time()
                 self._push_pull(k)
@@ -475,7 +497,7 @@ class DistributedEngine(ModelRows):
             if res is not None:
                 for name, val in res.others.items():
                     self.other_buffers[name][0].copy_(val[0])
-                if self.opts.stateful:
+                if isinstance(self.opts, SGDOptions) and self.opts.stateful:
                     self._mom_init.fill_(True)
         communicated = ps_round or (mix is not None and mix.communicates)
         if arrived is not None:
@@ -513,8 +535,9 @@ class DistributedEngine(ModelRows):
         ms.comm_s += ps.wait_s - waited
         ms.emulated_s += ps.emulated_s - emulated
         b, d = self.b, self.d
-        if self.opts.stateful and self.spec.policies.optimizer_state == "reset":
+        if self.opts.fields and self.spec.policies.optimizer_state == "reset":
             self._state[0, b + d :].zero_()
+            self._opt_steps.zero_()
         if self.nan_policy == "stop" and not bool(torch.isfinite(self._state[0]).all()):
             raise NonFiniteError(f"non-finite model on worker {self.rank} after its pull at step {k}: "
                                  f"the server model diverged")
@@ -549,6 +572,7 @@ class DistributedEngine(ModelRows):
             "state": self._state.clone(),
             "other": {k: t.clone() for k, t in self.other_buffers.items()},
             "mom_init": self._mom_init.clone(),
+            "optimizer": self._optimizer_snapshot(),
         }
         self._good_step = int(done)
 
@@ -560,6 +584,7 @@ class DistributedEngine(ModelRows):
             for k, t in self._good["other"].items():
                 self.other_buffers[k].copy_(t)
             self._mom_init.copy_(self._good["mom_init"])
+            self._optimizer_restore(self._good["optimizer"])
 
     def check_health(self) -> DroppedRound | None:
         """Every rank's health since the last check (collective); under ``nan_policy="skip"`` a non-finite
@@ -634,6 +659,7 @@ class DistributedEngine(ModelRows):
         }
         if self.device.type == "cuda":
             out["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
+        out.update(self._optimizer_payload())
         return wrap_state("distributed", out)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -666,6 +692,7 @@ class DistributedEngine(ModelRows):
             for k, t in state["other_buffers"].items():
                 self.other_buffers[k].copy_(t)
             self._mom_init.copy_(state["momentum_initialized"])
+            self._load_optimizer_payload(state, "checkpoint.ranks")
         self.step_count = int(state["step"])
         self.rounds = int(state["rounds"])
         self.leader = None if state["leader"] is None else int(state["leader"])

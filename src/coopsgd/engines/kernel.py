@@ -2,18 +2,26 @@
 distributed engine.
 
 Rows are nodes. A process holds ``workers_local`` worker rows first (all m in the simulator, its own one
-on a distributed rank), then auxiliary rows. Columns are ``[float buffers (b) | parameters (d) |
-momentum (d, only with momentum > 0)]``. One step with learning rate ``lr`` ([CSGD] eq. (10), Remark 1):
+on a distributed rank), then auxiliary rows. Columns are ``[float buffers (b) | parameters (d) | optimizer
+state fields (d each: SGD's momentum with momentum > 0; Adam's exp_avg, exp_avg_sq[, max_exp_avg_sq])]``.
+One step with learning rate ``lr`` ([CSGD] eq. (10), Remark 1):
 
-1. the direction D of the active worker rows: the gradient, or torch.optim.SGD's momentum / Nesterov /
-   weight-decay direction (:func:`coopsgd.engines.optim.sgd_direction_`); the rows' float buffers become
+1. the update of the active worker rows: SGD's direction D (the gradient, or torch.optim.SGD's momentum /
+   Nesterov / weight-decay direction, :func:`coopsgd.engines.optim.sgd_direction_`), or the increment of
+   another inner optimizer's step (Adam, AdamW, a torch optimizer class); the rows' float buffers become
    the ones after this step's forward pass;
-2. ``post_mix``: ``x <- x - lr D`` then the round; ``pre_mix``: the round then ``x <- x - lr D``;
+2. ``post_mix``: ``x <- x - lr D`` (``x <- x + increment``) then the round; ``pre_mix``: the round, then
+   the update computed before it;
 3. the round ``X <- X S`` over the contiguous column range the policies mix (buffers+params, params,
-   params+momentum or all three) -- through a :class:`~coopsgd.engines.base.Communicator`: in-process
+   params+state fields or all three) -- through a :class:`~coopsgd.engines.base.Communicator`: in-process
    (:class:`InProcess`, one matrix product over every node) or the distributed engine's collectives;
-4. policies after a round: optimizer state ``"reset"`` zeroes every momentum row after a communicating
-   round; ``"mix"`` zeroes the auxiliaries' momentum again (auxiliaries hold none).
+4. policies after a round: optimizer state ``"reset"`` zeroes every state field (and restarts the step
+   counts) after a communicating round; ``"mix"`` zeroes the auxiliaries' fields again (auxiliaries hold
+   none);
+5. an outer round (``spec.outer``, a round tagged ``info["outer"]``): the auxiliary z takes its outer
+   optimizer's step on ``z - average`` and every worker restarts from z (:meth:`RoundKernel.outer_round`).
+
+The SGD path is the one the engines had before other optimizers existed, operation for operation.
 
 The engines differ only in the communicator and in which rows they hold.
 """
@@ -31,7 +39,14 @@ from coopsgd.algorithms.schedules import Mix
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Communicator
 from coopsgd.engines.mixing import apply_mixing, round_plan
-from coopsgd.engines.optim import SGDOptions, sgd_direction_
+from coopsgd.engines.optim import (
+    AdamOptions,
+    InnerOptimizer,
+    OuterRuntime,
+    SGDOptions,
+    TorchOptimizer,
+    sgd_direction_,
+)
 
 __all__ = ["RoundKernel", "InProcess", "mix_columns"]
 
@@ -60,10 +75,10 @@ class InProcess:
         return np.atleast_2d(np.asarray(values, dtype=np.float64))
 
 
-def mix_columns(spec: AlgorithmSpec, b: int, d: int, opts: SGDOptions) -> tuple[int, int]:
+def mix_columns(spec: AlgorithmSpec, b: int, d: int, opts: InnerOptimizer) -> tuple[int, int]:
     """The contiguous column range a round mixes, from the buffer and optimizer-state policies."""
     lo = 0 if spec.policies.buffers == "mix" else b
-    hi = b + d + (d if opts.stateful and spec.policies.optimizer_state == "mix" else 0)
+    hi = b + d + (len(opts.fields) * d if spec.policies.optimizer_state == "mix" else 0)
     return lo, hi
 
 
@@ -72,26 +87,31 @@ class RoundKernel:
     """Applies one step to a process's rows (see the module docstring).
 
     Attributes:
-        spec: the algorithm (rule, policies, overlap).
-        opts: the workers' SGD options.
+        spec: the algorithm (rule, policies, overlap, outer optimizer).
+        opts: the workers' inner optimizer (:mod:`coopsgd.engines.optim`).
         b, d: float-buffer and parameter widths.
         workers_local: how many of the rows are workers (the rest are auxiliaries).
         comm: how a round is communicated.
+        outer: the auxiliary node's outer optimizer (its state), when ``spec.outer`` is set; z is the first
+            auxiliary row (row ``workers_local``).
     """
 
     spec: AlgorithmSpec
-    opts: SGDOptions
+    opts: InnerOptimizer
     b: int
     d: int
     workers_local: int
     comm: Communicator
+    outer: OuterRuntime | None = None
 
     def __post_init__(self) -> None:
         self.cols = mix_columns(self.spec, self.b, self.d, self.opts)
+        self.nfields = len(self.opts.fields)
+        self.sgd = isinstance(self.opts, SGDOptions)
 
     def zero_aux_momentum(self, state: Tensor) -> None:
-        """Auxiliaries hold no momentum: their momentum columns are zero."""
-        if self.opts.stateful and state.shape[0] > self.workers_local:
+        """Auxiliaries hold no optimizer state: their state-field columns are zero."""
+        if self.nfields and state.shape[0] > self.workers_local:
             state[self.workers_local :, self.b + self.d :].zero_()
 
     def apply(
@@ -113,13 +133,19 @@ class RoundKernel:
                 updates in this step (inactive, or dropped under ``nan_policy="skip"``).
             rows: indices of the active worker rows (a tensor on the state's device), ``None`` for all.
             new_buffers: (k, b) float buffers after this step's forward pass, or ``None``.
-            mom_init: (workers_local,) bool, whether each worker row already has a momentum buffer.
+            mom_init: the worker rows' optimizer counters (``workers_local``,): SGD's bool "has a momentum
+                buffer" (read only; the engine sets it after the step), or the other optimizers' int64 step
+                counts on the CPU (advanced here for the active rows, zeroed by the ``"reset"`` policy).
             mix: the round after this step, or ``None`` (S = I).
             lr: the learning rate.
             on_round: called right before the round is communicated (timing and liveness hooks).
         """
+        if not self.sgd:
+            self._apply_general(state, grads, rows, new_buffers, mom_init, mix, lr, on_round)
+            return
         b, d, w = self.b, self.d, self.workers_local
-        stateful = self.opts.stateful
+        stateful = self.nfields > 0
+        assert isinstance(self.opts, SGDOptions)
         P = state[:, b : b + d]
         Mo = state[:, b + d :] if stateful else None
         D = None
@@ -163,6 +189,86 @@ class RoundKernel:
                 Mo.zero_()
             elif self.spec.policies.optimizer_state == "mix":
                 self.zero_aux_momentum(state)
+        if self.outer is not None and mix.info.get("outer"):
+            self.outer_round(state, lr)
+
+    def _apply_general(
+        self,
+        state: Tensor,
+        grads: Tensor | None,
+        rows: Tensor | None,
+        new_buffers: Tensor | None,
+        counts: Tensor,
+        mix: Mix | None,
+        lr: float,
+        on_round: Callable[[], None] | None,
+    ) -> None:
+        """:meth:`apply` for Adam(W) and torch optimizer classes: the step's increment instead of a direction."""
+        b, d, w, nf = self.b, self.d, self.workers_local, self.nfields
+        P = state[:, b : b + d]
+        Fs = [state[:, b + d + f * d : b + d + (f + 1) * d] for f in range(nf)]
+        pre = self.spec.rule == "pre_mix" and mix is not None
+        U = None
+        if grads is not None:
+            if rows is None:
+                idx = list(range(w))
+                X = P[:w]
+                fl = [F[:w] for F in Fs]
+                before = counts
+            else:
+                idx = rows.tolist()
+                X = P.index_select(0, rows)
+                fl = [F.index_select(0, rows) for F in Fs]
+                before = counts[idx]
+            if isinstance(self.opts, AdamOptions):
+                steps = before.numpy() + 1
+                U = self.opts.step_(X, grads, fl, steps, lr, apply=not pre)
+            else:
+                assert isinstance(self.opts, TorchOptimizer)
+                U = self.opts.step_(X, grads, fl, idx, before, lr, apply=not pre)
+            if rows is None:
+                counts.add_(1)
+            else:
+                counts[idx] += 1
+                for F, f in zip(Fs, fl, strict=True):
+                    F.index_copy_(0, rows, f)
+                if not pre:
+                    P.index_copy_(0, rows, X)
+            if new_buffers is not None and b:
+                if rows is None:
+                    state[:w, :b].copy_(new_buffers)
+                else:
+                    state[:, :b].index_copy_(0, rows, new_buffers)
+        if mix is None:
+            return
+        lo, hi = self.cols
+        if on_round is not None:
+            on_round()
+        self.comm.mix(state[:, lo:hi], np.asarray(mix.matrix, dtype=np.float64), overlap=self.spec.overlap)
+        if U is not None and pre:
+            if rows is None:
+                P[:w].add_(U)
+            else:
+                P.index_add_(0, rows, U)
+        if nf:
+            if self.spec.policies.optimizer_state == "reset" and mix.communicates:
+                state[:, b + d :].zero_()
+                counts.zero_()
+            elif self.spec.policies.optimizer_state == "mix":
+                self.zero_aux_momentum(state)
+        if self.outer is not None and mix.info.get("outer"):
+            self.outer_round(state, lr)
+
+    def outer_round(self, state: Tensor, lr: float) -> None:
+        """The outer step after an outer round (the workers are averaged): z steps on z - average, and every
+        worker row (and z) becomes the new z; z's buffers become the workers' (when buffers are mixed)."""
+        assert self.outer is not None
+        b, d, w = self.b, self.d, self.workers_local
+        P = state[:, b : b + d]
+        z_new = self.outer.step(P[w], P[0], lr)
+        P[: w + 1].copy_(z_new.expand(w + 1, d))
+        if b and self.spec.policies.buffers == "mix":
+            state[w, :b].copy_(state[0, :b])
 
     @staticmethod
     def as_rows(rows: list[int] | None, device: torch.device) -> Tensor | None:

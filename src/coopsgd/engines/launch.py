@@ -26,7 +26,8 @@ thread everywhere) and a small janitor process removes the temporary directory.
 
 Ranks that fail only because a peer went away (a :class:`~coopsgd.engines.comm.CommunicationError`,
 e.g. gloo's "Connection closed by peer" or a collective timeout) are not blamed when a better culprit is
-known. The error is raised within ``timeout_s`` + about one second of the failure.
+known. The error is raised within ``timeout_s`` + about one second of the failure. The ranks print nothing
+about a failure: the :class:`RankFailure` (one line, naming the rank that caused it) is its only report.
 
 Under ``torchrun`` the launcher is not used: torchrun's agent watches the ranks, and the engine reports
 every exception with its rank before re-raising; :func:`init_torchrun_group` joins the process group there
@@ -132,6 +133,20 @@ def _loopback_interface() -> str:
     except (OSError, AttributeError):
         pass
     return "lo"
+
+
+def _is_loopback(host: str | None) -> bool:
+    """Whether every address ``host`` resolves to is a loopback address (``False`` when it does not resolve)."""
+    import ipaddress
+
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    addrs = {str(info[4][0]) for info in infos}
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addrs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -244,13 +259,15 @@ def _child(job_dir: Path) -> int:
             "rank": rank,
             "kind": "communication" if _comm_error_text(exc) else "exception",
             "type": type(exc).__name__,
+            "config_error": isinstance(exc, ConfigError),  # bad input found by a rank (exit status 2)
             "message": str(exc),
             "traceback": traceback.format_exc(),
         }
         tmp = job_dir / f"error_{rank}.json.tmp"
         tmp.write_text(json.dumps(info))
         os.replace(tmp, job_dir / f"error_{rank}.json")
-        print(f"[coopsgd rank {rank}] {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        # nothing printed here: the launcher reports the failure once, naming the rank that caused it (a
+        # peer's "connection closed" that follows it would only repeat the story on another line)
         return 1
 
 
@@ -264,6 +281,8 @@ def _terminate(procs: Sequence[subprocess.Popen]) -> None:
         if p.poll() is None:
             try:
                 p.terminate()
+                if hasattr(signal, "SIGCONT"):  # a stopped rank (SIGSTOP) acts on SIGTERM only once continued
+                    os.kill(p.pid, signal.SIGCONT)
             except OSError:
                 pass
     deadline = time.time() + TERMINATE_GRACE_S
@@ -276,6 +295,11 @@ def _terminate(procs: Sequence[subprocess.Popen]) -> None:
                 p.wait(timeout=2.0)
             except OSError:
                 pass
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line (gloo's and other libraries' messages may span several)."""
+    return " ".join(text.split())
 
 
 def _read_error(job_dir: Path, rank: int) -> dict[str, Any] | None:
@@ -300,7 +324,7 @@ def _blame(
     def fmt_err(r: int, e: dict[str, Any]) -> RankFailure:
         tb = e.get("traceback", "").strip().splitlines()
         where = tb[-3].strip() if len(tb) >= 3 else ""
-        msg = f"rank {r} failed: {e.get('type')}: {e.get('message')}"
+        msg = f"rank {r} failed: {e.get('type')}: {_one_line(str(e.get('message')))}"
         if where:
             msg += f" (at {where})"
         return RankFailure(msg, rank=r, kind=e.get("kind", "exception"), details=e)
@@ -343,7 +367,7 @@ def _blame(
             r = min(suspects, key=lambda i: table[i, 0])
             return RankFailure(
                 f"rank {r} stopped responding (no heartbeat for {now - table[r, 0]:.1f} s, step {int(table[r, 1])}); "
-                f"its peers timed out: {errors[comm[0]].get('message', '')[:200]}",  # type: ignore[union-attr]
+                f"its peers timed out: {_one_line(str(errors[comm[0]].get('message', '')))[:200]}",  # type: ignore[union-attr]
                 rank=r, kind="hang")
         if not suspects:
             return fmt_err(comm[0], errors[comm[0]])  # type: ignore[arg-type]
@@ -689,10 +713,12 @@ def init_torchrun_group(backend: str, timeout_s: float) -> tuple[int, int]:
     rendezvous is wrapped in a :class:`torch.distributed.PrefixStore` whose prefix names the attempt
     (:func:`torchrun_store_prefix`), so every attempt starts with an empty key space.
 
-    When every rank runs on this machine (``LOCAL_WORLD_SIZE == WORLD_SIZE``, e.g. ``torchrun
-    --standalone``) and ``GLOO_SOCKET_IFNAME`` is not set, gloo is bound to the loopback interface (as for
-    :func:`launch`), so its pairs neither depend on what the host name resolves to nor listen on other
-    interfaces; multi-node runs keep gloo's default (the host name's address).
+    When every rank runs on this machine and ``GLOO_SOCKET_IFNAME`` is not set, gloo is bound to the loopback
+    interface (as for :func:`launch`), so its pairs neither depend on what the host name resolves to nor
+    listen on other interfaces. Every rank is here when ``LOCAL_WORLD_SIZE == WORLD_SIZE`` (e.g. ``torchrun
+    --standalone``) or when the rendezvous store's address (``MASTER_ADDR``) is a loopback address: then
+    no other machine can have joined (several agents on loopback, ``--rdzv-endpoint 127.0.0.1:PORT``).
+    Jobs across machines keep gloo's default (the host name's address).
 
     Limitation: ``TORCHELASTIC_RESTART_COUNT`` is counted by each node's agent. On one node it is the same
     for every rank; in a multi-node job the agents' counts can differ after a failure (PyTorch issue
@@ -708,8 +734,8 @@ def init_torchrun_group(backend: str, timeout_s: float) -> tuple[int, int]:
 
     timeout = datetime.timedelta(seconds=float(timeout_s))
     world_env = int(os.environ["WORLD_SIZE"])
-    if (backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ
-            and int(os.environ.get("LOCAL_WORLD_SIZE", "-1")) == world_env):
+    if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ and (
+            int(os.environ.get("LOCAL_WORLD_SIZE", "-1")) == world_env or _is_loopback(os.environ.get("MASTER_ADDR"))):
         os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()
     # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and TORCHELASTIC_USE_AGENT_STORE as set by torchrun
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))

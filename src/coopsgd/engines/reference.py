@@ -4,7 +4,10 @@ State: an (m+v) x d numpy array, one row per node (workers first, then auxiliari
 
 * workers compute gradients ``G_k`` at ``X_k`` (auxiliaries and inactive FedAvg clients: zero);
 * the schedule gives ``S_k`` (or nothing: identity);
-* ``post_mix``: ``X_{k+1} = (X_k - lr G_k) S_k``; ``pre_mix``: ``X_{k+1} = X_k S_k - lr G_k``.
+* ``post_mix``: ``X_{k+1} = (X_k - lr G_k) S_k``; ``pre_mix``: ``X_{k+1} = X_k S_k - lr G_k``;
+* a spec with an outer optimizer (DiLoCo, SlowMo: ``spec.outer``): after a round tagged
+  ``info["outer"]`` (the workers averaged to ``a``), z = node m takes its outer step on ``z - a``
+  (:func:`outer_step`, written here in numpy on its own) and every worker restarts from it.
 
 This is the ground truth the simulator and the distributed engine are tested against. Each worker has
 its own generator seeded from ``(seed, worker)``; the engine records per step each node's objective,
@@ -14,12 +17,14 @@ distance ``||X (I - J)||_F^2 / m``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms.outer import OuterOptimizer
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import (
@@ -35,7 +40,51 @@ from coopsgd.engines.mixing import apply_mixing
 from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.objectives import Objective
 
-__all__ = ["ReferenceEngine", "ReferenceResult", "StepStats", "NonFiniteError", "run_reference", "consensus_distance"]
+__all__ = ["ReferenceEngine", "ReferenceResult", "StepStats", "NonFiniteError", "run_reference", "consensus_distance",
+           "outer_step", "outer_init"]
+
+
+def outer_init(outer: OuterOptimizer, d: int) -> dict[str, Any]:
+    """A fresh outer-optimizer state (numpy)."""
+    if outer.kind == "adam":
+        return {"step": 0, "exp_avg": np.zeros(d), "exp_avg_sq": np.zeros(d)}
+    out: dict[str, Any] = {"step": 0, "last_lr": 0.0}
+    if outer.momentum > 0:
+        out["momentum_buffer"] = np.zeros(d)
+    return out
+
+
+def outer_step(outer: OuterOptimizer, state: dict[str, Any], z: np.ndarray, a: np.ndarray,
+               lr: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """The outer optimizer's step of z on the pseudo-gradient ``z - a``: (new z, new state); pure.
+
+    SGD (torch.optim.SGD, dampening 0, the buffer starting at 0): ``buf = mu r buf + Delta`` with
+    ``r = lr / last lr`` for SlowMo's lr scaling (else 1), ``D = Delta + mu buf`` (Nesterov) or ``buf``;
+    Adam: torch.optim.Adam's direction. The new z is ``a + (Delta - outer_lr D)``.
+    """
+    st = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+    delta = z - a
+    st["step"] = int(st["step"]) + 1
+    if outer.kind == "adam":
+        b1, b2 = outer.betas
+        t = float(st["step"])
+        st["exp_avg"] = st["exp_avg"] + (1 - b1) * (delta - st["exp_avg"])
+        st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * delta * delta
+        denom = np.sqrt(st["exp_avg_sq"]) / math.sqrt(1 - b2**t) + outer.eps
+        D = st["exp_avg"] / denom / (1 - b1**t)
+    elif outer.momentum > 0:
+        last = float(st["last_lr"])
+        r = lr / last if (outer.lr_scaled and last > 0.0) else 1.0
+        st["momentum_buffer"] = outer.momentum * r * st["momentum_buffer"] + delta
+        D = delta + outer.momentum * st["momentum_buffer"] if outer.nesterov else st["momentum_buffer"]
+    else:
+        D = delta
+    if outer.lr_scaled:
+        if not lr > 0.0:
+            raise ConfigError.invalid("lr", lr, "the outer step of an lr-scaled outer optimizer (SlowMo) needs "
+                                      "lr > 0 at the end of every round")
+        st["last_lr"] = float(lr)
+    return a + (delta - outer.lr * D), st
 
 
 def consensus_distance(state: np.ndarray, workers: int) -> float:
@@ -108,8 +157,9 @@ class ReferenceEngine:
         self.rounds = 0
         self.leader: int | None = None
         self.schedule_state = spec.schedule.init_state()
+        self.outer_state = None if spec.outer is None else outer_init(spec.outer, objective.dim)
         self._bad: dict[str, int] | None = None  # nan_policy="skip": worker -> first non-finite step
-        self._good: tuple[np.ndarray, int] = (self.state.copy(), 0)
+        self._good: tuple[np.ndarray, int, Any] = (self.state.copy(), 0, self.outer_state)
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -174,8 +224,14 @@ class ReferenceEngine:
                 else:
                     X = self.state if mix is None else apply_mixing(self.state, mix.matrix)
                     X = X - lr * G
+                outer_state = self.outer_state
+                if spec.outer is not None and mix is not None and mix.info.get("outer"):
+                    m = spec.workers
+                    z, outer_state = outer_step(spec.outer, self.outer_state, X[m], X[0], lr)  # type: ignore[arg-type]
+                    X[: m + 1] = z
             if self._finite_or_skip(X, k, "model"):
                 self.state = X
+                self.outer_state = outer_state
         self.schedule_state = sched_state
         self.step_count += 1
         communicated = mix is not None and mix.communicates
@@ -208,10 +264,11 @@ class ReferenceEngine:
         if self.nan_policy != "skip":
             return None
         if self._bad is None:
-            self._good = (self.state.copy(), self.step_count)
+            self._good = (self.state.copy(), self.step_count, self.outer_state)
             return None
         bad, self._bad = self._bad, None
         self.state = self._good[0].copy()
+        self.outer_state = self._good[2]
         first = dict(sorted(bad.items(), key=lambda kv: int(kv[0])))
         return DroppedRound(step=self.step_count - 1, workers=[int(w) for w in first], first_steps=first,
                             restored_to_step=self._good[1])
@@ -238,6 +295,7 @@ class ReferenceEngine:
             "state": self.state.copy(), "rngs": [g.bit_generator.state for g in self.rngs],
             "step": self.step_count, "rounds": self.rounds, "leader": self.leader,
             "schedule_state": dict(self.schedule_state),
+            "outer_state": None if self.outer_state is None else dict(self.outer_state),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -250,6 +308,13 @@ class ReferenceEngine:
         self.step_count, self.rounds = int(p["step"]), int(p["rounds"])
         self.leader = None if p["leader"] is None else int(p["leader"])
         self.schedule_state = dict(p["schedule_state"])
+        if self.outer_state is not None:
+            saved = p.get("outer_state")
+            if not isinstance(saved, dict) or set(saved) != set(self.outer_state):
+                raise ConfigError.invalid("state_dict.outer_state", None if saved is None else sorted(saved),
+                                          f"this outer optimizer keeps {sorted(self.outer_state)}")
+            self.outer_state = {k: (np.array(v, dtype=np.float64) if isinstance(v, np.ndarray) else v)
+                                for k, v in saved.items()}
 
     def _check_finite(self, arr: np.ndarray, step: int, what: str) -> None:
         if np.all(np.isfinite(arr)):

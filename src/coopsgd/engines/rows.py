@@ -1,7 +1,7 @@
 """What the simulator and the distributed engine share: the rows of ``nn.Module`` nodes a process holds.
 
-A process holds rows of one flat tensor ``[float buffers (b) | parameters (d) | momentum (d, only with
-momentum > 0)]``: first the workers it runs (all m in the simulator, its own on a distributed rank), then
+A process holds rows of one flat tensor ``[float buffers (b) | parameters (d) | optimizer state fields (d
+each; SGD: momentum, only with momentum > 0; Adam: exp_avg, exp_avg_sq[, max_exp_avg_sq])]``: first the workers it runs (all m in the simulator, its own on a distributed rank), then
 the auxiliary nodes it keeps. :class:`ModelRows` validates the common arguments, builds the template
 module and its :class:`~coopsgd.engines.executors.FlatLayout`, allocates and initialises the rows (the
 model's parameters, or ``init_params``: one common start or one per worker, auxiliaries at the workers'
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import NAN_POLICIES, Batch
 from coopsgd.engines.executors import FlatLayout, build_model, to_batch
-from coopsgd.engines.optim import SGDOptions
+from coopsgd.engines.optim import InnerOptimizer, OuterRuntime, SGDOptions, TorchOptimizer, make_inner
 from coopsgd.errors import ConfigError, check_int
 
 __all__ = ["ModelRows", "LOSS_ESTIMATES"]
@@ -40,7 +40,8 @@ class ModelRows:
         workers_held: the workers whose rows come first, in order.
         aux_rows: how many auxiliary rows follow.
         loss_fn, momentum, nesterov, weight_decay, dtype, device, seed, loss_estimate, window, nan_policy,
-        init_params, probe_batch: as :class:`coopsgd.engines.simulator.Simulator`.
+        init_params, probe_batch, optimizer, betas, eps, amsgrad, optimizer_kwargs: as
+        :class:`coopsgd.engines.simulator.Simulator`.
     """
 
     def __init__(
@@ -53,7 +54,7 @@ class ModelRows:
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         momentum: float,
         nesterov: bool,
-        weight_decay: float,
+        weight_decay: float | None,
         dtype: torch.dtype,
         device: str | torch.device,
         seed: int,
@@ -62,6 +63,11 @@ class ModelRows:
         nan_policy: str,
         init_params: Tensor | np.ndarray | None,
         probe_batch: Batch | None,
+        optimizer: str | type | None = None,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        amsgrad: bool = False,
+        optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(spec, AlgorithmSpec):
             raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
@@ -77,7 +83,6 @@ class ModelRows:
         self.m, self.v, self.n = spec.workers, spec.auxiliaries, spec.nodes
         self.nan_policy = nan_policy
         self.loss_fn = loss_fn
-        self.opts = SGDOptions(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
         self.dtype = dtype
         self.device = torch.device(device)
         self.seed = check_int("seed", seed)
@@ -93,7 +98,14 @@ class ModelRows:
         held = list(workers_held)
         rows = len(held) + int(aux_rows)
         b, d = self.b, self.d
-        self._state = torch.zeros((rows, b + d + (d if self.opts.stateful else 0)), dtype=dtype, device=self.device)
+        # the workers' inner optimizer: the run's choice, else the one the algorithm prescribes, else SGD
+        self.opts: InnerOptimizer = make_inner(
+            optimizer if optimizer is not None else spec.inner_optimizer, momentum=momentum, nesterov=nesterov,
+            weight_decay=weight_decay, betas=betas, eps=eps, amsgrad=amsgrad, optimizer_kwargs=optimizer_kwargs,
+            d=d, dtype=dtype, device=self.device, workers=len(held))
+        self.outer = None if spec.outer is None else OuterRuntime(spec.outer, d, dtype, self.device)
+        nf = len(self.opts.fields)
+        self._state = torch.zeros((rows, b + d + nf * d), dtype=dtype, device=self.device)
         x0 = self.layout.flat_params(self.template).to(self.device, dtype)
         if init_params is not None:
             given = np.asarray(init_params) if isinstance(init_params, np.ndarray) else init_params
@@ -115,6 +127,8 @@ class ModelRows:
             for name, t in self.layout.other_buffers(self.template).items()
         }
         self._mom_init = torch.zeros(len(held), dtype=torch.bool, device=self.device)
+        # the other optimizers' step counts per worker row (on the CPU: Adam's bias correction reads them)
+        self._opt_steps = torch.zeros(len(held), dtype=torch.int64)
         self._probe: Batch | None = None if probe_batch is None else self._to_batch(probe_batch, "probe_batch")
         if spec.needs_losses and loss_estimate == "probe" and self._probe is None:
             raise ConfigError.invalid("probe_batch", None, "loss_estimate='probe' needs probe_batch=(x, y)")
@@ -145,5 +159,78 @@ class ModelRows:
 
     @property
     def rows_momentum(self) -> Tensor | None:
-        """(rows, d) momentum of every row held here (auxiliaries: zero), ``None`` without momentum."""
-        return self._state[:, self.b + self.d :] if self.opts.stateful else None
+        """(rows, d) SGD momentum of every row held here (auxiliaries: zero), ``None`` without momentum (and
+        for the other optimizers: see :attr:`rows_optimizer_state`)."""
+        if isinstance(self.opts, SGDOptions) and self.opts.stateful:
+            return self._state[:, self.b + self.d :]
+        return None
+
+    @property
+    def rows_optimizer_state(self) -> dict[str, Tensor]:
+        """Each inner-optimizer state field as a (rows, d) view (auxiliaries: zero), by torch's names."""
+        b, d = self.b, self.d
+        return {name: self._state[:, b + d + f * d : b + d + (f + 1) * d] for f, name in enumerate(self.opts.fields)}
+
+    @property
+    def _opt_counters(self) -> Tensor:
+        """The counters the round kernel takes: SGD's momentum flags, or the other optimizers' step counts."""
+        return self._mom_init if isinstance(self.opts, SGDOptions) else self._opt_steps
+
+    @property
+    def optimizer_steps(self) -> Tensor:
+        """(workers held,) step counts of a non-SGD inner optimizer (zeros for SGD)."""
+        return self._opt_steps
+
+    def optimizer_info(self) -> dict[str, Any]:
+        """The inner and outer optimizers' settings in plain data (for records and run directories)."""
+        out: dict[str, Any] = {"inner": self.opts.describe()}
+        if self.spec.outer is not None:
+            out["outer"] = self.spec.outer.describe()
+        return out
+
+    def _optimizer_payload(self) -> dict[str, Any]:
+        """The non-SGD optimizer state kept outside the state tensor (for checkpoints; none for plain SGD)."""
+        out: dict[str, Any] = {}
+        if not isinstance(self.opts, SGDOptions):
+            out["optimizer_steps"] = self._opt_steps.clone()
+        if isinstance(self.opts, TorchOptimizer):
+            out["optimizer_extras"] = self.opts.extras_state()
+        if self.outer is not None:
+            out["outer_state"] = self.outer.state_dict()
+        return out
+
+    def _load_optimizer_payload(self, state: dict[str, Any], prefix: str) -> None:
+        """Restore :meth:`_optimizer_payload` (after the state tensor itself was restored)."""
+        for key in self._optimizer_payload():
+            if key not in state:
+                raise ConfigError.invalid(f"{prefix}.{key}", None, "missing: the checkpoint was written with another "
+                                          "optimizer (or outer optimizer)")
+        if not isinstance(self.opts, SGDOptions):
+            steps = state["optimizer_steps"]
+            if tuple(steps.shape) != tuple(self._opt_steps.shape):
+                raise ConfigError.invalid(f"{prefix}.optimizer_steps", tuple(steps.shape),
+                                          f"expected {tuple(self._opt_steps.shape)}")
+            self._opt_steps.copy_(steps)
+        if isinstance(self.opts, TorchOptimizer):
+            w = self._opt_steps.shape[0]
+            fields = [t[:w] for t in self.rows_optimizer_state.values()]
+            self.opts.load_extras(state["optimizer_extras"], fields)
+        if self.outer is not None:
+            self.outer.load_state_dict(state["outer_state"])
+
+    def _optimizer_snapshot(self) -> dict[str, Any]:
+        """The optimizer state outside the state tensor, for a rollback (``nan_policy="skip"``, checked steps)."""
+        snap: dict[str, Any] = {"steps": self._opt_steps.clone()}
+        if isinstance(self.opts, TorchOptimizer):
+            snap["extras"] = self.opts.extras_state()
+        if self.outer is not None:
+            snap["outer"] = self.outer.snapshot()
+        return snap
+
+    def _optimizer_restore(self, snap: dict[str, Any]) -> None:
+        self._opt_steps.copy_(snap["steps"])
+        if isinstance(self.opts, TorchOptimizer):
+            w = self._opt_steps.shape[0]
+            self.opts.load_extras(snap["extras"], [t[:w] for t in self.rows_optimizer_state.values()])
+        if self.outer is not None:
+            self.outer.restore(snap["outer"])

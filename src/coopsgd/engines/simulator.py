@@ -1,8 +1,10 @@
 """One-process simulator: m workers (+ v auxiliary nodes) of any ``nn.Module`` on stacked state.
 
 State ([CSGD] §3, rows are nodes: workers 0..m-1, then auxiliaries m..m+v-1) lives in ONE tensor whose
-columns are ``[float buffers (b) | parameters (d) | momentum (d, only with momentum > 0)]``; the public
-views are :attr:`Simulator.params` (n, d), :attr:`Simulator.buffers` (n, b) and :attr:`Simulator.momentum`.
+columns are ``[float buffers (b) | parameters (d) | inner-optimizer state fields (d each: SGD's momentum
+with momentum > 0; Adam's exp_avg, exp_avg_sq[, max_exp_avg_sq])]``; the public views are
+:attr:`Simulator.params` (n, d), :attr:`Simulator.buffers` (n, b), :attr:`Simulator.momentum` and
+:attr:`Simulator.optimizer_state` (every field by name).
 Integer buffers (BatchNorm's ``num_batches_tracked``) are kept per name in :attr:`Simulator.other_buffers`
 and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
 :class:`coopsgd.engines.reference.ReferenceEngine` does:
@@ -16,17 +18,20 @@ and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
    mini-batch loss), ``"running_mean"`` (mean of the last ``window`` mini-batch losses, this one included)
    or ``"probe"`` (loss on a fixed probe batch at the current parameters, eval mode).
 3. ``mix = spec.schedule.mix(k, MixContext(k, lr, losses))`` (``None``: identity, no communication).
-4. Direction D: G, or torch.optim.SGD's momentum / Nesterov / weight-decay direction
-   (:mod:`coopsgd.engines.optim`). ``post_mix``: ``X <- (X - lr D) S``; ``pre_mix``: ``X <- X S - lr D``.
+4. Direction D: G, or torch.optim.SGD's momentum / Nesterov / weight-decay direction, or the step of
+   another inner optimizer (Adam, AdamW, any torch.optim class; :mod:`coopsgd.engines.optim`).
+   ``post_mix``: ``X <- (X - lr D) S``; ``pre_mix``: ``X <- X S - lr D``. An outer round of a spec with
+   an outer optimizer (DiLoCo, SlowMo) then moves z by its own optimizer and restarts the workers from it.
    The mixing is ONE matrix product over a contiguous column range of the stacked state
    (:func:`coopsgd.engines.mixing.apply_mixing`) -- never a loop over workers or parameters.
 5. Policies (:class:`coopsgd.algorithms.spec.Policies`), applied at every mix:
 
    * buffers ``"mix"``: the float buffers *after* this step's forward pass are mixed with the same S (in
      both rules: buffers have no gradient step to order against); ``"local"``: each node keeps its own;
-   * optimizer state ``"local"``: untouched; ``"reset"``: every momentum row is zeroed after each
-     communicating round; ``"mix"``: the momentum rows after this step's update are mixed with S, the
-     auxiliaries counting as zero momentum (their rows are zeroed again after the mix).
+   * optimizer state ``"local"``: untouched; ``"reset"``: every state field is zeroed (and Adam's step
+     counts restart) after each communicating round; ``"mix"``: the state fields after this step's update
+     are mixed with S, the auxiliaries counting as zero state (their rows are zeroed again after the mix);
+     step counts stay each worker's own.
 
    The columns are ordered so that every policy combination is one contiguous range: buffers+params,
    params, params+momentum or all three.
@@ -79,6 +84,7 @@ from coopsgd.engines.executors import (
     synchronize,
 )
 from coopsgd.engines.kernel import InProcess, RoundKernel
+from coopsgd.engines.optim import AdamOptions, InnerOptimizer, SGDOptions
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES, ModelRows
 from coopsgd.errors import ConfigError, check_float, check_int
@@ -109,6 +115,18 @@ def _absmax(t: Tensor) -> float:
     return a if (math.isnan(a) or a > b) else b
 
 
+def _general_bound(opts: InnerOptimizer, X: float, gmax: float, lr: float) -> float:
+    """A bound on |state| after one step of a non-SGD optimizer from |state| <= X and |gradient| <= gmax
+    (``inf``: none known, the step is checked on a copy). Adam: the moments stay below max(X, g, g^2) and
+    |exp_avg_hat| / (sqrt(exp_avg_sq_hat) + eps) <= max(X, g) / ((1 - beta1) eps)."""
+    if not isinstance(opts, AdamOptions):
+        return math.inf
+    wd = opts.weight_decay
+    g = gmax + (0.0 if opts.decoupled else wd * X)
+    step = max(X, g) / ((1.0 - opts.betas[0]) * opts.eps) + wd * X
+    return max(X + lr * step, g, g * g)
+
+
 class Simulator(ModelRows):
     """Runs an :class:`AlgorithmSpec` on m simulated workers of a PyTorch model, in one process.
 
@@ -117,7 +135,13 @@ class Simulator(ModelRows):
         model: an ``nn.Module`` (its current parameters are the common start) or a zero-argument factory
             (called under ``torch.manual_seed(seed)``; the global RNG is restored afterwards).
         loss_fn: ``loss_fn(output, target) -> scalar`` (default cross-entropy).
-        momentum, nesterov, weight_decay: torch.optim.SGD options applied by every worker.
+        optimizer: every worker's inner optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or any
+            ``torch.optim.Optimizer`` class (one instance per worker: slower, see
+            :class:`~coopsgd.engines.optim.TorchOptimizer`); ``None``: the spec's ``inner_optimizer``, else SGD.
+        momentum, nesterov: torch.optim.SGD's options.
+        weight_decay: the optimizer's weight decay; ``None``: torch's default (0; AdamW 0.01).
+        betas, eps, amsgrad: torch.optim.Adam / AdamW's options.
+        optimizer_kwargs: the arguments of a torch optimizer class (``lr`` is each step's learning rate).
         executor: ``"auto"`` (time both on the first batches and keep the faster, or read the choice from
             ``executor_cache``), ``"loop"`` or ``"vmap"``.
         dtype, device: of the stacked state (float64 for exact comparisons with the reference engine).
@@ -150,7 +174,7 @@ class Simulator(ModelRows):
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         momentum: float = 0.0,
         nesterov: bool = False,
-        weight_decay: float = 0.0,
+        weight_decay: float | None = None,
         executor: str = "auto",
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
@@ -164,6 +188,11 @@ class Simulator(ModelRows):
         calibration_steps: int = 3,
         nan_policy: str = "stop",
         executor_cache: ExecutorCache | None = None,
+        optimizer: str | type | None = None,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        amsgrad: bool = False,
+        optimizer_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if executor not in ("auto", *EXECUTORS):
             raise ConfigError.invalid("executor", executor, "choose one of auto, loop, vmap")
@@ -177,7 +206,9 @@ class Simulator(ModelRows):
         super().__init__(spec, model, workers_held=range(workers), aux_rows=spec.auxiliaries if workers else 0,
                          loss_fn=loss_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                          dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
-                         nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch)
+                         nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch,
+                         optimizer=optimizer, betas=betas, eps=eps, amsgrad=amsgrad,
+                         optimizer_kwargs=optimizer_kwargs)
         if downpour_order == "clock" and not spec.schedule.sequential:
             raise ConfigError.invalid("downpour_order", downpour_order,
                                       "'clock' needs a schedule whose rounds are sequential pushes (DOWNPOUR)")
@@ -187,7 +218,7 @@ class Simulator(ModelRows):
         m, d, b = self.m, self.d, self.b
         self._check_initial_state()
         self._drop_template_storage()
-        self._kernel = RoundKernel(spec, self.opts, b, d, m, InProcess())
+        self._kernel = RoundKernel(spec, self.opts, b, d, m, InProcess(), outer=self.outer)
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
         self._bad: dict[str, Any] | None = None
@@ -247,6 +278,8 @@ class Simulator(ModelRows):
     params = ModelRows.rows_params
     buffers = ModelRows.rows_buffers
     momentum = ModelRows.rows_momentum
+    #: every inner-optimizer state field by torch's name, each (m+v, d) (auxiliaries: zero)
+    optimizer_state = ModelRows.rows_optimizer_state
 
     @property
     def executor(self) -> Executor | None:
@@ -713,7 +746,7 @@ class Simulator(ModelRows):
 
     def _snapshot(self) -> None:
         self._good = {"state": self._state.clone(), "other": {k: t.clone() for k, t in self.other_buffers.items()},
-                      "mom_init": self._mom_init.clone()}
+                      "mom_init": self._mom_init.clone(), "optimizer": self._optimizer_snapshot()}
         self._good_step = self.step_count
 
     def check_health(self) -> DroppedRound | None:
@@ -731,6 +764,7 @@ class Simulator(ModelRows):
             for k, t in self._good["other"].items():
                 self.other_buffers[k].copy_(t)
             self._mom_init.copy_(self._good["mom_init"])
+            self._optimizer_restore(self._good["optimizer"])
         self._bound = self._absmax()
         first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
         return DroppedRound(step=self.step_count - 1, workers=sorted(int(w) for w in first),
@@ -757,22 +791,35 @@ class Simulator(ModelRows):
             raise NonFiniteError(f"non-finite mixing matrix at step {k}")
         opts = self.opts
         X = max(self._bound, bmax)
-        g1 = gmax + opts.weight_decay * X
-        buf = opts.momentum * X + g1
-        D = g1 + opts.momentum * buf if opts.nesterov else (buf if opts.stateful else g1)
         cs = 1.0 if S is None else float(np.abs(S).sum(axis=0).max())
-        new_bound = max(cs, 1.0) * (X + lr * D)
+        sgd = isinstance(opts, SGDOptions)
+        if isinstance(opts, SGDOptions):
+            g1 = gmax + opts.weight_decay * X
+            buf = opts.momentum * X + g1
+            D = g1 + opts.momentum * buf if opts.nesterov else (buf if opts.stateful else g1)
+            new_bound = max(cs, 1.0) * (X + lr * D)
+        else:
+            new_bound = max(cs, 1.0) * _general_bound(opts, X, gmax, lr)
         limit = float(torch.finfo(self.dtype).max) / 16
         t = RoundKernel.as_rows(rows, self.device)
-        if new_bound < limit:
-            self._kernel.apply(self._state, res.grads, t, res.buffers, self._mom_init, mix, lr)
+        counters = self._opt_counters
+        # an outer round moves z by its own optimizer: checked on a copy (once per round)
+        outer_round = self.outer is not None and mix is not None and bool(mix.info.get("outer"))
+        if new_bound < limit and not outer_round:
+            self._kernel.apply(self._state, res.grads, t, res.buffers, counters, mix, lr)
             self._bound = new_bound
         else:
+            snap = None if sgd and self.outer is None else self._optimizer_snapshot()
             work = self._state.clone()
-            self._kernel.apply(work, res.grads, t, res.buffers, self._mom_init, mix, lr)
-            finite = torch.isfinite(work).all(dim=1)
-            if not bool(finite.all()):
-                self._raise_rows(~finite.cpu().numpy(), list(range(self.n)), k, "model")
+            try:
+                self._kernel.apply(work, res.grads, t, res.buffers, counters, mix, lr)
+                finite = torch.isfinite(work).all(dim=1)
+                if not bool(finite.all()):
+                    self._raise_rows(~finite.cpu().numpy(), list(range(self.n)), k, "model")
+            except BaseException:
+                if snap is not None:
+                    self._optimizer_restore(snap)
+                raise
             self._state.copy_(work)
             self._bound = self._absmax()
         if self._bound > limit * 1e-12:  # keep the running bound tight (one pass, rarely)
@@ -783,7 +830,7 @@ class Simulator(ModelRows):
                 self.other_buffers[name][: self.m].copy_(val)
             else:
                 self.other_buffers[name].index_copy_(0, t, val)
-        if opts.stateful:
+        if isinstance(opts, SGDOptions) and opts.stateful:
             if t is None:
                 self._mom_init.fill_(True)
             else:
@@ -811,6 +858,7 @@ class Simulator(ModelRows):
             "executor": self.executor_name,
             "calibration": dict(self.calibration),
             "torch_rng_state": torch.get_rng_state(),
+            **self._optimizer_payload(),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -825,13 +873,14 @@ class Simulator(ModelRows):
             )
         if tuple(state["state"].shape) != tuple(self._state.shape):
             raise ConfigError.invalid(
-                "state_dict.state", tuple(state["state"].shape), f"expected {tuple(self._state.shape)} (momentum setting?)"
+                "state_dict.state", tuple(state["state"].shape), f"expected {tuple(self._state.shape)} (momentum or optimizer setting?)"
             )
         with torch.no_grad():
             self._state.copy_(state["state"])
             for k, v in state["other_buffers"].items():
                 self.other_buffers[k].copy_(v)
             self._mom_init.copy_(state["momentum_initialized"])
+            self._load_optimizer_payload(state, "state_dict")
         self.step_count = int(state["step"])
         self.rounds = int(state["rounds"])
         self.bytes_sent = float(state["bytes_sent"])

@@ -61,6 +61,9 @@ __all__ = [
     "generalized_elastic_zeta",
     "generalized_elastic_best_alpha",
     "generalized_elastic_mixing",
+    "SLOWMO_RATE_STATEMENT",
+    "slowmo_effective_lr_factor",
+    "slowmo_rate",
 ]
 
 _NO_CONTRACTION = (
@@ -549,3 +552,59 @@ def generalized_elastic_mixing(W: Any, alpha: float) -> np.ndarray:
     out[m, :m] = alpha
     out[m, m] = 1.0 - m * alpha
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SlowMo (Wang, Tantia, Ballas, Rabbat, ICLR 2020): slow momentum on top of a base algorithm
+# ---------------------------------------------------------------------------------------------------------
+
+
+#: What SlowMo's convergence analysis states (reported by ``coopsgd theory --preset slowmo``).
+SLOWMO_RATE_STATEMENT = (
+    "SlowMo (Wang, Tantia, Ballas, Rabbat, ICLR 2020): for L-smooth non-convex objectives, IID data and "
+    "bounded gradient variance, with SGD-type base steps (local SGD, gossip or all-reduce SGD) and heavy-ball "
+    "slow momentum, alpha/(1-beta) = O(1) and the inner learning rate proportional to sqrt(m/K), the average "
+    "expected squared gradient norm over K steps is O(1/sqrt(m K)) once K is large enough: linear speed-up "
+    "in m, as for the base algorithm"
+)
+
+
+def slowmo_effective_lr_factor(alpha: float, beta: float) -> float:
+    """alpha / (1 - beta): the factor a steady pseudo-gradient's step gains from slow momentum beta and slow
+    learning rate alpha (the geometric sum 1 + beta + beta^2 + ... of heavy-ball momentum)."""
+    a = check_float("outer_lr", alpha, low=0.0, low_open=True)
+    b = check_float("outer_momentum", beta, low=0.0, high=1.0, high_open=True)
+    return a / (1.0 - b)
+
+
+def slowmo_rate(c: ProblemConstants, *, m: int, tau: int, alpha: float, beta: float) -> dict[str, Any]:
+    """What SlowMo's convergence analysis gives for ``m`` workers, outer period ``tau`` and K = ``c.steps``.
+
+    The analysis (smooth non-convex objectives, IID data, bounded stochastic-gradient variance, SGD-type
+    base algorithms: local SGD, gossip or all-reduce SGD, with heavy-ball slow momentum) shows that with
+    alpha / (1 - beta) held constant and the inner learning rate shrinking like ``sqrt(m / K)``, the
+    average expected squared gradient norm over the K steps falls as ``O(1 / sqrt(m K))`` once K is large
+    enough: a linear speed-up in m, as for the base algorithm. This reports that order and its scaling,
+    not a bound with constants (the paper's constants are not evaluated here).
+    """
+    m, tau = _m(m), _tau(tau)
+    factor = slowmo_effective_lr_factor(alpha, beta)
+    K = c.steps
+    rounds = K // tau
+    notes = [
+        "an order of magnitude, not a bound with constants: O(1/sqrt(m K)) for K large enough",
+        "assumes SGD-type inner steps (plain, momentum) on IID data; no statement for adaptive inner "
+        "optimizers (Adam, AdamW)",
+    ]
+    if K % tau:
+        notes.append(f"steps={K} is not a multiple of tau={tau}; the analysis counts whole outer rounds")
+    return {
+        "name": "SlowMo (Wang et al., ICLR 2020): convergence rate",
+        "statement": "min/average E||grad F||^2 over K steps = O(1/sqrt(m K)) with alpha/(1-beta) = O(1) and "
+                     "the inner learning rate proportional to sqrt(m/K)",
+        "order_1_over_sqrt_mK": 1.0 / math.sqrt(m * K),
+        "inner_lr_scaling_sqrt_m_over_K": math.sqrt(m / K),
+        "effective_lr_factor": factor,
+        "outer_rounds": rounds,
+        "notes": notes,
+    }

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_array", "eigenvalues", "zeta", "spectral_gap", "is_symmetric"]
+__all__ = ["as_array", "eigenvalues", "zeta", "zeta_from_eigenvalues", "spectral_gap", "is_symmetric"]
 
 _TOL = 1e-10
 
@@ -51,7 +51,13 @@ def zeta(W: Any) -> float:
     One eigenvalue closest to 1 (the consensus direction) is removed and the largest remaining modulus is
     returned. For a 1x1 matrix the result is 0.
     """
-    ev = np.asarray(eigenvalues(W))
+    return zeta_from_eigenvalues(eigenvalues(W))
+
+
+def zeta_from_eigenvalues(ev: Any) -> float:
+    """:func:`zeta` from the eigenvalues of W (e.g. a closed form, :mod:`coopsgd.topology.spectra`): the one
+    closest to 1 is removed and the largest remaining modulus is returned (0 for a single eigenvalue)."""
+    ev = np.asarray(ev)
     if ev.size <= 1:
         return 0.0
     k = int(np.argmin(np.abs(ev - 1.0)))

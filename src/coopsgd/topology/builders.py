@@ -15,7 +15,7 @@ import numpy as np
 
 from coopsgd.errors import ConfigError, check_int
 from coopsgd.topology import graphs
-from coopsgd.topology.mixing import CHECKS, MixingMatrix
+from coopsgd.topology.mixing import CHECKS, MAX_DENSE_NODES, MixingMatrix, check_dense_nodes
 from coopsgd.topology.weights import WEIGHT_RULES
 
 __all__ = [
@@ -174,7 +174,10 @@ def load_matrix(path: str | Path, *, check: str = "doubly", allow_negative: bool
     name = p.stem
     try:
         if suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
+            arr = np.load(p, allow_pickle=False, mmap_mode="r")  # the header first: refuse a huge one unread
+            if arr.ndim >= 1 and arr.shape[0] > MAX_DENSE_NODES:
+                check_dense_nodes(int(arr.shape[0]), "matrix")
+            arr = np.array(arr)
         elif suffix == ".json":
             data = json.loads(p.read_text())
             if isinstance(data, dict):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from coopsgd.errors import ConfigError, check_float, check_int
-from coopsgd.topology.mixing import MixingMatrix, is_connected_adjacency
+from coopsgd.topology.mixing import MixingMatrix, check_dense_nodes, is_connected_adjacency
 
 __all__ = [
     "complete",
@@ -42,7 +42,9 @@ def is_power_of_two(m: int) -> bool:
 
 
 def _workers(m: int, minimum: int = 1) -> int:
-    return check_int("workers", m, minimum=minimum)
+    """``workers`` checked: an integer >= ``minimum`` and small enough for a dense adjacency
+    (:data:`~coopsgd.topology.mixing.MAX_DENSE_NODES`)."""
+    return check_dense_nodes(check_int("workers", m, minimum=minimum))
 
 
 def _empty(m: int) -> np.ndarray:

@@ -23,7 +23,8 @@ import numpy as np
 from coopsgd.errors import ConfigError, MixingMatrixError, check_int
 from coopsgd.theory import spectral
 
-__all__ = ["MixingMatrix", "CHECKS", "Check", "undirected_adjacency", "is_connected_adjacency"]
+__all__ = ["MixingMatrix", "CHECKS", "Check", "undirected_adjacency", "is_connected_adjacency", "MAX_DENSE_NODES",
+           "check_dense_nodes"]
 
 Check = Literal["doubly", "rows", "columns", "none"]
 #: Allowed values of the ``check`` argument: which sums must equal 1.
@@ -35,6 +36,22 @@ SUM_TOL = 1e-8
 ENTRY_TOL = 1e-12
 #: zeta must be below ``1 - ZETA_TOL`` for the theorems to apply.
 ZETA_TOL = 1e-12
+#: Most nodes of a dense matrix the topology builders make: one n x n float64 matrix is 8 n^2 bytes
+#: (512 MiB at 8192 nodes, several times that while it is built and checked) and its eigendecomposition
+#: takes O(n^3). Larger named graphs get their spectrum in closed form (:mod:`coopsgd.topology.spectra`).
+MAX_DENSE_NODES = 8192
+
+
+def check_dense_nodes(n: int, field: str = "workers") -> int:
+    """``n`` if a dense ``n x n`` matrix may be built (at most :data:`MAX_DENSE_NODES`), else a
+    :class:`ConfigError` naming ``field``, the memory it would take and the limit."""
+    if n > MAX_DENSE_NODES:
+        gib = 8 * n * n / 2**30
+        raise ConfigError.invalid(field, n, f"a dense {n} x {n} mixing matrix needs {gib:,.0f} GiB (8 n^2 bytes) and "
+                                  f"an O(n^3) eigendecomposition; at most {MAX_DENSE_NODES} nodes are built densely "
+                                  "(`coopsgd topology` gives the spectrum of larger complete, ring, torus, "
+                                  "hypercube, exponential, star and groups graphs in closed form)")
+    return n
 
 
 def undirected_adjacency(matrix: np.ndarray) -> np.ndarray:
@@ -137,13 +154,13 @@ class MixingMatrix:
     @classmethod
     def identity(cls, n: int) -> MixingMatrix:
         """``S = I``: no communication (a local step of local SGD)."""
-        n = check_int("workers", n, minimum=1)
+        n = check_dense_nodes(check_int("workers", n, minimum=1))
         return cls(np.eye(n), name="identity")
 
     @classmethod
     def averaging(cls, n: int) -> MixingMatrix:
         """``S = J = 1 1^T / n``: exact averaging (all-reduce), zeta = 0."""
-        n = check_int("workers", n, minimum=1)
+        n = check_dense_nodes(check_int("workers", n, minimum=1))
         return cls(np.full((n, n), 1.0 / n), name="complete-average")
 
     # ------------------------------------------------------------------ basic attributes
@@ -316,8 +333,9 @@ class MixingMatrix:
         return [int(j) for j in np.flatnonzero(self._adj()[i])]
 
     # ------------------------------------------------------------------ export
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary (plain Python floats, ints, bools and lists)."""
+    def to_dict(self, *, matrix: bool = True) -> dict[str, Any]:
+        """A JSON-ready summary (plain Python floats, ints, bools and lists); ``matrix=False`` leaves the
+        n x n entries out (``"matrix": None``)."""
         ev = self.eigenvalues
         if np.iscomplexobj(ev):
             eigs: list[Any] = [[float(v.real), float(v.imag)] for v in ev]
@@ -326,7 +344,7 @@ class MixingMatrix:
         return {
             "name": self.name,
             "n": self.n,
-            "matrix": [[float(x) for x in r] for r in self._matrix],
+            "matrix": [[float(x) for x in r] for r in self._matrix] if matrix else None,
             "zeta": self.zeta,
             "spectral_gap": self.spectral_gap,
             "eigenvalues": eigs,

@@ -16,6 +16,8 @@ from coopsgd.topology.mixing import MixingMatrix
 __all__ = ["plot_mixing_matrix"]
 
 _FORMATS = ("png", "svg", "pdf")
+#: Most nodes :func:`plot_mixing_matrix` draws (every edge, and the n x n heatmap).
+MAX_PLOT_NODES = 1024
 
 
 def plot_mixing_matrix(W: MixingMatrix, path: str | Path) -> None:
@@ -34,7 +36,12 @@ def plot_mixing_matrix(W: MixingMatrix, path: str | Path) -> None:
         raise ConfigError.invalid(
             "path", str(path), f"suffix must be one of {', '.join('.' + f for f in _FORMATS)}"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if W.n > MAX_PLOT_NODES:
+        raise ConfigError.invalid("plot", str(path), f"the figure draws every edge and the n x n heatmap: at most "
+                                  f"{MAX_PLOT_NODES} nodes (n = {W.n})")
+    from coopsgd.fileio import atomic_write_bytes, check_output_path
+
+    check_output_path(out, "plot")
 
     S = W.matrix
     n = W.n
@@ -89,4 +96,8 @@ def plot_mixing_matrix(W: MixingMatrix, path: str | Path) -> None:
     ax_h.set_title("S[i, j]")
 
     fig.suptitle(f"{W.name}   n = {n},  \u03b6 = {W.zeta:.4f}")
-    fig.savefig(out, format=fmt, dpi=100, bbox_inches="tight")
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=100, bbox_inches="tight")
+    atomic_write_bytes(out, buf.getvalue())  # a failed write leaves an earlier figure as it was

@@ -25,6 +25,9 @@ DTYPES = ("float32", "float64")
 EXECUTORS = ("auto", "loop", "vmap")
 PARTITIONS = ("iid", "dirichlet", "shards")
 LOSS_ESTIMATES = ("running_mean", "batch", "probe")
+#: The workers' inner optimizers by name (coopsgd.engines.optim.OPTIMIZERS; any torch.optim class through the
+#: Python API).
+OPTIMIZERS = ("sgd", "adam", "adamw")
 COMPUTE_MODELS = ("flops", "measured", "constant", "exponential", "lognormal", "pareto")
 #: Field metadata marking a RunConfig field as a preset setting (declared by a preset; see
 #: :mod:`coopsgd.algorithms.registry`).
@@ -43,7 +46,10 @@ class RunConfig:
     settings are the fields marked with :data:`PRESET_SETTING`: one per setting declared by a preset
     (:mod:`coopsgd.algorithms.registry`); a unit test keeps the two in step.
     Problem: ``model`` / ``dataset`` / ``partition`` for the simulator, ``objective`` for the reference engine.
-    Optimisation: ``lr``, ``momentum``, ``nesterov``, ``weight_decay``, ``batch_size`` (per worker),
+    Optimisation: the workers' inner ``optimizer`` (``sgd``, ``adam``, ``adamw``; ``None``: the preset's own --
+    DiLoCo's AdamW -- else ``sgd``) with SGD's ``momentum`` / ``nesterov``, Adam's ``beta1`` / ``beta2`` / ``eps`` /
+    ``amsgrad`` and the optimizer's ``weight_decay`` (``None``: torch's default, 0 and 0.01 for AdamW);
+    ``lr``, ``batch_size`` (per worker),
     ``epochs`` or ``max_steps``; the learning rate is multiplied by ``lr_decay_factor`` at each epoch in
     ``lr_decay_epochs`` and at the simulated wall-clock times ``lr_decay_times_s`` ([LSGD]), after a linear
     warm-up of ``lr_warmup_steps`` steps.
@@ -74,10 +80,15 @@ class RunConfig:
     lam_global: float | None = field(default=None, metadata=PRESET_SETTING)
     fraction: float | None = field(default=None, metadata=PRESET_SETTING)
     warmup_steps: int | None = field(default=None, metadata=PRESET_SETTING)
+    step_counting: str | None = field(default=None, metadata=PRESET_SETTING)
     nonblocking: bool = field(default=False, metadata=PRESET_SETTING)
     strict: bool = field(default=False, metadata=PRESET_SETTING)
     local_epochs: float | None = field(default=None, metadata=PRESET_SETTING)
     budget: float | None = field(default=None, metadata=PRESET_SETTING)
+    outer_lr: float | None = field(default=None, metadata=PRESET_SETTING)
+    outer_momentum: float | None = field(default=None, metadata=PRESET_SETTING)
+    outer_optimizer: str | None = field(default=None, metadata=PRESET_SETTING)
+    base_algorithm: str | None = field(default=None, metadata=PRESET_SETTING)
     # run settings
     downpour_order: str = "clock"
     buffers: str = "mix"
@@ -96,9 +107,14 @@ class RunConfig:
     objective_args: dict[str, Any] = field(default_factory=dict)
     # optimisation
     lr: float = 0.1
+    optimizer: str | None = None
     momentum: float = 0.0
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    amsgrad: bool = False
     batch_size: int = 32
     epochs: float = 5.0
     max_steps: int | None = None
@@ -153,7 +169,13 @@ class RunConfig:
         self.shards_per_worker = check_int("shards_per_worker", self.shards_per_worker, minimum=1)
         self.lr = check_float("lr", self.lr, low=0.0, low_open=True)
         self.momentum = check_float("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
-        self.weight_decay = check_float("weight_decay", self.weight_decay, low=0.0)
+        if self.weight_decay is not None:
+            self.weight_decay = check_float("weight_decay", self.weight_decay, low=0.0)
+        if self.optimizer is not None:
+            _choice("optimizer", self.optimizer, OPTIMIZERS)
+        self.beta1 = check_float("beta1", self.beta1, low=0.0, high=1.0, high_open=True)
+        self.beta2 = check_float("beta2", self.beta2, low=0.0, high=1.0, high_open=True)
+        self.eps = check_float("eps", self.eps, low=0.0, low_open=True)
         self.batch_size = check_int("batch_size", self.batch_size, minimum=1)
         self.epochs = check_float("epochs", self.epochs, low=0.0, low_open=True)
         if self.max_steps is not None:
@@ -188,13 +210,19 @@ class RunConfig:
         if not isinstance(self.objective_args, dict):
             raise ConfigError.invalid("objective_args", self.objective_args, "must be a mapping of argument names to values")
         self.timeout_s = check_float("timeout_s", self.timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
-        for name in ("nesterov", "download", "emulate_network", "augment"):
+        for name in ("nesterov", "download", "emulate_network", "augment", "amsgrad"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError.invalid(name, getattr(self, name), "must be true or false")
         if self.tensorboard is not None and not isinstance(self.tensorboard, bool):
             raise ConfigError.invalid("tensorboard", self.tensorboard, "must be true, false or unset (auto)")
         if self.nesterov and self.momentum == 0:
             raise ConfigError.invalid("nesterov", True, "needs momentum > 0")
+        if self.optimizer in ("adam", "adamw") and (self.momentum or self.nesterov):
+            raise ConfigError.invalid("momentum", self.momentum, f"an SGD setting; {self.optimizer} uses beta1 as its "
+                                      "momentum")
+        if self.optimizer == "sgd" and self.amsgrad:
+            raise ConfigError.invalid("amsgrad", True, "an Adam setting; the optimizer is sgd")
+        _check_magnitudes(self)
         return self
 
     # -- conversion ------------------------------------------------------------------------------
@@ -277,6 +305,54 @@ class RunConfig:
                                   lenient=lenient)
 
 
+#: Largest ``epochs``: with up to ~10^9 samples per epoch the step count stays far inside int64.
+MAX_EPOCHS = 1e9
+#: Largest simulated per-step time (``compute_ms``, ``net_latency_ms``): a year, in milliseconds.
+MAX_SIMULATED_MS = 365.25 * 24 * 3600 * 1e3
+#: Smallest simulated rate (``compute_gflops`` in GFLOP/s, ``net_bandwidth_mbps`` in Mbit/s): beyond it a
+#: step's simulated time leaves any meaningful range (and the sums overflow to inf).
+MIN_SIMULATED_RATE = 1e-6
+#: Largest ``compute_spread``: a lognormal's exp(s Z - s^2/2) under- or overflows double precision beyond it.
+MAX_COMPUTE_SPREAD = 10.0
+#: Largest magnitude a float32 holds; a larger setting overflows when torch puts it into a float32 tensor.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_magnitudes(c: RunConfig) -> None:
+    """Ranges that keep every number representable where it ends up: paths are non-empty strings; epochs,
+    simulated times and rates stay finite in sums; float settings fit the models' dtype (also the learning
+    rate at its peak, after ``lr_decay_factor`` > 1 milestones). One line naming the field, as everywhere."""
+    for name in ("out", "data_root"):
+        value = getattr(c, name)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError.invalid(name, value, "must be a non-empty path (a string) or unset")
+    for name in ("model", "dataset"):
+        if not isinstance(getattr(c, name), str):
+            raise ConfigError.invalid(name, getattr(c, name), "must be a name (a string)")
+    if c.epochs > MAX_EPOCHS:
+        raise ConfigError.invalid("epochs", c.epochs, f"must be <= {MAX_EPOCHS:g} (use max_steps for a step count)")
+    for name in ("compute_ms", "net_latency_ms"):
+        if getattr(c, name) > MAX_SIMULATED_MS:
+            raise ConfigError.invalid(name, getattr(c, name), f"must be <= {MAX_SIMULATED_MS:g} (a year in ms)")
+    for name in ("compute_gflops", "net_bandwidth_mbps"):
+        if getattr(c, name) < MIN_SIMULATED_RATE:
+            raise ConfigError.invalid(name, getattr(c, name), f"must be >= {MIN_SIMULATED_RATE:g}")
+    if c.compute_spread > MAX_COMPUTE_SPREAD:
+        raise ConfigError.invalid("compute_spread", c.compute_spread, f"must be <= {MAX_COMPUTE_SPREAD:g} (the "
+                                  "sampled compute times under- or overflow beyond it)")
+    if c.dtype == "float32":
+        for f in fields(c):
+            value = getattr(c, f.name)
+            if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+                raise ConfigError.invalid(f.name, value, f"does not fit dtype float32 (|x| <= {FLOAT32_MAX:.4g}); use "
+                                          "a smaller value or dtype float64")
+        milestones = len(c.lr_decay_epochs) + len(c.lr_decay_times_s)
+        if c.lr_decay_factor > 1 and milestones and (
+                math.log(c.lr) + milestones * math.log(c.lr_decay_factor) > math.log(FLOAT32_MAX)):
+            raise ConfigError.invalid("lr_decay_factor", c.lr_decay_factor, f"lr={c.lr:g} x {c.lr_decay_factor:g}^"
+                                      f"{milestones} milestones does not fit dtype float32 (<= {FLOAT32_MAX:.4g})")
+
+
 def check_device(device: Any, *, engine: str = "simulate", dtype: str = "float32") -> str:
     """``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``mps``) checked for the engine and for this machine.
 
@@ -343,12 +419,17 @@ def _closest(key: str, known: set[str]) -> str | None:
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a TOML, YAML or JSON file into a dict (safe parsers; no code is executed)."""
+    """Read a TOML, YAML or JSON file into a dict (safe parsers; no code is executed). A missing, empty, non-UTF-8
+    or unparsable file, or one that does not hold a mapping, is a :class:`ConfigError` naming the file."""
+    from coopsgd.fileio import read_text
+
     p = Path(path)
     if not p.is_file():
-        raise ConfigError.invalid("config", str(path), "no such file")
+        raise ConfigError.invalid("config", str(path), "no such file" if not p.exists() else "is not a regular file")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError.invalid("config", str(path), "must end in .toml, .yaml, .yml or .json")
+    text = read_text(p, "config")  # not empty, UTF-8: else one line naming the file
     try:
         if suffix == ".toml":
             if sys.version_info >= (3, 11):

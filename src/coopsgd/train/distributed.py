@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,8 +37,8 @@ from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Engine, StepStats
 from coopsgd.engines.comm import NetEmulation
 from coopsgd.engines.distributed import FAILURE_MODES, DistributedEngine, FaultHook, fault_hook
-from coopsgd.engines.launch import RankFailure, launch
-from coopsgd.errors import ConfigError, Interrupted, check_float
+from coopsgd.engines.launch import RankFailure, launch, listening_addresses
+from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float
 from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig
 from coopsgd.train.loop import LoopPlan, LoopState, run_loop
 from coopsgd.train.progress import Progress
@@ -46,6 +47,7 @@ from coopsgd.train.trainer import (
     CHECKPOINT_FORMAT,
     Experiment,
     build_problem,
+    engine_optimizer_kwargs,
     load_run_checkpoint,
     loop_plan,
     record_run,
@@ -53,7 +55,7 @@ from coopsgd.train.trainer import (
 )
 
 __all__ = ["run_distributed", "run_spec", "SpecJob", "rank_main", "FAILURE_ENV", "FAILURE_ONCE_ENV",
-           "fault_from_env", "one_line"]
+           "fault_from_env", "one_line", "RankCheckError", "agree_on_checks", "check_outcome", "rank_placement"]
 
 #: ``"RANK:STEP:MODE"``: make rank RANK fail at the start of step STEP (tests).
 FAILURE_ENV = "COOPSGD_INJECT_FAILURE"
@@ -106,7 +108,12 @@ class SpecJob:
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
     momentum: float = 0.0
     nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
+    optimizer: Any = None  # "sgd", "adam", "adamw", a torch.optim class, or None (the spec's own, else SGD)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    amsgrad: bool = False
+    optimizer_kwargs: dict[str, Any] | None = None
     dtype: torch.dtype = torch.float64
     seed: int = 0
     loader_seed: int = 0
@@ -135,7 +142,8 @@ def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict
         net = NetEmulation(job.net_latency_ms, job.net_bandwidth_mbps)
         eng = DistributedEngine(
             job.spec, job.model, loss_fn=job.loss_fn, momentum=job.momentum, nesterov=job.nesterov,
-            weight_decay=job.weight_decay, dtype=job.dtype, seed=job.seed, loss_estimate=job.loss_estimate,
+            weight_decay=job.weight_decay, optimizer=job.optimizer, betas=job.betas, eps=job.eps,
+            amsgrad=job.amsgrad, optimizer_kwargs=job.optimizer_kwargs, dtype=job.dtype, seed=job.seed, loss_estimate=job.loss_estimate,
             window=job.window, probe_batch=job.probe_batch, net=net, nan_policy=job.nan_policy,
             fault=parse_fault(job.inject_failure), downpour_order=job.downpour_order,
         )
@@ -247,33 +255,97 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{local}"
 
 
+class RankCheckError(ConfigError):
+    """A rank's checks before training failed (:func:`agree_on_checks`): every rank raises it, ``rank`` names
+    the rank that found the problem (the lowest one, when several did)."""
+
+    def __init__(self, message: str, *, rank: int, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.rank = rank
+
+
+def check_outcome(error: BaseException | None) -> dict[str, Any] | None:
+    """What a rank tells the others about its checks (:func:`agree_on_checks`): ``None`` when they passed."""
+    if error is None:
+        return None
+    return {"type": type(error).__name__, "message": " ".join(str(error).split()),
+            "expected": isinstance(error, CoopSGDError), "field": getattr(error, "field", None)}
+
+
+def agree_on_checks(rank: int, world: int, error: BaseException | None) -> None:
+    """Every rank tells the others whether its checks before training failed (one ``all_gather_object``).
+
+    Needed where no parent checked the run first (``torchrun``): a check may fail on some ranks only (rank 0
+    checks the run directory; a rank's local GPU may be missing), and a rank that went on would wait in its
+    next collective until the timeout. If any rank failed, every rank raises :class:`RankCheckError` with the
+    lowest failing rank's message (one line, prefixed ``rank R:`` unless R is 0), so that rank 0 can report
+    it once; a failing rank whose error is not a :class:`~coopsgd.errors.CoopSGDError` (a bug) re-raises its
+    own exception, traceback included.
+    """
+    found: list[Any] = [None] * world
+    dist.all_gather_object(found, check_outcome(error))
+    bad = [(r, e) for r, e in enumerate(found) if e is not None]
+    if not bad:
+        return
+    if error is not None and not isinstance(error, CoopSGDError):
+        raise error
+    r, e = bad[0]
+    text = e["message"] if e["expected"] else f"{e['type']}: {e['message']}"
+    if r != 0 or not e["expected"]:
+        text = f"rank {r}: {text}"
+    raise RankCheckError(text, rank=r, field=e["field"] if e["expected"] else None)
+
+
+def rank_placement(rank: int, device: str) -> dict[str, Any]:
+    """Where this rank runs: global ``rank``, ``local_rank`` and ``node`` (torchrun's ``LOCAL_RANK`` and
+    ``GROUP_RANK``; 0 and the rank for a local launch), ``host``, ``device`` and the TCP addresses it listens
+    on (``listening``, from ``/proc``; empty elsewhere). Rank 0 records every rank's in ``environment.json``
+    (``ranks``)."""
+    return {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", rank)),
+            "node": int(os.environ.get("GROUP_RANK", 0)), "host": socket.gethostname(), "device": device,
+            "listening": listening_addresses()}
+
+
 def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
     """One rank of a :class:`RunConfig` run: build the problem, the engine, run the loop; rank 0 writes.
 
     ``opts``: ``out``, ``resume``, ``timeout_s``, ``net_latency_ms``, ``net_bandwidth_mbps``, ``device``
-    (default: :func:`rank_device` of the config's ``device``).
+    (default: :func:`rank_device` of the config's ``device``); ``agree_errors`` (torchrun): the ranks agree
+    on the outcome of their checks before the first collective (:func:`agree_on_checks`).
     """
-    c = RunConfig.from_dict(config_dict)
-    if c.workers != world:
-        raise ConfigError.invalid("workers", c.workers, f"must equal the number of processes ({world})")
-    device = opts.get("device") or rank_device(c.device, rank)
-    resume = opts.get("resume")
-    out_dir = opts.get("out")
-    if out_dir and rank == 0 and not opts.get("checked"):  # under torchrun: no parent checked it
-        check_run_dir(out_dir, c.to_dict(), overwrite=bool(opts.get("overwrite")), resume=bool(resume))
-    tensorboard = tensorboard_enabled(c.tensorboard, has_dir=bool(out_dir))
-    ckpt = load_distributed_checkpoint(resume, world) if resume else None
-    p = build_problem(c)
-    spec, loader = p["spec"], p["loader"]
-    start = 0 if ckpt is None else int(ckpt["step"])
-    if start > p["total"]:
-        raise ConfigError.invalid("max_steps", p["total"], f"the checkpoint is already at step {start}")
-    net = NetEmulation(opts.get("net_latency_ms"), opts.get("net_bandwidth_mbps"))
+    agree = bool(opts.get("agree_errors"))
+    try:  # checks and set-up without any collective
+        c = RunConfig.from_dict(config_dict)
+        if c.workers != world:
+            raise ConfigError.invalid("workers", c.workers, f"must equal the number of processes ({world})")
+        device = opts.get("device") or rank_device(c.device, rank)
+        resume = opts.get("resume")
+        out_dir = opts.get("out")
+        if out_dir and rank == 0 and not opts.get("checked"):  # under torchrun: no parent checked it
+            check_run_dir(out_dir, c.to_dict(), overwrite=bool(opts.get("overwrite")), resume=bool(resume))
+        tensorboard = tensorboard_enabled(c.tensorboard, has_dir=bool(out_dir))
+        ckpt = load_distributed_checkpoint(resume, world) if resume else None
+        p = build_problem(c)
+        spec, loader = p["spec"], p["loader"]
+        start = 0 if ckpt is None else int(ckpt["step"])
+        if start > p["total"]:
+            raise ConfigError.invalid("max_steps", p["total"], f"the checkpoint is already at step {start}")
+        if ckpt is not None:
+            loader.load_state_dict(ckpt["loader"])  # checks seed, batch size and shards
+        net = NetEmulation(opts.get("net_latency_ms"), opts.get("net_bandwidth_mbps"))
+        fault = fault_from_env()
+    except Exception as exc:
+        if agree:
+            agree_on_checks(rank, world, exc)
+        raise
+    if agree:
+        agree_on_checks(rank, world, None)
+    placement: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(rank_placement(rank, device), placement, dst=0)
     eng = DistributedEngine(
-        spec, p["model"], loss_fn=p["loss_fn"], momentum=c.momentum, nesterov=c.nesterov,
-        weight_decay=c.weight_decay, dtype=p["dtype"], device=device, seed=c.seed,
+        spec, p["model"], loss_fn=p["loss_fn"], **engine_optimizer_kwargs(c), dtype=p["dtype"], device=device, seed=c.seed,
         loss_estimate=c.loss_estimate, probe_batch=p["probe"], net=net, nan_policy=c.nan_policy,
-        fault=fault_from_env(),
+        fault=fault,
         # pushes of a sequential schedule (DOWNPOUR) in the order they arrive: a real server on rank 0
         downpour_order="async" if spec.schedule.sequential and c.downpour_order in ("clock", "async") else "schedule",
     )
@@ -286,7 +358,6 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
         if eng.step_count != start:
             raise ConfigError.invalid("resume", str(resume), f"rank {rank}'s state is at step {eng.step_count}, "
                                                              f"the checkpoint at step {start}")
-        loader.load_state_dict(ckpt["loader"])  # checks seed, batch size and shards
         exp.loop_state = LoopState.from_dict(ckpt.get("loop"))
         wall0 = float(ckpt.get("wall_time_s", exp.loop_state.train_s))
     rd = None
@@ -296,7 +367,8 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
         extra = {"engine": "distributed", "world_size": world, "steps_per_epoch": loader.steps_per_epoch,
                  "total_steps": p["total"], "spec": spec.describe(), "timeout_s": opts.get("timeout_s"),
                  "net_latency_ms": net.latency_ms, "net_bandwidth_mbps": net.bandwidth_mbps,
-                 "aux_hosts": [eng.aux_host(j) for j in range(spec.auxiliaries)], "resumed_from_step": start}
+                 "aux_hosts": [eng.aux_host(j) for j in range(spec.auxiliaries)], "resumed_from_step": start,
+                 "ranks": placement}
         if p["histograms"] is not None:
             extra["label_histograms"] = p["histograms"].tolist()
         rd.write_config(c.to_dict(), extra)
@@ -437,6 +509,9 @@ def run_distributed(
     except RankFailure as exc:
         if out_dir and exc.details.get("type") == "NonFiniteError":
             _record_divergence(Path(out_dir), str(exc.details.get("message", exc)))
+        if exc.details.get("config_error"):  # bad input only a rank could see (a checkpoint's engine state)
+            message = " ".join(str(exc.details.get("message", "")).split())
+            raise ConfigError(f"rank {exc.rank}: {message}") from exc
         raise
     except Interrupted as exc:  # SIGTERM / SIGINT: the launcher has stopped every rank
         if out_dir:

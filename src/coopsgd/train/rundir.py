@@ -25,17 +25,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
 from coopsgd.errors import ConfigError, CoopSGDError
-from coopsgd.fileio import atomic_write_bytes
+from coopsgd.fileio import append_line, atomic_write_bytes, check_output_path, read_json
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "environment",
            "jsonable", "check_run_dir", "prepare_run_dir", "check_compare_dir", "prepare_compare_dir",
            "fresh_run_dir", "config_difference", "tensorboard_enabled", "tensorboard_scalars", "RUN_FILES",
-           "RESUME_FIELDS", "IGNORED_FIELDS", "TENSORBOARD_DIR", "COMPARE_FILE"]
+           "RESUME_FIELDS", "IGNORED_FIELDS", "TENSORBOARD_DIR", "COMPARE_FILE", "METRIC_NUMBERS", "read_run_json"]
 
 
 def jsonable(o: Any) -> Any:
@@ -80,18 +80,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     import torch
 
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError.invalid("checkpoint", str(path), "no such file")
+    if not p.is_file():
+        raise ConfigError.invalid("checkpoint", str(path), "is not a regular file")
+    size = p.stat().st_size
+    if size == 0:
+        raise ConfigError.invalid("checkpoint", str(path), "is empty (0 bytes): not a checkpoint")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise CoopSGDError(
-            f"checkpoint {str(path)!r} is unreadable (truncated, corrupted or not a coopsgd checkpoint): "
-            f"{str(exc).splitlines()[0][:200]}"
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is unreadable (truncated, corrupted or not a coopsgd checkpoint; "
+            f"{size} bytes): {first.split('. ')[0][:160]}", field="checkpoint", value=str(path)
         ) from None
     if not isinstance(state, dict) or "format" not in state:
-        raise CoopSGDError(f"checkpoint {str(path)!r} is not a coopsgd checkpoint (no 'format' entry)")
+        raise ConfigError(f"checkpoint {str(path)!r} is not a coopsgd checkpoint (no 'format' entry)",
+                          field="checkpoint", value=str(path))
     return state
+
+
+def read_run_json(path: str | Path, what: str) -> dict[str, Any]:
+    """A run directory's JSON file (``config.json``, ``summary.json``, ...) as a mapping; a damaged one
+    (empty, truncated, not UTF-8, not an object) is a :class:`ConfigError` naming the file."""
+    data: dict[str, Any] = read_json(path, what)
+    return data
 
 
 def _git_revision() -> str | None:
@@ -294,11 +308,15 @@ def check_run_dir(path: str | Path, config: dict[str, Any], *, overwrite: bool =
     if resume and overwrite:
         raise ConfigError.invalid("overwrite", True, "cannot be combined with resume (a resumed run continues "
                                                       "the run in its own directory)")
+    check_output_path(p, "out", directory=True)
     if not p.exists():
         return []
-    if not p.is_dir():
-        raise ConfigError.invalid("out", str(path), "exists and is not a directory")
     ours, foreign = _scan_run_dir(p)
+    ckpt = p / "checkpoint.pt"
+    if resume and ckpt in foreign and ckpt.is_file():
+        size = ckpt.stat().st_size
+        raise ConfigError.invalid("checkpoint", str(ckpt), f"is {'empty' if size == 0 else 'damaged'} ({size} "
+                                  "bytes; not a file torch.save wrote), so the run cannot be resumed from it")
     if foreign:
         raise _refuse("run directory", p, f"holds files coopsgd did not write ({_names(foreign)})", _FOREIGN)
     if not ours:
@@ -332,8 +350,18 @@ def prepare_run_dir(path: str | Path, config: dict[str, Any], *, overwrite: bool
     """:func:`check_run_dir`, then remove the old run's files (not when resuming) and create the directory."""
     p = Path(path)
     _remove(check_run_dir(p, config, overwrite=overwrite, resume=resume))
-    p.mkdir(parents=True, exist_ok=True)
+    _mkdir(p)
     return p
+
+
+def _mkdir(p: Path) -> None:
+    from coopsgd.errors import write_failure
+
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        write_failure(exc, p, "nothing was written")
+        raise
 
 
 def check_compare_dir(path: str | Path, config: dict[str, Any], presets: list[str], *,
@@ -343,10 +371,9 @@ def check_compare_dir(path: str | Path, config: dict[str, Any], presets: list[st
     differing field or preset list) is refused unless ``overwrite``; files coopsgd did not write (including
     subdirectories ``compare.json`` does not list) always are. Returns the entries to remove."""
     p = Path(path)
+    check_output_path(p, "out", directory=True)
     if not p.exists():
         return []
-    if not p.is_dir():
-        raise ConfigError.invalid("out", str(path), "exists and is not a directory")
     meta = _read_json_object(p / COMPARE_FILE) if (p / COMPARE_FILE).is_file() else None
     if meta is not None and not isinstance(meta.get("config"), dict):
         meta = None
@@ -396,7 +423,7 @@ def prepare_compare_dir(path: str | Path, config: dict[str, Any], presets: list[
     """:func:`check_compare_dir`, then remove the old comparison and create the directory."""
     p = Path(path)
     _remove(check_compare_dir(p, config, presets, overwrite=overwrite))
-    p.mkdir(parents=True, exist_ok=True)
+    _mkdir(p)
     return p
 
 
@@ -405,7 +432,8 @@ def fresh_run_dir(name: str, root: str | Path = "runs", *, now: float | None = N
     that second's name is taken; creation is atomic, so two processes never get the same one)."""
     base = f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    check_output_path(root, "out", directory=True)
+    _mkdir(root)
     for n in range(1, 10_000):
         p = root / (base if n == 1 else f"{base}-{n}")
         try:
@@ -468,11 +496,10 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError.invalid("out", str(path), "exists and is not a directory")
-        self.path.mkdir(parents=True, exist_ok=True)
+        check_output_path(self.path, "out", directory=True)
+        _mkdir(self.path)
         self.metrics_path = self.path / "metrics.jsonl"
-        self._metrics: TextIO | None = None
+        self._metrics: int | None = None  # the file descriptor of metrics.jsonl (O_APPEND, unbuffered)
         self._tb: Any = None
         self._tb_start: int | None = None
 
@@ -492,14 +519,22 @@ class RunDir:
         """Keep only the metric records up to ``step`` (a resumed run replaces what came after)."""
         if not self.metrics_path.is_file():
             return
-        kept = [r for r in RunDir.read_metrics(self.metrics_path) if r.get("step", 0) <= step]
+        kept = [r for r in RunDir.read_metrics(self.metrics_path) if r["step"] <= step]
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(jsonable(r)) + "\n" for r in kept).encode())
 
     def start_metrics(self, *, append: bool = False, tensorboard: bool = False, start_step: int = 0) -> None:
         """Open ``metrics.jsonl`` (``append``: a resumed run) and, with ``tensorboard``, the TensorBoard
         writer of ``tensorboard/``. A run resumed at ``start_step`` > 0 tells TensorBoard to drop the
         earlier events after that step (as :meth:`truncate_metrics` drops the records)."""
-        self._metrics = open(self.metrics_path, "a" if append else "w", encoding="utf-8")
+        from coopsgd.errors import write_failure
+
+        self.close()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        try:
+            self._metrics = os.open(self.metrics_path, flags, 0o644)
+        except OSError as exc:
+            write_failure(exc, self.metrics_path)
+            raise
         self._tb_start = (start_step if append else 0) if tensorboard else None
 
     def _tensorboard(self) -> Any:
@@ -511,13 +546,13 @@ class RunDir:
         return self._tb
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one JSON line and flush it (a crash loses at most the line being written); with TensorBoard
+        """Append one JSON line, unbuffered (a crash loses at most the line being written; a failed write, e.g.
+        a full disk, leaves no torn line and raises the ``OSError`` naming the file); with TensorBoard
         on, the record's scalars too (:func:`tensorboard_scalars`)."""
         if self._metrics is None:
             self.start_metrics()
         assert self._metrics is not None
-        self._metrics.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
-        self._metrics.flush()
+        append_line(self._metrics, self.metrics_path, json.dumps(jsonable(record), allow_nan=False) + "\n")
         tb = self._tensorboard()
         step = record.get("step")
         if tb is not None and step is not None:
@@ -526,7 +561,7 @@ class RunDir:
 
     def close(self) -> None:
         if self._metrics is not None:
-            self._metrics.close()
+            os.close(self._metrics)
             self._metrics = None
         if self._tb is not None:
             self._tb.close()
@@ -541,18 +576,74 @@ class RunDir:
 
     @staticmethod
     def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-        """Records of ``RUN_DIR/metrics.jsonl`` (a torn last line from a crash is skipped)."""
+        """Records of ``RUN_DIR/metrics.jsonl``, checked (:func:`check_metric_record`).
+
+        A torn last line (no final newline: a crash while it was written) is skipped; any other line that is
+        not a JSON object with a non-negative integer ``step`` and numbers (or null) in the numeric fields
+        (:data:`METRIC_NUMBERS`), or a file that is not UTF-8, is a :class:`ConfigError` naming the file,
+        the line and the field."""
+        from coopsgd.fileio import read_text
+
         p = Path(path)
         if p.is_dir():
             p = p / "metrics.jsonl"
         if not p.is_file():
             raise ConfigError.invalid("run_dir", str(path), "has no metrics.jsonl (is it a coopsgd run directory?)")
+        text = read_text(p, "metrics", allow_empty=True)
+        lines = text.split("\n")
+        torn = lines[-1]  # "" when the file ends with a newline
         out = []
-        for line in p.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
+        for no, line in enumerate(lines[:-1], start=1):
+            if line.strip():
+                out.append(check_metric_record(_parse_metric_line(p, no, line), p, no))
+        if torn.strip():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                rec = json.loads(torn)
+            except ValueError:
+                rec = None  # torn by a crash: skipped
+            if rec is not None:
+                out.append(check_metric_record(rec, p, len(lines)))
         return out
+
+
+#: Metric fields that must be numbers (or null) in every record that has them: what the readers plot,
+#: tabulate and compare.
+METRIC_NUMBERS = (
+    "epoch", "lr", "train_loss", "test_loss", "test_accuracy", "test_perplexity", "consensus_distance", "zeta",
+    "rounds", "bytes_sent", "time_s", "simulated_time_s", "simulated_compute_s", "simulated_communication_s",
+    "simulated_idle_s", "measured_train_s", "measured_compute_s", "measured_communication_s", "wall_time_s",
+    "center_objective",
+)
+
+
+def _parse_metric_line(path: Path, no: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise ConfigError.invalid("metrics", f"{path}:{no}", f"line {no} is not JSON ({reason}): "
+                                  f"{line[:60]!r}") from None
+
+
+def check_metric_record(rec: Any, path: str | Path, no: int) -> dict[str, Any]:
+    """``rec`` (line ``no`` of the metrics file ``path``) if it has the shape of a metric record: a JSON
+    object, ``step`` a non-negative integer, the :data:`METRIC_NUMBERS` numbers or null, ``worker_losses``
+    a list of numbers or nulls; otherwise a :class:`ConfigError` naming the file, line and field."""
+    where = f"{path}:{no}"
+    if not isinstance(rec, dict):
+        raise ConfigError.invalid("metrics", where, f"line {no} must be a JSON object (a metric record), not a "
+                                  f"{type(rec).__name__}")
+    step = rec.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ConfigError.invalid(f"metrics {where}: step", step, "must be a non-negative integer")
+
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    for key in METRIC_NUMBERS:
+        if key in rec and not number(rec[key]):
+            raise ConfigError.invalid(f"metrics {where}: {key}", rec[key], "must be a number or null")
+    wl = rec.get("worker_losses")
+    if wl is not None and (not isinstance(wl, list) or not all(number(v) for v in wl)):
+        raise ConfigError.invalid(f"metrics {where}: worker_losses", wl, "must be a list of numbers or nulls")
+    return rec

@@ -31,7 +31,7 @@ from coopsgd.train.loop import LoopPlan, LoopState, run_loop
 from coopsgd.train.progress import Progress
 from coopsgd.train.rundir import RunDir, check_run_dir, tensorboard_enabled
 
-__all__ = ["Experiment", "build", "build_problem", "iterate", "train", "train_reference", "run", "lr_at",
+__all__ = ["Experiment", "build", "engine_optimizer_kwargs", "build_problem", "iterate", "train", "train_reference", "run", "lr_at",
            "evaluate_model", "checkpoint_state", "load_run_checkpoint", "summarize", "TIME_KEYS",
            "CHECKPOINT_FORMAT"]
 
@@ -162,6 +162,15 @@ def sim_clock(config: RunConfig) -> Any:
     return SimClock(network, compute, seed=c.seed)
 
 
+def engine_optimizer_kwargs(config: RunConfig) -> dict[str, Any]:
+    """The inner-optimizer arguments of the simulator and the distributed engine from a config: ``optimizer``
+    (``None``: the preset's own, else SGD), SGD's momentum / Nesterov, Adam's betas / eps / AMSGrad and the
+    optimizer's weight decay (``None``: torch's default)."""
+    c = config
+    return {"optimizer": c.optimizer, "momentum": c.momentum, "nesterov": c.nesterov, "weight_decay": c.weight_decay,
+            "betas": (c.beta1, c.beta2), "eps": c.eps, "amsgrad": c.amsgrad}
+
+
 def build(config: RunConfig) -> Experiment:
     """Build the spec, data, partition, model and simulator of a ``simulate`` run.
 
@@ -176,8 +185,8 @@ def build(config: RunConfig) -> Experiment:
     c = config
     p = build_problem(c)
     clock = sim_clock(c)
-    sim = Simulator(p["spec"], p["model"], loss_fn=p["loss_fn"], momentum=c.momentum, nesterov=c.nesterov,
-                    weight_decay=c.weight_decay, executor=c.executor, dtype=p["dtype"], seed=c.seed,
+    sim = Simulator(p["spec"], p["model"], loss_fn=p["loss_fn"], **engine_optimizer_kwargs(c),
+                    executor=c.executor, dtype=p["dtype"], seed=c.seed,
                     loss_estimate=c.loss_estimate, probe_batch=p["probe"], clock=clock,
                     downpour_order=c.downpour_order if p["spec"].schedule.sequential else "schedule",
                     nan_policy=c.nan_policy, device=c.device,
@@ -394,22 +403,84 @@ def load_run_checkpoint(path: str | Path, engine: str) -> dict[str, Any]:
     """Read a run checkpoint (a file, or a run directory holding ``checkpoint.pt``) written by ``engine``.
 
     One code path for every engine: the file must be a :data:`CHECKPOINT_FORMAT` checkpoint whose
-    ``engine`` matches; anything else is a :class:`ConfigError` saying what it is.
+    ``engine`` matches, and every entry the engines read must have its type and range (:func:`_check_run_state`:
+    ``step`` an integer in [0, 2^63), ``config`` a mapping, the data position, the loop state, the engine
+    state; ``world_size`` and ``ranks`` for the distributed engine). When a ``config.json`` lies beside it
+    (a run directory), the checkpoint's config must equal it in every field but the ones a resume may
+    change: a checkpoint of another run, or a damaged ``config.json``, is refused naming the field.
+    Anything else is a :class:`ConfigError` naming the file and the entry.
     """
-    from coopsgd.train.rundir import load_checkpoint
+    from coopsgd.train.rundir import IGNORED_FIELDS, config_difference, load_checkpoint, read_run_json
 
     rp = Path(path)
-    state = load_checkpoint(rp / "checkpoint.pt" if rp.is_dir() else rp)
+    file = rp / "checkpoint.pt" if rp.is_dir() else rp
+    state = load_checkpoint(file)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError.invalid("resume", str(path), f"not a {CHECKPOINT_FORMAT} checkpoint "
                                                        f"(format {state.get('format')!r})")
     if state.get("engine") != engine:
         raise ConfigError.invalid("resume", str(path), f"written by the {state.get('engine')!r} engine; "
                                                        f"this run uses the {engine!r} engine")
-    step = state.get("step")
-    if not isinstance(step, int) or step < 0:
-        raise ConfigError.invalid("resume", str(path), f"checkpoint step {step!r} must be a non-negative integer")
+    _check_run_state(state, file, engine)
+    beside = file.parent / "config.json"
+    if beside.is_file():
+        saved = read_run_json(beside, "config")
+        diff = config_difference(state["config"], saved, ignore=IGNORED_FIELDS)
+        if diff is not None:
+            key, there, here = diff
+            raise ConfigError(f"checkpoint {str(file)!r} does not belong to the run in {str(beside)!r}: {key} is "
+                              f"{there!r} in the checkpoint and {here!r} in config.json (a checkpoint of another "
+                              "run, or a damaged config.json)", field=key, value=here)
     return state
+
+
+def _check_run_state(state: dict[str, Any], file: Path, engine: str) -> None:
+    """Check the types and ranges of the entries of a run checkpoint the engines read (see
+    :func:`load_run_checkpoint`); a bad one is a :class:`ConfigError` naming the file and the entry."""
+    from coopsgd.errors import INT64_MAX
+
+    def bad(entry: str, value: Any, allowed: str) -> ConfigError:
+        shown = value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+        return ConfigError(f"checkpoint {str(file)!r}: {entry}={shown!r} is invalid: {allowed}", field=entry,
+                           value=shown)
+
+    def integer(entry: str, value: Any, minimum: int = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= INT64_MAX:
+            raise bad(entry, value, f"must be an integer in [{minimum}, 2^63)")
+        return value
+
+    integer("step", state.get("step"))
+    if not isinstance(state.get("config"), dict):
+        raise bad("config", state.get("config"), "must be a mapping (the run's resolved config)")
+    loader = state.get("loader")
+    if not isinstance(loader, dict):
+        raise bad("loader", loader, "must be a mapping (the data position)")
+    for key in ("epoch", "batch"):
+        integer(f"loader.{key}", loader.get(key))
+    loop = state.get("loop")
+    if loop is not None:
+        if not isinstance(loop, dict):
+            raise bad("loop", loop, "must be a mapping (the training loop's state) or absent")
+        if "skips_in_a_row" in loop:
+            integer("loop.skips_in_a_row", loop["skips_in_a_row"])
+        if "dropped" in loop and not isinstance(loop["dropped"], list):
+            raise bad("loop.dropped", loop["dropped"], "must be a list (the dropped rounds)")
+        t = loop.get("train_s", 0.0)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise bad("loop.train_s", t, "must be a finite number >= 0")
+    if engine == "distributed":
+        world = integer("world_size", state.get("world_size"), minimum=1)
+        ranks = state.get("ranks")
+        if not isinstance(ranks, list) or len(ranks) != world or not all(isinstance(r, dict) for r in ranks):
+            raise bad("ranks", ranks, f"must be a list of {world} engine states (one per rank)")
+    else:
+        from coopsgd.engines.base import ENGINE_STATE_FORMAT
+
+        es = state.get("engine_state")
+        if not isinstance(es, dict):
+            raise bad("engine_state", es, "must be a mapping (the engine's state)")
+        if es.get("format") != ENGINE_STATE_FORMAT:
+            raise bad("engine_state.format", es.get("format"), f"must be {ENGINE_STATE_FORMAT!r}")
 
 
 def train(
@@ -458,6 +529,7 @@ def train(
         # run's numbers and simulated times were produced (see docs/reliability.md, "Determinism")
         calib = exp.sim.executor_info()
         extra = {"executor": exp.sim.executor_name, "executor_from_cache": calib["from_cache"],
+                 "optimizer": exp.sim.optimizer_info(),
                  "executor_calibration": calib, "compute_model": exp.sim.compute_model_info(),
                  "steps_per_epoch": exp.steps_per_epoch,
                  "total_steps": exp.total_steps, "spec": exp.spec.describe(), "resumed_from_step": start}
@@ -574,6 +646,10 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
         args.setdefault("iid", c.partition == "iid")
     obj = make_objective(c.objective, **args)
     spec = c.build_spec()
+    inner = c.optimizer or spec.inner_optimizer or "sgd"
+    if inner != "sgd":
+        raise ConfigError.invalid("optimizer", inner, "the reference engine's workers run plain SGD on analytic "
+                                  f"objectives; use --optimizer sgd (preset {spec.name!r}) or another engine")
     steps = c.max_steps or 300
     eng = ReferenceEngine(spec, obj, seed=c.seed, nan_policy=c.nan_policy)
     rc = spec_round_cost(spec, obj.dim, bytes_per_param=8)

@@ -1,0 +1,556 @@
+"""Peer benchmark: one FedAvg workload on coopsgd's simulator, Flower's simulation engine and a hand-written
+PyTorch loop, side by side (issue 15; prints tables, never asserts).
+
+The workload, identical in all three:
+
+* data: the bundled MNIST t10k split 8,000 / 2,000 (``load_dataset("mnist_bundled")``), flattened to 784
+  features, split over N clients with coopsgd's Dirichlet label-skew partition (beta 0.5, seeded), so the
+  clients hold different numbers of samples (at N = 1000: 1 to 26);
+* model: an MLP 784-H-10 (H = 128 by default), the same initial parameters (seeded), float64 by default;
+* FedAvg: R rounds; in round r the clients ``FedAvgSchedule.clients(r)`` (seeded, fraction c) each take E
+  plain SGD steps (lr, batch B, cross-entropy) from the server model, and the server takes the average of
+  their models weighted by their sample counts;
+* batches: client i in round r draws its E x B sample indices from a permutation of its shard seeded by
+  (seed, i, r), cycled when the shard has fewer than E x B samples (``round_indices``).
+
+The three implementations:
+
+* **coopsgd**: ``Simulator(presets.fedavg(N, E, fraction=c, sample_counts=...))`` driven step by step with one
+  batch per active client (``None`` for the others); the model to evaluate is ``center_model()``.
+* **Flower** (``flwr[simulation]``, the ``peers`` extra; best in its own environment): a ``ServerApp`` running
+  ``flwr.serverapp.strategy.FedAvg`` whose ``configure_train`` sends the round to the nodes of exactly the
+  clients above, and a ``ClientApp`` that trains on its node's partition (``node_config["partition-id"]``)
+  with ``torch.optim.SGD`` and replies with its state dict and ``num-examples``; run by
+  ``flwr.simulation.run_simulation`` on the Ray backend (Flower's only simulation backend in 1.2x-1.4x).
+* **hand loop**: one ``nn.Module``; per sampled client ``load_state_dict(server)``, ``torch.optim.SGD`` for E
+  steps, accumulate the weighted state dict; the server state is the sum.
+
+Timed: training only. coopsgd: the step loop (the Simulator's construction is reported as "setup"). Flower:
+``FedAvg.start`` inside the ServerApp (the rounds); reported separately: Ray and actor start-up plus a first
+query to one node (which also loads the data in the actor), mapping the nodes to their partitions (by
+registration order, which the simulation follows; the client checks it on every message; nodes registered in
+the same microsecond would be queried), and the shutdown after the last round. The final models are compared: test loss and max |parameter difference|
+against coopsgd's.
+
+Usage: ``python benchmarks/bench_peers.py [--quick] [--configs 10:1.0,100:0.1,1000:0.01] [--rounds 20]
+[--local-steps 5] [--batch 32] [--lr 0.05] [--reps 3] [--threads 1] [--no-flower]``. Flower is imported only
+when it is used; without it the script says so and runs the other two. A separate environment, e.g.
+``python -m venv /tmp/flwr-venv && /tmp/flwr-venv/bin/pip install torch "flwr[simulation]" && /tmp/flwr-venv/bin/pip
+install -e .``, then ``/tmp/flwr-venv/bin/python benchmarks/bench_peers.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import logging
+import os
+import platform
+import statistics
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from coopsgd.algorithms import presets
+from coopsgd.data.datasets import load_dataset
+from coopsgd.data.partition import partition
+from coopsgd.engines.simulator import Simulator
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Workload:
+    clients: int
+    fraction: float
+    rounds: int
+    local_steps: int
+    batch: int
+    lr: float
+    hidden: int
+    beta: float
+    seed: int
+    dtype: str
+    threads: int
+
+
+@dataclass
+class Outcome:
+    """One implementation's run: training time, extra phases, the final model's flat parameters."""
+
+    train_s: float = float("nan")
+    phases: dict[str, float] = field(default_factory=dict)
+    params: Tensor | None = None
+    test_loss: float = float("nan")
+    error: str | None = None
+
+
+class PeerUnavailable(Exception):
+    """Flower cannot be imported or cannot run here (the message says what failed)."""
+
+
+# --------------------------------------------------------------------------------------------- the workload
+
+
+def load_data(dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bundled MNIST t10k, 8,000 train / 2,000 test, flattened to (n, 784) in ``dtype``."""
+    train = load_dataset("mnist_bundled", split="train")
+    test = load_dataset("mnist_bundled", split="test")
+    return (train.x.reshape(len(train), -1).to(dtype), train.y,
+            test.x.reshape(len(test), -1).to(dtype), test.y)
+
+
+def client_shards(labels: Tensor, w: Workload) -> list[np.ndarray]:
+    return partition(labels, w.clients, "dirichlet", beta=w.beta, seed=w.seed)
+
+
+def round_indices(shard: np.ndarray, w: Workload, client: int, rnd: int) -> np.ndarray:
+    """(E, B) sample indices of ``client`` in round ``rnd``: a seeded permutation of its shard, cycled."""
+    perm = np.random.default_rng([w.seed, client, rnd]).permutation(len(shard))
+    pos = np.arange(w.local_steps * w.batch) % len(shard)
+    return shard[perm[pos]].reshape(w.local_steps, w.batch)
+
+
+def make_mlp(hidden: int, dtype: torch.dtype) -> nn.Module:
+    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10)).to(dtype)
+
+
+def initial_model(w: Workload) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(w.seed)
+        return make_mlp(w.hidden, DTYPES[w.dtype])
+
+
+def flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
+
+
+def fedavg_spec(w: Workload, shards: list[np.ndarray]) -> Any:
+    sizes = [float(len(s)) for s in shards]
+    return presets.fedavg(w.clients, w.local_steps, fraction=w.fraction, sample_counts=sizes, seed=w.seed)
+
+
+# --------------------------------------------------------------------------------------------- coopsgd
+
+
+def run_coopsgd(w: Workload, data: tuple[Tensor, Tensor, Tensor, Tensor], shards: list[np.ndarray],
+                init: nn.Module, executor: str) -> Outcome:
+    X, Y = data[0], data[1]
+    spec = fedavg_spec(w, shards)
+    sched = spec.schedule
+    t0 = time.perf_counter()
+    sim = Simulator(spec, copy.deepcopy(init), executor=executor, dtype=DTYPES[w.dtype], seed=w.seed)
+    setup = time.perf_counter() - t0
+    n, E = w.clients, w.local_steps
+    t0 = time.perf_counter()
+    for r in range(w.rounds):
+        mask = sched.active(r * E)
+        chosen = range(n) if mask is None else np.flatnonzero(mask).tolist()
+        idx = {i: torch.from_numpy(round_indices(shards[i], w, i, r)) for i in chosen}
+        for e in range(E):
+            batches: list[tuple[Tensor, Tensor] | None] = [None] * n
+            for i in chosen:
+                j = idx[i][e]
+                batches[i] = (X[j], Y[j])
+            sim.step(batches, w.lr)
+    train_s = time.perf_counter() - t0
+    return Outcome(train_s, {"setup": setup}, flat(sim.center_model()))
+
+
+# --------------------------------------------------------------------------------------------- hand loop
+
+
+def run_hand(w: Workload, data: tuple[Tensor, Tensor, Tensor, Tensor], shards: list[np.ndarray],
+             init: nn.Module, clients_of_round: Callable[[int], np.ndarray]) -> Outcome:
+    X, Y = data[0], data[1]
+    sizes = np.array([len(s) for s in shards], dtype=np.float64)
+    t0 = time.perf_counter()
+    model = copy.deepcopy(init)
+    server = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for r in range(w.rounds):
+        chosen = clients_of_round(r)
+        weights = sizes[chosen] / sizes[chosen].sum()
+        acc = {k: torch.zeros_like(v) for k, v in server.items()}
+        for i, wt in zip(chosen.tolist(), weights.tolist(), strict=True):
+            model.load_state_dict(server)
+            opt = torch.optim.SGD(model.parameters(), lr=w.lr)
+            for j in torch.from_numpy(round_indices(shards[i], w, i, r)):
+                loss = F.cross_entropy(model(X[j]), Y[j])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            for k, v in model.state_dict().items():
+                acc[k].add_(v, alpha=wt)
+        server = acc
+    train_s = time.perf_counter() - t0
+    model.load_state_dict(server)
+    return Outcome(train_s, {}, flat(model))
+
+
+# --------------------------------------------------------------------------------------------- Flower
+
+
+def flower_version() -> str | None:
+    try:
+        import flwr
+    except ImportError:
+        return None
+    return str(getattr(flwr, "__version__", "?"))
+
+
+_CLIENT_CACHE: dict[str, Any] = {}  # filled only inside Flower's actors (never in the driver)
+
+
+def run_flower(w: Workload, init: nn.Module, clients_of_round: Callable[[int], np.ndarray],
+               actors: int, verbose: bool) -> Outcome:
+    """The workload on Flower's simulation engine. Raises PeerUnavailable with the reason if it cannot run."""
+    try:
+        from flwr.app import (
+            ArrayRecord,
+            ConfigRecord,
+            Context,
+            Message,
+            MessageType,
+            MetricRecord,
+            RecordDict,
+        )
+        from flwr.clientapp import ClientApp
+        from flwr.serverapp import Grid, ServerApp
+        from flwr.serverapp.strategy import FedAvg
+        from flwr.simulation import run_simulation
+    except ImportError as exc:
+        ver = flower_version()
+        if ver is None:
+            raise PeerUnavailable(f"flwr is not installed in this environment ({exc}); install the 'peers' extra "
+                                  "(pip install 'flwr[simulation]'), ideally in a separate venv") from None
+        raise PeerUnavailable(f"flwr {ver} lacks the message API this benchmark uses (flwr.app, "
+                              f"flwr.serverapp.strategy; flwr >= 1.21): {exc}") from None
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="flwr")
+
+    N = w.clients
+    wl = w  # captured by the client functions (a frozen dataclass of plain values: pickled to the actors)
+
+    # -- client side: runs in Ray actors; it loads its own data once per actor ---------------------------
+    def client_data() -> tuple[Tensor, Tensor, list[np.ndarray]]:
+        key = f"{wl.clients}/{wl.beta}/{wl.seed}/{wl.dtype}"
+        if _CLIENT_CACHE.get("key") != key:
+            x, y, _, _ = load_data(DTYPES[wl.dtype])
+            _CLIENT_CACHE.update(key=key, x=x, y=y, shards=client_shards(y, wl))
+        torch.set_num_threads(wl.threads)
+        return _CLIENT_CACHE["x"], _CLIENT_CACHE["y"], _CLIENT_CACHE["shards"]
+
+    client_app = ClientApp()
+
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        client_data()
+        pid = int(context.node_config["partition-id"])
+        return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        x, y, shards = client_data()
+        pid = int(context.node_config["partition-id"])
+        cfg = msg.content.config_records["config"]
+        cid = int(cast(int, cfg["client-id"]))
+        if cid != pid:
+            raise RuntimeError(f"the node of partition {pid} was sent client {cid}: the node mapping is wrong")
+        rnd = int(cast(int, cfg["server-round"])) - 1
+        model = make_mlp(wl.hidden, DTYPES[wl.dtype])
+        model.load_state_dict(msg.content.array_records["arrays"].to_torch_state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=wl.lr)
+        for j in torch.from_numpy(round_indices(shards[pid], wl, pid, rnd)):
+            loss = F.cross_entropy(model(x[j]), y[j])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        reply = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                            "metrics": MetricRecord({"num-examples": len(shards[pid])})})
+        return Message(reply, reply_to=msg)
+
+    # -- server side: a thread of this process -------------------------------------------------------------
+    class SampledFedAvg(FedAvg):
+        """Flower's FedAvg with the round's clients given (the same seeded sample as coopsgd's schedule)."""
+
+        def __init__(self, node_of: dict[int, int]) -> None:
+            super().__init__(fraction_train=w.fraction, fraction_evaluate=0.0, min_train_nodes=1,
+                             min_available_nodes=N)
+            self.node_of = node_of
+            self.expected = 0
+
+        def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Grid) -> list[Any]:
+            chosen = clients_of_round(server_round - 1)
+            self.expected = len(chosen)
+            config["server-round"] = server_round
+            return [Message(content=RecordDict({self.arrayrecord_key: arrays,
+                                                self.configrecord_key: ConfigRecord({**config, "client-id": int(i)})}),
+                            message_type=MessageType.TRAIN, dst_node_id=self.node_of[int(i)])
+                    for i in chosen]
+
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            replies = list(replies)
+            bad = [m for m in replies if m.has_error()]
+            if bad or len(replies) != self.expected:
+                reason = bad[0].error.reason if bad else "missing replies"
+                raise RuntimeError(f"Flower round {server_round}: {len(replies) - len(bad)} of {self.expected} "
+                                   f"clients replied, {len(bad)} errors; first: {reason}")
+            return super().aggregate_train(server_round, replies)
+
+    out: dict[str, Any] = {}
+    init_state = {k: v.detach().clone() for k, v in init.state_dict().items()}
+    server_app = ServerApp()
+
+    def ask(grid: Grid, nodes: list[int]) -> list[Any]:
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({"ask": "partition-id"})}),
+                        message_type=MessageType.QUERY, dst_node_id=nid) for nid in nodes]
+        replies = list(grid.send_and_receive(msgs, timeout=900))
+        bad = [m for m in replies if m.has_error()]
+        if bad or len(replies) != len(nodes):
+            reason = bad[0].error.reason if bad else "missing replies"
+            raise RuntimeError(f"Flower query: {len(replies) - len(bad)} of {len(nodes)} nodes replied; "
+                               f"first error: {reason}")
+        return replies
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        deadline = time.monotonic() + 600
+        while len(infos := list(grid.get_nodes())) < N:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Flower: only {len(infos)} of {N} nodes registered after 600 s")
+            time.sleep(0.01)
+        # The simulation creates node i for partition i, in order: map by registration time (the client checks
+        # the mapping on every message); nodes registered in the same microsecond are asked for their partition.
+        groups: dict[datetime.datetime, list[int]] = {}
+        for info in infos:
+            groups.setdefault(datetime.datetime.fromisoformat(info.registered_at), []).append(int(info.node_id))
+        ordered = [ids for _, ids in sorted(groups.items())]
+        first = ask(grid, [ordered[0][0]])  # waits for Ray, the actors and the actor's data
+        out["t_first"] = time.perf_counter()
+        node_of: dict[int, int] = {}
+        tied: list[int] = []
+        pos = 0
+        for ids in ordered:
+            if len(ids) == 1:
+                node_of[pos] = ids[0]
+            else:
+                tied += ids
+            pos += len(ids)
+        for m in first + (ask(grid, tied) if tied else []):
+            node_of[int(m.content["metrics"]["partition-id"])] = m.metadata.src_node_id
+        if sorted(node_of) != list(range(N)) or len(set(node_of.values())) != N:
+            raise RuntimeError(f"Flower: could not map the {N} nodes to partitions 0..{N - 1}")
+        out["tied"] = len(tied)
+        out["t_mapped"] = time.perf_counter()
+        strategy = SampledFedAvg(node_of)
+        arrays = ArrayRecord(init_state)
+        t0 = time.perf_counter()
+        result = strategy.start(grid, arrays, num_rounds=w.rounds, timeout=900,
+                                train_config=ConfigRecord({"lr": w.lr}))
+        out["train_s"] = time.perf_counter() - t0
+        out["t_trained"] = time.perf_counter()
+        out["state"] = result.arrays.to_torch_state_dict()
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no accelerators here; silences Ray's notice
+    cpus = os.cpu_count() or 1
+    backend_config: Any = {"client_resources": {"num_cpus": max(1, cpus // actors), "num_gpus": 0.0},
+                           "init_args": {"num_cpus": cpus, "logging_level": "ERROR" if not verbose else "INFO"}}
+    t_call = time.perf_counter()
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=N,
+                       backend_name="ray", backend_config=backend_config, verbose_logging=verbose)
+    except (Exception, SystemExit) as exc:  # flwr exits through sys.exit on some failures
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        cause = exc.__cause__ or exc.__context__
+        if cause is not None:
+            detail += " <- " + "".join(traceback.format_exception_only(type(cause), cause)).strip()
+        raise PeerUnavailable(f"Flower's run_simulation failed: {detail}") from None
+    t_end = time.perf_counter()
+    if "state" not in out:
+        raise PeerUnavailable("Flower's run_simulation returned without finishing the rounds (see its log above; "
+                              "--flower-verbose shows more)")
+    model = make_mlp(w.hidden, DTYPES[w.dtype])
+    model.load_state_dict(out["state"])
+    phases = {
+        "startup": out["t_first"] - t_call,  # Ray + actor start-up, data in the actor, one query
+        "mapping": out["t_mapped"] - out["t_first"],  # node -> partition map (queries only tied nodes)
+        "shutdown": t_end - out["t_trained"],
+        "total": t_end - t_call,
+        "tied_nodes": float(out["tied"]),
+    }
+    return Outcome(out["train_s"], phases, flat(model))
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def fmt(x: float, spec: str = ".3f") -> str:
+    return "n/a" if x != x else format(x, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--configs", default="10:1.0,100:0.1,1000:0.01",
+                    help="comma-separated N:fraction pairs (clients, FedAvg fraction)")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--local-steps", type=int, default=5, help="E, local SGD steps per round")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--hidden", type=int, default=128, help="MLP 784-hidden-10")
+    ap.add_argument("--beta", type=float, default=0.5, help="Dirichlet label-skew concentration")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the coopsgd and hand-loop runs (median)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, in this process and in Flower's actors")
+    ap.add_argument("--executor", choices=("loop", "vmap", "auto"), default="loop", help="coopsgd's executor")
+    ap.add_argument("--flower-actors", type=int, default=1,
+                    help="Ray actors running Flower's clients (client_resources.num_cpus = cpus // actors)")
+    ap.add_argument("--no-flower", action="store_true", help="skip Flower")
+    ap.add_argument("--flower-verbose", action="store_true", help="keep Flower's and Ray's logs")
+    ap.add_argument("--tol", type=float, default=1e-9, help="tolerance reported for the final models' agreement")
+    ap.add_argument("--quick", action="store_true", help="3 rounds, 1 repetition")
+    args = ap.parse_args()
+    configs: list[tuple[int, float]] = []
+    for item in args.configs.split(","):
+        try:
+            n_s, c_s = item.split(":")
+            n, c = int(n_s), float(c_s)
+        except ValueError:
+            ap.error(f"--configs: {item!r} is not N:fraction (e.g. 100:0.1)")
+        if n < 1 or not 0.0 < c <= 1.0:
+            ap.error(f"--configs: {item!r} needs N >= 1 and 0 < fraction <= 1")
+        configs.append((n, c))
+    for name in ("rounds", "local_steps", "batch", "reps", "threads", "hidden", "flower_actors"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}: {getattr(args, name)} must be >= 1")
+    if args.quick:
+        args.rounds, args.reps = 3, 1
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+
+    fl_ver = flower_version()
+    fl_note = "not installed" if fl_ver is None else fl_ver
+    if args.no_flower:
+        fl_note += " (skipped: --no-flower)"
+    print(f"# bench_peers: FedAvg, MLP 784-{args.hidden}-10, {args.dtype}, R = {args.rounds} rounds, "
+          f"E = {args.local_steps}, B = {args.batch}, lr = {args.lr}, Dirichlet beta = {args.beta}; "
+          f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cpus, {platform.machine()}, "
+          f"flwr {fl_note}, coopsgd executor {args.executor}", flush=True)
+    if fl_ver is None and not args.no_flower:
+        print("# Flower: flwr is not importable here: the Flower columns stay empty. Install the 'peers' extra "
+              "(pip install 'flwr[simulation]'), ideally in a separate venv, and run this script with its python.",
+              flush=True)
+
+    data = load_data(dtype)
+    xt, yt = data[2], data[3]
+    # Warm-up (untimed in the tables): one-round runs of the first configuration, so that one-time costs of a
+    # fresh process (lazy imports, first autograd calls; coopsgd's first FLOP count imports torch._dynamo) do
+    # not land in the first measured configuration. Reported here.
+    n0, c0 = configs[0]
+    w0 = Workload(n0, c0, 1, args.local_steps, args.batch, args.lr, args.hidden, args.beta, args.seed, args.dtype,
+                  args.threads)
+    shards0, init0 = client_shards(data[1], w0), initial_model(w0)
+    sched0 = fedavg_spec(w0, shards0).schedule
+    t0 = time.perf_counter()
+    run_coopsgd(w0, data, shards0, init0, args.executor)
+    warm_coop = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_hand(w0, data, shards0, init0, lambda r: np.asarray(sched0.clients(r), dtype=np.int64))
+    warm_hand = time.perf_counter() - t0
+    print(f"# warm-up (first run in this process, 1 round of N = {n0}, untimed below): coopsgd {warm_coop:.2f} s "
+          f"(construction included), hand loop {warm_hand:.2f} s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for n, c in configs:
+        w = Workload(n, c, args.rounds, args.local_steps, args.batch, args.lr, args.hidden, args.beta, args.seed,
+                     args.dtype, args.threads)
+        shards = client_shards(data[1], w)
+        init = initial_model(w)
+        sched = fedavg_spec(w, shards).schedule
+
+        def clients_of_round(r: int, sched: Any = sched) -> np.ndarray:
+            return np.asarray(sched.clients(r), dtype=np.int64)
+
+        coop_runs, hand_runs = [], []
+        for _ in range(args.reps):  # interleaved, so that load changes hit both
+            coop_runs.append(run_coopsgd(w, data, shards, init, args.executor))
+            hand_runs.append(run_hand(w, data, shards, init, clients_of_round))
+        coop = coop_runs[-1]
+        coop.train_s = statistics.median(o.train_s for o in coop_runs)
+        coop.phases["setup"] = statistics.median(o.phases["setup"] for o in coop_runs)
+        hand = hand_runs[-1]
+        hand.train_s = statistics.median(o.train_s for o in hand_runs)
+        flower = Outcome()
+        if args.no_flower:
+            flower.error = "skipped (--no-flower)"
+        elif fl_ver is None:
+            flower.error = "flwr not installed"
+        else:
+            try:
+                flower = run_flower(w, init, clients_of_round, args.flower_actors, args.flower_verbose)
+            except PeerUnavailable as exc:
+                flower.error = str(exc)
+                print(f"# Flower N = {n}: FAILED: {exc}", flush=True)
+        for o in (coop, hand, flower):
+            if o.params is not None:
+                model = make_mlp(w.hidden, dtype)
+                torch.nn.utils.vector_to_parameters(o.params, model.parameters())
+                o.test_loss = test_loss(model, xt, yt)
+        row = {"n": n, "c": c, "k": len(clients_of_round(0)), "coop": coop, "hand": hand, "flower": flower,
+               "sizes": (min(len(s) for s in shards), max(len(s) for s in shards))}
+        rows.append(row)
+        print(f"# N = {n}: coopsgd {coop.train_s:.3f} s, hand loop {hand.train_s:.3f} s, Flower "
+              f"{fmt(flower.train_s)} s" + (f" ({flower.error})" if flower.error else "")
+              + (f", {flower.phases['tied_nodes']:.0f} nodes queried for their partition" if flower.phases else ""),
+              flush=True)
+
+    print()
+    print("Training time (s; coopsgd and hand loop: median of "
+          f"{args.reps}; Flower: one run) and ratios to coopsgd")
+    print(f"{'N':>5} {'c':>5} {'k':>3} {'samples':>8} {'coopsgd':>8} {'hand loop':>9} {'Flower':>8} "
+          f"{'Flower/coopsgd':>14} {'hand/coopsgd':>12} | {'coopsgd setup':>13} {'Flower startup':>14} "
+          f"{'mapping':>8} {'shutdown':>8} {'Flower total':>12}")
+    for r in rows:
+        co, ha, fl = r["coop"], r["hand"], r["flower"]
+        ph = fl.phases
+        print(f"{r['n']:>5} {r['c']:>5.2f} {r['k']:>3} {r['sizes'][0]:>3}-{r['sizes'][1]:<4} {co.train_s:>8.3f} "
+              f"{ha.train_s:>9.3f} {fmt(fl.train_s):>8} {fmt(fl.train_s / co.train_s, '.1f') + 'x':>14} "
+              f"{ha.train_s / co.train_s:>11.2f}x | {co.phases['setup']:>13.3f} "
+              f"{fmt(ph.get('startup', float('nan')), '.2f'):>14} {fmt(ph.get('mapping', float('nan')), '.2f'):>8} "
+              f"{fmt(ph.get('shutdown', float('nan')), '.2f'):>8} {fmt(ph.get('total', float('nan')), '.2f'):>12}")
+    print()
+    print(f"Final model (server) agreement with coopsgd ({args.dtype}; tolerance {args.tol:g})")
+    print(f"{'N':>5} {'coopsgd test loss':>18} {'hand loop':>18} {'Flower':>18} {'|dloss| hand':>12} "
+          f"{'|dloss| Flower':>14} {'max|dθ| hand':>12} {'max|dθ| Flower':>14}")
+    worst = 0.0
+    for r in rows:
+        co, ha, fl = r["coop"], r["hand"], r["flower"]
+        dl = [abs(o.test_loss - co.test_loss) for o in (ha, fl)]
+        dp = [float((o.params - co.params).abs().max()) if o.params is not None else float("nan") for o in (ha, fl)]
+        worst = max([worst, *[v for v in dl + dp if v == v]])
+        print(f"{r['n']:>5} {co.test_loss:>18.15f} {ha.test_loss:>18.15f} {fmt(fl.test_loss, '18.15f'):>18} "
+              f"{dl[0]:>12.2e} {fmt(dl[1], '.2e'):>14} {dp[0]:>12.2e} {fmt(dp[1], '.2e'):>14}")
+    verdict = "within" if worst <= args.tol else "EXCEEDS"
+    print(f"# largest difference {worst:.2e}: {verdict} the tolerance {args.tol:g}")
+    failed = [(r["n"], r["flower"].error) for r in rows if r["flower"].error]
+    for n, err in failed:
+        print(f"# Flower N = {n}: {err}")
+
+
+if __name__ == "__main__":
+    main()
