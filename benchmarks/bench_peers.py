@@ -48,6 +48,8 @@ import logging
 import os
 import platform
 import statistics
+import sys
+import threading
 import time
 import traceback
 import warnings
@@ -313,13 +315,23 @@ def run_flower(w: Workload, init: nn.Module, clients_of_round: Callable[[int], n
             return super().aggregate_train(server_round, replies)
 
     out: dict[str, Any] = {}
+    abort = threading.Event()  # set when run_simulation fails: the ServerApp thread's own waits stop
     init_state = {k: v.detach().clone() for k, v in init.state_dict().items()}
     server_app = ServerApp()
 
     def ask(grid: Grid, nodes: list[int]) -> list[Any]:
         msgs = [Message(content=RecordDict({"config": ConfigRecord({"ask": "partition-id"})}),
                         message_type=MessageType.QUERY, dst_node_id=nid) for nid in nodes]
-        replies = list(grid.send_and_receive(msgs, timeout=900))
+        # push and poll here (not send_and_receive) so that a crashed runtime (abort) ends this thread at once
+        waiting = set(grid.push_messages(msgs))
+        replies: list[Any] = []
+        deadline = time.monotonic() + 900
+        while waiting and not abort.is_set() and time.monotonic() < deadline:
+            got = list(grid.pull_messages(list(waiting)))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if waiting:
+                time.sleep(0.01)
         bad = [m for m in replies if m.has_error()]
         if bad or len(replies) != len(nodes):
             reason = bad[0].error.reason if bad else "missing replies"
@@ -331,7 +343,7 @@ def run_flower(w: Workload, init: nn.Module, clients_of_round: Callable[[int], n
     def main(grid: Grid, context: Context) -> None:
         deadline = time.monotonic() + 600
         while len(infos := list(grid.get_nodes())) < N:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or abort.is_set():
                 raise RuntimeError(f"Flower: only {len(infos)} of {N} nodes registered after 600 s")
             time.sleep(0.01)
         # The simulation creates node i for partition i, in order: map by registration time (the client checks
@@ -375,10 +387,13 @@ def run_flower(w: Workload, init: nn.Module, clients_of_round: Callable[[int], n
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=N,
                        backend_name="ray", backend_config=backend_config, verbose_logging=verbose)
     except (Exception, SystemExit) as exc:  # flwr exits through sys.exit on some failures
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        cause = exc.__cause__ or exc.__context__
-        if cause is not None:
-            detail += " <- " + "".join(traceback.format_exception_only(type(cause), cause)).strip()
+        abort.set()
+        chain: list[BaseException] = []
+        cause: BaseException | None = exc
+        while cause is not None and cause not in chain:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        detail = " <- ".join("".join(traceback.format_exception_only(type(c), c)).strip() for c in chain)
         raise PeerUnavailable(f"Flower's run_simulation failed: {detail}") from None
     t_end = time.perf_counter()
     if "state" not in out:
@@ -550,6 +565,11 @@ def main() -> None:
     failed = [(r["n"], r["flower"].error) for r in rows if r["flower"].error]
     for n, err in failed:
         print(f"# Flower N = {n}: {err}")
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if failed and stuck:  # a failed simulation can leave its ServerApp thread waiting on a Flower timeout
+        print(f"# exiting without waiting for {len(stuck)} thread(s) the failed Flower run left behind", flush=True)
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ from torch import nn
 from coopsgd.algorithms import presets
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.clock import SimClock
 from coopsgd.engines.mixing import apply_mixing, mix_rows_, round_plan
+from coopsgd.engines.simulator import Simulator
 
 
 def first_matrix(spec: AlgorithmSpec) -> np.ndarray:
@@ -121,6 +123,84 @@ def bench_case(name: str, S: np.ndarray, d: int, reps: int, dense_ok: bool) -> d
     return res
 
 
+# ---------------------------------------------------------------------------------------------------------
+# whole simulator steps (compute + update + round)
+# ---------------------------------------------------------------------------------------------------------
+
+BATCH = 32
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def make_batches(m: int, count: int = 2) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    return [[(torch.randn(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+             for _ in range(m)] for _ in range(count)]
+
+
+class _StepRunner:
+    """``steps`` simulator steps of one spec (loop executor, measured clock: no FLOP counting)."""
+
+    def __init__(self, spec: AlgorithmSpec, steps: int, data: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                 nan_policy: str = "stop") -> None:
+        self.sim = Simulator(spec, mlp, executor="loop", clock=SimClock(compute=None), nan_policy=nan_policy)
+        self.steps, self.data = steps, data
+        self.m = spec.workers
+        self.active = int(getattr(spec.schedule, "clients_per_round", self.m))
+        self()  # warm-up
+
+    def __call__(self) -> None:
+        sim = self.sim
+        for s in range(self.steps):
+            mask = sim.spec.schedule.active(sim.step_count)
+            batches = self.data[s % len(self.data)]
+            if mask is not None:
+                batches = [b if a else None for b, a in zip(batches, mask, strict=True)]
+            sim.step(batches, 0.01)
+            if sim.nan_policy == "skip":
+                sim.check_health()
+
+
+def bench_steps(workers: list[int], reps: int, steps: int, fedavg_tau: list[int]) -> None:
+    """Per-worker step cost in m (target: m = max <= 1.3x of m = min) and FedAvg 1000 clients at c = 0.01 vs
+    10 clients at c = 1 (target <= 1.5x), each set of variants timed interleaved."""
+    print("\n# whole steps: MLP 784-128-10, batch 32 per active worker, loop executor, median of interleaved reps")
+    print(f"{'workload':<34} {'m':>5} {'active':>6} {'ms/step':>9} {'ms/active worker':>16} {'vs smallest m':>13}")
+    kinds: dict[str, Callable[[int], AlgorithmSpec]] = {
+        "local steps (no round)": lambda m: presets.local_sgd(m, 10**9),
+        "D-PSGD ring (round every step)": lambda m: presets.dpsgd(m),
+        "local SGD tau=1 (J every step)": lambda m: presets.local_sgd(m, 1),
+        "local SGD tau=4": lambda m: presets.local_sgd(m, 4),
+    }
+    data_max = make_batches(max(workers))
+    for label, build in kinds.items():  # every m of one workload interleaved (A/B alternating)
+        runners = {m: _StepRunner(build(m), max(2, min(steps, int(steps * 64 / m) + 2)), [b[:m] for b in data_max])
+                   for m in workers}
+        med = interleaved_medians(runners, reps, budget_s=60.0)  # type: ignore[arg-type]
+        base = None
+        for m, runner in runners.items():
+            t = med[m] / runner.steps  # type: ignore[index]
+            per = t / m
+            base = per if base is None else base
+            print(f"{label:<34} {m:>5} {m:>6} {t * 1e3:>9.2f} {per * 1e3:>16.3f} {per / base:>12.2f}x", flush=True)
+        del runners
+    for tau in fedavg_tau:
+        data = make_batches(1000)
+        small = _StepRunner(presets.fedavg(10, tau), steps, [b[:10] for b in data])
+        large = _StepRunner(presets.fedavg(1000, tau, fraction=0.01), steps, data)
+        med = interleaved_medians({"small": small, "large": large}, reps, budget_s=30.0)
+        for key, r in (("small", small), ("large", large)):
+            t = med[key] / steps
+            print(f"{'FedAvg tau=' + str(tau) + (' c=1.0' if key == 'small' else ' c=0.01'):<34} {r.m:>5} "
+                  f"{r.active:>6} {t * 1e3:>9.2f} {t / r.active * 1e3:>16.3f} {med[key] / med['small']:>12.2f}x",
+                  flush=True)
+        del small, large
+    print("# targets: per active worker at the largest m <= 1.3x of the smallest; FedAvg 1000 clients c = 0.01 "
+          "<= 1.5x of 10 clients c = 1.0 (last column)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", default="8,64,256,1024", help="comma-separated list of m")
@@ -129,6 +209,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); 1 gives stable numbers on a loaded machine")
     ap.add_argument("--no-dense-above", type=int, default=4096, help="skip the dense product above this n")
+    ap.add_argument("--only", choices=("rounds", "steps"), default=None, help="run one part")
+    ap.add_argument("--steps", type=int, default=8, help="steps per timed repetition (fewer for large m)")
+    ap.add_argument("--fedavg-tau", default="1,5", help="FedAvg local steps per round to measure")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,6 +219,10 @@ def main() -> None:
     d = mlp_params()
     print(f"# bench_scale: d = {d} parameters (MLP 784-128-10), float32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {platform.machine()}")
+    if args.only != "rounds":
+        bench_steps(workers, args.reps, args.steps, [int(t) for t in args.fedavg_tau.split(",")])
+    if args.only == "steps":
+        return
     cases: list[tuple[str, np.ndarray]] = []
     for m in workers:
         cases.append((f"ring m={m}", first_matrix(presets.dpsgd(m))))

@@ -171,6 +171,46 @@ def bench_steps(name: str, m: int, reps: int) -> dict[str, object]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 5: whole runs with executor="auto", calibration included
+# ---------------------------------------------------------------------------------------------------------
+
+
+def bench_auto_runs(name: str, m: int, reps: int, steps: int = 100) -> dict[str, float]:
+    """Median wall time of a whole run of ``steps`` steps (construction included) with executor loop, vmap,
+    auto with an empty executor cache (the first run: calibration included) and auto reading the cache."""
+    import tempfile
+
+    from coopsgd.engines.calibration import ExecutorCache
+
+    factory, shape = MODELS[name]
+    data = make_batches(m, shape)
+    cached_dir = tempfile.mkdtemp(prefix="coopsgd-bench-cache-")
+
+    def run(executor: str, cache: ExecutorCache | None) -> Callable[[], None]:
+        def go() -> None:
+            sim = Simulator(presets.local_sgd(m, 10**9), factory, executor=executor, executor_cache=cache)
+            for s in range(steps):
+                sim.step(data[s % len(data)], 0.01)
+
+        return go
+
+    def first_run() -> None:
+        with tempfile.TemporaryDirectory(prefix="coopsgd-bench-cache-") as d:
+            run("auto", ExecutorCache(os.path.join(d, "cache.json")))()
+
+    variants = {"loop": run("loop", None), "vmap": run("vmap", None), "auto first run": first_run,
+                "auto cached": run("auto", ExecutorCache(os.path.join(cached_dir, "cache.json")))}
+    variants["auto cached"]()  # fills the cache
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for key, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 3: mixing
 # ---------------------------------------------------------------------------------------------------------
 
@@ -335,6 +375,18 @@ def main() -> None:
               f"{r['per_parameter'] / r['stacked']:8.1f}x {r['per_worker_parameter'] * 1e3:17.3f}ms "
               f"{r['per_worker_parameter'] / r['stacked']:8.1f}x")
     raw["mixing"] = mix_raw
+
+    print(f"\n(5) whole runs of 100 steps (construction included), executor auto vs the better fixed one "
+          f"(target <= 1.05x)")
+    print(f"{'model':8} {'loop':>9} {'vmap':>9} {'auto 1st run':>13} {'auto cached':>12} {'1st/best':>9} {'cached/best':>12}")
+    auto_raw = []
+    for name in names:
+        r = bench_auto_runs(name, m, reps, steps=100 if name != "resnet" else 20)
+        auto_raw.append({"model": name, **r})
+        best = min(r["loop"], r["vmap"])
+        print(f"{name:8} {r['loop']:8.2f}s {r['vmap']:8.2f}s {r['auto first run']:12.2f}s {r['auto cached']:11.2f}s "
+              f"{r['auto first run'] / best:8.3f}x {r['auto cached'] / best:11.3f}x")
+    raw["auto_runs"] = auto_raw
 
     if not args.quick:
         print(f"\n(4) peak memory increment (peak RSS, fresh process) with m = {m} workers vs m x one model (target <= 1.10x)")

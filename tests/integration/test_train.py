@@ -196,3 +196,19 @@ def test_compare_defaults_yield_to_flags_and_config(monkeypatch, tmp_path) -> No
     cfg.write_text('epochs = 2\n')
     cli.main(["compare", "--presets", "sync", "--config", str(cfg), "--out", str(tmp_path / "c")])
     assert seen[-1].model == "lenet" and seen[-1].epochs == 2.0
+
+
+@pytest.mark.parametrize(("preset", "tau", "steps", "warned"),
+                         [("local_sgd", 10, 4, True), ("local_sgd", 4, 4, False), ("diloco", 6, 5, True),
+                          ("diloco", 5, 5, False)])
+def test_run_without_any_round_is_warned(caplog, preset, tau, steps, warned) -> None:
+    import logging
+
+    cfg = RunConfig(preset=preset, workers=2, tau=tau, model="mlp", max_steps=steps, eval_every=steps,
+                    batch_size=16)
+    with caplog.at_level(logging.WARNING, logger="coopsgd.train.trainer"):
+        train(cfg)
+    hits = [r.getMessage() for r in caplog.records if "no communication round" in r.getMessage()]
+    assert bool(hits) is warned
+    if warned:
+        assert f"{steps} steps (tau = {tau})" in hits[0]

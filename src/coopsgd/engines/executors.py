@@ -251,6 +251,7 @@ class LoopExecutor(Executor):
         self.work_buffers = torch.zeros((m, lay.b), dtype=self.buffers.dtype, device=device)
         self.work_others = {n: torch.zeros_like(self.others[n][:m]) for n in lay.other_names}
         self.replicas = [self._replica(i).train() for i in range(m)]
+        self._grad_rows = self.grads.unbind(0)
 
     def _replica(self, i: int) -> nn.Module:
         """A copy of the template whose parameters/buffers are views into row i (no parameter copies).
@@ -279,16 +280,27 @@ class LoopExecutor(Executor):
                 param.grad = g_row  # autograd accumulates in place into row i of self.grads
         return rep
 
-    def _sync_buffers(self) -> None:
-        if self.layout.b:
-            self.work_buffers.copy_(self.buffers[: self.m])
-        for n in self.layout.other_names:
-            self.work_others[n].copy_(self.others[n][: self.m])
+    def _sync_buffers(self, rows: list[int] | None = None) -> None:
+        """Copy the buffers of ``rows`` (all workers: ``None``) from the state into the replicas' scratch."""
+        lay = self.layout
+        if not (lay.b or lay.other_names):
+            return
+        if rows is None:
+            if lay.b:
+                self.work_buffers.copy_(self.buffers[: self.m])
+            for n in lay.other_names:
+                self.work_others[n].copy_(self.others[n][: self.m])
+            return
+        t = torch.as_tensor(rows, device=self.params.device)
+        if lay.b:
+            self.work_buffers.index_copy_(0, t, self.buffers.index_select(0, t))
+        for n in lay.other_names:
+            self.work_others[n].index_copy_(0, t, self.others[n].index_select(0, t))
 
     def compute(self, batches: Sequence[Batch | None], rows: list[int] | None) -> ComputeResult:
         idx = list(range(self.m)) if rows is None else rows
-        self._sync_buffers()
-        self.grads.zero_()
+        # only the active rows: inactive workers cost no work (FedAvg's sampled clients)
+        self._sync_buffers(rows)
         losses: list[Tensor] = []
         times = np.zeros(len(idx))
         # squared norm of each gradient row, taken right after its backward while the row is in cache: it
@@ -302,9 +314,10 @@ class LoopExecutor(Executor):
             assert batch is not None
             x, y = batch
             t0 = time.perf_counter()
+            g = self._grad_rows[i]
+            g.zero_()  # row by row, just before its backward: in cache, and only the active rows
             loss = self.loss_fn(self.replicas[i](x), y)
             loss.backward()
-            g = self.grads[i]
             sq.append(torch.dot(g, g) if g.numel() else g.new_zeros(()))
             if per_worker:
                 times[j] = time.perf_counter() - t0
@@ -330,7 +343,7 @@ class LoopExecutor(Executor):
 
     def evaluate(self, batch: Batch, rows: list[int] | None = None) -> Tensor:
         idx = list(range(self.m)) if rows is None else rows
-        self._sync_buffers()
+        self._sync_buffers(rows)
         x, y = batch
         out = torch.empty(len(idx), dtype=self.params.dtype, device=self.params.device)
         with torch.no_grad():

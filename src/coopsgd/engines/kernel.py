@@ -38,7 +38,7 @@ from torch import Tensor
 from coopsgd.algorithms.schedules import Mix
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Communicator
-from coopsgd.engines.mixing import apply_mixing, round_plan
+from coopsgd.engines.mixing import RoundPlan, apply_mixing, round_plan
 from coopsgd.engines.optim import (
     AdamOptions,
     InnerOptimizer,
@@ -55,14 +55,103 @@ class InProcess:
     """The simulator's communicator: every node is in this process.
 
     A round is applied by the cheapest exact kernel for the structure of S
-    (:func:`coopsgd.engines.mixing.mix_rows_`: averaging, neighbour gather, only the changed rows); a
-    matrix with no usable structure is one dense product over every node (:func:`apply_mixing`).
+    (:func:`coopsgd.engines.mixing.mix_rows_`: averaging, neighbour gather, chain, only the changed rows);
+    a matrix with no usable structure is one dense product over every node (:func:`apply_mixing`).
+
+    Deferred broadcasts: when the engine sets :attr:`defer_rows` (FedAvg with sampled clients), an
+    averaging round does not write its value into the changed rows below that index; it keeps the value
+    (one row) and the set of rows that hold it, and the engine :meth:`materialize` s those rows before
+    anything reads them (the next step's active workers, or every row before the state is read from
+    outside). The next averaging round that overwrites every deferred row without reading any of them
+    just replaces the value, so sampling c m of m clients costs O(c m) rows per round, not O(m).
     """
 
     pending = False
 
+    def __init__(self) -> None:
+        #: rows ``[0, defer_rows)`` an averaging round may leave deferred (0: none; set by the engine)
+        self.defer_rows = 0
+        #: the plan of the next round's matrix, when the engine already looked it up: ``(S, plan)``
+        self.hint: tuple[np.ndarray, RoundPlan] | None = None
+        self._value: Tensor | None = None  # (1, width): what every deferred row holds
+        self._deferred: np.ndarray | None = None  # bool (n,): rows whose mixed columns are deferred
+
+    @property
+    def deferred(self) -> np.ndarray | None:
+        """Bool mask of the rows whose mixed columns are deferred (``None``: none)."""
+        return self._deferred
+
+    def deferred_value(self) -> Tensor | None:
+        """The (1, width) row every deferred row holds (``None``: none deferred)."""
+        return self._value
+
+    def materialize(self, rows: Tensor, which: list[int] | None = None) -> None:
+        """Write the deferred value into the deferred rows among ``which`` (``None``: all of them)."""
+        pend = self._deferred
+        if pend is None:
+            return
+        if which is None:
+            idx = np.flatnonzero(pend)
+        else:
+            w = np.asarray(which, dtype=np.int64)
+            idx = w[pend[w]]
+        if idx.size:
+            assert self._value is not None
+            t = torch.as_tensor(idx, device=rows.device)
+            rows.index_copy_(0, t, self._value.expand(idx.size, rows.shape[1]))
+            pend[idx] = False
+        if which is None or not pend.any():
+            self.clear()
+
+    def clear(self) -> None:
+        """Forget the deferred rows (after the state was replaced)."""
+        self._value, self._deferred = None, None
+
+    def snapshot(self) -> tuple[Tensor, np.ndarray] | None:
+        if self._deferred is None:
+            return None
+        assert self._value is not None
+        return self._value.clone(), self._deferred.copy()
+
+    def restore(self, snap: tuple[Tensor, np.ndarray] | None) -> None:
+        if snap is None:
+            self.clear()
+        else:
+            self._value, self._deferred = snap[0].clone(), snap[1].copy()
+
+    def _overwrites(self, plan: RoundPlan) -> bool:
+        """Whether ``plan`` writes every deferred row and reads none (their old value is never needed)."""
+        pend = self._deferred
+        assert pend is not None
+        if plan.kind != "average" or plan.sources is None:
+            return False
+        if pend[plan.sources].any():
+            return False
+        return plan.targets is None or bool(np.isin(np.flatnonzero(pend), plan.targets).all())
+
     def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> None:
-        plan = round_plan(S)
+        hint, self.hint = self.hint, None
+        plan = hint[1] if hint is not None and hint[0] is S else round_plan(S)
+        if plan.kind == "identity":
+            return
+        if self._deferred is not None:
+            if self._overwrites(plan):
+                self.clear()
+            else:
+                self.materialize(rows)
+        if plan.kind == "average" and self.defer_rows:
+            tg = np.arange(plan.n) if plan.targets is None else plan.targets
+            lazy = tg < self.defer_rows
+            if lazy.any():
+                y = plan.average(rows)
+                eager = tg[~lazy]
+                if eager.size:
+                    rows.index_copy_(0, torch.as_tensor(eager, device=rows.device),
+                                     y.expand(eager.size, rows.shape[1]))
+                self._value = y
+                self._deferred = np.zeros(plan.n, dtype=bool)
+                self._deferred[tg[lazy]] = True
+                return
         if plan.kind == "dense" and plan.targets is None:
             rows.copy_(apply_mixing(rows, S))
         else:
@@ -154,8 +243,8 @@ class RoundKernel:
                 X = P[:w]
                 buf = None if Mo is None else Mo[:w]
                 init = mom_init
-            else:
-                X = P.index_select(0, rows)
+            else:  # the active rows' parameters are gathered only when weight decay reads them
+                X = P.index_select(0, rows) if self.opts.weight_decay != 0.0 else None
                 buf = None if Mo is None else Mo.index_select(0, rows)
                 init = mom_init.index_select(0, rows)
             D = sgd_direction_(grads, X, buf, init if Mo is not None else None, self.opts)
@@ -170,9 +259,9 @@ class RoundKernel:
         pre = self.spec.rule == "pre_mix" and mix is not None
         if D is not None and not pre:
             if rows is None:
-                X.sub_(D, alpha=lr)
+                P[:w].sub_(D, alpha=lr)
             else:
-                P.index_copy_(0, rows, X - lr * D)
+                P.index_add_(0, rows, D, alpha=-lr)
         if mix is None:
             return
         lo, hi = self.cols

@@ -28,8 +28,22 @@ touched. Over the changed columns, the kernels are, in the order they are tried:
     each block written back as soon as no later block reads the rows it replaces. Transient memory: the
     saved rows or held blocks -- a few rows for a ring or a banded matrix, up to the changed rows (one
     state) for a scattered graph, like the dense product's output.
+``"chain"``
+    the distinct changed columns form a chain ``u_1, u_2 = u_1 + D_2, ...`` whose first column and
+    successive differences ``D_t`` are sparse (DOWNPOUR's composed pushes: every push adds one worker's
+    update to the server and copies the server into two rows, so the composed matrix is ~50% dense but
+    each column is the previous one plus two entries), and no difference reads a row an earlier column
+    already overwrote: one running row ``y <- y + X D_t``, written into the rows of ``u_t`` as it goes.
+    Cost O(nnz(u_1) + sum nnz(D_t) + changed rows) row operations instead of the product's n per
+    changed row. Rows shorter than ``_CHAIN_ROW_ELEMENTS`` use the dense product over the changed columns
+    (per-row Python calls would cost more than the small product).
 ``"dense"``
     anything else: the matrix product over the changed columns (all of them: :func:`apply_mixing`).
+
+A plan also records ``col_abs_max``, ``max_i sum_j |S[j, i]|`` (NaN or inf when S holds a non-finite
+entry), the growth bound the simulator's overflow guard needs, so that no engine passes over S again.
+The analysis of a matrix with few non-zeros works on its non-zero entries alone (O(nnz), no n x n
+temporaries): FedAvg draws a new 1001 x 1001 matrix every round.
 
 Every kernel equals the dense product up to the order of the floating-point sums (to ~1e-15 relative in
 float64); none is bitwise-identical to it in general.
@@ -58,6 +72,8 @@ PLAN_CACHE_SIZE = 128
 _BLOCK_ELEMENTS = 1 << 19
 #: rows at least this long are combined one row at a time from views (no gathered copies)
 _ROW_ELEMENTS = 1 << 14
+#: rows at least this long use the chain kernel when the plan has one (shorter: the dense product)
+_CHAIN_ROW_ELEMENTS = 1 << 12
 
 
 def apply_mixing(state: T, S: np.ndarray) -> T:
@@ -90,13 +106,16 @@ class RoundPlan:
     """How :func:`mix_rows_` applies one matrix (see the module docstring for the kernels).
 
     Attributes:
-        kind: ``"identity"``, ``"average"``, ``"sparse"`` or ``"dense"``.
+        kind: ``"identity"``, ``"average"``, ``"sparse"``, ``"chain"`` or ``"dense"``.
         n: the number of nodes.
         targets: the rows the round changes (int64, in output order); ``None`` when it is every row in
             order.
         sources: ``"average"``: the rows with non-zero weight.
-        weights: ``"average"``: their weights; ``"dense"``: ``S[:, targets]^T`` (targets x n).
+        weights: ``"average"``: their weights; ``"dense"`` and ``"chain"``: ``S[:, targets]^T`` (targets x n).
         buckets: ``"sparse"``: the gather tables, one per number of non-zeros.
+        chain: ``"chain"``: per link ``(source rows, weights, target rows)``: the first link's column, then
+            each difference, and the rows that take the running sum after it.
+        col_abs_max: ``max_i sum_j |S[j, i]|`` (NaN / inf iff S holds a non-finite entry).
     """
 
     kind: str
@@ -105,6 +124,8 @@ class RoundPlan:
     sources: np.ndarray | None = None
     weights: np.ndarray | None = None
     buckets: tuple[_Bucket, ...] = ()
+    chain: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()
+    col_abs_max: float = 1.0
     _tensors: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -149,9 +170,7 @@ class RoundPlan:
         t = self._on(rows)
         targets = t["targets"]
         if self.kind == "average":
-            src = t["sources"]
-            R = rows if src is None else rows.index_select(0, src)
-            y = torch.matmul(t["weights"].unsqueeze(0), R)  # (1, d)
+            y = self.average(rows)
             if targets is None:
                 rows.copy_(y.expand_as(rows))
             else:
@@ -160,12 +179,37 @@ class RoundPlan:
         if self.kind == "sparse":
             self._gather_(rows, t)
             return rows
+        if self.kind == "chain" and rows.shape[1] >= _CHAIN_ROW_ELEMENTS:
+            self._chain_(rows)
+            return rows
         out = torch.matmul(t["weights"], rows)
         if targets is None:
             rows.copy_(out)
         else:
             rows.index_copy_(0, targets, out)
         return rows
+
+    def average(self, rows: Any) -> Any:
+        """``"average"``: the (1, d) row every changed row receives (a new tensor; ``rows`` is not changed)."""
+        import torch
+
+        t = self._on(rows)
+        src = t["sources"]
+        R = rows if src is None else rows.index_select(0, src)
+        return torch.matmul(t["weights"].unsqueeze(0), R)
+
+    def _chain_(self, rows: Any) -> None:
+        """The chain kernel, in place (see the module docstring): one running row, updated link by link."""
+        R = rows.unbind(0)
+        y = None
+        for src, w, tg in self.chain:
+            terms = zip(src.tolist(), w.tolist(), strict=True)
+            if y is None:
+                y = rows.new_zeros(rows.shape[1])
+            for j, wj in terms:
+                y.add_(R[j], alpha=wj)
+            for i in tg.tolist():
+                R[i].copy_(y)
 
     def _blocks(self, block: int) -> list[tuple[int, int, int, list[int]]]:
         """Blocks of output positions ``(bucket, lo, hi, released)`` in processing order: after a block is
@@ -271,11 +315,85 @@ class RoundPlan:
         assert not held
 
 
+def _analyse_nz(n: int, nz: np.ndarray, vals: np.ndarray) -> RoundPlan:
+    """:func:`_analyse` from the non-zero entries alone (row-major flat positions ``nz``, values ``vals``)."""
+    r, c = np.divmod(nz, n)
+    counts = np.bincount(c, minlength=n)
+    col_abs_max = float(np.bincount(c, weights=np.abs(vals), minlength=n).max()) if n else 0.0
+    if not np.isfinite(vals).all():
+        col_abs_max = float(np.abs(vals).sum())  # NaN or inf: the overflow guard refuses the matrix
+    unit = np.zeros(n, dtype=bool)
+    unit[c[(r == c) & (vals == 1.0)]] = True
+    ident = (counts == 1) & unit
+    changed = np.flatnonzero(~ident)
+    if changed.size == 0:
+        return RoundPlan("identity", n, col_abs_max=col_abs_max)
+    keep = ~ident[c]
+    r2, c2, v2 = r[keep], c[keep], vals[keep]
+    order = np.lexsort((r2, c2))  # column-major: by column, then row
+    r2, c2, v2 = r2[order], c2[order], v2[order]
+    deg = counts[changed]
+    starts = np.concatenate(([0], np.cumsum(deg)[:-1]))
+    targets = None if changed.size == n else changed.astype(np.int64)
+    k0 = int(deg[0])
+    if np.all(deg == k0):
+        rr, vv = r2.reshape(changed.size, k0), v2.reshape(changed.size, k0)
+        if np.all(rr == rr[:1]) and np.all(vv == vv[:1]):
+            sources = None if k0 == n else rr[0].astype(np.int64)
+            return RoundPlan("average", n, targets=targets, sources=sources, weights=vv[0].copy(),
+                             col_abs_max=col_abs_max)
+    if int(deg.max()) <= SPARSE_MAX_DEGREE or r2.size <= SPARSE_DENSITY * n * changed.size:
+        ordc = np.argsort(deg, kind="stable")
+        buckets = []
+        pos = 0
+        for k in np.unique(deg):
+            cols = ordc[deg[ordc] == k]
+            at = starts[cols][:, None] + np.arange(int(k))[None, :]
+            buckets.append(_Bucket(pos, pos + cols.size, r2[at].astype(np.int64), v2[at].astype(np.float64)))
+            pos += cols.size
+        out_targets = changed[ordc].astype(np.int64)
+        sparse_targets = None if np.array_equal(out_targets, np.arange(n)) else out_targets
+        return RoundPlan("sparse", n, targets=sparse_targets, buckets=tuple(buckets), col_abs_max=col_abs_max)
+    W = np.zeros((changed.size, n))
+    W[np.repeat(np.arange(changed.size), deg), r2] = v2
+    return _chain_or_dense(n, changed, targets, W, col_abs_max)
+
+
+def _chain_or_dense(n: int, changed: np.ndarray, targets: np.ndarray | None, W: np.ndarray,
+                    col_abs_max: float) -> RoundPlan:
+    """``"chain"`` when the changed columns (rows of ``W`` = ``S[:, changed]^T``) form one, else ``"dense"``."""
+    dense = RoundPlan("dense", n, targets=targets, weights=np.ascontiguousarray(W), col_abs_max=col_abs_max)
+    if changed.size < 2 or not np.isfinite(W).all():
+        return dense
+    uniq, inverse = np.unique(W, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort((uniq != 0).sum(axis=1), kind="stable")
+    U = uniq[order]
+    links = np.concatenate((U[:1], np.diff(U, axis=0)))
+    if int((links != 0).sum()) > SPARSE_DENSITY * n * changed.size:
+        return dense
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    link_of = rank[inverse]  # the link after which each changed column is complete
+    written = np.zeros(n, dtype=bool)
+    chain = []
+    for t in range(U.shape[0]):
+        src = np.flatnonzero(links[t])
+        if written[src].any():  # a difference would read a row an earlier link already overwrote
+            return dense
+        tg = changed[link_of == t].astype(np.int64)
+        written[tg] = True
+        chain.append((src.astype(np.int64), links[t, src].astype(np.float64), tg))
+    return RoundPlan("chain", n, targets=targets, weights=np.ascontiguousarray(W), chain=tuple(chain),
+                     col_abs_max=col_abs_max)
+
+
 def _analyse(S: np.ndarray) -> RoundPlan:
     n = S.shape[0]
+    col_abs_max = float(np.abs(S).sum(axis=0).max()) if n else 0.0
     changed = np.flatnonzero((S != np.eye(n)).any(axis=0))
     if changed.size == 0:
-        return RoundPlan("identity", n)
+        return RoundPlan("identity", n, col_abs_max=col_abs_max)
     all_rows = changed.size == n
     Sc = S[:, changed]
     targets = None if all_rows else changed.astype(np.int64)
@@ -283,7 +401,8 @@ def _analyse(S: np.ndarray) -> RoundPlan:
         w = Sc[:, 0]
         nz = np.flatnonzero(w)
         sources = None if nz.size == n else nz.astype(np.int64)
-        return RoundPlan("average", n, targets=targets, sources=sources, weights=w[nz].copy())
+        return RoundPlan("average", n, targets=targets, sources=sources, weights=w[nz].copy(),
+                         col_abs_max=col_abs_max)
     nnz = Sc != 0
     degree = nnz.sum(axis=0)
     if int(degree.max()) <= SPARSE_MAX_DEGREE or nnz.sum() <= SPARSE_DENSITY * n * changed.size:
@@ -305,8 +424,8 @@ def _analyse(S: np.ndarray) -> RoundPlan:
             sparse_targets = None
         else:
             sparse_targets = out_targets
-        return RoundPlan("sparse", n, targets=sparse_targets, buckets=tuple(buckets))
-    return RoundPlan("dense", n, targets=targets, weights=np.ascontiguousarray(Sc.T))
+        return RoundPlan("sparse", n, targets=sparse_targets, buckets=tuple(buckets), col_abs_max=col_abs_max)
+    return _chain_or_dense(n, changed, targets, np.ascontiguousarray(Sc.T), col_abs_max)
 
 
 _PLANS: OrderedDict[tuple[tuple[int, ...], str, bytes], RoundPlan] = OrderedDict()
@@ -320,14 +439,22 @@ def round_plan(S: np.ndarray) -> RoundPlan:
     # the key is a digest of S; of its non-zero entries (positions and values, which determine S) when
     # they are few, which is cheaper than hashing all n^2 entries
     flat = S.reshape(-1)
-    if 4 * np.count_nonzero(flat) <= flat.size:
-        nz = np.flatnonzero(flat)
-        key = (S.shape, "nz", hashlib.sha256(nz.tobytes() + flat[nz].tobytes()).digest())
+    n = S.shape[0]
+    live = np.flatnonzero(S.any(axis=1))  # rows holding a non-zero (NaN counts): FedAvg's S has c m + 1
+    if live.size == n:
+        nz = np.flatnonzero(flat != 0)  # a bool mask's flatnonzero is several times faster than a float's
+    else:
+        rr, cc = np.nonzero(S[live])
+        nz = live[rr] * n + cc
+    sparse = 4 * nz.size <= flat.size
+    if sparse:
+        vals = flat[nz]
+        key = (S.shape, "nz", hashlib.sha256(nz.tobytes() + vals.tobytes()).digest())
     else:
         key = (S.shape, "all", hashlib.sha256(S.data).digest())
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _analyse(S)
+        plan = _analyse_nz(S.shape[0], nz, vals) if sparse else _analyse(S)
         _PLANS[key] = plan
         if len(_PLANS) > PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)

@@ -96,13 +96,13 @@ class SGDOptions:
 
 
 def sgd_direction_(
-    grads: Tensor, params: Tensor, buf: Tensor | None, initialized: Tensor | None, opts: SGDOptions
+    grads: Tensor, params: Tensor | None, buf: Tensor | None, initialized: Tensor | None, opts: SGDOptions
 ) -> Tensor:
     """Return the update direction D for stacked rows; modifies ``grads`` (scratch) and ``buf`` in place.
 
     Args:
         grads: (k, d) stochastic gradients; overwritten (it becomes g' and, with Nesterov, D).
-        params: (k, d) current parameters (read for weight decay).
+        params: (k, d) current parameters (read for weight decay; may be ``None`` without it).
         buf: (k, d) momentum rows (updated in place), or ``None`` when ``opts.momentum == 0``.
         initialized: (k,) bool, whether each row already has a momentum buffer (torch creates it at the
             first step as a copy of g').
@@ -110,6 +110,7 @@ def sgd_direction_(
     """
     g = grads
     if opts.weight_decay != 0.0:
+        assert params is not None
         g.add_(params, alpha=opts.weight_decay)
     if not opts.stateful:
         return g

@@ -84,6 +84,7 @@ from coopsgd.engines.executors import (
     synchronize,
 )
 from coopsgd.engines.kernel import InProcess, RoundKernel
+from coopsgd.engines.mixing import round_plan
 from coopsgd.engines.optim import AdamOptions, InnerOptimizer, SGDOptions
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES, ModelRows
@@ -113,6 +114,17 @@ def _absmax(t: Tensor) -> float:
     lo, hi = torch.aminmax(t)
     a, b = abs(float(lo)), abs(float(hi))
     return a if (math.isnan(a) or a > b) else b
+
+
+def _choice_settled(times: dict[str, list[float]]) -> bool:
+    """Whether more timed calls could still change which executor is worth choosing (see ``_calibrate``)."""
+    if len(times) < 2:
+        return True
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fast, slow = sorted(med, key=med.__getitem__)[:2]
+    if med[slow] <= 1.03 * med[fast]:
+        return True  # within 3%: either choice is as good
+    return max(times[fast]) < min(times[slow]) and med[slow] > 1.10 * med[fast]
 
 
 def _general_bound(opts: InnerOptimizer, X: float, gmax: float, lr: float) -> float:
@@ -154,7 +166,8 @@ class Simulator(ModelRows):
         downpour_order: DOWNPOUR's push order: ``"schedule"`` (seeded, as the reference engine) or
             ``"clock"`` (workers in the order they finish the round on the simulated clock).
         init_params: optional start, (d,) common or (m, d) per worker (auxiliaries start at the mean).
-        calibration_steps: minimum timed calls per executor for ``executor="auto"`` (see :meth:`_calibrate`).
+        calibration_steps: minimum timed calls per executor for ``executor="auto"`` (see :meth:`_calibrate`;
+            more are made only while the choice is open).
         executor_cache: where ``executor="auto"`` keeps its choice per workload and machine
             (:class:`~coopsgd.engines.calibration.ExecutorCache`): the first run times both executors and
             stores the choice, later runs read it and time nothing, so they compute the same numbers.
@@ -185,7 +198,7 @@ class Simulator(ModelRows):
         clock: SimClock | None = None,
         downpour_order: str = "schedule",
         init_params: Tensor | np.ndarray | None = None,
-        calibration_steps: int = 3,
+        calibration_steps: int = 1,
         nan_policy: str = "stop",
         executor_cache: ExecutorCache | None = None,
         optimizer: str | type | None = None,
@@ -218,7 +231,8 @@ class Simulator(ModelRows):
         m, d, b = self.m, self.d, self.b
         self._check_initial_state()
         self._drop_template_storage()
-        self._kernel = RoundKernel(spec, self.opts, b, d, m, InProcess(), outer=self.outer)
+        self._comm = InProcess()
+        self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer)
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
         self._bad: dict[str, Any] | None = None
@@ -273,13 +287,37 @@ class Simulator(ModelRows):
     # ------------------------------------------------------------------------------------------------
     # views
     # ------------------------------------------------------------------------------------------------
-    #: (m+v, d) parameters, (m+v, b) float buffers and (m+v, d) momentum (or ``None``), one row per node:
-    #: views into the stacked state
-    params = ModelRows.rows_params
-    buffers = ModelRows.rows_buffers
-    momentum = ModelRows.rows_momentum
-    #: every inner-optimizer state field by torch's name, each (m+v, d) (auxiliaries: zero)
-    optimizer_state = ModelRows.rows_optimizer_state
+    # (m+v, d) parameters, (m+v, b) float buffers and (m+v, d) momentum (or ``None``), one row per node:
+    # views into the stacked state (rows a FedAvg round left deferred are written first)
+    @property
+    def params(self) -> Tensor:
+        """(m+v, d) parameters, one row per node (a view into the stacked state)."""
+        self._materialize()
+        return self.rows_params
+
+    @property
+    def buffers(self) -> Tensor:
+        """(m+v, b) float buffers, one row per node (a view)."""
+        self._materialize()
+        return self.rows_buffers
+
+    @property
+    def momentum(self) -> Tensor | None:
+        """(m+v, d) SGD momentum (auxiliaries: zero), or ``None`` without momentum (a view)."""
+        self._materialize()
+        return self.rows_momentum
+
+    @property
+    def optimizer_state(self) -> dict[str, Tensor]:
+        """Every inner-optimizer state field by torch's name, each (m+v, d) (auxiliaries: zero; views)."""
+        self._materialize()
+        return self.rows_optimizer_state
+
+    def _materialize(self, which: list[int] | None = None) -> None:
+        """Write a deferred FedAvg broadcast into the rows ``which`` (``None``: every deferred row)."""
+        if self._comm.deferred is not None:
+            lo, hi = self._kernel.cols
+            self._comm.materialize(self._state[:, lo:hi], which)
 
     @property
     def executor(self) -> Executor | None:
@@ -324,6 +362,7 @@ class Simulator(ModelRows):
         estimates = None
         if spec.center == "leader" and self.leader is None:
             if self._probe is not None:
+                self._materialize()
                 estimates = self._evaluator().evaluate(self._probe).to("cpu", torch.float64).numpy()
             elif self._hist_count.any():
                 with np.errstate(all="ignore"):
@@ -392,6 +431,7 @@ class Simulator(ModelRows):
         mask = self.spec.schedule.active(self.step_count)
         rows = None if mask is None or bool(np.all(mask)) else np.flatnonzero(mask).tolist()
         checked = self._check_batches(batches, rows)
+        self._materialize()
         if self._executor is None:
             self._choose_executor(checked, rows)
         if self.clock.counts_flops:
@@ -522,10 +562,12 @@ class Simulator(ModelRows):
     def _calibrate(self, batches: Sequence[Batch | None], rows: list[int] | None) -> None:
         """Time each executor on the first real batches (state is not advanced) and keep the faster.
 
-        Each executor gets warm-up calls (one, or up to three while a call takes under 20 ms), then timed
-        calls interleaved (loop, vmap, loop, ...) so that machine drift affects both alike: at least
-        ``calibration_steps`` rounds, and for fast models more rounds until 0.25 s of timing or 20 rounds
-        (ms-scale steps are noisy). The timed call includes the step's gradient finiteness pass, which the
+        Each executor gets one warm-up call, then timed calls interleaved (loop, vmap, loop, ...) so that
+        machine drift affects both alike: at least ``calibration_steps`` rounds, then more only while the
+        choice is open -- it stops as soon as every timed call of one executor was faster than every call
+        of the other and the medians differ by more than 10%, or the medians are within 3% (either choice
+        is then as good), and at the latest after 0.25 s of timing or 20 rounds. A clear case costs two
+        warm-up and two timed calls, about four steps of a run. The timed call includes the step's gradient finiteness pass, which the
         loop executor fuses into its loop. Medians are kept in :attr:`calibration`. Torch's RNG is restored
         afterwards, so a run that times the executors and one that reads the choice from the cache draw
         the same dropout masks.
@@ -539,12 +581,8 @@ class Simulator(ModelRows):
         for name in EXECUTORS:
             try:
                 ex = self._get_executor(name)
-                for _ in range(3):  # warm-up
-                    t0 = time.perf_counter()
-                    ex.compute(batches, rows)
-                    synchronize(self.device)
-                    if time.perf_counter() - t0 > 0.02:
-                        break
+                ex.compute(batches, rows)  # warm-up (vmap traces on its first call)
+                synchronize(self.device)
                 ready.append(name)
             except Exception as exc:  # an executor the model does not support (e.g. an op without vmap rule)
                 if name == "loop":
@@ -554,7 +592,7 @@ class Simulator(ModelRows):
         times: dict[str, list[float]] = {name: [] for name in ready}
         start = time.perf_counter()
         rounds = 0
-        while rounds < self.calibration_steps or (time.perf_counter() - start < 0.25 and rounds < 20):
+        while True:
             rounds += 1
             for name in ready:
                 t0 = time.perf_counter()
@@ -563,6 +601,10 @@ class Simulator(ModelRows):
                     _absmax(res.grads)
                 synchronize(self.device)
                 times[name].append(time.perf_counter() - t0)
+            if rounds >= self.calibration_steps and _choice_settled(times):
+                break
+            if rounds >= 20 or time.perf_counter() - start >= 0.25:
+                break
         self.calibration = {name: statistics.median(ts) for name, ts in times.items()}
         best = min(self.calibration, key=self.calibration.__getitem__)
         for name in list(self._executors):
@@ -597,7 +639,8 @@ class Simulator(ModelRows):
         )
 
     def _absmax(self) -> float:
-        return _absmax(self._state)
+        value = self._comm.deferred_value()
+        return _absmax(self._state) if value is None else max(_absmax(self._state), _absmax(value))
 
     def _estimates(self, losses: np.ndarray, probe: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """LSGD loss estimates and the updated running-mean history (committed only after the step)."""
@@ -623,12 +666,15 @@ class Simulator(ModelRows):
         lr = check_float("lr", lr, low=0.0)
         k = self.step_count
         sched = spec.schedule
+        self._comm.hint = None
         mask = sched.active(k)
         rows = None if mask is None or bool(np.all(mask)) else np.flatnonzero(mask).tolist()
         idx = list(range(m)) if rows is None else rows
         if batches is None:
             raise ConfigError.invalid("batches", None, f"need one (x, y) batch per worker ({self.m} entries)")
         batches = self._check_batches(batches, rows)
+        if self._comm.deferred is not None:  # the rows this step reads hold their values (FedAvg sampling)
+            self._materialize(None if spec.needs_losses and self.loss_estimate == "probe" else idx)
         if self._executor is None:
             self._choose_executor(batches, rows)
         flops = self._step_flops(batches) if self.clock.counts_flops else None
@@ -689,6 +735,8 @@ class Simulator(ModelRows):
                 mix, sched_state = sched.advance(k, ctx, self.schedule_state)
                 if mix is not None and order is not None:
                     mix.info["order_source"] = "clock"
+                # an averaging round may leave the inactive workers' rows deferred (written when read)
+                self._comm.defer_rows = m if rows is not None and self.outer is None else 0
                 if res is not None:
                     try:
                         self._update(res, mix, lr, rows, gmax, bmax, k)
@@ -745,8 +793,15 @@ class Simulator(ModelRows):
         log.warning("step %d: %s; the round will be dropped (nan_policy=skip)", k, exc)
 
     def _snapshot(self) -> None:
-        self._good = {"state": self._state.clone(), "other": {k: t.clone() for k, t in self.other_buffers.items()},
-                      "mom_init": self._mom_init.clone(), "optimizer": self._optimizer_snapshot()}
+        good = self._good
+        if good is not None and good["state"].shape == self._state.shape:
+            good["state"].copy_(self._state)  # reuse the buffer: no new full-state allocation per round
+        else:
+            good = {"state": self._state.clone()}
+        good.update({"other": {k: t.clone() for k, t in self.other_buffers.items()},
+                     "mom_init": self._mom_init.clone(), "optimizer": self._optimizer_snapshot(),
+                     "deferred": self._comm.snapshot()})
+        self._good = good
         self._good_step = self.step_count
 
     def check_health(self) -> DroppedRound | None:
@@ -765,6 +820,7 @@ class Simulator(ModelRows):
                 self.other_buffers[k].copy_(t)
             self._mom_init.copy_(self._good["mom_init"])
             self._optimizer_restore(self._good["optimizer"])
+            self._comm.restore(self._good["deferred"])
         self._bound = self._absmax()
         first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
         return DroppedRound(step=self.step_count - 1, workers=sorted(int(w) for w in first),
@@ -787,11 +843,15 @@ class Simulator(ModelRows):
     ) -> None:
         """Apply direction, rule and mixing; in place when provably overflow-free, else on a checked copy."""
         S = None if mix is None else np.asarray(mix.matrix, dtype=np.float64)
-        if S is not None and not np.all(np.isfinite(S)):
-            raise NonFiniteError(f"non-finite mixing matrix at step {k}")
+        cs = 1.0
+        if S is not None:
+            plan = round_plan(S)  # cached per distinct matrix; the kernel reuses it (hint)
+            cs = plan.col_abs_max  # max column abs-sum of S: NaN / inf iff S holds a non-finite entry
+            if not math.isfinite(cs):
+                raise NonFiniteError(f"non-finite mixing matrix at step {k}")
+            self._comm.hint = (S, plan)
         opts = self.opts
         X = max(self._bound, bmax)
-        cs = 1.0 if S is None else float(np.abs(S).sum(axis=0).max())
         sgd = isinstance(opts, SGDOptions)
         if isinstance(opts, SGDOptions):
             g1 = gmax + opts.weight_decay * X
@@ -810,6 +870,8 @@ class Simulator(ModelRows):
             self._bound = new_bound
         else:
             snap = None if sgd and self.outer is None else self._optimizer_snapshot()
+            self._materialize()
+            self._comm.defer_rows = 0
             work = self._state.clone()
             try:
                 self._kernel.apply(work, res.grads, t, res.buffers, counters, mix, lr)
@@ -841,6 +903,7 @@ class Simulator(ModelRows):
     # ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-identically (loadable with ``torch.load(weights_only=True)``)."""
+        self._materialize()
         return wrap_state("simulate", {
             "version": _STATE_VERSION,
             "shape": [self.m, self.v, self.d, self.b],
@@ -875,6 +938,7 @@ class Simulator(ModelRows):
             raise ConfigError.invalid(
                 "state_dict.state", tuple(state["state"].shape), f"expected {tuple(self._state.shape)} (momentum or optimizer setting?)"
             )
+        self._comm.clear()
         with torch.no_grad():
             self._state.copy_(state["state"])
             for k, v in state["other_buffers"].items():

@@ -14,7 +14,7 @@ Laplacian spectra: the ring and the static exponential graph are circulant with 
 (``i ~ i + s mod m``), ``mu_k = |S| - sum_{s in S} cos(2 pi k s / m)``; the torus is the Kronecker sum of
 two rings (``mu_{a,b} = mu_a + mu_b``); the hypercube ``2 popcount(k)``; the complete graph 0 and m (m - 1
 times); the star 0, 1 (m - 2 times) and m; g disjoint complete groups of s nodes 0 (g times) and s.
-``coopsgd topology`` uses them above :data:`CLOSED_FORM_ABOVE` nodes; ``tests/unit/test_topology.py``
+``coopsgd topology`` uses them above :data:`CLOSED_FORM_ABOVE` nodes; ``tests/unit/test_spectra.py``
 checks them against the dense eigendecomposition.
 """
 
@@ -77,8 +77,8 @@ def laplacian_spectrum(topology: str, workers: int, *, rows: int | None = None,
         return mu, m - 1, m - 1
     if topology == "ring":
         m = _nodes(workers, 2)
-        offsets = _ring_offsets(m)
-        return np.sort(_circulant(m, offsets)), len(offsets), len(offsets)
+        ring = _ring_offsets(m)
+        return np.sort(_circulant(m, ring)), len(ring), len(ring)
     if topology == "exponential":
         m = _nodes(workers, 2)
         offsets: set[int] = set()

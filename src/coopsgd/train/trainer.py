@@ -423,7 +423,7 @@ def load_run_checkpoint(path: str | Path, engine: str) -> dict[str, Any]:
                                                        f"this run uses the {engine!r} engine")
     _check_run_state(state, file, engine)
     beside = file.parent / "config.json"
-    if beside.is_file():
+    if beside.is_file() and "config" in state:
         saved = read_run_json(beside, "config")
         diff = config_difference(state["config"], saved, ignore=IGNORED_FIELDS)
         if diff is not None:
@@ -436,7 +436,12 @@ def load_run_checkpoint(path: str | Path, engine: str) -> dict[str, Any]:
 
 def _check_run_state(state: dict[str, Any], file: Path, engine: str) -> None:
     """Check the types and ranges of the entries of a run checkpoint the engines read (see
-    :func:`load_run_checkpoint`); a bad one is a :class:`ConfigError` naming the file and the entry."""
+    :func:`load_run_checkpoint`); a bad one is a :class:`ConfigError` naming the file and the entry.
+
+    ``step`` is always required; the simulator's ``config``, ``engine_state`` and ``loader`` too (every
+    simulator checkpoint has them).
+    Every other entry is checked when present (the distributed engine's ``world_size`` and ``ranks`` are
+    compared with the run by :func:`coopsgd.train.distributed.load_distributed_checkpoint`)."""
     from coopsgd.errors import INT64_MAX
 
     def bad(entry: str, value: Any, allowed: str) -> ConfigError:
@@ -449,14 +454,16 @@ def _check_run_state(state: dict[str, Any], file: Path, engine: str) -> None:
             raise bad(entry, value, f"must be an integer in [{minimum}, 2^63)")
         return value
 
+    simulate = engine != "distributed"
     integer("step", state.get("step"))
-    if not isinstance(state.get("config"), dict):
+    if (simulate or "config" in state) and not isinstance(state.get("config"), dict):
         raise bad("config", state.get("config"), "must be a mapping (the run's resolved config)")
-    loader = state.get("loader")
-    if not isinstance(loader, dict):
-        raise bad("loader", loader, "must be a mapping (the data position)")
-    for key in ("epoch", "batch"):
-        integer(f"loader.{key}", loader.get(key))
+    if simulate or "loader" in state:
+        loader = state.get("loader")
+        if not isinstance(loader, dict):
+            raise bad("loader", loader, "must be a mapping (the data position)")
+        for key in ("epoch", "batch"):
+            integer(f"loader.{key}", loader.get(key))
     loop = state.get("loop")
     if loop is not None:
         if not isinstance(loop, dict):
@@ -468,19 +475,30 @@ def _check_run_state(state: dict[str, Any], file: Path, engine: str) -> None:
         t = loop.get("train_s", 0.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise bad("loop.train_s", t, "must be a finite number >= 0")
-    if engine == "distributed":
-        world = integer("world_size", state.get("world_size"), minimum=1)
+    if not simulate:
+        if "world_size" in state:
+            integer("world_size", state["world_size"], minimum=1)
         ranks = state.get("ranks")
-        if not isinstance(ranks, list) or len(ranks) != world or not all(isinstance(r, dict) for r in ranks):
-            raise bad("ranks", ranks, f"must be a list of {world} engine states (one per rank)")
-    else:
-        from coopsgd.engines.base import ENGINE_STATE_FORMAT
+        if ranks is not None and (not isinstance(ranks, list) or not all(isinstance(r, dict) for r in ranks)):
+            raise bad("ranks", ranks, "must be a list of engine states (one per rank)")
+        return
+    from coopsgd.engines.base import ENGINE_STATE_FORMAT
 
-        es = state.get("engine_state")
-        if not isinstance(es, dict):
-            raise bad("engine_state", es, "must be a mapping (the engine's state)")
-        if es.get("format") != ENGINE_STATE_FORMAT:
-            raise bad("engine_state.format", es.get("format"), f"must be {ENGINE_STATE_FORMAT!r}")
+    es = state.get("engine_state")
+    if not isinstance(es, dict):
+        raise bad("engine_state", es, "must be a mapping (the engine's state)")
+    if es.get("format") != ENGINE_STATE_FORMAT:
+        raise bad("engine_state.format", es.get("format"), f"must be {ENGINE_STATE_FORMAT!r}")
+
+
+def _warn_without_rounds(exp: Experiment) -> None:
+    """Warn when the run ends before its first communication round (``total_steps < tau``): the workers
+    then train alone and nothing is averaged. (Reconstructed; see the helper report of issue 14.)"""
+    spec = exp.spec
+    if spec.workers > 1 and exp.total_steps < spec.tau and not exp.config.warmup_steps:
+        log.warning("%s: no communication round happens in this run's %d steps (tau = %d); the workers train "
+                    "alone and are never averaged: raise max_steps or lower tau", spec.name, exp.total_steps,
+                    spec.tau)
 
 
 def train(
@@ -514,6 +532,7 @@ def train(
         check_run_dir(out_dir, config.to_dict(), overwrite=overwrite, resume=resume is not None)
     tensorboard = tensorboard_enabled(config.tensorboard, has_dir=bool(out_dir))
     exp = build(config)
+    _warn_without_rounds(exp)
     start = 0
     if resume is not None:
         state = load_run_checkpoint(resume, "simulate")
