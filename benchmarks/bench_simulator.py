@@ -376,8 +376,8 @@ def main() -> None:
               f"{r['per_worker_parameter'] / r['stacked']:8.1f}x")
     raw["mixing"] = mix_raw
 
-    print(f"\n(5) whole runs of 100 steps (construction included), executor auto vs the better fixed one "
-          f"(target <= 1.05x)")
+    print("\n(5) whole runs of 100 steps (construction included), executor auto vs the better fixed one "
+          "(target <= 1.05x)")
     print(f"{'model':8} {'loop':>9} {'vmap':>9} {'auto 1st run':>13} {'auto cached':>12} {'1st/best':>9} {'cached/best':>12}")
     auto_raw = []
     for name in names:

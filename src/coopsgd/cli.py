@@ -29,7 +29,14 @@ __all__ = ["main", "build_parser"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as ConfigError (one line, exit 2) instead of printing usage noise."""
+    """argparse that reports errors as ConfigError (one line, exit 2) instead of printing usage noise.
+
+    Flags must be spelled in full: an abbreviation would silently pick another flag (``--optim`` could be
+    ``--optimizer`` or ``--optimizer-state``), and a new flag could change what an old command means."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(f"{self.prog}: {message}")

@@ -55,6 +55,9 @@ CASES = [
     (["topology", "random", "--workers", "6", "--p", "1.5"], "p"),
     (["topology", "groups", "--workers", "6", "--groups", "4"], "groups"),
     (["topology", "one_peer_exponential", "--workers", "6"], "workers"),
+    # flags are spelled in full (an abbreviation could silently mean another flag)
+    (["run", "--optim", "adamw"], "--optim"),
+    (["run", "--optimizer-st", "mix"], "--optimizer-st"),
     # config files
     (["run", "--config", "{toml_syntax}"], "broken.toml"),
     (["run", "--config", "{yaml_list}"], "config"),

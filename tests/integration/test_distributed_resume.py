@@ -139,3 +139,15 @@ def test_auto_resume_continues_from_the_run_directory(capsys, tmp_path) -> None:
 
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["resumed_from_step"] == 3  # it did resume (a fresh run would end the same)
+
+
+def test_distributed_checkpoint_without_run_state_is_refused(tmp_path) -> None:
+    # every rank reads the data position and the config from the checkpoint: a checkpoint without them
+    # is refused in the parent, naming the field, before any process starts
+    ck = tmp_path / "dist" / "checkpoint.pt"
+    ck.parent.mkdir()
+    save_checkpoint(ck, {"format": CHECKPOINT_FORMAT, "engine": "distributed", "step": 2, "world_size": 2,
+                         "ranks": [{}, {}]})
+    with pytest.raises(ConfigError, match="must hold the run's config state") as info:
+        run_distributed(RunConfig(preset="local_sgd", workers=2, tau=2, max_steps=4), resume=ck)
+    assert info.value.field == "config"

@@ -406,3 +406,18 @@ def test_tensorboard_switches(tmp_path, capsys, monkeypatch) -> None:
     assert code == 0 and not (tmp_path / "auto" / "tensorboard").exists()
     with pytest.raises(ConfigError, match="tensorboard"):
         RunConfig(tensorboard="yes")  # type: ignore[arg-type]
+
+
+def test_unset_weight_decay_equals_an_older_runs_zero() -> None:
+    # run directories written before weight_decay could be unset (None: torch's default) hold 0.0
+    for preset, optimizer in (("local_sgd", None), ("sync", "sgd"), ("local_sgd", "adam")):
+        new = RunConfig(preset=preset, optimizer=optimizer).to_dict()
+        old = {**new, "weight_decay": 0.0}
+        assert config_difference(old, new) is None
+        assert config_difference(new, old) is None
+    # AdamW's default is 0.01: an unset weight decay is not 0.0 there
+    for kwargs in ({"preset": "local_sgd", "optimizer": "adamw"}, {"preset": "diloco"}):
+        new = RunConfig(**kwargs).to_dict()
+        assert config_difference({**new, "weight_decay": 0.0}, new) == ("weight_decay", 0.0, None)
+    assert config_difference({**RunConfig().to_dict(), "weight_decay": 0.1}, RunConfig().to_dict()) == (
+        "weight_decay", 0.1, None)

@@ -132,3 +132,61 @@ def test_kernel_choice() -> None:
 def test_plans_are_cached() -> None:
     S = spec_matrices(presets.dpsgd(12), 1)[0]
     assert round_plan(S) is round_plan(S.copy())
+
+
+def test_downpour_rounds_use_the_chain_kernel() -> None:
+    # DOWNPOUR's composed pushes are ~50% dense, but each column is the previous one plus two entries
+    for m in (3, 8):
+        for S in spec_matrices(presets.downpour(m), 2):
+            assert round_plan(S).kind == "chain"
+            assert (S != 0).mean() > 0.25
+            check(S, mixing._CHAIN_ROW_ELEMENTS + 1)  # long rows: the chain itself
+            check(S, 3)  # short rows: the product over the changed columns
+
+
+def test_chain_that_would_read_an_overwritten_row_stays_dense() -> None:
+    # column 1 = column 0 + e_0 reads row 0 after column 0 wrote it; the chain kernel must refuse
+    S = np.eye(4)
+    S[:, 0] = [0.0, 1.0, 1.0, 1.0]
+    S[:, 1] = [1.0, 1.0, 1.0, 1.0]
+    assert round_plan(S).kind != "chain"
+    check(S, mixing._CHAIN_ROW_ELEMENTS + 1)
+
+
+def test_col_abs_max_and_non_finite_entries() -> None:
+    rng = np.random.default_rng(4)
+    mats = [spec_matrices(presets.fedavg(40, 1, fraction=0.1), 1)[0], spec_matrices(presets.dpsgd(12), 1)[0],
+            spec_matrices(presets.downpour(5), 1)[0], rng.standard_normal((6, 6)), np.eye(3)]
+    for S in mats:
+        assert round_plan(S).col_abs_max == pytest.approx(float(np.abs(S).sum(axis=0).max()), rel=1e-12)
+    for bad in (np.nan, np.inf):
+        for S in (spec_matrices(presets.dpsgd(12), 1)[0].copy(), rng.random((5, 5))):
+            S[1, 2] = bad
+            assert not np.isfinite(round_plan(S).col_abs_max)
+
+
+def test_deferred_broadcast_equals_the_full_round() -> None:
+    from coopsgd.engines.kernel import InProcess
+
+    spec = presets.fedavg(30, 1, fraction=0.1, seed=2)
+    mats = spec_matrices(spec, 4)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(31, 9, dtype=torch.float64, generator=gen)
+    ref = x.clone()
+    comm = InProcess()
+    comm.defer_rows = 30
+    for r, S in enumerate(mats):
+        active = spec.schedule.clients(r).tolist()
+        comm.materialize(x, active)  # what the simulator does before a step reads the active rows
+        torch.testing.assert_close(x[active], ref[active], rtol=0, atol=TOL)
+        bump = torch.randn(len(active), 9, dtype=torch.float64, generator=gen)  # the local steps
+        x[active] += bump
+        ref[active] += bump
+        comm.mix(x, S)
+        mix_rows_(ref, S)
+        deferred = comm.deferred
+        assert deferred is not None and deferred.sum() == 30  # no client row written, only the server's
+        torch.testing.assert_close(x[30], ref[30], rtol=0, atol=TOL)
+    comm.materialize(x)
+    assert comm.deferred is None
+    torch.testing.assert_close(x, ref, rtol=0, atol=TOL)

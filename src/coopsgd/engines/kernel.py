@@ -238,6 +238,7 @@ class RoundKernel:
         P = state[:, b : b + d]
         Mo = state[:, b + d :] if stateful else None
         D = None
+        X: Tensor | None = None
         if grads is not None:
             if rows is None:
                 X = P[:w]

@@ -44,6 +44,8 @@ __all__ = [
     "plot_panels",
     "scaled",
     "public_runs",
+    "band_series",
+    "FIGURES",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,11 @@ ENGINE: contextvars.ContextVar[str] = contextvars.ContextVar("coopsgd_experiment
 #: Whether an experiment's runs may replace runs of another configuration in their directories
 #: (``coopsgd reproduce --overwrite``; see :func:`coopsgd.train.rundir.check_run_dir`).
 OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("coopsgd_experiment_overwrite", default=False)
+#: When set to a list, :func:`plot_panels` appends a JSON-ready description of every figure it draws, so the
+#: multi-seed runner (:mod:`coopsgd.experiments.multiseed`) can redraw it with bands over the seeds.
+FIGURES: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
+    "coopsgd_experiment_figures", default=None
+)
 
 
 def time_fields(quick: bool) -> dict[str, Any]:
@@ -280,7 +287,10 @@ def plot_panels(
     styles: Sequence[str] | None = None,
 ) -> Path:
     """One figure, one panel per entry of ``panels`` (``x``, ``y``, ``xlabel``, ``ylabel``, optional ``logy``,
-    ``title``, ``runs`` (indices into ``runs``)); every run a line; ``note`` printed under the title."""
+    ``title``, ``runs`` (indices into ``runs``)); every run a line; ``note`` printed under the title.
+
+    A run may carry ``_band``: one list of metric records per seed; the line is then the mean over the seeds and a
+    shaded band spans their min-max (see :func:`band_series`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,7 +306,11 @@ def plot_panels(
         ax = axes[k // ncols][k % ncols]
         for i in panel.get("runs", range(len(runs))):
             res = runs[i]
-            xs, ys = series(res, panel["x"], panel["y"])
+            lo = hi = None
+            if res.get("_band") is not None:
+                xs, ys, lo, hi = band_series(res, panel["x"], panel["y"])
+            else:
+                xs, ys = series(res, panel["x"], panel["y"])
             if panel.get("xscale") is not None:
                 xs = xs * panel["xscale"]
             lab = res["label"]
@@ -308,6 +322,8 @@ def plot_panels(
             if styles is not None:
                 kw["ls"] = styles[i % len(styles)]
             ax.plot(xs, ys, **kw)
+            if lo is not None and hi is not None and len(xs):
+                ax.fill_between(xs, lo, hi, color=ax.lines[-1].get_color(), alpha=0.22, lw=0)
             if res.get("diverged") and len(xs):
                 ax.plot(xs[-1], ys[-1], "x", color=ax.lines[-1].get_color(), ms=9, mew=2)
         ax.set_xlabel(panel["xlabel"])
@@ -331,7 +347,37 @@ def plot_panels(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    record = FIGURES.get()
+    if record is not None:
+        record.append({
+            "path": str(path), "title": title, "note": note, "ncols": ncols,
+            "colors": None if colors is None else list(colors),
+            "styles": None if styles is None else list(styles),
+            "panels": [{**p, **({"runs": list(p["runs"])} if "runs" in p else {})} for p in panels],
+            # in memory only: the records each line was drawn from (derived keys such as local_loss included)
+            "runs": [{"label": r["label"], "diverged": r.get("diverged"), "_metrics": r.get("_metrics", [])}
+                     for r in runs],
+        })
     return path
+
+
+def band_series(
+    res: dict[str, Any], x: str, y: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Mean, min and max over the seeds of ``res["_band"]`` (a list of per-seed metric records), on the x
+    values of the first seed that every seed covers (linear interpolation where their x differ)."""
+    curves = [series({"_metrics": recs}, x, y) for recs in res["_band"]]
+    curves = [(xs, ys) for xs, ys in curves if len(xs)]
+    if not curves:
+        return np.array([]), np.array([]), None, None
+    lo_x = max(float(xs[0]) for xs, _ in curves)
+    hi_x = min(float(xs[-1]) for xs, _ in curves)
+    grid = curves[0][0]
+    grid = grid[(grid >= lo_x - 1e-12) & (grid <= hi_x + 1e-12)]
+    if not len(grid):
+        return curves[0][0], curves[0][1], None, None
+    stack = np.stack([np.interp(grid, xs, ys) for xs, ys in curves])
+    return grid, stack.mean(axis=0), stack.min(axis=0), stack.max(axis=0)
 
 
 def public_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -237,6 +237,11 @@ def load_distributed_checkpoint(resume: str | Path, world: int) -> dict[str, Any
     ranks = state.get("ranks")
     if not isinstance(ranks, list) or len(ranks) != world:
         raise ConfigError.invalid("resume", str(resume), f"the checkpoint must hold one state per rank ({world})")
+    for key in ("config", "loader"):
+        if not isinstance(state.get(key), dict):
+            raise ConfigError.invalid(key, type(state.get(key)).__name__,
+                                      f"checkpoint {str(resume)!r} must hold the run's {key} state (a mapping); "
+                                      "damaged or not written by coopsgd")
     return state
 
 
@@ -528,7 +533,7 @@ def _record_divergence(out_dir: Path, message: str) -> None:
     try:
         if path.is_file() and json.loads(path.read_text()).get("status") == "diverged":
             return
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # unreadable or damaged: replaced below
         pass
     if out_dir.is_dir():
         atomic_write_json(path, {"status": "diverged", "error": message})

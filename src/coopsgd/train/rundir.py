@@ -272,9 +272,21 @@ def config_difference(old: dict[str, Any], new: dict[str, Any],
         b = new.get(key, defaults.get(key, missing))
         a = None if a is missing else _normal(a)
         b = None if b is missing else _normal(b)
-        if a != b:
+        if a != b and not _same_weight_decay(key, a, b, old, new):
             return key, a, b
     return None
+
+
+def _same_weight_decay(key: str, a: Any, b: Any, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """``weight_decay`` unset (``None``: torch's default) and 0.0 are the same run when neither config runs
+    AdamW (whose default is 0.01): run directories written before ``weight_decay`` could be unset hold 0.0."""
+    if key != "weight_decay" or {a, b} != {None, 0.0}:
+        return False
+
+    def adamw(c: dict[str, Any]) -> bool:
+        return c.get("optimizer") == "adamw" or (c.get("optimizer") is None and c.get("preset") == "diloco")
+
+    return not (adamw(old) or adamw(new))
 
 
 def _names(paths: list[Path], limit: int = 3) -> str:
