@@ -335,7 +335,11 @@ def main() -> None:
     ap.add_argument("--models", default="mlp,lenet,resnet")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, no memory subprocesses")
     ap.add_argument("--json", default=None, help="also write the raw numbers to this file")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default); 1 gives stable numbers on a loaded machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     m, reps = args.workers, (3 if args.quick else args.reps)
     names = [s for s in args.models.split(",") if s]
     print(f"coopsgd simulator benchmark | torch {torch.__version__} | {platform.processor() or platform.machine()} | "

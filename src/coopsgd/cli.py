@@ -394,6 +394,55 @@ def _cmd_theory(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from coopsgd.experiments.report import REPORT_ORDER, render_report
+
+    name = "matrix-completion" if args.name == "lsgd-matrix-completion" else args.name
+    if args.dir is not None and name != "report":
+        raise ConfigError.invalid("DIR", args.dir, f"only `reproduce report DIR` takes a directory; use --out with {name}")
+    if name == "report":
+        target = args.dir if args.dir is not None else args.out
+        if target is None:
+            raise ConfigError.invalid("DIR", None, "give the directory of a `reproduce all` run: reproduce report DIR")
+        path = render_report(target)
+        print(f"report: {path}")
+        return 0
+    if args.out is not None:
+        from coopsgd.fileio import check_output_path
+
+        check_output_path(args.out, "--out", directory=True)
+    out_dir = Path(Path("runs") / name if args.out is None else args.out)
+    args.seed = _flag_int("--seed", args.seed, 0)
+    if args.seeds is not None:
+        args.seeds = _flag_int("--seeds", args.seeds, 1, 100)
+    if name != "matrix-completion":
+        for flag in ("ranks", "trials", "steps", "d"):
+            if getattr(args, flag) is not None:
+                raise ConfigError.invalid("--" + flag, getattr(args, flag), f"a matrix-completion flag; {name} does "
+                                          "not take it")
+    if name == "all":
+        summaries = []
+        for exp in REPORT_ORDER:
+            data = _reproduce_one(exp, args, out_dir / exp)
+            _write_json(out_dir / exp / "result.json", data)
+            summaries += data.get("summary", [])
+            print("\n".join(data.get("summary", [])), flush=True)
+        path = render_report(out_dir)
+        print(f"report: {path}")
+        return 0
+    data = _reproduce_one(name, args, out_dir)
+    _write_json(out_dir / "result.json", data)
+    if args.json:
+        _print_json(data)
+    else:
+        for line in data.get("summary", []):
+            print(line)
+        if data.get("plots"):
+            print(f"plots: {', '.join(str(p) for p in data['plots'])}")
+    return 0
+
+
+def _reproduce_one(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Run experiment ``name`` as ``reproduce`` was asked to (seeds, scale, engine) into ``out_dir``."""
     from coopsgd.experiments import (
         MC_QUICK,
         MC_SETTINGS,
@@ -404,25 +453,21 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     )
     from coopsgd.experiments.registry import EXPERIMENTS
 
-    name = "matrix-completion" if args.name == "lsgd-matrix-completion" else args.name
-    if args.out is not None:
-        from coopsgd.fileio import check_output_path
-
-        check_output_path(args.out, "--out", directory=True)
-    out_dir = Path(Path("runs") / name if args.out is None else args.out)
-    args.seed = _flag_int("--seed", args.seed, 0)
-    if name != "matrix-completion":
-        for flag in ("ranks", "trials", "steps", "d"):
-            if getattr(args, flag) is not None:
-                raise ConfigError.invalid("--" + flag, getattr(args, flag), f"a matrix-completion flag; {name} does "
-                                          "not take it")
     if name == "matrix-completion":
+        if args.seeds is not None and args.name != "all":
+            raise ConfigError.invalid("--seeds", args.seeds, "matrix-completion repeats over --trials (each trial "
+                                      "is its own seed)")
         base = MC_QUICK if args.quick else MC_SETTINGS
         ranks = parse_ranks(args.ranks) if args.ranks is not None else base["ranks"]
         d = base["d"] if args.d is None else _flag_int("--d", args.d, 2)
         if d * max(ranks) > MC_MAX_PARAMS:
             raise ConfigError.invalid("--d", d, f"d x rank = {d} x {max(ranks)} parameters per model must be <= "
                                       f"{MC_MAX_PARAMS:,} (every worker and the centre hold one)")
+        import time
+
+        from coopsgd.experiments.matrix_completion import mc_assessment
+
+        t0 = time.perf_counter()
         # a given 0 is refused (never "the default"): only an absent flag takes the setting's default
         res = run_matrix_completion(
             d=d, ranks=ranks,
@@ -432,6 +477,12 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         )
         plot = plot_matrix_completion(res, out_dir / "matrix_completion.png")
         data = public(res)
+        data.update(mc_assessment(data))
+        data.update({"experiment": "matrix-completion", "quick": args.quick, "seeds": list(range(data["settings"]["trials"])),
+                     "description": "[LSGD] matrix completion: EASGD's centre vs LSGD's leader over ranks",
+                     "scale": f"d={d}, ranks {ranks}, {data['settings']['trials']} trials, "
+                              f"{data['settings']['steps']} steps, p=8, lr 5e-4, lambda 1/5",
+                     "runtime_s": round(time.perf_counter() - t0, 1)})
         data["plots"] = [str(plot)]
         data["summary"] = [
             f"matrix completion, d={data['settings']['d']}, {data['settings']['trials']} trials, "
@@ -440,30 +491,24 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             f"  r={r:<4d} EASGD {data['easgd'][str(r)]['mean']:.4g} +- {data['easgd'][str(r)]['std']:.2g}   "
             f"LSGD {data['lsgd'][str(r)]['mean']:.4g} +- {data['lsgd'][str(r)]['std']:.2g}"
             for r in data["settings"]["ranks"]
-        ]
-    elif name in EXPERIMENTS:
-        entry = EXPERIMENTS[name]
-        engine = args.engine or entry.engines[0]
-        if engine not in entry.engines:
-            raise ConfigError.invalid("--engine", engine, f"{name} runs on {', '.join(entry.engines)}")
-        from coopsgd.experiments.harness import OVERWRITE
-
-        token = OVERWRITE.set(bool(args.overwrite))
-        try:
-            data = entry.run(quick=args.quick, engine=engine, out=out_dir, seed=args.seed, progress=_progress(args))
-        finally:
-            OVERWRITE.reset(token)
-    else:
+        ] + [f"  [{c['verdict']}] {c['paper']}" for c in data["claims"]]
+        return data
+    if name not in EXPERIMENTS:
         raise ConfigError.invalid("NAME", args.name, f"choose one of {', '.join(_experiment_names())}")
-    _write_json(out_dir / "result.json", data)
-    if args.json:
-        _print_json(data)
-    else:
-        for line in data.get("summary", []):
-            print(line)
-        if data.get("plots"):
-            print(f"plots: {', '.join(str(p) for p in data['plots'])}")
-    return 0
+    from coopsgd.experiments.harness import OVERWRITE
+    from coopsgd.experiments.multiseed import DEFAULT_QUICK_SEEDS, run_seeds
+
+    entry = EXPERIMENTS[name]
+    engine = args.engine or entry.engines[0]
+    if engine not in entry.engines:
+        raise ConfigError.invalid("--engine", engine, f"{name} runs on {', '.join(entry.engines)}")
+    n = args.seeds if args.seeds is not None else (DEFAULT_QUICK_SEEDS if args.quick else 1)
+    token = OVERWRITE.set(bool(args.overwrite))
+    try:
+        return run_seeds(name, quick=args.quick, engine=engine, out=out_dir,
+                         seeds=[args.seed + k for k in range(n)], progress=_progress(args))
+    finally:
+        OVERWRITE.reset(token)
 
 
 #: Largest tau of ``theory heatmap`` (one column per tau).
@@ -784,28 +829,114 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 #: Defaults of ``coopsgd compare`` where they differ from a single run's (RunConfig's).
 COMPARE_DEFAULTS: dict[str, Any] = {"model": "lenet", "epochs": 15.0}
+#: ``coopsgd compare``'s preset list without ``--presets`` or ``--set``.
+COMPARE_PRESETS = "sync,local_sgd,easgd,dpsgd,lsgd"
+
+
+class CompareSet:
+    """A named comparison for ``coopsgd compare --set NAME``: its runs and the settings they share.
+
+    ``runs``: ``(label, preset, settings)``; the label names the run's directory and its line in the table and
+    figure, ``settings`` are RunConfig fields of that run alone (e.g. its tau). ``defaults``: RunConfig fields
+    of every run, in place of :data:`COMPARE_DEFAULTS`. A flag or config-file key the user gives overrides
+    both (a per-run setting only in the runs whose preset takes it). A default that conflicts with a given
+    key is dropped (``FOLLOWS``): ``--epochs`` drops the set's ``max_steps``, ``--model`` its ``model_args``.
+    """
+
+    #: A set default that is dropped when the user gives one of these keys.
+    FOLLOWS: dict[str, tuple[str, ...]] = {"max_steps": ("epochs",), "model_args": ("model",)}
+
+    def __init__(self, name: str, summary: str, runs: tuple[tuple[str, str, dict[str, Any]], ...],
+                 defaults: dict[str, Any]) -> None:
+        self.name, self.summary, self.runs, self.defaults = name, summary, runs, defaults
+
+    def epilog_line(self) -> str:
+        runs = "; ".join(label + (f" ({', '.join(f'{k} {_default_text(v)}' for k, v in s.items())})" if s else "")
+                         for label, _, s in self.runs)
+        return f"  {self.name}: {self.summary}: {runs}"
+
+
+#: The named comparisons of ``coopsgd compare --set`` (docs/optimizers.md shows ``modern``'s result).
+COMPARE_SETS: dict[str, CompareSet] = {
+    "modern": CompareSet(
+        "modern",
+        "AdamW inside every worker (lr 0.003, betas 0.9/0.999, weight decay 0.01) on a small WikiText-2 LSTM "
+        "(1 layer, 32 units, 4 workers, batch 8, 200 steps) over a slow network (50 ms, 100 Mbit/s)",
+        runs=(
+            ("sync", "sync", {}),
+            ("local_sgd", "local_sgd", {"tau": 20}),
+            # the diloco preset's tau default is the paper's H = 500: set so that a short run has rounds
+            ("diloco", "diloco", {"tau": 20, "outer_optimizer": "nesterov", "outer_lr": 0.7, "outer_momentum": 0.9}),
+            ("slowmo", "slowmo", {"tau": 20, "base_algorithm": "local_sgd", "outer_lr": 1.0, "outer_momentum": 0.5}),
+        ),
+        defaults={
+            "model": "lstm_lm", "dataset": "wikitext2",
+            "model_args": {"emb_size": 32, "hidden_size": 32, "num_layers": 1},
+            "workers": 4, "batch_size": 8, "max_steps": 200, "eval_every": 20, "eval_samples": 100,
+            "optimizer": "adamw", "lr": 0.003, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01,
+            "net_latency_ms": 50.0, "net_bandwidth_mbps": 100.0,
+        },
+    ),
+}
+
+
+def _compare_plan(args: argparse.Namespace) -> tuple[Any, list[tuple[str, Any]]]:
+    """The shared config and one ``(label, config)`` per run of ``coopsgd compare`` (no ``out`` yet); nothing
+    is written. Shared flags apply to a run where its preset takes them."""
+    import dataclasses
+
+    from coopsgd.algorithms.presets import PRESETS
+    from coopsgd.algorithms.registry import declaration
+    from coopsgd.train.config import load_config
+
+    set_name = getattr(args, "set", None)
+    if set_name is not None:
+        if set_name not in COMPARE_SETS:
+            raise ConfigError.invalid("--set", set_name, f"choose from {', '.join(COMPARE_SETS)}")
+        if args.presets is not None:
+            raise ConfigError.invalid("--presets", args.presets, "cannot be combined with --set (the set names "
+                                                                 "its presets)")
+        chosen = COMPARE_SETS[set_name]
+        runs = [(label, preset, dict(s)) for label, preset, s in chosen.runs]
+        own_defaults = chosen.defaults
+    else:
+        text = COMPARE_PRESETS if args.presets is None else args.presets
+        names = [p.strip() for p in text.split(",") if p.strip()]
+        if not names:
+            raise ConfigError.invalid("--presets", args.presets, "give at least one preset")
+        for n in names:
+            if n not in PRESETS:
+                raise ConfigError.invalid("--presets", n, f"choose from {', '.join(PRESETS)}")
+        runs = [(n, n, {}) for n in names]
+        own_defaults = COMPARE_DEFAULTS
+    # the command's (or the set's) defaults; flags and config-file keys override them
+    file_keys = {str(k).replace("-", "_") for k in load_config(args.config)} if args.config else set()
+    given = (set(vars(args)) | file_keys) - {"presets", "set"}
+    defaults = {k: v for k, v in own_defaults.items()
+                if k not in given and not given.intersection(CompareSet.FOLLOWS.get(k, ()))}
+    base = _config_from_args(args, preset=runs[0][1], **defaults)
+    plan: list[tuple[str, Any]] = []
+    for label, preset, settings in runs:
+        cfg = dataclasses.replace(base, preset=preset)
+        # shared flags apply where the preset takes them: clear the settings it does not take
+        decl = declaration(preset)
+        cleared = {f.name: f.default for f in dataclasses.fields(cfg)
+                   if f.metadata.get("preset") and not decl.takes(f.name) and getattr(cfg, f.name) != f.default}
+        own = {k: v for k, v in settings.items() if k not in given}
+        if cleared or own:
+            cfg = dataclasses.replace(cfg, **{**cleared, **own})
+        plan.append((label, cfg))
+    return base, plan
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from coopsgd.algorithms.presets import PRESETS
-    from coopsgd.algorithms.registry import declaration
     from coopsgd.plots import plot_runs
-    from coopsgd.train.config import load_config
     from coopsgd.train.trainer import run
 
-    names = [p.strip() for p in args.presets.split(",") if p.strip()]
-    if not names:
-        raise ConfigError.invalid("--presets", args.presets, "give at least one preset")
-    for n in names:
-        if n not in PRESETS:
-            raise ConfigError.invalid("--presets", n, f"choose from {', '.join(PRESETS)}")
-    # the main job's defaults (a small CNN long enough to separate the algorithms, ~2 minutes on 2 cores);
-    # flags and config files override them
-    file_keys = set(load_config(args.config)) if args.config else set()
-    defaults = {k: v for k, v in COMPARE_DEFAULTS.items() if k not in vars(args) and k not in file_keys}
-    base = _config_from_args(args, preset=names[0], **defaults)
+    base, plan = _compare_plan(args)
+    names = [label for label, _ in plan]
     from coopsgd.train.rundir import fresh_run_dir, prepare_compare_dir
 
     # a directory of its own (runs/compare-<time>[-N]), or --out: refused when it holds another comparison
@@ -814,29 +945,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     prepare_compare_dir(out, base.to_dict(), names, overwrite=bool(getattr(args, "overwrite", False)))
     if not args.json and not base.out:
         print(f"coopsgd: writing the comparison to {out}", file=sys.stderr, flush=True)
-    _write_json(out / "compare.json", {"config": base.to_dict(), "presets": names, "results": {}})
+    meta: dict[str, Any] = {"config": base.to_dict(), "presets": names}
+    if getattr(args, "set", None) is not None:  # the set's runs differ in more than their preset: keep each config
+        meta["set"] = args.set
+        meta["runs"] = {label: cfg.to_dict() for label, cfg in plan}
+    _write_json(out / "compare.json", {**meta, "results": {}})
     results: dict[str, dict[str, Any]] = {}
     dirs: list[Path] = []
-    for n in names:
-        cfg = dataclasses.replace(base, preset=n, out=str(out / n))
-        # shared flags apply where the preset takes them: clear the settings it does not take
-        decl = declaration(n)
-        cleared = {f.name: f.default for f in dataclasses.fields(cfg)
-                   if f.metadata.get("preset") and not decl.takes(f.name) and getattr(cfg, f.name) != f.default}
-        if cleared:
-            cfg = dataclasses.replace(cfg, **cleared)
+    for n, cfg in plan:
+        cfg = dataclasses.replace(cfg, out=str(out / n))
         if not args.json:
             print(f"[{len(dirs) + 1}/{len(names)}] {n} ...", file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             results[n] = run(cfg, progress=_progress(args))
         dirs.append(out / n)
-    fig = plot_runs(dirs, out / "compare.png", labels=names,
-                    title=f"{base.engine}: {base.model if base.engine == 'simulate' else base.objective}, "
-                          f"m={base.workers}, network {base.net_latency_ms} ms / {base.net_bandwidth_mbps} Mbit/s")
-    _write_json(out / "compare.json", {"config": base.to_dict(), "presets": names, "results": results})
+    title = (f"{base.engine}: {base.model if base.engine == 'simulate' else base.objective}, "
+             f"m={base.workers}, network {base.net_latency_ms} ms / {base.net_bandwidth_mbps} Mbit/s")
+    fig = plot_runs(dirs, out / "compare.png", labels=names, title=title)
+    # the cost view: the centre model's test loss against the simulated clock and against the bytes sent
+    cost = plot_runs(dirs, out / "compare_cost.png", labels=names, title=title, against=("time", "bytes"))
+    _write_json(out / "compare.json", {**meta, "results": results})
     if args.json:
-        _print_json({"results": results, "plot": str(fig), "out": str(out)})
+        _print_json({"results": results, "plot": str(fig), "cost_plot": str(cost), "out": str(out)})
         return 0
     metric = "test_accuracy" if any("test_accuracy" in r["final"] for r in results.values()) else (
         "test_perplexity" if any("test_perplexity" in r["final"] for r in results.values()) else None)
@@ -853,7 +984,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         line += (f" {r['communication_rounds']:7d} {r['bytes_sent'] / 1e6:9.3g} {sim:10.4g} "
                  f"{100 * comm / sim if sim else 0:6.1f}% {r['wall_time_s']:7.1f}")
         print(line)
-    print(f"figure: {fig}   table: {out / 'compare.json'}")
+    print(f"figures: {fig}, {cost}   table: {out / 'compare.json'}")
     return 0
 
 
@@ -938,7 +1069,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rerun an experiment of [CSGD] or [LSGD]; writes its figures and result.json.",
                        epilog=(f"experiments [engines, the first is the default]:\n{listing}\n"
                                f"aliases: {aliases}").replace("%", "%%"))
-    p.add_argument("name", choices=_experiment_names(), metavar="NAME", help="experiment (listed below)")
+    p.add_argument("name", choices=[*_experiment_names(), "all", "report"], metavar="NAME",
+                   help="experiment (listed below); `all`: every experiment into --out DIR, then DIR/report.md; "
+                        "`report DIR`: rewrite DIR/report.md from DIR/*/result.json")
+    p.add_argument("dir", nargs="?", default=None, metavar="DIR", help="`reproduce report DIR`: the directory")
     p.add_argument("--engine", default=None, help="simulate | distributed | reference (default: the experiment's "
                                                   "first engine, listed below)")
     p.add_argument("--quick", action="store_true", help="2-core CPU scale")
@@ -953,7 +1087,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help=f"matrix completion: trials {mc('trials')}")
     p.add_argument("--steps", type=int, default=None, help=f"matrix completion: steps per run {mc('steps')}")
     p.add_argument("--d", type=int, default=None, help=f"matrix completion: dimension d {mc('d')}")
-    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="number of seeds (seed, seed+1, ...): mean, std and min-max bands over them "
+                        "(default: 3 with --quick, 1 at full scale)")
     p.add_argument("--out", default=None, help="output directory (default: runs/NAME)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_reproduce)
@@ -972,12 +1109,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare", help="run several algorithms on equal footing; one figure and a table", formatter_class=fmt,
-        epilog=_presets_epilog(),
+        epilog=_presets_epilog() + "\nsets (--set NAME):\n"
+        + "\n".join(s.epilog_line() for s in COMPARE_SETS.values()).replace("%", "%%"),
         description="Train several presets on equal footing (same data, model, seed and simulated network); write "
-                    "one run directory each, compare.png and compare.json, and print a table.\n"
+                    "one run directory each, compare.png (loss, test metric, consensus), compare_cost.png (test "
+                    "loss against the simulated clock and the bytes sent) and compare.json, and print a table.\n"
                     f"Defaults: the main job, {compare_defaults} (a small CNN; `coopsgd run` defaults to model "
                     "mlp, 5 epochs), 8 workers, mnist_bundled; every flag and config key overrides them.")
-    p.add_argument("--presets", default="sync,local_sgd,easgd,dpsgd,lsgd", help="comma-separated presets (listed below)")
+    p.add_argument("--presets", default=None,
+                   help=f"comma-separated presets (listed below) (default: {COMPARE_PRESETS})")
+    p.add_argument("--set", default=None,
+                   help=f"a named comparison instead of --presets: {', '.join(COMPARE_SETS)} (listed below: its runs, "
+                        "their own settings and the defaults it brings; flags override them) (default: none)")
     _add_config_flags(p, skip=("preset",), defaults=COMPARE_DEFAULTS, other="coopsgd run",
                       default_text={"out": "a new runs/compare-YYYYmmdd-HHMMSS, one run directory per preset inside"})
     p.add_argument("--overwrite", action="store_true", help="replace the comparison of another configuration in --out (its files are removed first)")

@@ -2,7 +2,8 @@
 
 :func:`plot_runs` overlays any number of runs: training loss of the averaged model vs steps and vs
 simulated wall-clock, the centre model's test accuracy (or perplexity) vs simulated wall-clock, and the
-consensus distance. :func:`runs_table` gives the matching table rows.
+consensus distance; or (``against=("time", "bytes")``) one loss against the clock and the bytes sent.
+:func:`runs_table` gives the matching table rows.
 """
 
 from __future__ import annotations
@@ -45,9 +46,23 @@ def _series(metrics: list[dict[str, Any]], key: str) -> tuple[list[dict[str, Any
     return recs, ys
 
 
+#: The x axes of ``plot_runs(..., against=...)``: steps, the run's clock (simulated or measured seconds),
+#: the bytes sent so far (``bytes_sent``: the cost model's count along the busiest node, e.g. 2d floats per
+#: all-reduce round; :func:`coopsgd.theory.cost.round_cost`).
+AGAINST = ("step", "time", "bytes")
+#: The losses ``plot_runs(..., against=...)`` draws: the centre model's test loss or the averaged model's
+#: training loss.
+AGAINST_LOSSES = ("test_loss", "train_loss")
+
+
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None,
-              title: str | None = None) -> Path:
-    """Overlay runs in one 2x2 figure; the format follows the suffix of ``out`` (png/svg/pdf)."""
+              title: str | None = None, against: Sequence[str] | None = None, loss: str = "test_loss") -> Path:
+    """Overlay runs in one figure; the format follows the suffix of ``out`` (png/svg/pdf).
+
+    Without ``against``: 2x2 panels (training loss vs steps and vs the clock, the test metric vs the clock,
+    the consensus distance). With ``against`` (entries of :data:`AGAINST`, e.g. ``("time", "bytes")``): one
+    row with one panel per entry, ``loss`` (:data:`AGAINST_LOSSES`) against it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,6 +70,13 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
 
     if not run_dirs:
         raise ConfigError.invalid("run_dirs", [], "give at least one run directory")
+    if against is not None:
+        axes_x = list(against)
+        bad = [a for a in axes_x if a not in AGAINST]
+        if not axes_x or bad or len(set(axes_x)) != len(axes_x):
+            raise ConfigError.invalid("against", axes_x, f"give distinct entries of {', '.join(AGAINST)}")
+        if loss not in AGAINST_LOSSES:
+            raise ConfigError.invalid("loss", loss, f"choose from {', '.join(AGAINST_LOSSES)}")
     out = Path(out)
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError.invalid("out", str(out), "must end in .png, .svg or .pdf")
@@ -62,24 +84,24 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
     runs = [load_run(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
         raise ConfigError.invalid("labels", list(labels), f"need one label per run ({len(runs)})")
+    if against is not None:
+        return _plot_against(runs, out, labels, title, list(against), loss)
     is_lm = any("test_perplexity" in r["metrics"][-1] for r in runs)
     metric = "test_perplexity" if is_lm else "test_accuracy"
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
     for i, run in enumerate(runs):
         lab = labels[i] if labels is not None else run["label"]
         ms = run["metrics"]
-        rec, loss = _series(ms, "train_loss")
-        axes[0, 0].plot([r["step"] for r in rec], loss, marker=".", label=lab)
-        axes[0, 1].plot([_clock(r) for r in rec], loss, marker=".", label=lab)
+        rec, train = _series(ms, "train_loss")
+        axes[0, 0].plot([r["step"] for r in rec], train, marker=".", label=lab)
+        axes[0, 1].plot([_clock(r) for r in rec], train, marker=".", label=lab)
         rec, acc = _series(ms, metric)
         axes[1, 0].plot([_clock(r) for r in rec], acc, marker=".", label=lab)
         rec, cons = _series(ms, "consensus_distance")
         # exact consensus (right after an all-reduce) is 0: draw it at 1e-12 so the scale stays readable
         axes[1, 1].plot([r["step"] for r in rec], [max(c, 1e-12) for c in cons], marker=".", label=lab)
     axes[0, 0].set(xlabel="step", ylabel="training loss (averaged model)", yscale="log")
-    sources = {r["metrics"][-1].get("time_source", "simulated") for r in runs}
-    clock = "simulated wall-clock (s)" if sources == {"simulated"} else (
-        "measured wall-clock (s)" if sources == {"measured"} else "wall-clock (s; simulated or measured)")
+    clock = _clock_label(runs)
     axes[0, 1].set(xlabel=clock, ylabel="training loss (averaged model)", yscale="log")
     axes[1, 0].set(xlabel=clock,
                    ylabel="test perplexity (centre model)" if is_lm else "test accuracy (centre model)")
@@ -89,16 +111,67 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
     axes[0, 0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    return _save_figure(fig, out)
+
+
+def _save_figure(fig: Any, out: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``out`` in one step and close it: a failed write leaves an earlier figure as it was."""
     import io
+
+    import matplotlib.pyplot as plt
 
     from coopsgd.fileio import atomic_write_bytes
 
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, dpi=110, format=out.suffix.lower()[1:])
+        fig.savefig(buf, dpi=dpi, format=out.suffix.lower()[1:])
     finally:
         plt.close(fig)
-    return atomic_write_bytes(out, buf.getvalue())  # a failed write leaves an earlier figure as it was
+    return atomic_write_bytes(out, buf.getvalue())
+
+
+def _clock_label(runs: list[dict[str, Any]]) -> str:
+    sources = {r["metrics"][-1].get("time_source", "simulated") for r in runs}
+    return "simulated wall-clock (s)" if sources == {"simulated"} else (
+        "measured wall-clock (s)" if sources == {"measured"} else "wall-clock (s; simulated or measured)")
+
+
+def _plot_against(runs: list[dict[str, Any]], out: Path, labels: Sequence[str] | None, title: str | None,
+                  against: list[str], loss: str) -> Path:
+    """One row of panels: ``loss`` of every run against each x axis of ``against`` (see :func:`plot_runs`)."""
+    import matplotlib.pyplot as plt
+
+    def x_of(record: dict[str, Any], axis: str) -> float | None:
+        if axis == "step":
+            return float(record["step"])
+        if axis == "time":
+            return _clock(record)
+        sent = record.get("bytes_sent")
+        return None if sent is None else float(sent) / 1e6
+
+    xlabels = {"step": "step", "time": _clock_label(runs), "bytes": "bytes sent, busiest node (MB)"}
+    ylabel = "test loss (centre model)" if loss == "test_loss" else "training loss (averaged model)"
+    fig, axes = plt.subplots(1, len(against), figsize=(5.0 * len(against), 3.8), constrained_layout=True,
+                             squeeze=False)
+    series = [_series(run["metrics"], loss) for run in runs]
+    # time and bytes span decades between a run that communicates every step and one that rarely does: a log
+    # axis (without the start, x = 0) where every run ends at x > 0, else a linear one with every point
+    log = {axis: axis != "step" and all(rec and (x_of(rec[-1], axis) or 0.0) > 0 for rec, _ in series)
+           for axis in against}
+    for i, (run, (rec, ys)) in enumerate(zip(runs, series, strict=True)):
+        lab = labels[i] if labels is not None else run["label"]
+        for ax, axis in zip(axes[0], against, strict=True):
+            pts = [(x, y) for x, y in zip((x_of(r, axis) for r in rec), ys, strict=True)
+                   if x is not None and (x > 0 or not log[axis])]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=lab)
+    for ax, axis in zip(axes[0], against, strict=True):
+        ax.set(xlabel=xlabels[axis] + (", log scale" if log[axis] else ""), ylabel=ylabel,
+               xscale="log" if log[axis] else "linear")
+        ax.grid(alpha=0.3, which="both")
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save_figure(fig, out, dpi=90)
 
 
 def _clock(record: dict[str, Any]) -> float | None:

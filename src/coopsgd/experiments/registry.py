@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ExperimentEntry", "EXPERIMENTS", "register"]
+__all__ = ["ExperimentEntry", "EXPERIMENTS", "ASSESSMENTS", "DETERMINISTIC", "register", "assess"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,18 @@ class ExperimentEntry:
 
 
 EXPERIMENTS: dict[str, ExperimentEntry] = {}
+#: What each experiment reports over seeds: its metrics of one seed's result, its claims and the paper's
+#: numbers (:class:`coopsgd.experiments.stats.Assessment`), keyed like :data:`EXPERIMENTS`.
+ASSESSMENTS: dict[str, Any] = {}
+#: Experiments whose result does not depend on the seed (run once whatever ``--seeds`` says).
+DETERMINISTIC: set[str] = set()
+
+
+def assess(name: str, assessment: Any, *, deterministic: bool = False) -> None:
+    """Attach the multi-seed assessment of experiment ``name``."""
+    ASSESSMENTS[name] = assessment
+    if deterministic:
+        DETERMINISTIC.add(name)
 
 
 def register(name: str, description: str, engines: tuple[str, ...] = ("simulate",)):
@@ -61,6 +73,27 @@ def _lsgd_toy(*, quick: bool, engine: str, out: Path, seed: int, progress: bool)
 
 
 register("lsgd-toy", "[LSGD] Table 1 / Fig. 7: EASGD vs LSGD on sin(pi r)/(pi r)", ("reference",))(_lsgd_toy)
+
+
+def _toy_metrics(res: dict[str, Any]) -> dict[str, float | None]:
+    return {"EASGD centre objective": res["easgd"]["final_objective"],
+            "LSGD leader objective": res["lsgd"]["final_objective"]}
+
+
+def _toy_assessment() -> Any:
+    from coopsgd.experiments.stats import Assessment, Claim, PaperRow
+
+    return Assessment(
+        _toy_metrics,
+        [Claim("LSGD's leader ends in a deeper basin than EASGD's centre (Table 1)",
+               ("LSGD leader objective", "EASGD centre objective"))],
+        [PaperRow("final centre objective", "LSGD lower than EASGD (Table 1; its values are not restated in "
+                  "our spec)", "LSGD leader objective"),
+         PaperRow("final centre objective, EASGD", "higher than LSGD's", "EASGD centre objective")],
+    )
+
+
+assess("lsgd-toy", _toy_assessment(), deterministic=True)
 
 
 # Experiments defined in their own modules register themselves on import (kept last: they import `register`).

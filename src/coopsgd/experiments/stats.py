@@ -95,15 +95,22 @@ class Claim:
     paper: str
     chain: tuple[str | float, ...]
     what: str = ""
+    #: further ``(lower, higher)`` pairs the claim needs besides the chain ("A is below B, C and D")
+    also: tuple[tuple[str | float, str | float], ...] = ()
+    #: drop chain members that the run did not measure at all (a reduced sweep keeps the claim over its points)
+    skip_absent: bool = False
 
     def evaluate(self, bands: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        chain = self.chain
+        if self.skip_absent:
+            chain = tuple(c for c in chain if isinstance(c, (int, float)) or c in bands)
         pairs = []
-        for lo, hi in zip(self.chain[:-1], self.chain[1:], strict=True):
+        for lo, hi in [*zip(chain[:-1], chain[1:], strict=True), *self.also]:
             lb = lo if isinstance(lo, (int, float)) else bands.get(lo, {"n": 0})
             hb = hi if isinstance(hi, (int, float)) else bands.get(hi, {"n": 0})
             pairs.append({"lower": lo, "higher": hi, "verdict": verdict(lb, hb)})
         vs = [p["verdict"] for p in pairs]
-        if NOT_MEASURED in vs:
+        if not vs or NOT_MEASURED in vs:
             overall = NOT_MEASURED
         elif CONTRADICTED in vs:
             overall = CONTRADICTED
@@ -111,8 +118,9 @@ class Claim:
             overall = REPRODUCED
         else:
             overall = UNRESOLVED
-        return {"paper": self.paper, "what": self.what or " < ".join(map(str, self.chain)),
-                "chain": list(self.chain), "verdict": overall, "pairs": pairs}
+        what = self.what or "; ".join([" < ".join(map(str, chain)), *(f"{a} < {b}" for a, b in self.also)])
+        return {"paper": self.paper, "what": what,
+                "chain": list(chain), "verdict": overall, "pairs": pairs}
 
 
 @dataclass(frozen=True)

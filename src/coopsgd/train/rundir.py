@@ -278,15 +278,12 @@ def config_difference(old: dict[str, Any], new: dict[str, Any],
 
 
 def _same_weight_decay(key: str, a: Any, b: Any, old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """``weight_decay`` unset (``None``: torch's default) and 0.0 are the same run when neither config runs
-    AdamW (whose default is 0.01): run directories written before ``weight_decay`` could be unset hold 0.0."""
+    """A run directory written before the inner optimizer could be chosen holds ``weight_decay = 0.0`` and no
+    ``optimizer`` field: that is SGD's default, the same run as an unset (``None``) weight decay now."""
     if key != "weight_decay" or {a, b} != {None, 0.0}:
         return False
-
-    def adamw(c: dict[str, Any]) -> bool:
-        return c.get("optimizer") == "adamw" or (c.get("optimizer") is None and c.get("preset") == "diloco")
-
-    return not (adamw(old) or adamw(new))
+    legacy = old if a == 0.0 else new
+    return "optimizer" not in legacy
 
 
 def _names(paths: list[Path], limit: int = 3) -> str:

@@ -1,0 +1,134 @@
+"""Run one registered experiment over several seeds and summarise it (``coopsgd reproduce NAME --seeds N``).
+
+Seed ``s`` runs into ``<out>/seed<s>/`` exactly as a single ``coopsgd reproduce NAME --seed s`` would. The
+result keeps every seed's own result (``per_seed``) and adds, from the experiment's
+:class:`~coopsgd.experiments.stats.Assessment`: the band of every metric over the seeds (``metrics``), the
+claims judged by :func:`coopsgd.experiments.stats.verdict` (``claims``) and the paper-vs-ours rows
+(``paper_table``). Every curve figure is redrawn in ``<out>/`` as the mean over the seeds with a min-max
+band; figures that do not depend on the seed (the NEB heat map) are copied from the first seed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from coopsgd.errors import ConfigError
+from coopsgd.experiments.stats import (
+    CONTRADICTED,
+    NOT_MEASURED,
+    REPRODUCED,
+    UNRESOLVED,
+    aggregate,
+    format_band,
+)
+
+__all__ = ["run_seeds", "summary_lines", "DEFAULT_QUICK_SEEDS"]
+
+#: ``--seeds`` default of ``--quick`` (full scale and ``--dry-run``: 1).
+DEFAULT_QUICK_SEEDS = 3
+
+_MARK = {REPRODUCED: "REPRODUCED", CONTRADICTED: "CONTRADICTED", UNRESOLVED: "not resolved", NOT_MEASURED: "not measured"}
+
+
+def run_seeds(
+    name: str,
+    *,
+    quick: bool,
+    engine: str,
+    out: Path,
+    seeds: Sequence[int],
+    progress: bool = False,
+    **private: Any,
+) -> dict[str, Any]:
+    """Run experiment ``name`` once per seed and return the multi-seed result (see the module docstring).
+
+    ``private`` goes to the experiment function as is (the tests' ``_scale`` and friends, ``dry_run``).
+    """
+    from coopsgd.experiments.harness import FIGURES, plot_panels
+    from coopsgd.experiments.registry import ASSESSMENTS, DETERMINISTIC, EXPERIMENTS
+
+    if name not in EXPERIMENTS:
+        raise ConfigError.invalid("NAME", name, f"choose one of {', '.join(sorted(EXPERIMENTS))}")
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError.invalid("seeds", seeds, "one or more distinct seeds")
+    deterministic = name in DETERMINISTIC
+    if deterministic:
+        seeds = seeds[:1]
+    entry = EXPERIMENTS[name]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    per_seed: list[dict[str, Any]] = []
+    figures: list[list[dict[str, Any]]] = []
+    for s in seeds:
+        drawn: list[dict[str, Any]] = []
+        token = FIGURES.set(drawn)
+        try:
+            res = entry.run(quick=quick, engine=engine, out=out / f"seed{s}", seed=s, progress=progress, **private)
+        finally:
+            FIGURES.reset(token)
+        res["seed"] = s
+        per_seed.append(res)
+        figures.append(drawn)
+    plots: list[str] = []
+    banded: set[str] = set()
+    for j, fig in enumerate(figures[0]):
+        runs = []
+        for i, run in enumerate(fig["runs"]):
+            div = [f[j]["runs"][i]["diverged"] for f in figures if f[j]["runs"][i]["diverged"]]
+            runs.append({"label": run["label"] + (f" [{len(div)}/{len(seeds)} seeds]" if div else ""),
+                         "diverged": div[0] if div else None,
+                         "_band": [f[j]["runs"][i]["_metrics"] for f in figures]})
+        src = Path(fig["path"])
+        what = "mean and min-max band over" if len(seeds) > 1 else "one run,"
+        path = plot_panels(out / src.name, runs, fig["panels"],
+                           title=f"{fig['title']} ({what} seeds {', '.join(map(str, seeds))})",
+                           note=fig["note"], ncols=fig["ncols"], colors=fig["colors"], styles=fig["styles"])
+        banded.add(src.name)
+        plots.append(str(path))
+    for p in per_seed[0].get("plots", []):
+        src = Path(p)
+        if src.name not in banded and src.is_file():
+            shutil.copyfile(src, out / src.name)
+            plots.append(str(out / src.name))
+    assessment = ASSESSMENTS.get(name)
+    agg: dict[str, Any] = {"metrics": {}, "claims": [], "paper_table": []}
+    if assessment is not None:
+        agg = aggregate([assessment.metrics(r) for r in per_seed], assessment)
+    data: dict[str, Any] = {
+        "experiment": name,
+        "description": entry.description,
+        "quick": quick,
+        "dry_run": bool(private.get("dry_run", False)),
+        "engine": engine,
+        "seeds": seeds,
+        "deterministic": deterministic,
+        "scale": per_seed[0].get("scale"),
+        "time_model": per_seed[0].get("time_model"),
+        **agg,
+        "plots": plots,
+        "runtime_s": round(time.perf_counter() - t0, 1),
+        "per_seed": per_seed,
+    }
+    if deterministic:  # one run: its own keys stay at the top, as a single `reproduce NAME` writes them
+        data = {**{k: v for k, v in per_seed[0].items() if k not in data}, **data}
+    data["summary"] = summary_lines(data)
+    return data
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    """The printed summary of a multi-seed result: every metric's band, then every claim's verdict."""
+    seeds = data["seeds"]
+    how = "deterministic: one run" if data.get("deterministic") else f"seeds {', '.join(map(str, seeds))}"
+    scale = "dry run" if data.get("dry_run") else ("quick" if data.get("quick") else "full")
+    lines = [f"{data['experiment']} ({scale}, {how}; {data.get('runtime_s', 0):.0f} s): mean ± std (min–max)"]
+    for key, b in data["metrics"].items():
+        lines.append(f"  {key}: {format_band(b)}")
+    for c in data["claims"]:
+        lines.append(f"  [{_MARK[c['verdict']]}] {c['paper']} -- {c['what']}")
+    return lines

@@ -1,0 +1,103 @@
+"""The multi-seed rule (coopsgd.experiments.stats) and the generated report (coopsgd.experiments.report)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from coopsgd.errors import ConfigError
+from coopsgd.experiments.report import render_report
+from coopsgd.experiments.stats import (
+    CONTRADICTED,
+    NOT_MEASURED,
+    REPRODUCED,
+    UNRESOLVED,
+    Assessment,
+    Claim,
+    PaperRow,
+    aggregate,
+    band,
+    format_band,
+    verdict,
+)
+
+
+def test_band_closed_form_and_missing_values() -> None:
+    b = band([1.0, 2.0, 3.0])
+    assert (b["n"], b["mean"], b["min"], b["max"]) == (3, 2.0, 1.0, 3.0)
+    assert b["std"] == pytest.approx(math.sqrt(2 / 3))
+    b = band([1.0, None, float("nan")])
+    assert (b["n"], b["missing"], b["values"]) == (1, 2, [1.0, None, None])
+    assert band([None])["mean"] is None
+
+
+def test_verdict_is_interval_separation() -> None:
+    lo, hi, mid = band([1.0, 2.0]), band([3.0, 4.0]), band([1.5, 3.5])
+    assert verdict(lo, hi) == REPRODUCED
+    assert verdict(hi, lo) == CONTRADICTED
+    assert verdict(lo, mid) == UNRESOLVED and verdict(mid, hi) == UNRESOLVED
+    assert verdict(band([2.0]), band([2.0])) == UNRESOLVED  # equal is not "below"
+    assert verdict(lo, band([None, 5.0])) == NOT_MEASURED  # a seed without a value decides nothing
+    assert verdict(0.5, band([1.0, 1.0])) == REPRODUCED and verdict(band([0.0, 1.0]), 0.5) == UNRESOLVED
+
+
+def test_claim_chain_needs_every_pair() -> None:
+    bands = {"a": band([1, 2]), "b": band([3, 4]), "c": band([3.5, 5]), "d": band([0, 0.5])}
+    assert Claim("", ("a", "b")).evaluate(bands)["verdict"] == REPRODUCED
+    assert Claim("", ("a", "b", "c")).evaluate(bands)["verdict"] == UNRESOLVED
+    assert Claim("", ("a", "b"), also=(("a", "d"),)).evaluate(bands)["verdict"] == CONTRADICTED
+    assert Claim("", ("a", "zz")).evaluate(bands)["verdict"] == NOT_MEASURED
+    assert Claim("", ("a", "zz", "b"), skip_absent=True).evaluate(bands)["verdict"] == REPRODUCED
+
+
+def _fixture_result() -> dict:
+    per_seed = [{"loss, tau=1": 0.30, "loss, tau=4": 0.40, "saving": 0.41},
+                {"loss, tau=1": 0.31, "loss, tau=4": 0.42, "saving": 0.43},
+                {"loss, tau=1": 0.29, "loss, tau=4": 0.30, "saving": 0.42}]
+    agg = aggregate(per_seed, Assessment(lambda _: {}, [
+        Claim("loss grows with tau", ("loss, tau=1", "loss, tau=4")),
+        Claim("non-blocking saves time", (0.0, "saving")),
+    ], [PaperRow("time saving", "about 0.5 (Fig. 4c)", "saving", fmt=".3f")]))
+    return {"experiment": "csgd-fig4", "description": "[CSGD] Fig. 4 fixture", "quick": True, "seeds": [0, 1, 2],
+            "scale": "tiny", "runtime_s": 12.3, "plots": ["somewhere/csgd_fig4_easgd.png"], **agg}
+
+
+def test_report_renders_from_a_stored_result_json(tmp_path) -> None:
+    (tmp_path / "csgd-fig4").mkdir()
+    (tmp_path / "csgd-fig4" / "result.json").write_text(json.dumps(_fixture_result()))
+    (tmp_path / "csgd-fig4" / "csgd_fig4_easgd.png").write_bytes(b"png")
+    text = render_report(tmp_path, machine="test machine").read_text()
+    assert "test machine" in text and "## csgd-fig4" in text
+    # the paper's number beside ours, ours as mean ± std (min–max)
+    assert "| time saving | about 0.5 (Fig. 4c) | 0.420 ± 0.008 (0.410–0.430, n=3) |" in text
+    # tau=1 spans 0.29-0.31 and tau=4 spans 0.30-0.42: they overlap, so the claim is not resolved
+    assert "| loss grows with tau | loss, tau=1 < loss, tau=4 | not resolved at this scale |" in text
+    assert "| non-blocking saves time | 0.0 < saving | **reproduced** |" in text
+    assert "![csgd_fig4_easgd](csgd-fig4/csgd_fig4_easgd.png)" in text
+    assert "1 not resolved at this scale, 1 reproduced" in text
+
+
+def test_report_of_nothing_is_a_config_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="result.json"):
+        render_report(tmp_path)
+    with pytest.raises(ConfigError, match="not a directory"):
+        render_report(tmp_path / "absent")
+
+
+def test_cli_reproduce_report(tmp_path, capsys) -> None:
+    from coopsgd.cli import main
+
+    (tmp_path / "csgd-fig4").mkdir()
+    (tmp_path / "csgd-fig4" / "result.json").write_text(json.dumps(_fixture_result()))
+    assert main(["reproduce", "report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").is_file()
+    assert main(["reproduce", "report"]) == 2
+    assert "DIR" in capsys.readouterr().err
+    assert main(["reproduce", "csgd-fig4", str(tmp_path)]) == 2
+
+
+def test_format_band() -> None:
+    assert format_band(band([2.0, 2.0])) == "2 (all 2 seeds)"
+    assert format_band(band([None, None])) == "not measured (2 missing)"
