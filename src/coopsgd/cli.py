@@ -963,11 +963,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     title = (f"{base.engine}: {base.model if base.engine == 'simulate' else base.objective}, "
              f"m={base.workers}, network {base.net_latency_ms} ms / {base.net_bandwidth_mbps} Mbit/s")
     fig = plot_runs(dirs, out / "compare.png", labels=names, title=title)
-    # the cost view: the centre model's test loss against the simulated clock and against the bytes sent
-    cost = plot_runs(dirs, out / "compare_cost.png", labels=names, title=title, against=("time", "bytes"))
+    figs = [fig]
+    if "set" in meta:  # a set's cost view: the centre model's test loss against the clock and the bytes sent
+        figs.append(plot_runs(dirs, out / "compare_cost.png", labels=names, title=title, against=("time", "bytes")))
     _write_json(out / "compare.json", {**meta, "results": results})
     if args.json:
-        _print_json({"results": results, "plot": str(fig), "cost_plot": str(cost), "out": str(out)})
+        _print_json({"results": results, "plot": str(fig), "out": str(out),
+                     **({"cost_plot": str(figs[1])} if len(figs) > 1 else {})})
         return 0
     metric = "test_accuracy" if any("test_accuracy" in r["final"] for r in results.values()) else (
         "test_perplexity" if any("test_perplexity" in r["final"] for r in results.values()) else None)
@@ -984,7 +986,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         line += (f" {r['communication_rounds']:7d} {r['bytes_sent'] / 1e6:9.3g} {sim:10.4g} "
                  f"{100 * comm / sim if sim else 0:6.1f}% {r['wall_time_s']:7.1f}")
         print(line)
-    print(f"figures: {fig}, {cost}   table: {out / 'compare.json'}")
+    print(f"figure{'s' if len(figs) > 1 else ''}: {', '.join(map(str, figs))}   table: {out / 'compare.json'}")
     return 0
 
 
@@ -1112,8 +1114,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_presets_epilog() + "\nsets (--set NAME):\n"
         + "\n".join(s.epilog_line() for s in COMPARE_SETS.values()).replace("%", "%%"),
         description="Train several presets on equal footing (same data, model, seed and simulated network); write "
-                    "one run directory each, compare.png (loss, test metric, consensus), compare_cost.png (test "
-                    "loss against the simulated clock and the bytes sent) and compare.json, and print a table.\n"
+                    "one run directory each, compare.png, compare.json (with --set also compare_cost.png: test "
+                    "loss against the simulated clock and the bytes sent), and print a table.\n"
                     f"Defaults: the main job, {compare_defaults} (a small CNN; `coopsgd run` defaults to model "
                     "mlp, 5 epochs), 8 workers, mnist_bundled; every flag and config key overrides them.")
     p.add_argument("--presets", default=None,

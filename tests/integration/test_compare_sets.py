@@ -110,12 +110,20 @@ def test_bad_sets_give_one_line_exit_2(capsys, tmp_path, argv, needle) -> None:
 def test_cost_figure_draws_loss_against_clock_and_bytes(capsys, tmp_path, monkeypatch) -> None:
     import coopsgd.plots as plots
 
+    # a set writes the cost figure (the modern set's loop on the reference engine: plain SGD on a quadratic)
+    code = main(["compare", "--set", "modern", "--engine", "reference", "--optimizer", "sgd", "--lr", "0.1",
+                 "--objective", "quadratic", "--steps", "40", "--out", str(tmp_path / "s"), "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [data["results"][n]["communication_rounds"] for n in ("sync", "local_sgd", "diloco", "slowmo")] == [40, 2, 2, 2]
+    assert data["cost_plot"] == str(tmp_path / "s" / "compare_cost.png")
+    assert (tmp_path / "s" / "compare_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a plain comparison keeps its one figure
     code = main(["compare", "--engine", "reference", "--presets", "sync,local_sgd", "--workers", "4", "--tau", "4",
                  "--objective", "quadratic", "--steps", "40", "--out", str(tmp_path / "c"), "--json"])
     assert code == 0
-    data = json.loads(capsys.readouterr().out)
-    assert data["cost_plot"] == str(tmp_path / "c" / "compare_cost.png")
-    assert (tmp_path / "c" / "compare_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cost_plot" not in json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "c" / "compare_cost.png").exists()
     figs = []
     monkeypatch.setattr(plots, "_save_figure", lambda fig, out, dpi=110: figs.append(fig) or out)
     dirs = [tmp_path / "c" / n for n in ("sync", "local_sgd")]
@@ -128,10 +136,13 @@ def test_cost_figure_draws_loss_against_clock_and_bytes(capsys, tmp_path, monkey
         recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         recs = [r for r in recs if r.get("test_loss") is not None]
         assert recs[0]["step"] == 0 and recs[0]["time_s"] == recs[0]["bytes_sent"] == 0
-        later = recs[1:]
-        np.testing.assert_array_equal(ax_time.lines[k].get_xdata(), [r["time_s"] for r in later])
-        np.testing.assert_array_equal(ax_bytes.lines[k].get_xdata(), [r["bytes_sent"] / 1e6 for r in later])
-        np.testing.assert_array_equal(ax_bytes.lines[k].get_ydata(), [r["test_loss"] for r in later])
+        timed = [r for r in recs if r["time_s"] > 0]
+        sent = [r for r in recs if r["bytes_sent"] > 0]  # local_sgd: nothing before its first round
+        assert len(timed) == len(recs) - 1 and len(sent) == len(recs) - (1 if k == 0 else 4)
+        np.testing.assert_array_equal(ax_time.lines[k].get_xdata(), [r["time_s"] for r in timed])
+        np.testing.assert_array_equal(ax_time.lines[k].get_ydata(), [r["test_loss"] for r in timed])
+        np.testing.assert_array_equal(ax_bytes.lines[k].get_xdata(), [r["bytes_sent"] / 1e6 for r in sent])
+        np.testing.assert_array_equal(ax_bytes.lines[k].get_ydata(), [r["test_loss"] for r in sent])
     # sync sends 4x local_sgd's bytes (a round every step instead of every 4): same final x ratio
     assert ax_bytes.lines[0].get_xdata()[-1] == pytest.approx(4 * ax_bytes.lines[1].get_xdata()[-1])
     for kw, field in (({"against": ("time", "flops")}, "against"), ({"against": ()}, "against"),
