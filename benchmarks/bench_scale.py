@@ -7,10 +7,12 @@ For m workers and an MLP of ~100k parameters (784-128-10, float32), one round ov
 * (c) FedAvg with 1000 clients at fraction 0.01 (10 sampled clients, n = 1001 with the server),
 
 each applied three ways in the same run: the dense reference product ``state.copy_(apply_mixing(state, S))``
-(what the simulator did before), the structure-aware ``mix_rows_(state, S)`` (what it does now, plan cached),
-and one memory pass over the rows the round touches (``copy_`` of them into a preallocated buffer: the
+(what the simulator did before), the structure-aware round as the simulator applies it now
+(``mix_rows_(state, S, plan=mix_plan(mix))``: the plan from the Mix's structure for FedAvg, from the cache of
+analysed matrices -- by identity for a schedule's fixed read-only matrices -- otherwise), and one memory pass over the rows the round touches (``copy_`` of them into a preallocated buffer: the
 memory-bandwidth limit). Reported: the median times, ``mix_rows_`` / memory pass, dense / ``mix_rows_``, the
-first-call analysis time of S, and the peak memory of each round above the state (VmHWM after clear_refs)
+first-call analysis time of S, the per-round look-up (``mix_plan(mix)``, included in the ``mix_rows_`` time),
+and the peak memory of each round above the state (VmHWM after clear_refs)
 as a multiple of the state size. Targets (issue 15): every round <= 2x one memory pass over the rows it
 touches; on a ring at m = 1024, mix_rows_ >= 20x faster than the dense product.
 
@@ -32,17 +34,17 @@ import torch
 from torch import nn
 
 from coopsgd.algorithms import presets
-from coopsgd.algorithms.schedules import MixContext
+from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.clock import SimClock
-from coopsgd.engines.mixing import apply_mixing, mix_rows_, round_plan
+from coopsgd.engines.mixing import apply_mixing, mix_plan, mix_rows_, round_plan
 from coopsgd.engines.simulator import Simulator
 
 
-def first_matrix(spec: AlgorithmSpec) -> np.ndarray:
+def first_mix(spec: AlgorithmSpec) -> Mix:
     mix, _ = spec.schedule.advance(0, MixContext(step=0, lr=0.1), spec.schedule.init_state())
     assert mix is not None
-    return np.asarray(mix.matrix, dtype=np.float64)
+    return mix
 
 
 def mlp_params() -> int:
@@ -53,6 +55,17 @@ def mlp_params() -> int:
 def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int, budget_s: float = 20.0) -> dict[str, float]:
     """Median time of each function over up to ``reps`` interleaved rounds (after one warm-up each), so that
     drift and other load hit every variant alike; fewer rounds when the slowest calls exhaust the budget."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, reps, budget_s).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over the interleaved rounds of ``a``'s time / ``b``'s time in the same round (paired: robust to
+    load that changes between rounds)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], reps: int, budget_s: float = 20.0) -> dict[str, list[float]]:
+    """The times of :func:`interleaved_medians`, per function and round."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -64,7 +77,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int, budget_
             times[k].append(time.perf_counter() - t0)
         if time.perf_counter() - start > budget_s:
             break
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def _status(key: str) -> int:
@@ -87,16 +100,19 @@ def peak_extra_bytes(fn: Callable[[], object]) -> float:
     return float(_status("VmHWM") - base)
 
 
-def bench_case(name: str, S: np.ndarray, d: int, reps: int, dense_ok: bool) -> dict[str, object]:
+def bench_case(name: str, mix: Mix, d: int, reps: int, dense_ok: bool) -> dict[str, object]:
+    S = np.asarray(mix.matrix, dtype=np.float64)
     n = S.shape[0]
     gen = torch.Generator().manual_seed(0)
     state = torch.randn(n, d, generator=gen)
     t0 = time.perf_counter()
-    plan = round_plan(S)  # first call: digest of S + analysis
+    plan = round_plan(S.copy())  # first call: digest of S + analysis
     analyse_s = time.perf_counter() - t0
+    mix_plan(mix)
     t0 = time.perf_counter()
-    round_plan(S)
-    lookup_s = time.perf_counter() - t0
+    for _ in range(10):
+        mix_plan(mix)
+    lookup_s = (time.perf_counter() - t0) / 10
     touched = plan.touched
     targets = plan.targets
     buf = torch.empty(touched, d)
@@ -111,13 +127,15 @@ def bench_case(name: str, S: np.ndarray, d: int, reps: int, dense_ok: bool) -> d
 
     res: dict[str, object] = {"case": name, "n": n, "kind": plan.kind, "touched": touched, "analyse_ms": analyse_s * 1e3,
                               "lookup_ms": lookup_s * 1e3}
-    fns: dict[str, Callable[[], object]] = {"mem": mem_pass, "fast": lambda: mix_rows_(state, S)}
+    fns: dict[str, Callable[[], object]] = {"mem": mem_pass, "fast": lambda: mix_rows_(state, S, plan=mix_plan(mix))}
     if dense_ok:
         fns["dense"] = lambda: state.copy_(apply_mixing(state, S))
-    res.update(interleaved_medians(fns, reps))
+    times = interleaved_times(fns, reps)
+    res.update({k: statistics.median(v) for k, v in times.items()})
+    res["fast/mem paired"] = paired_ratio(times, "fast", "mem")
     res.setdefault("dense", float("nan"))
     state_bytes = state.numel() * state.element_size()
-    res["peak_fast"] = peak_extra_bytes(lambda: mix_rows_(state, S)) / state_bytes
+    res["peak_fast"] = peak_extra_bytes(lambda: mix_rows_(state, S, plan=mix_plan(mix))) / state_bytes
     res["peak_dense"] = peak_extra_bytes(lambda: state.copy_(apply_mixing(state, S))) / state_bytes if dense_ok else float("nan")
     res["state_mb"] = state_bytes / 2**20
     return res
@@ -190,12 +208,15 @@ def bench_steps(workers: list[int], reps: int, steps: int, fedavg_tau: list[int]
         data = make_batches(1000)
         small = _StepRunner(presets.fedavg(10, tau), steps, [b[:10] for b in data])
         large = _StepRunner(presets.fedavg(1000, tau, fraction=0.01), steps, data)
-        med = interleaved_medians({"small": small, "large": large}, reps, budget_s=30.0)
+        times = interleaved_times({"small": small, "large": large}, reps, budget_s=30.0)
+        med = {k: statistics.median(v) for k, v in times.items()}
         for key, r in (("small", small), ("large", large)):
             t = med[key] / steps
             print(f"{'FedAvg tau=' + str(tau) + (' c=1.0' if key == 'small' else ' c=0.01'):<34} {r.m:>5} "
                   f"{r.active:>6} {t * 1e3:>9.2f} {t / r.active * 1e3:>16.3f} {med[key] / med['small']:>12.2f}x",
                   flush=True)
+        print(f"{'  paired ratio (median of per-round)':<34} {'':>5} {'':>6} {'':>9} {'':>16} "
+              f"{paired_ratio(times, 'large', 'small'):>12.2f}x  ({len(times['small'])} rounds)", flush=True)
         del small, large
     print("# targets: per active worker at the largest m <= 1.3x of the smallest; FedAvg 1000 clients c = 0.01 "
           "<= 1.5x of 10 clients c = 1.0 (last column)")
@@ -223,19 +244,19 @@ def main() -> None:
         bench_steps(workers, args.reps, args.steps, [int(t) for t in args.fedavg_tau.split(",")])
     if args.only == "steps":
         return
-    cases: list[tuple[str, np.ndarray]] = []
+    cases: list[tuple[str, Mix]] = []
     for m in workers:
-        cases.append((f"ring m={m}", first_matrix(presets.dpsgd(m))))
-        cases.append((f"J m={m}", first_matrix(presets.local_sgd(m, 1))))
-    cases.append(("fedavg 1000 c=0.01", first_matrix(presets.fedavg(1000, 1, fraction=0.01))))
+        cases.append((f"ring m={m}", first_mix(presets.dpsgd(m))))
+        cases.append((f"J m={m}", first_mix(presets.local_sgd(m, 1))))
+    cases.append(("fedavg 1000 c=0.01", first_mix(presets.fedavg(1000, 1, fraction=0.01))))
     head = (f"{'round':<20} {'kernel':<8} {'rows':>5} {'touched':>7} {'state MB':>8} {'dense ms':>9} {'mix_rows_ ms':>12} "
-            f"{'mem pass ms':>11} {'fast/mem':>8} {'dense/fast':>10} {'analyse ms':>10} {'lookup ms':>9} {'peak fast':>9} {'peak dense':>10}")
+            f"{'mem pass ms':>11} {'fast/mem':>8} {'paired':>7} {'dense/fast':>10} {'analyse ms':>10} {'lookup ms':>9} {'peak fast':>9} {'peak dense':>10}")
     print(head)
-    for name, S in cases:
-        r = bench_case(name, np.asarray(S, dtype=np.float64), d, args.reps, S.shape[0] <= args.no_dense_above)
+    for name, mix in cases:
+        r = bench_case(name, mix, d, args.reps, mix.matrix.shape[0] <= args.no_dense_above)
         fast, mem, dense = float(r["fast"]), float(r["mem"]), float(r["dense"])  # type: ignore[arg-type]
         print(f"{name:<20} {r['kind']!s:<8} {r['n']:>5} {r['touched']:>7} {float(r['state_mb']):>8.0f} "  # type: ignore[arg-type]
-              f"{dense * 1e3:>9.2f} {fast * 1e3:>12.2f} {mem * 1e3:>11.2f} {fast / mem:>7.2f}x {dense / fast:>9.1f}x "
+              f"{dense * 1e3:>9.2f} {fast * 1e3:>12.2f} {mem * 1e3:>11.2f} {fast / mem:>7.2f}x {float(r['fast/mem paired']):>6.2f}x {dense / fast:>9.1f}x "
               f"{float(r['analyse_ms']):>10.2f} {float(r['lookup_ms']):>9.2f} {float(r['peak_fast']):>8.2f}x {float(r['peak_dense']):>9.2f}x",  # type: ignore[arg-type]
               flush=True)
     print("# fast/mem: mix_rows_ / one copy_ of the touched rows (target <= 2x); dense/fast: speed-up over the "

@@ -160,10 +160,15 @@ def bench_steps(name: str, m: int, reps: int) -> dict[str, object]:
             fn()
             times[key].append((time.perf_counter() - t0) / steps)
     med = {k: statistics.median(v) for k, v in times.items()}
+    base = times["single x m"]
+    best = [min(a, b) for a, b in zip(times["sim loop"], times["sim vmap"], strict=True)]
     return {
         "model": name,
         "params": count_params(single),
         "median_s": med,
+        # per repetition, each variant against the reference timed next to it (robust to changing load)
+        "paired": {k: statistics.median(t / b for t, b in zip(v, base, strict=True)) for k, v in times.items()},
+        "auto_best_paired": statistics.median(a / b for a, b in zip(times["sim auto"], best, strict=True)),
         "auto_choice": sims["auto"].executor_name,
         "auto_calibration": sims["auto"].calibration,
         "auto_first_step_s": auto_calibration_s,
@@ -207,7 +212,10 @@ def bench_auto_runs(name: str, m: int, reps: int, steps: int = 100) -> dict[str,
             t0 = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    best = [min(a, b) for a, b in zip(times["loop"], times["vmap"], strict=True)]
+    paired = {f"{k}/best paired": statistics.median(t / b for t, b in zip(times[k], best, strict=True))
+              for k in ("auto first run", "auto cached")}
+    return {k: statistics.median(v) for k, v in times.items()} | paired
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,6 +343,8 @@ def main() -> None:
     ap.add_argument("--models", default="mlp,lenet,resnet")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, no memory subprocesses")
     ap.add_argument("--json", default=None, help="also write the raw numbers to this file")
+    ap.add_argument("--sections", default="1,3,5,4",
+                    help="which parts to run: 1 (step time, with 2), 3 (mixing), 5 (whole auto runs), 4 (memory)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); 1 gives stable numbers on a loaded machine")
     args = ap.parse_args()
@@ -342,16 +352,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     m, reps = args.workers, (3 if args.quick else args.reps)
     names = [s for s in args.models.split(",") if s]
+    sections = set(args.sections.split(","))
     print(f"coopsgd simulator benchmark | torch {torch.__version__} | {platform.processor() or platform.machine()} | "
           f"threads {torch.get_num_threads()} | m = {m} | batch {BATCH}/worker | median of {reps}")
     raw: dict[str, object] = {}
 
     print("\n(1) step time: simulator step vs m x one single-model step (target <= 1.10x)")
     print("    (2) auto vs min(loop, vmap) (target <= 1.05x)")
+    print("    paired: median over the repetitions of (variant / m x single) timed next to each other")
     hdr = f"{'model':8} {'params':>8} {'m x single':>11} {'separate':>9} {'loop':>13} {'vmap':>13} {'auto':>13} {'auto/best':>10}  auto picks"
     print(hdr)
     steps_raw = []
-    for name in names:
+    for name in names if "1" in sections else []:
         r = bench_steps(name, m, reps)
         steps_raw.append(r)
         med = r["median_s"]
@@ -367,12 +379,16 @@ def main() -> None:
               f"(calibration loop {r['auto_calibration'].get('loop', float('nan')) * 1e3:.1f}ms, "  # type: ignore[union-attr]
               f"vmap {r['auto_calibration'].get('vmap', float('nan')) * 1e3:.1f}ms per step; "  # type: ignore[union-attr]
               f"first step {r['auto_first_step_s']:.2f}s)")
+        pr = r["paired"]
+        assert isinstance(pr, dict)
+        print(f"{'  paired':8} {'':>8} {'':>11} {pr['separate']:8.2f}x {pr['sim loop']:12.2f}x {pr['sim vmap']:12.2f}x "
+              f"{pr['sim auto']:12.2f}x {r['auto_best_paired']:9.3f}x")
     raw["steps"] = steps_raw
 
     print(f"\n(3) one mixing round, EASGD W_alpha on {m}+1 nodes (target: stacked >= 5x faster than the per-parameter loop)")
     print(f"{'model':8} {'tensors':>7} {'stacked':>10} {'per-param loop':>15} {'speed-up':>9} {'per-node-per-param':>19} {'speed-up':>9}")
     mix_raw = []
-    for name in names:
+    for name in names if "3" in sections else []:
         r = bench_mixing(name, m, reps)
         mix_raw.append({"model": name, **r})
         print(f"{name:8} {int(r['tensors']):>7} {r['stacked'] * 1e3:8.3f}ms {r['per_parameter'] * 1e3:13.3f}ms "
@@ -384,15 +400,16 @@ def main() -> None:
           "(target <= 1.05x)")
     print(f"{'model':8} {'loop':>9} {'vmap':>9} {'auto 1st run':>13} {'auto cached':>12} {'1st/best':>9} {'cached/best':>12}")
     auto_raw = []
-    for name in names:
+    for name in names if "5" in sections else []:
         r = bench_auto_runs(name, m, reps, steps=100 if name != "resnet" else 20)
         auto_raw.append({"model": name, **r})
         best = min(r["loop"], r["vmap"])
         print(f"{name:8} {r['loop']:8.2f}s {r['vmap']:8.2f}s {r['auto first run']:12.2f}s {r['auto cached']:11.2f}s "
-              f"{r['auto first run'] / best:8.3f}x {r['auto cached'] / best:11.3f}x")
+              f"{r['auto first run'] / best:8.3f}x {r['auto cached'] / best:11.3f}x  (paired: "
+              f"{r['auto first run/best paired']:.3f}x / {r['auto cached/best paired']:.3f}x)")
     raw["auto_runs"] = auto_raw
 
-    if not args.quick:
+    if not args.quick and "4" in sections:
         print(f"\n(4) peak memory increment (peak RSS, fresh process) with m = {m} workers vs m x one model (target <= 1.10x)")
         print("    each cell: increment, ratio to m x (one model's increment), ratio to m separate models in one process")
         print("    sim loop/vmap: 3 local steps; loop+round: the 2nd step ends with a round (transient mixing output)")

@@ -399,6 +399,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     name = "matrix-completion" if args.name == "lsgd-matrix-completion" else args.name
     if args.dir is not None and name != "report":
         raise ConfigError.invalid("DIR", args.dir, f"only `reproduce report DIR` takes a directory; use --out with {name}")
+    _check_dry_run_flags(name, args)
     if name == "report":
         target = args.dir if args.dir is not None else args.out
         if target is None:
@@ -410,7 +411,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         from coopsgd.fileio import check_output_path
 
         check_output_path(args.out, "--out", directory=True)
-    out_dir = Path(Path("runs") / name if args.out is None else args.out)
+    default_dir = f"{name}-dry-run" if args.dry_run else name
+    out_dir = Path(Path("runs") / default_dir if args.out is None else args.out)
     args.seed = _flag_int("--seed", args.seed, 0)
     if args.seeds is not None:
         args.seeds = _flag_int("--seeds", args.seeds, 1, 100)
@@ -420,8 +422,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                 raise ConfigError.invalid("--" + flag, getattr(args, flag), f"a matrix-completion flag; {name} does "
                                           "not take it")
     if name == "all":
+        from coopsgd.experiments.registry import DRY_RUNS
+
         summaries = []
-        for exp in REPORT_ORDER:
+        if args.dry_run:
+            print(f"dry run of the full-scale experiments ({', '.join(DRY_RUNS)}); "
+                  f"{', '.join(e for e in REPORT_ORDER if e not in DRY_RUNS)} have no full scale on real data and "
+                  "are not run", flush=True)
+        for exp in (DRY_RUNS if args.dry_run else REPORT_ORDER):
             data = _reproduce_one(exp, args, out_dir / exp)
             _write_json(out_dir / exp / "result.json", data)
             summaries += data.get("summary", [])
@@ -503,12 +511,33 @@ def _reproduce_one(name: str, args: argparse.Namespace, out_dir: Path) -> dict[s
     if engine not in entry.engines:
         raise ConfigError.invalid("--engine", engine, f"{name} runs on {', '.join(entry.engines)}")
     n = args.seeds if args.seeds is not None else (DEFAULT_QUICK_SEEDS if args.quick else 1)
+    dry = {"dry_run": True, "all_settings": bool(args.all_settings)} if args.dry_run else {}
     token = OVERWRITE.set(bool(args.overwrite))
     try:
         return run_seeds(name, quick=args.quick, engine=engine, out=out_dir,
-                         seeds=[args.seed + k for k in range(n)], progress=_progress(args))
+                         seeds=[args.seed + k for k in range(n)], progress=_progress(args), **dry)
     finally:
         OVERWRITE.reset(token)
+
+
+def _check_dry_run_flags(name: str, args: argparse.Namespace) -> None:
+    """``--dry-run`` / ``--all-settings``: refuse the combinations that make no sense (one line, exit 2)."""
+    if args.all_settings and not args.dry_run:
+        raise ConfigError.invalid("--all-settings", True, "only a --dry-run takes it (every setting of each sweep)")
+    if not args.dry_run:
+        return
+    from coopsgd.experiments.registry import DRY_RUNS
+
+    if name == "report":
+        raise ConfigError.invalid("--dry-run", True, "`reproduce report DIR` renders a report and runs nothing")
+    if name not in (*DRY_RUNS, "all"):
+        raise ConfigError.invalid("--dry-run", True, f"{name} has no full scale on real data to smoke-test; "
+                                  f"--dry-run takes {', '.join(DRY_RUNS)} or all")
+    if args.quick:
+        raise ConfigError.invalid("--quick", True, "cannot be combined with --dry-run (a dry run smoke-tests the "
+                                  "full scale: two steps on synthetic data of the real shapes)")
+    if args.seeds is not None:
+        raise ConfigError.invalid("--seeds", args.seeds, "a --dry-run runs one seed (choose it with --seed)")
 
 
 #: Largest tau of ``theory heatmap`` (one column per tau).
@@ -1078,6 +1107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default=None, help="simulate | distributed | reference (default: the experiment's "
                                                   "first engine, listed below)")
     p.add_argument("--quick", action="store_true", help="2-core CPU scale")
+    p.add_argument("--dry-run", action="store_true",
+                   help="smoke-test the full scale without its data or a GPU: 2 steps per setting of the full-scale "
+                        "models, workers, batch, partitions, lr schedule, checkpoint (written and reloaded), "
+                        "figures and result.json, on synthetic data of the real shapes (3x32x32 images of 10 "
+                        "classes; random tokens of WikiText-2's 33,278 words); the first setting of each sweep; "
+                        "one line per setting; csgd-fig3..6, lsgd-nets, lsgd-lstm or all (default --out: "
+                        "runs/NAME-dry-run)")
+    p.add_argument("--all-settings", action="store_true", help="--dry-run: every setting of each sweep")
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier runs of other settings in the output directory (e.g. --quick, then full)")
     mc_full, mc_quick = MATRIX_COMPLETION["full"], MATRIX_COMPLETION["quick"]

@@ -143,7 +143,7 @@ def test_pre_mix_rule_applies_the_adam_increment_after_the_round() -> None:
     _run(ref, data, 1, lr)
     _run(sim, data, 1, lr)
     inc = ref.params[:m] - X0[:m]
-    S = torch.as_tensor(presets.easgd(m, 1, alpha=0.2).schedule.mix(0).matrix)
+    S = torch.tensor(presets.easgd(m, 1, alpha=0.2).schedule.mix(0).matrix)  # a copy: S is read-only
     expected = S.T @ X0
     expected[:m] += inc
     np.testing.assert_allclose(sim.params.numpy(), expected.numpy(), rtol=0, atol=TOL)

@@ -190,3 +190,91 @@ def test_deferred_broadcast_equals_the_full_round() -> None:
     comm.materialize(x)
     assert comm.deferred is None
     torch.testing.assert_close(x, ref, rtol=0, atol=TOL)
+
+
+def test_structured_fedavg_mix_equals_its_matrix_and_the_analysed_plan() -> None:
+    # FedAvg's Mix carries its structure: the plan comes from the sampled clients' weights (no n x n matrix),
+    # the matrix is built only when read, equal to w 1^T, and the plan is the one its analysis finds
+    from coopsgd.engines.kernel import InProcess
+    from coopsgd.engines.mixing import mix_plan
+
+    rng = np.random.default_rng(6)
+    for m, c, steps in ((8, 1.0, 2), (40, 0.1, 3), (30, 1 / 30, 3), (1000, 0.01, 1)):  # 1/30: one client, w = e_j
+        counts = rng.integers(1, 50, m).astype(float)
+        spec = presets.fedavg(m, 1, fraction=c, sample_counts=counts, seed=3)
+        for step in range(steps):
+            mix = spec.schedule.mix(step)
+            assert mix is not None and mix.structure is not None
+            plan = mix_plan(mix)
+            assert mix._matrix is None  # the plan did not build the matrix
+            chosen = spec.schedule.clients(step)
+            w = np.zeros(m + 1)
+            w[chosen] = counts[chosen] / counts[chosen].sum()
+            np.testing.assert_array_equal(mix.matrix, np.tile(w[:, None], (1, m + 1)))
+            assert mix.matrix is mix.matrix and mix.info["clients"] == chosen.tolist()
+            ref = round_plan(mix.matrix.copy())
+            assert (plan.kind, plan.touched, plan.col_abs_max) == (ref.kind, ref.touched, ref.col_abs_max)
+            for name in ("targets", "sources", "weights"):
+                a, b = getattr(plan, name), getattr(ref, name)
+                assert (a is None) == (b is None)
+                if a is not None:
+                    np.testing.assert_array_equal(a, b)
+            gen = torch.Generator().manual_seed(step)
+            x = torch.randn(m + 1, 7, dtype=torch.float64, generator=gen)
+            expected = apply_mixing(x.clone(), mix.matrix)
+            fresh = spec.schedule.mix(step)  # a new Mix: the round through the communicator, from the structure
+            assert fresh is not None
+            InProcess().mix_round(x, fresh)
+            assert fresh._matrix is None
+            torch.testing.assert_close(x, expected, rtol=0, atol=TOL)
+
+
+def test_mix_is_immutable_and_pickles() -> None:
+    import copy
+    import pickle
+
+    mix = presets.fedavg(20, 1, fraction=0.2).schedule.mix(0)
+    assert mix is not None
+    with pytest.raises(AttributeError):
+        mix.pattern = "local"  # type: ignore[misc]
+    for clone in (pickle.loads(pickle.dumps(mix)), copy.deepcopy(mix)):
+        assert clone.structure is not None and (clone.pattern, clone.round, clone.info) == (mix.pattern, 0, mix.info)
+        np.testing.assert_array_equal(clone.matrix, mix.matrix)
+    with pytest.raises(ValueError, match="matrix or its structure"):
+        type(mix)(None, "allreduce")
+
+
+def test_immutable_matrices_are_found_by_identity() -> None:
+    sched = presets.dpsgd(12).schedule
+    S = sched.mix(0).matrix
+    assert not S.flags.writeable and sched.mix(7).matrix is S  # the schedule hands out one read-only array
+    plan = round_plan(S)
+    assert round_plan(S) is plan and mixing._immutable(S) and mixing._immutable(S[:])
+    # a read-only view of a writable array can still change: looked up by its entries every time
+    base = np.eye(4)
+    view = base.view()
+    view.setflags(write=False)
+    assert not mixing._immutable(view) and round_plan(view).kind == "identity"
+    base[:, 1] = [0.5, 0.5, 0.0, 0.0]
+    assert round_plan(view).kind != "identity"
+    check(view)
+    # a user's writable matrix is copied by the schedule: changing it later does not change the rounds
+    from coopsgd.algorithms.schedules import PeriodicSchedule
+
+    W = np.full((3, 3), 1 / 3)
+    periodic = PeriodicSchedule(1, [W])
+    W[0, 0] = 5.0
+    got = periodic.mix(0)
+    assert got is not None
+    np.testing.assert_array_equal(got.matrix, np.full((3, 3), 1 / 3))
+
+
+def test_products_of_levels_are_computed_once() -> None:
+    sched = presets.hierarchical(8).schedule  # levels: period 2 (intra-group) and 4 (between groups)
+    (fast_period, fast_mats, _), (slow_period, slow_mats, _) = sched._levels
+    assert (fast_period, slow_period, len(fast_mats), len(slow_mats)) == (2, 4, 1, 1)
+    a, b, only_fast = sched.mix(3), sched.mix(7), sched.mix(1)  # both levels fire after steps 3 and 7
+    assert a is not None and b is not None and only_fast is not None
+    assert a.matrix is b.matrix and not a.matrix.flags.writeable  # one read-only product, computed once
+    np.testing.assert_array_equal(a.matrix, fast_mats[0] @ slow_mats[0])
+    assert only_fast.matrix is fast_mats[0]

@@ -559,6 +559,25 @@ def test_heatmap_writes_png(tmp_path):
     assert svg.read_text().lstrip().startswith("<?xml")
 
 
+def test_heatmap_failed_write_keeps_the_earlier_figure(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    out = plot_network_error_heatmap(tmp_path / "fig3a.png", taus=[1, 2], zetas=[0, 0.5])
+    before = out.read_bytes()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as info:
+        plot_network_error_heatmap(out, taus=[1, 2, 4], zetas=[0, 0.9])
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig3a.png"]  # no temporary file left
+
+
 def test_grid_values():
     g = network_error_grid([1, 2], [0.0, 0.5])
     np.testing.assert_allclose(g, [[0.0, 1.0], [5 / 3 - 1, 10 / 3 - 1]])

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -45,6 +45,7 @@ from coopsgd.topology import MixingMatrix
 
 __all__ = [
     "Mix",
+    "Averaging",
     "MixContext",
     "ScheduleState",
     "Schedule",
@@ -93,26 +94,100 @@ class MixContext:
 ScheduleState = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Mix:
-    """One synchronization: the matrix ``S_k`` and how it is communicated.
+@dataclass(frozen=True, eq=False)
+class Averaging:
+    """The structure of an averaging matrix: every column of S is the same vector w (``S = w 1^T``), whose
+    non-zero entries are ``weights`` at the rows ``sources`` (FedAvg's weighted average of the sampled
+    clients, sent to every node).
 
     Attributes:
-        matrix: ``S_k`` as an (m+v)x(m+v) float64 array, column convention.
+        n: the number of nodes.
+        sources: the rows with a non-zero weight, sorted, int64.
+        weights: their weights, float64, finite and non-zero.
+    """
+
+    n: int
+    sources: np.ndarray
+    weights: np.ndarray
+
+    def __post_init__(self) -> None:  # own read-only copies: the matrix built later is the one described now
+        for name, dtype in (("sources", np.int64), ("weights", np.float64)):
+            a = np.array(getattr(self, name), dtype=dtype)
+            a.setflags(write=False)
+            object.__setattr__(self, name, a)
+
+    def matrix(self) -> np.ndarray:
+        """S as a dense (n, n) float64 array."""
+        w = np.zeros(self.n)
+        w[self.sources] = self.weights
+        return np.tile(w[:, None], (1, self.n))
+
+
+class Mix:
+    """One synchronization: the matrix ``S_k`` and how it is communicated (its fields cannot be reassigned).
+
+    Attributes:
+        matrix: ``S_k`` as an (m+v)x(m+v) float64 array, column convention. A mix made from its
+            ``structure`` alone builds the array the first time it is read (the same array every time after).
         pattern: communication pattern for the cost model (one of :data:`PATTERNS`; ``"local"`` means the
             mixing needs no network traffic, e.g. LSGD's pull toward a locally held leader copy).
         round: the index of the communication round (counts only mixes with network traffic).
         info: extra facts for logging (e.g. the LSGD leader, FedAvg's sampled clients).
+        structure: what the schedule knows about S (:class:`Averaging`), or ``None``. Engines apply a round
+            from it without reading or analysing the dense matrix (:func:`coopsgd.engines.mixing.mix_plan`).
     """
 
-    matrix: np.ndarray
+    __slots__ = ("_matrix", "pattern", "round", "info", "structure")
+
+    _matrix: np.ndarray | None
     pattern: str
-    round: int = -1
-    info: dict[str, Any] = field(default_factory=dict)
+    round: int
+    info: dict[str, Any]
+    structure: Averaging | None
+
+    def __init__(
+        self,
+        matrix: np.ndarray | None,
+        pattern: str,
+        round: int = -1,
+        info: dict[str, Any] | None = None,
+        *,
+        structure: Averaging | None = None,
+    ) -> None:
+        if matrix is None and structure is None:
+            raise ValueError("a Mix needs its matrix or its structure")
+        for name, value in (("_matrix", matrix), ("pattern", pattern), ("round", round),
+                            ("info", {} if info is None else info), ("structure", structure)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a Mix is immutable (cannot set {name!r})")
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:  # pickle / copy: rebuilt through __init__
+        return _rebuild_mix, (self._matrix, self.pattern, self.round, self.info, self.structure)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        S = self._matrix
+        if S is None:
+            assert self.structure is not None
+            S = self.structure.matrix()
+            object.__setattr__(self, "_matrix", S)
+        return S
 
     @property
     def communicates(self) -> bool:
         return self.pattern != "local"
+
+    def __repr__(self) -> str:
+        shape = (self.structure.n,) * 2 if self._matrix is None and self.structure is not None else \
+            getattr(self._matrix, "shape", None)
+        return f"Mix(matrix of shape {shape}, pattern={self.pattern!r}, round={self.round}, info={self.info!r})"
+
+
+def _rebuild_mix(matrix: np.ndarray | None, pattern: str, round: int, info: dict[str, Any],
+                 structure: Averaging | None) -> Mix:
+    return Mix(matrix, pattern, round, info, structure=structure)
 
 
 @runtime_checkable
@@ -172,6 +247,16 @@ def _as_matrix(W: MixingMatrix | np.ndarray) -> np.ndarray:
     return np.asarray(getattr(W, "matrix", W), dtype=np.float64)
 
 
+def _frozen(W: MixingMatrix | np.ndarray) -> np.ndarray:
+    """``W`` as a read-only float64 array that owns its memory (a copy unless it already is one). Engines
+    may then recognise a matrix they have seen by its identity alone (it cannot change)."""
+    M = _as_matrix(W)
+    if M.flags.writeable or not M.flags.owndata or not M.flags.c_contiguous:
+        M = np.array(M, dtype=np.float64, order="C", copy=True)
+        M.setflags(write=False)
+    return M
+
+
 class PeriodicSchedule(_Base):
     """``S_k = W`` every ``tau`` steps, identity otherwise ([CSGD] eq. (7)), generalised in three ways.
 
@@ -206,13 +291,13 @@ class PeriodicSchedule(_Base):
         if len(matrices) == 0:
             raise ConfigError.invalid("matrices", list(matrices), "need at least one mixing matrix")
         self._levels: list[tuple[int, list[np.ndarray], str]] = [
-            (self.tau, [_as_matrix(W) for W in matrices], pattern)
+            (self.tau, [_frozen(W) for W in matrices], pattern)
         ]
         for period, mats, pat in levels:
             period = check_int("period", period, minimum=1)
             if len(mats) == 0:
                 raise ConfigError.invalid("levels", period, "each level needs at least one matrix")
-            self._levels.append((period, [_as_matrix(W) for W in mats], pat))
+            self._levels.append((period, [_frozen(W) for W in mats], pat))
         self.n = self._levels[0][1][0].shape[0]
         for _, mats, _ in self._levels:
             for M in mats:
@@ -223,7 +308,9 @@ class PeriodicSchedule(_Base):
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         if self.warmup_steps and warmup_matrix is None:
             raise ConfigError.invalid("warmup_matrix", None, "needed when warmup_steps > 0")
-        self._warmup = None if warmup_matrix is None else _as_matrix(warmup_matrix)
+        self._warmup = None if warmup_matrix is None else _frozen(warmup_matrix)
+        #: products of several levels' matrices, by which matrices (computed once, read-only)
+        self._products: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
     def _phase(self, period: int) -> int:
         """The local step ``j`` (mod ``period``) after which a level of this period communicates."""
@@ -242,18 +329,27 @@ class PeriodicSchedule(_Base):
 
     def _mix(self, step: int, ctx: MixContext) -> Mix | None:
         if step < self.warmup_steps:
-            return Mix(self._warmup, "allreduce", round=step, info={"warmup": True})  # type: ignore[arg-type]
+            return Mix(self._warmup, "allreduce", round=step, info={"warmup": True})
         local = step - self.warmup_steps
-        product: np.ndarray | None = None
+        fired: list[tuple[int, int]] = []
         patterns = []
-        for period, mats, pat in self._levels:
+        for level, (period, mats, pat) in enumerate(self._levels):
             if local % period == self._phase(period):
-                M = mats[(local // period) % len(mats)]
+                fired.append((level, (local // period) % len(mats)))
+                patterns.append(pat)
+        if not fired:
+            return None
+        key = tuple(fired)
+        product = self._products.get(key) if len(fired) > 1 else self._levels[fired[0][0]][1][fired[0][1]]
+        if product is None:
+            for level, j in fired:
+                M = self._levels[level][1][j]
                 # X S1 S2: the faster level's matrix acts first.
                 product = M if product is None else product @ M
-                patterns.append(pat)
-        if product is None:
-            return None
+            assert product is not None
+            product.setflags(write=False)
+            if len(self._products) < 64:
+                self._products[key] = product
         pattern = patterns[-1] if len(patterns) == 1 else max(patterns, key=_PATTERN_RANK.__getitem__)
         return Mix(product, pattern, round=self.rounds_before(step))
 
@@ -413,16 +509,25 @@ class FedAvgSchedule(_Base):
                 )
         self.sample_counts = counts
         self.clients_per_round = max(1, int(round(self.fraction * self.m)))
+        self._drawn: dict[tuple[int, int, int, int], np.ndarray] = {}  # recent rounds' draws (a cache: the draw is a function of r)
 
     def rounds_before(self, step: int) -> int:
         return step // self.tau
 
     def clients(self, round_index: int) -> np.ndarray:
-        """Sorted indices of the clients sampled for round ``round_index`` (reproducible)."""
+        """Sorted indices of the clients sampled for round ``round_index`` (reproducible; a new array)."""
         if self.clients_per_round == self.m:
             return np.arange(self.m)
-        rng = np.random.default_rng([self.seed, round_index])
-        return np.sort(rng.choice(self.m, size=self.clients_per_round, replace=False))
+        r = int(round_index)
+        key = (self.seed, self.m, self.clients_per_round, r)
+        got = self._drawn.get(key)
+        if got is None:  # a few recent rounds are kept: a step asks for its round's clients several times
+            rng = np.random.default_rng([self.seed, r])
+            got = np.sort(rng.choice(self.m, size=self.clients_per_round, replace=False))
+            if len(self._drawn) >= 4:
+                self._drawn.pop(next(iter(self._drawn)))
+            self._drawn[key] = got
+        return got.copy()
 
     def active(self, step: int) -> np.ndarray | None:
         if self.clients_per_round == self.m:
@@ -436,10 +541,16 @@ class FedAvgSchedule(_Base):
             return None
         r = step // self.tau
         chosen = self.clients(r)
+        weights = self.sample_counts[chosen] / self.sample_counts[chosen].sum()
+        info = {"clients": chosen.tolist()}
+        if np.all(np.isfinite(weights)) and np.all(weights != 0):
+            # S = w 1^T: the round is known from the sampled clients' weights (O(c m), no n x n matrix);
+            # the dense S is built only when something reads it
+            return Mix(None, "parameter_server", round=r, info=info,
+                       structure=Averaging(self.n, chosen, weights))
         w = np.zeros(self.n)
-        w[chosen] = self.sample_counts[chosen] / self.sample_counts[chosen].sum()
-        S = np.tile(w[:, None], (1, self.n))
-        return Mix(S, "parameter_server", round=r, info={"clients": chosen.tolist()})
+        w[chosen] = weights
+        return Mix(np.tile(w[:, None], (1, self.n)), "parameter_server", round=r, info=info)
 
 
 class DownpourSchedule(_Base):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from torch import Tensor
 from coopsgd.algorithms.schedules import Mix
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Communicator
-from coopsgd.engines.mixing import RoundPlan, apply_mixing, round_plan
+from coopsgd.engines.mixing import RoundPlan, apply_mixing, mix_plan, round_plan
 from coopsgd.engines.optim import (
     AdamOptions,
     InnerOptimizer,
@@ -71,8 +72,8 @@ class InProcess:
     def __init__(self) -> None:
         #: rows ``[0, defer_rows)`` an averaging round may leave deferred (0: none; set by the engine)
         self.defer_rows = 0
-        #: the plan of the next round's matrix, when the engine already looked it up: ``(S, plan)``
-        self.hint: tuple[np.ndarray, RoundPlan] | None = None
+        #: the plan of the next round, when the engine already looked it up: ``(S or its Mix, plan)``
+        self.hint: tuple[Any, RoundPlan] | None = None
         self._value: Tensor | None = None  # (1, width): what every deferred row holds
         self._deferred: np.ndarray | None = None  # bool (n,): rows whose mixed columns are deferred
 
@@ -132,6 +133,17 @@ class InProcess:
     def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> None:
         hint, self.hint = self.hint, None
         plan = hint[1] if hint is not None and hint[0] is S else round_plan(S)
+        self._apply(rows, plan, S)
+
+    def mix_round(self, rows: Tensor, mix: Mix, *, overlap: bool = False) -> None:
+        """:meth:`mix` of a :class:`Mix`: its plan comes from its structure when it carries one
+        (:func:`~coopsgd.engines.mixing.mix_plan`), so the dense matrix is read only by the dense kernel."""
+        hint, self.hint = self.hint, None
+        plan = hint[1] if hint is not None and hint[0] is mix else mix_plan(mix)
+        self._apply(rows, plan, mix)
+
+    def _apply(self, rows: Tensor, plan: RoundPlan, source: Any) -> None:
+        """Apply ``plan`` (of the matrix ``source``, or of the Mix ``source``) to ``rows`` in place."""
         if plan.kind == "identity":
             return
         if self._deferred is not None:
@@ -153,7 +165,7 @@ class InProcess:
                 self._deferred[tg[lazy]] = True
                 return
         if plan.kind == "dense" and plan.targets is None:
-            rows.copy_(apply_mixing(rows, S))
+            rows.copy_(apply_mixing(rows, source.matrix if isinstance(source, Mix) else source))
         else:
             plan.apply_(rows)
 
@@ -268,7 +280,7 @@ class RoundKernel:
         lo, hi = self.cols
         if on_round is not None:
             on_round()
-        self.comm.mix(state[:, lo:hi], np.asarray(mix.matrix, dtype=np.float64), overlap=self.spec.overlap)
+        self._round(state[:, lo:hi], mix)
         if D is not None and pre:
             if rows is None:
                 P[:w].sub_(D, alpha=lr)
@@ -334,7 +346,7 @@ class RoundKernel:
         lo, hi = self.cols
         if on_round is not None:
             on_round()
-        self.comm.mix(state[:, lo:hi], np.asarray(mix.matrix, dtype=np.float64), overlap=self.spec.overlap)
+        self._round(state[:, lo:hi], mix)
         if U is not None and pre:
             if rows is None:
                 P[:w].add_(U)
@@ -348,6 +360,13 @@ class RoundKernel:
                 self.zero_aux_momentum(state)
         if self.outer is not None and mix.info.get("outer"):
             self.outer_round(state, lr)
+
+    def _round(self, rows: Tensor, mix: Mix) -> None:
+        """Communicate the round ``mix`` over ``rows`` (in process: from the Mix's structure when it has one)."""
+        if isinstance(self.comm, InProcess):
+            self.comm.mix_round(rows, mix, overlap=self.spec.overlap)
+        else:
+            self.comm.mix(rows, np.asarray(mix.matrix, dtype=np.float64), overlap=self.spec.overlap)
 
     def outer_round(self, state: Tensor, lr: float) -> None:
         """The outer step after an outer round (the workers are averaged): z steps on z - average, and every

@@ -7,7 +7,11 @@ pull, push-sum) it does, and ``tests/unit/test_round_kernels.py`` pins it down w
 
 :func:`apply_mixing` is the reference definition (one dense product). :func:`mix_rows_` gives the same
 result in place with the cheapest exact kernel for the structure of S, analysed once per distinct matrix
-(:func:`round_plan`, a bounded cache keyed by a digest of the matrix's non-zero entries). Only the *changed* columns
+(:func:`round_plan`, a bounded cache keyed by a digest of the matrix's non-zero entries; an immutable matrix,
+such as a schedule's fixed ring, is found again by its identity in O(1)). A
+:class:`~coopsgd.algorithms.schedules.Mix` that carries its structure (FedAvg's ``Averaging``: the sampled
+clients and their weights) gets its plan from it in O(sampled clients), the n x n matrix neither built nor
+read (:func:`mix_plan`). Only the *changed* columns
 of S (those that differ from the identity column e_i) are computed; rows whose column is e_i are not
 touched. Over the changed columns, the kernels are, in the order they are tried:
 
@@ -52,13 +56,14 @@ float64); none is bitwise-identical to it in general.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["apply_mixing", "mix_rows_", "round_plan", "RoundPlan", "SPARSE_DENSITY", "SPARSE_MAX_DEGREE"]
+__all__ = ["apply_mixing", "mix_rows_", "round_plan", "mix_plan", "average_plan", "RoundPlan", "SPARSE_DENSITY", "SPARSE_MAX_DEGREE"]
 
 T = TypeVar("T")
 
@@ -87,7 +92,10 @@ def apply_mixing(state: T, S: np.ndarray) -> T:
     import torch
 
     assert isinstance(state, torch.Tensor)
-    St = torch.as_tensor(np.ascontiguousarray(np.asarray(S).T), dtype=state.dtype, device=state.device)
+    T = np.ascontiguousarray(np.asarray(S).T)
+    if not T.flags.writeable:  # a read-only matrix (a schedule's) that needed no copy: torch wants writable memory
+        T = T.copy()
+    St = torch.as_tensor(T, dtype=state.dtype, device=state.device)
     return St @ state  # type: ignore[return-value]
 
 
@@ -429,10 +437,45 @@ def _analyse(S: np.ndarray) -> RoundPlan:
 
 
 _PLANS: OrderedDict[tuple[tuple[int, ...], str, bytes], RoundPlan] = OrderedDict()
+#: plans of immutable matrices by identity: ``id(S) -> (weak reference to S, plan)``
+_FROZEN: OrderedDict[int, tuple[weakref.ref[np.ndarray], RoundPlan]] = OrderedDict()
+
+
+def _immutable(S: np.ndarray) -> bool:
+    """Whether no one can change ``S``'s entries: it and every array it views are read-only, down to an
+    array that owns its memory (a schedule's fixed matrices, :class:`~coopsgd.topology.MixingMatrix`)."""
+    a: Any = S
+    while True:
+        if not isinstance(a, np.ndarray) or a.flags.writeable:
+            return False
+        if a.base is None:
+            return bool(a.flags.owndata)
+        a = a.base
 
 
 def round_plan(S: np.ndarray) -> RoundPlan:
-    """The kernel for ``S`` (column convention), analysed once per distinct matrix (bounded LRU cache)."""
+    """The kernel for ``S`` (column convention), analysed once per distinct matrix (bounded LRU cache).
+
+    An immutable matrix (read-only float64, owning its memory or viewing only read-only arrays that do:
+    what :class:`~coopsgd.algorithms.schedules.PeriodicSchedule` and :class:`~coopsgd.topology.MixingMatrix`
+    hold) is found again by its identity in O(1); any other by a digest of its entries (O(n^2)).
+    """
+    frozen = isinstance(S, np.ndarray) and S.dtype == np.float64 and S.flags.c_contiguous and _immutable(S)
+    if frozen:
+        hit = _FROZEN.get(id(S))
+        if hit is not None and hit[0]() is S:
+            _FROZEN.move_to_end(id(S))
+            return hit[1]
+    plan = _digest_plan(S)
+    if frozen:
+        _FROZEN[id(S)] = (weakref.ref(S), plan)
+        if len(_FROZEN) > PLAN_CACHE_SIZE:
+            _FROZEN.popitem(last=False)
+    return plan
+
+
+def _digest_plan(S: np.ndarray) -> RoundPlan:
+    """:func:`round_plan` through the cache keyed by a digest of S's entries."""
     S = np.ascontiguousarray(S, dtype=np.float64)
     if S.ndim != 2 or S.shape[0] != S.shape[1]:
         raise ValueError(f"a mixing matrix must be square, got shape {S.shape}")
@@ -461,6 +504,33 @@ def round_plan(S: np.ndarray) -> RoundPlan:
     else:
         _PLANS.move_to_end(key)
     return plan
+
+
+def average_plan(n: int, sources: np.ndarray, weights: np.ndarray) -> RoundPlan:
+    """The plan of ``S = w 1^T`` (every column the vector ``w``, non-zero exactly at the sorted rows
+    ``sources`` with the finite non-zero ``weights``) in O(len(sources)), without S: the plan
+    :func:`round_plan` finds for the same matrix."""
+    sources = np.asarray(sources, dtype=np.int64)
+    weights = np.asarray(weights, dtype=np.float64)
+    k = sources.size
+    # the column abs-sum as the analysis adds it (in row order)
+    col_abs_max = float(np.bincount(np.zeros(k, dtype=np.int64), weights=np.abs(weights), minlength=1)[0])
+    targets = None
+    if k == 1 and weights[0] == 1.0:  # w = e_j: column j is the identity's, the others change
+        if n == 1:
+            return RoundPlan("identity", n, col_abs_max=col_abs_max)
+        targets = np.delete(np.arange(n, dtype=np.int64), int(sources[0]))
+    return RoundPlan("average", n, targets=targets, sources=None if k == n else sources.copy(),
+                     weights=weights.copy(), col_abs_max=col_abs_max)
+
+
+def mix_plan(mix: Any) -> RoundPlan:
+    """The plan of a :class:`~coopsgd.algorithms.schedules.Mix`: from its ``structure`` when it carries one
+    (O(its non-zeros), the dense matrix is neither built nor read), else :func:`round_plan` of its matrix."""
+    st = getattr(mix, "structure", None)
+    if st is not None:
+        return average_plan(st.n, st.sources, st.weights)
+    return round_plan(mix.matrix)
 
 
 def mix_rows_(rows: Any, S: np.ndarray, plan: RoundPlan | None = None) -> Any:

@@ -84,7 +84,7 @@ from coopsgd.engines.executors import (
     synchronize,
 )
 from coopsgd.engines.kernel import InProcess, RoundKernel
-from coopsgd.engines.mixing import round_plan
+from coopsgd.engines.mixing import mix_plan
 from coopsgd.engines.optim import AdamOptions, InnerOptimizer, SGDOptions
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES, ModelRows
@@ -759,7 +759,9 @@ class Simulator(ModelRows):
         if communicated:
             assert mix is not None
             self.rounds += 1
-            costs = self.clock.round_costs(mix.pattern, mix.matrix)
+            # the clock reads the matrix of neighbour rounds only: a structured mix's is not built otherwise
+            matrix = None if mix.structure is not None and mix.pattern != "neighbor" else mix.matrix
+            costs = self.clock.round_costs(mix.pattern, matrix)
             self.clock.communicate(costs, overlap=spec.overlap)
             bytes_sent = float(sum(c.bytes_sent for c in costs))
             self.bytes_sent += bytes_sent
@@ -842,14 +844,14 @@ class Simulator(ModelRows):
         self, res: ComputeResult, mix: Mix | None, lr: float, rows: list[int] | None, gmax: float, bmax: float, k: int
     ) -> None:
         """Apply direction, rule and mixing; in place when provably overflow-free, else on a checked copy."""
-        S = None if mix is None else np.asarray(mix.matrix, dtype=np.float64)
         cs = 1.0
-        if S is not None:
-            plan = round_plan(S)  # cached per distinct matrix; the kernel reuses it (hint)
+        if mix is not None:
+            # from the Mix's structure, or cached per distinct matrix; the kernel reuses it (hint)
+            plan = mix_plan(mix)
             cs = plan.col_abs_max  # max column abs-sum of S: NaN / inf iff S holds a non-finite entry
             if not math.isfinite(cs):
                 raise NonFiniteError(f"non-finite mixing matrix at step {k}")
-            self._comm.hint = (S, plan)
+            self._comm.hint = (mix, plan)
         opts = self.opts
         X = max(self._bound, bmax)
         sgd = isinstance(opts, SGDOptions)

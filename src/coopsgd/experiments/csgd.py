@@ -9,6 +9,10 @@ the data layer's ConfigError before training anything.
 bundled 8,000-image MNIST subset, 8 workers, batch 32 per worker, learning rates scaled to that model, and
 simulated wall-clock from :data:`coopsgd.experiments.harness.QUICK_TIME` (constant 100 ms per step; 2 ms,
 100 Mbit/s network). Each ``run`` takes a private ``_scale`` (step/epoch multiplier) for the tests.
+
+``dry_run=True`` (``coopsgd reproduce NAME --dry-run``) runs the full-scale configuration for two steps per
+setting on synthetic 3x32x32 data (:func:`coopsgd.experiments.harness.dry_run_fields`), the first setting
+of each sweep unless ``all_settings``; figures, result and summary go through the full-scale code.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from typing import Any
 import numpy as np
 
 from coopsgd.experiments.harness import (
+    DRY_RUN_STEPS,
     check_full_data,
     describe_time,
+    dry_run_fields,
+    dry_run_summary,
     first_reach,
     panel,
     plot_panels,
@@ -61,10 +68,13 @@ QUICK: dict[str, Any] = {
 QUICK_LR_SCALE = 0.5
 
 
-def base_config(quick: bool, seed: int, **kw: Any) -> RunConfig:
-    """A RunConfig of the quick or full scale with the stated time model; ``kw`` overrides."""
+def base_config(quick: bool, seed: int, *, dry_run: bool = False, **kw: Any) -> RunConfig:
+    """A RunConfig of the quick or full scale with the stated time model; ``kw`` overrides; ``dry_run``: the
+    full scale's two-step dry run (:func:`~coopsgd.experiments.harness.dry_run_fields`)."""
     fields: dict[str, Any] = {**(QUICK if quick else FULL), **time_fields(quick), "seed": seed}
     fields.update(kw)
+    if dry_run:
+        fields = dry_run_fields(fields)
     return RunConfig(**fields)
 
 
@@ -72,15 +82,18 @@ def _lr(paper_lr: float, quick: bool) -> float:
     return paper_lr * QUICK_LR_SCALE if quick else paper_lr
 
 
-def _start(quick: bool, out: Path) -> Path:
-    if not quick:
+def _start(quick: bool, out: Path, dry_run: bool = False) -> Path:
+    if not quick and not dry_run:
         check_full_data(FULL["dataset"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def _scale_note(quick: bool) -> str:
+def _scale_note(quick: bool, dry_run: bool = False) -> str:
+    if dry_run:
+        return (f"dry run: the full scale (VGG-16, 8 workers) for {DRY_RUN_STEPS} steps on synthetic 3x32x32 data "
+                "of 10 classes -- a smoke test, not a result")
     if quick:
         return (
             f"quick scale: MLP on bundled MNIST (8,000 train images), 8 workers, batch 32/worker, "
@@ -115,6 +128,8 @@ def run_fig3(
     progress: bool,
     _scale: float = 1.0,
     _points: list[tuple[int, str]] | None = None,
+    dry_run: bool = False,
+    all_settings: bool = False,
 ) -> dict[str, Any]:
     """Heat map of the NEB factor with circled (tau, zeta) points, and for each point the training loss of
     the averaged model at a fixed learning rate; the error floor is the mean over the last 25 % of steps."""
@@ -122,15 +137,19 @@ def run_fig3(
     from coopsgd.theory.heatmap import plot_network_error_heatmap
     from coopsgd.topology import mixing_matrix
 
-    out = _start(quick, out)
+    out = _start(quick, out, dry_run)
     lr = _lr(0.4, quick)
-    steps = scaled(600 if quick else 40000, _scale, 20)
+    steps = DRY_RUN_STEPS if dry_run else scaled(600 if quick else 40000, _scale, 20)
+    points = list(_points or FIG3_POINTS)
+    if dry_run and not all_settings:
+        points = points[:1]
     runs = []
-    for tau, topo in _points or FIG3_POINTS:
+    for tau, topo in points:
         z = float(mixing_matrix(topo, 8, "metropolis").zeta)
         cfg = base_config(
             quick,
             seed,
+            dry_run=dry_run,
             preset="decentralized_periodic",
             tau=tau,
             topology=topo,
@@ -155,7 +174,7 @@ def run_fig3(
         circled=[(r["tau"], r["zeta"], f"τ={r['tau']}, ζ={r['zeta']:.2f}") for r in runs],
         title="[CSGD] Fig. 3a: network error bound factor",
     )
-    note = f"{_scale_note(quick)}; fixed lr {lr:g}; {describe_time(time_fields(quick))}"
+    note = f"{_scale_note(quick, dry_run)}; fixed lr {lr:g}; {describe_time(time_fields(quick))}"
     curves = plot_panels(
         out / "csgd_fig3b_loss.png",
         runs,
@@ -177,6 +196,9 @@ def run_fig3(
             f"  tau={r['tau']:<3d} {r['topology']:9s} zeta={r['zeta']:.3f}  NEB factor {r['neb_factor']:7.2f}"
             f"  error floor {r['error_floor']:.4f}"
         )
+    if dry_run:
+        summary = dry_run_summary("csgd-fig3", ", ".join(f"tau={t}/{topo}" for t, topo in points), runs,
+                                  every=None if all_settings else f"all {len(FIG3_POINTS)} (tau, topology) points")
     return {
         "experiment": "csgd-fig3",
         "quick": quick,
@@ -208,28 +230,34 @@ def run_fig4(
     progress: bool,
     _scale: float = 1.0,
     _nonblocking: bool = True,
+    dry_run: bool = False,
+    all_settings: bool = False,
 ) -> dict[str, Any]:
     """EASGD, m = 8, tau = 1: alpha = 0.9/m, 2/(m+2) (best, Lemma 1), 0.25 > 2/(m+1) (diverges), and the
     best alpha non-blocking. Reports the mean training loss of the local models (running mean of the
     workers' mini-batch losses), the discrepancy ||X(I-J)||^2/m over workers and z, and simulated time."""
     from coopsgd.theory.bounds import easgd_alpha_limit, easgd_best_alpha, easgd_zeta
 
-    out = _start(quick, out)
+    out = _start(quick, out, dry_run)
     m = 8
     lr = 0.4  # the paper's lr in both modes: the MLP takes it, and it separates the alphas more clearly
     steps = scaled(300, _scale, 30) if quick else None
     best = easgd_best_alpha(m)
+    # (case key of FIG4_CASES, label, alpha, non-blocking)
     cases = [
-        ("0.9/m", 0.9 / m, False),
-        ("2/(m+2) (best)", best, False),
-        ("0.25 > 2/(m+1)", 0.25, False),
-        ("2/(m+2) non-blocking", best, True),
+        (FIG4_CASES[0], "0.9/m", 0.9 / m, False),
+        (FIG4_CASES[1], "2/(m+2) (best)", best, False),
+        (FIG4_CASES[2], "0.25 > 2/(m+1)", 0.25, False),
+        (FIG4_CASES[3], "2/(m+2) non-blocking", best, True),
     ][: 4 if _nonblocking else 3]
+    if dry_run and not all_settings:  # the first alpha, and the non-blocking code path
+        cases = [cases[0], *cases[3:]]
     runs = []
-    for name, alpha, nb in cases:
+    for case, name, alpha, nb in cases:
         cfg = base_config(
             quick,
             seed,
+            dry_run=dry_run,
             preset="easgd",
             tau=1,
             alpha=alpha,
@@ -243,7 +271,7 @@ def run_fig4(
             out / f"alpha{alpha:.4f}{'_nb' if nb else ''}",
             f"alpha={alpha:.4f} ({name})",
             progress=progress,
-            extra={"alpha": alpha, "nonblocking": nb, "zeta": easgd_zeta(alpha, m)},
+            extra={"case": case, "alpha": alpha, "nonblocking": nb, "zeta": easgd_zeta(alpha, m)},
         )
         for rec in res["_metrics"]:
             wl = [v for v in rec.get("worker_losses", []) if v is not None and np.isfinite(v)]
@@ -252,10 +280,13 @@ def run_fig4(
         res["discrepancy_tail"] = tail_mean(res, "consensus_distance", 0.25)
         runs.append(res)
     note = (
-        f"{_scale_note(quick).split(', lr =')[0]}; tau=1, lr {lr:g} (the paper's); "
+        f"{_scale_note(quick, dry_run).split(', lr =')[0]}; tau=1, lr {lr:g} (the paper's); "
         f"{describe_time(time_fields(quick))}"
     )
     ok = [r for r in runs if not r["diverged"]]
+    at = {r["case"]: i for i, r in enumerate(runs)}
+    blocking_cases = [at[c] for c in FIG4_CASES[:3] if c in at]
+    best_pair = [at[c] for c in (FIG4_CASES[1], FIG4_CASES[3]) if c in at]
 
     def _lim(key: str) -> tuple[float, float] | None:
         vals = np.concatenate([series(r, "step", key)[1] for r in ok]) if ok else np.array([])
@@ -271,7 +302,7 @@ def run_fig4(
                 "local_loss",
                 "training loss of local models (mean)",
                 logy=True,
-                runs=[0, 1, 2],
+                runs=blocking_cases,
                 title="(a) average training loss",
                 ylim=_lim("local_loss"),
             ),
@@ -280,7 +311,7 @@ def run_fig4(
                 "consensus_distance",
                 "||X(I-J)||^2/m (workers + z)",
                 logy=True,
-                runs=[0, 1, 2],
+                runs=blocking_cases,
                 title="(b) worker-auxiliary discrepancy",
                 ylim=_lim("consensus_distance"),
             ),
@@ -289,7 +320,7 @@ def run_fig4(
                 "local_loss",
                 "training loss of local models (mean)",
                 logy=True,
-                runs=[1, len(runs) - 1],
+                runs=best_pair,
                 legend=True,
                 title="(c) blocking vs non-blocking, alpha=2/(m+2)",
             ),
@@ -298,10 +329,11 @@ def run_fig4(
         note=note,
         ncols=3,
     )
-    blocking, nonblocking = runs[1], runs[-1]
     saving = None
-    if _nonblocking and blocking.get("time_s") and nonblocking.get("time_s"):
-        saving = 1.0 - nonblocking["time_s"] / blocking["time_s"]
+    if FIG4_CASES[1] in at and FIG4_CASES[3] in at:
+        blocking, nonblocking = runs[at[FIG4_CASES[1]]], runs[at[FIG4_CASES[3]]]
+        if blocking.get("time_s") and nonblocking.get("time_s"):
+            saving = 1.0 - nonblocking["time_s"] / blocking["time_s"]
     summary = [
         f"csgd-fig4 ({'quick' if quick else 'full'}): EASGD m=8, tau=1, lr {lr:g}; "
         f"best alpha 2/(m+2)={best:.4f}, divergence beyond 2/(m+1)={easgd_alpha_limit(m):.4f}"
@@ -319,6 +351,9 @@ def run_fig4(
             )
     if saving is not None:
         summary.append(f"  non-blocking saves {100 * saving:.0f}% of the simulated time (identical iterates)")
+    if dry_run:
+        summary = dry_run_summary("csgd-fig4", ", ".join(c[0] for c in cases), runs,
+                                  every=None if all_settings else "all four alpha cases")
     return {
         "experiment": "csgd-fig4",
         "quick": quick,
@@ -352,10 +387,15 @@ def run_fig5(
     _scale: float = 1.0,
     _taus: tuple[int, ...] = FIG5_TAUS,
     _paper_lrs: tuple[float, ...] = (0.04, 0.4),
+    dry_run: bool = False,
+    all_settings: bool = False,
 ) -> dict[str, Any]:
     """PSASGD (local SGD) for each tau at the paper's lr 0.04 and 0.4 (scaled in quick mode), lr / 10 at
     50 % and 75 % of training: loss vs epochs and vs simulated wall-clock, test accuracy."""
-    out = _start(quick, out)
+    out = _start(quick, out, dry_run)
+    every = f"tau in {{{', '.join(map(str, _taus))}}} x paper lr {{{', '.join(f'{v:g}' for v in _paper_lrs)}}}"
+    if dry_run and not all_settings:
+        _taus, _paper_lrs = _taus[:1], _paper_lrs[:1]
     epochs = (8.0 if quick else 200.0) * _scale
     decay = [epochs * 0.5, epochs * 0.75]
     runs: list[dict[str, Any]] = []
@@ -365,6 +405,7 @@ def run_fig5(
             cfg = base_config(
                 quick,
                 seed,
+                dry_run=dry_run,
                 preset="local_sgd",
                 tau=tau,
                 lr=lr,
@@ -382,7 +423,7 @@ def run_fig5(
             runs.append(res)
     n = len(_taus)
     groups = [(list(range(k * n, (k + 1) * n)), p, _lr(p, quick)) for k, p in enumerate(_paper_lrs)]
-    note = f"{_scale_note(quick)}; lr/10 at epochs {decay[0]:g}, {decay[1]:g}; {describe_time(time_fields(quick))}"
+    note = f"{_scale_note(quick, dry_run)}; lr/10 at epochs {decay[0]:g}, {decay[1]:g}; {describe_time(time_fields(quick))}"
     panels = []
     for idx, _, lr in groups:
         panels += [
@@ -445,6 +486,9 @@ def run_fig5(
         g = gaps[f"{paper_lr:g}"]
         if g is not None:
             summary.append(f"  lr {lr:g}: largest / smallest final training loss over tau = {g:.2f}x")
+    if dry_run:
+        summary = dry_run_summary("csgd-fig5", ", ".join(f"tau={r['tau']} at paper lr {r['paper_lr']:g}" for r in runs),
+                                  runs, every=None if all_settings else every)
     return {
         "experiment": "csgd-fig5",
         "quick": quick,
@@ -473,11 +517,20 @@ def rounds_to_target(res: dict[str, Any], target: float) -> float | None:
     engines=("simulate", "distributed"),
 )
 def run_fig6(
-    *, quick: bool, engine: str, out: Path, seed: int, progress: bool, _scale: float = 1.0
+    *,
+    quick: bool,
+    engine: str,
+    out: Path,
+    seed: int,
+    progress: bool,
+    _scale: float = 1.0,
+    dry_run: bool = False,
+    all_settings: bool = False,
 ) -> dict[str, Any]:
     """Decentralized periodic averaging (tau = 10) and D-PSGD (tau = 1) on the same ring with zeta ~ 0.75,
-    and fully synchronous SGD: training loss vs epochs and vs simulated wall-clock, time to a target loss."""
-    out = _start(quick, out)
+    and fully synchronous SGD: training loss vs epochs and vs simulated wall-clock, time to a target loss.
+    Its three methods are not a sweep: a dry run runs all three."""
+    out = _start(quick, out, dry_run)
     from coopsgd.topology import mixing_matrix
 
     # ring with the best constant edge weight: zeta = 0.7445 for m = 8 (the paper's zeta = 0.75)
@@ -499,6 +552,7 @@ def run_fig6(
         cfg = base_config(
             quick,
             seed,
+            dry_run=dry_run,
             preset=preset,
             lr=lr,
             epochs=epochs,
@@ -518,7 +572,7 @@ def run_fig6(
         a, b = runs[1]["time_to_targets_s"][f"{t:g}"], runs[2]["time_to_targets_s"][f"{t:g}"]
         ratios[f"{t:g}"] = a / b if a is not None and b is not None and b > 0 else None
     note = (
-        f"{_scale_note(quick)}; ring, best-constant weight {w:.4f} (zeta={z:.3f}); "
+        f"{_scale_note(quick, dry_run)}; ring, best-constant weight {w:.4f} (zeta={z:.3f}); "
         f"{describe_time(time_fields(quick))}"
     )
     plot = plot_panels(
@@ -546,6 +600,9 @@ def run_fig6(
         summary.append(f"  D-PSGD / decentralized periodic time to target: {ratio:.2f}x (paper: about 4x)")
     summary.append("  D-PSGD / periodic time to loss " + ", ".join(
         f"{t}: {'not reached' if v is None else f'{v:.2f}x'}" for t, v in ratios.items()))
+    if dry_run:
+        summary = dry_run_summary("csgd-fig6", "sync, D-PSGD and periodic tau=10 (three methods, no sweep)", runs,
+                                  every=None)
     return {
         "experiment": "csgd-fig6",
         "quick": quick,
@@ -598,7 +655,9 @@ FIG4_CASES = ("alpha=0.9/m", "alpha=2/(m+2)", "alpha=0.25", "alpha=2/(m+2) non-b
 
 def fig4_metrics(res: dict[str, Any]) -> dict[str, float | None]:
     m: dict[str, float | None] = {}
-    for case, r in zip(FIG4_CASES, res["runs"], strict=False):
+    # results written before runs carried their case key hold the cases in FIG4_CASES order
+    for default, r in zip(FIG4_CASES, res["runs"], strict=False):
+        case = r.get("case", default)
         m[f"diverged, {case}"] = 1.0 if r["diverged"] else 0.0
         m[f"local-model loss, {case}"] = r.get("local_loss_tail") if not r["diverged"] else None
         m[f"discrepancy, {case}"] = r.get("discrepancy_tail") if not r["diverged"] else None

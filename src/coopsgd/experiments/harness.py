@@ -46,6 +46,14 @@ __all__ = [
     "public_runs",
     "band_series",
     "FIGURES",
+    "DRY_RUN",
+    "DRY_RUN_STEPS",
+    "DRY_RUN_DATA",
+    "DRY_RUN_BATCH",
+    "WIKITEXT2_VOCAB",
+    "dry_run_fields",
+    "dry_run_tau",
+    "dry_run_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,107 @@ OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("coopsgd_experi
 FIGURES: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
     "coopsgd_experiment_figures", default=None
 )
+
+
+#: Whether the current ``coopsgd reproduce`` call is a dry run (``--dry-run``), set by the registry: every
+#: setting runs :data:`DRY_RUN_STEPS` steps of the full-scale configuration on synthetic data of the real
+#: shapes (:func:`dry_run_fields`), and :func:`run_config` / :func:`run_built` reload the checkpoint it wrote
+#: and describe the run in one line (``res["dry_run_line"]``).
+DRY_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("coopsgd_experiment_dry_run", default=False)
+#: Steps of every setting of a dry run.
+DRY_RUN_STEPS = 2
+#: A dry run evaluates the centre and averaged models on this many batches' worth of samples (``eval_samples``).
+DRY_RUN_EVAL_BATCHES = 4
+#: The stand-in of each full-scale data set in a dry run: seeded synthetic inputs of the same shape and number
+#: of classes (:func:`coopsgd.data.load_dataset`; 2,048 training and 512 test samples, no download).
+DRY_RUN_DATA: dict[str, str] = {"cifar10": "synthetic_cifar", "mnist": "synthetic_mnist"}
+#: Size of WikiText-2's vocabulary (train + valid + test words, ``<eos>`` included): the dry run of the LSTM
+#: draws random tokens from it.
+WIKITEXT2_VOCAB = 33278
+#: Private test hook: the batch size per worker of every dry-run setting (``None``: the experiment's own). The
+#: slow test sets it to keep VGG-16 cheap on a CPU; ``coopsgd reproduce --dry-run`` never does (real shapes).
+DRY_RUN_BATCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("coopsgd_dry_run_batch", default=None)
+
+
+def dry_run_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The RunConfig fields of a full-scale setting turned into its dry run.
+
+    Only the length and the data change: the data set becomes its synthetic stand-in (:data:`DRY_RUN_DATA`),
+    the run stops after :data:`DRY_RUN_STEPS` steps, every step is evaluated and checkpointed, and the
+    learning-rate milestones keep their place as a fraction of the run (``lr_decay_epochs`` of an
+    ``epochs``-long run are rescaled so that the same decays happen within the two steps), a tau above 2 becomes
+    2 (:func:`dry_run_tau`: one communication round happens), and the evaluation
+    reads :data:`DRY_RUN_EVAL_BATCHES` batches' worth of test and training samples. Model, workers,
+    partition, preset, learning rate, momentum and time model stay the full scale's.
+    """
+    from coopsgd.data import load_dataset, partition
+
+    f = dict(fields)
+    if f["dataset"] not in DRY_RUN_DATA:
+        raise ValueError(f"no dry-run stand-in for dataset {f['dataset']!r}")
+    f["dataset"] = DRY_RUN_DATA[f["dataset"]]
+    f["batch_size"] = DRY_RUN_BATCH.get() or f["batch_size"]
+    decays = list(f.get("lr_decay_epochs") or [])
+    if decays:
+        if f.get("max_steps") is not None:
+            raise ValueError("a dry run rescales epoch milestones of epoch-long runs only")
+        train = load_dataset(f["dataset"], split="train", seed=int(f.get("seed", 0)))
+        parts = partition(train.y, int(f["workers"]), str(f.get("partition", "iid")), seed=int(f.get("seed", 0)))
+        spe = min(len(p) for p in parts) // int(f["batch_size"])
+        length = DRY_RUN_STEPS / spe  # the dry run's length in epochs of the stand-in data
+        f["lr_decay_epochs"] = [length * e / float(f["epochs"]) for e in decays]
+    f.update(dry_run_tau(f))
+    f["max_steps"] = DRY_RUN_STEPS
+    f["eval_every"] = 1
+    f["eval_samples"] = min(int(f.get("eval_samples", 2000)), DRY_RUN_EVAL_BATCHES * int(f["batch_size"]))
+    f["checkpoint_every"] = 1
+    return f
+
+
+def dry_run_tau(fields: dict[str, Any]) -> dict[str, Any]:
+    """``{"tau": DRY_RUN_STEPS}`` when the setting's tau is longer than a dry run (so that its second step ends
+    in a communication round and the round code runs too), else ``{}``."""
+    tau = fields.get("tau")
+    return {"tau": DRY_RUN_STEPS} if tau is not None and int(tau) > DRY_RUN_STEPS else {}
+
+
+def _dry_run_check(res: dict[str, Any], cfg: Any, engine: str, shape: str) -> None:
+    """Reload the checkpoint of a finished dry-run setting and describe the setting in ``res["dry_run_line"]``."""
+    from coopsgd.train.trainer import load_run_checkpoint
+
+    run_dir = Path(res["dir"])
+    if res.get("diverged"):
+        res["dry_run_line"] = f"  {res['label']}: DIVERGED ({res['diverged']['error']})"
+        return
+    state = load_run_checkpoint(run_dir, engine)
+    lrs = [r["lr"] for r in res["_metrics"] if r.get("lr") is not None]
+    final = res.get("final") or {}
+    test = (f"test perplexity {final['test_perplexity']:.4g}" if "test_perplexity" in final
+            else f"test loss {final.get('test_loss', float('nan')):.4f}")
+    res["dry_run_checkpoint_step"] = int(state["step"])
+    res["dry_run_line"] = (
+        f"  {res['label']}: {cfg.model} on {shape}, {cfg.workers} workers x batch {cfg.batch_size}, "
+        f"{len(res['_metrics'])} evaluated steps, {res['communication_rounds']} communication round(s), "
+        f"lr {' -> '.join(f'{v:g}' for v in lrs)}, "
+        f"train loss {final.get('train_loss', float('nan')):.4f}, {test}, "
+        f"checkpoint.pt at step {state['step']} reloaded, {res['wall_s']:.0f} s"
+    )
+
+
+def dry_run_summary(experiment: str, ran: str, runs: Sequence[dict[str, Any]], *, every: str | None) -> list[str]:
+    """The printed lines of a dry run: which settings ran (``every``: what ``--all-settings`` adds), then one
+    line per setting."""
+    head = f"{experiment} dry run: {DRY_RUN_STEPS} steps per setting on synthetic data of the real shapes; ran {ran}"
+    if every:
+        head += f" (the first of each sweep; --all-settings runs {every})"
+    return [head] + [r["dry_run_line"] for r in runs]
+
+
+def _shape_text(dataset: str) -> str:
+    from coopsgd.data.datasets import _SYNTHETIC_SHAPES
+
+    shape = _SYNTHETIC_SHAPES.get(dataset)
+    return f"{dataset} ({'x'.join(map(str, shape))}, 10 classes)" if shape else dataset
 
 
 def time_fields(quick: bool) -> dict[str, Any]:
@@ -177,18 +286,24 @@ def run_config(
                 error = exc
             else:
                 raise
-    return _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
+    res = _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
+    if DRY_RUN.get():
+        _dry_run_check(res, cfg, cfg.engine, _shape_text(cfg.dataset))
+    return res
 
 
 def run_built(
     exp: Any, out: Path, label: str, *, progress: bool = False, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Run an :class:`~coopsgd.train.trainer.Experiment` built by hand through the trainer loop
-    (:func:`coopsgd.train.trainer.iterate`), writing ``config.json``/``metrics.jsonl`` like :func:`train`."""
-    from coopsgd.train.trainer import iterate, summarize
+    (:func:`coopsgd.train.trainer.iterate`), writing ``config.json``/``metrics.jsonl`` like :func:`train`, a
+    checkpoint every ``config.checkpoint_every`` steps and at the end (:func:`~coopsgd.train.trainer.checkpoint_state`,
+    the trainer's layout), and refusing a directory that holds another configuration's run unless
+    :data:`OVERWRITE`."""
+    from coopsgd.train.trainer import checkpoint_state, iterate, summarize
 
     out = Path(out)
-    rd = RunDir(out)
+    rd = RunDir.create(out, exp.config.to_dict(), overwrite=OVERWRITE.get())
     rd.write_config(
         exp.config.to_dict(),
         {
@@ -202,20 +317,28 @@ def run_built(
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
     error = None
+    def on_checkpoint(step: int) -> None:
+        rd.checkpoint(checkpoint_state(exp, step))
+
     try:
-        for rec in iterate(exp, progress=progress):
-            last = rec
-            rd.log(rec)
+        for rec in iterate(exp, progress=progress, on_checkpoint=on_checkpoint):
+            if rec:
+                last = rec
+                rd.log(rec)
     except NonFiniteError as exc:
         error = exc
     finally:
         rd.close()
     summary = None
     if error is None and last:
+        rd.checkpoint(checkpoint_state(exp, exp.total_steps))
         summary = summarize(exp.spec, exp.config, last, total_steps=exp.total_steps,
                             wall=time.perf_counter() - t0, engine=exp.sim.name, is_lm=exp.is_lm)
         rd.write_summary(jsonable(summary))
-    return _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
+    res = _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
+    if DRY_RUN.get():
+        _dry_run_check(res, exp.config, "simulate", (extra or {}).get("data", exp.config.dataset))
+    return res
 
 
 def series(res: dict[str, Any], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,10 @@ Full scale: CNN-7 and ResNet-20 on CIFAR-10 (needs torchvision + the files; batc
 train split is absent). Quick scale: LeNet and an MLP on the bundled MNIST subset standing in for CNN-7 and
 ResNet-20 (both real CIFAR nets cost minutes per step-hundred on 2 CPU cores), and a 2-layer LSTM with 64
 units on the bundled WikiText-2 files with the vocabulary cut to the 2,000 most frequent words.
+
+``dry_run=True`` (``coopsgd reproduce lsgd-nets | lsgd-lstm --dry-run``) runs every method of the full scale
+for two steps on synthetic data of the real shapes: 3x32x32 images of 10 classes for CNN-7 and ResNet-20,
+random tokens of WikiText-2's 33,278-word vocabulary for the LSTM. The four methods are not a sweep: all run.
 """
 
 from __future__ import annotations
@@ -22,8 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from coopsgd.experiments.harness import (
+    DRY_RUN_BATCH,
+    DRY_RUN_STEPS,
+    WIKITEXT2_VOCAB,
     check_full_data,
     describe_time,
+    dry_run_fields,
+    dry_run_summary,
+    dry_run_tau,
     first_reach,
     panel,
     plot_panels,
@@ -116,10 +126,12 @@ def run_lsgd_nets(
     progress: bool,
     _scale: float = 1.0,
     _nets: int | None = None,
+    dry_run: bool = False,
+    all_settings: bool = False,
 ) -> dict[str, Any]:
     """Test loss of the centre variable vs simulated wall-clock, and the communication fractions."""
     nets = NETS_QUICK if quick else NETS_FULL
-    if not quick:
+    if not quick and not dry_run:
         check_full_data("cifar10")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +146,7 @@ def run_lsgd_nets(
     for net in nets[: _nets or len(nets)]:
         net_runs = []
         for label, preset, kw in METHODS:
-            cfg = RunConfig(
+            fields: dict[str, Any] = dict(
                 preset=preset,
                 model=net["model"],
                 dataset=net["dataset"],
@@ -145,6 +157,7 @@ def run_lsgd_nets(
                 **tf,
                 eval_every=max(1, base["max_steps"] // 20) if quick else None,
             )
+            cfg = RunConfig(**(dry_run_fields(fields) if dry_run else fields))
             res = run_config(
                 cfg,
                 out / f"{net['model']}_{preset}",
@@ -154,8 +167,9 @@ def run_lsgd_nets(
             )
             net_runs.append(res)
         note = (
-            f"{net['name']} on {net['dataset']}, {base['workers']} workers, batch {base['batch_size']}, "
+            f"{net['name']} on {cfg.dataset}, {base['workers']} workers, batch {cfg.batch_size}, "
             f"lr {base['lr']:g}; {describe_time(tf)}"
+            + (f"; dry run: {DRY_RUN_STEPS} steps on synthetic data, a smoke test, not a result" if dry_run else "")
         )
         plots.append(
             str(
@@ -191,6 +205,9 @@ def run_lsgd_nets(
             f"communication {100 * row['communication_fraction']:5.1f}%  test loss at "
             f"{equal_time[r['net']]['time_s']:.0f} s: {equal_time[r['net']][r['method']]:.4f}"
         )
+    if dry_run:
+        summary = dry_run_summary("lsgd-nets", "every method on " + " and ".join(n["name"] for n in nets[: _nets or len(nets)]),
+                                  runs, every=None)
     return {
         "experiment": "lsgd-nets",
         "test_loss_at_equal_time": equal_time,
@@ -252,6 +269,10 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
     :func:`coopsgd.train.trainer.build` cannot be used as is: it makes ``lstm_lm`` with ``batch_first=False``
     while its windows come as (batch, seq_len), and it has no way to pass the model's size or to limit the
     test set (see docs/reproductions.md). Everything else is the trainer's: data order, loop, records.
+
+    ``settings["synthetic_vocab"]`` (the dry run): instead of WikiText-2, seeded random tokens of that
+    vocabulary, enough windows for ``cfg.max_steps`` steps of every worker and ``settings["test_windows"]``
+    test windows.
     """
     from coopsgd.algorithms import make_preset
     from coopsgd.data import WorkerLoader, lm_windows, load_dataset, partition
@@ -259,12 +280,19 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
     from coopsgd.models import make_model
     from coopsgd.train.trainer import Experiment, sim_clock
 
-    tr = load_dataset("wikitext2", split="train")
-    te = load_dataset("wikitext2", split="test")
-    tr_tokens, te_tokens, vocab = tr.x, te.x, tr.num_classes
+    L = int(settings["seq_len"])
+    if settings.get("synthetic_vocab"):
+        vocab = int(settings["synthetic_vocab"])
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n_train = cfg.workers * cfg.batch_size * int(cfg.max_steps or 1) * L + 1
+        tr_tokens = torch.randint(vocab, (n_train,), generator=gen)
+        te_tokens = torch.randint(vocab, (int(settings["test_windows"]) * L + 1,), generator=gen)
+    else:
+        tr = load_dataset("wikitext2", split="train")
+        te = load_dataset("wikitext2", split="test")
+        tr_tokens, te_tokens, vocab = tr.x, te.x, tr.num_classes
     if settings.get("vocab_cap"):
         tr_tokens, te_tokens, vocab = _cap_vocab(tr_tokens, te_tokens, int(settings["vocab_cap"]))
-    L = int(settings["seq_len"])
     import dataclasses
 
     train_set = dataclasses.replace(lm_windows(tr_tokens, L, name="wikitext2/train"), num_classes=vocab)
@@ -319,7 +347,15 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
     "lsgd-lstm", "[LSGD] LSTM on WikiText-2: test perplexity vs wall-clock for SGD, DOWNPOUR, EASGD, LSGD"
 )
 def run_lsgd_lstm(
-    *, quick: bool, engine: str, out: Path, seed: int, progress: bool, _scale: float = 1.0
+    *,
+    quick: bool,
+    engine: str,
+    out: Path,
+    seed: int,
+    progress: bool,
+    _scale: float = 1.0,
+    dry_run: bool = False,
+    all_settings: bool = False,
 ) -> dict[str, Any]:
     """Test perplexity of the centre variable vs simulated wall-clock for the four methods."""
     out = Path(out)
@@ -329,6 +365,9 @@ def run_lsgd_lstm(
     length: dict[str, Any] = (
         {"max_steps": scaled(st["max_steps"], _scale, 4)} if quick else {"epochs": st["epochs"] * _scale}
     )
+    if dry_run:  # the full scale's model and vocabulary size on random tokens, two steps, every step checkpointed
+        st.update(synthetic_vocab=WIKITEXT2_VOCAB, test_windows=100, batch_size=DRY_RUN_BATCH.get() or st["batch_size"])
+        length = {"max_steps": DRY_RUN_STEPS, "eval_every": 1, "checkpoint_every": 1}
     runs = []
     for label, preset, kw in METHODS:
         cfg = RunConfig(
@@ -341,9 +380,8 @@ def run_lsgd_lstm(
             seed=seed,
             eval_samples=st["eval_samples"],
             executor="loop",  # measured: the per-replica loop beats vmap for this LSTM on CPU
-            eval_every=max(1, length["max_steps"] // 12) if quick else None,
-            **length,
-            **kw,
+            **({"eval_every": max(1, length["max_steps"] // 12) if quick else None, **length}),
+            **{**kw, **(dry_run_tau(kw) if dry_run else {})},
             **tf,
         )
         exp = build_lm_experiment(cfg, st)
@@ -352,7 +390,9 @@ def run_lsgd_lstm(
             out / f"lstm_{preset}",
             label,
             progress=progress,
-            extra={"net": "LSTM", "method": label, "preset": preset, "lstm": st},
+            extra={"net": "LSTM", "method": label, "preset": preset, "lstm": st,
+                   **({"data": f"random tokens (vocabulary {WIKITEXT2_VOCAB:,}, seq {st['seq_len']})"}
+                      if dry_run else {})},
         )
         res["final_test_perplexity"] = (res.get("final") or {}).get("test_perplexity")
         runs.append(res)
@@ -364,6 +404,8 @@ def run_lsgd_lstm(
             if quick
             else ""
         )
+        + (f"; dry run: {DRY_RUN_STEPS} steps on random tokens of WikiText-2's {WIKITEXT2_VOCAB:,}-word vocabulary"
+           if dry_run else "")
     )
     plot = plot_panels(
         out / "lsgd_lstm.png",
@@ -386,6 +428,8 @@ def run_lsgd_lstm(
             f"  {r['method']:26s} test perplexity {r['final_test_perplexity']:8.1f}  simulated "
             f"{r['time_s']:7.1f} s  communication {100 * row['communication_fraction']:5.1f}%"
         )
+    if dry_run:
+        summary = dry_run_summary("lsgd-lstm", "every method", runs, every=None)
     return {
         "experiment": "lsgd-lstm",
         "quick": quick,

@@ -100,6 +100,8 @@ def run_seeds(
     agg: dict[str, Any] = {"metrics": {}, "claims": [], "paper_table": []}
     if assessment is not None:
         agg = aggregate([assessment.metrics(r) for r in per_seed], assessment)
+        if private.get("dry_run"):  # computed (the code is checked), but two steps decide no claim
+            agg["claims"], agg["paper_table"] = [], []
     data: dict[str, Any] = {
         "experiment": name,
         "description": entry.description,
@@ -124,6 +126,10 @@ def run_seeds(
 def summary_lines(data: dict[str, Any]) -> list[str]:
     """The printed summary of a multi-seed result: every metric's band, then every claim's verdict."""
     seeds = data["seeds"]
+    if data.get("dry_run"):  # one line per setting (the experiment's own dry-run summary)
+        return [line for r in data["per_seed"] for line in r.get("summary", [])] + [
+            f"  dry run finished in {data.get('runtime_s', 0):.0f} s (seed {seeds[0]}); every setting wrote and "
+            "reloaded its checkpoint"]
     how = "deterministic: one run" if data.get("deterministic") else f"seeds {', '.join(map(str, seeds))}"
     scale = "dry run" if data.get("dry_run") else ("quick" if data.get("quick") else "full")
     lines = [f"{data['experiment']} ({scale}, {how}; {data.get('runtime_s', 0):.0f} s): mean ± std (min–max)"]

@@ -1,7 +1,9 @@
 """Registry of paper experiments for ``coopsgd reproduce NAME``.
 
 An experiment is a function ``run(*, quick, engine, out, seed, progress) -> dict`` returning a JSON-ready
-result that includes ``"plots"`` (paths of the figures it wrote) and ``"summary"`` (lines to print).
+result that includes ``"plots"`` (paths of the figures it wrote) and ``"summary"`` (lines to print). The
+experiments with a full scale on real data (:data:`DRY_RUNS`) also take ``dry_run`` and ``all_settings``
+(``coopsgd reproduce NAME --dry-run [--all-settings]``; see :func:`coopsgd.experiments.harness.dry_run_fields`).
 Register one with :func:`register`; the CLI lists and runs whatever is registered.
 """
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ExperimentEntry", "EXPERIMENTS", "ASSESSMENTS", "DETERMINISTIC", "register", "assess"]
+__all__ = ["ExperimentEntry", "EXPERIMENTS", "ASSESSMENTS", "DETERMINISTIC", "DRY_RUNS", "register", "assess"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ EXPERIMENTS: dict[str, ExperimentEntry] = {}
 ASSESSMENTS: dict[str, Any] = {}
 #: Experiments whose result does not depend on the seed (run once whatever ``--seeds`` says).
 DETERMINISTIC: set[str] = set()
+#: Experiments whose full scale needs real data (CIFAR-10 through torchvision, WikiText-2) and, in practice, a
+#: GPU: the ones ``--dry-run`` smoke-tests, in ``reproduce all`` order.
+DRY_RUNS: tuple[str, ...] = ("csgd-fig3", "csgd-fig4", "csgd-fig5", "csgd-fig6", "lsgd-nets", "lsgd-lstm")
 
 
 def assess(name: str, assessment: Any, *, deterministic: bool = False) -> None:
@@ -43,12 +48,14 @@ def register(name: str, description: str, engines: tuple[str, ...] = ("simulate"
 
     def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         def runner(**kwargs: Any) -> dict[str, Any]:
-            from coopsgd.experiments.harness import ENGINE
+            from coopsgd.experiments.harness import DRY_RUN, ENGINE
 
             token = ENGINE.set(kwargs.get("engine", engines[0]))
+            dry = DRY_RUN.set(bool(kwargs.get("dry_run", False)))
             try:
                 return fn(**kwargs)
             finally:
+                DRY_RUN.reset(dry)
                 ENGINE.reset(token)
 
         EXPERIMENTS[name] = ExperimentEntry(name, runner, description, engines)

@@ -11,6 +11,7 @@ lazily with the Agg backend; this module never imports torch.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from coopsgd.errors import ConfigError
+from coopsgd.fileio import atomic_write_bytes
 from coopsgd.theory.bounds import network_error_term
 
 __all__ = ["network_error_grid", "plot_network_error_heatmap"]
@@ -113,7 +115,8 @@ def plot_network_error_heatmap(
         ax.set_title(title or "Additional network error bound ([CSGD] Fig. 3a)")
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
-        fig.savefig(out, dpi=120)
+        buf = io.BytesIO()  # written in one step: a failed write leaves an earlier figure as it was
+        fig.savefig(buf, dpi=120, format=out.suffix.lower()[1:] or "png")
     finally:
         plt.close(fig)
-    return out
+    return atomic_write_bytes(out, buf.getvalue())
