@@ -400,6 +400,17 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.dir is not None and name != "report":
         raise ConfigError.invalid("DIR", args.dir, f"only `reproduce report DIR` takes a directory; use --out with {name}")
     _check_dry_run_flags(name, args)
+    if args.device != "cpu":
+        from coopsgd.experiments.registry import DRY_RUNS
+        from coopsgd.train.config import check_device
+
+        if name not in (*DRY_RUNS, "all"):
+            raise ConfigError.invalid("--device", args.device, f"{name} computes with numpy on the CPU; --device "
+                                      f"applies to {', '.join(DRY_RUNS)} or all")
+        try:
+            check_device(args.device, engine=args.engine or "simulate")
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("device=", "--device=", 1), field="--device", value=args.device) from None
     if name == "report":
         target = args.dir if args.dir is not None else args.out
         if target is None:
@@ -512,12 +523,15 @@ def _reproduce_one(name: str, args: argparse.Namespace, out_dir: Path) -> dict[s
         raise ConfigError.invalid("--engine", engine, f"{name} runs on {', '.join(entry.engines)}")
     n = args.seeds if args.seeds is not None else (DEFAULT_QUICK_SEEDS if args.quick else 1)
     dry = {"dry_run": True, "all_settings": bool(args.all_settings)} if args.dry_run else {}
-    token = OVERWRITE.set(bool(args.overwrite))
+    from coopsgd.experiments.harness import DEVICE
+
+    token, device = OVERWRITE.set(bool(args.overwrite)), DEVICE.set(args.device)
     try:
         return run_seeds(name, quick=args.quick, engine=engine, out=out_dir,
                          seeds=[args.seed + k for k in range(n)], progress=_progress(args), **dry)
     finally:
         OVERWRITE.reset(token)
+        DEVICE.reset(device)
 
 
 def _check_dry_run_flags(name: str, args: argparse.Namespace) -> None:
@@ -1115,6 +1129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "one line per setting; csgd-fig3..6, lsgd-nets, lsgd-lstm or all (default --out: "
                         "runs/NAME-dry-run)")
     p.add_argument("--all-settings", action="store_true", help="--dry-run: every setting of each sweep")
+    p.add_argument("--device", default="cpu",
+                   help="where the neural-network experiments train: cpu | cuda | cuda:N | mps (default: cpu; the "
+                        "full scale needs a GPU in practice; lsgd-toy and matrix-completion run on the CPU)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace earlier runs of other settings in the output directory (e.g. --quick, then full)")
     mc_full, mc_quick = MATRIX_COMPLETION["full"], MATRIX_COMPLETION["quick"]

@@ -1,10 +1,11 @@
 """`coopsgd reproduce NAME --dry-run`: two steps of every full-scale experiment on synthetic data of the real
 shapes, through the full-scale models, partitions, lr schedule, checkpoint, figures, result.json and report.
 
-The slow test runs `reproduce all --dry-run` in process with the private hook
-:data:`coopsgd.experiments.harness.DRY_RUN_BATCH` = 2 (batch per worker; VGG-16 at batch 128 costs about 3 s per
-worker-step on a 2-core CPU). Everything else -- models, 8 / 4 workers, vocabulary, lr, schedule -- is the full
-scale's; the CLI itself never shrinks the batch.
+The slow test runs `reproduce all --dry-run` in process with the private hooks
+:data:`coopsgd.experiments.harness.DRY_RUN_BATCH` = 2 and ``DRY_RUN_WORKERS`` = 2 (VGG-16 at 8 workers x batch 128
+costs about 3 s per worker-step on a 2-core CPU, plus a 0.5 GB checkpoint per setting). Everything else -- models,
+vocabulary, lr, schedule, presets, topologies -- is the full scale's; the CLI itself never shrinks anything, and
+the fast test below checks the real 8 x 128 configuration.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import pytest
 
 from coopsgd.cli import main
+from coopsgd.errors import ConfigError
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -30,6 +32,8 @@ BAD = [
     (["reproduce", "csgd-fig3", "--all-settings"], "--all-settings=True is invalid: only a --dry-run"),
     (["reproduce", "csgd-fig3", "--dry-run", "--seeds", "2"], "--seeds=2 is invalid: a --dry-run runs one seed"),
     (["reproduce", "all", "--dry-run", "--quick"], "--quick=True is invalid"),
+    (["reproduce", "lsgd-toy", "--device", "cuda"], "--device='cuda' is invalid: lsgd-toy computes with numpy"),
+    (["reproduce", "csgd-fig3", "--device", "tpu"], "--device='tpu' is invalid: choose cpu, cuda"),
 ]
 
 
@@ -41,6 +45,24 @@ def test_dry_run_bad_combinations_give_one_line(capsys, tmp_path, argv, needle) 
     assert needle in err and "Traceback" not in err
     assert err.strip().count("\n") == 0, err
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_reproduce_device_reaches_every_full_scale_config() -> None:
+    from coopsgd.experiments.csgd import base_config
+    from coopsgd.experiments.harness import DEVICE
+
+    assert base_config(False, 0).device == "cpu"
+    token = DEVICE.set("cuda")  # as `reproduce --device cuda` sets it (RunConfig checks the device when built)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            assert base_config(False, 0, dry_run=True).device == "cuda"
+        else:
+            with pytest.raises(ConfigError, match="no CUDA device"):
+                base_config(False, 0, dry_run=True)
+    finally:
+        DEVICE.reset(token)
 
 
 def test_dry_run_fields_keep_the_full_scale_and_compress_the_lr_schedule() -> None:
@@ -72,14 +94,15 @@ SETTINGS = {"csgd-fig3": 1, "csgd-fig4": 2, "csgd-fig5": 1, "csgd-fig6": 3, "lsg
 
 @pytest.mark.slow
 def test_reproduce_all_dry_run_smoke_tests_every_full_scale_experiment(capsys, tmp_path) -> None:
-    from coopsgd.experiments.harness import DRY_RUN_BATCH
+    from coopsgd.experiments.harness import DRY_RUN_BATCH, DRY_RUN_WORKERS
 
-    token = DRY_RUN_BATCH.set(2)
+    token, workers = DRY_RUN_BATCH.set(2), DRY_RUN_WORKERS.set(2)
     try:
         code, out, err = run_cli(capsys, "reproduce", "all", "--dry-run", "--out", str(tmp_path))
         _check_dry_run_all(tmp_path, code, out, err)
     finally:
         DRY_RUN_BATCH.reset(token)
+        DRY_RUN_WORKERS.reset(workers)
         for ckpt in tmp_path.rglob("checkpoint.pt"):  # ~0.5 GB per VGG-16 setting: not kept in pytest's tmp
             ckpt.unlink()
 
@@ -104,8 +127,8 @@ def _check_dry_run_all(tmp_path, code: int, out: str, err: str) -> None:
     fig5 = json.loads((tmp_path / "csgd-fig5" / "result.json").read_text())["per_seed"][0]["runs"][0]
     cfg = read_run_json(f"{fig5['dir']}/config.json", "config")
     # the first setting of the sweep: tau = 1 at the paper's lr 0.04, with its first decay inside the two steps
-    assert (cfg["model"], cfg["workers"], cfg["dataset"], cfg["lr"], cfg["tau"]) == ("vgg16", 8, "synthetic_cifar",
-                                                                                   0.04, 1)
+    assert (cfg["model"], cfg["workers"], cfg["batch_size"], cfg["dataset"], cfg["lr"], cfg["tau"]) == (
+        "vgg16", 2, 2, "synthetic_cifar", 0.04, 1)  # workers and batch: the test's hooks
     records = [json.loads(x) for x in open(f"{fig5['dir']}/metrics.jsonl")]
     assert [r["lr"] for r in records][-2:] == pytest.approx([0.04, 0.004])
     nets = json.loads((tmp_path / "lsgd-nets" / "result.json").read_text())["per_seed"][0]["runs"]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from coopsgd.experiments.harness import (
+    DEVICE,
     DRY_RUN_STEPS,
     check_full_data,
     describe_time,
@@ -71,7 +72,7 @@ QUICK_LR_SCALE = 0.5
 def base_config(quick: bool, seed: int, *, dry_run: bool = False, **kw: Any) -> RunConfig:
     """A RunConfig of the quick or full scale with the stated time model; ``kw`` overrides; ``dry_run``: the
     full scale's two-step dry run (:func:`~coopsgd.experiments.harness.dry_run_fields`)."""
-    fields: dict[str, Any] = {**(QUICK if quick else FULL), **time_fields(quick), "seed": seed}
+    fields: dict[str, Any] = {**(QUICK if quick else FULL), **time_fields(quick), "seed": seed, "device": DEVICE.get()}
     fields.update(kw)
     if dry_run:
         fields = dry_run_fields(fields)

@@ -47,9 +47,11 @@ __all__ = [
     "band_series",
     "FIGURES",
     "DRY_RUN",
+    "DEVICE",
     "DRY_RUN_STEPS",
     "DRY_RUN_DATA",
     "DRY_RUN_BATCH",
+    "DRY_RUN_WORKERS",
     "WIKITEXT2_VOCAB",
     "dry_run_fields",
     "dry_run_tau",
@@ -72,6 +74,8 @@ FULL_TIME: dict[str, Any] = {"compute": "measured", "net_latency_ms": 0.1, "net_
 
 #: Engine of the current ``coopsgd reproduce`` call ("simulate" or "distributed"), set by the registry.
 ENGINE: contextvars.ContextVar[str] = contextvars.ContextVar("coopsgd_experiment_engine", default="simulate")
+#: Device of every model of a neural-network experiment (``coopsgd reproduce --device``; ``RunConfig.device``).
+DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("coopsgd_experiment_device", default="cpu")
 #: Whether an experiment's runs may replace runs of another configuration in their directories
 #: (``coopsgd reproduce --overwrite``; see :func:`coopsgd.train.rundir.check_run_dir`).
 OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("coopsgd_experiment_overwrite", default=False)
@@ -100,6 +104,8 @@ WIKITEXT2_VOCAB = 33278
 #: Private test hook: the batch size per worker of every dry-run setting (``None``: the experiment's own). The
 #: slow test sets it to keep VGG-16 cheap on a CPU; ``coopsgd reproduce --dry-run`` never does (real shapes).
 DRY_RUN_BATCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("coopsgd_dry_run_batch", default=None)
+#: Private test hook: the number of workers of every dry-run setting (``None``: the experiment's own; same use).
+DRY_RUN_WORKERS: contextvars.ContextVar[int | None] = contextvars.ContextVar("coopsgd_dry_run_workers", default=None)
 
 
 def dry_run_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +126,7 @@ def dry_run_fields(fields: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"no dry-run stand-in for dataset {f['dataset']!r}")
     f["dataset"] = DRY_RUN_DATA[f["dataset"]]
     f["batch_size"] = DRY_RUN_BATCH.get() or f["batch_size"]
+    f["workers"] = DRY_RUN_WORKERS.get() or f["workers"]
     decays = list(f.get("lr_decay_epochs") or [])
     if decays:
         if f.get("max_steps") is not None:
@@ -170,7 +177,8 @@ def _dry_run_check(res: dict[str, Any], cfg: Any, engine: str, shape: str) -> No
 def dry_run_summary(experiment: str, ran: str, runs: Sequence[dict[str, Any]], *, every: str | None) -> list[str]:
     """The printed lines of a dry run: which settings ran (``every``: what ``--all-settings`` adds), then one
     line per setting."""
-    head = f"{experiment} dry run: {DRY_RUN_STEPS} steps per setting on synthetic data of the real shapes; ran {ran}"
+    head = (f"{experiment} dry run: {DRY_RUN_STEPS} steps per setting on synthetic data of the real shapes (a tau above "
+            f"{DRY_RUN_STEPS} cut to {DRY_RUN_STEPS}, so that every setting communicates); ran {ran}")
     if every:
         head += f" (the first of each sweep; --all-settings runs {every})"
     return [head] + [r["dry_run_line"] for r in runs]

@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from coopsgd.experiments.harness import (
+    DEVICE,
     DRY_RUN_BATCH,
     DRY_RUN_STEPS,
+    DRY_RUN_WORKERS,
     WIKITEXT2_VOCAB,
     check_full_data,
     describe_time,
@@ -152,6 +154,7 @@ def run_lsgd_nets(
                 dataset=net["dataset"],
                 seed=seed,
                 executor=net.get("executor", "auto"),
+                device=DEVICE.get(),
                 **base,
                 **kw,
                 **tf,
@@ -325,6 +328,7 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
         seed=cfg.seed,
         loss_estimate=cfg.loss_estimate,
         clock=clock,
+        device=cfg.device,
     )
     spe = loader.steps_per_epoch
     total = cfg.max_steps if cfg.max_steps is not None else max(1, int(np.ceil(cfg.epochs * spe)))
@@ -366,7 +370,8 @@ def run_lsgd_lstm(
         {"max_steps": scaled(st["max_steps"], _scale, 4)} if quick else {"epochs": st["epochs"] * _scale}
     )
     if dry_run:  # the full scale's model and vocabulary size on random tokens, two steps, every step checkpointed
-        st.update(synthetic_vocab=WIKITEXT2_VOCAB, test_windows=100, batch_size=DRY_RUN_BATCH.get() or st["batch_size"])
+        st.update(synthetic_vocab=WIKITEXT2_VOCAB, test_windows=100, batch_size=DRY_RUN_BATCH.get() or st["batch_size"],
+                  workers=DRY_RUN_WORKERS.get() or st["workers"])
         length = {"max_steps": DRY_RUN_STEPS, "eval_every": 1, "checkpoint_every": 1}
     runs = []
     for label, preset, kw in METHODS:
@@ -380,6 +385,7 @@ def run_lsgd_lstm(
             seed=seed,
             eval_samples=st["eval_samples"],
             executor="loop",  # measured: the per-replica loop beats vmap for this LSTM on CPU
+            device=DEVICE.get(),
             **({"eval_every": max(1, length["max_steps"] // 12) if quick else None, **length}),
             **{**kw, **(dry_run_tau(kw) if dry_run else {})},
             **tf,

@@ -54,7 +54,8 @@ def _section(name: str, data: dict[str, Any], base: Path) -> list[str]:
     scale = "dry run" if data.get("dry_run") else ("quick" if data.get("quick") else "full scale")
     runtime = data.get("runtime_s")
     lines = [f"## {name}", "", _esc(data.get("description", "")), "",
-             f"`coopsgd reproduce {name}{' --quick' if data.get('quick') else ''}` — {scale}, {how}"
+             f"`coopsgd reproduce {name}{' --quick' if data.get('quick') else ''}"
+             f"{' --dry-run' if data.get('dry_run') else ''}` — {scale}, {how}"
              + (f", {runtime:.0f} s on this machine" if isinstance(runtime, (int, float)) else "") + ".", ""]
     if data.get("scale"):
         lines += [f"Scale: {_esc(data['scale'])}", ""]
