@@ -89,7 +89,7 @@ class FakeComm:
         self.rows = rows
         m, r = self.m, self.rank
         X = torch.cat([torch.stack(self.net.exchange(r, rows[0].clone())), rows[1:]])  # (m + v, W)
-        St = torch.as_tensor(np.ascontiguousarray(np.asarray(S).T), dtype=rows.dtype)
+        St = torch.as_tensor(np.array(np.asarray(S).T, order="C"), dtype=rows.dtype)  # a writable copy
         new_x = St[r] @ X
         new_Z = St[m:] @ X
         Z = rows[1:]
