@@ -83,6 +83,12 @@ class OuterOptimizer:
         """True when the outer step is plain averaging (SGD, lr 1, no momentum)."""
         return self.kind == "sgd" and self.lr == 1.0 and self.momentum == 0.0
 
+    def check_round_lr(self, lr: float) -> None:
+        """An lr-scaled outer step (SlowMo) divides by the learning rate at the end of a round: it must be > 0."""
+        if self.lr_scaled and not lr > 0.0:
+            raise ConfigError.invalid("lr", lr, "the outer step of an lr-scaled outer optimizer (SlowMo) needs "
+                                      "lr > 0 at the end of every round")
+
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = {"kind": self.kind, "lr": self.lr}
         if self.kind == "sgd":

@@ -445,9 +445,7 @@ class OuterRuntime:
         else:
             D = delta
         if o.lr_scaled:
-            if not lr > 0.0:
-                raise ConfigError.invalid("lr", lr, "the outer step of an lr-scaled outer optimizer (SlowMo) "
-                                          "needs lr > 0 at the end of every round")
+            o.check_round_lr(lr)
             st["last_lr"] = float(lr)
         return a + (delta - o.lr * D)
 

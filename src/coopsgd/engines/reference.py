@@ -80,9 +80,7 @@ def outer_step(outer: OuterOptimizer, state: dict[str, Any], z: np.ndarray, a: n
     else:
         D = delta
     if outer.lr_scaled:
-        if not lr > 0.0:
-            raise ConfigError.invalid("lr", lr, "the outer step of an lr-scaled outer optimizer (SlowMo) needs "
-                                      "lr > 0 at the end of every round")
+        outer.check_round_lr(lr)
         st["last_lr"] = float(lr)
     return a + (delta - outer.lr * D), st
 
