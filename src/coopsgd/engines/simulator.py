@@ -261,6 +261,8 @@ class Simulator(ModelRows):
         self.clock.bind(m, d, torch.empty((), dtype=dtype).element_size())
         # FLOPs of one worker's forward + backward per batch signature (None: could not be counted)
         self._flops: dict[tuple[Any, ...], int | None] = {}
+        #: "auto": the chosen executor's last calibration result, kept for the step it computed
+        self._calibrated: tuple[tuple[Any, ...], Any, ComputeResult, Any] | None = None
         self.flops_error: str | None = None  # why the model could not be FLOP-counted
 
     # ------------------------------------------------------------------------------------------------
@@ -577,12 +579,24 @@ class Simulator(ModelRows):
         self.executor_source = "calibrated"
 
     def _time_executors(self, batches: Sequence[Batch | None], rows: list[int] | None) -> None:
+        # every call starts from the step's RNG state, so each computes exactly what the step itself would:
+        # the chosen executor's last result is kept for the step (see _reuse_calibration)
+        rng0 = self._rng_state()
+        last: dict[str, tuple[ComputeResult, Any]] = {}
+
+        def call(name: str) -> None:
+            self._set_rng_state(rng0)
+            res = self._executors[name].compute(batches, rows)
+            if res.grad_absmax is None:  # the step's finiteness pass, which the loop executor fuses
+                _absmax(res.grads)
+            synchronize(self.device)
+            last[name] = (res, self._rng_state())
+
         ready: list[str] = []
         for name in EXECUTORS:
             try:
-                ex = self._get_executor(name)
-                ex.compute(batches, rows)  # warm-up (vmap traces on its first call)
-                synchronize(self.device)
+                self._get_executor(name)
+                call(name)  # warm-up (vmap sets up its transforms; a process's first backward its engine)
                 ready.append(name)
             except Exception as exc:  # an executor the model does not support (e.g. an op without vmap rule)
                 if name == "loop":
@@ -596,10 +610,7 @@ class Simulator(ModelRows):
             rounds += 1
             for name in ready:
                 t0 = time.perf_counter()
-                res = self._executors[name].compute(batches, rows)
-                if res.grad_absmax is None:  # the step's finiteness pass, which the loop executor fuses
-                    _absmax(res.grads)
-                synchronize(self.device)
+                call(name)
                 times[name].append(time.perf_counter() - t0)
             if rounds >= self.calibration_steps and _choice_settled(times):
                 break
@@ -612,6 +623,56 @@ class Simulator(ModelRows):
                 del self._executors[name]  # free the other executor's replicas / gradient rows
         self._executor = self._executors[best]
         self.executor_name = best
+        res, rng_after = last[best]
+        # the loop executor returns its scratch buffers, which an evaluation before the step overwrites
+        if res.buffers is not None:
+            res.buffers = res.buffers.clone()
+        res.others = {n: v.clone() for n, v in res.others.items()}
+        self._calibrated = (self._compute_key(batches, rows), rng0, res, rng_after)
+
+    def _rng_state(self) -> Any:
+        """Torch's RNG state of the state's device (CPU: the default generator's)."""
+        if self.device.type == "cpu":
+            return torch.get_rng_state()
+        return (torch.get_rng_state(), torch.get_device_module(self.device.type).get_rng_state(self.device))
+
+    def _set_rng_state(self, state: Any) -> None:
+        if self.device.type == "cpu":
+            torch.set_rng_state(state)
+        else:
+            torch.set_rng_state(state[0])
+            torch.get_device_module(self.device.type).set_rng_state(state[1], self.device)
+
+    def _compute_key(self, batches: Sequence[Batch | None], rows: list[int] | None) -> tuple[Any, ...]:
+        """What one executor call reads, to tell whether a calibration result is still the step's: the step,
+        the active rows, the state's and integer buffers' version counters (bumped by every in-place write,
+        also through views) and the batches (tensors, compared by value in :meth:`_reuse_calibration`)."""
+        versions = (self._state._version, *(t._version for t in self.other_buffers.values()))
+        return (self.step_count, None if rows is None else tuple(rows), versions, list(batches))
+
+    def _reuse_calibration(self, batches: Sequence[Batch | None], rows: list[int] | None) -> ComputeResult | None:
+        """The chosen executor's last calibration call if it computed exactly this step (same step, rows,
+        unchanged state, equal batches, same RNG state): the step then does not compute it again, and
+        torch's RNG moves on as after that call. ``None`` otherwise (the step computes)."""
+        kept, self._calibrated = self._calibrated, None
+        if kept is None:
+            return None
+        key, rng0, res, rng_after = kept
+        step, krows, versions, kbatches = self._compute_key(batches, rows)
+        if (step, krows, versions) != key[:3]:
+            return None
+        for a, b in zip(kbatches, key[3], strict=True):
+            if a is b:
+                continue
+            if a is None or b is None or not all(torch.equal(u, v) for u, v in zip(a, b, strict=True)):
+                return None
+        if not torch.equal(self._rng_state() if self.device.type == "cpu" else self._rng_state()[0],
+                           rng0 if self.device.type == "cpu" else rng0[0]):
+            return None
+        if self.device.type != "cpu" and not torch.equal(self._rng_state()[1], rng0[1]):
+            return None
+        self._set_rng_state(rng_after)
+        return res
 
     # ------------------------------------------------------------------------------------------------
     # stepping
@@ -696,8 +757,10 @@ class Simulator(ModelRows):
                     if not np.all(np.isfinite(pl)):
                         self._raise_rows(~np.isfinite(pl), list(range(m)), k, "probe loss")
                     probe = pl
-                with torch.enable_grad():  # the gradients themselves (the rest of the step is no_grad)
-                    res = ex.compute(batches, rows)
+                res = self._reuse_calibration(batches, rows) if self._calibrated is not None else None
+                if res is None:
+                    with torch.enable_grad():  # the gradients themselves (the rest of the step is no_grad)
+                        res = ex.compute(batches, rows)
                 batch_losses = res.losses.to("cpu", torch.float64).numpy()
                 if not np.all(np.isfinite(batch_losses)):
                     self._raise_rows(~np.isfinite(batch_losses), idx, k, "loss")
@@ -941,6 +1004,7 @@ class Simulator(ModelRows):
                 "state_dict.state", tuple(state["state"].shape), f"expected {tuple(self._state.shape)} (momentum or optimizer setting?)"
             )
         self._comm.clear()
+        self._calibrated = None
         with torch.no_grad():
             self._state.copy_(state["state"])
             for k, v in state["other_buffers"].items():
