@@ -79,6 +79,19 @@ def test_report_renders_from_a_stored_result_json(tmp_path) -> None:
     assert "1 not resolved at this scale, 1 reproduced" in text
 
 
+def test_assessment_notes_are_computed_from_the_bands_and_rendered(tmp_path) -> None:
+    # without a notes function the aggregate has no "notes" key (the other experiments' results are unchanged)
+    assert "notes" not in _fixture_result()
+    per_seed = [{"saving": 0.40}, {"saving": 0.44}]
+    agg = aggregate(per_seed, Assessment(lambda _: {}, notes=lambda b: [f"mean saving {b['saving']['mean']:.2f} | x"]))
+    assert agg["notes"] == ["mean saving 0.42 | x"]
+    data = {"experiment": "csgd-fig4", "description": "d", "quick": True, "seeds": [0, 1], **agg}
+    (tmp_path / "csgd-fig4").mkdir()
+    (tmp_path / "csgd-fig4" / "result.json").write_text(json.dumps(data))
+    text = render_report(tmp_path, machine="m").read_text()
+    assert "- mean saving 0.42 \\| x\n" in text  # one list item per line, table pipes escaped
+
+
 def test_report_of_nothing_is_a_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="result.json"):
         render_report(tmp_path)

@@ -3,7 +3,8 @@
 ``render_report(DIR)`` reads ``DIR/<experiment>/result.json`` for every experiment that has one (in the
 order of :data:`REPORT_ORDER`) and writes ``DIR/report.md``: the machine and date, the rule that decides a
 claim, and per experiment its scale, seeds and runtime, the paper's numbers beside ours (mean ± std, min-max;
-the paper's side comes from the experiment's code, :class:`coopsgd.experiments.stats.PaperRow`), every claim
+the paper's side comes from the experiment's code, :class:`coopsgd.experiments.stats.PaperRow`), the lines
+the experiment's ``Assessment.notes`` computed from the bands (``notes`` in result.json), every claim
 with its verdict, every measured number, and the figures. Nothing in it is typed by hand.
 """
 
@@ -65,6 +66,8 @@ def _section(name: str, data: dict[str, Any], base: Path) -> list[str]:
             ours = row.get("ours_text") or "—"
             lines.append(f"| {_esc(row['quantity'])} | {_esc(row['paper'])} | {_esc(ours)} | {_esc(row.get('note', ''))} |")
         lines.append("")
+    if data.get("notes"):  # computed by the experiment's Assessment.notes from the bands (stats.aggregate)
+        lines += [f"- {_esc(line)}" for line in data["notes"]] + [""]
     if data.get("claims"):
         lines += ["| paper's claim | what we compare | verdict |", "|---|---|---|"]
         for c in data["claims"]:

@@ -157,10 +157,14 @@ class Assessment:
     metrics: Callable[[dict[str, Any]], dict[str, float | None]]
     claims: Sequence[Claim] = field(default_factory=tuple)
     paper: Sequence[PaperRow] = field(default_factory=tuple)
+    #: optional: lines of text computed from the bands of the metrics (an explanation the report prints
+    #: under the paper table, e.g. a cost-model decomposition); ``None``: the result has no ``notes`` key
+    notes: Callable[[Mapping[str, Mapping[str, Any]]], list[str]] | None = None
 
 
 def aggregate(per_seed: Sequence[Mapping[str, float | None]], assessment: Assessment) -> dict[str, Any]:
-    """Bands of every metric over the seeds, the claims judged by :func:`verdict`, the paper-vs-ours rows."""
+    """Bands of every metric over the seeds, the claims judged by :func:`verdict`, the paper-vs-ours rows
+    and, when the assessment has a ``notes`` function, its lines (``notes``)."""
     keys: list[str] = []
     for m in per_seed:
         keys += [k for k in m if k not in keys]
@@ -170,8 +174,11 @@ def aggregate(per_seed: Sequence[Mapping[str, float | None]], assessment: Assess
         b = bands.get(row.ours) if row.ours else None
         rows.append({"quantity": row.quantity, "paper": row.paper, "ours_metric": row.ours,
                      "ours": b, "ours_text": format_band(b, row.fmt) if row.ours else "", "note": row.note})
-    return {"rule": RULE, "metrics": bands, "claims": evaluate_claims(assessment.claims, bands),
-            "paper_table": rows}
+    out = {"rule": RULE, "metrics": bands, "claims": evaluate_claims(assessment.claims, bands),
+           "paper_table": rows}
+    if assessment.notes is not None:
+        out["notes"] = [str(line) for line in assessment.notes(bands)]
+    return out
 
 
 __all__ += ["Assessment"]
