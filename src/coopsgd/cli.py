@@ -623,6 +623,8 @@ _RUN_HELP = {
               "cuda:LOCAL_RANK) | cuda:N | mps; the reference engine is numpy (cpu only)",
     "seed": "random seed",
     "eval_every": "steps between evaluations", "eval_samples": "training / test samples used per evaluation",
+    "holdout_fraction": "share of the training set held out before the workers' partition (seeded, never "
+                        "trained on); every evaluation records the centre model's holdout_loss on it, for tuning",
     "compute": "simulated compute time per step: flops (counted FLOPs / --compute-gflops; deterministic, the "
                "default), measured (follows the machine's load), or drawn from a distribution",
     "compute_ms": "mean compute time per step for a modelled compute time (ms); also the constant fallback of "

@@ -53,6 +53,9 @@ class RunConfig:
     ``epochs`` or ``max_steps``; the learning rate is multiplied by ``lr_decay_factor`` at each epoch in
     ``lr_decay_epochs`` and at the simulated wall-clock times ``lr_decay_times_s`` ([LSGD]), after a linear
     warm-up of ``lr_warmup_steps`` steps.
+    Tuning: ``holdout_fraction`` (in [0, 1)) of the training set is held out before the workers' partition --
+    a seeded split, never trained on -- and every evaluation records ``holdout_loss`` (``holdout_accuracy``)
+    of the centre model on it (:func:`coopsgd.train.trainer.holdout_split`); 0 (default): no split.
     Time: simulated compute and network (``net_latency_ms``, ``net_bandwidth_mbps``). ``compute`` is
     ``"flops"`` (default: each step costs its FLOPs, counted once with ``FlopCounterMode``, at
     ``compute_gflops`` GFLOP/s per worker -- the same simulated times on any machine under any load; a model
@@ -130,6 +133,7 @@ class RunConfig:
     seed: int = 0
     eval_every: int | None = None
     eval_samples: int = 2000
+    holdout_fraction: float = 0.0  # share of the training set held out (never trained on) for tuning
     checkpoint_every: int | None = None
     nan_policy: str = "stop"
     max_skips: int = 10
@@ -192,6 +196,8 @@ class RunConfig:
         if self.eval_every is not None:
             self.eval_every = check_int("eval_every", self.eval_every, minimum=1)
         self.eval_samples = check_int("eval_samples", self.eval_samples, minimum=1)
+        self.holdout_fraction = check_float("holdout_fraction", self.holdout_fraction, low=0.0, high=1.0,
+                                            high_open=True)
         _choice("nan_policy", self.nan_policy, ("stop", "skip"))
         self.max_skips = check_int("max_skips", self.max_skips, minimum=1)
         if self.checkpoint_every is not None:

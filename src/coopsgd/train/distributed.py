@@ -356,7 +356,7 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
     )
     exp = Experiment(config=c, spec=spec, sim=eng, loader=loader, train_set=p["train_set"], test_set=p["test_set"],
                      loss_fn=p["loss_fn"], total_steps=p["total"], eval_every=p["eval_every"], is_lm=p["is_lm"],
-                     histograms=p["histograms"])
+                     histograms=p["histograms"], holdout_set=p["holdout_set"])
     wall0 = 0.0
     if ckpt is not None:
         eng.load_state_dict(ckpt["ranks"][rank])

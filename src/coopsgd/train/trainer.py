@@ -31,7 +31,7 @@ from coopsgd.train.loop import LoopPlan, LoopState, run_loop
 from coopsgd.train.progress import Progress
 from coopsgd.train.rundir import RunDir, check_run_dir, tensorboard_enabled
 
-__all__ = ["Experiment", "build", "engine_optimizer_kwargs", "build_problem", "iterate", "train", "train_reference", "run", "lr_at",
+__all__ = ["Experiment", "build", "holdout_split", "split_holdout", "engine_optimizer_kwargs", "build_problem", "iterate", "train", "train_reference", "run", "lr_at",
            "evaluate_model", "checkpoint_state", "load_run_checkpoint", "summarize", "TIME_KEYS",
            "CHECKPOINT_FORMAT"]
 
@@ -56,6 +56,8 @@ class Experiment:
     eval_every: int
     is_lm: bool = False
     histograms: np.ndarray | None = None
+    #: the held-out part of the training data (``config.holdout_fraction``; ``None``: no split)
+    holdout_set: Any = None
     loop_state: LoopState = field(default_factory=LoopState)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -95,10 +97,50 @@ def _check_model_fits(model: torch.nn.Module, data: Any, c: RunConfig, dtype: to
                                   f"{tuple(x.shape[1:])}): {first}") from None
 
 
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, held_out)``: sorted int64 indices splitting ``range(n)`` for ``RunConfig.holdout_fraction``.
+
+    ``round(fraction * n)`` samples (at least one when ``fraction > 0``) are drawn without replacement by a
+    generator of their own seeded with ``seed`` (the global RNGs are not touched), so the split depends on
+    ``(n, fraction, seed)`` alone; the rest, in their original order, is the training set. ``fraction = 0``:
+    every index trains, nothing is drawn.
+    """
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError.invalid("holdout_fraction", fraction, "must be in [0, 1)")
+    if fraction == 0.0:
+        return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    k = max(1, int(round(fraction * n)))
+    if k >= n:
+        raise ConfigError.invalid("holdout_fraction", fraction, f"holds out all {n} training samples; "
+                                  "leave some to train on")
+    rng = np.random.default_rng([int(seed), 0x484F4C44])  # its own stream ("HOLD")
+    held = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+    keep = np.ones(n, dtype=bool)
+    keep[held] = False
+    return np.flatnonzero(keep).astype(np.int64), held
+
+
+def split_holdout(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """``(train, held_out)`` :class:`~coopsgd.data.Dataset` s of ``data`` (samples or LM windows) by
+    :func:`holdout_split`; ``held_out`` is ``None`` when ``fraction`` is 0 (``data`` is returned as is)."""
+    import dataclasses
+
+    if not fraction:
+        return data, None
+    keep, held = holdout_split(len(data), fraction, seed)
+    train = dataclasses.replace(data, x=data.x[torch.from_numpy(keep)], y=data.y[torch.from_numpy(keep)])
+    out = dataclasses.replace(data, x=data.x[torch.from_numpy(held)], y=data.y[torch.from_numpy(held)],
+                              name=f"{data.name} (held out)", transform=None)
+    return train, out
+
+
 def build_problem(config: RunConfig) -> dict[str, Any]:
     """Data, partition, loader, spec, model and step counts of a run: the one construction every engine uses.
 
-    Keys: train_set, test_set, is_lm, histograms, loader, spec, model, dtype, probe, total, eval_every, loss_fn.
+    Keys: train_set, holdout_set, test_set, is_lm, histograms, loader, spec, model, dtype, probe, total,
+    eval_every, loss_fn. With ``holdout_fraction > 0`` the held-out samples (LM windows) are split off
+    (:func:`split_holdout`) before the workers' partition: ``train_set`` is what remains.
     """
     from coopsgd.data import WorkerLoader, label_histograms, load_dataset, partition
     from coopsgd.models import make_model
@@ -115,8 +157,10 @@ def build_problem(config: RunConfig) -> dict[str, Any]:
         seq_len = 35
         train_set = lm_windows(train_set.x, seq_len, vocab=train_set.vocab)
         test_set = lm_windows(test_set.x, seq_len, vocab=train_set.vocab)
+        train_set, holdout_set = split_holdout(train_set, c.holdout_fraction, c.seed)
         parts = partition(np.zeros(len(train_set), dtype=np.int64), c.workers, "iid", seed=c.seed)
     else:
+        train_set, holdout_set = split_holdout(train_set, c.holdout_fraction, c.seed)
         if c.workers > len(train_set):
             raise ConfigError.invalid("workers", c.workers, f"more workers than training samples ({len(train_set)})")
         parts = partition(train_set.y, c.workers, c.partition, beta=c.dirichlet_beta,
@@ -140,7 +184,7 @@ def build_problem(config: RunConfig) -> dict[str, Any]:
     spe = loader.steps_per_epoch
     total = c.max_steps if c.max_steps is not None else max(1, math.ceil(c.epochs * spe))
     eval_every = c.eval_every or max(1, min(spe, total // 10 or 1))
-    return {"train_set": train_set, "test_set": test_set, "is_lm": is_lm, "histograms": histograms,
+    return {"train_set": train_set, "holdout_set": holdout_set, "test_set": test_set, "is_lm": is_lm, "histograms": histograms,
             "loader": loader, "spec": spec, "model": model, "dtype": dtype, "probe": probe, "total": total,
             "eval_every": eval_every, "loss_fn": _lm_loss if is_lm else F.cross_entropy}
 
@@ -194,7 +238,8 @@ def build(config: RunConfig) -> Experiment:
     sim.prepare(feed_from(p["loader"])(0, range(c.workers), p["spec"].schedule.active(0)))
     return Experiment(config=c, spec=p["spec"], sim=sim, loader=p["loader"], train_set=p["train_set"],
                       test_set=p["test_set"], loss_fn=p["loss_fn"], total_steps=p["total"],
-                      eval_every=p["eval_every"], is_lm=p["is_lm"], histograms=p["histograms"])
+                      eval_every=p["eval_every"], is_lm=p["is_lm"], histograms=p["histograms"],
+                      holdout_set=p["holdout_set"])
 
 
 @torch.no_grad()
@@ -246,12 +291,14 @@ def nn_evaluator(exp: Experiment, *, wall_offset: float = 0.0) -> Callable[..., 
     Every process calls it (the engine's views are collective on the distributed engine); the writer
     gets the record, the others an empty dict. The centre model (:meth:`AlgorithmSpec.center_node`) is
     evaluated on the first ``eval_samples`` test samples, the averaged model u_k on as many training
-    samples.
+    samples; with a held-out set (``holdout_fraction``), the centre model on its first ``eval_samples``
+    samples too (``holdout_loss``, ``holdout_accuracy`` / ``holdout_perplexity``).
     """
     c = exp.config
     steps_per_epoch = exp.steps_per_epoch
     dtype = torch.float64 if c.dtype == "float64" else torch.float32
     test_set, train_set, is_lm, loss_fn = exp.test_set, exp.train_set, exp.is_lm, exp.loss_fn
+    holdout_set = exp.holdout_set
     zeta = _zeta(exp.spec)
     t0 = time.perf_counter() - wall_offset
 
@@ -289,6 +336,11 @@ def nn_evaluator(exp: Experiment, *, wall_offset: float = 0.0) -> Callable[..., 
         else:
             rec["test_accuracy"] = test["accuracy"]
             rec["train_accuracy"] = train["accuracy"]
+        if holdout_set is not None:
+            nh = min(c.eval_samples, len(holdout_set))
+            held = evaluate_model(center, holdout_set.x[:nh], holdout_set.y[:nh], loss_fn, is_lm=is_lm, dtype=dtype)
+            rec["holdout_loss"] = held["loss"]
+            rec["holdout_perplexity" if is_lm else "holdout_accuracy"] = held["perplexity" if is_lm else "accuracy"]
         return rec
 
     return evaluate
