@@ -114,3 +114,17 @@ def test_cli_reproduce_report(tmp_path, capsys) -> None:
 def test_format_band() -> None:
     assert format_band(band([2.0, 2.0])) == "2 (all 2 seeds)"
     assert format_band(band([None, None])) == "not measured (2 missing)"
+
+
+def test_one_seed_decides_no_claim_unless_the_experiment_is_deterministic() -> None:
+    from coopsgd.experiments.stats import NOT_MEASURED, REPRODUCED, UNRESOLVED, Assessment, Claim, aggregate
+
+    claims = [Claim("a below b", ("a", "b")), Claim("a below c", ("a", "c"))]
+    one = [{"a": 1.0, "b": 2.0}]  # c never measured
+    seeded = aggregate(one, Assessment(lambda _: {}, claims))
+    assert [c["verdict"] for c in seeded["claims"]] == [UNRESOLVED, NOT_MEASURED]
+    assert "one seed" in seeded["claims"][0]["note"]
+    fixed = aggregate(one, Assessment(lambda _: {}, claims), deterministic=True)
+    assert [c["verdict"] for c in fixed["claims"]] == [REPRODUCED, NOT_MEASURED]
+    two = aggregate([{"a": 1.0, "b": 2.0}, {"a": 1.1, "b": 2.1}], Assessment(lambda _: {}, claims))
+    assert two["claims"][0]["verdict"] == REPRODUCED and "note" not in two["claims"][0]

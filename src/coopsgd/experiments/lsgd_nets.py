@@ -65,7 +65,6 @@ from coopsgd.experiments.harness import (
     series,
     tail_mean,
     time_fields,
-    value_at,
 )
 from coopsgd.experiments.registry import register
 from coopsgd.train.config import RunConfig
@@ -649,12 +648,13 @@ def run_lsgd_lstm(
 
 
 def _ppl_at_equal_time(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each method's test perplexity at the simulated time the fastest method finished."""
+    """Each method's test perplexity at the simulated time the fastest method finished, read off its curve as
+    in ``lsgd-nets`` (:func:`loss_at_time`)."""
     ok = [r for r in runs if not r["diverged"] and r.get("time_s") is not None]
     if not ok:
         return {}
     t = min(r["time_s"] for r in ok)
-    return {"time_s": t, **{r["method"]: value_at(r, t, y="test_perplexity") for r in ok}}
+    return {"time_s": t, **{r["method"]: loss_at_time(r, t, y="test_perplexity") for r in ok}}
 
 
 def _time_to(runs: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -99,7 +99,7 @@ def run_seeds(
     assessment = ASSESSMENTS.get(name)
     agg: dict[str, Any] = {"metrics": {}, "claims": [], "paper_table": []}
     if assessment is not None:
-        agg = aggregate([assessment.metrics(r) for r in per_seed], assessment)
+        agg = aggregate([assessment.metrics(r) for r in per_seed], assessment, deterministic=deterministic)
         if private.get("dry_run"):  # computed (the code is checked), but two steps decide no claim
             agg["claims"], agg["paper_table"] = [], []
     data: dict[str, Any] = {
@@ -136,5 +136,5 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     for key, b in data["metrics"].items():
         lines.append(f"  {key}: {format_band(b)}")
     for c in data["claims"]:
-        lines.append(f"  [{_MARK[c['verdict']]}] {c['paper']} -- {c['what']}")
+        lines.append(f"  [{_MARK[c['verdict']]}] {c['paper']} -- {c['what']}" + (f" ({c['note']})" if c.get("note") else ""))
     return lines

@@ -71,7 +71,8 @@ def _section(name: str, data: dict[str, Any], base: Path) -> list[str]:
     if data.get("claims"):
         lines += ["| paper's claim | what we compare | verdict |", "|---|---|---|"]
         for c in data["claims"]:
-            lines.append(f"| {_esc(c['paper'])} | {_esc(c['what'])} | {_VERDICT.get(c['verdict'], c['verdict'])} |")
+            note = f" ({_esc(c['note'])})" if c.get("note") else ""
+            lines.append(f"| {_esc(c['paper'])} | {_esc(c['what'])} | {_VERDICT.get(c['verdict'], c['verdict'])}{note} |")
         lines.append("")
     if data.get("metrics"):
         lines += ["<details><summary>every measured number (mean ± std (min–max); per-seed values in "

@@ -43,7 +43,8 @@ NOT_MEASURED = "not measured"
 RULE = (
     "A claim 'A < B' is reproduced when the min-max intervals over seeds do not overlap and A's lies below "
     "B's (max A < min B); contradicted when they do not overlap the other way (max B < min A); otherwise "
-    "not resolved at this scale. A chain A < B < C needs every consecutive pair."
+    "not resolved at this scale. A chain A < B < C needs every consecutive pair. One seed decides no claim "
+    "(unless the experiment does not depend on the seed)."
 )
 
 
@@ -162,9 +163,22 @@ class Assessment:
     notes: Callable[[Mapping[str, Mapping[str, Any]]], list[str]] | None = None
 
 
-def aggregate(per_seed: Sequence[Mapping[str, float | None]], assessment: Assessment) -> dict[str, Any]:
+def _one_run_decides_nothing(claim: dict[str, Any]) -> dict[str, Any]:
+    """A claim judged on one seed of a seed-dependent experiment: no spread to compare a difference with."""
+    pairs = [{**p, "verdict": p["verdict"] if p["verdict"] == NOT_MEASURED else UNRESOLVED} for p in claim["pairs"]]
+    overall = claim["verdict"] if claim["verdict"] == NOT_MEASURED else UNRESOLVED
+    return {**claim, "pairs": pairs, "verdict": overall,
+            "note": "one seed: no spread to judge the difference against (run --seeds 2 or more)"}
+
+
+def aggregate(per_seed: Sequence[Mapping[str, float | None]], assessment: Assessment, *,
+              deterministic: bool = False) -> dict[str, Any]:
     """Bands of every metric over the seeds, the claims judged by :func:`verdict`, the paper-vs-ours rows
-    and, when the assessment has a ``notes`` function, its lines (``notes``)."""
+    and, when the assessment has a ``notes`` function, its lines (``notes``).
+
+    With a single seed the min-max interval is a point, so :func:`verdict` would decide any difference: unless
+    the experiment is ``deterministic`` (its result does not depend on the seed), every claim of a one-seed
+    result is then "not resolved at this scale" (or "not measured"), with a note saying why."""
     keys: list[str] = []
     for m in per_seed:
         keys += [k for k in m if k not in keys]
@@ -174,8 +188,10 @@ def aggregate(per_seed: Sequence[Mapping[str, float | None]], assessment: Assess
         b = bands.get(row.ours) if row.ours else None
         rows.append({"quantity": row.quantity, "paper": row.paper, "ours_metric": row.ours,
                      "ours": b, "ours_text": format_band(b, row.fmt) if row.ours else "", "note": row.note})
-    out = {"rule": RULE, "metrics": bands, "claims": evaluate_claims(assessment.claims, bands),
-           "paper_table": rows}
+    claims = evaluate_claims(assessment.claims, bands)
+    if len(per_seed) < 2 and not deterministic:
+        claims = [_one_run_decides_nothing(c) for c in claims]
+    out = {"rule": RULE, "metrics": bands, "claims": claims, "paper_table": rows}
     if assessment.notes is not None:
         out["notes"] = [str(line) for line in assessment.notes(bands)]
     return out
