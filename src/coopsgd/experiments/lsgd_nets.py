@@ -429,10 +429,10 @@ def _cap_vocab(train: torch.Tensor, test: torch.Tensor, cap: int) -> tuple[torch
 def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
     """The trainer's :class:`~coopsgd.train.trainer.Experiment` for the LSTM language model, built by hand.
 
-    :func:`coopsgd.train.trainer.build` cannot be used as is: it makes ``lstm_lm`` with ``batch_first=False``
-    while its windows come as (batch, seq_len), and it has no way to pass the model's size or to limit the
-    test set (see docs/reproductions.md). Everything else is the trainer's: data order, loop, records, and the
-    held-out windows of ``cfg.holdout_fraction`` (:func:`~coopsgd.train.trainer.split_holdout`).
+    Built here rather than by :func:`coopsgd.train.trainer.build` because the quick scale cuts the vocabulary
+    (``settings["vocab_cap"]``) and the test set (``settings["test_windows"]``), which a ``RunConfig`` does not
+    express. Everything else is the trainer's: data order, loop, records, and the held-out windows of
+    ``cfg.holdout_fraction`` (:func:`~coopsgd.train.trainer.split_holdout`).
 
     ``settings["synthetic_vocab"]`` (the dry run): instead of WikiText-2, seeded random tokens of that
     vocabulary, enough windows for ``cfg.max_steps`` steps of every worker and ``settings["test_windows"]``
