@@ -128,3 +128,16 @@ def test_one_seed_decides_no_claim_unless_the_experiment_is_deterministic() -> N
     assert [c["verdict"] for c in fixed["claims"]] == [REPRODUCED, NOT_MEASURED]
     two = aggregate([{"a": 1.0, "b": 2.0}, {"a": 1.1, "b": 2.1}], Assessment(lambda _: {}, claims))
     assert two["claims"][0]["verdict"] == REPRODUCED and "note" not in two["claims"][0]
+
+
+def test_report_html_is_written_beside_the_markdown(tmp_path) -> None:
+    pytest.importorskip("markdown")  # optional ([report] extra; TensorBoard, a dev dependency, brings it)
+    (tmp_path / "csgd-fig4").mkdir()
+    (tmp_path / "csgd-fig4" / "result.json").write_text(json.dumps(_fixture_result()))
+    (tmp_path / "csgd-fig4" / "csgd_fig4_easgd.png").write_bytes(b"png")
+    render_report(tmp_path, machine="test machine")
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<h2>csgd-fig4</h2>" in page
+    assert "<td>time saving</td>" in page and "<table>" in page  # the tables extension rendered the tables
+    assert '<img alt="csgd_fig4_easgd" src="csgd-fig4/csgd_fig4_easgd.png"' in page
+    assert "| quantity | ours |" not in page and "<th>quantity</th>" in page  # the table inside <details> too

@@ -20,7 +20,7 @@ from coopsgd.errors import ConfigError
 from coopsgd.experiments.stats import RULE, format_band
 from coopsgd.fileio import atomic_write_bytes, read_json
 
-__all__ = ["REPORT_ORDER", "render_report", "report_markdown", "machine_note"]
+__all__ = ["REPORT_ORDER", "render_report", "report_html", "report_markdown", "machine_note"]
 
 #: Experiments in report order (``coopsgd reproduce all`` runs them in this order too).
 REPORT_ORDER: tuple[str, ...] = (
@@ -116,8 +116,26 @@ def report_markdown(results: dict[str, dict[str, Any]], base: Path, *, machine: 
     return "\n".join(lines).rstrip() + "\n"
 
 
+def report_html(text: str) -> str | None:
+    """The report's markdown as a standalone HTML page, or ``None`` when the optional ``markdown`` package
+    (``pip install 'coopsgd[report]'``; it also comes with TensorBoard) is not installed."""
+    try:
+        import markdown
+    except ImportError:
+        return None
+    # the collapsed tables sit in <details> blocks: md_in_html renders markdown inside a block marked markdown="1"
+    text = text.replace("<details>", '<details markdown="1">')
+    body = markdown.markdown(text, extensions=["tables", "md_in_html"], output_format="html")
+    style = ("body{font-family:sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>coopsgd reproductions</title>"
+            f"<style>{style}</style></head><body>\n{body}\n</body></html>\n")
+
+
 def render_report(directory: str | Path, *, machine: str | None = None) -> Path:
-    """Write ``DIR/report.md`` from ``DIR/<experiment>/result.json``; returns its path."""
+    """Write ``DIR/report.md`` from ``DIR/<experiment>/result.json`` (and ``DIR/report.html`` when the optional
+    ``markdown`` package is installed, see :func:`report_html`); returns the path of ``report.md``."""
     base = Path(directory)
     if not base.is_dir():
         raise ConfigError.invalid("DIR", str(directory), "is not a directory")
@@ -127,4 +145,7 @@ def render_report(directory: str | Path, *, machine: str | None = None) -> Path:
         if path.is_file():
             results[name] = read_json(path, "result.json")
     text = report_markdown(results, base, machine=machine)
+    page = report_html(text)
+    if page is not None:
+        atomic_write_bytes(base / "report.html", page.encode("utf-8"))
     return atomic_write_bytes(base / "report.md", text.encode("utf-8"))
