@@ -94,6 +94,7 @@ def test_full_scale_without_torchvision_is_a_config_error(tmp_path) -> None:
         EXPERIMENTS["lsgd-nets"].run(out=tmp_path, quick=False, engine="simulate", seed=0, progress=False)
 
 
+@pytest.mark.slow
 def test_lsgd_lstm_tiny_run_reports_perplexity_and_comm_fraction(tmp_path) -> None:
     import math
 
@@ -104,6 +105,14 @@ def test_lsgd_lstm_tiny_run_reports_perplexity_and_comm_fraction(tmp_path) -> No
         assert math.isfinite(r["final_test_perplexity"]) and r["final_test_perplexity"] > 1
     fractions = {row["method"]: row["communication_fraction"] for row in res["communication_table"]}
     assert all(0 <= f < 1 for f in fractions.values())
+    # EASGD and LSGD are tuned on held-out windows: every grid point ran, the reported one has the lowest loss
+    from coopsgd.experiments.lsgd_nets import LSTM_BETAS, LSTM_LAMBDAS
+
+    assert sorted(row["value"] for row in res["sweep"]) == sorted(LSTM_BETAS + LSTM_LAMBDAS)
+    for meth, grid in (("EASGD", LSTM_BETAS), ("LSGD", LSTM_LAMBDAS)):
+        rows = [row for row in res["sweep"] if row["method"].startswith(meth)]
+        best = min(rows, key=lambda row: row["final_holdout_loss"])
+        assert res["chosen"][meth] == best["value"] and best["chosen"] and best["value"] in grid
 
 
 @pytest.mark.slow
