@@ -37,6 +37,7 @@ of each sweep; ``all_settings``: the whole sweep).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,47 @@ def _tune(net: str, label: str, preset: str, key: str, cands: list[dict[str, Any
     return reported, (float(won[key]) if pick is not None else None), rows, line
 
 
+def _run_methods(net: str, methods: list[tuple[str, str, dict[str, Any], str | None, tuple[float, ...]]], *,
+                 dry_run: bool, all_settings: bool,
+                 run_one: Callable[[str, dict[str, Any], dict[str, Any], str, str], dict[str, Any]],
+                 ) -> tuple[list[dict[str, Any]], dict[str, float | None], list[dict[str, Any]],
+                            list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run every method of ``methods`` (:data:`NET_METHODS`, :data:`LSTM_METHODS`) on one net and tune the swept
+    ones: every grid value (a dry run without ``all_settings``: the first), the reported run chosen by
+    :func:`_tune`. ``run_one(preset, settings, swept, label, subdir)`` runs one setting (``settings``: the
+    method's fixed fields plus ``swept``, the swept field and its value, ``{}`` for an unswept method, which
+    the run records so :func:`_tune` can read it; ``subdir``: the preset and the swept value).
+
+    Returns the reported runs (one per method, in order), the chosen value per swept method, the sweep's rows
+    and figure lines, and every run in the order it ran."""
+    runs: list[dict[str, Any]] = []
+    chosen: dict[str, float | None] = {}
+    sweep: list[dict[str, Any]] = []
+    lines: list[dict[str, Any]] = []
+    executed: list[dict[str, Any]] = []
+    for label, preset, kw, key, grid in methods:
+        values: tuple[float | None, ...] = (None,) if key is None else (grid if not dry_run or all_settings
+                                                                          else grid[:1])
+        cands = []
+        for v in values:
+            own = {} if key is None else {key: v}
+            run_label = label if key is None else _setting_label(preset, key, float(v))  # type: ignore[arg-type]
+            sub = preset + ("" if key is None else f"_{_SWEPT_NAME[key]}{v:g}")
+            res = run_one(preset, {**kw, **own}, own, run_label, sub)
+            res["final_holdout_loss"] = final_holdout_loss(res)
+            cands.append(res)
+            executed.append(res)
+        if key is None:
+            runs.append(cands[0])
+            continue
+        reported, value, rows, line = _tune(net, label, preset, key, cands)
+        chosen[_short(label)] = value
+        runs.append(reported)
+        sweep += rows
+        lines.append(line)
+    return runs, chosen, sweep, lines, executed
+
+
 @register(
     "lsgd-nets",
     "[LSGD] Fig. 4/5 + Table 6: SGD, DOWNPOUR, EASGD, LSGD on CNN-7 and ResNet-20",
@@ -248,44 +290,33 @@ def run_lsgd_nets(
     sweep_lines: list[dict[str, Any]] = []
     executed: list[dict[str, Any]] = []  # every run, in the order it ran
     for net in nets[: _nets or len(nets)]:
-        net_runs = []
-        chosen[net["name"]] = {}
-        for label, preset, kw, key, grid in NET_METHODS:
-            values: tuple[float | None, ...] = (None,) if key is None else (grid if not dry_run or all_settings
-                                                                              else grid[:1])
-            cands = []
-            for v in values:
-                own = {} if key is None else {key: v}
-                fields: dict[str, Any] = dict(
-                    preset=preset,
-                    model=net["model"],
-                    dataset=net["dataset"],
-                    seed=seed,
-                    executor=net.get("executor", "auto"),
-                    device=DEVICE.get(),
-                    **base,
-                    **kw,
-                    **own,
-                    **tf,
-                    eval_every=max(4, base["max_steps"] // _QUICK_EVALS) if quick else None,  # at least a round apart
-                )
-                cfg = RunConfig(**(dry_run_fields(fields) if dry_run else fields))
-                run_label = label if key is None else _setting_label(preset, key, float(v))  # type: ignore[arg-type]
-                sub = f"{net['model']}_{preset}" + ("" if key is None else f"_{_SWEPT_NAME[key]}{v:g}")
-                res = run_config(cfg, out / sub, run_label, progress=progress,
-                                 extra={"net": net["name"], "method": run_label, "preset": preset,
-                                        **({} if key is None else {key: v})})
-                res["final_holdout_loss"] = final_holdout_loss(res)
-                cands.append(res)
-                executed.append(res)
-            if key is None:
-                net_runs.append(cands[0])
-                continue
-            reported, value, rows, line = _tune(net["name"], label, preset, key, cands)
-            chosen[net["name"]][_short(label)] = value
-            net_runs.append(reported)
-            sweep += rows
-            sweep_lines.append(line)
+        made: list[RunConfig] = []  # the configurations run on this net (the note names the last one's data)
+
+        def run_net(preset: str, settings: dict[str, Any], swept: dict[str, Any], run_label: str, sub: str,
+                    net: dict[str, Any] = net, made: list[RunConfig] = made) -> dict[str, Any]:
+            fields: dict[str, Any] = dict(
+                preset=preset,
+                model=net["model"],
+                dataset=net["dataset"],
+                seed=seed,
+                executor=net.get("executor", "auto"),
+                device=DEVICE.get(),
+                **base,
+                **settings,
+                **tf,
+                eval_every=max(4, base["max_steps"] // _QUICK_EVALS) if quick else None,  # at least a round apart
+            )
+            cfg = RunConfig(**(dry_run_fields(fields) if dry_run else fields))
+            made.append(cfg)
+            return run_config(cfg, out / f"{net['model']}_{sub}", run_label, progress=progress,
+                              extra={"net": net["name"], "method": run_label, "preset": preset, **swept})
+
+        net_runs, chosen[net["name"]], rows, lines, done = _run_methods(
+            net["name"], NET_METHODS, dry_run=dry_run, all_settings=all_settings, run_one=run_net)
+        sweep += rows
+        sweep_lines += lines
+        executed += done
+        cfg = made[-1]
         note = (
             f"{net['name']} on {cfg.dataset}, {base['workers']} workers, batch {cfg.batch_size}, "
             f"lr {base['lr']:g}, {100 * base['holdout_fraction']:g}% of the training set held out; EASGD and LSGD: "
@@ -538,56 +569,40 @@ def run_lsgd_lstm(
         st.update(synthetic_vocab=WIKITEXT2_VOCAB, test_windows=100, batch_size=DRY_RUN_BATCH.get() or st["batch_size"],
                   workers=DRY_RUN_WORKERS.get() or st["workers"])
         length = {"max_steps": DRY_RUN_STEPS, "eval_every": 1, "checkpoint_every": 1}
-    runs: list[dict[str, Any]] = []  # the four reported runs (EASGD and LSGD: tuned)
-    executed: list[dict[str, Any]] = []  # every run, in the order it ran
-    sweep: list[dict[str, Any]] = []
-    sweep_lines: list[dict[str, Any]] = []
-    chosen: dict[str, float | None] = {}
-    for label, preset, kw, key, grid in LSTM_METHODS:
-        values: tuple[float | None, ...] = (None,) if key is None else (grid if not dry_run or all_settings
-                                                                          else grid[:1])
-        cands = []
-        for v in values:
-            own = {} if key is None else {key: v}
-            run_label = label if key is None else _setting_label(preset, key, float(v))  # type: ignore[arg-type]
-            cfg = RunConfig(
-                preset=preset,
-                model="lstm_lm",
-                dataset="wikitext2",
-                workers=st["workers"],
-                batch_size=st["batch_size"],
-                lr=st["lr"],
-                seed=seed,
-                eval_samples=st["eval_samples"],
-                holdout_fraction=st["holdout_fraction"],
-                executor="loop",  # measured: the per-replica loop beats vmap for this LSTM on CPU
-                device=DEVICE.get(),
-                **({"eval_every": max(1, length["max_steps"] // 12) if quick else None, **length}),
-                **{**kw, **own, **(dry_run_tau(kw) if dry_run else {})},
-                **tf,
-            )
-            exp = build_lm_experiment(cfg, st)
-            res = run_built(
-                exp,
-                out / (f"lstm_{preset}" + ("" if key is None else f"_{_SWEPT_NAME[key]}{v:g}")),
-                run_label,
-                progress=progress,
-                extra={"net": "LSTM", "method": run_label, "preset": preset, "lstm": st, **own,
-                       **({"data": f"random tokens (vocabulary {WIKITEXT2_VOCAB:,}, seq {st['seq_len']})"}
-                          if dry_run else {})},
-            )
-            res["final_test_perplexity"] = (res.get("final") or {}).get("test_perplexity")
-            res["final_holdout_loss"] = final_holdout_loss(res)
-            cands.append(res)
-            executed.append(res)
-        if key is None:
-            runs.append(cands[0])
-            continue
-        reported, value, rows, line = _tune("LSTM", label, preset, key, cands)
-        chosen[_short(label)] = value
-        runs.append(reported)
-        sweep += rows
-        sweep_lines.append(line)
+    def run_lstm(preset: str, settings: dict[str, Any], swept: dict[str, Any], run_label: str, sub: str
+                 ) -> dict[str, Any]:
+        cfg = RunConfig(
+            preset=preset,
+            model="lstm_lm",
+            dataset="wikitext2",
+            workers=st["workers"],
+            batch_size=st["batch_size"],
+            lr=st["lr"],
+            seed=seed,
+            eval_samples=st["eval_samples"],
+            holdout_fraction=st["holdout_fraction"],
+            executor="loop",  # measured: the per-replica loop beats vmap for this LSTM on CPU
+            device=DEVICE.get(),
+            **({"eval_every": max(1, length["max_steps"] // 12) if quick else None, **length}),
+            **{**settings, **(dry_run_tau(settings) if dry_run else {})},
+            **tf,
+        )
+        exp = build_lm_experiment(cfg, st)
+        res = run_built(
+            exp,
+            out / f"lstm_{sub}",
+            run_label,
+            progress=progress,
+            extra={"net": "LSTM", "method": run_label, "preset": preset, "lstm": st, **swept,
+                   **({"data": f"random tokens (vocabulary {WIKITEXT2_VOCAB:,}, seq {st['seq_len']})"}
+                      if dry_run else {})},
+        )
+        res["final_test_perplexity"] = (res.get("final") or {}).get("test_perplexity")
+        return res
+
+    # the four reported runs (EASGD and LSGD: tuned), the choices, the sweep and every run in the order it ran
+    runs, chosen, sweep, sweep_lines, executed = _run_methods(
+        "LSTM", LSTM_METHODS, dry_run=dry_run, all_settings=all_settings, run_one=run_lstm)
     scale_note = (
         f"2-layer LSTM, {st['hidden']} units, seq {st['seq_len']}, {st['workers']} workers, batch "
         f"{st['batch_size']}, lr {st['lr']:g}"
