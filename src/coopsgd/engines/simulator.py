@@ -630,17 +630,15 @@ class Simulator(ModelRows):
         res.others = {n: v.clone() for n, v in res.others.items()}
         self._calibrated = (self._compute_key(batches, rows), rng0, res, rng_after)
 
-    def _rng_state(self) -> Any:
-        """Torch's RNG state of the state's device (CPU: the default generator's)."""
+    def _rng_state(self) -> tuple[Tensor, ...]:
+        """Torch's RNG states: the CPU generator's, plus the state device's on an accelerator."""
         if self.device.type == "cpu":
-            return torch.get_rng_state()
+            return (torch.get_rng_state(),)
         return (torch.get_rng_state(), torch.get_device_module(self.device.type).get_rng_state(self.device))
 
-    def _set_rng_state(self, state: Any) -> None:
-        if self.device.type == "cpu":
-            torch.set_rng_state(state)
-        else:
-            torch.set_rng_state(state[0])
+    def _set_rng_state(self, state: tuple[Tensor, ...]) -> None:
+        torch.set_rng_state(state[0])
+        if len(state) > 1:
             torch.get_device_module(self.device.type).set_rng_state(state[1], self.device)
 
     def _compute_key(self, batches: Sequence[Batch | None], rows: list[int] | None) -> tuple[Any, ...]:
@@ -666,10 +664,7 @@ class Simulator(ModelRows):
                 continue
             if a is None or b is None or not all(torch.equal(u, v) for u, v in zip(a, b, strict=True)):
                 return None
-        if not torch.equal(self._rng_state() if self.device.type == "cpu" else self._rng_state()[0],
-                           rng0 if self.device.type == "cpu" else rng0[0]):
-            return None
-        if self.device.type != "cpu" and not torch.equal(self._rng_state()[1], rng0[1]):
+        if not all(torch.equal(a, b) for a, b in zip(self._rng_state(), rng0, strict=True)):
             return None
         self._set_rng_state(rng_after)
         return res
