@@ -1,0 +1,127 @@
+"""The workers' inner optimizer as one value: its name and its settings.
+
+:class:`OptimizerSettings` travels unchanged from the run configuration (its ``optimizer`` section) to the
+model rows, the engines (:func:`coopsgd.engines.optim.make_inner` builds the arithmetic from it) and the
+checkpoint (:meth:`OptimizerSettings.to_dict`). Adding an option to an inner optimizer is one field here.
+
+Semantics are torch.optim's: ``sgd`` is ``torch.optim.SGD`` (``momentum``, ``nesterov``, dampening 0),
+``adam`` / ``adamw`` are ``torch.optim.Adam`` / ``torch.optim.AdamW`` (``beta1``, ``beta2``, ``eps``,
+``amsgrad``). ``weight_decay=None`` is the optimizer's own default: 0 for SGD and Adam, 0.01 for AdamW.
+Through the Python API, ``torch_class`` names any other ``torch.optim.Optimizer`` class, with its arguments
+in ``torch_kwargs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from coopsgd.errors import ConfigError, check_float
+
+__all__ = ["OptimizerSettings", "INNER_OPTIMIZERS"]
+
+#: The inner optimizers known by name (any ``torch.optim.Optimizer`` class through ``torch_class``).
+INNER_OPTIMIZERS = ("sgd", "adam", "adamw")
+#: The settings that belong to one optimizer family only (an error when given to the other).
+_SGD_ONLY = ("momentum", "nesterov")
+_ADAM_ONLY = ("amsgrad",)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Every worker's inner optimizer (the same on every worker).
+
+    Attributes:
+        name: ``"sgd"``, ``"adam"``, ``"adamw"``, or ``None`` -- the algorithm's own (DiLoCo: AdamW), else SGD
+            (:meth:`resolve`).
+        momentum, nesterov: SGD's.
+        weight_decay: the optimizer's weight decay (AdamW: decoupled); ``None`` is torch's default.
+        beta1, beta2, eps, amsgrad: Adam's and AdamW's.
+        torch_class: any other ``torch.optim.Optimizer`` class (Python API only); its arguments are
+            ``torch_kwargs`` (``lr`` is each step's learning rate).
+    """
+
+    name: str | None = None
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    amsgrad: bool = False
+    torch_class: type | None = field(default=None, compare=True)
+    torch_kwargs: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and self.name not in INNER_OPTIMIZERS:
+            raise ConfigError.invalid("optimizer", self.name, f"choose one of {', '.join(INNER_OPTIMIZERS)} (or "
+                                      "a torch.optim.Optimizer class as torch_class through the Python API)")
+        for name in ("nesterov", "amsgrad"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError.invalid(name, getattr(self, name), "must be true or false")
+        object.__setattr__(self, "momentum", check_float("momentum", self.momentum, low=0.0, high=1.0,
+                                                         high_open=True))
+        if self.weight_decay is not None:
+            object.__setattr__(self, "weight_decay", check_float("weight_decay", self.weight_decay, low=0.0))
+        object.__setattr__(self, "beta1", check_float("beta1", self.beta1, low=0.0, high=1.0, high_open=True))
+        object.__setattr__(self, "beta2", check_float("beta2", self.beta2, low=0.0, high=1.0, high_open=True))
+        object.__setattr__(self, "eps", check_float("eps", self.eps, low=0.0, low_open=True))
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError.invalid("nesterov", True, "needs momentum > 0")
+        if self.name in ("adam", "adamw") and (self.momentum or self.nesterov):
+            raise ConfigError.invalid("momentum", self.momentum, f"an SGD setting; {self.name} uses beta1 as its "
+                                      "momentum")
+        if self.name == "sgd" and self.amsgrad:
+            raise ConfigError.invalid("amsgrad", True, "an Adam setting; the optimizer is sgd")
+        if self.torch_class is not None:
+            if self.name is not None:
+                raise ConfigError.invalid("optimizer", self.name, "give a name or a torch_class, not both")
+            if not isinstance(self.torch_class, type):
+                raise ConfigError.invalid("torch_class", self.torch_class, "must be a torch.optim.Optimizer class")
+            changed = [f.name for f in fields(self) if f.name not in ("torch_class", "torch_kwargs", "name")
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                raise ConfigError.invalid(changed[0], getattr(self, changed[0]),
+                                          "give a torch optimizer's own settings in torch_kwargs")
+        elif self.torch_kwargs:
+            raise ConfigError.invalid("torch_kwargs", dict(self.torch_kwargs), "only for a torch_class")
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return (self.beta1, self.beta2)
+
+    def resolve(self, prescribed: str | None) -> OptimizerSettings:
+        """These settings with ``name`` filled in: the run's choice, else the algorithm's ``prescribed``
+        optimizer (``AlgorithmSpec.inner_optimizer``), else ``"sgd"``. A torch class stays as it is."""
+        if self.name is not None or self.torch_class is not None:
+            return self
+        return replace(self, name=prescribed or "sgd")
+
+    def effective_weight_decay(self) -> float:
+        """The weight decay in use: the given one, else torch's default for this optimizer."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.01 if self.name == "adamw" else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly record (for run records and checkpoints); a torch class by its qualified name."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                               if f.name not in ("torch_class", "torch_kwargs")}
+        if self.torch_class is not None:
+            out["torch_class"] = f"{self.torch_class.__module__}.{self.torch_class.__qualname__}"
+            out["torch_kwargs"] = dict(self.torch_kwargs or {})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OptimizerSettings:
+        """The settings of :meth:`to_dict` (a torch class cannot be restored from its name: an error says so)."""
+        if "torch_class" in data:
+            raise ConfigError.invalid("optimizer.torch_class", data["torch_class"],
+                                      "a torch optimizer class is given through the Python API, not a record")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError.invalid(f"optimizer.{unknown[0]}", data[unknown[0]],
+                                      f"unknown optimizer setting; allowed: {', '.join(sorted(known))}")
+        return cls(**dict(data))
