@@ -8,10 +8,10 @@ For m workers and an MLP of ~100k parameters (784-128-10, float32), one round ov
 
 each applied three ways in the same run: the dense reference product ``state.copy_(apply_mixing(state, S))``
 (what the simulator did before), the structure-aware round as the simulator applies it now
-(``mix_rows_(state, S, plan=mix_plan(mix))``: the plan from the Mix's structure for FedAvg, from the cache of
+(``mix_rows_(state, S, plan=plan_round(mix).plan)``: the plan from the Mix's structure for FedAvg, from the cache of
 analysed matrices -- by identity for a schedule's fixed read-only matrices -- otherwise), and one memory pass over the rows the round touches (``copy_`` of them into a preallocated buffer: the
 memory-bandwidth limit). Reported: the median times, ``mix_rows_`` / memory pass, dense / ``mix_rows_``, the
-first-call analysis time of S, the per-round look-up (``mix_plan(mix)``, included in the ``mix_rows_`` time),
+first-call analysis time of S, the per-round look-up (``plan_round(mix).plan``, included in the ``mix_rows_`` time),
 and the peak memory of each round above the state (VmHWM after clear_refs)
 as a multiple of the state size. Targets (issue 15): every round <= 2x one memory pass over the rows it
 touches; on a ring at m = 1024, mix_rows_ >= 20x faster than the dense product.
@@ -37,7 +37,7 @@ from coopsgd.algorithms import presets
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.clock import SimClock
-from coopsgd.engines.mixing import apply_mixing, mix_plan, mix_rows_, round_plan
+from coopsgd.engines.mixing import apply_mixing, mix_rows_, plan_round, round_plan
 from coopsgd.engines.simulator import Simulator
 
 
@@ -108,10 +108,10 @@ def bench_case(name: str, mix: Mix, d: int, reps: int, dense_ok: bool) -> dict[s
     t0 = time.perf_counter()
     plan = round_plan(S.copy())  # first call: digest of S + analysis
     analyse_s = time.perf_counter() - t0
-    mix_plan(mix)
+    plan_round(mix)
     t0 = time.perf_counter()
     for _ in range(10):
-        mix_plan(mix)
+        plan_round(mix)
     lookup_s = (time.perf_counter() - t0) / 10
     touched = plan.touched
     targets = plan.targets
@@ -127,7 +127,7 @@ def bench_case(name: str, mix: Mix, d: int, reps: int, dense_ok: bool) -> dict[s
 
     res: dict[str, object] = {"case": name, "n": n, "kind": plan.kind, "touched": touched, "analyse_ms": analyse_s * 1e3,
                               "lookup_ms": lookup_s * 1e3}
-    fns: dict[str, Callable[[], object]] = {"mem": mem_pass, "fast": lambda: mix_rows_(state, S, plan=mix_plan(mix))}
+    fns: dict[str, Callable[[], object]] = {"mem": mem_pass, "fast": lambda: mix_rows_(state, S, plan=plan_round(mix).plan)}
     if dense_ok:
         fns["dense"] = lambda: state.copy_(apply_mixing(state, S))
     times = interleaved_times(fns, reps)
@@ -135,7 +135,7 @@ def bench_case(name: str, mix: Mix, d: int, reps: int, dense_ok: bool) -> dict[s
     res["fast/mem paired"] = paired_ratio(times, "fast", "mem")
     res.setdefault("dense", float("nan"))
     state_bytes = state.numel() * state.element_size()
-    res["peak_fast"] = peak_extra_bytes(lambda: mix_rows_(state, S, plan=mix_plan(mix))) / state_bytes
+    res["peak_fast"] = peak_extra_bytes(lambda: mix_rows_(state, S, plan=plan_round(mix).plan)) / state_bytes
     res["peak_dense"] = peak_extra_bytes(lambda: state.copy_(apply_mixing(state, S))) / state_bytes if dense_ok else float("nan")
     res["state_mb"] = state_bytes / 2**20
     return res

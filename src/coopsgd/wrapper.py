@@ -77,6 +77,7 @@ from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Communicator
 from coopsgd.engines.comm import CommStats, Mixer, NetEmulation, aux_placement
+from coopsgd.engines.mixing import plan_round
 from coopsgd.errors import ConfigError, check_int
 
 __all__ = ["CooperativeSGD", "WrapperCommunicator"]
@@ -85,10 +86,10 @@ __all__ = ["CooperativeSGD", "WrapperCommunicator"]
 @runtime_checkable
 class WrapperCommunicator(Communicator, Protocol):
     """What :class:`CooperativeSGD` needs from its communicator: the engines' :class:`Communicator`
-    (``pending``, ``mix``, ``finalize``, ``gather_floats``) plus the few collectives and facts of placement
-    the wrapper uses. :class:`coopsgd.engines.comm.Mixer` satisfies it.
+    (``pending``, ``communicate``, ``finalize``, ``gather_floats``) plus the few collectives and facts of
+    placement the wrapper uses. :class:`coopsgd.engines.comm.Mixer` satisfies it.
 
-    Rows passed to :meth:`mix` are ``(1 + v, width)``: ``rows[0]`` this rank's worker, ``rows[1:]`` the
+    Rows passed to :meth:`communicate` are ``(1 + v, width)``: ``rows[0]`` this rank's worker, ``rows[1:]`` the
     auxiliaries (only those this rank :meth:`holds` are kept current). Every method except ``holds``,
     ``host`` and ``pending`` is collective: every rank calls it, in the same order.
     """
@@ -130,7 +131,7 @@ class WrapperCommunicator(Communicator, Protocol):
 
 
 #: The members a :class:`WrapperCommunicator` must have (named in the error for an incomplete one).
-_PROTOCOL_MEMBERS = ("rank", "m", "stats", "pending", "mix", "finalize", "gather_floats", "broadcast",
+_PROTOCOL_MEMBERS = ("rank", "m", "stats", "pending", "communicate", "finalize", "gather_floats", "broadcast",
                      "all_reduce", "holds", "host", "collect_aux")
 
 
@@ -385,7 +386,7 @@ class CooperativeSGD:
         bound = self._bound()
         if not bound:
             self._flatten_into(rows[0])
-        self.mixer.mix(rows, mix.matrix, overlap=spec.overlap)
+        self.mixer.communicate(rows, plan_round(mix), overlap=spec.overlap)
         if not bound:
             self._unflatten_from(rows[0])
         if mix.communicates:

@@ -11,7 +11,8 @@ from coopsgd.algorithms.presets import PRESETS
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines import mixing
-from coopsgd.engines.mixing import apply_mixing, mix_rows_, round_plan
+from coopsgd.engines.kernel import InProcess
+from coopsgd.engines.mixing import RoundKind, apply_mixing, mix_rows_, plan_round, round_plan
 from coopsgd.topology import TOPOLOGIES
 
 TOL = 1e-12
@@ -36,7 +37,7 @@ def spec_matrices(spec: AlgorithmSpec, steps: int = 12) -> list[np.ndarray]:
     return out
 
 
-def check(S: np.ndarray, d: int = 5, *, strided: bool = True) -> str:
+def check(S: np.ndarray, d: int = 5, *, strided: bool = True) -> RoundKind:
     n = S.shape[0]
     gen = torch.Generator().manual_seed(n * 7919 + d)
     full = torch.randn(n, d + 4, dtype=torch.float64, generator=gen)
@@ -48,7 +49,9 @@ def check(S: np.ndarray, d: int = 5, *, strided: bool = True) -> str:
     torch.testing.assert_close(rows, expected, rtol=0, atol=TOL)
     if strided:  # columns outside the range are not touched
         assert torch.equal(full[:, :2], untouched[0]) and torch.equal(full[:, 2 + d :], untouched[1])
-    return round_plan(S).kind
+    plan = round_plan(S)
+    np.testing.assert_array_equal(plan.matrix(), S)  # the plan carries S exactly (the distributed lowering reads it)
+    return plan.kind
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -81,7 +84,7 @@ def test_random_matrices_match_dense() -> None:
         for S in (dense, sparse, column_constant, partial, np.eye(n)):
             for d in (1, 7, 300_000):  # 300k: the one-row-at-a-time gather
                 kinds.add(check(S, d if n <= 9 else min(d, 7)))
-    assert kinds == {"identity", "average", "sparse", "dense"}
+    assert kinds == {RoundKind.IDENTITY, RoundKind.AVERAGE, RoundKind.SPARSE, RoundKind.DENSE}
 
 
 def test_zero_columns() -> None:
@@ -90,8 +93,8 @@ def test_zero_columns() -> None:
     S[:, 4] = 0.0
     S[2, 4] = 0.5
     for d in (3, 40_000):  # short rows (blocks) and long rows (in place, row by row)
-        assert check(S, d) == "sparse"
-    assert check(np.zeros((5, 5))) == "average"
+        assert check(S, d) is RoundKind.SPARSE
+    assert check(np.zeros((5, 5))) is RoundKind.AVERAGE
 
 
 def test_non_symmetric_column_convention() -> None:
@@ -117,16 +120,16 @@ def test_float32_and_empty_columns() -> None:
 
 def test_kernel_choice() -> None:
     J = spec_matrices(presets.local_sgd(8), 4)[0]
-    assert round_plan(J).kind == "average" and round_plan(J).touched == 8
+    assert round_plan(J).kind is RoundKind.AVERAGE and round_plan(J).touched == 8
     ring = spec_matrices(presets.dpsgd(8), 1)[0]
-    assert round_plan(ring).kind == "sparse" and round_plan(ring).touched == 8
+    assert round_plan(ring).kind is RoundKind.SPARSE and round_plan(ring).touched == 8
     big_ring = spec_matrices(presets.dpsgd(64), 1)[0]
-    assert round_plan(big_ring).kind == "sparse"
+    assert round_plan(big_ring).kind is RoundKind.SPARSE
     S = spec_matrices(presets.fedavg(8, fraction=0.25), 5)[0]
     plan = round_plan(S)
-    assert plan.kind == "average" and plan.sources is not None and plan.sources.size == 2  # the 2 sampled clients
-    assert round_plan(np.random.default_rng(3).random((8, 8))).kind == "dense"
-    assert round_plan(np.eye(5)).kind == "identity" and round_plan(np.eye(5)).touched == 0
+    assert plan.kind is RoundKind.AVERAGE and plan.sources is not None and plan.sources.size == 2  # the 2 sampled clients
+    assert round_plan(np.random.default_rng(3).random((8, 8))).kind is RoundKind.DENSE
+    assert round_plan(np.eye(5)).kind is RoundKind.IDENTITY and round_plan(np.eye(5)).touched == 0
 
 
 def test_plans_are_cached() -> None:
@@ -138,7 +141,7 @@ def test_downpour_rounds_use_the_chain_kernel() -> None:
     # DOWNPOUR's composed pushes are ~50% dense, but each column is the previous one plus two entries
     for m in (3, 8):
         for S in spec_matrices(presets.downpour(m), 2):
-            assert round_plan(S).kind == "chain"
+            assert round_plan(S).kind is RoundKind.CHAIN
             assert (S != 0).mean() > 0.25
             check(S, mixing._CHAIN_ROW_ELEMENTS + 1)  # long rows: the chain itself
             check(S, 3)  # short rows: the product over the changed columns
@@ -149,7 +152,7 @@ def test_chain_that_would_read_an_overwritten_row_stays_dense() -> None:
     S = np.eye(4)
     S[:, 0] = [0.0, 1.0, 1.0, 1.0]
     S[:, 1] = [1.0, 1.0, 1.0, 1.0]
-    assert round_plan(S).kind != "chain"
+    assert round_plan(S).kind is not RoundKind.CHAIN
     check(S, mixing._CHAIN_ROW_ELEMENTS + 1)
 
 
@@ -166,15 +169,12 @@ def test_col_abs_max_and_non_finite_entries() -> None:
 
 
 def test_deferred_broadcast_equals_the_full_round() -> None:
-    from coopsgd.engines.kernel import InProcess
-
     spec = presets.fedavg(30, 1, fraction=0.1, seed=2)
     mats = spec_matrices(spec, 4)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(31, 9, dtype=torch.float64, generator=gen)
     ref = x.clone()
-    comm = InProcess()
-    comm.defer_rows = 30
+    comm = InProcess(lazy_rows=30)
     for r, S in enumerate(mats):
         active = spec.schedule.clients(r).tolist()
         comm.materialize(x, active)  # what the simulator does before a step reads the active rows
@@ -195,9 +195,6 @@ def test_deferred_broadcast_equals_the_full_round() -> None:
 def test_structured_fedavg_mix_equals_its_matrix_and_the_analysed_plan() -> None:
     # FedAvg's Mix carries its structure: the plan comes from the sampled clients' weights (no n x n matrix),
     # the matrix is built only when read, equal to w 1^T, and the plan is the one its analysis finds
-    from coopsgd.engines.kernel import InProcess
-    from coopsgd.engines.mixing import mix_plan
-
     rng = np.random.default_rng(6)
     for m, c, steps in ((8, 1.0, 2), (40, 0.1, 3), (30, 1 / 30, 3), (1000, 0.01, 1)):  # 1/30: one client, w = e_j
         counts = rng.integers(1, 50, m).astype(float)
@@ -205,7 +202,7 @@ def test_structured_fedavg_mix_equals_its_matrix_and_the_analysed_plan() -> None
         for step in range(steps):
             mix = spec.schedule.mix(step)
             assert mix is not None and mix.structure is not None
-            plan = mix_plan(mix)
+            plan = plan_round(mix).plan
             assert mix._matrix is None  # the plan did not build the matrix
             chosen = spec.schedule.clients(step)
             w = np.zeros(m + 1)
@@ -224,7 +221,7 @@ def test_structured_fedavg_mix_equals_its_matrix_and_the_analysed_plan() -> None
             expected = apply_mixing(x.clone(), mix.matrix)
             fresh = spec.schedule.mix(step)  # a new Mix: the round through the communicator, from the structure
             assert fresh is not None
-            InProcess().mix_round(x, fresh)
+            InProcess().communicate(x, plan_round(fresh))
             assert fresh._matrix is None
             torch.testing.assert_close(x, expected, rtol=0, atol=TOL)
 
@@ -254,9 +251,9 @@ def test_immutable_matrices_are_found_by_identity() -> None:
     base = np.eye(4)
     view = base.view()
     view.setflags(write=False)
-    assert not mixing._immutable(view) and round_plan(view).kind == "identity"
+    assert not mixing._immutable(view) and round_plan(view).kind is RoundKind.IDENTITY
     base[:, 1] = [0.5, 0.5, 0.0, 0.0]
-    assert round_plan(view).kind != "identity"
+    assert round_plan(view).kind is not RoundKind.IDENTITY
     check(view)
     # a user's writable matrix is copied by the schedule: changing it later does not change the rounds
     from coopsgd.algorithms.schedules import PeriodicSchedule

@@ -99,6 +99,9 @@ class FakeComm:
         else:
             Z.copy_(new_Z)
 
+    def communicate(self, rows: Tensor, rnd: Any, *, overlap: bool = False) -> None:
+        self.mix(rows, rnd.matrix, overlap=overlap)
+
     def gather_floats(self, values: np.ndarray | float) -> np.ndarray:
         mine = np.atleast_1d(np.asarray(values, dtype=np.float64))
         self._record("gather_floats", values, mine)
@@ -447,7 +450,7 @@ def _comm(m: int = 1, rank: int = 0) -> FakeComm:
 class _Incomplete:
     rank, m = 0, 1
 
-    def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> None: ...
+    def communicate(self, rows: Tensor, rnd: Any, *, overlap: bool = False) -> None: ...
 
 
 @pytest.mark.parametrize(

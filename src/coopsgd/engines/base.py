@@ -8,9 +8,9 @@ The data flow of a run (see ``docs/architecture.md``)::
 * :class:`Engine` -- one ``step(batches, lr)`` signature, one :class:`StepStats` record, one
   :meth:`Engine.state_dict` envelope (:func:`wrap_state` / :func:`unwrap_state`: a checkpoint says which
   engine wrote it), one rule for the centre model (:meth:`coopsgd.algorithms.spec.AlgorithmSpec.center_node`).
-* :class:`Communicator` -- how a round's matrix reaches the rows a process holds: in-process for the
-  simulator (one matrix product over every node), collectives chosen from S for the distributed engine
-  (:class:`coopsgd.engines.comm.Mixer`).
+* :class:`Communicator` -- how a round (:func:`coopsgd.engines.mixing.plan_round`) reaches the rows a
+  process holds: in-process for the simulator (:class:`coopsgd.engines.kernel.InProcess`), collectives
+  derived from the same typed plan for the distributed engine (:class:`coopsgd.engines.comm.Mixer`).
 
 Nothing in ``coopsgd.engines`` imports ``coopsgd.train``, ``coopsgd.experiments`` or the CLI
 (``tests/unit/test_layering.py`` checks it).
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from coopsgd.algorithms.schedules import ScheduleState
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.mixing import Round
 from coopsgd.errors import ConfigError, CoopSGDError
 
 __all__ = [
@@ -127,17 +128,43 @@ class DroppedRound:
 
 @runtime_checkable
 class Communicator(Protocol):
-    """How a round reaches the rows one process holds (``rows[0]`` its worker, ``rows[1:]`` auxiliaries for
-    the distributed engine; every node for the simulator)."""
+    """How a round reaches the rows one process holds: the one contract between the round kernel
+    (:class:`coopsgd.engines.kernel.RoundKernel`) and a transport. ``rows`` is the column range the round
+    mixes: every node for the simulator (:class:`coopsgd.engines.kernel.InProcess`), this rank's worker
+    then the auxiliaries it holds for the distributed engine (:class:`coopsgd.engines.comm.Mixer`).
+
+    A round is a :class:`~coopsgd.engines.mixing.Round` from the one planner,
+    :func:`~coopsgd.engines.mixing.plan_round`: its typed structure (:class:`~coopsgd.engines.mixing.RoundKind`:
+    identity, average -- FedAvg's ``Averaging`` included --, sparse gossip, push chain, dense; the rows it
+    touches, its weights) and the Mix it came from. Each communicator derives how to move the data from
+    that plan (in process: a fused in-place kernel; torch.distributed: all-reduce, neighbour exchange,
+    broadcast, subgroups, non-blocking overlap); the kernel never asks which communicator it holds.
+
+    The round has three stages, and a compressor sits between the first two and the last::
+
+        select   what each node sends (its row, or the weighted share of a reduction), from the plan
+        [encode -> transport -> decode]   today: the identity codec, fused with the transport
+        combine  the received rows with the plan's weights (plus each node's own term)
+
+    Attributes:
+        pending: a non-blocking round is still in flight (completed by :meth:`finalize`).
+    """
 
     @property
     def pending(self) -> bool: ...
 
-    def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> Any: ...
+    def communicate(self, rows: Tensor, rnd: Round, *, overlap: bool = False) -> None:
+        """Replace ``rows`` by their columns of ``X S`` for the round ``rnd`` (in place). With ``overlap`` a
+        communicator may complete the auxiliaries' part later (:meth:`finalize`)."""
+        ...
 
-    def finalize(self) -> None: ...
+    def finalize(self) -> None:
+        """Complete a pending non-blocking round."""
+        ...
 
-    def gather_floats(self, values: np.ndarray | float) -> np.ndarray: ...
+    def gather_floats(self, values: np.ndarray | float) -> np.ndarray:
+        """Every process's small float vector, (processes, k) (LSGD's loss estimates, health flags)."""
+        ...
 
 
 @runtime_checkable

@@ -1,43 +1,15 @@
-"""Communication patterns of the distributed engine: one mixing round ``X <- X S`` across processes.
+"""The distributed engine's communicator: one round ``X <- X S`` across processes (:class:`Mixer`).
 
-Placement (the same for every spec, documented once here):
+:class:`Mixer` implements :class:`coopsgd.engines.base.Communicator` for the rows one rank holds (its
+worker, then the auxiliaries it keeps). It takes the same typed round as the simulator's communicator
+(:func:`coopsgd.engines.mixing.plan_round`) and derives its collectives from that plan
+(:func:`coopsgd.engines.collectives.lower`: all-reduce, neighbour exchange, broadcast, all-gather, process
+subgroups for placed auxiliaries -- the placement is documented there). A round runs in three stages:
 
-* worker ``i`` lives on rank ``i`` (the world size is the number of workers m);
-* an auxiliary node (z of EASGD, the FedAvg / DOWNPOUR server, LSGD's leader copies, the group
-  auxiliaries of hierarchical averaging) is held by the ranks whose workers read it, and updated by them
-  with the same arithmetic so that the copies stay identical (:func:`aux_placement`):
-
-  - *replicated* (EASGD, FedAvg, LSGD, DOWNPOUR, time-varying or data-dependent schedules): every worker
-    reads it, so every rank holds it and no rank ever has to ask another for its value; rank ``j % m``
-    is its designated host (the one that reports it);
-  - *placed* (hierarchical averaging): a group's auxiliary lives only on the ranks of that group (its
-    designated host is the group's first rank). The group's rounds are all_reduces inside a process
-    subgroup (``torch.distributed.new_group``), never touching the other groups; a round that mixes
-    auxiliaries of different groups is one reduction over the ranks that contribute to it. Copies on
-    other ranks are not maintained (:meth:`Mixer.collect_aux` assembles every auxiliary's current value
-    from its host).
-
-A round on rank ``r`` updates the rows it holds (its worker and the auxiliaries) with the columns of S
-(column convention of :func:`coopsgd.engines.mixing.apply_mixing`: node i's new value is
-``sum_j S[j, i] x_j``). Auxiliary contributions are local. What rank r needs from other workers decides
-the pattern, chosen from S alone (every rank sees the same S, so every rank picks the same collectives):
-
-* ``local`` -- the worker block of S is diagonal (EASGD, LSGD's pull): no exchange for the worker columns;
-* ``reduce`` -- all worker columns are one weight vector w (J, FedAvg): ONE all_reduce of ``w_r x_r``
-  (for a constant w, as J: the sum of the flat rows, then one scaling -- "sum then divide");
-* ``neighbor`` -- a sparse worker block (ring, torus, one-peer graphs; largest in/out-degree
-  <= max(2, m/2)): batched ``isend``/``irecv`` of the flat row to each out-neighbour; node r adds
-  ``S[j, r] x_j`` for its in-neighbours j (its column of S holds its in-weights);
-* ``broadcast`` -- few source rows needed by many (LSGD's leader; sources * ceil(log2 m) < degree):
-  one broadcast per source row;
-* ``gather`` -- anything denser and not rank one (DOWNPOUR's ordered pushes): all_gather of the m worker
-  rows, then every rank evaluates its own columns -- the general path, correct for any matrix.
-
-Auxiliary columns need ``sum_j S[j, a] x_j`` on every rank: a single source is a broadcast; other weight
-vectors join one all_reduce of a (K, width) tensor (K distinct vectors: 1 for EASGD / FedAvg, the number
-of groups for hierarchical averaging). Costs per round (W floats per row): reduce ``2W(m-1)/m`` sent per
-rank; neighbor ``W * out-degree``; broadcast ``W`` per source (tree); gather ``W (m-1)`` per rank (the
-general path, O(m W) received per rank -- correct for any matrix, priced like a parameter server).
+* **select** what this rank sends: its worker row (broadcast, neighbour exchange, all-gather) and its
+  weighted shares ``w_r x_r`` of the reductions;
+* **transport** (the collectives; a compressor's encode / decode wraps exactly this stage);
+* **combine**: its worker column and the auxiliary columns from the received rows and the plan's weights.
 
 Non-blocking rounds (``overlap=True``, [CSGD] §3.3): when the worker columns do not need the all_reduce
 (EASGD, generalized elastic, hierarchical), it is started with ``async_op=True`` and the auxiliaries'
@@ -56,7 +28,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +37,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from coopsgd.engines.collectives import (
+    AuxFrom,
+    Collectives,
+    Exchange,
+    PlacedCollectives,
+    aux_host,
+    aux_placement,
+    lower,
+    lower_placed,
+)
+from coopsgd.engines.mixing import Round, RoundKind, plan_round
 from coopsgd.errors import CoopSGDError, check_float
 from coopsgd.theory.cost import NetworkModel, RoundCost, round_cost
 
@@ -73,10 +55,6 @@ __all__ = [
     "CommunicationError",
     "NetEmulation",
     "CommStats",
-    "MixPlan",
-    "build_plan",
-    "PlacedPlan",
-    "build_placed_plan",
     "aux_placement",
     "Mixer",
     "aux_host",
@@ -85,11 +63,6 @@ __all__ = [
 
 class CommunicationError(CoopSGDError, RuntimeError):
     """A collective or point-to-point operation failed or timed out (usually because a peer died or hung)."""
-
-
-def aux_host(aux: int, workers: int) -> int:
-    """The designated host rank of auxiliary node ``aux`` (0-based among the auxiliaries): ``aux % m``."""
-    return aux % workers
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,209 +131,18 @@ class CommStats:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# plans
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MixPlan:
-    """How one matrix S is communicated (identical on every rank).
-
-    Attributes:
-        worker_mode: ``"local"``, ``"reduce"``, ``"neighbor"``, ``"broadcast"`` or ``"gather"``.
-        reduce_vectors: (K, m) worker weights whose weighted sums every rank needs (all_reduce).
-        reduce_const: per vector, its constant value when all m entries are equal (then x is reduced and
-            the sum scaled once -- "sum then divide" for J), else ``None``.
-        worker_vector: index of the reduce vector giving the worker columns (``"reduce"`` mode).
-        aux_sources: per auxiliary: ``("none",)``, ``("reduce", k)``, ``("bcast", j)`` or ``("gather",)``.
-        bcast_sources: worker rows broadcast to every rank (sorted).
-        in_nbrs / out_nbrs: per rank, the workers it receives from / sends to (``"neighbor"`` mode).
-        max_degree: largest in- or out-degree of the worker block (for the cost model).
-        deferrable: the all_reduce feeds only auxiliary columns (may run asynchronously).
-    """
-
-    worker_mode: str
-    reduce_vectors: np.ndarray
-    reduce_const: tuple[float | None, ...]
-    worker_vector: int | None
-    aux_sources: tuple[tuple[Any, ...], ...]
-    bcast_sources: tuple[int, ...]
-    in_nbrs: tuple[tuple[int, ...], ...]
-    out_nbrs: tuple[tuple[int, ...], ...]
-    max_degree: int
-    deferrable: bool
-
-    @property
-    def communicates(self) -> bool:
-        return (
-            self.worker_mode != "local"
-            or len(self.reduce_vectors) > 0
-            or len(self.bcast_sources) > 0
-            or any(s[0] == "gather" for s in self.aux_sources)
-        )
-
-
-def build_plan(S: np.ndarray, workers: int, auxiliaries: int) -> MixPlan:
-    """Classify ``S`` (column convention) into the collectives of one round (see the module docstring)."""
-    S = np.asarray(S, dtype=np.float64)
-    m, v = workers, auxiliaries
-    Sw = S[:m, :m]
-    off = Sw != 0
-    np.fill_diagonal(off, False)
-    vectors: list[np.ndarray] = []
-
-    def vec_index(c: np.ndarray) -> int:
-        for k, u in enumerate(vectors):
-            if np.array_equal(u, c):
-                return k
-        vectors.append(c.copy())
-        return len(vectors) - 1
-
-    worker_vector = None
-    sources: set[int] = set()
-    in_nbrs: tuple[tuple[int, ...], ...] = tuple(() for _ in range(m))
-    out_nbrs: tuple[tuple[int, ...], ...] = tuple(() for _ in range(m))
-    in_deg = off.sum(axis=0)
-    out_deg = off.sum(axis=1)
-    max_degree = int(max(in_deg.max(initial=0), out_deg.max(initial=0)))
-    if not off.any():
-        mode = "local"
-    elif all(np.array_equal(Sw[:, i], Sw[:, 0]) for i in range(1, m)):
-        mode = "reduce"
-        worker_vector = vec_index(Sw[:, 0])
-    else:
-        srcs = np.flatnonzero(off.any(axis=1))
-        hops = max(1, math.ceil(math.log2(m))) if m > 1 else 0
-        if len(srcs) * hops < max_degree:
-            mode = "broadcast"
-            sources.update(int(j) for j in srcs)
-        elif max_degree > max(2, m // 2):
-            mode = "gather"
-        else:
-            mode = "neighbor"
-            in_nbrs = tuple(tuple(int(j) for j in np.flatnonzero(off[:, i])) for i in range(m))
-            out_nbrs = tuple(tuple(int(i) for i in np.flatnonzero(off[j, :])) for j in range(m))
-    aux_sources: list[tuple[Any, ...]] = []
-    for a in range(v):
-        c = S[:m, m + a]
-        nz = np.flatnonzero(c)
-        if nz.size == 0:
-            aux_sources.append(("none",))
-        elif mode == "gather":
-            aux_sources.append(("gather",))
-        elif any(np.array_equal(u, c) for u in vectors):
-            aux_sources.append(("reduce", vec_index(c)))
-        elif nz.size == 1 and m > 1:
-            sources.add(int(nz[0]))
-            aux_sources.append(("bcast", int(nz[0])))
-        else:
-            aux_sources.append(("reduce", vec_index(c)))
-    if mode == "neighbor" and sources:  # rows that are broadcast anyway need no point-to-point copy
-        in_nbrs = tuple(tuple(j for j in js if j not in sources) for js in in_nbrs)
-        out_nbrs = tuple(() if j in sources else i for j, i in enumerate(out_nbrs))
-        if not any(in_nbrs):
-            mode = "broadcast"
-    R = np.array(vectors, dtype=np.float64).reshape(len(vectors), m)
-    consts = tuple(float(u[0]) if np.all(u == u[0]) else None for u in R)
-    deferrable = len(vectors) > 0 and worker_vector is None
-    return MixPlan(
-        worker_mode=mode,
-        reduce_vectors=R,
-        reduce_const=consts,
-        worker_vector=worker_vector,
-        aux_sources=tuple(aux_sources),
-        bcast_sources=tuple(sorted(sources)),
-        in_nbrs=in_nbrs,
-        out_nbrs=out_nbrs,
-        max_degree=max_degree,
-        deferrable=deferrable,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# placement of the auxiliaries
-# ---------------------------------------------------------------------------------------------------------
-
-
-def aux_placement(spec: Any, *, limit: int = 4096) -> tuple[tuple[int, ...], ...] | None:
-    """Which ranks hold each auxiliary of ``spec``: ``None`` when every rank holds every auxiliary.
-
-    For a static periodic schedule (every matrix known in advance, at most ``limit`` steps per cycle) an
-    auxiliary is held by the workers that ever read it (a non-zero ``S[m + a, i]``), or by its default host
-    ``a % m`` when no worker reads it. Any other schedule (data-dependent, random, user callables)
-    replicates every auxiliary on every rank.
-    """
-    m, v = spec.workers, spec.auxiliaries
-    if v == 0:
-        return None
-    mats = spec.schedule.matrices(limit)
-    if mats is None:
-        return None
-    readers: list[set[int]] = [set() for _ in range(v)]
-    for S in mats:
-        for a in range(v):
-            readers[a].update(int(i) for i in np.flatnonzero(S[m + a, :m]))
-    holders = tuple(tuple(sorted(r)) if r else (aux_host(a, m),) for a, r in enumerate(readers))
-    if all(len(h) == m for h in holders):
-        return None
-    return holders
-
-
-@dataclass(frozen=True)
-class PlacedPlan:
-    """One round of a placed spec (auxiliaries held by subsets of ranks).
-
-    Attributes:
-        worker: the plan of the worker-to-worker block (no auxiliaries).
-        local_terms: (v, v) booleans, ``[b, a]`` true when every holder of a also holds b, so that the term
-            ``S[m+b, m+a] z_b`` is added locally by each holder of a.
-        reductions: ``(ranks, auxiliaries)`` pairs: one all_reduce over ``ranks`` (a subgroup, or the world)
-            completes the listed auxiliaries' columns.
-    """
-
-    worker: MixPlan
-    local_terms: np.ndarray
-    reductions: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
-
-    @property
-    def communicates(self) -> bool:
-        return self.worker.communicates or len(self.reductions) > 0
-
-
-def build_placed_plan(S: np.ndarray, holders: tuple[tuple[int, ...], ...]) -> PlacedPlan:
-    """Classify ``S`` for a placement: worker block as :func:`build_plan`, auxiliary columns as reductions.
-
-    Raises ``RuntimeError`` when a worker reads an auxiliary its rank does not hold (the placement was
-    computed from the schedule's matrices, so this means the schedule produced an unforeseen matrix).
-    """
-    S = np.asarray(S, dtype=np.float64)
-    v = len(holders)
-    m = S.shape[0] - v
-    H = [frozenset(h) for h in holders]
-    host = [min(h) for h in holders]
-    for a in range(v):
-        missing = [int(i) for i in np.flatnonzero(S[m + a, :m]) if int(i) not in H[a]]
-        if missing:
-            raise RuntimeError(f"auxiliary {a} is read by worker(s) {missing} whose ranks do not hold it "
-                               f"(held by ranks {sorted(H[a])})")
-    local = np.zeros((v, v), dtype=bool)
-    parts: dict[tuple[int, ...], list[int]] = {}
-    for a in range(v):
-        P = {int(j) for j in np.flatnonzero(S[:m, m + a])}
-        for b in np.flatnonzero(S[m:, m + a]):
-            if H[b] >= H[a]:
-                local[b, a] = True
-            else:
-                P.add(host[b])
-        if P:
-            parts.setdefault(tuple(sorted(P | H[a])), []).append(a)
-    reductions = tuple(sorted((P, tuple(auxes)) for P, auxes in parts.items()))
-    return PlacedPlan(worker=build_plan(S[:m, :m], m, 0), local_terms=local, reductions=reductions)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # the mixer
 # ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Launched:
+    """A non-blocking all_reduce in flight: its work, buffer, launch time and emulated duration."""
+
+    work: Any
+    buf: Tensor
+    t0: float
+    delay: float
 
 
 @dataclass
@@ -414,7 +196,6 @@ class Mixer:
         self.group = group
         self.stats = CommStats()
         self.on_finalize = on_finalize
-        self._plans: OrderedDict[bytes, Any] = OrderedDict()
         self._pending: _Pending | None = None
         if holders is not None:
             holders = tuple(tuple(sorted(int(r) for r in h)) for h in holders)
@@ -426,7 +207,9 @@ class Mixer:
         self._subgroups: dict[tuple[int, ...], Any] = {}
         if holders is not None:
             for S in matrices or ():
-                for ranks, _ in self.plan(S).reductions:
+                lowered = self.lower(plan_round(S))
+                assert isinstance(lowered, PlacedCollectives)
+                for ranks, _ in lowered.reductions:
                     self._subgroup(ranks)
 
     # -- placement ---------------------------------------------------------------------------------------
@@ -469,20 +252,18 @@ class Mixer:
         dist.all_reduce(buf, group=self.group)  # exact: one non-zero term per entry
         return buf
 
-    # -- plans -----------------------------------------------------------------------------------------
-    def plan(self, S: np.ndarray) -> Any:
-        """The :class:`MixPlan` (or :class:`PlacedPlan` with a placement) of ``S``, cached."""
-        S = np.ascontiguousarray(S, dtype=np.float64)
-        key = S.tobytes()
-        p = self._plans.get(key)
-        if p is None:
-            p = build_plan(S, self.m, self.v) if self.holders is None else build_placed_plan(S, self.holders)
-            self._plans[key] = p
-            if len(self._plans) > 64:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return p
+    # -- the lowering of a round ---------------------------------------------------------------------
+    def lower(self, rnd: Round) -> Collectives | PlacedCollectives:
+        """The collectives of the round ``rnd`` on this process group, derived once per plan."""
+        key = ("collectives", self.m, self.v, self.holders)
+        if self.holders is None:
+            return rnd.plan.derived(key, lambda: lower(rnd.matrix, self.m, self.v))
+        holders = self.holders
+        return rnd.plan.derived(key, lambda: lower_placed(rnd.matrix, holders))
+
+    def exchanges(self, rnd: Round) -> bool:
+        """Whether the round ``rnd`` moves data between ranks here (a liveness hook's question)."""
+        return rnd.kind is not RoundKind.IDENTITY and self.lower(rnd).communicates
 
     # -- primitive operations (timed, emulated, counted; errors become CommunicationError) ----------------
     def _finish(self, kind: str, t0: float, cost: RoundCost | None, sent: float) -> None:
@@ -541,7 +322,7 @@ class Mixer:
         t = torch.as_tensor(np.atleast_1d(np.asarray(values, dtype=np.float64)), dtype=torch.float64)
         return self.all_gather(t).numpy().copy()
 
-    def exchange(self, x: Tensor, plan: MixPlan) -> dict[int, Tensor]:
+    def exchange(self, x: Tensor, plan: Collectives) -> dict[int, Tensor]:
         """Neighbour exchange: send ``x`` to out-neighbours, receive from in-neighbours (batched p2p)."""
         r = self.rank
         ops = []
@@ -591,142 +372,149 @@ class Mixer:
         if self.on_finalize is not None:
             self.on_finalize()
 
-    def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> MixPlan | PlacedPlan:
-        """Replace ``rows`` (1+v, W) -- this rank's worker and the auxiliaries -- by their columns of ``X S``.
+    def communicate(self, rows: Tensor, rnd: Round, *, overlap: bool = False) -> None:
+        """Replace ``rows`` (1+v, W) -- this rank's worker and the auxiliaries -- by their columns of ``X S``
+        for the round ``rnd``, with the collectives of its plan (:meth:`lower`).
 
         With ``overlap`` an all_reduce that feeds only auxiliaries runs asynchronously; the auxiliary rows
-        then keep their old values until :meth:`finalize` (called at the start of the next :meth:`mix`).
+        then keep their old values until :meth:`finalize` (called at the start of the next round).
         """
         self.finalize()
-        m, v, r = self.m, self.v, self.rank
-        plan = self.plan(S)
-        S = np.asarray(S, dtype=np.float64)
-        if isinstance(plan, PlacedPlan):
-            self._mix_placed(rows, S, plan, overlap)
-            return plan
-        dtype, device = rows.dtype, rows.device
-        x = rows[0]
-        Z = rows[1:]
-
-        def col(values: np.ndarray) -> Tensor:
-            return torch.as_tensor(np.ascontiguousarray(values), dtype=dtype, device=device)
-
-        # fast path: J over workers with no auxiliaries -- one in-place all_reduce (sum, then divide)
-        if plan.worker_mode == "reduce" and v == 0 and plan.reduce_const[0] is not None and x.is_contiguous():
+        if rnd.kind is RoundKind.IDENTITY:
+            return
+        col = self.lower(rnd)
+        S = np.asarray(rnd.matrix, dtype=np.float64)
+        if isinstance(col, PlacedCollectives):
+            self._communicate_placed(rows, S, col, overlap)
+            return
+        x, Z = rows[0], rows[1:]
+        # J over workers with no auxiliaries: one in-place all_reduce (sum, then divide)
+        if col.exchange is Exchange.REDUCE and self.v == 0 and col.reduce_const[0] is not None and x.is_contiguous():
             self.all_reduce(x)
-            x.mul_(plan.reduce_const[0])
-            return plan
+            x.mul_(col.reduce_const[0])
+            return
+        got, X_all = self._send_rows(x, col)
+        red, deferred = self._reduce(x, col, overlap)
+        if col.exchange is Exchange.GATHER:
+            assert X_all is not None
+            new_x = self._weights(S[: self.m, self.rank], x) @ X_all
+        elif col.exchange is Exchange.REDUCE:
+            assert red is not None and col.worker_vector is not None
+            new_x = red[col.worker_vector].clone()
+        else:
+            new_x = self._combine_rows(x, S, got)
+        if self.v:
+            wa = S[self.m :, self.rank]
+            if np.any(wa):
+                new_x.add_(self._weights(wa, x) @ Z)
+            self._aux_columns(x, Z, S, col, got, X_all, red, deferred)
+        x.copy_(new_x)
 
+    def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> None:
+        """:meth:`communicate` of a bare matrix S (planned by :func:`~coopsgd.engines.mixing.plan_round`)."""
+        self.communicate(rows, plan_round(S), overlap=overlap)
+
+    @staticmethod
+    def _weights(values: np.ndarray, like: Tensor) -> Tensor:
+        return torch.as_tensor(np.ascontiguousarray(values), dtype=like.dtype, device=like.device)
+
+    def _send_rows(self, x: Tensor, col: Collectives) -> tuple[dict[int, Tensor], Tensor | None]:
+        """Select and transport the worker rows the round reads: broadcasts, then the all_gather or the
+        neighbour exchange. Returns the received rows by worker and the gathered (m, W) rows (or ``None``)."""
         got: dict[int, Tensor] = {}
-        for j in plan.bcast_sources:
-            buf = x.clone() if j == r else torch.empty_like(x)
+        for j in col.bcast_sources:
+            buf = x.clone() if j == self.rank else torch.empty_like(x)
             self.broadcast(buf, j)
             got[j] = buf
-        X_all = None
-        if plan.worker_mode == "gather":
-            X_all = self.all_gather(x)
-        if plan.worker_mode == "neighbor":
-            got.update(self.exchange(x.contiguous(), plan))
+        X_all = self.all_gather(x) if col.exchange is Exchange.GATHER else None
+        if col.exchange is Exchange.NEIGHBOR:
+            got.update(self.exchange(x.contiguous(), col))
+        return got, X_all
 
-        K = len(plan.reduce_vectors)
-        red = None
-        pending_red = None
-        if K:
-            buf = torch.empty((K, x.numel()), dtype=dtype, device=device)
-            for k in range(K):
-                c = plan.reduce_const[k]
-                if c is not None:
-                    buf[k].copy_(x)
+    def _combine_rows(self, x: Tensor, S: np.ndarray, got: dict[int, Tensor]) -> Tensor:
+        """Combine: this rank's worker column from its own row and the received ones, ``sum_j S[j, r] x_j``."""
+        r = self.rank
+        new_x = x * float(S[r, r])
+        for j, xj in got.items():
+            w = float(S[j, r])
+            if j != r and w != 0.0:
+                new_x.add_(xj, alpha=w)
+        return new_x
+
+    def _reduce(self, x: Tensor, col: Collectives, overlap: bool) -> tuple[Tensor | None, _Launched | None]:
+        """The round's reductions: one all_reduce of this rank's shares ``w_r x_r`` of the K vectors (blocking:
+        the scaled sums; non-blocking when only auxiliaries read them: the launched operation)."""
+        K = len(col.reduce_vectors)
+        if not K:
+            return None, None
+        buf = torch.empty((K, x.numel()), dtype=x.dtype, device=x.device)
+        for k in range(K):
+            if col.reduce_const[k] is not None:
+                buf[k].copy_(x)
+            else:
+                buf[k].copy_(x).mul_(float(col.reduce_vectors[k, self.rank]))
+        if overlap and col.deferrable:
+            m = self.m
+            es = buf.element_size()
+            cost = round_cost("allreduce", workers=m, params=buf.numel(), bytes_per_param=es)
+            t0 = time.perf_counter()
+            try:
+                work = dist.all_reduce(buf, group=self.group, async_op=True)
+            except Exception as exc:
+                raise self._fail("non-blocking all_reduce", exc) from exc
+            self.stats.comm_s += time.perf_counter() - t0
+            self.stats.count("all_reduce_async", 2.0 * buf.numel() * es * (m - 1) / m, cost)
+            return None, _Launched(work, buf, t0, self.net.delay(cost))
+        self.all_reduce(buf)
+        for k, c in enumerate(col.reduce_const):
+            if c is not None:
+                buf[k].mul_(c)
+        return buf, None
+
+    def _aux_columns(self, x: Tensor, Z: Tensor, S: np.ndarray, col: Collectives, got: dict[int, Tensor],
+                     X_all: Tensor | None, red: Tensor | None, launched: _Launched | None) -> None:
+        """Combine the auxiliary columns (replicated on every rank); a launched reduction completes them at
+        :meth:`finalize`."""
+        m, r = self.m, self.rank
+        new_Z = self._weights(S[m:, m:], x).T @ Z
+        targets: list[tuple[int, int]] = []
+        for a, src in enumerate(col.aux_sources):
+            if src.kind is AuxFrom.GATHER:
+                assert X_all is not None
+                new_Z[a].add_(self._weights(S[:m, m + a], x) @ X_all)
+            elif src.kind is AuxFrom.BROADCAST:
+                j = src.index
+                new_Z[a].add_(x if j == r else got[j], alpha=float(S[j, m + a]))
+            elif src.kind is AuxFrom.REDUCE:
+                if launched is None:
+                    assert red is not None
+                    new_Z[a].add_(red[src.index])
                 else:
-                    buf[k].copy_(x).mul_(float(plan.reduce_vectors[k, r]))
-            if overlap and plan.deferrable:
-                es = buf.element_size()
-                cost = round_cost("allreduce", workers=m, params=buf.numel(), bytes_per_param=es)
-                t0 = time.perf_counter()
-                try:
-                    work = dist.all_reduce(buf, group=self.group, async_op=True)
-                except Exception as exc:
-                    raise self._fail("non-blocking all_reduce", exc) from exc
-                self.stats.comm_s += time.perf_counter() - t0
-                self.stats.count("all_reduce_async", 2.0 * buf.numel() * es * (m - 1) / m, cost)
-                pending_red = (work, buf, t0, self.net.delay(cost))
-            else:
-                self.all_reduce(buf)
-                for k, c in enumerate(plan.reduce_const):
-                    if c is not None:
-                        buf[k].mul_(c)
-                red = buf
+                    targets.append((a, src.index))
+        if launched is None:
+            Z.copy_(new_Z)
+            return
+        buf = launched.buf
 
-        # -- the worker column (rank r) --
-        if plan.worker_mode == "gather":
-            assert X_all is not None
-            new_x = col(S[:m, r]) @ X_all
-        elif plan.worker_mode == "reduce":
-            assert red is not None and plan.worker_vector is not None
-            new_x = red[plan.worker_vector].clone()
-        else:
-            new_x = x * float(S[r, r])
-            for j, xj in got.items():
-                w = float(S[j, r])
-                if j != r and w != 0.0:
-                    new_x.add_(xj, alpha=w)
-        if v:
-            wa = S[m:, r]
-            if np.any(wa):
-                new_x.add_(col(wa) @ Z)
+        def complete() -> None:
+            for k, c in enumerate(col.reduce_const):
+                if c is not None:
+                    buf[k].mul_(c)
+            for a, k in targets:
+                new_Z[a].add_(buf[k])
+            Z.copy_(new_Z)
 
-        # -- the auxiliary columns (replicated) --
-        if v:
-            new_Z = col(S[m:, m:]).T @ Z
-            targets: list[tuple[int, int]] = []
-            for a, src in enumerate(plan.aux_sources):
-                if src[0] == "gather":
-                    assert X_all is not None
-                    new_Z[a].add_(col(S[:m, m + a]) @ X_all)
-                elif src[0] == "bcast":
-                    j = src[1]
-                    new_Z[a].add_(x if j == r else got[j], alpha=float(S[j, m + a]))
-                elif src[0] == "reduce":
-                    if pending_red is None:
-                        assert red is not None
-                        new_Z[a].add_(red[src[1]])
-                    else:
-                        targets.append((a, src[1]))
-            if pending_red is not None:
-                work, buf, t0, delay = pending_red
+        self._pending = _Pending([launched.work], launched.t0, launched.delay, complete)
 
-                def complete(buf: Tensor = buf, new_Z: Tensor = new_Z, targets: list = targets,
-                             consts: tuple = plan.reduce_const, Z: Tensor = Z) -> None:
-                    for k, c in enumerate(consts):
-                        if c is not None:
-                            buf[k].mul_(c)
-                    for a, k in targets:
-                        new_Z[a].add_(buf[k])
-                    Z.copy_(new_Z)
-
-                self._pending = _Pending([work], t0, delay, complete)
-            else:
-                Z.copy_(new_Z)
-        x.copy_(new_x)
-        return plan
-
-    def _mix_placed(self, rows: Tensor, S: np.ndarray, plan: PlacedPlan, overlap: bool) -> None:
+    def _communicate_placed(self, rows: Tensor, S: np.ndarray, col: PlacedCollectives, overlap: bool) -> None:
         """A round with placed auxiliaries: the worker block as usual, auxiliary columns by (sub)group reductions."""
         m, r = self.m, self.rank
-        dtype, device = rows.dtype, rows.device
-        x = rows[0]
-        Z = rows[1:]
-        wp = plan.worker
-        # -- worker-to-worker contributions (the patterns of build_plan on the worker block) --
-        got: dict[int, Tensor] = {}
-        for j in wp.bcast_sources:
-            buf = x.clone() if j == r else torch.empty_like(x)
-            self.broadcast(buf, j)
-            got[j] = buf
-        if wp.worker_mode == "gather":
-            X_all = self.all_gather(x)
-            new_x = torch.as_tensor(np.ascontiguousarray(S[:m, r]), dtype=dtype, device=device) @ X_all
-        elif wp.worker_mode == "reduce":
+        x, Z = rows[0], rows[1:]
+        wp = col.worker
+        got, X_all = self._send_rows(x, wp)
+        if X_all is not None:
+            new_x = self._weights(S[:m, r], x) @ X_all
+        elif wp.exchange is Exchange.REDUCE:
             assert wp.worker_vector is not None
             new_x = x.clone()
             c = wp.reduce_const[wp.worker_vector]
@@ -736,54 +524,45 @@ class Mixer:
             if c is not None:
                 new_x.mul_(c)
         else:
-            if wp.worker_mode == "neighbor":
-                got.update(self.exchange(x.contiguous(), wp))
-            new_x = x * float(S[r, r])
-            for j, xj in got.items():
-                w = float(S[j, r])
-                if j != r and w != 0.0:
-                    new_x.add_(xj, alpha=w)
+            new_x = self._combine_rows(x, S, got)
         held = [a for a in range(self.v) if self.holds(a)]
         for a in held:  # the auxiliaries this worker reads (the placement guarantees they are held)
             w = float(S[m + a, r])
             if w != 0.0:
                 new_x.add_(Z[a], alpha=w)
-        # -- auxiliary columns: local terms, then one reduction per participant set --
+        self._placed_aux_columns(x, Z, S, col, held, overlap)
+        x.copy_(new_x)
+
+    def _placed_aux_columns(self, x: Tensor, Z: Tensor, S: np.ndarray, col: PlacedCollectives, held: list[int],
+                            overlap: bool) -> None:
+        """The auxiliary columns of a placed round: local terms, then one reduction per participant set."""
+        m, r = self.m, self.rank
         new_Z = {a: torch.zeros_like(Z[a]) for a in held}
         for a in held:
-            for b in np.flatnonzero(plan.local_terms[:, a]):
+            for b in np.flatnonzero(col.local_terms[:, a]):
                 new_Z[a].add_(Z[int(b)], alpha=float(S[m + int(b), m + a]))
         adds: list[tuple[int, Tensor]] = []
         works: list[Any] = []
         t_launch = time.perf_counter()
         delay = 0.0
-        for ranks, auxes in plan.reductions:
+        for ranks, auxes in col.reductions:
             if r not in ranks:
                 continue
-            buf = torch.zeros((len(auxes), x.numel()), dtype=dtype, device=device)
+            buf = torch.zeros((len(auxes), x.numel()), dtype=x.dtype, device=x.device)
             for k, a in enumerate(auxes):
                 w = float(S[r, m + a])
                 if w != 0.0:
                     buf[k].add_(x, alpha=w)
                 for bb in np.flatnonzero(S[m:, m + a]):
                     src = int(bb)
-                    if not plan.local_terms[src, a] and self.host(src) == r:
+                    if not col.local_terms[src, a] and self.host(src) == r:
                         buf[k].add_(Z[src], alpha=float(S[m + src, m + a]))
             if len(ranks) == 1:  # a group of one (e.g. groups of one worker): nothing to exchange
                 pass
             elif overlap:
-                size = len(ranks)
-                es = buf.element_size()
-                cost = round_cost("allreduce", workers=size, params=buf.numel(), bytes_per_param=es)
-                t0 = time.perf_counter()
-                try:
-                    works.append(dist.all_reduce(buf, group=self._subgroup(ranks), async_op=True))
-                except Exception as exc:
-                    raise self._fail(f"non-blocking all_reduce in the group of ranks {list(ranks)}", exc) from exc
-                self.stats.comm_s += time.perf_counter() - t0
-                kind = "all_reduce_async" if size == m else "group_all_reduce_async"
-                self.stats.count(kind, 2.0 * buf.numel() * es * (size - 1) / size, cost)
-                delay = max(delay, self.net.delay(cost))
+                work, cost_delay = self._all_reduce_async(buf, ranks)
+                works.append(work)
+                delay = max(delay, cost_delay)
             else:
                 self.all_reduce(buf, ranks)
             adds.extend((a, buf[k]) for k, a in enumerate(auxes) if self.holds(a))
@@ -798,4 +577,18 @@ class Mixer:
             self._pending = _Pending(works, t_launch, delay, complete)
         else:
             complete()
-        x.copy_(new_x)
+
+    def _all_reduce_async(self, buf: Tensor, ranks: tuple[int, ...]) -> tuple[Any, float]:
+        """Launch a non-blocking all_reduce over ``ranks``: returns the work and its emulated delay."""
+        size = len(ranks)
+        es = buf.element_size()
+        cost = round_cost("allreduce", workers=size, params=buf.numel(), bytes_per_param=es)
+        t0 = time.perf_counter()
+        try:
+            work = dist.all_reduce(buf, group=self._subgroup(ranks), async_op=True)
+        except Exception as exc:
+            raise self._fail(f"non-blocking all_reduce in the group of ranks {list(ranks)}", exc) from exc
+        self.stats.comm_s += time.perf_counter() - t0
+        kind = "all_reduce_async" if size == self.m else "group_all_reduce_async"
+        self.stats.count(kind, 2.0 * buf.numel() * es * (size - 1) / size, cost)
+        return work, self.net.delay(cost)

@@ -73,7 +73,8 @@ from coopsgd.engines.base import (
 from coopsgd.engines.comm import Mixer, NetEmulation, aux_placement
 from coopsgd.engines.executors import LoopExecutor
 from coopsgd.engines.kernel import RoundKernel
-from coopsgd.engines.launch import heartbeat as _current_heartbeat
+from coopsgd.engines.launch import no_heartbeat
+from coopsgd.engines.mixing import plan_round
 from coopsgd.engines.optim import SGDOptions
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import ModelRows
@@ -154,6 +155,9 @@ class DistributedEngine(ModelRows):
         sync_init: broadcast rank 0's initial model to everyone (guards against unseeded inits); not
             done when ``init_params`` gives per-worker starts.
         fault: a :data:`FaultHook` called at the start of every step (tests; see :func:`fault_hook`).
+        heartbeat: ``heartbeat(step, phase)``, the rank's liveness signal for a launcher's hang detector
+            (:func:`coopsgd.engines.launch.launch` injects its :class:`~coopsgd.engines.launch.Heartbeat`
+            into the rank's function); also given to the parameter server. Default: none.
         nan_policy: what a NaN/Inf loss, gradient or model does. ``"stop"``: the rank that sees it raises
             :class:`~coopsgd.engines.base.NonFiniteError` naming the worker and the step at once
             (the others stop when it leaves). ``"skip"``: it stops updating until :meth:`check_health`
@@ -226,7 +230,7 @@ class DistributedEngine(ModelRows):
                          nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch,
                          optimizer=optimizer, betas=betas, eps=eps, amsgrad=amsgrad,
                          optimizer_kwargs=optimizer_kwargs)
-        self.heartbeat = heartbeat or _current_heartbeat()
+        self.heartbeat = heartbeat or no_heartbeat
         self._fault = fault
         b, d = self.b, self.d
         if sync_init and not self.per_worker_start:  # one common start even if the factory is not seeded
@@ -473,9 +477,11 @@ class DistributedEngine(ModelRows):
         if not self.asynchronous:
             mix, self.schedule_state = sched.advance(k, MixContext(step=k, lr=lr, losses=losses), self.schedule_state)
 
+        rnd = None if mix is None else plan_round(mix)
+
         def on_round() -> None:
             nonlocal arrived
-            if arrived is None and mix is not None and (self.mixer.plan(mix.matrix).communicates or self.mixer.pending):
+            if arrived is None and rnd is not None and (self.mixer.exchanges(rnd) or self.mixer.pending):
                 self.heartbeat(k, "comm")
                 arrived = time.time()
 
@@ -483,7 +489,7 @@ class DistributedEngine(ModelRows):
             t1 = time.perf_counter()
             c1 = self.mixer.stats.comm_s
             self._kernel.apply(self._state, None if res is None else res.grads, None,
-                               None if res is None else res.buffers, self._opt_counters, mix, lr, on_round=on_round)
+                               None if res is None else res.buffers, self._opt_counters, rnd, lr, on_round=on_round)
             if ps_round:
                 arrived = time.time()
                 self._push_pull(k)

@@ -21,25 +21,26 @@ One step with learning rate ``lr`` ([CSGD] eq. (10), Remark 1):
 5. an outer round (``spec.outer``, a round tagged ``info["outer"]``): the auxiliary z takes its outer
    optimizer's step on ``z - average`` and every worker restarts from z (:meth:`RoundKernel.outer_round`).
 
-The SGD path is the one the engines had before other optimizers existed, operation for operation.
+One path serves every inner optimizer (:meth:`RoundKernel.apply`); SGD's update is the one the engines had
+before other optimizers existed, operation for operation (its direction is added with ``alpha = -lr``).
 
-The engines differ only in the communicator and in which rows they hold.
+The engines differ only in the communicator and in which rows they hold: the kernel hands each round
+(a :class:`~coopsgd.engines.mixing.Round` from :func:`~coopsgd.engines.mixing.plan_round`) to its
+:class:`~coopsgd.engines.base.Communicator` and never asks which one it holds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from coopsgd.algorithms.schedules import Mix
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Communicator
-from coopsgd.engines.mixing import RoundPlan, apply_mixing, mix_plan, round_plan
+from coopsgd.engines.mixing import Round, RoundKind, RoundPlan, apply_mixing, plan_round
 from coopsgd.engines.optim import (
     AdamOptions,
     InnerOptimizer,
@@ -55,25 +56,25 @@ __all__ = ["RoundKernel", "InProcess", "mix_columns"]
 class InProcess:
     """The simulator's communicator: every node is in this process.
 
-    A round is applied by the cheapest exact kernel for the structure of S
-    (:func:`coopsgd.engines.mixing.mix_rows_`: averaging, neighbour gather, chain, only the changed rows);
-    a matrix with no usable structure is one dense product over every node (:func:`apply_mixing`).
+    A round is applied by the cheapest exact kernel for its plan's structure (:class:`RoundPlan`: average,
+    neighbour gather, chain, only the changed rows); a matrix with no usable structure is one dense product
+    over every node (:func:`apply_mixing`). Sending and combining are fused into these in-place kernels:
+    a compressor (the next step of the design, see :class:`~coopsgd.engines.base.Communicator`) gets its
+    payloads from the plan's source rows and combines the decoded payloads with the plan's weights.
 
-    Deferred broadcasts: when the engine sets :attr:`defer_rows` (FedAvg with sampled clients), an
-    averaging round does not write its value into the changed rows below that index; it keeps the value
-    (one row) and the set of rows that hold it, and the engine :meth:`materialize` s those rows before
-    anything reads them (the next step's active workers, or every row before the state is read from
+    Deferred broadcasts (``lazy_rows``, the simulator passes m unless an outer optimizer reads the
+    workers): an averaging round whose sources are a strict subset of rows ``[0, lazy_rows)`` (FedAvg's
+    sampled clients) does not write its value into the changed rows below ``lazy_rows``; it keeps the
+    value (one row) and the set of rows that hold it, and the engine :meth:`materialize` s those rows
+    before anything reads them (the next step's active workers, or every row before the state is read from
     outside). The next averaging round that overwrites every deferred row without reading any of them
     just replaces the value, so sampling c m of m clients costs O(c m) rows per round, not O(m).
     """
 
     pending = False
 
-    def __init__(self) -> None:
-        #: rows ``[0, defer_rows)`` an averaging round may leave deferred (0: none; set by the engine)
-        self.defer_rows = 0
-        #: the plan of the next round, when the engine already looked it up: ``(S or its Mix, plan)``
-        self.hint: tuple[Any, RoundPlan] | None = None
+    def __init__(self, lazy_rows: int = 0) -> None:
+        self.lazy_rows = int(lazy_rows)
         self._value: Tensor | None = None  # (1, width): what every deferred row holds
         self._deferred: np.ndarray | None = None  # bool (n,): rows whose mixed columns are deferred
 
@@ -124,50 +125,51 @@ class InProcess:
         """Whether ``plan`` writes every deferred row and reads none (their old value is never needed)."""
         pend = self._deferred
         assert pend is not None
-        if plan.kind != "average" or plan.sources is None:
+        if plan.kind is not RoundKind.AVERAGE or plan.sources is None:
             return False
         if pend[plan.sources].any():
             return False
         return plan.targets is None or bool(np.isin(np.flatnonzero(pend), plan.targets).all())
 
-    def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> None:
-        hint, self.hint = self.hint, None
-        plan = hint[1] if hint is not None and hint[0] is S else round_plan(S)
-        self._apply(rows, plan, S)
+    def _lazy(self, plan: RoundPlan) -> bool:
+        """Whether an averaging round may leave its rows below ``lazy_rows`` deferred: its sources are a
+        strict subset of those rows (sampled clients), so most of them are not read before the next round."""
+        src = plan.sources
+        return (self.lazy_rows > 0 and plan.kind is RoundKind.AVERAGE and src is not None
+                and src.size < self.lazy_rows and int(src[-1]) < self.lazy_rows)
 
-    def mix_round(self, rows: Tensor, mix: Mix, *, overlap: bool = False) -> None:
-        """:meth:`mix` of a :class:`Mix`: its plan comes from its structure when it carries one
-        (:func:`~coopsgd.engines.mixing.mix_plan`), so the dense matrix is read only by the dense kernel."""
-        hint, self.hint = self.hint, None
-        plan = hint[1] if hint is not None and hint[0] is mix else mix_plan(mix)
-        self._apply(rows, plan, mix)
-
-    def _apply(self, rows: Tensor, plan: RoundPlan, source: Any) -> None:
-        """Apply ``plan`` (of the matrix ``source``, or of the Mix ``source``) to ``rows`` in place."""
-        if plan.kind == "identity":
+    def communicate(self, rows: Tensor, rnd: Round, *, overlap: bool = False) -> None:
+        """Apply the round ``rnd`` to ``rows`` (every node) in place."""
+        plan = rnd.plan
+        if plan.kind is RoundKind.IDENTITY:
             return
         if self._deferred is not None:
             if self._overwrites(plan):
                 self.clear()
             else:
                 self.materialize(rows)
-        if plan.kind == "average" and self.defer_rows:
-            tg = np.arange(plan.n) if plan.targets is None else plan.targets
-            lazy = tg < self.defer_rows
-            if lazy.any():
-                y = plan.average(rows)
-                eager = tg[~lazy]
-                if eager.size:
-                    rows.index_copy_(0, torch.as_tensor(eager, device=rows.device),
-                                     y.expand(eager.size, rows.shape[1]))
-                self._value = y
-                self._deferred = np.zeros(plan.n, dtype=bool)
-                self._deferred[tg[lazy]] = True
-                return
-        if plan.kind == "dense" and plan.targets is None:
-            rows.copy_(apply_mixing(rows, source.matrix if isinstance(source, Mix) else source))
+        if self._lazy(plan):
+            self._average_lazily(rows, plan)
+        elif plan.kind is RoundKind.DENSE and plan.targets is None:
+            rows.copy_(apply_mixing(rows, rnd.matrix))
         else:
             plan.apply_(rows)
+
+    def _average_lazily(self, rows: Tensor, plan: RoundPlan) -> None:
+        """An averaging round that writes only the rows at or above ``lazy_rows`` and defers the others."""
+        tg = np.arange(plan.n) if plan.targets is None else plan.targets
+        lazy = tg < self.lazy_rows
+        y = plan.average(rows)
+        eager = tg[~lazy]
+        if eager.size:
+            rows.index_copy_(0, torch.as_tensor(eager, device=rows.device), y.expand(eager.size, rows.shape[1]))
+        self._value = y
+        self._deferred = np.zeros(plan.n, dtype=bool)
+        self._deferred[tg[lazy]] = True
+
+    def mix(self, rows: Tensor, S: np.ndarray, *, overlap: bool = False) -> None:
+        """:meth:`communicate` of a bare matrix S (planned by :func:`plan_round`)."""
+        self.communicate(rows, plan_round(S), overlap=overlap)
 
     def finalize(self) -> None:
         return None
@@ -192,7 +194,8 @@ class RoundKernel:
         opts: the workers' inner optimizer (:mod:`coopsgd.engines.optim`).
         b, d: float-buffer and parameter widths.
         workers_local: how many of the rows are workers (the rest are auxiliaries).
-        comm: how a round is communicated.
+        comm: how a round is communicated (any :class:`~coopsgd.engines.base.Communicator`; the kernel
+            never asks which).
         outer: the auxiliary node's outer optimizer (its state), when ``spec.outer`` is set; z is the first
             auxiliary row (row ``workers_local``).
     """
@@ -221,8 +224,8 @@ class RoundKernel:
         grads: Tensor | None,
         rows: Tensor | None,
         new_buffers: Tensor | None,
-        mom_init: Tensor,
-        mix: Mix | None,
+        counters: Tensor,
+        rnd: Round | None,
         lr: float,
         on_round: Callable[[], None] | None = None,
     ) -> None:
@@ -234,139 +237,95 @@ class RoundKernel:
                 updates in this step (inactive, or dropped under ``nan_policy="skip"``).
             rows: indices of the active worker rows (a tensor on the state's device), ``None`` for all.
             new_buffers: (k, b) float buffers after this step's forward pass, or ``None``.
-            mom_init: the worker rows' optimizer counters (``workers_local``,): SGD's bool "has a momentum
+            counters: the worker rows' optimizer counters (``workers_local``,): SGD's bool "has a momentum
                 buffer" (read only; the engine sets it after the step), or the other optimizers' int64 step
                 counts on the CPU (advanced here for the active rows, zeroed by the ``"reset"`` policy).
-            mix: the round after this step, or ``None`` (S = I).
+            rnd: the round after this step (:func:`~coopsgd.engines.mixing.plan_round`), or ``None`` (S = I).
             lr: the learning rate.
             on_round: called right before the round is communicated (timing and liveness hooks).
         """
-        if not self.sgd:
-            self._apply_general(state, grads, rows, new_buffers, mom_init, mix, lr, on_round)
-            return
-        b, d, w = self.b, self.d, self.workers_local
-        stateful = self.nfields > 0
-        assert isinstance(self.opts, SGDOptions)
-        P = state[:, b : b + d]
-        Mo = state[:, b + d :] if stateful else None
-        D = None
-        X: Tensor | None = None
+        pre = self.spec.rule == "pre_mix" and rnd is not None
+        pending = None
         if grads is not None:
+            pending = self._local_update(state, grads, rows, counters, lr, pre)
+            if new_buffers is not None and self.b:
+                if rows is None:
+                    state[: self.workers_local, : self.b].copy_(new_buffers)
+                else:
+                    state[:, : self.b].index_copy_(0, rows, new_buffers)
+        if pending is not None and not pre:
+            self._add(state, rows, *pending)
+        if rnd is None:
+            return
+        lo, hi = self.cols
+        if on_round is not None:
+            on_round()
+        self.comm.communicate(state[:, lo:hi], rnd, overlap=self.spec.overlap)
+        if pending is not None and pre:
+            self._add(state, rows, *pending)
+        if self.nfields:
+            if self.spec.policies.optimizer_state == "reset" and rnd.communicates:
+                state[:, self.b + self.d :].zero_()
+                if not self.sgd:
+                    counters.zero_()
+            elif self.spec.policies.optimizer_state == "mix":
+                self.zero_aux_momentum(state)
+        if self.outer is not None and rnd.outer:
+            self.outer_round(state, lr)
+
+    def _add(self, state: Tensor, rows: Tensor | None, U: Tensor, alpha: float) -> None:
+        """The worker rows' parameters ``+= alpha U`` (the active rows only when ``rows`` is given)."""
+        P = state[:, self.b : self.b + self.d]
+        if rows is None:
+            P[: self.workers_local].add_(U, alpha=alpha)
+        else:
+            P.index_add_(0, rows, U, alpha=alpha)
+
+    def _local_update(self, state: Tensor, grads: Tensor, rows: Tensor | None, counters: Tensor, lr: float,
+                      pre: bool) -> tuple[Tensor, float] | None:
+        """The inner optimizer's step of the active worker rows: their state fields advance in place; returns
+        the increment still to add to their parameters as ``(U, alpha)``, or ``None`` once it is applied.
+
+        SGD returns its direction D with ``alpha = -lr`` (added before or after the round by the rule); the
+        other optimizers apply their own step in place under ``post_mix`` and return it under ``pre_mix``.
+        """
+        b, d, w = self.b, self.d, self.workers_local
+        P = state[:, b : b + d]
+        Fs = [state[:, b + d + f * d : b + d + (f + 1) * d] for f in range(self.nfields)]
+        if self.sgd:
+            assert isinstance(self.opts, SGDOptions)
+            Mo = Fs[0] if Fs else None
+            X: Tensor | None
             if rows is None:
-                X = P[:w]
-                buf = None if Mo is None else Mo[:w]
-                init = mom_init
+                X, buf, init = P[:w], None if Mo is None else Mo[:w], counters
             else:  # the active rows' parameters are gathered only when weight decay reads them
                 X = P.index_select(0, rows) if self.opts.weight_decay != 0.0 else None
                 buf = None if Mo is None else Mo.index_select(0, rows)
-                init = mom_init.index_select(0, rows)
+                init = counters.index_select(0, rows)
             D = sgd_direction_(grads, X, buf, init if Mo is not None else None, self.opts)
             if rows is not None and Mo is not None:
                 assert buf is not None
                 Mo.index_copy_(0, rows, buf)
-            if new_buffers is not None and b:
-                if rows is None:
-                    state[:w, :b].copy_(new_buffers)
-                else:
-                    state[:, :b].index_copy_(0, rows, new_buffers)
-        pre = self.spec.rule == "pre_mix" and mix is not None
-        if D is not None and not pre:
-            if rows is None:
-                P[:w].sub_(D, alpha=lr)
-            else:
-                P.index_add_(0, rows, D, alpha=-lr)
-        if mix is None:
-            return
-        lo, hi = self.cols
-        if on_round is not None:
-            on_round()
-        self._round(state[:, lo:hi], mix)
-        if D is not None and pre:
-            if rows is None:
-                P[:w].sub_(D, alpha=lr)
-            else:
-                P.index_add_(0, rows, D, alpha=-lr)
-        if Mo is not None:
-            if self.spec.policies.optimizer_state == "reset" and mix.communicates:
-                Mo.zero_()
-            elif self.spec.policies.optimizer_state == "mix":
-                self.zero_aux_momentum(state)
-        if self.outer is not None and mix.info.get("outer"):
-            self.outer_round(state, lr)
-
-    def _apply_general(
-        self,
-        state: Tensor,
-        grads: Tensor | None,
-        rows: Tensor | None,
-        new_buffers: Tensor | None,
-        counts: Tensor,
-        mix: Mix | None,
-        lr: float,
-        on_round: Callable[[], None] | None,
-    ) -> None:
-        """:meth:`apply` for Adam(W) and torch optimizer classes: the step's increment instead of a direction."""
-        b, d, w, nf = self.b, self.d, self.workers_local, self.nfields
-        P = state[:, b : b + d]
-        Fs = [state[:, b + d + f * d : b + d + (f + 1) * d] for f in range(nf)]
-        pre = self.spec.rule == "pre_mix" and mix is not None
-        U = None
-        if grads is not None:
-            if rows is None:
-                idx = list(range(w))
-                X = P[:w]
-                fl = [F[:w] for F in Fs]
-                before = counts
-            else:
-                idx = rows.tolist()
-                X = P.index_select(0, rows)
-                fl = [F.index_select(0, rows) for F in Fs]
-                before = counts[idx]
-            if isinstance(self.opts, AdamOptions):
-                steps = before.numpy() + 1
-                U = self.opts.step_(X, grads, fl, steps, lr, apply=not pre)
-            else:
-                assert isinstance(self.opts, TorchOptimizer)
-                U = self.opts.step_(X, grads, fl, idx, before, lr, apply=not pre)
-            if rows is None:
-                counts.add_(1)
-            else:
-                counts[idx] += 1
-                for F, f in zip(Fs, fl, strict=True):
-                    F.index_copy_(0, rows, f)
-                if not pre:
-                    P.index_copy_(0, rows, X)
-            if new_buffers is not None and b:
-                if rows is None:
-                    state[:w, :b].copy_(new_buffers)
-                else:
-                    state[:, :b].index_copy_(0, rows, new_buffers)
-        if mix is None:
-            return
-        lo, hi = self.cols
-        if on_round is not None:
-            on_round()
-        self._round(state[:, lo:hi], mix)
-        if U is not None and pre:
-            if rows is None:
-                P[:w].add_(U)
-            else:
-                P.index_add_(0, rows, U)
-        if nf:
-            if self.spec.policies.optimizer_state == "reset" and mix.communicates:
-                state[:, b + d :].zero_()
-                counts.zero_()
-            elif self.spec.policies.optimizer_state == "mix":
-                self.zero_aux_momentum(state)
-        if self.outer is not None and mix.info.get("outer"):
-            self.outer_round(state, lr)
-
-    def _round(self, rows: Tensor, mix: Mix) -> None:
-        """Communicate the round ``mix`` over ``rows`` (in process: from the Mix's structure when it has one)."""
-        if isinstance(self.comm, InProcess):
-            self.comm.mix_round(rows, mix, overlap=self.spec.overlap)
+            return D, -lr
+        if rows is None:
+            idx, Xa, fl, before = list(range(w)), P[:w], [F[:w] for F in Fs], counters
         else:
-            self.comm.mix(rows, np.asarray(mix.matrix, dtype=np.float64), overlap=self.spec.overlap)
+            idx = rows.tolist()
+            Xa, fl, before = P.index_select(0, rows), [F.index_select(0, rows) for F in Fs], counters[idx]
+        if isinstance(self.opts, AdamOptions):
+            U = self.opts.step_(Xa, grads, fl, before.numpy() + 1, lr, apply=not pre)
+        else:
+            assert isinstance(self.opts, TorchOptimizer)
+            U = self.opts.step_(Xa, grads, fl, idx, before, lr, apply=not pre)
+        if rows is None:
+            counters.add_(1)
+        else:
+            counters[idx] += 1
+            for F, f in zip(Fs, fl, strict=True):
+                F.index_copy_(0, rows, f)
+            if not pre:
+                P.index_copy_(0, rows, Xa)
+        return None if U is None else (U, 1.0)
 
     def outer_round(self, state: Tensor, lr: float) -> None:
         """The outer step after an outer round (the workers are averaged): z steps on z - average, and every

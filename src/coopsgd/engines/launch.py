@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import pickle
@@ -58,7 +59,7 @@ import numpy as np
 
 from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float, check_int
 
-__all__ = ["launch", "RankFailure", "Heartbeat", "heartbeat", "free_port", "PHASES", "init_torchrun_group",
+__all__ = ["launch", "RankFailure", "Heartbeat", "no_heartbeat", "free_port", "PHASES", "init_torchrun_group",
            "torchrun_store_prefix"]
 
 #: Heartbeat phases.
@@ -109,17 +110,17 @@ class Heartbeat:
         row[0] = time.time()
 
 
-class _NoHeartbeat:
-    def __call__(self, step: int, phase: str) -> None:
-        return None
+def no_heartbeat(step: int, phase: str) -> None:
+    """The heartbeat of a process nobody watches (the default of every component that beats)."""
+    return None
 
 
-_CURRENT: Heartbeat | _NoHeartbeat = _NoHeartbeat()
-
-
-def heartbeat() -> Callable[[int, str], None]:
-    """The heartbeat of this process (a no-op outside :func:`launch`)."""
-    return _CURRENT
+def _accepts_heartbeat(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes a ``heartbeat`` keyword argument (then :func:`launch` passes the rank's own)."""
+    try:
+        return "heartbeat" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _loopback_interface() -> str:
@@ -209,7 +210,6 @@ def _die_with_parent(parent: int | None) -> None:
 
 
 def _child(job_dir: Path) -> int:
-    global _CURRENT
     parent = os.environ.get(PARENT_ENV)
     _die_with_parent(int(parent) if parent else None)
     if os.environ.get(_PARENT_HANDLES_SIGINT_ENV) == "1":
@@ -217,7 +217,6 @@ def _child(job_dir: Path) -> int:
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     hb = Heartbeat(job_dir / "heartbeat.bin", world, rank)
-    _CURRENT = hb
     hb(0, "start")
     try:
         import torch
@@ -238,7 +237,9 @@ def _child(job_dir: Path) -> int:
             timeout=datetime.timedelta(seconds=float(job["timeout_s"])),
         )
         try:
-            result = job["fn"](rank, world, *job["args"])
+            fn = job["fn"]
+            extra = {"heartbeat": hb} if _accepts_heartbeat(fn) else {}  # injected: no process-wide state
+            result = fn(rank, world, *job["args"], **extra)
         finally:
             hb(-1, "done")
         with open(job_dir / f"result_{rank}.pkl.tmp", "wb") as f:
@@ -525,7 +526,9 @@ def launch(
     """Run ``fn(rank, nprocs, *args)`` in ``nprocs`` local processes; return the per-rank results.
 
     Args:
-        fn: an importable callable (module-level function); ``args`` must be picklable.
+        fn: an importable callable (module-level function); ``args`` must be picklable. When ``fn`` takes a
+            ``heartbeat`` keyword argument it receives the rank's :class:`Heartbeat` there (pass it on to
+            the engine and the parameter server: the hang detector reads it); nothing else sees it.
         nprocs: number of processes (ranks).
         timeout_s: communication timeout passed to ``init_process_group`` and the hang detector.
         backend: ``"gloo"`` (default) or ``"nccl"``.

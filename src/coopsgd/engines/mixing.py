@@ -11,17 +11,18 @@ result in place with the cheapest exact kernel for the structure of S, analysed 
 such as a schedule's fixed ring, is found again by its identity in O(1)). A
 :class:`~coopsgd.algorithms.schedules.Mix` that carries its structure (FedAvg's ``Averaging``: the sampled
 clients and their weights) gets its plan from it in O(sampled clients), the n x n matrix neither built nor
-read (:func:`mix_plan`). Only the *changed* columns
+read (:func:`plan_round`, the one planner every engine uses: it returns a :class:`Round`, the round's
+:class:`RoundPlan` with the Mix it came from). Only the *changed* columns
 of S (those that differ from the identity column e_i) are computed; rows whose column is e_i are not
 touched. Over the changed columns, the kernels are, in the order they are tried:
 
-``"identity"``
+``IDENTITY``
     S = I: nothing to do.
-``"average"``
+``AVERAGE``
     every changed column is the same vector w (J, FedAvg's weighted average of the sampled clients, any
     column-constant S = w 1^T): one weighted sum over the rows where w is non-zero, then a broadcast into
     the changed rows. Transient memory: one row (plus the gathered source rows when they are not all rows).
-``"sparse"``
+``SPARSE``
     the changed columns hold at most ``SPARSE_MAX_DEGREE`` non-zeros each, or at most ``SPARSE_DENSITY``
     of their entries are non-zero (ring, torus, hypercube, exponential graphs, LSGD's pull, DOWNPOUR's
     pushes): a neighbour gather ``x_i <- sum_j S[j, i] x_j`` from (rows, k) index/weight tables, columns
@@ -32,7 +33,7 @@ touched. Over the changed columns, the kernels are, in the order they are tried:
     each block written back as soon as no later block reads the rows it replaces. Transient memory: the
     saved rows or held blocks -- a few rows for a ring or a banded matrix, up to the changed rows (one
     state) for a scattered graph, like the dense product's output.
-``"chain"``
+``CHAIN``
     the distinct changed columns form a chain ``u_1, u_2 = u_1 + D_2, ...`` whose first column and
     successive differences ``D_t`` are sparse (DOWNPOUR's composed pushes: every push adds one worker's
     update to the server and copies the server into two rows, so the composed matrix is ~50% dense but
@@ -41,7 +42,7 @@ touched. Over the changed columns, the kernels are, in the order they are tried:
     Cost O(nnz(u_1) + sum nnz(D_t) + changed rows) row operations instead of the product's n per
     changed row. Rows shorter than ``_CHAIN_ROW_ELEMENTS`` use the dense product over the changed columns
     (per-row Python calls would cost more than the small product).
-``"dense"``
+``DENSE``
     anything else: the matrix product over the changed columns (all of them: :func:`apply_mixing`).
 
 A plan also records ``col_abs_max``, ``max_i sum_j |S[j, i]|`` (NaN or inf when S holds a non-finite
@@ -59,11 +60,15 @@ import hashlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["apply_mixing", "mix_rows_", "round_plan", "mix_plan", "average_plan", "RoundPlan", "SPARSE_DENSITY", "SPARSE_MAX_DEGREE"]
+from coopsgd.algorithms.schedules import Mix
+
+__all__ = ["apply_mixing", "mix_rows_", "round_plan", "average_plan", "plan_round", "Round", "RoundKind", "RoundPlan", "SPARSE_DENSITY",
+           "SPARSE_MAX_DEGREE"]
 
 T = TypeVar("T")
 
@@ -109,12 +114,25 @@ class _Bucket:
     weight: np.ndarray  # (rows, k) float64: S[source, target]
 
 
-@dataclass
+class RoundKind(Enum):
+    """The structure of a round, in the order the analysis tries them (see the module docstring)."""
+
+    IDENTITY = "identity"  # S = I: no communication
+    AVERAGE = "average"  # every changed column is one weight vector w: a (weighted) mean, then a broadcast
+    SPARSE = "sparse"  # few non-zeros per changed column: a neighbour gather (gossip)
+    CHAIN = "chain"  # the changed columns form a chain of sparse differences (DOWNPOUR's pushes)
+    DENSE = "dense"  # no usable structure: the product over the changed columns
+
+
+@dataclass(frozen=True, eq=False)
 class RoundPlan:
     """How :func:`mix_rows_` applies one matrix (see the module docstring for the kernels).
 
+    A plan is immutable and shared by every round of the same matrix; ``_cache`` keeps what is derived from
+    it once (the tables as tensors of a dtype and device, the distributed engine's collectives).
+
     Attributes:
-        kind: ``"identity"``, ``"average"``, ``"sparse"``, ``"chain"`` or ``"dense"``.
+        kind: the structure (:class:`RoundKind`).
         n: the number of nodes.
         targets: the rows the round changes (int64, in output order); ``None`` when it is every row in
             order.
@@ -126,7 +144,7 @@ class RoundPlan:
         col_abs_max: ``max_i sum_j |S[j, i]|`` (NaN / inf iff S holds a non-finite entry).
     """
 
-    kind: str
+    kind: RoundKind
     n: int
     targets: np.ndarray | None = None
     sources: np.ndarray | None = None
@@ -134,21 +152,50 @@ class RoundPlan:
     buckets: tuple[_Bucket, ...] = ()
     chain: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()
     col_abs_max: float = 1.0
-    _tensors: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def touched(self) -> int:
         """How many rows the round changes."""
-        if self.kind == "identity":
+        if self.kind is RoundKind.IDENTITY:
             return 0
         return self.n if self.targets is None else int(self.targets.size)
+
+    def derived(self, key: Any, build: Any) -> Any:
+        """``build()``, computed once per plan and ``key`` (e.g. a communicator's lowering of the plan)."""
+        got = self._cache.get(key)
+        if got is None:
+            got = self._cache[key] = build()
+        return got
+
+    def matrix(self) -> np.ndarray:
+        """The n x n matrix S this plan applies (column convention), rebuilt from the plan's own tables."""
+        S = np.eye(self.n)
+        if self.kind is RoundKind.IDENTITY:
+            return S
+        targets = np.arange(self.n) if self.targets is None else self.targets
+        if self.kind is RoundKind.AVERAGE:
+            assert self.weights is not None
+            w = np.zeros(self.n)
+            w[np.arange(self.n) if self.sources is None else self.sources] = self.weights
+            S[:, targets] = w[:, None]
+        elif self.kind is RoundKind.SPARSE:
+            for bk in self.buckets:
+                cols = targets[bk.start : bk.stop]
+                S[:, cols] = 0.0
+                for r, c in enumerate(cols):
+                    S[bk.index[r], c] = bk.weight[r]
+        else:
+            assert self.weights is not None
+            S[:, targets] = self.weights.T
+        return S
 
     def _on(self, like: Any) -> dict[str, Any]:
         """The plan's tables as tensors of ``like``'s dtype and device (converted once)."""
         import torch
 
         key = (like.dtype, like.device)
-        got = self._tensors.get(key)
+        got = self._cache.get(key)
         if got is None:
             dev = like.device
 
@@ -164,7 +211,7 @@ class RoundPlan:
                 "weights": val(self.weights),
                 "buckets": [(b.start, b.stop, idx(b.index), val(b.weight)) for b in self.buckets],
             }
-            self._tensors[key] = got
+            self._cache[key] = got
         return got
 
     def apply_(self, rows: Any) -> Any:
@@ -173,21 +220,21 @@ class RoundPlan:
 
         if rows.shape[0] != self.n:
             raise ValueError(f"the matrix is {self.n}x{self.n} but the state has {rows.shape[0]} rows")
-        if self.kind == "identity" or rows.shape[1] == 0:
+        if self.kind is RoundKind.IDENTITY or rows.shape[1] == 0:
             return rows
         t = self._on(rows)
         targets = t["targets"]
-        if self.kind == "average":
+        if self.kind is RoundKind.AVERAGE:
             y = self.average(rows)
             if targets is None:
                 rows.copy_(y.expand_as(rows))
             else:
                 rows.index_copy_(0, targets, y.expand(targets.numel(), rows.shape[1]))
             return rows
-        if self.kind == "sparse":
+        if self.kind is RoundKind.SPARSE:
             self._gather_(rows, t)
             return rows
-        if self.kind == "chain" and rows.shape[1] >= _CHAIN_ROW_ELEMENTS:
+        if self.kind is RoundKind.CHAIN and rows.shape[1] >= _CHAIN_ROW_ELEMENTS:
             self._chain_(rows)
             return rows
         out = torch.matmul(t["weights"], rows)
@@ -271,9 +318,9 @@ class RoundPlan:
 
         d = rows.shape[1]
         if d >= _ROW_ELEMENTS:  # long rows: one row at a time, in place, from views of the source rows
-            prog = self._tensors.get("program")
+            prog = self._cache.get("program")
             if prog is None:
-                prog = self._tensors["program"] = self._program()
+                prog = self._cache["program"] = self._program()
             saved: dict[int, Any] = {}
             R = rows.unbind(0)  # every row's view in one call
             for i, save, terms, free in prog:
@@ -296,9 +343,9 @@ class RoundPlan:
         # short rows: blocks of rows gathered with index_select, written back when no longer read
         block = max(1, _BLOCK_ELEMENTS // max(d, 1))
         key = ("blocks", block)
-        sched = self._tensors.get(key)
+        sched = self._cache.get(key)
         if sched is None:
-            sched = self._tensors[key] = self._blocks(block)
+            sched = self._cache[key] = self._blocks(block)
         targets = t["targets"]
         buckets = t["buckets"]
         held: dict[int, Any] = {}
@@ -335,7 +382,7 @@ def _analyse_nz(n: int, nz: np.ndarray, vals: np.ndarray) -> RoundPlan:
     ident = (counts == 1) & unit
     changed = np.flatnonzero(~ident)
     if changed.size == 0:
-        return RoundPlan("identity", n, col_abs_max=col_abs_max)
+        return RoundPlan(RoundKind.IDENTITY, n, col_abs_max=col_abs_max)
     keep = ~ident[c]
     r2, c2, v2 = r[keep], c[keep], vals[keep]
     order = np.lexsort((r2, c2))  # column-major: by column, then row
@@ -348,7 +395,7 @@ def _analyse_nz(n: int, nz: np.ndarray, vals: np.ndarray) -> RoundPlan:
         rr, vv = r2.reshape(changed.size, k0), v2.reshape(changed.size, k0)
         if np.all(rr == rr[:1]) and np.all(vv == vv[:1]):
             sources = None if k0 == n else rr[0].astype(np.int64)
-            return RoundPlan("average", n, targets=targets, sources=sources, weights=vv[0].copy(),
+            return RoundPlan(RoundKind.AVERAGE, n, targets=targets, sources=sources, weights=vv[0].copy(),
                              col_abs_max=col_abs_max)
     if int(deg.max()) <= SPARSE_MAX_DEGREE or r2.size <= SPARSE_DENSITY * n * changed.size:
         ordc = np.argsort(deg, kind="stable")
@@ -361,7 +408,7 @@ def _analyse_nz(n: int, nz: np.ndarray, vals: np.ndarray) -> RoundPlan:
             pos += cols.size
         out_targets = changed[ordc].astype(np.int64)
         sparse_targets = None if np.array_equal(out_targets, np.arange(n)) else out_targets
-        return RoundPlan("sparse", n, targets=sparse_targets, buckets=tuple(buckets), col_abs_max=col_abs_max)
+        return RoundPlan(RoundKind.SPARSE, n, targets=sparse_targets, buckets=tuple(buckets), col_abs_max=col_abs_max)
     W = np.zeros((changed.size, n))
     W[np.repeat(np.arange(changed.size), deg), r2] = v2
     return _chain_or_dense(n, changed, targets, W, col_abs_max)
@@ -370,7 +417,7 @@ def _analyse_nz(n: int, nz: np.ndarray, vals: np.ndarray) -> RoundPlan:
 def _chain_or_dense(n: int, changed: np.ndarray, targets: np.ndarray | None, W: np.ndarray,
                     col_abs_max: float) -> RoundPlan:
     """``"chain"`` when the changed columns (rows of ``W`` = ``S[:, changed]^T``) form one, else ``"dense"``."""
-    dense = RoundPlan("dense", n, targets=targets, weights=np.ascontiguousarray(W), col_abs_max=col_abs_max)
+    dense = RoundPlan(RoundKind.DENSE, n, targets=targets, weights=np.ascontiguousarray(W), col_abs_max=col_abs_max)
     if changed.size < 2 or not np.isfinite(W).all():
         return dense
     uniq, inverse = np.unique(W, axis=0, return_inverse=True)
@@ -392,7 +439,7 @@ def _chain_or_dense(n: int, changed: np.ndarray, targets: np.ndarray | None, W: 
         tg = changed[link_of == t].astype(np.int64)
         written[tg] = True
         chain.append((src.astype(np.int64), links[t, src].astype(np.float64), tg))
-    return RoundPlan("chain", n, targets=targets, weights=np.ascontiguousarray(W), chain=tuple(chain),
+    return RoundPlan(RoundKind.CHAIN, n, targets=targets, weights=np.ascontiguousarray(W), chain=tuple(chain),
                      col_abs_max=col_abs_max)
 
 
@@ -401,7 +448,7 @@ def _analyse(S: np.ndarray) -> RoundPlan:
     col_abs_max = float(np.abs(S).sum(axis=0).max()) if n else 0.0
     changed = np.flatnonzero((S != np.eye(n)).any(axis=0))
     if changed.size == 0:
-        return RoundPlan("identity", n, col_abs_max=col_abs_max)
+        return RoundPlan(RoundKind.IDENTITY, n, col_abs_max=col_abs_max)
     all_rows = changed.size == n
     Sc = S[:, changed]
     targets = None if all_rows else changed.astype(np.int64)
@@ -409,7 +456,7 @@ def _analyse(S: np.ndarray) -> RoundPlan:
         w = Sc[:, 0]
         nz = np.flatnonzero(w)
         sources = None if nz.size == n else nz.astype(np.int64)
-        return RoundPlan("average", n, targets=targets, sources=sources, weights=w[nz].copy(),
+        return RoundPlan(RoundKind.AVERAGE, n, targets=targets, sources=sources, weights=w[nz].copy(),
                          col_abs_max=col_abs_max)
     nnz = Sc != 0
     degree = nnz.sum(axis=0)
@@ -432,7 +479,7 @@ def _analyse(S: np.ndarray) -> RoundPlan:
             sparse_targets = None
         else:
             sparse_targets = out_targets
-        return RoundPlan("sparse", n, targets=sparse_targets, buckets=tuple(buckets), col_abs_max=col_abs_max)
+        return RoundPlan(RoundKind.SPARSE, n, targets=sparse_targets, buckets=tuple(buckets), col_abs_max=col_abs_max)
     return _chain_or_dense(n, changed, targets, np.ascontiguousarray(Sc.T), col_abs_max)
 
 
@@ -518,19 +565,63 @@ def average_plan(n: int, sources: np.ndarray, weights: np.ndarray) -> RoundPlan:
     targets = None
     if k == 1 and weights[0] == 1.0:  # w = e_j: column j is the identity's, the others change
         if n == 1:
-            return RoundPlan("identity", n, col_abs_max=col_abs_max)
+            return RoundPlan(RoundKind.IDENTITY, n, col_abs_max=col_abs_max)
         targets = np.delete(np.arange(n, dtype=np.int64), int(sources[0]))
-    return RoundPlan("average", n, targets=targets, sources=None if k == n else sources.copy(),
+    return RoundPlan(RoundKind.AVERAGE, n, targets=targets, sources=None if k == n else sources.copy(),
                      weights=weights.copy(), col_abs_max=col_abs_max)
 
 
-def mix_plan(mix: Any) -> RoundPlan:
-    """The plan of a :class:`~coopsgd.algorithms.schedules.Mix`: from its ``structure`` when it carries one
-    (O(its non-zeros), the dense matrix is neither built nor read), else :func:`round_plan` of its matrix."""
-    st = getattr(mix, "structure", None)
-    if st is not None:
-        return average_plan(st.n, st.sources, st.weights)
-    return round_plan(mix.matrix)
+@dataclass(frozen=True, eq=False)
+class Round:
+    """One communication round as every communicator receives it: the round's structure (``plan``, shared
+    by every round of the same matrix) and the :class:`~coopsgd.algorithms.schedules.Mix` it came from
+    (``None`` for a bare matrix). Built by :func:`plan_round`, the one planner of every engine."""
+
+    plan: RoundPlan
+    mix: Mix | None = None
+    source: np.ndarray | None = None  # the bare matrix (when ``mix`` is None)
+
+    @property
+    def kind(self) -> RoundKind:
+        return self.plan.kind
+
+    @property
+    def n(self) -> int:
+        return self.plan.n
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """S itself (the Mix's, built on first read when it carries only its structure)."""
+        if self.mix is not None:
+            return self.mix.matrix
+        if self.source is not None:
+            return self.source
+        return self.plan.matrix()
+
+    @property
+    def communicates(self) -> bool:
+        """Whether the schedule counts this round as network traffic (a bare matrix: S != I)."""
+        return self.mix.communicates if self.mix is not None else self.plan.kind is not RoundKind.IDENTITY
+
+    @property
+    def outer(self) -> bool:
+        """Whether the round ends with the auxiliary's outer step (DiLoCo, SlowMo: ``info["outer"]``)."""
+        return self.mix is not None and bool(self.mix.info.get("outer"))
+
+
+def plan_round(source: Mix | np.ndarray) -> Round:
+    """The one planner: the :class:`Round` of a :class:`~coopsgd.algorithms.schedules.Mix` or of a bare
+    matrix S (column convention), for every engine and communicator.
+
+    A Mix that carries its ``structure`` (FedAvg's :class:`~coopsgd.algorithms.schedules.Averaging`) is
+    planned from it in O(its non-zeros), its dense matrix neither built nor read; any other matrix through
+    :func:`round_plan` (cached: an immutable matrix by identity, any other by a digest of its entries).
+    """
+    if isinstance(source, Mix):
+        st = source.structure
+        plan = average_plan(st.n, st.sources, st.weights) if st is not None else round_plan(source.matrix)
+        return Round(plan, source)
+    return Round(round_plan(source), None, source)
 
 
 def mix_rows_(rows: Any, S: np.ndarray, plan: RoundPlan | None = None) -> Any:

@@ -70,6 +70,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from coopsgd.engines.comm import CommunicationError, NetEmulation
+from coopsgd.engines.launch import no_heartbeat
 from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.theory.cost import RoundCost
 
@@ -153,7 +154,8 @@ class AsyncParameterServer:
         timeout_s: timeout of the parameter-server group (every receive and send; the server's idle
             limit) and the default of :meth:`close`. Default: the default group's timeout.
         net: network emulation (``None``: none).
-        heartbeat: ``heartbeat(step, phase)`` callback (default: the launcher's, a no-op elsewhere);
+        heartbeat: ``heartbeat(step, phase)`` callback (the rank's :class:`~coopsgd.engines.launch.Heartbeat`,
+            injected by whoever runs the rank; default: none);
             called with ``"comm"`` while waiting for the server and ``"compute"`` after.
 
     Construction is collective (it creates a process group and runs three small collectives on it): every
@@ -185,11 +187,7 @@ class AsyncParameterServer:
         self.timeout_s = _world_timeout_s() if timeout_s is None else check_float(
             "timeout_s", timeout_s, low=0.0, low_open=True)
         self.net = net or NetEmulation()
-        if heartbeat is None:
-            from coopsgd.engines.launch import heartbeat as _current_heartbeat
-
-            heartbeat = _current_heartbeat()
-        self.heartbeat = heartbeat
+        self.heartbeat = heartbeat or no_heartbeat
         self.width = int(row.numel())
         self.dtype = row.dtype
         self._itemsize = row.element_size()

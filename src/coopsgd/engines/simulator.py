@@ -84,7 +84,7 @@ from coopsgd.engines.executors import (
     synchronize,
 )
 from coopsgd.engines.kernel import InProcess, RoundKernel
-from coopsgd.engines.mixing import mix_plan
+from coopsgd.engines.mixing import plan_round
 from coopsgd.engines.optim import AdamOptions, InnerOptimizer, SGDOptions
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES, ModelRows
@@ -231,7 +231,7 @@ class Simulator(ModelRows):
         m, d, b = self.m, self.d, self.b
         self._check_initial_state()
         self._drop_template_storage()
-        self._comm = InProcess()
+        self._comm = InProcess(lazy_rows=m if self.outer is None else 0)  # FedAvg's unread broadcasts wait
         self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer)
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
@@ -722,7 +722,6 @@ class Simulator(ModelRows):
         lr = check_float("lr", lr, low=0.0)
         k = self.step_count
         sched = spec.schedule
-        self._comm.hint = None
         mask = sched.active(k)
         rows = None if mask is None or bool(np.all(mask)) else np.flatnonzero(mask).tolist()
         idx = list(range(m)) if rows is None else rows
@@ -793,8 +792,6 @@ class Simulator(ModelRows):
                 mix, sched_state = sched.advance(k, ctx, self.schedule_state)
                 if mix is not None and order is not None:
                     mix.info["order_source"] = "clock"
-                # an averaging round may leave the inactive workers' rows deferred (written when read)
-                self._comm.defer_rows = m if rows is not None and self.outer is None else 0
                 if res is not None:
                     try:
                         self._update(res, mix, lr, rows, gmax, bmax, k)
@@ -903,13 +900,12 @@ class Simulator(ModelRows):
     ) -> None:
         """Apply direction, rule and mixing; in place when provably overflow-free, else on a checked copy."""
         cs = 1.0
+        rnd = None
         if mix is not None:
-            # from the Mix's structure, or cached per distinct matrix; the kernel reuses it (hint)
-            plan = mix_plan(mix)
-            cs = plan.col_abs_max  # max column abs-sum of S: NaN / inf iff S holds a non-finite entry
+            rnd = plan_round(mix)  # from the Mix's structure, or cached per distinct matrix
+            cs = rnd.plan.col_abs_max  # max column abs-sum of S: NaN / inf iff S holds a non-finite entry
             if not math.isfinite(cs):
                 raise NonFiniteError(f"non-finite mixing matrix at step {k}")
-            self._comm.hint = (mix, plan)
         opts = self.opts
         X = max(self._bound, bmax)
         sgd = isinstance(opts, SGDOptions)
@@ -926,15 +922,16 @@ class Simulator(ModelRows):
         # an outer round moves z by its own optimizer: checked on a copy (once per round)
         outer_round = self.outer is not None and mix is not None and bool(mix.info.get("outer"))
         if new_bound < limit and not outer_round:
-            self._kernel.apply(self._state, res.grads, t, res.buffers, counters, mix, lr)
+            self._kernel.apply(self._state, res.grads, t, res.buffers, counters, rnd, lr)
             self._bound = new_bound
         else:
             snap = None if sgd and self.outer is None else self._optimizer_snapshot()
             self._materialize()
-            self._comm.defer_rows = 0
             work = self._state.clone()
             try:
-                self._kernel.apply(work, res.grads, t, res.buffers, counters, mix, lr)
+                self._kernel.apply(work, res.grads, t, res.buffers, counters, rnd, lr)
+                lo, hi = self._kernel.cols
+                self._comm.materialize(work[:, lo:hi])  # the copy is checked whole: nothing stays deferred
                 finite = torch.isfinite(work).all(dim=1)
                 if not bool(finite.all()):
                     self._raise_rows(~finite.cpu().numpy(), list(range(self.n)), k, "model")

@@ -132,7 +132,8 @@ class SpecJob:
     downpour_order: str = "schedule"
 
 
-def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict[str, Any]]:
+def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob], *,
+                    heartbeat: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
     from coopsgd.data import WorkerLoader
     from coopsgd.train.trainer import feed_from
 
@@ -145,7 +146,7 @@ def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob]) -> list[dict
             weight_decay=job.weight_decay, optimizer=job.optimizer, betas=job.betas, eps=job.eps,
             amsgrad=job.amsgrad, optimizer_kwargs=job.optimizer_kwargs, dtype=job.dtype, seed=job.seed, loss_estimate=job.loss_estimate,
             window=job.window, probe_batch=job.probe_batch, net=net, nan_policy=job.nan_policy,
-            fault=parse_fault(job.inject_failure), downpour_order=job.downpour_order,
+            fault=parse_fault(job.inject_failure), downpour_order=job.downpour_order, heartbeat=heartbeat,
         )
         dist.barrier()
         losses: list[float] = []
@@ -311,7 +312,8 @@ def rank_placement(rank: int, device: str) -> dict[str, Any]:
             "listening": listening_addresses()}
 
 
-def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any], *,
+              heartbeat: Callable[[int, str], None] | None = None) -> dict[str, Any]:
     """One rank of a :class:`RunConfig` run: build the problem, the engine, run the loop; rank 0 writes.
 
     ``opts``: ``out``, ``resume``, ``timeout_s``, ``net_latency_ms``, ``net_bandwidth_mbps``, ``device``
@@ -350,7 +352,7 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
     eng = DistributedEngine(
         spec, p["model"], loss_fn=p["loss_fn"], **engine_optimizer_kwargs(c), dtype=p["dtype"], device=device, seed=c.seed,
         loss_estimate=c.loss_estimate, probe_batch=p["probe"], net=net, nan_policy=c.nan_policy,
-        fault=fault,
+        fault=fault, heartbeat=heartbeat,  # the launcher's, injected (none under torchrun)
         # pushes of a sequential schedule (DOWNPOUR) in the order they arrive: a real server on rank 0
         downpour_order="async" if spec.schedule.sequential and c.downpour_order in ("clock", "async") else "schedule",
     )
