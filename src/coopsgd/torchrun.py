@@ -91,19 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         ns.timeout_s = check_float("--timeout-s", ns.timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
         NetEmulation(ns.net_latency_ms, ns.net_bandwidth_mbps)  # checks both
         if ns.auto_resume and ns.resume is None:
-            out_dir = ns.out or cfg.out
+            out_dir = ns.out or cfg.output.out
             if out_dir is None:
                 raise ConfigError.invalid("--auto-resume", True, "needs a run directory (--out or `out` in the config)")
             if (Path(out_dir) / "checkpoint.pt").is_file():
                 ns.resume = str(Path(out_dir) / "checkpoint.pt")
         world_env = os.environ.get("WORLD_SIZE")
-        if rank_env is not None and world_env is not None and int(world_env) != cfg.workers:
-            raise ConfigError.invalid("workers", cfg.workers, f"the config asks for {cfg.workers} workers but torchrun "
+        if rank_env is not None and world_env is not None and int(world_env) != cfg.algorithm.workers:
+            raise ConfigError.invalid("workers", cfg.algorithm.workers, f"the config asks for {cfg.algorithm.workers} workers but torchrun "
                                                               f"started {world_env} processes (nproc-per-node x nnodes)")
-        use_cuda = cfg.device.startswith("cuda")
+        use_cuda = cfg.execution.device.startswith("cuda")
         if ns.backend == "nccl" and not use_cuda:
             raise ConfigError.invalid("--backend", "nccl", f"NCCL needs the GPUs: the config has device = "
-                                                           f"{cfg.device!r} (set device = \"cuda\")")
+                                                           f"{cfg.execution.device!r} (set device = \"cuda\")")
     except CoopSGDError as exc:  # every rank finds the same error in the file and the flags
         if rank_env in (None, "0"):
             print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     init_torchrun_group(backend, ns.timeout_s)
     rank = dist.get_rank()
     try:
-        opts = {"out": ns.out or cfg.out, "timeout_s": ns.timeout_s, "net_latency_ms": ns.net_latency_ms,
+        opts = {"out": ns.out or cfg.output.out, "timeout_s": ns.timeout_s, "net_latency_ms": ns.net_latency_ms,
                 "net_bandwidth_mbps": ns.net_bandwidth_mbps, "resume": ns.resume, "agree_errors": True}
         # the run directory records the engine that ran it (a config file may say "simulate")
         summary = rank_main(rank, dist.get_world_size(), {**cfg.to_dict(), "engine": "distributed"}, opts)

@@ -74,6 +74,25 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     raise AssertionError("no sub-commands")
 
 
+def test_every_run_and_compare_flag_has_help_and_its_default(capsys) -> None:
+    """Read back from the printed --help: every flag of run and compare has a help text that states its default."""
+    import re
+
+    for command in ("run", "compare"):
+        out = _help(capsys, command)
+        entries = re.split(r"\n  (?=-)", out.split("options:", 1)[1])
+        flags = [e for e in entries if e.startswith("--")]
+        assert len(flags) > 80, command
+        for entry in flags:
+            text = " ".join(entry.split())
+            head = text.split()[0]
+            if head == "--help":
+                continue
+            assert "(default" in text or "alias of" in text, f"{command} {head}: {text}"
+            words = text.split(maxsplit=2)
+            assert len(words) > 2 and len(words[2]) > 12, f"{command} {head} has no help text: {text}"
+
+
 def test_every_flag_states_its_default() -> None:
     parser = build_parser()
     missing = []
@@ -88,17 +107,20 @@ def test_every_flag_states_its_default() -> None:
     assert missing == []
 
 
-def _choices_and_defaults(out: str, defaults: dict | None = None) -> None:
-    """Every RunConfig field that takes a name shows its choices (from the registries) and its default."""
-    import dataclasses
+def _choices_and_defaults(out: str, defaults: dict | None = None, skip: tuple[str, ...] = ()) -> None:
+    """Every setting that takes a name shows its choices (from the registries) and its default."""
+    from coopsgd.settings import default_text
+    from coopsgd.train.config import config_settings
 
-    from coopsgd.cli import _default_text, _run_choices
-    from coopsgd.train.config import RunConfig
-
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    for name, names in _run_choices().items():
-        default = (defaults or {}).get(name, fields[name].default)
-        assert f"choices: {', '.join(names)} (default: {_default_text(default)}" in out, name
+    checked = 0
+    for _, s in config_settings():
+        names = s.info.allowed()
+        if names is None or s.info.preset or not s.info.flag or s.key in skip:
+            continue
+        default = default_text(defaults[s.key]) if s.key in (defaults or {}) else s.default_text()
+        assert f"choices: {', '.join(names)} (default: {default}" in out, s.key
+        checked += 1
+    assert checked >= 15
 
 
 def test_run_help_lists_presets_defaults_and_choices(capsys) -> None:
@@ -118,7 +140,7 @@ def test_run_help_lists_presets_defaults_and_choices(capsys) -> None:
 
 def test_compare_help_states_its_own_defaults(capsys) -> None:
     out = " ".join(_help(capsys, "compare").split())
-    _choices_and_defaults(out, COMPARE_DEFAULTS)
+    _choices_and_defaults(out, COMPARE_DEFAULTS, skip=("preset",))  # compare takes --presets
     assert "(default: lenet; coopsgd run: mlp)" in out
     assert "(default: 15; coopsgd run: 5)" in out
     assert "model lenet, epochs 15" in out and "`coopsgd run` defaults to model mlp, 5 epochs" in out

@@ -4,7 +4,6 @@ and against the bytes sent."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -22,30 +21,30 @@ def plan(*argv: str):
 
 
 def _preset_fields() -> set[str]:
-    from coopsgd.train.config import RunConfig
+    from coopsgd.train.config import config_settings
 
-    return {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("preset")}
+    return {s.key for _, s in config_settings() if s.info.preset}
 
 
 def test_modern_set_expands_to_its_four_runs() -> None:
     base, runs = plan("--set", "modern")
-    assert [(label, c.preset) for label, c in runs] == [("sync", "sync"), ("local_sgd", "local_sgd"),
+    assert [(label, c.algorithm.preset) for label, c in runs] == [("sync", "sync"), ("local_sgd", "local_sgd"),
                                                         ("diloco", "diloco"), ("slowmo", "slowmo")]
     cfg = dict(runs)
     for c in cfg.values():
-        assert {k: getattr(c, k) for k in ADAMW} == ADAMW
-        assert (c.model, c.dataset, c.model_args) == ("lstm_lm", "wikitext2",
+        assert {k: c.to_dict()[k] for k in ADAMW} == ADAMW
+        assert (c.problem.model, c.problem.dataset, c.problem.model_args) == ("lstm_lm", "wikitext2",
                                                       {"emb_size": 32, "hidden_size": 32, "num_layers": 1})
-        assert (c.workers, c.batch_size, c.max_steps, c.net_latency_ms, c.net_bandwidth_mbps) == (4, 8, 200, 50.0, 100.0)
+        assert (c.algorithm.workers, c.problem.batch_size, c.schedule.max_steps, c.clock.net_latency_ms, c.clock.net_bandwidth_mbps) == (4, 8, 200, 50.0, 100.0)
     # the runs differ in their preset and its settings only
     shared = [{k: v for k, v in c.to_dict().items() if k not in _preset_fields() | {"preset"}} for c in cfg.values()]
     assert all(s == shared[0] for s in shared)
     assert base.to_dict() == cfg["sync"].to_dict()
     # tau set explicitly (diloco's own default is the paper's H = 500): rounds happen in a 200-step run
-    assert [cfg[n].tau for n in ("sync", "local_sgd", "diloco", "slowmo")] == [None, 20, 20, 20]
+    assert [cfg[n].algorithm.tau for n in ("sync", "local_sgd", "diloco", "slowmo")] == [None, 20, 20, 20]
     d, s = cfg["diloco"], cfg["slowmo"]
-    assert (d.outer_optimizer, d.outer_lr, d.outer_momentum) == ("nesterov", 0.7, 0.9)
-    assert (s.base_algorithm, s.outer_lr, s.outer_momentum) == ("local_sgd", 1.0, 0.5)
+    assert (d.algorithm.outer_optimizer, d.algorithm.outer_lr, d.algorithm.outer_momentum) == ("nesterov", 0.7, 0.9)
+    assert (s.algorithm.base_algorithm, s.algorithm.outer_lr, s.algorithm.outer_momentum) == ("local_sgd", 1.0, 0.5)
     # the specs they build: one exact average every 20 steps (every step for sync), z's outer optimizer
     specs = {n: c.build_spec() for n, c in cfg.items()}
     assert specs["sync"].tau == 1 and specs["local_sgd"].tau == 20
@@ -57,25 +56,25 @@ def test_modern_set_expands_to_its_four_runs() -> None:
 def test_flags_and_config_keys_override_the_set(tmp_path) -> None:
     _, runs = plan("--set", "modern", "--tau", "5", "--lr", "0.001", "--outer-lr", "0.5")
     cfg = dict(runs)
-    assert [cfg[n].tau for n in ("sync", "local_sgd", "diloco", "slowmo")] == [None, 5, 5, 5]
-    assert {c.lr for c in cfg.values()} == {0.001}
-    assert (cfg["local_sgd"].outer_lr, cfg["diloco"].outer_lr, cfg["slowmo"].outer_lr) == (None, 0.5, 0.5)
+    assert [cfg[n].algorithm.tau for n in ("sync", "local_sgd", "diloco", "slowmo")] == [None, 5, 5, 5]
+    assert {c.schedule.lr for c in cfg.values()} == {0.001}
+    assert (cfg["local_sgd"].algorithm.outer_lr, cfg["diloco"].algorithm.outer_lr, cfg["slowmo"].algorithm.outer_lr) == (None, 0.5, 0.5)
     # --epochs drops the set's max_steps, --model its LSTM sizes
     _, runs = plan("--set", "modern", "--epochs", "1", "--model", "mlp", "--dataset", "mnist_bundled")
     c = dict(runs)["local_sgd"]
-    assert (c.max_steps, c.epochs, c.model, c.model_args, c.tau) == (None, 1.0, "mlp", {}, 20)
+    assert (c.schedule.max_steps, c.schedule.epochs, c.problem.model, c.problem.model_args, c.algorithm.tau) == (None, 1.0, "mlp", {}, 20)
     conf = tmp_path / "c.toml"
     conf.write_text('workers = 2\nweight-decay = 0.1\n')
     _, runs = plan("--set", "modern", "--config", str(conf))
-    assert {(c.workers, c.weight_decay) for _, c in runs} == {(2, 0.1)}
+    assert {(c.algorithm.workers, c.optimizer.weight_decay) for _, c in runs} == {(2, 0.1)}
 
 
 def test_without_a_set_compare_keeps_its_preset_list_and_defaults() -> None:
     base, runs = plan()
     assert [label for label, _ in runs] == COMPARE_PRESETS.split(",")
-    assert all(label == c.preset for label, c in runs)
-    assert (base.model, base.epochs) == (COMPARE_DEFAULTS["model"], COMPARE_DEFAULTS["epochs"])
-    assert base.optimizer is None
+    assert all(label == c.algorithm.preset for label, c in runs)
+    assert (base.problem.model, base.schedule.epochs) == (COMPARE_DEFAULTS["model"], COMPARE_DEFAULTS["epochs"])
+    assert base.optimizer.name is None
 
 
 def test_every_set_builds() -> None:

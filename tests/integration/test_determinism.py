@@ -109,7 +109,7 @@ def _no_timing(monkeypatch) -> None:
 def test_train_twice_identical_under_load(tmp_path, cache_env, monkeypatch) -> None:
     common = dict(preset="easgd", workers=4, tau=2, max_steps=30, model="mlp", model_args={"hidden": [32]},
                   eval_every=10, eval_samples=200, batch_size=16, lr=0.05, seed=3, executor="auto")
-    assert RunConfig().compute == "flops"  # the default compute model counts FLOPs
+    assert RunConfig().clock.compute == "flops"  # the default compute model counts FLOPs
     a, b = tmp_path / "a", tmp_path / "b"
     train(RunConfig(**common, out=str(a)))
     env_a = json.loads((a / "environment.json").read_text())

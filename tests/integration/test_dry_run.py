@@ -51,13 +51,13 @@ def test_reproduce_device_reaches_every_full_scale_config() -> None:
     from coopsgd.experiments.csgd import base_config
     from coopsgd.experiments.harness import DEVICE
 
-    assert base_config(False, 0).device == "cpu"
+    assert base_config(False, 0).execution.device == "cpu"
     token = DEVICE.set("cuda")  # as `reproduce --device cuda` sets it (RunConfig checks the device when built)
     try:
         import torch
 
         if torch.cuda.is_available():
-            assert base_config(False, 0, dry_run=True).device == "cuda"
+            assert base_config(False, 0, dry_run=True).execution.device == "cuda"
         else:
             with pytest.raises(ConfigError, match="no CUDA device"):
                 base_config(False, 0, dry_run=True)
@@ -71,19 +71,19 @@ def test_dry_run_fields_keep_the_full_scale_and_compress_the_lr_schedule() -> No
     from coopsgd.train.trainer import lr_at
 
     cfg = base_config(False, 0, dry_run=True, preset="local_sgd", tau=4)
-    assert (cfg.model, cfg.workers, cfg.batch_size, cfg.lr) == ("vgg16", 8, 128, 0.4)
-    assert cfg.dataset == "synthetic_cifar" and cfg.max_steps == DRY_RUN_STEPS == 2
+    assert (cfg.problem.model, cfg.algorithm.workers, cfg.problem.batch_size, cfg.schedule.lr) == ("vgg16", 8, 128, 0.4)
+    assert cfg.problem.dataset == "synthetic_cifar" and cfg.schedule.max_steps == DRY_RUN_STEPS == 2
     # 2,048 synthetic samples / 8 workers / batch 128 = 2 steps per epoch: the run is 1 epoch long, and the
     # paper's decays at epochs 100 and 150 of 200 fall at 1/2 and 3/4 of it
-    assert cfg.lr_decay_epochs == pytest.approx([e / FULL["epochs"] for e in FULL["lr_decay_epochs"]])
+    assert cfg.schedule.lr_decay_epochs == pytest.approx([e / FULL["epochs"] for e in FULL["lr_decay_epochs"]])
     assert [lr_at(cfg, k, 2, 0.0) for k in range(2)] == pytest.approx([0.4, 0.04])
-    assert cfg.checkpoint_every == 1 and cfg.eval_every == 1 and cfg.eval_samples == 4 * 128
+    assert cfg.output.checkpoint_every == 1 and cfg.evaluation.eval_every == 1 and cfg.evaluation.eval_samples == 4 * 128
     token = DRY_RUN_BATCH.set(4)  # the test hook: 2048 / 8 / 4 = 64 steps per epoch, same fractions
     try:
         small = base_config(False, 0, dry_run=True, preset="local_sgd")
     finally:
         DRY_RUN_BATCH.reset(token)
-    assert small.batch_size == 4
+    assert small.problem.batch_size == 4
     assert [lr_at(small, k, 64, 0.0) for k in range(2)] == pytest.approx([0.4, 0.04])
 
 

@@ -189,13 +189,13 @@ def test_compare_defaults_yield_to_flags_and_config(monkeypatch, tmp_path) -> No
         ConfigError("stop here")))
     # one --out each: a directory holding another comparison is refused (tests/integration/test_rundirs.py)
     cli.main(["compare", "--presets", "sync", "--out", str(tmp_path / "a")])
-    assert seen[-1].model == "lenet" and seen[-1].epochs == 15.0
+    assert seen[-1].problem.model == "lenet" and seen[-1].schedule.epochs == 15.0
     cli.main(["compare", "--presets", "sync", "--model", "mlp", "--out", str(tmp_path / "b")])
-    assert seen[-1].model == "mlp" and seen[-1].epochs == 15.0
+    assert seen[-1].problem.model == "mlp" and seen[-1].schedule.epochs == 15.0
     cfg = tmp_path / "c.toml"
     cfg.write_text('epochs = 2\n')
     cli.main(["compare", "--presets", "sync", "--config", str(cfg), "--out", str(tmp_path / "c")])
-    assert seen[-1].model == "lenet" and seen[-1].epochs == 2.0
+    assert seen[-1].problem.model == "lenet" and seen[-1].schedule.epochs == 2.0
 
 
 @pytest.mark.parametrize(("preset", "tau", "steps", "warned"),

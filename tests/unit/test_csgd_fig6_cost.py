@@ -76,7 +76,7 @@ def test_clock_time_is_steps_times_per_step_seconds_so_the_ratios_multiply() -> 
     simulated time after k steps is k x the cost model's seconds per step, for D-PSGD and for tau = 10."""
     cfg = _quick_cfg()
     cm = fig6_cost_model(cfg, params=D_MLP, ring=RING, compute_s=0.1)
-    net = NetworkModel.from_mbps(cfg.net_latency_ms, cfg.net_bandwidth_mbps)
+    net = NetworkModel.from_mbps(cfg.clock.net_latency_ms, cfg.clock.net_bandwidth_mbps)
     elapsed = {}
     for name, tau, steps in (("D-PSGD", 1, 130), ("periodic", 10, 170)):
         clock = SimClock(net, ComputeModel(mean_s=0.1)).bind(8, D_MLP, 4.0)

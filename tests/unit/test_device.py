@@ -23,10 +23,10 @@ def _fake_cuda(monkeypatch, count: int) -> None:
 
 
 def test_default_is_cpu_and_cpu_is_accepted_everywhere() -> None:
-    assert RunConfig().device == "cpu"
+    assert RunConfig().execution.device == "cpu"
     for engine in ("reference", "simulate", "distributed"):
-        assert RunConfig(engine=engine, device="cpu").device == "cpu"
-    assert RunConfig(device=" CPU ").device == "cpu"
+        assert RunConfig(engine=engine, device="cpu").execution.device == "cpu"
+    assert RunConfig(device=" CPU ").execution.device == "cpu"
     assert check_device("cpu", engine="reference", dtype="float64") == "cpu"
 
 
@@ -49,8 +49,8 @@ def test_cuda_without_cuda_says_no_cuda_device_is_visible(monkeypatch) -> None:
 
 def test_cuda_index_beyond_the_visible_devices(monkeypatch) -> None:
     _fake_cuda(monkeypatch, 2)
-    assert RunConfig(device="cuda").device == "cuda"
-    assert RunConfig(device="CUDA:1").device == "cuda:1"
+    assert RunConfig(device="cuda").execution.device == "cuda"
+    assert RunConfig(device="CUDA:1").execution.device == "cuda:1"
     with pytest.raises(ConfigError, match="2 visible CUDA device"):
         RunConfig(device="cuda:2")
 
@@ -72,7 +72,7 @@ def test_reference_engine_is_cpu_only(monkeypatch) -> None:
 
 def test_distributed_engine_takes_cpu_or_cuda(monkeypatch) -> None:
     _fake_cuda(monkeypatch, 4)
-    assert RunConfig(engine="distributed", device="cuda").device == "cuda"
+    assert RunConfig(engine="distributed", device="cuda").execution.device == "cuda"
     for dev in ("cuda:1", "mps"):
         with pytest.raises(ConfigError, match="cuda:LOCAL_RANK"):
             RunConfig(engine="distributed", device=dev)

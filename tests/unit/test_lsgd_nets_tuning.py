@@ -48,10 +48,10 @@ def _fake_run_config() -> Any:
     def run_config(cfg: Any, out: Path, label: str, *, progress: bool = False,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
         extra = dict(extra or {})
-        key = "lam" if cfg.preset == "lsgd" else "beta" if cfg.preset == "easgd" else None
-        level = {"sync": 1.0, "downpour": 1.1, "easgd": 0.9, "lsgd": 0.3}[cfg.preset] + 0.01 * cfg.seed
-        hold = level + (0.0 if key is None or getattr(cfg, key) == _best(cfg.seed)[key] else 0.2)
-        comm = {"sync": 0.3, "downpour": 0.4, "easgd": 0.05, "lsgd": 0.04}[cfg.preset]
+        key = "lam" if cfg.algorithm.preset == "lsgd" else "beta" if cfg.algorithm.preset == "easgd" else None
+        level = {"sync": 1.0, "downpour": 1.1, "easgd": 0.9, "lsgd": 0.3}[cfg.algorithm.preset] + 0.01 * cfg.execution.seed
+        hold = level + (0.0 if key is None or getattr(cfg.algorithm, key) == _best(cfg.execution.seed)[key] else 0.2)
+        comm = {"sync": 0.3, "downpour": 0.4, "easgd": 0.05, "lsgd": 0.04}[cfg.algorithm.preset]
         recs = [{"step": k, "time_s": 10.0 * k, "test_loss": level + 1.0 / (k + 1), "test_accuracy": 0.5,
                  "holdout_loss": hold + 1.0 / (k + 1)} for k in range(4)]
         return {"label": label, "dir": str(out), "wall_s": 0.0, "diverged": None, **extra,

@@ -2,7 +2,9 @@
 
 :class:`OptimizerSettings` travels unchanged from the run configuration (its ``optimizer`` section) to the
 model rows, the engines (:func:`coopsgd.engines.optim.make_inner` builds the arithmetic from it) and the
-checkpoint (:meth:`OptimizerSettings.to_dict`). Adding an option to an inner optimizer is one field here.
+checkpoint (:meth:`OptimizerSettings.to_dict`). Adding an option to an inner optimizer is one field here,
+declared with :func:`coopsgd.settings.setting` (its help, choices and range): it is the run configuration's
+``optimizer`` section, so its flag, ``--help`` line, config key and validation follow from the declaration.
 
 Semantics are torch.optim's: ``sgd`` is ``torch.optim.SGD`` (``momentum``, ``nesterov``, dampening 0),
 ``adam`` / ``adamw`` are ``torch.optim.Adam`` / ``torch.optim.AdamW`` (``beta1``, ``beta2``, ``eps``,
@@ -17,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from coopsgd.errors import ConfigError, check_float
+from coopsgd.errors import ConfigError
+from coopsgd.settings import check_section, setting
 
 __all__ = ["OptimizerSettings", "INNER_OPTIMIZERS"]
 
@@ -42,14 +45,20 @@ class OptimizerSettings:
             ``torch_kwargs`` (``lr`` is each step's learning rate).
     """
 
-    name: str | None = None
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float | None = None
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    amsgrad: bool = False
+    name: str | None = setting(
+        None, key="optimizer", choices=INNER_OPTIMIZERS, default_text="the preset's own (diloco: adamw), else sgd",
+        help="every worker's inner optimizer, with torch.optim's semantics and defaults (another torch.optim class "
+             "through the Python API)")
+    momentum: float = setting(0.0, help="SGD momentum", low=0.0, high=1.0, high_open=True)
+    nesterov: bool = setting(False, help="Nesterov momentum")
+    weight_decay: float | None = setting(None, help="the optimizer's weight decay (adamw: decoupled)", low=0.0,
+                                         default_text="torch's: 0 (sgd, adam), 0.01 (adamw)")
+    beta1: float = setting(0.9, help="adam / adamw: beta1 (the first moment's decay)", low=0.0, high=1.0,
+                           high_open=True)
+    beta2: float = setting(0.999, help="adam / adamw: beta2 (the second moment's decay)", low=0.0, high=1.0,
+                           high_open=True)
+    eps: float = setting(1e-8, help="adam / adamw: eps added to the denominator", low=0.0, low_open=True)
+    amsgrad: bool = setting(False, help="adam / adamw: AMSGrad")
     torch_class: type | None = field(default=None, compare=True)
     torch_kwargs: Mapping[str, Any] | None = None
 
@@ -57,16 +66,7 @@ class OptimizerSettings:
         if self.name is not None and self.name not in INNER_OPTIMIZERS:
             raise ConfigError.invalid("optimizer", self.name, f"choose one of {', '.join(INNER_OPTIMIZERS)} (or "
                                       "a torch.optim.Optimizer class as torch_class through the Python API)")
-        for name in ("nesterov", "amsgrad"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError.invalid(name, getattr(self, name), "must be true or false")
-        object.__setattr__(self, "momentum", check_float("momentum", self.momentum, low=0.0, high=1.0,
-                                                         high_open=True))
-        if self.weight_decay is not None:
-            object.__setattr__(self, "weight_decay", check_float("weight_decay", self.weight_decay, low=0.0))
-        object.__setattr__(self, "beta1", check_float("beta1", self.beta1, low=0.0, high=1.0, high_open=True))
-        object.__setattr__(self, "beta2", check_float("beta2", self.beta2, low=0.0, high=1.0, high_open=True))
-        object.__setattr__(self, "eps", check_float("eps", self.eps, low=0.0, low_open=True))
+        check_section(self)  # types and ranges, from the fields' declarations
         if self.nesterov and self.momentum == 0:
             raise ConfigError.invalid("nesterov", True, "needs momentum > 0")
         if self.name in ("adam", "adamw") and (self.momentum or self.nesterov):

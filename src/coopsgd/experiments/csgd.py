@@ -576,8 +576,8 @@ def fig6_cost_model(cfg: RunConfig, *, params: int, ring: np.ndarray, compute_s:
 
     from coopsgd.train.trainer import sim_clock
 
-    bpp = float(torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size())
-    clock = sim_clock(cfg).bind(cfg.workers, params, bpp)
+    bpp = float(torch.empty((), dtype=getattr(torch, cfg.execution.dtype)).element_size())
+    clock = sim_clock(cfg).bind(cfg.algorithm.workers, params, bpp)
     ring_costs = clock.round_costs("neighbor", np.asarray(ring))
     ring_s = float(sum(clock.network.round_time(c) for c in ring_costs))
     all_s = float(sum(clock.network.round_time(c) for c in clock.round_costs("allreduce")))
@@ -627,8 +627,8 @@ def fig6_paper_setting(ring: np.ndarray, tau: int = FIG6_TAU) -> dict[str, Any]:
 def _run_compute_s(cfg: RunConfig, res: dict[str, Any]) -> float | None:
     """Compute seconds per step of a run: the constant model's ``compute_ms``, else the run's simulated (or
     measured) compute time over its steps; ``None`` when the run reports neither."""
-    if cfg.compute == "constant":
-        return cfg.compute_ms / 1e3
+    if cfg.clock.compute == "constant":
+        return cfg.clock.compute_ms / 1e3
     split = res.get("simulated_split_s") or res.get("measured_split_s") or {}
     steps, _ = series(res, "step", "train_loss")
     if not split.get("compute_s") or not len(steps) or steps[-1] <= 0:
@@ -644,9 +644,9 @@ def _fig6_params(cfg: RunConfig) -> int:
     from coopsgd.models import make_model
     from coopsgd.models.registry import count_parameters
 
-    ds = load_dataset(cfg.dataset, split="train")
+    ds = load_dataset(cfg.problem.dataset, split="train")
     with torch.device("meta"):
-        model = make_model(cfg.model, num_classes=ds.num_classes, input_shape=ds.input_shape, **cfg.model_args)
+        model = make_model(cfg.problem.model, num_classes=ds.num_classes, input_shape=ds.input_shape, **cfg.problem.model_args)
     return count_parameters(model)
 
 
@@ -796,7 +796,7 @@ def run_fig6(
         a, b = runs[1]["time_to_targets_s"][f"{t:g}"], runs[2]["time_to_targets_s"][f"{t:g}"]
         ratios[f"{t:g}"] = a / b if a is not None and b is not None and b > 0 else None
     compute_s = _run_compute_s(cfgs[1], runs[1])
-    tau = int(cfgs[2].tau or FIG6_TAU)  # a dry run shortens tau (dry_run_tau)
+    tau = int(cfgs[2].algorithm.tau or FIG6_TAU)  # a dry run shortens tau (dry_run_tau)
     cost = None if compute_s is None else fig6_cost_model(cfgs[1], params=_fig6_params(cfgs[1]),
                                                            ring=ring.matrix, compute_s=compute_s, tau=tau)
     paper_cost = fig6_paper_setting(ring.matrix)

@@ -166,7 +166,7 @@ def _dry_run_check(res: dict[str, Any], cfg: Any, engine: str, shape: str) -> No
             else f"test loss {final.get('test_loss', float('nan')):.4f}")
     res["dry_run_checkpoint_step"] = int(state["step"])
     res["dry_run_line"] = (
-        f"  {res['label']}: {cfg.model} on {shape}, {cfg.workers} workers x batch {cfg.batch_size}, "
+        f"  {res['label']}: {cfg.problem.model} on {shape}, {cfg.algorithm.workers} workers x batch {cfg.problem.batch_size}, "
         f"{len(res['_metrics'])} evaluated steps, {res['communication_rounds']} communication round(s), "
         f"lr {' -> '.join(f'{v:g}' for v in lrs)}, "
         f"train loss {final.get('train_loss', float('nan')):.4f}, {test}, "
@@ -264,14 +264,12 @@ def run_config(
 
     A non-finite loss does not raise: the result's ``diverged`` holds the step and the message.
     """
-    import dataclasses
-
     from coopsgd.train.trainer import run
 
     out = Path(out)
     if ENGINE.get() == "distributed":
         # one process per worker; the stated network is emulated on every message, time is measured
-        cfg = dataclasses.replace(cfg, engine="distributed", emulate_network=True)
+        cfg = cfg.replace(engine="distributed", emulate_network=True)
     t0 = time.perf_counter()
     summary: dict[str, Any] | None = None
     error: Exception | None = None
@@ -285,18 +283,18 @@ def run_config(
                 from coopsgd.algorithms import make_preset
                 from coopsgd.theory.spectral import zeta
 
-                spec = make_preset(cfg.preset, cfg.workers, **cfg.spec_kwargs())
+                spec = make_preset(cfg.algorithm.preset, cfg.algorithm.workers, **cfg.spec_kwargs())
                 summary["zeta"] = None if spec.theory_matrix is None else zeta(spec.theory_matrix)
         except NonFiniteError as exc:
             error = exc
         except Exception as exc:  # a distributed rank that hit a NaN is reported by the launcher
-            if cfg.engine == "distributed" and "non-finite" in str(exc):
+            if cfg.execution.engine == "distributed" and "non-finite" in str(exc):
                 error = exc
             else:
                 raise
     res = _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
     if DRY_RUN.get():
-        _dry_run_check(res, cfg, cfg.engine, _shape_text(cfg.dataset))
+        _dry_run_check(res, cfg, cfg.execution.engine, _shape_text(cfg.problem.dataset))
     return res
 
 
@@ -345,7 +343,7 @@ def run_built(
         rd.write_summary(jsonable(summary))
     res = _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
     if DRY_RUN.get():
-        _dry_run_check(res, exp.config, "simulate", (extra or {}).get("data", exp.config.dataset))
+        _dry_run_check(res, exp.config, "simulate", (extra or {}).get("data", exp.config.problem.dataset))
     return res
 
 

@@ -318,7 +318,7 @@ def run_lsgd_nets(
         executed += done
         cfg = made[-1]
         note = (
-            f"{net['name']} on {cfg.dataset}, {base['workers']} workers, batch {cfg.batch_size}, "
+            f"{net['name']} on {cfg.problem.dataset}, {base['workers']} workers, batch {cfg.problem.batch_size}, "
             f"lr {base['lr']:g}, {100 * base['holdout_fraction']:g}% of the training set held out; EASGD and LSGD: "
             f"the setting of lowest held-out loss at the end; {describe_time(tf)}"
             + (f"; dry run: {DRY_RUN_STEPS} steps on synthetic data, a smoke test, not a result" if dry_run else "")
@@ -480,8 +480,8 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
     L = int(settings["seq_len"])
     if settings.get("synthetic_vocab"):
         vocab = int(settings["synthetic_vocab"])
-        gen = torch.Generator().manual_seed(cfg.seed)
-        n_train = cfg.workers * cfg.batch_size * int(cfg.max_steps or 1) * L + 1
+        gen = torch.Generator().manual_seed(cfg.execution.seed)
+        n_train = cfg.algorithm.workers * cfg.problem.batch_size * int(cfg.schedule.max_steps or 1) * L + 1
         tr_tokens = torch.randint(vocab, (n_train,), generator=gen)
         te_tokens = torch.randint(vocab, (int(settings["test_windows"]) * L + 1,), generator=gen)
     else:
@@ -497,11 +497,11 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
     if settings.get("test_windows"):
         n = int(settings["test_windows"])
         test_set = dataclasses.replace(test_set, x=test_set.x[:n], y=test_set.y[:n])
-    train_set, holdout_set = split_holdout(train_set, cfg.holdout_fraction, cfg.seed)  # windows, as the trainer
-    parts = partition(np.zeros(len(train_set), dtype=np.int64), cfg.workers, "iid", seed=cfg.seed)
-    loader = WorkerLoader(train_set, parts, cfg.batch_size, seed=cfg.seed)
-    spec = make_preset(cfg.preset, cfg.workers, **cfg.spec_kwargs())
-    torch.manual_seed(cfg.seed)
+    train_set, holdout_set = split_holdout(train_set, cfg.evaluation.holdout_fraction, cfg.execution.seed)  # windows, as the trainer
+    parts = partition(np.zeros(len(train_set), dtype=np.int64), cfg.algorithm.workers, "iid", seed=cfg.execution.seed)
+    loader = WorkerLoader(train_set, parts, cfg.problem.batch_size, seed=cfg.execution.seed)
+    spec = make_preset(cfg.algorithm.preset, cfg.algorithm.workers, **cfg.spec_kwargs())
+    torch.manual_seed(cfg.execution.seed)
     h = int(settings["hidden"])
     model = make_model(
         "lstm_lm",
@@ -517,17 +517,17 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
         spec,
         model,
         loss_fn=_lm_loss,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        executor=cfg.executor,
-        seed=cfg.seed,
-        loss_estimate=cfg.loss_estimate,
+        momentum=cfg.optimizer.momentum,
+        weight_decay=cfg.optimizer.weight_decay,
+        executor=cfg.execution.executor,
+        seed=cfg.execution.seed,
+        loss_estimate=cfg.algorithm.loss_estimate,
         clock=clock,
-        device=cfg.device,
+        device=cfg.execution.device,
     )
     spe = loader.steps_per_epoch
-    total = cfg.max_steps if cfg.max_steps is not None else max(1, int(np.ceil(cfg.epochs * spe)))
-    eval_every = cfg.eval_every or max(1, min(spe, total // 10 or 1))
+    total = cfg.schedule.max_steps if cfg.schedule.max_steps is not None else max(1, int(np.ceil(cfg.schedule.epochs * spe)))
+    eval_every = cfg.evaluation.eval_every or max(1, min(spe, total // 10 or 1))
     return Experiment(
         config=cfg,
         spec=spec,

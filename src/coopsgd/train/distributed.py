@@ -323,14 +323,14 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
     agree = bool(opts.get("agree_errors"))
     try:  # checks and set-up without any collective
         c = RunConfig.from_dict(config_dict)
-        if c.workers != world:
-            raise ConfigError.invalid("workers", c.workers, f"must equal the number of processes ({world})")
-        device = opts.get("device") or rank_device(c.device, rank)
+        if c.algorithm.workers != world:
+            raise ConfigError.invalid("workers", c.algorithm.workers, f"must equal the number of processes ({world})")
+        device = opts.get("device") or rank_device(c.execution.device, rank)
         resume = opts.get("resume")
         out_dir = opts.get("out")
         if out_dir and rank == 0 and not opts.get("checked"):  # under torchrun: no parent checked it
             check_run_dir(out_dir, c.to_dict(), overwrite=bool(opts.get("overwrite")), resume=bool(resume))
-        tensorboard = tensorboard_enabled(c.tensorboard, has_dir=bool(out_dir))
+        tensorboard = tensorboard_enabled(c.output.tensorboard, has_dir=bool(out_dir))
         ckpt = load_distributed_checkpoint(resume, world) if resume else None
         p = build_problem(c)
         spec, loader = p["spec"], p["loader"]
@@ -350,11 +350,11 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
     placement: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(rank_placement(rank, device), placement, dst=0)
     eng = DistributedEngine(
-        spec, p["model"], loss_fn=p["loss_fn"], **engine_optimizer_kwargs(c), dtype=p["dtype"], device=device, seed=c.seed,
-        loss_estimate=c.loss_estimate, probe_batch=p["probe"], net=net, nan_policy=c.nan_policy,
+        spec, p["model"], loss_fn=p["loss_fn"], **engine_optimizer_kwargs(c), dtype=p["dtype"], device=device, seed=c.execution.seed,
+        loss_estimate=c.algorithm.loss_estimate, probe_batch=p["probe"], net=net, nan_policy=c.execution.nan_policy,
         fault=fault, heartbeat=heartbeat,  # the launcher's, injected (none under torchrun)
         # pushes of a sequential schedule (DOWNPOUR) in the order they arrive: a real server on rank 0
-        downpour_order="async" if spec.schedule.sequential and c.downpour_order in ("clock", "async") else "schedule",
+        downpour_order="async" if spec.schedule.sequential and c.algorithm.downpour_order in ("clock", "async") else "schedule",
     )
     exp = Experiment(config=c, spec=spec, sim=eng, loader=loader, train_set=p["train_set"], test_set=p["test_set"],
                      loss_fn=p["loss_fn"], total_steps=p["total"], eval_every=p["eval_every"], is_lm=p["is_lm"],
@@ -492,27 +492,27 @@ def run_distributed(
     # bad input is one line and exit status 2 before any process starts
     build_problem(config)
     NetEmulation(net_latency_ms, net_bandwidth_mbps)  # validate here, not in the children
-    if config.device.startswith("cuda"):  # one GPU per rank, NCCL between them
-        if torch.cuda.device_count() < config.workers:
-            raise ConfigError.invalid("device", config.device, f"a local run puts each of the {config.workers} "
+    if config.execution.device.startswith("cuda"):  # one GPU per rank, NCCL between them
+        if torch.cuda.device_count() < config.algorithm.workers:
+            raise ConfigError.invalid("device", config.execution.device, f"a local run puts each of the {config.algorithm.workers} "
                                       f"workers on its own GPU; this machine has {torch.cuda.device_count()}")
         backend = backend or "nccl"
-    out_dir = out or config.out
+    out_dir = out or config.output.out
     opts: dict[str, Any] = {"out": str(out_dir) if out_dir else None, "timeout_s": timeout_s,
                             "net_latency_ms": net_latency_ms, "net_bandwidth_mbps": net_bandwidth_mbps}
     if resume is not None:  # check here (a clear ConfigError, no process start-up); every rank loads it again
-        ck_step = int(load_distributed_checkpoint(resume, config.workers)["step"])
-        if config.max_steps is not None and ck_step > config.max_steps:
-            raise ConfigError.invalid("max_steps", config.max_steps, f"the checkpoint is already at step {ck_step}")
+        ck_step = int(load_distributed_checkpoint(resume, config.algorithm.workers)["step"])
+        if config.schedule.max_steps is not None and ck_step > config.schedule.max_steps:
+            raise ConfigError.invalid("max_steps", config.schedule.max_steps, f"the checkpoint is already at step {ck_step}")
         opts["resume"] = str(_checkpoint_path(resume).resolve())
     cfg = config.to_dict()
     cfg["engine"] = "distributed"
     if out_dir:  # a refused directory costs no process start-up; rank 0 removes the old run's files
         check_run_dir(out_dir, cfg, overwrite=overwrite, resume=resume is not None)
-    tensorboard_enabled(config.tensorboard, has_dir=bool(out_dir))  # tensorboard=True without the package
+    tensorboard_enabled(config.output.tensorboard, has_dir=bool(out_dir))  # tensorboard=True without the package
     opts.update(checked=True, overwrite=overwrite, progress=progress)
     try:
-        results = launch(rank_main, config.workers, (cfg, opts), timeout_s=timeout_s, backend=backend, env=env)
+        results = launch(rank_main, config.algorithm.workers, (cfg, opts), timeout_s=timeout_s, backend=backend, env=env)
     except RankFailure as exc:
         if out_dir and exc.details.get("type") == "NonFiniteError":
             _record_divergence(Path(out_dir), str(exc.details.get("message", exc)))

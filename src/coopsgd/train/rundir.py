@@ -31,6 +31,7 @@ import numpy as np
 
 from coopsgd.errors import ConfigError, CoopSGDError
 from coopsgd.fileio import append_line, atomic_write_bytes, check_output_path, read_json
+from coopsgd.train.config import RunConfig
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "environment",
            "jsonable", "check_run_dir", "prepare_run_dir", "check_compare_dir", "prepare_compare_dir",
@@ -254,16 +255,7 @@ def config_difference(old: dict[str, Any], new: dict[str, Any],
     """The first field (in the new config's order) whose value differs: ``(field, old, new)``; ``None`` if
     none does. ``ignore`` fields are skipped; a field the old config lacks (one added to RunConfig since it
     was written) counts as its default."""
-    import dataclasses
-
-    from coopsgd.train.config import RunConfig
-
-    defaults: dict[str, Any] = {}
-    for f in dataclasses.fields(RunConfig):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
+    defaults = RunConfig().to_dict()
     missing = object()
     for key in [*new, *sorted(k for k in old if k not in new)]:
         if key in ignore:

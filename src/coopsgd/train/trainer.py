@@ -68,13 +68,13 @@ class Experiment:
 
 def lr_at(config: RunConfig, step: int, steps_per_epoch: int, sim_time: float) -> float:
     """Learning rate of ``step``: linear warm-up, then x ``lr_decay_factor`` per passed epoch/time milestone."""
-    lr = config.lr
-    if config.lr_warmup_steps and step < config.lr_warmup_steps:
-        lr *= (step + 1) / config.lr_warmup_steps
+    lr = config.schedule.lr
+    if config.schedule.lr_warmup_steps and step < config.schedule.lr_warmup_steps:
+        lr *= (step + 1) / config.schedule.lr_warmup_steps
     epoch = step / steps_per_epoch
-    passed = sum(1 for e in config.lr_decay_epochs if epoch >= e)
-    passed += sum(1 for t in config.lr_decay_times_s if sim_time >= t)
-    return lr * config.lr_decay_factor**passed
+    passed = sum(1 for e in config.schedule.lr_decay_epochs if epoch >= e)
+    passed += sum(1 for t in config.schedule.lr_decay_times_s if sim_time >= t)
+    return lr * config.schedule.lr_decay_factor**passed
 
 
 def _lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ def _check_model_fits(model: torch.nn.Module, data: Any, c: RunConfig, dtype: to
             probe.eval()(x if data.vocab is not None else x.to(dtype))
     except (RuntimeError, ValueError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError.invalid("model", c.model, f"does not fit dataset {c.dataset!r} (inputs of shape "
+        raise ConfigError.invalid("model", c.problem.model, f"does not fit dataset {c.problem.dataset!r} (inputs of shape "
                                   f"{tuple(x.shape[1:])}): {first}") from None
 
 
@@ -146,9 +146,9 @@ def build_problem(config: RunConfig) -> dict[str, Any]:
     from coopsgd.models import make_model
 
     c = config
-    train_set = load_dataset(c.dataset, root=c.data_root, split="train", download=c.download, seed=c.seed,
-                             augment=c.augment)
-    test_set = load_dataset(c.dataset, root=c.data_root, split="test", download=c.download, seed=c.seed)
+    train_set = load_dataset(c.problem.dataset, root=c.problem.data_root, split="train", download=c.problem.download, seed=c.execution.seed,
+                             augment=c.problem.augment)
+    test_set = load_dataset(c.problem.dataset, root=c.problem.data_root, split="test", download=c.problem.download, seed=c.execution.seed)
     is_lm = train_set.vocab is not None
     histograms = None
     if is_lm:
@@ -157,33 +157,33 @@ def build_problem(config: RunConfig) -> dict[str, Any]:
         seq_len = 35
         train_set = lm_windows(train_set.x, seq_len, vocab=train_set.vocab)
         test_set = lm_windows(test_set.x, seq_len, vocab=train_set.vocab)
-        train_set, holdout_set = split_holdout(train_set, c.holdout_fraction, c.seed)
-        parts = partition(np.zeros(len(train_set), dtype=np.int64), c.workers, "iid", seed=c.seed)
+        train_set, holdout_set = split_holdout(train_set, c.evaluation.holdout_fraction, c.execution.seed)
+        parts = partition(np.zeros(len(train_set), dtype=np.int64), c.algorithm.workers, "iid", seed=c.execution.seed)
     else:
-        train_set, holdout_set = split_holdout(train_set, c.holdout_fraction, c.seed)
-        if c.workers > len(train_set):
-            raise ConfigError.invalid("workers", c.workers, f"more workers than training samples ({len(train_set)})")
-        parts = partition(train_set.y, c.workers, c.partition, beta=c.dirichlet_beta,
-                          shards_per_worker=c.shards_per_worker, seed=c.seed)
+        train_set, holdout_set = split_holdout(train_set, c.evaluation.holdout_fraction, c.execution.seed)
+        if c.algorithm.workers > len(train_set):
+            raise ConfigError.invalid("workers", c.algorithm.workers, f"more workers than training samples ({len(train_set)})")
+        parts = partition(train_set.y, c.algorithm.workers, c.problem.partition, beta=c.problem.dirichlet_beta,
+                          shards_per_worker=c.problem.shards_per_worker, seed=c.execution.seed)
         histograms = label_histograms(train_set.y, parts, train_set.num_classes)
-    loader = WorkerLoader(train_set, parts, c.batch_size, seed=c.seed)
+    loader = WorkerLoader(train_set, parts, c.problem.batch_size, seed=c.execution.seed)
     # the preset's declaration says which run-time inputs it takes (FedAvg: shard sizes, local epochs)
     spec = c.build_spec(shard_sizes=loader.shard_sizes, steps_per_epoch=loader.steps_per_epoch)
-    torch.manual_seed(c.seed)
-    model_kw: dict[str, Any] = dict(c.model_args)
-    if is_lm and c.model == "lstm_lm":
+    torch.manual_seed(c.execution.seed)
+    model_kw: dict[str, Any] = dict(c.problem.model_args)
+    if is_lm and c.problem.model == "lstm_lm":
         model_kw.setdefault("batch_first", True)  # lm_windows + WorkerLoader give (batch, seq_len) tokens
-    model = make_model(c.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape, **model_kw)
-    dtype = torch.float64 if c.dtype == "float64" else torch.float32
+    model = make_model(c.problem.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape, **model_kw)
+    dtype = torch.float64 if c.execution.dtype == "float64" else torch.float32
     _check_model_fits(model, train_set, c, dtype)
     probe = None
-    if c.loss_estimate == "probe":
-        g = torch.Generator().manual_seed(c.seed)
+    if c.algorithm.loss_estimate == "probe":
+        g = torch.Generator().manual_seed(c.execution.seed)
         idx = torch.randperm(len(train_set), generator=g)[: min(512, len(train_set))]
         probe = (train_set.x[idx].to(dtype) if not is_lm else train_set.x[idx], train_set.y[idx])
     spe = loader.steps_per_epoch
-    total = c.max_steps if c.max_steps is not None else max(1, math.ceil(c.epochs * spe))
-    eval_every = c.eval_every or max(1, min(spe, total // 10 or 1))
+    total = c.schedule.max_steps if c.schedule.max_steps is not None else max(1, math.ceil(c.schedule.epochs * spe))
+    eval_every = c.evaluation.eval_every or max(1, min(spe, total // 10 or 1))
     return {"train_set": train_set, "holdout_set": holdout_set, "test_set": test_set, "is_lm": is_lm, "histograms": histograms,
             "loader": loader, "spec": spec, "model": model, "dtype": dtype, "probe": probe, "total": total,
             "eval_every": eval_every, "loss_fn": _lm_loss if is_lm else F.cross_entropy}
@@ -197,22 +197,22 @@ def sim_clock(config: RunConfig) -> Any:
     from coopsgd.theory.cost import ComputeModel, NetworkModel
 
     c = config
-    network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
+    network = NetworkModel.from_mbps(c.clock.net_latency_ms, c.clock.net_bandwidth_mbps)
     compute: ComputeModel | FlopCompute | None = None
-    if c.compute == "flops":
-        compute = FlopCompute(c.compute_gflops, fallback=ComputeModel(mean_s=c.compute_ms / 1e3))
-    elif c.compute != "measured":
-        compute = ComputeModel(mean_s=c.compute_ms / 1e3, distribution=c.compute, spread=c.compute_spread)
-    return SimClock(network, compute, seed=c.seed)
+    if c.clock.compute == "flops":
+        compute = FlopCompute(c.clock.compute_gflops, fallback=ComputeModel(mean_s=c.clock.compute_ms / 1e3))
+    elif c.clock.compute != "measured":
+        compute = ComputeModel(mean_s=c.clock.compute_ms / 1e3, distribution=c.clock.compute, spread=c.clock.compute_spread)
+    return SimClock(network, compute, seed=c.execution.seed)
 
 
 def engine_optimizer_kwargs(config: RunConfig) -> dict[str, Any]:
     """The inner-optimizer arguments of the simulator and the distributed engine from a config: ``optimizer``
     (``None``: the preset's own, else SGD), SGD's momentum / Nesterov, Adam's betas / eps / AMSGrad and the
     optimizer's weight decay (``None``: torch's default)."""
-    c = config
-    return {"optimizer": c.optimizer, "momentum": c.momentum, "nesterov": c.nesterov, "weight_decay": c.weight_decay,
-            "betas": (c.beta1, c.beta2), "eps": c.eps, "amsgrad": c.amsgrad}
+    o = config.optimizer
+    return {"optimizer": o.name, "momentum": o.momentum, "nesterov": o.nesterov, "weight_decay": o.weight_decay,
+            "betas": o.betas, "eps": o.eps, "amsgrad": o.amsgrad}
 
 
 def build(config: RunConfig) -> Experiment:
@@ -230,12 +230,12 @@ def build(config: RunConfig) -> Experiment:
     p = build_problem(c)
     clock = sim_clock(c)
     sim = Simulator(p["spec"], p["model"], loss_fn=p["loss_fn"], **engine_optimizer_kwargs(c),
-                    executor=c.executor, dtype=p["dtype"], seed=c.seed,
-                    loss_estimate=c.loss_estimate, probe_batch=p["probe"], clock=clock,
-                    downpour_order=c.downpour_order if p["spec"].schedule.sequential else "schedule",
-                    nan_policy=c.nan_policy, device=c.device,
-                    executor_cache=ExecutorCache() if c.executor == "auto" else None)
-    sim.prepare(feed_from(p["loader"])(0, range(c.workers), p["spec"].schedule.active(0)))
+                    executor=c.execution.executor, dtype=p["dtype"], seed=c.execution.seed,
+                    loss_estimate=c.algorithm.loss_estimate, probe_batch=p["probe"], clock=clock,
+                    downpour_order=c.algorithm.downpour_order if p["spec"].schedule.sequential else "schedule",
+                    nan_policy=c.execution.nan_policy, device=c.execution.device,
+                    executor_cache=ExecutorCache() if c.execution.executor == "auto" else None)
+    sim.prepare(feed_from(p["loader"])(0, range(c.algorithm.workers), p["spec"].schedule.active(0)))
     return Experiment(config=c, spec=p["spec"], sim=sim, loader=p["loader"], train_set=p["train_set"],
                       test_set=p["test_set"], loss_fn=p["loss_fn"], total_steps=p["total"],
                       eval_every=p["eval_every"], is_lm=p["is_lm"], histograms=p["histograms"],
@@ -296,7 +296,7 @@ def nn_evaluator(exp: Experiment, *, wall_offset: float = 0.0) -> Callable[..., 
     """
     c = exp.config
     steps_per_epoch = exp.steps_per_epoch
-    dtype = torch.float64 if c.dtype == "float64" else torch.float32
+    dtype = torch.float64 if c.execution.dtype == "float64" else torch.float32
     test_set, train_set, is_lm, loss_fn = exp.test_set, exp.train_set, exp.is_lm, exp.loss_fn
     holdout_set = exp.holdout_set
     zeta = _zeta(exp.spec)
@@ -310,9 +310,9 @@ def nn_evaluator(exp: Experiment, *, wall_offset: float = 0.0) -> Callable[..., 
         times = engine.time_record()
         if not engine.is_writer:
             return {}
-        nt = min(c.eval_samples, len(test_set))
+        nt = min(c.evaluation.eval_samples, len(test_set))
         test = evaluate_model(center, test_set.x[:nt], test_set.y[:nt], loss_fn, is_lm=is_lm, dtype=dtype)
-        n = min(c.eval_samples, len(train_set))
+        n = min(c.evaluation.eval_samples, len(train_set))
         train = evaluate_model(avg, train_set.x[:n], train_set.y[:n], loss_fn, is_lm=is_lm, dtype=dtype)
         wall = time.perf_counter() - t0
         rec: dict[str, Any] = {
@@ -328,7 +328,7 @@ def nn_evaluator(exp: Experiment, *, wall_offset: float = 0.0) -> Callable[..., 
             "leader": engine.leader,
             "dropped_rounds": list(st.dropped),
             **_time_fields(times, st.train_s, wall),
-            "measured_samples_per_s": step * c.workers * c.batch_size / st.train_s if st.train_s > 0 else None,
+            "measured_samples_per_s": step * c.algorithm.workers * c.problem.batch_size / st.train_s if st.train_s > 0 else None,
         }
         if is_lm:
             rec["test_perplexity"] = test["perplexity"]
@@ -337,7 +337,7 @@ def nn_evaluator(exp: Experiment, *, wall_offset: float = 0.0) -> Callable[..., 
             rec["test_accuracy"] = test["accuracy"]
             rec["train_accuracy"] = train["accuracy"]
         if holdout_set is not None:
-            nh = min(c.eval_samples, len(holdout_set))
+            nh = min(c.evaluation.eval_samples, len(holdout_set))
             held = evaluate_model(center, holdout_set.x[:nh], holdout_set.y[:nh], loss_fn, is_lm=is_lm, dtype=dtype)
             rec["holdout_loss"] = held["loss"]
             rec["holdout_perplexity" if is_lm else "holdout_accuracy"] = held["perplexity" if is_lm else "accuracy"]
@@ -379,7 +379,7 @@ def loop_plan(exp: Experiment, *, checkpoint: Callable[[int, LoopState], None] |
     """The :class:`LoopPlan` of a run built from a :class:`RunConfig` (simulator or one distributed rank)."""
     c, eng = exp.config, exp.sim
     spe = exp.steps_per_epoch
-    uses_time = bool(c.lr_decay_times_s)
+    uses_time = bool(c.schedule.lr_decay_times_s)
 
     def lr(step: int, train_s: float) -> float:
         if not uses_time:
@@ -396,7 +396,7 @@ def loop_plan(exp: Experiment, *, checkpoint: Callable[[int, LoopState], None] |
     return LoopPlan(
         total_steps=exp.total_steps, eval_every=exp.eval_every, lr=lr, feed=feed_from(exp.loader),
         evaluate=nn_evaluator(exp, wall_offset=wall_offset), checkpoint=checkpoint,
-        checkpoint_every=c.checkpoint_every, nan_policy=c.nan_policy, max_skips=c.max_skips,
+        checkpoint_every=c.output.checkpoint_every, nan_policy=c.execution.nan_policy, max_skips=c.execution.max_skips,
         on_step=on_step if progress is not None else None,
     )
 
@@ -417,7 +417,7 @@ def iterate(
         raise ConfigError.invalid("start_step", start_step, f"the simulator is at step {exp.sim.step_count}")
     bar = None
     if progress:  # a bar on a terminal, a line every ~10 s or 10% elsewhere
-        bar = Progress(exp.total_steps, initial=start_step, desc=f"{exp.spec.name} x{exp.config.workers}")
+        bar = Progress(exp.total_steps, initial=start_step, desc=f"{exp.spec.name} x{exp.config.algorithm.workers}")
 
     def tick(stats: StepStats) -> None:
         assert bar is not None
@@ -547,7 +547,7 @@ def _warn_without_rounds(exp: Experiment) -> None:
     """Warn when the run ends before its first communication round (``total_steps < tau``): the workers
     then train alone and nothing is averaged. (Reconstructed; see the helper report of issue 14.)"""
     spec = exp.spec
-    if spec.workers > 1 and exp.total_steps < spec.tau and not exp.config.warmup_steps:
+    if spec.workers > 1 and exp.total_steps < spec.tau and not exp.config.algorithm.warmup_steps:
         log.warning("%s: no communication round happens in this run's %d steps (tau = %d); the workers train "
                     "alone and are never averaged: raise max_steps or lower tau", spec.name, exp.total_steps,
                     spec.tau)
@@ -577,12 +577,12 @@ def train(
     configuration's run (:func:`coopsgd.train.rundir.check_run_dir`; checked before anything is built)
     unless ``overwrite``; the old run's files are removed first (not when resuming).
     """
-    if config.engine != "simulate":
-        raise ConfigError.invalid("engine", config.engine, "train() runs the 'simulate' engine")
-    out_dir = out or config.out
+    if config.execution.engine != "simulate":
+        raise ConfigError.invalid("engine", config.execution.engine, "train() runs the 'simulate' engine")
+    out_dir = out or config.output.out
     if out_dir:
         check_run_dir(out_dir, config.to_dict(), overwrite=overwrite, resume=resume is not None)
-    tensorboard = tensorboard_enabled(config.tensorboard, has_dir=bool(out_dir))
+    tensorboard = tensorboard_enabled(config.output.tensorboard, has_dir=bool(out_dir))
     exp = build(config)
     _warn_without_rounds(exp)
     start = 0
@@ -665,7 +665,7 @@ def summarize(spec: AlgorithmSpec, config: RunConfig, last: dict[str, Any], *, t
         "status": "ok",
         "engine": engine,
         "preset": spec.name,
-        "workers": config.workers,
+        "workers": config.algorithm.workers,
         "steps": total_steps,
         "final": final,
         "time_s": last.get("time_s"),
@@ -703,30 +703,30 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
     from coopsgd.theory.cost import ComputeModel, NetworkModel, expected_runtime
 
     c = config
-    out_dir = out or c.out
+    out_dir = out or c.output.out
     if out_dir:
         check_run_dir(out_dir, c.to_dict(), overwrite=overwrite)
-    tensorboard = tensorboard_enabled(c.tensorboard, has_dir=bool(out_dir))
-    args = dict(c.objective_args)
-    if c.objective in ("quadratic", "logistic"):
-        args.setdefault("workers", c.workers)
-    if c.objective in ("quadratic", "matrix_completion", "logistic"):
-        args.setdefault("seed", c.seed)
-    if c.objective == "logistic":
-        args.setdefault("batch_size", c.batch_size)
-        args.setdefault("iid", c.partition == "iid")
-    obj = make_objective(c.objective, **args)
+    tensorboard = tensorboard_enabled(c.output.tensorboard, has_dir=bool(out_dir))
+    args = dict(c.problem.objective_args)
+    if c.problem.objective in ("quadratic", "logistic"):
+        args.setdefault("workers", c.algorithm.workers)
+    if c.problem.objective in ("quadratic", "matrix_completion", "logistic"):
+        args.setdefault("seed", c.execution.seed)
+    if c.problem.objective == "logistic":
+        args.setdefault("batch_size", c.problem.batch_size)
+        args.setdefault("iid", c.problem.partition == "iid")
+    obj = make_objective(c.problem.objective, **args)
     spec = c.build_spec()
-    inner = c.optimizer or spec.inner_optimizer or "sgd"
+    inner = c.optimizer.name or spec.inner_optimizer or "sgd"
     if inner != "sgd":
         raise ConfigError.invalid("optimizer", inner, "the reference engine's workers run plain SGD on analytic "
                                   f"objectives; use --optimizer sgd (preset {spec.name!r}) or another engine")
-    steps = c.max_steps or 300
-    eng = ReferenceEngine(spec, obj, seed=c.seed, nan_policy=c.nan_policy)
+    steps = c.schedule.max_steps or 300
+    eng = ReferenceEngine(spec, obj, seed=c.execution.seed, nan_policy=c.execution.nan_policy)
     rc = spec_round_cost(spec, obj.dim, bytes_per_param=8)
-    network = NetworkModel.from_mbps(c.net_latency_ms, c.net_bandwidth_mbps)
-    compute = ComputeModel(mean_s=c.compute_ms / 1e3, spread=c.compute_spread,
-                           distribution="constant" if c.compute in ("measured", "flops") else c.compute)
+    network = NetworkModel.from_mbps(c.clock.net_latency_ms, c.clock.net_bandwidth_mbps)
+    compute = ComputeModel(mean_s=c.clock.compute_ms / 1e3, spread=c.clock.compute_spread,
+                           distribution="constant" if c.clock.compute in ("measured", "flops") else c.clock.compute)
     clock = expected_runtime(steps=steps, tau=spec.tau, workers=spec.workers, cost=rc, network=network,
                              compute=compute, overlap=spec.overlap, trials=1 if compute.deterministic else 50)
     per_step = clock["per_step_s"]
@@ -755,8 +755,8 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
         return rec
 
     plan = LoopPlan(total_steps=steps, eval_every=max(1, steps // 200), lr=lambda k, _t: lr_at(c, k, max(1, steps), 0.0),
-                    feed=lambda k, local, active: None, evaluate=evaluate, nan_policy=c.nan_policy,
-                    max_skips=c.max_skips)
+                    feed=lambda k, local, active: None, evaluate=evaluate, nan_policy=c.execution.nan_policy,
+                    max_skips=c.execution.max_skips)
     rd = RunDir.create(out_dir, c.to_dict(), overwrite=overwrite) if out_dir else None
     if rd is not None:
         rd.write_config(c.to_dict(), {"spec": spec.describe()})
@@ -801,16 +801,16 @@ def run(config: RunConfig, *, progress: bool = False, out: str | Path | None = N
         resume: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Dispatch on ``config.engine``. ``overwrite``: replace another configuration's run in the run directory
     (:func:`coopsgd.train.rundir.check_run_dir`)."""
-    if resume is not None and config.engine == "reference":
+    if resume is not None and config.execution.engine == "reference":
         raise ConfigError.invalid("resume", str(resume), "resuming is supported by the 'simulate' and 'distributed' engines")
-    if config.engine == "reference":
+    if config.execution.engine == "reference":
         return train_reference(config, progress=progress, out=out, overwrite=overwrite)
-    if config.engine == "simulate":
+    if config.execution.engine == "simulate":
         return train(config, progress=progress, out=out, resume=resume, overwrite=overwrite)
     from coopsgd.train.distributed import run_distributed
 
-    emulate = config.emulate_network
-    return run_distributed(config, out=out, timeout_s=config.timeout_s, resume=resume,
-                           net_latency_ms=config.net_latency_ms if emulate else None,
-                           net_bandwidth_mbps=config.net_bandwidth_mbps if emulate else None,
+    emulate = config.clock.emulate_network
+    return run_distributed(config, out=out, timeout_s=config.execution.timeout_s, resume=resume,
+                           net_latency_ms=config.clock.net_latency_ms if emulate else None,
+                           net_bandwidth_mbps=config.clock.net_bandwidth_mbps if emulate else None,
                            overwrite=overwrite, progress=progress)

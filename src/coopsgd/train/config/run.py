@@ -1,0 +1,280 @@
+"""RunConfig: one validated, typed description of a training run, in sections (flags or a TOML/YAML/JSON file).
+
+A config is made of the frozen sections of :mod:`coopsgd.train.config.sections` plus the inner optimizer
+(:class:`coopsgd.algorithms.inner.OptimizerSettings`). Every setting has one *flat key*, unique over the
+sections (``lr`` is ``schedule.lr``; ``optimizer`` is ``optimizer.name``): ``RunConfig(lr=0.05, workers=4)``,
+flat config files and run directories' ``config.json`` use them; sectioned files use tables
+(``[schedule] lr = 0.05``). Unknown keys are errors naming the key (with a did-you-mean); bad values are
+errors naming the key, the value and what is allowed. Files are read with safe parsers only (``tomllib``,
+``yaml.safe_load``, ``json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from coopsgd.algorithms.inner import INNER_OPTIMIZERS, OptimizerSettings
+from coopsgd.algorithms.registry import preset_kwargs, spec_from_settings
+from coopsgd.algorithms.spec import AlgorithmSpec, Policies
+from coopsgd.errors import ConfigError
+from coopsgd.fileio import read_text
+from coopsgd.settings import SettingField, settings_of, unknown_key
+from coopsgd.train.config.sections import (
+    AlgorithmSettings,
+    ClockSettings,
+    EvaluationSettings,
+    ExecutionSettings,
+    OutputSettings,
+    ProblemSettings,
+    ScheduleSettings,
+)
+
+__all__ = ["RunConfig", "load_config", "SECTIONS", "FLAT_KEYS", "OPTIMIZERS", "FLOAT32_MAX", "flat_settings",
+           "config_settings"]
+
+#: The workers' inner optimizers by name (coopsgd.engines.optim.OPTIMIZERS; any torch.optim class through the
+#: Python API).
+OPTIMIZERS = INNER_OPTIMIZERS
+#: Largest magnitude a float32 holds; a larger setting overflows when torch puts it into a float32 tensor.
+FLOAT32_MAX = 3.4028234663852886e38
+
+#: The sections of a run configuration by name, in the order they are checked, shown in ``--help`` and written
+#: (``to_dict``: the first difference between two run directories' configs is the engine's, then the algorithm's).
+SECTIONS: dict[str, type] = {
+    "execution": ExecutionSettings,
+    "algorithm": AlgorithmSettings,
+    "problem": ProblemSettings,
+    "optimizer": OptimizerSettings,
+    "schedule": ScheduleSettings,
+    "evaluation": EvaluationSettings,
+    "clock": ClockSettings,
+    "output": OutputSettings,
+}
+
+
+def config_settings() -> Iterator[tuple[str, SettingField]]:
+    """Every setting of a run configuration: ``(section name, declaration)``, section by section."""
+    for name, cls in SECTIONS.items():
+        for s in settings_of(cls):
+            yield name, s
+
+
+def _flat_keys() -> dict[str, tuple[str, SettingField]]:
+    out: dict[str, tuple[str, SettingField]] = {}
+    for section, s in config_settings():
+        if s.key in out:
+            raise TypeError(f"setting key {s.key!r} is declared twice ({out[s.key][0]} and {section})")
+        if s.key in SECTIONS and s.key != section:
+            raise TypeError(f"setting key {s.key!r} of {section} is the name of a section")
+        out[s.key] = (section, s)
+    return out
+
+
+#: Flat key -> (its section, its declaration). Every key belongs to exactly one section (checked here).
+FLAT_KEYS: dict[str, tuple[str, SettingField]] = _flat_keys()
+
+
+@dataclass(frozen=True, init=False)
+class RunConfig:
+    """Everything a run needs, in sections (frozen: :meth:`replace` makes a changed copy).
+
+    ``RunConfig(preset="easgd", lr=0.05)`` takes flat keys (each routed to its section), whole sections
+    (``RunConfig(optimizer=OptimizerSettings("adamw"))``; a mapping is a section's fields) or both (the flat
+    keys apply on top of the given section)."""
+
+    execution: ExecutionSettings
+    algorithm: AlgorithmSettings
+    problem: ProblemSettings
+    optimizer: OptimizerSettings
+    schedule: ScheduleSettings
+    evaluation: EvaluationSettings
+    clock: ClockSettings
+    output: OutputSettings
+
+    def __init__(self, **settings: Any) -> None:
+        given: dict[str, Any] = {}
+        flat: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for key, value in settings.items():
+            if key in SECTIONS and (isinstance(value, SECTIONS[key]) or isinstance(value, Mapping)):
+                given[key] = value
+            elif key in FLAT_KEYS:
+                section, s = FLAT_KEYS[key]
+                flat[section][s.name] = value
+            else:
+                raise unknown_key("RunConfig", key, [*FLAT_KEYS, *SECTIONS], value)
+        for name, cls in SECTIONS.items():
+            base = given.get(name)
+            if isinstance(base, Mapping):
+                base = cls(**_section_fields(name, base, "RunConfig"))
+            if base is None:
+                section = cls(**flat[name])
+            else:
+                section = replace(base, **flat[name]) if flat[name] else base
+            object.__setattr__(self, name, section)
+        self._check_across()
+
+    # -- checks across sections ------------------------------------------------------------------
+    def _check_across(self) -> None:
+        if self.algorithm.downpour_order == "async" and self.execution.engine != "distributed":
+            raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
+                                      "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
+        if self.execution.dtype != "float32":
+            return
+        for key, value in self.to_dict().items():
+            if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+                raise ConfigError.invalid(key, value, f"does not fit dtype float32 (|x| <= {FLOAT32_MAX:.4g}); use "
+                                          "a smaller value or dtype float64")
+        s = self.schedule
+        milestones = len(s.lr_decay_epochs) + len(s.lr_decay_times_s)
+        if s.lr_decay_factor > 1 and milestones and (
+                math.log(s.lr) + milestones * math.log(s.lr_decay_factor) > math.log(FLOAT32_MAX)):
+            raise ConfigError.invalid("lr_decay_factor", s.lr_decay_factor, f"lr={s.lr:g} x {s.lr_decay_factor:g}^"
+                                      f"{milestones} milestones does not fit dtype float32 (<= {FLOAT32_MAX:.4g})")
+
+    # -- conversion ------------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some settings changed: flat keys (``out="runs/x"``) and / or whole sections."""
+        return RunConfig(**{**self.sections(), **changes})
+
+    def sections(self) -> dict[str, Any]:
+        """The sections by name."""
+        return {name: getattr(self, name) for name in SECTIONS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting by its flat key (what ``config.json`` and checkpoints hold; :meth:`from_dict` reads it)."""
+        return {s.key: copy.deepcopy(getattr(getattr(self, section), s.name)) for section, s in config_settings()}
+
+    def to_sections(self) -> dict[str, dict[str, Any]]:
+        """Every setting in its section (the shape of a sectioned config file; :meth:`from_dict` reads it)."""
+        out: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        for section, s in config_settings():
+            out[section][s.name] = copy.deepcopy(getattr(getattr(self, section), s.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "config") -> RunConfig:
+        """A config from a mapping of flat keys, of section tables (``{"schedule": {"lr": 0.1}}``) or both."""
+        return cls(**flat_settings(data, source=source))
+
+    # -- the algorithm ---------------------------------------------------------------------------
+    def preset_settings(self) -> dict[str, Any]:
+        """The preset settings of this config (``None`` / ``False`` = not given)."""
+        return self.algorithm.preset_settings()
+
+    def spec_policies(self) -> Policies:
+        """The buffer / optimizer-state :class:`coopsgd.algorithms.Policies` of this config."""
+        return Policies(buffers=self.algorithm.buffers, optimizer_state=self.algorithm.optimizer_state)  # type: ignore[arg-type]
+
+    def spec_kwargs(self, *, lenient: bool = False) -> dict[str, Any]:
+        """Arguments for :func:`coopsgd.algorithms.make_preset`, from the preset's declaration.
+
+        A setting the preset does not take is an error naming it, or silently dropped when ``lenient``
+        (``coopsgd compare`` shares one set of flags across presets). Settings that need the data
+        (FedAvg's ``local_epochs``) are not included: :meth:`build_spec` applies them.
+        """
+        return preset_kwargs(self.algorithm.preset, self.preset_settings(), seed=self.execution.seed,
+                             policies=self.spec_policies(), lenient=lenient)
+
+    def build_spec(
+        self, *, shard_sizes: Any = None, steps_per_epoch: int | None = None, lenient: bool = False
+    ) -> AlgorithmSpec:
+        """The :class:`AlgorithmSpec` of this config (see :func:`coopsgd.algorithms.registry.spec_from_settings`)."""
+        return spec_from_settings(self.algorithm.preset, self.algorithm.workers, self.preset_settings(),
+                                  shard_sizes=shard_sizes, steps_per_epoch=steps_per_epoch, seed=self.execution.seed,
+                                  policies=self.spec_policies(), lenient=lenient)
+
+
+def _key(key: Any) -> str:
+    return str(key).replace("-", "_")
+
+
+def _section_fields(section: str, table: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A section table's entries by field name; an unknown one is an error naming it (and its section, when it
+    is another section's key)."""
+    own = {s.name: s for s in settings_of(SECTIONS[section])}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        k = _key(key)
+        if k not in own:
+            elsewhere = FLAT_KEYS.get(k)
+            hint = f" ({k!r} belongs to [{elsewhere[0]}])" if elsewhere and elsewhere[0] != section else ""
+            raise unknown_key(f"{source} [{section}]", str(key), own, value, hint=hint)
+        out[k] = _finite(own[k].key, value)
+    return out
+
+
+def _finite(key: str, value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError.invalid(key, value, "must be a finite number")
+    return value
+
+
+def flat_settings(data: Any, *, source: str = "config") -> dict[str, Any]:
+    """The settings of a config mapping by flat key: flat keys as they are, section tables
+    (``{"optimizer": {"name": "adam"}}``) unfolded. An unknown key, or a setting given twice, is an error."""
+    if not isinstance(data, Mapping):
+        raise ConfigError.invalid(source, type(data).__name__, "must be a mapping of keys to values")
+    flat: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if key in flat:
+            raise ConfigError.invalid(key, value, f"{source}: given twice (as a key and in its section's table)")
+        flat[key] = value
+
+    for key, value in data.items():
+        k = _key(key)
+        if k in SECTIONS and isinstance(value, Mapping):
+            cls_fields = {s.name: s for s in settings_of(SECTIONS[k])}
+            for name, v in _section_fields(k, value, source).items():
+                put(cls_fields[name].key, v)
+        elif k in FLAT_KEYS:
+            put(k, _finite(k, value))
+        else:
+            raise unknown_key(source, str(key), [*FLAT_KEYS, *SECTIONS], value)
+    return flat
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON file into a dict (safe parsers; no code is executed). A missing, empty, non-UTF-8
+    or unparsable file, or one that does not hold a mapping, is a :class:`ConfigError` naming the file.
+
+    A file with one ``[run]`` table (``run:`` in YAML) holds its settings in that table."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError.invalid("config", str(path), "no such file" if not p.exists() else "is not a regular file")
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError.invalid("config", str(path), "must end in .toml, .yaml, .yml or .json")
+    text = read_text(p, "config")  # not empty, UTF-8: else one line naming the file
+    try:
+        data = _parse(text, suffix)
+    except Exception as exc:  # parser errors: name the file and the parser's own position message
+        raise ConfigError(f"config {str(path)!r} could not be parsed: {exc}", field="config", value=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError.invalid("config", str(path), "must contain a mapping of keys to values")
+    if "run" in data and isinstance(data["run"], dict) and len(data) == 1:
+        data = data["run"]  # allow a [run] table
+    return data
+
+
+def _parse(text: str, suffix: str) -> Any:
+    if suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # Python 3.10: the same parser from PyPI
+            import tomli as tomllib
+        return tomllib.loads(text)
+    if suffix == ".json":
+        return json.loads(text)
+    import yaml  # only for a YAML file: building the CLI parser stays cheap
+
+    return yaml.safe_load(text)
