@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from coopsgd.cli import main
@@ -33,10 +34,18 @@ def test_topology_ring_json_matches_closed_form(capsys) -> None:
     assert data["eigenvalues"] == pytest.approx(expected)
 
 
-def test_topology_plot_and_time_varying(capsys, tmp_path) -> None:
+def test_topology_plot_and_time_varying(capsys, tmp_path, saved_figures, check_png) -> None:
+    from coopsgd.topology import mixing_matrix
+
     plot = tmp_path / "ring.png"
     code, out, _ = run_cli(capsys, "topology", "torus", "--workers", "9", "--plot", str(plot))
-    assert code == 0 and plot.stat().st_size > 1000 and "zeta" in out
+    assert code == 0 and "zeta" in out
+    check_png(plot)
+    # the figure draws the 3 x 3 torus: its matrix as the heatmap, 18 edges (4 neighbours per node), its zeta
+    W = mixing_matrix("torus", 9)
+    [fig] = saved_figures
+    np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), W.matrix)
+    assert len(fig.axes[0].lines) == 18 and f"\u03b6 = {W.zeta:.4f}" in fig._suptitle.get_text()
     data = run_json(capsys, "topology", "one_peer_exponential", "--workers", "8", "--json")
     assert data["time_varying"] and len(data["rounds"]) == 3
     assert data["zeta_of_product"] == pytest.approx(0.0, abs=1e-12)
@@ -81,14 +90,33 @@ def test_theory_dpsgd_ring_and_elastic_generalised(capsys) -> None:
     assert data["zeta"] == pytest.approx(8 * z / (9 + z))
 
 
-def test_theory_heatmap(capsys, tmp_path) -> None:
+def test_theory_heatmap(capsys, tmp_path, saved_figures, check_png) -> None:
     out = tmp_path / "heat.png"
-    code, _, err = run_cli(capsys, "theory", "heatmap", "--out", str(out), "--circle", "4:0.5")
+    code, printed, err = run_cli(capsys, "theory", "heatmap", "--out", str(out), "--max-tau", "6", "--circle", "4:0.5",
+                                 "--circle", "1:0", "--json")
     assert code == 0, err
-    assert out.stat().st_size > 1000
+    assert json.loads(printed) == {"plot": str(out)}
+    check_png(out, size=(768, 576))  # 6.4 x 4.8 in at 120 dpi
+    [fig] = saved_figures
+    ax = fig.axes[0]
+    assert "tau" in ax.get_xlabel() and "zeta" in ax.get_ylabel()
+    # the colour grid is the closed form (1 + zeta^2) / (1 - zeta^2) tau - 1 over tau = 1..6, zeta = 0..0.95
+    [mesh] = ax.collections
+    taus, zetas = np.arange(1, 7), np.linspace(0.0, 0.95, 20)
+    expected = (1 + zetas[:, None] ** 2) / (1 - zetas[:, None] ** 2) * taus[None, :] - 1
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(20, 6), expected, rtol=1e-12, atol=1e-12)
+    # each --circle is one red ring at (tau, zeta), labelled with its coordinates, in the order given
+    rings = [line for line in ax.lines if line.get_marker() == "o"]
+    assert [(list(r.get_xdata()), list(r.get_ydata())) for r in rings] == [([4.0], [0.5]), ([1.0], [0.0])]
+    assert all(r.get_markeredgecolor() == "red" and r.get_markerfacecolor() == "none" for r in rings)
+    labels = [(t.get_text(), tuple(t.xy)) for t in ax.texts]
+    assert labels == [("\u03c4=4, \u03b6=0.5", (4.0, 0.5)), ("\u03c4=1, \u03b6=0", (1.0, 0.0))]
+    # without --circle: no ring, no label
+    assert run_cli(capsys, "theory", "heatmap", "--out", str(tmp_path / "plain.png"))[0] == 0
+    assert not saved_figures[1].axes[0].lines and not saved_figures[1].axes[0].texts
 
 
-def test_reproduce_lsgd_toy(capsys, tmp_path) -> None:
+def test_reproduce_lsgd_toy(capsys, tmp_path, check_png) -> None:
     data = run_json(capsys, "reproduce", "lsgd-toy", "--out", str(tmp_path), "--json")
     assert set(data) >= {"easgd", "lsgd"}
     assert len(data["easgd"]["workers"]) == 4 and len(data["lsgd"]["workers"]) == 4
@@ -96,20 +124,21 @@ def test_reproduce_lsgd_toy(capsys, tmp_path) -> None:
     assert data["lsgd"]["final_objective"] == pytest.approx(-0.2172, abs=1e-3)
     assert data["lsgd"]["final_objective"] < data["easgd"]["final_objective"]
     assert data["settings"]["easgd_alpha"] == pytest.approx(0.43 / 4)
+    assert data["plots"]
     for p in data["plots"]:
-        assert (tmp_path / p.split("/")[-1]).stat().st_size > 1000
+        check_png(tmp_path / p.split("/")[-1])  # a readable PNG, not blank
 
 
-def test_reproduce_matrix_completion_small(capsys, tmp_path) -> None:
+def test_reproduce_matrix_completion_small(capsys, tmp_path, check_png) -> None:
     data = run_json(capsys, "reproduce", "matrix-completion", "--quick", "--ranks", "1,3", "--trials", "2",
                     "--steps", "80", "--d", "40", "--out", str(tmp_path), "--json")
     for r in ("1", "3"):
         assert len(data["lsgd"][r]["values"]) == 2
         assert data["lsgd"][r]["mean"] < data["easgd"][r]["mean"]
-    assert (tmp_path / "matrix_completion.png").exists()
+    check_png(tmp_path / "matrix_completion.png")
 
 
-def test_run_reference_and_compare(capsys, tmp_path) -> None:
+def test_run_reference_and_compare(capsys, tmp_path, saved_figures, check_runs_figure) -> None:
     data = run_json(capsys, "run", "--engine", "reference", "--preset", "easgd", "--workers", "4", "--objective", "quadratic",
                     "--steps", "40", "--lr", "0.1", "--out", str(tmp_path / "r"), "--json")
     assert data["communication_rounds"] == 40
@@ -123,6 +152,8 @@ def test_run_reference_and_compare(capsys, tmp_path) -> None:
     # fewer rounds, less simulated time on the same network
     assert res["local_sgd"]["simulated_time_s"] < res["sync"]["simulated_time_s"]
     assert (tmp_path / "c" / "compare.png").exists()
+    names = ["sync", "local_sgd", "dpsgd"]
+    check_runs_figure(saved_figures[-1], [tmp_path / "c" / n for n in names], names)  # logistic: test accuracy
 
 
 BAD_FLAGS = [

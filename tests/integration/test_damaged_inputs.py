@@ -220,7 +220,8 @@ def test_damaged_run_files_given_to_plot(capsys, tmp_path, good_run, name, conte
     assert_one_line(code, err, *needles)
 
 
-def test_torn_last_metrics_line_is_skipped_and_plot_works(capsys, tmp_path, good_run) -> None:
+def test_torn_last_metrics_line_is_skipped_and_plot_works(capsys, tmp_path, good_run, saved_figures,
+                                                          check_png) -> None:
     """A crash while a record was appended leaves a torn last line (no newline): readers skip it."""
     d = tmp_path / "run"
     shutil.copytree(good_run, d)
@@ -230,7 +231,12 @@ def test_torn_last_metrics_line_is_skipped_and_plot_works(capsys, tmp_path, good
     assert len(RunDir.read_metrics(d)) == n
     code, out, err = cli(capsys, "plot", str(d), "--out", str(tmp_path / "fig.png"), "--json")
     assert code == 0, err
-    assert (tmp_path / "fig.png").stat().st_size > 0
+    check_png(tmp_path / "fig.png")
+    # the figure holds the n whole records, and nothing of the torn one
+    recs = [json.loads(line) for line in good.splitlines()]
+    [loss_vs_step] = saved_figures[0].axes[0].lines
+    assert list(loss_vs_step.get_xdata()) == [r["step"] for r in recs if r.get("train_loss") is not None]
+    assert list(loss_vs_step.get_ydata()) == [r["train_loss"] for r in recs if r.get("train_loss") is not None]
 
 
 # ---------------------------------------------------------------------------------------------------------

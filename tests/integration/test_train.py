@@ -78,7 +78,7 @@ def test_nan_stops_with_worker_and_step_and_no_checkpoint(tmp_path) -> None:
         json.loads(line)  # every line that was written is valid JSON
 
 
-def test_compare_and_plot_commands(capsys, tmp_path) -> None:
+def test_compare_and_plot_commands(capsys, tmp_path, saved_figures, check_runs_figure, check_png) -> None:
     out = tmp_path / "cmp"
     code = main(["compare", "--presets", "sync,local_sgd", "--workers", "2", "--max-steps", "8", "--eval-every", "4",
                  "--out", str(out), "--json"])
@@ -86,11 +86,23 @@ def test_compare_and_plot_commands(capsys, tmp_path) -> None:
     assert code == 0, err
     data = json.loads(res)
     assert data["results"]["sync"]["communication_rounds"] == 8
-    assert (out / "compare.png").stat().st_size > 1000
-    code = main(["plot", str(out / "sync"), str(out / "local_sgd"), "--out", str(tmp_path / "p.svg"), "--json"])
+    runs = [out / "sync", out / "local_sgd"]
+    # the figure shows each run's metrics.jsonl, point for point, under the run's name; the PNG is 12 x 8 in
+    # at 110 dpi and not blank
+    assert len(saved_figures) == 1
+    check_runs_figure(saved_figures[0], runs, ["sync", "local_sgd"])
+    check_png(out / "compare.png", size=(1320, 880))
+    code = main(["plot", *map(str, runs), "--out", str(tmp_path / "p.svg"), "--title", "two runs", "--json"])
     res, err = capsys.readouterr()
     assert code == 0, err
-    assert len(json.loads(res)["runs"]) == 2 and (tmp_path / "p.svg").is_file()
+    rows = json.loads(res)["runs"]
+    assert [r["path"] for r in rows] == [str(r) for r in runs]
+    for row, run in zip(rows, runs, strict=True):
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row["train_loss"] == last["train_loss"] and row["rounds"] == last["rounds"]
+    assert len(saved_figures) == 2 and saved_figures[1]._suptitle.get_text() == "two runs"
+    check_runs_figure(saved_figures[1], runs, ["sync", "local_sgd"])  # labels from each run's config
+    assert (tmp_path / "p.svg").read_text().lstrip().startswith("<?xml")
 
 
 BAD_RUNS = [

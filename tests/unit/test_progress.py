@@ -111,12 +111,57 @@ def test_the_tty_is_asked_of_the_stream() -> None:
     assert Progress(5, stream=broken).tty is False
 
 
-def test_a_broken_stderr_does_not_stop_the_run() -> None:
-    clock, buf = FakeClock(), io.StringIO()
-    bar = Progress(2, stream=buf, tty=False, clock=clock)
-    buf.close()
-    bar.update(1)
-    bar.update(2)  # the last line cannot be written: ignored
+class BrokenPipe(io.StringIO):
+    """A stderr whose reader went away: every write raises, as ``print`` to a closed pipe does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_broken_stderr_does_not_stop_the_progress() -> None:
+    clock, pipe = FakeClock(), BrokenPipe()
+    bar = Progress(2, stream=pipe, tty=False, clock=clock)
+    clock.t += 20.0
+    bar.update(1, loss=0.75)  # 10 s passed: a line is due, and its write fails
+    assert pipe.writes == 1 and bar.n == 1 and bar.loss == 0.75
+    clock.t += 20.0
+    bar.update(2, loss=0.5)  # the last line cannot be written either: ignored, the state still moves on
+    assert pipe.writes == 2 and bar.n == 2 and bar.loss == 0.5
+    assert bar.line() == "step 2/2 (100%), loss 0.5, done in 40s"
+    closed = io.StringIO()
+    closed.close()  # a closed stream raises ValueError instead
+    bar = Progress(2, stream=closed, tty=False, clock=clock)
+    bar.update(2, loss=0.25)
+    assert bar.n == 2 and bar.loss == 0.25
+
+
+@pytest.mark.parametrize("engine", [
+    dict(engine="reference", objective="quadratic", max_steps=20),
+    dict(engine="simulate", executor="loop", max_steps=8, batch_size=16, eval_samples=100, eval_every=4),
+], ids=["reference", "simulate"])
+def test_a_broken_stderr_does_not_stop_the_run(monkeypatch, engine) -> None:
+    """A whole run with progress on and a stderr that cannot be written gives the run of progress off."""
+    from coopsgd.train import RunConfig
+    from coopsgd.train.trainer import run
+
+    cfg = dict(preset="local_sgd", tau=4, workers=2, lr=0.1, **engine)
+    quiet = run(RunConfig(**cfg))  # type: ignore[arg-type]
+    pipe = BrokenPipe()
+    with pytest.raises(BrokenPipeError):  # the stream really is broken
+        print("x", file=pipe)
+    pipe.writes = 0
+    monkeypatch.setattr("sys.stderr", pipe)
+    loud = run(RunConfig(**cfg), progress=True)  # type: ignore[arg-type]
+    monkeypatch.undo()
+    assert pipe.writes >= 1  # at least the last progress line was attempted, and its failure swallowed
+    assert loud["status"] == quiet["status"] == "ok" and loud["steps"] == cfg["max_steps"]
+    rounds = cfg["max_steps"] // 4
+    assert loud["final"] == quiet["final"] and loud["communication_rounds"] == quiet["communication_rounds"] == rounds
 
 
 @pytest.mark.parametrize("seconds,text", [(0, "0s"), (42.4, "42s"), (187, "3m07s"), (7500, "2h05m")])

@@ -549,14 +549,23 @@ def test_expected_runtime_bad_arguments():
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_heatmap_writes_png(tmp_path):
+def test_heatmap_writes_png(tmp_path, saved_figures, check_png):
     out = tmp_path / "sub" / "fig3a.png"
     got = plot_network_error_heatmap(out, circled=[(1, 0.0), (10, 0.75, "B")])
     assert got == out
-    data = out.read_bytes()
-    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_png(out, size=(768, 576))
+    ax = saved_figures[0].axes[0]
+    np.testing.assert_array_equal(np.asarray(ax.collections[0].get_array()).reshape(20, 20),
+                                  network_error_grid(range(1, 21), np.linspace(0, 0.95, 20)))
+    assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines] == [(1, 0.0), (10, 0.75)]
+    assert [(t.get_text(), tuple(t.xy)) for t in ax.texts] == [("\u03c4=1, \u03b6=0", (1, 0)), ("B", (10, 0.75))]
     svg = plot_network_error_heatmap(tmp_path / "fig.svg", taus=[1, 2, 4], zetas=[0, 0.5], log=False)
     assert svg.read_text().lstrip().startswith("<?xml")
+    ax = saved_figures[1].axes[0]
+    assert not ax.lines and ax.collections[0].norm.__class__.__name__ == "Normalize"
+    np.testing.assert_allclose(np.asarray(ax.collections[0].get_array()).reshape(2, 3),
+                               [[0, 1, 3], [5 / 3 - 1, 10 / 3 - 1, 20 / 3 - 1]], rtol=1e-12)  # (1+z^2)/(1-z^2) tau - 1
 
 
 def test_heatmap_failed_write_keeps_the_earlier_figure(tmp_path, monkeypatch):

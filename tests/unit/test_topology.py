@@ -400,14 +400,50 @@ def test_load_matrix_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------------- plotting
 
 
-def test_plot_writes_png(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def check_mixing_figure(fig, W) -> None:  # type: ignore[no-untyped-def]
+    """``fig`` draws ``W``: one edge (a line, or an arrow i -> j when S is not symmetric) per non-zero
+    off-diagonal entry between the right nodes of the circle, the heatmap is S, the title names W and zeta."""
+    from matplotlib.text import Annotation
+
+    S, n = W.matrix, W.n
+    ax_g, ax_h = fig.axes[:2]
+    angles = np.pi / 2 - 2 * np.pi * np.arange(n) / n
+    xy = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+    def node(point) -> int:  # type: ignore[no-untyped-def]
+        k = int(np.argmin(np.linalg.norm(xy - np.asarray(point, dtype=float), axis=1)))
+        assert np.allclose(xy[k], point), point
+        return k
+
+    if W.is_symmetric:
+        drawn = {frozenset(node(p) for p in line.get_xydata()) for line in ax_g.lines}
+        want = {frozenset((i, j)) for i in range(n) for j in range(n) if i != j and S[i, j] != 0}
+        assert len(ax_g.lines) == len(want)
+    else:
+        arrows = [t for t in ax_g.texts if isinstance(t, Annotation)]
+        drawn = {(node(a.xyann), node(a.xy)) for a in arrows}  # (from i, to j)
+        want = {(i, j) for i in range(n) for j in range(n) if i != j and S[i, j] != 0}
+        assert len(arrows) == len(want)
+    assert drawn == want
+    np.testing.assert_array_equal(ax_h.images[0].get_array(), S)
+    assert ax_h.images[0].get_cmap().name == ("RdBu_r" if S.min() < 0 else "viridis")
+    assert fig._suptitle.get_text() == f"{W.name}   n = {n},  \u03b6 = {W.zeta:.4f}"
+
+
+def test_plot_writes_png(tmp_path, saved_figures, check_png) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "sub" / "ring.png"
-    plot_mixing_matrix(mixing_matrix("ring", 8), out)
-    data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    ring = mixing_matrix("ring", 8)
+    plot_mixing_matrix(ring, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_png(out)
+    check_mixing_figure(saved_figures[0], ring)
     # non-symmetric and signed matrices draw too
-    plot_mixing_matrix(one_peer_exponential(8)[0], tmp_path / "ope.svg")
-    plot_mixing_matrix(mixing_matrix("star", 5, "best_constant"), tmp_path / "bc.pdf")
-    assert (tmp_path / "ope.svg").stat().st_size > 0 and (tmp_path / "bc.pdf").stat().st_size > 0
+    ope, star = one_peer_exponential(8)[0], mixing_matrix("star", 5, "best_constant")
+    plot_mixing_matrix(ope, tmp_path / "ope.svg")
+    plot_mixing_matrix(star, tmp_path / "bc.pdf")
+    assert (tmp_path / "ope.svg").read_text().lstrip().startswith("<?xml")
+    assert (tmp_path / "bc.pdf").read_bytes()[:5] == b"%PDF-"
+    check_mixing_figure(saved_figures[1], ope)
+    check_mixing_figure(saved_figures[2], star)
     with pytest.raises(ConfigError, match="path"):
         plot_mixing_matrix(mixing_matrix("ring", 4), tmp_path / "x.bmp")
