@@ -95,3 +95,10 @@ def test_flat_keywords_sections_and_replace() -> None:
         cfg.schedule.lr = 1.0  # type: ignore[misc]
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
         RunConfig(batchsize=3)
+
+
+def test_the_sectioned_example_is_the_flat_example() -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    flat = RunConfig.from_dict(load_config(examples / "local_sgd.toml"))
+    sectioned = RunConfig.from_dict(load_config(examples / "local_sgd_sections.toml"))
+    assert sectioned.replace(optimizer=None) == flat  # the example names sgd; the flat one leaves it to the preset

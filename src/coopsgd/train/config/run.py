@@ -26,15 +26,7 @@ from coopsgd.algorithms.spec import AlgorithmSpec, Policies
 from coopsgd.errors import ConfigError
 from coopsgd.fileio import read_text
 from coopsgd.settings import SettingField, settings_of, unknown_key
-from coopsgd.train.config.sections import (
-    AlgorithmSettings,
-    ClockSettings,
-    EvaluationSettings,
-    ExecutionSettings,
-    OutputSettings,
-    ProblemSettings,
-    ScheduleSettings,
-)
+from coopsgd.train.config import sections as sec
 
 __all__ = ["RunConfig", "load_config", "SECTIONS", "FLAT_KEYS", "OPTIMIZERS", "FLOAT32_MAX", "flat_settings",
            "config_settings"]
@@ -48,14 +40,14 @@ FLOAT32_MAX = 3.4028234663852886e38
 #: The sections of a run configuration by name, in the order they are checked, shown in ``--help`` and written
 #: (``to_dict``: the first difference between two run directories' configs is the engine's, then the algorithm's).
 SECTIONS: dict[str, type] = {
-    "execution": ExecutionSettings,
-    "algorithm": AlgorithmSettings,
-    "problem": ProblemSettings,
+    "execution": sec.ExecutionSettings,
+    "algorithm": sec.AlgorithmSettings,
+    "problem": sec.ProblemSettings,
     "optimizer": OptimizerSettings,
-    "schedule": ScheduleSettings,
-    "evaluation": EvaluationSettings,
-    "clock": ClockSettings,
-    "output": OutputSettings,
+    "schedule": sec.ScheduleSettings,
+    "evaluation": sec.EvaluationSettings,
+    "clock": sec.ClockSettings,
+    "output": sec.OutputSettings,
 }
 
 
@@ -89,14 +81,14 @@ class RunConfig:
     (``RunConfig(optimizer=OptimizerSettings("adamw"))``; a mapping is a section's fields) or both (the flat
     keys apply on top of the given section)."""
 
-    execution: ExecutionSettings
-    algorithm: AlgorithmSettings
-    problem: ProblemSettings
+    execution: sec.ExecutionSettings
+    algorithm: sec.AlgorithmSettings
+    problem: sec.ProblemSettings
     optimizer: OptimizerSettings
-    schedule: ScheduleSettings
-    evaluation: EvaluationSettings
-    clock: ClockSettings
-    output: OutputSettings
+    schedule: sec.ScheduleSettings
+    evaluation: sec.EvaluationSettings
+    clock: sec.ClockSettings
+    output: sec.OutputSettings
 
     def __init__(self, **settings: Any) -> None:
         given: dict[str, Any] = {}
@@ -141,7 +133,14 @@ class RunConfig:
     # -- conversion ------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with some settings changed: flat keys (``out="runs/x"``) and / or whole sections."""
-        return RunConfig(**{**self.sections(), **changes})
+        kwargs: dict[str, Any] = self.sections()
+        for key, value in changes.items():
+            if key in SECTIONS and not isinstance(value, (SECTIONS[key], Mapping)):  # the flat key `optimizer`
+                section, s = FLAT_KEYS[key]
+                kwargs[section] = replace(kwargs[section], **{s.name: value})
+            else:
+                kwargs[key] = value
+        return RunConfig(**kwargs)
 
     def sections(self) -> dict[str, Any]:
         """The sections by name."""
