@@ -36,6 +36,7 @@ and does not synchronise.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,7 @@ import numpy as np
 from coopsgd.errors import ConfigError, check_float
 from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, round_cost
 
-__all__ = ["SimClock", "FlopCompute", "DEFAULT_GFLOPS"]
+__all__ = ["SimClock", "ComputeTick", "FlopCompute", "DEFAULT_GFLOPS"]
 
 #: Default throughput of :class:`FlopCompute`, in GFLOP/s per worker: a stated, round, conservative figure
 #: for one CPU core running PyTorch's float32 training kernels on small per-worker batches. Where it comes
@@ -87,6 +88,15 @@ class FlopCompute:
         f = self.fallback
         spread = "" if f.distribution == "constant" else f", spread {f.spread:g}"
         return f"{f.distribution} {f.mean_s * 1e3:g} ms per step{spread} (compute_ms)"
+
+
+@dataclass(frozen=True)
+class ComputeTick:
+    """One step of compute, computed but not yet charged (:meth:`SimClock.compute_tick`): per-worker
+    seconds, and the clock generator's state after its draws (``None``: nothing drawn)."""
+
+    dt: np.ndarray
+    rng_state: Mapping[str, Any] | None = None
 
 
 class SimClock:
@@ -180,6 +190,15 @@ class SimClock:
     def add_compute(self, active: np.ndarray | None, measured: np.ndarray | None = None,
                     flops: np.ndarray | None = None) -> np.ndarray:
         """Advance each active worker by one step of compute; returns the per-worker times (0 if inactive).
+        (:meth:`compute_tick` then :meth:`commit`.)"""
+        tick = self.compute_tick(active, measured, flops=flops)
+        self.commit(tick)
+        return tick.dt
+
+    def compute_tick(self, active: np.ndarray | None, measured: np.ndarray | None = None,
+                     flops: np.ndarray | None = None) -> ComputeTick:
+        """One step of compute of each active worker, not yet charged (:meth:`commit` charges it; the clock
+        and its generator do not change before): the per-worker times (0 if inactive).
 
         ``flops`` (length m: each worker's counted FLOPs for this step) is used by a :class:`FlopCompute`
         model; without it (the model could not be counted) that model's ``fallback`` is used. ``measured``
@@ -188,6 +207,7 @@ class SimClock:
         m = self.workers
         mask = np.ones(m, dtype=bool) if active is None else np.asarray(active, dtype=bool)
         cm = self.compute
+        rng_state = None
         if isinstance(cm, FlopCompute) and flops is not None:
             dt = cm.seconds(flops).reshape(m).copy()
         else:
@@ -195,12 +215,19 @@ class SimClock:
                 cm = cm.fallback
             if cm is None:
                 dt = np.zeros(m) if measured is None else np.asarray(measured, dtype=np.float64).copy()
-            else:
-                dt = cm.sample(self.rng, m)
-        dt = np.where(mask, dt, 0.0)
-        self.t += dt
-        self.busy += dt
-        return dt
+            else:  # drawn from a copy of the generator: the clock's own moves on at commit
+                rng = np.random.Generator(type(self.rng.bit_generator)())
+                rng.bit_generator.state = self.rng.bit_generator.state
+                dt = cm.sample(rng, m)
+                rng_state = rng.bit_generator.state
+        return ComputeTick(np.where(mask, dt, 0.0), rng_state)
+
+    def commit(self, tick: ComputeTick) -> None:
+        """Charge a :meth:`compute_tick` to the workers' clocks."""
+        self.t += tick.dt
+        self.busy += tick.dt
+        if tick.rng_state is not None:
+            self.rng.bit_generator.state = tick.rng_state
 
     def round_costs(self, pattern: str, matrix: np.ndarray | None = None) -> list[RoundCost]:
         """The alpha-beta cost items of one round of ``pattern`` (see the module docstring)."""

@@ -84,7 +84,7 @@ from coopsgd.engines.executors import (
     synchronize,
 )
 from coopsgd.engines.kernel import InProcess, RoundKernel
-from coopsgd.engines.mixing import plan_round
+from coopsgd.engines.mixing import Round, plan_round
 from coopsgd.engines.optim import AdamOptions, InnerOptimizer, SGDOptions
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES, ModelRows
@@ -97,9 +97,6 @@ log = logging.getLogger(__name__)
 #: The simulator's step record is the engines' common one.
 SimStepStats = StepStats
 
-
-class _Frozen(Exception):
-    """Internal: this step does not update (nan_policy="skip" after a non-finite value)."""
 
 _DOWNPOUR_ORDERS = ("schedule", "clock")
 _STATE_VERSION = 2  # 2: the schedule's run state ("schedule_state") replaces "schedule"/"schedule_rounds"
@@ -127,10 +124,16 @@ def _choice_settled(times: dict[str, list[float]]) -> bool:
     return max(times[fast]) < min(times[slow]) and med[slow] > 1.10 * med[fast]
 
 
-def _general_bound(opts: InnerOptimizer, X: float, gmax: float, lr: float) -> float:
-    """A bound on |state| after one step of a non-SGD optimizer from |state| <= X and |gradient| <= gmax
-    (``inf``: none known, the step is checked on a copy). Adam: the moments stay below max(X, g, g^2) and
-    |exp_avg_hat| / (sqrt(exp_avg_sq_hat) + eps) <= max(X, g) / ((1 - beta1) eps)."""
+def _step_bound(opts: InnerOptimizer, X: float, gmax: float, lr: float) -> float:
+    """A bound on |state| after one step from |state| <= X and |gradient| <= gmax, before the round
+    (``inf``: none known, the step is checked on a copy). SGD: |x| + lr |D| with D's own bound. Adam: the
+    moments stay below max(X, g, g^2) and |exp_avg_hat| / (sqrt(exp_avg_sq_hat) + eps) <= max(X, g) /
+    ((1 - beta1) eps)."""
+    if isinstance(opts, SGDOptions):
+        g1 = gmax + opts.weight_decay * X
+        buf = opts.momentum * X + g1
+        D = g1 + opts.momentum * buf if opts.nesterov else (buf if opts.stateful else g1)
+        return X + lr * D
     if not isinstance(opts, AdamOptions):
         return math.inf
     wd = opts.weight_decay
@@ -684,15 +687,27 @@ class Simulator(ModelRows):
             out[i] = self._to_batch(batches[i], f"batches[{i}]")
         return out
 
-    def _raise_rows(self, bad: Tensor | np.ndarray, idx: list[int], step: int, what: str) -> None:
+    def _nonfinite(self, bad: Tensor | np.ndarray, idx: list[int], step: int, what: str) -> NonFiniteError:
+        """The error naming the first non-finite row among ``idx`` (``bad`` flags them) and every bad worker."""
         flagged = np.flatnonzero(np.asarray(bad))
         node = idx[int(flagged[0])]
         kind = "worker" if node < self.m else "auxiliary node"
-        raise NonFiniteError(
+        return NonFiniteError(
             f"non-finite {what} on {kind} {node} at step {step}: the run diverged "
             f"(try a smaller learning rate, or for EASGD alpha < 2/(m+1))",
             workers=sorted({int(idx[int(j)]) for j in flagged if idx[int(j)] < self.m}),
         )
+
+    def _found(self, k: int, exc: NonFiniteError) -> None:
+        """A non-finite value at step ``k``: ``nan_policy="stop"`` raises it; ``"skip"`` marks the round as
+        bad (the workers stop updating until :meth:`check_health` drops it)."""
+        if self.nan_policy == "stop":
+            raise exc
+        if self._bad is None:
+            self._bad = {"step": k, "workers": {}}
+        for w in exc.workers:
+            self._bad["workers"].setdefault(str(w), k)
+        log.warning("step %d: %s; the round will be dropped (nan_policy=skip)", k, exc)
 
     def _absmax(self) -> float:
         value = self._comm.deferred_value()
@@ -717,12 +732,15 @@ class Simulator(ModelRows):
         return np.asarray(est, dtype=np.float64), hist, count
 
     def step(self, batches: Sequence[Batch | None] | None, lr: float) -> StepStats:
-        """Take one step of the algorithm: one batch per worker (``None`` for inactive workers)."""
-        spec, m = self.spec, self.m
+        """Take one step of the algorithm: one batch per worker (``None`` for inactive workers).
+
+        In order: the active workers' gradients (none while a round is marked bad), LSGD's estimates, the
+        step's compute time on the clock (:meth:`~coopsgd.engines.clock.SimClock.compute_tick`, committed
+        only after the update), the schedule's round, the update and the round; then the bookkeeping.
+        """
+        spec, m, k = self.spec, self.m, self.step_count
         lr = check_float("lr", lr, low=0.0)
-        k = self.step_count
-        sched = spec.schedule
-        mask = sched.active(k)
+        mask = spec.schedule.active(k)
         rows = None if mask is None or bool(np.all(mask)) else np.flatnonzero(mask).tolist()
         idx = list(range(m)) if rows is None else rows
         if batches is None:
@@ -733,81 +751,74 @@ class Simulator(ModelRows):
         if self._executor is None:
             self._choose_executor(batches, rows)
         flops = self._step_flops(batches) if self.clock.counts_flops else None
-        ex = self._executor
-        assert ex is not None
-
         losses = np.full(m, np.nan)
-        res: ComputeResult | None = None
-        gmax = bmax = 0.0
-        probe = None
-        skipped = False
         with torch.no_grad():
-            try:
-                if self._bad is not None:  # nan_policy="skip": frozen until the round is dropped
-                    raise _Frozen
-                if spec.needs_losses and self.loss_estimate == "probe":
-                    assert self._probe is not None
-                    pl = ex.evaluate(self._probe).to("cpu", torch.float64).numpy()
-                    if not np.all(np.isfinite(pl)):
-                        self._raise_rows(~np.isfinite(pl), list(range(m)), k, "probe loss")
-                    probe = pl
-                res = self._reuse_calibration(batches, rows) if self._calibrated is not None else None
-                if res is None:
-                    with torch.enable_grad():  # the gradients themselves (the rest of the step is no_grad)
-                        res = ex.compute(batches, rows)
-                batch_losses = res.losses.to("cpu", torch.float64).numpy()
-                if not np.all(np.isfinite(batch_losses)):
-                    self._raise_rows(~np.isfinite(batch_losses), idx, k, "loss")
-                if res.grad_absmax is not None:
-                    gmax = float(res.grad_absmax.max(initial=0.0)) if not np.isnan(res.grad_absmax).any() else math.nan
-                else:
-                    gmax = _absmax(res.grads)
-                if not math.isfinite(gmax):
-                    self._raise_rows(~torch.isfinite(res.grads).all(dim=1).cpu().numpy(), idx, k, "gradient")
-                if res.buffers is not None and res.buffers.numel():
-                    bmax = _absmax(res.buffers)
-                    if not math.isfinite(bmax):
-                        self._raise_rows(~torch.isfinite(res.buffers).all(dim=1).cpu().numpy(), idx, k, "buffer")
-                losses[idx] = batch_losses
-            except _Frozen:
-                res, skipped = None, True
-            except NonFiniteError as exc:
-                if self.nan_policy == "stop":
-                    raise
-                self._mark_bad(k, exc)
-                res, skipped = None, True
+            probe = self._probe_losses(k) if spec.needs_losses and self.loss_estimate == "probe" else None
+            got = self._gradients(batches, rows, idx, k, losses) if self._bad is None else None
             est, hist, count = (None, self._hist, self._hist_count)
             if spec.needs_losses:
                 est, hist, count = self._estimates(losses, probe)
-
-            # the clock may change before the parameters do; restored if the step fails (the schedule's
-            # run state is only committed after a successful step)
-            clock = self.clock
-            rng_state, t_before, busy_before = clock.rng.bit_generator.state, clock.t.copy(), clock.busy.copy()
-            before = (clock.compute_s, clock.communication_s, clock.idle_s)
-            try:
-                clock.add_compute(mask, self._measured(res) if res is not None else np.zeros(m), flops=flops)
-                order = np.argsort(self.clock.t, kind="stable") if self.downpour_order == "clock" else None
-                ctx = MixContext(step=k, lr=lr, losses=est, order=order)
-                mix, sched_state = sched.advance(k, ctx, self.schedule_state)
-                if mix is not None and order is not None:
-                    mix.info["order_source"] = "clock"
-                if res is not None:
-                    try:
-                        self._update(res, mix, lr, rows, gmax, bmax, k)
-                    except NonFiniteError as exc:
-                        if self.nan_policy == "stop":
-                            raise
-                        self._mark_bad(k, exc)
-                        skipped = True
-            except BaseException:
-                clock.t, clock.busy = t_before, busy_before
-                clock.rng.bit_generator.state = rng_state
-                raise
-
-        # -- commit the bookkeeping --------------------------------------------------------------------
+            tick = self.clock.compute_tick(mask, self._measured(got[0]) if got is not None else np.zeros(m),
+                                           flops=flops)
+            order = np.argsort(self.clock.t + tick.dt, kind="stable") if self.downpour_order == "clock" else None
+            mix, sched_state = spec.schedule.advance(k, MixContext(step=k, lr=lr, losses=est, order=order),
+                                                     self.schedule_state)
+            if mix is not None and order is not None:
+                mix.info["order_source"] = "clock"
+            if got is not None:
+                err = self._update(got[0], mix, lr, rows, got[1], got[2], k)
+                if err is not None:
+                    self._found(k, err)
+                    got = None
+        before = (self.clock.compute_s, self.clock.communication_s, self.clock.idle_s)
+        self.clock.commit(tick)
         self.schedule_state = sched_state
         self._hist, self._hist_count = hist, count
+        return self._record(k, lr, losses, mix, est, skipped=got is None, before=before)
+
+    def _probe_losses(self, k: int) -> np.ndarray | None:
+        """LSGD's probe losses of every worker (``None`` after a non-finite one under ``"skip"``)."""
+        assert self._probe is not None and self._executor is not None
+        pl = self._executor.evaluate(self._probe).to("cpu", torch.float64).numpy()
+        if not np.all(np.isfinite(pl)):
+            self._found(k, self._nonfinite(~np.isfinite(pl), list(range(self.m)), k, "probe loss"))
+        return pl
+
+    def _gradients(self, batches: Sequence[Batch | None], rows: list[int] | None, idx: list[int], k: int,
+                   losses: np.ndarray) -> tuple[ComputeResult, float, float] | None:
+        """The active workers' gradients with their largest |gradient| and |buffer|, their losses written into
+        ``losses``; ``None`` when a value was non-finite (under ``"skip"``; ``"stop"`` raises)."""
+        if self._bad is not None:
+            return None
+        res = self._reuse_calibration(batches, rows) if self._calibrated is not None else None
+        if res is None:
+            assert self._executor is not None
+            with torch.enable_grad():  # the gradients themselves (the rest of the step is no_grad)
+                res = self._executor.compute(batches, rows)
+        batch_losses = res.losses.to("cpu", torch.float64).numpy()
+        if not np.all(np.isfinite(batch_losses)):
+            self._found(k, self._nonfinite(~np.isfinite(batch_losses), idx, k, "loss"))
+            return None
+        if res.grad_absmax is not None:
+            gmax = float(res.grad_absmax.max(initial=0.0)) if not np.isnan(res.grad_absmax).any() else math.nan
+        else:
+            gmax = _absmax(res.grads)
+        if not math.isfinite(gmax):
+            self._found(k, self._nonfinite(~torch.isfinite(res.grads).all(dim=1).cpu().numpy(), idx, k, "gradient"))
+            return None
+        bmax = 0.0
+        if res.buffers is not None and res.buffers.numel():
+            bmax = _absmax(res.buffers)
+            if not math.isfinite(bmax):
+                self._found(k, self._nonfinite(~torch.isfinite(res.buffers).all(dim=1).cpu().numpy(), idx, k,
+                                               "buffer"))
+                return None
+        losses[idx] = batch_losses
+        return res, gmax, bmax
+
+    def _record(self, k: int, lr: float, losses: np.ndarray, mix: Mix | None, est: np.ndarray | None, *,
+                skipped: bool, before: tuple[float, float, float]) -> StepStats:
+        """Count the step and its round (the clock charges the round's cost) and return its record."""
         self.step_count += 1
         communicated = mix is not None and mix.communicates
         bytes_sent = 0.0
@@ -817,38 +828,23 @@ class Simulator(ModelRows):
             # the clock reads the matrix of neighbour rounds only: a structured mix's is not built otherwise
             matrix = None if mix.structure is not None and mix.pattern != "neighbor" else mix.matrix
             costs = self.clock.round_costs(mix.pattern, matrix)
-            self.clock.communicate(costs, overlap=spec.overlap)
+            self.clock.communicate(costs, overlap=self.spec.overlap)
             bytes_sent = float(sum(c.bytes_sent for c in costs))
             self.bytes_sent += bytes_sent
         if mix is not None and "leader" in mix.info:
             self.leader = mix.info["leader"]
+        c = self.clock
         return StepStats(
-            step=k,
-            lr=lr,
-            losses=losses,
-            communicated=communicated,
-            round=self.rounds,
-            pattern=None if mix is None else mix.pattern,
-            bytes_sent=bytes_sent,
-            info={} if mix is None else dict(mix.info),
-            sim_time=self.clock.elapsed,
-            compute_s=self.clock.compute_s - before[0],
-            communication_s=self.clock.communication_s - before[1],
-            idle_s=self.clock.idle_s - before[2],
-            estimates=est,
+            step=k, lr=lr, losses=losses, communicated=communicated, round=self.rounds,
+            pattern=None if mix is None else mix.pattern, bytes_sent=bytes_sent,
+            info={} if mix is None else dict(mix.info), sim_time=c.elapsed, compute_s=c.compute_s - before[0],
+            communication_s=c.communication_s - before[1], idle_s=c.idle_s - before[2], estimates=est,
             skipped=skipped,
         )
 
     # ------------------------------------------------------------------------------------------------
     # nan_policy="skip"
     # ------------------------------------------------------------------------------------------------
-    def _mark_bad(self, k: int, exc: NonFiniteError) -> None:
-        if self._bad is None:
-            self._bad = {"step": k, "workers": {}}
-        for w in exc.workers:
-            self._bad["workers"].setdefault(str(w), k)
-        log.warning("step %d: %s; the round will be dropped (nan_policy=skip)", k, exc)
-
     def _snapshot(self) -> None:
         good = self._good
         if good is not None and good["state"].shape == self._state.shape:
@@ -897,50 +893,24 @@ class Simulator(ModelRows):
 
     def _update(
         self, res: ComputeResult, mix: Mix | None, lr: float, rows: list[int] | None, gmax: float, bmax: float, k: int
-    ) -> None:
-        """Apply direction, rule and mixing; in place when provably overflow-free, else on a checked copy."""
-        cs = 1.0
-        rnd = None
-        if mix is not None:
-            rnd = plan_round(mix)  # from the Mix's structure, or cached per distinct matrix
-            cs = rnd.plan.col_abs_max  # max column abs-sum of S: NaN / inf iff S holds a non-finite entry
-            if not math.isfinite(cs):
-                raise NonFiniteError(f"non-finite mixing matrix at step {k}")
-        opts = self.opts
-        X = max(self._bound, bmax)
-        sgd = isinstance(opts, SGDOptions)
-        if isinstance(opts, SGDOptions):
-            g1 = gmax + opts.weight_decay * X
-            buf = opts.momentum * X + g1
-            D = g1 + opts.momentum * buf if opts.nesterov else (buf if opts.stateful else g1)
-            new_bound = max(cs, 1.0) * (X + lr * D)
-        else:
-            new_bound = max(cs, 1.0) * _general_bound(opts, X, gmax, lr)
+    ) -> NonFiniteError | None:
+        """Apply direction, rule and mixing; in place when provably overflow-free, else on a checked copy.
+        Returns what went non-finite (the state is then unchanged), else ``None``."""
+        rnd = None if mix is None else plan_round(mix)  # from the Mix's structure, or cached per matrix
+        cs = 1.0 if rnd is None else rnd.plan.col_abs_max  # max column abs-sum of S: NaN / inf iff non-finite
+        if not math.isfinite(cs):
+            return NonFiniteError(f"non-finite mixing matrix at step {k}")
+        new_bound = max(cs, 1.0) * _step_bound(self.opts, max(self._bound, bmax), gmax, lr)
         limit = float(torch.finfo(self.dtype).max) / 16
         t = RoundKernel.as_rows(rows, self.device)
-        counters = self._opt_counters
         # an outer round moves z by its own optimizer: checked on a copy (once per round)
-        outer_round = self.outer is not None and mix is not None and bool(mix.info.get("outer"))
-        if new_bound < limit and not outer_round:
-            self._kernel.apply(self._state, res.grads, t, res.buffers, counters, rnd, lr)
+        if new_bound < limit and not (self.outer is not None and rnd is not None and rnd.outer):
+            self._kernel.apply(self._state, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
             self._bound = new_bound
         else:
-            snap = None if sgd and self.outer is None else self._optimizer_snapshot()
-            self._materialize()
-            work = self._state.clone()
-            try:
-                self._kernel.apply(work, res.grads, t, res.buffers, counters, rnd, lr)
-                lo, hi = self._kernel.cols
-                self._comm.materialize(work[:, lo:hi])  # the copy is checked whole: nothing stays deferred
-                finite = torch.isfinite(work).all(dim=1)
-                if not bool(finite.all()):
-                    self._raise_rows(~finite.cpu().numpy(), list(range(self.n)), k, "model")
-            except BaseException:
-                if snap is not None:
-                    self._optimizer_restore(snap)
-                raise
-            self._state.copy_(work)
-            self._bound = self._absmax()
+            err = self._apply_checked(res, t, rnd, lr, k)
+            if err is not None:
+                return err
         if self._bound > limit * 1e-12:  # keep the running bound tight (one pass, rarely)
             self._bound = self._absmax()
         # integer buffers and momentum flags (not part of the checked state)
@@ -949,11 +919,31 @@ class Simulator(ModelRows):
                 self.other_buffers[name][: self.m].copy_(val)
             else:
                 self.other_buffers[name].index_copy_(0, t, val)
-        if isinstance(opts, SGDOptions) and opts.stateful:
+        if isinstance(self.opts, SGDOptions) and self.opts.stateful:
             if t is None:
                 self._mom_init.fill_(True)
             else:
                 self._mom_init[t] = True
+        return None
+
+    def _apply_checked(self, res: ComputeResult, t: Tensor | None, rnd: Round | None, lr: float,
+                       k: int) -> NonFiniteError | None:
+        """The step on a copy of the state, kept only when every value is finite (else the optimizer state
+        outside the state tensor is restored and the error returned)."""
+        snap = None if isinstance(self.opts, SGDOptions) and self.outer is None else self._optimizer_snapshot()
+        self._materialize()
+        work = self._state.clone()
+        self._kernel.apply(work, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
+        lo, hi = self._kernel.cols
+        self._comm.materialize(work[:, lo:hi])  # the copy is checked whole: nothing stays deferred
+        finite = torch.isfinite(work).all(dim=1)
+        if not bool(finite.all()):
+            if snap is not None:
+                self._optimizer_restore(snap)
+            return self._nonfinite(~finite.cpu().numpy(), list(range(self.n)), k, "model")
+        self._state.copy_(work)
+        self._bound = self._absmax()
+        return None
 
     # ------------------------------------------------------------------------------------------------
     # checkpoints
