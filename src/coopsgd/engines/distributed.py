@@ -61,6 +61,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import (
@@ -75,7 +76,7 @@ from coopsgd.engines.executors import LoopExecutor
 from coopsgd.engines.kernel import RoundKernel
 from coopsgd.engines.launch import no_heartbeat
 from coopsgd.engines.mixing import plan_round
-from coopsgd.engines.optim import SGDOptions
+from coopsgd.engines.optim import SGDOptions, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import ModelRows
 from coopsgd.errors import ConfigError, check_float, check_int
@@ -179,9 +180,6 @@ class DistributedEngine(ModelRows):
         model: nn.Module | Callable[[], nn.Module],
         *,
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         seed: int = 0,
@@ -195,11 +193,8 @@ class DistributedEngine(ModelRows):
         fault: FaultHook | None = None,
         nan_policy: str = "stop",
         downpour_order: str = "schedule",
-        optimizer: str | type | None = None,
-        betas: Sequence[float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        amsgrad: bool = False,
-        optimizer_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerSettings | str | type | None = None,
+        **optimizer_options: Any,
     ) -> None:
         if not isinstance(spec, AlgorithmSpec):
             raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
@@ -225,11 +220,9 @@ class DistributedEngine(ModelRows):
             raise ConfigError.invalid("fault", fault, "must be callable as fault(rank, step)")
         # rows: this worker, then the auxiliaries (none here with an asynchronous server: z lives in it)
         super().__init__(spec, model, workers_held=[self.rank], aux_rows=0 if self.asynchronous else spec.auxiliaries,
-                         loss_fn=loss_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                         dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
+                         loss_fn=loss_fn, dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
                          nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch,
-                         optimizer=optimizer, betas=betas, eps=eps, amsgrad=amsgrad,
-                         optimizer_kwargs=optimizer_kwargs)
+                         optimizer=optimizer_settings(optimizer, **optimizer_options))
         self.heartbeat = heartbeat or no_heartbeat
         self._fault = fault
         b, d = self.b, self.d

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.outer import OuterOptimizer
 from coopsgd.errors import ConfigError, check_float
 
@@ -54,6 +55,8 @@ __all__ = [
     "TorchOptimizer",
     "InnerOptimizer",
     "make_inner",
+    "optimizer_settings",
+    "OPTIMIZER_OPTIONS",
     "sgd_direction_",
     "OuterRuntime",
 ]
@@ -334,55 +337,68 @@ class TorchOptimizer:
 InnerOptimizer = SGDOptions | AdamOptions | TorchOptimizer
 
 
+#: the inner optimizer's settings the engines also accept one by one (Python API convenience)
+OPTIMIZER_OPTIONS = ("momentum", "nesterov", "weight_decay", "betas", "eps", "amsgrad", "optimizer_kwargs")
+
+
+def optimizer_settings(optimizer: OptimizerSettings | str | type | None = None, **options: Any) -> OptimizerSettings:
+    """The one :class:`~coopsgd.algorithms.inner.OptimizerSettings` of an engine's ``optimizer`` argument.
+
+    ``optimizer``: settings (as they are), a name (``"sgd"``, ``"adam"``, ``"adamw"``), a
+    ``torch.optim.Optimizer`` class, or ``None`` (the algorithm's own, else SGD: see
+    :meth:`~coopsgd.algorithms.inner.OptimizerSettings.resolve`). ``options``: settings given one by one
+    (:data:`OPTIMIZER_OPTIONS`: ``betas=(beta1, beta2)``; a torch class's arguments as ``optimizer_kwargs``).
+    """
+    unknown = sorted(set(options) - set(OPTIMIZER_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown optimizer option {unknown[0]!r}; choose from {', '.join(OPTIMIZER_OPTIONS)}")
+    if isinstance(optimizer, OptimizerSettings):
+        if options:
+            name = sorted(options)[0]
+            raise ConfigError.invalid(name, options[name], "give it inside the OptimizerSettings")
+        return optimizer
+    fields = {k: v for k, v in options.items() if k not in ("betas", "optimizer_kwargs")}
+    if "betas" in options:
+        fields["beta1"], fields["beta2"] = (float(b) for b in options["betas"])
+    kwargs = options.get("optimizer_kwargs")
+    if optimizer is None or isinstance(optimizer, str):
+        if kwargs:
+            raise ConfigError.invalid("optimizer_kwargs", dict(kwargs), "only for a torch.optim.Optimizer class")
+        return OptimizerSettings(name=optimizer, **fields)
+    if not isinstance(optimizer, type):
+        raise ConfigError.invalid("optimizer", optimizer, f"choose one of {', '.join(OPTIMIZERS)} or pass a "
+                                  "torch.optim.Optimizer class")
+    if any(fields.get(k) not in (None, 0.0, False) for k in ("momentum", "nesterov", "weight_decay", "amsgrad")):
+        raise ConfigError.invalid("optimizer", optimizer.__name__,
+                                  "give a torch optimizer's own settings in optimizer_kwargs")
+    return OptimizerSettings(torch_class=optimizer, torch_kwargs=kwargs)
+
+
 def make_inner(
-    optimizer: str | type | SGDOptions | AdamOptions | None,
+    optimizer: OptimizerSettings | str | type | SGDOptions | AdamOptions | None,
     *,
-    momentum: float = 0.0,
-    nesterov: bool = False,
-    weight_decay: float | None = None,
-    betas: Sequence[float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    amsgrad: bool = False,
-    optimizer_kwargs: Mapping[str, Any] | None = None,
     d: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     workers: int = 1,
+    prescribed: str | None = None,
+    **options: Any,
 ) -> InnerOptimizer:
-    """The inner optimizer from a name (``"sgd"``, ``"adam"``, ``"adamw"``), options or a torch class.
+    """The inner optimizer's arithmetic from its settings (:func:`optimizer_settings` of ``optimizer`` and
+    ``options``; a name left open is the algorithm's ``prescribed`` one, else SGD), or options as they are.
 
     ``weight_decay=None`` is the optimizer's own default (torch's): 0 for SGD and Adam, 0.01 for AdamW.
-    ``momentum`` / ``nesterov`` belong to SGD; ``betas`` / ``eps`` / ``amsgrad`` to Adam(W); a torch class
-    takes its arguments from ``optimizer_kwargs`` (anything else given is an error naming it).
+    A torch class takes its arguments from ``torch_kwargs`` (``optimizer_kwargs``).
     """
     if isinstance(optimizer, (SGDOptions, AdamOptions)):
         return optimizer
-    name = "sgd" if optimizer is None else optimizer
-    if isinstance(name, str):
-        if name not in OPTIMIZERS:
-            raise ConfigError.invalid("optimizer", name, f"choose one of {', '.join(OPTIMIZERS)} "
-                                      "(or pass a torch.optim.Optimizer class through the Python API)")
-        if optimizer_kwargs:
-            raise ConfigError.invalid("optimizer_kwargs", dict(optimizer_kwargs),
-                                      "only for a torch.optim.Optimizer class")
-        if name == "sgd":
-            if amsgrad:
-                raise ConfigError.invalid("amsgrad", amsgrad, "an Adam option; the optimizer is sgd")
-            return SGDOptions(momentum=momentum, nesterov=nesterov,
-                              weight_decay=0.0 if weight_decay is None else weight_decay)
-        if momentum != 0.0 or nesterov:
-            raise ConfigError.invalid("momentum", momentum, f"an SGD option; {name} uses betas (beta1 is its "
-                                      "momentum)")
-        wd = (0.01 if name == "adamw" else 0.0) if weight_decay is None else weight_decay
-        return AdamOptions(betas=tuple(betas), eps=eps, weight_decay=wd, amsgrad=amsgrad,  # type: ignore[arg-type]
-                           decoupled=name == "adamw")
-    if not isinstance(optimizer, type):
-        raise ConfigError.invalid("optimizer", optimizer, f"choose one of {', '.join(OPTIMIZERS)} or pass a "
-                                  "torch.optim.Optimizer class")
-    if momentum != 0.0 or nesterov or weight_decay is not None or amsgrad:
-        raise ConfigError.invalid("optimizer", optimizer.__name__,
-                                  "give a torch optimizer's own settings in optimizer_kwargs")
-    return TorchOptimizer(optimizer, optimizer_kwargs, d, dtype, torch.device(device), workers)
+    st = optimizer_settings(optimizer, **options).resolve(prescribed)
+    if st.torch_class is not None:
+        return TorchOptimizer(st.torch_class, st.torch_kwargs, d, dtype, torch.device(device), workers)
+    if st.name == "sgd":
+        return SGDOptions(momentum=st.momentum, nesterov=st.nesterov, weight_decay=st.effective_weight_decay())
+    return AdamOptions(betas=st.betas, eps=st.eps, weight_decay=st.effective_weight_decay(), amsgrad=st.amsgrad,
+                       decoupled=st.name == "adamw")
 
 
 # ---------------------------------------------------------------------------------------------------------

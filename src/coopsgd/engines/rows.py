@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import NAN_POLICIES, Batch
 from coopsgd.engines.executors import FlatLayout, build_model, to_batch
@@ -39,9 +40,10 @@ class ModelRows:
             (called under ``torch.manual_seed(seed)``).
         workers_held: the workers whose rows come first, in order.
         aux_rows: how many auxiliary rows follow.
-        loss_fn, momentum, nesterov, weight_decay, dtype, device, seed, loss_estimate, window, nan_policy,
-        init_params, probe_batch, optimizer, betas, eps, amsgrad, optimizer_kwargs: as
+        loss_fn, dtype, device, seed, loss_estimate, window, nan_policy, init_params, probe_batch: as
         :class:`coopsgd.engines.simulator.Simulator`.
+        optimizer: the workers' inner optimizer (one value: name and settings; ``None``: the algorithm's own,
+            else SGD), as :func:`coopsgd.engines.optim.optimizer_settings` makes it from an engine's arguments.
     """
 
     def __init__(
@@ -52,9 +54,6 @@ class ModelRows:
         workers_held: Sequence[int],
         aux_rows: int,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
-        momentum: float,
-        nesterov: bool,
-        weight_decay: float | None,
         dtype: torch.dtype,
         device: str | torch.device,
         seed: int,
@@ -63,11 +62,7 @@ class ModelRows:
         nan_policy: str,
         init_params: Tensor | np.ndarray | None,
         probe_batch: Batch | None,
-        optimizer: str | type | None = None,
-        betas: Sequence[float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        amsgrad: bool = False,
-        optimizer_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerSettings | None = None,
     ) -> None:
         if not isinstance(spec, AlgorithmSpec):
             raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
@@ -99,10 +94,9 @@ class ModelRows:
         rows = len(held) + int(aux_rows)
         b, d = self.b, self.d
         # the workers' inner optimizer: the run's choice, else the one the algorithm prescribes, else SGD
-        self.opts: InnerOptimizer = make_inner(
-            optimizer if optimizer is not None else spec.inner_optimizer, momentum=momentum, nesterov=nesterov,
-            weight_decay=weight_decay, betas=betas, eps=eps, amsgrad=amsgrad, optimizer_kwargs=optimizer_kwargs,
-            d=d, dtype=dtype, device=self.device, workers=len(held))
+        self.optimizer_settings = (optimizer or OptimizerSettings()).resolve(spec.inner_optimizer)
+        self.opts: InnerOptimizer = make_inner(self.optimizer_settings, d=d, dtype=dtype, device=self.device,
+                                               workers=len(held))
         self.outer = None if spec.outer is None else OuterRuntime(spec.outer, d, dtype, self.device)
         nf = len(self.opts.fields)
         self._state = torch.zeros((rows, b + d + nf * d), dtype=dtype, device=self.device)
@@ -183,7 +177,7 @@ class ModelRows:
 
     def optimizer_info(self) -> dict[str, Any]:
         """The inner and outer optimizers' settings in plain data (for records and run directories)."""
-        out: dict[str, Any] = {"inner": self.opts.describe()}
+        out: dict[str, Any] = {"inner": self.opts.describe()}  # the arithmetic; the settings: optimizer_settings
         if self.spec.outer is not None:
             out["outer"] = self.spec.outer.describe()
         return out

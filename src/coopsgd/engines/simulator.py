@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import (
@@ -85,7 +86,7 @@ from coopsgd.engines.executors import (
 )
 from coopsgd.engines.kernel import InProcess, RoundKernel
 from coopsgd.engines.mixing import Round, plan_round
-from coopsgd.engines.optim import AdamOptions, InnerOptimizer, SGDOptions
+from coopsgd.engines.optim import AdamOptions, InnerOptimizer, SGDOptions, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES, ModelRows
 from coopsgd.errors import ConfigError, check_float, check_int
@@ -150,13 +151,14 @@ class Simulator(ModelRows):
         model: an ``nn.Module`` (its current parameters are the common start) or a zero-argument factory
             (called under ``torch.manual_seed(seed)``; the global RNG is restored afterwards).
         loss_fn: ``loss_fn(output, target) -> scalar`` (default cross-entropy).
-        optimizer: every worker's inner optimizer: ``"sgd"``, ``"adam"``, ``"adamw"`` or any
-            ``torch.optim.Optimizer`` class (one instance per worker: slower, see
-            :class:`~coopsgd.engines.optim.TorchOptimizer`); ``None``: the spec's ``inner_optimizer``, else SGD.
-        momentum, nesterov: torch.optim.SGD's options.
-        weight_decay: the optimizer's weight decay; ``None``: torch's default (0; AdamW 0.01).
-        betas, eps, amsgrad: torch.optim.Adam / AdamW's options.
-        optimizer_kwargs: the arguments of a torch optimizer class (``lr`` is each step's learning rate).
+        optimizer: every worker's inner optimizer, one value
+            (:class:`~coopsgd.algorithms.inner.OptimizerSettings`: name and settings), or for convenience a name
+            (``"sgd"``, ``"adam"``, ``"adamw"``) or any ``torch.optim.Optimizer`` class (one instance per
+            worker: slower, see :class:`~coopsgd.engines.optim.TorchOptimizer`); ``None``: the spec's
+            ``inner_optimizer``, else SGD.
+        **optimizer_options: with a name, class or ``None``, its settings one by one (``momentum``,
+            ``nesterov``, ``weight_decay``, ``betas``, ``eps``, ``amsgrad``; a class's ``optimizer_kwargs``):
+            see :func:`~coopsgd.engines.optim.optimizer_settings`.
         executor: ``"auto"`` (time both on the first batches and keep the faster, or read the choice from
             ``executor_cache``), ``"loop"`` or ``"vmap"``.
         dtype, device: of the stacked state (float64 for exact comparisons with the reference engine).
@@ -188,9 +190,6 @@ class Simulator(ModelRows):
         model: nn.Module | Callable[[], nn.Module],
         *,
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float | None = None,
         executor: str = "auto",
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
@@ -204,11 +203,8 @@ class Simulator(ModelRows):
         calibration_steps: int = 1,
         nan_policy: str = "stop",
         executor_cache: ExecutorCache | None = None,
-        optimizer: str | type | None = None,
-        betas: Sequence[float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        amsgrad: bool = False,
-        optimizer_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerSettings | str | type | None = None,
+        **optimizer_options: Any,
     ) -> None:
         if executor not in ("auto", *EXECUTORS):
             raise ConfigError.invalid("executor", executor, "choose one of auto, loop, vmap")
@@ -220,11 +216,9 @@ class Simulator(ModelRows):
             raise ConfigError.invalid("executor_cache", executor_cache, "must be an ExecutorCache or None")
         workers = spec.workers if isinstance(spec, AlgorithmSpec) else 0
         super().__init__(spec, model, workers_held=range(workers), aux_rows=spec.auxiliaries if workers else 0,
-                         loss_fn=loss_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                         dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
+                         loss_fn=loss_fn, dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
                          nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch,
-                         optimizer=optimizer, betas=betas, eps=eps, amsgrad=amsgrad,
-                         optimizer_kwargs=optimizer_kwargs)
+                         optimizer=optimizer_settings(optimizer, **optimizer_options))
         if downpour_order == "clock" and not spec.schedule.sequential:
             raise ConfigError.invalid("downpour_order", downpour_order,
                                       "'clock' needs a schedule whose rounds are sequential pushes (DOWNPOUR)")
