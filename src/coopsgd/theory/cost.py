@@ -73,6 +73,16 @@ class RoundCost:
     bytes_sent: float
 
 
+
+def _named(field: str, value: object, allowed: tuple[str, ...], aliases: dict[str, str]) -> str:
+    """``value`` as one of ``allowed`` (case and surrounding blanks ignored, aliases mapped), else an error
+    naming ``field``."""
+    key = value.strip().lower() if isinstance(value, str) else None
+    key = aliases.get(key, key) if key is not None else None
+    if key not in allowed:
+        raise ConfigError.invalid(field, value, f"must be one of {', '.join(allowed)}")
+    return key
+
 def round_cost(
     pattern: str,
     *,
@@ -100,12 +110,7 @@ def round_cost(
     costs 1 handshake and 2d floats. Aliases: ``decentralized``/``neighbour`` → neighbor,
     ``all_reduce`` → allreduce, ``ps`` → parameter_server.
     """
-    if not isinstance(pattern, str):
-        raise ConfigError.invalid("pattern", pattern, f"must be one of {', '.join(PATTERNS)}")
-    key = pattern.strip().lower()
-    key = _PATTERN_ALIASES.get(key, key)
-    if key not in PATTERNS:
-        raise ConfigError.invalid("pattern", pattern, f"must be one of {', '.join(PATTERNS)}")
+    key = _named("pattern", pattern, PATTERNS, _PATTERN_ALIASES)
     m = check_int("workers", workers, minimum=1)
     d = check_int("params", params, minimum=0)
     bpp = check_float("bytes_per_param", bytes_per_param, low=0.0, low_open=True)
@@ -192,13 +197,7 @@ class ComputeModel:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean_s", check_float("mean_s", self.mean_s, low=0.0))
-        dist = self.distribution
-        if not isinstance(dist, str):
-            raise ConfigError.invalid("distribution", dist, f"must be one of {', '.join(DISTRIBUTIONS)}")
-        key = dist.strip().lower()
-        key = _DISTRIBUTION_ALIASES.get(key, key)
-        if key not in DISTRIBUTIONS:
-            raise ConfigError.invalid("distribution", dist, f"must be one of {', '.join(DISTRIBUTIONS)}")
+        key = _named("distribution", self.distribution, DISTRIBUTIONS, _DISTRIBUTION_ALIASES)
         object.__setattr__(self, "distribution", key)
         high = 1.0 if key == "exponential" else None
         object.__setattr__(self, "spread", check_float("spread", self.spread, low=0.0, high=high))

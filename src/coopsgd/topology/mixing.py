@@ -366,16 +366,21 @@ class MixingMatrix:
         return np.array(self._matrix, dtype=dtype)
 
 
+def check_square(arr: np.ndarray, what: str) -> None:
+    """A square 2-D array with at least one node, else a MixingMatrixError naming ``what`` and the shape."""
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
+        raise MixingMatrixError(f"{what} must be square, got shape {arr.shape}")
+    if arr.shape[0] < 1:
+        raise MixingMatrixError(f"{what} must have at least one node, got shape {arr.shape}")
+
+
 def _validate(matrix: Any, *, check: str, allow_negative: bool) -> np.ndarray:
     """Return a float64 copy of ``matrix`` or raise a MixingMatrixError naming the broken property."""
     try:
         arr = np.array(getattr(matrix, "matrix", matrix), dtype=np.float64, copy=True)
     except (TypeError, ValueError) as exc:
         raise MixingMatrixError(f"mixing matrix must be a numeric 2-D array: {exc}") from None
-    if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
-        raise MixingMatrixError(f"mixing matrix must be square, got shape {arr.shape}")
-    if arr.shape[0] < 1:
-        raise MixingMatrixError(f"mixing matrix must have at least one node, got shape {arr.shape}")
+    check_square(arr, "mixing matrix")
     bad = ~np.isfinite(arr)
     if bad.any():
         i, j = (int(v) for v in np.argwhere(bad)[0])

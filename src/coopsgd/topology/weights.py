@@ -24,7 +24,7 @@ import numpy as np
 
 from coopsgd.errors import ConfigError, MixingMatrixError
 from coopsgd.theory import spectral
-from coopsgd.topology.mixing import MixingMatrix
+from coopsgd.topology.mixing import MixingMatrix, check_square
 
 __all__ = [
     "uniform",
@@ -46,10 +46,7 @@ def as_adjacency(adj: Any) -> np.ndarray:
         a = a != 0 if a.dtype != bool else a.copy()
     except (TypeError, ValueError) as exc:
         raise MixingMatrixError(f"adjacency matrix must be a numeric 2-D array: {exc}") from None
-    if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise MixingMatrixError(f"adjacency matrix must be square, got shape {a.shape}")
-    if a.shape[0] < 1:
-        raise MixingMatrixError(f"adjacency matrix must have at least one node, got shape {a.shape}")
+    check_square(a, "adjacency matrix")
     a = np.array(a, dtype=bool)
     np.fill_diagonal(a, False)
     asym = a != a.T
