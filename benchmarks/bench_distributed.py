@@ -38,9 +38,9 @@ from torch import nn
 
 from coopsgd.algorithms import presets
 from coopsgd.data import load_dataset, partition
-from coopsgd.engines.comm import Mixer
 from coopsgd.engines.distributed import communication_table
-from coopsgd.engines.launch import launch
+from coopsgd.engines.distributed.communicator import Mixer
+from coopsgd.engines.distributed.launch import launch
 from coopsgd.train.distributed import SpecJob, run_spec
 
 
@@ -141,7 +141,7 @@ def _job(name: str, spec, world: int, steps: int, *, batch: int = 64, hidden=(20
 
 def _predict(spec, world: int, steps: int, local_s: float, lat: float, bw: float, d: int) -> float:
     """The simulator clock's wall-clock for this run: a SimClock with the emulated network, constant compute."""
-    from coopsgd.engines.clock import SimClock
+    from coopsgd.engines.simulator.clock import SimClock
     from coopsgd.theory.cost import ComputeModel, NetworkModel
 
     clock = SimClock(NetworkModel.from_mbps(lat, bw), ComputeModel(mean_s=local_s)).bind(world, d, 4.0)
@@ -270,14 +270,14 @@ def bench_fraction(world: int, quick: bool) -> None:
 
 
 def _hier_rank(rank: int, world: int, hidden: tuple[int, ...], rounds: int, reps: int) -> dict[str, float]:
-    from coopsgd.engines.comm import _schedule_matrices, aux_placement
+    from coopsgd.engines.distributed.collectives import aux_placement
 
     torch.set_num_threads(1)
     spec = presets.hierarchical(world, 1, groups=2, q=2)  # step 0: the group level only
     d = sum(p.numel() for p in _mlp(hidden).parameters())
     S = spec.schedule.mix(0, _ctx(0)).matrix
     holders = aux_placement(spec)
-    placed = Mixer(rank, world, spec.auxiliaries, holders=holders, matrices=_schedule_matrices(spec.schedule, 4096))
+    placed = Mixer(rank, world, spec.auxiliaries, holders=holders, matrices=spec.schedule.matrices(4096))
     assert holders is not None
     replicated = Mixer(rank, world, spec.auxiliaries)
     rows = {"placed": torch.randn(1 + spec.auxiliaries, d), "replicated": torch.randn(1 + spec.auxiliaries, d)}

@@ -36,9 +36,9 @@ from torch import nn
 from coopsgd.algorithms import presets
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
-from coopsgd.engines.clock import SimClock
 from coopsgd.engines.mixing import apply_mixing, mix_rows_, plan_round, round_plan
 from coopsgd.engines.simulator import Simulator
+from coopsgd.engines.simulator.clock import SimClock
 
 
 def first_mix(spec: AlgorithmSpec) -> Mix:

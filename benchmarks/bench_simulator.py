@@ -185,7 +185,7 @@ def bench_auto_runs(name: str, m: int, reps: int, steps: int = 100) -> dict[str,
     auto with an empty executor cache (the first run: calibration included) and auto reading the cache."""
     import tempfile
 
-    from coopsgd.engines.calibration import ExecutorCache
+    from coopsgd.engines.simulator.calibration import ExecutorCache
 
     factory, shape = MODELS[name]
     data = make_batches(m, shape)

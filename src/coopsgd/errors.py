@@ -74,7 +74,7 @@ def describe_os_error(exc: OSError) -> str:
 class Interrupted(KeyboardInterrupt):
     """A run was stopped by a signal (SIGTERM or SIGINT) and cleaned up after itself.
 
-    Raised by :func:`coopsgd.engines.launch.launch` after it has stopped every rank and removed its
+    Raised by :func:`coopsgd.engines.distributed.launch.launch` after it has stopped every rank and removed its
     temporary directory. ``signum`` is the signal; ``exit_status`` is what a shell reports for it
     (``128 + signum``: 143 for SIGTERM, 130 for SIGINT), which the CLI returns. A ``KeyboardInterrupt``
     (not a :class:`CoopSGDError`), so that no ``except Exception`` on its way out can swallow it and code

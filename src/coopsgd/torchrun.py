@@ -10,7 +10,7 @@ Several machines::
 
 Ranks are global (``RANK``: worker, data shard, who writes); a rank's GPU is that of its local rank
 (``LOCAL_RANK``). Two agents on one machine with ``--rdzv-endpoint 127.0.0.1:PORT`` form a multi-node job
-on loopback (gloo then binds to loopback, see :func:`coopsgd.engines.launch.init_torchrun_group`).
+on loopback (gloo then binds to loopback, see :func:`coopsgd.engines.distributed.launch.init_torchrun_group`).
 
 Without torchrun's environment (no ``RANK``), ``python -m coopsgd.torchrun --config run.toml`` starts the
 local processes itself, like ``coopsgd run --engine distributed``. A configuration error ends in one line
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from coopsgd.engines.comm import NetEmulation
+    from coopsgd.engines.distributed.communicator import NetEmulation
     from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float
     from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig, load_config
     from coopsgd.train.distributed import RankCheckError, one_line, rank_main, run_distributed
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank_env in (None, "0"):
             print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
         if rank_env is not None:  # under torchrun: join the group only to leave together
-            from coopsgd.engines.launch import init_torchrun_group
+            from coopsgd.engines.distributed.launch import init_torchrun_group
 
             try:
                 init_torchrun_group("gloo", 60.0)
@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local < torch.cuda.device_count():
             torch.cuda.set_device(local)
-    from coopsgd.engines.launch import init_torchrun_group  # a key space per torchrun restart attempt
+    from coopsgd.engines.distributed.launch import (
+        init_torchrun_group,  # a key space per torchrun restart attempt
+    )
 
     init_torchrun_group(backend, ns.timeout_s)
     rank = dist.get_rank()

@@ -23,7 +23,7 @@ optimizer keeps working on it) and the wrapper's flat rows -- the worker row and
 released. After that, :meth:`~CooperativeSGD.step` and the reads of auxiliaries or the centre model raise
 :class:`~coopsgd.errors.ConfigError`; ``stats``, ``rounds``, ``step_count`` and ``leader`` stay readable.
 
-Communicator. By default the wrapper builds the distributed engine's :class:`~coopsgd.engines.comm.Mixer`
+Communicator. By default the wrapper builds the distributed engine's :class:`~coopsgd.engines.distributed.communicator.Mixer`
 on the initialised process group (``group``, default the world): the rank and the world size come from
 ``torch.distributed``. Any object satisfying :class:`WrapperCommunicator` may be passed instead
 (``communicator=``): the rank and the world size then come from the communicator (its ``rank`` and
@@ -49,13 +49,13 @@ FedAvg samples clients: call :meth:`CooperativeSGD.is_active` before the local s
 LSGD elects its leader from the ``loss`` you pass (running mean of the last ``window`` values) and uses
 the optimizer's current learning rate for the pull strength ``lr * lam``.
 
-Communication is the distributed engine's (:mod:`coopsgd.engines.comm`): the parameters (and, with the
+Communication is the distributed engine's (:mod:`coopsgd.engines.distributed.communicator`): the parameters (and, with the
 ``buffers="mix"`` policy, the float buffers such as BatchNorm statistics) live in ONE flat buffer (the
 wrapper rebinds ``p.data`` to views into it at construction, as DDP does for gradient buckets), which a
 round mixes in place -- never one collective per parameter, no copies. Create the wrapper after moving
 the model to its device; if you later rebind the tensors (``model.to(...)``), rounds fall back to
 flatten / copy back. Auxiliary nodes live on the ranks that read them (see
-:func:`~coopsgd.engines.comm.aux_placement`). Optimizer
+:func:`~coopsgd.engines.distributed.communicator.aux_placement`). Optimizer
 state policies: ``"local"`` (default) and ``"reset"`` (momentum buffers zeroed after each round);
 ``"mix"`` is not supported by the wrapper (use the engine).
 """
@@ -76,7 +76,7 @@ from torch import Tensor, nn
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Communicator
-from coopsgd.engines.comm import CommStats, Mixer, NetEmulation, aux_placement
+from coopsgd.engines.distributed.communicator import CommStats, Mixer, NetEmulation, aux_placement
 from coopsgd.engines.mixing import plan_round
 from coopsgd.errors import ConfigError, check_int
 
@@ -87,7 +87,7 @@ __all__ = ["CooperativeSGD", "WrapperCommunicator"]
 class WrapperCommunicator(Communicator, Protocol):
     """What :class:`CooperativeSGD` needs from its communicator: the engines' :class:`Communicator`
     (``pending``, ``communicate``, ``finalize``, ``gather_floats``) plus the few collectives and facts of
-    placement the wrapper uses. :class:`coopsgd.engines.comm.Mixer` satisfies it.
+    placement the wrapper uses. :class:`coopsgd.engines.distributed.communicator.Mixer` satisfies it.
 
     Rows passed to :meth:`communicate` are ``(1 + v, width)``: ``rows[0]`` this rank's worker, ``rows[1:]`` the
     auxiliaries (only those this rank :meth:`holds` are kept current). Every method except ``holds``,
@@ -146,7 +146,7 @@ class CooperativeSGD:
         optimizer: its optimizer (used for the learning rate of LSGD's pull and the ``"reset"`` policy);
             may be ``None``, then pass ``lr`` to :meth:`step` for LSGD.
         spec: the algorithm; ``spec.workers`` must equal the world size.
-        net_latency_ms, net_bandwidth_mbps: emulate slow links (see :class:`~coopsgd.engines.comm.NetEmulation`);
+        net_latency_ms, net_bandwidth_mbps: emulate slow links (see :class:`~coopsgd.engines.distributed.communicator.NetEmulation`);
             only for the default communicator.
         sync_init: broadcast rank 0's model at construction so every worker starts from the same point.
         window: LSGD running-mean window of the passed losses.
@@ -155,11 +155,11 @@ class CooperativeSGD:
             on those ranks and their rounds run in process subgroups; with another group every rank holds
             every auxiliary.
         communicator: a :class:`WrapperCommunicator` to use instead of building a
-            :class:`~coopsgd.engines.comm.Mixer`. The rank and the world size are then the communicator's
+            :class:`~coopsgd.engines.distributed.communicator.Mixer`. The rank and the world size are then the communicator's
             ``rank`` and ``m``, and ``torch.distributed`` is not used at all (no process group needed).
 
     Attributes:
-        mixer: the communicator (the injected one, or the :class:`~coopsgd.engines.comm.Mixer` built).
+        mixer: the communicator (the injected one, or the :class:`~coopsgd.engines.distributed.communicator.Mixer` built).
         rank, m, v: this rank, the number of workers and of auxiliaries.
         step_count, rounds, leader: steps taken, communicating rounds so far, LSGD's current leader.
     """

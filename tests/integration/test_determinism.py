@@ -27,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from coopsgd.algorithms import presets
 from coopsgd.cli import main
-from coopsgd.engines.calibration import (
+from coopsgd.engines.simulator import Simulator
+from coopsgd.engines.simulator.calibration import (
     CACHE_ENV,
     CACHE_FILE,
     CACHE_FORMAT,
@@ -35,8 +36,7 @@ from coopsgd.engines.calibration import (
     ExecutorCache,
     cache_dir,
 )
-from coopsgd.engines.clock import DEFAULT_GFLOPS, FlopCompute, SimClock
-from coopsgd.engines.simulator import Simulator
+from coopsgd.engines.simulator.clock import DEFAULT_GFLOPS, FlopCompute, SimClock
 from coopsgd.theory.cost import ComputeModel, NetworkModel
 from coopsgd.train.config import RunConfig
 from coopsgd.train.trainer import train

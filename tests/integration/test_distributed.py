@@ -21,7 +21,7 @@ from torch import nn
 from coopsgd.algorithms import presets
 from coopsgd.data import WorkerLoader
 from coopsgd.engines.distributed import communication_table
-from coopsgd.engines.launch import RankFailure, launch
+from coopsgd.engines.distributed.launch import RankFailure, launch
 from coopsgd.engines.simulator import Simulator
 from coopsgd.train import RunConfig
 from coopsgd.train.distributed import SpecJob, run_distributed, run_spec
@@ -224,7 +224,7 @@ def test_cli_engine_distributed(capsys, tmp_path) -> None:
 def test_local_launch_listens_on_loopback_only() -> None:
     import ipaddress
 
-    from coopsgd.engines.launch import listening_addresses
+    from coopsgd.engines.distributed.launch import listening_addresses
 
     per_rank = launch(listening_addresses, 2, timeout_s=30)
     addrs = [a for ranks in per_rank for a in ranks]

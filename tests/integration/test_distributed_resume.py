@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from coopsgd.engines.launch import RankFailure
+from coopsgd.engines.distributed.launch import RankFailure
 from coopsgd.errors import ConfigError
 from coopsgd.train import RunConfig, load_checkpoint
 from coopsgd.train.distributed import run_distributed

@@ -63,7 +63,7 @@ def _ranks_of(parent: int) -> list[int]:
             cmd = (d / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"coopsgd.engines.launch\x00--child" in cmd:
+        if b"coopsgd.engines.distributed.launch\x00--child" in cmd:
             ranks.append(int(d.name))
     return sorted(ranks)
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from coopsgd.engines.comm import CommunicationError, NetEmulation
-from coopsgd.engines.launch import RankFailure, launch
-from coopsgd.engines.parameter_server import AsyncParameterServer
+from coopsgd.engines.distributed.communicator import CommunicationError, NetEmulation
+from coopsgd.engines.distributed.launch import RankFailure, launch
+from coopsgd.engines.distributed.parameter_server import AsyncParameterServer
 from coopsgd.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # every test here starts processes

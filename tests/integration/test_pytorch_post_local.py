@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coopsgd.algorithms import presets
-from coopsgd.engines.launch import launch
+from coopsgd.engines.distributed.launch import launch
 from coopsgd.engines.reference import ReferenceEngine
 from coopsgd.engines.simulator import Simulator
 from coopsgd.objectives.analytic import Quadratic

@@ -3,7 +3,7 @@
 Two torchrun jobs of 2 processes each (about 5-8 s each on 2 cores): an uninterrupted reference, and the same
 run with ``--auto-resume`` in which rank 1 raises once at step 6, after the step-4 checkpoint. torchrun's
 agent then restarts both ranks; they must rejoin through the agent's store (which still holds the first
-attempt's keys -- see :func:`coopsgd.engines.launch.init_torchrun_group`), resume from the checkpoint and
+attempt's keys -- see :func:`coopsgd.engines.distributed.launch.init_torchrun_group`), resume from the checkpoint and
 end with every rank's state bit-identical to the reference.
 """
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from coopsgd.algorithms import presets
 from coopsgd.engines import executors as ex_mod
-from coopsgd.engines.calibration import CACHE_FILE, ExecutorCache
 from coopsgd.engines.simulator import Simulator
+from coopsgd.engines.simulator.calibration import CACHE_FILE, ExecutorCache
 
 M = 4
 

@@ -7,7 +7,14 @@ import pytest
 
 from coopsgd.algorithms import presets
 from coopsgd.algorithms.schedules import MixContext
-from coopsgd.engines.collectives import AuxFrom, AuxSource, Exchange, aux_placement, lower, lower_placed
+from coopsgd.engines.distributed.collectives import (
+    AuxFrom,
+    AuxSource,
+    Exchange,
+    aux_placement,
+    lower,
+    lower_placed,
+)
 
 
 def _mix(spec, k: int) -> np.ndarray:
@@ -53,7 +60,7 @@ def test_placed_plan_rejects_a_reader_that_does_not_hold() -> None:
 
 def test_the_mixer_lowers_the_one_plan_once_per_plan() -> None:
     # the distributed communicator derives its collectives from the typed round of the one planner
-    from coopsgd.engines.comm import Mixer
+    from coopsgd.engines.distributed.communicator import Mixer
     from coopsgd.engines.mixing import RoundKind, plan_round
 
     spec = presets.easgd(4, 1)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from coopsgd.engines.clock import SimClock
+from coopsgd.engines.simulator.clock import SimClock
 from coopsgd.experiments.csgd import (
     FIG6_TARGETS,
     base_config,

@@ -11,9 +11,9 @@ from torch import nn
 
 from coopsgd.algorithms import presets
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
-from coopsgd.engines.clock import SimClock
 from coopsgd.engines.reference import NonFiniteError
 from coopsgd.engines.simulator import Simulator
+from coopsgd.engines.simulator.clock import SimClock
 from coopsgd.errors import ConfigError
 from coopsgd.theory.cost import ComputeModel, NetworkModel, expected_runtime, round_cost
 

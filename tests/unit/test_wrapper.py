@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from coopsgd.algorithms import presets
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
-from coopsgd.engines.comm import CommStats, Mixer
+from coopsgd.engines.distributed.communicator import CommStats, Mixer
 from coopsgd.engines.simulator import Simulator
 from coopsgd.errors import ConfigError
 from coopsgd.wrapper import CooperativeSGD, WrapperCommunicator

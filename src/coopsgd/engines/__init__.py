@@ -15,8 +15,8 @@ from coopsgd.engines.reference import (
 )
 
 if TYPE_CHECKING:
-    from coopsgd.engines.clock import SimClock
-    from coopsgd.engines.simulator import SimStepStats, Simulator
+    from coopsgd.engines.simulator.clock import SimClock
+    from coopsgd.engines.simulator.engine import SimStepStats, Simulator
 
 __all__ = [
     "apply_mixing",
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # the simulator needs torch; import it only when asked for so that numpy-only users stay fast
-_LAZY = {"Simulator": "simulator", "SimStepStats": "simulator", "SimClock": "clock"}
+_LAZY = {"Simulator": "simulator.engine", "SimStepStats": "simulator.engine", "SimClock": "simulator.clock"}
 
 
 def __getattr__(name: str) -> Any:

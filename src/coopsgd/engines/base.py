@@ -10,7 +10,7 @@ The data flow of a run (see ``docs/architecture.md``)::
   engine wrote it), one rule for the centre model (:meth:`coopsgd.algorithms.spec.AlgorithmSpec.center_node`).
 * :class:`Communicator` -- how a round (:func:`coopsgd.engines.mixing.plan_round`) reaches the rows a
   process holds: in-process for the simulator (:class:`coopsgd.engines.kernel.InProcess`), collectives
-  derived from the same typed plan for the distributed engine (:class:`coopsgd.engines.comm.Mixer`).
+  derived from the same typed plan for the distributed engine (:class:`coopsgd.engines.distributed.communicator.Mixer`).
 
 Nothing in ``coopsgd.engines`` imports ``coopsgd.train``, ``coopsgd.experiments`` or the CLI
 (``tests/unit/test_layering.py`` checks it).
@@ -131,7 +131,7 @@ class Communicator(Protocol):
     """How a round reaches the rows one process holds: the one contract between the round kernel
     (:class:`coopsgd.engines.kernel.RoundKernel`) and a transport. ``rows`` is the column range the round
     mixes: every node for the simulator (:class:`coopsgd.engines.kernel.InProcess`), this rank's worker
-    then the auxiliaries it holds for the distributed engine (:class:`coopsgd.engines.comm.Mixer`).
+    then the auxiliaries it holds for the distributed engine (:class:`coopsgd.engines.distributed.communicator.Mixer`).
 
     A round is a :class:`~coopsgd.engines.mixing.Round` from the one planner,
     :func:`~coopsgd.engines.mixing.plan_round`: its typed structure (:class:`~coopsgd.engines.mixing.RoundKind`:

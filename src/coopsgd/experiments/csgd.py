@@ -565,7 +565,7 @@ def fig6_cost_model(cfg: RunConfig, *, params: int, ring: np.ndarray, compute_s:
                     tau: int = FIG6_TAU) -> dict[str, Any]:
     """Seconds per step of Fig. 6's three methods priced by the run's simulated clock
     (:func:`coopsgd.train.trainer.sim_clock`, the alpha-beta prices of
-    :meth:`~coopsgd.engines.clock.SimClock.round_costs`): a step costs ``compute_s`` plus its share of a
+    :meth:`~coopsgd.engines.simulator.clock.SimClock.round_costs`): a step costs ``compute_s`` plus its share of a
     round -- sync an all-reduce every step, D-PSGD a ring round every step, periodic a ring round every
     ``tau`` steps. ``params``: floats per model; ``ring``: the mixing matrix (its degree prices the round).
 

@@ -1,7 +1,7 @@
 """Runs on the distributed engine: every rank runs the one training loop (:func:`coopsgd.train.loop.run_loop`).
 
 * :func:`run_distributed` -- a :class:`~coopsgd.train.RunConfig` with ``workers`` local processes (bound to
-  127.0.0.1; :mod:`coopsgd.engines.launch`); :func:`rank_main` is what each rank runs, also under
+  127.0.0.1; :mod:`coopsgd.engines.distributed.launch`); :func:`rank_main` is what each rank runs, also under
   ``torchrun`` (:mod:`coopsgd.torchrun`).
 * :func:`run_spec` -- any :class:`~coopsgd.algorithms.AlgorithmSpec`, model and in-memory tensors
   (:class:`SpecJob`; tests, benchmarks, notebooks).
@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Engine, StepStats
-from coopsgd.engines.comm import NetEmulation
 from coopsgd.engines.distributed import FAILURE_MODES, DistributedEngine, FaultHook, fault_hook
-from coopsgd.engines.launch import RankFailure, launch, listening_addresses
+from coopsgd.engines.distributed.communicator import NetEmulation
+from coopsgd.engines.distributed.launch import RankFailure, launch, listening_addresses
 from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float
 from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig
 from coopsgd.train.loop import LoopPlan, LoopState, run_loop
@@ -470,7 +470,7 @@ def run_distributed(
     is ``"measured"``), ``simulated_time_s`` is ``None``; plus ``measured_split_s`` and ``timing`` (the
     per-rank compute / communication / idle table and its aggregate) and ``communication_fraction``.
     ``net_latency_ms`` / ``net_bandwidth_mbps`` emulate slow links (``None``: the loopback's real speed).
-    A rank that dies, raises, is killed or hangs raises :class:`~coopsgd.engines.launch.RankFailure`
+    A rank that dies, raises, is killed or hangs raises :class:`~coopsgd.engines.distributed.launch.RankFailure`
     naming it within ``timeout_s`` + a few seconds. ``config.device`` ``"cuda"`` puts rank r on its own GPU
     (``cuda:r``) with NCCL between the ranks (``backend`` default: ``"nccl"`` there, ``"gloo"`` on the CPU).
 

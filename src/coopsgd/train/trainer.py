@@ -190,10 +190,10 @@ def build_problem(config: RunConfig) -> dict[str, Any]:
 
 
 def sim_clock(config: RunConfig) -> Any:
-    """The simulated clock of a run (:class:`coopsgd.engines.clock.SimClock`): the config's network and
+    """The simulated clock of a run (:class:`coopsgd.engines.simulator.clock.SimClock`): the config's network and
     compute model (``"flops"``: counted FLOPs at ``compute_gflops``, falling back to a constant
     ``compute_ms`` for a model that cannot be counted; ``"measured"``; or a ``compute_ms`` distribution)."""
-    from coopsgd.engines.clock import FlopCompute, SimClock
+    from coopsgd.engines.simulator.clock import FlopCompute, SimClock
     from coopsgd.theory.cost import ComputeModel, NetworkModel
 
     c = config
@@ -219,12 +219,12 @@ def build(config: RunConfig) -> Experiment:
     """Build the spec, data, partition, model and simulator of a ``simulate`` run.
 
     The simulator's one-time choices are made here, on the batches of step 0 (nothing is trained):
-    ``executor="auto"`` reads the executor from the cache (:class:`coopsgd.engines.calibration.ExecutorCache`,
+    ``executor="auto"`` reads the executor from the cache (:class:`coopsgd.engines.simulator.calibration.ExecutorCache`,
     ``$COOPSGD_CACHE_DIR``) or times both once and stores the choice, and the FLOP compute model counts
     the FLOPs of one worker's step (``sim.executor_info()``, ``sim.compute_model_info()``).
     """
-    from coopsgd.engines.calibration import ExecutorCache
     from coopsgd.engines.simulator import Simulator
+    from coopsgd.engines.simulator.calibration import ExecutorCache
 
     c = config
     p = build_problem(c)

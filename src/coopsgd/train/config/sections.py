@@ -217,7 +217,7 @@ class ClockSettings:
                                 help="mean compute time per step for a modelled compute time (ms); also the "
                                      "constant fallback of flops for a model that cannot be FLOP-counted")
     compute_spread: float = setting(0.0, low=0.0, help="spread of the compute-time distribution (stragglers)")
-    compute_gflops: float = setting(20.0, low=0.0, low_open=True,  # coopsgd.engines.clock.DEFAULT_GFLOPS
+    compute_gflops: float = setting(20.0, low=0.0, low_open=True,  # coopsgd.engines.simulator.clock.DEFAULT_GFLOPS
                                     help="throughput of one worker for --compute flops (GFLOP/s; the default is one "
                                          "CPU core)")
     net_latency_ms: float = setting(1.0, low=0.0, help="network latency per handshake (ms)")

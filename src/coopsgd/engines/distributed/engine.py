@@ -2,7 +2,7 @@
 
 Rank ``r`` runs worker ``r`` (the world size is m); an auxiliary node is held by the ranks whose workers
 read it -- every rank for EASGD, FedAvg, LSGD and DOWNPOUR, the ranks of its group for hierarchical
-averaging, whose rounds then run in process subgroups (see :mod:`coopsgd.engines.comm` for the placement
+averaging, whose rounds then run in process subgroups (see :mod:`coopsgd.engines.distributed.communicator` for the placement
 and for the collective each kind of mixing matrix uses). Each rank keeps ONE flat state tensor of shape
 ``(1 + v, b + d [+ f d])`` -- its worker's ``[float buffers | parameters | optimizer state fields]`` and the auxiliaries'
 rows (those of auxiliaries it does not hold are not maintained) -- and its optimizer counters. One step ``k`` does exactly what
@@ -28,14 +28,14 @@ the parameters after K steps equal the simulator's (float64: to 1e-10; tested). 
 simulator: DOWNPOUR either uses the schedule's seeded push order (``downpour_order="schedule"``),
 emulated exactly by one all_gather per round and applied in that order on every rank (deterministic,
 equal to the simulator), or runs a real asynchronous parameter server (``downpour_order="async"``,
-:mod:`coopsgd.engines.parameter_server`: z only on rank 0, pushes applied in arrival order, no barrier
+:mod:`coopsgd.engines.distributed.parameter_server`: z only on rank 0, pushes applied in arrival order, no barrier
 between workers -- the default of ``coopsgd run --engine distributed``, whose ``downpour_order="clock"``
 means "the order in which pushes arrive"). Non-blocking EASGD is truly asynchronous (``async_op=True``, waited at the next
 round). NaN/Inf in a worker's loss or gradient stops that rank with an error naming it; a NaN that
 reaches other workers through mixing is detected by them right after the communication round.
 
 The engine implements :class:`coopsgd.engines.base.Engine`; the update itself is the shared round kernel
-(:class:`coopsgd.engines.kernel.RoundKernel`) with the collectives of :class:`coopsgd.engines.comm.Mixer` as
+(:class:`coopsgd.engines.kernel.RoundKernel`) with the collectives of :class:`coopsgd.engines.distributed.communicator.Mixer` as
 its communicator. Runs -- the training loop in every rank, run directories, checkpoints, launching -- are
 in :mod:`coopsgd.train.distributed` (``coopsgd run --engine distributed``, :func:`run_spec` for tensors)
 and :mod:`coopsgd.torchrun` (``torchrun --nproc-per-node N -m coopsgd.torchrun --config run.toml``).
@@ -71,10 +71,10 @@ from coopsgd.engines.base import (
     unwrap_state,
     wrap_state,
 )
-from coopsgd.engines.comm import Mixer, NetEmulation, aux_placement
+from coopsgd.engines.distributed.communicator import Mixer, NetEmulation, aux_placement
+from coopsgd.engines.distributed.launch import no_heartbeat
 from coopsgd.engines.executors import LoopExecutor
 from coopsgd.engines.kernel import RoundKernel
-from coopsgd.engines.launch import no_heartbeat
 from coopsgd.engines.mixing import plan_round
 from coopsgd.engines.optim import SGDOptions, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
@@ -152,12 +152,12 @@ class DistributedEngine(ModelRows):
     ``spec.workers``. Arguments as :class:`coopsgd.engines.simulator.Simulator`; in addition:
 
     Args:
-        net: network emulation (:class:`~coopsgd.engines.comm.NetEmulation`) or ``None``.
+        net: network emulation (:class:`~coopsgd.engines.distributed.communicator.NetEmulation`) or ``None``.
         sync_init: broadcast rank 0's initial model to everyone (guards against unseeded inits); not
             done when ``init_params`` gives per-worker starts.
         fault: a :data:`FaultHook` called at the start of every step (tests; see :func:`fault_hook`).
         heartbeat: ``heartbeat(step, phase)``, the rank's liveness signal for a launcher's hang detector
-            (:func:`coopsgd.engines.launch.launch` injects its :class:`~coopsgd.engines.launch.Heartbeat`
+            (:func:`coopsgd.engines.distributed.launch.launch` injects its :class:`~coopsgd.engines.distributed.launch.Heartbeat`
             into the rank's function); also given to the parameter server. Default: none.
         nan_policy: what a NaN/Inf loss, gradient or model does. ``"stop"``: the rank that sees it raises
             :class:`~coopsgd.engines.base.NonFiniteError` naming the worker and the step at once
@@ -168,7 +168,7 @@ class DistributedEngine(ModelRows):
             pending non-blocking round is completed before each snapshot (no overlap under ``"skip"``).
         downpour_order: DOWNPOUR only. ``"schedule"``: the schedule's seeded push order, emulated exactly
             by one all_gather per round (deterministic, equals the simulator). ``"async"``: a real
-            asynchronous parameter server (:class:`~coopsgd.engines.parameter_server.AsyncParameterServer`):
+            asynchronous parameter server (:class:`~coopsgd.engines.distributed.parameter_server.AsyncParameterServer`):
             z lives on rank 0 only, each worker pushes and pulls every tau steps without waiting for
             the others, pushes are applied in arrival order (not deterministic). Call :meth:`close` on
             every rank at the end.
@@ -245,7 +245,7 @@ class DistributedEngine(ModelRows):
         self._kernel = RoundKernel(spec, self.opts, b, d, 1, self.mixer, outer=self.outer)
         self._ps = None
         if self.asynchronous:
-            from coopsgd.engines.parameter_server import AsyncParameterServer
+            from coopsgd.engines.distributed.parameter_server import AsyncParameterServer
 
             lo, hi = self._kernel.cols
             self._aux_fill = self._state[0].clone()  # an auxiliary's columns that are not mixed: initial values
@@ -304,7 +304,7 @@ class DistributedEngine(ModelRows):
         return self._state[1 + j, self.b : self.b + self.d]
 
     def aux_host(self, j: int) -> int:
-        """The designated host rank of auxiliary ``j`` (see :func:`coopsgd.engines.comm.aux_placement`)."""
+        """The designated host rank of auxiliary ``j`` (see :func:`coopsgd.engines.distributed.communicator.aux_placement`)."""
         if self.asynchronous:  # z on rank 0, worker i's last pull on rank i
             return 0 if j == 0 else j - 1
         return self.mixer.host(j)

@@ -1,6 +1,6 @@
 """Local launcher: N processes on this machine, one per rank, with a monitor that never lets a run hang.
 
-:func:`launch` starts ``nprocs`` fresh Python processes (``python -m coopsgd.engines.launch --child DIR``;
+:func:`launch` starts ``nprocs`` fresh Python processes (``python -m coopsgd.engines.distributed.launch --child DIR``;
 no fork, no re-import of the caller's ``__main__``), each of which
 
 1. joins a ``torch.distributed`` process group over TCP on ``127.0.0.1`` (loopback only) at a free port,
@@ -24,7 +24,7 @@ and SIGINT make it stop them, remove its temporary directory and raise :class:`~
 if it is killed outright (SIGKILL), every rank dies at once (``PR_SET_PDEATHSIG`` on Linux, a watchdog
 thread everywhere) and a small janitor process removes the temporary directory.
 
-Ranks that fail only because a peer went away (a :class:`~coopsgd.engines.comm.CommunicationError`,
+Ranks that fail only because a peer went away (a :class:`~coopsgd.engines.distributed.communicator.CommunicationError`,
 e.g. gloo's "Connection closed by peer" or a collective timeout) are not blamed when a better culprit is
 known. The error is raised within ``timeout_s`` + about one second of the failure. The ranks print nothing
 about a failure: the :class:`RankFailure` (one line, naming the rank that caused it) is its only report.
@@ -158,7 +158,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _comm_error_text(exc: BaseException) -> bool:
-    from coopsgd.engines.comm import CommunicationError
+    from coopsgd.engines.distributed.communicator import CommunicationError
 
     if isinstance(exc, CommunicationError):
         return True
@@ -635,7 +635,7 @@ def _run_ranks(
             guard.check(nprocs)
             e = dict(child_env, RANK=str(r), LOCAL_RANK=str(r))
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "coopsgd.engines.launch", "--child", str(job_dir)], env=e))
+                [sys.executable, "-m", "coopsgd.engines.distributed.launch", "--child", str(job_dir)], env=e))
             janitor.watch(procs[-1].pid)
         failure: RankFailure | None = None
         first_bad: float | None = None
@@ -751,7 +751,7 @@ def init_torchrun_group(backend: str, timeout_s: float) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m coopsgd.engines.launch")
+    parser = argparse.ArgumentParser(prog="python -m coopsgd.engines.distributed.launch")
     parser.add_argument("--child", required=True, help="job directory written by launch() (internal)")
     ns = parser.parse_args(argv)
     return _child(Path(ns.child))
@@ -759,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # run inside the importable module (not __main__) so that the engine sees this process's heartbeat
-    from coopsgd.engines.launch import main as _main
+    from coopsgd.engines.distributed.launch import main as _main
 
     sys.exit(_main())
 

@@ -13,7 +13,7 @@ and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
    batch at the current parameters (inactive workers and auxiliaries: zero; their optimizer state is
    untouched). An *executor* does this (:mod:`coopsgd.engines.executors`: a loop over replica modules
    holding views into the rows, or ``torch.func.vmap``; ``"auto"`` times both on the first batches, or
-   reads the choice an earlier run made from an :class:`~coopsgd.engines.calibration.ExecutorCache`).
+   reads the choice an earlier run made from an :class:`~coopsgd.engines.simulator.calibration.ExecutorCache`).
 2. LSGD (``spec.leader``): per-worker loss estimates for the leader election: ``"batch"`` (this step's
    mini-batch loss), ``"running_mean"`` (mean of the last ``window`` mini-batch losses, this one included)
    or ``"probe"`` (loss on a fixed probe batch at the current parameters, eval mode).
@@ -40,9 +40,9 @@ and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
    modified. Updates are done in place (no extra full copy of the state per step) when a cheap running
    bound proves that no value can overflow; otherwise the step is computed on a copy and checked first.
 
-Timing: a :class:`~coopsgd.engines.clock.SimClock` keeps simulated per-worker clocks; see
-:mod:`coopsgd.engines.clock`. The default clock (no ``clock`` argument) charges each step its counted FLOPs
-at :data:`~coopsgd.engines.clock.DEFAULT_GFLOPS` (:class:`~coopsgd.engines.clock.FlopCompute`, falling back
+Timing: a :class:`~coopsgd.engines.simulator.clock.SimClock` keeps simulated per-worker clocks; see
+:mod:`coopsgd.engines.simulator.clock`. The default clock (no ``clock`` argument) charges each step its counted FLOPs
+at :data:`~coopsgd.engines.simulator.clock.DEFAULT_GFLOPS` (:class:`~coopsgd.engines.simulator.clock.FlopCompute`, falling back
 to the measured time, with a warning, for a model FlopCounterMode cannot count) over the default network,
 so that simulated times do not follow the machine's load; pass ``SimClock(compute=None)`` for measured
 compute time.
@@ -75,8 +75,6 @@ from coopsgd.engines.base import (
     unwrap_state,
     wrap_state,
 )
-from coopsgd.engines.calibration import ExecutorCache, cache_key, machine_fingerprint, model_fingerprint
-from coopsgd.engines.clock import FlopCompute, SimClock
 from coopsgd.engines.executors import (
     EXECUTORS,
     ComputeResult,
@@ -89,6 +87,13 @@ from coopsgd.engines.mixing import Round, plan_round
 from coopsgd.engines.optim import AdamOptions, InnerOptimizer, SGDOptions, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES, ModelRows
+from coopsgd.engines.simulator.calibration import (
+    ExecutorCache,
+    cache_key,
+    machine_fingerprint,
+    model_fingerprint,
+)
+from coopsgd.engines.simulator.clock import FlopCompute, SimClock
 from coopsgd.errors import ConfigError, check_float, check_int
 
 __all__ = ["Simulator", "SimStepStats", "LOSS_ESTIMATES"]
@@ -167,14 +172,14 @@ class Simulator(ModelRows):
         window: length of the running mean.
         probe_batch: ``(x, y)`` for ``loss_estimate="probe"``.
         clock: simulated clock (default ``SimClock(compute=FlopCompute())``: counted FLOPs at
-            :data:`~coopsgd.engines.clock.DEFAULT_GFLOPS`, default network; see the module docstring).
+            :data:`~coopsgd.engines.simulator.clock.DEFAULT_GFLOPS`, default network; see the module docstring).
         downpour_order: DOWNPOUR's push order: ``"schedule"`` (seeded, as the reference engine) or
             ``"clock"`` (workers in the order they finish the round on the simulated clock).
         init_params: optional start, (d,) common or (m, d) per worker (auxiliaries start at the mean).
         calibration_steps: minimum timed calls per executor for ``executor="auto"`` (see :meth:`_calibrate`;
             more are made only while the choice is open).
         executor_cache: where ``executor="auto"`` keeps its choice per workload and machine
-            (:class:`~coopsgd.engines.calibration.ExecutorCache`): the first run times both executors and
+            (:class:`~coopsgd.engines.simulator.calibration.ExecutorCache`): the first run times both executors and
             stores the choice, later runs read it and time nothing, so they compute the same numbers.
             ``None`` (default): time in every run. :func:`coopsgd.train.trainer.build` passes the default
             cache.
@@ -423,7 +428,7 @@ class Simulator(ModelRows):
         """Make the one-time choices of the next step now, on its batches (the state is not advanced).
 
         ``executor="auto"``: choose the executor (from :attr:`executor_cache`, or by timing both); a
-        :class:`~coopsgd.engines.clock.FlopCompute` clock: count the FLOPs of one worker's step. :meth:`step`
+        :class:`~coopsgd.engines.simulator.clock.FlopCompute` clock: count the FLOPs of one worker's step. :meth:`step`
         does both lazily; a runner calls this first to record the choices before training
         (:meth:`executor_info`, :meth:`compute_model_info`).
         """
@@ -729,7 +734,7 @@ class Simulator(ModelRows):
         """Take one step of the algorithm: one batch per worker (``None`` for inactive workers).
 
         In order: the active workers' gradients (none while a round is marked bad), LSGD's estimates, the
-        step's compute time on the clock (:meth:`~coopsgd.engines.clock.SimClock.compute_tick`, committed
+        step's compute time on the clock (:meth:`~coopsgd.engines.simulator.clock.SimClock.compute_tick`, committed
         only after the update), the schedule's round, the update and the round; then the bookkeeping.
         """
         spec, m, k = self.spec, self.m, self.step_count

@@ -3,7 +3,7 @@
 :class:`Mixer` implements :class:`coopsgd.engines.base.Communicator` for the rows one rank holds (its
 worker, then the auxiliaries it keeps). It takes the same typed round as the simulator's communicator
 (:func:`coopsgd.engines.mixing.plan_round`) and derives its collectives from that plan
-(:func:`coopsgd.engines.collectives.lower`: all-reduce, neighbour exchange, broadcast, all-gather, process
+(:func:`coopsgd.engines.distributed.collectives.lower`: all-reduce, neighbour exchange, broadcast, all-gather, process
 subgroups for placed auxiliaries -- the placement is documented there). A round runs in three stages:
 
 * **select** what this rank sends: its worker row (broadcast, neighbour exchange, all-gather) and its
@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from coopsgd.engines.collectives import (
+from coopsgd.engines.distributed.collectives import (
     AuxFrom,
     Collectives,
     Exchange,

@@ -42,7 +42,7 @@ sequential DOWNPOUR execution -- the one given by :attr:`AsyncParameterServer.ar
 replaying the log with the same local computations reproduces ``z`` and every worker's model (the
 integration test does exactly that), but two runs generally produce different logs and different models.
 
-Failures: every failing operation raises :class:`~coopsgd.engines.comm.CommunicationError` naming the
+Failures: every failing operation raises :class:`~coopsgd.engines.distributed.communicator.CommunicationError` naming the
 peer rank. A dead worker is noticed by the host when it tries to reply to it, or at :meth:`close`, which
 raises naming the ranks that never finished if no message arrived for ``timeout_s`` (close may be
 called again). A dead host is noticed by every worker at its next push (gloo: "Connection closed by
@@ -50,7 +50,7 @@ peer"). The server's any-source receive times out after ``timeout_s`` without AN
 tears the whole group down): ``timeout_s`` must exceed the longest gap between two messages reaching the
 server, just as a collective's timeout must exceed the slowest worker's compute time between rounds.
 
-Network emulation (:class:`~coopsgd.engines.comm.NetEmulation`): each message takes at least its
+Network emulation (:class:`~coopsgd.engines.distributed.communicator.NetEmulation`): each message takes at least its
 alpha-beta time (``latency + bytes / bandwidth``). The worker sleeps the push's time *before* sending
 (so the emulated delay moves its arrival, and hence the order), and after the reply arrives sleeps what
 the round trip still owes. The host's own pushes are local and never delayed.
@@ -69,8 +69,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from coopsgd.engines.comm import CommunicationError, NetEmulation
-from coopsgd.engines.launch import no_heartbeat
+from coopsgd.engines.distributed.communicator import CommunicationError, NetEmulation
+from coopsgd.engines.distributed.launch import no_heartbeat
 from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.theory.cost import RoundCost
 
@@ -154,7 +154,7 @@ class AsyncParameterServer:
         timeout_s: timeout of the parameter-server group (every receive and send; the server's idle
             limit) and the default of :meth:`close`. Default: the default group's timeout.
         net: network emulation (``None``: none).
-        heartbeat: ``heartbeat(step, phase)`` callback (the rank's :class:`~coopsgd.engines.launch.Heartbeat`,
+        heartbeat: ``heartbeat(step, phase)`` callback (the rank's :class:`~coopsgd.engines.distributed.launch.Heartbeat`,
             injected by whoever runs the rank; default: none);
             called with ``"comm"`` while waiting for the server and ``"compute"`` after.
 
