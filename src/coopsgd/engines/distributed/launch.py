@@ -24,9 +24,8 @@ and SIGINT make it stop them, remove its temporary directory and raise :class:`~
 if it is killed outright (SIGKILL), every rank dies at once (``PR_SET_PDEATHSIG`` on Linux, a watchdog
 thread everywhere) and a small janitor process removes the temporary directory.
 
-Ranks that fail only because a peer went away (a :class:`~coopsgd.engines.distributed.communicator.CommunicationError`,
-e.g. gloo's "Connection closed by peer" or a collective timeout) are not blamed when a better culprit is
-known. The error is raised within ``timeout_s`` + about one second of the failure. The ranks print nothing
+Ranks that fail only because a peer went away (a communicator's ``CommunicationError``, e.g. gloo's
+"Connection closed by peer" or a collective timeout) are not blamed when a better culprit is known. The error is raised within ``timeout_s`` + about one second of the failure. The ranks print nothing
 about a failure: the :class:`RankFailure` (one line, naming the rank that caused it) is its only report.
 
 Under ``torchrun`` the launcher is not used: torchrun's agent watches the ranks, and the engine reports
@@ -112,14 +111,13 @@ class Heartbeat:
 
 def no_heartbeat(step: int, phase: str) -> None:
     """The heartbeat of a process nobody watches (the default of every component that beats)."""
-    return None
 
 
 def _accepts_heartbeat(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` takes a ``heartbeat`` keyword argument (then :func:`launch` passes the rank's own)."""
     try:
         return "heartbeat" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # a callable without a signature: none passed
         return False
 
 
