@@ -30,7 +30,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from coopsgd.train.config import RunConfig
 
 __all__ = ["main"]
 
@@ -61,8 +64,7 @@ def _exit_together(status: int) -> NoReturn:
     os._exit(status)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the flags, then run one rank (under torchrun) or every rank locally."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m coopsgd.torchrun",
                                      description="coopsgd distributed run (launch with torchrun)")
     parser.add_argument("--config", required=True, help="TOML/YAML/JSON run configuration")
@@ -75,35 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None, help="continue from this checkpoint.pt (or run directory)")
     parser.add_argument("--auto-resume", action="store_true",
                         help="resume from the run directory's checkpoint.pt when there is one (torchrun --max-restarts)")
-    ns = parser.parse_args(argv)
+    return parser
 
-    import torch
-    import torch.distributed as dist
 
-    from coopsgd.engines.distributed.communicator import NetEmulation
-    from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float
-    from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig, load_config
-    from coopsgd.train.distributed import RankCheckError, one_line, rank_main, run_distributed
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags, then run one rank (under torchrun) or every rank locally."""
+    ns = _parser().parse_args(argv)
+    from coopsgd.errors import CoopSGDError
 
     rank_env = os.environ.get("RANK")
     try:
-        cfg = RunConfig.from_dict(load_config(ns.config), source=ns.config)
-        ns.timeout_s = check_float("--timeout-s", ns.timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
-        NetEmulation(ns.net_latency_ms, ns.net_bandwidth_mbps)  # checks both
-        if ns.auto_resume and ns.resume is None:
-            out_dir = ns.out or cfg.output.out
-            if out_dir is None:
-                raise ConfigError.invalid("--auto-resume", True, "needs a run directory (--out or `out` in the config)")
-            if (Path(out_dir) / "checkpoint.pt").is_file():
-                ns.resume = str(Path(out_dir) / "checkpoint.pt")
-        world_env = os.environ.get("WORLD_SIZE")
-        if rank_env is not None and world_env is not None and int(world_env) != cfg.algorithm.workers:
-            raise ConfigError.invalid("workers", cfg.algorithm.workers, f"the config asks for {cfg.algorithm.workers} workers but torchrun "
-                                                              f"started {world_env} processes (nproc-per-node x nnodes)")
-        use_cuda = cfg.execution.device.startswith("cuda")
-        if ns.backend == "nccl" and not use_cuda:
-            raise ConfigError.invalid("--backend", "nccl", f"NCCL needs the GPUs: the config has device = "
-                                                           f"{cfg.execution.device!r} (set device = \"cuda\")")
+        cfg = _checked_config(ns, under_torchrun=rank_env is not None)
     except CoopSGDError as exc:  # every rank finds the same error in the file and the flags
         if rank_env in (None, "0"):
             print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
@@ -117,30 +101,72 @@ def main(argv: list[str] | None = None) -> int:
             _exit_together(2)
         return 2
     if rank_env is None:  # no torchrun: the local launcher (which checks everything before any rank starts)
-        try:
-            summary = run_distributed(cfg, out=ns.out, timeout_s=ns.timeout_s, net_latency_ms=ns.net_latency_ms,
-                                      net_bandwidth_mbps=ns.net_bandwidth_mbps, backend=ns.backend,
-                                      resume=ns.resume)
-        except ConfigError as exc:
-            print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
-            return 2
-        except CoopSGDError as exc:  # a rank failed (named in the message)
-            print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
-            return 1
-        except Interrupted as exc:  # SIGTERM / SIGINT: the ranks were stopped
-            print(f"coopsgd: {exc}", file=sys.stderr, flush=True)
-            return exc.exit_status
-        print(json.dumps(one_line(summary)))
-        return 0
+        return _run_local(cfg, ns)
+    return _run_rank(cfg, ns)
+
+
+def _checked_config(ns: argparse.Namespace, *, under_torchrun: bool) -> RunConfig:
+    """The run configuration with the flags checked against it (a :class:`CoopSGDError` names what is wrong);
+    fills ``ns.resume`` for ``--auto-resume`` when the run directory holds a checkpoint."""
+    from coopsgd.engines.distributed.communicator import NetEmulation
+    from coopsgd.errors import ConfigError, check_float
+    from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig, load_config
+
+    cfg = RunConfig.from_dict(load_config(ns.config), source=ns.config)
+    ns.timeout_s = check_float("--timeout-s", ns.timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
+    NetEmulation(ns.net_latency_ms, ns.net_bandwidth_mbps)  # checks both
+    if ns.auto_resume and ns.resume is None:
+        out_dir = ns.out or cfg.output.out
+        if out_dir is None:
+            raise ConfigError.invalid("--auto-resume", True, "needs a run directory (--out or `out` in the config)")
+        if (Path(out_dir) / "checkpoint.pt").is_file():
+            ns.resume = str(Path(out_dir) / "checkpoint.pt")
+    world_env = os.environ.get("WORLD_SIZE")
+    if under_torchrun and world_env is not None and int(world_env) != cfg.algorithm.workers:
+        raise ConfigError.invalid("workers", cfg.algorithm.workers, f"the config asks for {cfg.algorithm.workers} "
+                                  f"workers but torchrun started {world_env} processes (nproc-per-node x nnodes)")
+    if ns.backend == "nccl" and not cfg.execution.device.startswith("cuda"):
+        raise ConfigError.invalid("--backend", "nccl", f"NCCL needs the GPUs: the config has device = "
+                                                       f"{cfg.execution.device!r} (set device = \"cuda\")")
+    return cfg
+
+
+def _run_local(cfg: RunConfig, ns: argparse.Namespace) -> int:
+    """Every rank on this machine through the local launcher; exit status 0, 1 (a rank failed) or 2 (input)."""
+    from coopsgd.errors import ConfigError, CoopSGDError, Interrupted
+    from coopsgd.train.distributed import one_line, run_distributed
+
+    try:
+        summary = run_distributed(cfg, out=ns.out, timeout_s=ns.timeout_s, net_latency_ms=ns.net_latency_ms,
+                                  net_bandwidth_mbps=ns.net_bandwidth_mbps, backend=ns.backend, resume=ns.resume)
+    except ConfigError as exc:
+        print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return 2
+    except CoopSGDError as exc:  # a rank failed (named in the message)
+        print(f"coopsgd: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return 1
+    except Interrupted as exc:  # SIGTERM / SIGINT: the ranks were stopped
+        print(f"coopsgd: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_status
+    print(json.dumps(one_line(summary)))
+    return 0
+
+
+def _run_rank(cfg: RunConfig, ns: argparse.Namespace) -> int:
+    """This process's rank under torchrun; every rank leaves with the same status for an input error."""
+    import torch
+    import torch.distributed as dist
+
+    from coopsgd.engines.distributed.launch import init_torchrun_group  # a key space per restart attempt
+    from coopsgd.errors import ConfigError, CoopSGDError
+    from coopsgd.train.distributed import RankCheckError, one_line, rank_main
+
+    use_cuda = cfg.execution.device.startswith("cuda")
     backend = ns.backend or ("nccl" if use_cuda else "gloo")
     if use_cuda:  # each local rank on its own GPU (rank_main checks there is one), current before NCCL starts
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local < torch.cuda.device_count():
             torch.cuda.set_device(local)
-    from coopsgd.engines.distributed.launch import (
-        init_torchrun_group,  # a key space per torchrun restart attempt
-    )
-
     init_torchrun_group(backend, ns.timeout_s)
     rank = dist.get_rank()
     try:
