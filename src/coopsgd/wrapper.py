@@ -135,6 +135,44 @@ _PROTOCOL_MEMBERS = ("rank", "m", "stats", "pending", "communicate", "finalize",
                      "all_reduce", "holds", "host", "collect_aux")
 
 
+def _check_arguments(model: Any, optimizer: Any, spec: Any) -> None:
+    """The wrapper's model, optimizer and spec, each checked with an error naming it."""
+    if not isinstance(spec, AlgorithmSpec):
+        raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (e.g. coopsgd.algorithms.local_sgd(m, tau=8))")
+    if not isinstance(model, nn.Module):
+        raise ConfigError.invalid("model", type(model).__name__, "must be a torch.nn.Module")
+    if optimizer is not None and not hasattr(optimizer, "param_groups"):
+        raise ConfigError.invalid("optimizer", type(optimizer).__name__, "must be a torch.optim.Optimizer or None")
+    if spec.policies.optimizer_state == "mix":
+        raise ConfigError.invalid("optimizer_state", "mix", "the wrapper supports 'local' and 'reset'")
+    if spec.outer is not None:
+        raise ConfigError.invalid("spec.outer", spec.outer.kind, "the wrapper runs no outer optimizer (DiLoCo, "
+                                  "SlowMo); use the simulator or the distributed engine")
+
+
+def _rank_and_world(communicator: Any, group: Any, net_latency_ms: float | None,
+                    net_bandwidth_mbps: float | None) -> tuple[int, int, str]:
+    """This rank, the world size and how the error for a mismatching spec names it: from the process group
+    (default communicator) or from an injected communicator (which then owns the network settings)."""
+    if communicator is None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ConfigError.invalid("process group", None,
+                                      "call torch.distributed.init_process_group first (or pass communicator=)")
+        return dist.get_rank(group), dist.get_world_size(group), "the world size"
+    if not isinstance(communicator, WrapperCommunicator):
+        missing = [n for n in _PROTOCOL_MEMBERS if not hasattr(communicator, n)]
+        raise ConfigError.invalid("communicator", type(communicator).__name__,
+                                  f"must implement WrapperCommunicator (missing: {', '.join(missing)})")
+    for name, value in (("group", group), ("net_latency_ms", net_latency_ms),
+                        ("net_bandwidth_mbps", net_bandwidth_mbps)):
+        if value is not None:
+            raise ConfigError.invalid(name, value, "applies only to the default communicator; "
+                                                   "configure the injected communicator instead")
+    world = check_int("communicator.m", communicator.m, minimum=1)
+    rank = check_int("communicator.rank", communicator.rank, minimum=0, maximum=world - 1)
+    return rank, world, "the communicator's world size m"
+
+
 class CooperativeSGD:
     """Cooperative SGD around a user's ``nn.Module`` and optimizer (one process per worker).
 
@@ -177,39 +215,9 @@ class CooperativeSGD:
         group: Any = None,
         communicator: WrapperCommunicator | None = None,
     ) -> None:
-        if not isinstance(spec, AlgorithmSpec):
-            raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (e.g. coopsgd.algorithms.local_sgd(m, tau=8))")
-        if not isinstance(model, nn.Module):
-            raise ConfigError.invalid("model", type(model).__name__, "must be a torch.nn.Module")
-        if optimizer is not None and not hasattr(optimizer, "param_groups"):
-            raise ConfigError.invalid("optimizer", type(optimizer).__name__,
-                                      "must be a torch.optim.Optimizer or None")
-        if spec.policies.optimizer_state == "mix":
-            raise ConfigError.invalid("optimizer_state", "mix", "the wrapper supports 'local' and 'reset'")
-        if spec.outer is not None:
-            raise ConfigError.invalid("spec.outer", spec.outer.kind, "the wrapper runs no outer optimizer (DiLoCo, "
-                                      "SlowMo); use the simulator or the distributed engine")
+        _check_arguments(model, optimizer, spec)
         self.window = check_int("window", window, minimum=1)
-        if communicator is None:
-            if not dist.is_available() or not dist.is_initialized():
-                raise ConfigError.invalid("process group", None,
-                                          "call torch.distributed.init_process_group first (or pass communicator=)")
-            rank, world = dist.get_rank(group), dist.get_world_size(group)
-            what = "the world size"
-        else:
-            if not isinstance(communicator, WrapperCommunicator):
-                missing = [n for n in _PROTOCOL_MEMBERS if not hasattr(communicator, n)]
-                raise ConfigError.invalid("communicator", type(communicator).__name__,
-                                          f"must implement WrapperCommunicator "
-                                          f"(missing: {', '.join(missing)})")
-            for name, value in (("group", group), ("net_latency_ms", net_latency_ms),
-                                ("net_bandwidth_mbps", net_bandwidth_mbps)):
-                if value is not None:
-                    raise ConfigError.invalid(name, value, "applies only to the default communicator; "
-                                                           "configure the injected communicator instead")
-            world = check_int("communicator.m", communicator.m, minimum=1)
-            rank = check_int("communicator.rank", communicator.rank, minimum=0, maximum=world - 1)
-            what = "the communicator's world size m"
+        rank, world, what = _rank_and_world(communicator, group, net_latency_ms, net_bandwidth_mbps)
         if spec.workers != world:
             raise ConfigError.invalid("spec.workers", spec.workers, f"must equal {what} ({world})")
         params = list(model.parameters())
