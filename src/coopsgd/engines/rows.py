@@ -10,8 +10,10 @@ mean), and gives the views. The update of a step is the round kernel's (:mod:`co
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,19 @@ __all__ = ["ModelRows", "LOSS_ESTIMATES"]
 
 #: How LSGD's per-worker loss estimates are formed.
 LOSS_ESTIMATES = ("batch", "running_mean", "probe")
+
+
+def _check_arguments(spec: Any, loss_estimate: str, dtype: Any, loss_fn: Any, nan_policy: str) -> None:
+    if not isinstance(spec, AlgorithmSpec):
+        raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
+    if loss_estimate not in LOSS_ESTIMATES:
+        raise ConfigError.invalid("loss_estimate", loss_estimate, f"choose one of {', '.join(LOSS_ESTIMATES)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError.invalid("dtype", dtype, "must be a floating-point torch.dtype")
+    if not callable(loss_fn):
+        raise ConfigError.invalid("loss_fn", loss_fn, "must be callable as loss_fn(output, target)")
+    if nan_policy not in NAN_POLICIES:
+        raise ConfigError.invalid("nan_policy", nan_policy, f"choose one of {', '.join(NAN_POLICIES)}")
 
 
 class ModelRows:
@@ -64,16 +79,7 @@ class ModelRows:
         probe_batch: Batch | None,
         optimizer: OptimizerSettings | None = None,
     ) -> None:
-        if not isinstance(spec, AlgorithmSpec):
-            raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
-        if loss_estimate not in LOSS_ESTIMATES:
-            raise ConfigError.invalid("loss_estimate", loss_estimate, f"choose one of {', '.join(LOSS_ESTIMATES)}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ConfigError.invalid("dtype", dtype, "must be a floating-point torch.dtype")
-        if not callable(loss_fn):
-            raise ConfigError.invalid("loss_fn", loss_fn, "must be callable as loss_fn(output, target)")
-        if nan_policy not in NAN_POLICIES:
-            raise ConfigError.invalid("nan_policy", nan_policy, f"choose one of {', '.join(NAN_POLICIES)}")
+        _check_arguments(spec, loss_estimate, dtype, loss_fn, nan_policy)
         self.spec = spec
         self.m, self.v, self.n = spec.workers, spec.auxiliaries, spec.nodes
         self.nan_policy = nan_policy
@@ -91,33 +97,14 @@ class ModelRows:
         if self.d == 0:
             raise ConfigError.invalid("model", type(self.template).__name__, "has no parameters to train")
         held = list(workers_held)
-        rows = len(held) + int(aux_rows)
-        b, d = self.b, self.d
         # the workers' inner optimizer: the run's choice, else the one the algorithm prescribes, else SGD
         self.optimizer_settings = (optimizer or OptimizerSettings()).resolve(spec.inner_optimizer)
-        self.opts: InnerOptimizer = make_inner(self.optimizer_settings, d=d, dtype=dtype, device=self.device,
+        self.opts: InnerOptimizer = make_inner(self.optimizer_settings, d=self.d, dtype=dtype, device=self.device,
                                                workers=len(held))
-        self.outer = None if spec.outer is None else OuterRuntime(spec.outer, d, dtype, self.device)
-        nf = len(self.opts.fields)
-        self._state = torch.zeros((rows, b + d + nf * d), dtype=dtype, device=self.device)
-        x0 = self.layout.flat_params(self.template).to(self.device, dtype)
-        if init_params is not None:
-            given = np.asarray(init_params) if isinstance(init_params, np.ndarray) else init_params
-            x0 = torch.as_tensor(given).to(self.device, dtype)
-            if x0.shape[-1] != d or x0.ndim not in (1, 2) or (x0.ndim == 2 and x0.shape[0] != self.m):
-                raise ConfigError.invalid("init_params", f"tensor of shape {tuple(x0.shape)}",
-                                          f"must be ({d},) or ({self.m}, {d})")
-        self.per_worker_start = x0.ndim == 2
-        with torch.no_grad():
-            if self.per_worker_start:  # auxiliaries start at the workers' mean ([CSGD] Theorem 1)
-                self._state[: len(held), b : b + d] = x0[held]
-                self._state[len(held) :, b : b + d] = x0.mean(dim=0)
-            else:
-                self._state[:, b : b + d] = x0
-            if b:
-                self._state[:, :b] = self.layout.flat_buffers(self.template).to(self.device, dtype)
+        self.outer = None if spec.outer is None else OuterRuntime(spec.outer, self.d, dtype, self.device)
+        self._state = self._initial_rows(held, len(held) + int(aux_rows), init_params)
         self.other_buffers: dict[str, Tensor] = {
-            name: t.unsqueeze(0).repeat(rows, *([1] * t.dim())).contiguous()
+            name: t.unsqueeze(0).repeat(self._state.shape[0], *([1] * t.dim())).contiguous()
             for name, t in self.layout.other_buffers(self.template).items()
         }
         self._mom_init = torch.zeros(len(held), dtype=torch.bool, device=self.device)
@@ -131,6 +118,30 @@ class ModelRows:
         self.rounds = 0
         self.leader: int | None = None
         self.schedule_state = spec.schedule.init_state()
+
+    def _initial_rows(self, held: list[int], rows: int, init_params: Tensor | np.ndarray | None) -> Tensor:
+        """The ``rows`` x ``[b | d | f d]`` state: the template's buffers, its parameters or ``init_params`` (one
+        common start, or one per worker: the workers ``held`` take theirs, the auxiliaries the mean), zero
+        optimizer state."""
+        b, d, dtype = self.b, self.d, self.dtype
+        state = torch.zeros((rows, b + d + len(self.opts.fields) * d), dtype=dtype, device=self.device)
+        x0 = self.layout.flat_params(self.template).to(self.device, dtype)
+        if init_params is not None:
+            given = np.asarray(init_params) if isinstance(init_params, np.ndarray) else init_params
+            x0 = torch.as_tensor(given).to(self.device, dtype)
+            if x0.shape[-1] != d or x0.ndim not in (1, 2) or (x0.ndim == 2 and x0.shape[0] != self.m):
+                raise ConfigError.invalid("init_params", f"tensor of shape {tuple(x0.shape)}",
+                                          f"must be ({d},) or ({self.m}, {d})")
+        self.per_worker_start = x0.ndim == 2
+        with torch.no_grad():
+            if self.per_worker_start:  # auxiliaries start at the workers' mean ([CSGD] Theorem 1)
+                state[: len(held), b : b + d] = x0[held]
+                state[len(held) :, b : b + d] = x0.mean(dim=0)
+            else:
+                state[:, b : b + d] = x0
+            if b:
+                state[:, :b] = self.layout.flat_buffers(self.template).to(self.device, dtype)
+        return state
 
     def _check_initial_state(self) -> None:
         # aminmax: one pass and no temporary the size of the state (isfinite() would allocate one)
@@ -228,3 +239,87 @@ class ModelRows:
             self.opts.load_extras(snap["extras"], [t[:w] for t in self.rows_optimizer_state.values()])
         if self.outer is not None:
             self.outer.restore(snap["outer"])
+
+    # -- what both engines' checkpoints and rollbacks hold of the rows -----------------------------------------
+    def _rows_payload(self) -> dict[str, Any]:
+        """The rows, the counters and the optimizers' state for a checkpoint (CPU copies; each engine adds
+        its own entries). ``optimizer_settings`` records the inner optimizer the state was made with
+        (:meth:`_check_optimizer_settings`; absent from checkpoints written before it was recorded)."""
+        return {
+            "state": self._state.detach().to("cpu", copy=True),
+            "other_buffers": {k: t.detach().to("cpu", copy=True) for k, t in self.other_buffers.items()},
+            "momentum_initialized": self._mom_init.to("cpu", copy=True),
+            "step": self.step_count,
+            "rounds": self.rounds,
+            "leader": self.leader,
+            "schedule_state": json.dumps(self.schedule_state),
+            "optimizer_settings": self.optimizer_settings.to_dict(),
+            **self._optimizer_payload(),
+        }
+
+    def _load_rows_payload(self, state: dict[str, Any], prefix: str) -> None:
+        """Restore :meth:`_rows_payload` (its shapes checked by the engine; the settings by
+        :meth:`_check_optimizer_settings`, before anything else)."""
+        with torch.no_grad():
+            self._state.copy_(state["state"])
+            for k, t in state["other_buffers"].items():
+                self.other_buffers[k].copy_(t)
+            self._mom_init.copy_(state["momentum_initialized"])
+            self._load_optimizer_payload(state, prefix)
+        self.step_count = int(state["step"])
+        self.rounds = int(state["rounds"])
+        self.leader = None if state["leader"] is None else int(state["leader"])
+        self.schedule_state = json.loads(state["schedule_state"])
+
+    def _check_optimizer_settings(self, state: dict[str, Any], prefix: str) -> None:
+        """A checkpoint resumes only under the inner optimizer it was written with: a recorded setting that
+        differs from this engine's (and changes its arithmetic) is a :class:`~coopsgd.errors.ConfigError`
+        naming it. Checkpoints without the record (written before it was kept) are not checked."""
+        saved = state.get("optimizer_settings")
+        if saved is None:
+            return
+        mine = self.optimizer_settings.to_dict()
+        for key in dict.fromkeys([*mine, *saved]):
+            if key not in saved or key not in mine or saved[key] != mine[key]:
+                if self._same_arithmetic(key, saved.get(key)):
+                    continue  # e.g. weight_decay None (torch's default) and its value, or an unused Adam beta under SGD
+                raise ConfigError.invalid(
+                    f"{prefix}.optimizer_settings.{key}", saved.get(key),
+                    f"the checkpoint was written with the inner optimizer {_describe(saved)}, this run uses "
+                    f"{_describe(mine)} ({key}={mine.get(key)!r}); resume with the checkpoint's optimizer settings")
+
+    def _same_arithmetic(self, key: str, value: Any) -> bool:
+        """Whether this engine's optimizer with setting ``key`` changed to ``value`` computes the same updates."""
+        if key in ("name", "torch_class", "torch_kwargs") or isinstance(self.opts, TorchOptimizer):
+            return False
+        try:
+            other = make_inner(replace(self.optimizer_settings, **{key: value}), d=0, dtype=self.dtype)
+        except (ConfigError, TypeError, ValueError):
+            return False
+        return bool(other.describe() == self.opts.describe())
+
+    def _snapshot_rows(self, into: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The rows' state for a rollback (``nan_policy="skip"``): the state tensor (copied into ``into``'s
+        when it fits: no new full-state allocation per round), integer buffers, momentum flags and the
+        optimizer state kept outside the tensor."""
+        if into is not None and into["state"].shape == self._state.shape:
+            into["state"].copy_(self._state)
+            snap = into
+        else:
+            snap = {"state": self._state.clone()}
+        snap.update({"other": {k: t.clone() for k, t in self.other_buffers.items()},
+                     "mom_init": self._mom_init.clone(), "optimizer": self._optimizer_snapshot()})
+        return snap
+
+    def _restore_rows(self, snap: dict[str, Any]) -> None:
+        """Restore a :meth:`_snapshot_rows`."""
+        with torch.no_grad():
+            self._state.copy_(snap["state"])
+            for k, t in snap["other"].items():
+                self.other_buffers[k].copy_(t)
+            self._mom_init.copy_(snap["mom_init"])
+            self._optimizer_restore(snap["optimizer"])
+
+
+def _describe(settings: dict[str, Any]) -> str:
+    return str(settings.get("torch_class") or settings.get("name"))

@@ -51,12 +51,8 @@ compute time.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import statistics
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -75,25 +71,16 @@ from coopsgd.engines.base import (
     unwrap_state,
     wrap_state,
 )
-from coopsgd.engines.executors import (
-    EXECUTORS,
-    ComputeResult,
-    Executor,
-    make_executor,
-    synchronize,
-)
+from coopsgd.engines.executors import EXECUTORS, ComputeResult
+from coopsgd.engines.health import absmax, diverged, step_bound
 from coopsgd.engines.kernel import InProcess, RoundKernel
 from coopsgd.engines.mixing import Round, plan_round
-from coopsgd.engines.optim import AdamOptions, InnerOptimizer, SGDOptions, optimizer_settings
+from coopsgd.engines.optim import SGDOptions, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
-from coopsgd.engines.rows import LOSS_ESTIMATES, ModelRows
-from coopsgd.engines.simulator.calibration import (
-    ExecutorCache,
-    cache_key,
-    machine_fingerprint,
-    model_fingerprint,
-)
+from coopsgd.engines.rows import LOSS_ESTIMATES
+from coopsgd.engines.simulator.calibration import ExecutorCache
 from coopsgd.engines.simulator.clock import FlopCompute, SimClock
+from coopsgd.engines.simulator.compute import SimulatorCompute
 from coopsgd.errors import ConfigError, check_float, check_int
 
 __all__ = ["Simulator", "SimStepStats", "LOSS_ESTIMATES"]
@@ -110,45 +97,7 @@ _STATE_VERSION = 2  # 2: the schedule's run state ("schedule_state") replaces "s
 Batch = tuple[Tensor, Tensor]
 
 
-def _absmax(t: Tensor) -> float:
-    """max |t| (NaN if t holds a NaN; inf if an inf) in one fast pass (aminmax is ~20x faster than inf-norm)."""
-    if t.numel() == 0:
-        return 0.0
-    lo, hi = torch.aminmax(t)
-    a, b = abs(float(lo)), abs(float(hi))
-    return a if (math.isnan(a) or a > b) else b
-
-
-def _choice_settled(times: dict[str, list[float]]) -> bool:
-    """Whether more timed calls could still change which executor is worth choosing (see ``_calibrate``)."""
-    if len(times) < 2:
-        return True
-    med = {k: statistics.median(v) for k, v in times.items()}
-    fast, slow = sorted(med, key=med.__getitem__)[:2]
-    if med[slow] <= 1.03 * med[fast]:
-        return True  # within 3%: either choice is as good
-    return max(times[fast]) < min(times[slow]) and med[slow] > 1.10 * med[fast]
-
-
-def _step_bound(opts: InnerOptimizer, X: float, gmax: float, lr: float) -> float:
-    """A bound on |state| after one step from |state| <= X and |gradient| <= gmax, before the round
-    (``inf``: none known, the step is checked on a copy). SGD: |x| + lr |D| with D's own bound. Adam: the
-    moments stay below max(X, g, g^2) and |exp_avg_hat| / (sqrt(exp_avg_sq_hat) + eps) <= max(X, g) /
-    ((1 - beta1) eps)."""
-    if isinstance(opts, SGDOptions):
-        g1 = gmax + opts.weight_decay * X
-        buf = opts.momentum * X + g1
-        D = g1 + opts.momentum * buf if opts.nesterov else (buf if opts.stateful else g1)
-        return X + lr * D
-    if not isinstance(opts, AdamOptions):
-        return math.inf
-    wd = opts.weight_decay
-    g = gmax + (0.0 if opts.decoupled else wd * X)
-    step = max(X, g) / ((1.0 - opts.betas[0]) * opts.eps) + wd * X
-    return max(X + lr * step, g, g * g)
-
-
-class Simulator(ModelRows):
+class Simulator(SimulatorCompute):
     """Runs an :class:`AlgorithmSpec` on m simulated workers of a PyTorch model, in one process.
 
     Args:
@@ -228,8 +177,6 @@ class Simulator(ModelRows):
             raise ConfigError.invalid("downpour_order", downpour_order,
                                       "'clock' needs a schedule whose rounds are sequential pushes (DOWNPOUR)")
         self.downpour_order = downpour_order
-        self.calibration_steps = check_int("calibration_steps", calibration_steps, minimum=1)
-        self.requested_executor = executor
         m, d, b = self.m, self.d, self.b
         self._check_initial_state()
         self._drop_template_storage()
@@ -245,27 +192,9 @@ class Simulator(ModelRows):
         self.bytes_sent = 0.0  # the alpha-beta model's bytes of every round so far
         self._hist = np.full((self.window, m), np.nan)
         self._hist_count = np.zeros(m, dtype=np.int64)
-        self._executors: dict[str, Executor] = {}
-        self.executor_name: str = executor
-        self.calibration: dict[str, float] = {}  # medians of the executors' timed calls (s), "auto" only
-        self.calibration_errors: dict[str, str] = {}
-        self.executor_cache = executor_cache
-        #: where the executor came from: "requested", "calibrated" (timed in this run), "cache" (an earlier
-        #: run's choice), "checkpoint" (a resumed run's); None until "auto" has chosen
-        self.executor_source: str | None = None
-        self.calibration_key: str | None = None  # the executor cache's key of this workload
-        if executor != "auto":
-            self._executor: Executor | None = self._get_executor(executor)
-            self.executor_source = "requested"
-        else:
-            self._executor = None
+        self._init_compute(executor, executor_cache, calibration_steps)
         self.clock = clock if clock is not None else SimClock(compute=FlopCompute())
         self.clock.bind(m, d, torch.empty((), dtype=dtype).element_size())
-        # FLOPs of one worker's forward + backward per batch signature (None: could not be counted)
-        self._flops: dict[tuple[Any, ...], int | None] = {}
-        #: "auto": the chosen executor's last calibration result, kept for the step it computed
-        self._calibrated: tuple[tuple[Any, ...], Any, ComputeResult, Any] | None = None
-        self.flops_error: str | None = None  # why the model could not be FLOP-counted
 
     # ------------------------------------------------------------------------------------------------
     # construction helpers
@@ -280,13 +209,6 @@ class Simulator(ModelRows):
         with torch.no_grad():
             for p in self.template.parameters():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-
-    def _get_executor(self, name: str) -> Executor:
-        if name not in self._executors:
-            self._executors[name] = make_executor(
-                name, self.template, self.layout, self.params, self.buffers, self.other_buffers, self.loss_fn, self.m
-            )
-        return self._executors[name]
 
     # ------------------------------------------------------------------------------------------------
     # views
@@ -322,10 +244,6 @@ class Simulator(ModelRows):
         if self._comm.deferred is not None:
             lo, hi = self._kernel.cols
             self._comm.materialize(self._state[:, lo:hi], which)
-
-    @property
-    def executor(self) -> Executor | None:
-        return self._executor
 
     @property
     def local_workers(self) -> range:
@@ -415,15 +333,6 @@ class Simulator(ModelRows):
     # ------------------------------------------------------------------------------------------------
     # executors
     # ------------------------------------------------------------------------------------------------
-    def _evaluator(self) -> Executor:
-        return self._executor if self._executor is not None else self._get_executor("loop")
-
-    def _rng_guard(self) -> Any:
-        """A context restoring torch's RNG afterwards (one-time work must not shift dropout's draws)."""
-        if self.device.type == "cpu":
-            return torch.random.fork_rng(devices=[])
-        return torch.random.fork_rng(device_type=self.device.type)
-
     def prepare(self, batches: Sequence[Batch | None]) -> None:
         """Make the one-time choices of the next step now, on its batches (the state is not advanced).
 
@@ -440,236 +349,6 @@ class Simulator(ModelRows):
             self._choose_executor(checked, rows)
         if self.clock.counts_flops:
             self._step_flops(checked)
-
-    def executor_info(self) -> dict[str, Any]:
-        """The executor and where it came from, in plain data (for a run directory's ``environment.json``).
-
-        ``source``: ``"requested"``, ``"calibrated"`` (timed in this run), ``"cache"`` (an earlier run's
-        choice, nothing timed), ``"checkpoint"`` (a resumed run's); ``medians_s``: the timed calls' medians
-        (this run's, or the cached ones).
-        """
-        return {
-            "executor": self.executor_name,
-            "requested": self.requested_executor,
-            "source": self.executor_source,
-            "from_cache": self.executor_source == "cache",
-            "cache_key": self.calibration_key,
-            "cache_file": None if self.executor_cache is None else str(self.executor_cache.path),
-            "medians_s": dict(self.calibration),
-            "errors": dict(self.calibration_errors),
-        }
-
-    def compute_model_info(self) -> dict[str, Any]:
-        """The clock's compute model in plain data: ``kind`` and, for ``"flops"``, the FLOPs of one worker's
-        step (first batch shape counted), the throughput and the resulting seconds, and the fallback in use
-        (``None`` unless the model could not be counted)."""
-        cm = self.clock.compute
-        info: dict[str, Any] = {"kind": self.clock.compute_kind}
-        if isinstance(cm, FlopCompute):
-            counted = [(sig, f) for sig, f in self._flops.items()]
-            flops = counted[0][1] if counted else None
-            info.update({
-                "flops_per_worker_step": flops,
-                "batch_shape": list(counted[0][0][0]) if counted else None,
-                "gflops": cm.gflops,
-                "seconds_per_worker_step": None if flops is None else float(cm.seconds(flops)),
-                "fallback": None if self.flops_error is None else {"reason": self.flops_error,
-                                                                   "uses": cm.fallback_name()},
-            })
-        elif cm is not None:
-            info.update({"mean_s": cm.mean_s, "spread": cm.spread})
-        return info
-
-    def _choose_executor(self, batches: Sequence[Batch | None], rows: list[int] | None) -> None:
-        """``executor="auto"``: the cached choice of this workload if there is one, else time both (and store)."""
-        cache = self.executor_cache
-        if cache is None:
-            self._calibrate(batches, rows)
-            return
-        model = model_fingerprint(self.template, self.layout.param_shapes, self.layout.buffer_shapes)
-        key, workload = cache_key(model=model, workers=self.m, batches=batches, dtype=self.dtype, device=self.device,
-                                  loss_fn=self.loss_fn, machine=machine_fingerprint(self.device))
-        self.calibration_key = key
-        entry = cache.lookup(key)
-        if entry is not None and self._use_cached(entry):
-            return
-        self._calibrate(batches, rows)
-        kept = cache.store(key, {"executor": self.executor_name, "medians_s": dict(self.calibration),
-                                 "errors": dict(self.calibration_errors), "workload": workload})
-        if kept.get("executor") != self.executor_name:  # a concurrent run of this workload stored first
-            self._use_cached(kept)
-
-    def _use_cached(self, entry: dict[str, Any]) -> bool:
-        """Adopt a cache entry's executor (``False``, with a warning, if it cannot be built here)."""
-        name = str(entry["executor"])
-        try:
-            ex = self._get_executor(name)
-        except Exception as exc:
-            self._executors.pop(name, None)
-            warnings.warn(f"coopsgd: the executor cache names {name!r} for this workload but it cannot be built "
-                          f"({type(exc).__name__}: {exc}); timing the executors again", RuntimeWarning, stacklevel=4)
-            return False
-        for other in list(self._executors):
-            if other != name:
-                del self._executors[other]
-        self._executor, self.executor_name = ex, name
-        self.calibration = {str(k): float(v) for k, v in dict(entry.get("medians_s") or {}).items()}
-        self.calibration_errors = {str(k): str(v) for k, v in dict(entry.get("errors") or {}).items()}
-        self.executor_source = "cache"
-        return True
-
-    def _step_flops(self, batches: Sequence[Batch | None]) -> np.ndarray | None:
-        """Each worker's FLOPs for this step (0 for a worker without a batch); ``None`` if not countable."""
-        out = np.zeros(self.m)
-        for i, b in enumerate(batches):
-            if b is None:
-                continue
-            x, y = b
-            sig = (tuple(x.shape), str(x.dtype), tuple(y.shape), str(y.dtype))
-            if sig not in self._flops:
-                self._flops[sig] = self._count_flops(b)
-            f = self._flops[sig]
-            if f is None:
-                return None
-            out[i] = f
-        return out
-
-    def _count_flops(self, batch: Batch) -> int | None:
-        """FLOPs of one worker's forward + backward (model and loss) on ``batch``, by ``FlopCounterMode``.
-
-        Counted on a copy of worker 0 in train mode, with torch's RNG restored afterwards; the state is not
-        touched. A model that cannot be counted (an error, or no counted FLOPs) gives ``None`` and a warning
-        naming the fallback the clock uses instead.
-        """
-        from torch.utils.flop_counter import FlopCounterMode
-
-        try:
-            module = self.worker_model(0).train()
-            counter = FlopCounterMode(display=False)
-            with self._rng_guard(), torch.enable_grad(), counter:
-                loss = self.loss_fn(module(batch[0]), batch[1])
-                loss.backward()
-            flops = int(counter.get_total_flops())
-            if flops <= 0:
-                raise ValueError("FlopCounterMode counted no FLOPs (no matrix product or convolution)")
-        except Exception as exc:
-            self.flops_error = f"{type(exc).__name__}: {exc}"
-            cm = self.clock.compute
-            uses = cm.fallback_name() if isinstance(cm, FlopCompute) else "the clock's fallback"
-            msg = (f"coopsgd: cannot count the FLOPs of {type(self.template).__name__} on a batch of shape "
-                   f"{tuple(batch[0].shape)} ({self.flops_error}); the simulated compute time falls back to {uses}")
-            log.warning("%s", msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=4)
-            return None
-        return flops
-
-    def _calibrate(self, batches: Sequence[Batch | None], rows: list[int] | None) -> None:
-        """Time each executor on the first real batches (state is not advanced) and keep the faster.
-
-        Each executor gets one warm-up call, then timed calls interleaved (loop, vmap, loop, ...) so that
-        machine drift affects both alike: at least ``calibration_steps`` rounds, then more only while the
-        choice is open -- it stops as soon as every timed call of one executor was faster than every call
-        of the other and the medians differ by more than 10%, or the medians are within 3% (either choice
-        is then as good), and at the latest after 0.25 s of timing or 20 rounds. A clear case costs two
-        warm-up and two timed calls, about four steps of a run. The timed call includes the step's gradient finiteness pass, which the
-        loop executor fuses into its loop. Medians are kept in :attr:`calibration`. Torch's RNG is restored
-        afterwards, so a run that times the executors and one that reads the choice from the cache draw
-        the same dropout masks.
-        """
-        with self._rng_guard():
-            self._time_executors(batches, rows)
-        self.executor_source = "calibrated"
-
-    def _time_executors(self, batches: Sequence[Batch | None], rows: list[int] | None) -> None:
-        # every call starts from the step's RNG state, so each computes exactly what the step itself would:
-        # the chosen executor's last result is kept for the step (see _reuse_calibration)
-        rng0 = self._rng_state()
-        last: dict[str, tuple[ComputeResult, Any]] = {}
-
-        def call(name: str) -> None:
-            self._set_rng_state(rng0)
-            res = self._executors[name].compute(batches, rows)
-            if res.grad_absmax is None:  # the step's finiteness pass, which the loop executor fuses
-                _absmax(res.grads)
-            synchronize(self.device)
-            last[name] = (res, self._rng_state())
-
-        ready: list[str] = []
-        for name in EXECUTORS:
-            try:
-                self._get_executor(name)
-                call(name)  # warm-up (vmap sets up its transforms; a process's first backward its engine)
-                ready.append(name)
-            except Exception as exc:  # an executor the model does not support (e.g. an op without vmap rule)
-                if name == "loop":
-                    raise
-                self.calibration_errors[name] = f"{type(exc).__name__}: {exc}"
-                self._executors.pop(name, None)
-        times: dict[str, list[float]] = {name: [] for name in ready}
-        start = time.perf_counter()
-        rounds = 0
-        while True:
-            rounds += 1
-            for name in ready:
-                t0 = time.perf_counter()
-                call(name)
-                times[name].append(time.perf_counter() - t0)
-            if rounds >= self.calibration_steps and _choice_settled(times):
-                break
-            if rounds >= 20 or time.perf_counter() - start >= 0.25:
-                break
-        self.calibration = {name: statistics.median(ts) for name, ts in times.items()}
-        best = min(self.calibration, key=self.calibration.__getitem__)
-        for name in list(self._executors):
-            if name != best:
-                del self._executors[name]  # free the other executor's replicas / gradient rows
-        self._executor = self._executors[best]
-        self.executor_name = best
-        res, rng_after = last[best]
-        # the loop executor returns its scratch buffers, which an evaluation before the step overwrites
-        if res.buffers is not None:
-            res.buffers = res.buffers.clone()
-        res.others = {n: v.clone() for n, v in res.others.items()}
-        self._calibrated = (self._compute_key(batches, rows), rng0, res, rng_after)
-
-    def _rng_state(self) -> tuple[Tensor, ...]:
-        """Torch's RNG states: the CPU generator's, plus the state device's on an accelerator."""
-        if self.device.type == "cpu":
-            return (torch.get_rng_state(),)
-        return (torch.get_rng_state(), torch.get_device_module(self.device.type).get_rng_state(self.device))
-
-    def _set_rng_state(self, state: tuple[Tensor, ...]) -> None:
-        torch.set_rng_state(state[0])
-        if len(state) > 1:
-            torch.get_device_module(self.device.type).set_rng_state(state[1], self.device)
-
-    def _compute_key(self, batches: Sequence[Batch | None], rows: list[int] | None) -> tuple[Any, ...]:
-        """What one executor call reads, to tell whether a calibration result is still the step's: the step,
-        the active rows, the state's and integer buffers' version counters (bumped by every in-place write,
-        also through views) and the batches (tensors, compared by value in :meth:`_reuse_calibration`)."""
-        versions = (self._state._version, *(t._version for t in self.other_buffers.values()))
-        return (self.step_count, None if rows is None else tuple(rows), versions, list(batches))
-
-    def _reuse_calibration(self, batches: Sequence[Batch | None], rows: list[int] | None) -> ComputeResult | None:
-        """The chosen executor's last calibration call if it computed exactly this step (same step, rows,
-        unchanged state, equal batches, same RNG state): the step then does not compute it again, and
-        torch's RNG moves on as after that call. ``None`` otherwise (the step computes)."""
-        kept, self._calibrated = self._calibrated, None
-        if kept is None:
-            return None
-        key, rng0, res, rng_after = kept
-        step, krows, versions, kbatches = self._compute_key(batches, rows)
-        if (step, krows, versions) != key[:3]:
-            return None
-        for a, b in zip(kbatches, key[3], strict=True):
-            if a is b:
-                continue
-            if a is None or b is None or not all(torch.equal(u, v) for u, v in zip(a, b, strict=True)):
-                return None
-        if not all(torch.equal(a, b) for a, b in zip(self._rng_state(), rng0, strict=True)):
-            return None
-        self._set_rng_state(rng_after)
-        return res
 
     # ------------------------------------------------------------------------------------------------
     # stepping
@@ -690,12 +369,8 @@ class Simulator(ModelRows):
         """The error naming the first non-finite row among ``idx`` (``bad`` flags them) and every bad worker."""
         flagged = np.flatnonzero(np.asarray(bad))
         node = idx[int(flagged[0])]
-        kind = "worker" if node < self.m else "auxiliary node"
-        return NonFiniteError(
-            f"non-finite {what} on {kind} {node} at step {step}: the run diverged "
-            f"(try a smaller learning rate, or for EASGD alpha < 2/(m+1))",
-            workers=sorted({int(idx[int(j)]) for j in flagged if idx[int(j)] < self.m}),
-        )
+        return diverged(what, node, step, auxiliary=node >= self.m,
+                        workers=sorted({int(idx[int(j)]) for j in flagged if idx[int(j)] < self.m}))
 
     def _found(self, k: int, exc: NonFiniteError) -> None:
         """A non-finite value at step ``k``: ``nan_policy="stop"`` raises it; ``"skip"`` marks the round as
@@ -710,7 +385,7 @@ class Simulator(ModelRows):
 
     def _absmax(self) -> float:
         value = self._comm.deferred_value()
-        return _absmax(self._state) if value is None else max(_absmax(self._state), _absmax(value))
+        return absmax(self._state) if value is None else max(absmax(self._state), absmax(value))
 
     def _estimates(self, losses: np.ndarray, probe: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """LSGD loss estimates and the updated running-mean history (committed only after the step)."""
@@ -801,13 +476,13 @@ class Simulator(ModelRows):
         if res.grad_absmax is not None:
             gmax = float(res.grad_absmax.max(initial=0.0)) if not np.isnan(res.grad_absmax).any() else math.nan
         else:
-            gmax = _absmax(res.grads)
+            gmax = absmax(res.grads)
         if not math.isfinite(gmax):
             self._found(k, self._nonfinite(~torch.isfinite(res.grads).all(dim=1).cpu().numpy(), idx, k, "gradient"))
             return None
         bmax = 0.0
         if res.buffers is not None and res.buffers.numel():
-            bmax = _absmax(res.buffers)
+            bmax = absmax(res.buffers)
             if not math.isfinite(bmax):
                 self._found(k, self._nonfinite(~torch.isfinite(res.buffers).all(dim=1).cpu().numpy(), idx, k,
                                                "buffer"))
@@ -845,14 +520,8 @@ class Simulator(ModelRows):
     # nan_policy="skip"
     # ------------------------------------------------------------------------------------------------
     def _snapshot(self) -> None:
-        good = self._good
-        if good is not None and good["state"].shape == self._state.shape:
-            good["state"].copy_(self._state)  # reuse the buffer: no new full-state allocation per round
-        else:
-            good = {"state": self._state.clone()}
-        good.update({"other": {k: t.clone() for k, t in self.other_buffers.items()},
-                     "mom_init": self._mom_init.clone(), "optimizer": self._optimizer_snapshot(),
-                     "deferred": self._comm.snapshot()})
+        good = self._snapshot_rows(self._good)  # the last good round's buffer is reused
+        good["deferred"] = self._comm.snapshot()
         self._good = good
         self._good_step = self.step_count
 
@@ -866,12 +535,8 @@ class Simulator(ModelRows):
             return None
         assert self._good is not None
         bad, self._bad = self._bad, None
+        self._restore_rows(self._good)
         with torch.no_grad():
-            self._state.copy_(self._good["state"])
-            for k, t in self._good["other"].items():
-                self.other_buffers[k].copy_(t)
-            self._mom_init.copy_(self._good["mom_init"])
-            self._optimizer_restore(self._good["optimizer"])
             self._comm.restore(self._good["deferred"])
         self._bound = self._absmax()
         first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
@@ -882,14 +547,6 @@ class Simulator(ModelRows):
         """End of a run or before reading the state: nothing is pending in one process."""
         return None
 
-    def _measured(self, res: ComputeResult) -> np.ndarray:
-        out = np.zeros(self.m)
-        if res.rows is None:
-            out[:] = res.times
-        else:
-            out[res.rows] = res.times
-        return out
-
     def _update(
         self, res: ComputeResult, mix: Mix | None, lr: float, rows: list[int] | None, gmax: float, bmax: float, k: int
     ) -> NonFiniteError | None:
@@ -899,7 +556,7 @@ class Simulator(ModelRows):
         cs = 1.0 if rnd is None else rnd.plan.col_abs_max  # max column abs-sum of S: NaN / inf iff non-finite
         if not math.isfinite(cs):
             return NonFiniteError(f"non-finite mixing matrix at step {k}")
-        new_bound = max(cs, 1.0) * _step_bound(self.opts, max(self._bound, bmax), gmax, lr)
+        new_bound = max(cs, 1.0) * step_bound(self.opts, max(self._bound, bmax), gmax, lr)
         limit = float(torch.finfo(self.dtype).max) / 16
         t = RoundKernel.as_rows(rows, self.device)
         # an outer round moves z by its own optimizer: checked on a copy (once per round)
@@ -948,33 +605,29 @@ class Simulator(ModelRows):
     # checkpoints
     # ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-identically (loadable with ``torch.load(weights_only=True)``)."""
+        """Everything needed to resume bit-identically (loadable with ``torch.load(weights_only=True)``): the
+        rows and counters (:meth:`~coopsgd.engines.rows.ModelRows._rows_payload`, with the inner optimizer's
+        settings), the clock, the loss-estimate history, the executor and torch's RNG."""
         self._materialize()
         return wrap_state("simulate", {
             "version": _STATE_VERSION,
             "shape": [self.m, self.v, self.d, self.b],
-            "state": self._state.detach().clone(),
-            "other_buffers": {k: v.clone() for k, v in self.other_buffers.items()},
-            "momentum_initialized": self._mom_init.clone(),
-            "step": self.step_count,
-            "rounds": self.rounds,
+            **self._rows_payload(),
             "bytes_sent": float(self.bytes_sent),
-            "leader": self.leader,
-            "schedule_state": json.dumps(self.schedule_state),
             "loss_history": torch.from_numpy(self._hist.copy()),
             "loss_count": torch.from_numpy(self._hist_count.copy()),
             "clock": self.clock.state_dict(),
             "executor": self.executor_name,
             "calibration": dict(self.calibration),
             "torch_rng_state": torch.get_rng_state(),
-            **self._optimizer_payload(),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (same spec, model and options)."""
+        """Restore a :meth:`state_dict` (same spec, model and options; a different inner optimizer is named)."""
         state = unwrap_state(state, "simulate")
         if state.get("version") != _STATE_VERSION:
             raise ConfigError.invalid("state_dict.version", state.get("version"), f"expected {_STATE_VERSION}")
+        self._check_optimizer_settings(state, "state_dict")
         shape = [self.m, self.v, self.d, self.b]
         if list(state["shape"]) != shape:
             raise ConfigError.invalid(
@@ -984,35 +637,17 @@ class Simulator(ModelRows):
             raise ConfigError.invalid(
                 "state_dict.state", tuple(state["state"].shape), f"expected {tuple(self._state.shape)} (momentum or optimizer setting?)"
             )
-        self._comm.clear()
-        self._calibrated = None
-        with torch.no_grad():
-            self._state.copy_(state["state"])
-            for k, v in state["other_buffers"].items():
-                self.other_buffers[k].copy_(v)
-            self._mom_init.copy_(state["momentum_initialized"])
-            self._load_optimizer_payload(state, "state_dict")
-        self.step_count = int(state["step"])
-        self.rounds = int(state["rounds"])
-        self.bytes_sent = float(state["bytes_sent"])
-        self.leader = None if state["leader"] is None else int(state["leader"])
-        self.schedule_state = json.loads(state["schedule_state"])
         hist = state["loss_history"].numpy()
         if hist.shape != self._hist.shape:
             raise ConfigError.invalid("state_dict.loss_history", hist.shape, f"expected window x m = {self._hist.shape}")
+        self._comm.clear()
+        self._calibrated = None
+        self._load_rows_payload(state, "state_dict")
+        self.bytes_sent = float(state["bytes_sent"])
         self._hist = hist.copy()
         self._hist_count = state["loss_count"].numpy().copy()
         self.clock.load_state_dict(state["clock"])
-        name = state["executor"]
-        if name in EXECUTORS:
-            self._executor = self._get_executor(name)
-            for other in list(self._executors):
-                if other != name:
-                    del self._executors[other]
-            if self.requested_executor == "auto" or name != self.requested_executor:
-                self.executor_source = "checkpoint"
-            self.executor_name = name
-        self.calibration = dict(state.get("calibration", {}))
+        self._load_executor(state)
         torch.set_rng_state(state["torch_rng_state"])
         self._bound = self._absmax()
         self._bad = None
