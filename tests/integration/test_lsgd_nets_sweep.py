@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from coopsgd.experiments.harness import ExperimentArgs
 from coopsgd.experiments.lsgd_nets import EASGD_BETAS, LSGD_LAMBDAS, run_lsgd_nets
 
 
 @pytest.mark.slow  # ten real 8-step runs of LeNet (~6 s; several times that on a loaded machine)
 def test_tiny_sweep_records_holdout_losses_and_reports_the_argmin(tmp_path) -> None:
-    res = run_lsgd_nets(quick=True, engine="simulate", out=tmp_path, seed=0, progress=False, _scale=0.02, _nets=1)
+    res = run_lsgd_nets(ExperimentArgs(out=tmp_path, quick=True, scale=0.02), nets=1)
     assert len(res["sweep"]) == len(EASGD_BETAS) + len(LSGD_LAMBDAS)
     for row in res["sweep"]:
         records = [json.loads(line) for line in open(Path(row["dir"]) / "metrics.jsonl")]

@@ -1,7 +1,7 @@
 """Reduced `coopsgd reproduce` experiments: the papers' qualitative claims hold at a tiny scale.
 
-Each test calls the registered experiment function with a private ``_scale`` (fewer steps) so the logic
-under test is exactly the one ``coopsgd reproduce NAME --quick`` runs.
+Each test calls the registered experiment function with ``ExperimentArgs(scale=...)`` (fewer steps) and, where
+it helps, a smaller sweep, so the logic under test is exactly the one ``coopsgd reproduce NAME --quick`` runs.
 """
 
 from __future__ import annotations
@@ -11,10 +11,15 @@ import importlib.util
 import pytest
 
 from coopsgd.errors import ConfigError
+from coopsgd.experiments.harness import ExperimentArgs
 from coopsgd.experiments.registry import EXPERIMENTS
 
-COMMON = {"quick": True, "engine": "simulate", "seed": 0, "progress": False}
-QUICK2 = {"quick": True, "engine": "simulate", "seeds": [0, 1]}  # multi-seed runs: two seeds
+SEEDS2 = [0, 1]  # multi-seed runs: two seeds
+
+
+def quick(out, scale: float = 1.0) -> ExperimentArgs:
+    """The quick scale on the simulator, seed 0, reduced by ``scale``."""
+    return ExperimentArgs(out=out, quick=True, engine="simulate", scale=scale)
 
 
 def claim(res: dict, paper_prefix: str) -> dict:
@@ -33,7 +38,7 @@ def test_fig4_best_alpha_beats_empirical_and_large_alpha_diverges(tmp_path) -> N
     from coopsgd.experiments.multiseed import run_seeds
     from coopsgd.experiments.stats import REPRODUCED
 
-    ms = run_seeds("csgd-fig4", out=tmp_path, _scale=0.5, _nonblocking=False, **QUICK2)
+    ms = run_seeds("csgd-fig4", quick(tmp_path, 0.5), SEEDS2, nonblocking=False)
     # the claims hold by the report's rule: the two seeds' min-max intervals do not overlap
     assert claim(ms, "alpha = 2/(m+2) converges faster")["verdict"] == REPRODUCED
     assert claim(ms, "alpha = 2/(m+2) has the smallest")["verdict"] == REPRODUCED
@@ -55,7 +60,7 @@ def test_fig3_error_floor_grows_with_tau_and_zeta(tmp_path) -> None:
     from coopsgd.experiments.multiseed import run_seeds
     from coopsgd.experiments.stats import REPRODUCED
 
-    ms = run_seeds("csgd-fig3", out=tmp_path, _scale=0.5, _points=[(1, "complete"), (8, "complete")], **QUICK2)
+    ms = run_seeds("csgd-fig3", quick(tmp_path, 0.5), SEEDS2, points=[(1, "complete"), (8, "complete")])
     # grows with tau at zeta = 0, by the report's rule (the chain keeps the points this reduced run measured)
     assert claim(ms, "larger tau -> higher training-loss floor")["verdict"] == REPRODUCED
     assert claim(ms, "larger tau -> higher training-loss floor")["chain"] == [
@@ -66,7 +71,7 @@ def test_fig3_error_floor_grows_with_tau_and_zeta(tmp_path) -> None:
 def test_fig5_larger_tau_needs_fewer_rounds(tmp_path) -> None:
     from coopsgd.experiments.csgd import rounds_to_target
 
-    res = EXPERIMENTS["csgd-fig5"].run(out=tmp_path, _scale=0.5, _taus=(1, 8), _paper_lrs=(0.4,), **COMMON)
+    res = EXPERIMENTS["csgd-fig5"].run(quick(tmp_path, 0.5), taus=(1, 8), paper_lrs=(0.4,))
     runs = res["runs"]
     assert [r["tau"] for r in runs] == [1, 8]
     # the records with metrics are gone from the public result; read them back from the run directories
@@ -82,23 +87,23 @@ def test_fig5_larger_tau_needs_fewer_rounds(tmp_path) -> None:
 
 
 def test_lsgd_toy_leader_beats_easgd(tmp_path) -> None:
-    res = EXPERIMENTS["lsgd-toy"].run(out=tmp_path, quick=True, engine="reference", seed=0, progress=False)
+    res = EXPERIMENTS["lsgd-toy"].run(ExperimentArgs(out=tmp_path, quick=True, engine="reference"))
     assert res["lsgd"]["final_objective"] < res["easgd"]["final_objective"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
 def test_full_scale_without_torchvision_is_a_config_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="torchvision"):
-        EXPERIMENTS["csgd-fig5"].run(out=tmp_path, quick=False, engine="simulate", seed=0, progress=False)
+        EXPERIMENTS["csgd-fig5"].run(ExperimentArgs(out=tmp_path))
     with pytest.raises(ConfigError, match="torchvision"):
-        EXPERIMENTS["lsgd-nets"].run(out=tmp_path, quick=False, engine="simulate", seed=0, progress=False)
+        EXPERIMENTS["lsgd-nets"].run(ExperimentArgs(out=tmp_path))
 
 
 @pytest.mark.slow
 def test_lsgd_lstm_tiny_run_reports_perplexity_and_comm_fraction(tmp_path) -> None:
     import math
 
-    res = EXPERIMENTS["lsgd-lstm"].run(out=tmp_path, _scale=0.014, **COMMON)
+    res = EXPERIMENTS["lsgd-lstm"].run(quick(tmp_path, 0.014))
     assert [r["preset"] for r in res["runs"]] == ["sync", "downpour", "easgd", "lsgd"]
     for r in res["runs"]:
         assert r["diverged"] is None
@@ -106,7 +111,7 @@ def test_lsgd_lstm_tiny_run_reports_perplexity_and_comm_fraction(tmp_path) -> No
     fractions = {row["method"]: row["communication_fraction"] for row in res["communication_table"]}
     assert all(0 <= f < 1 for f in fractions.values())
     # EASGD and LSGD are tuned on held-out windows: every grid point ran, the reported one has the lowest loss
-    from coopsgd.experiments.lsgd_nets import LSTM_BETAS, LSTM_LAMBDAS
+    from coopsgd.experiments.lsgd_lstm import LSTM_BETAS, LSTM_LAMBDAS
 
     assert sorted(row["value"] for row in res["sweep"]) == sorted(LSTM_BETAS + LSTM_LAMBDAS)
     for meth, grid in (("EASGD", LSTM_BETAS), ("LSGD", LSTM_LAMBDAS)):
@@ -123,7 +128,7 @@ def test_multiseed_fig5_bands_claims_and_per_seed_values(tmp_path) -> None:
     from coopsgd.experiments.report import render_report
     from coopsgd.experiments.stats import REPRODUCED, band
 
-    ms = run_seeds("csgd-fig5", out=tmp_path / "csgd-fig5", _scale=0.06, _taus=(1, 8), _paper_lrs=(0.4,), **QUICK2)
+    ms = run_seeds("csgd-fig5", quick(tmp_path / "csgd-fig5", 0.06), SEEDS2, taus=(1, 8), paper_lrs=(0.4,))
     assert ms["seeds"] == [0, 1] and [r["seed"] for r in ms["per_seed"]] == [0, 1]
     key = "final loss, paper lr 0.4, tau=8"
     values = [next(row["final_train_loss"] for row in r["table"] if row["tau"] == 8) for r in ms["per_seed"]]
@@ -142,7 +147,7 @@ def test_multiseed_deterministic_toy_runs_once(tmp_path) -> None:
     from coopsgd.experiments.multiseed import run_seeds
     from coopsgd.experiments.stats import REPRODUCED
 
-    ms = run_seeds("lsgd-toy", out=tmp_path, quick=True, engine="reference", seeds=[0, 1, 2])
+    ms = run_seeds("lsgd-toy", ExperimentArgs(out=tmp_path, quick=True, engine="reference"), [0, 1, 2])
     assert ms["seeds"] == [0] and ms["deterministic"]
     assert claim(ms, "LSGD's leader")["verdict"] == REPRODUCED
     assert ms["lsgd"]["final_objective"] < ms["easgd"]["final_objective"]  # the single run's keys stay on top

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from coopsgd.engines.simulator.clock import SimClock
-from coopsgd.experiments.csgd import (
+from coopsgd.experiments.csgd import base_config
+from coopsgd.experiments.csgd_fig6 import (
     FIG6_TARGETS,
-    base_config,
     comm_ratio_for,
     fig6_cost_model,
     fig6_decomposition,
@@ -140,10 +140,10 @@ def test_report_renders_the_cost_model_lines(tmp_path) -> None:
 def test_fig6_run_decomposes_its_time_ratio(tmp_path) -> None:
     """A reduced quick run: at every target both runs reach, the measured D-PSGD / periodic time ratio equals
     the cost model's per-step ratio x the measured step ratio (evaluations fall at the ends of rounds)."""
+    from coopsgd.experiments.harness import ExperimentArgs
     from coopsgd.experiments.registry import EXPERIMENTS
 
-    res = EXPERIMENTS["csgd-fig6"].run(quick=True, engine="simulate", seed=0, progress=False, out=tmp_path,
-                                       _scale=0.2)
+    res = EXPERIMENTS["csgd-fig6"].run(ExperimentArgs(out=tmp_path, quick=True, scale=0.2))
     cm = res["cost_model"]
     assert cm["params"] == D_MLP and cm["compute_s"] == pytest.approx(0.1)
     assert cm["per_step_ratio"] == pytest.approx(fig6_cost_model(_quick_cfg(), params=D_MLP, ring=RING,

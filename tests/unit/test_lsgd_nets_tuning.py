@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from coopsgd.experiments import lsgd_nets
+from coopsgd.experiments.harness import ExperimentArgs
 from coopsgd.experiments.lsgd_nets import (
     EASGD_BETAS,
     LSGD_LAMBDAS,
@@ -68,7 +69,7 @@ def test_the_sweep_reports_tuned_curves_with_the_same_labels_on_every_seed(monke
     from coopsgd.experiments.stats import REPRODUCED, verdict
 
     monkeypatch.setattr(lsgd_nets, "run_config", _fake_run_config())
-    ms = run_seeds("lsgd-nets", quick=True, engine="simulate", out=tmp_path, seeds=[0, 1], _nets=1)
+    ms = run_seeds("lsgd-nets", ExperimentArgs(out=tmp_path, quick=True), [0, 1], nets=1)
     per = ms["per_seed"]
     nets = [lsgd_nets.NETS_QUICK[0]["name"]]
     for res in per:
@@ -112,12 +113,11 @@ def test_dry_run_runs_one_setting_per_method(monkeypatch, tmp_path) -> None:
 
     monkeypatch.setattr(lsgd_nets, "RunConfig", spy)
     monkeypatch.setattr(lsgd_nets, "dry_run_summary", lambda *a, **k: [])
-    res = lsgd_nets.run_lsgd_nets(quick=False, engine="simulate", out=tmp_path, seed=0, progress=False, dry_run=True)
+    res = lsgd_nets.run_lsgd_nets(ExperimentArgs(out=tmp_path, dry_run=True))
     assert seen == ["sync", "downpour", "easgd", "lsgd"] * 2
     assert len(res["runs"]) == 8 and res["chosen"]["CNN-7"] == {"EASGD": EASGD_BETAS[0], "LSGD": LSGD_LAMBDAS[0]}
     seen.clear()
-    res = lsgd_nets.run_lsgd_nets(quick=False, engine="simulate", out=tmp_path / "all", seed=0, progress=False,
-                                  dry_run=True, all_settings=True)
+    res = lsgd_nets.run_lsgd_nets(ExperimentArgs(out=tmp_path / "all", dry_run=True, all_settings=True))
     assert len(seen) == 2 * (2 + len(EASGD_BETAS) + len(LSGD_LAMBDAS)) and len(res["sweep"]) == 16
 
 

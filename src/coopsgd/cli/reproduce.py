@@ -141,7 +141,7 @@ def _reproduce_one(name: str, args: argparse.Namespace, out_dir: Path) -> dict[s
         return _matrix_completion(args, out_dir)
     if name not in EXPERIMENTS:
         raise ConfigError.invalid("NAME", args.name, f"choose one of {', '.join(experiment_names())}")
-    from coopsgd.experiments.harness import OVERWRITE
+    from coopsgd.experiments.harness import ExperimentArgs
     from coopsgd.experiments.multiseed import DEFAULT_QUICK_SEEDS, run_seeds
 
     entry = EXPERIMENTS[name]
@@ -149,16 +149,10 @@ def _reproduce_one(name: str, args: argparse.Namespace, out_dir: Path) -> dict[s
     if engine not in entry.engines:
         raise ConfigError.invalid("--engine", engine, f"{name} runs on {', '.join(entry.engines)}")
     n = args.seeds if args.seeds is not None else (DEFAULT_QUICK_SEEDS if args.quick else 1)
-    dry = {"dry_run": True, "all_settings": bool(args.all_settings)} if args.dry_run else {}
-    from coopsgd.experiments.harness import DEVICE
-
-    token, device = OVERWRITE.set(bool(args.overwrite)), DEVICE.set(args.device)
-    try:
-        return run_seeds(name, quick=args.quick, engine=engine, out=out_dir,
-                         seeds=[args.seed + k for k in range(n)], progress=progress_wanted(args), **dry)
-    finally:
-        OVERWRITE.reset(token)
-        DEVICE.reset(device)
+    run = ExperimentArgs(out=out_dir, quick=args.quick, seed=args.seed, engine=engine, progress=progress_wanted(args),
+                         dry_run=bool(args.dry_run), all_settings=bool(args.dry_run and args.all_settings),
+                         device=args.device, overwrite=bool(args.overwrite))
+    return run_seeds(name, run, seeds=[args.seed + k for k in range(n)])
 
 
 def _check_dry_run_flags(name: str, args: argparse.Namespace) -> None:

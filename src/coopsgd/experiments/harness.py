@@ -13,23 +13,33 @@ says which model of time produced it.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import dataclasses
 import logging
 import re
+import textwrap
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms import make_preset
+from coopsgd.data import load_dataset, partition
+from coopsgd.data.datasets import _SYNTHETIC_SHAPES
 from coopsgd.engines.reference import NonFiniteError
 from coopsgd.errors import DivergenceWarning
+from coopsgd.theory.spectral import zeta
+from coopsgd.train import trainer
 from coopsgd.train.config import RunConfig
 from coopsgd.train.rundir import RunDir, jsonable
 
 __all__ = [
+    "ExperimentArgs",
+    "experiment_context",
     "QUICK_TIME",
     "FULL_TIME",
     "time_fields",
@@ -79,6 +89,7 @@ DEVICE: contextvars.ContextVar[str] = contextvars.ContextVar("coopsgd_experiment
 #: Whether an experiment's runs may replace runs of another configuration in their directories
 #: (``coopsgd reproduce --overwrite``; see :func:`coopsgd.train.rundir.check_run_dir`).
 OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("coopsgd_experiment_overwrite", default=False)
+
 #: When set to a list, :func:`plot_panels` appends a JSON-ready description of every figure it draws, so the
 #: multi-seed runner (:mod:`coopsgd.experiments.multiseed`) can redraw it with bands over the seeds.
 FIGURES: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
@@ -108,6 +119,68 @@ DRY_RUN_BATCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("coop
 DRY_RUN_WORKERS: contextvars.ContextVar[int | None] = contextvars.ContextVar("coopsgd_dry_run_workers", default=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExperimentArgs:
+    """How ``coopsgd reproduce NAME`` asks an experiment to run: the one value every experiment function takes
+    (``run(args, **options)``; ``options`` are an experiment's own test knobs, such as Fig. 5's ``taus``).
+
+    ``out``: the directory of its runs, figures and result; ``quick``: the 2-core CPU scale (else the papers'
+    full scale); ``seed``: the seed of every run; ``engine``: ``simulate`` or ``distributed`` where the
+    experiment offers both (the reference experiments ignore it); ``progress``: progress bars on stderr;
+    ``dry_run``: two steps of every full-scale setting on synthetic data of the real shapes
+    (:func:`dry_run_fields`), the first setting of each sweep unless ``all_settings``; ``device``: where the
+    models train (``--device``); ``overwrite``: runs may replace runs of another configuration in their
+    directories (``--overwrite``); ``scale``: a step/epoch multiplier for the tests' reduced runs (1: the
+    scale ``reproduce`` runs).
+    """
+
+    out: Path
+    quick: bool = False
+    seed: int = 0
+    engine: str = "simulate"
+    progress: bool = False
+    dry_run: bool = False
+    all_settings: bool = False
+    device: str = "cpu"
+    overwrite: bool = False
+    scale: float = 1.0
+
+    def replace(self, **changes: Any) -> ExperimentArgs:
+        """A copy with ``changes`` (``args.replace(seed=1, out=...)``)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def scale_name(self) -> str:
+        """``"quick"`` or ``"full"``, as the summaries name the scale."""
+        return "quick" if self.quick else "full"
+
+    def first(self, grid: Sequence[Any]) -> list[Any]:
+        """The settings of a sweep this call runs: all of ``grid``, or its first one in a dry run without
+        ``all_settings``."""
+        return list(grid[:1] if self.dry_run and not self.all_settings else grid)
+
+    def start(self) -> Path:
+        """Create :attr:`out` and return it."""
+        out = Path(self.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+
+@contextlib.contextmanager
+def experiment_context(args: ExperimentArgs) -> Iterator[None]:
+    """Within the block, :func:`run_config`, :func:`run_built` and the experiments' configurations follow ``args``:
+    its engine (:data:`ENGINE`), dry run (:data:`DRY_RUN`), device (:data:`DEVICE`) and :data:`OVERWRITE`."""
+    engine, dry, device, overwrite = (ENGINE.set(args.engine), DRY_RUN.set(bool(args.dry_run)),
+                                      DEVICE.set(args.device), OVERWRITE.set(bool(args.overwrite)))
+    try:
+        yield
+    finally:
+        OVERWRITE.reset(overwrite)
+        DEVICE.reset(device)
+        DRY_RUN.reset(dry)
+        ENGINE.reset(engine)
+
+
 def dry_run_fields(fields: dict[str, Any]) -> dict[str, Any]:
     """The RunConfig fields of a full-scale setting turned into its dry run.
 
@@ -119,8 +192,6 @@ def dry_run_fields(fields: dict[str, Any]) -> dict[str, Any]:
     reads :data:`DRY_RUN_EVAL_BATCHES` batches' worth of test and training samples. Model, workers,
     partition, preset, learning rate, momentum and time model stay the full scale's.
     """
-    from coopsgd.data import load_dataset, partition
-
     f = dict(fields)
     if f["dataset"] not in DRY_RUN_DATA:
         raise ValueError(f"no dry-run stand-in for dataset {f['dataset']!r}")
@@ -153,13 +224,11 @@ def dry_run_tau(fields: dict[str, Any]) -> dict[str, Any]:
 
 def _dry_run_check(res: dict[str, Any], cfg: Any, engine: str, shape: str) -> None:
     """Reload the checkpoint of a finished dry-run setting and describe the setting in ``res["dry_run_line"]``."""
-    from coopsgd.train.trainer import load_run_checkpoint
-
     run_dir = Path(res["dir"])
     if res.get("diverged"):
         res["dry_run_line"] = f"  {res['label']}: DIVERGED ({res['diverged']['error']})"
         return
-    state = load_run_checkpoint(run_dir, engine)
+    state = trainer.load_run_checkpoint(run_dir, engine)
     lrs = [r["lr"] for r in res["_metrics"] if r.get("lr") is not None]
     final = res.get("final") or {}
     test = (f"test perplexity {final['test_perplexity']:.4g}" if "test_perplexity" in final
@@ -185,8 +254,6 @@ def dry_run_summary(experiment: str, ran: str, runs: Sequence[dict[str, Any]], *
 
 
 def _shape_text(dataset: str) -> str:
-    from coopsgd.data.datasets import _SYNTHETIC_SHAPES
-
     shape = _SYNTHETIC_SHAPES.get(dataset)
     return f"{dataset} ({'x'.join(map(str, shape))}, 10 classes)" if shape else dataset
 
@@ -211,8 +278,6 @@ def describe_time(fields: dict[str, Any]) -> str:
 def check_full_data(dataset: str) -> None:
     """Load the train split of ``dataset`` once so a missing dependency (torchvision) or missing files stop
     the full-scale run at once with the data layer's :class:`~coopsgd.errors.ConfigError`."""
-    from coopsgd.data import load_dataset
-
     load_dataset(dataset, split="train")
 
 
@@ -264,8 +329,6 @@ def run_config(
 
     A non-finite loss does not raise: the result's ``diverged`` holds the step and the message.
     """
-    from coopsgd.train.trainer import run
-
     out = Path(out)
     if ENGINE.get() == "distributed":
         # one process per worker; the stated network is emulated on every message, time is measured
@@ -278,11 +341,8 @@ def run_config(
             "ignore", DivergenceWarning
         )  # the experiments choose diverging settings on purpose
         try:
-            summary = run(cfg, progress=progress, out=out, overwrite=OVERWRITE.get())
+            summary = trainer.run(cfg, progress=progress, out=out, overwrite=OVERWRITE.get())
             if summary.get("zeta") is None:  # the distributed summary has no zeta: take it from the spec
-                from coopsgd.algorithms import make_preset
-                from coopsgd.theory.spectral import zeta
-
                 spec = make_preset(cfg.algorithm.preset, cfg.algorithm.workers, **cfg.spec_kwargs())
                 summary["zeta"] = None if spec.theory_matrix is None else zeta(spec.theory_matrix)
         except NonFiniteError as exc:
@@ -306,8 +366,6 @@ def run_built(
     checkpoint every ``config.checkpoint_every`` steps and at the end (:func:`~coopsgd.train.trainer.checkpoint_state`,
     the trainer's layout), and refusing a directory that holds another configuration's run unless
     :data:`OVERWRITE`."""
-    from coopsgd.train.trainer import checkpoint_state, iterate, summarize
-
     out = Path(out)
     rd = RunDir.create(out, exp.config.to_dict(), overwrite=OVERWRITE.get())
     rd.write_config(
@@ -324,10 +382,10 @@ def run_built(
     last: dict[str, Any] = {}
     error = None
     def on_checkpoint(step: int) -> None:
-        rd.checkpoint(checkpoint_state(exp, step))
+        rd.checkpoint(trainer.checkpoint_state(exp, step))
 
     try:
-        for rec in iterate(exp, progress=progress, on_checkpoint=on_checkpoint):
+        for rec in trainer.iterate(exp, progress=progress, on_checkpoint=on_checkpoint):
             if rec:
                 last = rec
                 rd.log(rec)
@@ -337,8 +395,8 @@ def run_built(
         rd.close()
     summary = None
     if error is None and last:
-        rd.checkpoint(checkpoint_state(exp, exp.total_steps))
-        summary = summarize(exp.spec, exp.config, last, total_steps=exp.total_steps,
+        rd.checkpoint(trainer.checkpoint_state(exp, exp.total_steps))
+        summary = trainer.summarize(exp.spec, exp.config, last, total_steps=exp.total_steps,
                             wall=time.perf_counter() - t0, engine=exp.sim.name, is_lm=exp.is_lm)
         rd.write_summary(jsonable(summary))
     res = _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
@@ -420,7 +478,7 @@ def plot_panels(
 
     A run may carry ``_band``: one list of metric records per seed; the line is then the mean over the seeds and a
     shaded band spans their min-max (see :func:`band_series`)."""
-    import matplotlib
+    import matplotlib  # here, not at import: the backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -431,63 +489,78 @@ def plot_panels(
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows + 0.5), squeeze=False, constrained_layout=True
     )
-    for k, panel in enumerate(panels):
+    for k, spec in enumerate(panels):
         ax = axes[k // ncols][k % ncols]
-        for i in panel.get("runs", range(len(runs))):
-            res = runs[i]
-            lo = hi = None
-            if res.get("_band") is not None:
-                xs, ys, lo, hi = band_series(res, panel["x"], panel["y"])
-            else:
-                xs, ys = series(res, panel["x"], panel["y"])
-            if panel.get("xscale") is not None:
-                xs = xs * panel["xscale"]
-            lab = res["label"]
-            if res.get("diverged"):
-                lab += f" (diverged @ step {res['diverged']['step']})"
-            kw: dict[str, Any] = {"label": lab, "lw": 1.5}
-            if colors is not None:
-                kw["color"] = colors[i % len(colors)]
-            if styles is not None:
-                kw["ls"] = styles[i % len(styles)]
-            ax.plot(xs, ys, **kw)
-            if lo is not None and hi is not None and len(xs):
-                ax.fill_between(xs, lo, hi, color=ax.lines[-1].get_color(), alpha=0.22, lw=0)
-            if res.get("diverged") and len(xs):
-                ax.plot(xs[-1], ys[-1], "x", color=ax.lines[-1].get_color(), ms=9, mew=2)
-        ax.set_xlabel(panel["xlabel"])
-        ax.set_ylabel(panel["ylabel"])
-        if panel.get("logy"):
-            ax.set_yscale("log")
-        if panel.get("ylim") is not None:
-            ax.set_ylim(*panel["ylim"])
-        if panel.get("title"):
-            ax.set_title(panel["title"], fontsize=10)
-        ax.grid(alpha=0.3)
-        if k == 0 or panel.get("legend"):
-            ax.legend(fontsize=7)
+        for i in spec.get("runs", range(len(runs))):
+            _draw_run(ax, runs[i], spec, color=None if colors is None else colors[i % len(colors)],
+                      style=None if styles is None else styles[i % len(styles)])
+        _dress_panel(ax, spec, legend=k == 0 or bool(spec.get("legend")))
     for k in range(n, nrows * ncols):
         axes[k // ncols][k % ncols].axis("off")
-    import textwrap
-
     width = max(60, int(ncols * 4.6 * 15))
     fig.suptitle(title + ("\n" + "\n".join(textwrap.wrap(note, width)) if note else ""), fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    record = FIGURES.get()
-    if record is not None:
-        record.append({
-            "path": str(path), "title": title, "note": note, "ncols": ncols,
-            "colors": None if colors is None else list(colors),
-            "styles": None if styles is None else list(styles),
-            "panels": [{**p, **({"runs": list(p["runs"])} if "runs" in p else {})} for p in panels],
-            # in memory only: the records each line was drawn from (derived keys such as local_loss included)
-            "runs": [{"label": r["label"], "diverged": r.get("diverged"), "_metrics": r.get("_metrics", [])}
-                     for r in runs],
-        })
+    _record_figure(path, runs, panels, title=title, note=note, ncols=ncols, colors=colors, styles=styles)
     return path
+
+
+def _draw_run(ax: Any, res: dict[str, Any], spec: dict[str, Any], *, color: Any, style: str | None) -> None:
+    """One run's line in one panel: its mean and min-max band when it carries ``_band``, a cross where it diverged."""
+    lo = hi = None
+    if res.get("_band") is not None:
+        xs, ys, lo, hi = band_series(res, spec["x"], spec["y"])
+    else:
+        xs, ys = series(res, spec["x"], spec["y"])
+    if spec.get("xscale") is not None:
+        xs = xs * spec["xscale"]
+    lab = res["label"]
+    if res.get("diverged"):
+        lab += f" (diverged @ step {res['diverged']['step']})"
+    kw: dict[str, Any] = {"label": lab, "lw": 1.5}
+    if color is not None:
+        kw["color"] = color
+    if style is not None:
+        kw["ls"] = style
+    ax.plot(xs, ys, **kw)
+    if lo is not None and hi is not None and len(xs):
+        ax.fill_between(xs, lo, hi, color=ax.lines[-1].get_color(), alpha=0.22, lw=0)
+    if res.get("diverged") and len(xs):
+        ax.plot(xs[-1], ys[-1], "x", color=ax.lines[-1].get_color(), ms=9, mew=2)
+
+
+def _dress_panel(ax: Any, spec: dict[str, Any], *, legend: bool) -> None:
+    """Labels, scale, limits, title, grid and legend of one panel."""
+    ax.set_xlabel(spec["xlabel"])
+    ax.set_ylabel(spec["ylabel"])
+    if spec.get("logy"):
+        ax.set_yscale("log")
+    if spec.get("ylim") is not None:
+        ax.set_ylim(*spec["ylim"])
+    if spec.get("title"):
+        ax.set_title(spec["title"], fontsize=10)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+
+
+def _record_figure(path: Path, runs: Sequence[dict[str, Any]], panels: Sequence[dict[str, Any]], *, title: str,
+                   note: str | None, ncols: int, colors: Sequence[Any] | None, styles: Sequence[str] | None) -> None:
+    """Describe the figure just drawn in :data:`FIGURES` when a multi-seed run records them."""
+    record = FIGURES.get()
+    if record is None:
+        return
+    record.append({
+        "path": str(path), "title": title, "note": note, "ncols": ncols,
+        "colors": None if colors is None else list(colors),
+        "styles": None if styles is None else list(styles),
+        "panels": [{**p, **({"runs": list(p["runs"])} if "runs" in p else {})} for p in panels],
+        # in memory only: the records each line was drawn from (derived keys such as local_loss included)
+        "runs": [{"label": r["label"], "diverged": r.get("diverged"), "_metrics": r.get("_metrics", [])}
+                 for r in runs],
+    })
 
 
 def band_series(

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from coopsgd.errors import ConfigError
+from coopsgd.experiments.harness import FIGURES, ExperimentArgs, plot_panels
+from coopsgd.experiments.registry import ASSESSMENTS, DETERMINISTIC, EXPERIMENTS
 from coopsgd.experiments.stats import (
     CONTRADICTED,
     NOT_MEASURED,
@@ -34,23 +36,12 @@ DEFAULT_QUICK_SEEDS = 3
 _MARK = {REPRODUCED: "REPRODUCED", CONTRADICTED: "CONTRADICTED", UNRESOLVED: "not resolved", NOT_MEASURED: "not measured"}
 
 
-def run_seeds(
-    name: str,
-    *,
-    quick: bool,
-    engine: str,
-    out: Path,
-    seeds: Sequence[int],
-    progress: bool = False,
-    **private: Any,
-) -> dict[str, Any]:
+def run_seeds(name: str, args: ExperimentArgs, seeds: Sequence[int], **options: Any) -> dict[str, Any]:
     """Run experiment ``name`` once per seed and return the multi-seed result (see the module docstring).
 
-    ``private`` goes to the experiment function as is (the tests' ``_scale`` and friends, ``dry_run``).
+    Seed ``s`` runs with ``args.replace(seed=s, out=args.out / f"seed{s}")``; ``options`` go to the experiment
+    function as they are (the tests' reduced sweeps, such as Fig. 5's ``taus``).
     """
-    from coopsgd.experiments.harness import FIGURES, plot_panels
-    from coopsgd.experiments.registry import ASSESSMENTS, DETERMINISTIC, EXPERIMENTS
-
     if name not in EXPERIMENTS:
         raise ConfigError.invalid("NAME", name, f"choose one of {', '.join(sorted(EXPERIMENTS))}")
     seeds = list(seeds)
@@ -60,37 +51,11 @@ def run_seeds(
     if deterministic:
         seeds = seeds[:1]
     entry = EXPERIMENTS[name]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.start()
     t0 = time.perf_counter()
-    per_seed: list[dict[str, Any]] = []
-    figures: list[list[dict[str, Any]]] = []
-    for s in seeds:
-        drawn: list[dict[str, Any]] = []
-        token = FIGURES.set(drawn)
-        try:
-            res = entry.run(quick=quick, engine=engine, out=out / f"seed{s}", seed=s, progress=progress, **private)
-        finally:
-            FIGURES.reset(token)
-        res["seed"] = s
-        per_seed.append(res)
-        figures.append(drawn)
-    plots: list[str] = []
-    banded: set[str] = set()
-    for j, fig in enumerate(figures[0]):
-        runs = []
-        for i, run in enumerate(fig["runs"]):
-            div = [f[j]["runs"][i]["diverged"] for f in figures if f[j]["runs"][i]["diverged"]]
-            runs.append({"label": run["label"] + (f" [{len(div)}/{len(seeds)} seeds]" if div else ""),
-                         "diverged": div[0] if div else None,
-                         "_band": [f[j]["runs"][i]["_metrics"] for f in figures]})
-        src = Path(fig["path"])
-        what = "mean and min-max band over" if len(seeds) > 1 else "one run,"
-        path = plot_panels(out / src.name, runs, fig["panels"],
-                           title=f"{fig['title']} ({what} seeds {', '.join(map(str, seeds))})",
-                           note=fig["note"], ncols=fig["ncols"], colors=fig["colors"], styles=fig["styles"])
-        banded.add(src.name)
-        plots.append(str(path))
+    per_seed, figures = _run_each_seed(entry.run, args, seeds, options)
+    plots = _band_figures(figures, seeds, out)
+    banded = {Path(fig["path"]).name for fig in figures[0]}
     for p in per_seed[0].get("plots", []):
         src = Path(p)
         if src.name not in banded and src.is_file():
@@ -100,14 +65,14 @@ def run_seeds(
     agg: dict[str, Any] = {"metrics": {}, "claims": [], "paper_table": []}
     if assessment is not None:
         agg = aggregate([assessment.metrics(r) for r in per_seed], assessment, deterministic=deterministic)
-        if private.get("dry_run"):  # computed (the code is checked), but two steps decide no claim
+        if args.dry_run:  # computed (the code is checked), but two steps decide no claim
             agg["claims"], agg["paper_table"] = [], []
     data: dict[str, Any] = {
         "experiment": name,
         "description": entry.description,
-        "quick": quick,
-        "dry_run": bool(private.get("dry_run", False)),
-        "engine": engine,
+        "quick": args.quick,
+        "dry_run": bool(args.dry_run),
+        "engine": args.engine,
         "seeds": seeds,
         "deterministic": deterministic,
         "scale": per_seed[0].get("scale"),
@@ -121,6 +86,42 @@ def run_seeds(
         data = {**{k: v for k, v in per_seed[0].items() if k not in data}, **data}
     data["summary"] = summary_lines(data)
     return data
+
+
+def _run_each_seed(run: Any, args: ExperimentArgs, seeds: Sequence[int], options: dict[str, Any]
+                   ) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """Every seed's result and the figures it drew (recorded through :data:`~coopsgd.experiments.harness.FIGURES`)."""
+    per_seed: list[dict[str, Any]] = []
+    figures: list[list[dict[str, Any]]] = []
+    for s in seeds:
+        drawn: list[dict[str, Any]] = []
+        token = FIGURES.set(drawn)
+        try:
+            res = run(args.replace(seed=s, out=Path(args.out) / f"seed{s}"), **options)
+        finally:
+            FIGURES.reset(token)
+        res["seed"] = s
+        per_seed.append(res)
+        figures.append(drawn)
+    return per_seed, figures
+
+
+def _band_figures(figures: list[list[dict[str, Any]]], seeds: list[int], out: Path) -> list[str]:
+    """Redraw every curve figure of the first seed in ``out``: each line the mean over the seeds with a min-max band."""
+    plots: list[str] = []
+    for j, fig in enumerate(figures[0]):
+        runs = []
+        for i, run in enumerate(fig["runs"]):
+            div = [f[j]["runs"][i]["diverged"] for f in figures if f[j]["runs"][i]["diverged"]]
+            runs.append({"label": run["label"] + (f" [{len(div)}/{len(seeds)} seeds]" if div else ""),
+                         "diverged": div[0] if div else None,
+                         "_band": [f[j]["runs"][i]["_metrics"] for f in figures]})
+        what = "mean and min-max band over" if len(seeds) > 1 else "one run,"
+        path = plot_panels(out / Path(fig["path"]).name, runs, fig["panels"],
+                           title=f"{fig['title']} ({what} seeds {', '.join(map(str, seeds))})",
+                           note=fig["note"], ncols=fig["ncols"], colors=fig["colors"], styles=fig["styles"])
+        plots.append(str(path))
+    return plots
 
 
 def summary_lines(data: dict[str, Any]) -> list[str]:
