@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coopsgd.algorithms import presets
+from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.data import WorkerLoader
 from coopsgd.engines.distributed import communication_table
 from coopsgd.engines.distributed.launch import RankFailure, launch
@@ -57,7 +58,7 @@ def _simulate(job: SpecJob) -> torch.Tensor:
     job = copy.deepcopy(job)
     loader = WorkerLoader(job.dataset, job.parts, job.batch_size, seed=job.loader_seed)
     sim = Simulator(job.spec, job.model, dtype=torch.float64, executor="loop", seed=job.seed,
-                    momentum=job.momentum, loss_estimate=job.loss_estimate)
+                    optimizer=job.optimizer, loss_estimate=job.loss_estimate)
     for k in range(job.steps):
         batches = loader.next_step()
         active = job.spec.schedule.active(k)
@@ -79,7 +80,7 @@ def test_presets_match_simulator_two_ranks() -> None:
     m = 2
     jobs = [
         _job("sync", presets.sync(m), m),
-        _job("local_sgd", presets.local_sgd(m, 3), m, momentum=0.9),
+        _job("local_sgd", presets.local_sgd(m, 3), m, optimizer=OptimizerSettings(momentum=0.9)),
         _job("easgd", presets.easgd(m, 2), m),
         _job("easgd_nonblocking", presets.easgd(m, 2, nonblocking=True), m),
         _job("lsgd", presets.lsgd(m, 2, lam=0.5), m),
@@ -107,7 +108,8 @@ def test_presets_match_simulator_four_ranks() -> None:
         _job("lsgd", presets.lsgd(m, 1, lam=0.2), m),
         _job("downpour", presets.downpour(m, 2), m),
         _job("hierarchical", presets.hierarchical(m, 1, groups=2, q=2), m),
-        _job("hierarchical_4", presets.hierarchical(m, 2, groups=4, q=3, aux_topology="ring"), m, momentum=0.9),
+        _job("hierarchical_4", presets.hierarchical(m, 2, groups=4, q=3, aux_topology="ring"), m,
+             optimizer=OptimizerSettings(momentum=0.9)),
         _job("generalized_elastic", presets.generalized_elastic(m, 2), m),
     ]
     results = run_spec(jobs, timeout_s=30)
@@ -275,7 +277,8 @@ def test_nan_stop_and_too_many_skips_name_the_worker() -> None:
 
 def test_downpour_async_parameter_server(tmp_path) -> None:
     m = 3
-    job = _job("async", presets.downpour(m, 2), m, downpour_order="async", momentum=0.9)
+    job = _job("async", presets.downpour(m, 2), m, downpour_order="async",
+               optimizer=OptimizerSettings(momentum=0.9))
     res = run_spec(job, timeout_s=30)[0]
     P = res["params"]
     assert P.shape[0] == m + m + 1 and bool(torch.isfinite(P).all())

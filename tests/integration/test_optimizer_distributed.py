@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from coopsgd.algorithms import presets
+from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.spec import Policies
 from coopsgd.data import WorkerLoader
 from coopsgd.engines.simulator import Simulator
@@ -45,9 +46,8 @@ def _job(name: str, spec, **kw) -> SpecJob:
 def _simulate(job: SpecJob) -> tuple[torch.Tensor, Simulator]:
     job = copy.deepcopy(job)
     loader = WorkerLoader(job.dataset, job.parts, job.batch_size, seed=job.loader_seed)
-    sim = Simulator(job.spec, job.model, dtype=torch.float64, executor="loop", seed=job.seed, momentum=job.momentum,
-                    optimizer=job.optimizer, weight_decay=job.weight_decay, betas=job.betas, eps=job.eps,
-                    amsgrad=job.amsgrad)
+    sim = Simulator(job.spec, job.model, dtype=torch.float64, executor="loop", seed=job.seed,
+                    optimizer=job.optimizer)
     for k in range(job.steps):
         batches = loader.next_step()
         active = job.spec.schedule.active(k)
@@ -62,11 +62,12 @@ def test_optimizers_and_outer_optimizers_match_simulator() -> None:
     jobs = [
         _job("local_adamw_mix", presets.local_sgd(m, 3, policies=Policies(optimizer_state="mix")), optimizer="adamw"),
         _job("diloco", presets.diloco(m, 3)),  # inner AdamW (the preset's), outer Nesterov SGD
-        _job("diloco_adam_outer", presets.diloco(m, 2, outer_optimizer="adam", outer_lr=0.1), optimizer="adam",
-             amsgrad=True),
-        _job("slowmo_dpsgd", presets.slowmo(m, 3, base_algorithm="dpsgd", outer_momentum=0.6), momentum=0.9),
-        _job("easgd_adam_reset", presets.easgd(m, 2, policies=Policies(optimizer_state="reset")), optimizer="adam",
-             weight_decay=0.01),
+        _job("diloco_adam_outer", presets.diloco(m, 2, outer_optimizer="adam", outer_lr=0.1),
+             optimizer=OptimizerSettings("adam", amsgrad=True)),
+        _job("slowmo_dpsgd", presets.slowmo(m, 3, base_algorithm="dpsgd", outer_momentum=0.6),
+             optimizer=OptimizerSettings(momentum=0.9)),
+        _job("easgd_adam_reset", presets.easgd(m, 2, policies=Policies(optimizer_state="reset")),
+             optimizer=OptimizerSettings("adam", weight_decay=0.01)),
         _job("fedavg_adamw", presets.fedavg(m, 2, fraction=0.5), optimizer="adamw"),
     ]
     results = run_spec(jobs, timeout_s=60)

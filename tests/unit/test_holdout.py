@@ -10,7 +10,7 @@ import torch
 
 from coopsgd.errors import ConfigError
 from coopsgd.train.config import RunConfig
-from coopsgd.train.trainer import build_problem, holdout_split
+from coopsgd.train.problem import build_problem, holdout_split
 
 
 @pytest.mark.parametrize("n, fraction, seed", [(8000, 0.1, 0), (101, 0.33, 7), (5, 0.01, 3)])
@@ -55,17 +55,17 @@ def test_build_problem_trains_on_the_rest_and_keeps_zero_unchanged() -> None:
     plain = build_problem(RunConfig(**base))
     zero = build_problem(RunConfig(**base, holdout_fraction=0.0))
     held = build_problem(RunConfig(**base, holdout_fraction=0.1))
-    assert plain["holdout_set"] is None and zero["holdout_set"] is None
-    assert torch.equal(plain["train_set"].x, zero["train_set"].x)
-    n = len(plain["train_set"])
+    assert plain.holdout_set is None and zero.holdout_set is None and held.holdout_set is not None
+    assert torch.equal(plain.train_set.x, zero.train_set.x)
+    n = len(plain.train_set)
     keep, out = holdout_split(n, 0.1, 4)
-    assert len(held["train_set"]) == n - len(out) and len(held["holdout_set"]) == len(out)
-    assert torch.equal(held["train_set"].x, plain["train_set"].x[torch.from_numpy(keep)])
-    assert torch.equal(held["holdout_set"].y, plain["train_set"].y[torch.from_numpy(out)])
+    assert len(held.train_set) == n - len(out) and len(held.holdout_set) == len(out)
+    assert torch.equal(held.train_set.x, plain.train_set.x[torch.from_numpy(keep)])
+    assert torch.equal(held.holdout_set.y, plain.train_set.y[torch.from_numpy(out)])
     # the workers' shards cover exactly the remaining samples
-    assert sum(held["loader"].shard_sizes) == n - len(out)
+    assert sum(held.loader.shard_sizes) == n - len(out)
     # with the same model initialisation (the split draws from no global RNG)
-    assert all(torch.equal(p, q) for p, q in zip(plain["model"].parameters(), held["model"].parameters(), strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), held.model.parameters(), strict=True))
 
 
 def test_every_evaluation_records_the_centre_models_holdout_loss() -> None:

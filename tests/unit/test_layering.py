@@ -2,6 +2,7 @@
 
 * arrows point one way: ``engines`` never import ``train``, ``experiments``, the CLI layer or glue modules;
   the pure math (``topology``, ``theory``, ``algorithms``) imports neither engines nor ``torch.distributed``;
+  inside ``train`` the modules import each other without a cycle (the run set-up below the runners);
 * nothing in the engines or the training loop branches on a preset's name, or reads a schedule's private
   attributes (schedules declare what they need).
 """
@@ -60,6 +61,79 @@ def test_engines_import_nothing_above_them() -> None:
 def test_pure_math_imports_no_engine_and_no_process_group(package: str) -> None:
     forbidden = ("coopsgd.engines", "coopsgd.train", "coopsgd.experiments", "coopsgd.cli", "torch.distributed")
     assert _violations(package, forbidden) == []
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(("coopsgd", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+
+
+def _import_graph(package: str) -> dict[str, set[str]]:
+    """Module -> the modules of ``package`` it imports, at any depth (functions included): ``from m import x``
+    is an import of the module ``m.x`` when that is a module, else of ``m``."""
+    paths = _modules(package)
+    names = {_module_name(p) for p in paths}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in names:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        me = _module_name(path)
+        pkg = me if path.name == "__init__.py" else me.rpartition(".")[0]
+        found: set[str | None] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found |= {resolve(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in names else resolve(base) for a in node.names}
+        graph[me] = {t for t in found if t is not None and t != me}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (``None``: it is acyclic)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)) is not None:
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)) is not None:
+            return found
+    return None
+
+
+def test_train_imports_without_a_cycle() -> None:
+    """docs/architecture.md's order inside train/: config, loop, progress, rundir -> problem -> checkpoint,
+    records -> setup -> reference, distributed -> trainer (each imports only what is left of it)."""
+    graph = _import_graph("train")
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+    t = "coopsgd.train."
+    assert f"{t}trainer" not in set().union(*(graph[m] for m in graph if m != f"{t}trainer"))
+    for low in ("problem", "checkpoint", "records", "setup"):
+        assert not graph[t + low] & {f"{t}trainer", f"{t}distributed", f"{t}reference"}, low
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
 def test_the_rule_catches_a_violation(tmp_path) -> None:

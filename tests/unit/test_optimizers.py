@@ -232,11 +232,10 @@ def test_config_takes_the_optimizer() -> None:
     from coopsgd.engines.optim import OPTIMIZERS
     from coopsgd.train import RunConfig
     from coopsgd.train import config as config_module
-    from coopsgd.train.trainer import engine_optimizer_kwargs
 
     assert config_module.OPTIMIZERS == OPTIMIZERS
-    kw = engine_optimizer_kwargs(RunConfig(optimizer="adamw", beta1=0.8, eps=1e-6))
-    assert kw["optimizer"] == "adamw" and kw["betas"] == (0.8, 0.999) and kw["weight_decay"] is None
+    o = RunConfig(optimizer="adamw", beta1=0.8, eps=1e-6).optimizer  # passed whole to the engines
+    assert o.name == "adamw" and o.betas == (0.8, 0.999) and o.eps == 1e-6 and o.weight_decay is None
     for bad, field in (({"optimizer": "lion"}, "optimizer"), ({"optimizer": "adam", "momentum": 0.9}, "momentum"),
                        ({"beta2": 1.0}, "beta2"), ({"optimizer": "sgd", "amsgrad": True}, "amsgrad")):
         with pytest.raises(ConfigError) as info:

@@ -6,8 +6,11 @@
 * :func:`run_spec` -- any :class:`~coopsgd.algorithms.AlgorithmSpec`, model and in-memory tensors
   (:class:`SpecJob`; tests, benchmarks, notebooks).
 
-Rank 0 writes the run directory. A checkpoint is the simulator's layout (:func:`coopsgd.train.trainer.
-checkpoint_state`) with one engine state envelope per rank (``ranks``), gathered to rank 0.
+Both set up their runs through :mod:`coopsgd.train.setup` (the engine from a small factory,
+:func:`make_rank_engine` / :func:`make_job_engine`; the loop plan from :func:`~coopsgd.train.setup.prepare_run`).
+Rank 0 writes the run directory. A checkpoint is the one run checkpoint layout
+(:func:`coopsgd.train.checkpoint.checkpoint_record`) with one engine state envelope per rank (``ranks``),
+gathered to rank 0, and reads through :func:`coopsgd.train.checkpoint.load_run_checkpoint`.
 
 Test hook: the environment variable ``COOPSGD_INJECT_FAILURE="RANK:STEP:MODE"`` (read here, by the runner,
 and passed to the engine as a :data:`~coopsgd.engines.distributed.FaultHook`) makes rank RANK fail at step
@@ -33,29 +36,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.data import WorkerLoader
 from coopsgd.engines.base import Engine, StepStats
 from coopsgd.engines.distributed import FAILURE_MODES, DistributedEngine, FaultHook, fault_hook
 from coopsgd.engines.distributed.communicator import NetEmulation
 from coopsgd.engines.distributed.launch import RankFailure, launch, listening_addresses
 from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float
+from coopsgd.train.checkpoint import checkpoint_path, checkpoint_record, load_run_checkpoint
 from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig
-from coopsgd.train.loop import LoopPlan, LoopState, run_loop
-from coopsgd.train.progress import Progress
-from coopsgd.train.rundir import RunDir, check_run_dir, tensorboard_enabled
-from coopsgd.train.trainer import (
-    CHECKPOINT_FORMAT,
-    Experiment,
-    build_problem,
-    engine_optimizer_kwargs,
-    load_run_checkpoint,
-    loop_plan,
-    record_run,
-    summarize,
+from coopsgd.train.loop import LoopState
+from coopsgd.train.problem import Problem, build_problem, feed_from
+from coopsgd.train.records import summarize
+from coopsgd.train.rundir import RunDir, atomic_write_json, check_run_dir, tensorboard_enabled
+from coopsgd.train.setup import (
+    Workload,
+    open_run_dir,
+    prepare_config_run,
+    prepare_run,
+    problem_record,
+    restore_data,
 )
 
-__all__ = ["run_distributed", "run_spec", "SpecJob", "rank_main", "FAILURE_ENV", "FAILURE_ONCE_ENV",
-           "fault_from_env", "one_line", "RankCheckError", "agree_on_checks", "check_outcome", "rank_placement"]
+__all__ = ["run_distributed", "run_spec", "SpecJob", "rank_main", "make_rank_engine", "make_job_engine",
+           "FAILURE_ENV", "FAILURE_ONCE_ENV", "fault_from_env", "one_line", "RankCheckError", "agree_on_checks",
+           "check_outcome", "rank_placement"]
 
 #: ``"RANK:STEP:MODE"``: make rank RANK fail at the start of step STEP (tests).
 FAILURE_ENV = "COOPSGD_INJECT_FAILURE"
@@ -95,7 +101,9 @@ class SpecJob:
 
     The data order is :class:`coopsgd.data.WorkerLoader` ``(dataset, parts, batch_size, seed=loader_seed)``:
     rank r takes worker r's batch of each step. ``lr`` is a number or a picklable ``step -> lr`` function.
-    ``inject_failure`` is a test hook ``"RANK:STEP:MODE"``.
+    ``optimizer``: the workers' inner optimizer, one value (:class:`~coopsgd.algorithms.inner.OptimizerSettings`,
+    a name, a ``torch.optim`` class, or ``None``: the spec's own, else SGD; see
+    :func:`coopsgd.engines.optim.optimizer_settings`). ``inject_failure`` is a test hook ``"RANK:STEP:MODE"``.
     """
 
     spec: AlgorithmSpec
@@ -106,14 +114,7 @@ class SpecJob:
     steps: int
     lr: float | Callable[[int], float] = 0.1
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float | None = None
-    optimizer: Any = None  # "sgd", "adam", "adamw", a torch.optim class, or None (the spec's own, else SGD)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    amsgrad: bool = False
-    optimizer_kwargs: dict[str, Any] | None = None
+    optimizer: OptimizerSettings | str | type | None = None
     dtype: torch.dtype = torch.float64
     seed: int = 0
     loader_seed: int = 0
@@ -132,61 +133,76 @@ class SpecJob:
     downpour_order: str = "schedule"
 
 
+def make_job_engine(job: SpecJob, *, heartbeat: Callable[[int, str], None] | None = None) -> DistributedEngine:
+    """The distributed engine's factory for a :class:`SpecJob` (this process's rank)."""
+    net = NetEmulation(job.net_latency_ms, job.net_bandwidth_mbps)
+    return DistributedEngine(
+        job.spec, job.model, loss_fn=job.loss_fn, optimizer=job.optimizer, dtype=job.dtype, seed=job.seed,
+        loss_estimate=job.loss_estimate, window=job.window, probe_batch=job.probe_batch, net=net,
+        nan_policy=job.nan_policy, fault=parse_fault(job.inject_failure), downpour_order=job.downpour_order,
+        heartbeat=heartbeat,
+    )
+
+
+class _JobTrace:
+    """What a tensor job records: rank 0's per-step losses, the mean-loss curve every ``loss_every`` steps
+    (step, seconds, mean loss) and when ``target_loss`` was first reached."""
+
+    def __init__(self, job: SpecJob, rank: int) -> None:
+        self.job, self.rank = job, rank
+        self.losses: list[float] = []
+        self.curve: list[tuple[int, float, float]] = []
+        self.reached: list[tuple[int, float]] = []
+        self.t0 = time.perf_counter()
+
+    def on_step(self, stats: StepStats) -> None:
+        self.losses.append(float(stats.losses[self.rank]))
+
+    def evaluate(self, engine: Engine, step: int, lr: float, worker_losses: np.ndarray, st: LoopState) -> dict[str, Any]:
+        # the workers' mean mini-batch loss over the last loss_every steps (reduced by the loop)
+        if step == 0 or not self.job.loss_every:
+            return {}
+        vals = worker_losses[np.isfinite(worker_losses)]
+        mean = float(vals.mean()) if vals.size else math.nan
+        elapsed = time.perf_counter() - self.t0
+        self.curve.append((step, elapsed, mean))
+        if self.job.target_loss is not None and not self.reached and mean <= self.job.target_loss:
+            self.reached.append((step, elapsed))
+        return {}
+
+
+def _job_lr(lr: float | Callable[[int], float]) -> Callable[[int, float], float]:
+    return lambda k, _t: float(lr(k) if callable(lr) else lr)
+
+
+def _run_job(rank: int, job: SpecJob, heartbeat: Callable[[int, str], None] | None) -> dict[str, Any]:
+    """One :class:`SpecJob` on this rank: its engine, the one loop set-up, its results."""
+    loader = WorkerLoader(job.dataset, job.parts, job.batch_size, seed=job.loader_seed)
+    eng = make_job_engine(job, heartbeat=heartbeat)
+    dist.barrier()
+    trace = _JobTrace(job, rank)
+    work = Workload(total_steps=job.steps, eval_every=job.loss_every or max(job.steps, 1), lr=_job_lr(job.lr),
+                    feed=feed_from(loader), evaluate=trace.evaluate)
+    setup = prepare_run(eng, work, nan_policy=job.nan_policy, max_skips=job.max_skips, on_step=trace.on_step)
+    _, state = setup.run(None)
+    eng.close()
+    wall = time.perf_counter() - trace.t0
+    res: dict[str, Any] = {"name": job.name, "rank": rank, "losses": trace.losses, "wall_s": wall,
+                           "rounds": eng.rounds, "timing": eng.timing(), "curve": trace.curve,
+                           "reached": trace.reached[0] if trace.reached else None, "leader": eng.leader,
+                           "dropped_rounds": list(state.dropped)}
+    if job.return_state:
+        full = eng.gather_state()
+        res["params"] = full[:, eng.b : eng.b + eng.d].clone()
+        res["buffers"] = full[:, : eng.b].clone()
+    return res
+
+
 def _spec_rank_main(rank: int, world: int, jobs: Sequence[SpecJob], *,
                     heartbeat: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
-    from coopsgd.data import WorkerLoader
-    from coopsgd.train.trainer import feed_from
-
     out = []
     for job in jobs:
-        loader = WorkerLoader(job.dataset, job.parts, job.batch_size, seed=job.loader_seed)
-        net = NetEmulation(job.net_latency_ms, job.net_bandwidth_mbps)
-        eng = DistributedEngine(
-            job.spec, job.model, loss_fn=job.loss_fn, momentum=job.momentum, nesterov=job.nesterov,
-            weight_decay=job.weight_decay, optimizer=job.optimizer, betas=job.betas, eps=job.eps,
-            amsgrad=job.amsgrad, optimizer_kwargs=job.optimizer_kwargs, dtype=job.dtype, seed=job.seed, loss_estimate=job.loss_estimate,
-            window=job.window, probe_batch=job.probe_batch, net=net, nan_policy=job.nan_policy,
-            fault=parse_fault(job.inject_failure), downpour_order=job.downpour_order, heartbeat=heartbeat,
-        )
-        dist.barrier()
-        losses: list[float] = []
-        curve: list[tuple[int, float, float]] = []
-        reached: list[tuple[int, float]] = []
-        t0 = time.perf_counter()
-
-        def on_step(stats: StepStats) -> None:
-            losses.append(float(stats.losses[rank]))  # noqa: B023 -- used within this job's loop only
-
-        def evaluate(engine: Engine, step: int, lr: float, worker_losses: np.ndarray, st: LoopState) -> dict[str, Any]:
-            # the workers' mean mini-batch loss over the last loss_every steps (reduced by the loop)
-            if step == 0 or not job.loss_every:  # noqa: B023
-                return {}
-            vals = worker_losses[np.isfinite(worker_losses)]
-            mean = float(vals.mean()) if vals.size else math.nan
-            elapsed = time.perf_counter() - t0  # noqa: B023
-            curve.append((step, elapsed, mean))  # noqa: B023
-            if job.target_loss is not None and not reached and mean <= job.target_loss:  # noqa: B023
-                reached.append((step, elapsed))  # noqa: B023
-            return {}
-
-        lr_fn = job.lr
-        plan = LoopPlan(total_steps=job.steps, eval_every=job.loss_every or max(job.steps, 1),
-                        lr=lambda k, _t: float(lr_fn(k) if callable(lr_fn) else lr_fn),  # noqa: B023
-                        feed=feed_from(loader), evaluate=evaluate, nan_policy=job.nan_policy,
-                        max_skips=job.max_skips, on_step=on_step)
-        _, state = record_run(run_loop(eng, plan), None)
-        eng.close()
-        wall = time.perf_counter() - t0
-        timing = eng.timing()
-        res: dict[str, Any] = {"name": job.name, "rank": rank, "losses": losses, "wall_s": wall,
-                               "rounds": eng.rounds, "timing": timing, "curve": curve,
-                               "reached": reached[0] if reached else None, "leader": eng.leader,
-                               "dropped_rounds": list(state.dropped)}
-        if job.return_state:
-            full = eng.gather_state()
-            res["params"] = full[:, eng.b : eng.b + eng.d].clone()
-            res["buffers"] = full[:, : eng.b].clone()
-        out.append(res)
+        out.append(_run_job(rank, job, heartbeat))
         dist.barrier()
     return out
 
@@ -223,31 +239,8 @@ def run_spec(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _checkpoint_path(resume: str | Path) -> Path:
-    rp = Path(resume)
-    return rp / "checkpoint.pt" if rp.is_dir() else rp
-
-
-def load_distributed_checkpoint(resume: str | Path, world: int) -> dict[str, Any]:
-    """Load and check a distributed run checkpoint (format, engine, world size, one state per rank)."""
-    state = load_run_checkpoint(resume, "distributed")
-    saved = state.get("world_size")
-    if saved != world:
-        raise ConfigError.invalid("world_size", saved, f"the checkpoint was written by {saved} ranks; this run has "
-                                                       f"workers={world} (resume with the same number of workers)")
-    ranks = state.get("ranks")
-    if not isinstance(ranks, list) or len(ranks) != world:
-        raise ConfigError.invalid("resume", str(resume), f"the checkpoint must hold one state per rank ({world})")
-    for key in ("config", "loader"):
-        if not isinstance(state.get(key), dict):
-            raise ConfigError.invalid(key, type(state.get(key)).__name__,
-                                      f"checkpoint {str(resume)!r} must hold the run's {key} state (a mapping); "
-                                      "damaged or not written by coopsgd")
-    return state
-
-
 def rank_device(device: str, rank: int) -> str:
-    """The device of this rank for a run on ``device`` (``RunConfig.device``): ``cpu``, or for ``cuda`` the
+    """The device of this rank for a run on ``device`` (``RunConfig.execution.device``): ``cpu``, or for ``cuda`` the
     GPU of the rank's local rank (``cuda:LOCAL_RANK``; made the current CUDA device, as NCCL needs)."""
     if not device.startswith("cuda"):
         return device
@@ -312,6 +305,55 @@ def rank_placement(rank: int, device: str) -> dict[str, Any]:
             "listening": listening_addresses()}
 
 
+@dataclass(frozen=True)
+class _RankInputs:
+    """What one rank checked and built before its first collective (:func:`_rank_inputs`)."""
+
+    config: RunConfig
+    problem: Problem
+    device: str
+    net: NetEmulation
+    fault: FaultHook | None
+    tensorboard: bool
+    checkpoint: dict[str, Any] | None
+    start: int
+
+
+def _rank_inputs(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any]) -> _RankInputs:
+    """The checks and set-up of a rank that need no collective: the config, the device, the run directory
+    (rank 0, where no parent checked it), the checkpoint, the problem and its data position."""
+    c = RunConfig.from_dict(config_dict)
+    if c.algorithm.workers != world:
+        raise ConfigError.invalid("workers", c.algorithm.workers, f"must equal the number of processes ({world})")
+    device = opts.get("device") or rank_device(c.execution.device, rank)
+    resume = opts.get("resume")
+    out_dir = opts.get("out")
+    if out_dir and rank == 0 and not opts.get("checked"):  # under torchrun: no parent checked it
+        check_run_dir(out_dir, c.to_dict(), overwrite=bool(opts.get("overwrite")), resume=bool(resume))
+    tensorboard = tensorboard_enabled(c.output.tensorboard, has_dir=bool(out_dir))
+    ckpt = load_run_checkpoint(resume, "distributed", world=world) if resume else None
+    problem = build_problem(c)
+    start = 0 if ckpt is None else restore_data(ckpt, problem)  # the loader checks seed, batch size and shards
+    net = NetEmulation(opts.get("net_latency_ms"), opts.get("net_bandwidth_mbps"))
+    return _RankInputs(c, problem, device, net, fault_from_env(), tensorboard, ckpt, start)
+
+
+def make_rank_engine(config: RunConfig, problem: Problem, *, device: str, net: NetEmulation,
+                     fault: FaultHook | None = None,
+                     heartbeat: Callable[[int, str], None] | None = None) -> DistributedEngine:
+    """The distributed engine's factory for one rank of a :class:`RunConfig` run (collective: every rank
+    starts from rank 0's model). ``heartbeat``: the launcher's, injected (none under torchrun)."""
+    c, p = config, problem
+    return DistributedEngine(
+        p.spec, p.model, loss_fn=p.loss_fn, optimizer=c.optimizer, dtype=p.dtype, device=device,
+        seed=c.execution.seed, loss_estimate=c.algorithm.loss_estimate, probe_batch=p.probe, net=net,
+        nan_policy=c.execution.nan_policy, fault=fault, heartbeat=heartbeat,
+        # pushes of a sequential schedule (DOWNPOUR) in the order they arrive: a real server on rank 0
+        downpour_order="async" if p.spec.schedule.sequential and c.algorithm.downpour_order in ("clock", "async")
+        else "schedule",
+    )
+
+
 def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any], *,
               heartbeat: Callable[[int, str], None] | None = None) -> dict[str, Any]:
     """One rank of a :class:`RunConfig` run: build the problem, the engine, run the loop; rank 0 writes.
@@ -322,81 +364,28 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
     """
     agree = bool(opts.get("agree_errors"))
     try:  # checks and set-up without any collective
-        c = RunConfig.from_dict(config_dict)
-        if c.algorithm.workers != world:
-            raise ConfigError.invalid("workers", c.algorithm.workers, f"must equal the number of processes ({world})")
-        device = opts.get("device") or rank_device(c.execution.device, rank)
-        resume = opts.get("resume")
-        out_dir = opts.get("out")
-        if out_dir and rank == 0 and not opts.get("checked"):  # under torchrun: no parent checked it
-            check_run_dir(out_dir, c.to_dict(), overwrite=bool(opts.get("overwrite")), resume=bool(resume))
-        tensorboard = tensorboard_enabled(c.output.tensorboard, has_dir=bool(out_dir))
-        ckpt = load_distributed_checkpoint(resume, world) if resume else None
-        p = build_problem(c)
-        spec, loader = p["spec"], p["loader"]
-        start = 0 if ckpt is None else int(ckpt["step"])
-        if start > p["total"]:
-            raise ConfigError.invalid("max_steps", p["total"], f"the checkpoint is already at step {start}")
-        if ckpt is not None:
-            loader.load_state_dict(ckpt["loader"])  # checks seed, batch size and shards
-        net = NetEmulation(opts.get("net_latency_ms"), opts.get("net_bandwidth_mbps"))
-        fault = fault_from_env()
+        inp = _rank_inputs(rank, world, config_dict, opts)
     except Exception as exc:
         if agree:
             agree_on_checks(rank, world, exc)
         raise
     if agree:
         agree_on_checks(rank, world, None)
+    c, p, out_dir, ckpt = inp.config, inp.problem, opts.get("out"), inp.checkpoint
     placement: list[Any] | None = [None] * world if rank == 0 else None
-    dist.gather_object(rank_placement(rank, device), placement, dst=0)
-    eng = DistributedEngine(
-        spec, p["model"], loss_fn=p["loss_fn"], **engine_optimizer_kwargs(c), dtype=p["dtype"], device=device, seed=c.execution.seed,
-        loss_estimate=c.algorithm.loss_estimate, probe_batch=p["probe"], net=net, nan_policy=c.execution.nan_policy,
-        fault=fault, heartbeat=heartbeat,  # the launcher's, injected (none under torchrun)
-        # pushes of a sequential schedule (DOWNPOUR) in the order they arrive: a real server on rank 0
-        downpour_order="async" if spec.schedule.sequential and c.algorithm.downpour_order in ("clock", "async") else "schedule",
-    )
-    exp = Experiment(config=c, spec=spec, sim=eng, loader=loader, train_set=p["train_set"], test_set=p["test_set"],
-                     loss_fn=p["loss_fn"], total_steps=p["total"], eval_every=p["eval_every"], is_lm=p["is_lm"],
-                     histograms=p["histograms"], holdout_set=p["holdout_set"])
-    wall0 = 0.0
-    if ckpt is not None:
-        eng.load_state_dict(ckpt["ranks"][rank])
-        if eng.step_count != start:
-            raise ConfigError.invalid("resume", str(resume), f"rank {rank}'s state is at step {eng.step_count}, "
-                                                             f"the checkpoint at step {start}")
-        exp.loop_state = LoopState.from_dict(ckpt.get("loop"))
-        wall0 = float(ckpt.get("wall_time_s", exp.loop_state.train_s))
-    rd = None
-    if out_dir and rank == 0:  # refuses another configuration's run; removes the old run's files unless resuming
-        rd = RunDir.create(out_dir, c.to_dict(), overwrite=bool(opts.get("overwrite")), resume=bool(resume))
-    if rd is not None:
-        extra = {"engine": "distributed", "world_size": world, "steps_per_epoch": loader.steps_per_epoch,
-                 "total_steps": p["total"], "spec": spec.describe(), "timeout_s": opts.get("timeout_s"),
-                 "net_latency_ms": net.latency_ms, "net_bandwidth_mbps": net.bandwidth_mbps,
-                 "aux_hosts": [eng.aux_host(j) for j in range(spec.auxiliaries)], "resumed_from_step": start,
-                 "ranks": placement}
-        if p["histograms"] is not None:
-            extra["label_histograms"] = p["histograms"].tolist()
-        rd.write_config(c.to_dict(), extra)
-        if start > 0:
-            rd.truncate_metrics(start)
-        rd.start_metrics(append=start > 0, tensorboard=tensorboard, start_step=start)
+    dist.gather_object(rank_placement(rank, inp.device), placement, dst=0)
+    eng = make_rank_engine(c, p, device=inp.device, net=inp.net, fault=inp.fault, heartbeat=heartbeat)
+    rd: RunDir | None = None
 
     def checkpoint(done: int, st: LoopState) -> None:
         # collective: every rank sends its state to rank 0, which writes one file
         eng.heartbeat(done, "comm")
-        mine = eng.state_dict()
         states: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(mine, states, dst=0)
+        dist.gather_object(eng.state_dict(), states, dst=0)
         if rd is not None:
+            assert states is not None
             eng.heartbeat(done, "compute")
-            epoch, bi = divmod(done, loader.steps_per_epoch)
-            loader.seek(epoch, bi)
-            rd.checkpoint({
-                "format": CHECKPOINT_FORMAT, "engine": "distributed", "step": done, "config": c.to_dict(),
-                "world_size": world, "loader": loader.state_dict(), "loop": st.to_dict(), "ranks": states,
-            })
+            rd.checkpoint(checkpoint_record(c, "distributed", done, p.loader, st, ranks=states))
 
     def lr_agree(elapsed: float) -> float:
         # wall-clock milestones must be the same on every rank: take the slowest clock
@@ -404,49 +393,54 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t[0])
 
-    bar = None
-    if opts.get("progress") and rank == 0:  # rank 0's steps: a bar on a terminal, a line every ~10 s or 10%
-        bar = Progress(p["total"], initial=start, desc=f"{spec.name} x{world} (distributed)")
-
-    def tick(stats: StepStats) -> None:
-        assert bar is not None
-        bar.update(stats.step + 1, loss=lambda: stats.loss)
-
-    plan = loop_plan(exp, checkpoint=checkpoint if out_dir else None, lr_agree=lr_agree, wall_offset=wall0,
-                     progress=tick if bar is not None else None)
-    plan.checkpoint_at_end = bool(out_dir)
-    evaluate = plan.evaluate
+    wall0 = 0.0 if ckpt is None else float(ckpt.get("wall_time_s", LoopState.from_dict(ckpt.get("loop")).train_s))
+    setup = prepare_config_run(
+        c, p, eng, resume=None if ckpt is None else (ckpt, ckpt["ranks"][rank]), start=inp.start,
+        resume_path=str(opts.get("resume")), who=f"rank {rank}", checkpoint=checkpoint if out_dir else None,
+        checkpoint_at_end=bool(out_dir), lr_agree=lr_agree, wall_offset=wall0,
+        progress=f"{p.spec.name} x{world} (distributed)" if opts.get("progress") and rank == 0 else None)
+    evaluate = setup.plan.evaluate
 
     def evaluate_alive(engine: Engine, step: int, *args: Any) -> dict[str, Any]:
         # rank 0 evaluates while the others wait in its next collective (must take < timeout_s)
         eng.heartbeat(step, "compute" if rank == 0 else "comm")
         return evaluate(engine, step, *args)
 
-    plan.evaluate = evaluate_alive
+    setup.plan.evaluate = evaluate_alive
+    if out_dir and rank == 0:  # refuses another configuration's run; removes the old run's files unless resuming
+        extra = {"engine": "distributed", "world_size": world, "timeout_s": opts.get("timeout_s"),
+                 "net_latency_ms": inp.net.latency_ms, "net_bandwidth_mbps": inp.net.bandwidth_mbps,
+                 "aux_hosts": [eng.aux_host(j) for j in range(p.spec.auxiliaries)], "ranks": placement,
+                 **problem_record(p, setup.start, p.histograms)}
+        rd = open_run_dir(out_dir, c, extra, overwrite=bool(opts.get("overwrite")), resume=bool(opts.get("resume")),
+                          start=setup.start, tensorboard=inp.tensorboard)
     dist.barrier()
     t0 = time.perf_counter()
-    try:
-        last, _ = record_run(run_loop(eng, plan, state=exp.loop_state), rd)
-    finally:
-        if bar is not None:
-            bar.close()
+    last, _ = setup.run(rd)
     eng.close()  # an asynchronous parameter server waits for every worker's last push
-    timing = eng.timing()
-    summary: dict[str, Any] = {"rank": rank}
-    if rank == 0:
-        summary = summarize(spec, c, last, total_steps=p["total"], wall=wall0 + time.perf_counter() - t0,
-                            engine="distributed", is_lm=p["is_lm"], extra={
-                                "resumed_from_step": start,
-                                "measured_split_s": {k: timing[k] for k in ("compute_s", "communication_s", "idle_s")},
-                                "bytes_model": timing["bytes_model"] * 1.0,
-                                "communication_fraction": timing["communication_fraction"],
-                                "timing": timing,
-                                "net": {"latency_ms": net.latency_ms, "bandwidth_mbps": net.bandwidth_mbps},
-                                "aux_hosts": [eng.aux_host(j) for j in range(spec.auxiliaries)]})
-        summary["bytes_sent"] = timing["bytes_sent"]
-        if rd is not None:
-            rd.write_summary(summary)
-            summary["out"] = str(rd.path)
+    timing = eng.timing()  # collective
+    if rank != 0:
+        return {"rank": rank}
+    return _rank0_summary(c, p, eng, timing, inp.net, last, rd, start=setup.start,
+                          wall=wall0 + time.perf_counter() - t0)
+
+
+def _rank0_summary(c: RunConfig, p: Problem, eng: DistributedEngine, timing: dict[str, Any], net: NetEmulation,
+                   last: dict[str, Any], rd: RunDir | None, *, start: int, wall: float) -> dict[str, Any]:
+    """Rank 0's summary of a distributed run (written to the run directory, if any)."""
+    summary = summarize(p.spec, c, last, total_steps=p.total_steps, wall=wall, engine="distributed", is_lm=p.is_lm,
+                        extra={
+                            "resumed_from_step": start,
+                            "measured_split_s": {k: timing[k] for k in ("compute_s", "communication_s", "idle_s")},
+                            "bytes_model": timing["bytes_model"] * 1.0,
+                            "communication_fraction": timing["communication_fraction"],
+                            "timing": timing,
+                            "net": {"latency_ms": net.latency_ms, "bandwidth_mbps": net.bandwidth_mbps},
+                            "aux_hosts": [eng.aux_host(j) for j in range(p.spec.auxiliaries)]})
+    summary["bytes_sent"] = timing["bytes_sent"]
+    if rd is not None:
+        rd.write_summary(summary)
+        summary["out"] = str(rd.path)
     return summary
 
 
@@ -463,7 +457,7 @@ def run_distributed(
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Run a :class:`~coopsgd.train.RunConfig` with ``config.workers`` local processes; return the summary.
+    """Run a :class:`~coopsgd.train.RunConfig` with ``config.algorithm.workers`` local processes; return the summary.
 
     The summary has the keys of :func:`coopsgd.train.trainer.train`'s. Time here is measured, not
     simulated: ``time_s`` / ``measured_train_s`` (training wall-clock, evaluation excluded; ``time_source``
@@ -471,11 +465,11 @@ def run_distributed(
     per-rank compute / communication / idle table and its aggregate) and ``communication_fraction``.
     ``net_latency_ms`` / ``net_bandwidth_mbps`` emulate slow links (``None``: the loopback's real speed).
     A rank that dies, raises, is killed or hangs raises :class:`~coopsgd.engines.distributed.launch.RankFailure`
-    naming it within ``timeout_s`` + a few seconds. ``config.device`` ``"cuda"`` puts rank r on its own GPU
+    naming it within ``timeout_s`` + a few seconds. ``config.execution.device`` ``"cuda"`` puts rank r on its own GPU
     (``cuda:r``) with NCCL between the ranks (``backend`` default: ``"nccl"`` there, ``"gloo"`` on the CPU).
 
-    With a run directory (``out`` or ``config.out``) rank 0 writes ``checkpoint.pt`` every
-    ``config.checkpoint_every`` steps and at the end (:data:`~coopsgd.train.trainer.CHECKPOINT_FORMAT`,
+    With a run directory (``out`` or ``config.output.out``) rank 0 writes ``checkpoint.pt`` every
+    ``config.output.checkpoint_every`` steps and at the end (:data:`~coopsgd.train.checkpoint.CHECKPOINT_FORMAT`,
     engine ``"distributed"``, one engine state per rank under ``ranks``; it loads with
     ``torch.load(weights_only=True)``). ``resume`` is such a file or a run directory holding one: every
     rank restores its state and the run continues from the checkpoint's step; the final parameters
@@ -501,10 +495,10 @@ def run_distributed(
     opts: dict[str, Any] = {"out": str(out_dir) if out_dir else None, "timeout_s": timeout_s,
                             "net_latency_ms": net_latency_ms, "net_bandwidth_mbps": net_bandwidth_mbps}
     if resume is not None:  # check here (a clear ConfigError, no process start-up); every rank loads it again
-        ck_step = int(load_distributed_checkpoint(resume, config.algorithm.workers)["step"])
+        ck_step = int(load_run_checkpoint(resume, "distributed", world=config.algorithm.workers)["step"])
         if config.schedule.max_steps is not None and ck_step > config.schedule.max_steps:
             raise ConfigError.invalid("max_steps", config.schedule.max_steps, f"the checkpoint is already at step {ck_step}")
-        opts["resume"] = str(_checkpoint_path(resume).resolve())
+        opts["resume"] = str(checkpoint_path(resume).resolve())
     cfg = config.to_dict()
     cfg["engine"] = "distributed"
     if out_dir:  # a refused directory costs no process start-up; rank 0 removes the old run's files
@@ -529,8 +523,6 @@ def run_distributed(
 
 def _record_divergence(out_dir: Path, message: str) -> None:
     """A diverged run's ``summary.json`` (status ``"diverged"``), unless rank 0 wrote it before being stopped."""
-    from coopsgd.train.rundir import atomic_write_json
-
     path = out_dir / "summary.json"
     try:
         if path.is_file() and json.loads(path.read_text()).get("status") == "diverged":
@@ -545,8 +537,6 @@ def _record_interruption(out_dir: Path, exc: Interrupted) -> None:
     """An interrupted run's ``summary.json`` (status ``"interrupted"``). The ranks are stopped by now, so
     nothing overwrites it; the last checkpoint is left as it is (written atomically, an interrupted write
     never replaced it), so ``--resume`` continues from there."""
-    from coopsgd.train.rundir import atomic_write_json
-
     if out_dir.is_dir():
         atomic_write_json(out_dir / "summary.json",
                           {"status": "interrupted", "signal": exc.signal_name, "error": str(exc)})

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from coopsgd.errors import ConfigError, CoopSGDError
-from coopsgd.fileio import append_line, atomic_write_bytes, check_output_path, read_json
+from coopsgd.errors import ConfigError, CoopSGDError, write_failure
+from coopsgd.fileio import append_line, atomic_write_bytes, check_output_path, read_json, read_text
 from coopsgd.train.config import RunConfig
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "environment",
@@ -356,8 +356,6 @@ def prepare_run_dir(path: str | Path, config: dict[str, Any], *, overwrite: bool
 
 
 def _mkdir(p: Path) -> None:
-    from coopsgd.errors import write_failure
-
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -527,8 +525,6 @@ class RunDir:
         """Open ``metrics.jsonl`` (``append``: a resumed run) and, with ``tensorboard``, the TensorBoard
         writer of ``tensorboard/``. A run resumed at ``start_step`` > 0 tells TensorBoard to drop the
         earlier events after that step (as :meth:`truncate_metrics` drops the records)."""
-        from coopsgd.errors import write_failure
-
         self.close()
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
         try:
@@ -583,8 +579,6 @@ class RunDir:
         not a JSON object with a non-negative integer ``step`` and numbers (or null) in the numeric fields
         (:data:`METRIC_NUMBERS`), or a file that is not UTF-8, is a :class:`ConfigError` naming the file,
         the line and the field."""
-        from coopsgd.fileio import read_text
-
         p = Path(path)
         if p.is_dir():
             p = p / "metrics.jsonl"

@@ -1,0 +1,244 @@
+"""The problem of a run built from a :class:`RunConfig`: data, partition, loader, spec, model and step counts.
+
+:func:`build_problem` is the one construction every neural-network run uses (the simulator, each rank of a
+distributed run, the parent that checks a distributed run before starting processes); it returns a typed,
+frozen :class:`Problem`. The pieces every engine's loop shares live here too: the learning rate of a step
+(:func:`lr_at`) and the data of a step (:func:`feed_from`: each worker its own shard, its own order per
+epoch, last incomplete batch dropped).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from coopsgd.algorithms import AlgorithmSpec
+from coopsgd.data import Dataset, WorkerLoader, label_histograms, lm_windows, load_dataset, partition
+from coopsgd.errors import ConfigError
+from coopsgd.models import make_model
+from coopsgd.train.config import RunConfig
+
+__all__ = ["Problem", "TrainingData", "build_problem", "holdout_split", "split_holdout", "lr_at", "feed_from", "lm_loss",
+           "run_length", "LM_SEQ_LEN"]
+
+#: Tokens per window of a language-model data set (:func:`coopsgd.data.lm_windows`).
+LM_SEQ_LEN = 35
+
+LossFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a run trains on, whatever the engine (:func:`build_problem`).
+
+    Attributes:
+        spec: the algorithm, with the preset's run-time inputs from the data (FedAvg's shard sizes).
+        train_set: the training data the workers' shards partition (the held-out part removed).
+        test_set: the test data.
+        holdout_set: the held-out part of the training data (``holdout_fraction``; ``None``: no split).
+        is_lm: a language model (token windows; perplexity instead of accuracy).
+        histograms: the label histogram of each worker's shard (``None`` for a language model).
+        loader: the workers' data order (:class:`coopsgd.data.WorkerLoader`).
+        model: the initial model (every engine copies it).
+        loss_fn: the loss of a batch.
+        dtype: the parameters' dtype.
+        probe: LSGD's probe batch (``loss_estimate="probe"``), else ``None``.
+        total_steps: the step the run stops at.
+        eval_every: evaluate after every ``eval_every`` steps (and at the end).
+    """
+
+    spec: AlgorithmSpec
+    train_set: Dataset
+    test_set: Dataset
+    holdout_set: Dataset | None
+    is_lm: bool
+    histograms: np.ndarray | None
+    loader: WorkerLoader
+    model: torch.nn.Module
+    loss_fn: LossFn
+    dtype: torch.dtype
+    probe: tuple[torch.Tensor, torch.Tensor] | None
+    total_steps: int
+    eval_every: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return int(self.loader.steps_per_epoch)
+
+
+class TrainingData(Protocol):
+    """What the loop plan and the evaluation of a neural-network run read: a :class:`Problem`, or a run
+    built by hand (:class:`coopsgd.train.trainer.Experiment`)."""
+
+    @property
+    def spec(self) -> AlgorithmSpec: ...
+    @property
+    def loader(self) -> Any: ...
+    @property
+    def train_set(self) -> Any: ...
+    @property
+    def test_set(self) -> Any: ...
+    @property
+    def holdout_set(self) -> Any: ...
+    @property
+    def is_lm(self) -> bool: ...
+    @property
+    def loss_fn(self) -> LossFn: ...
+    @property
+    def total_steps(self) -> int: ...
+    @property
+    def eval_every(self) -> int: ...
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+
+def lr_at(config: RunConfig, step: int, steps_per_epoch: int, sim_time: float) -> float:
+    """Learning rate of ``step``: linear warm-up, then x ``lr_decay_factor`` per passed epoch/time milestone."""
+    lr = config.schedule.lr
+    if config.schedule.lr_warmup_steps and step < config.schedule.lr_warmup_steps:
+        lr *= (step + 1) / config.schedule.lr_warmup_steps
+    epoch = step / steps_per_epoch
+    passed = sum(1 for e in config.schedule.lr_decay_epochs if epoch >= e)
+    passed += sum(1 for t in config.schedule.lr_decay_times_s if sim_time >= t)
+    return lr * config.schedule.lr_decay_factor**passed
+
+
+def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over every token of a language model's windows."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def run_length(config: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(total_steps, eval_every)`` of a run: ``max_steps`` or ``epochs`` of ``steps_per_epoch``; evaluation
+    ``eval_every`` steps apart, by default ten times a run but at least once an epoch."""
+    s = config.schedule
+    total = s.max_steps if s.max_steps is not None else max(1, math.ceil(s.epochs * steps_per_epoch))
+    eval_every = config.evaluation.eval_every or max(1, min(steps_per_epoch, total // 10 or 1))
+    return total, eval_every
+
+
+def feed_from(loader: Any) -> Callable[[int, Sequence[int], np.ndarray | None], list[Any]]:
+    """The data of step k for the workers a process runs: worker i's k-th batch of its own shard order."""
+    m = len(loader.shard_sizes)
+    spe = loader.steps_per_epoch
+
+    def feed(step: int, local: Sequence[int], active: np.ndarray | None) -> list[Any]:
+        epoch, bi = divmod(step, spe)
+        out: list[Any] = [None] * m
+        for i in local:
+            if active is None or active[i]:
+                out[i] = loader.batch(epoch, i, bi)
+        return out
+
+    return feed
+
+
+def _check_model_fits(model: torch.nn.Module, data: Any, c: RunConfig, dtype: torch.dtype) -> None:
+    """One forward pass of two samples (on a copy): a model that does not fit the data is a ConfigError
+    naming the model and the input shape, before any training (or any process) starts."""
+    x = data.x[:2]
+    probe = copy.deepcopy(model).to(dtype=dtype)
+    try:
+        with torch.no_grad():
+            probe.eval()(x if data.vocab is not None else x.to(dtype))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError.invalid("model", c.problem.model, f"does not fit dataset {c.problem.dataset!r} (inputs of shape "
+                                  f"{tuple(x.shape[1:])}): {first}") from None
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, held_out)``: sorted int64 indices splitting ``range(n)`` for ``evaluation.holdout_fraction``.
+
+    ``round(fraction * n)`` samples (at least one when ``fraction > 0``) are drawn without replacement by a
+    generator of their own seeded with ``seed`` (the global RNGs are not touched), so the split depends on
+    ``(n, fraction, seed)`` alone; the rest, in their original order, is the training set. ``fraction = 0``:
+    every index trains, nothing is drawn.
+    """
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError.invalid("holdout_fraction", fraction, "must be in [0, 1)")
+    if fraction == 0.0:
+        return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    k = max(1, int(round(fraction * n)))
+    if k >= n:
+        raise ConfigError.invalid("holdout_fraction", fraction, f"holds out all {n} training samples; "
+                                  "leave some to train on")
+    rng = np.random.default_rng([int(seed), 0x484F4C44])  # its own stream ("HOLD")
+    held = np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+    keep = np.ones(n, dtype=bool)
+    keep[held] = False
+    return np.flatnonzero(keep).astype(np.int64), held
+
+
+def split_holdout(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """``(train, held_out)`` :class:`~coopsgd.data.Dataset` s of ``data`` (samples or LM windows) by
+    :func:`holdout_split`; ``held_out`` is ``None`` when ``fraction`` is 0 (``data`` is returned as is)."""
+    if not fraction:
+        return data, None
+    keep, held = holdout_split(len(data), fraction, seed)
+    train = dataclasses.replace(data, x=data.x[torch.from_numpy(keep)], y=data.y[torch.from_numpy(keep)])
+    out = dataclasses.replace(data, x=data.x[torch.from_numpy(held)], y=data.y[torch.from_numpy(held)],
+                              name=f"{data.name} (held out)", transform=None)
+    return train, out
+
+
+def _data(c: RunConfig) -> tuple[Any, Any, Any, list[np.ndarray], np.ndarray | None]:
+    """``(train_set, holdout_set, test_set, parts, histograms)``: the data sets and the workers' shards.
+
+    With ``holdout_fraction > 0`` the held-out samples (LM windows) are split off (:func:`split_holdout`)
+    before the workers' partition: ``train_set`` is what remains."""
+    p, seed = c.problem, c.execution.seed
+    train_set = load_dataset(p.dataset, root=p.data_root, split="train", download=p.download, seed=seed,
+                             augment=p.augment)
+    test_set = load_dataset(p.dataset, root=p.data_root, split="test", download=p.download, seed=seed)
+    if train_set.vocab is not None:
+        train_set = lm_windows(train_set.x, LM_SEQ_LEN, vocab=train_set.vocab)
+        test_set = lm_windows(test_set.x, LM_SEQ_LEN, vocab=train_set.vocab)
+        train_set, holdout_set = split_holdout(train_set, c.evaluation.holdout_fraction, seed)
+        parts = partition(np.zeros(len(train_set), dtype=np.int64), c.algorithm.workers, "iid", seed=seed)
+        return train_set, holdout_set, test_set, parts, None
+    train_set, holdout_set = split_holdout(train_set, c.evaluation.holdout_fraction, seed)
+    if c.algorithm.workers > len(train_set):
+        raise ConfigError.invalid("workers", c.algorithm.workers, f"more workers than training samples ({len(train_set)})")
+    parts = partition(train_set.y, c.algorithm.workers, p.partition, beta=p.dirichlet_beta,
+                      shards_per_worker=p.shards_per_worker, seed=seed)
+    return train_set, holdout_set, test_set, parts, label_histograms(train_set.y, parts, train_set.num_classes)
+
+
+def build_problem(config: RunConfig) -> Problem:
+    """Data, partition, loader, spec, model and step counts of a run: the one construction every engine uses.
+
+    The model is created right after ``torch.manual_seed(config.execution.seed)`` and checked against the data
+    (one forward pass of two samples on a copy): a model that does not fit is a :class:`ConfigError`.
+    """
+    c = config
+    train_set, holdout_set, test_set, parts, histograms = _data(c)
+    is_lm = train_set.vocab is not None
+    loader = WorkerLoader(train_set, parts, c.problem.batch_size, seed=c.execution.seed)
+    # the preset's declaration says which run-time inputs it takes (FedAvg: shard sizes, local epochs)
+    spec = c.build_spec(shard_sizes=loader.shard_sizes, steps_per_epoch=loader.steps_per_epoch)
+    torch.manual_seed(c.execution.seed)
+    model_kw: dict[str, Any] = dict(c.problem.model_args)
+    if is_lm and c.problem.model == "lstm_lm":
+        model_kw.setdefault("batch_first", True)  # lm_windows + WorkerLoader give (batch, seq_len) tokens
+    model = make_model(c.problem.model, num_classes=train_set.num_classes, input_shape=train_set.input_shape, **model_kw)
+    dtype = torch.float64 if c.execution.dtype == "float64" else torch.float32
+    _check_model_fits(model, train_set, c, dtype)
+    probe = None
+    if c.algorithm.loss_estimate == "probe":
+        g = torch.Generator().manual_seed(c.execution.seed)
+        idx = torch.randperm(len(train_set), generator=g)[: min(512, len(train_set))]
+        probe = (train_set.x[idx].to(dtype) if not is_lm else train_set.x[idx], train_set.y[idx])
+    total, eval_every = run_length(c, loader.steps_per_epoch)
+    return Problem(spec=spec, train_set=train_set, test_set=test_set, holdout_set=holdout_set, is_lm=is_lm,
+                   histograms=histograms, loader=loader, model=model, loss_fn=lm_loss if is_lm else F.cross_entropy,
+                   dtype=dtype, probe=probe, total_steps=total, eval_every=eval_every)
