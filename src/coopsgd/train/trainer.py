@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Experiment:
-    """A simulator run, built (:func:`build`, or by hand: ``experiments/lsgd_nets.py``): the config, the
-    spec, the simulator (``sim``), the data and the step counts; ``loop_state`` is the training loop's state
-    after the last checkpoint or the end of :func:`iterate`."""
+    """A simulator run, built (:func:`build`, or by hand by an experiment whose data a config cannot express):
+    the config, the spec, the simulator (``sim``), the data and the step counts; ``loop_state`` is the
+    training loop's state after the last checkpoint or the end of :func:`iterate`."""
 
     config: RunConfig
     spec: AlgorithmSpec
