@@ -2,7 +2,7 @@
 shapes, through the full-scale models, partitions, lr schedule, checkpoint, figures, result.json and report.
 
 The slow test runs `reproduce all --dry-run` in process with the private hooks
-:data:`coopsgd.experiments.harness.DRY_RUN_BATCH` = 2 and ``DRY_RUN_WORKERS`` = 2 (VGG-16 at 8 workers x batch 128
+:data:`coopsgd.experiments.dry_run.DRY_RUN_BATCH` = 2 and ``DRY_RUN_WORKERS`` = 2 (VGG-16 at 8 workers x batch 128
 costs about 3 s per worker-step on a 2-core CPU, plus a 0.5 GB checkpoint per setting). Everything else -- models,
 vocabulary, lr, schedule, presets, topologies -- is the full scale's; the CLI itself never shrinks anything, and
 the fast test below checks the real 8 x 128 configuration.
@@ -67,7 +67,7 @@ def test_reproduce_device_reaches_every_full_scale_config() -> None:
 
 def test_dry_run_fields_keep_the_full_scale_and_compress_the_lr_schedule() -> None:
     from coopsgd.experiments.csgd import FULL, base_config
-    from coopsgd.experiments.harness import DRY_RUN_BATCH, DRY_RUN_STEPS
+    from coopsgd.experiments.dry_run import DRY_RUN_BATCH, DRY_RUN_STEPS
     from coopsgd.train.trainer import lr_at
 
     cfg = base_config(False, 0, dry_run=True, preset="local_sgd", tau=4)
@@ -94,7 +94,7 @@ SETTINGS = {"csgd-fig3": 1, "csgd-fig4": 2, "csgd-fig5": 1, "csgd-fig6": 3, "lsg
 
 @pytest.mark.slow
 def test_reproduce_all_dry_run_smoke_tests_every_full_scale_experiment(capsys, tmp_path) -> None:
-    from coopsgd.experiments.harness import DRY_RUN_BATCH, DRY_RUN_WORKERS
+    from coopsgd.experiments.dry_run import DRY_RUN_BATCH, DRY_RUN_WORKERS
 
     token, workers = DRY_RUN_BATCH.set(2), DRY_RUN_WORKERS.set(2)
     try:
@@ -108,7 +108,7 @@ def test_reproduce_all_dry_run_smoke_tests_every_full_scale_experiment(capsys, t
 
 
 def _check_dry_run_all(tmp_path, code: int, out: str, err: str) -> None:
-    from coopsgd.experiments.harness import WIKITEXT2_VOCAB
+    from coopsgd.experiments.dry_run import WIKITEXT2_VOCAB
     from coopsgd.train.rundir import read_run_json
 
     assert code == 0, err

@@ -12,7 +12,7 @@ simulated wall-clock from :data:`coopsgd.experiments.harness.QUICK_TIME` (consta
 (``args.scale``: the tests' step/epoch multiplier) and, keyword-only, its own sweep for the tests' reduced runs.
 
 ``args.dry_run`` (``coopsgd reproduce NAME --dry-run``) runs the full-scale configuration for two steps per
-setting on synthetic 3x32x32 data (:func:`coopsgd.experiments.harness.dry_run_fields`), the first setting
+setting on synthetic 3x32x32 data (:func:`coopsgd.experiments.dry_run.dry_run_fields`), the first setting
 of each sweep unless ``args.all_settings``; figures, result and summary go through the full-scale code.
 
 This module holds the shared scale (:data:`FULL`, :data:`QUICK`, :func:`base_config`) and Figs. 3-5; Fig. 6 and
@@ -28,16 +28,15 @@ from typing import Any
 import numpy as np
 
 from coopsgd.experiments.base import assess, register
+from coopsgd.experiments.dry_run import DRY_RUN_STEPS, dry_run_fields, dry_run_summary
 from coopsgd.experiments.harness import (
     DEVICE,
-    DRY_RUN_STEPS,
     ExperimentArgs,
     check_full_data,
     describe_time,
-    dry_run_fields,
-    dry_run_summary,
     first_reach,
     panel,
+    plot_curves,
     plot_panels,
     public_runs,
     run_config,
@@ -81,7 +80,7 @@ QUICK_LR_SCALE = 0.5
 
 def base_config(quick: bool, seed: int, *, dry_run: bool = False, **kw: Any) -> RunConfig:
     """A RunConfig of the quick or full scale with the stated time model; ``kw`` overrides; ``dry_run``: the
-    full scale's two-step dry run (:func:`~coopsgd.experiments.harness.dry_run_fields`)."""
+    full scale's two-step dry run (:func:`~coopsgd.experiments.dry_run.dry_run_fields`)."""
     fields: dict[str, Any] = {**(QUICK if quick else FULL), **time_fields(quick), "seed": seed, "device": DEVICE.get()}
     fields.update(kw)
     if dry_run:
@@ -158,17 +157,9 @@ def run_fig3(args: ExperimentArgs, *, points: Sequence[tuple[int, str]] | None =
         circled=[(r["tau"], r["zeta"], f"τ={r['tau']}, ζ={r['zeta']:.2f}") for r in runs],
         title="[CSGD] Fig. 3a: network error bound factor",
     )
-    curves = plot_panels(
-        out / "csgd_fig3b_loss.png",
-        runs,
-        [
-            panel("step", "train_loss", "training loss (averaged model)", logy=True),
-            panel("time_s", "train_loss", "training loss (averaged model)", logy=True),
-        ],
-        title="[CSGD] Fig. 3b: larger tau or zeta -> higher error floor at a fixed lr",
-        note=note,
-        ncols=2,
-    )
+    curves = plot_curves(out / "csgd_fig3b_loss.png", runs, "train_loss", "training loss (averaged model)",
+                         against=("step", "time_s"),
+                         title="[CSGD] Fig. 3b: larger tau or zeta -> higher error floor at a fixed lr", note=note)
     summary = _fig3_summary(args, runs, lr, steps)
     if args.dry_run:
         summary = dry_run_summary("csgd-fig3", ", ".join(f"tau={t}/{topo}" for t, topo in planned), runs,

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from coopsgd.algorithms import make_preset
-from coopsgd.data import load_dataset, partition
-from coopsgd.data.datasets import _SYNTHETIC_SHAPES
+from coopsgd.data import load_dataset
 from coopsgd.engines.reference import NonFiniteError
 from coopsgd.errors import DivergenceWarning
+from coopsgd.experiments.dry_run import DRY_RUN, dry_run_check, shape_text
 from coopsgd.theory.spectral import zeta
 from coopsgd.train import trainer
 from coopsgd.train.config import RunConfig
@@ -52,20 +52,12 @@ __all__ = [
     "first_reach",
     "value_at",
     "plot_panels",
+    "plot_curves",
     "scaled",
     "public_runs",
     "band_series",
     "FIGURES",
-    "DRY_RUN",
     "DEVICE",
-    "DRY_RUN_STEPS",
-    "DRY_RUN_DATA",
-    "DRY_RUN_BATCH",
-    "DRY_RUN_WORKERS",
-    "WIKITEXT2_VOCAB",
-    "dry_run_fields",
-    "dry_run_tau",
-    "dry_run_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,28 +87,6 @@ OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("coopsgd_experi
 FIGURES: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
     "coopsgd_experiment_figures", default=None
 )
-
-
-#: Whether the current ``coopsgd reproduce`` call is a dry run (``--dry-run``), set by the registry: every
-#: setting runs :data:`DRY_RUN_STEPS` steps of the full-scale configuration on synthetic data of the real
-#: shapes (:func:`dry_run_fields`), and :func:`run_config` / :func:`run_built` reload the checkpoint it wrote
-#: and describe the run in one line (``res["dry_run_line"]``).
-DRY_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("coopsgd_experiment_dry_run", default=False)
-#: Steps of every setting of a dry run.
-DRY_RUN_STEPS = 2
-#: A dry run evaluates the centre and averaged models on this many batches' worth of samples (``eval_samples``).
-DRY_RUN_EVAL_BATCHES = 4
-#: The stand-in of each full-scale data set in a dry run: seeded synthetic inputs of the same shape and number
-#: of classes (:func:`coopsgd.data.load_dataset`; 2,048 training and 512 test samples, no download).
-DRY_RUN_DATA: dict[str, str] = {"cifar10": "synthetic_cifar", "mnist": "synthetic_mnist"}
-#: Size of WikiText-2's vocabulary (train + valid + test words, ``<eos>`` included): the dry run of the LSTM
-#: draws random tokens from it.
-WIKITEXT2_VOCAB = 33278
-#: Private test hook: the batch size per worker of every dry-run setting (``None``: the experiment's own). The
-#: slow test sets it to keep VGG-16 cheap on a CPU; ``coopsgd reproduce --dry-run`` never does (real shapes).
-DRY_RUN_BATCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("coopsgd_dry_run_batch", default=None)
-#: Private test hook: the number of workers of every dry-run setting (``None``: the experiment's own; same use).
-DRY_RUN_WORKERS: contextvars.ContextVar[int | None] = contextvars.ContextVar("coopsgd_dry_run_workers", default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,83 +149,6 @@ def experiment_context(args: ExperimentArgs) -> Iterator[None]:
         DEVICE.reset(device)
         DRY_RUN.reset(dry)
         ENGINE.reset(engine)
-
-
-def dry_run_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    """The RunConfig fields of a full-scale setting turned into its dry run.
-
-    Only the length and the data change: the data set becomes its synthetic stand-in (:data:`DRY_RUN_DATA`),
-    the run stops after :data:`DRY_RUN_STEPS` steps, every step is evaluated and checkpointed, and the
-    learning-rate milestones keep their place as a fraction of the run (``lr_decay_epochs`` of an
-    ``epochs``-long run are rescaled so that the same decays happen within the two steps), a tau above 2 becomes
-    2 (:func:`dry_run_tau`: one communication round happens), and the evaluation
-    reads :data:`DRY_RUN_EVAL_BATCHES` batches' worth of test and training samples. Model, workers,
-    partition, preset, learning rate, momentum and time model stay the full scale's.
-    """
-    f = dict(fields)
-    if f["dataset"] not in DRY_RUN_DATA:
-        raise ValueError(f"no dry-run stand-in for dataset {f['dataset']!r}")
-    f["dataset"] = DRY_RUN_DATA[f["dataset"]]
-    f["batch_size"] = DRY_RUN_BATCH.get() or f["batch_size"]
-    f["workers"] = DRY_RUN_WORKERS.get() or f["workers"]
-    decays = list(f.get("lr_decay_epochs") or [])
-    if decays:
-        if f.get("max_steps") is not None:
-            raise ValueError("a dry run rescales epoch milestones of epoch-long runs only")
-        train = load_dataset(f["dataset"], split="train", seed=int(f.get("seed", 0)))
-        parts = partition(train.y, int(f["workers"]), str(f.get("partition", "iid")), seed=int(f.get("seed", 0)))
-        spe = min(len(p) for p in parts) // int(f["batch_size"])
-        length = DRY_RUN_STEPS / spe  # the dry run's length in epochs of the stand-in data
-        f["lr_decay_epochs"] = [length * e / float(f["epochs"]) for e in decays]
-    f.update(dry_run_tau(f))
-    f["max_steps"] = DRY_RUN_STEPS
-    f["eval_every"] = 1
-    f["eval_samples"] = min(int(f.get("eval_samples", 2000)), DRY_RUN_EVAL_BATCHES * int(f["batch_size"]))
-    f["checkpoint_every"] = 1
-    return f
-
-
-def dry_run_tau(fields: dict[str, Any]) -> dict[str, Any]:
-    """``{"tau": DRY_RUN_STEPS}`` when the setting's tau is longer than a dry run (so that its second step ends
-    in a communication round and the round code runs too), else ``{}``."""
-    tau = fields.get("tau")
-    return {"tau": DRY_RUN_STEPS} if tau is not None and int(tau) > DRY_RUN_STEPS else {}
-
-
-def _dry_run_check(res: dict[str, Any], cfg: Any, engine: str, shape: str) -> None:
-    """Reload the checkpoint of a finished dry-run setting and describe the setting in ``res["dry_run_line"]``."""
-    run_dir = Path(res["dir"])
-    if res.get("diverged"):
-        res["dry_run_line"] = f"  {res['label']}: DIVERGED ({res['diverged']['error']})"
-        return
-    state = trainer.load_run_checkpoint(run_dir, engine)
-    lrs = [r["lr"] for r in res["_metrics"] if r.get("lr") is not None]
-    final = res.get("final") or {}
-    test = (f"test perplexity {final['test_perplexity']:.4g}" if "test_perplexity" in final
-            else f"test loss {final.get('test_loss', float('nan')):.4f}")
-    res["dry_run_checkpoint_step"] = int(state["step"])
-    res["dry_run_line"] = (
-        f"  {res['label']}: {cfg.problem.model} on {shape}, {cfg.algorithm.workers} workers x batch {cfg.problem.batch_size}, "
-        f"{len(res['_metrics'])} evaluated steps, {res['communication_rounds']} communication round(s), "
-        f"lr {' -> '.join(f'{v:g}' for v in lrs)}, "
-        f"train loss {final.get('train_loss', float('nan')):.4f}, {test}, "
-        f"checkpoint.pt at step {state['step']} reloaded, {res['wall_s']:.0f} s"
-    )
-
-
-def dry_run_summary(experiment: str, ran: str, runs: Sequence[dict[str, Any]], *, every: str | None) -> list[str]:
-    """The printed lines of a dry run: which settings ran (``every``: what ``--all-settings`` adds), then one
-    line per setting."""
-    head = (f"{experiment} dry run: {DRY_RUN_STEPS} steps per setting on synthetic data of the real shapes (a tau above "
-            f"{DRY_RUN_STEPS} cut to {DRY_RUN_STEPS}, so that every setting communicates); ran {ran}")
-    if every:
-        head += f" (the first of each sweep; --all-settings runs {every})"
-    return [head] + [r["dry_run_line"] for r in runs]
-
-
-def _shape_text(dataset: str) -> str:
-    shape = _SYNTHETIC_SHAPES.get(dataset)
-    return f"{dataset} ({'x'.join(map(str, shape))}, 10 classes)" if shape else dataset
 
 
 def time_fields(quick: bool) -> dict[str, Any]:
@@ -354,7 +247,7 @@ def run_config(
                 raise
     res = _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
     if DRY_RUN.get():
-        _dry_run_check(res, cfg, cfg.execution.engine, _shape_text(cfg.problem.dataset))
+        dry_run_check(res, cfg, cfg.execution.engine, shape_text(cfg.problem.dataset))
     return res
 
 
@@ -401,7 +294,7 @@ def run_built(
         rd.write_summary(jsonable(summary))
     res = _finish(label, out, summary, error, time.perf_counter() - t0, dict(extra or {}))
     if DRY_RUN.get():
-        _dry_run_check(res, exp.config, "simulate", (extra or {}).get("data", exp.config.problem.dataset))
+        dry_run_check(res, exp.config, "simulate", (extra or {}).get("data", exp.config.problem.dataset))
     return res
 
 
@@ -460,6 +353,13 @@ def panel(x: str, y: str, ylabel: str, *, logy: bool = False, **extra: Any) -> d
     """A panel description for :func:`plot_panels`: ``y`` against ``x`` (one of :data:`X_LABELS`); ``extra``
     holds the optional keys (``runs``, ``title``, ``legend``, ...)."""
     return {"x": x, "y": y, "xlabel": X_LABELS[x], "ylabel": ylabel, "logy": logy, **extra}
+
+
+def plot_curves(path: Path, runs: Sequence[dict[str, Any]], y: str, ylabel: str, *, against: Sequence[str],
+                title: str, note: str) -> Path:
+    """One figure of ``y`` (log scale) of every run, one panel per x quantity of ``against`` (:data:`X_LABELS`)."""
+    return plot_panels(path, runs, [panel(x, y, ylabel, logy=True) for x in against], title=title, note=note,
+                       ncols=len(against))
 
 
 def plot_panels(

@@ -29,19 +29,20 @@ from coopsgd.algorithms import make_preset
 from coopsgd.data import WorkerLoader, lm_windows, load_dataset, partition
 from coopsgd.engines.simulator import Simulator
 from coopsgd.experiments.base import assess, register
-from coopsgd.experiments.harness import (
-    DEVICE,
+from coopsgd.experiments.dry_run import (
     DRY_RUN_BATCH,
     DRY_RUN_STEPS,
     DRY_RUN_WORKERS,
     WIKITEXT2_VOCAB,
-    ExperimentArgs,
-    describe_time,
     dry_run_summary,
     dry_run_tau,
+)
+from coopsgd.experiments.harness import (
+    DEVICE,
+    ExperimentArgs,
+    describe_time,
     first_reach,
-    panel,
-    plot_panels,
+    plot_curves,
     public_runs,
     run_built,
     scaled,
@@ -54,6 +55,7 @@ from coopsgd.experiments.lsgd_nets import (
     Method,
     comm_table,
     loss_at_time,
+    method_lines,
     plot_sweep,
     run_methods,
     short,
@@ -216,17 +218,9 @@ def run_lsgd_lstm(args: ExperimentArgs) -> dict[str, Any]:
     runs, chosen, sweep, sweep_lines, executed = run_methods(
         "LSTM", LSTM_METHODS, args, functools.partial(_run_lstm, args, out, st, length))
     note = _lstm_note(args, st)
-    plot = plot_panels(
-        out / "lsgd_lstm.png",
-        runs,
-        [
-            panel("time_s", "test_perplexity", "test perplexity (centre variable)", logy=True),
-            panel("step", "test_perplexity", "test perplexity (centre variable)", logy=True),
-        ],
-        title="[LSGD] LSTM on WikiText-2 (bundled: train = valid.txt, test = test.txt)",
-        note=f"{note}; {describe_time(tf)}",
-        ncols=2,
-    )
+    plot = plot_curves(out / "lsgd_lstm.png", runs, "test_perplexity", "test perplexity (centre variable)",
+                       against=("time_s", "step"), note=f"{note}; {describe_time(tf)}",
+                       title="[LSGD] LSTM on WikiText-2 (bundled: train = valid.txt, test = test.txt)")
     sweep_plot = plot_sweep(out / "lsgd_lstm_sweep.png", sweep_lines, st, tf, what="LSTM") if sweep_lines else None
     table = comm_table(runs)
     summary = _lstm_summary(args, note, runs, table, sweep, st, tf)
@@ -315,15 +309,10 @@ def _lstm_summary(args: ExperimentArgs, note: str, runs: list[dict[str, Any]], t
     summary = [f"lsgd-lstm ({args.scale_name}): {note}; {describe_time(tf)}"
                + (f"; EASGD and LSGD tuned on {100 * st['holdout_fraction']:g}% held-out training windows (lowest "
                   "final held-out loss)" if sweep else "")]
-    for r, row in zip(runs, table, strict=True):
-        if r["diverged"]:
-            summary.append(f"  {r['method']:26s} DIVERGED at step {r['diverged']['step']}")
-            continue
-        summary.append(
-            f"  {r['method']:26s} test perplexity {r['final_test_perplexity']:8.1f}  simulated "
-            f"{r['time_s']:7.1f} s  communication {100 * row['communication_fraction']:5.1f}%"
-            + (f"  [{r['chosen_from']}]" if r.get("chosen_from") else "")
-        )
+    summary += method_lines(
+        runs, table, lambda r: f"{r['method']:26s}",
+        lambda r, row: (f"test perplexity {r['final_test_perplexity']:8.1f}  simulated {r['time_s']:7.1f} s  "
+                        f"communication {100 * row['communication_fraction']:5.1f}%"))
     return summary + sweep_summary(sweep, net_width=None)
 
 

@@ -46,14 +46,12 @@ from typing import Any
 import numpy as np
 
 from coopsgd.experiments.base import assess, register
+from coopsgd.experiments.dry_run import DRY_RUN_STEPS, dry_run_fields, dry_run_summary
 from coopsgd.experiments.harness import (
     DEVICE,
-    DRY_RUN_STEPS,
     ExperimentArgs,
     check_full_data,
     describe_time,
-    dry_run_fields,
-    dry_run_summary,
     panel,
     plot_panels,
     public_runs,
@@ -75,6 +73,7 @@ __all__ = [
     "loss_at_time",
     "final_holdout_loss",
     "run_methods",
+    "method_lines",
     "NETS_FULL",
     "NETS_QUICK",
     "run_lsgd_nets",
@@ -374,18 +373,26 @@ def _nets_summary(args: ExperimentArgs, runs: list[dict[str, Any]], table: list[
                   base: dict[str, Any], tf: dict[str, Any]) -> list[str]:
     summary = [f"lsgd-nets ({args.scale_name}): {describe_time(tf)}; EASGD and LSGD tuned on "
                f"{100 * base['holdout_fraction']:g}% held-out training data (lowest final held-out loss)"]
+    summary += method_lines(
+        runs, table, lambda r: f"{r['net']:22s} {r['method']:28s}",
+        lambda r, row: (f"test loss {r['final']['test_loss']:.4f}  acc {r['final']['test_accuracy']:.3f}  "
+                        f"{r['time_source']} {r['time_s']:8.1f} s  communication "
+                        f"{100 * row['communication_fraction']:5.1f}%  test loss at "
+                        f"{equal_time[r['net']]['time_s']:.0f} s: {equal_time[r['net']][r['method']]:.4f}"))
+    return summary + sweep_summary(sweep, net_width=22)
+
+
+def method_lines(runs: list[dict[str, Any]], table: list[dict[str, Any]], name: Callable[[dict[str, Any]], str],
+                 numbers: Callable[[dict[str, Any], dict[str, Any]], str]) -> list[str]:
+    """One summary line per reported run: ``name(run)``, then DIVERGED or ``numbers(run, its row of the
+    communication table)`` and the setting a tuned run was chosen from."""
+    lines = []
     for r, row in zip(runs, table, strict=True):
         if r["diverged"]:
-            summary.append(f"  {r['net']:22s} {r['method']:28s} DIVERGED at step {r['diverged']['step']}")
-            continue
-        summary.append(
-            f"  {r['net']:22s} {r['method']:28s} test loss {r['final']['test_loss']:.4f}  "
-            f"acc {r['final']['test_accuracy']:.3f}  {r['time_source']} {r['time_s']:8.1f} s  "
-            f"communication {100 * row['communication_fraction']:5.1f}%  test loss at "
-            f"{equal_time[r['net']]['time_s']:.0f} s: {equal_time[r['net']][r['method']]:.4f}"
-            + (f"  [{r['chosen_from']}]" if r.get("chosen_from") else "")
-        )
-    return summary + sweep_summary(sweep, net_width=22)
+            lines.append(f"  {name(r)} DIVERGED at step {r['diverged']['step']}")
+        else:
+            lines.append(f"  {name(r)} {numbers(r, row)}" + (f"  [{r['chosen_from']}]" if r.get("chosen_from") else ""))
+    return lines
 
 
 def sweep_summary(sweep: list[dict[str, Any]], *, net_width: int | None) -> list[str]:

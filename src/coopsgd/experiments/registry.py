@@ -6,7 +6,7 @@ includes ``"plots"`` (paths of the figures it wrote) and ``"summary"`` (lines to
 engine, output directory, dry run, device...); ``options`` are the experiment's own knobs for the tests'
 reduced runs. The experiments with a full scale on real data (:data:`DRY_RUNS`) honour ``args.dry_run`` and
 ``args.all_settings`` (``coopsgd reproduce NAME --dry-run [--all-settings]``; see
-:func:`coopsgd.experiments.harness.dry_run_fields`). Register one with :func:`~coopsgd.experiments.base.register`
+:func:`coopsgd.experiments.dry_run.dry_run_fields`). Register one with :func:`~coopsgd.experiments.base.register`
 (:mod:`coopsgd.experiments.base`) in its module and import that module here; the CLI lists and runs whatever is
 registered.
 """
