@@ -248,6 +248,65 @@ def test_state_dict_round_trip_resumes_bit_identically(make_spec, kw) -> None:
     assert a.clock.elapsed == b.clock.elapsed
 
 
+def _saved(sim: Simulator) -> dict:
+    buf = io.BytesIO()
+    torch.save(sim.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_checkpoint_records_the_optimizer_settings_and_resumes_under_the_same() -> None:
+    a = Simulator(presets.local_sgd(2, 2), mlp, executor="loop", optimizer="adam", betas=(0.9, 0.99), weight_decay=0.1)
+    run(a, 3, (6,))
+    state = _saved(a)
+    recorded = state["payload"]["optimizer_settings"]
+    assert recorded == a.optimizer_settings.to_dict()
+    assert (recorded["name"], recorded["beta2"], recorded["weight_decay"]) == ("adam", 0.99, 0.1)
+    # the same settings, given another way (one value instead of one by one): it resumes bit-identically
+    b = Simulator(presets.local_sgd(2, 2), mlp, executor="loop", optimizer=a.optimizer_settings)
+    b.load_state_dict(state)
+    run(a, 2, (6,), start=3)
+    run(b, 2, (6,), start=3)
+    assert torch.equal(a._state, b._state) and torch.equal(a.optimizer_steps, b.optimizer_steps)
+    # a setting that does not change the arithmetic is not a difference: SGD ignores Adam's betas, and
+    # weight_decay=None is torch's default 0
+    s = Simulator(presets.local_sgd(2, 2), mlp, executor="loop", optimizer="sgd", momentum=0.9)
+    saved = _saved(s)
+    Simulator(presets.local_sgd(2, 2), mlp, executor="loop", optimizer="sgd", momentum=0.9, betas=(0.5, 0.999),
+              weight_decay=0.0).load_state_dict(saved)
+
+
+@pytest.mark.parametrize(
+    "saved_kw,resume_kw,setting",
+    [
+        ({"optimizer": "adam"}, {"optimizer": "sgd"}, "name"),
+        ({"optimizer": "sgd", "momentum": 0.9}, {"optimizer": "sgd", "momentum": 0.5}, "momentum"),
+        ({"optimizer": "adamw"}, {"optimizer": "adamw", "eps": 1e-6}, "eps"),
+    ],
+    ids=["adam_under_sgd", "sgd_momentum", "adamw_eps"],
+)
+def test_checkpoint_under_other_optimizer_settings_names_the_setting(saved_kw, resume_kw, setting) -> None:
+    a = Simulator(presets.local_sgd(2, 2), mlp, executor="loop", **saved_kw)
+    run(a, 2, (6,))
+    state = _saved(a)
+    b = Simulator(presets.local_sgd(2, 2), mlp, executor="loop", **resume_kw)
+    before = b._state.clone()
+    with pytest.raises(ConfigError, match=rf"optimizer_settings\.{setting}="):
+        b.load_state_dict(state)
+    assert torch.equal(b._state, before) and b.step_count == 0  # nothing was restored
+
+
+def test_checkpoint_without_optimizer_settings_still_loads() -> None:
+    """Checkpoints written before the settings were recorded (tests/fixtures/v0_1) load unchecked."""
+    a = Simulator(presets.local_sgd(2, 2), mlp, executor="loop", optimizer="sgd", momentum=0.9)
+    run(a, 2, (6,))
+    state = _saved(a)
+    del state["payload"]["optimizer_settings"]
+    b = Simulator(presets.local_sgd(2, 2), mlp, executor="loop", optimizer="sgd", momentum=0.9)
+    b.load_state_dict(state)
+    assert torch.equal(a._state, b._state) and b.step_count == 2
+
+
 # -------------------------------------------------------------------------------------------------
 # LSGD estimates, centre model, errors
 # -------------------------------------------------------------------------------------------------

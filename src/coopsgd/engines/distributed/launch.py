@@ -52,7 +52,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -557,7 +557,7 @@ def launch(
         try:
             for attempt in range(3):
                 try:
-                    results = _launch_once(fn, nprocs, args, timeout_s, backend, threads, env, poll_s, guard)
+                    results = _launch_once(_Job(fn, nprocs, args, timeout_s, backend, threads, env, poll_s), guard)
                     break
                 except RankFailure as exc:  # the free port was taken between choosing and binding it: retry
                     text = (str(exc) + str(exc.details.get("message", ""))).lower()
@@ -574,106 +574,106 @@ def launch(
     return results
 
 
-def _launch_once(
-    fn: Callable[..., Any],
-    nprocs: int,
-    args: Sequence[Any],
-    timeout_s: float,
-    backend: str,
-    threads: int,
-    env: dict[str, str] | None,
-    poll_s: float,
-    guard: _SignalGuard,
-) -> list[Any]:
-    guard.check(nprocs)
+class _Job(NamedTuple):
+    """One :func:`launch` call's arguments, checked."""
+
+    fn: Callable[..., Any]
+    nprocs: int
+    args: Sequence[Any]
+    timeout_s: float
+    backend: str
+    threads: int
+    env: dict[str, str] | None
+    poll_s: float
+
+
+def _launch_once(job: _Job, guard: _SignalGuard) -> list[Any]:
+    guard.check(job.nprocs)
     job_dir = Path(tempfile.mkdtemp(prefix="coopsgd-launch-"))
     janitor = _Janitor(job_dir)
     try:
-        return _run_ranks(job_dir, janitor, fn, nprocs, args, timeout_s, backend, threads, env, poll_s, guard)
+        return _run_ranks(job_dir, janitor, job, guard)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
         janitor.dismiss()
 
 
-def _run_ranks(
-    job_dir: Path,
-    janitor: _Janitor,
-    fn: Callable[..., Any],
-    nprocs: int,
-    args: Sequence[Any],
-    timeout_s: float,
-    backend: str,
-    threads: int,
-    env: dict[str, str] | None,
-    poll_s: float,
-    guard: _SignalGuard,
-) -> list[Any]:
-    job = {"fn": fn, "args": tuple(args), "backend": backend, "timeout_s": timeout_s,
-           "port": free_port(), "threads": threads}
-    try:
-        with open(job_dir / "job.pkl", "wb") as f:
-            pickle.dump(job, f)
-    except (pickle.PicklingError, AttributeError, TypeError) as exc:
-        raise ConfigError.invalid("fn", fn, f"must be picklable (a module-level function): {exc}") from None
-    hb = Heartbeat(job_dir / "heartbeat.bin", nprocs, create=True)
+def _child_env(job: _Job, port: int, guard: _SignalGuard) -> dict[str, str]:
+    """The ranks' common environment (each adds its RANK and LOCAL_RANK)."""
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    child_env["WORLD_SIZE"] = str(nprocs)
+    child_env["WORLD_SIZE"] = str(job.nprocs)
     child_env["MASTER_ADDR"] = "127.0.0.1"
-    child_env["MASTER_PORT"] = str(job["port"])
+    child_env["MASTER_PORT"] = str(port)
     child_env.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
-    child_env.setdefault("OMP_NUM_THREADS", str(threads))
-    if env:
-        child_env.update(env)
+    child_env.setdefault("OMP_NUM_THREADS", str(job.threads))
+    if job.env:
+        child_env.update(job.env)
     child_env[PARENT_ENV] = str(os.getpid())
     child_env[_PARENT_HANDLES_SIGINT_ENV] = "1" if guard.handles_sigint else "0"
+    return child_env
+
+
+def _run_ranks(job_dir: Path, janitor: _Janitor, job: _Job, guard: _SignalGuard) -> list[Any]:
+    port = free_port()
+    spec = {"fn": job.fn, "args": tuple(job.args), "backend": job.backend, "timeout_s": job.timeout_s,
+            "port": port, "threads": job.threads}
+    try:
+        with open(job_dir / "job.pkl", "wb") as f:
+            pickle.dump(spec, f)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise ConfigError.invalid("fn", job.fn, f"must be picklable (a module-level function): {exc}") from None
+    hb = Heartbeat(job_dir / "heartbeat.bin", job.nprocs, create=True)
+    child_env = _child_env(job, port, guard)
     procs: list[subprocess.Popen] = []
     try:
-        for r in range(nprocs):
-            guard.check(nprocs)
+        for r in range(job.nprocs):
+            guard.check(job.nprocs)
             e = dict(child_env, RANK=str(r), LOCAL_RANK=str(r))
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "coopsgd.engines.distributed.launch", "--child", str(job_dir)], env=e))
             janitor.watch(procs[-1].pid)
-        failure: RankFailure | None = None
-        first_bad: float | None = None
-        while True:
-            guard.check(nprocs)
-            codes = [p.poll() for p in procs]
-            # a rank that wrote its result has finished, whatever its teardown did
-            codes = [0 if c is not None and (job_dir / f"result_{r}.pkl").is_file() else c
-                     for r, c in enumerate(codes)]
-            if all(c == 0 for c in codes):
-                break
-            now = time.time()
-            bad = any(c not in (None, 0) for c in codes)
-            if bad and first_bad is None:
-                first_bad = now
-            verdict = _blame(job_dir, procs, hb, timeout_s, now)
-            if verdict is not None:
-                # a comm error alone: wait briefly for the real culprit to show up
-                if verdict.kind == "communication" and first_bad is not None and now - first_bad < 1.0:
-                    time.sleep(poll_s)
-                    continue
-                failure = verdict
-                break
-            if first_bad is not None and now - first_bad > timeout_s + 2.0:
-                bad_rank = next(r for r, c in enumerate(codes) if c not in (None, 0))
-                failure = RankFailure(f"rank {bad_rank} exited with code {codes[bad_rank]}",
-                                      rank=bad_rank, kind="died")
-                break
-            time.sleep(poll_s)
+        failure = _wait_for_ranks(job_dir, procs, hb, job, guard)
         if failure is not None:
             failure.details.setdefault("detected_after_s", time.time() - float(hb.table[failure.rank, 0]))
             _terminate(procs)
             raise failure
         results = []
-        for r in range(nprocs):
+        for r in range(job.nprocs):
             with open(job_dir / f"result_{r}.pkl", "rb") as f:  # written by our own child (trusted)
                 results.append(pickle.load(f))
         return results
     finally:
         _terminate(procs)
+
+
+def _wait_for_ranks(job_dir: Path, procs: list[subprocess.Popen], hb: Heartbeat, job: _Job,
+                    guard: _SignalGuard) -> RankFailure | None:
+    """Poll the ranks until every one has written its result (``None``) or one failed (the failure)."""
+    first_bad: float | None = None
+    while True:
+        guard.check(job.nprocs)
+        codes = [p.poll() for p in procs]
+        # a rank that wrote its result has finished, whatever its teardown did
+        codes = [0 if c is not None and (job_dir / f"result_{r}.pkl").is_file() else c
+                 for r, c in enumerate(codes)]
+        if all(c == 0 for c in codes):
+            return None
+        now = time.time()
+        bad = any(c not in (None, 0) for c in codes)
+        if bad and first_bad is None:
+            first_bad = now
+        verdict = _blame(job_dir, procs, hb, job.timeout_s, now)
+        if verdict is not None:
+            # a comm error alone: wait briefly for the real culprit to show up
+            if verdict.kind == "communication" and first_bad is not None and now - first_bad < 1.0:
+                time.sleep(job.poll_s)
+                continue
+            return verdict
+        if first_bad is not None and now - first_bad > job.timeout_s + 2.0:
+            bad_rank = next(r for r, c in enumerate(codes) if c not in (None, 0))
+            return RankFailure(f"rank {bad_rank} exited with code {codes[bad_rank]}", rank=bad_rank, kind="died")
+        time.sleep(job.poll_s)
 
 
 # ---------------------------------------------------------------------------------------------------------
