@@ -7,6 +7,7 @@ line instead of a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "DivergenceWarning",
     "check_int",
     "check_float",
+    "check_choice",
     "INT64_MAX",
 ]
 
@@ -149,3 +151,17 @@ def check_float(
         interval = f"{'(' if low_open or low is None else '['}{lb}, {hb}{')' if high_open or high is None else ']'}"
         raise ConfigError.invalid(field, value, f"must lie in {interval}")
     return x
+
+
+def check_choice(field: str, value: Any, allowed: Sequence[str], aliases: Mapping[str, str] | None = None) -> str:
+    """``value`` as one of ``allowed``, or a ConfigError naming ``field`` and the choices.
+
+    Case, surrounding blanks and ``-`` for ``_`` do not matter (``"Parameter-Server"`` is ``parameter_server``);
+    ``aliases`` maps other accepted spellings (after that normalisation) to a choice.
+    """
+    key = value.strip().lower().replace("-", "_") if isinstance(value, str) else None
+    if key is not None and aliases:
+        key = aliases.get(key, key)
+    if key is None or key not in allowed:
+        raise ConfigError.invalid(field, value, f"must be one of {', '.join(allowed)}")
+    return key

@@ -101,14 +101,14 @@ MAX_PRINTED_MATRIX = 64
 
 def _topology_closed_form(args: argparse.Namespace, kw: dict[str, Any]) -> int:
     """``coopsgd topology`` for a large named graph: its spectrum in closed form, no matrix built."""
-    from coopsgd.topology.builders import _normalise
+    from coopsgd.errors import check_choice
     from coopsgd.topology.spectra import closed_form_summary
     from coopsgd.topology.weights import WEIGHT_RULES
 
     if args.plot:
         raise ConfigError.invalid("--plot", args.plot, f"draws the n x n matrix: at most "
                                   f"{_closed_form_above()} nodes (workers={args.workers})")
-    weights = _normalise("weights", args.weights, list(WEIGHT_RULES))
+    weights = check_choice("weights", args.weights, list(WEIGHT_RULES))
     info = closed_form_summary(args.name, args.workers, weights, rows=kw.get("rows"), groups=kw.get("groups", 2))
     info["note"] = ("spectrum in closed form (coopsgd.topology.spectra); the matrix is not built above "
                     f"{_closed_form_above()} nodes")

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from coopsgd.data._seed import mix_seed
-from coopsgd.errors import ConfigError, check_int
+from coopsgd.errors import ConfigError, check_choice, check_int
 
 __all__ = [
     "DATASETS",
@@ -243,16 +243,16 @@ def load_dataset(
     Raises:
         ConfigError: unknown name or split, missing optional dependency (torchvision), missing files.
     """
-    key = _choose("dataset", name, DATASETS)
+    key = check_choice("dataset", name, DATASETS)
     seed = check_int("seed", seed, minimum=0)
     if num_samples is not None:
         num_samples = check_int("num_samples", num_samples, minimum=1)
     if not isinstance(download, bool):
         raise ConfigError.invalid("download", download, "must be true or false")
     if key == "wikitext2":
-        ds = _load_wikitext2(root, _choose("split", split, _LM_SPLITS), download)
+        ds = _load_wikitext2(root, check_choice("split", split, _LM_SPLITS), download)
     else:
-        split = _choose("split", split, _SPLITS)
+        split = check_choice("split", split, _SPLITS)
         if key == "mnist_bundled":
             ds = _load_mnist_bundled(split, seed)
         elif key == "digits":
@@ -280,14 +280,6 @@ def load_dataset(
         ds = Dataset(ds.x, ds.y, ds.num_classes, ds.name, ds.input_shape, RandomCropFlip(), ds.vocab)
     return ds
 
-
-def _choose(field_name: str, value: Any, allowed: Sequence[str]) -> str:
-    if not isinstance(value, str):
-        raise ConfigError.invalid(field_name, value, f"must be one of {', '.join(allowed)}")
-    key = value.strip().lower().replace("-", "_")
-    if key not in allowed:
-        raise ConfigError.invalid(field_name, value, f"must be one of {', '.join(allowed)}")
-    return key
 
 
 def _split_indices(n: int, n_train: int, split: str, seed: int) -> Tensor:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coopsgd.errors import ConfigError, check_float, check_int
+from coopsgd.errors import ConfigError, check_choice, check_float, check_int
 
 __all__ = [
     "PATTERNS",
@@ -38,14 +38,8 @@ __all__ = [
 ]
 
 PATTERNS: tuple[str, ...] = ("allreduce", "neighbor", "parameter_server", "broadcast", "none")
-_PATTERN_ALIASES = {
-    "all_reduce": "allreduce",
-    "all-reduce": "allreduce",
-    "decentralized": "neighbor",
-    "neighbour": "neighbor",
-    "ps": "parameter_server",
-    "parameter-server": "parameter_server",
-}
+_PATTERN_ALIASES = {"all_reduce": "allreduce", "decentralized": "neighbor", "neighbour": "neighbor",
+                    "ps": "parameter_server"}  # after check_choice's normalisation ("-" is "_")
 
 DISTRIBUTIONS: tuple[str, ...] = ("constant", "exponential", "lognormal", "pareto")
 _DISTRIBUTION_ALIASES = {"straggler": "pareto"}
@@ -74,15 +68,6 @@ class RoundCost:
 
 
 
-def _named(field: str, value: object, allowed: tuple[str, ...], aliases: dict[str, str]) -> str:
-    """``value`` as one of ``allowed`` (case and surrounding blanks ignored, aliases mapped), else an error
-    naming ``field``."""
-    key = value.strip().lower() if isinstance(value, str) else None
-    key = aliases.get(key, key) if key is not None else None
-    if key not in allowed:
-        raise ConfigError.invalid(field, value, f"must be one of {', '.join(allowed)}")
-    return key
-
 def round_cost(
     pattern: str,
     *,
@@ -110,7 +95,7 @@ def round_cost(
     costs 1 handshake and 2d floats. Aliases: ``decentralized``/``neighbour`` → neighbor,
     ``all_reduce`` → allreduce, ``ps`` → parameter_server.
     """
-    key = _named("pattern", pattern, PATTERNS, _PATTERN_ALIASES)
+    key = check_choice("pattern", pattern, PATTERNS, _PATTERN_ALIASES)
     m = check_int("workers", workers, minimum=1)
     d = check_int("params", params, minimum=0)
     bpp = check_float("bytes_per_param", bytes_per_param, low=0.0, low_open=True)
@@ -197,7 +182,7 @@ class ComputeModel:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean_s", check_float("mean_s", self.mean_s, low=0.0))
-        key = _named("distribution", self.distribution, DISTRIBUTIONS, _DISTRIBUTION_ALIASES)
+        key = check_choice("distribution", self.distribution, DISTRIBUTIONS, _DISTRIBUTION_ALIASES)
         object.__setattr__(self, "distribution", key)
         high = 1.0 if key == "exponential" else None
         object.__setattr__(self, "spread", check_float("spread", self.spread, low=0.0, high=high))

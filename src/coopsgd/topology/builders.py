@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from coopsgd.errors import ConfigError, check_int
+from coopsgd.errors import ConfigError, check_choice, check_int
 from coopsgd.topology import graphs
 from coopsgd.topology.mixing import CHECKS, MAX_DENSE_NODES, MixingMatrix, check_dense_nodes
 from coopsgd.topology.weights import WEIGHT_RULES
@@ -45,14 +45,6 @@ TIME_VARYING: tuple[str, ...] = ("one_peer_exponential",)
 
 _LOAD_SUFFIXES = (".npy", ".csv", ".txt", ".json")
 
-
-def _normalise(field: str, value: Any, allowed: tuple[str, ...] | list[str]) -> str:
-    if not isinstance(value, str):
-        raise ConfigError.invalid(field, value, f"must be one of {', '.join(allowed)}")
-    key = value.strip().lower().replace("-", "_")
-    if key not in allowed:
-        raise ConfigError.invalid(field, value, f"must be one of {', '.join(allowed)}")
-    return key
 
 
 def _adjacency(
@@ -95,9 +87,9 @@ def mixing_matrix(
     ``"complete"`` with any rule other than ``best_constant`` returns exactly ``J = 1 1^T / m``.
     The name is ``"<topology>-<weights>-<workers>"``, e.g. ``"ring-metropolis-8"``.
     """
-    topo = _normalise("topology", topology, TOPOLOGIES)
+    topo = check_choice("topology", topology, TOPOLOGIES)
     m = check_int("workers", workers, minimum=1)
-    rule = _normalise("weights", weights, list(WEIGHT_RULES))
+    rule = check_choice("weights", weights, list(WEIGHT_RULES))
     if topo in TIME_VARYING:
         raise ConfigError.invalid(
             "topology",
@@ -129,9 +121,9 @@ def mixing_schedule(
     For ``"one_peer_exponential"`` round t uses ``W_t = (I + P_t)/2`` (``P_t`` shifts by ``2^t``); the
     weights are fixed by the construction, so ``weights`` is only validated. Cycle through the list.
     """
-    topo = _normalise("topology", topology, TOPOLOGIES)
+    topo = check_choice("topology", topology, TOPOLOGIES)
     m = check_int("workers", workers, minimum=1)
-    _normalise("weights", weights, list(WEIGHT_RULES))
+    check_choice("weights", weights, list(WEIGHT_RULES))
     if topo == "one_peer_exponential":
         return graphs.one_peer_exponential(m)
     return [mixing_matrix(topo, m, weights, seed=seed, p=p, groups=groups, rows=rows)]
@@ -139,7 +131,7 @@ def mixing_schedule(
 
 def from_adjacency(adj: Any, weights: str = "metropolis", name: str = "custom") -> MixingMatrix:
     """Mixing matrix of a user-given symmetric adjacency (non-zero off-diagonal entries are edges)."""
-    rule = _normalise("weights", weights, list(WEIGHT_RULES))
+    rule = check_choice("weights", weights, list(WEIGHT_RULES))
     return WEIGHT_RULES[rule](adj, name=name)
 
 
