@@ -182,3 +182,31 @@ def test_no_branch_on_preset_names_and_no_private_schedule_state(package: str) -
     for path in _modules(package):
         bad += _preset_name_branches(path) + _private_schedule_reads(path)
     assert bad == []
+
+
+def test_compression_imports_only_torch_numpy_and_the_leaves() -> None:
+    if not (SRC / "compression").is_dir():
+        pytest.skip("no compression package")
+    allowed = ("coopsgd.compression", "coopsgd.errors", "coopsgd.settings")
+    bad = [f"{p.relative_to(SRC)}:{line} imports {name}" for p in _modules("compression")
+           for line, name in _imports(p)
+           if name.startswith("coopsgd") and not any(name == a or name.startswith(a + ".") for a in allowed)]
+    assert bad == []
+
+
+def test_train_imports_no_experiment_and_no_cli() -> None:
+    assert _violations("train", ("coopsgd.experiments", "coopsgd.cli", "coopsgd.torchrun")) == []
+
+
+def test_only_the_cli_layer_imports_experiments_and_nothing_imports_the_cli() -> None:
+    cli_layer = ("cli", "torchrun.py", "__main__.py", "catalog.py")
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC)
+        in_cli = rel.parts[0] in cli_layer
+        for line, name in _imports(path):
+            if not in_cli and rel.parts[0] != "experiments" and name.startswith("coopsgd.experiments"):
+                bad.append(f"{rel}:{line} imports {name}")
+            if not in_cli and (name.startswith("coopsgd.cli") or name.startswith("coopsgd.torchrun")):
+                bad.append(f"{rel}:{line} imports {name}")
+    assert bad == []
