@@ -33,6 +33,7 @@ __all__ = [
     "row_keys",
     "row_keys_np",
     "hash_words",
+    "hash_words_torch",
     "uniform53",
     "uniform53_np",
     "check_draw_args",
@@ -93,16 +94,61 @@ def row_keys_np(node: int, *, seed: int, round: int, stream: int) -> list[int]:
 
 
 def hash_words(j: T, k1: T | int, k2: T | int) -> T:
-    """32-bit words of coordinates ``j`` under keys (k1, k2); any backend, broadcasting as usual."""
+    """32-bit words of coordinates ``j`` under keys (k1, k2); any backend, broadcasting as usual (the
+    definition; the compressors use :func:`hash_words_torch`, the same arithmetic in place)."""
     return mix32((mix32(j ^ k1) + k2) & MASK32)
+
+
+#: Elements per block of the torch hash: its scratch tensors (three of r × width int64) stay in cache, where
+#: a whole (r, d) int64 temporary per operation would cost more in memory traffic than the arithmetic.
+HASH_BLOCK = 1 << 15
+
+
+def _mix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` in place (``tmp``: scratch of x's shape)."""
+    for _ in range(2):
+        torch.bitwise_right_shift(x, 16, out=tmp)
+        x.bitwise_xor_(tmp).mul_(_MUL).bitwise_and_(MASK32)
+    torch.bitwise_right_shift(x, 16, out=tmp)
+    return x.bitwise_xor_(tmp)
+
+
+def _hash_into(out: torch.Tensor, j: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, tmp: torch.Tensor) -> None:
+    """``out`` ← :func:`hash_words` (j, k1, k2), in place: j (1, w), keys (r, 1), out and tmp (r, w)."""
+    torch.bitwise_xor(j, k1, out=out)
+    _mix32_(out, tmp).add_(k2).bitwise_and_(MASK32)
+    _mix32_(out, tmp)
+
+
+def _blocks(r: int, d: int) -> list[tuple[int, int]]:
+    width = max(64, HASH_BLOCK // max(r, 1))
+    return [(start, min(d, start + width)) for start in range(0, d, width)]
+
+
+def hash_words_torch(keys: list[torch.Tensor], d: int, *, device: torch.device | None = None,
+                     wide: bool = False) -> torch.Tensor:
+    """(r, d) int64: :func:`hash_words` of coordinates 0..d−1 under each row's keys (k1, k2), computed in
+    column blocks with in-place operations (the same arithmetic, so the same bits); ``wide`` returns the
+    53-bit words ``hash(k1, k2) · 2^21 + hash(k3, k4) >> 11`` instead."""
+    r = keys[0].shape[0]
+    out = torch.empty((r, d), dtype=torch.int64, device=device)
+    blocks = _blocks(r, d)
+    width = blocks[0][1] if blocks else 0
+    lo, tmp = (torch.empty((r, width), dtype=torch.int64, device=device) for _ in range(2))
+    for start, stop in blocks:
+        w = stop - start
+        j = torch.arange(start, stop, dtype=torch.int64, device=device).reshape(1, -1)
+        hi = out[:, start:stop]
+        _hash_into(hi, j, keys[0], keys[1], tmp[:, :w])
+        if wide:
+            _hash_into(lo[:, :w], j, keys[2], keys[3], tmp[:, :w])
+            hi.bitwise_left_shift_(21).bitwise_or_(lo[:, :w].bitwise_right_shift_(11))
+    return out
 
 
 def uniform53(keys: list[torch.Tensor], d: int, *, device: torch.device | None = None) -> torch.Tensor:
     """(r, d) float64 uniforms on [0, 1) with 53 random bits, from the four key words of each row."""
-    j = torch.arange(d, dtype=torch.int64, device=device).reshape(1, -1)
-    hi = hash_words(j, keys[0], keys[1])
-    lo = hash_words(j, keys[2], keys[3])
-    return ((hi << 21) | (lo >> 11)).to(torch.float64) * 2.0**-53
+    return hash_words_torch(keys, d, device=device, wide=True).to(torch.float64).mul_(2.0**-53)
 
 
 def uniform53_np(keys: list[int], d: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from coopsgd.compression.base import (
     count_of,
     index_dtype,
 )
-from coopsgd.compression.rng import MASK32, STREAM_RANDK, hash_words, row_keys
+from coopsgd.compression.rng import STREAM_RANDK, hash_words_torch, row_keys
 from coopsgd.errors import ConfigError
 
 __all__ = ["TopK", "RandK", "as_fraction", "format_fraction", "topk_mask", "randk_indices"]
@@ -63,7 +63,7 @@ def randk_indices(ids: torch.Tensor, d: int, k: int, *, seed: int, round: int) -
         raise ConfigError.invalid("d", d, "randk supports rows of at most 2^31 coordinates")
     keys = row_keys(ids, seed=seed, round=round, stream=STREAM_RANDK)
     j = torch.arange(d, dtype=torch.int64, device=ids.device).reshape(1, -1)
-    order = (hash_words(j, keys[0], keys[1]) & MASK32) << 31 | j
+    order = hash_words_torch(keys, d, device=ids.device).bitwise_left_shift_(31).bitwise_or_(j)
     picked = torch.topk(order, k, dim=1, largest=False, sorted=False).indices
     return torch.sort(picked, dim=1).values
 
