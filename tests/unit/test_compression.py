@@ -141,6 +141,14 @@ def test_known_values() -> None:
     assert sorted(abs(v) for v in one("randk:0.5:unbiased", [1.0, 1.0, 1.0, 1.0])) == [0, 0, 2, 2]
 
 
+def test_topk_keeps_non_finite_values_visible() -> None:
+    x = [1.0, float("nan"), -float("inf"), 2.0, float("nan")]
+    got = one("topk:0.4", x)  # k = 2: NaN and inf count as +inf, ties to the lower index
+    assert math.isnan(got[1]) and got[2] == -math.inf and got[0] == got[3] == 0 and got[4] == 0
+    ref, _ = reference_roundtrip(TopK(0.4), np.array(x), round=0, node=0, seed=0)
+    np.testing.assert_array_equal(ref, np.array(got))
+
+
 def test_none_is_the_identity_and_zero_rows_are_fine() -> None:
     rows = rows64()
     payload = parse_compressor("none").compress(rows, round=0, nodes=range(8), seed=0)

@@ -76,7 +76,8 @@ def _sign(c: Compressor, x: np.ndarray, round: int, node: int, seed: int, state:
 
 def _topk(c: Compressor, x: np.ndarray, round: int, node: int, seed: int, state: Any) -> tuple[np.ndarray, Any]:
     assert isinstance(c, TopK)
-    keep = np.sort(np.argsort(-np.abs(x), kind="stable")[: c.k(x.size)])  # stable: ties to the lower index
+    mag = np.nan_to_num(np.abs(x), nan=np.inf, posinf=np.inf)  # NaN counts as +inf
+    keep = np.sort(np.argsort(-mag, kind="stable")[: c.k(x.size)])  # stable: ties to the lower index
     out = np.zeros_like(x)
     out[keep] = x[keep]
     return out, None

@@ -46,8 +46,9 @@ def topk_mask(rows: torch.Tensor, k: int) -> torch.Tensor:
     """(r, d) bool: exactly k coordinates per row, the largest |x|, ties at the threshold to the lower index.
 
     ``torch.topk`` gives the k-th largest magnitude (its value does not depend on how ties are ordered); all
-    coordinates above it are kept, and the remaining slots go to the lowest indices equal to it."""
-    mag = rows.abs()
+    coordinates above it are kept, and the remaining slots go to the lowest indices equal to it. NaN counts
+    as +inf (a diverged row stays non-finite for the NaN policy to see, instead of breaking the selection)."""
+    mag = torch.nan_to_num(rows.abs(), nan=math.inf, posinf=math.inf)
     threshold = torch.topk(mag, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     above = mag > threshold
     at = mag == threshold
