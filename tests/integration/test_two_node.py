@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("torch.distributed.run", reason="torchrun (torch.distributed.run) is not importable")
 
-from coopsgd.engines import launch as launch_mod  # noqa: E402
+from coopsgd.engines.distributed import launch as launch_mod  # noqa: E402
 from coopsgd.engines.distributed.launch import free_port  # noqa: E402
 from coopsgd.errors import ConfigError  # noqa: E402
 from coopsgd.train import load_checkpoint  # noqa: E402
