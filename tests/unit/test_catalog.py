@@ -62,7 +62,7 @@ def test_help_choices_are_what_runconfig_accepts() -> None:
     checked = set()
     choices = {s.key: s.info.allowed() for _, s in config_settings() if s.info.allowed() and not s.info.preset}
     for field, names in choices.items():
-        if field in ("model", "dataset", "device"):  # checked at build time / above / below
+        if field in ("model", "dataset", "device", "compress"):  # checked at build time / above / below
             continue
         assert _allowed(field) == tuple(names), field
         checked.add(field)
@@ -70,3 +70,7 @@ def test_help_choices_are_what_runconfig_accepts() -> None:
             "buffers", "optimizer_state", "downpour_order", "preset", "optimizer"} <= checked
     assert choices["model"] == MODELS and choices["dataset"] == DATASETS
     assert choices["device"] == ("cpu", "cuda", "cuda:N", "mps")
+    # compress is a grammar (coopsgd.compression.COMPRESSOR_SPECS): every name it shows is a compressor
+    from coopsgd.compression.spec import _BUILDERS
+
+    assert sorted(c.split(":")[0].split("[")[0] for c in choices["compress"]) == sorted(_BUILDERS)

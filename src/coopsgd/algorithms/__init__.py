@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from coopsgd.algorithms.communication import Compression
 from coopsgd.algorithms.presets import (
     PRESETS,
+    choco,
     decentralized_periodic,
     downpour,
     dpsgd,
@@ -43,6 +45,7 @@ from coopsgd.algorithms.spec import AlgorithmSpec, Policies
 __all__ = [
     "AlgorithmSpec",
     "Policies",
+    "Compression",
     "Schedule",
     "Mix",
     "MixContext",
@@ -73,4 +76,5 @@ __all__ = [
     "lsgd",
     "downpour",
     "matcha",
+    "choco",
 ]

@@ -11,12 +11,15 @@ hooks. Config keys, CLI flags, :func:`coopsgd.algorithms.registry.spec_from_sett
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms.communication import Compression, CompressionArg, as_compression
 from coopsgd.algorithms.hooks import (
     COROLLARY2,
     COROLLARY3,
@@ -68,11 +71,38 @@ __all__ = [
     "matcha",
     "diloco",
     "slowmo",
+    "choco",
     "PRESETS",
     "make_preset",
+    "compressible",
+    "with_compression",
 ]
 
 MixingArg = MixingMatrix | np.ndarray | Sequence[MixingMatrix] | None
+
+
+def with_compression(spec: AlgorithmSpec, compression: CompressionArg) -> AlgorithmSpec:
+    """``spec`` sending its rounds through ``compression`` (a :class:`Compression`, a compressor spec string such
+    as ``"topk:0.01"``, or ``None``: unchanged), checked against its rounds
+    (:func:`~coopsgd.algorithms.communication.check_compressible`)."""
+    c = as_compression(compression)
+    return spec if c is None else dataclasses.replace(spec, compression=c)
+
+
+def compressible(build: Callable[..., AlgorithmSpec]) -> Callable[..., AlgorithmSpec]:
+    """The one path by which every preset constructor takes ``compression=`` (SPEC §11): the constructor builds
+    its spec, then :func:`with_compression` applies the compression. The returned function's signature is the
+    constructor's plus the keyword ``compression`` (the registry and :func:`make_preset` read it)."""
+    sig = inspect.signature(build)
+
+    @functools.wraps(build)
+    def constructor(*args: Any, compression: CompressionArg = None, **kwargs: Any) -> AlgorithmSpec:
+        return with_compression(build(*args, **kwargs), compression)
+
+    extra = inspect.Parameter("compression", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation="Compression | str | None")
+    constructor.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])  # type: ignore[attr-defined]
+    return constructor
 
 
 def _workers(workers: int) -> int:
@@ -109,6 +139,7 @@ def _theory_for(mats: list[np.ndarray]) -> tuple[np.ndarray | None, tuple[str, .
     return W, tuple(f"theorems do not apply: {issue}" for issue in M.theory_issues())
 
 
+@compressible
 def sync(workers: int, *, policies: Policies | None = None) -> AlgorithmSpec:
     """Fully synchronous SGD: A(1, J, 0), equal to SGD with an m-times larger batch."""
     m = _workers(workers)
@@ -119,6 +150,7 @@ def sync(workers: int, *, policies: Policies | None = None) -> AlgorithmSpec:
     )
 
 
+@compressible
 def local_sgd(
     workers: int,
     tau: int = 4,
@@ -148,6 +180,7 @@ def local_sgd(
     )
 
 
+@compressible
 def easgd(
     workers: int,
     tau: int = 1,
@@ -181,6 +214,7 @@ def easgd(
     )
 
 
+@compressible
 def dpsgd(
     workers: int,
     *,
@@ -195,6 +229,7 @@ def dpsgd(
     return _renamed(spec, "dpsgd")
 
 
+@compressible
 def decentralized_periodic(
     workers: int,
     tau: int = 4,
@@ -222,11 +257,43 @@ def decentralized_periodic(
 
 
 def _renamed(spec: AlgorithmSpec, name: str) -> AlgorithmSpec:
-    import dataclasses
-
     return dataclasses.replace(spec, name=name)
 
 
+def choco(
+    workers: int,
+    *,
+    topology: str = "ring",
+    weights: str = "metropolis",
+    mixing: MixingArg = None,
+    seed: int = 0,
+    compression: CompressionArg = None,
+    gamma: float | None = None,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """CHOCO-SGD (Koloskova, Stich, Jaggi, ICML 2019, Algorithm 2): D-PSGD's schedule (a gossip round after
+    every local step, A(1, W, 0)) with CHOCO gossip: public copies x̂ (zero at the start), q_i = Q(x_i − x̂_i)
+    after the local step, x̂_j ← x̂_j + q_j, then x_i ← x_i + γ Σ_j w_ij (x̂_j − x̂_i).
+
+    ``compression``: the compressor Q (a spec string such as ``"topk:0.01"`` or a :class:`Compression`;
+    ``None``: ``none``). ``gamma``: the consensus step γ in (0, 1] (default: see
+    :meth:`Compression.gamma`). With Q = ``none`` the public copies equal the models after every round, and
+    γ = 1 is D-PSGD itself (bit for bit: the engines run D-PSGD's own round).
+    """
+    spec = decentralized_periodic(workers, 1, topology=topology, weights=weights, mixing=mixing, seed=seed,
+                                  policies=policies)
+    c = as_compression(compression) or Compression()
+    if gamma is not None:
+        gamma = check_float("gamma", gamma, low=0.0, high=1.0, low_open=True)
+        if c.consensus_step is not None and c.consensus_step != gamma:
+            raise ConfigError.invalid("gamma", gamma, f"the compression's consensus_step is {c.consensus_step}: "
+                                      "give one of them")
+        c = dataclasses.replace(c, consensus_step=gamma)
+    return dataclasses.replace(spec, name="choco", compression=c,
+                               params={**spec.params, "gamma": "auto" if c.consensus_step is None else c.consensus_step})
+
+
+@compressible
 def generalized_elastic(
     workers: int,
     tau: int = 1,
@@ -265,6 +332,7 @@ def generalized_elastic(
     )
 
 
+@compressible
 def hierarchical(
     workers: int,
     tau: int = 2,
@@ -314,6 +382,7 @@ def hierarchical(
     )
 
 
+@compressible
 def fedavg(
     workers: int,
     tau: int = 5,
@@ -340,6 +409,7 @@ def fedavg(
     )
 
 
+@compressible
 def lsgd(
     workers: int,
     tau: int = 1,
@@ -371,6 +441,7 @@ def lsgd(
     )
 
 
+@compressible
 def downpour(workers: int, tau: int = 1, *, seed: int = 0, policies: Policies | None = None) -> AlgorithmSpec:
     """DOWNPOUR: asynchronous parameter server with stale pushes (the [LSGD] baseline).
 
@@ -387,6 +458,7 @@ def downpour(workers: int, tau: int = 1, *, seed: int = 0, policies: Policies | 
     )
 
 
+@compressible
 def matcha(
     workers: int,
     tau: int = 1,
@@ -443,6 +515,7 @@ SLOWMO_BASES = ("local_sgd", "sync", "dpsgd")
 DILOCO_OUTER = ("nesterov", "sgd", "adam")
 
 
+@compressible
 def diloco(
     workers: int,
     tau: int = 500,
@@ -481,6 +554,7 @@ def diloco(
     )
 
 
+@compressible
 def slowmo(
     workers: int,
     tau: int = 12,
@@ -660,6 +734,11 @@ _DECLS: tuple[PresetDecl, ...] = (
               _OUTER_LR.replace(default=1.0), _OUTER_MOMENTUM.replace(default=0.5),
               _TOPOLOGY.replace(help="worker graph (slowmo: of the dpsgd base)"), _WEIGHTS, _SEED),
         theory=(OUTER_FACTS, SLOWMO_RATE),
+    ),
+    PresetDecl(
+        "choco", choco, "CHOCO-SGD: D-PSGD with compressed gossip through public copies (--compress, "
+        "--consensus-step)",
+        args=(_TOPOLOGY, _WEIGHTS, _SEED),
     ),
 )
 for _decl in _DECLS:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from coopsgd.errors import ConfigError, check_float, check_int
 
 if TYPE_CHECKING:
+    from coopsgd.algorithms.communication import Compression
     from coopsgd.algorithms.spec import AlgorithmSpec, Policies
     from coopsgd.theory.bounds import ProblemConstants
 
@@ -302,13 +303,14 @@ def preset_kwargs(
     seed: int | None = None,
     policies: Policies | None = None,
     lenient: bool = False,
+    compression: Compression | None = None,
 ) -> dict[str, Any]:
     """Constructor keyword arguments of preset ``name`` from ``settings`` (derived settings excluded).
 
     ``None`` and ``False`` values mean "not given". A given setting the preset does not take is a
     ConfigError naming the setting and the preset, or dropped when ``lenient``. Given values are checked
     against their declaration (:meth:`PresetArg.check`). ``seed`` is passed when the preset takes it,
-    ``policies`` when given.
+    ``policies`` and ``compression`` (every preset takes it: SPEC §11) when given.
     """
     decl = declaration(name)
     out: dict[str, Any] = {}
@@ -329,6 +331,8 @@ def preset_kwargs(
         out["seed"] = seed
     if policies is not None:
         out["policies"] = policies
+    if compression is not None:
+        out["compression"] = compression
     return out
 
 
@@ -342,6 +346,7 @@ def spec_from_settings(
     seed: int = 0,
     policies: Policies | None = None,
     lenient: bool = False,
+    compression: Compression | None = None,
 ) -> AlgorithmSpec:
     """Build preset ``name`` for ``workers`` workers from settings and facts about the data.
 
@@ -362,6 +367,8 @@ def spec_from_settings(
         lenient: drop settings the preset does not take (``coopsgd compare`` shares one set of settings
             across presets). Not lenient: such a setting is a ConfigError naming the setting and the
             preset.
+        compression: what the rounds send (:class:`~coopsgd.algorithms.communication.Compression`), for any
+            preset; ``None``: uncompressed.
 
     Data inputs (:class:`DataInput`) are applied after the settings and override them (``tau`` from
     ``local_epochs``); an input switched on by a setting but missing its facts is a ConfigError naming
@@ -370,7 +377,7 @@ def spec_from_settings(
     from coopsgd.algorithms.presets import make_preset
 
     decl = declaration(name)
-    kwargs = preset_kwargs(name, settings, seed=seed, policies=policies, lenient=lenient)
+    kwargs = preset_kwargs(name, settings, seed=seed, policies=policies, lenient=lenient, compression=compression)
     taken: dict[str, Any] = {}  # the given settings this preset takes, checked (derived ones included)
     for key, value in settings.items():
         a = decl.arg(key)

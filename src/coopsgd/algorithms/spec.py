@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from coopsgd.algorithms.communication import Compression, check_compressible
 from coopsgd.algorithms.outer import OuterOptimizer
 from coopsgd.algorithms.schedules import Schedule
 from coopsgd.errors import ConfigError, check_int
@@ -82,6 +83,10 @@ class AlgorithmSpec:
             (node m) steps on the pseudo-gradient z - average, and the workers restart from z. ``None``: none.
         inner_optimizer: the workers' optimizer the algorithm prescribes (``"adamw"`` for DiLoCo), used when a
             run does not name one; ``None``: SGD.
+        compression: what a round sends (:class:`~coopsgd.algorithms.communication.Compression`: the
+            compressor, error feedback, CHOCO's consensus step; SPEC §11), read by every engine; ``None``: rows
+            are sent as they are. Checked against the schedule's rounds
+            (:func:`~coopsgd.algorithms.communication.check_compressible`).
     """
 
     name: str
@@ -100,6 +105,7 @@ class AlgorithmSpec:
     notes: tuple[str, ...] = ()
     outer: OuterOptimizer | None = None
     inner_optimizer: str | None = None
+    compression: Compression | None = None
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)
@@ -124,6 +130,17 @@ class AlgorithmSpec:
                                           "(node m holds z) and the post_mix rule")
         if self.inner_optimizer is not None and self.inner_optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError.invalid("inner_optimizer", self.inner_optimizer, "choose one of sgd, adam, adamw")
+        if self.compression is not None:
+            if not isinstance(self.compression, Compression):
+                raise ConfigError.invalid("compression", self.compression, "must be a Compression or None")
+            check_compressible(self.name, self.schedule, self.workers, self.rule, self.compression)
+
+    @property
+    def compressed(self) -> Compression | None:
+        """The spec's compression when it changes any round (:attr:`Compression.active`), else ``None``: engines
+        take their uncompressed path exactly when this is ``None``."""
+        c = self.compression
+        return c if c is not None and c.active else None
 
     @property
     def needs_losses(self) -> bool:
@@ -190,6 +207,8 @@ class AlgorithmSpec:
             out["outer"] = self.outer.describe()
         if self.inner_optimizer is not None:
             out["inner_optimizer"] = self.inner_optimizer
+        if self.compressed is not None:
+            out["compression"] = self.compressed.describe()
         if self.notes:
             out["notes"] = list(self.notes)
         return out

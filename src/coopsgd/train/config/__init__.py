@@ -3,6 +3,8 @@
 * :mod:`coopsgd.train.config.sections`: the sections (algorithm, problem, schedule, evaluation, clock,
   execution, output; the optimizer section is :class:`coopsgd.algorithms.inner.OptimizerSettings`), each
   setting a field declared with :func:`coopsgd.settings.setting` (help, choices, range);
+  :mod:`coopsgd.train.config.communication`: the communication section (compressor, error feedback,
+  CHOCO's consensus step);
 * :mod:`coopsgd.train.config.run`: :class:`RunConfig` (flat keys routed to their sections, checks across
   sections, ``to_dict`` / ``from_dict``) and the file loader :func:`load_config`.
 
@@ -12,6 +14,7 @@ The CLI flags, ``--help``, the loader and the validation are generated from the 
 from __future__ import annotations
 
 from coopsgd.algorithms.inner import OptimizerSettings
+from coopsgd.train.config.communication import COMPRESSED_ENGINES, CommunicationSettings
 from coopsgd.train.config.run import (
     FLAT_KEYS,
     FLOAT32_MAX,
@@ -43,7 +46,8 @@ from coopsgd.train.config.sections import (
 __all__ = [
     "RunConfig", "load_config", "flat_settings", "config_settings", "SECTIONS", "FLAT_KEYS",
     "AlgorithmSettings", "ProblemSettings", "OptimizerSettings", "ScheduleSettings", "EvaluationSettings",
-    "ClockSettings", "ExecutionSettings", "OutputSettings", "check_device",
+    "ClockSettings", "ExecutionSettings", "OutputSettings", "CommunicationSettings", "check_device",
+    "COMPRESSED_ENGINES",
     "ENGINES", "DTYPES", "EXECUTORS", "PARTITIONS", "LOSS_ESTIMATES", "COMPUTE_MODELS", "OPTIMIZERS",
     "MAX_TIMEOUT_S", "FLOAT32_MAX",
 ]

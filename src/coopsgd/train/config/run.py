@@ -27,6 +27,7 @@ from coopsgd.errors import ConfigError
 from coopsgd.fileio import read_text
 from coopsgd.settings import SettingField, settings_of, unknown_key
 from coopsgd.train.config import sections as sec
+from coopsgd.train.config.communication import COMPRESSED_ENGINES, CommunicationSettings
 
 __all__ = ["RunConfig", "load_config", "SECTIONS", "FLAT_KEYS", "OPTIMIZERS", "FLOAT32_MAX", "flat_settings",
            "config_settings"]
@@ -42,6 +43,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 SECTIONS: dict[str, type] = {
     "execution": sec.ExecutionSettings,
     "algorithm": sec.AlgorithmSettings,
+    "communication": CommunicationSettings,
     "problem": sec.ProblemSettings,
     "optimizer": OptimizerSettings,
     "schedule": sec.ScheduleSettings,
@@ -83,6 +85,7 @@ class RunConfig:
 
     execution: sec.ExecutionSettings
     algorithm: sec.AlgorithmSettings
+    communication: CommunicationSettings
     problem: sec.ProblemSettings
     optimizer: OptimizerSettings
     schedule: sec.ScheduleSettings
@@ -117,6 +120,11 @@ class RunConfig:
         if self.algorithm.downpour_order == "async" and self.execution.engine != "distributed":
             raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
                                       "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
+        comp = self.communication.compression()
+        if comp is not None and comp.active and self.execution.engine not in COMPRESSED_ENGINES:
+            raise ConfigError.invalid("compress", comp.compress, f"compressed rounds run on the engines "
+                                      f"{' and '.join(COMPRESSED_ENGINES)}; the {self.execution.engine} engine does "
+                                      "not send compressed payloads yet (use --engine simulate)")
         if self.execution.dtype != "float32":
             return
         for key, value in self.to_dict().items():
@@ -179,7 +187,8 @@ class RunConfig:
         (FedAvg's ``local_epochs``) are not included: :meth:`build_spec` applies them.
         """
         return preset_kwargs(self.algorithm.preset, self.preset_settings(), seed=self.execution.seed,
-                             policies=self.spec_policies(), lenient=lenient)
+                             policies=self.spec_policies(), lenient=lenient,
+                             compression=self.communication.compression())
 
     def build_spec(
         self, *, shard_sizes: Any = None, steps_per_epoch: int | None = None, lenient: bool = False
@@ -187,7 +196,8 @@ class RunConfig:
         """The :class:`AlgorithmSpec` of this config (see :func:`coopsgd.algorithms.registry.spec_from_settings`)."""
         return spec_from_settings(self.algorithm.preset, self.algorithm.workers, self.preset_settings(),
                                   shard_sizes=shard_sizes, steps_per_epoch=steps_per_epoch, seed=self.execution.seed,
-                                  policies=self.spec_policies(), lenient=lenient)
+                                  policies=self.spec_policies(), lenient=lenient,
+                                  compression=self.communication.compression())
 
 
 def _key(key: Any) -> str:

@@ -1,0 +1,215 @@
+"""Compressed communication as part of an algorithm's description (SPEC §11): :class:`Compression`.
+
+A spec's ``compression`` says what a round sends, as pure data: the compressor's spec string
+(``"topk:0.01"``, parsed by :func:`coopsgd.compression.parse_compressor`), error feedback (``"auto"``: on
+for biased compressors) and CHOCO-SGD's consensus step γ. Every engine reads it; the rounds it changes are
+classified from their matrices alone (:func:`exchange_of`), never from a preset's name:
+
+``"average"``
+    every changed column of S is the same weight vector w (sync, local SGD, FedAvg, the outer round of
+    DiLoCo / SlowMo): node i sends Q(x_i − x_ref + e_i), x_ref being the state the round's participants
+    agree on; the result is x_ref + Σ_i w_i Q(·); e_i ← (x_i − x_ref + e_i) − Q(·) with error feedback.
+``"gossip"``
+    the round mixes workers only (no auxiliary row is read or changed) and every changed column sums to 1
+    (D-PSGD, decentralized periodic averaging, MATCHA, CHOCO): CHOCO-SGD (Koloskova, Stich, Jaggi, ICML
+    2019, Algorithm 2) with public copies x̂ (zero at the start): q_i = Q(x_i − x̂_i), x̂_i ← x̂_i + q_i,
+    x_i ← x_i + γ Σ_j w_ij (x̂_j − x̂_i).
+
+Any other round (an elastic round with an auxiliary node: EASGD, generalized elastic, hierarchical, LSGD's
+pull, DOWNPOUR's pushes) cannot be compressed yet: :func:`check_compressible` refuses such a spec with a
+:class:`~coopsgd.errors.ConfigError` naming ``compress``. See docs/compression.md.
+
+This module imports no torch at import time (the compressor library is imported when a spec string other
+than ``none`` is checked), so building a configuration's parser stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from coopsgd.algorithms.schedules import MixContext, Schedule
+from coopsgd.errors import ConfigError, check_float
+
+if TYPE_CHECKING:
+    from coopsgd.compression import Compressor
+
+__all__ = [
+    "Compression",
+    "CompressionArg",
+    "ERROR_FEEDBACK",
+    "EXCHANGES",
+    "as_compression",
+    "exchange_of",
+    "check_compressible",
+]
+
+#: ``error_feedback``: ``auto`` (on for biased compressors, SPEC §11), ``on`` or ``off``.
+ERROR_FEEDBACK = ("auto", "on", "off")
+#: The round kinds compression applies to (:func:`exchange_of`).
+EXCHANGES = ("average", "gossip")
+#: Compressors whose payloads decode to the row up to the rounding of a cast (γ defaults to 1 with them).
+_NEAR_EXACT = ("none", "fp16", "bf16")
+#: A schedule without a finite list of matrices: :func:`check_compressible` looks at the rounds of its first
+#: steps (at most this many steps, at most :data:`_SAMPLE_ROUNDS` rounds).
+_SAMPLE_STEPS = 4096
+_SAMPLE_ROUNDS = 32
+
+
+def _canonical(spec: Any) -> str:
+    """The canonical spec string (``" TopK:0.01"`` -> ``"topk:0.01"``); ``none`` without importing torch."""
+    if spec is None:
+        return "none"
+    if isinstance(spec, str) and spec.strip().lower() == "none":
+        return "none"
+    from coopsgd.compression import parse_compressor  # torch: only for a real compressor
+
+    return parse_compressor(spec).spec
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What a round sends (SPEC §11), as data.
+
+    Attributes:
+        compress: the compressor's spec string (:data:`coopsgd.compression.COMPRESSOR_SPECS`), canonical;
+            ``"none"``: rows are sent as they are.
+        error_feedback: ``"auto"`` (on for biased compressors), ``"on"`` or ``"off"``; averaging rounds only
+            (in gossip rounds CHOCO's public copies x̂ carry what was not sent).
+        consensus_step: CHOCO's γ in (0, 1]; ``None``: the default (:meth:`gamma`).
+    """
+
+    compress: str = "none"
+    error_feedback: str = "auto"
+    consensus_step: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compress", _canonical(self.compress))
+        if self.error_feedback not in ERROR_FEEDBACK:
+            raise ConfigError.invalid("error_feedback", self.error_feedback, f"choose one of {', '.join(ERROR_FEEDBACK)}")
+        if self.consensus_step is not None:
+            object.__setattr__(self, "consensus_step", check_float("consensus_step", self.consensus_step, low=0.0,
+                                                                   high=1.0, low_open=True))
+
+    @property
+    def compresses(self) -> bool:
+        """Whether rows are compressed (the spec is not ``none``)."""
+        return self.compress != "none"
+
+    @property
+    def active(self) -> bool:
+        """Whether any round differs from the uncompressed one: a compressor, or ``none`` with γ != 1 (CHOCO
+        gossip x_i ← x_i + γ Σ_j w_ij (x_j − x_i))."""
+        return self.compresses or (self.consensus_step is not None and self.consensus_step != 1.0)
+
+    def compressor(self, layout: Any = None) -> Compressor:
+        """The :class:`~coopsgd.compression.Compressor` (``layout``: the row's tensor shapes, for PowerSGD)."""
+        from coopsgd.compression import parse_compressor
+
+        return parse_compressor(self.compress, layout=layout)
+
+    def feedback(self, compressor: Compressor) -> bool:
+        """Whether averaging rounds keep error feedback with ``compressor``."""
+        if self.error_feedback == "auto":
+            return bool(compressor.biased) and self.compresses
+        return self.error_feedback == "on" and self.compresses
+
+    def gamma(self, compressor: Compressor, d: int) -> float:
+        """CHOCO's consensus step γ for rows of d coordinates: ``consensus_step`` when given; else 1 for
+        ``none``, ``fp16`` and ``bf16`` (exact up to a cast's rounding), δ(d) for another biased compressor
+        (k/d for ``topk`` / ``randk``, 1 − C/254² for ``int8``, 1/d for ``sign``) and 1/(1 + ω(d)) for an
+        unbiased one (``qsgd``, ``randk:F:unbiased``): CHOCO-Gossip converges for γ of the order of δ
+        (Koloskova et al. 2019, Theorem 2, with their rescaling Q/(1 + ω) of an unbiased Q)."""
+        if self.consensus_step is not None:
+            return float(self.consensus_step)
+        if compressor.name in _NEAR_EXACT:
+            return 1.0
+        delta = compressor.delta(d)
+        if delta is not None and delta > 0:
+            return float(min(1.0, delta))
+        omega = compressor.omega(d)
+        return 1.0 / (1.0 + float(omega)) if omega is not None else 1.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"compress": self.compress, "error_feedback": self.error_feedback,
+                "consensus_step": "auto" if self.consensus_step is None else self.consensus_step}
+
+
+#: What ``compression=`` takes: a :class:`Compression`, a spec string, or ``None`` (no compression).
+CompressionArg = Compression | str | None
+
+
+def as_compression(value: CompressionArg) -> Compression | None:
+    """``compression=`` as a :class:`Compression` (``None`` stays ``None``; a string is the compressor)."""
+    if value is None or isinstance(value, Compression):
+        return value
+    if isinstance(value, str):
+        return Compression(value)
+    raise ConfigError.invalid("compress", value, "must be a compressor spec string, a Compression or None")
+
+
+def exchange_of(S: np.ndarray, workers: int) -> str | None:
+    """The kind of a round ``X <- X S`` (column convention) for compression: ``"identity"`` (no change),
+    ``"average"`` (every changed column is one vector), ``"gossip"`` (only workers are read and changed and
+    every changed column sums to 1), or ``None`` (anything else: not compressible)."""
+    S = np.asarray(S, dtype=np.float64)
+    n = S.shape[0]
+    changed = np.flatnonzero((S != np.eye(n)).any(axis=0))
+    if changed.size == 0:
+        return "identity"
+    Sc = S[:, changed]
+    if np.all(Sc == Sc[:, :1]):
+        return "average"
+    read = np.flatnonzero((Sc != 0).any(axis=1))
+    if changed.max() >= workers or (read.size and read.max() >= workers):
+        return None
+    if not np.allclose(Sc.sum(axis=0), 1.0, rtol=0.0, atol=1e-12):
+        return None
+    return "gossip"
+
+
+def _round_kinds(schedule: Schedule, workers: int) -> set[str | None]:
+    """The kinds of the rounds ``schedule`` produces: from its finite set of matrices, else from the rounds of
+    its first steps (random schedules: FedAvg's samples, MATCHA's matchings)."""
+    mats = schedule.matrices(_SAMPLE_STEPS)
+    if mats is not None:
+        return {exchange_of(M, workers) for M in mats}
+    kinds: set[str | None] = set()
+    state = schedule.init_state()
+    rounds = 0
+    for k in range(_SAMPLE_STEPS):
+        mix, state = schedule.advance(k, MixContext(step=k), state)
+        if mix is None:
+            continue
+        kinds.add("average" if mix.structure is not None else exchange_of(mix.matrix, workers))
+        rounds += 1
+        if rounds >= _SAMPLE_ROUNDS:
+            break
+    return kinds
+
+
+def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, compression: Compression) -> None:
+    """Refuse (``ConfigError`` naming ``compress``) a compression the spec's rounds cannot take: rounds that
+    are neither averages nor gossip among the workers (elastic rounds with an auxiliary node, LSGD's pull,
+    DOWNPOUR's pushes), gossip under the pre-mix rule, and PowerSGD on gossip rounds."""
+    if not compression.compresses:
+        return  # none: only gossip rounds change (γ != 1), and every round can take that
+    if schedule.sequential or schedule.needs_losses:
+        kinds: set[str | None] = {None}
+    else:
+        kinds = _round_kinds(schedule, workers)
+    if None in kinds:
+        raise ConfigError.invalid(
+            "compress", compression.compress,
+            f"preset {name!r} has rounds that are neither averages nor gossip among the workers (elastic rounds "
+            "with an auxiliary node: easgd, generalized_elastic, hierarchical, lsgd, downpour); compressed "
+            "elastic rounds are not implemented: use compress=none")
+    if "gossip" in kinds and rule != "post_mix":
+        raise ConfigError.invalid("compress", compression.compress, f"preset {name!r}: CHOCO gossip follows the local step "
+                                  "(the post_mix rule)")
+    if "gossip" in kinds and compression.compress.startswith("powersgd"):
+        raise ConfigError.invalid("compress", compression.compress, f"preset {name!r} gossips: powersgd compresses "
+                                  "averaging rounds only (its warm-started factors approximate a difference "
+                                  "that all participants share); use topk, randk, sign, int8, qsgd, fp16 or bf16")

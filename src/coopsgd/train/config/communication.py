@@ -1,0 +1,58 @@
+"""The ``communication`` section of a run configuration: what a round sends (SPEC §11).
+
+``compress`` names the compressor (``none``, ``fp16``, ``bf16``, ``int8[:C]``, ``qsgd:S``, ``sign``, ``topk:F``,
+``randk:F[:unbiased]``, ``powersgd:R``), ``error_feedback`` whether averaging rounds carry what was not sent
+into the next round, ``consensus_step`` CHOCO-SGD's γ in gossip rounds. They apply to every preset through
+:class:`coopsgd.algorithms.communication.Compression` (``RunConfig.build_spec``); a preset whose rounds cannot
+be compressed, or an engine that cannot send compressed payloads, is a ``ConfigError`` naming ``compress``.
+See docs/compression.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from coopsgd.algorithms.communication import ERROR_FEEDBACK, Compression
+from coopsgd.errors import ConfigError
+from coopsgd.settings import check_section, setting
+
+__all__ = ["CommunicationSettings", "COMPRESSED_ENGINES"]
+
+#: The engines that run compressed rounds (the distributed engine does not send compressed payloads yet).
+COMPRESSED_ENGINES = ("reference", "simulate")
+
+
+def _compressor_spec(key: str, value: Any) -> Any:
+    """A compressor spec string, canonical (``TopK:0.01`` -> ``topk:0.01``); a bad one names ``compress``."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError.invalid(key, value, "must be a compressor spec string such as none, int8 or topk:0.01")
+    return Compression(value).compress
+
+
+@dataclass(frozen=True)
+class CommunicationSettings:
+    """What each round sends: the compressor, error feedback and CHOCO's consensus step (SPEC §11)."""
+
+    compress: str = setting(
+        "none", check=_compressor_spec,
+        choices=("none", "fp16", "bf16", "int8[:C]", "qsgd:S", "sign", "topk:F", "randk:F[:unbiased]", "powersgd:R"),
+        open_choices=True,
+        help="compressor of what each round sends: averaging rounds send Q(x_i - x_ref + e_i), gossip rounds run "
+             "CHOCO-SGD (reference and simulate engines; not elastic presets)")
+    error_feedback: str = setting(
+        "auto", choices=ERROR_FEEDBACK,
+        help="averaging rounds keep what the compressor dropped and send it next round: auto = on for biased "
+             "compressors (fp16, bf16, int8, sign, topk, randk, powersgd)")
+    consensus_step: float | None = setting(
+        None, low=0.0, high=1.0, low_open=True,
+        help="CHOCO-SGD's consensus step gamma of gossip rounds",
+        default_text="1 for none, fp16, bf16; delta(d) of a biased compressor; 1/(1+omega) of an unbiased one")
+
+    def __post_init__(self) -> None:
+        check_section(self)
+
+    def compression(self) -> Compression | None:
+        """The :class:`Compression` every preset gets (``None`` when every setting is its default)."""
+        c = Compression(self.compress, self.error_feedback, self.consensus_step)
+        return c if c != Compression() else None
