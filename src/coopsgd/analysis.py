@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms.communication import REDUCIBLE, compressed_round_cost
 from coopsgd.algorithms.registry import TheoryHook, declarations
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.theory import bounds, cost
@@ -21,7 +22,22 @@ __all__ = ["analyze", "spec_round_cost"]
 
 
 def spec_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int = 4) -> cost.RoundCost:
-    """Per-round communication cost of ``spec`` for a model with ``params`` parameters ([CSGD] Table 3)."""
+    """Per-round communication cost of ``spec`` for a model with ``params`` parameters ([CSGD] Table 3); with
+    a compressor (``spec.compressed``), the payloads' bytes (:func:`compressed_round_cost`, SPEC §11)."""
+    rc = _uncompressed_round_cost(spec, params, bytes_per_param)
+    comp = spec.compressed
+    if comp is None or not comp.compresses:
+        return rc
+    import torch  # the compressor library (only for a compressed spec)
+
+    q = comp.compressor()
+    dtype = torch.float64 if bytes_per_param == 8 else torch.float16 if bytes_per_param == 2 else torch.float32
+    return compressed_round_cost(rc, workers=spec.nodes if rc.pattern == "neighbor" else spec.workers, params=params,
+                                 bytes_per_param=bytes_per_param, payload_bytes=q.payload_bytes(params, dtype),
+                                 reducible=q.name in REDUCIBLE)
+
+
+def _uncompressed_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int) -> cost.RoundCost:
     pattern = spec.pattern
     max_degree = None
     if pattern == "neighbor":

@@ -148,6 +148,9 @@ def _check_arguments(model: Any, optimizer: Any, spec: Any) -> None:
     if spec.outer is not None:
         raise ConfigError.invalid("spec.outer", spec.outer.kind, "the wrapper runs no outer optimizer (DiLoCo, "
                                   "SlowMo); use the simulator or the distributed engine")
+    if spec.compressed is not None:  # never a silent uncompressed run
+        raise ConfigError.invalid("compress", spec.compressed.compress, "the wrapper does not compress rounds yet; "
+                                  "compressed rounds run on the reference engine and the simulator")
 
 
 def _rank_and_world(communicator: Any, group: Any, net_latency_ms: float | None,

@@ -13,7 +13,7 @@ classified from their matrices alone (:func:`exchange_of`), never from a preset'
     the round mixes workers only (no auxiliary row is read or changed) and every changed column sums to 1
     (D-PSGD, decentralized periodic averaging, MATCHA, CHOCO): CHOCO-SGD (Koloskova, Stich, Jaggi, ICML
     2019, Algorithm 2) with public copies x̂ (zero at the start): q_i = Q(x_i − x̂_i), x̂_i ← x̂_i + q_i,
-    x_i ← x_i + γ Σ_j w_ij (x̂_j − x̂_i).
+    x_i ← x_i + γ Σ_j w_ij (x̂_j − x̂_i) (an unbiased Q is used as Q/(1 + ω)).
 
 Any other round (an elastic round with an auxiliary node: EASGD, generalized elastic, hierarchical, LSGD's
 pull, DOWNPOUR's pushes) cannot be compressed yet: :func:`check_compressible` refuses such a spec with a
@@ -35,6 +35,7 @@ from coopsgd.errors import ConfigError, check_float
 
 if TYPE_CHECKING:
     from coopsgd.compression import Compressor
+    from coopsgd.theory.cost import RoundCost
 
 __all__ = [
     "Compression",
@@ -44,6 +45,8 @@ __all__ = [
     "as_compression",
     "exchange_of",
     "check_compressible",
+    "compressed_round_cost",
+    "REDUCIBLE",
 ]
 
 #: ``error_feedback``: ``auto`` (on for biased compressors, SPEC §11), ``on`` or ``off``.
@@ -52,6 +55,9 @@ ERROR_FEEDBACK = ("auto", "on", "off")
 EXCHANGES = ("average", "gossip")
 #: Compressors whose payloads decode to the row up to the rounding of a cast (γ defaults to 1 with them).
 _NEAR_EXACT = ("none", "fp16", "bf16")
+#: Compressors whose payloads a reduction can add on the wire (a low-precision all-reduce); the others' are
+#: gathered (:func:`compressed_round_cost`).
+REDUCIBLE = ("fp16", "bf16")
 #: A schedule without a finite list of matrices: :func:`check_compressible` looks at the rounds of its first
 #: steps (at most this many steps, at most :data:`_SAMPLE_ROUNDS` rounds).
 _SAMPLE_STEPS = 4096
@@ -120,8 +126,9 @@ class Compression:
         """CHOCO's consensus step γ for rows of d coordinates: ``consensus_step`` when given; else 1 for
         ``none``, ``fp16`` and ``bf16`` (exact up to a cast's rounding), δ(d) for another biased compressor
         (k/d for ``topk`` / ``randk``, 1 − C/254² for ``int8``, 1/d for ``sign``) and 1/(1 + ω(d)) for an
-        unbiased one (``qsgd``, ``randk:F:unbiased``): CHOCO-Gossip converges for γ of the order of δ
-        (Koloskova et al. 2019, Theorem 2, with their rescaling Q/(1 + ω) of an unbiased Q)."""
+        unbiased one (``qsgd``, ``randk:F:unbiased``, which gossip rounds use as Q/(1 + ω), a contraction with
+        δ = 1/(1 + ω)): CHOCO-Gossip converges for γ of the order of δ (Koloskova et al. 2019, Theorem 2;
+        the paper tunes γ, and so should a study: this default is a safe start, not an optimum)."""
         if self.consensus_step is not None:
             return float(self.consensus_step)
         if compressor.name in _NEAR_EXACT:
@@ -213,3 +220,33 @@ def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, c
         raise ConfigError.invalid("compress", compression.compress, f"preset {name!r} gossips: powersgd compresses "
                                   "averaging rounds only (its warm-started factors approximate a difference "
                                   "that all participants share); use topk, randk, sign, int8, qsgd, fp16 or bf16")
+
+
+def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_per_param: float,
+                          payload_bytes: float, reducible: bool) -> RoundCost:
+    """The cost of a round that sends compressed payloads of ``payload_bytes`` per node, from the uncompressed
+    round's ``cost`` ([CSGD] Table 3, :func:`coopsgd.theory.cost.round_cost`) with m = ``workers`` and d =
+    ``params``; the bytes are the payloads' (SPEC §11):
+
+    * ``"neighbor"``: a payload where the uncompressed round sends d parameters (2 · max degree payloads);
+    * ``"allreduce"``: an all-reduce of payloads (2 payloads) when the compressor's payloads add on the wire
+      (``reducible``: fp16, bf16); any other compressor's payloads (indices, scales, factors that differ
+      from node to node) are all-gathered: a ring of m − 1 handshakes passing m − 1 payloads through each
+      node;
+    * ``"parameter_server"``: m payloads up, and the server's dense reply (m · d parameters) down;
+    * any other pattern: unchanged (its rounds are not compressed).
+    """
+    from coopsgd.theory.cost import RoundCost
+
+    m, d, bpp, p = int(workers), int(params), float(bytes_per_param), float(payload_bytes)
+    if d <= 0:
+        return cost
+    if cost.pattern == "parameter_server":
+        return RoundCost("parameter_server", cost.handshakes, m * p / bpp + m * d, m * p + m * d * bpp)
+    if cost.pattern == "allreduce" and not reducible:
+        hops = m - 1 if m > 1 else 0
+        return RoundCost("allgather", hops, hops * p / bpp, hops * p)
+    if cost.pattern in ("allreduce", "neighbor"):
+        ratio = p / (d * bpp)  # a payload in place of one row
+        return RoundCost(cost.pattern, cost.handshakes, cost.floats_sent * ratio, cost.bytes_sent * ratio)
+    return cost

@@ -143,8 +143,13 @@ class Communicator(Protocol):
     The round has three stages, and a compressor sits between the first two and the last::
 
         select   what each node sends (its row, or the weighted share of a reduction), from the plan
-        [encode -> transport -> decode]   today: the identity codec, fused with the transport
+        [encode -> transport -> decode]   uncompressed: the identity codec, fused with the transport
         combine  the received rows with the plan's weights (plus each node's own term)
+
+    A spec with compression (``spec.compressed``, SPEC §11) puts its compressor at the middle stage: in
+    process, :class:`coopsgd.engines.compressed.CompressedRounds` selects what each node sends (x_i − x_ref
+    + e_i in averaging rounds, x_i − x̂_i in CHOCO gossip), encodes and decodes every sending row at once and
+    combines the decoded payloads, handing the rounds it does not compress to the communicator.
 
     Attributes:
         pending: a non-blocking round is still in flight (completed by :meth:`finalize`).

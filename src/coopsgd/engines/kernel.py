@@ -40,6 +40,7 @@ from torch import Tensor
 
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Communicator
+from coopsgd.engines.compressed import CompressedRounds
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan, apply_mixing, plan_round
 from coopsgd.engines.optim import (
     AdamOptions,
@@ -58,9 +59,10 @@ class InProcess:
 
     A round is applied by the cheapest exact kernel for its plan's structure (:class:`RoundPlan`: average,
     neighbour gather, chain, only the changed rows); a matrix with no usable structure is one dense product
-    over every node (:func:`apply_mixing`). Sending and combining are fused into these in-place kernels:
-    a compressor (the next step of the design, see :class:`~coopsgd.engines.base.Communicator`) gets its
-    payloads from the plan's source rows and combines the decoded payloads with the plan's weights.
+    over every node (:func:`apply_mixing`). Sending and combining are fused into these in-place kernels;
+    a compressed round (:class:`~coopsgd.engines.compressed.CompressedRounds`, the kernel's ``compressed``
+    stage) takes its payloads from the plan's source rows and combines the decoded payloads with the plan's
+    weights, and hands this communicator only what it does not compress.
 
     Deferred broadcasts (``lazy_rows``, the simulator passes m unless an outer optimizer reads the
     workers): an averaging round whose sources are a strict subset of rows ``[0, lazy_rows)`` (FedAvg's
@@ -198,6 +200,10 @@ class RoundKernel:
             never asks which).
         outer: the auxiliary node's outer optimizer (its state), when ``spec.outer`` is set; z is the first
             auxiliary row (row ``workers_local``).
+        compressed: the compression stage of a spec with compression (``spec.compressed``; SPEC §11): it
+            selects, encodes, decodes and combines what each node sends and hands what is not compressed
+            to ``comm`` (:class:`~coopsgd.engines.compressed.CompressedRounds`). ``None``: every round goes
+            to ``comm`` as it is.
     """
 
     spec: AlgorithmSpec
@@ -207,6 +213,7 @@ class RoundKernel:
     workers_local: int
     comm: Communicator
     outer: OuterRuntime | None = None
+    compressed: CompressedRounds | None = None
 
     def __post_init__(self) -> None:
         self.cols = mix_columns(self.spec, self.b, self.d, self.opts)
@@ -260,7 +267,10 @@ class RoundKernel:
         lo, hi = self.cols
         if on_round is not None:
             on_round()
-        self.comm.communicate(state[:, lo:hi], rnd, overlap=self.spec.overlap)
+        if self.compressed is not None:
+            self.compressed.communicate(state[:, lo:hi], rnd, self.comm, overlap=self.spec.overlap)
+        else:
+            self.comm.communicate(state[:, lo:hi], rnd, overlap=self.spec.overlap)
         if pending is not None and pre:
             self._add(state, rows, *pending)
         if self.nfields:
@@ -272,6 +282,8 @@ class RoundKernel:
                 self.zero_aux_momentum(state)
         if self.outer is not None and rnd.outer:
             self.outer_round(state, lr)
+            if self.compressed is not None:  # the workers restarted from z: z is their new x_ref
+                self.compressed.settle(state[:, lo:hi], rnd)
 
     def _add(self, state: Tensor, rows: Tensor | None, U: Tensor, alpha: float) -> None:
         """The worker rows' parameters ``+= alpha U`` (the active rows only when ``rows`` is given)."""

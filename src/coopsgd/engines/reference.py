@@ -7,7 +7,10 @@ State: an (m+v) x d numpy array, one row per node (workers first, then auxiliari
 * ``post_mix``: ``X_{k+1} = (X_k - lr G_k) S_k``; ``pre_mix``: ``X_{k+1} = X_k S_k - lr G_k``;
 * a spec with an outer optimizer (DiLoCo, SlowMo: ``spec.outer``): after a round tagged
   ``info["outer"]`` (the workers averaged to ``a``), z = node m takes its outer step on ``z - a``
-  (:func:`outer_step`, written here in numpy on its own) and every worker restarts from it.
+  (:func:`outer_step`, written here in numpy on its own) and every worker restarts from it;
+* a spec with compression (``spec.compressed``, SPEC §11): the round sends compressed payloads
+  (:class:`~coopsgd.engines.compressed.ReferenceCompressedRounds`: averaging rounds with x_ref and error
+  feedback, CHOCO gossip), each node's payload from the numpy definition of its compressor.
 
 This is the ground truth the simulator and the distributed engine are tested against. Each worker has
 its own generator seeded from ``(seed, worker)``; the engine records per step each node's objective,
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from coopsgd.algorithms.outer import OuterOptimizer
-from coopsgd.algorithms.schedules import MixContext
+from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import (
     NAN_POLICIES,
@@ -36,7 +39,8 @@ from coopsgd.engines.base import (
     unwrap_state,
     wrap_state,
 )
-from coopsgd.engines.mixing import apply_mixing
+from coopsgd.engines.compressed import ReferenceCompressedRounds
+from coopsgd.engines.mixing import apply_mixing, plan_round
 from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.objectives import Objective
 
@@ -133,10 +137,12 @@ class ReferenceEngine:
         x0: common start (d,) or per-worker starts (m, d); default ``objective.initial_point``.
         seed: base seed; worker i's gradient noise/batches use ``default_rng([seed, i])``.
         nan_policy: ``"stop"`` or ``"skip"`` (:class:`coopsgd.engines.base.Engine`).
+        layout: the shapes of the tensors x is made of, in order (PowerSGD compresses each matrix-shaped one;
+            ``None``: x is one vector).
     """
 
     def __init__(self, spec: AlgorithmSpec, objective: Objective, x0: np.ndarray | None = None, *, seed: int = 0,
-                 nan_policy: str = "stop") -> None:
+                 nan_policy: str = "stop", layout: Sequence[Sequence[int]] | None = None) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ConfigError.invalid("nan_policy", nan_policy, f"choose one of {', '.join(NAN_POLICIES)}")
         self.nan_policy = nan_policy
@@ -156,8 +162,11 @@ class ReferenceEngine:
         self.leader: int | None = None
         self.schedule_state = spec.schedule.init_state()
         self.outer_state = None if spec.outer is None else outer_init(spec.outer, objective.dim)
+        self._compressed = None if spec.compressed is None else ReferenceCompressedRounds(
+            spec.compressed, nodes=spec.nodes, workers=m, width=objective.dim, seed=self.seed, layout=layout,
+            start=x0 if x0.ndim == 1 else x0.mean(axis=0))
         self._bad: dict[str, int] | None = None  # nan_policy="skip": worker -> first non-finite step
-        self._good: tuple[np.ndarray, int, Any] = (self.state.copy(), 0, self.outer_state)
+        self._good: tuple[np.ndarray, int, Any, Any] = (self.state.copy(), 0, self.outer_state, self._compression_state())
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -218,15 +227,17 @@ class ReferenceEngine:
                 if spec.rule == "post_mix":
                     X = self.state - lr * G
                     if mix is not None:
-                        X = apply_mixing(X, mix.matrix)
+                        X = self._round(X, mix)
                 else:
-                    X = self.state if mix is None else apply_mixing(self.state, mix.matrix)
+                    X = self.state if mix is None else self._round(self.state, mix)
                     X = X - lr * G
                 outer_state = self.outer_state
                 if spec.outer is not None and mix is not None and mix.info.get("outer"):
                     m = spec.workers
                     z, outer_state = outer_step(spec.outer, self.outer_state, X[m], X[0], lr)  # type: ignore[arg-type]
                     X[: m + 1] = z
+                    if self._compressed is not None:  # the workers restarted from z: z is their new x_ref
+                        self._compressed.settle(X, plan_round(mix))
             if self._finite_or_skip(X, k, "model"):
                 self.state = X
                 self.outer_state = outer_state
@@ -243,6 +254,15 @@ class ReferenceEngine:
             step=k, lr=lr, losses=values, communicated=communicated, round=self.rounds,
             pattern=None if mix is None else mix.pattern, info={} if mix is None else mix.info, skipped=skipped,
         )
+
+    def _round(self, X: np.ndarray, mix: Mix) -> np.ndarray:
+        """``X`` after the round ``mix``: ``X S``, or the compressed round of ``spec.compressed``."""
+        if self._compressed is None:
+            return apply_mixing(X, mix.matrix)
+        return self._compressed.communicate(X, plan_round(mix))
+
+    def _compression_state(self) -> dict[str, Any] | None:
+        return None if self._compressed is None else self._compressed.state()
 
     def _finite_or_skip(self, arr: np.ndarray, step: int, what: str) -> bool:
         """True when ``arr`` is finite; else raise (``"stop"``) or remember the workers (``"skip"``)."""
@@ -262,11 +282,13 @@ class ReferenceEngine:
         if self.nan_policy != "skip":
             return None
         if self._bad is None:
-            self._good = (self.state.copy(), self.step_count, self.outer_state)
+            self._good = (self.state.copy(), self.step_count, self.outer_state, self._compression_state())
             return None
         bad, self._bad = self._bad, None
         self.state = self._good[0].copy()
         self.outer_state = self._good[2]
+        if self._compressed is not None:
+            self._compressed.load(self._good[3])
         first = dict(sorted(bad.items(), key=lambda kv: int(kv[0])))
         return DroppedRound(step=self.step_count - 1, workers=[int(w) for w in first], first_steps=first,
                             restored_to_step=self._good[1])
@@ -294,12 +316,20 @@ class ReferenceEngine:
             "step": self.step_count, "rounds": self.rounds, "leader": self.leader,
             "schedule_state": dict(self.schedule_state),
             "outer_state": None if self.outer_state is None else dict(self.outer_state),
+            **({} if self._compressed is None else {"compression": self._compressed.state()}),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         p = unwrap_state(state, "reference")
         if np.shape(p["state"]) != self.state.shape:
             raise ConfigError.invalid("state_dict.state", np.shape(p["state"]), f"expected {self.state.shape}")
+        saved = p.get("compression")  # optional: absent from uncompressed runs
+        if (saved is None) != (self._compressed is None):
+            raise ConfigError.invalid("state_dict.compression", None if saved is None else saved.get("compress"),
+                                      "the checkpoint and this run differ in whether their rounds are compressed "
+                                      "(resume with the checkpoint's compress setting)")
+        if self._compressed is not None and saved is not None:
+            self._compressed.load(saved)
         self.state = np.array(p["state"], dtype=np.float64)
         for g, st in zip(self.rngs, p["rngs"], strict=True):
             g.bit_generator.state = st

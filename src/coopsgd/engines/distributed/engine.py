@@ -104,6 +104,10 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
     """The engine's own arguments checked against the process group: (this rank, whether DOWNPOUR is asynchronous)."""
     if not isinstance(spec, AlgorithmSpec):
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
+    if spec.compressed is not None:  # never a silent uncompressed run
+        raise ConfigError.invalid("compress", spec.compressed.compress, "the distributed engine does not send "
+                                  "compressed payloads yet: compressed rounds run on the reference engine and the "
+                                  "simulator (engine 'reference' or 'simulate')")
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
     rank, world = dist.get_rank(), dist.get_world_size()

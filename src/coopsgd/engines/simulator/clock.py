@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms.communication import compressed_round_cost
 from coopsgd.errors import ConfigError, check_float
 from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, round_cost
 
@@ -229,11 +230,19 @@ class SimClock:
         if tick.rng_state is not None:
             self.rng.bit_generator.state = tick.rng_state
 
-    def round_costs(self, pattern: str, matrix: np.ndarray | None = None) -> list[RoundCost]:
-        """The alpha-beta cost items of one round of ``pattern`` (see the module docstring)."""
+    def round_costs(self, pattern: str, matrix: np.ndarray | None = None, *, payload_bytes: float | None = None,
+                    reducible: bool = False) -> list[RoundCost]:
+        """The alpha-beta cost items of one round of ``pattern`` (see the module docstring).
+
+        ``payload_bytes``: the round sends compressed payloads of this many bytes per node instead of the d
+        parameters (``reducible``: payloads a reduction adds on the wire); priced by
+        :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11)."""
         m, d, bpp = self.workers, self.params, self.bytes_per_param
         if pattern == "local":
             return []
+        if payload_bytes is not None:
+            return [compressed_round_cost(c, workers=m, params=d, bytes_per_param=bpp, payload_bytes=payload_bytes,
+                                          reducible=reducible) for c in self.round_costs(pattern, matrix)]
         if pattern == "broadcast":
             gather = RoundCost("allgather", m if m > 1 else 0, float(m), float(m) * bpp)
             return [gather, round_cost("broadcast", workers=m, params=d, bytes_per_param=bpp)]

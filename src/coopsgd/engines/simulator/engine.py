@@ -35,6 +35,11 @@ and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
 
    The columns are ordered so that every policy combination is one contiguous range: buffers+params,
    params, params+momentum or all three.
+
+   A spec with compression (``spec.compressed``, SPEC §11) sends its rounds through
+   :class:`~coopsgd.engines.compressed.CompressedRounds` (averaging rounds: Q(x_i − x_ref + e_i) with error
+   feedback; gossip rounds: CHOCO-SGD); its per-node state is checkpointed (``"compression"``) and rolled
+   back with the rows, and the clock charges the payloads' bytes.
 6. NaN/Inf in a loss, a gradient, a buffer or the new parameters raises
    :class:`~coopsgd.engines.reference.NonFiniteError` naming the worker and the step, before any state is
    modified. Updates are done in place (no extra full copy of the state per step) when a cheap running
@@ -71,10 +76,11 @@ from coopsgd.engines.base import (
     unwrap_state,
     wrap_state,
 )
+from coopsgd.engines.compressed import CompressedRounds
 from coopsgd.engines.executors import EXECUTORS, ComputeResult
 from coopsgd.engines.health import absmax, diverged, step_bound
-from coopsgd.engines.kernel import InProcess, RoundKernel
-from coopsgd.engines.mixing import Round, plan_round
+from coopsgd.engines.kernel import InProcess, RoundKernel, mix_columns
+from coopsgd.engines.mixing import Round, RoundKind, plan_round
 from coopsgd.engines.optim import SGDOptions, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES
@@ -180,8 +186,10 @@ class Simulator(SimulatorCompute):
         m, d, b = self.m, self.d, self.b
         self._check_initial_state()
         self._drop_template_storage()
-        self._comm = InProcess(lazy_rows=m if self.outer is None else 0)  # FedAvg's unread broadcasts wait
-        self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer)
+        self._compressed = self._compression_stage()
+        # FedAvg's unread broadcasts wait (not when an outer optimizer or a compressor reads the workers)
+        self._comm = InProcess(lazy_rows=m if self.outer is None and self._compressed is None else 0)
+        self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer, compressed=self._compressed)
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
         self._bad: dict[str, Any] | None = None
@@ -209,6 +217,22 @@ class Simulator(SimulatorCompute):
         with torch.no_grad():
             for p in self.template.parameters():
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def _compression_stage(self) -> CompressedRounds | None:
+        """The compressed rounds of ``spec.compressed`` (``None`` without: the uncompressed path, unchanged). A
+        node sends the columns a round mixes; their tensor shapes (buffers, parameters, state fields) are the
+        layout PowerSGD reads; x_ref starts at the common start (the workers' mean for per-worker starts)."""
+        comp = self.spec.compressed
+        if comp is None:
+            return None
+        lo, hi = mix_columns(self.spec, self.b, self.d, self.opts)
+        params = [tuple(s) for s in self.layout.param_shapes]
+        layout = ([tuple(s) for s in self.layout.buffer_shapes] if lo == 0 else []) + params
+        layout += params * ((hi - self.b - self.d) // self.d if self.d else 0)
+        rows = self._state[: self.m, lo:hi]
+        start = rows.mean(dim=0) if self.per_worker_start else rows[0]
+        return CompressedRounds(comp, nodes=self.n, workers=self.m, width=hi - lo, dtype=self.dtype,
+                                device=self.device, seed=self.seed, layout=layout, start=start)
 
     # ------------------------------------------------------------------------------------------------
     # views
@@ -501,7 +525,12 @@ class Simulator(SimulatorCompute):
             self.rounds += 1
             # the clock reads the matrix of neighbour rounds only: a structured mix's is not built otherwise
             matrix = None if mix.structure is not None and mix.pattern != "neighbor" else mix.matrix
-            costs = self.clock.round_costs(mix.pattern, matrix)
+            comp = self._compressed
+            if comp is not None and comp.sends_payload(plan_round(mix)):  # the compressor's payloads
+                costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
+                                               reducible=comp.reducible)
+            else:
+                costs = self.clock.round_costs(mix.pattern, matrix)
             self.clock.communicate(costs, overlap=self.spec.overlap)
             bytes_sent = float(sum(c.bytes_sent for c in costs))
             self.bytes_sent += bytes_sent
@@ -522,6 +551,7 @@ class Simulator(SimulatorCompute):
     def _snapshot(self) -> None:
         good = self._snapshot_rows(self._good)  # the last good round's buffer is reused
         good["deferred"] = self._comm.snapshot()
+        good["compressed"] = None if self._compressed is None else self._compressed.snapshot()
         self._good = good
         self._good_step = self.step_count
 
@@ -538,6 +568,8 @@ class Simulator(SimulatorCompute):
         self._restore_rows(self._good)
         with torch.no_grad():
             self._comm.restore(self._good["deferred"])
+            if self._compressed is not None:
+                self._compressed.restore(self._good["compressed"])
         self._bound = self._absmax()
         first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
         return DroppedRound(step=self.step_count - 1, workers=sorted(int(w) for w in first),
@@ -559,8 +591,11 @@ class Simulator(SimulatorCompute):
         new_bound = max(cs, 1.0) * step_bound(self.opts, max(self._bound, bmax), gmax, lr)
         limit = float(torch.finfo(self.dtype).max) / 16
         t = RoundKernel.as_rows(rows, self.device)
-        # an outer round moves z by its own optimizer: checked on a copy (once per round)
-        if new_bound < limit and not (self.outer is not None and rnd is not None and rnd.outer):
+        # an outer round moves z by its own optimizer, a compressed round by what the compressor decodes (no
+        # running bound covers either): checked on a copy (once per round)
+        checked = rnd is not None and ((self.outer is not None and rnd.outer)
+                                       or (self._compressed is not None and rnd.kind is not RoundKind.IDENTITY))
+        if new_bound < limit and not checked:
             self._kernel.apply(self._state, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
             self._bound = new_bound
         else:
@@ -587,6 +622,7 @@ class Simulator(SimulatorCompute):
         """The step on a copy of the state, kept only when every value is finite (else the optimizer state
         outside the state tensor is restored and the error returned)."""
         snap = None if isinstance(self.opts, SGDOptions) and self.outer is None else self._optimizer_snapshot()
+        compressed = None if self._compressed is None else self._compressed.snapshot()
         self._materialize()
         work = self._state.clone()
         self._kernel.apply(work, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
@@ -596,6 +632,9 @@ class Simulator(SimulatorCompute):
         if not bool(finite.all()):
             if snap is not None:
                 self._optimizer_restore(snap)
+            if compressed is not None:
+                assert self._compressed is not None
+                self._compressed.restore(compressed)
             return self._nonfinite(~finite.cpu().numpy(), list(range(self.n)), k, "model")
         self._state.copy_(work)
         self._bound = self._absmax()
@@ -620,7 +659,21 @@ class Simulator(SimulatorCompute):
             "executor": self.executor_name,
             "calibration": dict(self.calibration),
             "torch_rng_state": torch.get_rng_state(),
+            **({} if self._compressed is None else {"compression": self._compressed.state_dict()}),
         })
+
+    def _load_compression(self, state: dict[str, Any]) -> None:
+        """The compressed rounds' state of a checkpoint (an optional key: absent from uncompressed runs)."""
+        saved = state.get("compression")
+        if self._compressed is None:
+            if saved is not None:
+                raise ConfigError.invalid("state_dict.compression", saved.get("compress"), "the checkpoint's rounds "
+                                          "were compressed; this run's are not (resume with its compress setting)")
+            return
+        if saved is None:
+            raise ConfigError.invalid("state_dict.compression", None, "missing: the checkpoint's rounds were not "
+                                      f"compressed, this run compresses with {self._compressed.compression.compress!r}")
+        self._compressed.load_state_dict(saved)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (same spec, model and options; a different inner optimizer is named)."""
@@ -640,6 +693,7 @@ class Simulator(SimulatorCompute):
         hist = state["loss_history"].numpy()
         if hist.shape != self._hist.shape:
             raise ConfigError.invalid("state_dict.loss_history", hist.shape, f"expected window x m = {self._hist.shape}")
+        self._load_compression(state)
         self._comm.clear()
         self._calibrated = None
         self._load_rows_payload(state, "state_dict")
