@@ -125,7 +125,7 @@ def bench_case(name: str, mix: Mix, d: int, reps: int, dense_ok: bool) -> dict[s
         def mem_pass() -> object:
             return torch.index_select(state, 0, idx, out=buf)
 
-    res: dict[str, object] = {"case": name, "n": n, "kind": plan.kind, "touched": touched, "analyse_ms": analyse_s * 1e3,
+    res: dict[str, object] = {"case": name, "n": n, "kind": plan.kind.value, "touched": touched, "analyse_ms": analyse_s * 1e3,
                               "lookup_ms": lookup_s * 1e3}
     fns: dict[str, Callable[[], object]] = {"mem": mem_pass, "fast": lambda: mix_rows_(state, S, plan=plan_round(mix).plan)}
     if dense_ok:
