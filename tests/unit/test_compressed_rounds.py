@@ -372,9 +372,11 @@ def test_bad_specs_are_refused(build: Callable[[], object], words: str) -> None:
     assert field in (None, "compress", "error_feedback", "consensus_step", "gamma")
 
 
-def test_config_and_cli_refuse_with_one_line(capsys) -> None:
+def test_config_and_cli_refuse_with_one_line(capsys, tmp_path, monkeypatch) -> None:
+    """Before anything is written: no run directory appears."""
     from coopsgd.cli import main
 
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="distributed engine"):
         RunConfig(engine="distributed", compress="int8")
     assert RunConfig(preset="easgd").build_spec().compressed is None
@@ -384,7 +386,8 @@ def test_config_and_cli_refuse_with_one_line(capsys) -> None:
                  ["run", "--engine", "distributed", "--compress", "int8"]):
         assert main([*argv, "--max-steps", "1"]) == 2
         err = capsys.readouterr().err.strip()
-        assert "compress" in err and len(err.splitlines()) == 1
+        assert "compress" in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_config_builds_compressed_specs_for_any_compressible_preset() -> None:

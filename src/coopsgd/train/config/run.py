@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from coopsgd.algorithms.inner import INNER_OPTIMIZERS, OptimizerSettings
-from coopsgd.algorithms.registry import preset_kwargs, spec_from_settings
+from coopsgd.algorithms.registry import declaration, preset_kwargs, spec_from_settings
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
 from coopsgd.errors import ConfigError
 from coopsgd.fileio import read_text
@@ -120,11 +120,7 @@ class RunConfig:
         if self.algorithm.downpour_order == "async" and self.execution.engine != "distributed":
             raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
                                       "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
-        comp = self.communication.compression()
-        if comp is not None and comp.active and self.execution.engine not in COMPRESSED_ENGINES:
-            raise ConfigError.invalid("compress", comp.compress, f"compressed rounds run on the engines "
-                                      f"{' and '.join(COMPRESSED_ENGINES)}; the {self.execution.engine} engine does "
-                                      "not send compressed payloads yet (use --engine simulate)")
+        self._check_compression()
         if self.execution.dtype != "float32":
             return
         for key, value in self.to_dict().items():
@@ -137,6 +133,23 @@ class RunConfig:
                 math.log(s.lr) + milestones * math.log(s.lr_decay_factor) > math.log(FLOAT32_MAX)):
             raise ConfigError.invalid("lr_decay_factor", s.lr_decay_factor, f"lr={s.lr:g} x {s.lr_decay_factor:g}^"
                                       f"{milestones} milestones does not fit dtype float32 (<= {FLOAT32_MAX:.4g})")
+
+    def _check_compression(self) -> None:
+        """Compressed rounds need an engine that runs them and a preset whose rounds take the compressor: both
+        checked here, before a run directory exists (the preset's spec is built without the data's facts)."""
+        comp = self.communication.compression()
+        if comp is None or not comp.active:
+            return
+        if self.execution.engine not in COMPRESSED_ENGINES:
+            raise ConfigError.invalid("compress", comp.compress, f"compressed rounds run on the engines "
+                                      f"{' and '.join(COMPRESSED_ENGINES)}; the {self.execution.engine} engine does "
+                                      "not send compressed payloads yet (use --engine simulate)")
+        if comp.compresses:
+            decl = declaration(self.algorithm.preset)
+            settings = {k: None if (a := decl.arg(k)) is not None and a.kind == "derived" else v
+                        for k, v in self.preset_settings().items()}
+            spec_from_settings(self.algorithm.preset, self.algorithm.workers, settings, seed=self.execution.seed,
+                               policies=self.spec_policies(), lenient=True, compression=comp)
 
     # -- conversion ------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> RunConfig:
