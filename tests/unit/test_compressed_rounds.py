@@ -398,3 +398,15 @@ def test_config_builds_compressed_specs_for_any_compressible_preset() -> None:
     assert cfg.build_spec().compressed == Compression("int8", "off")
     assert cfg.spec_kwargs()["compression"] == Compression("int8", "off")
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_default_consensus_steps() -> None:
+    d = 1000
+    gamma = {c: Compression(c).gamma(parse_compressor(c), d) for c in
+             ("none", "fp16", "bf16", "int8", "sign", "topk:0.01", "randk:0.1", "qsgd:4", "randk:0.1:unbiased")}
+    assert gamma["none"] == gamma["fp16"] == gamma["bf16"] == 1.0
+    assert gamma["int8"] == parse_compressor("int8").delta(d) and gamma["topk:0.01"] == 0.01
+    assert gamma["randk:0.1"] == 0.1 and gamma["sign"] == pytest.approx(2 / np.pi)
+    assert gamma["qsgd:4"] == pytest.approx(1 / (1 + parse_compressor("qsgd:4").omega(d)))
+    assert gamma["randk:0.1:unbiased"] == pytest.approx(0.1)  # 1 / (1 + (d/k - 1))
+    assert Compression("topk:0.01", consensus_step=0.3).gamma(parse_compressor("topk:0.01"), d) == 0.3

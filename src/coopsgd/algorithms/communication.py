@@ -25,6 +25,7 @@ than ``none`` is checked), so building a configuration's parser stays cheap.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ ERROR_FEEDBACK = ("auto", "on", "off")
 EXCHANGES = ("average", "gossip")
 #: Compressors whose payloads decode to the row up to the rounding of a cast (γ defaults to 1 with them).
 _NEAR_EXACT = ("none", "fp16", "bf16")
+#: ``sign``'s δ = ‖x‖₁²/(d‖x‖²) on Gaussian-like vectors (E|x_j| = √(2/π) σ): its default consensus step.
+_SIGN_TYPICAL_DELTA = 2.0 / math.pi
 #: Compressors whose payloads a reduction can add on the wire (a low-precision all-reduce); the others' are
 #: gathered (:func:`compressed_round_cost`).
 REDUCIBLE = ("fp16", "bf16")
@@ -125,7 +128,8 @@ class Compression:
     def gamma(self, compressor: Compressor, d: int) -> float:
         """CHOCO's consensus step γ for rows of d coordinates: ``consensus_step`` when given; else 1 for
         ``none``, ``fp16`` and ``bf16`` (exact up to a cast's rounding), δ(d) for another biased compressor
-        (k/d for ``topk`` / ``randk``, 1 − C/254² for ``int8``, 1/d for ``sign``) and 1/(1 + ω(d)) for an
+        (k/d for ``topk`` / ``randk``, 1 − C/254² for ``int8``), for ``sign`` its δ = ‖x‖₁²/(d‖x‖²) on
+        Gaussian-like vectors, 2/π (its worst case 1/d would stop the gossip), and 1/(1 + ω(d)) for an
         unbiased one (``qsgd``, ``randk:F:unbiased``, which gossip rounds use as Q/(1 + ω), a contraction with
         δ = 1/(1 + ω)): CHOCO-Gossip converges for γ of the order of δ (Koloskova et al. 2019, Theorem 2;
         the paper tunes γ, and so should a study: this default is a safe start, not an optimum)."""
@@ -133,6 +137,8 @@ class Compression:
             return float(self.consensus_step)
         if compressor.name in _NEAR_EXACT:
             return 1.0
+        if compressor.name == "sign":  # its worst case δ = 1/d would stop the gossip
+            return _SIGN_TYPICAL_DELTA
         delta = compressor.delta(d)
         if delta is not None and delta > 0:
             return float(min(1.0, delta))

@@ -47,7 +47,8 @@ class CommunicationSettings:
     consensus_step: float | None = setting(
         None, low=0.0, high=1.0, low_open=True,
         help="CHOCO-SGD's consensus step gamma of gossip rounds",
-        default_text="1 for none, fp16, bf16; delta(d) of a biased compressor; 1/(1+omega) of an unbiased one")
+        default_text="1 for none, fp16, bf16; delta(d) of topk, randk, int8; 2/pi for sign; 1/(1+omega) of an "
+                     "unbiased compressor")
 
     def __post_init__(self) -> None:
         check_section(self)
