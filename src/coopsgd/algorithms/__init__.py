@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from coopsgd.algorithms import presets
 from coopsgd.algorithms.communication import Compression
-from coopsgd.algorithms.presets import (
+from coopsgd.algorithms.presets import (  # noqa: F401 -- re-exported through presets.__all__ below
     PRESETS,
     choco,
+    compressible,
     decentralized_periodic,
+    diloco,
     downpour,
     dpsgd,
     easgd,
@@ -17,7 +20,9 @@ from coopsgd.algorithms.presets import (
     lsgd,
     make_preset,
     matcha,
+    slowmo,
     sync,
+    with_compression,
 )
 from coopsgd.algorithms.registry import (
     DataInput,
@@ -55,8 +60,6 @@ __all__ = [
     "DownpourSchedule",
     "MatchaSchedule",
     "CallableSchedule",
-    "PRESETS",
-    "make_preset",
     "spec_from_settings",
     "PresetDecl",
     "PresetArg",
@@ -65,16 +68,6 @@ __all__ = [
     "register",
     "declaration",
     "declarations",
-    "sync",
-    "local_sgd",
-    "easgd",
-    "dpsgd",
-    "decentralized_periodic",
-    "generalized_elastic",
-    "hierarchical",
-    "fedavg",
-    "lsgd",
-    "downpour",
-    "matcha",
-    "choco",
 ]
+# every preset constructor, PRESETS and make_preset: the public names of coopsgd.algorithms.presets
+__all__ += presets.__all__

@@ -9,6 +9,7 @@
 Pure numpy/scipy/matplotlib; importing this package never imports torch.
 """
 
+from coopsgd.theory import cost
 from coopsgd.theory.bounds import (
     BoundReport,
     ProblemConstants,
@@ -33,7 +34,7 @@ from coopsgd.theory.bounds import (
     theorem3,
     zeta_tau,
 )
-from coopsgd.theory.cost import (
+from coopsgd.theory.cost import (  # noqa: F401 -- re-exported through cost.__all__ below
     DISTRIBUTIONS,
     PATTERNS,
     ComputeModel,
@@ -74,15 +75,9 @@ __all__ = [
     "generalized_elastic_zeta",
     "generalized_elastic_best_alpha",
     "generalized_elastic_mixing",
-    # cost
-    "PATTERNS",
-    "DISTRIBUTIONS",
-    "RoundCost",
-    "round_cost",
-    "NetworkModel",
-    "ComputeModel",
-    "expected_runtime",
     # heatmap
     "network_error_grid",
     "plot_network_error_heatmap",
 ]
+# the cost model: the public names of coopsgd.theory.cost
+__all__ += cost.__all__
