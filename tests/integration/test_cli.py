@@ -182,7 +182,6 @@ BAD_FLAGS = [
     (["run", "--preset", "fedavg", "--fraction", "2"], "fraction"),
     (["compare", "--presets", "sync,nope"], "--presets"),
     (["run", "--no-such-flag"], "unrecognized"),
-    ([], "command"),
 ]
 
 

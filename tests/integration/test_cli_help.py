@@ -132,7 +132,7 @@ def test_run_help_lists_presets_defaults_and_choices(capsys) -> None:
     assert "choices: mlp, lenet, cnn7, resnet20, vgg16, lstm_lm (default: mlp)" in out
     assert "choices: cpu, cuda, cuda:N, mps (default: cpu)" in out
     assert "(default: local_sgd)" in out and "--workers WORKERS number of workers m (default: 8)" in out
-    assert "--lr LR learning rate (default: 0.1)" in out
+    assert "--lr LR learning rate (default: 0.1 for sgd, 0.001 for adam and adamw)" in out
     # run's defaults, and that compare's differ
     assert "model mlp, 5 epochs" in out
     assert f"`coopsgd compare` uses model {COMPARE_DEFAULTS['model']}, epochs 15" in out

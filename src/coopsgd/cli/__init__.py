@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"coopsgd {__version__}")
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not list(sys.argv[1:] if argv is None else argv):  # a bare `coopsgd`: the usage and the commands
+        print(build_parser().format_help(), end="", file=sys.stderr)
+        return 2
     try:
         args = build_parser().parse_args(argv)
         saved = warnings.formatwarning

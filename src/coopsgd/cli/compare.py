@@ -140,8 +140,34 @@ def _compare_plan(args: argparse.Namespace) -> tuple[RunConfig, list[tuple[str, 
     return base, plan
 
 
+def _table(results: dict[str, dict[str, Any]], metric: str | None) -> str:
+    """The printed table of a comparison: one row per run; no header is cut, and the time column names its clock
+    ("simulated s" from the simulated clock, "measured s" from a real one) beside the wall-clock seconds."""
+    label = metric.replace("test_", "test ") if metric else ""
+    width = max(10, len(label))
+    sources = {r.get("time_source") or "simulated" for r in results.values()}
+    clock = f"{sources.pop()} s" if len(sources) == 1 else "run clock s"
+    tw = max(10, len(clock))
+    name_w = max(24, *(len(n) for n in results))
+    head = f"{'preset':{name_w}s} {'train loss':>10s} {'test loss':>10s}"
+    head += f" {label:>{width}s}" if metric else ""
+    head += f" {'rounds':>7s} {'MB sent':>9s} {clock:>{tw}s} {'comm %':>7s} {'wall s':>7s}"
+    lines = [head]
+    for n, r in results.items():
+        f = r["final"]
+        sim = r["time_s"]
+        comm = (r.get("simulated_split_s") or r.get("measured_split_s") or {}).get("communication_s") or 0.0
+        line = f"{n:{name_w}s} {f['train_loss']:10.4g} {f['test_loss']:10.4g}"
+        line += f" {f.get(metric, float('nan')):{width}.4g}" if metric else ""
+        line += (f" {r['communication_rounds']:7d} {r['bytes_sent'] / 1e6:9.3g} {sim:{tw}.4g} "
+                 f"{100 * comm / sim if sim else 0:6.1f}% {r['wall_time_s']:7.1f}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from coopsgd.plots import plot_runs  # matplotlib, torch: only when a comparison starts
+    from coopsgd.train.problem import settle
     from coopsgd.train.trainer import run
 
     base, plan = _compare_plan(args)
@@ -161,9 +187,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     dirs: list[Path] = []
     for n, cfg in plan:
-        cfg = cfg.replace(out=str(out / n))
+        cfg, notes = settle(cfg.replace(out=str(out / n)))  # the defaults that depend on the run, written in
         if not args.json:
             print(f"[{len(dirs) + 1}/{len(names)}] {n} ...", file=sys.stderr, flush=True)
+            for note in notes:
+                print(f"coopsgd: note: {n}: {note}", file=sys.stderr, flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             results[n] = run(cfg, progress=progress_wanted(args))
@@ -182,18 +210,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     metric = "test_accuracy" if any("test_accuracy" in r["final"] for r in results.values()) else (
         "test_perplexity" if any("test_perplexity" in r["final"] for r in results.values()) else None)
-    head = f"{'preset':24s} {'train loss':>10s} {'test loss':>10s}"
-    head += f" {metric.replace('test_', 'test ')[:10]:>10s}" if metric else ""
-    head += f" {'rounds':>7s} {'MB sent':>9s} {'time s':>10s} {'comm %':>7s} {'wall s':>7s}"
-    print(head)
-    for n, r in results.items():
-        f = r["final"]
-        sim = r["time_s"]
-        comm = (r.get("simulated_split_s") or r.get("measured_split_s") or {}).get("communication_s") or 0.0
-        line = f"{n:24s} {f['train_loss']:10.4g} {f['test_loss']:10.4g}"
-        line += f" {f.get(metric, float('nan')):10.4g}" if metric else ""
-        line += (f" {r['communication_rounds']:7d} {r['bytes_sent'] / 1e6:9.3g} {sim:10.4g} "
-                 f"{100 * comm / sim if sim else 0:6.1f}% {r['wall_time_s']:7.1f}")
-        print(line)
+    print(_table(results, metric))
     print(f"figure{'s' if len(figs) > 1 else ''}: {', '.join(map(str, figs))}   table: {out / 'compare.json'}")
     return 0

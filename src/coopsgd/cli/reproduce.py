@@ -186,6 +186,7 @@ def _matrix_completion(args: argparse.Namespace, out_dir: Path) -> dict[str, Any
         run_matrix_completion,
     )
     from coopsgd.experiments.matrix_completion import mc_assessment
+    from coopsgd.experiments.stats import VERDICT_MARKS
 
     if args.seeds is not None and args.name != "all":
         raise ConfigError.invalid("--seeds", args.seeds, "matrix-completion repeats over --trials (each trial "
@@ -220,5 +221,5 @@ def _matrix_completion(args: argparse.Namespace, out_dir: Path) -> dict[str, Any
         f"  r={r:<4d} EASGD {data['easgd'][str(r)]['mean']:.4g} +- {data['easgd'][str(r)]['std']:.2g}   "
         f"LSGD {data['lsgd'][str(r)]['mean']:.4g} +- {data['lsgd'][str(r)]['std']:.2g}"
         for r in data["settings"]["ranks"]
-    ] + [f"  [{c['verdict']}] {c['paper']}" for c in data["claims"]]
+    ] + [f"  [{VERDICT_MARKS.get(c['verdict'], c['verdict'])}] {c['paper']}" for c in data["claims"]]
     return data

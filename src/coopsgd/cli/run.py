@@ -16,7 +16,7 @@ from coopsgd.settings import default_text as shown_default
 from coopsgd.train.config import RunConfig
 from coopsgd.train.rundir import RESUME_FIELDS, fresh_run_dir, read_run_json
 
-__all__ = ["register", "cmd_run", "print_summary", "resume_config"]
+__all__ = ["register", "cmd_run", "print_summary", "print_notes", "resume_config"]
 
 
 def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
@@ -86,19 +86,30 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
         raise ConfigError(f"{cfg_file}: {exc}", field=exc.field, value=exc.value) from None
 
 
+def print_notes(notes: tuple[str, ...], args: argparse.Namespace) -> None:
+    """The choices a run made for the user (:func:`coopsgd.train.problem.settle`), on stderr before it starts."""
+    if not getattr(args, "json", False):
+        for note in notes:
+            print(f"coopsgd: note: {note}", file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from coopsgd.train.trainer import run  # torch: only when a run starts
+    from coopsgd.train.problem import settle  # torch: only when a run starts
+    from coopsgd.train.trainer import run
+
+    notes: tuple[str, ...] = ()
 
     if args.resume:
         summary = run(resume_config(args), progress=progress_wanted(args), resume=Path(args.resume))
     else:
-        config = config_from_args(args)
+        # the defaults that depend on the run (an adaptive optimizer's lr, a period longer than the run) are
+        # written into the config, so config.json says what ran
+        config, notes = settle(config_from_args(args))
+        print_notes(notes, args)
         fresh = None
         if config.output.out is None:  # a new directory of its own: runs/<preset>-<time>[-N]
             fresh = fresh_run_dir(config.algorithm.preset)
-            config = config.replace(out=str(fresh))
-            if not args.json:
-                print(f"coopsgd: writing the run to {fresh}", file=sys.stderr, flush=True)
+            config = config.replace(out=str(fresh))  # its path is printed with the summary
         try:
             summary = run(config, progress=progress_wanted(args), overwrite=bool(getattr(args, "overwrite", False)))
         except BaseException:
@@ -106,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 fresh.rmdir()  # refused before anything was written: leave no empty directory behind
             raise
     if args.json:
-        print_json(summary)
+        print_json({**summary, "notes": list(notes)} if notes else summary)
     else:
         print_summary(summary)
     return 0

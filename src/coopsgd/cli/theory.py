@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from coopsgd.algorithms.registry import declarations
 from coopsgd.cli.common import add_preset_args, flag_int, presets_epilog, print_json, spec_from_args
 from coopsgd.errors import ConfigError
 
@@ -75,7 +76,9 @@ def cmd_theory(args: argparse.Namespace) -> int:
             print(f"network-error heatmap written to {path}")
         return 0
     if args.preset is None:
-        raise ConfigError.invalid("--preset", None, "coopsgd theory needs --preset (or the 'heatmap' form)")
+        raise ConfigError("theory needs --preset NAME, e.g. `coopsgd theory --preset easgd --workers 8` "
+                          f"(presets: {', '.join(declarations())}), or draw [CSGD] Fig. 3a with "
+                          "`coopsgd theory heatmap --out FILE`", field="--preset")
     from coopsgd.analysis import analyze
     from coopsgd.theory.bounds import ProblemConstants
 

@@ -63,6 +63,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: The WikiText-2 directories whose missing train.txt was already reported (the fallback is said once).
+_FALLBACK_SAID: set[str] = set()
 
 #: Names accepted by :func:`load_dataset`.
 DATASETS: tuple[str, ...] = (
@@ -465,11 +467,13 @@ def _load_wikitext2(root: str | os.PathLike[str] | None, split: str, download: b
                 f"no WikiText-2 train.txt under root={str(base)!r}: the bundled fallback trains on valid.txt, "
                 "so only split='train' or 'test' is available",
             )
-        logger.warning(
-            "WikiText-2 train.txt not found under %s: training on the bundled valid.txt and testing on the "
-            "bundled test.txt (the offline convention)",
-            base,
-        )
+        if str(base) not in _FALLBACK_SAID:  # once per directory and process, not once per run and split
+            _FALLBACK_SAID.add(str(base))
+            logger.warning(
+                "WikiText-2 train.txt not found under %s: training on the bundled valid.txt and testing on the "
+                "bundled test.txt (the offline convention)",
+                base,
+            )
         files = {"train": str(BUNDLED_DIR / "valid.txt"), "test": str(BUNDLED_DIR / "test.txt")}
         order = (files["train"], files["test"])
     vocab, streams = _corpus(order)

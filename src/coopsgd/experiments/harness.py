@@ -18,6 +18,7 @@ import contextvars
 import dataclasses
 import logging
 import re
+import sys
 import textwrap
 import time
 import warnings
@@ -215,6 +216,13 @@ def _finish(
     return res
 
 
+def _announce(label: str, out: Path, progress: bool) -> None:
+    """With progress on, name the run its progress lines belong to (the runs of one preset at several settings
+    and seeds would otherwise print identical lines)."""
+    if progress:
+        print(f"{label} -> {out}", file=sys.stderr, flush=True)
+
+
 def run_config(
     cfg: RunConfig, out: Path, label: str, *, progress: bool = False, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -223,6 +231,7 @@ def run_config(
     A non-finite loss does not raise: the result's ``diverged`` holds the step and the message.
     """
     out = Path(out)
+    _announce(label, out, progress)
     if ENGINE.get() == "distributed":
         # one process per worker; the stated network is emulated on every message, time is measured
         cfg = cfg.replace(engine="distributed", emulate_network=True)
@@ -260,6 +269,7 @@ def run_built(
     the trainer's layout), and refusing a directory that holds another configuration's run unless
     :data:`OVERWRITE`."""
     out = Path(out)
+    _announce(label, out, progress)
     rd = RunDir.create(out, exp.config.to_dict(), overwrite=OVERWRITE.get())
     rd.write_config(
         exp.config.to_dict(),

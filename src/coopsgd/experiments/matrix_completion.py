@@ -17,6 +17,7 @@ from coopsgd.algorithms import presets
 from coopsgd.engines.reference import run_reference
 from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.objectives import MatrixCompletion
+from coopsgd.train.progress import Progress
 
 __all__ = ["MC_SETTINGS", "MC_QUICK", "run_matrix_completion", "plot_matrix_completion", "parse_ranks"]
 
@@ -67,11 +68,8 @@ def run_matrix_completion(
     record_every = max(1, steps // 50)
     out: dict[str, Any] = {name: {} for name in specs}
     curves: dict[str, dict[int, list[np.ndarray]]] = {name: {} for name in specs}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(ranks) * trials * len(specs), desc="matrix completion", unit="run")
+    # a bar on a terminal, plain lines in a log (no carriage returns)
+    bar = Progress(len(ranks) * trials * len(specs), desc="matrix completion (runs)") if progress else None
     rec_steps = None
     for r in ranks:
         finals: dict[str, list[float]] = {name: [] for name in specs}
@@ -84,7 +82,7 @@ def run_matrix_completion(
                 curves[name].setdefault(r, []).append(res.center_objective)
                 rec_steps = res.steps
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(bar.n + 1)
         for name in specs:
             vals = np.asarray(finals[name])
             out[name][str(r)] = {"mean": float(vals.mean()), "std": float(vals.std()), "values": vals.tolist()}

@@ -19,21 +19,14 @@ from typing import Any
 from coopsgd.errors import ConfigError
 from coopsgd.experiments.harness import FIGURES, ExperimentArgs, plot_panels
 from coopsgd.experiments.registry import ASSESSMENTS, DETERMINISTIC, EXPERIMENTS
-from coopsgd.experiments.stats import (
-    CONTRADICTED,
-    NOT_MEASURED,
-    REPRODUCED,
-    UNRESOLVED,
-    aggregate,
-    format_band,
-)
+from coopsgd.experiments.stats import VERDICT_MARKS, aggregate, format_band
 
 __all__ = ["run_seeds", "summary_lines", "DEFAULT_QUICK_SEEDS"]
 
 #: ``--seeds`` default of ``--quick`` (full scale and ``--dry-run``: 1).
 DEFAULT_QUICK_SEEDS = 3
 
-_MARK = {REPRODUCED: "REPRODUCED", CONTRADICTED: "CONTRADICTED", UNRESOLVED: "not resolved", NOT_MEASURED: "not measured"}
+_MARK = VERDICT_MARKS
 
 
 def run_seeds(name: str, args: ExperimentArgs, seeds: Sequence[int], **options: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ __all__ = [
     "CONTRADICTED",
     "UNRESOLVED",
     "NOT_MEASURED",
+    "VERDICT_MARKS",
     "band",
     "verdict",
     "Claim",
@@ -38,6 +39,9 @@ REPRODUCED = "reproduced"
 CONTRADICTED = "contradicted"
 UNRESOLVED = "not resolved at this scale"
 NOT_MEASURED = "not measured"
+#: How every command and report prints a verdict in brackets: a decisive one in capitals.
+VERDICT_MARKS = {REPRODUCED: "REPRODUCED", CONTRADICTED: "CONTRADICTED", UNRESOLVED: "not resolved",
+                 NOT_MEASURED: "not measured"}
 
 #: The rule in words (printed in result.json and in the report).
 RULE = (

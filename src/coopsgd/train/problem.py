@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,16 +22,23 @@ import torch
 import torch.nn.functional as F
 
 from coopsgd.algorithms import AlgorithmSpec
+from coopsgd.algorithms.registry import declaration
 from coopsgd.data import Dataset, WorkerLoader, label_histograms, lm_windows, load_dataset, partition
 from coopsgd.errors import ConfigError
 from coopsgd.models import make_model
 from coopsgd.train.config import RunConfig
+from coopsgd.train.config.sections import DEFAULT_LR
 
 __all__ = ["Problem", "TrainingData", "build_problem", "holdout_split", "split_holdout", "lr_at", "feed_from", "lm_loss",
-           "run_length", "LM_SEQ_LEN"]
+           "run_length", "epoch_steps", "base_lr", "inner_optimizer", "planned_steps", "settle", "LM_SEQ_LEN",
+           "REFERENCE_STEPS", "FITTED_ROUNDS"]
 
 #: Tokens per window of a language-model data set (:func:`coopsgd.data.lm_windows`).
 LM_SEQ_LEN = 35
+#: Steps of a reference-engine run without ``max_steps``.
+REFERENCE_STEPS = 300
+#: Communication rounds a run gets when its preset's default period is longer than the run (:func:`settle`).
+FITTED_ROUNDS = 10
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -71,7 +79,21 @@ class Problem:
 
     @property
     def steps_per_epoch(self) -> int:
-        return int(self.loader.steps_per_epoch)
+        """Steps of one epoch, one pass over the training set (:func:`epoch_steps`)."""
+        return epoch_steps(self.loader)
+
+
+def epoch_steps(loader: Any) -> int:
+    """Steps of one epoch: one pass over the whole training set, its samples / (workers x batch size), at least 1.
+
+    Each worker still draws its own shard in its own order (:func:`feed_from`, the loader's own epochs); with
+    unequal shards (a Dirichlet partition) an epoch is no longer decided by the smallest one."""
+    sizes = loader.shard_sizes
+    return _pass_steps(int(sum(sizes)), len(sizes), int(loader.batch_size))
+
+
+def _pass_steps(samples: int, workers: int, batch_size: int) -> int:
+    return max(1, samples // (workers * batch_size))
 
 
 class TrainingData(Protocol):
@@ -102,13 +124,39 @@ class TrainingData(Protocol):
 
 def lr_at(config: RunConfig, step: int, steps_per_epoch: int, sim_time: float) -> float:
     """Learning rate of ``step``: linear warm-up, then x ``lr_decay_factor`` per passed epoch/time milestone."""
-    lr = config.schedule.lr
+    lr = base_lr(config)
     if config.schedule.lr_warmup_steps and step < config.schedule.lr_warmup_steps:
         lr *= (step + 1) / config.schedule.lr_warmup_steps
     epoch = step / steps_per_epoch
     passed = sum(1 for e in config.schedule.lr_decay_epochs if epoch >= e)
     passed += sum(1 for t in config.schedule.lr_decay_times_s if sim_time >= t)
     return lr * config.schedule.lr_decay_factor**passed
+
+
+@functools.cache
+def _prescribed_optimizer(preset: str) -> str | None:
+    """The inner optimizer a preset prescribes (DiLoCo: AdamW; ``None``: none), from a spec built with its
+    defaults: what a preset prescribes does not depend on its settings."""
+    try:
+        return RunConfig(preset=preset, workers=4).build_spec(shard_sizes=[1.0] * 4, steps_per_epoch=1).inner_optimizer
+    except ConfigError:
+        return None
+
+
+def inner_optimizer(config: RunConfig) -> str | None:
+    """The workers' inner optimizer by name: the run's, else the preset's own, else ``"sgd"`` (``None``: a
+    torch.optim class given through the Python API)."""
+    if config.optimizer.torch_class is not None:
+        return None
+    return config.optimizer.name or _prescribed_optimizer(config.algorithm.preset) or "sgd"
+
+
+def base_lr(config: RunConfig) -> float:
+    """The run's learning rate before its schedule: ``lr``, or when none is given the default of the inner
+    optimizer (:data:`coopsgd.train.config.sections.DEFAULT_LR`: 0.1 for SGD, 1e-3 for Adam and AdamW)."""
+    if config.schedule.lr is not None:
+        return float(config.schedule.lr)
+    return DEFAULT_LR.get(inner_optimizer(config) or "sgd", DEFAULT_LR["sgd"])
 
 
 def lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -123,6 +171,61 @@ def run_length(config: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
     total = s.max_steps if s.max_steps is not None else max(1, math.ceil(s.epochs * steps_per_epoch))
     eval_every = config.evaluation.eval_every or max(1, min(steps_per_epoch, total // 10 or 1))
     return total, eval_every
+
+
+def planned_steps(config: RunConfig) -> int:
+    """The number of steps a fresh run of ``config`` takes, before anything is built: ``max_steps``, the
+    reference engine's :data:`REFERENCE_STEPS`, or ``epochs`` of the training set (its data is loaded)."""
+    s = config.schedule
+    if s.max_steps is not None:
+        return s.max_steps
+    if config.execution.engine == "reference":
+        return REFERENCE_STEPS
+    _, _, _, parts, _ = _data(config)
+    per_epoch = _pass_steps(sum(len(p) for p in parts), config.algorithm.workers, config.problem.batch_size)
+    return run_length(config, per_epoch)[0]
+
+
+def _fitted_tau(config: RunConfig) -> tuple[int, str] | None:
+    """``(tau, note)`` when the preset's default period (``tau`` not given) is longer than the run, so no round
+    would communicate: tau becomes the run's length / :data:`FITTED_ROUNDS`."""
+    a = config.algorithm
+    arg = declaration(a.preset).arg("tau")
+    if arg is None or a.tau is not None or a.local_epochs is not None or a.workers < 2 or a.warmup_steps:
+        return None
+    default = arg.default
+    if not isinstance(default, int) or default <= 1:
+        return None
+    total = planned_steps(config)
+    if total >= default:
+        return None
+    tau = max(1, total // FITTED_ROUNDS)
+    return tau, (f"{a.preset}'s default tau = {default} is longer than this run of {total} steps (no round would "
+                 f"communicate): tau = {tau} instead, {total // tau} rounds; give --tau to choose")
+
+
+def settle(config: RunConfig) -> tuple[RunConfig, tuple[str, ...]]:
+    """The config a fresh run starts from, with the defaults that depend on the run written in (so that
+    ``config.json`` says what ran, and a resumed or repeated run is the same run), and a note for each choice
+    a user would not expect:
+
+    * ``lr`` not given: the inner optimizer's default (:func:`base_lr`; noted for an adaptive optimizer);
+    * ``tau`` not given and the preset's default longer than the run (DiLoCo's H = 500 in a run of 155 steps):
+      tau = steps / :data:`FITTED_ROUNDS`.
+    """
+    changes: dict[str, Any] = {}
+    notes: list[str] = []
+    if config.schedule.lr is None:
+        changes["lr"] = lr = base_lr(config)
+        name = inner_optimizer(config)
+        if name is not None and name != "sgd":
+            notes.append(f"lr = {lr:g}, the default learning rate of {name} (sgd's is {DEFAULT_LR['sgd']:g}); give "
+                         "--lr to choose")
+    fitted = _fitted_tau(config)
+    if fitted is not None:
+        changes["tau"] = fitted[0]
+        notes.append(fitted[1])
+    return (config.replace(**changes) if changes else config), tuple(notes)
 
 
 def feed_from(loader: Any) -> Callable[[int, Sequence[int], np.ndarray | None], list[Any]]:
@@ -238,7 +341,7 @@ def build_problem(config: RunConfig) -> Problem:
         g = torch.Generator().manual_seed(c.execution.seed)
         idx = torch.randperm(len(train_set), generator=g)[: min(512, len(train_set))]
         probe = (train_set.x[idx].to(dtype) if not is_lm else train_set.x[idx], train_set.y[idx])
-    total, eval_every = run_length(c, loader.steps_per_epoch)
+    total, eval_every = run_length(c, epoch_steps(loader))
     return Problem(spec=spec, train_set=train_set, test_set=test_set, holdout_set=holdout_set, is_lm=is_lm,
                    histograms=histograms, loader=loader, model=model, loss_fn=lm_loss if is_lm else F.cross_entropy,
                    dtype=dtype, probe=probe, total_steps=total, eval_every=eval_every)

@@ -21,7 +21,7 @@ from coopsgd.train.loop import LoopState
 from coopsgd.train.problem import TrainingData
 from coopsgd.train.rundir import RunDir
 
-__all__ = ["TIME_KEYS", "evaluate_model", "nn_evaluator", "time_fields", "spec_zeta", "record_run", "summarize"]
+__all__ = ["TIME_KEYS", "nonnegative", "evaluate_model", "nn_evaluator", "time_fields", "spec_zeta", "record_run", "summarize"]
 
 #: Keys every engine's metric records and summaries carry (``None`` where an engine has no such value):
 #: simulated time from the simulated clock / cost model, measured time from real clocks, and ``time_s``,
@@ -65,11 +65,23 @@ def spec_zeta(spec: AlgorithmSpec) -> float | None:
     return None if spec.theory_matrix is None else float(zeta(spec.theory_matrix))
 
 
+#: A time below zero by at most this much is rounding (a difference of two equal sums), recorded as 0.
+ROUNDING_S = 1e-9
+
+
+def nonnegative(seconds: Any) -> Any:
+    """A duration with rounding below zero (``-1.8e-15`` from ``phases - busy``) recorded as ``0.0``; ``None``
+    and real values as they are."""
+    if isinstance(seconds, (int, float)) and -ROUNDING_S <= seconds < 0:
+        return 0.0
+    return seconds
+
+
 def time_fields(times: dict[str, Any], train_s: float, wall: float) -> dict[str, Any]:
     """The :data:`TIME_KEYS` of a record from an engine's ``time_record()``, the measured training seconds
-    and the wall-clock seconds of the run."""
+    and the wall-clock seconds of the run (a duration below zero by rounding is 0, :func:`nonnegative`)."""
     simulated = times.get("simulated_time_s")
-    out = {k: times.get(k) for k in TIME_KEYS}
+    out = {k: nonnegative(times.get(k)) for k in TIME_KEYS}
     out["bytes_sent"] = float(times.get("bytes_sent", 0.0))
     out["measured_train_s"] = float(train_s)
     out["wall_time_s"] = float(wall)

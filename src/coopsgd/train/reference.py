@@ -23,15 +23,15 @@ from coopsgd.objectives import Objective, make_objective
 from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, expected_runtime
 from coopsgd.train.config import RunConfig
 from coopsgd.train.loop import LoopState
-from coopsgd.train.problem import lr_at
-from coopsgd.train.records import spec_zeta, summarize, time_fields
+from coopsgd.train.problem import REFERENCE_STEPS, lr_at
+from coopsgd.train.records import nonnegative, spec_zeta, summarize, time_fields
 from coopsgd.train.rundir import check_run_dir, tensorboard_enabled
 from coopsgd.train.setup import Workload, open_run_dir, prepare_run
 
 __all__ = ["train_reference", "make_objective_of", "make_reference", "DEFAULT_STEPS"]
 
 #: Steps of a reference run without ``max_steps``.
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = REFERENCE_STEPS
 
 
 def make_objective_of(config: RunConfig) -> Objective:
@@ -135,7 +135,7 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
         summary["final"]["test_accuracy"] = last["test_accuracy"]
     # the cost model's expected totals (exact for deterministic compute)
     summary["simulated_time_s"] = summary["time_s"] = clock["total_s"]
-    summary["simulated_split_s"] = {k: clock[k] for k in ("compute_s", "communication_s", "idle_s")}
+    summary["simulated_split_s"] = {k: nonnegative(clock[k]) for k in ("compute_s", "communication_s", "idle_s")}
     summary["worker_objectives"] = [float(v) for v in np.asarray(obj.value(eng.workers_state))]
     summary["center_objective"] = last["center_objective"]
     if rd is not None:

@@ -32,7 +32,15 @@ from coopsgd.train.checkpoint import CHECKPOINT_FORMAT, checkpoint_record, load_
 from coopsgd.train.config import RunConfig
 from coopsgd.train.distributed import run_distributed
 from coopsgd.train.loop import LoopState
-from coopsgd.train.problem import Problem, build_problem, feed_from, holdout_split, lr_at, split_holdout
+from coopsgd.train.problem import (
+    Problem,
+    build_problem,
+    epoch_steps,
+    feed_from,
+    holdout_split,
+    lr_at,
+    split_holdout,
+)
 from coopsgd.train.records import TIME_KEYS, evaluate_model, record_run, summarize
 from coopsgd.train.reference import train_reference
 from coopsgd.train.rundir import RunDir, check_run_dir, tensorboard_enabled
@@ -70,7 +78,8 @@ class Experiment:
 
     @property
     def steps_per_epoch(self) -> int:
-        return int(self.loader.steps_per_epoch)
+        """Steps of one epoch, one pass over the training set (:func:`coopsgd.train.problem.epoch_steps`)."""
+        return epoch_steps(self.loader)
 
 
 def sim_clock(config: RunConfig) -> SimClock:

@@ -129,9 +129,10 @@ class RunConfig:
                                           "a smaller value or dtype float64")
         s = self.schedule
         milestones = len(s.lr_decay_epochs) + len(s.lr_decay_times_s)
+        lr = s.lr if s.lr is not None else max(sec.DEFAULT_LR.values())
         if s.lr_decay_factor > 1 and milestones and (
-                math.log(s.lr) + milestones * math.log(s.lr_decay_factor) > math.log(FLOAT32_MAX)):
-            raise ConfigError.invalid("lr_decay_factor", s.lr_decay_factor, f"lr={s.lr:g} x {s.lr_decay_factor:g}^"
+                math.log(lr) + milestones * math.log(s.lr_decay_factor) > math.log(FLOAT32_MAX)):
+            raise ConfigError.invalid("lr_decay_factor", s.lr_decay_factor, f"lr={lr:g} x {s.lr_decay_factor:g}^"
                                       f"{milestones} milestones does not fit dtype float32 (<= {FLOAT32_MAX:.4g})")
 
     def _check_compression(self) -> None:

@@ -21,7 +21,7 @@ from coopsgd.settings import check_section, setting, settings_of
 __all__ = [
     "ProblemSettings", "AlgorithmSettings", "ScheduleSettings", "EvaluationSettings", "ClockSettings",
     "ExecutionSettings", "OutputSettings", "ENGINES", "DTYPES", "EXECUTORS", "PARTITIONS", "LOSS_ESTIMATES",
-    "COMPUTE_MODELS", "MAX_TIMEOUT_S", "check_device",
+    "COMPUTE_MODELS", "MAX_TIMEOUT_S", "DEFAULT_LR", "check_device",
 ]
 
 ENGINES = ("reference", "simulate", "distributed")
@@ -159,14 +159,23 @@ class ProblemSettings:
         check_section(self)
 
 
+#: The learning rate of a run that gives none, by the workers' inner optimizer (an adaptive optimizer's steps
+#: are already scaled: 0.1 would throw AdamW off at once); a torch.optim class through the Python API: SGD's.
+DEFAULT_LR: dict[str, float] = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
+
+
 @dataclass(frozen=True)
 class ScheduleSettings:
     """How long and how fast: the learning rate (decayed by ``lr_decay_factor`` at each epoch in
     ``lr_decay_epochs`` and at the simulated times ``lr_decay_times_s``, after a linear warm-up), and
-    ``epochs`` or ``max_steps``."""
+    ``epochs`` or ``max_steps``. ``lr=None``: not given, :data:`DEFAULT_LR` of the inner optimizer
+    (:func:`coopsgd.train.problem.base_lr`). An epoch is one pass over the training set: total samples /
+    (workers x batch size) steps."""
 
-    lr: float = setting(0.1, help="learning rate", low=0.0, low_open=True)
-    epochs: float = setting(5.0, help="simulate / distributed: epochs", low=0.0, low_open=True)
+    lr: float | None = setting(None, help="learning rate", low=0.0, low_open=True,
+                               default_text="0.1 for sgd, 0.001 for adam and adamw")
+    epochs: float = setting(5.0, help="simulate / distributed: epochs (one epoch: training samples / (workers x "
+                                      "batch size) steps)", low=0.0, low_open=True)
     max_steps: int | None = setting(None, help="number of steps (overrides --epochs)", low=1,
                                     default_text="from --epochs; the reference engine: 300")
     lr_decay_epochs: list[float] = setting(factory=list, low=0.0,
