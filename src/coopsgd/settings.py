@@ -186,19 +186,25 @@ def check_section(obj: object) -> None:
 
 
 def as_number_list(key: str, value: Any) -> list[Any]:
-    """A list setting from a list, one number, ``None`` (empty) or a comma-separated text (a flag)."""
+    """A list setting from a list, one number, ``None`` (empty) or a comma-separated text (a flag). An entry
+    given twice is refused (``100,100`` is a typo, not a setting)."""
     if value is None:
         return []
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [value]
     if isinstance(value, str):
         try:
-            return [float(v) for v in value.split(",") if v.strip()]
+            out = [float(v) for v in value.split(",") if v.strip()]
         except ValueError:
             raise ConfigError.invalid(key, value, "a list of numbers, e.g. 100,150") from None
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise ConfigError.invalid(key, value, "a list of numbers, e.g. [100, 150]")
+    elif isinstance(value, (list, tuple)):
+        out = list(value)
+    else:
+        raise ConfigError.invalid(key, value, "a list of numbers, e.g. [100, 150]")
+    repeated = [v for i, v in enumerate(out) if isinstance(v, (int, float)) and v in out[:i]]
+    if repeated:
+        raise ConfigError.invalid(key, value, f"{repeated[0]!r} is given twice; list each entry once")
+    return out
 
 
 def default_text(value: Any) -> str:

@@ -112,6 +112,9 @@ def _checked_config(ns: argparse.Namespace, *, under_torchrun: bool) -> RunConfi
     from coopsgd.errors import ConfigError, check_float
     from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig, load_config
 
+    for flag, value in (("--config", ns.config), ("--out", ns.out), ("--resume", ns.resume)):
+        if value is not None and not value.strip():  # e.g. an unset shell variable: never "the default"
+            raise ConfigError.invalid(flag, value, "must not be an empty string (leave the flag out instead)")
     cfg = RunConfig.from_dict(load_config(ns.config), source=ns.config)
     ns.timeout_s = check_float("--timeout-s", ns.timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
     NetEmulation(ns.net_latency_ms, ns.net_bandwidth_mbps)  # checks both

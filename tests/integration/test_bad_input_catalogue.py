@@ -7,6 +7,7 @@ tests/integration/test_cli.py, test_train.py): here the inputs arrive the way us
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -40,6 +41,12 @@ def _files(tmp):
     f["txt_config"].write_text("preset=sync")
     f["not_run"] = tmp / "emptydir"
     f["not_run"].mkdir()
+    f["dup_json"] = tmp / "dup.json"
+    f["dup_json"].write_text('{"preset": "sync", "lr": 0.1, "lr": 0.2}')
+    f["dup_yaml"] = tmp / "dup.yaml"
+    f["dup_yaml"].write_text("preset: sync\nlr: 0.1\nlr: 0.2\n")
+    f["fifo"] = tmp / "pipe.toml"
+    os.mkfifo(f["fifo"])
     return f
 
 
@@ -65,6 +72,18 @@ CASES = [
     (["run", "--config", "{bad_value}"], "alpha"),
     (["run", "--config", "{txt_config}"], ".toml"),
     (["run", "--config", "/does/not/exist.toml"], "no such file"),
+    # issue 24, class 5: a key given twice (as TOML refuses it), an empty string never means "the default"
+    (["run", "--config", "{dup_json}"], "duplicate key 'lr'"),
+    (["run", "--config", "{dup_yaml}"], "duplicate key 'lr' at line 3"),
+    (["run", "--config", ""], "--config=''"),
+    (["run", "--resume", ""], "--resume=''"),
+    # ... and an entry given twice in a list-valued flag is refused
+    (["run", "--lr-decay-epochs", "1,1"], "given twice"),
+    # inputs that are not regular files say what they are (reading a FIFO would block)
+    (["run", "--config", "{fifo}"], "is a FIFO (named pipe), not a regular file"),
+    (["topology", "custom", "--matrix", "{fifo}"], "is a FIFO (named pipe), not a regular file"),
+    (["compare", "--presets", "sync,local_sgd,sync"], "'sync' is given twice"),
+    (["reproduce", "matrix-completion", "--quick", "--ranks", "1,2,1", "--out", "{not_run}/mc"], "1 is given twice"),
     # flags
     (["run", "--workers", "-3"], "workers"),
     (["run", "--tau", "abc"], "--tau"),

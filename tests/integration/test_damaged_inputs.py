@@ -146,6 +146,140 @@ def test_damaged_run_directory_is_refused_and_left_unchanged(capsys, tmp_path, g
     assert snapshot(d) == before, "a refused resume must leave the run directory unchanged"
 
 
+HOLDER = """
+import sys
+from coopsgd.fileio import lock_directory
+held = [lock_directory(d) for d in sys.argv[1:]]
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_directory_another_process_writes_is_refused_naming_it(capsys, tmp_path, good_run) -> None:
+    """Issue 24, class 1: a run directory whose lock another process holds (here a process that only holds
+    it) is refused by every writing command, naming that process; nothing in it changes. A directory
+    whose holder died is free again (the kernel dropped the lock)."""
+    import sys
+
+    d = tmp_path / "run"
+    shutil.copytree(good_run, d)
+    e = tmp_path / "results"  # a `reproduce` output directory
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(d), str(e)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        before = snapshot(d), snapshot(e)
+        for argv in (["run", "--resume", str(d), "--max-steps", "6", "--json"],
+                     ["run", "--workers", "2", "--max-steps", "4", "--checkpoint-every", "2", "--json", "--out", str(d)],
+                     ["compare", "--presets", "sync", "--out", str(d)],
+                     ["reproduce", "lsgd-toy", "--quick", "--out", str(e)],
+                     ["reproduce", "report", str(e)]):
+            code, _, err = cli(capsys, *argv)
+            where = str(e) if argv[0] == "reproduce" else str(d)
+            assert_one_line(code, err, where, f"in use by another coopsgd process (PID {holder.pid})")
+        assert (snapshot(d), snapshot(e)) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out, err = cli(capsys, "run", "--resume", str(d), "--max-steps", "6", "--json")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_every_file_follows_the_umask(capsys, tmp_path, umask, mode) -> None:
+    """Issue 24, class 8: atomically written files (JSON, checkpoints, figures) used to be 0600 whatever
+    the umask, while metrics.jsonl followed it; now every file a run writes follows it."""
+    from coopsgd.fileio import atomic_write_bytes
+
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "run"
+        code, _, err = cli(capsys, "run", "--workers", "2", "--max-steps", "2", "--no-tensorboard", "--json",
+                           "--out", str(out))
+        assert code == 0, err
+        atomic_write_bytes(tmp_path / "other.bin", b"x")
+    finally:
+        os.umask(old)
+    files = [p for p in out.iterdir() if p.is_file()] + [tmp_path / "other.bin"]
+    assert {"checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"} <= {p.name for p in files}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
+
+
+@pytest.mark.parametrize("result,needles", [
+    ({"claims": "reproduced"}, ["claims='reproduced'", "must be a list"]),
+    ({"claims": [{"paper": "x", "verdict": "reproduced"}]}, ["claims[0]", "paper, what, verdict"]),
+    ({"metrics": {"final loss": {"n": 3, "mean": "low"}}}, ["metrics.final loss", "band"]),
+    ({"runtime_s": "5 s"}, ["runtime_s='5 s'", "must be a number"]),
+    ([1, 2], ["must hold a JSON object"]),
+], ids=["claims-text", "claim-without-what", "band-text", "runtime-text", "a-list"])
+def test_damaged_result_json_for_reproduce_report(capsys, tmp_path, result, needles) -> None:
+    """Issue 24, class 7: ``reproduce report DIR`` with a result.json of the wrong shape is one line naming
+    the file and the field (exit 2), and writes no report."""
+    (tmp_path / "lsgd-toy").mkdir()
+    (tmp_path / "lsgd-toy" / "result.json").write_text(json.dumps(result))
+    code, _, err = cli(capsys, "reproduce", "report", str(tmp_path))
+    assert_one_line(code, err, "result.json", *needles)
+    assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("engine", ["simulate", "distributed"])
+def test_state_that_cannot_fit_is_refused_before_it_is_allocated(capsys, tmp_path, monkeypatch, engine) -> None:
+    """Issue 24, class 6: the stacked state is estimated against the free memory before it is allocated
+    (here the machine is made to have 1000 bytes free): one line with the size it would need, no run directory,
+    no process started."""
+    import coopsgd.train.setup as setup
+
+    monkeypatch.setattr(setup, "available_memory", lambda device: 1000)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "run", "--engine", engine, "--workers", "2", "--max-steps", "2", "--json",
+                       "--out", str(out))
+    assert_one_line(code, err, "the run's state needs", "but cpu has 1000 bytes free")
+    assert not out.exists()
+
+
+def test_outputs_never_replace_files_coopsgd_did_not_write(capsys, tmp_path, good_run) -> None:
+    """Issue 24, class 2: ``reproduce`` does not replace a user's result.json, report.md or figure, and no
+    command writes into (or below) a run directory; each refusal is one line and changes nothing."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "result.json").write_text('{"my": "numbers"}')
+    (mine / "report.md").write_text("# my report\n")
+    (mine / "plot.png").write_bytes(b"\x89PNG my own figure")
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    before = {d: snapshot(d) for d in (mine, run)}
+    for argv, needles in [
+        (["reproduce", "lsgd-toy", "--quick", "--out", str(mine)], ["holds files coopsgd did not write", "plot.png"]),
+        (["reproduce", "report", str(mine)], ["report.md"]),
+        (["reproduce", "lsgd-toy", "--quick", "--out", str(run)], ["is a run directory"]),
+        (["reproduce", "lsgd-toy", "--quick", "--out", str(run / "toy")], ["lies inside the run directory"]),
+        (["run", "--workers", "2", "--max-steps", "2", "--json", "--out", str(run / "inner")],
+         ["lies inside the run directory"]),
+        (["compare", "--presets", "sync", "--out", str(run / "cmp")], ["lies inside the run directory"]),
+    ]:
+        code, _, err = cli(capsys, *argv)
+        assert_one_line(code, err, *needles)
+    assert {d: snapshot(d) for d in (mine, run)} == before
+
+
+def test_an_installed_but_broken_tensorboard_is_found_before_the_run(capsys, tmp_path, monkeypatch) -> None:
+    """Issue 24, class 6: an optional dependency that is installed but whose import fails is reported before
+    the run starts: an error when asked for (one line, no run directory), a warning and no event files when
+    the setting is left to what is installed."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed")
+    import coopsgd.train.rundir as rundir
+
+    monkeypatch.setattr(rundir, "tensorboard_import_error", lambda: "ImportError: broken install")
+    ref = ["run", "--engine", "reference", "--objective", "quadratic", "--workers", "2", "--steps", "4"]
+    code, _, err = cli(capsys, *ref, "--tensorboard", "--out", str(tmp_path / "asked"))
+    assert_one_line(code, err, "tensorboard", "installed but cannot be imported (ImportError: broken install)")
+    assert not (tmp_path / "asked").exists()
+    with pytest.warns(RuntimeWarning, match=r"cannot be imported \(ImportError: broken install\)"):
+        code, _, err = cli(capsys, *ref, "--json", "--out", str(tmp_path / "auto"))
+    assert code == 0, err
+    assert not (tmp_path / "auto" / "tensorboard").exists()
+
+
 def test_undamaged_copy_resumes(capsys, tmp_path, good_run) -> None:
     """The control: the same copy without damage resumes (so the cases above fail for their damage)."""
     d = tmp_path / "run"

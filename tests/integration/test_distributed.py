@@ -223,12 +223,23 @@ def test_cli_engine_distributed(capsys, tmp_path) -> None:
     assert (tmp_path / "d" / "summary.json").is_file()
 
 
-def test_local_launch_listens_on_loopback_only() -> None:
-    import ipaddress
+def _listening_after_a_barrier(rank: int, world: int) -> list[str]:
+    """The rank's listening sockets, read after a barrier: ``listening_addresses`` alone returns at once, so
+    the first rank to finish tore its process group down (and exited) while the other could still be in
+    gloo's ``connectFullMesh``, which then failed with "Connection closed by peer" (issue 24, class 9: the
+    flaky test). After the barrier every rank has finished connecting."""
+    import torch.distributed as dist
 
     from coopsgd.engines.distributed.launch import listening_addresses
 
-    per_rank = launch(listening_addresses, 2, timeout_s=30)
+    dist.barrier()
+    return listening_addresses()
+
+
+def test_local_launch_listens_on_loopback_only() -> None:
+    import ipaddress
+
+    per_rank = launch(_listening_after_a_barrier, 2, timeout_s=30)
     addrs = [a for ranks in per_rank for a in ranks]
     assert addrs, "gloo opens at least one listening socket per rank"
     for a in addrs:

@@ -15,6 +15,7 @@ import pytest
 
 from coopsgd.cli import main
 from coopsgd.errors import ConfigError
+from coopsgd.fileio import LOCK_FILE
 from coopsgd.train import RunConfig
 from coopsgd.train.rundir import (
     check_compare_dir,
@@ -82,7 +83,7 @@ def test_overwrite_removes_every_file_of_the_old_run(capsys, tmp_path) -> None:
     assert not (d / "checkpoint.pt").exists()
     assert json.loads((d / "config.json").read_text())["engine"] == "reference"
     assert {p.name for p in d.iterdir()} == {"config.json", "environment.json", "metrics.jsonl", "summary.json",
-                                             "tensorboard"}
+                                             "tensorboard", LOCK_FILE}
     new_events = sorted((d / "tensorboard").iterdir())
     assert len(new_events) == 1 and new_events[0] not in old_events
     steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
@@ -222,7 +223,8 @@ def test_two_compares_without_out_get_two_directories(capsys, tmp_path, monkeypa
         outs.append(Path(json.loads(out)["out"]))
     assert outs[0] != outs[1] and all(o.name.startswith("compare-") for o in outs)
     for o in outs:
-        assert {p.name for p in (tmp_path / o).iterdir()} == {"compare.json", "compare.png", "sync", "local_sgd"}
+        assert {p.name for p in (tmp_path / o).iterdir()} == {"compare.json", "compare.png", "sync", "local_sgd",
+                                                              LOCK_FILE}
         assert json.loads((tmp_path / o / "compare.json").read_text())["presets"] == ["sync", "local_sgd"]
 
 
@@ -243,7 +245,7 @@ def test_compare_into_another_comparison_is_refused_unless_overwrite(capsys, tmp
     code, out, err = cli(capsys, "compare", "--presets", "sync,local_sgd", *REF, "--out", str(c), "--overwrite",
                          "--json")
     assert code == 0, err
-    assert {p.name for p in c.iterdir()} == {"compare.json", "compare.png", "sync", "local_sgd"}  # no dpsgd/
+    assert {p.name for p in c.iterdir()} == {"compare.json", "compare.png", "sync", "local_sgd", LOCK_FILE}  # no dpsgd/
     assert not (c / "sync" / "checkpoint.pt").exists()  # the simulator's run is gone with its checkpoint
     assert json.loads((c / "compare.json").read_text())["config"]["engine"] == "reference"
 
@@ -371,7 +373,7 @@ def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path) -> None:
     train(RunConfig(**common, max_steps=6), out=d)
     train(RunConfig(**common, max_steps=14), out=d, resume=d)
     steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 5, 6, 10, 14]
+    assert steps == [0, 5, 10, 14]  # the first part's last record (6, off the grid) replaced: as one run of 14
     assert len(list((d / "tensorboard").iterdir())) == 2  # one event file per process, the old one kept
     _same_scalars(d)
     # a run that went on past its last checkpoint (a crash after step 6): the events after step 6 are

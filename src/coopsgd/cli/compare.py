@@ -17,7 +17,7 @@ from coopsgd.errors import ConfigError
 from coopsgd.settings import default_text as shown_default
 from coopsgd.settings import settings_of
 from coopsgd.train.config import AlgorithmSettings, RunConfig
-from coopsgd.train.rundir import fresh_run_dir, prepare_compare_dir
+from coopsgd.train.rundir import check_compare_dir, fresh_run_dir, lock_directory, prepare_compare_dir
 
 __all__ = ["register", "cmd_compare", "COMPARE_DEFAULTS", "COMPARE_PRESETS", "COMPARE_SETS", "CompareSet"]
 
@@ -116,6 +116,9 @@ def _compare_plan(args: argparse.Namespace) -> tuple[RunConfig, list[tuple[str, 
         names = [p.strip() for p in text.split(",") if p.strip()]
         if not names:
             raise ConfigError.invalid("--presets", args.presets, "give at least one preset")
+        twice = [n for i, n in enumerate(names) if n in names[:i]]
+        if twice:
+            raise ConfigError.invalid("--presets", args.presets, f"{twice[0]!r} is given twice; list each preset once")
         for n in names:
             if n not in PRESETS:
                 raise ConfigError.invalid("--presets", n, f"choose from {', '.join(PRESETS)}")
@@ -176,7 +179,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     # a directory of its own (runs/compare-<time>[-N]), or --out: refused when it holds another comparison
     # unless --overwrite; the old comparison's files are removed before the first run
     out = Path(base.output.out) if base.output.out else fresh_run_dir("compare")
-    prepare_compare_dir(out, base.to_dict(), names, overwrite=bool(getattr(args, "overwrite", False)))
+    overwrite = bool(getattr(args, "overwrite", False))
+    check_compare_dir(out, base.to_dict(), names, overwrite=overwrite)  # refused: nothing is written
+    _held = lock_directory(out, "compare directory")  # one writer until this command returns
+    prepare_compare_dir(out, base.to_dict(), names, overwrite=overwrite)
     if not args.json and not base.output.out:
         print(f"coopsgd: writing the comparison to {out}", file=sys.stderr, flush=True)
     meta: dict[str, Any] = {"config": base.to_dict(), "presets": names}

@@ -82,6 +82,9 @@ def given_flags(args: argparse.Namespace) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     """The run's config: ``--config FILE``'s settings, the flags over them, then ``overrides``. A bad value from
     the file is an error naming the file too."""
+    if args.config is not None and not str(args.config).strip():  # e.g. an unset shell variable
+        raise ConfigError.invalid("--config", args.config, "must be a config file, not an empty string (leave "
+                                                           "--config out to use the flags and defaults only)")
     source = f"config {args.config!r}" if args.config else "config"
     data = flat_settings(load_config(args.config), source=source) if args.config else {}
     from_file = set(data)

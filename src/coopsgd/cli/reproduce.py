@@ -10,7 +10,7 @@ from typing import Any
 
 from coopsgd.catalog import MATRIX_COMPLETION, REPRODUCTION_ALIASES, REPRODUCTIONS
 from coopsgd.cli.common import experiment_names, flag_int, print_json, progress_wanted, write_json
-from coopsgd.errors import ConfigError
+from coopsgd.errors import INT64_MAX, ConfigError
 from coopsgd.settings import default_text as shown_default
 
 __all__ = ["register"]
@@ -67,7 +67,7 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from coopsgd.experiments.report import REPORT_ORDER, render_report
+    from coopsgd.experiments.report import render_report
 
     name = "matrix-completion" if args.name == "lsgd-matrix-completion" else args.name
     if args.dir is not None and name != "report":
@@ -88,6 +88,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         target = args.dir if args.dir is not None else args.out
         if target is None:
             raise ConfigError.invalid("DIR", None, "give the directory of a `reproduce all` run: reproduce report DIR")
+        if Path(target).is_dir():
+            from coopsgd.fileio import lock_directory
+            from coopsgd.train.rundir import check_results_dir
+
+            check_results_dir(target)  # a report.md of someone else's is not replaced
+            _held = lock_directory(target, "output directory")  # no `reproduce` writes it meanwhile
         path = render_report(target)
         print(f"report: {path}")
         return 0
@@ -100,11 +106,34 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     args.seed = flag_int("--seed", args.seed, 0)
     if args.seeds is not None:
         args.seeds = flag_int("--seeds", args.seeds, 1, 100)
+    last_seed = args.seed + (args.seeds if args.seeds is not None else (3 if args.quick else 1)) - 1
+    if last_seed > INT64_MAX:  # every seed, checked before the first run
+        raise ConfigError.invalid("--seeds", args.seeds, f"the last seed, --seed + --seeds - 1 = {last_seed}, must be "
+                                                         "at most 2^63 - 1")
     if name != "matrix-completion":
         for flag in ("ranks", "trials", "steps", "d"):
             if getattr(args, flag) is not None:
                 raise ConfigError.invalid("--" + flag, getattr(args, flag), f"a matrix-completion flag; {name} does "
                                           "not take it")
+    from coopsgd.fileio import discard_unused, first_missing, lock_directory
+    from coopsgd.train.rundir import check_results_dir
+
+    for d in [out_dir, *((out_dir / e for e in REPRODUCTIONS) if name == "all" else ())]:
+        check_results_dir(d)  # never replace a file coopsgd did not write, never write into a run directory
+    created = first_missing(out_dir)
+    _held = lock_directory(out_dir, "output directory")  # one writer until this command returns
+    try:
+        return _reproduce_into(name, args, out_dir)
+    except BaseException:
+        if created is not None:
+            discard_unused(out_dir, created)  # refused before anything was written: no empty directory left
+        raise
+
+
+def _reproduce_into(name: str, args: argparse.Namespace, out_dir: Path) -> int:
+    """``reproduce NAME`` (or ``all``) into ``out_dir``, whose lock this process holds."""
+    from coopsgd.experiments.report import REPORT_ORDER, render_report
+
     if name == "all":
         from coopsgd.experiments.registry import DRY_RUNS
 
@@ -193,6 +222,9 @@ def _matrix_completion(args: argparse.Namespace, out_dir: Path) -> dict[str, Any
                                   "is its own seed)")
     base = MC_QUICK if args.quick else MC_SETTINGS
     ranks = parse_ranks(args.ranks) if args.ranks is not None else base["ranks"]
+    twice = [r for i, r in enumerate(ranks) if r in ranks[:i]]
+    if twice:
+        raise ConfigError.invalid("--ranks", args.ranks, f"{twice[0]} is given twice; list each rank once")
     d = base["d"] if args.d is None else flag_int("--d", args.d, 2)
     if d * max(ranks) > MC_MAX_PARAMS:
         raise ConfigError.invalid("--d", d, f"d x rank = {d} x {max(ranks)} parameters per model must be <= "

@@ -14,7 +14,7 @@ from coopsgd.cli.config_flags import add_config_flags, config_from_args, given_f
 from coopsgd.errors import ConfigError
 from coopsgd.settings import default_text as shown_default
 from coopsgd.train.config import RunConfig
-from coopsgd.train.rundir import RESUME_FIELDS, fresh_run_dir, read_run_json
+from coopsgd.train.rundir import RESUME_FIELDS, discard_unused, fresh_run_dir, read_run_json
 
 __all__ = ["register", "cmd_run", "print_summary", "print_notes", "resume_config"]
 
@@ -57,6 +57,9 @@ def print_summary(summary: dict[str, Any]) -> None:
 def resume_config(args: argparse.Namespace) -> RunConfig:
     """The config of ``run --resume DIR``: the run's ``config.json`` (flat keys, any version), with the few
     settings a resumed run may change (:data:`RESUME_FIELDS`) taken from the flags."""
+    if not str(args.resume).strip():  # e.g. an unset shell variable: never "a new run"
+        raise ConfigError.invalid("--resume", args.resume, "must be a run directory, not an empty string (leave "
+                                                           "--resume out to start a new run)")
     rdir = Path(args.resume)
     if getattr(args, "overwrite", False):
         raise ConfigError.invalid("--overwrite", True, "cannot be combined with --resume (a resumed run "
@@ -99,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     notes: tuple[str, ...] = ()
 
-    if args.resume:
+    if args.resume is not None:
         summary = run(resume_config(args), progress=progress_wanted(args), resume=Path(args.resume))
     else:
         # the defaults that depend on the run (an adaptive optimizer's lr, a period longer than the run) are
@@ -113,8 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             summary = run(config, progress=progress_wanted(args), overwrite=bool(getattr(args, "overwrite", False)))
         except BaseException:
-            if fresh is not None and fresh.is_dir() and not any(fresh.iterdir()):
-                fresh.rmdir()  # refused before anything was written: leave no empty directory behind
+            if fresh is not None:
+                discard_unused(fresh)  # refused before anything was written: leave no empty directory behind
             raise
     if args.json:
         print_json({**summary, "notes": list(notes)} if notes else summary)

@@ -20,7 +20,7 @@ from coopsgd.errors import ConfigError
 from coopsgd.experiments.stats import RULE, format_band
 from coopsgd.fileio import atomic_write_bytes, read_json
 
-__all__ = ["REPORT_ORDER", "render_report", "report_html", "report_markdown", "machine_note"]
+__all__ = ["REPORT_ORDER", "render_report", "report_html", "report_markdown", "machine_note", "check_result"]
 
 #: Experiments in report order (``coopsgd reproduce all`` runs them in this order too).
 REPORT_ORDER: tuple[str, ...] = (
@@ -38,6 +38,49 @@ def machine_note() -> str:
     return (f"{platform.machine()} {platform.system()} {platform.release()}, {os.cpu_count()} logical CPUs, "
             f"Python {platform.python_version()}, torch {torch.__version__}, "
             f"{datetime.date.today().isoformat()}")
+
+
+#: The shape of what the report reads from a result.json: field -> (type, entry type or keys of entries).
+_TEXT = (str,)
+_NUMBER = (int, float)
+_RESULT_SHAPE: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "description": (_TEXT, None), "scale": (_TEXT, None), "runtime_s": (_NUMBER, None),
+    "seeds": (list, None), "notes": (list, _TEXT), "plots": (list, _TEXT), "metrics": (dict, None),
+    "claims": (list, ("paper", "what", "verdict")), "paper_table": (list, ("quantity", "paper")),
+}
+_BAND_NUMBERS = ("n", "mean", "std", "min", "max", "missing")
+
+
+def check_result(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``data`` (the ``result.json`` at ``path``) if every field the report reads has its shape; otherwise a
+    :class:`ConfigError` naming the file and the field (a damaged or hand-edited file is one line, not a
+    traceback halfway through the report)."""
+
+    def bad(field: str, value: Any, allowed: str) -> ConfigError:
+        shown = value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+        return ConfigError(f"{path}: {field}={shown!r} is invalid: {allowed} (a damaged result.json? rerun the "
+                           "experiment)", field=field, value=shown)
+
+    for key, (kind, entries) in _RESULT_SHAPE.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            what = {list: "a list", dict: "a mapping", _NUMBER: "a number"}.get(kind, "text")
+            raise bad(key, value, f"must be {what}")
+        items: list[Any] = data[key] if kind is list and entries is not None else []
+        for i, item in enumerate(items):
+            if entries is _TEXT and not isinstance(item, str):
+                raise bad(f"{key}[{i}]", item, "must be text")
+            if entries is not _TEXT and (not isinstance(item, dict) or not all(isinstance(item.get(k), str)
+                                                                                for k in entries)):
+                raise bad(f"{key}[{i}]", item, f"must be a mapping with the texts {', '.join(entries)}")
+    for name, band in (data.get("metrics") or {}).items():
+        if band is not None and (not isinstance(band, dict) or not all(
+                band.get(k) is None or (isinstance(band[k], (int, float)) and not isinstance(band[k], bool))
+                for k in _BAND_NUMBERS)):
+            raise bad(f"metrics.{name}", band, f"must be a band (a mapping of the numbers {', '.join(_BAND_NUMBERS)})")
+    return data
 
 
 def _esc(text: Any) -> str:
@@ -143,7 +186,7 @@ def render_report(directory: str | Path, *, machine: str | None = None) -> Path:
     for name in REPORT_ORDER:
         path = base / name / "result.json"
         if path.is_file():
-            results[name] = read_json(path, "result.json")
+            results[name] = check_result(read_json(path, "result.json"), path)
     text = report_markdown(results, base, machine=machine)
     page = report_html(text)
     if page is not None:

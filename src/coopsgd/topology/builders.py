@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from coopsgd.errors import ConfigError, check_choice, check_int
+from coopsgd.fileio import not_a_file
 from coopsgd.topology import graphs
 from coopsgd.topology.mixing import CHECKS, MAX_DENSE_NODES, MixingMatrix, check_dense_nodes
 from coopsgd.topology.weights import WEIGHT_RULES
@@ -153,8 +154,7 @@ def load_matrix(path: str | Path, *, check: str = "doubly", allow_negative: bool
     if check not in CHECKS:
         raise ConfigError.invalid("check", check, f"must be one of {', '.join(map(repr, CHECKS))}")
     if not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "does not exist"
-        raise ConfigError(f"mixing matrix file {str(p)!r} {what}", field="path", value=str(p))
+        raise ConfigError(f"mixing matrix file {str(p)!r} {not_a_file(p)}", field="path", value=str(p))
     suffix = p.suffix.lower()
     if suffix not in _LOAD_SUFFIXES:
         raise ConfigError(

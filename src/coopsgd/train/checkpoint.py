@@ -55,7 +55,8 @@ def checkpoint_record(config: RunConfig, engine: str, step: int, loader: Any, lo
     return rec
 
 
-def load_run_checkpoint(path: str | Path, engine: str, *, world: int | None = None) -> dict[str, Any]:
+def load_run_checkpoint(path: str | Path, engine: str, *, world: int | None = None,
+                        config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read a run checkpoint (a file, or a run directory holding ``checkpoint.pt``) written by ``engine``.
 
     One code path for every engine: the file must be a :data:`CHECKPOINT_FORMAT` checkpoint whose
@@ -65,8 +66,10 @@ def load_run_checkpoint(path: str | Path, engine: str, *, world: int | None = No
     (a run directory), the checkpoint's config must equal it in every field but the ones a resume may
     change: a checkpoint of another run, or a damaged ``config.json``, is refused naming the field.
     ``world`` (distributed runs): the number of ranks resuming, which must be the checkpoint's, with one
-    state per rank, the config and the data position. Anything else is a :class:`ConfigError` naming the
-    file and the entry.
+    state per rank, the config and the data position. ``config`` (a :meth:`RunConfig.to_dict`): the run that
+    resumes from it, which must equal the checkpoint's config in the same fields (a checkpoint given from
+    another directory, e.g. ``torchrun --resume``, is checked like the run directory's own). Anything else is
+    a :class:`ConfigError` naming the file and the entry.
     """
     file = checkpoint_path(path)
     state = load_checkpoint(file)
@@ -86,6 +89,13 @@ def load_run_checkpoint(path: str | Path, engine: str, *, world: int | None = No
             raise ConfigError(f"checkpoint {str(file)!r} does not belong to the run in {str(beside)!r}: {key} is "
                               f"{there!r} in the checkpoint and {here!r} in config.json (a checkpoint of another "
                               "run, or a damaged config.json)", field=key, value=here)
+    if config is not None and isinstance(state.get("config"), dict):
+        diff = config_difference(state["config"], config, ignore=IGNORED_FIELDS)
+        if diff is not None:
+            key, there, here = diff
+            raise ConfigError(f"checkpoint {str(file)!r} is of another configuration: {key} is {there!r} in the "
+                              f"checkpoint and {here!r} in this run (only {', '.join(IGNORED_FIELDS)} may change "
+                              "when resuming)", field=key, value=here)
     if world is not None:
         _check_world(state, path, world)
     return state
@@ -147,6 +157,13 @@ def _check_run_state(state: dict[str, Any], file: Path, engine: str) -> None:
         t = loop.get("train_s", 0.0)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise bad("loop.train_s", t, "must be a finite number >= 0")
+        for key in ("loss_sums", "loss_counts"):
+            vals = loop.get(key)
+            if vals is not None and (not isinstance(vals, list) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)):
+                raise bad(f"loop.{key}", vals, "must be a list of finite numbers (one per worker) or absent")
+        if "eval_every" in loop:
+            integer("loop.eval_every", loop["eval_every"], minimum=1)
     if not simulate:
         if "world_size" in state:
             integer("world_size", state["world_size"], minimum=1)

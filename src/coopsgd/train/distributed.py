@@ -20,6 +20,7 @@ the first time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,14 +45,25 @@ from coopsgd.engines.distributed import FAILURE_MODES, DistributedEngine, FaultH
 from coopsgd.engines.distributed.communicator import NetEmulation
 from coopsgd.engines.distributed.launch import RankFailure, launch, listening_addresses
 from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float
+from coopsgd.fileio import discard_unused, first_missing
 from coopsgd.train.checkpoint import checkpoint_path, checkpoint_record, load_run_checkpoint
 from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig
 from coopsgd.train.loop import LoopState
 from coopsgd.train.problem import Problem, build_problem, feed_from
 from coopsgd.train.records import summarize
-from coopsgd.train.rundir import RunDir, atomic_write_json, check_run_dir, tensorboard_enabled
+from coopsgd.train.rundir import (
+    RunDir,
+    atomic_write_json,
+    check_run_dir,
+    config_difference,
+    jsonable,
+    lock_directory,
+    tensorboard_enabled,
+)
 from coopsgd.train.setup import (
     Workload,
+    check_state_fits,
+    finished_summary,
     open_run_dir,
     prepare_config_run,
     prepare_run,
@@ -61,7 +73,7 @@ from coopsgd.train.setup import (
 
 __all__ = ["run_distributed", "run_spec", "SpecJob", "rank_main", "make_rank_engine", "make_job_engine",
            "FAILURE_ENV", "FAILURE_ONCE_ENV", "fault_from_env", "one_line", "RankCheckError", "agree_on_checks",
-           "check_outcome", "rank_placement"]
+           "check_outcome", "rank_placement", "config_digest", "agree_on_config"]
 
 #: ``"RANK:STEP:MODE"``: make rank RANK fail at the start of step STEP (tests).
 FAILURE_ENV = "COOPSGD_INJECT_FAILURE"
@@ -271,6 +283,35 @@ def check_outcome(error: BaseException | None) -> dict[str, Any] | None:
             "expected": isinstance(error, CoopSGDError), "field": getattr(error, "field", None)}
 
 
+def config_digest(config: dict[str, Any]) -> str:
+    """A hash of a rank's whole resolved configuration (a :meth:`RunConfig.to_dict`; ``out``, which only rank 0
+    uses, left out): ranks that hold the same digest run the same configuration."""
+    text = json.dumps(jsonable({k: v for k, v in config.items() if k != "out"}), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def agree_on_config(world: int, config: dict[str, Any]) -> None:
+    """Every rank tells the others the hash of its whole resolved configuration (:func:`config_digest`; one
+    small ``all_gather_object``) before the first step: under torchrun each rank reads its own config file,
+    and ranks that would train different configurations (another lr: silently; another tau: a hang) stop at
+    once. A mismatch raises :class:`RankCheckError` on every rank, naming the first rank whose configuration
+    differs from rank 0's and the first differing field (a second gather, of the configurations, only then)."""
+    digests: list[Any] = [None] * world
+    dist.all_gather_object(digests, config_digest(config))
+    if len(set(digests)) <= 1:
+        return
+    configs: list[Any] = [None] * world
+    dist.all_gather_object(configs, {k: v for k, v in config.items() if k != "out"})
+    for r in range(1, world):
+        diff = config_difference(configs[0], configs[r], ignore=())
+        if diff is not None:
+            key, a, b = diff
+            raise RankCheckError(f"the ranks run different configurations: {key} is {a!r} on rank 0 and {b!r} on "
+                                 f"rank {r}; every rank must read the same config", rank=r, field=key)
+    raise RankCheckError("the ranks run different configurations (their hashes differ); every rank must read "
+                         "the same config", rank=int(np.argmax([d != digests[0] for d in digests])))
+
+
 def agree_on_checks(rank: int, world: int, error: BaseException | None) -> None:
     """Every rank tells the others whether its checks before training failed (one ``all_gather_object``).
 
@@ -317,6 +358,7 @@ class _RankInputs:
     tensorboard: bool
     checkpoint: dict[str, Any] | None
     start: int
+    lock: Any = None  # rank 0 under torchrun: its hold on the run directory (coopsgd.fileio.DirLock)
 
 
 def _rank_inputs(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any]) -> _RankInputs:
@@ -327,15 +369,18 @@ def _rank_inputs(rank: int, world: int, config_dict: dict[str, Any], opts: dict[
         raise ConfigError.invalid("workers", c.algorithm.workers, f"must equal the number of processes ({world})")
     device = opts.get("device") or rank_device(c.execution.device, rank)
     resume = opts.get("resume")
-    out_dir = opts.get("out")
-    if out_dir and rank == 0 and not opts.get("checked"):  # under torchrun: no parent checked it
+    out_dir: str | None = opts.get("out")
+    under_torchrun = bool(out_dir) and rank == 0 and not opts.get("checked")  # no parent checked or locked it
+    if under_torchrun and out_dir:
         check_run_dir(out_dir, c.to_dict(), overwrite=bool(opts.get("overwrite")), resume=bool(resume))
     tensorboard = tensorboard_enabled(c.output.tensorboard, has_dir=bool(out_dir))
-    ckpt = load_run_checkpoint(resume, "distributed", world=world) if resume else None
+    # a checkpoint from another directory (torchrun --resume) must be of this configuration too
+    ckpt = load_run_checkpoint(resume, "distributed", world=world, config=c.to_dict()) if resume else None
     problem = build_problem(c)
     start = 0 if ckpt is None else restore_data(ckpt, problem)  # the loader checks seed, batch size and shards
     net = NetEmulation(opts.get("net_latency_ms"), opts.get("net_bandwidth_mbps"))
-    return _RankInputs(c, problem, device, net, fault_from_env(), tensorboard, ckpt, start)
+    lock = lock_directory(out_dir, "run directory") if under_torchrun and out_dir else None  # held until exit
+    return _RankInputs(c, problem, device, net, fault_from_env(), tensorboard, ckpt, start, lock)
 
 
 def make_rank_engine(config: RunConfig, problem: Problem, *, device: str, net: NetEmulation,
@@ -369,8 +414,9 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
         if agree:
             agree_on_checks(rank, world, exc)
         raise
-    if agree:
+    if agree:  # and on the configuration: every rank must train the same one
         agree_on_checks(rank, world, None)
+        agree_on_config(world, inp.config.to_dict())
     c, p, out_dir, ckpt = inp.config, inp.problem, opts.get("out"), inp.checkpoint
     placement: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(rank_placement(rank, inp.device), placement, dst=0)
@@ -413,16 +459,21 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
                  "aux_hosts": [eng.aux_host(j) for j in range(p.spec.auxiliaries)], "ranks": placement,
                  **problem_record(p, setup.start, p.histograms)}
         rd = open_run_dir(out_dir, c, extra, overwrite=bool(opts.get("overwrite")), resume=bool(opts.get("resume")),
-                          start=setup.start, tensorboard=inp.tensorboard)
-    dist.barrier()
-    t0 = time.perf_counter()
-    last, _ = setup.run(rd)
-    eng.close()  # an asynchronous parameter server waits for every worker's last push
-    timing = eng.timing()  # collective
-    if rank != 0:
-        return {"rank": rank}
-    return _rank0_summary(c, p, eng, timing, inp.net, last, rd, start=setup.start,
-                          wall=wall0 + time.perf_counter() - t0)
+                          start=setup.start, tensorboard=inp.tensorboard, eval_every=setup.plan.eval_every,
+                          total_steps=p.total_steps, lock=not opts.get("locked"))  # a local launch: the launcher holds the lock
+    try:
+        dist.barrier()
+        t0 = time.perf_counter()
+        last, _ = setup.run(rd)
+        eng.close()  # an asynchronous parameter server waits for every worker's last push
+        timing = eng.timing()  # collective
+        if rank != 0:
+            return {"rank": rank}
+        return _rank0_summary(c, p, eng, timing, inp.net, last, rd, start=setup.start,
+                              wall=wall0 + time.perf_counter() - t0)
+    finally:
+        if rd is not None:
+            rd.release()
 
 
 def _rank0_summary(c: RunConfig, p: Problem, eng: DistributedEngine, timing: dict[str, Any], net: NetEmulation,
@@ -484,7 +535,10 @@ def run_distributed(
     timeout_s = check_float("timeout_s", timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
     # build and check the whole problem here (data against the model, shard sizes, the spec), so that a
     # bad input is one line and exit status 2 before any process starts
-    build_problem(config)
+    problem = build_problem(config)
+    if not config.execution.device.startswith("cuda"):  # every rank's rows on this machine's memory
+        check_state_fits(config.algorithm.workers + problem.spec.auxiliaries, problem.model, problem.dtype,
+                         config.optimizer, "cpu")
     NetEmulation(net_latency_ms, net_bandwidth_mbps)  # validate here, not in the children
     if config.execution.device.startswith("cuda"):  # one GPU per rank, NCCL between them
         if torch.cuda.device_count() < config.algorithm.workers:
@@ -494,17 +548,34 @@ def run_distributed(
     out_dir = out or config.output.out
     opts: dict[str, Any] = {"out": str(out_dir) if out_dir else None, "timeout_s": timeout_s,
                             "net_latency_ms": net_latency_ms, "net_bandwidth_mbps": net_bandwidth_mbps}
+    cfg = config.to_dict()
+    cfg["engine"] = "distributed"
     if resume is not None:  # check here (a clear ConfigError, no process start-up); every rank loads it again
-        ck_step = int(load_run_checkpoint(resume, "distributed", world=config.algorithm.workers)["step"])
+        ck_step = int(load_run_checkpoint(resume, "distributed", world=config.algorithm.workers, config=cfg)["step"])
         if config.schedule.max_steps is not None and ck_step > config.schedule.max_steps:
             raise ConfigError.invalid("max_steps", config.schedule.max_steps, f"the checkpoint is already at step {ck_step}")
         opts["resume"] = str(checkpoint_path(resume).resolve())
-    cfg = config.to_dict()
-    cfg["engine"] = "distributed"
+        done = finished_summary(out_dir, ck_step, problem.total_steps)
+        if done is not None:  # a finished run resumed: nothing to do, nothing written
+            return done
     if out_dir:  # a refused directory costs no process start-up; rank 0 removes the old run's files
         check_run_dir(out_dir, cfg, overwrite=overwrite, resume=resume is not None)
     tensorboard_enabled(config.output.tensorboard, has_dir=bool(out_dir))  # tensorboard=True without the package
-    opts.update(checked=True, overwrite=overwrite, progress=progress)
+    opts.update(checked=True, overwrite=overwrite, progress=progress, locked=bool(out_dir))
+    created = first_missing(out_dir) if out_dir else None
+    held = lock_directory(out_dir, "run directory") if out_dir else None  # one writer: this launch, for its ranks
+    try:
+        return _launch_run(config, cfg, opts, out_dir, timeout_s=timeout_s, backend=backend, env=env)
+    finally:
+        if held is not None:
+            held.release()
+            if created is not None:
+                discard_unused(str(out_dir), created)  # a refused run leaves no directory of its own
+
+
+def _launch_run(config: RunConfig, cfg: dict[str, Any], opts: dict[str, Any], out_dir: str | Path | None, *,
+                timeout_s: float, backend: str | None, env: dict[str, str] | None) -> dict[str, Any]:
+    """Launch the ranks of a checked run; a rank's failure or a signal recorded in the run directory."""
     try:
         results = launch(rank_main, config.algorithm.workers, (cfg, opts), timeout_s=timeout_s, backend=backend, env=env)
     except RankFailure as exc:

@@ -13,7 +13,11 @@ The loop owns what every engine must see identically and what every run must mea
   round that communicated without a non-finite value resets that count;
 * evaluation (``plan.evaluate``; collective on the distributed engine, so every rank calls it) and
   checkpoints (``plan.checkpoint``), at the same steps on every engine;
-* the per-worker mini-batch losses between evaluations, reduced over processes by the engine.
+* the per-worker mini-batch losses between evaluations, reduced over processes by the engine; their running
+  sums are part of the loop's state (:class:`LoopState`), so that the first evaluation after a resume equals
+  an uninterrupted run's. The sums start again after each evaluation on the grid (every ``eval_every``
+  steps), not after the final evaluation of a run that ends off the grid: a run extended from there goes on
+  as an uninterrupted one would.
 
 :func:`run_loop` is a generator of metric records (one per evaluation, step 0 included on a fresh start);
 callers write them (:mod:`coopsgd.train.trainer`, :mod:`coopsgd.train.distributed`).
@@ -39,20 +43,47 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoopState:
-    """What the loop itself accumulates (checkpointed with the engine so that a resumed run is exact)."""
+    """What the loop itself accumulates (checkpointed with the engine so that a resumed run is exact).
+
+    ``loss_sums`` / ``loss_counts``: every worker's mini-batch loss sum and count since the last evaluation
+    on the grid (over every process; ``None``: zero); ``eval_every``: the run's evaluation grid (a resumed
+    run keeps it when the config leaves it to the run's length)."""
 
     skips_in_a_row: int = 0
     dropped: list[dict[str, Any]] = field(default_factory=list)
     train_s: float = 0.0  # measured training seconds before this process started (resumed runs)
+    loss_sums: list[float] | None = None
+    loss_counts: list[float] | None = None
+    eval_every: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"skips_in_a_row": int(self.skips_in_a_row), "dropped": list(self.dropped), "train_s": float(self.train_s)}
+        out: dict[str, Any] = {"skips_in_a_row": int(self.skips_in_a_row), "dropped": list(self.dropped),
+                               "train_s": float(self.train_s)}
+        if self.loss_sums is not None and self.loss_counts is not None:
+            out["loss_sums"] = [float(v) for v in self.loss_sums]
+            out["loss_counts"] = [float(v) for v in self.loss_counts]
+        if self.eval_every is not None:
+            out["eval_every"] = int(self.eval_every)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> LoopState:
         if not data:
             return cls()
-        return cls(int(data.get("skips_in_a_row", 0)), list(data.get("dropped", [])), float(data.get("train_s", 0.0)))
+        sums, counts, every = data.get("loss_sums"), data.get("loss_counts"), data.get("eval_every")
+        return cls(int(data.get("skips_in_a_row", 0)), list(data.get("dropped", [])), float(data.get("train_s", 0.0)),
+                   None if sums is None else [float(v) for v in sums],
+                   None if counts is None else [float(v) for v in counts], None if every is None else int(every))
+
+    def running_losses(self, m: int, local: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """This process's share of the running sums and counts (its ``local`` workers' entries), zeros when
+        there are none or they do not fit ``m`` workers."""
+        acc, cnt = np.zeros(m), np.zeros(m)
+        if self.loss_sums is not None and self.loss_counts is not None and len(self.loss_sums) == len(self.loss_counts) == m:
+            idx = np.asarray(list(local), dtype=np.int64)
+            acc[idx] = np.asarray(self.loss_sums, dtype=np.float64)[idx]
+            cnt[idx] = np.asarray(self.loss_counts, dtype=np.float64)[idx]
+        return acc, cnt
 
 
 @dataclass
@@ -127,8 +158,8 @@ def run_loop(
     start = int(engine.step_count)
     if start > plan.total_steps:
         raise ConfigError.invalid("max_steps", plan.total_steps, f"the run is already at step {start}")
-    acc = np.zeros(m)
-    cnt = np.zeros(m)
+    acc, cnt = state.running_losses(m, engine.local_workers) if start > 0 else (np.zeros(m), np.zeros(m))
+    state.eval_every = plan.eval_every
     skip = plan.nan_policy == "skip"
     paused = 0.0  # seconds spent in evaluation and checkpoints (not training time)
     t0 = time.perf_counter()
@@ -157,7 +188,8 @@ def run_loop(
         if plan.on_step is not None:
             plan.on_step(stats)
         done = step + 1
-        eval_due = done % plan.eval_every == 0 or done == plan.total_steps
+        on_grid = done % plan.eval_every == 0
+        eval_due = on_grid or done == plan.total_steps
         ckpt_due = plan.checkpoint is not None and (
             (plan.checkpoint_every is not None and done % plan.checkpoint_every == 0)
             or (plan.checkpoint_at_end and done == plan.total_steps))
@@ -171,21 +203,29 @@ def run_loop(
             tp = time.perf_counter()
             sums, counts = engine.reduce_losses(acc, cnt)
             worker_losses = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-            acc[:] = 0
-            cnt[:] = 0
+            if on_grid:  # off the grid (a run's last step): the sums go on into a checkpoint at the end
+                acc[:] = 0
+                cnt[:] = 0
             rec = plan.evaluate(engine, done, lr, worker_losses, _with_time(state, train_s()))
             paused += time.perf_counter() - tp
             yield rec
         if ckpt_due:
             assert plan.checkpoint is not None
             tp = time.perf_counter()
-            plan.checkpoint(done, _with_time(state, train_s()))
+            sums, counts = engine.reduce_losses(acc, cnt)  # collective: the running sums of every process
+            plan.checkpoint(done, _with_time(state, train_s(), sums, counts))
             paused += time.perf_counter() - tp
     engine.finish()
+    sums, counts = engine.reduce_losses(acc, cnt)  # collective: the state a checkpoint at the end records
     state.train_s = train_s()
+    state.loss_sums, state.loss_counts = [float(v) for v in sums], [float(v) for v in counts]
     return state
 
 
-def _with_time(state: LoopState, train_s: float) -> LoopState:
-    """A view of ``state`` whose ``train_s`` is the measured training time up to now."""
-    return LoopState(state.skips_in_a_row, state.dropped, train_s)
+def _with_time(state: LoopState, train_s: float, sums: np.ndarray | None = None,
+               counts: np.ndarray | None = None) -> LoopState:
+    """A view of ``state`` whose ``train_s`` is the measured training time up to now (and, for a checkpoint,
+    with the running loss sums and counts of every process)."""
+    return LoopState(state.skips_in_a_row, state.dropped, train_s,
+                     None if sums is None else [float(v) for v in sums],
+                     None if counts is None else [float(v) for v in counts], state.eval_every)

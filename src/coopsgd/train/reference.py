@@ -18,15 +18,22 @@ from coopsgd.algorithms import AlgorithmSpec
 from coopsgd.analysis import spec_round_cost
 from coopsgd.engines.base import Engine
 from coopsgd.engines.reference import ReferenceEngine, consensus_distance
-from coopsgd.errors import ConfigError
+from coopsgd.errors import ConfigError, Interrupted
 from coopsgd.objectives import Objective, make_objective
 from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, expected_runtime
 from coopsgd.train.config import RunConfig
 from coopsgd.train.loop import LoopState
 from coopsgd.train.problem import REFERENCE_STEPS, lr_at
 from coopsgd.train.records import nonnegative, spec_zeta, summarize, time_fields
-from coopsgd.train.rundir import check_run_dir, tensorboard_enabled
-from coopsgd.train.setup import Workload, open_run_dir, prepare_run
+from coopsgd.train.rundir import RunDir, check_run_dir, tensorboard_enabled
+from coopsgd.train.setup import (
+    RunSetup,
+    Workload,
+    open_run_dir,
+    prepare_run,
+    record_interruption,
+    stop_on_signals,
+)
 
 __all__ = ["train_reference", "make_objective_of", "make_reference", "DEFAULT_STEPS"]
 
@@ -128,6 +135,21 @@ def train_reference(config: RunConfig, *, progress: bool = False, out: str | Pat
     rd = open_run_dir(out_dir, c, {"spec": spec.describe()}, overwrite=overwrite, tensorboard=tensorboard) if out_dir else None
     setup = prepare_run(eng, work, nan_policy=c.execution.nan_policy, max_skips=c.execution.max_skips,
                         progress=f"{spec.name} x{spec.workers}" if progress else None)
+    try:
+        with stop_on_signals():  # SIGTERM / SIGINT: summary "interrupted", one line from the CLI
+            summary = _run_and_summarize(c, spec, obj, eng, setup, rd, steps, clock, t0)
+    except Interrupted as exc:
+        record_interruption(rd, exc)
+        raise
+    finally:
+        if rd is not None:
+            rd.release()  # the run directory's lock
+    return summary
+
+
+def _run_and_summarize(c: RunConfig, spec: AlgorithmSpec, obj: Objective, eng: ReferenceEngine, setup: RunSetup,
+                       rd: RunDir | None, steps: int, clock: dict[str, Any], t0: float) -> dict[str, Any]:
+    """Run a reference run's loop; its summary (written to the run directory, if any)."""
     last, _ = setup.run(rd)
     summary = summarize(spec, c, last, total_steps=steps, wall=time.perf_counter() - t0, engine="reference",
                         is_lm=False)

@@ -10,6 +10,10 @@ directory must be new or empty, or hold only the files coopsgd writes in a run d
 but :data:`IGNORED_FIELDS`. ``overwrite=True`` removes such an old run first; files coopsgd did not write are
 never removed or replaced. With a run directory and the ``tensorboard`` package, the metric records are
 also written as TensorBoard scalars under ``<run dir>/tensorboard/``.
+
+One process writes a run directory at a time: a run holds the directory's lock
+(:func:`coopsgd.fileio.lock_directory`, ``.coopsgd.lock`` with its PID) from :meth:`RunDir.create` until
+:meth:`RunDir.release`, and :func:`check_run_dir` refuses a directory another process holds, naming its PID.
 """
 
 from __future__ import annotations
@@ -24,19 +28,34 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from coopsgd.errors import ConfigError, CoopSGDError, write_failure
-from coopsgd.fileio import append_line, atomic_write_bytes, check_output_path, read_json, read_text
+from coopsgd.fileio import (
+    LOCK_FILE,
+    DirLock,
+    append_line,
+    atomic_write_bytes,
+    check_output_path,
+    check_unlocked,
+    discard_unused,
+    lock_directory,
+    read_json,
+    read_text,
+)
 from coopsgd.train.config import RunConfig
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "environment",
            "jsonable", "check_run_dir", "prepare_run_dir", "check_compare_dir", "prepare_compare_dir",
            "fresh_run_dir", "config_difference", "tensorboard_enabled", "tensorboard_scalars", "RUN_FILES",
-           "RESUME_FIELDS", "IGNORED_FIELDS", "TENSORBOARD_DIR", "COMPARE_FILE", "METRIC_NUMBERS", "read_run_json"]
+           "RESUME_FIELDS", "IGNORED_FIELDS", "TENSORBOARD_DIR", "COMPARE_FILE", "METRIC_NUMBERS", "read_run_json",
+           "lock_directory", "discard_unused", "LOCK_FILE", "enclosing_run_dir", "check_results_dir",
+           "tensorboard_import_error"]
 
 
 def jsonable(o: Any) -> Any:
@@ -238,6 +257,8 @@ def _scan_run_dir(path: Path) -> tuple[list[Path], list[Path]]:
     ours: list[Path] = []
     foreign: list[Path] = []
     for p in sorted(path.iterdir()):
+        if p.name == LOCK_FILE:  # the directory's lock: never removed (another process may be waiting on it)
+            continue
         if p.name == TENSORBOARD_DIR:
             (ours if _is_tensorboard_dir(p) else foreign).append(p)
         else:
@@ -293,7 +314,7 @@ _FOREIGN = ("coopsgd writes only into a new, empty or coopsgd run directory and 
 
 
 def check_run_dir(path: str | Path, config: dict[str, Any], *, overwrite: bool = False,
-                  resume: bool = False) -> list[Path]:
+                  resume: bool = False, probe: bool = True) -> list[Path]:
     """Check that a run of ``config`` (a :meth:`RunConfig.to_dict`) may write into ``path``; return the old
     run's entries a fresh run removes first (nothing is removed here).
 
@@ -304,14 +325,19 @@ def check_run_dir(path: str | Path, config: dict[str, Any], *, overwrite: bool =
     directory and the first differing field, unless ``overwrite`` (then that old run's files are returned
     for removal). Files coopsgd did not write are refused even with ``overwrite``. ``resume``: the run
     continues the run in ``path`` (nothing is removed; ``overwrite`` cannot be combined with it).
+    ``probe``: refuse a directory whose lock another process holds (:func:`coopsgd.fileio.check_unlocked`;
+    off for a rank whose launcher holds it).
     """
     p = Path(path)
     if resume and overwrite:
         raise ConfigError.invalid("overwrite", True, "cannot be combined with resume (a resumed run continues "
                                                       "the run in its own directory)")
     check_output_path(p, "out", directory=True)
+    _refuse_nested(p, "run directory")
     if not p.exists():
         return []
+    if probe:
+        check_unlocked(p, "run directory")
     ours, foreign = _scan_run_dir(p)
     ckpt = p / "checkpoint.pt"
     if resume and ckpt in foreign and ckpt.is_file():
@@ -338,6 +364,60 @@ def check_run_dir(path: str | Path, config: dict[str, Any], *, overwrite: bool =
     return [] if resume else ours
 
 
+def enclosing_run_dir(path: str | Path) -> Path | None:
+    """The run directory (a directory with coopsgd's ``config.json``) that ``path`` lies inside, if any."""
+    p = Path(os.path.abspath(path))
+    for parent in p.parents:
+        cfg = parent / "config.json"
+        if cfg.is_file() and _is_run_file(cfg):
+            return parent
+    return None
+
+
+def _refuse_nested(p: Path, what: str) -> None:
+    """An output inside another run's directory would be refused by that run's resume (files coopsgd did not
+    write there) and could be removed by its ``--overwrite``: refuse it."""
+    run = enclosing_run_dir(p)
+    if run is not None:
+        raise _refuse(what, p, f"lies inside the run directory {str(run)!r}", "coopsgd writes nothing into "
+                      "another run's directory: choose a directory outside it")
+
+
+#: What coopsgd writes as the results of ``reproduce`` and how each file is recognised (its content's start).
+_RESULT_FILES = {"result.json": b"{", "report.md": b"# Reproducing the papers' experiments (generated report)",
+                 "report.html": b"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>coopsgd"}
+
+
+def check_results_dir(path: str | Path, what: str = "output directory") -> None:
+    """Refuse ``path`` as the output of ``coopsgd reproduce`` when writing there would replace files coopsgd
+    did not write (a ``result.json``, ``report.md``/``.html`` or a figure of someone else's), when it is a
+    run directory (whose resume would then refuse it) or lies inside one. Writes nothing."""
+    p = Path(path)
+    check_output_path(p, "out", directory=True)
+    _refuse_nested(p, what)
+    if not p.is_dir():
+        return
+    cfg = p / "config.json"
+    if cfg.is_file() and _is_run_file(cfg):
+        raise _refuse(what, p, "is a run directory", "coopsgd writes experiment results only outside run "
+                      "directories: choose another directory")
+    foreign = []
+    for e in sorted(p.iterdir()):
+        if e.name in _RESULT_FILES:
+            head = _head_tail(e, 256)
+            ok = e.is_file() and head.startswith(_RESULT_FILES[e.name])
+            if ok and e.name == "result.json":
+                data = _read_json_object(e)
+                ok = data is not None and bool({"experiment", "summary", "claims"} & set(data))
+            if not ok:
+                foreign.append(e)
+        elif e.suffix.lower() in _FIGURE_SUFFIXES and not _is_figure(e):
+            foreign.append(e)
+    if foreign:
+        raise _refuse(what, p, f"holds files coopsgd did not write ({_names(foreign)}) that a result of the same "
+                      "name would replace", "choose another directory")
+
+
 def _remove(entries: list[Path]) -> None:
     for e in entries:
         if e.is_dir() and not e.is_symlink():
@@ -347,12 +427,13 @@ def _remove(entries: list[Path]) -> None:
 
 
 def prepare_run_dir(path: str | Path, config: dict[str, Any], *, overwrite: bool = False,
-                    resume: bool = False) -> Path:
+                    resume: bool = False, probe: bool = True) -> Path:
     """:func:`check_run_dir`, then remove the old run's files (not when resuming) and create the directory."""
     p = Path(path)
-    _remove(check_run_dir(p, config, overwrite=overwrite, resume=resume))
+    _remove(check_run_dir(p, config, overwrite=overwrite, resume=resume, probe=probe))
     _mkdir(p)
     return p
+
 
 
 def _mkdir(p: Path) -> None:
@@ -371,8 +452,10 @@ def check_compare_dir(path: str | Path, config: dict[str, Any], presets: list[st
     subdirectories ``compare.json`` does not list) always are. Returns the entries to remove."""
     p = Path(path)
     check_output_path(p, "out", directory=True)
+    _refuse_nested(p, "compare directory")
     if not p.exists():
         return []
+    check_unlocked(p, "compare directory")
     meta = _read_json_object(p / COMPARE_FILE) if (p / COMPARE_FILE).is_file() else None
     if meta is not None and not isinstance(meta.get("config"), dict):
         meta = None
@@ -385,6 +468,8 @@ def check_compare_dir(path: str | Path, config: dict[str, Any], presets: list[st
     ours: list[Path] = []
     foreign: list[Path] = []
     for e in sorted(p.iterdir()):
+        if e.name == LOCK_FILE:
+            continue
         if e.name == COMPARE_FILE:
             (ours if meta is not None else foreign).append(e)
         elif e.is_dir() and not e.is_symlink():
@@ -454,7 +539,9 @@ _LIST_TAGS = {"worker_losses": "worker_loss"}
 def tensorboard_enabled(setting: bool | None, *, has_dir: bool = True) -> bool:
     """Whether a run writes TensorBoard event files: ``setting`` (``RunConfig.tensorboard``) ``None`` means
     when the ``tensorboard`` package is importable and the run has a directory. ``True`` without the
-    package, or without a run directory, is a :class:`ConfigError`."""
+    package, or without a run directory, is a :class:`ConfigError`. A package that is installed but broken
+    (its import fails) is found here, before the run starts: an error with ``True``, a warning (and no event
+    files) when unset -- not a traceback at the first metric record."""
     if setting is False:
         return False
     available = importlib.util.find_spec("tensorboard") is not None
@@ -464,7 +551,32 @@ def tensorboard_enabled(setting: bool | None, *, has_dir: bool = True) -> bool:
                                                            "(pip install 'coopsgd[tensorboard]')")
         if not has_dir:
             raise ConfigError.invalid("tensorboard", True, "needs a run directory (out)")
-    return available and has_dir
+    if not (available and has_dir):
+        return False
+    broken = tensorboard_import_error()
+    if broken is None:
+        return True
+    if setting is True:
+        raise ConfigError.invalid("tensorboard", True, f"the tensorboard package is installed but cannot be "
+                                                       f"imported ({broken}); reinstall it or use --no-tensorboard")
+    warnings.warn(f"the tensorboard package is installed but cannot be imported ({broken}); this run writes "
+                  "no TensorBoard events (reinstall it, or --no-tensorboard to silence this)", RuntimeWarning,
+                  stacklevel=2)
+    return False
+
+
+_TB_IMPORT: dict[str, str | None] = {}
+
+
+def tensorboard_import_error() -> str | None:
+    """Why ``torch.utils.tensorboard`` cannot be imported (one line), ``None`` when it can; tried once."""
+    if "error" not in _TB_IMPORT:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+            _TB_IMPORT["error"] = None
+        except Exception as exc:  # noqa: BLE001 -- any failure of an optional dependency's import
+            _TB_IMPORT["error"] = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:200]
+    return _TB_IMPORT["error"]
 
 
 def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -490,7 +602,8 @@ class RunDir:
     and ``tensorboard/`` (TensorBoard scalars of every metric record, when enabled).
 
     Runs create theirs with :meth:`create`, which refuses a directory holding another configuration's run
-    (:func:`check_run_dir`); ``RunDir(path)`` opens a directory as it is.
+    (:func:`check_run_dir`) and holds its lock until :meth:`release` (or the object is collected, or the
+    process ends); ``RunDir(path)`` opens a directory as it is.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -501,14 +614,38 @@ class RunDir:
         self._metrics: int | None = None  # the file descriptor of metrics.jsonl (O_APPEND, unbuffered)
         self._tb: Any = None
         self._tb_start: int | None = None
+        self._lock: DirLock | None = None
 
     @classmethod
     def create(cls, path: str | Path, config: dict[str, Any], *, overwrite: bool = False,
-               resume: bool = False) -> RunDir:
+               resume: bool = False, lock: bool = True) -> RunDir:
         """The run directory of a run of ``config`` (a :meth:`RunConfig.to_dict`): :func:`prepare_run_dir`
         (refuse another configuration's run unless ``overwrite``; remove the old run's files unless
-        ``resume``), then open it."""
-        return cls(prepare_run_dir(path, config, overwrite=overwrite, resume=resume))
+        ``resume``), then open it. ``lock``: first take the directory's lock (checked before, so that a
+        refused directory is left as it was; checked again under the lock); ``False`` where the process
+        that started this one holds it (a rank of a local launch)."""
+        p = Path(path)
+        held = None
+        if lock:
+            check_run_dir(p, config, overwrite=overwrite, resume=resume)
+            held = lock_directory(p, "run directory")
+        try:
+            rd = cls(prepare_run_dir(p, config, overwrite=overwrite, resume=resume, probe=False))
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+        if held is not None:
+            rd._lock = held
+            weakref.finalize(rd, held.release)
+        return rd
+
+    def release(self) -> None:
+        """Close the files and give the directory's lock back (the run is over)."""
+        self.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def write_config(self, config: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
         atomic_write_json(self.path / "config.json", config)
@@ -523,22 +660,22 @@ class RunDir:
 
     def start_metrics(self, *, append: bool = False, tensorboard: bool = False, start_step: int = 0) -> None:
         """Open ``metrics.jsonl`` (``append``: a resumed run) and, with ``tensorboard``, the TensorBoard
-        writer of ``tensorboard/``. A run resumed at ``start_step`` > 0 tells TensorBoard to drop the
-        earlier events after that step (as :meth:`truncate_metrics` drops the records)."""
+        writer of ``tensorboard/``. A resumed run (``append``) tells TensorBoard to drop the earlier events
+        after ``start_step`` (as :meth:`truncate_metrics` drops the records)."""
         self.close()
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
         try:
-            self._metrics = os.open(self.metrics_path, flags, 0o644)
+            self._metrics = os.open(self.metrics_path, flags, 0o666)  # the umask decides, as for every file
         except OSError as exc:
             write_failure(exc, self.metrics_path)
             raise
-        self._tb_start = (start_step if append else 0) if tensorboard else None
+        self._tb_start = (start_step + 1 if append else 0) if tensorboard else None
 
     def _tensorboard(self) -> Any:
         if self._tb is None and self._tb_start is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = self._tb_start + 1 if self._tb_start > 0 else None
+            purge = self._tb_start if self._tb_start > 0 else None
             self._tb = SummaryWriter(log_dir=str(self.path / TENSORBOARD_DIR), purge_step=purge, flush_secs=10)
         return self._tb
 

@@ -10,29 +10,41 @@ rate, data, evaluation), to :func:`prepare_run`, the one place a :class:`LoopPla
 distributed ranks) go through :func:`prepare_config_run`, which adds what they share: the config's learning
 rate schedule, the data order, the evaluation (:func:`coopsgd.train.records.nn_evaluator`), the NaN policy,
 checkpoints, and the restore of a checkpoint (:func:`restore_data`, :func:`restore_engine`). The run
-directory of a run is opened by :func:`open_run_dir`.
+directory of a run is opened by :func:`open_run_dir` (which takes its lock), a resume of a run that has
+already ended is answered by :func:`finished_summary` without writing anything, and
+:func:`stop_on_signals` turns SIGTERM / SIGINT into :class:`~coopsgd.errors.Interrupted` for the
+single-process engines (the distributed launcher does the same for its ranks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+import dataclasses
+import os
+import signal
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from coopsgd.engines.base import Engine, ModelEngine, StepStats
-from coopsgd.errors import ConfigError
+from coopsgd.errors import ConfigError, Interrupted
 from coopsgd.train.config import RunConfig
 from coopsgd.train.loop import LoopPlan, LoopState, run_loop
 from coopsgd.train.problem import TrainingData, feed_from, lr_at
 from coopsgd.train.progress import Progress
 from coopsgd.train.records import nn_evaluator, record_run
-from coopsgd.train.rundir import RunDir
+from coopsgd.train.rundir import RunDir, read_run_json
 
 __all__ = ["Workload", "RunSetup", "prepare_run", "prepare_config_run", "config_workload", "restore_data",
-           "restore_engine", "open_run_dir", "problem_record"]
+           "restore_engine", "open_run_dir", "problem_record", "finished_summary", "stop_on_signals",
+           "record_interruption", "check_state_fits", "available_memory"]
 
 Feed = Callable[[int, Sequence[int], np.ndarray | None], Sequence[Any] | None]
 Evaluate = Callable[[Engine, int, float, np.ndarray, LoopState], dict[str, Any]]
@@ -175,6 +187,9 @@ def prepare_config_run(config: RunConfig, data: TrainingData, engine: ModelEngin
         restore_engine(engine, envelope, start, path=resume_path, who=who)
         state = LoopState.from_dict(ckpt.get("loop"))
     work = config_workload(config, data, engine, lr_agree=lr_agree, wall_offset=wall_offset)
+    if state is not None and state.eval_every and config.evaluation.eval_every is None:
+        # the grid follows the run's length when unset: a resumed (and maybe extended) run keeps its own
+        work = dataclasses.replace(work, eval_every=state.eval_every)
     return prepare_run(engine, work, nan_policy=config.execution.nan_policy, max_skips=config.execution.max_skips,
                        checkpoint=checkpoint, checkpoint_every=config.output.checkpoint_every,
                        checkpoint_at_end=checkpoint_at_end, progress=progress, show_rounds=show_rounds,
@@ -192,14 +207,112 @@ def problem_record(data: TrainingData, start: int, histograms: np.ndarray | None
 
 
 def open_run_dir(out_dir: str | Path, config: RunConfig, extra: dict[str, Any], *, overwrite: bool = False,
-                 resume: bool = False, start: int = 0, tensorboard: bool = False) -> RunDir:
+                 resume: bool = False, start: int = 0, tensorboard: bool = False, lock: bool = True,
+                 eval_every: int | None = None, total_steps: int | None = None) -> RunDir:
     """Open a run's directory (:meth:`RunDir.create`: another configuration's run is refused unless
-    ``overwrite``; the old run's files are removed unless ``resume``), write ``config.json`` and
-    ``environment.json`` (with ``extra``) and start the metrics (a run resumed at ``start`` > 0 replaces the
-    records after that step)."""
-    rd = RunDir.create(out_dir, config.to_dict(), overwrite=overwrite, resume=resume)
-    rd.write_config(config.to_dict(), extra)
-    if start > 0:
-        rd.truncate_metrics(start)
-    rd.start_metrics(append=start > 0, tensorboard=tensorboard, start_step=start)
+    ``overwrite``; the old run's files are removed unless ``resume``; with ``lock`` the directory's lock is
+    taken, until :meth:`RunDir.release`), write ``config.json`` and ``environment.json`` (with ``extra``) and
+    start the metrics (a run resumed at ``start`` > 0 replaces the records after that step, and the record
+    at ``start`` when it is off the ``eval_every`` grid -- the end of a run that is now extended -- or is
+    ``total_steps``, where the loop evaluates the final state again)."""
+    rd = RunDir.create(out_dir, config.to_dict(), overwrite=overwrite, resume=resume, lock=lock)
+    off_grid = eval_every is not None and start % eval_every != 0
+    kept = start - 1 if off_grid or start == total_steps else start  # the records (and events) kept
+    try:
+        rd.write_config(config.to_dict(), extra)
+        if start > 0:
+            rd.truncate_metrics(kept)
+        rd.start_metrics(append=start > 0, tensorboard=tensorboard, start_step=kept)
+    except BaseException:
+        rd.release()
+        raise
     return rd
+
+
+def finished_summary(out_dir: str | Path | None, start: int, total_steps: int) -> dict[str, Any] | None:
+    """The summary of a run resumed at its last step whose ``summary.json`` says it ended well: resuming it is
+    a no-op (nothing is evaluated, appended or rewritten). ``None`` when there is something left to do (a
+    run that stopped between its last checkpoint and its summary is evaluated again)."""
+    if not out_dir or start != total_steps:
+        return None
+    path = Path(out_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = read_run_json(path, "summary")
+    if summary.get("status") != "ok" or summary.get("steps") != total_steps:
+        return None
+    return {**summary, "out": str(out_dir)}
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT raise :class:`~coopsgd.errors.Interrupted` (exit status 143 /
+    130) where the run stands, so that the caller records the run as interrupted; the earlier handlers come
+    back afterwards. Only from the main thread (elsewhere signals cannot be handled: a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        raise Interrupted(f"interrupted by {name}: the run was stopped (resume it from its last checkpoint "
+                          "with --resume)", signum=signum)
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def record_interruption(rd: RunDir | None, exc: Interrupted) -> None:
+    """An interrupted run's ``summary.json`` (status ``"interrupted"``, the signal); the last checkpoint is left
+    as it is (written atomically), so ``--resume`` continues from there."""
+    if rd is not None and rd.path.is_dir():
+        rd.write_summary({"status": "interrupted", "signal": exc.signal_name, "error": str(exc)})
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or the machine's ``MemAvailable``
+    (``/proc/meminfo``); ``None`` where it cannot be told."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+
+
+def check_state_fits(rows: int, model: nn.Module, dtype: torch.dtype, optimizer: Any, device: str) -> int:
+    """Refuse a run whose stacked state cannot fit before it is allocated (else an allocator traceback
+    halfway through the set-up): ``rows`` copies of the model's parameters and buffers in ``dtype``, and the
+    inner optimizer's state beside them (SGD's momentum, Adam's two moments), against
+    :func:`available_memory`. A lower bound: a refused run could never have run. Returns the estimate."""
+    per_row = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    name = getattr(optimizer, "name", None) or "sgd"
+    fields = 1 + (2 if name in ("adam", "adamw") else 1 if getattr(optimizer, "momentum", 0.0) else 0)
+    need = rows * per_row * fields * torch.empty((), dtype=dtype).element_size()
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise ConfigError(f"the run's state needs {_size(need)} ({rows} copies of {per_row:,} numbers x {fields} "
+                          f"in {str(dtype).replace('torch.', '')}) but {device} has {_size(free)} free: use fewer "
+                          "workers, a smaller model or another device", field="workers", value=rows)
+    return need
+
+
+def _size(n: int) -> str:
+    """A byte count for a message: ``1000 bytes``, ``1.5 KiB`` ... ``298 GiB``."""
+    if n < 1024:
+        return f"{n} bytes"
+    value, units = n / 1024, ["KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
+        value, units = value / 1024, units[1:]
+    return f"{value:.3g} {units[0]}"

@@ -26,7 +26,7 @@ from coopsgd.algorithms import AlgorithmSpec
 from coopsgd.engines.simulator import Simulator
 from coopsgd.engines.simulator.calibration import ExecutorCache
 from coopsgd.engines.simulator.clock import FlopCompute, SimClock
-from coopsgd.errors import ConfigError
+from coopsgd.errors import ConfigError, Interrupted
 from coopsgd.theory.cost import ComputeModel, NetworkModel
 from coopsgd.train.checkpoint import CHECKPOINT_FORMAT, checkpoint_record, load_run_checkpoint
 from coopsgd.train.config import RunConfig
@@ -44,7 +44,16 @@ from coopsgd.train.problem import (
 from coopsgd.train.records import TIME_KEYS, evaluate_model, record_run, summarize
 from coopsgd.train.reference import train_reference
 from coopsgd.train.rundir import RunDir, check_run_dir, tensorboard_enabled
-from coopsgd.train.setup import RunSetup, open_run_dir, prepare_config_run, problem_record
+from coopsgd.train.setup import (
+    RunSetup,
+    check_state_fits,
+    finished_summary,
+    open_run_dir,
+    prepare_config_run,
+    problem_record,
+    record_interruption,
+    stop_on_signals,
+)
 
 __all__ = ["Experiment", "build", "make_simulator", "sim_clock", "iterate", "train", "run", "checkpoint_state",
            # the pieces of one run set-up, from their modules (coopsgd.train.problem, .records, .checkpoint)
@@ -105,6 +114,7 @@ def make_simulator(config: RunConfig, problem: Problem) -> Simulator:
     the FLOPs of one worker's step (``sim.executor_info()``, ``sim.compute_model_info()``).
     """
     c, p = config, problem
+    check_state_fits(p.spec.workers + p.spec.auxiliaries, p.model, p.dtype, c.optimizer, c.execution.device)
     sim = Simulator(p.spec, p.model, loss_fn=p.loss_fn, optimizer=c.optimizer, executor=c.execution.executor,
                     dtype=p.dtype, seed=c.execution.seed, loss_estimate=c.algorithm.loss_estimate,
                     probe_batch=p.probe, clock=sim_clock(c),
@@ -216,27 +226,41 @@ def train(
         if rd is not None:
             rd.checkpoint(checkpoint_state(exp, step))
 
-    ckpt = load_run_checkpoint(resume, "simulate") if resume is not None else None
+    ckpt = load_run_checkpoint(resume, "simulate", config=config.to_dict()) if resume is not None else None
     setup = _setup(exp, progress=progress, checkpoint=checkpoint, resume=ckpt, resume_path=str(resume))
-    if out_dir:
-        # the executor and where it came from (cache key, timed medians) and the compute model: how the
-        # run's numbers and simulated times were produced (see docs/reliability.md, "Determinism")
-        calib = exp.sim.executor_info()
-        extra = {"executor": exp.sim.executor_name, "executor_from_cache": calib["from_cache"],
-                 "optimizer": exp.sim.optimizer_info(), "executor_calibration": calib,
-                 "compute_model": exp.sim.compute_model_info(),
-                 **problem_record(exp, setup.start, exp.histograms)}
-        rd = open_run_dir(out_dir, config, extra, overwrite=overwrite, resume=resume is not None,
-                          start=setup.start, tensorboard=tensorboard)
-    t0 = time.perf_counter()
-    last, exp.loop_state = setup.run(rd)
-    wall = time.perf_counter() - t0
-    summary = summarize(exp.spec, config, last, total_steps=exp.total_steps, wall=wall, engine="simulate",
-                        is_lm=exp.is_lm, extra={"executor": exp.sim.executor_name})
-    if rd is not None:
-        rd.checkpoint(checkpoint_state(exp, exp.total_steps))
-        rd.write_summary(summary)
-        summary["out"] = str(rd.path)
+    done = finished_summary(out_dir, setup.start, exp.total_steps) if ckpt is not None else None
+    if done is not None:  # a finished run resumed: nothing to do, nothing written
+        if setup.bar is not None:
+            setup.bar.close()
+        return done
+    try:
+        with stop_on_signals():  # SIGTERM / SIGINT: summary "interrupted", the last checkpoint kept
+            if out_dir:
+                # the executor and where it came from (cache key, timed medians) and the compute model: how the
+                # run's numbers and simulated times were produced (see docs/reliability.md, "Determinism")
+                calib = exp.sim.executor_info()
+                extra = {"executor": exp.sim.executor_name, "executor_from_cache": calib["from_cache"],
+                         "optimizer": exp.sim.optimizer_info(), "executor_calibration": calib,
+                         "compute_model": exp.sim.compute_model_info(),
+                         **problem_record(exp, setup.start, exp.histograms)}
+                rd = open_run_dir(out_dir, config, extra, overwrite=overwrite, resume=resume is not None,
+                                  start=setup.start, tensorboard=tensorboard, eval_every=setup.plan.eval_every,
+                                  total_steps=exp.total_steps)
+            t0 = time.perf_counter()
+            last, exp.loop_state = setup.run(rd)
+            wall = time.perf_counter() - t0
+            summary = summarize(exp.spec, config, last, total_steps=exp.total_steps, wall=wall, engine="simulate",
+                                is_lm=exp.is_lm, extra={"executor": exp.sim.executor_name})
+            if rd is not None:
+                rd.checkpoint(checkpoint_state(exp, exp.total_steps))
+                rd.write_summary(summary)
+                summary["out"] = str(rd.path)
+    except Interrupted as exc:
+        record_interruption(rd, exc)
+        raise
+    finally:
+        if rd is not None:
+            rd.release()
     return summary
 
 

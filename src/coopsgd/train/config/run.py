@@ -24,7 +24,7 @@ from coopsgd.algorithms.inner import INNER_OPTIMIZERS, OptimizerSettings
 from coopsgd.algorithms.registry import declaration, preset_kwargs, spec_from_settings
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
 from coopsgd.errors import ConfigError
-from coopsgd.fileio import read_text
+from coopsgd.fileio import not_a_file, read_text
 from coopsgd.settings import SettingField, settings_of, unknown_key
 from coopsgd.train.config import sections as sec
 from coopsgd.train.config.communication import COMPRESSED_ENGINES, CommunicationSettings
@@ -271,7 +271,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
     A file with one ``[run]`` table (``run:`` in YAML) holds its settings in that table."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError.invalid("config", str(path), "no such file" if not p.exists() else "is not a regular file")
+        raise ConfigError.invalid("config", str(path), "no such file" if not p.exists() else not_a_file(p))
     suffix = p.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ConfigError.invalid("config", str(path), "must end in .toml, .yaml, .yml or .json")
@@ -297,7 +297,31 @@ def _parse(text: str, suffix: str) -> Any:
             import tomli as tomllib
         return tomllib.loads(text)
     if suffix == ".json":
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     import yaml  # only for a YAML file: building the CLI parser stays cheap
 
-    return yaml.safe_load(text)
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """yaml's safe loader, refusing a key given twice in one mapping (as TOML does)."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: set[Any] = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=deep)
+                    if isinstance(key, (str, int, float, bool)) and key in seen:
+                        raise ValueError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+                    if isinstance(key, (str, int, float, bool)):
+                        seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 -- a SafeLoader
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice is refused (as TOML does), not silently the last."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
