@@ -90,7 +90,8 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
 
 
 def print_notes(notes: tuple[str, ...], args: argparse.Namespace) -> None:
-    """The choices a run made for the user (:func:`coopsgd.train.problem.settle`), on stderr before it starts."""
+    """The choices a run made for the user (:func:`coopsgd.train.problem.settle`), on stderr with its summary (a
+    run refused while it is built says only why)."""
     if not getattr(args, "json", False):
         for note in notes:
             print(f"coopsgd: note: {note}", file=sys.stderr, flush=True)
@@ -101,14 +102,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from coopsgd.train.trainer import run
 
     notes: tuple[str, ...] = ()
-
     if args.resume is not None:
         summary = run(resume_config(args), progress=progress_wanted(args), resume=Path(args.resume))
     else:
         # the defaults that depend on the run (an adaptive optimizer's lr, a period longer than the run) are
         # written into the config, so config.json says what ran
         config, notes = settle(config_from_args(args))
-        print_notes(notes, args)
         fresh = None
         if config.output.out is None:  # a new directory of its own: runs/<preset>-<time>[-N]
             fresh = fresh_run_dir(config.algorithm.preset)
@@ -122,5 +121,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({**summary, "notes": list(notes)} if notes else summary)
     else:
+        print_notes(notes, args)
         print_summary(summary)
     return 0

@@ -416,7 +416,8 @@ class Mixer:
 
     @staticmethod
     def _weights(values: np.ndarray, like: Tensor) -> Tensor:
-        return torch.as_tensor(np.ascontiguousarray(values), dtype=like.dtype, device=like.device)
+        # a copy: the values are a column of the round's read-only S (torch warns on a non-writable array)
+        return torch.tensor(np.asarray(values), dtype=like.dtype, device=like.device)
 
     def _send_rows(self, x: Tensor, col: Collectives) -> tuple[dict[int, Tensor], Tensor | None]:
         """Select and transport the worker rows the round reads: broadcasts, then the all_gather or the
