@@ -82,23 +82,26 @@ def load_run_checkpoint(path: str | Path, engine: str, *, world: int | None = No
     _check_run_state(state, file, engine)
     beside = file.parent / "config.json"
     if beside.is_file() and "config" in state:
-        saved = read_run_json(beside, "config")
-        diff = config_difference(state["config"], saved, ignore=IGNORED_FIELDS)
-        if diff is not None:
-            key, there, here = diff
-            raise ConfigError(f"checkpoint {str(file)!r} does not belong to the run in {str(beside)!r}: {key} is "
-                              f"{there!r} in the checkpoint and {here!r} in config.json (a checkpoint of another "
-                              "run, or a damaged config.json)", field=key, value=here)
+        _same_config(file, state["config"], read_run_json(beside, "config"),
+                     f"does not belong to the run in {str(beside)!r}",
+                     "in config.json (a checkpoint of another run, or a damaged config.json)")
     if config is not None and isinstance(state.get("config"), dict):
-        diff = config_difference(state["config"], config, ignore=IGNORED_FIELDS)
-        if diff is not None:
-            key, there, here = diff
-            raise ConfigError(f"checkpoint {str(file)!r} is of another configuration: {key} is {there!r} in the "
-                              f"checkpoint and {here!r} in this run (only {', '.join(IGNORED_FIELDS)} may change "
-                              "when resuming)", field=key, value=here)
+        _same_config(file, state["config"], config, "is of another configuration",
+                     f"in this run (only {', '.join(IGNORED_FIELDS)} may change when resuming)")
     if world is not None:
         _check_world(state, path, world)
     return state
+
+
+def _same_config(file: Path, saved: dict[str, Any], other: dict[str, Any], what: str, where: str) -> None:
+    """The checkpoint's config ``saved`` equals ``other`` in every field a resume may not change; else a
+    :class:`ConfigError` naming the checkpoint (``what`` it is) and the first differing field (``where`` the
+    other value is)."""
+    diff = config_difference(saved, other, ignore=IGNORED_FIELDS)
+    if diff is not None:
+        key, there, here = diff
+        raise ConfigError(f"checkpoint {str(file)!r} {what}: {key} is {there!r} in the checkpoint and {here!r} "
+                          f"{where}", field=key, value=here)
 
 
 def _check_world(state: dict[str, Any], path: str | Path, world: int) -> None:
