@@ -7,13 +7,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from coopsgd.algorithms.registry import declarations
 from coopsgd.cli import main
+from coopsgd.cli.common import use_threads
 from coopsgd.cli.compare import _table
+from coopsgd.errors import ConfigError
 from coopsgd.train.config import RunConfig
 from coopsgd.train.config.sections import DEFAULT_LR
-from coopsgd.train.problem import base_lr, build_problem, epoch_steps, inner_optimizer, lr_at, settle
+from coopsgd.train.problem import (
+    base_lr,
+    build_problem,
+    epoch_steps,
+    inner_optimizer,
+    lr_at,
+    run_threads,
+    settle,
+)
 from coopsgd.train.records import nonnegative, time_fields
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -117,3 +128,19 @@ def test_an_epoch_is_one_pass_over_the_training_set() -> None:
     assert epoch_steps(Loader()) == 8000 // (4 * 32)  # not the smallest shard's 500 // 32
     Loader.shard_sizes = (10, 10)
     assert epoch_steps(Loader()) == 1
+
+
+def test_threads_default_to_one_for_the_small_models_and_follow_the_setting() -> None:
+    assert run_threads(RunConfig()) == 1 and run_threads(RunConfig(model="lenet")) == 1
+    assert run_threads(RunConfig(model="vgg16")) is None  # torch's own for a large model
+    assert run_threads(RunConfig(model="vgg16", threads=2)) == 2
+    assert run_threads(RunConfig(engine="reference")) is None
+    before = torch.get_num_threads()
+    try:
+        use_threads(RunConfig(threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="cores // workers"):
+        use_threads(RunConfig(engine="distributed", threads=2))
+    assert main(["run", "--threads", "0"]) == 2

@@ -21,7 +21,7 @@ from coopsgd.catalog import reproduction_names
 from coopsgd.errors import INT64_MAX, ConfigError, check_int
 from coopsgd.fileio import atomic_write_bytes
 
-__all__ = ["Parser", "HelpFormatter", "print_json", "write_json", "flag_int", "progress_wanted", "one_line",
+__all__ = ["Parser", "HelpFormatter", "print_json", "write_json", "flag_int", "progress_wanted", "use_threads", "one_line",
            "experiment_names", "presets_epilog", "setting_help", "add_preset_args", "spec_from_args"]
 
 
@@ -128,6 +128,24 @@ def progress_wanted(args: argparse.Namespace) -> bool:
     if isinstance(explicit, bool):
         return explicit
     return not getattr(args, "json", False)
+
+
+def use_threads(config: Any) -> None:
+    """Set torch's threads for a run of ``config`` in this process (:func:`coopsgd.train.problem.run_threads`:
+    ``--threads``, else 1 for the small models). The distributed engine's ranks take max(1, cores // workers)
+    threads each: ``--threads`` there is an error saying so."""
+    import torch
+
+    from coopsgd.train.problem import run_threads
+
+    if config.execution.engine == "distributed":
+        if config.execution.threads is not None:
+            raise ConfigError.invalid("threads", config.execution.threads, "the distributed engine runs each rank with "
+                                      "max(1, cores // workers) threads; leave --threads out")
+        return
+    threads = run_threads(config)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def one_line(exc: object) -> str:

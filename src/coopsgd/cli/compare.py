@@ -11,7 +11,7 @@ from typing import Any
 
 from coopsgd.algorithms.presets import PRESETS
 from coopsgd.algorithms.registry import declaration
-from coopsgd.cli.common import presets_epilog, print_json, progress_wanted, write_json
+from coopsgd.cli.common import presets_epilog, print_json, progress_wanted, use_threads, write_json
 from coopsgd.cli.config_flags import add_config_flags, config_from_args, file_keys
 from coopsgd.errors import ConfigError
 from coopsgd.settings import default_text as shown_default
@@ -194,6 +194,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     dirs: list[Path] = []
     for n, cfg in plan:
         cfg, notes = settle(cfg.replace(out=str(out / n)))  # the defaults that depend on the run, written in
+        use_threads(cfg)
         if not args.json:
             print(f"[{len(dirs) + 1}/{len(names)}] {n} ...", file=sys.stderr, flush=True)
             for note in notes:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from coopsgd.cli.common import presets_epilog, print_json, progress_wanted
+from coopsgd.cli.common import presets_epilog, print_json, progress_wanted, use_threads
 from coopsgd.cli.compare import COMPARE_DEFAULTS
 from coopsgd.cli.config_flags import add_config_flags, config_from_args, given_flags
 from coopsgd.errors import ConfigError
@@ -103,11 +103,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     notes: tuple[str, ...] = ()
     if args.resume is not None:
-        summary = run(resume_config(args), progress=progress_wanted(args), resume=Path(args.resume))
+        resumed = resume_config(args)
+        use_threads(resumed)
+        summary = run(resumed, progress=progress_wanted(args), resume=Path(args.resume))
     else:
         # the defaults that depend on the run (an adaptive optimizer's lr, a period longer than the run) are
         # written into the config, so config.json says what ran
         config, notes = settle(config_from_args(args))
+        use_threads(config)
         fresh = None
         if config.output.out is None:  # a new directory of its own: runs/<preset>-<time>[-N]
             fresh = fresh_run_dir(config.algorithm.preset)

@@ -30,8 +30,8 @@ from coopsgd.train.config import RunConfig
 from coopsgd.train.config.sections import DEFAULT_LR
 
 __all__ = ["Problem", "TrainingData", "build_problem", "holdout_split", "split_holdout", "lr_at", "feed_from", "lm_loss",
-           "run_length", "epoch_steps", "base_lr", "inner_optimizer", "planned_steps", "settle", "LM_SEQ_LEN",
-           "REFERENCE_STEPS", "FITTED_ROUNDS"]
+           "run_length", "epoch_steps", "base_lr", "inner_optimizer", "planned_steps", "settle", "run_threads",
+           "LM_SEQ_LEN", "REFERENCE_STEPS", "FITTED_ROUNDS", "ONE_THREAD_MODELS"]
 
 #: Tokens per window of a language-model data set (:func:`coopsgd.data.lm_windows`).
 LM_SEQ_LEN = 35
@@ -39,6 +39,9 @@ LM_SEQ_LEN = 35
 REFERENCE_STEPS = 300
 #: Communication rounds a run gets when its preset's default period is longer than the run (:func:`settle`).
 FITTED_ROUNDS = 10
+#: Models whose steps are faster with one torch thread than with two on a 2-core machine, alone and beside
+#: another job (benchmarks/README.md, "Threads"): a run of one of them uses 1 thread unless ``threads`` is given.
+ONE_THREAD_MODELS = ("mlp", "lenet", "resnet20")
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -171,6 +174,17 @@ def run_length(config: RunConfig, steps_per_epoch: int) -> tuple[int, int]:
     total = s.max_steps if s.max_steps is not None else max(1, math.ceil(s.epochs * steps_per_epoch))
     eval_every = config.evaluation.eval_every or max(1, min(steps_per_epoch, total // 10 or 1))
     return total, eval_every
+
+
+def run_threads(config: RunConfig) -> int | None:
+    """The torch threads of a run in this process: ``threads``, else 1 for a simulator run of one of the small
+    models of :data:`ONE_THREAD_MODELS`, else ``None`` (torch's own; the reference engine computes with numpy)."""
+    e = config.execution
+    if e.threads is not None:
+        return e.threads
+    if e.engine == "simulate" and config.problem.model in ONE_THREAD_MODELS:
+        return 1
+    return None
 
 
 def planned_steps(config: RunConfig) -> int:

@@ -268,6 +268,11 @@ class ExecutionSettings:
     max_skips: int = setting(10, help="consecutive skipped rounds before stopping", low=1)
     timeout_s: float = setting(60.0, low=0.0, low_open=True, high=MAX_TIMEOUT_S,
                                help="distributed: communication timeout; a dead or hung rank stops the run within it")
+    threads: int | None = setting(
+        None, low=1, help="simulate / reference: torch's threads for this run's arithmetic (the distributed engine runs "
+                          "each rank with max(1, cores // workers))",
+        default_text="1 for mlp, lenet and resnet20 (measured faster on a shared 2-core machine: "
+                     "benchmarks/README.md), torch's own for larger models")
 
     def __post_init__(self) -> None:
         check_section(self)
