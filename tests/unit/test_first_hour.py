@@ -82,7 +82,7 @@ def test_comparison_table_headers_are_whole_and_name_the_clock() -> None:
 
 def test_rounding_below_zero_is_recorded_as_zero() -> None:
     assert nonnegative(-1.8e-15) == 0.0 and nonnegative(-1.0) == -1.0 and nonnegative(None) is None
-    assert nonnegative(2.5) == 2.5
+    assert nonnegative(2.5) == 2.5 and str(nonnegative(-0.0)) == "0.0"
     rec = time_fields({"simulated_time_s": 1.0, "simulated_idle_s": -1.8e-15}, 0.5, 1.0)
     assert rec["simulated_idle_s"] == 0.0
 

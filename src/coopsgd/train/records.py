@@ -72,7 +72,7 @@ ROUNDING_S = 1e-9
 def nonnegative(seconds: Any) -> Any:
     """A duration with rounding below zero (``-1.8e-15`` from ``phases - busy``) recorded as ``0.0``; ``None``
     and real values as they are."""
-    if isinstance(seconds, (int, float)) and -ROUNDING_S <= seconds < 0:
+    if isinstance(seconds, float) and -ROUNDING_S <= seconds <= 0.0:  # -0.0 too
         return 0.0
     return seconds
 
