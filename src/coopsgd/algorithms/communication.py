@@ -33,10 +33,10 @@ import numpy as np
 
 from coopsgd.algorithms.schedules import MixContext, Schedule
 from coopsgd.errors import ConfigError, check_float
+from coopsgd.theory.cost import RoundCost
 
 if TYPE_CHECKING:
     from coopsgd.compression import Compressor
-    from coopsgd.theory.cost import RoundCost
 
 __all__ = [
     "Compression",
@@ -242,8 +242,6 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
     * ``"parameter_server"``: m payloads up, and the server's dense reply (m · d parameters) down;
     * any other pattern: unchanged (its rounds are not compressed).
     """
-    from coopsgd.theory.cost import RoundCost
-
     m, d, bpp, p = int(workers), int(params), float(bytes_per_param), float(payload_bytes)
     if d <= 0:
         return cost
