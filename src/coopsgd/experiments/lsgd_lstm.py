@@ -65,6 +65,7 @@ from coopsgd.experiments.stats import Assessment, Claim
 from coopsgd.models import make_model
 from coopsgd.train import trainer
 from coopsgd.train.config import RunConfig
+from coopsgd.train.problem import run_length
 
 __all__ = ["LSTM_METHODS", "LSTM_LAMBDAS", "LSTM_BETAS", "LSTM_FULL", "LSTM_QUICK", "run_lsgd_lstm",
            "build_lm_experiment", "lstm_metrics"]
@@ -163,8 +164,7 @@ def build_lm_experiment(cfg: RunConfig, settings: dict[str, Any]) -> Any:
         device=cfg.execution.device,
     )
     spe = loader.steps_per_epoch
-    total = cfg.schedule.max_steps if cfg.schedule.max_steps is not None else max(1, int(np.ceil(cfg.schedule.epochs * spe)))
-    eval_every = cfg.evaluation.eval_every or max(1, min(spe, total // 10 or 1))
+    total, eval_every = run_length(cfg, spe)
     return trainer.Experiment(
         config=cfg,
         spec=spec,
