@@ -26,6 +26,11 @@ from coopsgd.train.rundir import (
 )
 from coopsgd.train.trainer import train
 
+
+def events(run_dir: Path) -> list[Path]:
+    """The TensorBoard event files of a run directory (they lie in the directory itself)."""
+    return sorted(run_dir.glob("events.out.tfevents.*"))
+
 SMALL = ["--workers", "2", "--max-steps", "4", "--eval-every", "2", "--eval-samples", "100", "--batch-size", "16"]
 REF = ["--engine", "reference", "--objective", "quadratic", "--workers", "2", "--steps", "10"]
 
@@ -74,7 +79,7 @@ def test_out_at_another_configurations_run_is_refused_and_left_unchanged(capsys,
 def test_overwrite_removes_every_file_of_the_old_run(capsys, tmp_path) -> None:
     d = tmp_path / "job"
     assert cli(capsys, "run", "--preset", "sync", "--model", "lenet", *SMALL, "--out", str(d), "--json")[0] == 0
-    old_events = sorted((d / "tensorboard").iterdir())
+    old_events = events(d)
     assert (d / "checkpoint.pt").is_file() and old_events
     code, out, err = cli(capsys, "run", "--preset", "sync", *REF, "--out", str(d), "--overwrite", "--json")
     assert code == 0, err
@@ -82,9 +87,9 @@ def test_overwrite_removes_every_file_of_the_old_run(capsys, tmp_path) -> None:
     # the reference engine writes no checkpoint: the LeNet run's must not be left beside its config
     assert not (d / "checkpoint.pt").exists()
     assert json.loads((d / "config.json").read_text())["engine"] == "reference"
+    new_events = events(d)
     assert {p.name for p in d.iterdir()} == {"config.json", "environment.json", "metrics.jsonl", "summary.json",
-                                             "tensorboard", LOCK_FILE}
-    new_events = sorted((d / "tensorboard").iterdir())
+                                             LOCK_FILE, *(e.name for e in new_events)}
     assert len(new_events) == 1 and new_events[0] not in old_events
     steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(11))  # the reference run's records only
@@ -100,7 +105,7 @@ def test_rerunning_the_same_configuration_replaces_its_run(capsys, tmp_path) -> 
     assert code == 0, err
     steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 2, 4, 6]  # replaced, not appended
-    assert len(list((d / "tensorboard").iterdir())) == 1
+    assert len(events(d)) == 1
     assert json.loads((d / "summary.json").read_text())["steps"] == 6 != first["steps"]
 
 
@@ -335,7 +340,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal(capsys, tmp_path) -> None:
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
@@ -361,9 +366,10 @@ def test_tensorboard_scalars_equal_the_metrics(tmp_path) -> None:
           out=d)
     _same_scalars(d)
     got = _scalars(d)
-    assert {"train_loss", "test_loss", "test_accuracy", "lr", "consensus_distance", "worker_loss/0",
-            "worker_loss/2", "rounds", "leader"} <= set(got)
-    assert not any(t.startswith(("time_source", "dropped_rounds", "step")) for t in got)
+    assert {"train/train_loss", "test/test_loss", "test/test_accuracy", "train/lr",
+            "communication/consensus_distance", "train/worker_loss/0", "train/worker_loss/2", "communication/rounds",
+            "communication/leader"} <= set(got)
+    assert not any(t.split("/")[1].startswith(("time_source", "dropped_rounds", "step")) for t in got)
 
 
 def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path) -> None:
@@ -374,7 +380,7 @@ def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path) -> None:
     train(RunConfig(**common, max_steps=14), out=d, resume=d)
     steps = [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 5, 10, 14]  # the first part's last record (6, off the grid) replaced: as one run of 14
-    assert len(list((d / "tensorboard").iterdir())) == 2  # one event file per process, the old one kept
+    assert len(events(d)) == 2  # one event file per process, the old one kept
     _same_scalars(d)
     # a run that went on past its last checkpoint (a crash after step 6): the events after step 6 are
     # replaced, as the metric records are
@@ -386,14 +392,14 @@ def test_tensorboard_after_a_resume_holds_each_step_once(tmp_path) -> None:
     steps = [json.loads(x)["step"] for x in (e / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 5, 10, 14]
     _same_scalars(e)
-    assert [s for s, _ in _scalars(e)["train_loss"]] == [0, 5, 10, 14]
+    assert [s for s, _ in _scalars(e)["train/train_loss"]] == [0, 5, 10, 14]
 
 
 def test_tensorboard_switches(tmp_path, capsys, monkeypatch) -> None:
     code, _, err = cli(capsys, "run", "--preset", "sync", *REF, "--out", str(tmp_path / "off"), "--no-tensorboard",
                        "--json")
     assert code == 0, err
-    assert not (tmp_path / "off" / "tensorboard").exists()
+    assert not events(tmp_path / "off")
     assert json.loads((tmp_path / "off" / "config.json").read_text())["tensorboard"] is False
     # asked for but not installed: one clear line, before anything is written
     import importlib.util
@@ -405,7 +411,7 @@ def test_tensorboard_switches(tmp_path, capsys, monkeypatch) -> None:
     assert not (tmp_path / "on").exists()
     # auto without the package: no event files, no error
     code, _, err = cli(capsys, "run", "--preset", "sync", *REF, "--out", str(tmp_path / "auto"), "--json")
-    assert code == 0 and not (tmp_path / "auto" / "tensorboard").exists()
+    assert code == 0 and not events(tmp_path / "auto")
     with pytest.raises(ConfigError, match="tensorboard"):
         RunConfig(tensorboard="yes")  # type: ignore[arg-type]
 

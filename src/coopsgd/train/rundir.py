@@ -6,10 +6,13 @@ interrupted run never leaves a half-written JSON or checkpoint behind. Checkpoin
 
 A run never writes into a directory that holds another configuration's run (:func:`check_run_dir`): the
 directory must be new or empty, or hold only the files coopsgd writes in a run directory
-(:data:`RUN_FILES`, ``tensorboard/``, figures) with a ``config.json`` equal to the new run's in every field
-but :data:`IGNORED_FIELDS`. ``overwrite=True`` removes such an old run first; files coopsgd did not write are
-never removed or replaced. With a run directory and the ``tensorboard`` package, the metric records are
-also written as TensorBoard scalars under ``<run dir>/tensorboard/``.
+(:data:`RUN_FILES`, TensorBoard event files, figures) with a ``config.json`` equal to the new run's in every
+field but :data:`IGNORED_FIELDS`. ``overwrite=True`` removes such an old run first; files coopsgd did not write
+are never removed or replaced. With a run directory and the ``tensorboard`` package, the metric records are
+also written as TensorBoard scalars, grouped as ``train/``, ``test/``, ``communication/`` and ``time/``
+(:func:`tensorboard_scalars`), in event files directly in the run directory: ``tensorboard --logdir runs``
+over several run directories lists each run by its directory's name (an event file's run is its folder's
+path under the log directory).
 
 One process writes a run directory at a time: a run holds the directory's lock
 (:func:`coopsgd.fileio.lock_directory`, ``.coopsgd.lock`` with its PID) from :meth:`RunDir.create` until
@@ -52,9 +55,10 @@ from coopsgd.train.config import RunConfig
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "environment",
            "jsonable", "check_run_dir", "prepare_run_dir", "check_compare_dir", "prepare_compare_dir",
-           "fresh_run_dir", "config_difference", "tensorboard_enabled", "tensorboard_scalars", "RUN_FILES",
-           "RESUME_FIELDS", "IGNORED_FIELDS", "TENSORBOARD_DIR", "COMPARE_FILE", "METRIC_NUMBERS", "read_run_json",
-           "lock_directory", "discard_unused", "LOCK_FILE", "enclosing_run_dir", "check_results_dir",
+           "fresh_run_dir", "config_difference", "tensorboard_enabled", "tensorboard_scalars", "tensorboard_tag",
+           "TENSORBOARD_GROUPS", "RUN_FILES",
+           "RESUME_FIELDS", "IGNORED_FIELDS", "TENSORBOARD_DIR", "EVENTS_PREFIX", "COMPARE_FILE", "METRIC_NUMBERS",
+           "read_run_json", "lock_directory", "discard_unused", "LOCK_FILE", "enclosing_run_dir", "check_results_dir",
            "tensorboard_import_error"]
 
 
@@ -169,8 +173,12 @@ def environment() -> dict[str, Any]:
 
 #: The files a run writes in its directory (besides ``tensorboard/`` and figures).
 RUN_FILES = ("config.json", "environment.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
-#: The TensorBoard event files' folder inside a run directory.
+#: The folder of TensorBoard event files in a run directory written before the event files moved into the
+#: run directory itself (TensorBoard named those runs ``<run>/tensorboard``); still recognised as coopsgd's,
+#: and a resumed run moves its event files up.
 TENSORBOARD_DIR = "tensorboard"
+#: The start of a TensorBoard event file's name (``events.out.tfevents.<time>.<host>.<pid>.<n>``).
+EVENTS_PREFIX = "events.out.tfevents."
 #: The file ``coopsgd compare`` writes at the top of its directory (beside one run directory per preset).
 COMPARE_FILE = "compare.json"
 #: The RunConfig fields a resumed run may change (``coopsgd run --resume DIR --max-steps ...``).
@@ -243,13 +251,22 @@ def _is_run_file(path: Path) -> bool:
         return isinstance(rec, dict) and "step" in rec
     if name == "checkpoint.pt":
         return _head_tail(path, 4)[:4] == b"PK\x03\x04"  # torch.save's zip format
+    if name.startswith(EVENTS_PREFIX):
+        return _is_event_file(path)
     return _is_figure(path)
+
+
+def _is_event_file(path: Path) -> bool:
+    """A TensorBoard event file: empty (a writer that had not flushed yet) or starting with the record that
+    names the event format (``brain.Event:2``)."""
+    head = _head_tail(path, 64)
+    return not head or b"brain.Event:" in head
 
 
 def _is_tensorboard_dir(path: Path) -> bool:
     if not path.is_dir() or path.is_symlink():
         return False
-    return all(p.is_file() and p.name.startswith("events.out.tfevents.") for p in path.iterdir())
+    return all(p.is_file() and p.name.startswith(EVENTS_PREFIX) for p in path.iterdir())
 
 
 def _scan_run_dir(path: Path) -> tuple[list[Path], list[Path]]:
@@ -479,7 +496,7 @@ def check_compare_dir(path: str | Path, config: dict[str, Any], presets: list[st
                 ours.append(e)
             else:
                 foreign.append(e)
-        elif _is_run_file(e) and e.name not in RUN_FILES:  # figures, temporary files
+        elif _is_run_file(e) and e.name not in RUN_FILES and not e.name.startswith(EVENTS_PREFIX):  # figures, tmp
             ours.append(e)
         else:
             foreign.append(e)
@@ -532,8 +549,31 @@ def fresh_run_dir(name: str, root: str | Path = "runs", *, now: float | None = N
 # TensorBoard
 # ---------------------------------------------------------------------------------------------------------
 
-#: Tags of list-valued metric fields: ``worker_losses[i]`` is the scalar ``worker_loss/i``.
+#: Tags of list-valued metric fields: ``worker_losses[i]`` is the scalar ``train/worker_loss/i``.
 _LIST_TAGS = {"worker_losses": "worker_loss"}
+#: The TensorBoard groups (a tag's part before the first ``/``; TensorBoard shows one section per group).
+TENSORBOARD_GROUPS = ("train", "test", "communication", "time")
+#: Metric fields in a group their name does not tell (see :func:`tensorboard_tag`).
+_TAG_GROUPS = {"rounds": "communication", "bytes_sent": "communication", "leader": "communication",
+               "consensus_distance": "communication", "zeta": "communication", "epoch": "train", "lr": "train",
+               "center_objective": "train"}
+
+
+def tensorboard_tag(field: str) -> str:
+    """The TensorBoard tag of a metric field, ``group/field``: ``test_*`` in ``test/``; the clocks
+    (``time_s``, ``simulated_*``, ``measured_*``, ``wall_time_s``, any ``*_s``) in ``time/``; rounds, bytes,
+    the leader, the consensus distance and the mixing matrix's zeta in ``communication/``; the rest
+    (losses, learning rate, epoch) in ``train/``."""
+    base = field.split("/", 1)[0]
+    group = _TAG_GROUPS.get(base)
+    if group is None:
+        if base.startswith("test_"):
+            group = "test"
+        elif base.startswith(("simulated_", "measured_")) or base.endswith("_s") or base == "wall_time_s":
+            group = "time"
+        else:
+            group = "train"
+    return f"{group}/{field}"
 
 
 def tensorboard_enabled(setting: bool | None, *, has_dir: bool = True) -> bool:
@@ -581,25 +621,26 @@ def tensorboard_import_error() -> str | None:
 
 def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
     """The TensorBoard scalars of one metric record: every numeric field as in ``metrics.jsonl`` (non-finite
-    values are left out there as ``null``, and here), list fields one scalar per entry (``worker_loss/3``);
-    ``step`` is the x axis, strings, booleans and nested records are left out."""
+    values are left out there as ``null``, and here), tagged by :func:`tensorboard_tag` (``test/test_loss``,
+    ``time/simulated_time_s``), list fields one scalar per entry (``train/worker_loss/3``); ``step`` is the
+    x axis, strings, booleans and nested records are left out."""
     out: dict[str, float] = {}
     for key, value in jsonable(record).items():
         if key == "step" or isinstance(value, bool) or value is None:
             continue
         if isinstance(value, (int, float)):
-            out[key] = float(value)
+            out[tensorboard_tag(key)] = float(value)
         elif isinstance(value, list):
             tag = _LIST_TAGS.get(key, key)
             for i, v in enumerate(value):
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out[f"{tag}/{i}"] = float(v)
+                    out[tensorboard_tag(f"{tag}/{i}")] = float(v)
     return out
 
 
 class RunDir:
     """A run directory: ``config.json``, ``environment.json``, ``metrics.jsonl``, ``summary.json``, checkpoints,
-    and ``tensorboard/`` (TensorBoard scalars of every metric record, when enabled).
+    and TensorBoard event files (the scalars of every metric record, when enabled).
 
     Runs create theirs with :meth:`create`, which refuses a directory holding another configuration's run
     (:func:`check_run_dir`) and holds its lock until :meth:`release` (or the object is collected, or the
@@ -660,7 +701,7 @@ class RunDir:
 
     def start_metrics(self, *, append: bool = False, tensorboard: bool = False, start_step: int = 0) -> None:
         """Open ``metrics.jsonl`` (``append``: a resumed run) and, with ``tensorboard``, the TensorBoard
-        writer of ``tensorboard/``. A resumed run (``append``) tells TensorBoard to drop the earlier events
+        writer (event files in the run directory). A resumed run (``append``) tells TensorBoard to drop the earlier events
         after ``start_step`` (as :meth:`truncate_metrics` drops the records)."""
         self.close()
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
@@ -672,12 +713,30 @@ class RunDir:
         self._tb_start = (start_step + 1 if append else 0) if tensorboard else None
 
     def _tensorboard(self) -> Any:
+        """The TensorBoard writer, opened at the first record: its event file lies in the run directory itself,
+        so that TensorBoard names the run by the directory. A resumed run written before that layout has its
+        events in ``tensorboard/``: they are moved up first, so that the resume's purge step applies to them
+        and TensorBoard shows one run."""
         if self._tb is None and self._tb_start is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = self._tb_start if self._tb_start > 0 else None
-            self._tb = SummaryWriter(log_dir=str(self.path / TENSORBOARD_DIR), purge_step=purge, flush_secs=10)
+            self._move_legacy_events()
+            self._tb = SummaryWriter(log_dir=str(self.path), purge_step=purge, flush_secs=10)
         return self._tb
+
+    def _move_legacy_events(self) -> None:
+        legacy = self.path / TENSORBOARD_DIR
+        if not _is_tensorboard_dir(legacy):
+            return
+        try:
+            for f in sorted(legacy.iterdir()):
+                if not (self.path / f.name).exists():
+                    os.replace(f, self.path / f.name)
+            legacy.rmdir()
+        except OSError as exc:
+            write_failure(exc, legacy)
+            raise
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line, unbuffered (a crash loses at most the line being written; a failed write, e.g.
