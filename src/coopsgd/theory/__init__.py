@@ -5,11 +5,13 @@
 * :mod:`~coopsgd.theory.cost` — per-round communication cost ([CSGD] Table 3) and an alpha-beta
   wall-clock model with straggler compute times.
 * :mod:`~coopsgd.theory.heatmap` — the network-error heat map of [CSGD] Fig. 3a.
+* :mod:`~coopsgd.theory.compression` — compressed communication: CHOCO-Gossip's consensus step and linear
+  rate, the terms of CHOCO-SGD's rate (Koloskova, Stich, Jaggi, ICML 2019), bytes against the uncompressed round.
 
 Pure numpy/scipy/matplotlib; importing this package never imports torch.
 """
 
-from coopsgd.theory import cost
+from coopsgd.theory import compression, cost
 from coopsgd.theory.bounds import (
     BoundReport,
     ProblemConstants,
@@ -33,6 +35,19 @@ from coopsgd.theory.bounds import (
     theorem2_constant,
     theorem3,
     zeta_tau,
+)
+from coopsgd.theory.compression import (  # noqa: F401 -- re-exported through compression.__all__ below
+    GOSSIP_RATE_DENOMINATOR,
+    STEP_OFFSET_NUMERATOR,
+    averaging_bound_note,
+    bytes_ratio,
+    choco_gossip_gamma,
+    choco_gossip_rate,
+    choco_gossip_rounds,
+    choco_sgd_step_offset,
+    choco_sgd_terms,
+    contraction_delta,
+    mixing_beta,
 )
 from coopsgd.theory.cost import (  # noqa: F401 -- re-exported through cost.__all__ below
     DISTRIBUTIONS,
@@ -81,3 +96,5 @@ __all__ = [
 ]
 # the cost model: the public names of coopsgd.theory.cost
 __all__ += cost.__all__
+# compressed communication: the public names of coopsgd.theory.compression
+__all__ += compression.__all__
