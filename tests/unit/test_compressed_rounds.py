@@ -355,10 +355,7 @@ def test_no_compression_changes_nothing() -> None:
     (lambda: presets.sync(4, compression="qsgd:0"), "qsgd"),
     (lambda: presets.dpsgd(4, compression="powersgd:2"), "powersgd compresses averaging rounds only"),
     (lambda: presets.matcha(4, compression="powersgd:2"), "powersgd"),
-    (lambda: presets.easgd(4, compression="int8"), "elastic"),
-    (lambda: presets.generalized_elastic(4, compression="int8"), "elastic"),
-    (lambda: presets.hierarchical(4, compression="topk:0.1"), "elastic"),
-    (lambda: presets.lsgd(4, compression="sign"), "elastic"),
+    (lambda: presets.lsgd(4, compression="sign"), "elastic"),  # easgd & co.: tests/unit/test_compressed_elastic.py
     (lambda: presets.downpour(3, compression="fp16"), "elastic"),
     (lambda: presets.choco(4, compression=Compression("topk:0.1", consensus_step=0.5), gamma=0.2), "gamma"),
     (lambda: Compression("int8", error_feedback="sometimes"), "error_feedback"),
@@ -379,9 +376,9 @@ def test_config_and_cli_refuse_with_one_line(capsys, tmp_path, monkeypatch) -> N
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="distributed engine"):
         RunConfig(engine="distributed", compress="int8")
-    assert RunConfig(preset="easgd").build_spec().compressed is None
+    assert RunConfig(preset="lsgd").build_spec().compressed is None
     with pytest.raises(ConfigError, match="elastic"):
-        RunConfig(preset="easgd", compress="int8").build_spec()
+        RunConfig(preset="lsgd", compress="int8").build_spec()
     for argv in (["run", "--compress", "topk:2"], ["run", "--preset", "dpsgd", "--compress", "powersgd:1"],
                  ["run", "--engine", "distributed", "--compress", "int8"]):
         assert main([*argv, "--max-steps", "1"]) == 2

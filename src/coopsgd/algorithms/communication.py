@@ -15,9 +15,17 @@ classified from their matrices alone (:func:`exchange_of`), never from a preset'
     2019, Algorithm 2) with public copies x̂ (zero at the start): q_i = Q(x_i − x̂_i), x̂_i ← x̂_i + q_i,
     x_i ← x_i + γ Σ_j w_ij (x̂_j − x̂_i) (an unbiased Q is used as Q/(1 + ω)).
 
-Any other round (an elastic round with an auxiliary node: EASGD, generalized elastic, hierarchical, LSGD's
-pull, DOWNPOUR's pushes) cannot be compressed yet: :func:`check_compressible` refuses such a spec with a
-:class:`~coopsgd.errors.ConfigError` naming ``compress``. See docs/compression.md.
+``"elastic"``
+    a round with auxiliary nodes that is neither (EASGD, generalized elastic averaging, hierarchical
+    averaging's group and global rounds; :func:`elastic_of`): every auxiliary node c the round reads keeps a
+    public copy ẑ_c that every node reading it holds; c first sends its reply Q(z_c − ẑ_c) (ẑ_c ← ẑ_c +
+    Q(·), an unbiased Q used as Q/(1 + ω)), then every worker i another node reads sends
+    Q(x_i − ẑ_{c(i)} + e_i) against the copy of its centre c(i), with error feedback, and its readers use
+    v_i = ẑ_{c(i)} + Q(·); node j becomes S[j, j] x_j + Σ_{i≠j} S[i, j] v_i (v_c = ẑ_c for an auxiliary).
+
+LSGD (the leader refresh, fused with the pull) and DOWNPOUR (sequential pushes) are refused:
+:func:`check_compressible` raises a :class:`~coopsgd.errors.ConfigError` naming ``compress``. See
+docs/compression.md.
 
 This module imports no torch at import time (the compressor library is imported when a spec string other
 than ``none`` is checked), so building a configuration's parser stays cheap.
@@ -45,14 +53,19 @@ __all__ = [
     "EXCHANGES",
     "as_compression",
     "exchange_of",
+    "elastic_of",
+    "ElasticExchange",
     "check_compressible",
+    "elastic_round_cost",
+    "elastic_spec_cost",
     "compressed_round_cost",
     "REDUCIBLE",
 ]
 
 #: ``error_feedback``: ``auto`` (on for biased compressors, SPEC §11), ``on`` or ``off``.
 ERROR_FEEDBACK = ("auto", "on", "off")
-#: The round kinds compression applies to (:func:`exchange_of`).
+#: The round kinds without auxiliary nodes compression applies to (:func:`exchange_of`; elastic rounds:
+#: :func:`elastic_of`).
 EXCHANGES = ("average", "gossip")
 #: Compressors whose payloads decode to the row up to the rounding of a cast (γ defaults to 1 with them).
 _NEAR_EXACT = ("none", "fp16", "bf16")
@@ -183,12 +196,100 @@ def exchange_of(S: np.ndarray, workers: int) -> str | None:
     return "gossip"
 
 
+@dataclass(frozen=True, eq=False)
+class ElasticExchange:
+    """What a compressed elastic round sends (:func:`elastic_of`; docs/compression.md, "Elastic rounds").
+
+    Attributes:
+        uploads: the workers another node reads (sorted): each sends Q(x_i − ẑ_{c(i)} + e_i).
+        centres: the auxiliary node each of them reads (its centre c(i), whose public copy is its reference).
+        replies: the auxiliary nodes that send their reply Q(z_c − ẑ_c) first (sorted): those another node
+            reads and the centres of the uploads.
+        changed: the nodes (columns of S) the round changes (sorted).
+        diagonal: S[j, j] for each of them (a node uses its own row exactly).
+        handshakes: the most peers one node exchanges a payload with.
+        payloads: the payloads through the busiest node, sent and received (each payload goes point to point
+            from its sender to each node that needs it).
+        total: every payload the round sends, over all nodes.
+    """
+
+    uploads: np.ndarray
+    centres: np.ndarray
+    replies: np.ndarray
+    changed: np.ndarray
+    diagonal: np.ndarray
+    handshakes: int
+    payloads: int
+    total: int
+
+
+def elastic_of(S: np.ndarray, workers: int) -> ElasticExchange | None:
+    """The compressed exchange of an elastic round ``X <- X S`` (column convention) with auxiliary nodes
+    (rows ``workers`` and up), or ``None`` when the round is not one: it changes nothing, it has no auxiliary
+    node that another node reads or that a read worker reads, or a worker that another node reads does not
+    read exactly one auxiliary node (its centre, whose public copy is the reference of its payload).
+
+    Node i "reads" node j when S[j, i] != 0 (j != i). The receivers of a payload: an upload of worker i goes to
+    every node that reads i; the reply of auxiliary c to every node that reads c, to the workers whose centre
+    is c and to every node that reads one of them (all hold ẑ_c)."""
+    S = np.asarray(S, dtype=np.float64)
+    n, m = S.shape[0], int(workers)
+    if n <= m:
+        return None
+    eye = np.eye(n, dtype=bool)
+    changed = np.flatnonzero((S != np.eye(n)).any(axis=0))
+    if changed.size == 0:
+        return None
+    off = (S != 0) & ~eye  # off[j, i]: node i reads node j
+    read = np.flatnonzero(off.any(axis=1))
+    uploads = read[read < m]
+    centres = np.empty(uploads.size, dtype=np.int64)
+    for k, i in enumerate(uploads.tolist()):
+        aux = np.flatnonzero(off[m:, i]) + m
+        if aux.size != 1:
+            return None
+        centres[k] = aux[0]
+    replies = np.union1d(read[read >= m], centres).astype(np.int64)
+    if replies.size == 0:
+        return None
+    sent, recv = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    peers: list[set[int]] = [set() for _ in range(n)]
+
+    def send(src: int, to: np.ndarray) -> None:
+        sent[src] += to.size
+        recv[to] += 1
+        peers[src].update(to.tolist())
+        for t in to.tolist():
+            peers[t].add(src)
+
+    for i in uploads.tolist():
+        send(i, np.flatnonzero(off[i]))
+    for c in replies.tolist():
+        mine = uploads[centres == c]
+        holders = off[c] | off[mine].any(axis=0)
+        holders[mine] = True
+        holders[c] = False
+        send(c, np.flatnonzero(holders))
+    return ElasticExchange(
+        uploads=uploads.astype(np.int64), centres=centres, replies=replies, changed=changed.astype(np.int64),
+        diagonal=np.diag(S)[changed].copy(), handshakes=max(len(p) for p in peers),
+        payloads=int((sent + recv).max()), total=int(sent.sum()))
+
+
+def _kind(S: np.ndarray, workers: int) -> str | None:
+    """:func:`exchange_of`, or ``"elastic"`` for a round :func:`elastic_of` can compress."""
+    kind = exchange_of(S, workers)
+    if kind is None and elastic_of(S, workers) is not None:
+        return "elastic"
+    return kind
+
+
 def _round_kinds(schedule: Schedule, workers: int) -> set[str | None]:
     """The kinds of the rounds ``schedule`` produces: from its finite set of matrices, else from the rounds of
     its first steps (random schedules: FedAvg's samples, MATCHA's matchings)."""
     mats = schedule.matrices(_SAMPLE_STEPS)
     if mats is not None:
-        return {exchange_of(M, workers) for M in mats}
+        return {_kind(M, workers) for M in mats}
     kinds: set[str | None] = set()
     state = schedule.init_state()
     rounds = 0
@@ -196,7 +297,7 @@ def _round_kinds(schedule: Schedule, workers: int) -> set[str | None]:
         mix, state = schedule.advance(k, MixContext(step=k), state)
         if mix is None:
             continue
-        kinds.add("average" if mix.structure is not None else exchange_of(mix.matrix, workers))
+        kinds.add("average" if mix.structure is not None else _kind(mix.matrix, workers))
         rounds += 1
         if rounds >= _SAMPLE_ROUNDS:
             break
@@ -204,28 +305,46 @@ def _round_kinds(schedule: Schedule, workers: int) -> set[str | None]:
 
 
 def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, compression: Compression) -> None:
-    """Refuse (``ConfigError`` naming ``compress``) a compression the spec's rounds cannot take: rounds that
-    are neither averages nor gossip among the workers (elastic rounds with an auxiliary node, LSGD's pull,
-    DOWNPOUR's pushes), gossip under the pre-mix rule, and PowerSGD on gossip rounds."""
+    """Refuse (``ConfigError`` naming ``compress``) a compression the spec's rounds cannot take: LSGD's leader
+    rounds and DOWNPOUR's pushes, rounds that are neither averages, gossip among the workers nor elastic
+    rounds (:func:`elastic_of`), gossip under the pre-mix rule, and PowerSGD on gossip rounds."""
     if not compression.compresses:
         return  # none: only gossip rounds change (γ != 1), and every round can take that
-    if schedule.sequential or schedule.needs_losses:
-        kinds: set[str | None] = {None}
-    else:
-        kinds = _round_kinds(schedule, workers)
+    spec = compression.compress
+    if schedule.sequential:
+        raise ConfigError.invalid(
+            "compress", spec, f"preset {name!r} pushes sequentially (DOWNPOUR's asynchronous server): compressed "
+            "pushes and pulls are not implemented (compressed elastic rounds cover easgd, generalized_elastic and "
+            "hierarchical); use compress=none")
+    if schedule.needs_losses:
+        raise ConfigError.invalid(
+            "compress", spec, f"preset {name!r} copies the elected leader's model into the leader slots within the "
+            "same matrix as the pull (LSGD): a compressed leader refresh is not implemented (compressed elastic "
+            "rounds cover easgd, generalized_elastic and hierarchical); use compress=none")
+    kinds = _round_kinds(schedule, workers)
     if None in kinds:
         raise ConfigError.invalid(
-            "compress", compression.compress,
-            f"preset {name!r} has rounds that are neither averages nor gossip among the workers (elastic rounds "
-            "with an auxiliary node: easgd, generalized_elastic, hierarchical, lsgd, downpour); compressed "
-            "elastic rounds are not implemented: use compress=none")
+            "compress", spec,
+            f"preset {name!r} has rounds that are neither averages, gossip among the workers nor elastic rounds "
+            "in which every worker another node reads reads exactly one auxiliary node: use compress=none")
     if "gossip" in kinds and rule != "post_mix":
-        raise ConfigError.invalid("compress", compression.compress, f"preset {name!r}: CHOCO gossip follows the local step "
+        raise ConfigError.invalid("compress", spec, f"preset {name!r}: CHOCO gossip follows the local step "
                                   "(the post_mix rule)")
-    if "gossip" in kinds and compression.compress.startswith("powersgd"):
-        raise ConfigError.invalid("compress", compression.compress, f"preset {name!r} gossips: powersgd compresses "
-                                  "averaging rounds only (its warm-started factors approximate a difference "
-                                  "that all participants share); use topk, randk, sign, int8, qsgd, fp16 or bf16")
+    if "gossip" in kinds and spec.startswith("powersgd"):
+        raise ConfigError.invalid("compress", spec, f"preset {name!r} gossips: powersgd compresses "
+                                  "averaging rounds only among rounds of the workers alone (elastic rounds take it "
+                                  "too): its warm-started factors approximate a difference against a reference the "
+                                  "receivers share; use topk, randk, sign, int8, qsgd, fp16 or bf16")
+
+
+def elastic_round_cost(exchange: ElasticExchange, *, bytes_per_param: float, payload_bytes: float) -> RoundCost:
+    """The cost of a compressed elastic round (SPEC §11): every payload goes point to point from its sender to
+    each node that needs it (:func:`elastic_of`); like a parameter server's round, it is charged the traffic
+    of the busiest node, sent and received (``exchange.payloads`` payloads of ``payload_bytes``), with one
+    handshake per peer of that node (``exchange.handshakes``). For EASGD with m workers: m uploads received and
+    the reply sent to m workers by the centre, 2 m payloads, m handshakes."""
+    p, bpp = float(payload_bytes), float(bytes_per_param)
+    return RoundCost("parameter_server", int(exchange.handshakes), exchange.payloads * p / bpp, exchange.payloads * p)
 
 
 def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_per_param: float,
@@ -254,3 +373,16 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
         ratio = p / (d * bpp)  # a payload in place of one row
         return RoundCost(cost.pattern, cost.handshakes, cost.floats_sent * ratio, cost.bytes_sent * ratio)
     return cost
+
+
+def elastic_spec_cost(schedule: Schedule, workers: int, *, bytes_per_param: float,
+                      payload_bytes: float) -> RoundCost | None:
+    """The cost of the costliest compressed elastic round of ``schedule`` (:func:`elastic_round_cost` over its
+    finite set of matrices), or ``None`` when it has no elastic round or no finite set of matrices (the
+    per-round cost of ``coopsgd theory`` and of reference runs)."""
+    mats = schedule.matrices(_SAMPLE_STEPS)
+    if mats is None:
+        return None
+    costs = [elastic_round_cost(ex, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes)
+             for ex in (elastic_of(M, workers) for M in mats if exchange_of(M, workers) is None) if ex is not None]
+    return max(costs, key=lambda c: (c.bytes_sent, c.handshakes)) if costs else None

@@ -23,12 +23,27 @@ payloads with the round's weights. Which vector is sent depends on the round's k
     models after every round, so none is kept: the round is x ← x + γ (X S − x), and for γ = 1 the
     uncompressed round itself (D-PSGD bit for bit).
 
+``elastic`` (auxiliary nodes, neither of the above: EASGD, generalized elastic averaging, hierarchical
+    averaging's group rounds and its global rounds; :func:`~coopsgd.algorithms.communication.elastic_of`)
+    Every auxiliary node c keeps a public copy ẑ_c, held by every node that reads it: c's value at the run's
+    first elastic round (every node knows it: auxiliary rows change only in rounds), then moved by its
+    replies only. A round (1) has every auxiliary node the round reads, and every centre of a read worker,
+    send its reply ρ_c = Q(z_c − ẑ_c) (an unbiased Q used as Q/(1 + ω), as in CHOCO), ẑ_c ← ẑ_c + ρ_c: ẑ_c
+    is what the readers know of z_c, and z_c − ẑ_c is the centre's residual, carried into its next reply;
+    (2) has every worker i that another node reads send u_i = Q(c_i), c_i = x_i − ẑ_{c(i)} + e_i against the
+    copy of the one auxiliary node c(i) it reads (its centre), e_i ← c_i − u_i with error feedback; its
+    readers use v_i = ẑ_{c(i)} + u_i; (3) sets every changed node j to S[j, j] x_j + Σ_{i≠j} S[i, j] v_i
+    (v_c = ẑ_c for an auxiliary node): each node uses its own row exactly and what it received of the others.
+    With an exact compressor this is the uncompressed round up to rounding (ẑ + (z − ẑ) is not z in floating
+    point).
+
 Averaging rounds with ``none`` are the uncompressed round (the communicator's fused kernel). The draws of
 ``qsgd`` / ``randk`` / PowerSGD's first factor are keyed by (seed, c, node), c counting the compressed
 rounds of the run, so the reference engine (:class:`ReferenceCompressedRounds`, numpy, one node at a time
 through :func:`~coopsgd.compression.reference_roundtrip`) draws the same ones.
 
-The per-node state -- the residuals e (n, width), the public copies x̂ (n, width), PowerSGD's warm-start
+The per-node state -- the residuals e (n, width), the public copies x̂ (n, width) of gossip, the copies ẑ
+(n, width; the auxiliary rows are used) of elastic rounds, PowerSGD's warm-start
 factors (one (n, m_t, R) tensor per compressed matrix), the references x_ref and the round count -- is
 created when first used, goes into the engine's checkpoint (:meth:`CompressedRounds.state_dict`) and is
 restored by the NaN-skip rollback (:meth:`CompressedRounds.snapshot`).
@@ -43,13 +58,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coopsgd.algorithms.communication import REDUCIBLE, Compression, exchange_of
+from coopsgd.algorithms.communication import (
+    REDUCIBLE,
+    Compression,
+    ElasticExchange,
+    elastic_of,
+    elastic_round_cost,
+    exchange_of,
+)
 from coopsgd.compression import Compressor, reference_roundtrip
 from coopsgd.engines.base import Communicator
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan, apply_mixing
 from coopsgd.errors import ConfigError
+from coopsgd.theory.cost import RoundCost
 
-__all__ = ["CompressedRounds", "ReferenceCompressedRounds", "round_exchange"]
+__all__ = ["CompressedRounds", "ReferenceCompressedRounds", "round_exchange", "elastic_exchange"]
 
 _NOT_COMPRESSIBLE = ("not compressible",)  # the cached answer "None" (a plan's cache treats None as missing)
 
@@ -66,10 +89,17 @@ def round_exchange(rnd: Round, workers: int) -> str | None:
     return None if got is _NOT_COMPRESSIBLE else str(got)
 
 
+def elastic_exchange(rnd: Round, workers: int) -> ElasticExchange | None:
+    """What a compressed elastic round sends (:func:`~coopsgd.algorithms.communication.elastic_of`, analysed
+    once per plan), or ``None`` when ``rnd`` is not one."""
+    got = rnd.plan.derived(("elastic", workers), lambda: elastic_of(rnd.matrix, workers) or _NOT_COMPRESSIBLE)
+    return None if got is _NOT_COMPRESSIBLE else got
+
+
 def _refuse(rnd: Round, spec: str) -> ConfigError:
-    return ConfigError.invalid("compress", spec, f"a round of kind {rnd.kind.value} that is neither an average nor "
-                               "gossip among the workers cannot be compressed (elastic rounds with an auxiliary "
-                               "node are not implemented)")
+    return ConfigError.invalid("compress", spec, f"a round of kind {rnd.kind.value} that is neither an average, "
+                               "gossip among the workers nor an elastic round in which every worker another node "
+                               "reads reads exactly one auxiliary node cannot be compressed")
 
 
 def _gossip_scale(compressor: Compressor, d: int) -> float:
@@ -118,13 +148,26 @@ class CompressedRounds:
         self.refs: dict[tuple[int, ...] | None, Tensor] = {}
         self.residual: Tensor | None = None
         self.public: Tensor | None = None
+        self.copies: Tensor | None = None  # elastic rounds: ẑ (the auxiliary rows are used)
         self.factors: tuple[Tensor, ...] | None = None
-        self.calls = 0  # compressed rounds so far (keys the draws)
+        self.calls = 0  # compressor calls so far (keys the draws)
 
     # -- the round ------------------------------------------------------------------------------------
     def sends_payload(self, rnd: Round) -> bool:
         """Whether round ``rnd`` sends compressed payloads (its bytes are the compressor's)."""
-        return self.compresses and round_exchange(rnd, self.workers) in ("average", "gossip")
+        if not self.compresses:
+            return False
+        kind = round_exchange(rnd, self.workers)
+        return kind in ("average", "gossip") or (kind is None and elastic_exchange(rnd, self.workers) is not None)
+
+    def elastic_cost(self, rnd: Round, bytes_per_param: float) -> RoundCost | None:
+        """The cost of round ``rnd`` when it is a compressed elastic round
+        (:func:`~coopsgd.algorithms.communication.elastic_round_cost`), else ``None``."""
+        if not self.compresses or round_exchange(rnd, self.workers) is not None:
+            return None
+        ex = elastic_exchange(rnd, self.workers)
+        return None if ex is None else elastic_round_cost(ex, bytes_per_param=bytes_per_param,
+                                                          payload_bytes=self.row_bytes)
 
     def communicate(self, rows: Tensor, rnd: Round, comm: Communicator, *, overlap: bool = False) -> None:
         """Round ``rnd`` on ``rows`` (every node's mixed columns) in place; ``comm`` moves what is not compressed."""
@@ -136,7 +179,10 @@ class CompressedRounds:
         elif kind == "gossip":
             self._gossip(rows, rnd, comm, overlap)
         elif kind is None and self.compresses:
-            raise _refuse(rnd, self.compression.compress)
+            ex = elastic_exchange(rnd, self.workers)
+            if ex is None:
+                raise _refuse(rnd, self.compression.compress)
+            self._elastic(rows, rnd, ex)
         else:  # an average with none, or (none, gamma) on a round that is not gossip: uncompressed
             comm.communicate(rows, rnd, overlap=overlap)
 
@@ -208,6 +254,37 @@ class CompressedRounds:
         plan.apply_(Y)  # sum_j S[j, i] x_hat_j
         rows.index_add_(0, idx, Y.index_select(0, idx).sub_(P.index_select(0, idx)), alpha=self.gamma)
 
+    def _elastic(self, rows: Tensor, rnd: Round, ex: ElasticExchange) -> None:
+        if self.copies is None:  # what every node holds of the auxiliary nodes at the first elastic round
+            self.copies = rows.clone()
+        C, dev = self.copies, rows.device
+        V = rows.clone()  # v: what the readers use of each node (its own row where nobody reads it)
+        r = torch.as_tensor(ex.replies, device=dev)
+        q = self._roundtrip(rows.index_select(0, r).sub_(C.index_select(0, r)), r, r)  # (1) the replies
+        if self.gossip_scale != 1.0:
+            q.mul_(self.gossip_scale)
+        C.index_add_(0, r, q)
+        V.index_copy_(0, r, C.index_select(0, r))
+        if ex.uploads.size:  # (2) the uploads against the centres' copies
+            u = torch.as_tensor(ex.uploads, device=dev)
+            ref = C.index_select(0, torch.as_tensor(ex.centres, device=dev))
+            c = rows.index_select(0, u).sub_(ref)
+            if self.feedback:
+                if self.residual is None:
+                    self.residual = rows.new_zeros((self.n, self.width))
+                c.add_(self.residual.index_select(0, u))
+            decoded = self._roundtrip(c, u, u)
+            if self.feedback:
+                assert self.residual is not None
+                self.residual.index_copy_(0, u, c.sub_(decoded))
+            V.index_copy_(0, u, ref.add_(decoded))
+        ch = torch.as_tensor(ex.changed, device=dev)
+        Y = V.clone()
+        rnd.plan.apply_(Y)  # (3) sum_i S[i, j] v_i, then node j's own term S[j, j] (x_j - v_j) put right
+        diag = torch.as_tensor(ex.diagonal, dtype=rows.dtype, device=dev).unsqueeze(1)
+        own = rows.index_select(0, ch).sub_(V.index_select(0, ch)).mul_(diag)
+        rows.index_copy_(0, ch, Y.index_select(0, ch).add_(own))
+
     # -- checkpoints and rollbacks ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The per-node state (CPU copies; loadable with ``torch.load(weights_only=True)``)."""
@@ -219,7 +296,7 @@ class CompressedRounds:
             "compress": self.compression.compress, "calls": self.calls, "start": cpu(self.start),
             "ref_targets": [None if k is None else list(k) for k in keys],
             "refs": [cpu(self.refs[k]) for k in keys],
-            "residual": cpu(self.residual), "public": cpu(self.public),
+            "residual": cpu(self.residual), "public": cpu(self.public), "copies": cpu(self.copies),
             "factors": None if self.factors is None else [cpu(f) for f in self.factors],
         }
 
@@ -229,7 +306,7 @@ class CompressedRounds:
                                       f"the checkpoint's rounds were compressed with {state.get('compress')!r}, this "
                                       f"run uses {self.compression.compress!r}")
         shape = (self.n, self.width)
-        for name in ("residual", "public"):
+        for name in ("residual", "public", "copies"):
             t = state.get(name)
             if t is not None and tuple(t.shape) != shape:
                 raise ConfigError.invalid(f"{prefix}.{name}", tuple(t.shape), f"expected {shape}")
@@ -242,19 +319,20 @@ class CompressedRounds:
         self.refs = {(None if k is None else tuple(int(i) for i in k)): dev(t)  # type: ignore[misc]
                      for k, t in zip(state["ref_targets"], state["refs"], strict=True)}
         self.residual, self.public = dev(state.get("residual")), dev(state.get("public"))
+        self.copies = dev(state.get("copies"))  # absent from checkpoints of runs without elastic rounds
         f = state.get("factors")
         self.factors = None if f is None else tuple(dev(t) for t in f)  # type: ignore[misc]
 
     def snapshot(self) -> dict[str, Any]:
         """The state for a rollback (copies on the rows' device)."""
         return _copied({"calls": self.calls, "refs": self.refs, "residual": self.residual, "public": self.public,
-                        "factors": self.factors})
+                        "copies": self.copies, "factors": self.factors})
 
     def restore(self, snap: dict[str, Any]) -> None:
         """Restore a :meth:`snapshot` (the snapshot stays usable for a later rollback)."""
         s = _copied(snap)
-        self.calls, self.refs, self.residual, self.public, self.factors = (
-            s["calls"], s["refs"], s["residual"], s["public"], s["factors"])
+        self.calls, self.refs, self.residual, self.public, self.copies, self.factors = (
+            s["calls"], s["refs"], s["residual"], s["public"], s["copies"], s["factors"])
 
 
 def _copied(state: dict[str, Any]) -> dict[str, Any]:
@@ -264,7 +342,7 @@ def _copied(state: dict[str, Any]) -> dict[str, Any]:
 
     f = state["factors"]
     return {"calls": state["calls"], "refs": {k: v.clone() for k, v in state["refs"].items()},
-            "residual": c(state["residual"]), "public": c(state["public"]),
+            "residual": c(state["residual"]), "public": c(state["public"]), "copies": c(state.get("copies")),
             "factors": None if f is None else tuple(t.clone() for t in f)}
 
 
@@ -285,6 +363,7 @@ class ReferenceCompressedRounds:
         self.refs: dict[tuple[int, ...] | None, np.ndarray] = {}
         self.residual: np.ndarray | None = None
         self.public: np.ndarray | None = None
+        self.copies: np.ndarray | None = None  # elastic rounds: ẑ (the auxiliary rows are used)
         self.factors: dict[int, Any] = {}  # PowerSGD: node -> its warm-start factors
         self.calls = 0
 
@@ -298,7 +377,10 @@ class ReferenceCompressedRounds:
         if kind == "gossip":
             return self._gossip(X, rnd)
         if kind is None and self.compresses:
-            raise _refuse(rnd, self.compression.compress)
+            ex = elastic_exchange(rnd, self.workers)
+            if ex is None:
+                raise _refuse(rnd, self.compression.compress)
+            return self._elastic(X, rnd.matrix, ex)
         return apply_mixing(X, rnd.matrix)
 
     def settle(self, X: np.ndarray, rnd: Round) -> None:
@@ -352,6 +434,33 @@ class ReferenceCompressedRounds:
         out[tg] += self.gamma * (Y[tg] - P[tg])
         return out
 
+    def _elastic(self, X: np.ndarray, S: np.ndarray, ex: ElasticExchange) -> np.ndarray:
+        """The definition (module docstring): replies, uploads, then S[j, j] x_j + Σ_{i≠j} S[i, j] v_i."""
+        if self.copies is None:
+            self.copies = X.copy()
+        C = self.copies
+        q = self._roundtrip(X[ex.replies] - C[ex.replies], ex.replies)
+        C[ex.replies] += q if self.gossip_scale == 1.0 else q * self.gossip_scale
+        V = X.copy()
+        V[ex.replies] = C[ex.replies]
+        if ex.uploads.size:
+            ref = C[ex.centres]
+            c = X[ex.uploads] - ref
+            if self.feedback:
+                if self.residual is None:
+                    self.residual = np.zeros((self.n, self.width))
+                c = c + self.residual[ex.uploads]
+            u = self._roundtrip(c, ex.uploads)
+            if self.feedback:
+                assert self.residual is not None
+                self.residual[ex.uploads] = c - u
+            V[ex.uploads] = ref + u
+        off = np.array(S, dtype=np.float64)
+        np.fill_diagonal(off, 0.0)
+        out = X.copy()
+        out[ex.changed] = ex.diagonal[:, None] * X[ex.changed] + off[:, ex.changed].T @ V
+        return out
+
     def state(self) -> dict[str, Any]:
         """Copies of the per-node state (checkpoints and rollbacks)."""
         def c(a: np.ndarray | None) -> np.ndarray | None:
@@ -360,7 +469,7 @@ class ReferenceCompressedRounds:
         return {"compress": self.compression.compress, "calls": self.calls,
                 "ref_targets": [None if k is None else list(k) for k in self.refs],
                 "refs": [v.copy() for v in self.refs.values()], "residual": c(self.residual), "public": c(self.public),
-                "factors": {str(k): [np.array(f) for f in v] for k, v in self.factors.items()}}
+                "copies": c(self.copies), "factors": {str(k): [np.array(f) for f in v] for k, v in self.factors.items()}}
 
     def load(self, state: dict[str, Any], prefix: str = "state_dict.compression") -> None:
         if state.get("compress") != self.compression.compress:
@@ -374,5 +483,5 @@ class ReferenceCompressedRounds:
         self.calls = int(state["calls"])
         self.refs = {(None if k is None else tuple(int(i) for i in k)): np.array(v, dtype=np.float64)
                      for k, v in zip(state["ref_targets"], state["refs"], strict=True)}
-        self.residual, self.public = c(state["residual"]), c(state["public"])
+        self.residual, self.public, self.copies = c(state["residual"]), c(state["public"]), c(state.get("copies"))
         self.factors = {int(k): [np.array(f, dtype=np.float64) for f in v] for k, v in state["factors"].items()}

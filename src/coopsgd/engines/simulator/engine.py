@@ -38,7 +38,8 @@ and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
 
    A spec with compression (``spec.compressed``, SPEC §11) sends its rounds through
    :class:`~coopsgd.engines.compressed.CompressedRounds` (averaging rounds: Q(x_i − x_ref + e_i) with error
-   feedback; gossip rounds: CHOCO-SGD); its per-node state is checkpointed (``"compression"``) and rolled
+   feedback; gossip rounds: CHOCO-SGD; elastic rounds: uploads against the centres' public copies and the
+   centres' replies); its per-node state is checkpointed (``"compression"``) and rolled
    back with the rows, and the clock charges the payloads' bytes.
 6. NaN/Inf in a loss, a gradient, a buffer or the new parameters raises
    :class:`~coopsgd.engines.reference.NonFiniteError` naming the worker and the step, before any state is
@@ -526,7 +527,11 @@ class Simulator(SimulatorCompute):
             # the clock reads the matrix of neighbour rounds only: a structured mix's is not built otherwise
             matrix = None if mix.structure is not None and mix.pattern != "neighbor" else mix.matrix
             comp = self._compressed
-            if comp is not None and comp.sends_payload(plan_round(mix)):  # the compressor's payloads
+            rnd = plan_round(mix)
+            elastic = None if comp is None else comp.elastic_cost(rnd, self.clock.bytes_per_param)
+            if elastic is not None:  # point-to-point payloads: uploads and replies (docs/compression.md)
+                costs = [elastic]
+            elif comp is not None and comp.sends_payload(rnd):  # the compressor's payloads
                 costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
                                                reducible=comp.reducible)
             else:
