@@ -1,4 +1,4 @@
-"""Models ([SPEC] §6): MLP, LeNet-style CNN, CNN-7, ResNet-20, VGG-16 (BN), LSTM language model.
+"""Models ([SPEC] §6): MLP, LeNet-style CNN, CNN-7, ResNet-20, VGG-16 (BN), LSTM and GPT language models.
 
 >>> from coopsgd.models import make_model, count_parameters
 >>> count_parameters(make_model("resnet20", num_classes=10, input_shape=(3, 32, 32)))
@@ -10,6 +10,7 @@ input, so it runs under ``torch.func.functional_call`` + ``vmap(grad)`` (see :mo
 
 from coopsgd.models.cnn7 import CNN7
 from coopsgd.models.functional import classification_loss, grad_fn, stack_replicas, vmap_grad
+from coopsgd.models.gpt import GPT, GPT_DEFAULTS, gpt_parameter_count
 from coopsgd.models.lenet import LeNet
 from coopsgd.models.lstm import LSTMLanguageModel, LSTMLayer
 from coopsgd.models.mlp import MLP
@@ -19,6 +20,8 @@ from coopsgd.models.vgg import VGG, VGG16_CONFIG
 
 __all__ = [
     "CNN7",
+    "GPT",
+    "GPT_DEFAULTS",
     "MLP",
     "MODELS",
     "VGG",
@@ -30,6 +33,7 @@ __all__ = [
     "ResNet",
     "classification_loss",
     "count_parameters",
+    "gpt_parameter_count",
     "grad_fn",
     "make_model",
     "resnet20",

@@ -11,6 +11,7 @@ from torch import nn
 from coopsgd.errors import ConfigError, check_int
 from coopsgd.models._common import as_shape
 from coopsgd.models.cnn7 import CNN7
+from coopsgd.models.gpt import GPT
 from coopsgd.models.lenet import LeNet
 from coopsgd.models.lstm import LSTMLanguageModel
 from coopsgd.models.mlp import MLP
@@ -29,6 +30,19 @@ def _lstm_lm(input_shape: Sequence[int], num_classes: int, **kw: Any) -> LSTMLan
     return LSTMLanguageModel(num_classes, **kw)
 
 
+def _gpt(input_shape: Sequence[int], num_classes: int, **kw: Any) -> GPT:
+    # input_shape is the window length (seq_len,) or () for "any length up to the context"
+    shape = as_shape(input_shape) if input_shape != () else ()
+    if len(shape) > 1:
+        raise ConfigError.invalid("input_shape", tuple(input_shape), "model='gpt' takes token ids: () or (seq_len,)")
+    model = GPT(num_classes, **kw)
+    if shape and shape[0] > model.context:
+        raise ConfigError.invalid(
+            "context", model.context, f"must be >= the sequence length {shape[0]} of the data (model='gpt')"
+        )
+    return model
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "lenet": LeNet,
@@ -36,13 +50,17 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "vgg16": VGG,
     "lstm_lm": _lstm_lm,
+    "gpt": _gpt,
 }
 #: Names accepted by :func:`make_model`.
 MODELS: tuple[str, ...] = tuple(_BUILDERS)
 
 _EXTRA_KW: dict[str, tuple[str, ...]] = {
     "lstm_lm": tuple(p for p in inspect.signature(LSTMLanguageModel).parameters if p != "vocab_size"),
+    "gpt": tuple(p for p in inspect.signature(GPT).parameters if p != "vocab_size"),
 }
+#: Models whose input is a token sequence (``input_shape`` may be ``()``).
+_TOKEN_MODELS = ("lstm_lm", "gpt")
 
 
 def make_model(name: str, *, num_classes: int, input_shape: Sequence[int] = (), **kw: Any) -> nn.Module:
@@ -57,6 +75,8 @@ def make_model(name: str, *, num_classes: int, input_shape: Sequence[int] = (), 
     * ``"vgg16"`` -- ``config`` (channel plan; default VGG-16)
     * ``"lstm_lm"`` -- ``num_classes`` is the vocabulary size; ``emb_size=200``, ``hidden_size=200``,
       ``num_layers=2``, ``dropout=0.0``, ``tie_weights=False``, ``batch_first=False``
+    * ``"gpt"`` -- ``num_classes`` is the vocabulary size; tokens ``(B, T)``; ``layers=2``, ``heads=4``,
+      ``width=64``, ``context=64``, ``dropout=0.0`` (:class:`~coopsgd.models.gpt.GPT`)
 
     Raises:
         ConfigError: unknown name (``model``), unknown keyword, or an input shape the model cannot take
@@ -78,7 +98,7 @@ def make_model(name: str, *, num_classes: int, input_shape: Sequence[int] = (), 
             raise ConfigError.invalid(
                 k, kw[k], f"is not an option of model={key!r}; options: {', '.join(allowed) or 'none'}"
             )
-    if key != "lstm_lm" and not shape:
+    if key not in _TOKEN_MODELS and not shape:
         raise ConfigError.invalid(
             "input_shape", input_shape, f"model={key!r} needs the shape of one input sample"
         )
