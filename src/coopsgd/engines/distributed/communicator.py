@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -316,6 +316,55 @@ class Mixer:
         cost = RoundCost("allgather", self.m if self.m > 1 else 0, float(n * (self.m - 1)), float(n * (self.m - 1) * es))
         self._finish("all_gather", t0, cost, n * es * (self.m - 1))
         return out.view(self.m, -1)
+
+    # -- byte transport of compressed payloads (:mod:`coopsgd.engines.distributed.compressed`) -------------
+    # Each moves one packed uint8 payload per sending rank and is charged once per round by :meth:`charge`
+    # (the round's alpha-beta cost, which the compressed stage computes as the simulator's clock does).
+    def gather_bytes(self, buf: Tensor) -> Tensor:
+        """(m, N) every rank's uint8 ``buf`` (N bytes each), not charged (see :meth:`charge`)."""
+        out = torch.empty(self.m * buf.numel(), dtype=buf.dtype, device=buf.device)
+        try:
+            _all_gather_single(out, buf.contiguous().reshape(-1), self.group)
+        except Exception as exc:
+            raise self._fail("all_gather of compressed payloads", exc) from exc
+        return out.view(self.m, -1)
+
+    def broadcast_bytes(self, buf: Tensor, src: int) -> None:
+        """Overwrite ``buf`` on every rank with rank ``src``'s, not charged (see :meth:`charge`)."""
+        try:
+            dist.broadcast(buf, src=src, group=self.group)
+        except Exception as exc:
+            raise self._fail(f"broadcast of a compressed payload from rank {src}", exc) from exc
+
+    def exchange_bytes(self, buf: Tensor | None, send_to: Sequence[int], recv_from: Sequence[int],
+                       nbytes: int) -> dict[int, Tensor]:
+        """Point-to-point: send ``buf`` to the ranks ``send_to``, receive ``nbytes`` bytes from each rank of
+        ``recv_from`` (batched isend / irecv), not charged (see :meth:`charge`)."""
+        ops = []
+        got: dict[int, Tensor] = {}
+        device = buf.device if buf is not None else torch.device("cpu")
+        for j in recv_from:
+            got[j] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            ops.append(dist.P2POp(dist.irecv, got[j], j, group=self.group))
+        for i in send_to:
+            assert buf is not None
+            ops.append(dist.P2POp(dist.isend, buf, i, group=self.group))
+        if ops:
+            try:
+                for w in dist.batch_isend_irecv(ops):
+                    w.wait()
+            except Exception as exc:
+                peers = sorted(set(recv_from) | set(send_to))
+                raise self._fail(f"exchange of compressed payloads with ranks {peers}", exc) from exc
+        return got
+
+    def charge(self, kind: str, t0: float, costs: Sequence[RoundCost], sent: float) -> None:
+        """Account one compressed round whose transport started at ``t0``: the emulated link makes it last at
+        least the alpha-beta time of ``costs`` (the simulator's cost items of the round), ``sent`` bytes went
+        on the wire from this rank, and ``bytes_model`` grows by the items' bytes."""
+        total = RoundCost(costs[0].pattern if costs else "none", sum(c.handshakes for c in costs),
+                          float(sum(c.floats_sent for c in costs)), float(sum(c.bytes_sent for c in costs)))
+        self._finish(kind, t0, total, sent)
 
     def gather_floats(self, values: np.ndarray | float) -> np.ndarray:
         """All-gather one small float64 vector per rank (LSGD loss estimates): returns (m, k)."""

@@ -68,14 +68,19 @@ from coopsgd.engines.base import (
     wrap_state,
 )
 from coopsgd.engines.distributed.communicator import Mixer, NetEmulation, aux_placement
+from coopsgd.engines.distributed.compressed import (
+    CompressedMixer,
+    average_start,
+    check_distributed_compression,
+)
 from coopsgd.engines.distributed.faults import FAILURE_MODES, FaultHook, fault_hook
 from coopsgd.engines.distributed.launch import no_heartbeat
 from coopsgd.engines.distributed.parameter_server import AsyncParameterServer
 from coopsgd.engines.distributed.views import RankViews, communication_table
 from coopsgd.engines.executors import ComputeResult, LoopExecutor
 from coopsgd.engines.health import diverged
-from coopsgd.engines.kernel import RoundKernel
-from coopsgd.engines.mixing import plan_round
+from coopsgd.engines.kernel import RoundKernel, mix_columns
+from coopsgd.engines.mixing import Round, plan_round
 from coopsgd.engines.optim import SGDOptions, optimizer_settings
 from coopsgd.engines.rows import ModelRows
 from coopsgd.errors import ConfigError, check_float
@@ -104,10 +109,7 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
     """The engine's own arguments checked against the process group: (this rank, whether DOWNPOUR is asynchronous)."""
     if not isinstance(spec, AlgorithmSpec):
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
-    if spec.compressed is not None:  # never a silent uncompressed run
-        raise ConfigError.invalid("compress", spec.compressed.compress, "the distributed engine does not send "
-                                  "compressed payloads yet: compressed rounds run on the reference engine and the "
-                                  "simulator (engine 'reference' or 'simulate')")
+    check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -206,7 +208,10 @@ class DistributedEngine(RankViews):
             matrices=spec.schedule.matrices(4096) if holders is not None else None,
         )
         self.net = self.mixer.net
-        self._kernel = RoundKernel(spec, self.opts, b, d, 1, self.mixer, outer=self.outer)
+        # a compressed spec's rounds go through its compressed stage, which hands the rest to the mixer
+        self._compressed = self._compression_stage()
+        comm = self.mixer if self._compressed is None else self._compressed
+        self._kernel = RoundKernel(spec, self.opts, b, d, 1, comm, outer=self.outer)
         self._ps = self._start_parameter_server(net) if self.asynchronous else None
 
         # -- estimates and timing ------------------------------------------------------------------------
@@ -224,6 +229,28 @@ class DistributedEngine(RankViews):
         self._good_step = 0
         if self.nan_policy == "skip":
             self._snapshot(0)
+
+    def _compression_stage(self) -> CompressedMixer | None:
+        """The compressed rounds of ``spec.compressed`` (``None`` without: the uncompressed path, unchanged), as
+        the simulator's: a node sends the columns a round mixes, whose tensor shapes (buffers, parameters,
+        state fields) are the layout PowerSGD reads; x_ref starts at the common start (the workers' mean for
+        per-worker starts: one all_reduce)."""
+        comp = self.spec.compressed
+        if comp is None:
+            return None
+        lo, hi = mix_columns(self.spec, self.b, self.d, self.opts)
+        params = [tuple(s) for s in self.layout.param_shapes]
+        layout = ([tuple(s) for s in self.layout.buffer_shapes] if lo == 0 else []) + params
+        layout += params * ((hi - self.b - self.d) // self.d if self.d else 0)
+        start = average_start(self._state[0, lo:hi], self.per_worker_start, dist.all_reduce, self.m)
+        return CompressedMixer(self.mixer, comp, spec=self.spec, width=hi - lo, params=self.d, dtype=self.dtype,
+                               device=self.device, seed=self.seed, layout=layout, start=start)
+
+    def _settle(self, rnd: Round | None) -> None:
+        """After an outer round of a compressed spec: z, where every worker restarted, is the new x_ref."""
+        if self._compressed is not None and rnd is not None and self.outer is not None and rnd.outer:
+            lo, hi = self._kernel.cols
+            self._compressed.settle(self._state[:, lo:hi], rnd)
 
     def _start_parameter_server(self, net: NetEmulation | None) -> AsyncParameterServer:
         """``downpour_order="async"``: z lives in a parameter server on rank 0, started from this rank's row."""
@@ -329,7 +356,7 @@ class DistributedEngine(RankViews):
         self.compute_s += time.perf_counter() - t0
 
         arrived: float | None = None
-        comm0 = self.mixer.stats.comm_s
+        comm0, sent0 = self.mixer.stats.comm_s, self.mixer.stats.bytes_sent
         losses = None
         if self._needs_losses(k):
             self.heartbeat(k, "comm")
@@ -353,6 +380,7 @@ class DistributedEngine(RankViews):
             c1 = self.mixer.stats.comm_s
             self._kernel.apply(self._state, None if res is None else res.grads, None,
                                None if res is None else res.buffers, self._opt_counters, rnd, lr, on_round=on_round)
+            self._settle(rnd)
             if ps_round:
                 arrived = time.time()
                 self._push_pull(k)
@@ -372,7 +400,7 @@ class DistributedEngine(RankViews):
             self._round_arrivals.append(arrived)
             self._round_durations.append(self.mixer.stats.comm_s - comm0)
         self._hist, self._hist_count = hist, count
-        return self._record(k, lr, loss, mix, losses, ps_round=ps_round)
+        return self._record(k, lr, loss, mix, losses, ps_round=ps_round, sent=self.mixer.stats.bytes_sent - sent0)
 
     def _gradients(self, batch: Batch | None, poison: bool, k: int) -> tuple[ComputeResult | None, float, float | None]:
         """This worker's gradient on ``batch`` (``None``: inactive) with its loss, and LSGD's probe loss. A
@@ -414,8 +442,8 @@ class DistributedEngine(RankViews):
         return res, loss, probe
 
     def _record(self, k: int, lr: float, loss: float, mix: Mix | None, losses: np.ndarray | None, *,
-                ps_round: bool) -> StepStats:
-        """Count the step and its round and return its record."""
+                ps_round: bool, sent: float = 0.0) -> StepStats:
+        """Count the step and its round and return its record (``sent``: the bytes this rank put on the wire)."""
         communicated = ps_round or (mix is not None and mix.communicates)
         self.step_count += 1
         if communicated:
@@ -430,7 +458,8 @@ class DistributedEngine(RankViews):
         losses_out[self.rank] = loss
         return StepStats(
             step=k, lr=lr, losses=losses_out, communicated=communicated, round=self.rounds,
-            pattern="parameter_server" if ps_round else (None if mix is None else mix.pattern), info=info,
+            pattern="parameter_server" if ps_round else (None if mix is None else mix.pattern), bytes_sent=float(sent),
+            info=info,
             estimates=None if losses is None else np.asarray(losses), skipped=self._bad is not None,
         )
 
@@ -469,12 +498,15 @@ class DistributedEngine(RankViews):
         """Keep the current state as the last good one (``done`` steps completed)."""
         self.mixer.finalize()
         self._good = self._snapshot_rows(self._good)
+        self._good["compressed"] = None if self._compressed is None else self._compressed.snapshot()
         self._good_step = int(done)
 
     def _restore(self) -> None:
         self.mixer.finalize()
         assert self._good is not None
         self._restore_rows(self._good)
+        if self._compressed is not None:  # e, x_hat, x_ref, factors and the round count of that round
+            self._compressed.restore(self._good["compressed"])
 
     def check_health(self) -> DroppedRound | None:
         """Every rank's health since the last check (collective); under ``nan_policy="skip"`` a non-finite
@@ -533,6 +565,7 @@ class DistributedEngine(RankViews):
             "round_arrivals": [float(a) for a in self._round_arrivals],
             "round_durations": [float(a) for a in self._round_durations],
             "wall_s": (self._t_last - self._t_start) if self._t_start is not None else self._resumed_wall,
+            **({} if self._compressed is None else {"compression": self._compressed.state_dict()}),
             "torch_rng_state": torch.get_rng_state(),
             "numpy_rng_state": {
                 "bit_generator": str(np_state["bit_generator"]),
@@ -558,6 +591,7 @@ class DistributedEngine(RankViews):
         self._check_optimizer_settings(state, "checkpoint.ranks")
         self._check_layout(state)
         self.mixer.finalize()
+        self._load_compression(state)
         self._load_rows_payload(state, "checkpoint.ranks")
         self._hist = state["loss_history"].numpy().astype(np.float64, copy=True)
         self._hist_count = int(state["loss_count"])
@@ -586,6 +620,19 @@ class DistributedEngine(RankViews):
                              "has_gauss": int(nps["has_gauss"]), "gauss": float(nps["gauss"])})
         if self.device.type == "cuda" and "cuda_rng_state" in state:
             torch.cuda.set_rng_state(state["cuda_rng_state"], self.device)
+
+    def _load_compression(self, state: dict[str, Any]) -> None:
+        """The compressed rounds' state of a rank checkpoint (an optional key: absent from uncompressed runs)."""
+        saved = state.get("compression")
+        if self._compressed is None:
+            if saved is not None:
+                raise ConfigError.invalid("checkpoint.ranks.compression", saved.get("compress"), "the checkpoint's "
+                                          "rounds were compressed; this run's are not (resume with its compress setting)")
+            return
+        if saved is None:
+            raise ConfigError.invalid("checkpoint.ranks.compression", None, "missing: the checkpoint's rounds were not "
+                                      f"compressed, this run compresses with {self._compressed.compression.compress!r}")
+        self._compressed.load_state_dict(saved)
 
     def _check_layout(self, state: dict[str, Any]) -> None:
         """A rank checkpoint's shapes and dtype against this engine's (before anything is restored)."""

@@ -1,0 +1,529 @@
+"""Compressed rounds on the distributed engine (SPEC §11): the compressor's payload is what goes on the wire.
+
+One rank is one node: rank r holds worker r's row and the auxiliaries (replicated on every rank). A spec
+with compression (``spec.compressed``) sends its rounds through :class:`CompressedMixer`, a
+:class:`~coopsgd.engines.base.Communicator` around the engine's
+:class:`~coopsgd.engines.distributed.communicator.Mixer` (the engine's round kernel and the
+:class:`~coopsgd.wrapper.CooperativeSGD` wrapper hold it in place of the Mixer). It runs the definitions of
+the simulator's :class:`~coopsgd.engines.compressed.CompressedRounds` node by node, with the same compressors,
+the same draws (keyed by (seed, c, node), c counting the compressed rounds) and the same arithmetic, so the
+iterates equal the simulator's (float64: to 1e-10, ``tests/integration/test_compressed_distributed.py``):
+
+``average`` (sync, local SGD, FedAvg with sampled clients, the outer round of DiLoCo / SlowMo)
+    every source node i sends Q(x_i − x_ref + e_i) (error feedback e_i ← c_i − Q(c_i) kept by its rank);
+    every rank decodes every payload and forms x_ref Σ w_i + Σ_i w_i Q(c_i) (the simulator's product
+    ``w @ decoded``), the round's result for every participant and the new x_ref. Every rank keeps the same
+    x_ref per set of participants. Auxiliary sources (a round that reads z) are encoded by every rank
+    itself (each holds z and its residual): nothing travels for them.
+``gossip`` (dpsgd, decentralized_periodic, matcha, choco, SlowMo's gossip base)
+    CHOCO-SGD: every changed worker i sends q_i = Q(x_i − x̂_i) (an unbiased Q used as Q/(1 + ω)); every rank
+    keeps the public copies x̂ of its own node and of the nodes it reads, adds the q_j it receives, and moves
+    its worker by γ (Σ_j S[j, r] x̂_j − x̂_r). With ``none`` the round is the uncompressed one (γ = 1: D-PSGD's
+    own; else x ← x + γ (X S − x)).
+
+The wire. A node's payload (:attr:`coopsgd.compression.Payload.parts`: int8 / fp16 / bf16 values, top-k
+values and indices, sign bits and scale, qsgd levels and norm, PowerSGD's factors; ``randk`` sends its
+values only, every receiver draws the indices from (seed, c, sender)) is packed into one uint8 buffer of
+exactly ``payload_bytes(width, dtype)`` bytes, which one collective moves:
+
+* averaging round where every worker sends: ONE all-gather of the packed payloads; sampled clients
+  (FedAvg): one broadcast per sending client. PowerSGD's factors are gathered too: each node
+  orthogonalises its own M_i Q_i, so Σ_i w_i P_i Q_iᵀ is not a product of sums and no all-reduce can form
+  it (an all-reduce of P and Q is the shared-factor variant of Vogels et al., a different compressor from
+  the one the simulator defines). ``fp16`` / ``bf16`` payloads are gathered as well (a reduction in 16
+  bits would round the sum, the simulator adds the decoded payloads in the rows' dtype);
+* gossip round: point-to-point (batched isend / irecv) from each sender to the ranks that keep its public
+  copy -- the nodes that read it in some gossip round of the schedule (the union of its graphs: the
+  topology for D-PSGD and CHOCO, the base graph for MATCHA). A schedule whose graphs are not known in
+  advance (a custom random one) is served by an all-gather, every rank keeping every public copy.
+
+Accounting. ``bytes_model`` (and the engine's emulated α–β link, :class:`~coopsgd.engines.distributed.communicator.NetEmulation`)
+charge a compressed round exactly what the simulator's clock charges
+(:meth:`~coopsgd.engines.simulator.clock.SimClock.round_costs` with the payload size:
+:func:`~coopsgd.algorithms.communication.compressed_round_cost`); ``bytes_sent`` counts what this rank
+put on the wire: (m − 1) p for an all-gather, p (m − 1)/m per broadcast, p per neighbour. They agree with
+the model for an all-gather of non-reducible payloads; the model's neighbour rounds count 2 · deg · p
+(Table 3: sent and received), its ``fp16`` / ``bf16`` averaging a low-precision all-reduce of 2 p.
+
+State per rank (its checkpoint's ``compression`` entry, restored by the NaN-skip rollback): the residuals
+of the rows it encodes (its worker, the auxiliaries), its public copies x̂, PowerSGD's warm-start factors,
+the x_ref rows and the round count.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from coopsgd.algorithms.communication import REDUCIBLE, Compression, exchange_of
+from coopsgd.algorithms.schedules import MatchaSchedule, MixContext, Schedule
+from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.compression import Compressor, Payload
+from coopsgd.engines.compressed import round_exchange
+from coopsgd.engines.mixing import Round, RoundKind, RoundPlan
+from coopsgd.engines.simulator.clock import SimClock
+from coopsgd.errors import ConfigError
+
+__all__ = ["CompressedMixer", "check_distributed_compression", "gossip_graph", "average_start", "TRANSPORT_METHODS"]
+
+#: What a communicator needs besides the engines' :class:`~coopsgd.engines.base.Communicator` to carry
+#: compressed payloads (:class:`~coopsgd.engines.distributed.communicator.Mixer` has them).
+TRANSPORT_METHODS = ("gather_bytes", "broadcast_bytes", "exchange_bytes", "charge")
+
+#: Steps and rounds of a random schedule sampled to classify its rounds (as the spec's own check does).
+_SAMPLE_STEPS = 4096
+_SAMPLE_ROUNDS = 32
+
+_ELASTIC = ("easgd", "generalized_elastic", "hierarchical", "lsgd", "downpour")
+
+
+def _refuse_rounds(spec: AlgorithmSpec, comp: Compression) -> ConfigError:
+    return ConfigError.invalid(
+        "compress", comp.compress, f"preset {spec.name!r} has rounds that are neither averages nor gossip among the "
+        f"workers (an auxiliary node: {', '.join(_ELASTIC)}); the distributed engine does not compress such "
+        "rounds: run them on the simulator or the reference engine (engine 'simulate' or 'reference')")
+
+
+def _round_kinds(spec: AlgorithmSpec) -> set[str | None]:
+    """The kinds of the spec's rounds (:func:`~coopsgd.algorithms.communication.exchange_of`): from its finite
+    set of matrices, else from the rounds of its first steps (on a copy of the schedule)."""
+    m, schedule = spec.workers, spec.schedule
+    mats = schedule.matrices(_SAMPLE_STEPS)
+    if mats is not None:
+        return {exchange_of(M, m) for M in mats}
+    schedule = copy.deepcopy(schedule)
+    state = schedule.init_state()
+    kinds: set[str | None] = set()
+    rounds = 0
+    for k in range(_SAMPLE_STEPS):
+        mix, state = schedule.advance(k, MixContext(step=k), state)
+        if mix is None:
+            continue
+        kinds.add("average" if mix.structure is not None else exchange_of(mix.matrix, m))
+        rounds += 1
+        if rounds >= _SAMPLE_ROUNDS:
+            break
+    return kinds
+
+
+def check_distributed_compression(spec: AlgorithmSpec) -> None:
+    """Refuse (``ConfigError`` naming ``compress``) a compressed spec whose rounds the distributed engine cannot
+    send compressed: anything but averaging and gossip rounds (elastic rounds with an auxiliary node, LSGD's
+    election, DOWNPOUR's pushes)."""
+    comp = spec.compressed
+    if comp is None or not comp.compresses:
+        return  # none with gamma != 1: only gossip rounds change, and every round can take that
+    if spec.schedule.sequential or spec.schedule.needs_losses:
+        raise _refuse_rounds(spec, comp)
+    if not _round_kinds(spec) <= {"identity", "average", "gossip"}:
+        raise _refuse_rounds(spec, comp)
+
+
+def gossip_graph(schedule: Schedule, workers: int) -> np.ndarray | None:
+    """(m, m) bool: ``[j, i]`` when worker i reads worker j's public copy in some gossip round of ``schedule``
+    (the union of its gossip graphs, diagonal excluded); ``None`` when the graphs are not known in advance."""
+    m = workers
+    mats = schedule.matrices(_SAMPLE_STEPS)
+    if mats is not None:
+        G = np.zeros((m, m), dtype=bool)
+        for S in mats:
+            if exchange_of(S, m) == "gossip":
+                G |= np.asarray(S)[:m, :m] != 0
+    elif isinstance(schedule, MatchaSchedule):  # random matchings of a known base graph
+        G = (schedule.laplacians != 0).any(axis=0)[:m, :m].copy()
+    else:
+        return None
+    np.fill_diagonal(G, False)
+    return G
+
+
+def _participants(plan: RoundPlan) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    """An averaging round's participants (sorted) and the key of their x_ref (``None``: every node), as the
+    simulator's stage keys them (targets and sources together)."""
+    n = plan.n
+    if plan.targets is None or plan.sources is None:
+        return np.arange(n, dtype=np.int64), None
+    rows = np.union1d(plan.targets, plan.sources).astype(np.int64)
+    return rows, None if rows.size == n else tuple(int(r) for r in rows)
+
+
+def _gossip_scale(compressor: Compressor, d: int) -> float:
+    """CHOCO's use of an unbiased compressor: Q/(1 + ω); 1 for biased ones."""
+    omega = compressor.omega(d)
+    return 1.0 if omega is None else 1.0 / (1.0 + float(omega))
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One wire tensor of a node's payload: its name, dtype, shape per node and bytes."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _pack(parts: Mapping[str, Tensor], row: int) -> Tensor:
+    """Node ``row``'s wire tensors as one uint8 buffer (the parts' bytes one after the other)."""
+    pieces = [t[row].detach().contiguous().reshape(-1).view(torch.uint8) for t in parts.values()]
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8)
+
+
+def _unpack(buf: Tensor, fmt: Sequence[_Part]) -> dict[str, Tensor]:
+    """(R, N) packed payloads back to the wire tensors, each (R, *shape)."""
+    R = buf.shape[0]
+    out: dict[str, Tensor] = {}
+    at = 0
+    for p in fmt:
+        raw = buf[:, at : at + p.nbytes].contiguous()
+        out[p.name] = raw.reshape(-1).view(p.dtype).reshape((R, *p.shape))
+        at += p.nbytes
+    return out
+
+
+class CompressedMixer:
+    """A rank's compressed rounds (see the module docstring): a Communicator around ``comm``.
+
+    Args:
+        comm: the rank's communicator: the :class:`~coopsgd.engines.distributed.communicator.Mixer` (or any
+            :class:`~coopsgd.engines.base.Communicator` with :data:`TRANSPORT_METHODS`, ``rank`` and ``m``).
+        compression: the spec's compression (:attr:`AlgorithmSpec.compressed`).
+        spec: the algorithm (its workers, auxiliaries and schedule).
+        width: the columns a round mixes (the row a node sends).
+        params: the model's parameter count d (the clock's unit, as the simulator's).
+        dtype, device: of the rows.
+        seed: the run's seed (keys the compressors' draws).
+        layout: the shapes of the tensors a row is made of (PowerSGD compresses each matrix-shaped one).
+        start: (width,) x_ref before the first averaging round (the common start).
+    """
+
+    def __init__(self, comm: Any, compression: Compression, *, spec: AlgorithmSpec, width: int, params: int,
+                 dtype: torch.dtype, device: torch.device, seed: int, layout: Sequence[Sequence[int]] | None,
+                 start: Tensor) -> None:
+        missing = [name for name in (*TRANSPORT_METHODS, "rank", "m") if not hasattr(comm, name)]
+        if missing:
+            raise ConfigError.invalid("communicator", type(comm).__name__, "compressed rounds need a communicator "
+                                      f"that moves packed payloads (missing: {', '.join(missing)})")
+        if getattr(comm, "placed", False):
+            raise ConfigError.invalid("compress", compression.compress, "compressed rounds with auxiliaries held by "
+                                      "subsets of ranks (placed auxiliaries) are not implemented")
+        self.comm = comm
+        self.compression = compression
+        self.compressor: Compressor = compression.compressor(layout)
+        self.compresses = compression.compresses
+        self.feedback = compression.feedback(self.compressor)
+        self.gamma = compression.gamma(self.compressor, width)
+        self.rank, self.m, self.v = int(comm.rank), spec.workers, spec.auxiliaries
+        self.n = self.m + self.v
+        self.width, self.dtype, self.device, self.seed = int(width), dtype, device, int(seed)
+        self.gossip_scale = _gossip_scale(self.compressor, self.width)
+        self.row_bytes = self.compressor.payload_bytes(self.width, dtype)
+        self.reducible = self.compressor.name in REDUCIBLE
+        self.clock = SimClock().bind(self.m, int(params), torch.empty((), dtype=dtype).element_size())
+        self.start = start.detach().reshape(1, self.width).to(device, dtype).clone()
+        #: the nodes of this rank's rows: its worker, then the auxiliaries
+        self.nodes = (self.rank, *range(self.m, self.n))
+        # the wire format of one payload (names, dtypes, shapes), from a zero row
+        probe = self.compressor.compress(torch.zeros((1, self.width), dtype=dtype, device=device), round=0,
+                                         nodes=[0], seed=self.seed)
+        self.format = tuple(_Part(k, t.dtype, tuple(t.shape[1:]), (t.numel() * t.element_size()))
+                            for k, t in probe.parts.items())
+        if sum(p.nbytes for p in self.format) != self.row_bytes:  # never a payload of another size than charged
+            raise RuntimeError(f"{self.compressor.spec}: packed payload of {sum(p.nbytes for p in self.format)} "
+                               f"bytes, payload_bytes says {self.row_bytes}")
+        graph = gossip_graph(spec.schedule, self.m) if self.compresses else None
+        self.graph = graph
+        if graph is None:  # every rank keeps every public copy (all-gather)
+            self.watchers: tuple[int, ...] = tuple(j for j in range(self.m) if j != self.rank)
+            self.copy_nodes: tuple[int, ...] = tuple(range(self.m))
+        else:
+            self.watchers = tuple(int(i) for i in np.flatnonzero(graph[self.rank]))
+            self.copy_nodes = tuple(sorted({self.rank, *(int(j) for j in np.flatnonzero(graph[:, self.rank]))}))
+        self._copy_row = {j: i for i, j in enumerate(self.copy_nodes)}
+        self.refs: dict[tuple[int, ...] | None, Tensor] = {}
+        self.residual: Tensor | None = None  # (1 + v, width): the rows this rank encodes in averaging rounds
+        self.copies: Tensor | None = None  # (len(copy_nodes), width): the public copies x_hat this rank keeps
+        self.factors: tuple[Tensor, ...] | None = None  # PowerSGD: one (1 + v, m_t, R) per compressed matrix
+        self.calls = 0  # compressed rounds so far (keys the draws)
+
+    # -- the Communicator protocol ---------------------------------------------------------------------
+    @property
+    def pending(self) -> bool:
+        return bool(self.comm.pending)
+
+    def finalize(self) -> None:
+        self.comm.finalize()
+
+    def gather_floats(self, values: np.ndarray | float) -> np.ndarray:
+        return np.asarray(self.comm.gather_floats(values))
+
+    def exchanges(self, rnd: Round) -> bool:
+        return bool(self.comm.exchanges(rnd))
+
+    def communicate(self, rows: Tensor, rnd: Round, *, overlap: bool = False) -> None:
+        """Round ``rnd`` on ``rows`` (this rank's worker, then the auxiliaries; the mixed columns) in place."""
+        kind = round_exchange(rnd, self.m)
+        if kind == "identity":
+            return
+        self.comm.finalize()
+        if kind == "gossip":
+            self._gossip(rows, rnd, overlap)
+        elif not self.compresses:  # none (gamma != 1 changes gossip rounds only): the uncompressed round
+            self.comm.communicate(rows, rnd, overlap=overlap)
+        elif kind == "average":
+            self._average(rows, rnd)
+        else:  # never a silent uncompressed round
+            raise ConfigError.invalid("compress", self.compression.compress, f"a round of kind {rnd.kind.value} that "
+                                      "is neither an average nor gossip among the workers cannot be compressed on the "
+                                      "distributed engine")
+
+    def settle(self, rows: Tensor, rnd: Round) -> None:
+        """After an outer step moved the workers to z: z is what the round's participants agree on (x_ref)."""
+        if not (self.compresses and rnd.kind is RoundKind.AVERAGE):
+            return
+        part, key = _participants(rnd.plan)
+        node = int(part[0])
+        if node >= self.m:
+            row = 1 + node - self.m
+        else:  # every worker restarted from z: each participant's row is z (this rank's, or z itself)
+            row = 0 if self.rank in set(part.tolist()) else 1
+        self.refs[key] = rows[row : row + 1].clone()
+
+    # -- encoding ----------------------------------------------------------------------------------------
+    def _costs(self, rnd: Round, kind: str) -> list[Any]:
+        """The simulator's cost items of this round with payloads (its clock's :meth:`round_costs`)."""
+        mix = rnd.mix
+        if mix is None:
+            pattern, matrix = ("neighbor", rnd.matrix) if kind == "gossip" else ("allreduce", None)
+        else:
+            pattern = mix.pattern
+            matrix = None if mix.structure is not None and pattern != "neighbor" else mix.matrix
+        return self.clock.round_costs(pattern, matrix, payload_bytes=self.row_bytes, reducible=self.reducible)
+
+    def _encode(self, V: Tensor, nodes: list[int], local: list[int]) -> Payload:
+        """Compress rows ``V`` of the nodes ``nodes`` (this rank's rows ``local``), PowerSGD's warm starts kept."""
+        state = None
+        idx = torch.as_tensor(local, dtype=torch.int64, device=self.device)
+        if self.compressor.name == "powersgd":
+            if self.factors is None:
+                self.factors = tuple(self.compressor.init_state(  # type: ignore[attr-defined]
+                    1 + self.v, self.width, seed=self.seed, dtype=self.dtype, device=self.device))
+            state = tuple(f.index_select(0, idx) for f in self.factors)
+        payload = self.compressor.compress(V, round=self.calls, nodes=nodes, seed=self.seed, state=state)
+        if payload.state is not None and self.factors is not None:
+            for f, g in zip(self.factors, payload.state, strict=True):
+                f.index_copy_(0, idx, g)
+        return payload
+
+    def _decode(self, packed: Tensor, nodes: list[int]) -> Tensor:
+        """Decode the packed payloads (R, N) of ``nodes`` (in that order) as one batch: (R, width)."""
+        parts = _unpack(packed, self.format)
+        ids = torch.as_tensor(nodes, dtype=torch.int64, device=self.device)
+        payload = Payload(self.compressor.spec, (len(nodes), self.width), self.dtype, parts, self.calls, ids, self.seed)
+        return self.compressor.decompress(payload)
+
+    # -- averaging rounds ------------------------------------------------------------------------------
+    def _average(self, rows: Tensor, rnd: Round) -> None:
+        plan = rnd.plan
+        m, r = self.m, self.rank
+        src = np.arange(self.n, dtype=np.int64) if plan.sources is None else np.asarray(plan.sources, dtype=np.int64)
+        assert plan.weights is not None
+        part, key = _participants(plan)
+        ref = self.refs.get(key, self.start)
+        wsrc = [int(j) for j in src if j < m]
+        asrc = [int(j) for j in src if j >= m]
+        sends = r in wsrc
+        nodes = ([r] if sends else []) + asrc  # the rows this rank encodes (auxiliaries: every rank alike)
+        local = ([0] if sends else []) + [1 + a - m for a in asrc]
+        V = None
+        payload = None
+        if nodes:
+            idx = torch.as_tensor(local, dtype=torch.int64, device=rows.device)
+            V = rows.index_select(0, idx).sub_(ref)  # what each sends: its change since x_ref ...
+            if self.feedback:
+                if self.residual is None:
+                    self.residual = rows.new_zeros((1 + self.v, self.width))
+                V.add_(self.residual.index_select(0, idx))  # ... plus what it did not send before
+            payload = self._encode(V, nodes, local)
+        mine = _pack(payload.parts, 0) if sends and payload is not None else None
+        # transport: every worker's payload to every rank
+        t0 = time.perf_counter()
+        if len(wsrc) == m:
+            assert mine is not None
+            gathered = self.comm.gather_bytes(mine)
+            sent = float(self.row_bytes * (m - 1))
+            what = "compressed_all_gather"
+        else:
+            bufs = []
+            for j in wsrc:
+                buf = mine.clone() if j == r and mine is not None else torch.empty(self.row_bytes, dtype=torch.uint8,
+                                                                                  device=rows.device)
+                self.comm.broadcast_bytes(buf, j)
+                bufs.append(buf)
+            gathered = torch.stack(bufs) if bufs else torch.empty((0, self.row_bytes), dtype=torch.uint8)
+            sent = float(self.row_bytes * (m - 1) / m) if sends else 0.0
+            what = "compressed_broadcast"
+        self.comm.charge(what, t0, self._costs(rnd, "average"), sent)
+        if asrc:  # the auxiliaries' payloads were encoded here (after this rank's own row, if it sends)
+            assert payload is not None
+            first = 1 if sends else 0
+            aux = torch.stack([_pack(payload.parts, first + k) for k in range(len(asrc))])
+            gathered = torch.cat([gathered, aux.to(gathered.device)])
+        decoded = self._decode(gathered, wsrc + asrc)
+        if self.feedback and V is not None:
+            assert self.residual is not None
+            at = [wsrc.index(r)] if sends else []
+            at += [len(wsrc) + k for k in range(len(asrc))]
+            mine_decoded = decoded.index_select(0, torch.as_tensor(at, dtype=torch.int64, device=rows.device))
+            self.residual.index_copy_(0, torch.as_tensor(local, dtype=torch.int64, device=rows.device),
+                                      V.sub_(mine_decoded))
+        w = torch.as_tensor(plan.weights, dtype=rows.dtype, device=rows.device).unsqueeze(0)
+        y = torch.matmul(w, decoded).add_(ref * float(plan.weights.sum()))
+        members = set(part.tolist())
+        for i, node in enumerate(self.nodes):
+            if node in members:
+                rows[i : i + 1].copy_(y)
+        self.refs[key] = y
+        self.calls += 1
+
+    # -- gossip rounds (CHOCO-SGD) ---------------------------------------------------------------------------
+    def _gossip(self, rows: Tensor, rnd: Round, overlap: bool) -> None:
+        if not self.compresses:  # none: x_hat = x after every round
+            if self.gamma == 1.0:
+                self.comm.communicate(rows, rnd, overlap=overlap)  # D-PSGD's own round
+            else:
+                y = rows.clone()
+                self.comm.communicate(y, rnd, overlap=overlap)
+                rows.add_(y.sub_(rows), alpha=self.gamma)
+            return
+        plan = rnd.plan
+        m, r = self.m, self.rank
+        tg = np.arange(plan.n, dtype=np.int64) if plan.targets is None else np.sort(plan.targets)
+        senders_all = {int(j) for j in tg}
+        if self.copies is None:
+            self.copies = rows.new_zeros((len(self.copy_nodes), self.width))
+        P = self.copies
+        sends = r in senders_all
+        mine = None
+        me_at = self._copy_row[r]
+        if sends:
+            mine = _pack(self._encode(rows[0:1] - P[me_at : me_at + 1], [r], [0]).parts, 0)
+        t0 = time.perf_counter()
+        got: dict[int, Tensor]
+        if self.graph is not None:
+            recv = [j for j in self.copy_nodes if j != r and j in senders_all]
+            got = self.comm.exchange_bytes(mine, list(self.watchers) if sends else [], recv, self.row_bytes)
+            sent = float(self.row_bytes * len(self.watchers)) if sends else 0.0
+            what = "compressed_neighbor"
+        else:
+            buf = mine if mine is not None else torch.zeros(self.row_bytes, dtype=torch.uint8, device=rows.device)
+            everyone = self.comm.gather_bytes(buf)
+            got = {j: everyone[j] for j in range(m) if j != r and j in senders_all}
+            sent = float(self.row_bytes * (m - 1))
+            what = "compressed_all_gather"
+        self.comm.charge(what, t0, self._costs(rnd, "gossip"), sent)
+        if mine is not None:
+            got[r] = mine
+        order = sorted(got)
+        if order:
+            decoded = self._decode(torch.stack([got[j].to(rows.device) for j in order]), order)
+            if self.gossip_scale != 1.0:
+                decoded.mul_(self.gossip_scale)
+            at = torch.as_tensor([self._copy_row[j] for j in order], dtype=torch.int64, device=rows.device)
+            P.index_add_(0, at, decoded)  # every holder of x_hat_j adds q_j
+        if sends:  # x_r <- x_r + gamma (sum_j S[j, r] x_hat_j - x_hat_r)
+            col = rnd.matrix[:, r]
+            me = P[me_at]
+            y = me * float(col[r])
+            for j in (int(j) for j in np.flatnonzero(col)):
+                if j == r:
+                    continue
+                if j not in self._copy_row:
+                    raise RuntimeError(f"rank {r}: the gossip round reads node {j}, whose public copy this rank "
+                                       "does not keep (the schedule produced a graph outside the one it announced)")
+                y.add_(P[self._copy_row[j]], alpha=float(col[j]))
+            rows[0].add_(y.sub_(me), alpha=self.gamma)
+        self.calls += 1
+
+    # -- checkpoints and rollbacks ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's compressed-round state (CPU copies; loadable with ``torch.load(weights_only=True)``)."""
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().to("cpu", copy=True)
+
+        keys = list(self.refs)
+        return {
+            "compress": self.compression.compress, "calls": self.calls, "start": cpu(self.start),
+            "nodes": list(self.nodes), "copy_nodes": list(self.copy_nodes),
+            "ref_targets": [None if k is None else list(k) for k in keys],
+            "refs": [cpu(self.refs[k]) for k in keys],
+            "residual": cpu(self.residual), "copies": cpu(self.copies),
+            "factors": None if self.factors is None else [cpu(f) for f in self.factors],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], prefix: str = "checkpoint.ranks.compression") -> None:
+        """Restore a :meth:`state_dict` of this rank (same compressor, nodes and public copies)."""
+        if state.get("compress") != self.compression.compress:
+            raise ConfigError.invalid(f"{prefix}.compress", state.get("compress"),
+                                      f"the checkpoint's rounds were compressed with {state.get('compress')!r}, this "
+                                      f"run uses {self.compression.compress!r}")
+        for name, mine in (("nodes", list(self.nodes)), ("copy_nodes", list(self.copy_nodes))):
+            if [int(i) for i in state.get(name, [])] != mine:
+                raise ConfigError.invalid(f"{prefix}.{name}", state.get(name), f"this rank holds {mine}")
+        for name, rows in (("residual", 1 + self.v), ("copies", len(self.copy_nodes))):
+            t = state.get(name)
+            if t is not None and tuple(t.shape) != (rows, self.width):
+                raise ConfigError.invalid(f"{prefix}.{name}", tuple(t.shape), f"expected {(rows, self.width)}")
+
+        def dev(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(self.device, self.dtype).clone()
+
+        self.calls = int(state["calls"])
+        start = dev(state["start"])
+        assert start is not None
+        self.start = start
+        self.refs = {(None if k is None else tuple(int(i) for i in k)): t
+                     for k, t in zip(state["ref_targets"], (dev(t) for t in state["refs"]), strict=True)
+                     if t is not None}
+        self.residual, self.copies = dev(state.get("residual")), dev(state.get("copies"))
+        f = state.get("factors")
+        self.factors = None if f is None else tuple(t.to(self.device, self.dtype).clone() for t in f)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state for a rollback (copies on the rows' device)."""
+        return _copied({"calls": self.calls, "refs": self.refs, "residual": self.residual, "copies": self.copies,
+                        "factors": self.factors})
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Restore a :meth:`snapshot` (the snapshot stays usable for a later rollback)."""
+        s = _copied(snap)
+        self.calls, self.refs, self.residual, self.copies, self.factors = (
+            s["calls"], s["refs"], s["residual"], s["copies"], s["factors"])
+
+
+def _copied(state: dict[str, Any]) -> dict[str, Any]:
+    def c(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.clone()
+
+    f = state["factors"]
+    return {"calls": state["calls"], "refs": {k: v.clone() for k, v in state["refs"].items()},
+            "residual": c(state["residual"]), "copies": c(state["copies"]),
+            "factors": None if f is None else tuple(t.clone() for t in f)}
+
+
+def average_start(rows: Tensor, per_worker: bool, all_reduce: Any, workers: int) -> Tensor:
+    """x_ref before the first averaging round from this rank's ``rows`` (its mixed columns): the common start,
+    or the workers' mean (``all_reduce``, a collective) for per-worker starts."""
+    t = rows.detach().clone()
+    if per_worker:
+        all_reduce(t)
+        t.div_(workers)
+    return t
+
