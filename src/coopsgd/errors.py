@@ -114,7 +114,7 @@ def check_int(field: str, value: Any, *, minimum: int | None = None, maximum: in
     if isinstance(value, bool) or not isinstance(value, (int,)) and not (
         hasattr(value, "__index__") and not isinstance(value, float)
     ):
-        raise ConfigError.invalid(field, value, "must be an integer")
+        raise ConfigError.invalid(field, value, "must be an integer" + (", not a string" if isinstance(value, str) else ""))
     value = int(value)
     if minimum is not None and value < minimum:
         raise ConfigError.invalid(field, value, f"must be an integer >= {minimum}")

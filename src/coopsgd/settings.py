@@ -30,7 +30,7 @@ from typing import Any
 from coopsgd.errors import ConfigError, check_float, check_int
 
 __all__ = ["Setting", "SettingField", "setting", "settings_of", "check_section", "check_value", "closest",
-           "unknown_key", "as_number_list", "default_text"]
+           "unknown_key", "as_number_list", "default_text", "is_default", "unused_settings"]
 
 #: The metadata key of a field declared with :func:`setting`.
 METADATA_KEY = "coopsgd.setting"
@@ -52,7 +52,11 @@ class Setting:
         flag: whether the setting has a CLI flag (a mapping such as ``model_args`` is config-file only).
         check: a check of its own, ``check(key, value) -> value``, in place of the type's.
         preset: a preset setting: its help, range and defaults are the preset declarations'
-            (:mod:`coopsgd.algorithms.registry`), which also check it.
+            (:mod:`coopsgd.algorithms.registry`), which also check it (and say which presets take it).
+        used_when: when a run uses the setting: ``used_when(config) -> None`` when the whole configuration
+            ``config`` uses it, else the reason it does not (``"the optimizer is sgd"``). A setting given a
+            value other than its default in a configuration that does not use it is refused
+            (:func:`unused_settings`); ``None``: every run uses it.
     """
 
     help: str
@@ -67,6 +71,7 @@ class Setting:
     flag: bool = True
     check: Callable[[str, Any], Any] | None = None
     preset: bool = False
+    used_when: Callable[[Any], str | None] | None = None
 
     def allowed(self) -> tuple[str, ...] | None:
         """The choices (a function's read now)."""
@@ -99,6 +104,10 @@ class SettingField:
     optional: bool
     default: Any
     info: Setting
+
+    def is_default(self, value: Any) -> bool:
+        """Whether ``value`` is this setting's default (a setting left at its default is never refused as unused)."""
+        return is_default(self.default, value)
 
     @property
     def flag(self) -> str:
@@ -157,10 +166,11 @@ def check_value(s: SettingField, value: Any) -> Any:
     if s.kind is int:
         return check_int(key, value, minimum=None if info.low is None else int(info.low))
     if s.kind is float:
-        return check_float(key, value, low=info.low, high=info.high, low_open=info.low_open,
+        return check_float(key, not_text(key, value), low=info.low, high=info.high, low_open=info.low_open,
                            high_open=info.high_open)
     if s.kind is list:
-        return [check_float(key, v, low=info.low, high=info.high) for v in as_number_list(key, value)]
+        entries = as_number_list(key, value)
+        return [check_float(key, not_text(key, v), low=info.low, high=info.high) for v in entries]
     if s.kind is dict:
         if not isinstance(value, Mapping):
             raise ConfigError.invalid(key, value, "must be a mapping of argument names to values")
@@ -172,6 +182,42 @@ def check_value(s: SettingField, value: Any) -> Any:
     elif not isinstance(value, str):
         raise ConfigError.invalid(key, value, "must be a name (a string)")
     return value
+
+
+def not_text(key: str, value: Any) -> Any:
+    """``value`` unless it is a string: a number given as text (``lr = "0.1"`` in a config file, ``lr="0.1"``
+    through the Python API) is refused as an integer setting's is, with the same one-line message, whatever
+    the text says (the CLI parses its flags' text itself: :mod:`coopsgd.cli.config_flags`)."""
+    if isinstance(value, str):
+        raise ConfigError.invalid(key, value, "must be a number, not a string")
+    return value
+
+
+def is_default(default: Any, value: Any) -> bool:
+    """``value == default``, with a type: ``1`` and ``True`` are not the same setting, ``1`` and ``1.0`` are."""
+    if isinstance(value, bool) != isinstance(default, bool):
+        return False
+    try:
+        return bool(value == default)
+    except Exception:  # noqa: BLE001 -- an object without a usable ==: not the default
+        return False
+
+
+def unused_settings(cls: type, section: object, config: Any) -> list[tuple[SettingField, Any, str]]:
+    """The settings of ``section`` (an instance of the section class ``cls``) that hold a value other than their
+    default although ``config`` does not use them: ``(declaration, value, why not)`` in declaration order,
+    from each setting's ``used_when``."""
+    out = []
+    for s in settings_of(cls):
+        if s.info.used_when is None:
+            continue
+        value = getattr(section, s.name)
+        if s.is_default(value):
+            continue
+        reason = s.info.used_when(config)
+        if reason is not None:
+            out.append((s, value, reason))
+    return out
 
 
 def check_section(obj: object) -> None:

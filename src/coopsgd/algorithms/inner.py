@@ -15,20 +15,44 @@ in ``torch_kwargs``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from coopsgd.errors import ConfigError
-from coopsgd.settings import check_section, setting
+from coopsgd.settings import check_section, setting, unused_settings
 
 __all__ = ["OptimizerSettings", "INNER_OPTIMIZERS"]
 
 #: The inner optimizers known by name (any ``torch.optim.Optimizer`` class through ``torch_class``).
 INNER_OPTIMIZERS = ("sgd", "adam", "adamw")
-#: The settings that belong to one optimizer family only (an error when given to the other).
-_SGD_ONLY = ("momentum", "nesterov")
-_ADAM_ONLY = ("amsgrad",)
+#: The optimizer families: the settings of one are refused with the other (``Setting.used_when``).
+_SGD = ("sgd",)
+_ADAM = ("adam", "adamw")
+
+
+def _used_by(names: tuple[str, ...], what: str) -> Callable[[Any], str | None]:
+    """``used_when`` of a setting only the inner optimizers ``names`` have: ``config`` is a run configuration
+    (its resolved inner optimizer: the run's, else the preset's own, else sgd; the reference engine's workers
+    run plain SGD without any of these settings) or an :class:`OptimizerSettings` alone (its name)."""
+    def used(config: Any) -> str | None:
+        if isinstance(config, OptimizerSettings):
+            name = config.name
+        else:
+            if config.execution.engine == "reference":
+                return "the reference engine's workers run plain SGD steps (no momentum, weight decay or moments)"
+            name = config.inner_optimizer()
+        if name is None or name in names:  # a torch class: its own settings are refused below
+            return None
+        return f"{what}; the optimizer is {name}"
+    return used
+
+
+def _engine_optimizer(config: Any) -> str | None:
+    """``used_when`` of the settings every named optimizer has (the reference engine's SGD has none)."""
+    if not isinstance(config, OptimizerSettings) and config.execution.engine == "reference":
+        return "the reference engine's workers run plain SGD steps (no momentum, weight decay or moments)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -49,16 +73,19 @@ class OptimizerSettings:
         None, key="optimizer", choices=INNER_OPTIMIZERS, default_text="the preset's own (diloco: adamw), else sgd",
         help="every worker's inner optimizer, with torch.optim's semantics and defaults (another torch.optim class "
              "through the Python API)")
-    momentum: float = setting(0.0, help="SGD momentum", low=0.0, high=1.0, high_open=True)
-    nesterov: bool = setting(False, help="Nesterov momentum")
+    momentum: float = setting(0.0, help="SGD momentum", low=0.0, high=1.0, high_open=True,
+                              used_when=_used_by(_SGD, "an SGD setting (adam and adamw use beta1 as their momentum)"))
+    nesterov: bool = setting(False, help="Nesterov momentum", used_when=_used_by(_SGD, "an SGD setting"))
     weight_decay: float | None = setting(None, help="the optimizer's weight decay (adamw: decoupled)", low=0.0,
-                                         default_text="torch's: 0 (sgd, adam), 0.01 (adamw)")
+                                         default_text="torch's: 0 (sgd, adam), 0.01 (adamw)",
+                                         used_when=_engine_optimizer)
     beta1: float = setting(0.9, help="adam / adamw: beta1 (the first moment's decay)", low=0.0, high=1.0,
-                           high_open=True)
+                           high_open=True, used_when=_used_by(_ADAM, "an Adam setting"))
     beta2: float = setting(0.999, help="adam / adamw: beta2 (the second moment's decay)", low=0.0, high=1.0,
-                           high_open=True)
-    eps: float = setting(1e-8, help="adam / adamw: eps added to the denominator", low=0.0, low_open=True)
-    amsgrad: bool = setting(False, help="adam / adamw: AMSGrad")
+                           high_open=True, used_when=_used_by(_ADAM, "an Adam setting"))
+    eps: float = setting(1e-8, help="adam / adamw: eps added to the denominator", low=0.0, low_open=True,
+                         used_when=_used_by(_ADAM, "an Adam setting"))
+    amsgrad: bool = setting(False, help="adam / adamw: AMSGrad", used_when=_used_by(_ADAM, "an Adam setting"))
     torch_class: type | None = field(default=None, compare=True)
     torch_kwargs: Mapping[str, Any] | None = None
 
@@ -69,11 +96,10 @@ class OptimizerSettings:
         check_section(self)  # types and ranges, from the fields' declarations
         if self.nesterov and self.momentum == 0:
             raise ConfigError.invalid("nesterov", True, "needs momentum > 0")
-        if self.name in ("adam", "adamw") and (self.momentum or self.nesterov):
-            raise ConfigError.invalid("momentum", self.momentum, f"an SGD setting; {self.name} uses beta1 as its "
-                                      "momentum")
-        if self.name == "sgd" and self.amsgrad:
-            raise ConfigError.invalid("amsgrad", True, "an Adam setting; the optimizer is sgd")
+        # a setting of the other family, from the declarations (a run configuration checks the same against
+        # the resolved optimizer and the engine: coopsgd.train.config.RunConfig)
+        for s, value, reason in unused_settings(OptimizerSettings, self, self):
+            raise ConfigError.invalid(s.key, value, f"{reason}; leave it out")
         if self.torch_class is not None:
             if self.name is not None:
                 raise ConfigError.invalid("optimizer", self.name, "give a name or a torch_class, not both")

@@ -133,15 +133,12 @@ def progress_wanted(args: argparse.Namespace) -> bool:
 def use_threads(config: Any) -> None:
     """Set torch's threads for a run of ``config`` in this process (:func:`coopsgd.train.problem.run_threads`:
     ``--threads``, else 1 for the small models). The distributed engine's ranks take max(1, cores // workers)
-    threads each: ``--threads`` there is an error saying so."""
+    threads each (``--threads`` there is refused with the config: :meth:`coopsgd.train.config.RunConfig.unused`)."""
     import torch
 
     from coopsgd.train.problem import run_threads
 
     if config.execution.engine == "distributed":
-        if config.execution.threads is not None:
-            raise ConfigError.invalid("threads", config.execution.threads, "the distributed engine runs each rank with "
-                                      "max(1, cores // workers) threads; leave --threads out")
         return
     threads = run_threads(config)
     if threads is not None:

@@ -8,16 +8,15 @@ no fork, no re-import of the caller's ``__main__``), each of which
 2. calls ``fn(rank, world_size, *args)`` (``fn`` must be importable, e.g. a module-level function; the
    child gets the parent's ``sys.path``);
 3. writes its return value, or its error (type, message, traceback, and whether it was a communication
-   failure), into the job directory, and exits.
+   failure), into the job directory, and exits -- after a return, only once every rank has returned (or one
+   failed): a rank that tore its group down earlier could break a peer still connecting.
 
 The parent monitors the children and a heartbeat table (a small memory-mapped file: per rank the time of
 its last beat, its step and its phase -- computing or communicating). It stops the run, terminates every
-surviving child and raises :class:`RankFailure` naming the responsible rank when
-
-* a rank exits with an error it raised itself (its message and traceback are included),
-* a rank exits without reporting (``os._exit``, a crash) or is killed by a signal,
-* a rank stops beating for ``timeout_s`` while it is *not* waiting in a communication (a hang in its own
-  code), or every rank is stuck for ``timeout_s + 5`` s.
+surviving child and raises :class:`RankFailure` naming the responsible rank when a rank exits with an error
+it raised itself (its message and traceback are included), exits without reporting (``os._exit``, a crash),
+is killed by a signal, stops beating for ``timeout_s`` while it is *not* waiting in a communication (a hang
+in its own code), or when every rank is stuck for ``timeout_s + 5`` s.
 
 No rank outlives the launcher, however the launcher ends (see :func:`launch`): while ranks run, SIGTERM
 and SIGINT make it stop them, remove its temporary directory and raise :class:`~coopsgd.errors.Interrupted`;
@@ -25,8 +24,9 @@ if it is killed outright (SIGKILL), every rank dies at once (``PR_SET_PDEATHSIG`
 thread everywhere) and a small janitor process removes the temporary directory.
 
 Ranks that fail only because a peer went away (a communicator's ``CommunicationError``, e.g. gloo's
-"Connection closed by peer" or a collective timeout) are not blamed when a better culprit is known. The error is raised within ``timeout_s`` + about one second of the failure. The ranks print nothing
-about a failure: the :class:`RankFailure` (one line, naming the rank that caused it) is its only report.
+"Connection closed by peer" or a collective timeout) are not blamed when a better culprit is known. The
+error is raised within ``timeout_s`` + about one second of the failure. The ranks print nothing about a
+failure: the :class:`RankFailure` (one line, naming the rank that caused it) is its only report.
 
 Under ``torchrun`` the launcher is not used: torchrun's agent watches the ranks, and the engine reports
 every exception with its rank before re-raising; :func:`init_torchrun_group` joins the process group there
@@ -90,10 +90,7 @@ class Heartbeat:
     """One row per rank in a memory-mapped float64 file: (time.time() of the last beat, step, phase)."""
 
     def __init__(self, path: str | Path, world: int, rank: int | None = None, *, create: bool = False) -> None:
-        if create:
-            self.table = np.memmap(str(path), dtype=np.float64, mode="w+", shape=(world, 3))
-        else:
-            self.table = np.memmap(str(path), dtype=np.float64, mode="r+", shape=(world, 3))
+        self.table = np.memmap(str(path), dtype=np.float64, mode="w+" if create else "r+", shape=(world, 3))
         if create:
             self.table[:] = 0.0
             self.table[:, 0] = time.time()
@@ -123,15 +120,10 @@ def _accepts_heartbeat(fn: Callable[..., Any]) -> bool:
 
 def _loopback_interface() -> str:
     """Name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS) for gloo to bind to."""
-    try:
-        import socket
-
-        for _, name in socket.if_nameindex():
-            if name in ("lo", "lo0"):
-                return name
+    try:  # socket is imported at module level
+        return next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), "lo")
     except (OSError, AttributeError):
-        pass
-    return "lo"
+        return "lo"
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -158,10 +150,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _comm_error_text(exc: BaseException) -> bool:
     from coopsgd.engines.distributed.communicator import CommunicationError
 
-    if isinstance(exc, CommunicationError):
-        return True
     text = str(exc)
-    return any(s in text for s in ("Connection closed by peer", "Timed out waiting", "Connection reset", "Broken pipe"))
+    return isinstance(exc, CommunicationError) or any(
+        s in text for s in ("Connection closed by peer", "Timed out waiting", "Connection reset", "Broken pipe"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,6 +198,18 @@ def _die_with_parent(parent: int | None) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="coopsgd-parent-watchdog", daemon=True).start()
 
 
+def _wait_for_peers(job_dir: Path, world: int, poll_s: float = 0.01) -> None:
+    """Return once every rank has written its result or one has reported an error: only then may a rank tear
+    its group down. ``init_process_group`` can return here while a peer is still in gloo's ``connectFullMesh``,
+    and a rank whose function returns at once closed its sockets under it ("Connection closed by peer")."""
+    while True:
+        names = set(os.listdir(job_dir))
+        if all(f"result_{r}.pkl" in names for r in range(world)) or any(
+                n.startswith("error_") and n.endswith(".json") for n in names):
+            return
+        time.sleep(poll_s)
+
+
 def _child(job_dir: Path) -> int:
     parent = os.environ.get(PARENT_ENV)
     _die_with_parent(int(parent) if parent else None)
@@ -243,6 +246,7 @@ def _child(job_dir: Path) -> int:
         with open(job_dir / f"result_{rank}.pkl.tmp", "wb") as f:
             pickle.dump(result, f)
         os.replace(job_dir / f"result_{rank}.pkl.tmp", job_dir / f"result_{rank}.pkl")
+        _wait_for_peers(job_dir, world)
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 -- peers may already be gone; the result is written
@@ -302,12 +306,9 @@ def _one_line(text: str) -> str:
 
 
 def _read_error(job_dir: Path, rank: int) -> dict[str, Any] | None:
-    p = job_dir / f"error_{rank}.json"
-    if not p.is_file():
-        return None
     try:
-        data = json.loads(p.read_text())
-    except (OSError, ValueError):
+        data = json.loads((job_dir / f"error_{rank}.json").read_text())
+    except (OSError, ValueError):  # none (written atomically: never torn)
         return None
     return data if isinstance(data, dict) else None
 
@@ -534,13 +535,11 @@ def launch(
         env: extra environment variables for the children (e.g. a failure-injection hook).
 
     No rank outlives this call. Called from the main thread, it handles SIGTERM and SIGINT while the ranks
-    run: it stops them (SIGTERM, then SIGKILL after :data:`TERMINATE_GRACE_S` seconds), removes its temporary
-    ``coopsgd-launch-*`` directory and raises :class:`~coopsgd.errors.Interrupted` (``exit_status`` 143 or
-    130); a signal that arrives after every rank has returned its result is delivered again, to the handlers
-    that were there before, once this call is done. If this process is killed outright (SIGKILL, a crash),
-    every rank dies with it: the kernel kills it (Linux, ``PR_SET_PDEATHSIG``) or its watchdog thread sees
-    within :data:`WATCHDOG_S` seconds that its parent is gone; a janitor process (``python -I -S``, in a
-    session of its own, holding nothing but a pipe from this process) then removes the temporary directory.
+    run: it stops them (SIGTERM, then SIGKILL after :data:`TERMINATE_GRACE_S` s), removes its temporary
+    directory and raises :class:`~coopsgd.errors.Interrupted` (``exit_status`` 143 or 130); a signal after
+    every rank returned is delivered again, to the previous handlers, once this call is done. Killed outright,
+    its ranks die with it (``PR_SET_PDEATHSIG``, else a watchdog thread within :data:`WATCHDOG_S` s) and a
+    janitor process (``python -I -S``, a session of its own) removes the temporary directory.
 
     Raises:
         RankFailure: naming the rank that died, raised, was killed or hung; the others are terminated.

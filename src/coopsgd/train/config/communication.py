@@ -23,6 +23,19 @@ __all__ = ["CommunicationSettings", "COMPRESSED_ENGINES"]
 COMPRESSED_ENGINES = ("reference", "simulate")
 
 
+def _compressed(c: Any) -> str | None:
+    """``used_when`` of error feedback: only compressed rounds have something left to feed back."""
+    return None if c.communication.compress != "none" else "compress is 'none' (nothing is left out of a round)"
+
+
+def _gossips(c: Any) -> str | None:
+    """``used_when`` of CHOCO's consensus step: gossip rounds take it (with any compressor, ``none`` included);
+    a preset gossips when it takes a topology."""
+    if c.preset_facts()["gossips"]:
+        return None
+    return f"preset {c.algorithm.preset!r} does not gossip over a topology (the step applies to gossip rounds)"
+
+
 def _compressor_spec(key: str, value: Any) -> Any:
     """A compressor spec string, canonical (``TopK:0.01`` -> ``topk:0.01``); a bad one names ``compress``."""
     if not isinstance(value, str) or not value.strip():
@@ -43,10 +56,10 @@ class CommunicationSettings:
     error_feedback: str = setting(
         "auto", choices=ERROR_FEEDBACK,
         help="averaging rounds keep what the compressor dropped and send it next round: auto = on for biased "
-             "compressors (fp16, bf16, int8, sign, topk, randk, powersgd)")
+             "compressors (fp16, bf16, int8, sign, topk, randk, powersgd)", used_when=_compressed)
     consensus_step: float | None = setting(
         None, low=0.0, high=1.0, low_open=True,
-        help="CHOCO-SGD's consensus step gamma of gossip rounds",
+        help="CHOCO-SGD's consensus step gamma of gossip rounds", used_when=_gossips,
         default_text="1 for none, fp16, bf16; delta(d) of topk, randk, int8; 2/pi for sign; 1/(1+omega) of an "
                      "unbiased compressor")
 

@@ -12,6 +12,7 @@ errors naming the key, the value and what is allowed. Files are read with safe p
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import sys
@@ -21,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from coopsgd.algorithms.inner import INNER_OPTIMIZERS, OptimizerSettings
-from coopsgd.algorithms.registry import declaration, preset_kwargs, spec_from_settings
+from coopsgd.algorithms.registry import declaration, declarations, preset_kwargs, spec_from_settings
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
 from coopsgd.errors import ConfigError
 from coopsgd.fileio import not_a_file, read_text
-from coopsgd.settings import SettingField, settings_of, unknown_key
+from coopsgd.settings import SettingField, settings_of, unknown_key, unused_settings
 from coopsgd.train.config import sections as sec
 from coopsgd.train.config.communication import COMPRESSED_ENGINES, CommunicationSettings
 
@@ -94,6 +95,20 @@ class RunConfig:
     output: sec.OutputSettings
 
     def __init__(self, **settings: Any) -> None:
+        self._assemble(settings)
+        self._check_used()
+
+    @classmethod
+    def shared(cls, **settings: Any) -> RunConfig:
+        """The settings several runs share (``coopsgd compare``: one set of flags for several presets), checked
+        like a run's except that a setting this configuration does not use is kept, not refused: each run's own
+        configuration is made from it with :meth:`replace` (``shared.replace(preset=p)``), which resets the
+        settings that run does not use, and :meth:`unused` lists them."""
+        cfg = cls.__new__(cls)
+        cfg._assemble(settings)
+        return cfg
+
+    def _assemble(self, settings: dict[str, Any]) -> None:
         given: dict[str, Any] = {}
         flat: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         for key, value in settings.items():
@@ -114,6 +129,43 @@ class RunConfig:
                 section = replace(base, **flat[name]) if flat[name] else base
             object.__setattr__(self, name, section)
         self._check_across()
+
+    # -- settings this run does not use ------------------------------------------------------------
+    def unused(self) -> list[tuple[str, Any, str]]:
+        """The settings given a value other than their default that this run does not use: ``(key, value, why
+        not)``, from each setting's ``used_when`` (:class:`coopsgd.settings.Setting`). Preset settings are the
+        preset declarations' (:mod:`coopsgd.algorithms.registry` refuses one the preset does not take)."""
+        out = []
+        for name, cls in SECTIONS.items():
+            out += [(s.key, value, reason) for s, value, reason in unused_settings(cls, getattr(self, name), self)]
+        return out
+
+    def _check_used(self) -> None:
+        """A setting given a value other than its default that this run does not use is refused (one line naming
+        it, its value and why): it would do nothing, and ``config.json`` would record it as if it had."""
+        for key, value, reason in self.unused():
+            raise ConfigError.invalid(key, value, f"{reason}; leave it out")
+
+    def without_unused(self) -> RunConfig:
+        """This configuration with every setting it does not use (:meth:`unused`) back at its default."""
+        kwargs = self.sections()
+        for key, _, _ in self.unused():
+            section, s = FLAT_KEYS[key]
+            kwargs[section] = replace(kwargs[section], **{s.name: copy.deepcopy(s.default)})
+        return RunConfig(**kwargs)
+
+    def preset_facts(self) -> dict[str, Any]:
+        """What the preset's rounds need, from its spec with its defaults (and this run's ``base_algorithm``):
+        ``inner_optimizer`` (the one it prescribes, or ``None``), ``needs_losses`` (LSGD's election),
+        ``sequential`` (DOWNPOUR's ordered pushes), ``gossips`` (it takes a topology)."""
+        return _preset_facts(self.algorithm.preset, self.algorithm.base_algorithm)
+
+    def inner_optimizer(self) -> str | None:
+        """The workers' inner optimizer by name: the run's, else the preset's own, else ``"sgd"`` (``None``: a
+        torch.optim class given through the Python API)."""
+        if self.optimizer.torch_class is not None:
+            return None
+        return self.optimizer.name or self.preset_facts()["inner_optimizer"] or "sgd"
 
     # -- checks across sections ------------------------------------------------------------------
     def _check_across(self) -> None:
@@ -154,7 +206,11 @@ class RunConfig:
 
     # -- conversion ------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> RunConfig:
-        """A copy with some settings changed: flat keys (``out="runs/x"``) and / or whole sections."""
+        """A copy with some settings changed: flat keys (``out="runs/x"``) and / or whole sections.
+
+        A changed setting the new configuration does not use is refused, as in a new one; a setting that was
+        not changed and that the change leaves unused (``executor`` when ``engine`` becomes ``"distributed"``)
+        goes back to its default, so the copy never records a setting it does not use."""
         kwargs: dict[str, Any] = self.sections()
         for key, value in changes.items():
             if key in SECTIONS and not isinstance(value, (SECTIONS[key], Mapping)):  # the flat key `optimizer`
@@ -162,6 +218,15 @@ class RunConfig:
                 kwargs[section] = replace(kwargs[section], **{s.name: value})
             else:
                 kwargs[key] = value
+        candidate = RunConfig.shared(**kwargs)
+        changed = {k for k in changes if k in FLAT_KEYS and not isinstance(changes[k], (SECTIONS.get(k, ()), Mapping))}
+        changed |= {s.key for k in changes if k in SECTIONS and k not in changed for s in settings_of(SECTIONS[k])}
+        left = [key for key, _, _ in candidate.unused() if key not in changed]
+        if left:
+            kwargs = candidate.sections()
+            for key in left:
+                section, s = FLAT_KEYS[key]
+                kwargs[section] = replace(kwargs[section], **{s.name: copy.deepcopy(s.default)})
         return RunConfig(**kwargs)
 
     def sections(self) -> dict[str, Any]:
@@ -212,6 +277,24 @@ class RunConfig:
                                   shard_sizes=shard_sizes, steps_per_epoch=steps_per_epoch, seed=self.execution.seed,
                                   policies=self.spec_policies(), lenient=lenient,
                                   compression=self.communication.compression())
+
+
+@functools.cache
+def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
+    """:meth:`RunConfig.preset_facts` of a preset (with a SlowMo ``base_algorithm``), from a spec of 4 workers."""
+    facts: dict[str, Any] = {"inner_optimizer": None, "needs_losses": False, "sequential": False,
+                             "gossips": False}
+    if preset not in declarations():
+        return facts
+    facts["gossips"] = declaration(preset).takes("topology")
+    settings = {"base_algorithm": base_algorithm} if base_algorithm is not None else {}
+    try:
+        spec = spec_from_settings(preset, 4, settings, shard_sizes=[1.0] * 4, steps_per_epoch=1, lenient=True)
+    except ConfigError:  # a setting the preset refuses: RunConfig's own checks name it
+        return facts
+    facts.update(inner_optimizer=spec.inner_optimizer, needs_losses=spec.needs_losses,
+                 sequential=bool(getattr(spec.schedule, "sequential", False)))
+    return facts
 
 
 def _key(key: Any) -> str:

@@ -8,6 +8,7 @@ settings and the dtype) are :class:`coopsgd.train.config.RunConfig`'s.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,96 @@ MAX_SIMULATED_MS = 365.25 * 24 * 3600 * 1e3
 MIN_SIMULATED_RATE = 1e-6
 #: Largest ``compute_spread``: a lognormal's exp(s Z - s^2/2) under- or overflows double precision beyond it.
 MAX_COMPUTE_SPREAD = 10.0
+
+
+# -- when a run uses a setting (Setting.used_when): None = used, else why not ------------------------------
+# Each takes the whole RunConfig; RunConfig refuses a setting given a value other than its default in a run
+# that does not use it (coopsgd.train.config.run.RunConfig.unused).
+Used = Callable[[Any], "str | None"]
+
+
+def engines(*names: str) -> Used:
+    """Used by the engines ``names`` only."""
+    def used(c: Any) -> str | None:
+        engine = c.execution.engine
+        if engine in names:
+            return None
+        return f"the {engine} engine does not use it ({' and '.join(names)} only)"
+    return used
+
+
+def not_reference(c: Any) -> str | None:
+    """Used by the engines that train a model on data (the reference engine trains an analytic objective)."""
+    if c.execution.engine != "reference":
+        return None
+    return f"the reference engine trains the analytic objective {c.problem.objective!r}, not a model on data"
+
+
+def both(*conditions: Used) -> Used:
+    """Used when every condition says so (the first reason otherwise)."""
+    def used(c: Any) -> str | None:
+        for cond in conditions:
+            reason = cond(c)
+            if reason is not None:
+                return reason
+        return None
+    return used
+
+
+def _logistic_or_data(c: Any) -> str | None:
+    """The data's batch size and partition: a model's, or the reference engine's ``logistic`` objective's."""
+    if c.execution.engine != "reference" or c.problem.objective == "logistic":
+        return None
+    return f"the reference engine's objective {c.problem.objective!r} draws no batches from a data set"
+
+
+def _partition(name: str) -> Used:
+    def used(c: Any) -> str | None:
+        if c.problem.partition != name:
+            return f"partition is {c.problem.partition!r} (only partition {name!r} uses it)"
+        return not_reference(c)
+    return used
+
+
+def _nan_skip(c: Any) -> str | None:
+    if c.execution.nan_policy == "skip":
+        return None
+    return f"nan_policy is {c.execution.nan_policy!r} (it counts the rounds nan_policy 'skip' drops)"
+
+
+def _preset_fact(fact: str, what: str) -> Used:
+    """Used by the presets whose spec (built with the preset's defaults) has ``fact`` true."""
+    def used(c: Any) -> str | None:
+        if c.preset_facts()[fact]:
+            return None
+        return f"preset {c.algorithm.preset!r} does not use it ({what})"
+    return used
+
+
+def _compute(*kinds: str) -> Used:
+    """A clock setting used by the compute models ``kinds`` (the reference engine's ``flops`` and ``measured``
+    are a constant ``compute_ms``)."""
+    def used(c: Any) -> str | None:
+        kind = c.clock.compute
+        if c.execution.engine == "reference" and kind in ("flops", "measured"):
+            kind = "constant"
+        if kind in kinds:
+            return None
+        return (f"compute is {c.clock.compute!r} on the {c.execution.engine} engine (it is for compute "
+                f"{' / '.join(kinds)})")
+    return used
+
+
+def _own_threads(c: Any) -> str | None:
+    if c.execution.engine != "distributed":
+        return None
+    return "the distributed engine runs each rank with max(1, cores // workers) threads"
+
+
+def _network(c: Any) -> str | None:
+    if c.execution.engine != "distributed" or c.clock.emulate_network:
+        return None
+    return "the distributed engine measures its real network (give emulate_network to delay every message by it)"
 
 
 def _path(key: str, value: Any) -> Any:
@@ -93,14 +184,16 @@ class AlgorithmSettings:
     downpour_order: str = setting(
         "clock", choices=("clock", "schedule", "async"),
         help="DOWNPOUR push order: clock (order of arrival: on the simulated clock, or at a real asynchronous "
-             "server with --engine distributed) | schedule (seeded, deterministic) | async (distributed only)")
-    buffers: str = setting("mix", choices=("mix", "local"),
+             "server with --engine distributed) | schedule (seeded, deterministic) | async (distributed only)",
+        used_when=_preset_fact("sequential", "only DOWNPOUR pushes to a server in an order"))
+    buffers: str = setting("mix", choices=("mix", "local"), used_when=not_reference,
                            help="buffer policy (BatchNorm statistics): mixed like parameters, or kept per worker")
     optimizer_state: str = setting(
         "local", choices=("local", "reset", "mix"),
         help="what a round does to every worker's optimizer state (momentum, Adam's moments): keep it, reset it "
-             "(with the step counts) or mix it like the parameters (step counts stay local)")
-    loss_estimate: str = setting("running_mean", choices=LOSS_ESTIMATES, help="LSGD's leader election: loss estimate")
+             "(with the step counts) or mix it like the parameters (step counts stay local)", used_when=not_reference)
+    loss_estimate: str = setting("running_mean", choices=LOSS_ESTIMATES, help="LSGD's leader election: loss estimate",
+                                 used_when=_preset_fact("needs_losses", "only LSGD elects its leaders by loss"))
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -139,21 +232,27 @@ class ProblemSettings:
     """What is trained: a model on a data set split over the workers (simulate / distributed), or an analytic
     objective (the reference engine)."""
 
-    model: str = setting("mlp", choices=MODELS, open_choices=True, help="simulate / distributed: model")
-    model_args: dict[str, Any] = setting(factory=dict, flag=False, help="the model's keyword arguments")
-    augment: bool = setting(False, help="random crop + horizontal flip on training batches")
+    model: str = setting("mlp", choices=MODELS, open_choices=True, help="simulate / distributed: model",
+                         used_when=not_reference)
+    model_args: dict[str, Any] = setting(factory=dict, flag=False, help="the model's keyword arguments",
+                                         used_when=not_reference)
+    augment: bool = setting(False, help="random crop + horizontal flip on training batches", used_when=not_reference)
     dataset: str = setting("mnist_bundled", choices=DATASETS, open_choices=True,
                            help="simulate / distributed: data set (mnist_bundled ships with the package; mnist, "
-                                "cifar10 need torchvision and --download)")
-    data_root: str | None = setting(None, check=_path, help="directory of downloaded data",
+                                "cifar10 need torchvision and --download)", used_when=not_reference)
+    data_root: str | None = setting(None, check=_path, help="directory of downloaded data", used_when=not_reference,
                                     default_text="$COOPSGD_DATA, else ~/.cache/coopsgd")
-    download: bool = setting(False, help="allow torchvision downloads")
-    partition: str = setting("iid", choices=PARTITIONS, help="how the training set is split over the workers")
-    dirichlet_beta: float = setting(0.5, help="Dirichlet concentration (label skew)", low=0.0, low_open=True)
-    shards_per_worker: int = setting(2, help="class shards per worker", low=1)
-    objective: str = setting("logistic", choices=tuple(OBJECTIVES), help="reference engine: analytic objective")
-    objective_args: dict[str, Any] = setting(factory=dict, flag=False, help="the objective's keyword arguments")
-    batch_size: int = setting(32, help="batch size per worker", low=1)
+    download: bool = setting(False, help="allow torchvision downloads", used_when=not_reference)
+    partition: str = setting("iid", choices=PARTITIONS, help="how the training set is split over the workers",
+                             used_when=_logistic_or_data)
+    dirichlet_beta: float = setting(0.5, help="Dirichlet concentration (label skew)", low=0.0, low_open=True,
+                                    used_when=_partition("dirichlet"))
+    shards_per_worker: int = setting(2, help="class shards per worker", low=1, used_when=_partition("shards"))
+    objective: str = setting("logistic", choices=tuple(OBJECTIVES), help="reference engine: analytic objective",
+                             used_when=engines("reference"))
+    objective_args: dict[str, Any] = setting(factory=dict, flag=False, help="the objective's keyword arguments",
+                                             used_when=engines("reference"))
+    batch_size: int = setting(32, help="batch size per worker", low=1, used_when=_logistic_or_data)
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -175,7 +274,7 @@ class ScheduleSettings:
     lr: float | None = setting(None, help="learning rate", low=0.0, low_open=True,
                                default_text="0.1 for sgd, 0.001 for adam and adamw")
     epochs: float = setting(5.0, help="simulate / distributed: epochs (one epoch: training samples / (workers x "
-                                      "batch size) steps)", low=0.0, low_open=True)
+                                      "batch size) steps)", low=0.0, low_open=True, used_when=not_reference)
     max_steps: int | None = setting(None, help="number of steps (overrides --epochs)", low=1,
                                     default_text="from --epochs; the reference engine: 300")
     lr_decay_epochs: list[float] = setting(factory=list, low=0.0,
@@ -199,11 +298,12 @@ class EvaluationSettings:
     eval_every: int | None = setting(None, help="steps between evaluations", low=1,
                                      default_text="the smaller of one epoch and a tenth of the run; the reference "
                                                   "engine: every steps/200")
-    eval_samples: int = setting(2000, help="training / test samples used per evaluation", low=1)
+    eval_samples: int = setting(2000, help="training / test samples used per evaluation", low=1,
+                                used_when=not_reference)
     holdout_fraction: float = setting(
         0.0, low=0.0, high=1.0, high_open=True,
         help="share of the training set held out before the workers' partition (seeded, never trained on); "
-             "every evaluation records the centre model's holdout_loss on it, for tuning")
+             "every evaluation records the centre model's holdout_loss on it, for tuning", used_when=not_reference)
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -221,18 +321,24 @@ class ClockSettings:
     compute: str = setting(
         "flops", choices=COMPUTE_MODELS,
         help="simulated compute time per step: flops (counted FLOPs / --compute-gflops; deterministic, the "
-             "default), measured (follows the machine's load), or drawn from a distribution")
-    compute_ms: float = setting(10.0, low=0.0,
+             "default), measured (follows the machine's load), or drawn from a distribution",
+        used_when=engines("simulate", "reference"))
+    compute_ms: float = setting(10.0, low=0.0, used_when=both(engines("simulate", "reference"), _compute(
+                                    "flops", "constant", "exponential", "lognormal", "pareto")),
                                 help="mean compute time per step for a modelled compute time (ms); also the "
                                      "constant fallback of flops for a model that cannot be FLOP-counted")
-    compute_spread: float = setting(0.0, low=0.0, help="spread of the compute-time distribution (stragglers)")
+    compute_spread: float = setting(0.0, low=0.0, help="spread of the compute-time distribution (stragglers)",
+                                    used_when=both(engines("simulate", "reference"),
+                                                   _compute("exponential", "lognormal", "pareto")))
     compute_gflops: float = setting(20.0, low=0.0, low_open=True,  # coopsgd.engines.simulator.clock.DEFAULT_GFLOPS
+                                    used_when=both(engines("simulate"), _compute("flops")),
                                     help="throughput of one worker for --compute flops (GFLOP/s; the default is one "
                                          "CPU core)")
-    net_latency_ms: float = setting(1.0, low=0.0, help="network latency per handshake (ms)")
-    net_bandwidth_mbps: float = setting(1000.0, low=0.0, low_open=True, help="network bandwidth (Mbit/s)")
+    net_latency_ms: float = setting(1.0, low=0.0, help="network latency per handshake (ms)", used_when=_network)
+    net_bandwidth_mbps: float = setting(1000.0, low=0.0, low_open=True, help="network bandwidth (Mbit/s)",
+                                        used_when=_network)
     emulate_network: bool = setting(False, help="distributed: delay every message by --net-latency-ms and "
-                                                "--net-bandwidth-mbps")
+                                                "--net-bandwidth-mbps", used_when=engines("distributed"))
 
     def __post_init__(self) -> None:
         check_section(self)
@@ -258,18 +364,20 @@ class ExecutionSettings:
     dtype: str = setting("float32", choices=DTYPES, help="floating-point type of the models")
     executor: str = setting("auto", choices=EXECUTORS,
                             help="simulator: local steps in a loop over the workers or vectorised (vmap); auto times "
-                                 "both once per workload and machine and caches the choice ($COOPSGD_CACHE_DIR)")
+                                 "both once per workload and machine and caches the choice ($COOPSGD_CACHE_DIR)",
+                            used_when=engines("simulate"))
     device: str = setting("cpu", choices=("cpu", "cuda", "cuda:N", "mps"), open_choices=True, check=_device_syntax,
                           help="where the models live and train: cpu | cuda (distributed: each local rank on its own "
                                "GPU, cuda:LOCAL_RANK) | cuda:N | mps; the reference engine is numpy (cpu only)")
     seed: int = setting(0, help="random seed", low=0)
     nan_policy: str = setting("stop", choices=("stop", "skip"),
                               help="on NaN/Inf: stop | skip (drop the round, keep the last good state)")
-    max_skips: int = setting(10, help="consecutive skipped rounds before stopping", low=1)
+    max_skips: int = setting(10, help="consecutive skipped rounds before stopping", low=1, used_when=_nan_skip)
     timeout_s: float = setting(60.0, low=0.0, low_open=True, high=MAX_TIMEOUT_S,
-                               help="distributed: communication timeout; a dead or hung rank stops the run within it")
+                               help="distributed: communication timeout; a dead or hung rank stops the run within it",
+                               used_when=engines("distributed"))
     threads: int | None = setting(
-        None, low=1, help="simulate / reference: torch's threads for this run's arithmetic (the distributed engine runs "
+        None, low=1, used_when=_own_threads, help="simulate / reference: torch's threads for this run's arithmetic (the distributed engine runs "
                           "each rank with max(1, cores // workers))",
         default_text="1 for mlp, lenet and resnet20 (measured faster on a shared 2-core machine: "
                      "benchmarks/README.md), torch's own for larger models")
