@@ -3,7 +3,7 @@
 :func:`plot_runs` overlays any number of runs: training loss of the averaged model vs steps and vs
 simulated wall-clock, the centre model's test accuracy (or perplexity) vs simulated wall-clock, and the
 consensus distance; or (``against=("time", "bytes")``) one loss against the clock and the bytes sent.
-:func:`runs_table` gives the matching table rows.
+:func:`runs_table` gives the matching table rows. Figures are written at :data:`FIGURE_DPI`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from coopsgd.errors import ConfigError
 from coopsgd.fileio import check_output_path
 from coopsgd.train.rundir import RunDir, read_run_json
 
-__all__ = ["load_run", "plot_runs", "runs_table"]
+__all__ = ["load_run", "plot_runs", "runs_table", "FIGURE_DPI", "positive_or_gap"]
+
+#: The resolution of every figure coopsgd writes as an image (a 12-inch-wide figure is 1,920 pixels wide).
+FIGURE_DPI = 160
 
 
 def load_run(path: str | Path) -> dict[str, Any]:
@@ -89,23 +92,36 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
     is_lm = any("test_perplexity" in r["metrics"][-1] for r in runs)
     metric = "test_perplexity" if is_lm else "test_accuracy"
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    zero_runs: list[str] = []  # runs whose consensus distance is 0 at every record (nothing to draw)
     for i, run in enumerate(runs):
         lab = labels[i] if labels is not None else run["label"]
         ms = run["metrics"]
+        color = f"C{i % 10}"  # one colour per run in every panel (a run left out of one shifts no colour)
         rec, train = _series(ms, "train_loss")
-        axes[0, 0].plot([r["step"] for r in rec], train, marker=".", label=lab)
-        axes[0, 1].plot([_clock(r) for r in rec], train, marker=".", label=lab)
+        axes[0, 0].plot([r["step"] for r in rec], train, marker=".", label=lab, color=color)
+        axes[0, 1].plot([_clock(r) for r in rec], train, marker=".", label=lab, color=color)
         rec, acc = _series(ms, metric)
-        axes[1, 0].plot([_clock(r) for r in rec], acc, marker=".", label=lab)
+        axes[1, 0].plot([_clock(r) for r in rec], acc, marker=".", label=lab, color=color)
         rec, cons = _series(ms, "consensus_distance")
-        # exact consensus (right after an all-reduce) is 0: draw it at 1e-12 so the scale stays readable
-        axes[1, 1].plot([r["step"] for r in rec], [max(c, 1e-12) for c in cons], marker=".", label=lab)
+        # exact consensus (right after an all-reduce) is 0, which a log axis cannot show: left out (a gap)
+        shown = positive_or_gap(cons)
+        if any(c > 0 for c in cons):
+            axes[1, 1].plot([r["step"] for r in rec], shown, marker=".", label=lab, color=color)
+        else:
+            zero_runs.append(lab)
     axes[0, 0].set(xlabel="step", ylabel="training loss (averaged model)", yscale="log")
     clock = _clock_label(runs)
     axes[0, 1].set(xlabel=clock, ylabel="training loss (averaged model)", yscale="log")
     axes[1, 0].set(xlabel=clock,
                    ylabel="test perplexity (centre model)" if is_lm else "test accuracy (centre model)")
-    axes[1, 1].set(xlabel="step", ylabel="consensus distance ||X(I-J)||^2/m", yscale="log")
+    cons_ax = axes[1, 1]
+    cons_ax.set(xlabel="step", ylabel="consensus distance ||X(I-J)||^2/m")
+    if cons_ax.lines:
+        cons_ax.set_yscale("log")
+        cons_ax.legend(fontsize=7, title="records of exactly 0 not drawn (gaps)", title_fontsize=7)
+    if zero_runs:
+        cons_ax.text(0.02, 0.02, "0 at every record (full consensus), not drawn: " + ", ".join(zero_runs),
+                     transform=cons_ax.transAxes, fontsize=7, va="bottom", wrap=True)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
@@ -114,7 +130,13 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequen
     return _save_figure(fig, out)
 
 
-def _save_figure(fig: Any, out: Path, dpi: int = 110) -> Path:
+def positive_or_gap(values: Sequence[float]) -> list[float]:
+    """``values`` with every entry that is not positive replaced by NaN: a log axis then leaves a gap there
+    instead of drawing an arbitrary floor (a consensus distance of exactly 0 after an all-reduce)."""
+    return [float(v) if v > 0 else float("nan") for v in values]
+
+
+def _save_figure(fig: Any, out: Path, dpi: int = FIGURE_DPI) -> Path:
     """Write ``fig`` to ``out`` in one step and close it: a failed write leaves an earlier figure as it was."""
     import io
 
@@ -167,11 +189,28 @@ def _plot_against(runs: list[dict[str, Any]], out: Path, labels: Sequence[str] |
     for ax, axis in zip(axes[0], against, strict=True):
         ax.set(xlabel=xlabels[axis] + (", log scale" if log[axis] else ""), ylabel=ylabel,
                xscale="log" if log[axis] else "linear")
+        if log[axis]:
+            _log_ticks(ax.xaxis, ax.get_xlim())
         ax.grid(alpha=0.3, which="both")
     axes[0, 0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, out, dpi=90)
+    return _save_figure(fig, out)
+
+
+def _log_ticks(axis: Any, limits: tuple[float, float]) -> None:
+    """Readable labels on a log axis: 1, 2 and 5 times each power of ten when it spans at most two decades (a
+    decade alone may hold no power of ten), the powers of ten otherwise; plain numbers, minor ticks unlabelled
+    (matplotlib's labels of the minor ticks run into each other)."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = (max(v, 1e-300) for v in limits)
+    subs = (1.0, 2.0, 5.0) if math.log10(hi / lo) <= 2 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _clock(record: dict[str, Any]) -> float | None:

@@ -75,7 +75,12 @@ def cmd_topology(args: argparse.Namespace) -> int:
             "note": "time-varying: each round's matrix is listed; the product over one cycle has zeta_of_product",
         }
     if args.plot:
-        plot_mixing_matrix(mats[0], args.plot)
+        grid = None
+        if args.name == "torus":  # drawn on its grid: a torus on a circle hides its rows and columns
+            from coopsgd.topology.graphs import _torus_shape
+
+            grid = _torus_shape(mats[0].n, args.rows)
+        plot_mixing_matrix(mats[0], args.plot, grid=grid)
         info["plot"] = str(args.plot)
     if args.json:
         print_json(info)
