@@ -58,6 +58,13 @@ flatten / copy back. Auxiliary nodes live on the ranks that read them (see
 :func:`~coopsgd.engines.distributed.communicator.aux_placement`). Optimizer
 state policies: ``"local"`` (default) and ``"reset"`` (momentum buffers zeroed after each round);
 ``"mix"`` is not supported by the wrapper (use the engine).
+
+Compression (SPEC §11, ``compression=`` on the preset): the rounds of a compressed spec go through the
+distributed engine's :class:`~coopsgd.engines.distributed.compressed.CompressedMixer` -- averaging rounds send
+Q(x_i − x_ref + e_i) (all-gather or the sampled clients' broadcasts), gossip rounds run CHOCO-SGD
+(point-to-point to the neighbours) -- so the wrapped models are the simulator's iterates and the bytes on
+the wire are the payloads. Pass the same ``seed`` on every rank (it keys ``qsgd`` / ``randk`` draws). Elastic
+rounds with a compressor, and an injected communicator that cannot move packed payloads, are refused.
 """
 
 from __future__ import annotations
@@ -77,6 +84,11 @@ from coopsgd.algorithms.schedules import MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import Communicator
 from coopsgd.engines.distributed.communicator import CommStats, Mixer, NetEmulation, aux_placement
+from coopsgd.engines.distributed.compressed import (
+    CompressedMixer,
+    average_start,
+    check_distributed_compression,
+)
 from coopsgd.engines.mixing import plan_round
 from coopsgd.errors import ConfigError, check_int
 
@@ -148,9 +160,7 @@ def _check_arguments(model: Any, optimizer: Any, spec: Any) -> None:
     if spec.outer is not None:
         raise ConfigError.invalid("spec.outer", spec.outer.kind, "the wrapper runs no outer optimizer (DiLoCo, "
                                   "SlowMo); use the simulator or the distributed engine")
-    if spec.compressed is not None:  # never a silent uncompressed run
-        raise ConfigError.invalid("compress", spec.compressed.compress, "the wrapper does not compress rounds yet; "
-                                  "compressed rounds run on the reference engine and the simulator")
+    check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
 
 
 def _rank_and_world(communicator: Any, group: Any, net_latency_ms: float | None,
@@ -197,10 +207,17 @@ class CooperativeSGD:
             every auxiliary.
         communicator: a :class:`WrapperCommunicator` to use instead of building a
             :class:`~coopsgd.engines.distributed.communicator.Mixer`. The rank and the world size are then the communicator's
-            ``rank`` and ``m``, and ``torch.distributed`` is not used at all (no process group needed).
+            ``rank`` and ``m``, and ``torch.distributed`` is not used at all (no process group needed). A
+            compressed spec needs it to move packed payloads too
+            (:data:`~coopsgd.engines.distributed.compressed.TRANSPORT_METHODS`, as the Mixer does).
+        seed: the run's seed, the same on every rank: it keys the compressors' draws (``qsgd``, ``randk``,
+            PowerSGD's first factor) of a compressed spec.
 
     Attributes:
         mixer: the communicator (the injected one, or the :class:`~coopsgd.engines.distributed.communicator.Mixer` built).
+        compression: a compressed spec's rounds (:class:`~coopsgd.engines.distributed.compressed.CompressedMixer`
+            around the communicator; its ``state_dict()`` / ``load_state_dict()`` hold this rank's residuals,
+            public copies, x_ref and round count for a checkpoint), else ``None``.
         rank, m, v: this rank, the number of workers and of auxiliaries.
         step_count, rounds, leader: steps taken, communicating rounds so far, LSGD's current leader.
     """
@@ -217,6 +234,7 @@ class CooperativeSGD:
         window: int = 10,
         group: Any = None,
         communicator: WrapperCommunicator | None = None,
+        seed: int = 0,
     ) -> None:
         _check_arguments(model, optimizer, spec)
         self.window = check_int("window", window, minimum=1)
@@ -255,6 +273,7 @@ class CooperativeSGD:
                 self.mixer.broadcast(rows[0], 0)
             self._unflatten_from(rows[0])
         rows[1:] = rows[0]
+        self.compression = self._compression_stage(rows[0], sync_init, check_int("seed", seed))
         self._ptrs: list[int] = []
         self._bind(rows[0])
         self.step_count = 0
@@ -262,6 +281,19 @@ class CooperativeSGD:
         self.leader: int | None = None
         self.schedule_state = spec.schedule.init_state()
         self._hist: list[float] = []
+
+    def _compression_stage(self, row: Tensor, common_start: bool, seed: int) -> CompressedMixer | None:
+        """A compressed spec's rounds (the distributed engine's, SPEC §11): a node sends its flat row, whose
+        tensors' shapes are the layout PowerSGD reads; x_ref starts at the common start (the workers' mean
+        without ``sync_init``: one all_reduce, not counted)."""
+        comp = self.spec.compressed
+        if comp is None:
+            return None
+        with self._not_counted():
+            start = average_start(row, not common_start, self.mixer.all_reduce, self.m)
+        return CompressedMixer(self.mixer, comp, spec=self.spec, width=self.width,
+                               params=sum(p.numel() for p in self._params), dtype=self.dtype, device=self.device,
+                               seed=seed, layout=[tuple(t.shape) for t in self._tensors], start=start)
 
     # -- lifetime -----------------------------------------------------------------------------------------
     def __enter__(self) -> CooperativeSGD:
@@ -397,7 +429,8 @@ class CooperativeSGD:
         bound = self._bound()
         if not bound:
             self._flatten_into(rows[0])
-        self.mixer.communicate(rows, plan_round(mix), overlap=spec.overlap)
+        comm = self.mixer if self.compression is None else self.compression
+        comm.communicate(rows, plan_round(mix), overlap=spec.overlap)
         if not bound:
             self._unflatten_from(rows[0])
         if mix.communicates:
