@@ -356,7 +356,6 @@ def test_no_compression_changes_nothing() -> None:
     (lambda: presets.dpsgd(4, compression="powersgd:2"), "powersgd compresses averaging rounds only"),
     (lambda: presets.matcha(4, compression="powersgd:2"), "powersgd"),
     (lambda: presets.lsgd(4, compression="sign"), "elastic"),  # easgd & co.: tests/unit/test_compressed_elastic.py
-    (lambda: presets.downpour(3, compression="fp16"), "elastic"),
     (lambda: presets.choco(4, compression=Compression("topk:0.1", consensus_step=0.5), gamma=0.2), "gamma"),
     (lambda: Compression("int8", error_feedback="sometimes"), "error_feedback"),
     (lambda: Compression("int8", consensus_step=1.5), "consensus_step"),

@@ -23,9 +23,14 @@ classified from their matrices alone (:func:`exchange_of`), never from a preset'
     Q(x_i − ẑ_{c(i)} + e_i) against the copy of its centre c(i), with error feedback, and its readers use
     v_i = ẑ_{c(i)} + Q(·); node j becomes S[j, j] x_j + Σ_{i≠j} S[i, j] v_i (v_c = ẑ_c for an auxiliary).
 
-LSGD (the leader refresh, fused with the pull) and DOWNPOUR (sequential pushes) are refused:
-:func:`check_compressible` raises a :class:`~coopsgd.errors.ConfigError` naming ``compress``. See
-docs/compression.md.
+``"pushes"``
+    DOWNPOUR's round of sequential pushes through a parameter server (:func:`pushes_of`): in the round's
+    order, worker i pushes Q(x_i − b_i + e_i) (its progress since its last pull b_i, error feedback), the
+    server adds it to z and replies Q(z − b_i) (an unbiased Q used as Q/(1 + ω)); b_i ← b_i + Q(z − b_i) and
+    x_i ← b_i.
+
+LSGD (the leader refresh, fused with the pull in one matrix) is refused: :func:`check_compressible` raises a
+:class:`~coopsgd.errors.ConfigError` naming ``compress``. See docs/compression.md.
 
 This module imports no torch at import time (the compressor library is imported when a spec string other
 than ``none`` is checked), so building a configuration's parser stays cheap.
@@ -39,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from coopsgd.algorithms.schedules import MixContext, Schedule
+from coopsgd.algorithms.schedules import DownpourSchedule, Mix, MixContext, Schedule
 from coopsgd.errors import ConfigError, check_float
 from coopsgd.theory.cost import RoundCost
 
@@ -58,6 +63,8 @@ __all__ = [
     "check_compressible",
     "elastic_round_cost",
     "elastic_spec_cost",
+    "pushes_of",
+    "push_round_cost",
     "compressed_round_cost",
     "REDUCIBLE",
 ]
@@ -276,12 +283,42 @@ def elastic_of(S: np.ndarray, workers: int) -> ElasticExchange | None:
         payloads=int((sent + recv).max()), total=int(sent.sum()))
 
 
-def _kind(S: np.ndarray, workers: int) -> str | None:
-    """:func:`exchange_of`, or ``"elastic"`` for a round :func:`elastic_of` can compress."""
+def pushes_of(S: np.ndarray, workers: int, order: Any) -> bool:
+    """Whether ``X <- X S`` is a round of sequential pushes and pulls through a parameter server in ``order``
+    (a permutation of the workers), in DOWNPOUR's layout: the workers, the server z (row ``workers``), and
+    worker i's last pulled copy b_i (row ``workers + 1 + i``); each push is z <- z + (x_i − b_i), x_i <- z,
+    b_i <- z (:class:`~coopsgd.algorithms.schedules.DownpourSchedule`)."""
+    S = np.asarray(S, dtype=np.float64)
+    m = int(workers)
+    try:
+        seq = [int(i) for i in order]
+    except (TypeError, ValueError):
+        return False
+    if S.shape != (2 * m + 1, 2 * m + 1) or sorted(seq) != list(range(m)):
+        return False
+    return bool(np.allclose(S, DownpourSchedule(m, 1).round_matrix(seq), rtol=0.0, atol=1e-12))
+
+
+def push_round_cost(workers: int, *, bytes_per_param: float, payload_bytes: float) -> RoundCost:
+    """The cost of a compressed round of pushes (:func:`pushes_of`): every byte passes through the server, m
+    pushes in and m replies out (2 m payloads), one handshake per worker: the parameter server's round of
+    [CSGD] Table 3 with payloads in place of the d parameters each way."""
+    m, p, bpp = int(workers), float(payload_bytes), float(bytes_per_param)
+    return RoundCost("parameter_server", m, 2 * m * p / bpp, 2 * m * p)
+
+
+def _kind(S: np.ndarray, workers: int, mix: Mix | None = None) -> str | None:
+    """:func:`exchange_of`, ``"elastic"`` for a round :func:`elastic_of` can compress, or ``"pushes"`` for a
+    round of sequential pushes (:func:`pushes_of`; its order is the Mix's ``info["order"]``)."""
     kind = exchange_of(S, workers)
-    if kind is None and elastic_of(S, workers) is not None:
+    if kind is not None:
+        return kind
+    order = None if mix is None else mix.info.get("order")
+    if order is not None and pushes_of(S, workers, order):
+        return "pushes"
+    if elastic_of(S, workers) is not None:
         return "elastic"
-    return kind
+    return None
 
 
 def _round_kinds(schedule: Schedule, workers: int) -> set[str | None]:
@@ -297,7 +334,7 @@ def _round_kinds(schedule: Schedule, workers: int) -> set[str | None]:
         mix, state = schedule.advance(k, MixContext(step=k), state)
         if mix is None:
             continue
-        kinds.add("average" if mix.structure is not None else _kind(mix.matrix, workers))
+        kinds.add("average" if mix.structure is not None else _kind(mix.matrix, workers, mix))
         rounds += 1
         if rounds >= _SAMPLE_ROUNDS:
             break
@@ -306,27 +343,23 @@ def _round_kinds(schedule: Schedule, workers: int) -> set[str | None]:
 
 def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, compression: Compression) -> None:
     """Refuse (``ConfigError`` naming ``compress``) a compression the spec's rounds cannot take: LSGD's leader
-    rounds and DOWNPOUR's pushes, rounds that are neither averages, gossip among the workers nor elastic
-    rounds (:func:`elastic_of`), gossip under the pre-mix rule, and PowerSGD on gossip rounds."""
+    rounds, rounds that are neither averages, gossip among the workers, elastic rounds (:func:`elastic_of`)
+    nor sequential pushes (:func:`pushes_of`), gossip under the pre-mix rule, and PowerSGD on gossip rounds."""
     if not compression.compresses:
         return  # none: only gossip rounds change (γ != 1), and every round can take that
     spec = compression.compress
-    if schedule.sequential:
-        raise ConfigError.invalid(
-            "compress", spec, f"preset {name!r} pushes sequentially (DOWNPOUR's asynchronous server): compressed "
-            "pushes and pulls are not implemented (compressed elastic rounds cover easgd, generalized_elastic and "
-            "hierarchical); use compress=none")
     if schedule.needs_losses:
         raise ConfigError.invalid(
             "compress", spec, f"preset {name!r} copies the elected leader's model into the leader slots within the "
             "same matrix as the pull (LSGD): a compressed leader refresh is not implemented (compressed elastic "
-            "rounds cover easgd, generalized_elastic and hierarchical); use compress=none")
+            "rounds cover easgd, generalized_elastic, hierarchical and downpour); use compress=none")
     kinds = _round_kinds(schedule, workers)
     if None in kinds:
         raise ConfigError.invalid(
             "compress", spec,
-            f"preset {name!r} has rounds that are neither averages, gossip among the workers nor elastic rounds "
-            "in which every worker another node reads reads exactly one auxiliary node: use compress=none")
+            f"preset {name!r} has rounds that are neither averages, gossip among the workers, sequential pushes "
+            "nor elastic rounds in which every worker another node reads reads exactly one auxiliary node: use "
+            "compress=none")
     if "gossip" in kinds and rule != "post_mix":
         raise ConfigError.invalid("compress", spec, f"preset {name!r}: CHOCO gossip follows the local step "
                                   "(the post_mix rule)")
@@ -378,8 +411,10 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
 def elastic_spec_cost(schedule: Schedule, workers: int, *, bytes_per_param: float,
                       payload_bytes: float) -> RoundCost | None:
     """The cost of the costliest compressed elastic round of ``schedule`` (:func:`elastic_round_cost` over its
-    finite set of matrices), or ``None`` when it has no elastic round or no finite set of matrices (the
-    per-round cost of ``coopsgd theory`` and of reference runs)."""
+    finite set of matrices; :func:`push_round_cost` for sequential pushes), or ``None`` when it has no such
+    round or no finite set of matrices (the per-round cost of ``coopsgd theory`` and of reference runs)."""
+    if schedule.sequential and _round_kinds(schedule, workers) == {"pushes"}:
+        return push_round_cost(workers, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes)
     mats = schedule.matrices(_SAMPLE_STEPS)
     if mats is None:
         return None

@@ -37,6 +37,13 @@ payloads with the round's weights. Which vector is sent depends on the round's k
     With an exact compressor this is the uncompressed round up to rounding (ẑ + (z − ẑ) is not z in floating
     point).
 
+``pushes`` (DOWNPOUR: sequential pushes through a parameter server;
+    :func:`~coopsgd.algorithms.communication.pushes_of`, the order from the round's ``Mix.info["order"]``)
+    In the round's order, worker i pushes u_i = Q(c_i), c_i = x_i − b_i + e_i (its progress since its last
+    pull b_i, a row of the state; e_i ← c_i − u_i with error feedback); the server adds it, z ← z + u_i, and
+    replies r_i = Q(z − b_i) (an unbiased Q used as Q/(1 + ω); keyed by b_i's row), b_i ← b_i + r_i, x_i ← b_i:
+    b_i is the copy of z both ends hold, and z − b_i, carried into the next reply, the server's residual.
+
 Averaging rounds with ``none`` are the uncompressed round (the communicator's fused kernel). The draws of
 ``qsgd`` / ``randk`` / PowerSGD's first factor are keyed by (seed, c, node), c counting the compressed
 rounds of the run, so the reference engine (:class:`ReferenceCompressedRounds`, numpy, one node at a time
@@ -65,6 +72,8 @@ from coopsgd.algorithms.communication import (
     elastic_of,
     elastic_round_cost,
     exchange_of,
+    push_round_cost,
+    pushes_of,
 )
 from coopsgd.compression import Compressor, reference_roundtrip
 from coopsgd.engines.base import Communicator
@@ -72,7 +81,7 @@ from coopsgd.engines.mixing import Round, RoundKind, RoundPlan, apply_mixing
 from coopsgd.errors import ConfigError
 from coopsgd.theory.cost import RoundCost
 
-__all__ = ["CompressedRounds", "ReferenceCompressedRounds", "round_exchange", "elastic_exchange"]
+__all__ = ["CompressedRounds", "ReferenceCompressedRounds", "round_exchange", "elastic_exchange", "push_order"]
 
 _NOT_COMPRESSIBLE = ("not compressible",)  # the cached answer "None" (a plan's cache treats None as missing)
 
@@ -94,6 +103,17 @@ def elastic_exchange(rnd: Round, workers: int) -> ElasticExchange | None:
     once per plan), or ``None`` when ``rnd`` is not one."""
     got = rnd.plan.derived(("elastic", workers), lambda: elastic_of(rnd.matrix, workers) or _NOT_COMPRESSIBLE)
     return None if got is _NOT_COMPRESSIBLE else got
+
+
+def push_order(rnd: Round, workers: int) -> list[int] | None:
+    """The order of a round of sequential pushes (:func:`~coopsgd.algorithms.communication.pushes_of`; the
+    Mix's ``info["order"]``), or ``None`` when ``rnd`` is not one."""
+    order = None if rnd.mix is None else rnd.mix.info.get("order")
+    if order is None:
+        return None
+    seq = [int(i) for i in order]
+    ok = rnd.plan.derived(("pushes", workers, tuple(seq)), lambda: pushes_of(rnd.matrix, workers, seq) or _NOT_COMPRESSIBLE)
+    return None if ok is _NOT_COMPRESSIBLE else seq
 
 
 def _refuse(rnd: Round, spec: str) -> ConfigError:
@@ -158,13 +178,17 @@ class CompressedRounds:
         if not self.compresses:
             return False
         kind = round_exchange(rnd, self.workers)
-        return kind in ("average", "gossip") or (kind is None and elastic_exchange(rnd, self.workers) is not None)
+        return kind in ("average", "gossip") or (kind is None and (push_order(rnd, self.workers) is not None
+                                                                   or elastic_exchange(rnd, self.workers) is not None))
 
     def elastic_cost(self, rnd: Round, bytes_per_param: float) -> RoundCost | None:
         """The cost of round ``rnd`` when it is a compressed elastic round
-        (:func:`~coopsgd.algorithms.communication.elastic_round_cost`), else ``None``."""
+        (:func:`~coopsgd.algorithms.communication.elastic_round_cost`) or a round of compressed pushes
+        (:func:`~coopsgd.algorithms.communication.push_round_cost`), else ``None``."""
         if not self.compresses or round_exchange(rnd, self.workers) is not None:
             return None
+        if push_order(rnd, self.workers) is not None:
+            return push_round_cost(self.workers, bytes_per_param=bytes_per_param, payload_bytes=self.row_bytes)
         ex = elastic_exchange(rnd, self.workers)
         return None if ex is None else elastic_round_cost(ex, bytes_per_param=bytes_per_param,
                                                           payload_bytes=self.row_bytes)
@@ -179,6 +203,10 @@ class CompressedRounds:
         elif kind == "gossip":
             self._gossip(rows, rnd, comm, overlap)
         elif kind is None and self.compresses:
+            order = push_order(rnd, self.workers)
+            if order is not None:
+                self._pushes(rows, order)
+                return
             ex = elastic_exchange(rnd, self.workers)
             if ex is None:
                 raise _refuse(rnd, self.compression.compress)
@@ -285,6 +313,29 @@ class CompressedRounds:
         own = rows.index_select(0, ch).sub_(V.index_select(0, ch)).mul_(diag)
         rows.index_copy_(0, ch, Y.index_select(0, ch).add_(own))
 
+    def _pushes(self, rows: Tensor, order: list[int]) -> None:
+        m, dev = self.workers, rows.device
+        z = rows[m : m + 1]
+        for i in order:
+            b = m + 1 + i
+            node = torch.tensor([i], device=dev)
+            c = rows[i : i + 1] - rows[b : b + 1]  # the push: progress since the last pull ...
+            if self.feedback:
+                if self.residual is None:
+                    self.residual = rows.new_zeros((self.n, self.width))
+                c.add_(self.residual[i : i + 1])  # ... plus what earlier pushes did not send
+            u = self._roundtrip(c, node, node)
+            if self.feedback:
+                assert self.residual is not None
+                self.residual[i : i + 1] = c.sub_(u)
+            z.add_(u)
+            slot = torch.tensor([b], device=dev)
+            r = self._roundtrip(z - rows[b : b + 1], slot, slot)  # the reply: z's change since b_i
+            if self.gossip_scale != 1.0:
+                r.mul_(self.gossip_scale)
+            rows[b : b + 1].add_(r)
+            rows[i : i + 1].copy_(rows[b : b + 1])
+
     # -- checkpoints and rollbacks ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The per-node state (CPU copies; loadable with ``torch.load(weights_only=True)``)."""
@@ -377,6 +428,9 @@ class ReferenceCompressedRounds:
         if kind == "gossip":
             return self._gossip(X, rnd)
         if kind is None and self.compresses:
+            order = push_order(rnd, self.workers)
+            if order is not None:
+                return self._pushes(X, order)
             ex = elastic_exchange(rnd, self.workers)
             if ex is None:
                 raise _refuse(rnd, self.compression.compress)
@@ -459,6 +513,27 @@ class ReferenceCompressedRounds:
         np.fill_diagonal(off, 0.0)
         out = X.copy()
         out[ex.changed] = ex.diagonal[:, None] * X[ex.changed] + off[:, ex.changed].T @ V
+        return out
+
+    def _pushes(self, X: np.ndarray, order: list[int]) -> np.ndarray:
+        """The definition (module docstring): push Q(x_i − b_i + e_i), reply Q(z − b_i), in order."""
+        out = X.copy()
+        m = self.workers
+        for i in order:
+            b = m + 1 + i
+            c = out[i] - out[b]
+            if self.feedback:
+                if self.residual is None:
+                    self.residual = np.zeros((self.n, self.width))
+                c = c + self.residual[i]
+            u = self._roundtrip(c[None, :], np.array([i]))[0]
+            if self.feedback:
+                assert self.residual is not None
+                self.residual[i] = c - u
+            out[m] = out[m] + u
+            r = self._roundtrip((out[m] - out[b])[None, :], np.array([b]))[0]
+            out[b] = out[b] + (r if self.gossip_scale == 1.0 else r * self.gossip_scale)
+            out[i] = out[b]
         return out
 
     def state(self) -> dict[str, Any]:
