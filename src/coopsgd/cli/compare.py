@@ -50,7 +50,8 @@ class CompareSet:
         return f"  {self.name}: {self.summary}: {runs}"
 
 
-#: The named comparisons of ``coopsgd compare --set`` (docs/optimizers.md shows ``modern``'s result).
+#: The named comparisons of ``coopsgd compare --set`` (docs/optimizers.md shows ``modern``'s result,
+#: docs/compression.md ``compressed``'s and ``compressed-lm``'s).
 COMPARE_SETS: dict[str, CompareSet] = {
     "modern": CompareSet(
         "modern",
@@ -69,6 +70,46 @@ COMPARE_SETS: dict[str, CompareSet] = {
             "workers": 4, "batch_size": 8, "max_steps": 200, "eval_every": 20, "eval_samples": 100,
             "optimizer": "adamw", "lr": 0.003, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01,
             "net_latency_ms": 50.0, "net_bandwidth_mbps": 100.0,
+        },
+    ),
+    # issue 23 item 5 (docs/compression.md shows the results): the MNIST runs here, the LSTM ones in
+    # compressed-lm (one set shares one model and data set)
+    "compressed": CompareSet(
+        "compressed",
+        "compressed communication on bundled MNIST (MLP 784-100-10, 8 workers, batch 32, lr 0.1, 400 steps, "
+        "constant 10 ms per step, network 1 ms / 100 Mbit/s): D-PSGD against CHOCO-SGD on a ring, local SGD "
+        "against compressed averaging with error feedback",
+        runs=(
+            ("dpsgd", "dpsgd", {}),
+            ("choco_topk", "choco", {"compress": "topk:0.01", "consensus_step": 0.05}),
+            ("choco_sign", "choco", {"compress": "sign", "consensus_step": 0.1}),
+            ("choco_int8", "choco", {"compress": "int8"}),
+            ("local_sgd", "local_sgd", {"tau": 4}),
+            ("local_sgd_int8", "local_sgd", {"tau": 4, "compress": "int8"}),
+            ("local_sgd_topk", "local_sgd", {"tau": 4, "compress": "topk:0.01"}),
+        ),
+        defaults={
+            "model": "mlp", "model_args": {"hidden": [100]}, "dataset": "mnist_bundled", "workers": 8,
+            "batch_size": 32, "lr": 0.1, "max_steps": 400, "eval_every": 40, "eval_samples": 1000,
+            "topology": "ring", "compute": "constant", "compute_ms": 10.0, "net_latency_ms": 1.0,
+            "net_bandwidth_mbps": 100.0,
+        },
+    ),
+    "compressed-lm": CompareSet(
+        "compressed-lm",
+        "DiLoCo with an exact outer step against a top-1% outer step with error feedback on the modern set's "
+        "WikiText-2 LSTM (AdamW inside, Nesterov outside, tau 20, 4 workers, 200 steps, 50 ms / 100 Mbit/s)",
+        runs=(
+            ("diloco", "diloco", {"tau": 20, "outer_optimizer": "nesterov", "outer_lr": 0.7, "outer_momentum": 0.9}),
+            ("diloco_topk", "diloco", {"tau": 20, "outer_optimizer": "nesterov", "outer_lr": 0.7,
+                                            "outer_momentum": 0.9, "compress": "topk:0.01"}),
+        ),
+        defaults={
+            "model": "lstm_lm", "dataset": "wikitext2",
+            "model_args": {"emb_size": 32, "hidden_size": 32, "num_layers": 1},
+            "workers": 4, "batch_size": 8, "max_steps": 200, "eval_every": 20, "eval_samples": 100,
+            "optimizer": "adamw", "lr": 0.003, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01,
+            "compute": "constant", "compute_ms": 10.0, "net_latency_ms": 50.0, "net_bandwidth_mbps": 100.0,
         },
     ),
 }
