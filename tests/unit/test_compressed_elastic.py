@@ -30,8 +30,9 @@ from coopsgd.algorithms.communication import (
     elastic_of,
     elastic_round_cost,
     elastic_spec_cost,
+    pushes_of,
 )
-from coopsgd.algorithms.schedules import MixContext
+from coopsgd.algorithms.schedules import DownpourSchedule, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.compression import parse_compressor
 from coopsgd.engines.compressed import CompressedRounds, ReferenceCompressedRounds
@@ -365,6 +366,18 @@ def test_lsgd_is_refused(build: Callable[[], object], words: str) -> None:
         build()
     msg = str(info.value)
     assert words in msg and "compress" in msg and len(msg.splitlines()) == 1
+
+
+def test_pushes_are_recognised_from_the_matrix_and_its_order() -> None:
+    for m in (1, 2, 5):
+        sched = DownpourSchedule(m, 1, seed=3)
+        for r in range(3):
+            order = sched.order(r).tolist()
+            S = sched.round_matrix(order)
+            assert pushes_of(S, m, order)
+            assert m == 1 or not pushes_of(S, m, order[::-1])
+            assert not pushes_of(S, m + 1, order) and not pushes_of(np.eye(2 * m + 1), m, order)
+    assert not pushes_of(DownpourSchedule(3, 1).round_matrix([0, 1, 2]), 3, [0, 1, 1])
 
 
 def test_rounds_outside_the_definition_are_refused() -> None:

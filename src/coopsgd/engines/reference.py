@@ -10,7 +10,8 @@ State: an (m+v) x d numpy array, one row per node (workers first, then auxiliari
   (:func:`outer_step`, written here in numpy on its own) and every worker restarts from it;
 * a spec with compression (``spec.compressed``, SPEC §11): the round sends compressed payloads
   (:class:`~coopsgd.engines.compressed.ReferenceCompressedRounds`: averaging rounds with x_ref and error
-  feedback, CHOCO gossip), each node's payload from the numpy definition of its compressor.
+  feedback, CHOCO gossip, elastic rounds through the centres' copies, DOWNPOUR's pushes and replies), each
+  node's payload from the numpy definition of its compressor.
 
 This is the ground truth the simulator and the distributed engine are tested against. Each worker has
 its own generator seeded from ``(seed, worker)``; the engine records per step each node's objective,
