@@ -253,6 +253,20 @@ def test_distributed_engine_on_gpus_equals_the_simulator_on_the_cpu(tmp_path) ->
         assert dist["final"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
+def test_cli_run_on_the_gpu(capsys, tmp_path) -> None:
+    """``coopsgd run --device cuda`` end to end: exit 0, the device recorded in the run directory."""
+    import json
+
+    from coopsgd.cli import main
+
+    code = main(["run", "--device", ACCEL, "--preset", "local_sgd", "--workers", "2", "--tau", "2", "--max-steps", "4",
+                 "--eval-samples", "100", "--out", str(tmp_path / "r"), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["communication_rounds"] == 2
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["device"] == ACCEL
+
+
 def test_a_gpu_checkpoint_loads_on_a_cpu_only_reader(tmp_path) -> None:
     """The checkpoint of a GPU run is read back onto the CPU (``map_location``): usable where no GPU is."""
     train(_config("mlp_local_sgd", ACCEL, 2, tmp_path / "g"))
