@@ -13,6 +13,10 @@ from coopsgd.cli.common import experiment_names, flag_int, print_json, progress_
 from coopsgd.errors import INT64_MAX, ConfigError
 from coopsgd.settings import default_text as shown_default
 
+#: Peak memory of ``reproduce all --dry-run`` in GB (:data:`coopsgd.experiments.dry_run.DRY_RUN_MEMORY_GB`; a copy:
+#: ``--help`` must not import the experiments, and a test checks that the two agree).
+DRY_RUN_MEMORY_GB = 4.9
+
 __all__ = ["register"]
 
 #: Largest matrix-completion model, d x rank parameters (80 MB of float64; each worker and the centre hold one).
@@ -41,7 +45,8 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                         "figures and result.json, on synthetic data of the real shapes (3x32x32 images of 10 "
                         "classes; random tokens of WikiText-2's 33,278 words); the first setting of each sweep; "
                         "one line per setting; csgd-fig3..6, lsgd-nets, lsgd-lstm or all (default --out: "
-                        "runs/NAME-dry-run)")
+                        f"runs/NAME-dry-run); needs up to {DRY_RUN_MEMORY_GB:g} GB of memory (all --dry-run's peak; "
+                        "VGG-16 with 8 workers of batch 128 decides it), printed at the end")
     p.add_argument("--all-settings", action="store_true", help="--dry-run: every setting of each sweep")
     p.add_argument("--device", default="cpu",
                    help="where the neural-network experiments train: cpu | cuda | cuda:N | mps (default: cpu; the "
@@ -134,6 +139,9 @@ def _reproduce_into(name: str, args: argparse.Namespace, out_dir: Path) -> int:
     """``reproduce NAME`` (or ``all``) into ``out_dir``, whose lock this process holds."""
     from coopsgd.experiments.report import REPORT_ORDER, render_report
 
+    if args.dry_run:
+        print(f"dry run: up to {DRY_RUN_MEMORY_GB:g} GB of memory (the peak of all --dry-run, at the VGG-16 settings: "
+              "8 workers of batch 128); the peak of this run is printed at the end", flush=True)
     if name == "all":
         from coopsgd.experiments.registry import DRY_RUNS
 
@@ -163,7 +171,18 @@ def _reproduce_into(name: str, args: argparse.Namespace, out_dir: Path) -> int:
 
 
 def _reproduce_one(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """Run experiment ``name`` as ``reproduce`` was asked to (seeds, scale, engine) into ``out_dir``."""
+    """Run experiment ``name`` as ``reproduce`` was asked to (seeds, scale, engine) into ``out_dir``; the result
+    records the code that produced it (``provenance``, :mod:`coopsgd.experiments.provenance`), taken when the
+    run starts."""
+    from coopsgd.experiments.provenance import finish, provenance
+
+    started = provenance()
+    data = _run_one(name, args, out_dir)
+    data["provenance"] = finish(started)
+    return data
+
+
+def _run_one(name: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     from coopsgd.experiments.registry import EXPERIMENTS
 
     if name == "matrix-completion":

@@ -29,6 +29,8 @@ __all__ = [
     "dry_run_check",
     "dry_run_summary",
     "shape_text",
+    "peak_memory_gb",
+    "DRY_RUN_MEMORY_GB",
 ]
 
 #: Whether the current ``coopsgd reproduce`` call is a dry run (``--dry-run``), set from :class:`~coopsgd.experiments.harness.ExperimentArgs`: every
@@ -51,6 +53,24 @@ WIKITEXT2_VOCAB = 33278
 DRY_RUN_BATCH: contextvars.ContextVar[int | None] = contextvars.ContextVar("coopsgd_dry_run_batch", default=None)
 #: Private test hook: the number of workers of every dry-run setting (``None``: the experiment's own; same use).
 DRY_RUN_WORKERS: contextvars.ContextVar[int | None] = contextvars.ContextVar("coopsgd_dry_run_workers", default=None)
+
+
+#: Peak memory of ``coopsgd reproduce all --dry-run`` (resident set, GB; the VGG-16 settings, 8 workers of batch
+#: 128, decide it), measured on the project's VM: what ``--help`` and the docs tell a user to have free.
+DRY_RUN_MEMORY_GB = 4.9
+
+
+def peak_memory_gb() -> float | None:
+    """The peak resident memory so far of this process and of its finished child processes (the distributed
+    engine's ranks), in GB, the larger of the two; ``None`` where the platform does not say (no ``resource``)."""
+    try:
+        import resource
+        import sys
+    except ImportError:
+        return None
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return round(peak * unit / 1e9, 2)
 
 
 def dry_run_fields(fields: dict[str, Any]) -> dict[str, Any]:

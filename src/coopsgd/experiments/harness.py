@@ -48,6 +48,7 @@ __all__ = [
     "check_full_data",
     "run_config",
     "run_built",
+    "run_threads_of",
     "series",
     "tail_mean",
     "first_reach",
@@ -223,12 +224,34 @@ def _announce(label: str, out: Path, progress: bool) -> None:
         print(f"{label} -> {out}", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def run_threads_of(cfg: RunConfig) -> Iterator[None]:
+    """Within the block, torch computes with the threads a run of ``cfg`` takes in this process
+    (:func:`coopsgd.train.problem.run_threads`: one for the small models on the simulator, as ``coopsgd run``
+    does), so that a result does not depend on the machine's core count or ``OMP_NUM_THREADS`` (summation order
+    changes with the threads: two threads moved csgd-fig4's losses in the third digit); restored afterwards."""
+    import torch
+
+    from coopsgd.train.problem import run_threads
+
+    before = torch.get_num_threads()
+    wanted = None if cfg.execution.engine == "distributed" else run_threads(cfg)
+    if wanted is not None and wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def run_config(
     cfg: RunConfig, out: Path, label: str, *, progress: bool = False, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``out`` with the simulate engine; return its result (``_metrics``: the records).
 
-    A non-finite loss does not raise: the result's ``diverged`` holds the step and the message.
+    A non-finite loss does not raise: the result's ``diverged`` holds the step and the message. Torch runs with
+    the run's threads (:func:`run_threads_of`).
     """
     out = Path(out)
     _announce(label, out, progress)
@@ -238,7 +261,7 @@ def run_config(
     t0 = time.perf_counter()
     summary: dict[str, Any] | None = None
     error: Exception | None = None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), run_threads_of(cfg):
         warnings.simplefilter(
             "ignore", DivergenceWarning
         )  # the experiments choose diverging settings on purpose
@@ -267,7 +290,7 @@ def run_built(
     (:func:`coopsgd.train.trainer.iterate`), writing ``config.json``/``metrics.jsonl`` like :func:`train`, a
     checkpoint every ``config.checkpoint_every`` steps and at the end (:func:`~coopsgd.train.trainer.checkpoint_state`,
     the trainer's layout), and refusing a directory that holds another configuration's run unless
-    :data:`OVERWRITE`."""
+    :data:`OVERWRITE`. Torch runs with the run's threads (:func:`run_threads_of`)."""
     out = Path(out)
     _announce(label, out, progress)
     rd = RunDir.create(out, exp.config.to_dict(), overwrite=OVERWRITE.get())
@@ -288,10 +311,11 @@ def run_built(
         rd.checkpoint(trainer.checkpoint_state(exp, step))
 
     try:
-        for rec in trainer.iterate(exp, progress=progress, on_checkpoint=on_checkpoint):
-            if rec:
-                last = rec
-                rd.log(rec)
+        with run_threads_of(exp.config):
+            for rec in trainer.iterate(exp, progress=progress, on_checkpoint=on_checkpoint):
+                if rec:
+                    last = rec
+                    rd.log(rec)
     except NonFiniteError as exc:
         error = exc
     finally:

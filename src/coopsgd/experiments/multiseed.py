@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from coopsgd.errors import ConfigError
+from coopsgd.experiments.dry_run import peak_memory_gb
 from coopsgd.experiments.harness import FIGURES, ExperimentArgs, plot_panels
 from coopsgd.experiments.registry import ASSESSMENTS, DETERMINISTIC, EXPERIMENTS
 from coopsgd.experiments.stats import VERDICT_MARKS, aggregate, format_band
@@ -73,6 +74,7 @@ def run_seeds(name: str, args: ExperimentArgs, seeds: Sequence[int], **options: 
         **agg,
         "plots": plots,
         "runtime_s": round(time.perf_counter() - t0, 1),
+        **({"peak_memory_gb": peak_memory_gb()} if args.dry_run else {}),
         "per_seed": per_seed,
     }
     if deterministic:  # one run: its own keys stay at the top, as a single `reproduce NAME` writes them
@@ -117,13 +119,20 @@ def _band_figures(figures: list[list[dict[str, Any]]], seeds: list[int], out: Pa
     return plots
 
 
+def _memory_text(gb: Any) -> str:
+    """``"; peak memory 4.9 GB ..."`` for a dry run's summary (``""`` when it was not measured)."""
+    if not isinstance(gb, (int, float)):
+        return ""
+    return f"; peak memory {gb:.1f} GB (resident, this process so far)"
+
+
 def summary_lines(data: dict[str, Any]) -> list[str]:
     """The printed summary of a multi-seed result: every metric's band, then every claim's verdict."""
     seeds = data["seeds"]
     if data.get("dry_run"):  # one line per setting (the experiment's own dry-run summary)
         return [line for r in data["per_seed"] for line in r.get("summary", [])] + [
             f"  dry run finished in {data.get('runtime_s', 0):.0f} s (seed {seeds[0]}); every setting wrote and "
-            "reloaded its checkpoint"]
+            "reloaded its checkpoint" + _memory_text(data.get("peak_memory_gb"))]
     how = "deterministic: one run" if data.get("deterministic") else f"seeds {', '.join(map(str, seeds))}"
     scale = "dry run" if data.get("dry_run") else ("quick" if data.get("quick") else "full")
     lines = [f"{data['experiment']} ({scale}, {how}; {data.get('runtime_s', 0):.0f} s): mean ± std (min–max)"]

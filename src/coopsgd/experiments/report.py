@@ -6,6 +6,11 @@ claim, and per experiment its scale, seeds and runtime, the paper's numbers besi
 the paper's side comes from the experiment's code, :class:`coopsgd.experiments.stats.PaperRow`), the lines
 the experiment's ``Assessment.notes`` computed from the bands (``notes`` in result.json), every claim
 with its verdict, every measured number, and the figures. Nothing in it is typed by hand.
+
+Every section also names the code that produced its result (``provenance`` in result.json,
+:mod:`coopsgd.experiments.provenance`) and says whether that is the code rendering the report
+(:func:`~coopsgd.experiments.provenance.staleness`): a result made by other results-affecting code is marked
+stale, one without provenance "code version not recorded", in its section and in the table at the top.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from coopsgd.errors import ConfigError
+from coopsgd.experiments.provenance import describe, provenance, staleness
 from coopsgd.experiments.stats import RULE, format_band
 from coopsgd.fileio import atomic_write_bytes, read_json
 
@@ -47,6 +53,7 @@ _RESULT_SHAPE: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "description": (_TEXT, None), "scale": (_TEXT, None), "runtime_s": (_NUMBER, None),
     "seeds": (list, None), "notes": (list, _TEXT), "plots": (list, _TEXT), "metrics": (dict, None),
     "claims": (list, ("paper", "what", "verdict")), "paper_table": (list, ("quantity", "paper")),
+    "provenance": (dict, None),
 }
 _BAND_NUMBERS = ("n", "mean", "std", "min", "max", "missing")
 
@@ -87,7 +94,58 @@ def _esc(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _section(name: str, data: dict[str, Any], base: Path) -> list[str]:
+def _command(name: str, data: dict[str, Any]) -> str:
+    """The ``coopsgd reproduce`` command of a result (its scale and, for a multi-seed run, its seeds)."""
+    cmd = f"coopsgd reproduce {name}{' --quick' if data.get('quick') else ''}{' --dry-run' if data.get('dry_run') else ''}"
+    seeds = data.get("seeds") or []
+    if (name != "matrix-completion" and not data.get("deterministic") and not data.get("dry_run") and seeds
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        default = 3 if data.get("quick") else 1
+        if seeds[0] != 0:
+            cmd += f" --seed {seeds[0]}"
+        if len(seeds) != default:
+            cmd += f" --seeds {len(seeds)}"
+    return cmd
+
+
+def _scale_text(data: dict[str, Any]) -> str:
+    """The result's scale line: its ``scale``, else its recorded settings (``settings``, or the first seed's
+    ``settings`` / ``train``), else a note that the result names none."""
+    if data.get("scale"):
+        return _esc(data["scale"])
+    first = (data.get("per_seed") or [{}])[0]
+    settings = data.get("settings") or (first.get("settings") if isinstance(first, dict) else None) or (
+        first.get("train") if isinstance(first, dict) else None)
+    if isinstance(settings, dict) and settings:
+        return "(the recorded settings) " + _esc(", ".join(f"{k} {v}" for k, v in settings.items()))
+    return "not stated in this result.json"
+
+
+#: How the table at the top names each :func:`~coopsgd.experiments.provenance.staleness`.
+_CODE_MARK = {"current": "current", "stale": "**stale**", "not recorded": "not recorded"}
+
+
+def _code_lines(name: str, data: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The section's lines on the code that produced the result and whether it is the report's."""
+    recorded = data.get("provenance")
+    state = staleness(recorded, current)
+    rerun = f"`{_command(name, data)}`"
+    if state == "not recorded" or not isinstance(recorded, dict):
+        return [f"**Code version not recorded.** This result.json does not say which code produced it (it predates "
+                f"the recording); rerun {rerun} to tie its numbers to a code version.", ""]
+    lines = [f"Code: {_esc(describe(recorded))}.", ""]
+    if state == "current":
+        return lines + ["Produced by the results code rendering this report (same `results_code_sha256`).", ""]
+    if recorded.get("source_changed_during_run"):
+        why = "the package's files changed while it ran, so it may mix two versions of the code"
+    else:
+        why = (f"it was produced by other results code ({str(recorded.get('results_code_sha256'))[:12]}) than the "
+               f"code rendering this report ({str(current.get('results_code_sha256'))[:12]})")
+    return lines + [f"**Stale: {why}; its numbers may differ from what the code computes today.** Rerun {rerun} "
+                    "before citing them.", ""]
+
+
+def _section(name: str, data: dict[str, Any], base: Path, current: dict[str, Any]) -> list[str]:
     seeds = data.get("seeds") or []
     if data.get("deterministic"):
         how = "deterministic (the result does not depend on the seed): one run"
@@ -98,11 +156,10 @@ def _section(name: str, data: dict[str, Any], base: Path) -> list[str]:
     scale = "dry run" if data.get("dry_run") else ("quick" if data.get("quick") else "full scale")
     runtime = data.get("runtime_s")
     lines = [f"## {name}", "", _esc(data.get("description", "")), "",
-             f"`coopsgd reproduce {name}{' --quick' if data.get('quick') else ''}"
-             f"{' --dry-run' if data.get('dry_run') else ''}` — {scale}, {how}"
-             + (f", {runtime:.0f} s on this machine" if isinstance(runtime, (int, float)) else "") + ".", ""]
-    if data.get("scale"):
-        lines += [f"Scale: {_esc(data['scale'])}", ""]
+             f"`{_command(name, data)}` — {scale}, {how}"
+             + (f", {runtime:.0f} s on the machine that ran it" if isinstance(runtime, (int, float)) else "") + ".", "",
+             f"Scale: {_scale_text(data)}", ""]
+    lines += _code_lines(name, data, current)
     if data.get("paper_table"):
         lines += ["| quantity | paper | ours (mean ± std (min–max)) | note |", "|---|---|---|---|"]
         for row in data["paper_table"]:
@@ -131,10 +188,15 @@ def _section(name: str, data: dict[str, Any], base: Path) -> list[str]:
     return lines
 
 
-def report_markdown(results: dict[str, dict[str, Any]], base: Path, *, machine: str | None = None) -> str:
-    """The report text for ``results`` (experiment name -> its result.json), figures relative to ``base``."""
+def report_markdown(results: dict[str, dict[str, Any]], base: Path, *, machine: str | None = None,
+                    current: dict[str, Any] | None = None) -> str:
+    """The report text for ``results`` (experiment name -> its result.json), figures relative to ``base``;
+    ``current``: the provenance of the code rendering it (default: this process's,
+    :func:`coopsgd.experiments.provenance.provenance`), against which each result is marked current or stale."""
     if not results:
         raise ConfigError.invalid("DIR", str(base), "holds no <experiment>/result.json to report on")
+    current = provenance() if current is None else current
+    states = {name: staleness(data.get("provenance"), current) for name, data in results.items()}
     counts: dict[str, int] = {}
     for data in results.values():
         for c in data.get("claims", []):
@@ -146,16 +208,23 @@ def report_markdown(results: dict[str, dict[str, Any]], base: Path, *, machine: 
         f"**Rule for a qualitative claim.** {RULE} (`coopsgd.experiments.stats.verdict`; the tests use it "
         "too.) Numbers are mean ± population std over the seeds, with the min–max range.", "",
         "Claims: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
-        "| experiment | scale | seeds | runtime |", "|---|---|---|---|",
+        f"**Code.** Rendered by {_esc(describe(current))}. Each result records the code that produced it; a "
+        "result whose results code (`results_code_sha256`: the package's statements, comments and docstrings left "
+        "out, and its bundled data) differs from the renderer's is marked **stale**. Results: "
+        + ", ".join(f"{n} {k}" for k in ("current", "stale", "not recorded")
+                    if (n := sum(v == k for v in states.values()))) + ".", "",
+        "Runtimes are wall-clock seconds of the whole experiment (every seed) on the machine that ran it, "
+        "as its result.json records them.", "",
+        "| experiment | scale | seeds | runtime | code |", "|---|---|---|---|---|",
     ]
     for name, data in results.items():
         rt = data.get("runtime_s")
         scale = "dry run" if data.get("dry_run") else ("quick" if data.get("quick") else "full")
         lines.append(f"| {name} | {scale} | {len(data.get('seeds') or [])} | "
-                     f"{f'{rt:.0f} s' if isinstance(rt, (int, float)) else '—'} |")
+                     f"{f'{rt:.0f} s' if isinstance(rt, (int, float)) else '—'} | {_CODE_MARK[states[name]]} |")
     lines.append("")
     for name, data in results.items():
-        lines += _section(name, data, base)
+        lines += _section(name, data, base, current)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -176,9 +245,10 @@ def report_html(text: str) -> str | None:
             f"<style>{style}</style></head><body>\n{body}\n</body></html>\n")
 
 
-def render_report(directory: str | Path, *, machine: str | None = None) -> Path:
+def render_report(directory: str | Path, *, machine: str | None = None, current: dict[str, Any] | None = None) -> Path:
     """Write ``DIR/report.md`` from ``DIR/<experiment>/result.json`` (and ``DIR/report.html`` when the optional
-    ``markdown`` package is installed, see :func:`report_html`); returns the path of ``report.md``."""
+    ``markdown`` package is installed, see :func:`report_html`); returns the path of ``report.md``. ``current``:
+    the provenance results are compared with (:func:`report_markdown`)."""
     base = Path(directory)
     if not base.is_dir():
         raise ConfigError.invalid("DIR", str(directory), "is not a directory")
@@ -187,7 +257,7 @@ def render_report(directory: str | Path, *, machine: str | None = None) -> Path:
         path = base / name / "result.json"
         if path.is_file():
             results[name] = check_result(read_json(path, "result.json"), path)
-    text = report_markdown(results, base, machine=machine)
+    text = report_markdown(results, base, machine=machine, current=current)
     page = report_html(text)
     if page is not None:
         atomic_write_bytes(base / "report.html", page.encode("utf-8"))
