@@ -110,12 +110,15 @@ def _checked_config(ns: argparse.Namespace, *, under_torchrun: bool) -> RunConfi
     fills ``ns.resume`` for ``--auto-resume`` when the run directory holds a checkpoint."""
     from coopsgd.engines.distributed.communicator import NetEmulation
     from coopsgd.errors import ConfigError, check_float
-    from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig, load_config
+    from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig, flat_settings, load_config
 
     for flag, value in (("--config", ns.config), ("--out", ns.out), ("--resume", ns.resume)):
         if value is not None and not value.strip():  # e.g. an unset shell variable: never "the default"
             raise ConfigError.invalid(flag, value, "must not be an empty string (leave the flag out instead)")
-    cfg = RunConfig.from_dict(load_config(ns.config), source=ns.config)
+    # the run is the distributed engine's whatever the file says (so a setting only another engine uses is
+    # refused here, on every rank alike, as with `coopsgd run --engine distributed`)
+    flat = flat_settings(load_config(ns.config), source=f"config {ns.config!r}")
+    cfg = RunConfig.from_dict({**flat, "engine": "distributed"}, source=ns.config)
     ns.timeout_s = check_float("--timeout-s", ns.timeout_s, low=0.0, low_open=True, high=MAX_TIMEOUT_S)
     NetEmulation(ns.net_latency_ms, ns.net_bandwidth_mbps)  # checks both
     if ns.auto_resume and ns.resume is None:

@@ -47,6 +47,10 @@ def _files(tmp):
     f["dup_yaml"].write_text("preset: sync\nlr: 0.1\nlr: 0.2\n")
     f["fifo"] = tmp / "pipe.toml"
     os.mkfifo(f["fifo"])
+    f["unused_toml"] = tmp / "unused.toml"
+    f["unused_toml"].write_text('preset = "sync"\nloss_estimate = "batch"\n')
+    f["text_number"] = tmp / "text.yaml"
+    f["text_number"].write_text('lr: "0.1"\n')
     return f
 
 
@@ -84,6 +88,25 @@ CASES = [
     (["topology", "custom", "--matrix", "{fifo}"], "is a FIFO (named pipe), not a regular file"),
     (["compare", "--presets", "sync,local_sgd,sync"], "'sync' is given twice"),
     (["reproduce", "matrix-completion", "--quick", "--ranks", "1,2,1", "--out", "{not_run}/mc"], "1 is given twice"),
+    # issue 24, class 5: a setting the run does not use (the optimizer, engine, preset, objective or partition
+    # ignores it) is refused, never recorded as if it had been used; a number given as text is refused alike
+    (["run", "--optimizer", "sgd", "--beta1", "0.5"], "beta1=0.5 is invalid: an Adam setting; the optimizer is sgd"),
+    (["run", "--preset", "diloco", "--momentum", "0.9"], "the optimizer is adamw"),
+    (["run", "--engine", "distributed", "--executor", "vmap", "--workers", "2"], "executor='vmap'"),
+    (["run", "--engine", "reference", "--model", "lenet"], "model='lenet'"),
+    (["run", "--engine", "reference", "--momentum", "0.9"], "momentum=0.9"),
+    (["run", "--objective", "quadratic"], "objective='quadratic' is invalid: the simulate engine"),
+    (["run", "--dirichlet-beta", "0.1"], "partition is 'iid'"),
+    (["run", "--consensus-step", "0.5"], "does not gossip"),
+    (["run", "--error-feedback", "on"], "compress is 'none'"),
+    (["run", "--max-skips", "3"], "nan_policy is 'stop'"),
+    (["run", "--timeout-s", "5"], "timeout_s=5.0 is invalid: the simulate engine"),
+    (["run", "--preset", "sync", "--outer-lr", "0.5"], "outer_lr"),
+    (["run", "--config", "{unused_toml}"], "unused.toml'"),
+    (["run", "--config", "{text_number}"], "lr='0.1' is invalid: must be a number, not a string"),
+    (["run", "--lr", "0.1x"], "--lr='0.1x' is invalid: must be a number"),
+    (["compare", "--presets", "sync", "--engine", "distributed", "--compute", "constant", "--out", "{not_run}/c"],
+     "nor does any other preset"),
     # flags
     (["run", "--workers", "-3"], "workers"),
     (["run", "--tau", "abc"], "--tau"),

@@ -359,5 +359,9 @@ def test_torchrun_ranks_with_different_configs_stop_at_once_naming_the_field(tmp
     assert not any(re.search(r'File ".*coopsgd[/\\\\]', t) for t in texts), texts  # no traceback of ours
     assert re.search(r"exitcode\s*:\s*2", "\n".join(texts)), texts  # the ranks' own exit status
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # every rank exits with 2, and rank 0 takes the directory's lock only after the ranks agreed: a refused run
+    # leaves no directory (before, rank 0 had created it and its lock file before the configurations were compared)
+    assert all(re.search(r"exitcode\s*:\s*2", t) for t in texts), texts
+    assert not (tmp_path / "run").exists()
     with capsys.disabled():
         print(f"\ntorchrun config mismatch: both agents ended {took:.1f} s after they started")

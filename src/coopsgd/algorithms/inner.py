@@ -29,6 +29,9 @@ INNER_OPTIMIZERS = ("sgd", "adam", "adamw")
 #: The optimizer families: the settings of one are refused with the other (``Setting.used_when``).
 _SGD = ("sgd",)
 _ADAM = ("adam", "adamw")
+#: Refused by the section alone too; the engines accept Adam's betas and eps with SGD (an engine's checkpoint
+#: compares only what changes the arithmetic), a run configuration refuses them.
+_REFUSED_ALONE = ("momentum", "nesterov", "amsgrad")
 
 
 def _used_by(names: tuple[str, ...], what: str) -> Callable[[Any], str | None]:
@@ -96,10 +99,12 @@ class OptimizerSettings:
         check_section(self)  # types and ranges, from the fields' declarations
         if self.nesterov and self.momentum == 0:
             raise ConfigError.invalid("nesterov", True, "needs momentum > 0")
-        # a setting of the other family, from the declarations (a run configuration checks the same against
-        # the resolved optimizer and the engine: coopsgd.train.config.RunConfig)
+        # a setting of the other family, from the declarations: alone (the engines' Python API), the flags
+        # that name another optimizer's mechanism; a run configuration refuses every setting its resolved
+        # optimizer and engine do not use (coopsgd.train.config.RunConfig.unused)
         for s, value, reason in unused_settings(OptimizerSettings, self, self):
-            raise ConfigError.invalid(s.key, value, f"{reason}; leave it out")
+            if s.key in _REFUSED_ALONE:
+                raise ConfigError.invalid(s.key, value, f"{reason}; leave it out")
         if self.torch_class is not None:
             if self.name is not None:
                 raise ConfigError.invalid("optimizer", self.name, "give a name or a torch_class, not both")

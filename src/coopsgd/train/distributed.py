@@ -44,7 +44,7 @@ from coopsgd.engines.base import Engine, StepStats
 from coopsgd.engines.distributed import FAILURE_MODES, DistributedEngine, FaultHook, fault_hook
 from coopsgd.engines.distributed.communicator import NetEmulation
 from coopsgd.engines.distributed.launch import RankFailure, launch, listening_addresses
-from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float
+from coopsgd.errors import ConfigError, CoopSGDError, Interrupted, check_float, describe_os_error
 from coopsgd.fileio import discard_unused, first_missing
 from coopsgd.train.checkpoint import checkpoint_path, checkpoint_record, load_run_checkpoint
 from coopsgd.train.config import MAX_TIMEOUT_S, RunConfig
@@ -358,7 +358,7 @@ class _RankInputs:
     tensorboard: bool
     checkpoint: dict[str, Any] | None
     start: int
-    lock: Any = None  # rank 0 under torchrun: its hold on the run directory (coopsgd.fileio.DirLock)
+    owns_dir: bool = False  # rank 0 under torchrun: no parent checked or locked the run directory
 
 
 def _rank_inputs(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str, Any]) -> _RankInputs:
@@ -379,8 +379,32 @@ def _rank_inputs(rank: int, world: int, config_dict: dict[str, Any], opts: dict[
     problem = build_problem(c)
     start = 0 if ckpt is None else restore_data(ckpt, problem)  # the loader checks seed, batch size and shards
     net = NetEmulation(opts.get("net_latency_ms"), opts.get("net_bandwidth_mbps"))
-    lock = lock_directory(out_dir, "run directory") if under_torchrun and out_dir else None  # held until exit
-    return _RankInputs(c, problem, device, net, fault_from_env(), tensorboard, ckpt, start, lock)
+    return _RankInputs(c, problem, device, net, fault_from_env(), tensorboard, ckpt, start, under_torchrun)
+
+
+def _agree_to_start(rank: int, world: int, inp: _RankInputs, opts: dict[str, Any]) -> tuple[dict[str, Any] | None, Any]:
+    """Under torchrun, after the ranks agreed on their checks and their configuration: ``(None, lock)`` when
+    the run goes on, global rank 0 holding its run directory's lock (a :class:`coopsgd.fileio.DirLock`, kept
+    until the run ends) from here: it is taken only now, so ranks that disagree leave no directory, lock file
+    or record behind; ``(summary, None)`` for a finished run that was resumed (every rank learns it from rank
+    0: nothing is evaluated, appended or rewritten). Taking the lock is a check like the others: another
+    holder stops every rank (:func:`agree_on_checks`, exit 2)."""
+    out_dir = opts.get("out")
+    done: list[Any] = [None]
+    if rank == 0 and inp.checkpoint is not None:
+        done[0] = finished_summary(out_dir, int(inp.checkpoint["step"]), inp.problem.total_steps)
+    dist.broadcast_object_list(done, src=0)
+    if done[0] is not None:
+        return (done[0] if rank == 0 else {"rank": rank}), None
+    error: BaseException | None = None
+    lock = None
+    if inp.owns_dir and out_dir:
+        try:
+            lock = lock_directory(out_dir, "run directory")
+        except (CoopSGDError, OSError) as exc:
+            error = exc if isinstance(exc, CoopSGDError) else ConfigError(describe_os_error(exc), field="out")
+    agree_on_checks(rank, world, error)
+    return None, lock
 
 
 def make_rank_engine(config: RunConfig, problem: Problem, *, device: str, net: NetEmulation,
@@ -417,6 +441,9 @@ def rank_main(rank: int, world: int, config_dict: dict[str, Any], opts: dict[str
     if agree:  # and on the configuration: every rank must train the same one
         agree_on_checks(rank, world, None)
         agree_on_config(world, inp.config.to_dict())
+        finished, held = _agree_to_start(rank, world, inp, opts)  # held: rank 0's lock, until the run returns
+        if finished is not None:
+            return finished
     c, p, out_dir, ckpt = inp.config, inp.problem, opts.get("out"), inp.checkpoint
     placement: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(rank_placement(rank, inp.device), placement, dst=0)

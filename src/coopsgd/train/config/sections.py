@@ -218,6 +218,9 @@ class AlgorithmSettings:
             arg = own if own is not None else (anyone[0][1] if anyone else None)
             if arg is None:
                 continue
+            if arg.type in (int, float) and isinstance(value, str):  # as every other number setting: not text
+                raise ConfigError.invalid(key, value, f"must be {'an integer' if arg.type is int else 'a number'}, "
+                                          "not a string")
             object.__setattr__(self, key, arg.check(value))
             if arg.kind == "derived" and own is None:
                 names = ", ".join(n for n, _ in anyone)
