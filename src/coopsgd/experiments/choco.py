@@ -121,11 +121,13 @@ def _sgd_run(label: str, spec: Any, *, workers: int, steps: int, lr: float, batc
     obj = LogisticRegression(workers=workers, batch_size=batch, seed=seed)
     eng = ReferenceEngine(spec, obj, np.zeros((spec.nodes, obj.dim)), seed=seed)
     per_round = spec_round_cost(spec, obj.dim, bytes_per_param=8).bytes_sent
-    records = [{"step": 0, "train_loss": float(obj.value(eng.average())), "bytes_sent": 0.0}]
+    records: list[dict[str, Any]] = [{"step": 0, "train_loss": float(obj.value(eng.average())), "bytes_sent": 0.0,
+                                      "log10_bytes_sent": None}]
     for stats in eng.steps(steps, lr):
         if (stats.step + 1) % record_every == 0 or stats.step + 1 == steps:
+            sent = float(eng.rounds * per_round)
             records.append({"step": stats.step + 1, "train_loss": float(obj.value(eng.average())),
-                            "bytes_sent": float(eng.rounds * per_round)})
+                            "bytes_sent": sent, "log10_bytes_sent": math.log10(sent) if sent > 0 else None})
     final = records[-1]
     loss = final["train_loss"]
     return {"label": label, "final_loss": loss if math.isfinite(loss) else None,
@@ -182,7 +184,7 @@ def run_choco(args: ExperimentArgs, *, compressors: Sequence[str] | None = None)
                        note=scale_text.split(";")[0], ncols=min(4, len(panels)), colors=["tab:blue", "tab:red"])
     sgd_panels = [
         {"x": "step", "y": "train_loss", "xlabel": "step", "ylabel": "training loss at the average", "logy": True},
-        {"x": "bytes_sent", "y": "train_loss", "xlabel": "bytes sent (busiest node, cost model)",
+        {"x": "log10_bytes_sent", "y": "train_loss", "xlabel": "log10 of the bytes sent (busiest node, cost model)",
          "ylabel": "training loss at the average", "logy": True},
     ]
     fig2 = plot_panels(out / "choco_sgd.png", sgd, sgd_panels,
