@@ -197,6 +197,9 @@ def easgd(
     instead. alpha >= 2/(m+1) diverges: a :class:`DivergenceWarning`, or an error when ``strict``.
     ``nonblocking=True`` overlaps the auxiliary's update with the next tau local steps: the iterates are
     identical to blocking EASGD, only the (simulated or real) time changes ([CSGD] §3.3).
+
+    ``compression``: the centre replies Q(z − ẑ) to its public copy ẑ, each worker sends Q(x_i − ẑ + e_i)
+    (docs/compression.md, "Elastic rounds").
     """
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
@@ -309,6 +312,9 @@ def generalized_elastic(
     """Generalized elastic averaging: A(tau, W', 1), W' = [[(1-a)W, a1],[a1^T, 1-ma]] ([CSGD] Theorem 4).
 
     ``alpha="best"`` uses a* = (1+zeta)/(m+1+zeta), giving zeta' = m zeta/(m+1+zeta) < zeta.
+
+    ``compression``: an elastic round (docs/compression.md, "Elastic rounds"): a worker's payload
+    Q(x_i − ẑ + e_i) goes to its neighbours and the centre, the centre replies Q(z − ẑ).
     """
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
@@ -351,6 +357,9 @@ def hierarchical(
     size s); every ``q * tau`` steps the auxiliaries also mix with each other by the ``aux_topology``
     matrix. Node layout: m workers, then the group auxiliaries. The inter-auxiliary exchange overlaps the
     workers' local steps (``overlap=True``).
+
+    ``compression``: the group rounds and the global rounds (the schedule fuses the group and auxiliary
+    matrices into one) are elastic rounds against each group centre's public copy (docs/compression.md).
     """
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
@@ -423,6 +432,9 @@ def lsgd(
 
     ``groups > 1`` gives the multi-level form with a local leader per group (pull ``lam``) and a global
     leader (pull ``lam_global``, default ``lam``). The leader is elected from per-worker loss estimates.
+
+    ``compression`` other than ``none`` is refused: the leader refresh is fused with the pull in one matrix
+    (docs/compression.md, "What is refused").
     """
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
@@ -446,6 +458,8 @@ def downpour(workers: int, tau: int = 1, *, seed: int = 0, policies: Policies | 
     """DOWNPOUR: asynchronous parameter server with stale pushes (the [LSGD] baseline).
 
     See :class:`coopsgd.algorithms.schedules.DownpourSchedule` for how asynchrony is written as linear maps.
+    ``compression``: each push sends Q(x_i − b_i + e_i), the server replies Q(z − b_i) (docs/compression.md,
+    "DOWNPOUR (pushes)").
     """
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
