@@ -97,7 +97,7 @@ class ThreadComm:
         buf.copy_(self.wire.exchange(self.rank, buf.clone())[src])
 
     def exchange_bytes(self, buf: Tensor | None, send_to: Sequence[int], recv_from: Sequence[int],
-                       nbytes: int) -> dict[int, Tensor]:
+                       nbytes: int, device: torch.device | None = None) -> dict[int, Tensor]:
         every = self.wire.exchange(self.rank, (None if buf is None else buf.clone(), tuple(send_to)))
         got = {}
         for j in recv_from:

@@ -337,12 +337,14 @@ class Mixer:
             raise self._fail(f"broadcast of a compressed payload from rank {src}", exc) from exc
 
     def exchange_bytes(self, buf: Tensor | None, send_to: Sequence[int], recv_from: Sequence[int],
-                       nbytes: int) -> dict[int, Tensor]:
+                       nbytes: int, device: torch.device | None = None) -> dict[int, Tensor]:
         """Point-to-point: send ``buf`` to the ranks ``send_to``, receive ``nbytes`` bytes from each rank of
-        ``recv_from`` (batched isend / irecv), not charged (see :meth:`charge`)."""
+        ``recv_from`` into buffers on ``device`` (default: ``buf``'s, else the CPU) with batched isend / irecv;
+        not charged (see :meth:`charge`)."""
         ops = []
         got: dict[int, Tensor] = {}
-        device = buf.device if buf is not None else torch.device("cpu")
+        if device is None:
+            device = buf.device if buf is not None else torch.device("cpu")
         for j in recv_from:
             got[j] = torch.empty(nbytes, dtype=torch.uint8, device=device)
             ops.append(dist.P2POp(dist.irecv, got[j], j, group=self.group))

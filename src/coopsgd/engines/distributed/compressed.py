@@ -419,7 +419,8 @@ class CompressedMixer:
         got: dict[int, Tensor]
         if self.graph is not None:
             recv = [j for j in self.copy_nodes if j != r and j in senders_all]
-            got = self.comm.exchange_bytes(mine, list(self.watchers) if sends else [], recv, self.row_bytes)
+            got = self.comm.exchange_bytes(mine, list(self.watchers) if sends else [], recv, self.row_bytes,
+                                           rows.device)
             sent = float(self.row_bytes * len(self.watchers)) if sends else 0.0
             what = "compressed_neighbor"
         else:
