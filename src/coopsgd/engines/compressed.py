@@ -45,8 +45,9 @@ payloads with the round's weights. Which vector is sent depends on the round's k
     b_i is the copy of z both ends hold, and z − b_i, carried into the next reply, the server's residual.
 
 Averaging rounds with ``none`` are the uncompressed round (the communicator's fused kernel). The draws of
-``qsgd`` / ``randk`` / PowerSGD's first factor are keyed by (seed, c, node), c counting the compressed
-rounds of the run, so the reference engine (:class:`ReferenceCompressedRounds`, numpy, one node at a time
+``qsgd`` / ``randk`` / PowerSGD's first factor are keyed by (seed, c, node), c counting the compressor
+calls of the run (one per averaging or gossip round, two per elastic round, 2m per DOWNPOUR round), so the
+reference engine (:class:`ReferenceCompressedRounds`, numpy, one node at a time
 through :func:`~coopsgd.compression.reference_roundtrip`) draws the same ones.
 
 The per-node state -- the residuals e (n, width), the public copies x̂ (n, width) of gossip, the copies ẑ
