@@ -11,6 +11,7 @@ in it (process start-up dominates on a 2-core machine).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -221,13 +222,14 @@ def test_elastic_rounds_are_refused_with_one_line() -> None:
     check_distributed_compression(spec)  # averaging rounds: accepted
     check_distributed_compression(presets.choco(4, compression="sign"))
     # a spec whose rounds have an auxiliary node (EASGD's elastic round) with a compressor: refused
-    import dataclasses
-
     elastic = dataclasses.replace(presets.easgd(2, 2), compression=Compression("topk:0.5"))
     with pytest.raises(ConfigError) as err:
         check_distributed_compression(elastic)
     text = str(err.value)
     assert "compress" in text and "topk:0.5" in text and "\n" not in text
-    lsgd = dataclasses.replace(presets.lsgd(2, 2), compression=Compression("int8"))
-    with pytest.raises(ConfigError, match="compress"):
-        check_distributed_compression(lsgd)
+    with pytest.raises(ConfigError, match="compress"):  # the engine refuses it before any collective
+        DistributedEngine(elastic, _mlp)
+    with pytest.raises(ConfigError, match="compress"):  # (the spec itself may refuse LSGD's leader refresh)
+        check_distributed_compression(dataclasses.replace(presets.lsgd(2, 2), compression=Compression("int8")))
+    with pytest.raises(ConfigError, match="compress"):  # DOWNPOUR's sequential pushes
+        check_distributed_compression(dataclasses.replace(presets.downpour(2, 2), compression=Compression("int8")))
