@@ -141,3 +141,58 @@ def test_report_html_is_written_beside_the_markdown(tmp_path) -> None:
     assert "<td>time saving</td>" in page and "<table>" in page  # the tables extension rendered the tables
     assert '<img alt="csgd_fig4_easgd" src="csgd-fig4/csgd_fig4_easgd.png"' in page
     assert "| quantity | ours |" not in page and "<th>quantity</th>" in page  # the table inside <details> too
+
+
+def _with_code(data: dict, results_code: str | None) -> dict:
+    if results_code is None:
+        return data
+    return {**data, "provenance": {"coopsgd": "0.1.0", "git_commit": "a" * 40, "git_dirty": False,
+                                   "source_sha256": "b" * 64, "results_code_sha256": results_code,
+                                   "torch": "2.13.0+cpu", "threads": 2, "one_thread_models": ["mlp"]}}
+
+
+def test_report_marks_results_of_other_code_as_stale(tmp_path) -> None:
+    current = {"coopsgd": "0.1.0", "git_commit": "c" * 40, "source_sha256": "d" * 64, "results_code_sha256": "1" * 64}
+    fig3 = {**_fixture_result(), "experiment": "csgd-fig3", "scale": None}
+    toy = {"experiment": "lsgd-toy", "description": "toy", "quick": True, "seeds": [0], "deterministic": True,
+           "settings": {"workers": 4, "lr": 0.1}}
+    for name, data in (("csgd-fig3", _with_code(fig3, "2" * 64)), ("csgd-fig4", _with_code(_fixture_result(), "1" * 64)),
+                       ("lsgd-toy", toy)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(data))
+    text = render_report(tmp_path, machine="m", current=current).read_text()
+    assert "| csgd-fig3 | quick | 3 | 12 s | **stale** |" in text
+    assert "| csgd-fig4 | quick | 3 | 12 s | current |" in text
+    assert "| lsgd-toy | quick | 1 | — | not recorded |" in text
+    assert "Results: 1 current, 1 stale, 1 not recorded." in text
+    fig3_part, fig4_part, toy_part = text.split("## csgd-fig3")[1], text.split("## csgd-fig4")[1], text.split("## lsgd-toy")[1]
+    assert ("**Stale: it was produced by other results code (222222222222) than the code rendering this report "
+            "(111111111111)") in fig3_part.split("## ")[0]
+    assert "Rerun `coopsgd reproduce csgd-fig3 --quick` before citing them." in fig3_part
+    assert "Code: coopsgd 0.1.0, commit aaaaaaaaaa, results code 111111111111, torch 2.13.0+cpu" in fig4_part
+    assert "Produced by the results code rendering this report" in fig4_part.split("## ")[0]
+    assert "**Code version not recorded.**" in toy_part and "`coopsgd reproduce lsgd-toy --quick`" in toy_part
+    # every section has a scale line: the result's own, else its recorded settings, else a note saying so
+    assert text.count("\nScale: ") == 3
+    assert "Scale: tiny" in fig4_part and "Scale: (the recorded settings) workers 4, lr 0.1" in toy_part
+    assert "Scale: not stated in this result.json" in fig3_part
+
+
+def test_report_refuses_a_provenance_that_is_not_a_mapping(tmp_path) -> None:
+    (tmp_path / "csgd-fig4").mkdir()
+    (tmp_path / "csgd-fig4" / "result.json").write_text(json.dumps({**_fixture_result(), "provenance": "abc"}))
+    with pytest.raises(ConfigError, match="provenance='abc' is invalid: must be a mapping"):
+        render_report(tmp_path, current={})
+
+
+def test_dry_run_memory_is_said_and_measured() -> None:
+    from coopsgd.cli import reproduce
+    from coopsgd.experiments import dry_run
+    from coopsgd.experiments.multiseed import summary_lines
+
+    assert reproduce.DRY_RUN_MEMORY_GB == dry_run.DRY_RUN_MEMORY_GB  # --help's copy of the measured peak
+    peak = dry_run.peak_memory_gb()
+    assert peak is None or 0.01 < peak < 1e4
+    data = {"experiment": "csgd-fig3", "seeds": [0], "dry_run": True, "runtime_s": 3.0, "peak_memory_gb": 4.87,
+            "per_seed": [{"summary": ["csgd-fig3 dry run: ..."]}]}
+    assert summary_lines(data)[-1].endswith("; peak memory 4.9 GB (resident, this process so far)")
