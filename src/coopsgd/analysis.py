@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from coopsgd.algorithms.communication import REDUCIBLE, compressed_round_cost
+from coopsgd.algorithms.communication import REDUCIBLE, compressed_round_cost, elastic_spec_cost
 from coopsgd.algorithms.registry import TheoryHook, declarations
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.theory import bounds, cost
@@ -32,6 +32,11 @@ def spec_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int = 4) 
 
     q = comp.compressor()
     dtype = torch.float64 if bytes_per_param == 8 else torch.float16 if bytes_per_param == 2 else torch.float32
+    # elastic rounds and DOWNPOUR's pushes send point to point (the busiest node's payloads), as the engines charge
+    elastic = elastic_spec_cost(spec.schedule, spec.workers, bytes_per_param=bytes_per_param,
+                                payload_bytes=q.payload_bytes(params, dtype))
+    if elastic is not None:
+        return elastic
     return compressed_round_cost(rc, workers=spec.nodes if rc.pattern == "neighbor" else spec.workers, params=params,
                                  bytes_per_param=bytes_per_param, payload_bytes=q.payload_bytes(params, dtype),
                                  reducible=q.name in REDUCIBLE)
