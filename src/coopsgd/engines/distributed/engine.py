@@ -34,6 +34,13 @@ means "the order in which pushes arrive"). Non-blocking EASGD is truly asynchron
 round). NaN/Inf in a worker's loss or gradient stops that rank with an error naming it; a NaN that
 reaches other workers through mixing is detected by them right after the communication round.
 
+A spec with compression (``spec.compressed``, SPEC §11) sends its averaging and gossip rounds through
+:class:`~coopsgd.engines.distributed.compressed.CompressedMixer`: the compressor's packed payload is what goes
+on the wire (all-gather, the sampled clients' broadcasts, or point-to-point to the neighbours for CHOCO),
+the iterates and the bytes charged equal the simulator's, and its per-rank state (residuals, public copies,
+x_ref, PowerSGD's factors, the round count) is in the rank checkpoint (``"compression"``) and the NaN-skip
+rollback. Elastic rounds with a compressor are refused (:func:`~coopsgd.engines.distributed.compressed.check_distributed_compression`).
+
 The engine implements :class:`coopsgd.engines.base.Engine`; the update itself is the shared round kernel
 (:class:`coopsgd.engines.kernel.RoundKernel`) with the collectives of :class:`coopsgd.engines.distributed.communicator.Mixer` as
 its communicator. What a rank shows of the run without advancing it -- every node's rows, the centre and
