@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from coopsgd.algorithms import presets
 from coopsgd.algorithms.communication import Compression
+from coopsgd.algorithms.schedules import CallableSchedule, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.distributed.communicator import CommStats
 from coopsgd.engines.simulator import Simulator
@@ -178,11 +179,27 @@ def _train(spec: AlgorithmSpec, batches: list) -> list[dict[str, Any]]:
     return run_ranks(m, rank_fn)
 
 
+def _alternating_gossip(m: int) -> AlgorithmSpec:
+    """CHOCO over a ring and a shifted pairing, alternating, from a user callable: graphs not known in
+    advance, so every rank keeps every public copy and the payloads are all-gathered."""
+    ring = presets.choco(m, topology="ring").schedule.matrices(8)[0]
+    pairs = np.eye(m) * 0.5
+    for i in range(m):
+        pairs[i, i ^ 1] = 0.5
+
+    def fn(step: int, ctx: MixContext) -> np.ndarray:
+        return ring if step % 2 == 0 else pairs
+
+    spec = presets.choco(m, compression="topk:0.25", gamma=0.5)
+    return dataclasses.replace(spec, schedule=CallableSchedule(m, fn))
+
+
 CASES = {
     "local_sgd topk": lambda: presets.local_sgd(4, 2, compression="topk:0.25"),
     "fedavg sampled int8": lambda: presets.fedavg(4, 2, fraction=0.5, seed=1, compression="int8"),
     "sync powersgd": lambda: presets.sync(4, compression="powersgd:1"),
     "choco ring randk": lambda: presets.choco(4, topology="ring", compression="randk:0.3:unbiased"),
+    "choco callable schedule": lambda: _alternating_gossip(4),
 }
 
 
@@ -196,6 +213,9 @@ def test_wrapper_with_compression_equals_the_simulator(name: str) -> None:
     expected, model_bytes = _simulate(spec, batches)
     diff = float((got - expected).abs().max())
     assert diff <= TOL, f"{name}: max |wrapper - simulator| = {diff:.3e}"
+    kinds = {c[0] for r in results for c in r["charged"]}
+    assert kinds == ({"compressed_all_gather"} if name.startswith(("local_sgd", "sync", "choco callable"))
+                     else {"compressed_broadcast"} if name.startswith("fedavg") else {"compressed_neighbor"}), kinds
     for r in results:
         assert r["state"]["calls"] > 0
         # every round is charged the simulator's cost items: their bytes add up to the simulator's bytes_sent
