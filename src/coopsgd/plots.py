@@ -16,7 +16,7 @@ from coopsgd.errors import ConfigError
 from coopsgd.fileio import check_output_path
 from coopsgd.train.rundir import RunDir, read_run_json
 
-__all__ = ["load_run", "plot_runs", "runs_table", "FIGURE_DPI", "positive_or_gap"]
+__all__ = ["load_run", "plot_runs", "runs_table", "FIGURE_DPI", "positive_or_gap", "clock_axis_label"]
 
 #: The resolution of every figure coopsgd writes as an image (a 12-inch-wide figure is 1,920 pixels wide).
 FIGURE_DPI = 160
@@ -150,6 +150,12 @@ def _save_figure(fig: Any, out: Path, dpi: int = FIGURE_DPI) -> Path:
     finally:
         plt.close(fig)
     return atomic_write_bytes(out, buf.getvalue())
+
+
+def clock_axis_label(engine: str) -> str:
+    """The x label of a run's clock (``time_s``) in the experiments' figures: the simulator's runs are timed on
+    its simulated clock, the distributed engine's by the wall clock."""
+    return "measured wall-clock (s)" if engine == "distributed" else "simulated wall-clock (s)"
 
 
 def _clock_label(runs: list[dict[str, Any]]) -> str:

@@ -26,5 +26,5 @@ def test_tiny_sweep_records_holdout_losses_and_reports_the_argmin(tmp_path) -> N
         assert [r["chosen"] for r in rows] == [r is best for r in rows]
         (tuned,) = [r for r in res["runs"] if r["method"].startswith(meth)]
         assert tuned["setting"] == {key: best["value"]} and tuned["dir"] == best["dir"]
-        assert res["chosen"]["LeNet (for CNN-7)"][meth] == best["value"]
+        assert res["chosen"]["LeNet (stand-in for CNN-7)"][meth] == best["value"]
     assert any("<- chosen" in line for line in res["summary"])

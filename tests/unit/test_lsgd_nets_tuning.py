@@ -90,8 +90,9 @@ def test_the_sweep_reports_tuned_curves_with_the_same_labels_on_every_seed(monke
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["lsgd_nets_lenet.png", "lsgd_nets_sweep.png"]
     # the sweep's numbers are metrics with bands; the tuned settings too
     m = ms["metrics"]
-    assert m["CNN-7: LSGD tuned lambda"]["min"] == 0.25 and m["CNN-7: LSGD tuned lambda"]["max"] == 0.5
-    assert m["CNN-7: EASGD held-out loss, beta=0.43"]["n"] == 2
+    role = lsgd_nets.ROLE_NAMES[0]  # "CNN-7 (quick: LeNet)": the LeNet ran
+    assert m[f"{role}: LSGD tuned lambda"]["min"] == 0.25 and m[f"{role}: LSGD tuned lambda"]["max"] == 0.5
+    assert m[f"{role}: EASGD held-out loss, beta=0.43"]["n"] == 2
     assert len([k for k in m if "held-out loss" in k]) == len(EASGD_BETAS) + len(LSGD_LAMBDAS)
     # every claim is judged by the report's rule on those bands
     for c in ms["claims"]:

@@ -29,6 +29,7 @@ import numpy as np
 
 from coopsgd.experiments.base import assess, register
 from coopsgd.experiments.dry_run import DRY_RUN_STEPS, dry_run_fields, dry_run_summary
+from coopsgd.experiments.figure_axes import clock_x
 from coopsgd.experiments.harness import (
     DEVICE,
     ExperimentArgs,
@@ -36,7 +37,6 @@ from coopsgd.experiments.harness import (
     describe_time,
     first_reach,
     panel,
-    plot_curves,
     plot_panels,
     public_runs,
     run_config,
@@ -157,9 +157,11 @@ def run_fig3(args: ExperimentArgs, *, points: Sequence[tuple[int, str]] | None =
         circled=[(r["tau"], r["zeta"], f"τ={r['tau']}, ζ={r['zeta']:.2f}") for r in runs],
         title="[CSGD] Fig. 3a: network error bound factor",
     )
-    curves = plot_curves(out / "csgd_fig3b_loss.png", runs, "train_loss", "training loss (averaged model)",
-                         against=("step", "time_s"),
-                         title="[CSGD] Fig. 3b: larger tau or zeta -> higher error floor at a fixed lr", note=note)
+    curves = plot_panels(out / "csgd_fig3b_loss.png", runs,
+                         [panel(x, "train_loss", "training loss (averaged model)", logy=True, **clock_x(x))
+                          for x in ("step", "time_s")],
+                         title="[CSGD] Fig. 3b: larger tau or zeta -> higher error floor at a fixed lr", note=note,
+                         ncols=2)
     summary = _fig3_summary(args, runs, lr, steps)
     if args.dry_run:
         summary = dry_run_summary("csgd-fig3", ", ".join(f"tau={t}/{topo}" for t, topo in planned), runs,
@@ -299,7 +301,7 @@ def _fig4_plot(out: Path, runs: list[dict[str, Any]], note: str) -> Path:
             panel("step", "consensus_distance", "||X(I-J)||^2/m (workers + z)", logy=True, runs=blocking_cases,
                   title="(b) worker-auxiliary discrepancy", ylim=_lim("consensus_distance")),
             panel("time_s", "local_loss", loss, logy=True, runs=best_pair, legend=True,
-                  title="(c) blocking vs non-blocking, alpha=2/(m+2)"),
+                  title="(c) blocking vs non-blocking, alpha=2/(m+2)", **clock_x("time_s")),
         ],
         title="[CSGD] Fig. 4: EASGD with m=8",
         note=note,
@@ -406,7 +408,7 @@ def _fig5_plot(out: Path, runs: list[dict[str, Any]], groups: list[tuple[list[in
             panel("epoch", "train_loss", "training loss", logy=True, runs=idx, title=f"lr {lr:g}: loss vs epochs",
                   legend=True),
             panel("time_s", "train_loss", "training loss", logy=True, runs=idx,
-                  title=f"lr {lr:g}: loss vs wall-clock"),
+                  title=f"lr {lr:g}: loss vs wall-clock", **clock_x("time_s")),
             panel("epoch", "test_accuracy", "test accuracy", runs=idx, title=f"lr {lr:g}: test accuracy"),
         ]
     return plot_panels(out / "csgd_fig5_local_sgd.png", runs, panels,

@@ -19,11 +19,13 @@ from coopsgd.data import load_dataset
 from coopsgd.experiments.base import assess, register
 from coopsgd.experiments.csgd import FULL, base_config, config, lr_of, run, scale_note, start
 from coopsgd.experiments.dry_run import dry_run_summary
+from coopsgd.experiments.figure_axes import clock_x
 from coopsgd.experiments.harness import (
     ExperimentArgs,
     describe_time,
     first_reach,
-    plot_curves,
+    panel,
+    plot_panels,
     public_runs,
     series,
     time_fields,
@@ -290,8 +292,9 @@ def run_fig6(args: ExperimentArgs) -> dict[str, Any]:
         f"{scale_note(args.quick, args.dry_run)}; ring, best-constant weight {w:.4f} (zeta={z:.3f}); "
         f"{describe_time(time_fields(args.quick))}"
     )
-    plot = plot_curves(out / "csgd_fig6_decentralized.png", runs, "train_loss", "training loss (averaged model)",
-                       against=("epoch", "time_s"), note=note,
+    plot = plot_panels(out / "csgd_fig6_decentralized.png", runs,
+                       [panel(x, "train_loss", "training loss (averaged model)", logy=True, **clock_x(x))
+                        for x in ("epoch", "time_s")], note=note, ncols=2,
                        title=f"[CSGD] Fig. 6: decentralized periodic averaging (target loss {FIG6_PAPER_TARGET:g})")
     summary = _fig6_summary(args, found, z=z, lr=lr, epochs=epochs, ratio=ratio)
     if args.dry_run:

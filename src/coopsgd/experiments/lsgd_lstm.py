@@ -37,12 +37,14 @@ from coopsgd.experiments.dry_run import (
     dry_run_summary,
     dry_run_tau,
 )
+from coopsgd.experiments.figure_axes import clock_x, zoom_window
 from coopsgd.experiments.harness import (
     DEVICE,
     ExperimentArgs,
     describe_time,
     first_reach,
-    plot_curves,
+    panel,
+    plot_panels,
     public_runs,
     run_built,
     scaled,
@@ -217,9 +219,16 @@ def run_lsgd_lstm(args: ExperimentArgs) -> dict[str, Any]:
     runs, chosen, sweep, sweep_lines, executed = run_methods(
         "LSTM", LSTM_METHODS, args, functools.partial(_run_lstm, args, out, st, length))
     note = _lstm_note(args, st)
-    plot = plot_curves(out / "lsgd_lstm.png", runs, "test_perplexity", "test perplexity (centre variable)",
-                       against=("time_s", "step"), note=f"{note}; {describe_time(tf)}",
-                       title="[LSGD] LSTM on WikiText-2 (bundled: train = valid.txt, test = test.txt)")
+    ylabel = "test perplexity (centre variable)"
+    zoom = zoom_window(runs, "test_perplexity")
+    plot = plot_panels(out / "lsgd_lstm.png", runs, [
+        panel("time_s", "test_perplexity", ylabel, logy=True, **clock_x("time_s")),
+        panel("step", "test_perplexity", ylabel, logy=True),
+        # the methods end about 1% apart: a panel on the last quarter's values shows the difference
+        panel("time_s", "test_perplexity", ylabel + ", zoomed", ylim=zoom, legend=True,
+              title="zoom on the final perplexities (linear scale)", **clock_x("time_s")),
+    ], note=f"{note}; {describe_time(tf)}", ncols=3,
+        title="[LSGD] LSTM on WikiText-2 (bundled: train = valid.txt, test = test.txt)")
     sweep_plot = plot_sweep(out / "lsgd_lstm_sweep.png", sweep_lines, st, tf, what="LSTM") if sweep_lines else None
     table = comm_table(runs)
     summary = _lstm_summary(args, note, runs, table, sweep, st, tf)

@@ -102,6 +102,8 @@ def plot_lsgd_toy(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from coopsgd.plots import FIGURE_DPI
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     obj = SincToy()
@@ -131,7 +133,7 @@ def plot_lsgd_toy(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
         ax.legend(loc="lower right", fontsize=8)
     fig.colorbar(cs, ax=axes, shrink=0.8, label="sin(pi r)/(pi r)")
     p1 = out / "lsgd_toy_trajectories.png"
-    fig.savefig(p1, dpi=110)
+    fig.savefig(p1, dpi=FIGURE_DPI)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True, constrained_layout=True)
@@ -148,7 +150,7 @@ def plot_lsgd_toy(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     axes[0].set_ylabel("objective")
     axes[1].legend(fontsize=8)
     p2 = out / "lsgd_toy_objective.png"
-    fig.savefig(p2, dpi=110)
+    fig.savefig(p2, dpi=FIGURE_DPI)
     plt.close(fig)
     return [p1, p2]
 

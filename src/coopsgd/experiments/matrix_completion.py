@@ -102,6 +102,8 @@ def plot_matrix_completion(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from coopsgd.plots import FIGURE_DPI
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ranks = result["settings"]["ranks"]
@@ -128,7 +130,7 @@ def plot_matrix_completion(result: dict[str, Any], path: str | Path) -> Path:
     ax2.set_ylabel("centre objective (mean over trials)")
     ax2.legend(fontsize=7, ncol=2)
     ax2.grid(alpha=0.3)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     return path
 
