@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5; --quick: 3)")
     ap.add_argument("--steps", type=int, default=3, help="simulator steps per timed repetition (default 3)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="stop starting new measurements after this many seconds (0: no limit); the table keeps "
+                         "what was measured and names what was skipped")
     ap.add_argument("--quick", action="store_true", help="small models, m = 2, 4: a smoke run (on a CPU)")
     ap.add_argument("--json", default=None, help="also write the raw numbers to this file")
     ap.add_argument("--pytest-junit", default=None, help="a pytest JUnit XML file: its outcome becomes the first row")
@@ -249,9 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, Any] = {"device": str(device), "name": where, "torch": torch.__version__, "steps": [], "mixing": []}
     if args.pytest_junit:
         rows.append(pytest_row(args.pytest_junit))
-    for name in [s for s in args.models.split(",") if s]:
-        w = Workload(name, args.quick)
-        for m in workers:
+    t_start = time.perf_counter()
+    loads = [Workload(name, args.quick) for name in args.models.split(",") if name]
+    for m in workers:  # every model at the smaller m first: a spent budget cuts the larger m
+        for w in loads:
+            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                rows.append((f"{w.label}, m={m}", f"skipped: the {args.budget_s:.0f} s budget was spent"))
+                continue
             if "step" in sections:
                 r = bench_step(w, m, reps, args.steps, device)
                 raw["steps"].append(r)

@@ -53,7 +53,7 @@ tail -n 15 "$out_dir/pytest.log"
 [ "$rc_tests" -eq 124 ] && echo "gpu_check: the tests ran out of their 330 s" >&2
 
 echo "== 2/2 benchmarks/bench_gpu.py ${bench_args[*]}"
-timeout 150 "$py" benchmarks/bench_gpu.py "${bench_args[@]}" --json "$out_dir/bench_gpu.json" \
+timeout 150 "$py" benchmarks/bench_gpu.py "${bench_args[@]}" --budget-s 110 --json "$out_dir/bench_gpu.json" \
     --pytest-junit "$out_dir/cuda_tests.xml" | tee "$out_dir/table.txt"
 rc_bench=${PIPESTATUS[0]}
 [ "$rc_bench" -eq 124 ] && echo "gpu_check: the benchmark ran out of its 150 s" >&2
