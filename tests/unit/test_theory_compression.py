@@ -140,3 +140,6 @@ def test_cli_refusals(capsys) -> None:
     code, _, err = _theory(capsys, "--preset", "dpsgd", "--mu", "1", "--L", "1", "--sigma2", "1", "--G2", "1",
                            "--steps", "10")
     assert code == 2 and "--compress" in err
+    code, _, err = _theory(capsys, "--preset", "choco", "--compress", "topk:0.1", "--mu", "2", "--L", "1", "--sigma2",
+                           "1", "--G2", "1", "--steps", "10")
+    assert code == 2 and "L=1.0 is invalid: must be >= mu = 2" in err

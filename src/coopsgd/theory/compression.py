@@ -143,7 +143,9 @@ def choco_sgd_terms(*, mu: float, L: float, sigma2: float, G2: float, workers: i
     η_0 = 4/(μa), η_T = 4/(μ(a + T)), and ``noise_dominates_after``: the T from which the SGD term exceeds
     the consensus term, T > κ G² n/(σ̄² δ² ρ⁴) (``None`` when σ̄² = 0)."""
     mu = check_float("mu", mu, low=0.0, low_open=True)
-    L = check_float("L", L, low=mu)
+    L = check_float("L", L, low=0.0, low_open=True)
+    if L < mu:
+        raise ConfigError.invalid("L", L, f"must be >= mu = {mu:g} (a mu-strongly convex L-smooth f has L >= mu)")
     sigma2 = check_float("sigma2", sigma2, low=0.0)
     G2 = check_float("G2", G2, low=0.0)
     n = check_int("workers", workers, minimum=1)
