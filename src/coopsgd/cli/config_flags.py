@@ -41,8 +41,8 @@ def flag_help(s: SettingField, *, defaults: dict[str, Any] | None = None, other:
 
 class NotANumber(str):
     """A number flag's text that is not a number (``--lr abc``): kept as given and refused by
-    :func:`given_flags` with the one-line message a config file's or the Python API's bad value gets
-    (``lr='abc' is invalid: must be a number``), not argparse's usage text."""
+    :func:`given_flags` with a one-line message of the shape a config file's or the Python API's bad value
+    gets (``--lr='abc' is invalid: must be a number``), not argparse's two-line usage error."""
 
     kind: type = float
 
@@ -126,8 +126,9 @@ def _used_by_some_preset(data: dict[str, Any], key: str) -> bool:
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
-    """The run's config: ``--config FILE``'s settings, the flags over them, then ``overrides``. A bad value from
-    the file is an error naming the file too."""
+    """The run's config: ``--config FILE``'s settings, the flags over them, then ``overrides`` (the command's
+    own settings). A bad value from the file is an error naming the file too; a setting the run does not use
+    is refused when the user gave it and left out when the command did (:func:`_config`)."""
     if args.config is not None and not str(args.config).strip():  # e.g. an unset shell variable
         raise ConfigError.invalid("--config", args.config, "must be a config file, not an empty string (leave "
                                                            "--config out to use the flags and defaults only)")
