@@ -113,6 +113,8 @@ def test_every_compressor_matches_the_simulator_on_four_ranks() -> None:
         _job("diloco topk", presets.diloco(m, 3, compression="topk:0.25"), m, steps),
         _job("slowmo dpsgd sign", presets.slowmo(m, 3, base_algorithm="dpsgd", compression="sign"), m, steps),
         _job("matcha qsgd", presets.matcha(m, compression="qsgd:4"), m, steps),
+        _job("dpsgd topk", presets.dpsgd(m, topology="ring", compression="topk:0.25"), m, steps),
+        _job("decentralized_periodic int8", presets.decentralized_periodic(m, 2, compression="int8"), m, steps),
         _job("sync error feedback off", presets.sync(m, compression=Compression("topk:0.25", error_feedback="off")),
              m, steps),
     ]
