@@ -264,9 +264,6 @@ class CompressedMixer:
     def gather_floats(self, values: np.ndarray | float) -> np.ndarray:
         return np.asarray(self.comm.gather_floats(values))
 
-    def exchanges(self, rnd: Round) -> bool:
-        return bool(self.comm.exchanges(rnd))
-
     def communicate(self, rows: Tensor, rnd: Round, *, overlap: bool = False) -> None:
         """Round ``rnd`` on ``rows`` (this rank's worker, then the auxiliaries; the mixed columns) in place."""
         kind = round_exchange(rnd, self.m)
