@@ -195,4 +195,5 @@ def test_dry_run_memory_is_said_and_measured() -> None:
     assert peak is None or 0.01 < peak < 1e4
     data = {"experiment": "csgd-fig3", "seeds": [0], "dry_run": True, "runtime_s": 3.0, "peak_memory_gb": 4.87,
             "per_seed": [{"summary": ["csgd-fig3 dry run: ..."]}]}
-    assert summary_lines(data)[-1].endswith("; peak memory 4.9 GB (resident, this process so far)")
+    assert summary_lines(data)[-1].endswith("; peak memory so far 4.9 GB (resident; this process or one of its finished "
+                                           "child processes)")

@@ -123,7 +123,7 @@ def _memory_text(gb: Any) -> str:
     """``"; peak memory 4.9 GB ..."`` for a dry run's summary (``""`` when it was not measured)."""
     if not isinstance(gb, (int, float)):
         return ""
-    return f"; peak memory {gb:.1f} GB (resident, this process so far)"
+    return f"; peak memory so far {gb:.1f} GB (resident; this process or one of its finished child processes)"
 
 
 def summary_lines(data: dict[str, Any]) -> list[str]:

@@ -254,9 +254,13 @@ def describe(p: dict[str, Any]) -> str:
         torch += f" ({p['torch_cpu_capability']})"
     parts.append(torch)
     if p.get("threads") is not None:
-        small = ", ".join(p.get("one_thread_models") or [])
+        models = p.get("one_thread_models")
+        small = ", ".join(map(str, models)) if isinstance(models, list) else ""
         parts.append(f"torch threads {p['threads']}" + (f" (1 for {small} on the simulator)" if small else ""))
-    for b in p.get("blas") or []:
+    blas = p.get("blas")
+    for b in blas if isinstance(blas, list) else []:
+        if not isinstance(b, dict):
+            continue
         parts.append(" ".join(str(x) for x in (b.get("library"), b.get("version"), b.get("architecture")) if x))
     if p.get("python"):
         parts.append(f"Python {p['python']}")
