@@ -139,9 +139,8 @@ def _reproduce_into(name: str, args: argparse.Namespace, out_dir: Path) -> int:
     """``reproduce NAME`` (or ``all``) into ``out_dir``, whose lock this process holds."""
     from coopsgd.experiments.report import REPORT_ORDER, render_report
 
-    if args.dry_run:
-        print(f"dry run: needs about {DRY_RUN_MEMORY_GB:g} GB of memory (measured at the VGG-16 settings of "
-              "csgd-fig3..6: 8 workers of batch 128); the peak of this run is printed at the end", flush=True)
+    memory = (f"dry run: needs about {DRY_RUN_MEMORY_GB:g} GB of memory (measured at the VGG-16 settings of "
+              "csgd-fig3..6: 8 workers of batch 128); the peak of this run is printed at the end")
     if name == "all":
         from coopsgd.experiments.registry import DRY_RUNS
 
@@ -150,6 +149,7 @@ def _reproduce_into(name: str, args: argparse.Namespace, out_dir: Path) -> int:
             print(f"dry run of the full-scale experiments ({', '.join(DRY_RUNS)}); "
                   f"{', '.join(e for e in REPORT_ORDER if e not in DRY_RUNS)} have no full scale on real data and "
                   "are not run", flush=True)
+            print(memory, flush=True)
         for exp in (DRY_RUNS if args.dry_run else REPORT_ORDER):
             data = _reproduce_one(exp, args, out_dir / exp)
             write_json(out_dir / exp / "result.json", data)
@@ -158,6 +158,8 @@ def _reproduce_into(name: str, args: argparse.Namespace, out_dir: Path) -> int:
         path = render_report(out_dir)
         print(f"report: {path}")
         return 0
+    if args.dry_run and not args.json:
+        print(memory, flush=True)
     data = _reproduce_one(name, args, out_dir)
     write_json(out_dir / "result.json", data)
     if args.json:
