@@ -50,6 +50,8 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                      _SIM_DIST),
         Reproduction("lsgd-lstm", "[LSGD] LSTM on WikiText-2: test perplexity vs wall-clock for SGD, DOWNPOUR, "
                                   "EASGD, LSGD", ("simulate",)),
+        Reproduction("choco", "[CHOCO] CHOCO-Gossip's linear consensus vs naive compressed gossip; CHOCO-SGD top-1% vs "
+                              "D-PSGD: loss and bytes", ("reference",)),
         Reproduction("matrix-completion", "[LSGD] matrix completion: EASGD's centre vs LSGD's leader over ranks "
                                           "(--ranks, --trials, --steps, --d)", ("reference",)),
     )
@@ -66,7 +68,7 @@ MATRIX_COMPLETION: dict[str, dict[str, object]] = {
 }
 
 #: :data:`coopsgd.models.MODELS`.
-MODELS: tuple[str, ...] = ("mlp", "lenet", "cnn7", "resnet20", "vgg16", "lstm_lm")
+MODELS: tuple[str, ...] = ("mlp", "lenet", "cnn7", "resnet20", "vgg16", "lstm_lm", "gpt")
 
 #: :data:`coopsgd.data.DATASETS`.
 DATASETS: tuple[str, ...] = (
