@@ -129,12 +129,29 @@ def _kernel(data: dict[str, Any]) -> str | None:
     return arch[0] if arch else None
 
 
+#: The CPU feature (numpy's name) each OpenBLAS x86-64 kernel needs: OpenBLAS runs a forced kernel unchecked.
+KERNEL_NEEDS = {"Sandybridge": "AVX", "Haswell": "AVX2", "Zen": "AVX2", "SkylakeX": "AVX512_SKX",
+                "Cooperlake": "AVX512_SKX", "SapphireRapids": "AVX512_SPR"}
+
+
+def _cpu_features() -> dict[str, bool]:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    return dict(__cpu_features__)
+
+
 def rerun(name: str, args: list[str], out: Path, committed: dict[str, Any]) -> dict[str, Any]:
     """``coopsgd reproduce NAME ARGS --out OUT`` in a fresh process with the committed result's OpenBLAS kernels;
     its result.json (the test is skipped when this CPU cannot run those kernels)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "COOPSGD_CONFIG")}
     kernel = _kernel(committed)
     if kernel is not None:
+        need = KERNEL_NEEDS.get(kernel)
+        if need is not None and not _cpu_features().get(need, False):
+            pytest.skip(f"the committed {name} was computed with OpenBLAS's {kernel} kernels, which need {need}: "
+                        "this CPU lacks it")
         env["OPENBLAS_CORETYPE"] = kernel
     cmd = [sys.executable, "-m", "coopsgd", "reproduce", name, *args, "--out", str(out), "--json"]  # --json: quiet
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
