@@ -209,8 +209,9 @@ def report_markdown(results: dict[str, dict[str, Any]], base: Path, *, machine: 
         "too.) Numbers are mean ± population std over the seeds, with the min–max range.", "",
         "Claims: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
         f"**Code.** Rendered by {_esc(describe(current))}. Each result records the code that produced it; a "
-        "result whose results code (`results_code_sha256`: the package's statements, comments and docstrings left "
-        "out, and its bundled data) differs from the renderer's is marked **stale**. Results: "
+        "result whose results code (`results_code_sha256`: the package's modules without their comments and "
+        "docstrings, the report's own modules left out, plus its bundled data) differs from the renderer's is "
+        "marked **stale**. Results: "
         + ", ".join(f"{n} {k}" for k in ("current", "stale", "not recorded")
                     if (n := sum(v == k for v in states.values()))) + ".", "",
         "Runtimes are wall-clock seconds of the whole experiment (every seed) on the machine that ran it, "
