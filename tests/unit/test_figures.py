@@ -125,3 +125,30 @@ def test_the_cli_draws_a_torus_on_its_grid(tmp_path, capsys, monkeypatch) -> Non
     capsys.readouterr()
     assert grids == [(2, 4), None]
     assert _png_size(tmp_path / "t.png")[0] >= 1500
+
+
+def test_the_zoom_window_shows_a_one_percent_difference_at_the_end() -> None:
+    from coopsgd.experiments.figure_axes import zoom_window
+
+    def run(end: float, diverged: bool = False) -> dict:
+        ys = np.concatenate([np.linspace(600.0, end + 5.0, 12), [end + 2.0, end + 1.0, end]])
+        return {"diverged": {"step": 3} if diverged else None,
+                "_metrics": [{"step": 10 * k, "test_perplexity": float(y)} for k, y in enumerate(ys)]}
+
+    lo, hi = zoom_window([run(111.9), run(113.3), run(5000.0, diverged=True)], "test_perplexity")
+    assert lo < 111.9 and hi > 113.3 + 5.0  # both runs' last quarter inside
+    assert hi - lo < 20.0  # a full-range log axis (100-600) could not show 1.4 perplexity apart; this window does
+    assert zoom_window([run(1.0, diverged=True)], "test_perplexity") is None
+
+
+def test_time_axes_name_their_clock() -> None:
+    from coopsgd.experiments.figure_axes import clock_x
+    from coopsgd.experiments.harness import ENGINE
+
+    assert clock_x("step") == {}
+    assert clock_x("time_s") == {"xlabel": "simulated wall-clock (s)"}
+    token = ENGINE.set("distributed")
+    try:
+        assert clock_x("time_s") == {"xlabel": "measured wall-clock (s)"}
+    finally:
+        ENGINE.reset(token)

@@ -275,14 +275,14 @@ def _run_lstm(args: ExperimentArgs, out: Path, st: dict[str, Any], length: dict[
         dataset="wikitext2",
         workers=st["workers"],
         batch_size=st["batch_size"],
-        lr=st["lr"],
         seed=args.seed,
         eval_samples=st["eval_samples"],
         holdout_fraction=st["holdout_fraction"],
         executor="loop",  # measured: the per-replica loop beats vmap for this LSTM on CPU
         device=DEVICE.get(),
         **({"eval_every": max(1, length["max_steps"] // 12) if args.quick else None, **length}),
-        **{**settings, **(dry_run_tau(settings) if args.dry_run else {})},
+        # a method's settings may set its own learning rate (over the experiment's)
+        **{"lr": st["lr"], **settings, **(dry_run_tau(settings) if args.dry_run else {})},
         **time_fields(args.quick),
     )
     res = run_built(
