@@ -86,7 +86,7 @@ def consensus_run(spec: str, *, nodes: int, d: int, rounds: int, seed: int, gamm
     H = torch.zeros_like(X)
     ids = list(range(nodes))
     e0 = _error(X)
-    records = [{"round": 0, "consensus_error": 1.0}]
+    records: list[dict[str, Any]] = [{"round": 0, "consensus_error": 1.0}]
     half = None
     reached = None
     with torch.no_grad():
