@@ -58,6 +58,7 @@ UNUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"compute": "measured", "compute_ms": 5.0}, "compute_ms", "compute is 'measured'"),
     ({"compute_spread": 0.5}, "compute_spread", "compute is 'flops'"),
     ({"engine": "reference", "compute_gflops": 5.0}, "compute_gflops", "reference engine"),
+    ({"engine": "reference", "dtype": "float64"}, "dtype", "computes in float64"),
 ]
 
 #: The same settings where the run uses them: accepted.
@@ -79,6 +80,7 @@ USED: list[dict[str, Any]] = [
     {"compute": "lognormal", "compute_ms": 5.0, "compute_spread": 0.5},
     {"compute": "flops", "compute_ms": 5.0, "compute_gflops": 5.0},  # compute_ms: flops' fallback
     {"engine": "simulate", "executor": "vmap", "threads": 2, "model": "lenet", "augment": True},
+    {"engine": "distributed", "dtype": "float64"},
 ]
 
 

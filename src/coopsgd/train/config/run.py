@@ -173,7 +173,7 @@ class RunConfig:
             raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
                                       "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
         self._check_compression()
-        if self.execution.dtype != "float32":
+        if self.execution.dtype != "float32" or self.execution.engine == "reference":  # the reference: float64
             return
         for key, value in self.to_dict().items():
             if isinstance(value, float) and abs(value) > FLOAT32_MAX:

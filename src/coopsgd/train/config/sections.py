@@ -122,6 +122,12 @@ def _compute(*kinds: str) -> Used:
     return used
 
 
+def _model_dtype(c: Any) -> str | None:
+    if c.execution.engine != "reference":
+        return None
+    return "the reference engine computes in float64 (numpy) whatever dtype says"
+
+
 def _own_threads(c: Any) -> str | None:
     if c.execution.engine != "distributed":
         return None
@@ -364,7 +370,8 @@ class ExecutionSettings:
     engine: str = setting("simulate", choices=ENGINES,
                           help="reference (analytic objectives, exact, numpy) | simulate (m workers of a torch model "
                                "in one process) | distributed (one process per worker, torch.distributed)")
-    dtype: str = setting("float32", choices=DTYPES, help="floating-point type of the models")
+    dtype: str = setting("float32", choices=DTYPES, help="floating-point type of the models",
+                         used_when=_model_dtype)
     executor: str = setting("auto", choices=EXECUTORS,
                             help="simulator: local steps in a loop over the workers or vectorised (vmap); auto times "
                                  "both once per workload and machine and caches the choice ($COOPSGD_CACHE_DIR)",
