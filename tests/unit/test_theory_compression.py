@@ -120,6 +120,17 @@ def test_cli_unbiased_rate_terms_and_given_gamma(capsys) -> None:
     assert r["terms"]["sgd_noise"] == pytest.approx(2 / (0.1 * 8 * 1000))
 
 
+def test_cli_sign_reports_its_typical_delta_too(capsys) -> None:
+    code, out, err = _theory(capsys, "--preset", "choco", "--compress", "sign", "--params", "100", "--json")
+    assert code == 0, err
+    c = json.loads(out)["compression"]
+    assert c["delta"] == pytest.approx(1 / 100)  # the worst case
+    t = c["sign_typical"]
+    assert t["delta"] == pytest.approx(2 / math.pi)
+    assert t["gamma_theorem2"] == pytest.approx(ct.choco_gossip_gamma(2 / math.pi, c["spectral_gap"], c["beta"]))
+    assert c["gamma_run"] == pytest.approx(2 / math.pi)  # the default consensus step
+
+
 def test_cli_averaging_bytes_and_bound(capsys) -> None:
     code, out, err = _theory(capsys, "--preset", "local_sgd", "--compress", "int8", "--params", "2048", "--json")
     assert code == 0, err

@@ -9,6 +9,7 @@ and, with ``--mu --L --sigma2 --G2 --steps``, the terms of Theorem 4's rate.
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -249,6 +250,11 @@ def compression_facts(spec: Any, params: int, *, mu: float | None = None, L: flo
     out.update({"spectral_gap": rho, "beta": beta, "gamma_theorem2": gamma_star,
                 "gossip_rate": ct.choco_gossip_rate(dc, rho),
                 "gossip_rounds_1e-6": ct.choco_gossip_rounds(dc, rho, 1e-6)})
+    if q.name == "sign":  # its worst case 1/d is far from what it does on typical (Gaussian-like) vectors
+        typical = 2.0 / math.pi
+        out["sign_typical"] = {"delta": typical, "gamma_theorem2": ct.choco_gossip_gamma(typical, rho, beta),
+                               "gossip_rate": ct.choco_gossip_rate(typical, rho),
+                               "gossip_rounds_1e-6": ct.choco_gossip_rounds(typical, rho, 1e-6)}
     if spec.tau > 1:
         notes.append(f"a gossip round every tau = {spec.tau} steps: CHOCO-SGD's Theorem 4 assumes one after every "
                      "step (its terms below are for tau = 1)")
@@ -302,6 +308,10 @@ def _compression_lines(c: dict[str, Any]) -> list[str]:
         lines.append(f"    CHOCO-Gossip (Koloskova et al. 2019, Theorem 2; W symmetric doubly stochastic, Q a "
                      f"delta-contraction): e_t <= (1 - rho^2 delta/82)^t e_0, c = {c['gossip_rate']:.4g} per round, "
                      f"{c['gossip_rounds_1e-6']:.4g} rounds to reduce e_t by 1e-6 (at Theorem 2's gamma)")
+    if "sign_typical" in c:
+        t = c["sign_typical"]
+        lines.append(f"    with sign's delta on Gaussian-like vectors, 2/pi: Theorem 2's gamma = {t['gamma_theorem2']:.4g}, "
+                     f"c = {t['gossip_rate']:.4g} per round, {t['gossip_rounds_1e-6']:.4g} rounds to 1e-6")
     if "choco_sgd" in c:
         r = c["choco_sgd"]
         terms = ", ".join(f"{k}={v:.4g}" for k, v in r["terms"].items())
