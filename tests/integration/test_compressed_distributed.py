@@ -4,8 +4,9 @@ Every compressor on an averaging pattern (local SGD) and every gossip-applicable
 parameters after K steps equal the simulator's to 1e-10 in float64, and so do the bytes the cost model
 charges (``bytes_model``, the simulator's ``bytes_sent``); a run resumed mid-way from a rank checkpoint
 (non-zero residuals, public copies and PowerSGD factors) ends bit-identical; the NaN-skip rollback restores
-the compressed state; elastic rounds are refused. Each test starts ONE set of processes and runs many jobs
-in it (process start-up dominates on a 2-core machine).
+the compressed state; elastic rounds are refused. Each test that starts processes (marked slow) starts ONE
+set and runs many jobs in it (process start-up dominates on a 2-core machine); the quick checks of the same
+code, in threads, are in ``tests/unit/test_wrapper_compressed.py``.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def _check(jobs: list[SpecJob], results: list[dict]) -> None:
 PAIR = np.array([[0.75, 0.25], [0.25, 0.75]])
 
 
+@pytest.mark.slow  # starts processes (~6-11 s here); the same CompressedMixer runs in threads, quickly, in
+# tests/unit/test_wrapper_compressed.py
 def test_compressors_match_the_simulator_on_two_ranks() -> None:
-    """Quick: local SGD with three compressors and CHOCO on a pair, one launch of 2 processes."""
+    """Local SGD with three compressors and CHOCO on a pair, one launch of 2 processes."""
     m, steps = 2, 4
     jobs = [_job(f"local_sgd {c}", presets.local_sgd(m, 2, compression=c), m, steps)
             for c in ("topk:0.25", "powersgd:1", "none")]
