@@ -82,6 +82,9 @@ def test_git_commit_and_dirty_flag_of_a_checkout(tmp_path) -> None:
     _git(repo, "commit", "-q", "-m", "one")
     head = _git(repo, "rev-parse", "HEAD").strip()
     assert prov.git_state(pkg) == (head, False)
+    _git(repo, "rm", "-q", "--cached", "src/coopsgd/__init__.py")  # an index that lags HEAD: the files are HEAD's
+    assert prov.git_state(pkg) == (head, False)
+    _git(repo, "add", "src/coopsgd/__init__.py")
     (repo / "README").write_text("outside the package\n")  # a change outside the package is not the package's
     assert prov.git_state(pkg) == (head, False)
     (pkg / "experiments" / "new.py").write_text("x = 1\n")  # an untracked module under the package

@@ -2,7 +2,7 @@
 
 :func:`provenance` records the package version; the git commit when the package's own files are tracked in a
 git checkout (``git rev-parse HEAD`` run in the package directory) and whether they differ from it
-(``git_dirty``: a tracked file changed or an untracked file added under the package); two hashes of the
+(``git_dirty``: a module or bundled data file changed, removed or added under the package); two hashes of the
 package's files; the Python, numpy and torch versions; torch's thread count and CPU kernels; and the BLAS
 libraries numpy and torch loaded (OpenBLAS picks its kernels by CPU, and the last bits of a result depend on
 them). Nothing in it can fail a run: a missing ``git``, a package without a checkout (an installed wheel) or
@@ -135,41 +135,74 @@ def results_code_sha256(package: Path = PACKAGE_DIR) -> str | None:
     """SHA-256 of the code that can change a result (see the module docstring; ``None`` when a file cannot be
     read)."""
     try:
-        entries = [(rel, _code_only_cached(_read(path))) for rel, path in source_files(package)
-                   if rel not in PRESENTATION_ONLY]
-        for folder in DATA_DIRS:
-            root = package / folder
-            if root.is_dir():
-                entries += sorted((p.relative_to(package).as_posix(), p.read_bytes())
-                                  for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        entries = [(rel, _code_only_cached(_read(path)) if rel.endswith(".py") else path.read_bytes())
+                   for rel, path in _tree_files(package) if rel not in PRESENTATION_ONLY]
         return _digest(entries)
     except OSError:
         return None
 
 
-def _git(package: Path, *args: str) -> str | None:
+def _git(package: Path, *args: str, stdin: str | None = None) -> str | None:
     """stdout of ``git -C package ARGS`` (``None`` if git is missing, fails or times out); never takes a lock."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
     try:
-        res = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
-                             timeout=GIT_TIMEOUT_S, env=env, stdin=subprocess.DEVNULL)
+        if stdin is None:
+            res = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
+                                 timeout=GIT_TIMEOUT_S, env=env, stdin=subprocess.DEVNULL)
+        else:
+            res = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, input=stdin,
+                                 timeout=GIT_TIMEOUT_S, env=env)
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
     return res.stdout if res.returncode == 0 else None
 
 
+def _counts(rel: str) -> bool:
+    """Whether the package file at ``rel`` is one :func:`_tree_files` lists (a module or bundled data)."""
+    parts = rel.split("/")
+    if "__pycache__" in parts:
+        return False
+    if any(rel.startswith(d + "/") for d in DATA_DIRS):
+        return True
+    return rel.endswith(".py") and not any(part.startswith(".") for part in parts)
+
+
+def _tree_files(package: Path) -> list[tuple[str, Path]]:
+    """The package's files whose content a result can depend on: every ``*.py`` and the bundled data."""
+    files = list(source_files(package))
+    for folder in DATA_DIRS:
+        root = package / folder
+        if root.is_dir():
+            files += [(p.relative_to(package).as_posix(), p) for p in root.rglob("*")
+                      if p.is_file() and "__pycache__" not in p.parts]
+    return sorted(files)
+
+
 def git_state(package: Path = PACKAGE_DIR) -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the checkout the package's files are tracked in; ``(None, None)`` when they are
-    not (an installed wheel, even inside another project's checkout) or git cannot say. ``dirty``: a tracked
-    file under the package differs from the commit, or an untracked (not ignored) file was added there."""
-    tracked = _git(package, "ls-files", "--", ".")
-    if not tracked or not tracked.strip():
-        return None, None
+    """``(commit, dirty)`` of the checkout whose ``HEAD`` holds the package's files; ``(None, None)`` when it
+    holds none (an installed wheel, even inside another project's checkout) or git cannot say. ``dirty``: a
+    module or bundled data file under the package differs from ``HEAD``, is missing, or is not in ``HEAD`` (a new
+    module). The working files are compared with ``HEAD``'s blobs directly, so a stale or shared index changes
+    nothing."""
     head = _git(package, "rev-parse", "--verify", "HEAD")
-    if head is None or not head.strip():
+    listing = _git(package, "ls-tree", "-r", "HEAD", ".") if head else None
+    if not head or not head.strip() or not listing or not listing.strip():
         return None, None
-    status = _git(package, "status", "--porcelain", "--untracked-files=normal", "--", ".")
-    return head.strip(), (None if status is None else bool(status.strip()))
+    committed: dict[str, str] = {}
+    for line in listing.splitlines():
+        meta, _, path = line.partition("\t")
+        fields = meta.split()
+        if len(fields) == 3 and fields[1] == "blob":
+            committed[path] = fields[2]
+    wanted = {rel for rel, _ in _tree_files(package)}
+    relevant = {rel: sha for rel, sha in committed.items() if _counts(rel)}
+    if set(relevant) != wanted:
+        return head.strip(), True
+    names = sorted(wanted)
+    hashed = _git(package, "hash-object", "--stdin-paths", stdin="".join(f"{package / n}\n" for n in names))
+    if hashed is None:
+        return head.strip(), None
+    return head.strip(), hashed.split() != [relevant[n] for n in names]
 
 
 def _versions() -> dict[str, Any]:
