@@ -20,7 +20,9 @@ ends read as ``\\n``):
 ``coopsgd reproduce report`` compares ``results_code_sha256`` (:func:`staleness`), not the commit: a commit
 that edits documentation, tests or a docstring leaves every number as it was, and a result rendered after it
 is still current; an edit of a statement in any other module counts, even where it happens not to move a
-number (the hash cannot tell, so it says "may be stale", and ``coopsgd reproduce NAME`` tells).
+number (the hash cannot tell: the report marks the result stale, and rerunning it tells). Versions, threads and
+BLAS kernels are shown beside each result, not compared: the same code gives the same numbers on another
+machine only with the same kernels and threads (``tests/integration/test_committed_results.py`` pins them).
 """
 
 from __future__ import annotations
