@@ -129,7 +129,7 @@ def test_run_help_lists_presets_defaults_and_choices(capsys) -> None:
         assert name in out and " ".join(decl.summary.split()) in out
     _choices_and_defaults(out)
     assert "choices: reference, simulate, distributed (default: simulate)" in out
-    assert "choices: mlp, lenet, cnn7, resnet20, vgg16, lstm_lm (default: mlp)" in out
+    assert "choices: mlp, lenet, cnn7, resnet20, vgg16, lstm_lm, gpt (default: mlp)" in out
     assert "choices: cpu, cuda, cuda:N, mps (default: cpu)" in out
     assert "(default: local_sgd)" in out and "--workers WORKERS number of workers m (default: 8)" in out
     assert "--lr LR learning rate (default: 0.1 for sgd, 0.001 for adam and adamw)" in out

@@ -373,13 +373,14 @@ def test_config_and_cli_refuse_with_one_line(capsys, tmp_path, monkeypatch) -> N
     from coopsgd.cli import main
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="distributed engine"):
-        RunConfig(engine="distributed", compress="int8")
+    assert RunConfig(engine="distributed", compress="int8").communication.compress == "int8"
+    with pytest.raises(ConfigError, match="distributed engine does not compress"):  # elastic: before any rank
+        RunConfig(engine="distributed", preset="easgd", compress="int8")
     assert RunConfig(preset="lsgd").build_spec().compressed is None
     with pytest.raises(ConfigError, match="elastic"):
         RunConfig(preset="lsgd", compress="int8").build_spec()
     for argv in (["run", "--compress", "topk:2"], ["run", "--preset", "dpsgd", "--compress", "powersgd:1"],
-                 ["run", "--engine", "distributed", "--compress", "int8"]):
+                 ["run", "--engine", "distributed", "--preset", "easgd", "--compress", "int8"]):
         assert main([*argv, "--max-steps", "1"]) == 2
         err = capsys.readouterr().err.strip()
         assert "compress" in err and len(err.splitlines()) == 1, err

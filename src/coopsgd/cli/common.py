@@ -161,7 +161,7 @@ def presets_epilog() -> str:
     decls = declarations()
     width = max(len(n) for n in decls) + 2
     lines = [f"  {n:{width}s}{d.summary}" for n, d in decls.items()]
-    return "presets:\n" + "\n".join(lines).replace("%", "%%")
+    return "presets:\n" + "\n".join(lines)  # an epilog is not %-formatted (only "%(prog)" is)
 
 
 def setting_help(name: str, *, with_defaults: bool = True) -> str:

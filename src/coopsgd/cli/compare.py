@@ -121,7 +121,7 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "compare", help="run several algorithms on equal footing; one figure and a table", formatter_class=fmt,
         epilog=presets_epilog() + "\nsets (--set NAME):\n"
-        + "\n".join(s.epilog_line() for s in COMPARE_SETS.values()).replace("%", "%%"),
+        + "\n".join(s.epilog_line() for s in COMPARE_SETS.values()),  # an epilog is not %-formatted
         description="Train several presets on equal footing (same data, model, seed and simulated network); write "
                     "one run directory each, compare.png, compare.json (with --set also compare_cost.png: test "
                     "loss against the simulated clock and the bytes sent), and print a table.\n"

@@ -31,7 +31,7 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser("reproduce", help="rerun a paper experiment", formatter_class=fmt,
                        description="Rerun an experiment of [CSGD] or [LSGD]; writes its figures and result.json.",
                        epilog=(f"experiments [engines, the first is the default]:\n{listing}\n"
-                               f"aliases: {aliases}").replace("%", "%%"))
+                               f"aliases: {aliases}"))  # an epilog is not %-formatted (only "%(prog)" is)
     p.add_argument("name", choices=[*experiment_names(), "all", "report"], metavar="NAME",
                    help="experiment (listed below); `all`: every experiment into --out DIR, then DIR/report.md; "
                         "`report DIR`: rewrite DIR/report.md from DIR/*/result.json")

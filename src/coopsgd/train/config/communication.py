@@ -19,8 +19,9 @@ from coopsgd.settings import check_section, setting
 
 __all__ = ["CommunicationSettings", "COMPRESSED_ENGINES"]
 
-#: The engines that run compressed rounds (the distributed engine does not send compressed payloads yet).
-COMPRESSED_ENGINES = ("reference", "simulate")
+#: The engines that run compressed rounds (all three: the distributed engine sends the payloads themselves; it
+#: refuses elastic rounds, which only the reference engine and the simulator compress).
+COMPRESSED_ENGINES = ("reference", "simulate", "distributed")
 
 
 def _compressed(c: Any) -> str | None:

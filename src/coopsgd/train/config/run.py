@@ -195,14 +195,18 @@ class RunConfig:
             return
         if self.execution.engine not in COMPRESSED_ENGINES:
             raise ConfigError.invalid("compress", comp.compress, f"compressed rounds run on the engines "
-                                      f"{' and '.join(COMPRESSED_ENGINES)}; the {self.execution.engine} engine does "
-                                      "not send compressed payloads yet (use --engine simulate)")
+                                      f"{', '.join(COMPRESSED_ENGINES)}; not on the {self.execution.engine} engine")
         if comp.compresses:
             decl = declaration(self.algorithm.preset)
             settings = {k: None if (a := decl.arg(k)) is not None and a.kind == "derived" else v
                         for k, v in self.preset_settings().items()}
-            spec_from_settings(self.algorithm.preset, self.algorithm.workers, settings, seed=self.execution.seed,
-                               policies=self.spec_policies(), lenient=True, compression=comp)
+            spec = spec_from_settings(self.algorithm.preset, self.algorithm.workers, settings,
+                                      seed=self.execution.seed, policies=self.spec_policies(), lenient=True,
+                                      compression=comp)
+            if self.execution.engine == "distributed":  # elastic rounds: refused here, before any rank starts
+                from coopsgd.engines.distributed.compressed import check_distributed_compression
+
+                check_distributed_compression(spec)
 
     # -- conversion ------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> RunConfig:
