@@ -231,6 +231,8 @@ def _metrics(res: Mapping[str, Any]) -> dict[str, float | None]:
     out["CHOCO-SGD topk:0.01 test accuracy"] = choco["test_accuracy"]
     out["final loss ratio CHOCO / D-PSGD"] = (None if exact["final_loss"] is None or choco["final_loss"] is None
                                               else choco["final_loss"] / exact["final_loss"])
+    out["final loss CHOCO - D-PSGD (same seed)"] = (None if exact["final_loss"] is None or choco["final_loss"] is None
+                                                    else choco["final_loss"] - exact["final_loss"])
     out["bytes ratio D-PSGD / CHOCO"] = exact["bytes"] / choco["bytes"] if choco["bytes"] else None
     return out
 
@@ -240,8 +242,12 @@ def _notes(bands: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if not a or not b or not a.get("n") or not b.get("n"):
         return []
     overlap = a["min"] <= b["max"] and b["min"] <= a["max"]
-    return [f"final loss over the seeds: CHOCO-SGD top-1% {a['min']:.4g}-{a['max']:.4g}, D-PSGD "
-            f"{b['min']:.4g}-{b['max']:.4g}: the min-max bands {'overlap' if overlap else 'do not overlap'}"]
+    lines = [f"final loss over the seeds: CHOCO-SGD top-1% {a['min']:.4g}-{a['max']:.4g}, D-PSGD "
+             f"{b['min']:.4g}-{b['max']:.4g}: the min-max bands {'overlap' if overlap else 'do not overlap'}"]
+    diff = bands.get("final loss CHOCO - D-PSGD (same seed)")
+    if diff and diff.get("n"):
+        lines.append(f"seed by seed, CHOCO-SGD's final loss minus D-PSGD's: {diff['min']:.3g} to {diff['max']:.3g}")
+    return lines
 
 
 def choco_assessment(compressors: Sequence[str] = tuple(GOSSIP_GAMMAS)) -> Assessment:
