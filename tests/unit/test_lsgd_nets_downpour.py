@@ -55,7 +55,7 @@ def test_measured_clocks_and_the_distributed_engine_keep_the_arrival_order(monke
 def test_the_finding_is_in_the_report_and_the_nets_are_named_by_what_ran() -> None:
     assessment = ASSESSMENTS["lsgd-nets"]
     notes = assessment.notes({})
-    assert notes == [lsgd_nets.DOWNPOUR_FINDING] and "lr / m" in notes[0] and "worker index" in notes[0]
+    assert notes == [lsgd_nets.DOWNPOUR_FINDING] and "lr / m" in notes[0] and "lowest index" in notes[0]
     assert lsgd_nets.ROLE_NAMES == ["CNN-7 (quick: LeNet)", "ResNet-20 (quick: MLP)"]
     assert [n["name"] for n in lsgd_nets.NETS_QUICK] == ["LeNet (stand-in for CNN-7)", "MLP (stand-in for ResNet-20)"]
     rows = [row.quantity for row in assessment.paper]
