@@ -109,7 +109,7 @@ def test_cli_choco_topk_ring(capsys) -> None:
 
 def test_cli_unbiased_rate_terms_and_given_gamma(capsys) -> None:
     code, out, err = _theory(capsys, "--preset", "dpsgd", "--compress", "qsgd:4", "--consensus-step", "0.3",
-                             "--params", "400", "--mu", "0.1", "--L", "1", "--sigma2", "2", "--G2", "5",
+                             "--params", "400", "--strong-convexity", "0.1", "--L", "1", "--sigma2", "2", "--G2", "5",
                              "--steps", "1000", "--json")
     assert code == 0, err
     c = json.loads(out)["compression"]
@@ -146,11 +146,11 @@ def test_cli_refusals(capsys) -> None:
     assert code == 2 and "compress" in err and len(err.strip().splitlines()) == 1
     code, _, err = _theory(capsys, "--preset", "choco", "--compress", "topk:2")
     assert code == 2 and "compress" in err
-    code, _, err = _theory(capsys, "--preset", "choco", "--compress", "topk:0.1", "--mu", "1")
+    code, _, err = _theory(capsys, "--preset", "choco", "--compress", "topk:0.1", "--strong-convexity", "1")
     assert code == 2 and "--G2" in err
-    code, _, err = _theory(capsys, "--preset", "dpsgd", "--mu", "1", "--L", "1", "--sigma2", "1", "--G2", "1",
+    code, _, err = _theory(capsys, "--preset", "dpsgd", "--strong-convexity", "1", "--L", "1", "--sigma2", "1", "--G2", "1",
                            "--steps", "10")
     assert code == 2 and "--compress" in err
-    code, _, err = _theory(capsys, "--preset", "choco", "--compress", "topk:0.1", "--mu", "2", "--L", "1", "--sigma2",
+    code, _, err = _theory(capsys, "--preset", "choco", "--compress", "topk:0.1", "--strong-convexity", "2", "--L", "1", "--sigma2",
                            "1", "--G2", "1", "--steps", "10")
     assert code == 2 and "L=1.0 is invalid: must be >= mu = 2" in err

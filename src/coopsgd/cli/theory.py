@@ -3,7 +3,7 @@
 With ``--compress`` (SPEC §11) it also reports the compressor's quality (δ, or ω and the δ = 1/(1 + ω) CHOCO
 uses), the bytes of a compressed round against the uncompressed one, and for gossip rounds CHOCO-SGD's theory
 (:mod:`coopsgd.theory.compression`): Theorem 2's consensus step beside the run's, CHOCO-Gossip's linear rate
-and, with ``--mu --L --sigma2 --G2 --steps``, the terms of Theorem 4's rate.
+and, with ``--strong-convexity --L --sigma2 --G2 --steps``, the terms of Theorem 4's rate.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--consensus-step", type=float, default=None,
                    help="CHOCO's consensus step gamma of the run, in (0, 1] (default: the compressor's delta; 1 "
                         "for none, fp16, bf16; 2/pi for sign)")
-    p.add_argument("--mu", type=float, default=None, help="strong convexity mu (CHOCO-SGD's rate, with --L, "
-                                                          "--sigma2, --G2, --steps)")
+    p.add_argument("--strong-convexity", dest="strong_convexity", type=float, default=None,
+                   help="strong convexity mu (CHOCO-SGD's rate, with --L, --sigma2, --G2, --steps)")
     p.add_argument("--G2", type=float, default=None, help="bound G^2 on E||stochastic gradient||^2 (CHOCO-SGD's rate)")
     p.add_argument("--params", type=int, default=1_000_000, help="model size for the per-round cost")
     p.add_argument("--out", default=None, help="heatmap output file")
@@ -107,17 +107,18 @@ def cmd_theory(args: argparse.Namespace) -> int:
         spec = spec_from_args(args)
     spec = _with_compression(spec, args)
     const_flags = {"L": args.L, "sigma2": args.sigma2, "lr": args.lr, "steps": args.steps, "f_gap": args.f_gap}
-    choco_flags = {"mu": args.mu, "G2": args.G2}
+    choco_flags = {"strong_convexity": args.strong_convexity, "G2": args.G2}
     constants = None
     if any(v is not None for v in choco_flags.values()):
         missing = [k for k, v in {**choco_flags, "L": args.L, "sigma2": args.sigma2, "steps": args.steps}.items()
                    if v is None]
         if missing:
-            flags = ", ".join("--" + k for k in missing)
-            raise ConfigError.invalid(flags, None, "CHOCO-SGD's rate needs all of --mu, --L, --sigma2, --G2, --steps")
+            flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+            raise ConfigError.invalid(flags, None, "CHOCO-SGD's rate needs all of --strong-convexity, --L, --sigma2, "
+                                      "--G2, --steps")
         if spec.compressed is None:
-            raise ConfigError.invalid("--mu", args.mu, "CHOCO-SGD's rate is for compressed gossip: give --compress "
-                                      "(e.g. --preset choco --compress topk:0.01)")
+            raise ConfigError.invalid("--strong-convexity", args.strong_convexity, "CHOCO-SGD's rate is for compressed "
+                                      "gossip: give --compress (e.g. --preset choco --compress topk:0.01)")
     if any(v is not None for v in const_flags.values()) and (
             all(v is None for v in choco_flags.values()) or args.lr is not None or args.f_gap is not None):
         missing = [k for k, v in const_flags.items() if v is None]
@@ -129,7 +130,7 @@ def cmd_theory(args: argparse.Namespace) -> int:
         )
     out = analyze(spec, constants, params=args.params)
     if spec.compressed is not None:
-        out["compression"] = compression_facts(spec, args.params, mu=args.mu, L=args.L, sigma2=args.sigma2,
+        out["compression"] = compression_facts(spec, args.params, mu=args.strong_convexity, L=args.L, sigma2=args.sigma2,
                                                G2=args.G2, steps=args.steps)
     out["warnings"] = [str(w.message) for w in caught]
     if args.json:
