@@ -123,8 +123,8 @@ def _theorem3_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float |
 
 
 def _fedavg_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
-    """FedAvg with IID data: [CSGD] Corollary 2 with the sampled clients as the workers."""
-    if z is None:
+    """FedAvg with IID data: [CSGD] Corollary 2 with the sampled clients as the workers (plain FedAvg only)."""
+    if z is None and _fed_no_bound(spec) is None:
         k = spec.params["clients_per_round"]
         res["corollary2_with_sampled_clients"] = bounds.corollary2(c, m=k, tau=spec.tau).to_dict()
 
@@ -169,6 +169,37 @@ def _matcha_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | N
     res["theorem1_at_expected_zeta"] = dataclasses.replace(rep, notes=(note, *rep.notes)).to_dict()
 
 
+def _fed_no_bound(spec: AlgorithmSpec) -> str | None:
+    """Why no bound applies to a FedAvg-family spec (FedProx's term, a server optimizer), or ``None``."""
+    why = []
+    if spec.prox > 0.0:
+        why.append(f"the proximal term (mu={spec.prox:g}) changes the local steps; FedProx's own analysis (Li et "
+                   "al. 2020, Theorem 4) needs its B-local dissimilarity and gamma-inexactness, not estimated here")
+    if spec.outer is not None:
+        why.append(f"the server optimizer ({spec.name}: {spec.outer.kind}) is not plain averaging; Reddi et al.'s "
+                   "bounds (2021, Theorems 1-2) need a gradient bound G and the clients' heterogeneity sigma_g, "
+                   "not estimated here")
+    if not why:
+        return None
+    return "no bound applies: [CSGD] Corollary 2 covers plain averaging of plain local SGD steps; " + "; ".join(why)
+
+
+def _fed_facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> None:
+    """FedProx's mu and the server optimizer of a FedAvg-family preset; why no bound applies."""
+    out["mu"] = spec.prox
+    if spec.outer is not None:
+        out["server_optimizer"] = spec.outer.describe()
+    why = _fed_no_bound(spec)
+    if why is not None and why not in notes:
+        notes.append(why)
+
+
+def _fed_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
+    why = _fed_no_bound(spec)
+    if why is not None:
+        res["federated"] = why
+
+
 ZETA_TAU = TheoryHook("zeta_tau", facts=_zeta_tau_facts)
 DPSGD_VS_PSASGD = TheoryHook("dpsgd_vs_psasgd", facts=_dpsgd_vs_psasgd_facts)
 COROLLARY2 = TheoryHook("corollary2", bounds=_corollary2_bounds)
@@ -181,6 +212,7 @@ GENERALIZED_ELASTIC_ALPHA = TheoryHook("generalized_elastic_alpha", facts=_gener
 EASGD_ALPHA_PER_GROUP = TheoryHook("easgd_alpha_per_group",
                                    facts=_elastic_facts(lambda spec: spec.workers // spec.params["groups"]))
 FEDAVG_COROLLARY2 = TheoryHook("corollary2_sampled_clients", bounds=_fedavg_bounds)
+FED_NO_BOUND = TheoryHook("federated_no_bound", facts=_fed_facts, bounds=_fed_bounds)
 MATCHA_EXPECTED_ZETA = TheoryHook("matcha_expected_zeta", facts=_matcha_facts, bounds=_matcha_bounds)
 DILOCO_NO_BOUND = TheoryHook("diloco_no_bound", bounds=_diloco_bounds)
 SLOWMO_RATE = TheoryHook("slowmo_rate", bounds=_slowmo_bounds)

@@ -11,6 +11,21 @@ restarts from the new z:
   ``z <- z - alpha lr u`` (``lr`` the base optimizer's learning rate), i.e. :class:`OuterOptimizer` with
   ``lr_scaled=True``.
 
+* the server optimizers of federated learning (Reddi et al., "Adaptive Federated Optimization", ICLR 2021,
+  Algorithms 1 and 2): FedAvgM is ``"sgd"`` with momentum; FedAdam, FedYogi and FedAdagrad are ``"adam"``
+  (without bias correction), ``"yogi"`` and ``"adagrad"``. With Reddi's pseudo-gradient
+  ``Delta_t = mean(y_i) - x = -Delta`` (the sign is the only difference; v only sees squares)::
+
+      m_t = beta1 m_{t-1} + (1 - beta1) Delta_t
+      v_t = beta2 v_{t-1} + (1 - beta2) Delta_t^2                     (FedAdam)
+      v_t = v_{t-1} - (1 - beta2) Delta_t^2 sign(v_{t-1} - Delta_t^2)  (FedYogi)
+      v_t = v_{t-1} + Delta_t^2                                       (FedAdagrad)
+      x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau)
+
+  with m and v starting at 0 (Flower's choice; the paper's analysis assumes v_{-1} >= tau^2), eta the
+  ``lr`` and the adaptivity tau the ``eps``. There the round is FedAvg's (the sampled clients' weighted
+  average sent to every node, z included), so the engines keep z's value from before the round.
+
 Outer lr 1 without momentum is plain averaging: the base algorithm with an exact average every ``period``
 steps (local SGD itself when the base does not communicate between outer rounds).
 
@@ -30,10 +45,13 @@ import numpy as np
 from coopsgd.algorithms.schedules import Mix, MixContext, Schedule, ScheduleState
 from coopsgd.errors import ConfigError, check_float, check_int
 
-__all__ = ["OuterOptimizer", "OuterSchedule", "OUTER_KINDS", "outer_matrix"]
+__all__ = ["OuterOptimizer", "OuterSchedule", "OUTER_KINDS", "ADAPTIVE_KINDS", "outer_matrix"]
 
-#: Outer optimizers: torch.optim.SGD semantics (momentum, Nesterov) or torch.optim.Adam semantics.
-OUTER_KINDS = ("sgd", "adam")
+#: Outer optimizers: torch.optim.SGD semantics (momentum, Nesterov), torch.optim.Adam semantics (or, without bias
+#: correction, Reddi et al.'s FedAdam), and Reddi et al.'s Yogi and Adagrad server rules.
+OUTER_KINDS = ("sgd", "adam", "yogi", "adagrad")
+#: The kinds that keep the moments m (``exp_avg``) and v (``exp_avg_sq``).
+ADAPTIVE_KINDS = ("adam", "yogi", "adagrad")
 
 
 @dataclass(frozen=True)
@@ -41,11 +59,14 @@ class OuterOptimizer:
     """The auxiliary node's optimizer.
 
     Attributes:
-        kind: ``"sgd"`` (momentum / Nesterov as ``torch.optim.SGD``, dampening 0) or ``"adam"``.
-        lr: outer learning rate (DiLoCo 0.7; SlowMo's slow learning rate alpha).
-        momentum: outer momentum (DiLoCo 0.9; SlowMo's slow momentum beta); SGD only.
+        kind: ``"sgd"`` (momentum / Nesterov as ``torch.optim.SGD``, dampening 0), ``"adam"``, ``"yogi"`` or
+            ``"adagrad"`` (see the module docstring).
+        lr: outer learning rate (DiLoCo 0.7; SlowMo's slow learning rate alpha; the server learning rate eta).
+        momentum: outer momentum (DiLoCo 0.9; SlowMo's slow momentum beta; FedAvgM's beta); SGD only.
         nesterov: Nesterov momentum (DiLoCo); SGD only.
-        betas, eps: Adam's.
+        betas, eps: Adam's (``eps``: Reddi et al.'s adaptivity tau); Adagrad reads only beta1.
+        bias_correction: ``"adam"`` only: torch.optim.Adam's bias correction (True, DiLoCo's outer Adam) or
+            Reddi et al.'s FedAdam without it (False); Yogi and Adagrad have none.
         lr_scaled: SlowMo's scaling: the momentum is kept in units of the pseudo-gradient divided by the
             inner learning rate of the round's last step (a learning-rate change between rounds rescales it).
     """
@@ -57,6 +78,7 @@ class OuterOptimizer:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     lr_scaled: bool = False
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in OUTER_KINDS:
@@ -68,9 +90,13 @@ class OuterOptimizer:
             raise ConfigError.invalid("outer_nesterov", self.nesterov, "must be True or False")
         if self.nesterov and self.momentum == 0.0:
             raise ConfigError.invalid("outer_momentum", self.momentum, "Nesterov outer momentum needs momentum > 0")
-        if self.kind == "adam" and (self.momentum != 0.0 or self.lr_scaled):
-            raise ConfigError.invalid("outer_momentum", self.momentum, "the adam outer optimizer uses betas "
+        if self.kind in ADAPTIVE_KINDS and (self.momentum != 0.0 or self.lr_scaled or self.nesterov):
+            raise ConfigError.invalid("outer_momentum", self.momentum, f"the {self.kind} outer optimizer uses betas "
                                       "(no momentum, no lr scaling)")
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError.invalid("outer_bias_correction", self.bias_correction, "must be True or False")
+        if self.kind in ("yogi", "adagrad") and self.bias_correction:
+            object.__setattr__(self, "bias_correction", False)  # the rules have none (Reddi et al., Algorithm 2)
         b = tuple(self.betas)
         if len(b) != 2:
             raise ConfigError.invalid("outer_betas", self.betas, "must be two numbers")
@@ -95,6 +121,8 @@ class OuterOptimizer:
             out.update(momentum=self.momentum, nesterov=self.nesterov, lr_scaled=self.lr_scaled)
         else:
             out.update(betas=list(self.betas), eps=self.eps)
+            if not self.bias_correction:
+                out["bias_correction"] = False
         return out
 
 

@@ -27,6 +27,7 @@ from coopsgd.algorithms.hooks import (
     DPSGD_VS_PSASGD,
     EASGD_ALPHA,
     EASGD_ALPHA_PER_GROUP,
+    FED_NO_BOUND,
     FEDAVG_COROLLARY2,
     GENERALIZED_ELASTIC_ALPHA,
     MATCHA_EXPECTED_ZETA,
@@ -66,6 +67,11 @@ __all__ = [
     "generalized_elastic",
     "hierarchical",
     "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
     "lsgd",
     "downpour",
     "matcha",
@@ -391,6 +397,40 @@ def hierarchical(
     )
 
 
+def _federated(
+    name: str,
+    workers: int,
+    tau: int,
+    *,
+    fraction: float,
+    sample_counts: Sequence[float] | None,
+    seed: int,
+    mu: float,
+    policies: Policies | None,
+    outer: OuterOptimizer | None = None,
+    params: dict[str, Any] | None = None,
+) -> AlgorithmSpec:
+    """FedAvg's rounds (:class:`FedAvgSchedule`) with FedProx's ``mu`` and, with ``outer``, a server optimizer."""
+    m = _workers(workers)
+    tau = check_int("tau", tau, minimum=1)
+    c = check_float("fraction", fraction, low=0.0, high=1.0, low_open=True)
+    mu = check_float("mu", mu, low=0.0)
+    sched = FedAvgSchedule(m, tau, fraction=c, sample_counts=sample_counts, seed=seed, outer=outer is not None)
+    if mu > 0.0 or outer is not None:
+        notes = ("no bound applies: [CSGD] Corollary 2 covers plain averaging of plain local SGD steps; "
+                 + ("a proximal term " if mu > 0.0 else "") + ("and " if mu > 0.0 and outer is not None else "")
+                 + ("a server optimizer " if outer is not None else "") + "is outside it",)
+    else:
+        notes = (f"theory: with IID data use Corollary 2 (local SGD) with {sched.clients_per_round} workers",)
+    return AlgorithmSpec(
+        name=name, workers=m, auxiliaries=1, tau=tau, schedule=sched, rule="post_mix", center="auxiliary",
+        theory_matrix=None, theory_v=0, pattern="parameter_server", policies=policies or Policies(),
+        params={"fraction": c, "clients_per_round": sched.clients_per_round, "seed": int(seed),
+                **({"mu": mu} if mu > 0.0 or name == "fedprox" else {}), **(params or {})},
+        notes=notes, outer=outer, prox=mu,
+    )
+
+
 @compressible
 def fedavg(
     workers: int,
@@ -399,23 +439,163 @@ def fedavg(
     fraction: float = 1.0,
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
+    mu: float = 0.0,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """Federated averaging: rounds of tau local steps on a sampled fraction c of clients ([CSGD] §5).
 
     The server model is auxiliary node 0 and the model to evaluate. With IID data it behaves like
-    local SGD with c*m workers ([CSGD] Corollary 2 with m -> cm).
+    local SGD with c*m workers ([CSGD] Corollary 2 with m -> cm). ``mu > 0`` adds FedProx's proximal term
+    (:func:`fedprox`); ``mu = 0`` is FedAvg bit for bit.
     """
-    m = _workers(workers)
-    tau = check_int("tau", tau, minimum=1)
-    c = check_float("fraction", fraction, low=0.0, high=1.0, low_open=True)
-    sched = FedAvgSchedule(m, tau, fraction=c, sample_counts=sample_counts, seed=seed)
-    return AlgorithmSpec(
-        name="fedavg", workers=m, auxiliaries=1, tau=tau, schedule=sched, rule="post_mix", center="auxiliary",
-        theory_matrix=None, theory_v=0, pattern="parameter_server", policies=policies or Policies(),
-        params={"fraction": c, "clients_per_round": sched.clients_per_round, "seed": int(seed)},
-        notes=(f"theory: with IID data use Corollary 2 (local SGD) with {sched.clients_per_round} workers",),
-    )
+    return _federated("fedavg", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
+                      policies=policies)
+
+
+@compressible
+def fedprox(
+    workers: int,
+    tau: int = 5,
+    *,
+    mu: float = 0.01,
+    fraction: float = 1.0,
+    sample_counts: Sequence[float] | None = None,
+    seed: int = 0,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """FedProx (Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, MLSys 2020): FedAvg whose clients minimise
+    ``h_k(x; x_t) = F_k(x) + (mu/2) ||x - x_t||^2`` (their eq. (2)) with tau local steps.
+
+    Every local step of client i uses ``g_i + mu (x_i - x_t)`` in place of its stochastic gradient, x_t being
+    the server model the client received at its last round -- the server node z, which every round sends to
+    every client and which does not move between rounds. The rounds, the sampling and the weighting are
+    FedAvg's (:func:`fedavg`); ``mu = 0`` is FedAvg bit for bit. The paper tries mu in {0.001, 0.01, 0.1, 1};
+    the default 0.01 is one of them.
+    """
+    return _federated("fedprox", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
+                      policies=policies)
+
+
+# Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, "Adaptive Federated Optimization", ICLR 2021:
+# FedAvg's rounds with a server optimizer on Delta_t = mean_S(y_i) - x_t (the sampled clients' weighted
+# average minus the server model); the optimizer is coopsgd.algorithms.outer.OuterOptimizer (docs/federated.md).
+
+
+@compressible
+def fedavgm(
+    workers: int,
+    tau: int = 5,
+    *,
+    outer_lr: float = 1.0,
+    outer_momentum: float = 0.9,
+    fraction: float = 1.0,
+    sample_counts: Sequence[float] | None = None,
+    seed: int = 0,
+    mu: float = 0.0,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """FedAvgM (Hsu, Qi, Brown 2019; Reddi et al. 2021, Algorithm 1 with server SGD and momentum): FedAvg's
+    rounds, then the server takes a heavy-ball step on the pseudo-gradient ``Delta = x - mean_S(y_i)``::
+
+        v <- beta v + Delta,    x <- x - eta v        (v starts at 0; eta = outer_lr, beta = outer_momentum)
+
+    and every client receives the new x. ``outer_lr=1, outer_momentum=0`` is FedAvg bit for bit.
+    """
+    lr = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
+    beta = check_float("outer_momentum", outer_momentum, low=0.0, high=1.0, high_open=True)
+    outer = OuterOptimizer("sgd", lr=lr, momentum=beta)
+    return _federated("fedavgm", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
+                      policies=policies, outer=outer, params={"outer_lr": lr, "outer_momentum": beta})
+
+
+def _adaptive(name: str, kind: str, workers: int, tau: int, *, outer_lr: float, outer_beta1: float,
+              outer_beta2: float, outer_eps: float, fraction: float, sample_counts: Sequence[float] | None,
+              seed: int, mu: float, policies: Policies | None) -> AlgorithmSpec:
+    lr = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
+    b1 = check_float("outer_beta1", outer_beta1, low=0.0, high=1.0, high_open=True)
+    b2 = check_float("outer_beta2", outer_beta2, low=0.0, high=1.0, high_open=True)
+    eps = check_float("outer_eps", outer_eps, low=0.0, low_open=True)
+    outer = OuterOptimizer(kind, lr=lr, betas=(b1, b2), eps=eps, bias_correction=False)
+    params: dict[str, Any] = {"outer_lr": lr, "outer_beta1": b1, "outer_eps": eps}
+    if kind != "adagrad":
+        params["outer_beta2"] = b2
+    return _federated(name, workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
+                      policies=policies, outer=outer, params=params)
+
+
+@compressible
+def fedadam(
+    workers: int,
+    tau: int = 5,
+    *,
+    outer_lr: float = 0.1,
+    outer_beta1: float = 0.9,
+    outer_beta2: float = 0.99,
+    outer_eps: float = 1e-9,
+    fraction: float = 1.0,
+    sample_counts: Sequence[float] | None = None,
+    seed: int = 0,
+    mu: float = 0.0,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """FedAdam (Reddi et al., ICLR 2021, Algorithm 2): FedAvg's rounds, then with the round's pseudo-gradient
+    ``Delta_t = mean_S(y_i) - x_t``::
+
+        m_t = beta1 m_{t-1} + (1 - beta1) Delta_t,   v_t = beta2 v_{t-1} + (1 - beta2) Delta_t^2,
+        x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau_a)
+
+    (no bias correction; m and v start at 0). eta = ``outer_lr``, beta1/beta2 = ``outer_beta1`` /
+    ``outer_beta2``, the adaptivity tau_a = ``outer_eps``. Defaults: Flower's FedAdam strategy's (eta 0.1,
+    betas (0.9, 0.99), tau_a 1e-9).
+    """
+    return _adaptive("fedadam", "adam", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
+                     outer_beta2=outer_beta2, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
+                     seed=seed, mu=mu, policies=policies)
+
+
+@compressible
+def fedyogi(
+    workers: int,
+    tau: int = 5,
+    *,
+    outer_lr: float = 0.01,
+    outer_beta1: float = 0.9,
+    outer_beta2: float = 0.99,
+    outer_eps: float = 1e-3,
+    fraction: float = 1.0,
+    sample_counts: Sequence[float] | None = None,
+    seed: int = 0,
+    mu: float = 0.0,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """FedYogi (Reddi et al., ICLR 2021, Algorithm 2): as :func:`fedadam` with Yogi's second moment
+    ``v_t = v_{t-1} - (1 - beta2) Delta_t^2 sign(v_{t-1} - Delta_t^2)``. Defaults: Flower's FedYogi strategy's
+    (eta 0.01, betas (0.9, 0.99), tau_a 1e-3)."""
+    return _adaptive("fedyogi", "yogi", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
+                     outer_beta2=outer_beta2, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
+                     seed=seed, mu=mu, policies=policies)
+
+
+@compressible
+def fedadagrad(
+    workers: int,
+    tau: int = 5,
+    *,
+    outer_lr: float = 0.1,
+    outer_beta1: float = 0.0,
+    outer_eps: float = 1e-9,
+    fraction: float = 1.0,
+    sample_counts: Sequence[float] | None = None,
+    seed: int = 0,
+    mu: float = 0.0,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """FedAdagrad (Reddi et al., ICLR 2021, Algorithm 2): as :func:`fedadam` with Adagrad's second moment
+    ``v_t = v_{t-1} + Delta_t^2``. Defaults: Flower's FedAdagrad strategy's (eta 0.1, beta1 0 -- no momentum,
+    ``m_t = Delta_t`` -- and tau_a 1e-9); the paper's algorithm allows beta1 > 0 (``outer_beta1``)."""
+    return _adaptive("fedadagrad", "adagrad", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
+                     outer_beta2=0.0, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
+                     seed=seed, mu=mu, policies=policies)
 
 
 @compressible
@@ -643,10 +823,29 @@ _WEIGHTS = PresetArg("weights", str, "metropolis", help="mixing weight rule", ch
 _ALPHA = PresetArg("alpha", float, None, help="elasticity alpha (the auxiliary's pull)")
 _STRICT = PresetArg("strict", bool, False, help="error (not warning) for a diverging alpha")
 _GROUPS = PresetArg("groups", int, help="number of equal groups of workers", low=1)
-_OUTER_LR = PresetArg("outer_lr", float, help="outer learning rate of z (SlowMo's slow lr alpha)", low=0.0,
-                      low_open=True)
-_OUTER_MOMENTUM = PresetArg("outer_momentum", float, help="outer momentum of z (SlowMo's slow momentum beta)",
-                            low=0.0, high=1.0, high_open=True)
+_OUTER_LR = PresetArg("outer_lr", float, help="outer learning rate of z (SlowMo's slow lr alpha; the federated "
+                      "server learning rate eta)", low=0.0, low_open=True)
+_OUTER_MOMENTUM = PresetArg("outer_momentum", float, help="outer momentum of z (SlowMo's slow momentum beta; "
+                            "FedAvgM's server momentum)", low=0.0, high=1.0, high_open=True)
+
+_MU = PresetArg("mu", float, 0.0, help="FedProx's proximal coefficient mu: each local step adds mu (x - x_server) "
+               "to the gradient (0: none)", low=0.0)
+_FED_ARGS = (
+    PresetArg("fraction", float, 1.0, help="FedAvg client fraction c", low=0.0, high=1.0, low_open=True),
+    _SEED,
+    PresetArg("local_epochs", float, None, help="FedAvg: local epochs per round (instead of tau)",
+              low=0.0, low_open=True, kind="derived", excludes=("tau",), default_text="use tau"),
+)
+_FED_INPUTS = (DataInput("sample_counts", ("shard_sizes",), _client_weights,
+                         help="clients are weighted by their number of training samples"),
+               DataInput("tau", ("steps_per_epoch",), _tau_from_local_epochs, when="local_epochs",
+                         help="tau = max(1, round(local_epochs * steps_per_epoch))"))
+_OUTER_BETA1 = PresetArg("outer_beta1", float, help="server optimizer's beta1 (first-moment decay; Reddi et al.)",
+                         low=0.0, high=1.0, high_open=True)
+_OUTER_BETA2 = PresetArg("outer_beta2", float, help="server optimizer's beta2 (second-moment decay; Reddi et al.)",
+                         low=0.0, high=1.0, high_open=True)
+_OUTER_EPS = PresetArg("outer_eps", float, help="server optimizer's adaptivity tau (added to sqrt(v); Reddi et al.)",
+                       low=0.0, low_open=True)
 
 _DECLS: tuple[PresetDecl, ...] = (
     PresetDecl(
@@ -702,16 +901,44 @@ _DECLS: tuple[PresetDecl, ...] = (
     ),
     PresetDecl(
         "fedavg", fedavg, "federated averaging on a sampled fraction of clients",
-        args=(_TAU.replace(default=5),
-              PresetArg("fraction", float, 1.0, help="FedAvg client fraction c", low=0.0, high=1.0, low_open=True),
-              _SEED,
-              PresetArg("local_epochs", float, None, help="FedAvg: local epochs per round (instead of tau)",
-                        low=0.0, low_open=True, kind="derived", excludes=("tau",), default_text="use tau")),
-        inputs=(DataInput("sample_counts", ("shard_sizes",), _client_weights,
-                          help="clients are weighted by their number of training samples"),
-                DataInput("tau", ("steps_per_epoch",), _tau_from_local_epochs, when="local_epochs",
-                          help="tau = max(1, round(local_epochs * steps_per_epoch))")),
-        theory=(FEDAVG_COROLLARY2,),
+        args=(_TAU.replace(default=5), *_FED_ARGS, _MU),
+        inputs=_FED_INPUTS,
+        theory=(FEDAVG_COROLLARY2, FED_NO_BOUND),
+    ),
+    PresetDecl(
+        "fedprox", fedprox, "FedProx: FedAvg whose local steps add mu (x - x_server) to the gradient",
+        args=(_TAU.replace(default=5), _MU.replace(default=0.01), *_FED_ARGS),
+        inputs=_FED_INPUTS,
+        theory=(FED_NO_BOUND,),
+    ),
+    PresetDecl(
+        "fedavgm", fedavgm, "FedAvgM: FedAvg with server momentum on the pseudo-gradient",
+        args=(_TAU.replace(default=5), _OUTER_LR.replace(default=1.0),
+              _OUTER_MOMENTUM.replace(default=0.9), *_FED_ARGS, _MU),
+        inputs=_FED_INPUTS,
+        theory=(FED_NO_BOUND,),
+    ),
+    PresetDecl(
+        "fedadam", fedadam, "FedAdam: FedAvg with an Adam server step (Reddi et al., no bias correction)",
+        args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.1), _OUTER_BETA1.replace(default=0.9),
+              _OUTER_BETA2.replace(default=0.99), _OUTER_EPS.replace(default=1e-9), *_FED_ARGS, _MU),
+        inputs=_FED_INPUTS,
+        theory=(FED_NO_BOUND,),
+    ),
+    PresetDecl(
+        "fedyogi", fedyogi, "FedYogi: FedAvg with a Yogi server step (Reddi et al.)",
+        args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.01),
+              _OUTER_BETA1.replace(default=0.9), _OUTER_BETA2.replace(default=0.99), _OUTER_EPS.replace(default=1e-3),
+              *_FED_ARGS, _MU),
+        inputs=_FED_INPUTS,
+        theory=(FED_NO_BOUND,),
+    ),
+    PresetDecl(
+        "fedadagrad", fedadagrad, "FedAdagrad: FedAvg with an Adagrad server step (Reddi et al.)",
+        args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.1),
+              _OUTER_BETA1.replace(default=0.0), _OUTER_EPS.replace(default=1e-9), *_FED_ARGS, _MU),
+        inputs=_FED_INPUTS,
+        theory=(FED_NO_BOUND,),
     ),
     PresetDecl(
         "lsgd", lsgd, "Leader SGD: pull toward the best worker",

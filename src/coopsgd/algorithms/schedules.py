@@ -483,6 +483,10 @@ class FedAvgSchedule(_Base):
     ``(seed, r)``; only they compute gradients. After the round the server takes the average of the
     sampled clients' models weighted by their sample counts, and every client receives it
     (post-mix rule, every column of ``S`` equals the weight vector).
+
+    ``outer=True`` tags every round ``info["outer"]``: a server optimizer (FedAvgM, FedAdam, FedYogi,
+    FedAdagrad: ``AlgorithmSpec.outer``) then moves the server model from its value before the round along
+    the round's average, and every client receives the result (:class:`coopsgd.algorithms.outer.OuterOptimizer`).
     """
 
     def __init__(
@@ -493,10 +497,12 @@ class FedAvgSchedule(_Base):
         fraction: float = 1.0,
         sample_counts: Sequence[float] | None = None,
         seed: int = 0,
+        outer: bool = False,
     ) -> None:
         self.m = check_int("workers", workers, minimum=1)
         self.tau = check_int("tau", tau, minimum=1)
         self.fraction = float(fraction)
+        self.outer = bool(outer)
         self.n = self.m + 1
         self.seed = int(seed)
         if sample_counts is None:
@@ -542,7 +548,9 @@ class FedAvgSchedule(_Base):
         r = step // self.tau
         chosen = self.clients(r)
         weights = self.sample_counts[chosen] / self.sample_counts[chosen].sum()
-        info = {"clients": chosen.tolist()}
+        info: dict[str, Any] = {"clients": chosen.tolist()}
+        if self.outer:
+            info["outer"] = True
         if np.all(np.isfinite(weights)) and np.all(weights != 0):
             # S = w 1^T: the round is known from the sampled clients' weights (O(c m), no n x n matrix);
             # the dense S is built only when something reads it

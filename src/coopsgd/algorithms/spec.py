@@ -20,7 +20,7 @@ import numpy as np
 from coopsgd.algorithms.communication import Compression, check_compressible
 from coopsgd.algorithms.outer import OuterOptimizer
 from coopsgd.algorithms.schedules import Schedule
-from coopsgd.errors import ConfigError, check_int
+from coopsgd.errors import ConfigError, check_float, check_int
 
 __all__ = ["AlgorithmSpec", "Policies", "UPDATE_RULES", "CENTERS"]
 
@@ -87,6 +87,11 @@ class AlgorithmSpec:
             compressor, error feedback, CHOCO's consensus step; SPEC §11), read by every engine; ``None``: rows
             are sent as they are. Checked against the schedule's rounds
             (:func:`~coopsgd.algorithms.communication.check_compressible`).
+        prox: FedProx's proximal coefficient mu (Li et al., MLSys 2020, eq. (2)): every worker's local step
+            uses ``g + mu (x_i - z)`` in place of its gradient g, z being auxiliary node m (the server model).
+            Only specs whose node m holds the model every worker received at its last round take it
+            (FedAvg's family: every round sends the server model to every client, and z does not move
+            between rounds); the presets that accept ``mu`` guarantee that. 0: no proximal term.
     """
 
     name: str
@@ -106,6 +111,7 @@ class AlgorithmSpec:
     outer: OuterOptimizer | None = None
     inner_optimizer: str | None = None
     compression: Compression | None = None
+    prox: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)
@@ -128,6 +134,10 @@ class AlgorithmSpec:
             if self.auxiliaries < 1 or self.rule != "post_mix":
                 raise ConfigError.invalid("outer", self.outer.kind, "an outer optimizer needs an auxiliary node "
                                           "(node m holds z) and the post_mix rule")
+        object.__setattr__(self, "prox", check_float("mu", self.prox, low=0.0))
+        if self.prox > 0.0 and (self.auxiliaries < 1 or self.center != "auxiliary" or self.rule != "post_mix"):
+            raise ConfigError.invalid("mu", self.prox, "a proximal term needs the server model as auxiliary node m "
+                                      "(center 'auxiliary', post_mix rule): the FedAvg family")
         if self.inner_optimizer is not None and self.inner_optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError.invalid("inner_optimizer", self.inner_optimizer, "choose one of sgd, adam, adamw")
         if self.compression is not None:
@@ -207,6 +217,8 @@ class AlgorithmSpec:
             out["outer"] = self.outer.describe()
         if self.inner_optimizer is not None:
             out["inner_optimizer"] = self.inner_optimizer
+        if self.prox > 0.0:
+            out["mu"] = self.prox
         if self.compressed is not None:
             out["compression"] = self.compressed.describe()
         if self.notes:

@@ -20,6 +20,14 @@ One step with learning rate ``lr`` ([CSGD] eq. (10), Remark 1):
    none);
 5. an outer round (``spec.outer``, a round tagged ``info["outer"]``): the auxiliary z takes its outer
    optimizer's step on ``z - average`` and every worker restarts from z (:meth:`RoundKernel.outer_round`).
+   A round that leaves z alone (DiLoCo's, SlowMo's ``blockdiag(J_m, 1)``) leaves the average in the worker
+   rows; a round that writes z (FedAvg's, for the federated server optimizers: the sampled clients' average
+   sent to every node) leaves it in z's row, and z's value from before the round is kept for the step.
+
+FedProx (``spec.prox`` = mu > 0): the active workers' gradients get ``mu (x_i - z)`` before the inner
+optimizer reads them, z being the first auxiliary row (the server model, held by every process of the
+FedAvg family). z is the model every client received at its last round, so the proximal anchor needs no
+state of its own: it is checkpointed, rolled back and sampled with the rows.
 
 One path serves every inner optimizer (:meth:`RoundKernel.apply`); SGD's update is the one the engines had
 before other optimizers existed, operation for operation (its direction is added with ``alpha = -lr``).
@@ -106,6 +114,12 @@ class InProcess:
             pend[idx] = False
         if which is None or not pend.any():
             self.clear()
+
+    def set_deferred(self, offset: int, value: Tensor) -> None:
+        """Replace columns ``offset .. offset + len(value)`` (of the mixed range) of the value every deferred row
+        holds (an outer step that moved the broadcast model after the round)."""
+        assert self._value is not None
+        self._value[0, offset : offset + value.shape[-1]].copy_(value)
 
     def clear(self) -> None:
         """Forget the deferred rows (after the state was replaced)."""
@@ -265,6 +279,9 @@ class RoundKernel:
         if rnd is None:
             return
         lo, hi = self.cols
+        z_old = None
+        if self.outer is not None and rnd.outer and self._writes_z(rnd):
+            z_old = state[self.workers_local, self.b : self.b + self.d].clone()
         if on_round is not None:
             on_round()
         if self.compressed is not None:
@@ -281,9 +298,23 @@ class RoundKernel:
             elif self.spec.policies.optimizer_state == "mix":
                 self.zero_aux_momentum(state)
         if self.outer is not None and rnd.outer:
-            self.outer_round(state, lr)
+            self.outer_round(state, lr, z_old)
             if self.compressed is not None:  # the workers restarted from z: z is their new x_ref
                 self.compressed.settle(state[:, lo:hi], rnd)
+
+    def _writes_z(self, rnd: Round) -> bool:
+        """Whether the round changes z (node m, the first auxiliary): FedAvg's does, DiLoCo's does not."""
+        plan = rnd.plan
+        if plan.kind is RoundKind.IDENTITY:
+            return False
+        return plan.targets is None or bool(np.isin(self.spec.workers, plan.targets))
+
+    def _prox(self, state: Tensor, grads: Tensor, rows: Tensor | None) -> None:
+        """FedProx: ``grads += mu (x - z)`` for the active worker rows (z: the first auxiliary row)."""
+        b, d, w = self.b, self.d, self.workers_local
+        P = state[:, b : b + d]
+        X = P[:w] if rows is None else P.index_select(0, rows)
+        grads.add_(X - P[w], alpha=self.spec.prox)
 
     def _add(self, state: Tensor, rows: Tensor | None, U: Tensor, alpha: float) -> None:
         """The worker rows' parameters ``+= alpha U`` (the active rows only when ``rows`` is given)."""
@@ -302,6 +333,8 @@ class RoundKernel:
         other optimizers apply their own step in place under ``post_mix`` and return it under ``pre_mix``.
         """
         b, d, w = self.b, self.d, self.workers_local
+        if self.spec.prox > 0.0:
+            self._prox(state, grads, rows)
         P = state[:, b : b + d]
         Fs = [state[:, b + d + f * d : b + d + (f + 1) * d] for f in range(self.nfields)]
         if self.sgd:
@@ -339,15 +372,37 @@ class RoundKernel:
                 P.index_copy_(0, rows, Xa)
         return None if U is None else (U, 1.0)
 
-    def outer_round(self, state: Tensor, lr: float) -> None:
-        """The outer step after an outer round (the workers are averaged): z steps on z - average, and every
-        worker row (and z) becomes the new z; z's buffers become the workers' (when buffers are mixed)."""
+    def outer_round(self, state: Tensor, lr: float, z_old: Tensor | None = None) -> None:
+        """The outer step after an outer round: z steps on z - average, and every worker row (and z) becomes the
+        new z.
+
+        ``z_old`` ``None``: the round averaged the workers and left z alone (DiLoCo, SlowMo); z's buffers then
+        become the workers' (when buffers are mixed). Else the round sent the average to every node, z
+        included (FedAvg's round under a server optimizer), and ``z_old`` is z before it. Worker rows whose
+        broadcast the in-process communicator deferred (sampled clients: :class:`InProcess`) take the new z
+        through the deferred value, so the step costs O(sampled clients), not O(m).
+        """
         assert self.outer is not None
         b, d, w = self.b, self.d, self.workers_local
         P = state[:, b : b + d]
-        z_new = self.outer.step(P[w], P[0], lr)
-        P[: w + 1].copy_(z_new.expand(w + 1, d))
-        if b and self.spec.policies.buffers == "mix":
+        comm = self.comm if isinstance(self.comm, InProcess) else None
+        deferred = None if comm is None else comm.deferred
+        if z_old is None:
+            if comm is not None and deferred is not None and bool(deferred[0]):
+                comm.materialize(state[:, self.cols[0] : self.cols[1]])
+                deferred = comm.deferred
+            z_new = self.outer.step(P[w], P[0], lr)
+        else:
+            z_new = self.outer.step(z_old, P[w], lr)
+        if deferred is None:
+            P[: w + 1].copy_(z_new.expand(w + 1, d))
+        else:  # the deferred rows hold the round's value: move it to z_new; write the others now
+            assert comm is not None
+            comm.set_deferred(b - self.cols[0], z_new)
+            eager = np.flatnonzero(~deferred[: w + 1])
+            if eager.size:
+                P.index_copy_(0, torch.as_tensor(eager, device=P.device), z_new.expand(eager.size, d))
+        if z_old is None and b and self.spec.policies.buffers == "mix":
             state[w, :b].copy_(state[0, :b])
 
     @staticmethod

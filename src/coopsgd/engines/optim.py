@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from coopsgd.algorithms.inner import OptimizerSettings
-from coopsgd.algorithms.outer import OuterOptimizer
+from coopsgd.algorithms.outer import ADAPTIVE_KINDS, OuterOptimizer
 from coopsgd.errors import ConfigError, check_float
 
 __all__ = [
@@ -416,6 +416,10 @@ class OuterRuntime:
         sgd:  buf = mu * r * buf + Delta            (r = lr / last lr with lr_scaled, else 1; buf starts at 0)
               D = Delta + mu * buf (nesterov)  or  buf  (mu > 0)  or  Delta
         adam: torch.optim.Adam's direction of Delta (step count, bias correction)
+        adam without bias correction, yogi, adagrad (Reddi et al., ICLR 2021, Algorithm 2):
+              m = beta1 m + (1 - beta1) Delta
+              v = beta2 v + (1 - beta2) Delta^2  |  v - (1 - beta2) Delta^2 sign(v - Delta^2)  |  v + Delta^2
+              D = m / (sqrt(v) + eps)
         z <- a + (Delta - outer_lr * D)
 
     ``a + (Delta - outer_lr * D)`` is ``z - outer_lr * D`` written so that outer lr 1 without momentum gives
@@ -431,7 +435,7 @@ class OuterRuntime:
 
     def _fresh(self) -> dict[str, Any]:
         z = lambda: torch.zeros(self.d, dtype=self.dtype, device=self.device)  # noqa: E731
-        if self.spec.kind == "adam":
+        if self.spec.kind in ADAPTIVE_KINDS:
             return {"step": 0, "exp_avg": z(), "exp_avg_sq": z()}
         out: dict[str, Any] = {"step": 0, "last_lr": 0.0}
         if self.spec.momentum > 0:
@@ -443,7 +447,7 @@ class OuterRuntime:
         o, st = self.spec, self.state
         delta = z - a
         st["step"] = int(st["step"]) + 1
-        if o.kind == "adam":
+        if o.kind == "adam" and o.bias_correction:
             b1, b2 = o.betas
             t = float(st["step"])
             m, v = st["exp_avg"], st["exp_avg_sq"]
@@ -452,6 +456,18 @@ class OuterRuntime:
             denom = (v.sqrt() / (1 - b2**t) ** 0.5).add_(o.eps)
             D = m / denom
             D.mul_(1.0 / (1 - b1**t))
+        elif o.kind in ADAPTIVE_KINDS:  # Reddi et al.'s server rules: no bias correction, eps outside the root
+            b1, b2 = o.betas
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            m.lerp_(delta, 1 - b1)
+            sq = delta * delta
+            if o.kind == "adam":
+                v.mul_(b2).add_(sq, alpha=1 - b2)
+            elif o.kind == "yogi":
+                v.sub_(sq * torch.sign(v - sq), alpha=1 - b2)
+            else:
+                v.add_(sq)
+            D = m / v.sqrt().add_(o.eps)
         elif o.momentum > 0:
             buf = st["momentum_buffer"]
             last = float(st["last_lr"])

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from coopsgd.algorithms.outer import OuterOptimizer
+from coopsgd.algorithms.outer import ADAPTIVE_KINDS, OuterOptimizer
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import (
@@ -51,7 +51,7 @@ __all__ = ["ReferenceEngine", "ReferenceResult", "StepStats", "NonFiniteError", 
 
 def outer_init(outer: OuterOptimizer, d: int) -> dict[str, Any]:
     """A fresh outer-optimizer state (numpy)."""
-    if outer.kind == "adam":
+    if outer.kind in ADAPTIVE_KINDS:
         return {"step": 0, "exp_avg": np.zeros(d), "exp_avg_sq": np.zeros(d)}
     out: dict[str, Any] = {"step": 0, "last_lr": 0.0}
     if outer.momentum > 0:
@@ -65,12 +65,27 @@ def outer_step(outer: OuterOptimizer, state: dict[str, Any], z: np.ndarray, a: n
 
     SGD (torch.optim.SGD, dampening 0, the buffer starting at 0): ``buf = mu r buf + Delta`` with
     ``r = lr / last lr`` for SlowMo's lr scaling (else 1), ``D = Delta + mu buf`` (Nesterov) or ``buf``;
-    Adam: torch.optim.Adam's direction. The new z is ``a + (Delta - outer_lr D)``.
+    Adam: torch.optim.Adam's direction; Adam without bias correction, Yogi and Adagrad: Reddi et al.'s server
+    rules (ICLR 2021, Algorithm 2), ``m = beta1 m + (1 - beta1) Delta``, v by the rule, ``D = m / (sqrt(v) + eps)``.
+    The new z is ``a + (Delta - outer_lr D)``.
     """
     st = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state.items()}
     delta = z - a
     st["step"] = int(st["step"]) + 1
-    if outer.kind == "adam":
+    if outer.kind in ADAPTIVE_KINDS and not (outer.kind == "adam" and outer.bias_correction):
+        b1, b2 = outer.betas
+        st["exp_avg"] = b1 * st["exp_avg"] + (1 - b1) * delta
+        sq = delta * delta
+        v = st["exp_avg_sq"]
+        if outer.kind == "adam":
+            v = b2 * v + (1 - b2) * sq
+        elif outer.kind == "yogi":
+            v = v - (1 - b2) * sq * np.sign(v - sq)
+        else:
+            v = v + sq
+        st["exp_avg_sq"] = v
+        D = st["exp_avg"] / (np.sqrt(v) + outer.eps)
+    elif outer.kind == "adam":
         b1, b2 = outer.betas
         t = float(st["step"])
         st["exp_avg"] = st["exp_avg"] + (1 - b1) * (delta - st["exp_avg"])
@@ -186,11 +201,16 @@ class ReferenceEngine:
 
     # -- stepping --------------------------------------------------------------------------------
     def _gradients(self, active: np.ndarray | None) -> np.ndarray:
+        """The workers' stochastic gradients (zero for inactive ones and auxiliaries); with FedProx's
+        ``spec.prox`` = mu the active workers' gradients get ``mu (x_i - z)``, z = node m (the server model)."""
         m = self.spec.workers
+        mu = self.spec.prox
         G = np.zeros_like(self.state)
         for i in range(m):
             if active is None or active[i]:
                 G[i] = self.objective.gradient(self.state[i], i, self.rngs[i])
+                if mu > 0.0:
+                    G[i] = G[i] + mu * (self.state[i] - self.state[m])
         return G
 
     name = "reference"
@@ -225,9 +245,11 @@ class ReferenceEngine:
         if not skipped:
             assert G is not None
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported just below
+                z_old = None
                 if spec.rule == "post_mix":
                     X = self.state - lr * G
                     if mix is not None:
+                        z_old = X[spec.workers].copy()
                         X = self._round(X, mix)
                 else:
                     X = self.state if mix is None else self._round(self.state, mix)
@@ -235,7 +257,13 @@ class ReferenceEngine:
                 outer_state = self.outer_state
                 if spec.outer is not None and mix is not None and mix.info.get("outer"):
                     m = spec.workers
-                    z, outer_state = outer_step(spec.outer, self.outer_state, X[m], X[0], lr)  # type: ignore[arg-type]
+                    col = np.asarray(mix.matrix[:, m])
+                    if col[m] == 1.0 and np.count_nonzero(col) == 1:  # z kept: the workers hold their average
+                        z, a = X[m], X[0]
+                    else:  # FedAvg's round sent the clients' average to every node, z included
+                        assert z_old is not None
+                        z, a = z_old, X[m]
+                    z, outer_state = outer_step(spec.outer, self.outer_state, z, a, lr)  # type: ignore[arg-type]
                     X[: m + 1] = z
                     if self._compressed is not None:  # the workers restarted from z: z is their new x_ref
                         self._compressed.settle(X, plan_round(mix))

@@ -188,8 +188,9 @@ class Simulator(SimulatorCompute):
         self._check_initial_state()
         self._drop_template_storage()
         self._compressed = self._compression_stage()
-        # FedAvg's unread broadcasts wait (not when an outer optimizer or a compressor reads the workers)
-        self._comm = InProcess(lazy_rows=m if self.outer is None and self._compressed is None else 0)
+        # FedAvg's unread broadcasts wait (not when a compressor reads the workers; an outer optimizer's step moves
+        # the deferred value: RoundKernel.outer_round)
+        self._comm = InProcess(lazy_rows=m if self._compressed is None else 0)
         self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer, compressed=self._compressed)
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
@@ -593,6 +594,8 @@ class Simulator(SimulatorCompute):
         cs = 1.0 if rnd is None else rnd.plan.col_abs_max  # max column abs-sum of S: NaN / inf iff non-finite
         if not math.isfinite(cs):
             return NonFiniteError(f"non-finite mixing matrix at step {k}")
+        if self.spec.prox > 0.0:  # FedProx adds mu (x_i - z) to the gradients: |x_i - z| <= 2 bound
+            gmax = gmax + 2.0 * self.spec.prox * self._bound
         new_bound = max(cs, 1.0) * step_bound(self.opts, max(self._bound, bmax), gmax, lr)
         limit = float(torch.finfo(self.dtype).max) / 16
         t = RoundKernel.as_rows(rows, self.device)
