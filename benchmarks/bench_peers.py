@@ -35,8 +35,9 @@ against coopsgd's.
 Usage: ``python benchmarks/bench_peers.py [--quick] [--configs 10:1.0,100:0.1,1000:0.01] [--rounds 20]
 [--local-steps 5] [--batch 32] [--lr 0.05] [--reps 3] [--threads 1] [--no-flower]``. Flower is imported only
 when it is used; without it the script says so and runs the other two. A separate environment, e.g.
-``python -m venv /tmp/flwr-venv && /tmp/flwr-venv/bin/pip install torch "flwr[simulation]" && /tmp/flwr-venv/bin/pip
-install -e .``, then ``/tmp/flwr-venv/bin/python benchmarks/bench_peers.py``.
+``python -m venv flwr-venv && flwr-venv/bin/pip install torch==2.13.0 -e ".[peers]"`` (the ``peers`` extra is
+``flwr[simulation]``; pin torch to the build you compare against), then ``flwr-venv/bin/python
+benchmarks/bench_peers.py``.
 """
 
 from __future__ import annotations
