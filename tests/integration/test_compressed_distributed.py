@@ -131,6 +131,10 @@ def test_every_compressor_matches_the_simulator_on_four_ranks() -> None:
     # local SGD: one all-gather of (m - 1) payloads per round
     assert by["local_sgd topk:0.25"]["timing"]["ranks"][0]["bytes_sent"] == (steps // 3) * 3 * 19 * 9
     assert by["fedavg sampled int8"]["timing"]["ranks"][0]["ops"] == {"compressed_broadcast": steps // 2}
+    # fp16 / bf16 averaging: the all-gather that is performed, (m - 1) payloads of 2 d bytes, is what is charged
+    for c in ("fp16", "bf16"):
+        timing = by[f"local_sgd {c}"]["timing"]
+        assert timing["ranks"][0]["bytes_sent"] == timing["bytes_model"] == (steps // 3) * 3 * 2 * 75
 
 
 # -- resume and rollback ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch import nn
 from coopsgd.algorithms import presets
 from coopsgd.algorithms.communication import Compression, compressed_round_cost
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.analysis import spec_round_cost
 from coopsgd.compression import parse_compressor
 from coopsgd.engines.compressed import CompressedRounds
 from coopsgd.engines.kernel import InProcess
@@ -314,7 +315,9 @@ def test_bytes_of_compressed_rounds_are_the_payloads() -> None:
     p = parse_compressor("topk:0.4").payload_bytes(d, torch.float64)
     assert sim.bytes_sent == 3 * p  # an all-gather of the payloads: (m - 1) through each node
     sim = _run(presets.local_sgd(4, 1, compression="fp16"), 1)
-    assert sim.bytes_sent == 2 * 2 * d  # an all-reduce of 2-byte values
+    assert sim.bytes_sent == 3 * 2 * d  # gathered like every payload (a 16-bit all-reduce would round the sum)
+    for c in ("fp16", "bf16"):  # the reference runs' and theory's cost model charges the same all-gather
+        assert spec_round_cost(presets.local_sgd(4, 1, compression=c), d, 8).bytes_sent == 3 * 2 * d
     sim = _run(presets.dpsgd(6, compression="sign"), 1)
     p = parse_compressor("sign").payload_bytes(d, torch.float64)
     assert sim.bytes_sent == 2 * 2 * p  # a ring: two neighbours

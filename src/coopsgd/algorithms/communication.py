@@ -78,9 +78,12 @@ EXCHANGES = ("average", "gossip")
 _NEAR_EXACT = ("none", "fp16", "bf16")
 #: ``sign``'s δ = ‖x‖₁²/(d‖x‖²) on Gaussian-like vectors (E|x_j| = √(2/π) σ): its default consensus step.
 _SIGN_TYPICAL_DELTA = 2.0 / math.pi
-#: Compressors whose payloads a reduction can add on the wire (a low-precision all-reduce); the others' are
-#: gathered (:func:`compressed_round_cost`).
-REDUCIBLE = ("fp16", "bf16")
+#: Compressors whose payloads an all-reduce adds on the wire while keeping the round's exact result
+#: (:func:`compressed_round_cost` charges them 2 payloads; every other compressor's, m − 1). None: a 16-bit
+#: all-reduce of ``fp16`` / ``bf16`` payloads would round every partial sum to 16 bits, where the round's
+#: result is the sum of the decoded payloads in the rows' dtype, so every engine all-gathers them and they
+#: are charged the all-gather that is performed (the bytes on the wire are the bytes accounted).
+REDUCIBLE: tuple[str, ...] = ()
 #: A schedule without a finite list of matrices: :func:`check_compressible` looks at the rounds of its first
 #: steps (at most this many steps, at most :data:`_SAMPLE_ROUNDS` rounds).
 _SAMPLE_STEPS = 4096
@@ -402,10 +405,10 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
     ``params``; the bytes are the payloads' (SPEC §11):
 
     * ``"neighbor"``: a payload where the uncompressed round sends d parameters (2 · max degree payloads);
-    * ``"allreduce"``: an all-reduce of payloads (2 payloads) when the compressor's payloads add on the wire
-      (``reducible``: fp16, bf16); any other compressor's payloads (indices, scales, factors that differ
-      from node to node) are all-gathered: a ring of m − 1 handshakes passing m − 1 payloads through each
-      node;
+    * ``"allreduce"``: the payloads are all-gathered, a ring of m − 1 handshakes passing m − 1 payloads
+      through each node (indices, scales and factors differ from node to node, and a 16-bit sum would round
+      the result: no compressor of :data:`REDUCIBLE`); ``reducible`` charges an all-reduce of payloads
+      (2 payloads) instead, for a compressor whose payloads a reduction adds exactly;
     * ``"parameter_server"``: m payloads up, and the server's dense reply (m · d parameters) down;
     * any other pattern: unchanged (its rounds are not compressed).
     """

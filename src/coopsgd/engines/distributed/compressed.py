@@ -42,8 +42,9 @@ charge a compressed round exactly what the simulator's clock charges
 (:meth:`~coopsgd.engines.simulator.clock.SimClock.round_costs` with the payload size:
 :func:`~coopsgd.algorithms.communication.compressed_round_cost`); ``bytes_sent`` counts what this rank
 put on the wire: (m − 1) p for an all-gather, p (m − 1)/m per broadcast, p per neighbour. They agree with
-the model for an all-gather of non-reducible payloads; the model's neighbour rounds count 2 · deg · p
-(Table 3: sent and received), its ``fp16`` / ``bf16`` averaging a low-precision all-reduce of 2 p.
+the model for an averaging round's all-gather (every compressor's, ``fp16`` and ``bf16`` included: the model
+charges the all-gather that is performed); the model's neighbour rounds count 2 · deg · p (Table 3: sent and
+received).
 
 State per rank (its checkpoint's ``compression`` entry, restored by the NaN-skip rollback): the residuals
 of the rows it encodes (its worker, the auxiliaries), its public copies x̂, PowerSGD's warm-start factors,
