@@ -282,6 +282,15 @@ def test_server_optimizer_simulator_equals_reference(name: str, executor: str) -
         np.testing.assert_allclose(np.asarray(val), np.asarray(eng.outer_state[key]), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("compress", ["topk:0.5", "int8"])
+def test_compressed_rounds_compose_with_fedprox_and_a_server_optimizer(compress: str) -> None:
+    m, tau, steps = 6, 3, 12
+    sim, eng = _both(lambda: presets.fedadam(m, tau, fraction=0.5, seed=5, mu=0.2, compression=compress), steps)
+    np.testing.assert_allclose(sim.params.numpy(), eng.state, rtol=0, atol=1e-10)
+    plain, _ = _both(lambda: presets.fedadam(m, tau, fraction=0.5, seed=5, mu=0.2), steps)
+    assert not torch.equal(plain.params, sim.params)  # the payloads were compressed
+
+
 @pytest.mark.parametrize("kind", ["adam", "yogi", "adagrad"])
 def test_outer_runtime_equals_the_numpy_rule(kind: str) -> None:
     d = 6
