@@ -22,23 +22,24 @@ def clock_x(x: str) -> dict[str, Any]:
     return {"xlabel": clock_axis_label(ENGINE.get())} if x == "time_s" else {}
 
 
-def zoom_window(runs: Sequence[dict[str, Any]], y: str, *, last: float = 0.25, margin: float = 0.6
+def zoom_window(runs: Sequence[dict[str, Any]], y: str, *, within: float = 0.1, margin: float = 0.6
                 ) -> tuple[float, float] | None:
-    """A y range that shows the last ``last`` fraction of every (not diverged) run's curve of ``y``: from the
-    lowest to the highest value there, widened by ``margin`` times that span on each side (at least 1% of the
-    values), so that differences of about 1% between the curves' ends are visible. ``None`` when no run has
-    values there."""
-    tails = []
+    """A y range on the best final values of ``y`` (lower is better): the final values of the (not diverged) runs
+    that end within ``within`` (relative) of the lowest one, widened by ``margin`` times their span on each side
+    (at least 1% of the values), so that differences of about 1% between those runs' ends are visible; a run
+    that ends higher leaves the window at its top. ``None`` when no run has a value of ``y``."""
+    finals = []
     for r in runs:
         if r.get("diverged"):
             continue
         _, ys = series(r, "step", y)
         ys = ys[np.isfinite(ys)]
         if len(ys):
-            tails.append(ys[int(len(ys) * (1.0 - last)):] if len(ys) > 1 else ys)
-    if not tails:
+            finals.append(float(ys[-1]))
+    if not finals:
         return None
-    vals = np.concatenate(tails)
-    lo, hi = float(vals.min()), float(vals.max())
+    best = min(finals)
+    close = [f for f in finals if f <= best + within * abs(best)]
+    lo, hi = min(close), max(close)
     pad = max(margin * (hi - lo), 0.01 * abs(hi))
     return lo - pad, hi + pad
