@@ -25,6 +25,7 @@ from torch import nn
 from coopsgd.algorithms import presets
 from coopsgd.algorithms.outer import OuterOptimizer
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.base import NonFiniteError
 from coopsgd.engines.optim import OuterRuntime
 from coopsgd.engines.reference import ReferenceEngine, outer_step
 from coopsgd.engines.simulator import Simulator
@@ -335,12 +336,38 @@ def test_fedprox_round_touches_only_the_sampled_rows() -> None:
     assert torch.equal(sim.params[worked[0]], z) and torch.equal(sim.params[0], z)  # written when read
 
 
-def test_server_optimizer_sends_the_new_server_model_to_every_client() -> None:
+def test_server_optimizer_round_touches_only_the_sampled_rows() -> None:
+    """A FedAdam round over 2 of 8 clients is applied in place: the new server model reaches the other clients
+    through the deferred broadcast (no copy of the whole state), and every client reads it."""
     m, tau = 8, 2
     spec = presets.fedadam(m, tau, fraction=0.25, seed=0)
-    sim = _run_sim(spec, tau)
+    obj = LeastSquares(m)
+    sim = _sim(spec)
+    counters = [0] * m
+    for _ in range(tau):
+        _feed(sim, obj, counters)
     assert sim.outer is not None and sim.outer.state["step"] == 1
-    np.testing.assert_array_equal(sim.params.numpy(), np.tile(sim.params[m].numpy(), (m + 1, 1)))
+    pend = sim._comm.deferred
+    assert pend is not None and pend[:m].all()
+    z = sim._state[m, sim.b : sim.b + sim.d].clone()
+    value = sim._comm.deferred_value()
+    assert value is not None and torch.equal(value[0, sim.b : sim.b + sim.d], z)  # the new server model
+    np.testing.assert_array_equal(sim.params.numpy(), np.tile(z.numpy(), (m + 1, 1)))
+
+
+def test_a_non_finite_server_step_leaves_the_state_unchanged() -> None:
+    m, tau = 4, 2
+    spec = presets.fedadam(m, tau, fraction=0.5, seed=0, outer_lr=1e308, outer_beta1=0.0)  # the step overflows
+    obj = LeastSquares(m)
+    sim = _sim(spec)
+    counters = [0] * m
+    _feed(sim, obj, counters)
+    before = sim.params.clone()
+    steps_before = sim.outer.state["step"] if sim.outer is not None else None
+    with pytest.raises(NonFiniteError, match="model"):
+        _feed(sim, obj, counters)
+    assert torch.equal(sim.params, before)
+    assert sim.outer is not None and sim.outer.state["step"] == steps_before == 0
 
 
 @pytest.mark.parametrize("name", ["fedprox", "fedadam", "fedyogi"])

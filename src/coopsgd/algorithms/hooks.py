@@ -124,7 +124,7 @@ def _theorem3_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float |
 
 def _fedavg_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
     """FedAvg with IID data: [CSGD] Corollary 2 with the sampled clients as the workers (plain FedAvg only)."""
-    if z is None and _fed_no_bound(spec) is None:
+    if z is None and fed_no_bound(spec) is None:
         k = spec.params["clients_per_round"]
         res["corollary2_with_sampled_clients"] = bounds.corollary2(c, m=k, tau=spec.tau).to_dict()
 
@@ -169,7 +169,7 @@ def _matcha_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | N
     res["theorem1_at_expected_zeta"] = dataclasses.replace(rep, notes=(note, *rep.notes)).to_dict()
 
 
-def _fed_no_bound(spec: AlgorithmSpec) -> str | None:
+def fed_no_bound(spec: AlgorithmSpec) -> str | None:
     """Why no bound applies to a FedAvg-family spec (FedProx's term, a server optimizer), or ``None``."""
     why = []
     if spec.prox > 0.0:
@@ -189,13 +189,13 @@ def _fed_facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> No
     out["mu"] = spec.prox
     if spec.outer is not None:
         out["server_optimizer"] = spec.outer.describe()
-    why = _fed_no_bound(spec)
+    why = fed_no_bound(spec)
     if why is not None and why not in notes:
         notes.append(why)
 
 
 def _fed_bounds(spec: AlgorithmSpec, c: bounds.ProblemConstants, z: float | None, res: dict[str, Any]) -> None:
-    why = _fed_no_bound(spec)
+    why = fed_no_bound(spec)
     if why is not None:
         res["federated"] = why
 

@@ -35,6 +35,7 @@ from coopsgd.algorithms.hooks import (
     SLOWMO_RATE,
     THEOREM3,
     ZETA_TAU,
+    fed_no_bound,
 )
 from coopsgd.algorithms.outer import OuterOptimizer, OuterSchedule
 from coopsgd.algorithms.registry import DataInput, PresetArg, PresetDecl, register
@@ -416,19 +417,16 @@ def _federated(
     c = check_float("fraction", fraction, low=0.0, high=1.0, low_open=True)
     mu = check_float("mu", mu, low=0.0)
     sched = FedAvgSchedule(m, tau, fraction=c, sample_counts=sample_counts, seed=seed, outer=outer is not None)
-    if mu > 0.0 or outer is not None:
-        notes = ("no bound applies: [CSGD] Corollary 2 covers plain averaging of plain local SGD steps; "
-                 + ("a proximal term " if mu > 0.0 else "") + ("and " if mu > 0.0 and outer is not None else "")
-                 + ("a server optimizer " if outer is not None else "") + "is outside it",)
-    else:
-        notes = (f"theory: with IID data use Corollary 2 (local SGD) with {sched.clients_per_round} workers",)
-    return AlgorithmSpec(
+    notes = (f"theory: with IID data use Corollary 2 (local SGD) with {sched.clients_per_round} workers",)
+    spec = AlgorithmSpec(
         name=name, workers=m, auxiliaries=1, tau=tau, schedule=sched, rule="post_mix", center="auxiliary",
         theory_matrix=None, theory_v=0, pattern="parameter_server", policies=policies or Policies(),
         params={"fraction": c, "clients_per_round": sched.clients_per_round, "seed": int(seed),
                 **({"mu": mu} if mu > 0.0 or name == "fedprox" else {}), **(params or {})},
         notes=notes, outer=outer, prox=mu,
     )
+    why = fed_no_bound(spec)  # FedProx's term or a server optimizer: say why, once, in place of the hint
+    return spec if why is None else dataclasses.replace(spec, notes=(why,))
 
 
 @compressible

@@ -249,7 +249,8 @@ class ReferenceEngine:
                 if spec.rule == "post_mix":
                     X = self.state - lr * G
                     if mix is not None:
-                        z_old = X[spec.workers].copy()
+                        if spec.outer is not None:
+                            z_old = X[spec.workers].copy()
                         X = self._round(X, mix)
                 else:
                     X = self.state if mix is None else self._round(self.state, mix)

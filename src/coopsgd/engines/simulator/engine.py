@@ -82,7 +82,7 @@ from coopsgd.engines.executors import EXECUTORS, ComputeResult
 from coopsgd.engines.health import absmax, diverged, step_bound
 from coopsgd.engines.kernel import InProcess, RoundKernel, mix_columns
 from coopsgd.engines.mixing import Round, RoundKind, plan_round
-from coopsgd.engines.optim import SGDOptions, optimizer_settings
+from coopsgd.engines.optim import SGDOptions, TorchOptimizer, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES
 from coopsgd.engines.simulator.calibration import ExecutorCache
@@ -606,6 +606,10 @@ class Simulator(SimulatorCompute):
         if new_bound < limit and not checked:
             self._kernel.apply(self._state, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
             self._bound = new_bound
+        elif new_bound < limit and rnd is not None and rows is not None and self._server_round_in_place(rnd, rows):
+            err = self._apply_server_round(res, t, rows, rnd, lr, k)
+            if err is not None:
+                return err
         else:
             err = self._apply_checked(res, t, rnd, lr, k)
             if err is not None:
@@ -623,6 +627,42 @@ class Simulator(SimulatorCompute):
                 self._mom_init.fill_(True)
             else:
                 self._mom_init[t] = True
+        return None
+
+    def _server_round_in_place(self, rnd: Round, rows: list[int]) -> bool:
+        """Whether an outer round can be applied in place and checked on the rows it writes only: a server
+        optimizer's round over sampled clients (FedAvg's, writing z) whose broadcast stays deferred, without
+        compression, the "reset" policy (it writes every row) or a per-worker torch optimizer. Such a round writes
+        the sampled rows, z and the deferred value: O(c m) rows instead of a copy of the whole state."""
+        return (self.outer is not None and rnd.outer and self._compressed is None
+                and self.spec.policies.optimizer_state != "reset" and not isinstance(self.opts, TorchOptimizer)
+                and self._kernel._writes_z(rnd) and self._comm._lazy(rnd.plan))
+
+    def _apply_server_round(self, res: ComputeResult, t: Tensor | None, rows: list[int], rnd: Round, lr: float,
+                            k: int) -> NonFiniteError | None:
+        """A server optimizer's round (:meth:`_server_round_in_place`) in place: the rows it writes (the sampled
+        clients and z), the optimizers' state and the deferred broadcast are kept first and restored when a value
+        is not finite (the error is returned, the state is then unchanged)."""
+        written = torch.as_tensor(sorted({*rows, self.m}), device=self.device)
+        kept = self._state.index_select(0, written)
+        snap = self._optimizer_snapshot()
+        deferred = self._comm.snapshot()
+        before = self._bound
+        self._kernel.apply(self._state, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
+        value = self._comm.deferred_value()
+        now = self._state.index_select(0, written)
+        new = max(absmax(now), 0.0 if value is None else absmax(value))
+        if not math.isfinite(new):  # the rows that would hold a non-finite value, named as the checked copy does
+            bad = np.zeros(self.n, dtype=bool)
+            bad[written.cpu().numpy()] = ~torch.isfinite(now).all(dim=1).cpu().numpy()
+            pend = self._comm.deferred
+            if value is not None and pend is not None and not bool(torch.isfinite(value).all()):
+                bad |= pend
+            self._state.index_copy_(0, written, kept)
+            self._optimizer_restore(snap)
+            self._comm.restore(deferred)
+            return self._nonfinite(bad, list(range(self.n)), k, "model")
+        self._bound = max(before, new)  # the rows not written keep their values
         return None
 
     def _apply_checked(self, res: ComputeResult, t: Tensor | None, rnd: Round | None, lr: float,
