@@ -186,6 +186,10 @@ class AlgorithmSettings:
     outer_lr: float | None = _preset()
     outer_momentum: float | None = _preset()
     outer_optimizer: str | None = _preset()
+    outer_beta1: float | None = _preset()
+    outer_beta2: float | None = _preset()
+    outer_eps: float | None = _preset()
+    mu: float | None = _preset()
     base_algorithm: str | None = _preset()
     downpour_order: str = setting(
         "clock", choices=("clock", "schedule", "async"),
