@@ -1,5 +1,5 @@
 """The sampled-threshold top-k (``coopsgd.compression.sparse.topk_indices``) against the full-row selection it
-replaced, kept here verbatim as the reference: the same indices, values and decoded rows, bit for bit, for
+replaced, kept here verbatim as the reference (and randk's candidate selection against its full one, qsgd's blocked draws against the whole array): the same indices, values and decoded rows, bit for bit, for
 rows with many ties, all-equal rows, zeros, NaN and ±inf, k = 1 and k = d, float32 and float64, and batches
 that mix rows taking the fast path with rows that fall back to the full top-k."""
 
@@ -10,8 +10,10 @@ import math
 import pytest
 import torch
 
-from coopsgd.compression import TopK, sparse
-from coopsgd.compression.sparse import TOPK_SAMPLE, _sample_positions, topk_indices, topk_mask
+from coopsgd.compression import QSGD, TopK, sparse
+from coopsgd.compression.base import int_dtype_for, row_sum
+from coopsgd.compression.rng import STREAM_QSGD, STREAM_RANDK, hash_words_torch, row_keys, uniform53
+from coopsgd.compression.sparse import TOPK_SAMPLE, _sample_positions, randk_indices, topk_indices, topk_mask
 
 
 def reference_mask(rows: torch.Tensor, k: int) -> torch.Tensor:
@@ -180,3 +182,66 @@ def test_random_mixtures() -> None:
         rows[(u > 0.9990) & (u <= 0.9995)] = -math.inf
         k = int(torch.randint(1, d // 20, (1,), generator=g)) if trial % 3 else 1
         _check(rows, k)
+
+
+# ---------------------------------------------------------------- randk: candidates below a key threshold
+
+
+def reference_randk(ids: torch.Tensor, d: int, k: int, *, seed: int, round: int) -> torch.Tensor:
+    """randk's selection as implemented before the candidate threshold (one top-k over every order)."""
+    keys = row_keys(ids, seed=seed, round=round, stream=STREAM_RANDK)
+    j = torch.arange(d, dtype=torch.int64).reshape(1, -1)
+    order = hash_words_torch(keys, d).bitwise_left_shift_(31).bitwise_or_(j)
+    return torch.sort(torch.topk(order, k, dim=1, largest=False, sorted=False).indices, dim=1).values
+
+
+@pytest.mark.parametrize(("r", "d", "k"), [(1, 1 << 16, 656), (5, 50_000, 500), (3, 4096, 1), (2, 10_000, 1250),
+                                           (2, 10_000, 1251), (4, 5000, 5000), (1, 100, 7), (3, 70_000, 1)])
+def test_randk_indices_equal_the_full_selection(r: int, d: int, k: int) -> None:
+    for seed, rnd in ((0, 0), (3, 17), (2**40, 2**35)):
+        ids = torch.arange(7, 7 + r)
+        assert torch.equal(randk_indices(ids, d, k, seed=seed, round=rnd),
+                           reference_randk(ids, d, k, seed=seed, round=rnd))
+
+
+def test_randk_a_row_short_of_candidates_takes_the_full_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fewer candidates than k (forced by a negative threshold): the full selection, the same result."""
+    calls: list[int] = []
+    real = sparse._smallest_orders
+
+    def spy(words: torch.Tensor, k: int) -> torch.Tensor:
+        calls.append(words.shape[0])
+        return real(words, k)
+
+    monkeypatch.setattr(sparse, "_smallest_orders", spy)
+    ids = torch.arange(3)
+    want = reference_randk(ids, 20_000, 200, seed=1, round=2)
+    assert torch.equal(randk_indices(ids, 20_000, 200, seed=1, round=2), want) and calls == []
+    monkeypatch.setattr(sparse, "RANDK_MARGIN", -1e9)  # a threshold below every key: no candidate
+    assert torch.equal(randk_indices(ids, 20_000, 200, seed=1, round=2), want) and calls == [3]
+
+
+# ---------------------------------------------------------------- qsgd: draws compared block by block
+
+
+def reference_qsgd_levels(rows: torch.Tensor, levels: int, nodes: torch.Tensor, *, seed: int, round: int) -> torch.Tensor:
+    """qsgd's levels as computed before the blocked comparison (the whole (r, d) array of uniforms first)."""
+    norm = row_sum(rows * rows).sqrt()
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    y = rows.abs() / safe * levels
+    low = torch.floor(y)
+    u = uniform53(row_keys(nodes, seed=seed, round=round, stream=STREAM_QSGD), rows.shape[1])
+    xi = low + (u < (y - low).to(torch.float64)).to(rows.dtype)
+    return (torch.sign(rows) * xi).to(int_dtype_for(levels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("r", "d", "levels"), [(1, 70_000, 4), (5, 9000, 1), (3, 100, 300), (2, 40_000, 127)])
+def test_qsgd_levels_equal_the_unblocked_draws(dtype: torch.dtype, r: int, d: int, levels: int) -> None:
+    g = torch.Generator().manual_seed(d)
+    rows = torch.randn(r, d, generator=g, dtype=dtype)
+    rows[0, :50] = 0.0
+    rows[-1, 7] = -0.0
+    nodes = torch.arange(3, 3 + r)
+    got = QSGD(levels).compress(rows, round=9, nodes=nodes, seed=5).parts["levels"]
+    assert torch.equal(got, reference_qsgd_levels(rows, levels, nodes, seed=5, round=9))

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from coopsgd.compression.base import Compressor, Payload, as_nodes, check_rows, int_dtype_for, row_sum
-from coopsgd.compression.rng import STREAM_QSGD, row_keys, uniform53
+from coopsgd.compression.rng import STREAM_QSGD, hash_blocks, row_keys
 from coopsgd.errors import ConfigError
 
 __all__ = ["NoCompression", "Cast", "FP16", "BF16", "Int8", "QSGD", "ScaledSign", "INT8_CHUNK", "FP16_UNIT", "BF16_UNIT"]
@@ -173,11 +173,17 @@ class QSGD(Compressor):
         ids = as_nodes(nodes, r, rows.device)
         norm = row_sum(rows * rows).sqrt()
         safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-        y = rows.abs() / safe * self.levels
+        y = rows.abs().div_(safe).mul_(self.levels)
         low = torch.floor(y)
-        u = uniform53(row_keys(ids, seed=seed, round=round, stream=STREAM_QSGD), d, device=rows.device)
-        xi = low + (u < (y - low).to(torch.float64)).to(rows.dtype)
-        levels = (torch.sign(rows) * xi).to(int_dtype_for(self.levels))
+        frac = y.sub_(low)  # y − ⌊y⌋
+        # up_j = [u_j < frac_j], u_j the 53-bit uniforms (rng.uniform53), compared block by block as they are
+        # hashed: no (r, d) array of draws
+        up = torch.empty((r, d), dtype=torch.bool, device=rows.device)
+        keys = row_keys(ids, seed=seed, round=round, stream=STREAM_QSGD)
+        for start, stop, words in hash_blocks(keys, d, device=rows.device, wide=True):
+            u = words.to(torch.float64).mul_(2.0**-53)
+            torch.lt(u, frac[:, start:stop].to(torch.float64), out=up[:, start:stop])
+        levels = low.add_(up.to(rows.dtype)).mul_(torch.sign(rows)).to(int_dtype_for(self.levels))
         return self._payload(rows, {"levels": levels, "norm": norm}, round, ids, seed)
 
     def decompress(self, payload: Payload) -> torch.Tensor:

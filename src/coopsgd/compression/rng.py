@@ -17,6 +17,7 @@ same expression runs on Python ints, numpy int64 arrays and torch int64 tensors 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -34,6 +35,7 @@ __all__ = [
     "row_keys_np",
     "hash_words",
     "hash_words_torch",
+    "hash_blocks",
     "uniform53",
     "uniform53_np",
     "check_draw_args",
@@ -125,24 +127,34 @@ def _blocks(r: int, d: int) -> list[tuple[int, int]]:
     return [(start, min(d, start + width)) for start in range(0, d, width)]
 
 
+def hash_blocks(keys: list[torch.Tensor], d: int, *, device: torch.device | None = None,
+                wide: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(start, stop, words) for consecutive column blocks of :func:`hash_words_torch`'s (r, d) result: words
+    (r, stop − start) int64, computed with in-place operations in scratch that stays in cache and is reused
+    by the next block (consume it before advancing). The same arithmetic, so the same bits."""
+    r = keys[0].shape[0]
+    blocks = _blocks(r, d)
+    width = blocks[0][1] if blocks else 0
+    hi_s, lo_s, tmp_s = (torch.empty((r, width), dtype=torch.int64, device=device) for _ in range(3))
+    for start, stop in blocks:
+        w = stop - start
+        hi, lo, tmp = (t if w == width else t[:, :w] for t in (hi_s, lo_s, tmp_s))
+        j = torch.arange(start, stop, dtype=torch.int64, device=device).reshape(1, -1)
+        _hash_into(hi, j, keys[0], keys[1], tmp)
+        if wide:
+            _hash_into(lo, j, keys[2], keys[3], tmp)
+            hi.bitwise_left_shift_(21).bitwise_or_(lo.bitwise_right_shift_(11))
+        yield start, stop, hi
+
+
 def hash_words_torch(keys: list[torch.Tensor], d: int, *, device: torch.device | None = None,
                      wide: bool = False) -> torch.Tensor:
     """(r, d) int64: :func:`hash_words` of coordinates 0..d−1 under each row's keys (k1, k2), computed in
-    column blocks with in-place operations (the same arithmetic, so the same bits); ``wide`` returns the
-    53-bit words ``hash(k1, k2) · 2^21 + hash(k3, k4) >> 11`` instead."""
-    r = keys[0].shape[0]
-    out = torch.empty((r, d), dtype=torch.int64, device=device)
-    blocks = _blocks(r, d)
-    width = blocks[0][1] if blocks else 0
-    lo, tmp = (torch.empty((r, width), dtype=torch.int64, device=device) for _ in range(2))
-    for start, stop in blocks:
-        w = stop - start
-        j = torch.arange(start, stop, dtype=torch.int64, device=device).reshape(1, -1)
-        hi = out[:, start:stop]
-        _hash_into(hi, j, keys[0], keys[1], tmp[:, :w])
-        if wide:
-            _hash_into(lo[:, :w], j, keys[2], keys[3], tmp[:, :w])
-            hi.bitwise_left_shift_(21).bitwise_or_(lo[:, :w].bitwise_right_shift_(11))
+    column blocks with in-place operations (:func:`hash_blocks`: the same arithmetic, so the same bits);
+    ``wide`` returns the 53-bit words ``hash(k1, k2) · 2^21 + hash(k3, k4) >> 11`` instead."""
+    out = torch.empty((keys[0].shape[0], d), dtype=torch.int64, device=device)
+    for start, stop, words in hash_blocks(keys, d, device=device, wide=wide):
+        out[:, start:stop] = words
     return out
 
 

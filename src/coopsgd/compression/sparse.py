@@ -19,7 +19,7 @@ from coopsgd.compression.base import (
     count_of,
     index_dtype,
 )
-from coopsgd.compression.rng import STREAM_RANDK, hash_words_torch, row_keys
+from coopsgd.compression.rng import STREAM_RANDK, hash_blocks, hash_words_torch, row_keys
 from coopsgd.errors import ConfigError
 
 __all__ = ["TopK", "RandK", "as_fraction", "format_fraction", "topk_mask", "topk_indices", "randk_indices"]
@@ -46,6 +46,8 @@ def format_fraction(fraction: Fraction) -> str:
 TOPK_SAMPLE = 1 << 14
 #: Rows shorter than this (or with k too close to d for a sample to narrow anything) take the full top-k.
 TOPK_FAST_MIN_D = 1 << 12
+#: Standard deviations above k of the candidates :func:`randk_indices` expects per row.
+RANDK_MARGIN = 4.0
 
 
 def topk_mask(rows: torch.Tensor, k: int) -> torch.Tensor:
@@ -156,12 +158,49 @@ def topk_indices(rows: torch.Tensor, k: int) -> torch.Tensor:
 def randk_indices(ids: torch.Tensor, d: int, k: int, *, seed: int, round: int) -> torch.Tensor:
     """(r, k) int64 ascending: the k coordinates of each row with the smallest 32-bit keys
     ``hash(seed, round, node, j)``, ties (hash collisions) to the lower index: a uniform k-subset per node,
-    the same whichever rows are drawn together. Needs d ≤ 2^31 (key·2^31 + j fits int64)."""
+    the same whichever rows are drawn together. Needs d ≤ 2^31 (key·2^31 + j fits int64).
+
+    The order key·2^31 + j is unique per coordinate, so the k smallest are one set, found among the
+    candidates whose key is below a threshold a few standard deviations above the k-th smallest's expected
+    value (k·2^32/d): a row with at least k candidates holds all k there; a row with fewer (never seen: the
+    keys are uniform) takes the full selection. The same indices either way."""
     if d > 2**31:
         raise ConfigError.invalid("d", d, "randk supports rows of at most 2^31 coordinates")
     keys = row_keys(ids, seed=seed, round=round, stream=STREAM_RANDK)
-    j = torch.arange(d, dtype=torch.int64, device=ids.device).reshape(1, -1)
-    order = hash_words_torch(keys, d, device=ids.device).bitwise_left_shift_(31).bitwise_or_(j)
+    r = keys[0].shape[0]
+    expected = k + RANDK_MARGIN * math.sqrt(k) + 8.0
+    limit = math.ceil(expected * 2.0**32 / d)
+    if d < TOPK_FAST_MIN_D or 8 * expected > d or r == 0:
+        return _smallest_orders(hash_words_torch(keys, d, device=ids.device), k)
+    # the candidates, block by block as the keys are hashed (no (r, d) array of keys): row, order
+    rows_of, orders = [], []
+    for start, _, words in hash_blocks(keys, d, device=ids.device):
+        hit = torch.lt(words, limit).nonzero()
+        rows_of.append(hit[:, 0])
+        col = hit[:, 1]
+        orders.append(words[hit[:, 0], col].bitwise_left_shift_(31).bitwise_or_(col.add_(start)))
+    rid, order = torch.cat(rows_of), torch.cat(orders)
+    counts = torch.bincount(rid, minlength=r)
+    if not bool((counts >= k).all()):
+        return _smallest_orders(hash_words_torch(keys, d, device=ids.device), k)
+    if r == 1:
+        padded = order.reshape(1, -1)
+    else:  # one row of candidates per row, padded with the largest int64 (above every order)
+        rid, perm = torch.sort(rid, stable=True)
+        width = int(counts.max())
+        at = torch.arange(rid.shape[0], dtype=torch.int64, device=ids.device)
+        at.sub_((torch.cumsum(counts, 0).sub_(counts))[rid]).add_(rid * width)
+        padded = torch.full((r, width), 2**63 - 1, dtype=torch.int64, device=ids.device)
+        padded.reshape(-1).index_copy_(0, at, order.index_select(0, perm))
+    # the k smallest orders; their low 31 bits are the coordinates
+    picked = torch.topk(padded, k, dim=1, largest=False, sorted=False).values.bitwise_and_(2**31 - 1)
+    return torch.sort(picked, dim=1).values
+
+
+def _smallest_orders(words: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`randk_indices`' selection over whole rows of keys (the definition)."""
+    j = torch.arange(words.shape[1], dtype=torch.int64, device=words.device).reshape(1, -1)
+    order = words.bitwise_left_shift_(31).bitwise_or_(j)
     picked = torch.topk(order, k, dim=1, largest=False, sorted=False).indices
     return torch.sort(picked, dim=1).values
 

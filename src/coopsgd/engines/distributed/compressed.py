@@ -171,6 +171,13 @@ class _Part:
     nbytes: int
 
 
+def _span(rows: Sequence[int]) -> slice | None:
+    """``rows`` as a slice when they are consecutive and ascending, else ``None``."""
+    if not rows or list(rows) != list(range(rows[0], rows[0] + len(rows))):
+        return None
+    return slice(rows[0], rows[0] + len(rows))
+
+
 def _pack(parts: Mapping[str, Tensor], row: int) -> Tensor:
     """Node ``row``'s wire tensors as one uint8 buffer (the parts' bytes one after the other)."""
     pieces = [t[row].detach().contiguous().reshape(-1).view(torch.uint8) for t in parts.values()]
@@ -342,13 +349,16 @@ class CompressedMixer:
         local = ([0] if sends else []) + [1 + a - m for a in asrc]
         V = None
         payload = None
+        lo = _span(local)  # this rank's rows as a slice when they are consecutive (no gathered copies)
         if nodes:
             idx = torch.as_tensor(local, dtype=torch.int64, device=rows.device)
-            V = rows.index_select(0, idx).sub_(ref)  # what each sends: its change since x_ref ...
+            # what each sends: its change since x_ref ...
+            V = torch.sub(rows[lo], ref) if lo is not None else rows.index_select(0, idx).sub_(ref)
             if self.feedback:
                 if self.residual is None:
                     self.residual = rows.new_zeros((1 + self.v, self.width))
-                V.add_(self.residual.index_select(0, idx))  # ... plus what it did not send before
+                # ... plus what it did not send before
+                V.add_(self.residual[lo] if lo is not None else self.residual.index_select(0, idx))
             payload = self._encode(V, nodes, local)
         mine = _pack(payload.parts, 0) if sends and payload is not None else None
         # transport: every worker's payload to every rank
@@ -379,11 +389,17 @@ class CompressedMixer:
             assert self.residual is not None
             at = [wsrc.index(r)] if sends else []
             at += [len(wsrc) + k for k in range(len(asrc))]
-            mine_decoded = decoded.index_select(0, torch.as_tensor(at, dtype=torch.int64, device=rows.device))
-            self.residual.index_copy_(0, torch.as_tensor(local, dtype=torch.int64, device=rows.device),
-                                      V.sub_(mine_decoded))
+            at_lo = _span(at)
+            if lo is not None and at_lo is not None:  # e <- V - Q(V), written in place
+                torch.sub(V, decoded[at_lo], out=self.residual[lo])
+            else:
+                mine_decoded = decoded.index_select(0, torch.as_tensor(at, dtype=torch.int64, device=rows.device))
+                self.residual.index_copy_(0, torch.as_tensor(local, dtype=torch.int64, device=rows.device),
+                                          V.sub_(mine_decoded))
         w = torch.as_tensor(plan.weights, dtype=rows.dtype, device=rows.device).unsqueeze(0)
-        y = torch.matmul(w, decoded).add_(ref * float(plan.weights.sum()))
+        total = float(plan.weights.sum())
+        # x_ref * sum(w) + sum_i w_i Q(c_i); x_ref * 1.0 is x_ref itself: added without the product's copy
+        y = torch.matmul(w, decoded).add_(ref if total == 1.0 else ref * total)
         members = set(part.tolist())
         for i, node in enumerate(self.nodes):
             if node in members:
