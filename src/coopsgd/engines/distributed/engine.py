@@ -19,9 +19,12 @@ rows (those of auxiliaries it does not hold are not maintained) -- and its optim
    or a torch optimizer class); ``post_mix``: ``x <- x - lr D`` then the round; ``pre_mix``: the round
    then ``x <- x - lr D``; buffers and every optimizer-state field follow
    :class:`~coopsgd.algorithms.spec.Policies` as in the simulator;
-6. an outer round (DiLoCo, SlowMo: ``spec.outer``): every rank holds z and its outer optimizer's state,
-   and after the all-reduce that averages the workers applies the same outer step to it (identical
-   inputs, identical result on every rank), then restarts its worker from z.
+6. an outer round (DiLoCo, SlowMo, the federated server optimizers FedAvgM / FedAdam / FedYogi / FedAdagrad:
+   ``spec.outer``): every rank holds z and its outer optimizer's state, and after the round that averages the
+   workers (the sampled clients, for the federated ones) applies the same outer step to it (identical
+   inputs, identical result on every rank), then restarts its worker from z. FedProx (``spec.prox``) adds
+   ``mu (x - z)`` to this worker's gradient, z being the server row every rank holds: no extra state or
+   communication.
 
 Given the same seeds and data order (:class:`~coopsgd.data.WorkerLoader`, worker r's batches on rank r)
 the parameters after K steps equal the simulator's (float64: to 1e-10; tested). Differences from the

@@ -21,7 +21,9 @@ and never mixed. One step ``k`` with learning rate ``lr`` does exactly what
 4. Direction D: G, or torch.optim.SGD's momentum / Nesterov / weight-decay direction, or the step of
    another inner optimizer (Adam, AdamW, any torch.optim class; :mod:`coopsgd.engines.optim`).
    ``post_mix``: ``X <- (X - lr D) S``; ``pre_mix``: ``X <- X S - lr D``. An outer round of a spec with
-   an outer optimizer (DiLoCo, SlowMo) then moves z by its own optimizer and restarts the workers from it.
+   an outer optimizer (DiLoCo, SlowMo, the federated server optimizers) then moves z by its own optimizer and
+   restarts the workers from it. FedProx (``spec.prox`` = mu) adds ``mu (x_i - z)`` to the active workers'
+   gradients first (z, the server row, is the model they received at their last round).
    The mixing is ONE matrix product over a contiguous column range of the stacked state
    (:func:`coopsgd.engines.mixing.apply_mixing`) -- never a loop over workers or parameters.
 5. Policies (:class:`coopsgd.algorithms.spec.Policies`), applied at every mix:
