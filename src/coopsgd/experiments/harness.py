@@ -380,7 +380,7 @@ def first_reach(
 
 #: Axis labels of the x quantities the experiments plot against.
 X_LABELS = {"step": "step", "epoch": "epoch", "simulated_time_s": "simulated wall-clock (s)",
-            "time_s": "wall-clock (s; simulated, measured on the distributed engine)"}
+            "time_s": "wall-clock (s)"}
 
 
 def panel(x: str, y: str, ylabel: str, *, logy: bool = False, **extra: Any) -> dict[str, Any]:
@@ -435,7 +435,9 @@ def plot_panels(
     fig.suptitle(title + ("\n" + "\n".join(textwrap.wrap(note, width)) if note else ""), fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    from coopsgd.plots import FIGURE_DPI
+
+    fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     _record_figure(path, runs, panels, title=title, note=note, ncols=ncols, colors=colors, styles=styles)
     return path
@@ -458,26 +460,51 @@ def _draw_run(ax: Any, res: dict[str, Any], spec: dict[str, Any], *, color: Any,
         kw["color"] = color
     if style is not None:
         kw["ls"] = style
-    ax.plot(xs, ys, **kw)
+    if spec.get("marker"):
+        kw["marker"] = spec["marker"]
+    line = ax.plot(xs, ys, **kw)[0]
+    c = line.get_color()
     if lo is not None and hi is not None and len(xs):
-        ax.fill_between(xs, lo, hi, color=ax.lines[-1].get_color(), alpha=0.22, lw=0)
+        # the min-max band over the seeds: a tinted area with its edges drawn, visible beside the other runs'
+        ax.fill_between(xs, lo, hi, color=c, alpha=0.3, lw=0)
+        for edge in (lo, hi):
+            ax.plot(xs, edge, color=c, lw=0.8, alpha=0.9, ls=(0, (2, 1.5)))
+    if spec.get("mark_min") and len(xs) and np.isfinite(ys).any():
+        k = int(np.nanargmin(ys))
+        ax.plot(xs[k], ys[k], "*", color=c, ms=15, mec="k", mew=0.8, zorder=5)
     if res.get("diverged") and len(xs):
-        ax.plot(xs[-1], ys[-1], "x", color=ax.lines[-1].get_color(), ms=9, mew=2)
+        ax.plot(xs[-1], ys[-1], "x", color=c, ms=9, mew=2)
 
 
 def _dress_panel(ax: Any, spec: dict[str, Any], *, legend: bool) -> None:
     """Labels, scale, limits, title, grid and legend of one panel."""
-    ax.set_xlabel(spec["xlabel"])
+    ax.set_xlabel(spec["xlabel"] + (" (log scale)" if spec.get("logx") else ""))
     ax.set_ylabel(spec["ylabel"])
     if spec.get("logy"):
         ax.set_yscale("log")
+    if spec.get("logx"):
+        ax.set_xscale("log")
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+        if spec.get("xticks"):  # a geometric grid: its values as the ticks, written plainly
+            ax.xaxis.set_major_locator(FixedLocator(list(spec["xticks"])))
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     if spec.get("ylim") is not None:
         ax.set_ylim(*spec["ylim"])
+    if spec.get("xlim") is not None:
+        ax.set_xlim(*spec["xlim"])
     if spec.get("title"):
         ax.set_title(spec["title"], fontsize=10)
     ax.grid(alpha=0.3)
     if legend:
-        ax.legend(fontsize=7)
+        handles, labels = ax.get_legend_handles_labels()
+        if spec.get("mark_min"):
+            from matplotlib.lines import Line2D
+
+            handles.append(Line2D([], [], ls="", marker="*", ms=11, color="gray", mec="k"))
+            labels.append("lowest point: the tuned setting (of the mean, with several seeds)")
+        ax.legend(handles, labels, fontsize=7)
 
 
 def _record_figure(path: Path, runs: Sequence[dict[str, Any]], panels: Sequence[dict[str, Any]], *, title: str,
