@@ -1,8 +1,8 @@
-"""The federated strategies (issue 26, items 1-2) on the distributed engine equal the simulator to 1e-10 in
+"""The federated strategies (issue 26, items 1-3) on the distributed engine equal the simulator to 1e-10 in
 float64, and a server optimizer's run resumes bit-identically.
 
 One set of 3 gloo processes runs every equivalence case (:func:`run_spec` with several jobs: FedProx and the
-server optimizers with sampled, weighted clients); the resume test starts three runs of 2 processes.
+server optimizers and SCAFFOLD with sampled, weighted clients); the resume test starts three runs of 2 processes.
 """
 
 from __future__ import annotations
@@ -65,6 +65,10 @@ def test_federated_strategies_match_the_simulator() -> None:
         _job("fedyogi_momentum", presets.fedyogi(m, 3, outer_lr=0.05, fraction=0.34, seed=1), optimizer="adamw"),
         _job("fedadagrad", presets.fedadagrad(m, 2, outer_lr=0.05, outer_beta1=0.5)),
         _job("fedavgm", presets.fedavgm(m, 2, outer_lr=0.7, outer_momentum=0.8, **kw)),
+        _job("scaffold", presets.scaffold(m, 2, **kw)),
+        _job("scaffold_server_lr", presets.scaffold(m, 3, outer_lr=0.7, mu=0.2, fraction=0.34, seed=2),
+             optimizer="adamw"),
+        _job("fedavg", presets.fedavg(m, 2, **kw)),
     ]
     results = run_spec(jobs, timeout_s=90)
     for job, res in zip(jobs, results, strict=True):
@@ -73,6 +77,10 @@ def test_federated_strategies_match_the_simulator() -> None:
         diff = float((res["params"] - expected).abs().max())
         assert diff <= TOL, f"{job.name}: max |distributed - simulator| = {diff:.3e}"
         assert res["rounds"] == sim.rounds, job.name
+    by_name = dict(zip([j.name for j in jobs], results, strict=True))
+    # SCAFFOLD sends its control variates with the models: twice FedAvg's bytes on the wire, same rounds
+    sent = {k: by_name[k]["timing"]["bytes_sent"] for k in ("scaffold", "fedavg")}
+    assert sent["fedavg"] > 0 and sent["scaffold"] == 2 * sent["fedavg"], sent
 
 
 def test_fedadam_resume_is_bit_identical(tmp_path) -> None:

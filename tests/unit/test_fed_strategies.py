@@ -1,8 +1,8 @@
-"""Federated strategies (issue 26, items 1-2): FedProx and the server optimizers FedAvgM, FedAdam, FedYogi,
-FedAdagrad.
+"""Federated strategies (issue 26, items 1-3): FedProx, the server optimizers FedAvgM, FedAdam, FedYogi,
+FedAdagrad, and SCAFFOLD.
 
-* hand-written oracles in numpy (FedAvg's sampled, weighted rounds with the proximal term and the server
-  rules of Reddi et al., ICLR 2021, Algorithm 2) against the reference engine;
+* hand-written oracles in numpy (FedAvg's sampled, weighted rounds with the proximal term, the server
+  rules of Reddi et al., ICLR 2021, Algorithm 2, and SCAFFOLD's option II) against the reference engine;
 * the simulator equals the reference engine (float64, sampled clients, both executors);
 * mu = 0 is FedAvg bit for bit, FedAvgM with lr 1 and no momentum too;
 * a round touches only the sampled clients' rows (the broadcast of the server model stays deferred);
@@ -430,6 +430,117 @@ def test_nan_rollback_restores_the_server_model_and_its_optimizer() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# SCAFFOLD
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _scaffold_oracle(m: int, tau: int, rounds: int, *, fraction: float, seed: int, eta_g: float,
+                     x0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SCAFFOLD (Karimireddy et al. 2020, Algorithm 1, option II) by hand, with FedAvg's sampling and weights:
+    returns the server model and the control variates (rows: the clients, then the server's c)."""
+    obj = LeastSquares(m)
+    counts = np.asarray(COUNTS[:m])
+    k = max(1, int(round(fraction * m)))
+    x = x0.copy()
+    c = np.zeros((m + 1, D))
+    calls = [0] * m
+    for r in range(rounds):
+        chosen = np.arange(m) if k == m else np.sort(np.random.default_rng([seed, r]).choice(m, k, replace=False))
+        ys, dcs = [], []
+        for i in chosen:
+            y = x.copy()
+            for _ in range(tau):
+                y = y - LR * (obj.grad_at(y, int(i), calls[i]) - c[i] + c[m])
+                calls[i] += 1
+            c_new = c[i] - c[m] + (x - y) / (tau * LR)
+            ys.append(y)
+            dcs.append(c_new - c[i])
+        w = counts[chosen] / counts[chosen].sum()
+        avg = np.sum(w[:, None] * np.asarray(ys), axis=0)
+        for i, dc in zip(chosen, dcs, strict=True):
+            c[i] = c[i] + dc
+        c[m] = c[m] + np.sum(dcs, axis=0) / m
+        x = x + eta_g * (avg - x)
+    return x, c
+
+
+@pytest.mark.parametrize("eta_g", [1.0, 0.6])
+def test_scaffold_reference_engine_equals_the_hand_written_rounds(eta_g: float) -> None:
+    m, tau, rounds = 6, 3, 4
+    x0 = np.linspace(-1.0, 0.5, D)
+    spec = presets.scaffold(m, tau, outer_lr=eta_g, fraction=0.5, sample_counts=COUNTS, seed=5)
+    eng = ReferenceEngine(spec, LeastSquares(m), x0)
+    for _ in range(tau * rounds):
+        eng.step(None, LR)
+    x, c = _scaffold_oracle(m, tau, rounds, fraction=0.5, seed=5, eta_g=eta_g, x0=x0)
+    np.testing.assert_allclose(eng.center(), x, rtol=0, atol=1e-12)
+    assert eng.control is not None
+    np.testing.assert_allclose(eng.control, c, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(c[m], c[:m].mean(axis=0), rtol=0, atol=1e-12)  # c stays the mean of the c_i
+    assert np.abs(x - _oracle(m, tau, rounds, fraction=0.5, seed=5, mu=0.0, x0=x0)).max() > 1e-4
+
+
+@pytest.mark.parametrize("executor", ["loop", "vmap"])
+def test_scaffold_simulator_equals_reference(executor: str) -> None:
+    m, tau, steps = 6, 3, 14
+    sim, eng = _both(lambda: presets.scaffold(m, tau, fraction=0.5, sample_counts=COUNTS, seed=2, mu=0.1), steps,
+                     executor)
+    np.testing.assert_allclose(sim.params.numpy(), eng.state, rtol=0, atol=1e-10)
+    assert sim.control is not None and eng.control is not None
+    np.testing.assert_allclose(sim.control.numpy(), eng.control, rtol=0, atol=1e-10)
+
+
+def test_scaffold_touches_only_the_sampled_clients_and_sends_twice_fedavgs_bytes() -> None:
+    m, tau = 8, 2
+    kw: dict[str, Any] = {"fraction": 0.25, "seed": 0}
+    spec = presets.scaffold(m, tau, **kw)
+    obj = LeastSquares(m)
+    sim = _sim(spec)
+    assert sim._state.shape == (m + 1, 2 * D)  # one more d-vector per node: the control variate
+    counters = [0] * m
+    for _ in range(tau):
+        _feed(sim, obj, counters)
+    worked = np.flatnonzero(spec.schedule.active(0))
+    assert sim.control is not None
+    changed = np.flatnonzero(sim.control[:m].abs().sum(dim=1).numpy() > 0)
+    np.testing.assert_array_equal(changed, worked)  # the other clients' c_i were not touched
+    pend = sim._comm.deferred
+    assert pend is not None and pend[:m].all()  # the models' broadcast stays deferred
+    fedavg = _run_sim(presets.fedavg(m, tau, **kw), tau)
+    assert sim.bytes_sent == pytest.approx(2 * fedavg.bytes_sent) and fedavg.bytes_sent > 0
+
+
+def test_scaffold_resume_is_bit_exact_and_refuses_compression() -> None:
+    m, tau = 4, 2
+    spec = lambda: presets.scaffold(m, tau, fraction=0.5, seed=1, outer_lr=0.8)  # noqa: E731
+    full = _run_sim(spec(), 9)
+    obj = LeastSquares(m)
+    first = _sim(spec())
+    counters = [0] * m
+    for _ in range(5):
+        _feed(first, obj, counters)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    second = _sim(spec())
+    second.load_state_dict(torch.load(buf, weights_only=True))
+    for _ in range(4):
+        _feed(second, obj, counters)
+    assert torch.equal(full.params, second.params)
+    assert full.control is not None and second.control is not None
+    assert torch.equal(full.control, second.control)
+    a = ReferenceEngine(spec(), LeastSquares(m), np.zeros(D))
+    for _ in range(5):
+        a.step(None, LR)
+    b = ReferenceEngine(spec(), LeastSquares(m), np.zeros(D))
+    b.load_state_dict(a.state_dict())
+    assert a.control is not None and b.control is not None
+    np.testing.assert_array_equal(a.control, b.control)
+    with pytest.raises(ConfigError, match="compress"):
+        presets.scaffold(m, compression="topk:0.1")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # settings, declarations, theory
 # ---------------------------------------------------------------------------------------------------------
 
@@ -445,7 +556,7 @@ def test_defaults_and_declarations() -> None:
     ada = presets.fedadagrad(4).outer
     assert ada is not None and ada.kind == "adagrad" and ada.betas[0] == 0.0
     assert presets.fedavgm(4).outer == OuterOptimizer("sgd", lr=1.0, momentum=0.9)
-    for name in ("fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedavg"):
+    for name in ("fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedavg"):
         decl = declaration(name)
         names = [a.name for a in decl.args]
         assert "mu" in names and "fraction" in names and "local_epochs" in names, name
@@ -477,7 +588,7 @@ def test_mu_is_refused_where_the_server_model_is_not_the_anchor() -> None:
         dataclasses.replace(spec, prox=0.1)
 
 
-@pytest.mark.parametrize("name", ["fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+@pytest.mark.parametrize("name", ["fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
 def test_theory_says_no_bound_applies(name: str) -> None:
     from coopsgd.analysis import analyze
     from coopsgd.theory.bounds import ProblemConstants

@@ -175,6 +175,9 @@ def fed_no_bound(spec: AlgorithmSpec) -> str | None:
     if spec.prox > 0.0:
         why.append(f"the proximal term (mu={spec.prox:g}) changes the local steps; FedProx's own analysis (Li et "
                    "al. 2020, Theorem 4) needs its B-local dissimilarity and gamma-inexactness, not estimated here")
+    if spec.control:
+        why.append("SCAFFOLD's control variates change the local steps; its own rates (Karimireddy et al. 2020, "
+                   "Theorem III) need the clients' gradient dissimilarity, not estimated here")
     if spec.outer is not None:
         why.append(f"the server optimizer ({spec.name}: {spec.outer.kind}) is not plain averaging; Reddi et al.'s "
                    "bounds (2021, Theorems 1-2) need a gradient bound G and the clients' heterogeneity sigma_g, "
@@ -187,6 +190,8 @@ def fed_no_bound(spec: AlgorithmSpec) -> str | None:
 def _fed_facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> None:
     """FedProx's mu and the server optimizer of a FedAvg-family preset; why no bound applies."""
     out["mu"] = spec.prox
+    if spec.control:
+        out["control_variates"] = "SCAFFOLD option II: c_i <- c_i - c + (x - y_i) / (tau lr)"
     if spec.outer is not None:
         out["server_optimizer"] = spec.outer.describe()
     why = fed_no_bound(spec)

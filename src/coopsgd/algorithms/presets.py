@@ -69,6 +69,7 @@ __all__ = [
     "hierarchical",
     "fedavg",
     "fedprox",
+    "scaffold",
     "fedavgm",
     "fedadam",
     "fedyogi",
@@ -410,8 +411,10 @@ def _federated(
     policies: Policies | None,
     outer: OuterOptimizer | None = None,
     params: dict[str, Any] | None = None,
+    control: bool = False,
 ) -> AlgorithmSpec:
-    """FedAvg's rounds (:class:`FedAvgSchedule`) with FedProx's ``mu`` and, with ``outer``, a server optimizer."""
+    """FedAvg's rounds (:class:`FedAvgSchedule`) with FedProx's ``mu``, with ``outer`` a server optimizer, with
+    ``control`` SCAFFOLD's control variates."""
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
     c = check_float("fraction", fraction, low=0.0, high=1.0, low_open=True)
@@ -423,7 +426,7 @@ def _federated(
         theory_matrix=None, theory_v=0, pattern="parameter_server", policies=policies or Policies(),
         params={"fraction": c, "clients_per_round": sched.clients_per_round, "seed": int(seed),
                 **({"mu": mu} if mu > 0.0 or name == "fedprox" else {}), **(params or {})},
-        notes=notes, outer=outer, prox=mu,
+        notes=notes, outer=outer, prox=mu, control=control,
     )
     why = fed_no_bound(spec)  # FedProx's term or a server optimizer: say why, once, in place of the hint
     return spec if why is None else dataclasses.replace(spec, notes=(why,))
@@ -472,6 +475,38 @@ def fedprox(
     """
     return _federated("fedprox", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
                       policies=policies)
+
+
+@compressible
+def scaffold(
+    workers: int,
+    tau: int = 5,
+    *,
+    outer_lr: float = 1.0,
+    fraction: float = 1.0,
+    sample_counts: Sequence[float] | None = None,
+    seed: int = 0,
+    mu: float = 0.0,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """SCAFFOLD (Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, ICML 2020, Algorithm 1 with option II):
+    FedAvg's rounds with control variates. Client i keeps c_i, the server c (all 0 at the start); a local step
+    of a sampled client is ``y_i <- y_i - lr (g_i(y_i) - c_i + c)``, and after its tau steps::
+
+        c_i^+ = c_i - c + (x - y_i) / (tau lr)                (option II; lr of the step ending the round)
+        x <- x + eta_g (sum_S w_i y_i - x)                     (eta_g = outer_lr; w_i FedAvg's weights)
+        c <- c + (1/m) sum_S (c_i^+ - c_i)                     (m clients, |S| sampled)
+
+    The paper averages the models with equal weights (its w_i = 1/|S|: equal sample counts); the control
+    update is the paper's, so that c stays the mean of the c_i. The control variates travel with the models
+    (``bytes_sent`` is twice FedAvg's) and are one more d-vector per node, only the sampled clients' touched.
+    ``outer_lr`` = 1 (the paper's eta_g = 1 experiments) is FedAvg's averaging; another value is a server SGD
+    step (:class:`OuterOptimizer`). Compression is refused: the control variates are sent as they are.
+    """
+    lr = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
+    outer = None if lr == 1.0 else OuterOptimizer("sgd", lr=lr)
+    return _federated("scaffold", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
+                      policies=policies, outer=outer, params={"outer_lr": lr}, control=True)
 
 
 # Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, "Adaptive Federated Optimization", ICLR 2021:
@@ -906,6 +941,12 @@ _DECLS: tuple[PresetDecl, ...] = (
     PresetDecl(
         "fedprox", fedprox, "FedProx: FedAvg whose local steps add mu (x - x_server) to the gradient",
         args=(_TAU.replace(default=5), _MU.replace(default=0.01), *_FED_ARGS),
+        inputs=_FED_INPUTS,
+        theory=(FED_NO_BOUND,),
+    ),
+    PresetDecl(
+        "scaffold", scaffold, "SCAFFOLD: FedAvg with client and server control variates (option II)",
+        args=(_TAU.replace(default=5), _OUTER_LR.replace(default=1.0), *_FED_ARGS, _MU),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),

@@ -92,6 +92,11 @@ class AlgorithmSpec:
             Only specs whose node m holds the model every worker received at its last round take it
             (FedAvg's family: every round sends the server model to every client, and z does not move
             between rounds); the presets that accept ``mu`` guarantee that. 0: no proximal term.
+        control: SCAFFOLD's control variates (Karimireddy et al., ICML 2020, Algorithm 1, option II): every node
+            keeps one more d-vector (worker i its c_i, z the server's c); a local step uses ``g - c_i + c``; at
+            a round each sampled client sets ``c_i <- c_i - c + (z - y_i) / (tau lr)`` (y_i its model before the
+            round, lr the learning rate of the step ending it) and the server ``c <- c + (1/m) sum_S (c_i^+ -
+            c_i)``, sent with the models (twice FedAvg's bytes). FedAvg's family only, like ``prox``.
     """
 
     name: str
@@ -112,6 +117,7 @@ class AlgorithmSpec:
     inner_optimizer: str | None = None
     compression: Compression | None = None
     prox: float = 0.0
+    control: bool = False
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)
@@ -138,6 +144,14 @@ class AlgorithmSpec:
         if self.prox > 0.0 and (self.auxiliaries < 1 or self.center != "auxiliary" or self.rule != "post_mix"):
             raise ConfigError.invalid("mu", self.prox, "a proximal term needs the server model as auxiliary node m "
                                       "(center 'auxiliary', post_mix rule): the FedAvg family")
+        if not isinstance(self.control, bool):
+            raise ConfigError.invalid("control", self.control, "must be True or False")
+        if self.control and (self.auxiliaries < 1 or self.center != "auxiliary" or self.rule != "post_mix"):
+            raise ConfigError.invalid("control", self.control, "control variates need the server model as auxiliary "
+                                      "node m (center 'auxiliary', post_mix rule): the FedAvg family")
+        if self.control and self.compression is not None and self.compression.active:
+            raise ConfigError.invalid("compression", self.compression.compress, "SCAFFOLD's rounds are not "
+                                      "compressed (its control variates are sent as they are); use compress 'none'")
         if self.inner_optimizer is not None and self.inner_optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError.invalid("inner_optimizer", self.inner_optimizer, "choose one of sgd, adam, adamw")
         if self.compression is not None:
@@ -219,6 +233,8 @@ class AlgorithmSpec:
             out["inner_optimizer"] = self.inner_optimizer
         if self.prox > 0.0:
             out["mu"] = self.prox
+        if self.control:
+            out["control_variates"] = True
         if self.compressed is not None:
             out["compression"] = self.compressed.describe()
         if self.notes:

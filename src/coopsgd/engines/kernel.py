@@ -24,6 +24,12 @@ One step with learning rate ``lr`` ([CSGD] eq. (10), Remark 1):
    rows; a round that writes z (FedAvg's, for the federated server optimizers: the sampled clients' average
    sent to every node) leaves it in z's row, and z's value from before the round is kept for the step.
 
+SCAFFOLD (``spec.control``): the columns after the optimizer state hold each node's control variate (never
+mixed); a local step adds ``c - c_i`` to the gradient, and before a round each sampled client's
+``c_i <- c_i - c + (z - y_i) / (tau lr)`` is computed and the server's ``c <- c + (1/m) sum_S (c_i^+ - c_i)``
+(:meth:`RoundKernel.control_round`: in process a sum over the sampled rows; elsewhere one more transport of
+the round's plan, so the control variates cost what the models cost).
+
 FedProx (``spec.prox`` = mu > 0): the active workers' gradients get ``mu (x_i - z)`` before the inner
 optimizer reads them, z being the first auxiliary row (the server model, held by every process of the
 FedAvg family). z is the model every client received at its last round, so the proximal anchor needs no
@@ -58,6 +64,7 @@ from coopsgd.engines.optim import (
     TorchOptimizer,
     sgd_direction_,
 )
+from coopsgd.errors import ConfigError
 
 __all__ = ["RoundKernel", "InProcess", "mix_columns"]
 
@@ -218,6 +225,8 @@ class RoundKernel:
             selects, encodes, decodes and combines what each node sends and hands what is not compressed
             to ``comm`` (:class:`~coopsgd.engines.compressed.CompressedRounds`). ``None``: every round goes
             to ``comm`` as it is.
+        worker_ids: the workers the first ``workers_local`` rows are (``None``: 0, 1, ...; a distributed rank
+            passes its own), for SCAFFOLD's sampled clients.
     """
 
     spec: AlgorithmSpec
@@ -228,16 +237,20 @@ class RoundKernel:
     comm: Communicator
     outer: OuterRuntime | None = None
     compressed: CompressedRounds | None = None
+    worker_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         self.cols = mix_columns(self.spec, self.b, self.d, self.opts)
         self.nfields = len(self.opts.fields)
         self.sgd = isinstance(self.opts, SGDOptions)
+        self.fields_end = self.b + self.d + self.nfields * self.d  # SCAFFOLD's control columns follow
+        ids = tuple(range(self.workers_local)) if self.worker_ids is None else tuple(self.worker_ids)
+        self.worker_ids = ids
 
     def zero_aux_momentum(self, state: Tensor) -> None:
         """Auxiliaries hold no optimizer state: their state-field columns are zero."""
         if self.nfields and state.shape[0] > self.workers_local:
-            state[self.workers_local :, self.b + self.d :].zero_()
+            state[self.workers_local :, self.b + self.d : self.fields_end].zero_()
 
     def apply(
         self,
@@ -279,6 +292,8 @@ class RoundKernel:
         if rnd is None:
             return
         lo, hi = self.cols
+        if self.spec.control and rnd.communicates:
+            self.control_round(state, rnd, lr)
         z_old = None
         if self.outer is not None and rnd.outer and self._writes_z(rnd):
             z_old = state[self.workers_local, self.b : self.b + self.d].clone()
@@ -292,7 +307,7 @@ class RoundKernel:
             self._add(state, rows, *pending)
         if self.nfields:
             if self.spec.policies.optimizer_state == "reset" and rnd.communicates:
-                state[:, self.b + self.d :].zero_()
+                state[:, self.b + self.d : self.fields_end].zero_()
                 if not self.sgd:
                     counters.zero_()
             elif self.spec.policies.optimizer_state == "mix":
@@ -308,6 +323,42 @@ class RoundKernel:
         if plan.kind is RoundKind.IDENTITY:
             return False
         return plan.targets is None or bool(np.isin(self.spec.workers, plan.targets))
+
+    def control_round(self, state: Tensor, rnd: Round, lr: float) -> None:
+        """SCAFFOLD's control variates at a round (option II), before the models are sent: each sampled client
+        held here sets ``c_i += (z - y_i) / (tau lr) - c`` (y_i its model now, z the server model it started the
+        round from), and the server's c (the control columns of z's row) moves by ``(1/m) sum_S (c_i^+ - c_i)``.
+        In process the sum runs over the sampled rows; elsewhere each client sends ``(c_i^+ - c_i) / (m w_i)``
+        through the round's own plan (weights w_i), whose weighted sum is that mean."""
+        plan = rnd.plan
+        assert plan.kind is RoundKind.AVERAGE and plan.weights is not None, "SCAFFOLD's rounds are FedAvg's"
+        if not lr > 0.0:
+            raise ConfigError.invalid("lr", lr, "SCAFFOLD divides by tau * lr at the end of every round: lr > 0")
+        b, d, w, m = self.b, self.d, self.workers_local, self.spec.workers
+        P = state[:, b : b + d]
+        C = state[:, self.fields_end : self.fields_end + d]
+        sources = np.arange(m) if plan.sources is None else plan.sources
+        assert self.worker_ids is not None
+        pos = {int(i): j for j, i in enumerate(sources.tolist())}
+        mine = [(j, pos[i]) for j, i in enumerate(self.worker_ids) if i in pos]
+        idx = torch.as_tensor([j for j, _ in mine], dtype=torch.long, device=state.device)
+        dc = (P[w] - P.index_select(0, idx)).div_(self.spec.tau * lr).sub_(C[w])  # c_i^+ - c_i
+        C.index_add_(0, idx, dc)
+        if isinstance(self.comm, InProcess):
+            C[w].add_(dc.sum(dim=0), alpha=1.0 / m)
+            return
+        share = torch.zeros((state.shape[0], d), dtype=state.dtype, device=state.device)
+        for r, (j, k) in enumerate(mine):
+            share[j] = dc[r] / (m * float(plan.weights[k]))
+        self.comm.communicate(share, rnd)
+        C[w].add_(share[w])
+
+    def _control(self, state: Tensor, grads: Tensor, rows: Tensor | None) -> None:
+        """SCAFFOLD: ``grads += c - c_i`` for the active worker rows (c: the server row's control columns)."""
+        w, e = self.workers_local, self.fields_end
+        C = state[:, e : e + self.d]
+        Ci = C[:w] if rows is None else C.index_select(0, rows)
+        grads.sub_(Ci).add_(C[w])
 
     def _prox(self, state: Tensor, grads: Tensor, rows: Tensor | None) -> None:
         """FedProx: ``grads += mu (x - z)`` for the active worker rows (z: the first auxiliary row)."""
@@ -335,6 +386,8 @@ class RoundKernel:
         b, d, w = self.b, self.d, self.workers_local
         if self.spec.prox > 0.0:
             self._prox(state, grads, rows)
+        if self.spec.control:
+            self._control(state, grads, rows)
         P = state[:, b : b + d]
         Fs = [state[:, b + d + f * d : b + d + (f + 1) * d] for f in range(self.nfields)]
         if self.sgd:

@@ -178,11 +178,14 @@ class ReferenceEngine:
         self.leader: int | None = None
         self.schedule_state = spec.schedule.init_state()
         self.outer_state = None if spec.outer is None else outer_init(spec.outer, objective.dim)
+        #: SCAFFOLD's control variates (``spec.control``): row i worker i's c_i, row m the server's c
+        self.control = np.zeros_like(self.state) if spec.control else None
         self._compressed = None if spec.compressed is None else ReferenceCompressedRounds(
             spec.compressed, nodes=spec.nodes, workers=m, width=objective.dim, seed=self.seed, layout=layout,
             start=x0 if x0.ndim == 1 else x0.mean(axis=0))
         self._bad: dict[str, int] | None = None  # nan_policy="skip": worker -> first non-finite step
-        self._good: tuple[np.ndarray, int, Any, Any] = (self.state.copy(), 0, self.outer_state, self._compression_state())
+        self._good: tuple[np.ndarray, int, Any, Any, Any] = (self.state.copy(), 0, self.outer_state,
+                                                             self._compression_state(), self._control_copy())
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -205,13 +208,34 @@ class ReferenceEngine:
         ``spec.prox`` = mu the active workers' gradients get ``mu (x_i - z)``, z = node m (the server model)."""
         m = self.spec.workers
         mu = self.spec.prox
+        C = self.control
         G = np.zeros_like(self.state)
         for i in range(m):
             if active is None or active[i]:
                 G[i] = self.objective.gradient(self.state[i], i, self.rngs[i])
                 if mu > 0.0:
                     G[i] = G[i] + mu * (self.state[i] - self.state[m])
+                if C is not None:  # SCAFFOLD: g - c_i + c
+                    G[i] = G[i] - C[i] + C[m]
         return G
+
+    def _control_copy(self) -> np.ndarray | None:
+        return None if self.control is None else self.control.copy()
+
+    def _control_round(self, X: np.ndarray, mix: Mix, lr: float) -> np.ndarray:
+        """SCAFFOLD (option II) before the round: the sampled clients' ``c_i += (z - y_i) / (tau lr) - c`` and the
+        server's ``c += (1/m) sum_S (c_i^+ - c_i)``, from the models ``X`` before the round; returns the new array."""
+        assert self.control is not None
+        if not lr > 0.0:
+            raise ConfigError.invalid("lr", lr, "SCAFFOLD divides by tau * lr at the end of every round: lr > 0")
+        m, tau = self.spec.workers, self.spec.tau
+        plan = plan_round(mix).plan
+        sources = np.arange(m) if plan.sources is None else plan.sources
+        C = self.control.copy()
+        dc = (X[m] - X[sources]) / (tau * lr) - C[m]
+        C[sources] += dc
+        C[m] += dc.sum(axis=0) / m
+        return C
 
     name = "reference"
     #: The reference engine draws its own gradient noise; it is fed no batches.
@@ -246,8 +270,11 @@ class ReferenceEngine:
             assert G is not None
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported just below
                 z_old = None
+                control = self.control
                 if spec.rule == "post_mix":
                     X = self.state - lr * G
+                    if control is not None and mix is not None and mix.communicates:
+                        control = self._control_round(X, mix, lr)
                     if mix is not None:
                         if spec.outer is not None:
                             z_old = X[spec.workers].copy()
@@ -268,9 +295,10 @@ class ReferenceEngine:
                     X[: m + 1] = z
                     if self._compressed is not None:  # the workers restarted from z: z is their new x_ref
                         self._compressed.settle(X, plan_round(mix))
-            if self._finite_or_skip(X, k, "model"):
+            if self._finite_or_skip(X, k, "model") and (control is None or self._finite_or_skip(control, k, "model")):
                 self.state = X
                 self.outer_state = outer_state
+                self.control = control
         self.schedule_state = sched_state
         self.step_count += 1
         communicated = mix is not None and mix.communicates
@@ -312,11 +340,13 @@ class ReferenceEngine:
         if self.nan_policy != "skip":
             return None
         if self._bad is None:
-            self._good = (self.state.copy(), self.step_count, self.outer_state, self._compression_state())
+            self._good = (self.state.copy(), self.step_count, self.outer_state, self._compression_state(),
+                          self._control_copy())
             return None
         bad, self._bad = self._bad, None
         self.state = self._good[0].copy()
         self.outer_state = self._good[2]
+        self.control = None if self._good[4] is None else self._good[4].copy()
         if self._compressed is not None:
             self._compressed.load(self._good[3])
         first = dict(sorted(bad.items(), key=lambda kv: int(kv[0])))
@@ -346,6 +376,7 @@ class ReferenceEngine:
             "step": self.step_count, "rounds": self.rounds, "leader": self.leader,
             "schedule_state": dict(self.schedule_state),
             "outer_state": None if self.outer_state is None else dict(self.outer_state),
+            **({} if self.control is None else {"control": self.control.copy()}),
             **({} if self._compressed is None else {"compression": self._compressed.state()}),
         })
 
@@ -360,6 +391,12 @@ class ReferenceEngine:
                                       "(resume with the checkpoint's compress setting)")
         if self._compressed is not None and saved is not None:
             self._compressed.load(saved)
+        if self.control is not None:
+            saved_c = p.get("control")
+            if saved_c is None or np.shape(saved_c) != self.control.shape:
+                raise ConfigError.invalid("state_dict.control", None if saved_c is None else np.shape(saved_c),
+                                          f"this run keeps SCAFFOLD's control variates of shape {self.control.shape}")
+            self.control = np.array(saved_c, dtype=np.float64)
         self.state = np.array(p["state"], dtype=np.float64)
         for g, st in zip(self.rngs, p["rngs"], strict=True):
             g.bit_generator.state = st

@@ -1,7 +1,8 @@
 """What the simulator and the distributed engine share: the rows of ``nn.Module`` nodes a process holds.
 
 A process holds rows of one flat tensor ``[float buffers (b) | parameters (d) | optimizer state fields (d
-each; SGD: momentum, only with momentum > 0; Adam: exp_avg, exp_avg_sq[, max_exp_avg_sq])]``: first the workers it runs (all m in the simulator, its own on a distributed rank), then
+each; SGD: momentum, only with momentum > 0; Adam: exp_avg, exp_avg_sq[, max_exp_avg_sq]) | SCAFFOLD's control
+variate (d, only with ``spec.control``)]``: first the workers it runs (all m in the simulator, its own on a distributed rank), then
 the auxiliary nodes it keeps. :class:`ModelRows` validates the common arguments, builds the template
 module and its :class:`~coopsgd.engines.executors.FlatLayout`, allocates and initialises the rows (the
 model's parameters, or ``init_params``: one common start or one per worker, auxiliaries at the workers'
@@ -124,7 +125,9 @@ class ModelRows:
         common start, or one per worker: the workers ``held`` take theirs, the auxiliaries the mean), zero
         optimizer state."""
         b, d, dtype = self.b, self.d, self.dtype
-        state = torch.zeros((rows, b + d + len(self.opts.fields) * d), dtype=dtype, device=self.device)
+        # SCAFFOLD's control variates: one more d-block per node, after the optimizer state (never mixed)
+        width = b + d + len(self.opts.fields) * d + (d if self.spec.control else 0)
+        state = torch.zeros((rows, width), dtype=dtype, device=self.device)
         x0 = self.layout.flat_params(self.template).to(self.device, dtype)
         if init_params is not None:
             given = np.asarray(init_params) if isinstance(init_params, np.ndarray) else init_params
@@ -167,8 +170,16 @@ class ModelRows:
         """(rows, d) SGD momentum of every row held here (auxiliaries: zero), ``None`` without momentum (and
         for the other optimizers: see :attr:`rows_optimizer_state`)."""
         if isinstance(self.opts, SGDOptions) and self.opts.stateful:
-            return self._state[:, self.b + self.d :]
+            return self._state[:, self.b + self.d : self.b + 2 * self.d]
         return None
+
+    @property
+    def rows_control(self) -> Tensor | None:
+        """(rows, d) SCAFFOLD control variates of every row held here (workers: c_i; the server row: c), ``None``
+        without them (a view)."""
+        if not self.spec.control:
+            return None
+        return self._state[:, self._state.shape[1] - self.d :]
 
     @property
     def rows_optimizer_state(self) -> dict[str, Tensor]:

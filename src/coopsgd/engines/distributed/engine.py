@@ -221,7 +221,7 @@ class DistributedEngine(RankViews):
         # a compressed spec's rounds go through its compressed stage, which hands the rest to the mixer
         self._compressed = self._compression_stage()
         comm = self.mixer if self._compressed is None else self._compressed
-        self._kernel = RoundKernel(spec, self.opts, b, d, 1, comm, outer=self.outer)
+        self._kernel = RoundKernel(spec, self.opts, b, d, 1, comm, outer=self.outer, worker_ids=(self.rank,))
         self._ps = self._start_parameter_server(net) if self.asynchronous else None
 
         # -- estimates and timing ------------------------------------------------------------------------

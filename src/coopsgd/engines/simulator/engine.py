@@ -262,6 +262,11 @@ class Simulator(SimulatorCompute):
         return self.rows_momentum
 
     @property
+    def control(self) -> Tensor | None:
+        """(m+v, d) SCAFFOLD control variates (workers: c_i; the server row: c), ``None`` without (a view)."""
+        return self.rows_control
+
+    @property
     def optimizer_state(self) -> dict[str, Tensor]:
         """Every inner-optimizer state field by torch's name, each (m+v, d) (auxiliaries: zero; views)."""
         self._materialize()
@@ -539,6 +544,8 @@ class Simulator(SimulatorCompute):
                                                reducible=comp.reducible)
             else:
                 costs = self.clock.round_costs(mix.pattern, matrix)
+                if self.spec.control:  # SCAFFOLD sends its control variates with the models: twice the bytes
+                    costs = costs + self.clock.round_costs(mix.pattern, matrix)
             self.clock.communicate(costs, overlap=self.spec.overlap)
             bytes_sent = float(sum(c.bytes_sent for c in costs))
             self.bytes_sent += bytes_sent
@@ -598,12 +605,14 @@ class Simulator(SimulatorCompute):
             return NonFiniteError(f"non-finite mixing matrix at step {k}")
         if self.spec.prox > 0.0:  # FedProx adds mu (x_i - z) to the gradients: |x_i - z| <= 2 bound
             gmax = gmax + 2.0 * self.spec.prox * self._bound
+        if self.spec.control:  # SCAFFOLD adds c - c_i: |c - c_i| <= 2 bound
+            gmax = gmax + 2.0 * self._bound
         new_bound = max(cs, 1.0) * step_bound(self.opts, max(self._bound, bmax), gmax, lr)
         limit = float(torch.finfo(self.dtype).max) / 16
         t = RoundKernel.as_rows(rows, self.device)
         # an outer round moves z by its own optimizer, a compressed round by what the compressor decodes (no
         # running bound covers either): checked on a copy (once per round)
-        checked = rnd is not None and ((self.outer is not None and rnd.outer)
+        checked = rnd is not None and ((self.outer is not None and rnd.outer) or (self.spec.control and rnd.communicates)
                                        or (self._compressed is not None and rnd.kind is not RoundKind.IDENTITY))
         if new_bound < limit and not checked:
             self._kernel.apply(self._state, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
@@ -633,10 +642,11 @@ class Simulator(SimulatorCompute):
 
     def _server_round_in_place(self, rnd: Round, rows: list[int]) -> bool:
         """Whether an outer round can be applied in place and checked on the rows it writes only: a server
-        optimizer's round over sampled clients (FedAvg's, writing z) whose broadcast stays deferred, without
+        optimizer's or SCAFFOLD's round over sampled clients (FedAvg's, writing z) whose broadcast stays deferred, without
         compression, the "reset" policy (it writes every row) or a per-worker torch optimizer. Such a round writes
         the sampled rows, z and the deferred value: O(c m) rows instead of a copy of the whole state."""
-        return (self.outer is not None and rnd.outer and self._compressed is None
+        server = (self.outer is not None and rnd.outer) or (self.spec.control and rnd.communicates)
+        return (server and self._compressed is None
                 and self.spec.policies.optimizer_state != "reset" and not isinstance(self.opts, TorchOptimizer)
                 and self._kernel._writes_z(rnd) and self._comm._lazy(rnd.plan))
 
