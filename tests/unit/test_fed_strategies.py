@@ -480,11 +480,11 @@ def test_scaffold_reference_engine_equals_the_hand_written_rounds(eta_g: float) 
     assert np.abs(x - _oracle(m, tau, rounds, fraction=0.5, seed=5, mu=0.0, x0=x0)).max() > 1e-4
 
 
-@pytest.mark.parametrize("executor", ["loop", "vmap"])
-def test_scaffold_simulator_equals_reference(executor: str) -> None:
-    m, tau, steps = 6, 3, 14
-    sim, eng = _both(lambda: presets.scaffold(m, tau, fraction=0.5, sample_counts=COUNTS, seed=2, mu=0.1), steps,
-                     executor)
+@pytest.mark.parametrize(("executor", "fraction"), [("loop", 0.5), ("vmap", 0.5), ("loop", 1.0), ("loop", 0.1)])
+def test_scaffold_simulator_equals_reference(executor: str, fraction: float) -> None:
+    m, tau, steps = 6, 3, 14  # fraction 1: the round is checked on a copy; 0.1: one client (weight 1)
+    sim, eng = _both(lambda: presets.scaffold(m, tau, fraction=fraction, sample_counts=COUNTS, seed=2, mu=0.1),
+                     steps, executor)
     np.testing.assert_allclose(sim.params.numpy(), eng.state, rtol=0, atol=1e-10)
     assert sim.control is not None and eng.control is not None
     np.testing.assert_allclose(sim.control.numpy(), eng.control, rtol=0, atol=1e-10)
@@ -508,6 +508,29 @@ def test_scaffold_touches_only_the_sampled_clients_and_sends_twice_fedavgs_bytes
     assert pend is not None and pend[:m].all()  # the models' broadcast stays deferred
     fedavg = _run_sim(presets.fedavg(m, tau, **kw), tau)
     assert sim.bytes_sent == pytest.approx(2 * fedavg.bytes_sent) and fedavg.bytes_sent > 0
+
+
+def test_scaffold_nan_rollback_restores_the_control_variates() -> None:
+    m, tau = 4, 2
+    spec = presets.scaffold(m, tau, fraction=0.5, seed=1)
+    obj = LeastSquares(m)
+    sim = _sim(spec, nan_policy="skip")
+    counters = [0] * m
+    for _ in range(2 * tau):
+        _feed(sim, obj, counters)
+        assert sim.check_health() is None
+    assert sim.control is not None
+    good, good_c = sim.params.clone(), sim.control.clone()
+    mask = spec.schedule.active(sim.step_count)
+    assert mask is not None
+    batches: list[Any] = [None] * m
+    for j in np.flatnonzero(mask):
+        idx = obj.batch(int(j), 0)
+        batches[j] = (torch.from_numpy(obj.A[idx]) * float("nan"), torch.from_numpy(obj.y[idx, None]))
+    sim.step(batches, LR)
+    sim.step(batches, LR)
+    assert sim.check_health() is not None
+    assert torch.equal(sim.params, good) and torch.equal(sim.control, good_c)
 
 
 def test_scaffold_resume_is_bit_exact_and_refuses_compression() -> None:
