@@ -292,13 +292,13 @@ class RoundKernel:
         if rnd is None:
             return
         lo, hi = self.cols
-        if self.spec.control and rnd.communicates:
-            self.control_round(state, rnd, lr)
         z_old = None
         if self.outer is not None and rnd.outer and self._writes_z(rnd):
             z_old = state[self.workers_local, self.b : self.b + self.d].clone()
         if on_round is not None:
             on_round()
+        if self.spec.control and rnd.communicates:  # before the models move: it reads y_i and z
+            self.control_round(state, rnd, lr)
         if self.compressed is not None:
             self.compressed.communicate(state[:, lo:hi], rnd, self.comm, overlap=self.spec.overlap)
         else:
