@@ -245,3 +245,10 @@ def test_qsgd_levels_equal_the_unblocked_draws(dtype: torch.dtype, r: int, d: in
     nodes = torch.arange(3, 3 + r)
     got = QSGD(levels).compress(rows, round=9, nodes=nodes, seed=5).parts["levels"]
     assert torch.equal(got, reference_qsgd_levels(rows, levels, nodes, seed=5, round=9))
+
+
+def test_non_contiguous_rows() -> None:
+    g = torch.Generator().manual_seed(13)
+    wide = torch.randn(30_000, 3, generator=g)
+    _check(wide.t(), 300)  # a transposed (column-major) batch
+    _check(torch.randn(2, 50_000, generator=g)[:, 7:40_007], 400)  # a column slice
