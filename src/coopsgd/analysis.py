@@ -25,6 +25,8 @@ def spec_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int = 4) 
     """Per-round communication cost of ``spec`` for a model with ``params`` parameters ([CSGD] Table 3); with
     a compressor (``spec.compressed``), the payloads' bytes (:func:`compressed_round_cost`, SPEC §11)."""
     rc = _uncompressed_round_cost(spec, params, bytes_per_param)
+    if spec.control:  # SCAFFOLD: every round also moves the control variates, a second model's worth
+        rc = cost.RoundCost(rc.pattern, rc.handshakes, 2.0 * rc.floats_sent, 2.0 * rc.bytes_sent)
     comp = spec.compressed
     if comp is None or not comp.compresses:
         return rc

@@ -160,6 +160,10 @@ def _check_arguments(model: Any, optimizer: Any, spec: Any) -> None:
     if spec.outer is not None:
         raise ConfigError.invalid("spec.outer", spec.outer.kind, "the wrapper runs no outer optimizer (DiLoCo, "
                                   "SlowMo); use the simulator or the distributed engine")
+    if spec.prox > 0.0 or spec.control:  # never a silent FedAvg in place of FedProx / SCAFFOLD
+        raise ConfigError.invalid("spec.prox" if spec.prox > 0.0 else "spec.control", spec.prox or spec.control,
+                                  "the wrapper steps your optimizer on its own gradients: FedProx's term and SCAFFOLD's "
+                                  "control variates need the simulator or the distributed engine")
     check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
 
 

@@ -573,11 +573,11 @@ def test_defaults_and_declarations() -> None:
 
     assert presets.fedprox(4).prox == 0.01 and presets.fedavg(4).prox == 0.0
     adam = presets.fedadam(4).outer
-    assert adam == OuterOptimizer("adam", lr=0.1, betas=(0.9, 0.99), eps=1e-9, bias_correction=False)
+    assert adam == OuterOptimizer("adam", lr=0.01, betas=(0.9, 0.99), eps=1e-3, bias_correction=False)
     yogi = presets.fedyogi(4).outer
     assert yogi is not None and yogi.kind == "yogi" and yogi.lr == 0.01 and yogi.eps == 1e-3
     ada = presets.fedadagrad(4).outer
-    assert ada is not None and ada.kind == "adagrad" and ada.betas[0] == 0.0
+    assert ada is not None and ada.kind == "adagrad" and ada.betas[0] == 0.0 and ada.eps == 1e-2
     assert presets.fedavgm(4).outer == OuterOptimizer("sgd", lr=1.0, momentum=0.9)
     for name in ("fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedavg"):
         decl = declaration(name)

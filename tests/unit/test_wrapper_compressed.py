@@ -243,3 +243,21 @@ def test_what_the_wrapper_cannot_compress_is_refused_with_one_line() -> None:
     with pytest.raises(ConfigError) as err:  # (checked before the world size)
         CooperativeSGD(_mlp(), None, spec=elastic, communicator=ThreadComm(wire, 0))
     assert "compress" in str(err.value) and "topk:0.5" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_wrapper_refuses_fedprox_and_scaffold_instead_of_running_fedavg() -> None:
+    """Its optimizer steps on the plain gradients: FedProx's term or SCAFFOLD's control variates would be left
+    out silently, so such a spec is refused with one line (plain FedAvg, mu = 0, is accepted)."""
+    wire = Wire(1)
+    for spec, field in ((presets.fedprox(2, 2, mu=0.1), "spec.prox"), (presets.scaffold(2, 2), "spec.control")):
+        with pytest.raises(ConfigError) as err:
+            CooperativeSGD(_mlp(), None, spec=spec, communicator=ThreadComm(wire, 0))
+        assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_theory_charges_scaffold_twice_fedavg_per_round() -> None:
+    from coopsgd.analysis import spec_round_cost
+
+    fedavg = spec_round_cost(presets.fedavg(8, 4), 1000)
+    scaffold = spec_round_cost(presets.scaffold(8, 4), 1000)
+    assert scaffold.bytes_sent == 2 * fedavg.bytes_sent > 0 and scaffold.handshakes == fedavg.handshakes

@@ -561,10 +561,10 @@ def fedadam(
     workers: int,
     tau: int = 5,
     *,
-    outer_lr: float = 0.1,
+    outer_lr: float = 0.01,
     outer_beta1: float = 0.9,
     outer_beta2: float = 0.99,
-    outer_eps: float = 1e-9,
+    outer_eps: float = 1e-3,
     fraction: float = 1.0,
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
@@ -578,8 +578,9 @@ def fedadam(
         x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau_a)
 
     (no bias correction; m and v start at 0). eta = ``outer_lr``, beta1/beta2 = ``outer_beta1`` /
-    ``outer_beta2``, the adaptivity tau_a = ``outer_eps``. Defaults: Flower's FedAdam strategy's (eta 0.1,
-    betas (0.9, 0.99), tau_a 1e-9).
+    ``outer_beta2``, the adaptivity tau_a = ``outer_eps``. Defaults: eta 0.01, betas (0.9, 0.99), tau_a 1e-3
+    (FedYogi's; Flower's FedAdam strategy has eta 0.1 and tau_a 1e-9, with which the default run -- 8 workers,
+    the MLP, 155 steps -- stays at chance accuracy, 0.11; with these, 0.94).
     """
     return _adaptive("fedadam", "adam", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
                      outer_beta2=outer_beta2, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
@@ -616,7 +617,7 @@ def fedadagrad(
     *,
     outer_lr: float = 0.1,
     outer_beta1: float = 0.0,
-    outer_eps: float = 1e-9,
+    outer_eps: float = 1e-2,
     fraction: float = 1.0,
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
@@ -624,8 +625,9 @@ def fedadagrad(
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """FedAdagrad (Reddi et al., ICLR 2021, Algorithm 2): as :func:`fedadam` with Adagrad's second moment
-    ``v_t = v_{t-1} + Delta_t^2``. Defaults: Flower's FedAdagrad strategy's (eta 0.1, beta1 0 -- no momentum,
-    ``m_t = Delta_t`` -- and tau_a 1e-9); the paper's algorithm allows beta1 > 0 (``outer_beta1``)."""
+    ``v_t = v_{t-1} + Delta_t^2``. Defaults: eta 0.1 and beta1 0 -- no momentum, ``m_t = Delta_t`` -- as Flower's
+    FedAdagrad strategy, tau_a 1e-2 (Flower's 1e-9 reaches 0.81 test accuracy in the default run, 1e-2 0.92); the
+    paper's algorithm allows beta1 > 0 (``outer_beta1``)."""
     return _adaptive("fedadagrad", "adagrad", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
                      outer_beta2=0.0, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
                      seed=seed, mu=mu, policies=policies)
