@@ -122,6 +122,9 @@ def test_unlucky_sample_falls_back_for_that_row_only(full_calls: list[int]) -> N
     rows[1, pos[:300]] = 10.0 + torch.arange(300, dtype=torch.float32)
     _check(rows, k)
     assert full_calls and all(n == 1 for n in full_calls)  # one row of three, in each of _check's calls
+    full_calls.clear()
+    _check(rows[1:2].clone(), k)  # that row alone
+    assert full_calls and all(n == 1 for n in full_calls)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -46,6 +46,9 @@ def format_fraction(fraction: Fraction) -> str:
 TOPK_SAMPLE = 1 << 14
 #: Rows shorter than this (or with k too close to d for a sample to narrow anything) take the full top-k.
 TOPK_FAST_MIN_D = 1 << 12
+#: A row takes the full top-k when more than d / TOPK_CANDIDATES of its coordinates are candidates (there
+#: the candidates' own selection costs more than the whole row's).
+TOPK_CANDIDATES = 16
 #: Standard deviations above k of the candidates :func:`randk_indices` expects per row.
 RANDK_MARGIN = 4.0
 
@@ -125,24 +128,45 @@ def topk_indices(rows: torch.Tensor, k: int) -> torch.Tensor:
     above the k·s/d expected), and the candidates, the coordinates not below t₀ (NaN included), are found in
     one pass. When a row has at least k of them, its k-th largest magnitude is among them and so is every
     coordinate the definition keeps: the exact threshold and the ties are resolved on the candidates alone.
-    A row with fewer than k candidates (an unlucky sample), or with more than d/8 (many equal magnitudes:
-    t₀ = 0 on a sparse row), takes the full top-k. Either way the indices are those of the definition, bit
-    for bit; only the time differs."""
+    A row with fewer than k candidates (an unlucky sample), or with more than d/16 (many equal magnitudes,
+    e.g. t₀ = 0 on a sparse row; foreseen from the sample, or counted), takes the full top-k, which is then
+    the cheaper. Either way the indices are those of the definition, bit for bit; only the time differs."""
     r, d = rows.shape
     s = min(TOPK_SAMPLE, d // 4)
     expected = k * s / d
     j = math.ceil(expected + 4.0 * math.sqrt(expected) + 4.0)
-    if d < TOPK_FAST_MIN_D or 2 * j > s or r == 0:
+    if d < TOPK_FAST_MIN_D or TOPK_CANDIDATES * j > s or r == 0:
         return _topk_full(_magnitudes(rows), k)
     mag = torch.abs(rows)  # NaN stays NaN: never below t0, so always a candidate
     sample = mag.index_select(1, _sample_positions(d, s, mag.device)).nan_to_num_(nan=math.inf, posinf=math.inf)
     t0 = torch.topk(sample, j, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    many = torch.ge(sample, t0).sum(dim=1) > s // TOPK_CANDIDATES  # ties at t0 fill the sample: most of the row
+    if not bool(many.any()):
+        return _from_candidates(mag, t0, k)
+    if bool(many.all()):
+        return _topk_full(mag.nan_to_num_(nan=math.inf, posinf=math.inf), k)
+    out = torch.empty((r, k), dtype=torch.int64, device=rows.device)
+    bad = many.nonzero().reshape(-1)
+    out[bad] = _topk_full(mag.index_select(0, bad).nan_to_num_(nan=math.inf, posinf=math.inf), k)
+    fast = (~many).nonzero().reshape(-1)
+    if fast.numel():
+        out[fast] = _from_candidates(mag.index_select(0, fast), t0.index_select(0, fast), k)
+    return out
+
+
+def _from_candidates(mag: torch.Tensor, t0: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`topk_indices` of rows of magnitudes ``mag`` (NaN left as NaN) with thresholds ``t0`` (r, 1): from
+    the candidates of each row, or by the full top-k for a row with fewer than k or more than d/16 (``mag`` is
+    scratch: it may be overwritten)."""
+    r, d = mag.shape
     flat = torch.lt(mag, t0).logical_not_().reshape(-1).nonzero().reshape(-1)
     counts = torch.bincount(flat.div(d, rounding_mode="floor"), minlength=r)
-    good = (counts >= k) & (counts <= d // 8)
+    good = (counts >= k) & (counts <= d // TOPK_CANDIDATES)
     if bool(good.all()):
         return _topk_candidates(mag, flat, counts, k)
-    out = torch.empty((r, k), dtype=torch.int64, device=rows.device)
+    if not bool(good.any()):
+        return _topk_full(mag.nan_to_num_(nan=math.inf, posinf=math.inf), k)
+    out = torch.empty((r, k), dtype=torch.int64, device=mag.device)
     bad = (~good).nonzero().reshape(-1)
     out[bad] = _topk_full(mag.index_select(0, bad).nan_to_num_(nan=math.inf, posinf=math.inf), k)
     fast = good.nonzero().reshape(-1)
