@@ -88,10 +88,10 @@ def test_compare_and_plot_commands(capsys, tmp_path, saved_figures, check_runs_f
     assert data["results"]["sync"]["communication_rounds"] == 8
     runs = [out / "sync", out / "local_sgd"]
     # the figure shows each run's metrics.jsonl, point for point, under the run's name; the PNG is 12 x 8 in
-    # at 110 dpi and not blank
+    # at 160 dpi (plots.FIGURE_DPI) and not blank
     assert len(saved_figures) == 1
     check_runs_figure(saved_figures[0], runs, ["sync", "local_sgd"])
-    check_png(out / "compare.png", size=(1320, 880))
+    check_png(out / "compare.png", size=(1920, 1280))
     code = main(["plot", *map(str, runs), "--out", str(tmp_path / "p.svg"), "--title", "two runs", "--json"])
     res, err = capsys.readouterr()
     assert code == 0, err
