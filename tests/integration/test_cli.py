@@ -96,7 +96,7 @@ def test_theory_heatmap(capsys, tmp_path, saved_figures, check_png) -> None:
                                  "--circle", "1:0", "--json")
     assert code == 0, err
     assert json.loads(printed) == {"plot": str(out)}
-    check_png(out, size=(768, 576))  # 6.4 x 4.8 in at 120 dpi
+    check_png(out, size=(1024, 768))  # 6.4 x 4.8 in at 160 dpi
     [fig] = saved_figures
     ax = fig.axes[0]
     assert "tau" in ax.get_xlabel() and "zeta" in ax.get_ylabel()
