@@ -335,8 +335,16 @@ def run_lsgd_nets(args: ExperimentArgs, *, nets: int | None = None) -> dict[str,
         summary = dry_run_summary(
             "lsgd-nets", "every method on " + " and ".join(n["name"] for n in todo), executed,
             every=None if args.all_settings else f"EASGD's {len(EASGD_BETAS)} betas and LSGD's {len(LSGD_LAMBDAS)} lambdas")
+    length = f"{base['max_steps']} steps" if "max_steps" in base else f"{base['epochs']:g} epochs"
+    scale = (("quick scale: " if args.quick else "full scale: ") + ", ".join(n["name"] for n in todo)
+             + f" on {todo[0]['dataset']}, {base['workers']} workers, batch {base['batch_size']}/worker, lr "
+             f"{base['lr']:g} (DOWNPOUR lr/m), {length}, {100 * base['holdout_fraction']:g}% of the training set "
+             f"held out for tuning; {describe_time(tf)}"
+             + (f"; dry run: {DRY_RUN_STEPS} steps on synthetic data, a smoke test, not a result" if args.dry_run
+                else ""))
     return {
         "experiment": "lsgd-nets",
+        "scale": scale,
         "test_loss_at_equal_time": equal_time,
         "quick": args.quick,
         "time_model": tf,
