@@ -39,6 +39,7 @@ from coopsgd.algorithms.hooks import (
 )
 from coopsgd.algorithms.outer import OuterOptimizer, OuterSchedule
 from coopsgd.algorithms.registry import DataInput, PresetArg, PresetDecl, register
+from coopsgd.algorithms.robust import AGGREGATIONS, ATTACKS, RobustAggregation
 from coopsgd.algorithms.schedules import (
     STEP_COUNTINGS,
     DownpourSchedule,
@@ -399,6 +400,13 @@ def hierarchical(
     )
 
 
+def _robust(aggregation: str, trim: float, byzantine_fraction: float, attack: str, attack_std: float,
+            attack_scale: float, krum_f: int | None, multi_krum_keep: int | None) -> dict[str, Any]:
+    """The robust-aggregation settings of the FedAvg presets as :class:`RobustAggregation`'s arguments."""
+    return dict(rule=aggregation, trim=trim, byzantine_fraction=byzantine_fraction, attack=attack,
+                attack_std=attack_std, attack_scale=attack_scale, krum_f=krum_f, multi_krum_keep=multi_krum_keep)
+
+
 def _federated(
     name: str,
     workers: int,
@@ -412,21 +420,34 @@ def _federated(
     outer: OuterOptimizer | None = None,
     params: dict[str, Any] | None = None,
     control: bool = False,
+    robust: dict[str, Any] | None = None,
 ) -> AlgorithmSpec:
     """FedAvg's rounds (:class:`FedAvgSchedule`) with FedProx's ``mu``, with ``outer`` a server optimizer, with
-    ``control`` SCAFFOLD's control variates."""
+    ``control`` SCAFFOLD's control variates, with ``robust`` the settings of a robust aggregation rule and
+    simulated Byzantine clients (:class:`~coopsgd.algorithms.robust.RobustAggregation`; FedAvg's weighted mean
+    with honest clients is kept as no rule at all, so that it stays FedAvg bit for bit)."""
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
     c = check_float("fraction", fraction, low=0.0, high=1.0, low_open=True)
     mu = check_float("mu", mu, low=0.0)
     sched = FedAvgSchedule(m, tau, fraction=c, sample_counts=sample_counts, seed=seed, outer=outer is not None)
     notes = (f"theory: with IID data use Corollary 2 (local SGD) with {sched.clients_per_round} workers",)
+    rob = None
+    if robust is not None:
+        rob = RobustAggregation(workers=m, clients=sched.clients_per_round, seed=int(seed), **robust)
+        if not rob.active:
+            rob = None
+        elif control:
+            raise ConfigError.invalid("aggregation" if rob.rule != "mean" else "byzantine_fraction",
+                                      rob.rule if rob.rule != "mean" else rob.byzantine_fraction,
+                                      "SCAFFOLD's control variates are averaged with the models: mean, no attackers")
     spec = AlgorithmSpec(
         name=name, workers=m, auxiliaries=1, tau=tau, schedule=sched, rule="post_mix", center="auxiliary",
         theory_matrix=None, theory_v=0, pattern="parameter_server", policies=policies or Policies(),
         params={"fraction": c, "clients_per_round": sched.clients_per_round, "seed": int(seed),
-                **({"mu": mu} if mu > 0.0 or name == "fedprox" else {}), **(params or {})},
-        notes=notes, outer=outer, prox=mu, control=control,
+                **({"mu": mu} if mu > 0.0 or name == "fedprox" else {}), **(params or {}),
+                **({} if rob is None else {k: v for k, v in rob.describe().items() if k != "byzantine"})},
+        notes=notes, outer=outer, prox=mu, control=control, robust=rob,
     )
     why = fed_no_bound(spec)  # FedProx's term or a server optimizer: say why, once, in place of the hint
     return spec if why is None else dataclasses.replace(spec, notes=(why,))
@@ -441,6 +462,14 @@ def fedavg(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    aggregation: str = "mean",
+    trim: float = 0.2,
+    byzantine_fraction: float = 0.0,
+    attack: str = "sign_flip",
+    attack_std: float = 1.0,
+    attack_scale: float = 10.0,
+    krum_f: int | None = None,
+    multi_krum_keep: int | None = None,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """Federated averaging: rounds of tau local steps on a sampled fraction c of clients ([CSGD] §5).
@@ -450,7 +479,9 @@ def fedavg(
     (:func:`fedprox`); ``mu = 0`` is FedAvg bit for bit.
     """
     return _federated("fedavg", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
-                      policies=policies)
+                      policies=policies,
+                      robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
+                                     multi_krum_keep))
 
 
 @compressible
@@ -462,6 +493,14 @@ def fedprox(
     fraction: float = 1.0,
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
+    aggregation: str = "mean",
+    trim: float = 0.2,
+    byzantine_fraction: float = 0.0,
+    attack: str = "sign_flip",
+    attack_std: float = 1.0,
+    attack_scale: float = 10.0,
+    krum_f: int | None = None,
+    multi_krum_keep: int | None = None,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """FedProx (Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, MLSys 2020): FedAvg whose clients minimise
@@ -474,7 +513,9 @@ def fedprox(
     the default 0.01 is one of them.
     """
     return _federated("fedprox", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
-                      policies=policies)
+                      policies=policies,
+                      robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
+                                     multi_krum_keep))
 
 
 @compressible
@@ -525,6 +566,14 @@ def fedavgm(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    aggregation: str = "mean",
+    trim: float = 0.2,
+    byzantine_fraction: float = 0.0,
+    attack: str = "sign_flip",
+    attack_std: float = 1.0,
+    attack_scale: float = 10.0,
+    krum_f: int | None = None,
+    multi_krum_keep: int | None = None,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """FedAvgM (Hsu, Qi, Brown 2019; Reddi et al. 2021, Algorithm 1 with server SGD and momentum): FedAvg's
@@ -538,12 +587,15 @@ def fedavgm(
     beta = check_float("outer_momentum", outer_momentum, low=0.0, high=1.0, high_open=True)
     outer = OuterOptimizer("sgd", lr=lr, momentum=beta)
     return _federated("fedavgm", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
-                      policies=policies, outer=outer, params={"outer_lr": lr, "outer_momentum": beta})
+                      policies=policies, outer=outer, params={"outer_lr": lr, "outer_momentum": beta},
+                      robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
+                                     multi_krum_keep))
 
 
 def _adaptive(name: str, kind: str, workers: int, tau: int, *, outer_lr: float, outer_beta1: float,
               outer_beta2: float, outer_eps: float, fraction: float, sample_counts: Sequence[float] | None,
-              seed: int, mu: float, policies: Policies | None) -> AlgorithmSpec:
+              seed: int, mu: float, policies: Policies | None,
+              robust: dict[str, Any] | None = None) -> AlgorithmSpec:
     lr = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
     b1 = check_float("outer_beta1", outer_beta1, low=0.0, high=1.0, high_open=True)
     b2 = check_float("outer_beta2", outer_beta2, low=0.0, high=1.0, high_open=True)
@@ -553,7 +605,7 @@ def _adaptive(name: str, kind: str, workers: int, tau: int, *, outer_lr: float, 
     if kind != "adagrad":
         params["outer_beta2"] = b2
     return _federated(name, workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
-                      policies=policies, outer=outer, params=params)
+                      policies=policies, outer=outer, params=params, robust=robust)
 
 
 @compressible
@@ -569,6 +621,14 @@ def fedadam(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    aggregation: str = "mean",
+    trim: float = 0.2,
+    byzantine_fraction: float = 0.0,
+    attack: str = "sign_flip",
+    attack_std: float = 1.0,
+    attack_scale: float = 10.0,
+    krum_f: int | None = None,
+    multi_krum_keep: int | None = None,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """FedAdam (Reddi et al., ICLR 2021, Algorithm 2): FedAvg's rounds, then with the round's pseudo-gradient
@@ -584,7 +644,9 @@ def fedadam(
     """
     return _adaptive("fedadam", "adam", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
                      outer_beta2=outer_beta2, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
-                     seed=seed, mu=mu, policies=policies)
+                     seed=seed, mu=mu, policies=policies,
+                     robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
+                                     multi_krum_keep))
 
 
 @compressible
@@ -600,6 +662,14 @@ def fedyogi(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    aggregation: str = "mean",
+    trim: float = 0.2,
+    byzantine_fraction: float = 0.0,
+    attack: str = "sign_flip",
+    attack_std: float = 1.0,
+    attack_scale: float = 10.0,
+    krum_f: int | None = None,
+    multi_krum_keep: int | None = None,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """FedYogi (Reddi et al., ICLR 2021, Algorithm 2): as :func:`fedadam` with Yogi's second moment
@@ -607,7 +677,9 @@ def fedyogi(
     (eta 0.01, betas (0.9, 0.99), tau_a 1e-3)."""
     return _adaptive("fedyogi", "yogi", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
                      outer_beta2=outer_beta2, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
-                     seed=seed, mu=mu, policies=policies)
+                     seed=seed, mu=mu, policies=policies,
+                     robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
+                                     multi_krum_keep))
 
 
 @compressible
@@ -622,6 +694,14 @@ def fedadagrad(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    aggregation: str = "mean",
+    trim: float = 0.2,
+    byzantine_fraction: float = 0.0,
+    attack: str = "sign_flip",
+    attack_std: float = 1.0,
+    attack_scale: float = 10.0,
+    krum_f: int | None = None,
+    multi_krum_keep: int | None = None,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """FedAdagrad (Reddi et al., ICLR 2021, Algorithm 2): as :func:`fedadam` with Adagrad's second moment
@@ -630,7 +710,9 @@ def fedadagrad(
     paper's algorithm allows beta1 > 0 (``outer_beta1``)."""
     return _adaptive("fedadagrad", "adagrad", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
                      outer_beta2=0.0, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
-                     seed=seed, mu=mu, policies=policies)
+                     seed=seed, mu=mu, policies=policies,
+                     robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
+                                     multi_krum_keep))
 
 
 @compressible
@@ -871,6 +953,25 @@ _FED_ARGS = (
     PresetArg("local_epochs", float, None, help="FedAvg: local epochs per round (instead of tau)",
               low=0.0, low_open=True, kind="derived", excludes=("tau",), default_text="use tau"),
 )
+_ROBUST_ARGS = (
+    PresetArg("aggregation", str, "mean", choices=AGGREGATIONS,
+              help="how the server combines the sampled clients' models: weighted mean (FedAvg), coordinate-wise "
+                   "median, trimmed mean, Krum or multi-Krum"),
+    PresetArg("trim", float, 0.2, help="trimmed_mean: fraction of the sampled clients dropped at each end, per "
+              "coordinate", low=0.0, high=0.5, high_open=True),
+    PresetArg("byzantine_fraction", float, 0.0, help="fraction of the clients that are Byzantine (a seeded set "
+              "drawn once per run) and send an attacked model", low=0.0, high=1.0, high_open=True),
+    PresetArg("attack", str, "sign_flip", choices=ATTACKS,
+              help="what a Byzantine client sends: its update negated, the server model plus Gaussian noise, or "
+                   "its update scaled"),
+    PresetArg("attack_std", float, 1.0, help="gaussian attack: the noise's standard deviation sigma", low=0.0,
+              low_open=True),
+    PresetArg("attack_scale", float, 10.0, help="scale attack: the factor s of the update"),
+    PresetArg("krum_f", int, None, help="krum / multi_krum: the number f of Byzantine clients assumed per round",
+              low=0, default_text="round(byzantine_fraction * clients per round)"),
+    PresetArg("multi_krum_keep", int, None, help="multi_krum: how many of the lowest-score models are averaged",
+              low=1, default_text="clients per round - f"),
+)
 _FED_INPUTS = (DataInput("sample_counts", ("shard_sizes",), _client_weights,
                          help="clients are weighted by their number of training samples"),
                DataInput("tau", ("steps_per_epoch",), _tau_from_local_epochs, when="local_epochs",
@@ -936,13 +1037,13 @@ _DECLS: tuple[PresetDecl, ...] = (
     ),
     PresetDecl(
         "fedavg", fedavg, "federated averaging on a sampled fraction of clients",
-        args=(_TAU.replace(default=5), *_FED_ARGS, _MU),
+        args=(_TAU.replace(default=5), *_FED_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FEDAVG_COROLLARY2, FED_NO_BOUND),
     ),
     PresetDecl(
         "fedprox", fedprox, "FedProx: FedAvg whose local steps add mu (x - x_server) to the gradient",
-        args=(_TAU.replace(default=5), _MU.replace(default=0.01), *_FED_ARGS),
+        args=(_TAU.replace(default=5), _MU.replace(default=0.01), *_FED_ARGS, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),
@@ -955,14 +1056,14 @@ _DECLS: tuple[PresetDecl, ...] = (
     PresetDecl(
         "fedavgm", fedavgm, "FedAvgM: FedAvg with server momentum on the pseudo-gradient",
         args=(_TAU.replace(default=5), _OUTER_LR.replace(default=1.0),
-              _OUTER_MOMENTUM.replace(default=0.9), *_FED_ARGS, _MU),
+              _OUTER_MOMENTUM.replace(default=0.9), *_FED_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),
     PresetDecl(
         "fedadam", fedadam, "FedAdam: FedAvg with an Adam server step (Reddi et al., no bias correction)",
-        args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.1), _OUTER_BETA1.replace(default=0.9),
-              _OUTER_BETA2.replace(default=0.99), _OUTER_EPS.replace(default=1e-9), *_FED_ARGS, _MU),
+        args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.01), _OUTER_BETA1.replace(default=0.9),
+              _OUTER_BETA2.replace(default=0.99), _OUTER_EPS.replace(default=1e-3), *_FED_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),
@@ -970,14 +1071,14 @@ _DECLS: tuple[PresetDecl, ...] = (
         "fedyogi", fedyogi, "FedYogi: FedAvg with a Yogi server step (Reddi et al.)",
         args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.01),
               _OUTER_BETA1.replace(default=0.9), _OUTER_BETA2.replace(default=0.99), _OUTER_EPS.replace(default=1e-3),
-              *_FED_ARGS, _MU),
+              *_FED_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),
     PresetDecl(
         "fedadagrad", fedadagrad, "FedAdagrad: FedAvg with an Adagrad server step (Reddi et al.)",
         args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.1),
-              _OUTER_BETA1.replace(default=0.0), _OUTER_EPS.replace(default=1e-9), *_FED_ARGS, _MU),
+              _OUTER_BETA1.replace(default=0.0), _OUTER_EPS.replace(default=1e-2), *_FED_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),

@@ -19,6 +19,7 @@ import numpy as np
 
 from coopsgd.algorithms.communication import Compression, check_compressible
 from coopsgd.algorithms.outer import OuterOptimizer
+from coopsgd.algorithms.robust import RobustAggregation
 from coopsgd.algorithms.schedules import Schedule
 from coopsgd.errors import ConfigError, check_float, check_int
 
@@ -97,6 +98,10 @@ class AlgorithmSpec:
             a round each sampled client sets ``c_i <- c_i - c + (z - y_i) / (tau lr)`` (y_i its model before the
             round, lr the learning rate of the step ending it) and the server ``c <- c + (1/m) sum_S (c_i^+ -
             c_i)``, sent with the models (twice FedAvg's bytes). FedAvg's family only, like ``prox``.
+        robust: the aggregation rule of FedAvg's rounds and the simulated Byzantine clients
+            (:class:`~coopsgd.algorithms.robust.RobustAggregation`: coordinate-wise median, trimmed mean, Krum,
+            multi-Krum; sign-flip, Gaussian or scaled models sent by a seeded set of clients). ``None``: the
+            weighted mean, every client honest. FedAvg's family only; not with compression or control variates.
     """
 
     name: str
@@ -118,6 +123,7 @@ class AlgorithmSpec:
     compression: Compression | None = None
     prox: float = 0.0
     control: bool = False
+    robust: RobustAggregation | None = None
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)
@@ -152,6 +158,18 @@ class AlgorithmSpec:
         if self.control and self.compression is not None and self.compression.active:
             raise ConfigError.invalid("compression", self.compression.compress, "SCAFFOLD's rounds are not "
                                       "compressed (its control variates are sent as they are); use compress 'none'")
+        if self.robust is not None:
+            if not isinstance(self.robust, RobustAggregation):
+                raise ConfigError.invalid("robust", self.robust, "must be a RobustAggregation or None")
+            if self.auxiliaries < 1 or self.center != "auxiliary" or self.rule != "post_mix":
+                raise ConfigError.invalid("aggregation", self.robust.rule, "a robust rule aggregates FedAvg's "
+                                          "rounds (the server model as auxiliary node m): the FedAvg family")
+            if self.control:
+                raise ConfigError.invalid("aggregation", self.robust.rule, "SCAFFOLD's control variates are "
+                                          "averaged with the models: use aggregation 'mean' without attackers")
+            if self.compression is not None and self.compression.active:
+                raise ConfigError.invalid("compression", self.compression.compress, "a robust rule or simulated "
+                                          "attackers need the clients' models as they are; use compress 'none'")
         if self.inner_optimizer is not None and self.inner_optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError.invalid("inner_optimizer", self.inner_optimizer, "choose one of sgd, adam, adamw")
         if self.compression is not None:
@@ -235,6 +253,8 @@ class AlgorithmSpec:
             out["mu"] = self.prox
         if self.control:
             out["control_variates"] = True
+        if self.robust is not None:
+            out["robust"] = self.robust.describe()
         if self.compressed is not None:
             out["compression"] = self.compressed.describe()
         if self.notes:

@@ -38,6 +38,12 @@ state of its own: it is checkpointed, rolled back and sampled with the rows.
 One path serves every inner optimizer (:meth:`RoundKernel.apply`); SGD's update is the one the engines had
 before other optimizers existed, operation for operation (its direction is added with ``alpha = -lr``).
 
+Robust aggregation (``spec.robust``, :mod:`coopsgd.algorithms.robust`): a FedAvg round's aggregate is the rule's
+(median, trimmed mean, Krum, multi-Krum) of what the sampled clients send (Byzantine ones an attacked model);
+:class:`~coopsgd.engines.aggregation.RobustRounds` writes it into one sampled row and the communicator sends that
+row to every node, as FedAvg's round sends the mean. A server optimizer then steps on it. In process only: a
+robust rule needs every sampled model in one place, and the distributed engine refuses it.
+
 The engines differ only in the communicator and in which rows they hold: the kernel hands each round
 (a :class:`~coopsgd.engines.mixing.Round` from :func:`~coopsgd.engines.mixing.plan_round`) to its
 :class:`~coopsgd.engines.base.Communicator` and never asks which one it holds.
@@ -53,6 +59,7 @@ import torch
 from torch import Tensor
 
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.aggregation import RobustRounds
 from coopsgd.engines.base import Communicator
 from coopsgd.engines.compressed import CompressedRounds
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan, apply_mixing, plan_round
@@ -246,6 +253,15 @@ class RoundKernel:
         self.fields_end = self.b + self.d + self.nfields * self.d  # SCAFFOLD's control columns follow
         ids = tuple(range(self.workers_local)) if self.worker_ids is None else tuple(self.worker_ids)
         self.worker_ids = ids
+        self.robust: RobustRounds | None = None
+        if self.spec.robust is not None:
+            if not isinstance(self.comm, InProcess) or self.workers_local != self.spec.workers:
+                raise ConfigError.invalid("aggregation", self.spec.robust.rule, "robust aggregation and simulated "
+                                          "attackers run on the simulator and the reference engine (they need every "
+                                          "sampled model in one process)")
+            lo = self.cols[0]
+            self.robust = RobustRounds(self.spec.robust, self.workers_local,
+                                       slice(self.b - lo, self.b - lo + self.d))
 
     def zero_aux_momentum(self, state: Tensor) -> None:
         """Auxiliaries hold no optimizer state: their state-field columns are zero."""
@@ -299,6 +315,11 @@ class RoundKernel:
             on_round()
         if self.spec.control and rnd.communicates:  # before the models move: it reads y_i and z
             self.control_round(state, rnd, lr)
+        if self.robust is not None and self.robust.applies(rnd):
+            assert isinstance(self.comm, InProcess)
+            sources = rnd.plan.sources
+            self.comm.materialize(state[:, lo:hi], None if sources is None else sources.tolist())
+            rnd = self.robust.prepare(state[:, lo:hi], rnd)
         if self.compressed is not None:
             self.compressed.communicate(state[:, lo:hi], rnd, self.comm, overlap=self.spec.overlap)
         else:

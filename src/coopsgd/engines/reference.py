@@ -8,6 +8,9 @@ State: an (m+v) x d numpy array, one row per node (workers first, then auxiliari
 * a spec with an outer optimizer (DiLoCo, SlowMo: ``spec.outer``): after a round tagged
   ``info["outer"]`` (the workers averaged to ``a``), z = node m takes its outer step on ``z - a``
   (:func:`outer_step`, written here in numpy on its own) and every worker restarts from it;
+* a spec with robust aggregation (``spec.robust``, :mod:`coopsgd.algorithms.robust`): FedAvg's round sends the
+  rule's aggregate of what the sampled clients send (Byzantine ones their attack), from the rules' numpy
+  definitions;
 * a spec with compression (``spec.compressed``, SPEC §11): the round sends compressed payloads
   (:class:`~coopsgd.engines.compressed.ReferenceCompressedRounds`: averaging rounds with x_ref and error
   feedback, CHOCO gossip, elastic rounds through the centres' copies, DOWNPOUR's pushes and replies), each
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from coopsgd.algorithms.outer import ADAPTIVE_KINDS, OuterOptimizer
+from coopsgd.algorithms.robust import aggregate_np, attack_np
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.base import (
@@ -41,7 +45,7 @@ from coopsgd.engines.base import (
     wrap_state,
 )
 from coopsgd.engines.compressed import ReferenceCompressedRounds
-from coopsgd.engines.mixing import apply_mixing, plan_round
+from coopsgd.engines.mixing import RoundKind, apply_mixing, plan_round
 from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.objectives import Objective
 
@@ -314,7 +318,19 @@ class ReferenceEngine:
         )
 
     def _round(self, X: np.ndarray, mix: Mix) -> np.ndarray:
-        """``X`` after the round ``mix``: ``X S``, or the compressed round of ``spec.compressed``."""
+        """``X`` after the round ``mix``: ``X S``, the compressed round of ``spec.compressed``, or (``spec.robust``)
+        FedAvg's round with the robust rule's aggregate of what the sampled clients send in place of their mean."""
+        if self.spec.robust is not None:
+            plan = plan_round(mix).plan
+            if plan.kind is RoundKind.AVERAGE and plan.weights is not None:
+                m = self.spec.workers
+                sources = np.arange(plan.n) if plan.sources is None else plan.sources
+                full = slice(0, X.shape[1])
+                sent = attack_np(self.spec.robust, X[sources], X[m], sources, mix.round, full)
+                y = aggregate_np(self.spec.robust, sent, plan.weights, full)
+                out = X.copy()
+                out[:] = y  # FedAvg's round sends the aggregate to every node, z included
+                return out
         if self._compressed is None:
             return apply_mixing(X, mix.matrix)
         return self._compressed.communicate(X, plan_round(mix))

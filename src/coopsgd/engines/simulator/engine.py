@@ -194,6 +194,9 @@ class Simulator(SimulatorCompute):
         # the deferred value: RoundKernel.outer_round)
         self._comm = InProcess(lazy_rows=m if self._compressed is None else 0)
         self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer, compressed=self._compressed)
+        # simulated attackers send models no running bound covers (Gaussian noise): their rounds are checked as
+        # a server optimizer's are (the robust rules themselves stay inside the range of what they receive)
+        self._attacked = spec.robust is not None and spec.robust.byzantine_count > 0
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
         self._bad: dict[str, Any] | None = None
@@ -613,7 +616,8 @@ class Simulator(SimulatorCompute):
         # an outer round moves z by its own optimizer, a compressed round by what the compressor decodes (no
         # running bound covers either): checked on a copy (once per round)
         checked = rnd is not None and ((self.outer is not None and rnd.outer) or (self.spec.control and rnd.communicates)
-                                       or (self._compressed is not None and rnd.kind is not RoundKind.IDENTITY))
+                                       or (self._compressed is not None and rnd.kind is not RoundKind.IDENTITY)
+                                       or (self._attacked and rnd.communicates))
         if new_bound < limit and not checked:
             self._kernel.apply(self._state, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
             self._bound = new_bound
@@ -645,7 +649,8 @@ class Simulator(SimulatorCompute):
         optimizer's or SCAFFOLD's round over sampled clients (FedAvg's, writing z) whose broadcast stays deferred, without
         compression, the "reset" policy (it writes every row) or a per-worker torch optimizer. Such a round writes
         the sampled rows, z and the deferred value: O(c m) rows instead of a copy of the whole state."""
-        server = (self.outer is not None and rnd.outer) or (self.spec.control and rnd.communicates)
+        server = ((self.outer is not None and rnd.outer) or (self.spec.control and rnd.communicates)
+                  or (self._attacked and rnd.communicates))
         return (server and self._compressed is None
                 and self.spec.policies.optimizer_state != "reset" and not isinstance(self.opts, TorchOptimizer)
                 and self._kernel._writes_z(rnd) and self._comm._lazy(rnd.plan))

@@ -190,6 +190,14 @@ class AlgorithmSettings:
     outer_beta2: float | None = _preset()
     outer_eps: float | None = _preset()
     mu: float | None = _preset()
+    aggregation: str | None = _preset()
+    trim: float | None = _preset()
+    byzantine_fraction: float | None = _preset()
+    attack: str | None = _preset()
+    attack_std: float | None = _preset()
+    attack_scale: float | None = _preset()
+    krum_f: int | None = _preset()
+    multi_krum_keep: int | None = _preset()
     base_algorithm: str | None = _preset()
     downpour_order: str = setting(
         "clock", choices=("clock", "schedule", "async"),
