@@ -450,6 +450,11 @@ def _federated(
         notes=notes, outer=outer, prox=mu, control=control, robust=rob,
     )
     why = fed_no_bound(spec)  # FedProx's term or a server optimizer: say why, once, in place of the hint
+    if rob is not None:
+        robust_why = (f"no bound applies: aggregation {rob.rule!r}"
+                      + (f" with {rob.byzantine_count} Byzantine clients ({rob.attack})" if rob.byzantine_count else "")
+                      + " is not FedAvg's mean of honest clients, which [CSGD] Corollary 2 covers")
+        why = robust_why if why is None else why + "; " + robust_why[len("no bound applies: "):]
     return spec if why is None else dataclasses.replace(spec, notes=(why,))
 
 
@@ -967,10 +972,10 @@ _ROBUST_ARGS = (
     PresetArg("attack_std", float, 1.0, help="gaussian attack: the noise's standard deviation sigma", low=0.0,
               low_open=True),
     PresetArg("attack_scale", float, 10.0, help="scale attack: the factor s of the update"),
-    PresetArg("krum_f", int, None, help="krum / multi_krum: the number f of Byzantine clients assumed per round",
-              low=0, default_text="round(byzantine_fraction * clients per round)"),
+    PresetArg("krum_f", int, None, help="krum / multi_krum: the number f of Byzantine clients assumed among the k sampled per round",
+              low=0, default_text="round(byzantine_fraction k)"),
     PresetArg("multi_krum_keep", int, None, help="multi_krum: how many of the lowest-score models are averaged",
-              low=1, default_text="clients per round - f"),
+              low=1, default_text="k - f"),
 )
 _FED_INPUTS = (DataInput("sample_counts", ("shard_sizes",), _client_weights,
                          help="clients are weighted by their number of training samples"),
