@@ -1,5 +1,6 @@
-"""Peer benchmark: one FedAvg workload on coopsgd's simulator, Flower's simulation engine and a hand-written
-PyTorch loop, side by side (issue 15; prints tables, never asserts).
+"""Peer benchmark: one federated workload on coopsgd's simulator, Flower's simulation engine and a hand-written
+PyTorch loop, side by side (issue 15: FedAvg; issue 26: FedProx, FedAvgM, FedAdam, FedYogi, SCAFFOLD; prints
+tables, never asserts).
 
 The workload, identical in all three:
 
@@ -32,8 +33,38 @@ registration order, which the simulation follows; the client checks it on every 
 the same microsecond would be queried), and the shutdown after the last round. The final models are compared: test loss and max |parameter difference|
 against coopsgd's.
 
+**Federated strategies** (issue 26 item 8; ``--strategies``, default ``fedavg``): FedProx, FedAvgM, FedAdam,
+FedYogi and FedAdagrad run the same way on coopsgd's preset, the hand loop and Flower's strategy of that name
+(``flwr.serverapp.strategy``; the strategy's own ``configure_train`` runs, so its bookkeeping is Flower's, and only
+the messages go to the round's clients), with the settings of :data:`STRATEGIES` given to all three; SCAFFOLD runs
+on coopsgd and the hand loop (Flower has no SCAFFOLD). The hand loop's update rules are :func:`run_hand`'s
+docstring. How Flower 1.42's strategies define their updates, against coopsgd's presets:
+
+* FedProx: the strategy only adds ``proximal-mu`` to the round's config; the client must add the term. The client
+  here adds mu (x - x_server) to every local gradient (the gradient of (mu/2) ||x - x_server||^2, FedProx's eq. (2),
+  coopsgd's definition). Flower's docstring example instead adds (mu/2) sum_tensors ||w - w_t|| -- the norm, not
+  its square: its gradient (mu/2)(w - w_t)/||w - w_t|| per tensor is not FedProx's; a client written from it would
+  not match (nor the paper).
+* FedAvgM: pseudo-gradient x - avg; ``v = beta v + pg`` with v = pg in the first round (= v from 0);
+  ``x - eta v``: coopsgd's rule. Flower's default momentum is 0 (plain FedAvg); here 0.9 on both.
+* FedYogi, FedAdagrad: Delta = avg - x; m, v from 0; no bias correction; ``x + eta m / (sqrt(v) + tau)``:
+  coopsgd's rule (Reddi et al., Algorithm 2). Flower's FedAdagrad fixes beta_1 = 0.
+* FedAdam: as FedYogi with Adam's v, **but** Flower multiplies eta by sqrt(1 - beta2^(t+1)) / (1 - beta1^(t+1)),
+  t its 1-based round (:func:`flower_adam_eta`; Kingma & Ba's bias-corrected step size, evaluated one round
+  late); coopsgd's preset and Reddi et al. have no such factor. The two cannot be made equal with beta1, beta2 > 0
+  (beta1 = beta2 = 0 makes the factor 1 and Adam a sign-like step), so the final models differ by design: the
+  script reports coopsgd against the hand loop with the paper's rule and Flower against the hand loop with
+  Flower's step size (``Flower vs hand(Flower eta_t)``), i.e. that this factor is the only difference.
+* Flower's FedAdam and FedAdagrad default to tau 1e-3 (the legacy ``flwr.server.strategy`` ones to 1e-9); the
+  value is passed explicitly.
+
+With ``--beta 0.1`` and N = 1000 coopsgd's Dirichlet partition refuses (8,000 samples: some clients get none);
+the script then takes its first draw and gives each empty client one sample of the largest shard
+(:func:`dirichlet_with_floor`; it says how many). Issue 26's run: ``flwr-venv/bin/python benchmarks/bench_peers.py
+--strategies fedprox,fedavgm,fedadam,fedyogi,scaffold --configs 100:0.1,1000:0.1 --beta 0.1 --tol 1e-6``.
+
 Usage: ``python benchmarks/bench_peers.py [--quick] [--configs 10:1.0,100:0.1,1000:0.01] [--rounds 20]
-[--local-steps 5] [--batch 32] [--lr 0.05] [--reps 3] [--threads 1] [--no-flower]``. Flower is imported only
+[--local-steps 5] [--batch 32] [--lr 0.05] [--reps 3] [--threads 1] [--strategies fedavg] [--no-flower]``. Flower is imported only
 when it is used; without it the script says so and runs the other two. A separate environment, e.g.
 ``python -m venv flwr-venv && flwr-venv/bin/pip install torch==2.13.0 -e ".[peers]"`` (the ``peers`` extra is
 ``flwr[simulation]``; pin torch to the build you compare against), then ``flwr-venv/bin/python
@@ -760,7 +791,11 @@ def main() -> None:
             print(f"# {st.name} N = {n}: coopsgd {coop.train_s:.3f} s, hand loop {hand.train_s:.3f} s, Flower "
                   f"{fmt(flower.train_s)} s" + (f" ({flower.error})" if flower.error else "")
                   + (f", {flower.phases['tied_nodes']:.0f} nodes queried for their partition"
-                     if flower.phases else ""), flush=True)
+                     if flower.phases else "")
+                  + f"; max|dθ| to coopsgd: hand {max_diff(hand.params, coop.params):.2e}, Flower "
+                  f"{fmt(max_diff(flower.params, coop.params), '.2e')}"
+                  + (f", Flower to hand(Flower eta_t) {max_diff(flower.params, hand_fl.params):.2e}"
+                     if hand_fl is not None and flower.params is not None else ""), flush=True)
 
     print()
     print("Training time (s; coopsgd and hand loop: median of "
