@@ -25,6 +25,8 @@ from coopsgd.algorithms import presets
 from coopsgd.algorithms.robust import RobustAggregation, aggregate_np, attack_np
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.aggregation import aggregate, attack_
+from coopsgd.engines.base import NonFiniteError
+from coopsgd.engines.distributed.engine import check_distributed_robust
 from coopsgd.engines.kernel import RoundKernel
 from coopsgd.engines.optim import SGDOptions
 from coopsgd.engines.reference import ReferenceEngine
@@ -69,9 +71,9 @@ class LeastSquares:
         return rng.standard_normal(D)
 
 
-def _sim(spec: AlgorithmSpec) -> Simulator:
+def _sim(spec: AlgorithmSpec, executor: str = "loop") -> Simulator:
     return Simulator(spec, lambda: nn.Linear(D, 1, bias=False), loss_fn=F.mse_loss, dtype=torch.float64, seed=4,
-                     optimizer="sgd")
+                     optimizer="sgd", executor=executor)
 
 
 def _feed(sim: Simulator, obj: LeastSquares, counters: list[int]) -> None:
@@ -255,20 +257,21 @@ def test_reference_equals_the_hand_written_rounds(rule: str, attack: str) -> Non
     np.testing.assert_allclose(eng.state[:m], np.tile(z, (m, 1)), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name,rule,attack,fraction", [
-    ("fedavg", "median", "sign_flip", 0.5),
-    ("fedavg", "krum", "gaussian", 1.0),
-    ("fedavg", "trimmed_mean", "scale", 0.75),
-    ("fedadam", "median", "gaussian", 0.75),
-    ("fedavgm", "multi_krum", "sign_flip", 1.0),
+@pytest.mark.parametrize("name,rule,attack,fraction,executor", [
+    ("fedavg", "median", "sign_flip", 0.5, "loop"),
+    ("fedavg", "median", "gaussian", 0.5, "vmap"),
+    ("fedavg", "krum", "gaussian", 1.0, "loop"),
+    ("fedavg", "trimmed_mean", "scale", 0.75, "loop"),
+    ("fedadam", "median", "gaussian", 0.75, "loop"),
+    ("fedavgm", "multi_krum", "sign_flip", 1.0, "vmap"),
 ])
-def test_simulator_equals_reference(name: str, rule: str, attack: str, fraction: float) -> None:
+def test_simulator_equals_reference(name: str, rule: str, attack: str, fraction: float, executor: str) -> None:
     m, tau, steps = 8, 2, 11  # 5 rounds and one local step
     def spec() -> AlgorithmSpec:
         return presets.make_preset(name, m, tau=tau, fraction=fraction, seed=2, aggregation=rule,
                                    byzantine_fraction=0.25, attack=attack, attack_std=0.3)
     s = spec()
-    sim = _sim(s)
+    sim = _sim(s, executor)
     eng = ReferenceEngine(spec(), LeastSquares(m), sim.params[0].numpy().copy())
     obj, counters = LeastSquares(m), [0] * m
     for _ in range(steps):
@@ -321,6 +324,34 @@ def test_resume_is_bit_exact_with_attackers(attack: str) -> None:
     assert torch.equal(full.params, second.params)
 
 
+def test_an_attacked_round_touches_only_the_sampled_rows() -> None:
+    """A round of 2 of 8 clients with a Gaussian attacker is applied in place: the aggregate reaches the other
+    clients through the deferred broadcast, and every client reads it."""
+    m, tau = 8, 2
+    spec = presets.fedavg(m, tau, fraction=0.25, seed=0, aggregation="median", byzantine_fraction=0.5,
+                          attack="gaussian")
+    obj, sim, counters = LeastSquares(m), _sim(spec), [0] * m
+    for _ in range(tau):
+        _feed(sim, obj, counters)
+    pend = sim._comm.deferred
+    assert pend is not None and pend[:m].all()
+    z = sim._state[m, sim.b : sim.b + sim.d].clone()
+    np.testing.assert_array_equal(sim.params.numpy(), np.tile(z.numpy(), (m + 1, 1)))
+
+
+def test_a_non_finite_attack_leaves_the_state_unchanged() -> None:
+    m, tau = 4, 2
+    spec = presets.fedavg(m, tau, seed=1, byzantine_fraction=0.5, attack="gaussian", attack_std=1.7e308)
+    assert spec.robust is not None and max(np.abs(spec.robust.noise(0, int(c), D)).max() for c in spec.robust.byzantine()) > 1.1
+    assert spec.robust.rule == "mean"  # attackers alone make the rounds robust ones (sigma xi overflows)
+    obj, sim, counters = LeastSquares(m), _sim(spec), [0] * m
+    _feed(sim, obj, counters)
+    before = sim.params.clone()
+    with pytest.raises(NonFiniteError, match="model"):
+        _feed(sim, obj, counters)
+    assert torch.equal(sim.params, before)
+
+
 # -- refusals ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,field", [
@@ -345,6 +376,9 @@ def test_unsupported_combinations_are_refused() -> None:
         presets.fedavg(4, 2, aggregation="median", compression="topk")
     with pytest.raises(ConfigError, match="not an argument of preset 'scaffold'"):  # SCAFFOLD takes none of them
         presets.make_preset("scaffold", 4, aggregation="median")
+    with pytest.raises(ConfigError, match="aggregation='krum'.*not the distributed engine"):
+        check_distributed_robust(presets.fedavg(5, 2, aggregation="krum"))
+    check_distributed_robust(presets.fedavg(5, 2))  # FedAvg's mean runs there
     # a process that holds one client (a distributed rank) cannot aggregate robustly: refused, naming the rule
     spec = presets.fedavg(5, 2, aggregation="median")
     with pytest.raises(ConfigError, match="aggregation='median'.*simulator and the reference engine"):
