@@ -249,3 +249,17 @@ def test_a_flag_whose_text_is_not_a_number_is_one_line_of_the_same_shape(
     name = "--max-steps" if flag == "--steps" else flag
     assert code == 2 and line == f"coopsgd: error: {name}={text!r} is invalid: {allowed}", line
     assert not (tmp_path / "run").exists()
+
+
+def test_error_feedback_is_refused_where_every_round_is_choco_gossip() -> None:
+    """CHOCO's public copies carry what a compressed gossip round left out: error feedback is unused there (and
+    refused when set), but used by an outer averaging round on top of gossip (SlowMo over D-PSGD)."""
+    from coopsgd.train.config import RunConfig
+
+    for preset in ("choco", "dpsgd", "matcha", "decentralized_periodic"):
+        with pytest.raises(ConfigError, match="error_feedback.*only gossips"):
+            RunConfig(preset=preset, compress="topk:0.1", error_feedback="off")
+        assert RunConfig(preset=preset, compress="topk:0.1").communication.error_feedback == "auto"
+    cfg = RunConfig(preset="slowmo", base_algorithm="dpsgd", compress="topk:0.1", error_feedback="off")
+    assert cfg.communication.error_feedback == "off"
+    assert RunConfig(preset="local_sgd", compress="int8", error_feedback="on").communication.error_feedback == "on"

@@ -58,6 +58,7 @@ __all__ = [
     "EXCHANGES",
     "as_compression",
     "exchange_of",
+    "round_kinds",
     "elastic_of",
     "ElasticExchange",
     "check_compressible",
@@ -339,9 +340,10 @@ def _kind(S: np.ndarray, workers: int, mix: Mix | None = None) -> str | None:
     return None
 
 
-def _round_kinds(schedule: Schedule, workers: int) -> set[str | None]:
-    """The kinds of the rounds ``schedule`` produces: from its finite set of matrices, else from the rounds of
-    its first steps (random schedules: FedAvg's samples, MATCHA's matchings)."""
+def round_kinds(schedule: Schedule, workers: int) -> set[str | None]:
+    """The kinds of the rounds ``schedule`` produces (``"identity"``, ``"average"``, ``"gossip"``, ``"elastic"``,
+    ``"pushes"``, ``None``: none of these): from its finite set of matrices, else from the rounds of its first
+    steps (random schedules: FedAvg's samples, MATCHA's matchings)."""
     mats = schedule.matrices(_SAMPLE_STEPS)
     if mats is not None:
         return {_kind(M, workers) for M in mats}
@@ -371,7 +373,7 @@ def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, c
             "compress", spec, f"preset {name!r} copies the elected leader's model into the leader slots within the "
             "same matrix as the pull (LSGD): a compressed leader refresh is not implemented (compressed elastic "
             "rounds cover easgd, generalized_elastic, hierarchical and downpour); use compress=none")
-    kinds = _round_kinds(schedule, workers)
+    kinds = round_kinds(schedule, workers)
     if None in kinds:
         raise ConfigError.invalid(
             "compress", spec,
@@ -431,7 +433,7 @@ def elastic_spec_cost(schedule: Schedule, workers: int, *, bytes_per_param: floa
     """The cost of the costliest compressed elastic round of ``schedule`` (:func:`elastic_round_cost` over its
     finite set of matrices; :func:`push_round_cost` for sequential pushes), or ``None`` when it has no such
     round or no finite set of matrices (the per-round cost of ``coopsgd theory`` and of reference runs)."""
-    if schedule.sequential and _round_kinds(schedule, workers) == {"pushes"}:
+    if schedule.sequential and round_kinds(schedule, workers) == {"pushes"}:
         return push_round_cost(workers, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes)
     mats = schedule.matrices(_SAMPLE_STEPS)
     if mats is None:

@@ -63,8 +63,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coopsgd.algorithms.communication import REDUCIBLE, Compression, exchange_of
-from coopsgd.algorithms.schedules import MatchaSchedule, MixContext, Schedule
+from coopsgd.algorithms.communication import REDUCIBLE, Compression, exchange_of, round_kinds
+from coopsgd.algorithms.schedules import MatchaSchedule, Schedule
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.compression import Compressor, Payload
 from coopsgd.engines.compressed import round_exchange
@@ -78,9 +78,8 @@ __all__ = ["CompressedMixer", "check_distributed_compression", "gossip_graph", "
 #: compressed payloads (:class:`~coopsgd.engines.distributed.communicator.Mixer` has them).
 TRANSPORT_METHODS = ("gather_bytes", "broadcast_bytes", "exchange_bytes", "charge")
 
-#: Steps and rounds of a random schedule sampled to classify its rounds (as the spec's own check does).
+#: Steps of a schedule whose finite set of matrices is looked up (its gossip graph).
 _SAMPLE_STEPS = 4096
-_SAMPLE_ROUNDS = 32
 
 _ELASTIC = ("easgd", "generalized_elastic", "hierarchical", "lsgd", "downpour")
 
@@ -92,28 +91,6 @@ def _refuse_rounds(spec: AlgorithmSpec, comp: Compression) -> ConfigError:
         "rounds: run them on the simulator or the reference engine (engine 'simulate' or 'reference')")
 
 
-def _round_kinds(spec: AlgorithmSpec) -> set[str | None]:
-    """The kinds of the spec's rounds (:func:`~coopsgd.algorithms.communication.exchange_of`): from its finite
-    set of matrices, else from the rounds of its first steps (on a copy of the schedule)."""
-    m, schedule = spec.workers, spec.schedule
-    mats = schedule.matrices(_SAMPLE_STEPS)
-    if mats is not None:
-        return {exchange_of(M, m) for M in mats}
-    schedule = copy.deepcopy(schedule)
-    state = schedule.init_state()
-    kinds: set[str | None] = set()
-    rounds = 0
-    for k in range(_SAMPLE_STEPS):
-        mix, state = schedule.advance(k, MixContext(step=k), state)
-        if mix is None:
-            continue
-        kinds.add("average" if mix.structure is not None else exchange_of(mix.matrix, m))
-        rounds += 1
-        if rounds >= _SAMPLE_ROUNDS:
-            break
-    return kinds
-
-
 def check_distributed_compression(spec: AlgorithmSpec) -> None:
     """Refuse (``ConfigError`` naming ``compress``) a compressed spec whose rounds the distributed engine cannot
     send compressed: anything but averaging and gossip rounds (elastic rounds with an auxiliary node, LSGD's
@@ -123,7 +100,7 @@ def check_distributed_compression(spec: AlgorithmSpec) -> None:
         return  # none with gamma != 1: only gossip rounds change, and every round can take that
     if spec.schedule.sequential or spec.schedule.needs_losses:
         raise _refuse_rounds(spec, comp)
-    if not _round_kinds(spec) <= {"identity", "average", "gossip"}:
+    if not round_kinds(copy.deepcopy(spec.schedule), spec.workers) <= {"identity", "average", "gossip"}:
         raise _refuse_rounds(spec, comp)
 
 

@@ -25,8 +25,14 @@ COMPRESSED_ENGINES = ("reference", "simulate", "distributed")
 
 
 def _compressed(c: Any) -> str | None:
-    """``used_when`` of error feedback: only compressed rounds have something left to feed back."""
-    return None if c.communication.compress != "none" else "compress is 'none' (nothing is left out of a round)"
+    """``used_when`` of error feedback: only compressed rounds have something left to feed back, and CHOCO's
+    gossip rounds keep none (their public copies carry what a round left out)."""
+    if c.communication.compress == "none":
+        return "compress is 'none' (nothing is left out of a round)"
+    if c.preset_facts()["only_gossip"]:
+        return (f"preset {c.algorithm.preset!r} only gossips: its compressed rounds run CHOCO-SGD, whose public "
+                "copies carry what a round left out (no error feedback)")
+    return None
 
 
 def _gossips(c: Any) -> str | None:
@@ -53,11 +59,12 @@ class CommunicationSettings:
         choices=("none", "fp16", "bf16", "int8[:C]", "qsgd:S", "sign", "topk:F", "randk:F[:unbiased]", "powersgd:R"),
         open_choices=True,
         help="compressor of what each round sends: averaging rounds send Q(x_i - x_ref + e_i), gossip rounds run "
-             "CHOCO-SGD (reference and simulate engines; not elastic presets)")
+             "CHOCO-SGD, elastic rounds send compressed differences to and from the centre (every engine; elastic "
+             "rounds on reference and simulate; not lsgd)")
     error_feedback: str = setting(
         "auto", choices=ERROR_FEEDBACK,
-        help="averaging rounds keep what the compressor dropped and send it next round: auto = on for biased "
-             "compressors (fp16, bf16, int8, sign, topk, randk, powersgd)", used_when=_compressed)
+        help="averaging and elastic rounds keep what the compressor dropped and send it next round: auto = on for "
+             "biased compressors (fp16, bf16, int8, sign, topk, randk, powersgd)", used_when=_compressed)
     consensus_step: float | None = setting(
         None, low=0.0, high=1.0, low_open=True,
         help="CHOCO-SGD's consensus step gamma of gossip rounds", used_when=_gossips,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from coopsgd.algorithms.communication import round_kinds
 from coopsgd.algorithms.inner import INNER_OPTIMIZERS, OptimizerSettings
 from coopsgd.algorithms.registry import declaration, declarations, preset_kwargs, spec_from_settings
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
@@ -157,7 +158,8 @@ class RunConfig:
     def preset_facts(self) -> dict[str, Any]:
         """What the preset's rounds need, from its spec with its defaults (and this run's ``base_algorithm``):
         ``inner_optimizer`` (the one it prescribes, or ``None``), ``needs_losses`` (LSGD's election),
-        ``sequential`` (DOWNPOUR's ordered pushes), ``gossips`` (it takes a topology)."""
+        ``sequential`` (DOWNPOUR's ordered pushes), ``gossips`` (it takes a topology), ``only_gossip`` (every
+        round is gossip among the workers: compressed, CHOCO-SGD, which keeps no error feedback)."""
         return _preset_facts(self.algorithm.preset, self.algorithm.base_algorithm)
 
     def inner_optimizer(self) -> str | None:
@@ -287,7 +289,7 @@ class RunConfig:
 def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
     """:meth:`RunConfig.preset_facts` of a preset (with a SlowMo ``base_algorithm``), from a spec of 4 workers."""
     facts: dict[str, Any] = {"inner_optimizer": None, "needs_losses": False, "sequential": False,
-                             "gossips": False}
+                             "gossips": False, "only_gossip": False}
     if preset not in declarations():
         return facts
     facts["gossips"] = declaration(preset).takes("topology")
@@ -297,7 +299,9 @@ def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
     except ConfigError:  # a setting the preset refuses: RunConfig's own checks name it
         return facts
     facts.update(inner_optimizer=spec.inner_optimizer, needs_losses=spec.needs_losses,
-                 sequential=bool(getattr(spec.schedule, "sequential", False)))
+                 sequential=bool(getattr(spec.schedule, "sequential", False)),
+                 only_gossip=not spec.needs_losses  # (LSGD elects from losses: it has no gossip-only rounds)
+                 and round_kinds(copy.deepcopy(spec.schedule), 4) <= {"gossip", "identity"})
     return facts
 
 
