@@ -6,7 +6,8 @@ clients, and :class:`RobustRounds` turns a FedAvg round into one the in-process 
 applies FedAvg's: the aggregate is written into one sampled row and the round copies that row to every node
 (a plan with one source of weight 1, so the deferred broadcast of sampled rounds is kept: a round still
 costs O(sampled clients) rows, plus the rule's own work -- O(k d log k) for the coordinate-wise rules,
-O(k^2 d) for Krum's distances).
+O(k^2 d) for Krum's distances). On the distributed engine each rank holds its own client: the kernel
+all-gathers every rank's row and each rank computes the same aggregate (:meth:`RobustRounds.aggregate_round`).
 """
 
 from __future__ import annotations
@@ -91,18 +92,25 @@ class RobustRounds:
     def applies(rnd: Round) -> bool:
         return rnd.kind is RoundKind.AVERAGE and rnd.plan.weights is not None and rnd.mix is not None
 
+    def aggregate_round(self, clients: Tensor, z: Tensor, rnd: Round) -> Tensor:
+        """The round's aggregate (1, width) from ``clients`` (every client's row, client i at row i: more rows
+        may follow) and the server model's row ``z`` before the round: the sampled rows, attacked where a
+        Byzantine client sends them, combined by the rule."""
+        plan = rnd.plan
+        assert plan.weights is not None and rnd.mix is not None
+        sources = np.arange(plan.n) if plan.sources is None else plan.sources
+        X = clients.index_select(0, torch.as_tensor(sources, device=clients.device))
+        attack_(self.robust, X, z, sources, int(rnd.mix.round), self.params)
+        w = torch.as_tensor(plan.weights, dtype=clients.dtype, device=clients.device)
+        return aggregate(self.robust, X, w, self.params)
+
     def prepare(self, rows: Tensor, rnd: Round) -> Round:
         """Compute the round's aggregate from ``rows`` (every node, the mixed columns; the sampled rows must
         be materialized), write it into the first sampled row, and return the round that sends that row to
         every node the original round changes."""
         plan = rnd.plan
-        assert plan.weights is not None and rnd.mix is not None
+        y = self.aggregate_round(rows, rows[self.m], rnd)
         sources = np.arange(plan.n) if plan.sources is None else plan.sources
-        idx = torch.as_tensor(sources, device=rows.device)
-        X = rows.index_select(0, idx)
-        attack_(self.robust, X, rows[self.m], sources, int(rnd.mix.round), self.params)
-        w = torch.as_tensor(plan.weights, dtype=rows.dtype, device=rows.device)
-        y = aggregate(self.robust, X, w, self.params)
         j = int(sources[0])
         rows[j].copy_(y[0])
         one = RoundPlan(RoundKind.AVERAGE, plan.n, targets=plan.targets, sources=np.array([j], dtype=np.int64),

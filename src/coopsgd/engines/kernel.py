@@ -41,8 +41,9 @@ before other optimizers existed, operation for operation (its direction is added
 Robust aggregation (``spec.robust``, :mod:`coopsgd.algorithms.robust`): a FedAvg round's aggregate is the rule's
 (median, trimmed mean, Krum, multi-Krum) of what the sampled clients send (Byzantine ones an attacked model);
 :class:`~coopsgd.engines.aggregation.RobustRounds` writes it into one sampled row and the communicator sends that
-row to every node, as FedAvg's round sends the mean. A server optimizer then steps on it. In process only: a
-robust rule needs every sampled model in one place, and the distributed engine refuses it.
+row to every node, as FedAvg's round sends the mean. A server optimizer then steps on it. A robust rule needs
+every sampled model in one place: a process that holds one client (a distributed rank) all-gathers every rank's
+row and computes the same aggregate (:meth:`RoundKernel._robust_gathered`).
 
 The engines differ only in the communicator and in which rows they hold: the kernel hands each round
 (a :class:`~coopsgd.engines.mixing.Round` from :func:`~coopsgd.engines.mixing.plan_round`) to its
@@ -255,10 +256,13 @@ class RoundKernel:
         self.worker_ids = ids
         self.robust: RobustRounds | None = None
         if self.spec.robust is not None:
-            if not isinstance(self.comm, InProcess) or self.workers_local != self.spec.workers:
+            in_process = isinstance(self.comm, InProcess) and self.workers_local == self.spec.workers
+            one_client = (self.workers_local == 1 and callable(getattr(self.comm, "all_gather", None))
+                          and self.worker_ids is not None)
+            if not (in_process or one_client):
                 raise ConfigError.invalid("aggregation", self.spec.robust.rule, "robust aggregation and simulated "
-                                          "attackers run on the simulator and the reference engine (they need every "
-                                          "sampled model in one process)")
+                                          "attackers need every sampled model: all clients in one process, or one "
+                                          "client per process with an all-gather")
             lo = self.cols[0]
             self.robust = RobustRounds(self.spec.robust, self.workers_local,
                                        slice(self.b - lo, self.b - lo + self.d))
@@ -315,12 +319,18 @@ class RoundKernel:
             on_round()
         if self.spec.control and rnd.communicates:  # before the models move: it reads y_i and z
             self.control_round(state, rnd, lr)
+        gathered = False
         if self.robust is not None and self.robust.applies(rnd):
-            assert isinstance(self.comm, InProcess)
-            sources = rnd.plan.sources
-            self.comm.materialize(state[:, lo:hi], None if sources is None else sources.tolist())
-            rnd = self.robust.prepare(state[:, lo:hi], rnd)
-        if self.compressed is not None:
+            if isinstance(self.comm, InProcess):
+                sources = rnd.plan.sources
+                self.comm.materialize(state[:, lo:hi], None if sources is None else sources.tolist())
+                rnd = self.robust.prepare(state[:, lo:hi], rnd)
+            else:
+                self._robust_gathered(state[:, lo:hi], rnd)
+                gathered = True
+        if gathered:
+            pass
+        elif self.compressed is not None:
             self.compressed.communicate(state[:, lo:hi], rnd, self.comm, overlap=self.spec.overlap)
         else:
             self.comm.communicate(state[:, lo:hi], rnd, overlap=self.spec.overlap)
@@ -337,6 +347,17 @@ class RoundKernel:
             self.outer_round(state, lr, z_old)
             if self.compressed is not None:  # the workers restarted from z: z is their new x_ref
                 self.compressed.settle(state[:, lo:hi], rnd)
+
+    def _robust_gathered(self, rows: Tensor, rnd: Round) -> None:
+        """A robust FedAvg round on a process that holds one client (a distributed rank): every rank's row is
+        all-gathered (rank i is client i; the communicator counts the bytes: N (m - 1) per rank), each rank
+        computes the same aggregate from the sampled ones, and every row held here (the client, z) takes it
+        -- FedAvg's round sends the aggregate to every node."""
+        assert self.robust is not None
+        w = self.workers_local
+        everyone = self.comm.all_gather(rows[0])  # type: ignore[attr-defined]
+        y = self.robust.aggregate_round(everyone, rows[w], rnd)
+        rows.copy_(y.expand_as(rows))
 
     def _writes_z(self, rnd: Round) -> bool:
         """Whether the round changes z (node m, the first auxiliary): FedAvg's does, DiLoCo's does not."""

@@ -97,7 +97,6 @@ from coopsgd.errors import ConfigError, check_float
 
 __all__ = [
     "DistributedEngine",
-    "check_distributed_robust",
     "DistStepStats",
     "communication_table",
     "FAILURE_MODES",
@@ -115,22 +114,12 @@ Batch = tuple[Tensor, Tensor]
 #: The distributed engine's step record is the engines' common one (``losses`` holds this rank's worker only).
 DistStepStats = StepStats
 
-def check_distributed_robust(spec: AlgorithmSpec) -> None:
-    """Refuse robust aggregation and simulated attackers (``spec.robust``): a rank holds its own client, and the
-    rules need every sampled model in one place (an all-gather this engine does not do); the simulator and the
-    reference engine run them."""
-    if spec.robust is not None:
-        raise ConfigError.invalid("aggregation", spec.robust.rule, "robust aggregation and simulated attackers run "
-                                  "on the simulator and the reference engine, not the distributed engine")
-
-
 def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_order: str, nan_policy: str,
                    fault: FaultHook | None) -> tuple[int, bool]:
     """The engine's own arguments checked against the process group: (this rank, whether DOWNPOUR is asynchronous)."""
     if not isinstance(spec, AlgorithmSpec):
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
     check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
-    check_distributed_robust(spec)
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
     rank, world = dist.get_rank(), dist.get_world_size()
