@@ -383,3 +383,25 @@ def test_unsupported_combinations_are_refused() -> None:
     for name in ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
         s = presets.make_preset(name, 5, aggregation="krum", byzantine_fraction=0.2)
         assert s.robust is not None and s.robust.rule == "krum" and s.robust.f == 1
+
+
+def test_config_files_and_flags_reach_the_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    from coopsgd.cli import main
+    from coopsgd.train import RunConfig
+
+    cfg = RunConfig.from_dict({"algorithm": {"preset": "fedyogi", "workers": 10, "aggregation": "trimmed_mean",
+                                             "trim": 0.1, "byzantine_fraction": 0.2, "attack": "scale",
+                                             "attack_scale": -2.0}, "execution": {"seed": 7}})
+    spec = cfg.build_spec(shard_sizes=[1.0] * 10, steps_per_epoch=1)
+    r = spec.robust
+    assert r is not None and (r.rule, r.trim, r.attack, r.attack_scale, r.seed) == ("trimmed_mean", 0.1, "scale",
+                                                                                     -2.0, 7)
+    assert r.byzantine().size == 2
+    # a bad name on the command line: exit 2, one line naming the setting and what is allowed
+    assert main(["theory", "--preset", "fedavg", "--aggregation", "average"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "aggregation='average'" in err and "median, trimmed_mean, krum, multi_krum" in err
+    # a setting scaffold does not take
+    with pytest.raises(ConfigError, match="byzantine_fraction"):
+        RunConfig.from_dict({"algorithm": {"preset": "scaffold", "byzantine_fraction": 0.2}}).build_spec(
+            shard_sizes=[1.0] * 8, steps_per_epoch=1)
