@@ -36,6 +36,7 @@ policy) are sent honestly and aggregated by the same rule (Krum's choice is made
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,11 +133,7 @@ class RobustAggregation:
     def byzantine(self) -> np.ndarray:
         """The sorted Byzantine clients: round(byzantine_fraction m) of the m, drawn once per run without
         replacement from ``default_rng([seed, 0xB12])`` (the same set on every engine and after a resume)."""
-        nb = self.byzantine_count
-        if nb == 0:
-            return np.zeros(0, dtype=np.int64)
-        rng = np.random.default_rng([int(self.seed), _TAG])
-        return np.sort(rng.choice(self.workers, size=nb, replace=False)).astype(np.int64)
+        return _byzantine(int(self.seed), int(self.workers), self.byzantine_count).copy()
 
     def noise(self, round_index: int, client: int, d: int) -> np.ndarray:
         """``gaussian``'s xi for ``client`` at round ``round_index`` (float64, shape (d,))."""
@@ -159,6 +156,15 @@ class RobustAggregation:
             if self.attack == "scale":
                 out["attack_scale"] = self.attack_scale
         return out
+
+
+@functools.lru_cache(maxsize=16)
+def _byzantine(seed: int, workers: int, count: int) -> np.ndarray:
+    """The draw of :meth:`RobustAggregation.byzantine` (cached: every round asks for it)."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, _TAG])
+    return np.sort(rng.choice(workers, size=count, replace=False)).astype(np.int64)
 
 
 def attack_np(robust: RobustAggregation, X: np.ndarray, z: np.ndarray, sources: np.ndarray, round_index: int,
