@@ -282,6 +282,9 @@ def elastic_of(S: np.ndarray, workers: int) -> ElasticExchange | None:
         mine = uploads[centres == c]
         holders = off[c] | off[mine].any(axis=0)
         holders[mine] = True
+        # with several centres (hierarchical), every centre keeps every copy z^_h: a later round may have it
+        # read h's workers (the global round), and their values there are z^_h + the uploads
+        holders[m:] = True
         holders[c] = False
         send(c, np.flatnonzero(holders))
     return ElasticExchange(

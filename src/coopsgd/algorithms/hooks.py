@@ -182,6 +182,12 @@ def fed_no_bound(spec: AlgorithmSpec) -> str | None:
         why.append(f"the server optimizer ({spec.name}: {spec.outer.kind}) is not plain averaging; Reddi et al.'s "
                    "bounds (2021, Theorems 1-2) need a gradient bound G and the clients' heterogeneity sigma_g, "
                    "not estimated here")
+    rob = spec.robust
+    if rob is not None:
+        why.append(f"aggregation {rob.rule!r}"
+                   + (f" with {rob.byzantine_count} Byzantine clients ({rob.attack})" if rob.byzantine_count else "")
+                   + " is not FedAvg's mean of honest clients (Byzantine-robust rates, e.g. Blanchard et al. 2017 "
+                     "for Krum, are not computed here)")
     if not why:
         return None
     return "no bound applies: [CSGD] Corollary 2 covers plain averaging of plain local SGD steps; " + "; ".join(why)

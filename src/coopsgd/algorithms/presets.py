@@ -449,12 +449,7 @@ def _federated(
                 **({} if rob is None else {k: v for k, v in rob.describe().items() if k != "byzantine"})},
         notes=notes, outer=outer, prox=mu, control=control, robust=rob,
     )
-    why = fed_no_bound(spec)  # FedProx's term or a server optimizer: say why, once, in place of the hint
-    if rob is not None:
-        robust_why = (f"no bound applies: aggregation {rob.rule!r}"
-                      + (f" with {rob.byzantine_count} Byzantine clients ({rob.attack})" if rob.byzantine_count else "")
-                      + " is not FedAvg's mean of honest clients, which [CSGD] Corollary 2 covers")
-        why = robust_why if why is None else why + "; " + robust_why[len("no bound applies: "):]
+    why = fed_no_bound(spec)  # FedProx's term, a server optimizer, a robust rule: say why, once, for the hint
     return spec if why is None else dataclasses.replace(spec, notes=(why,))
 
 
