@@ -534,7 +534,7 @@ def scaffold(
     FedAvg's rounds with control variates. Client i keeps c_i, the server c (all 0 at the start); a local step
     of a sampled client is ``y_i <- y_i - lr (g_i(y_i) - c_i + c)``, and after its tau steps::
 
-        c_i^+ = c_i - c + (x - y_i) / (tau lr)                (option II; lr of the step ending the round)
+        c_i^+ = c_i - c + (x - y_i) / (tau lr)                (option II; plain SGD at one lr per round)
         x <- x + eta_g (sum_S w_i y_i - x)                     (eta_g = outer_lr; w_i FedAvg's weights)
         c <- c + (1/m) sum_S (c_i^+ - c_i)                     (m clients, |S| sampled)
 

@@ -254,6 +254,14 @@ class RoundKernel:
         self.fields_end = self.b + self.d + self.nfields * self.d  # SCAFFOLD's control columns follow
         ids = tuple(range(self.workers_local)) if self.worker_ids is None else tuple(self.worker_ids)
         self.worker_ids = ids
+        plain_sgd = isinstance(self.opts, SGDOptions) and self.opts.momentum == 0.0 and not self.opts.nesterov
+        if self.spec.control and not plain_sgd:
+            # option II's (z - y_i) / (tau lr) is the round's mean gradient only for plain SGD steps: with
+            # momentum it is the mean momentum buffer, with Adam its normalised direction
+            raise ConfigError.invalid(
+                "optimizer", getattr(self.opts, "momentum", type(self.opts).__name__),
+                "SCAFFOLD's control variates (option II) need plain SGD steps: momentum 0, no Nesterov, not Adam")
+        self._round_lrs: set[float] = set()  # SCAFFOLD: the learning rates of the steps since the last round
         self.robust: RobustRounds | None = None
         if self.spec.robust is not None:
             in_process = isinstance(self.comm, InProcess) and self.workers_local == self.spec.workers
@@ -300,6 +308,8 @@ class RoundKernel:
         """
         pre = self.spec.rule == "pre_mix" and rnd is not None
         pending = None
+        if self.spec.control and grads is not None:
+            self._round_lrs.add(float(lr))
         if grads is not None:
             pending = self._local_update(state, grads, rows, counters, lr, pre)
             if new_buffers is not None and self.b:
@@ -376,6 +386,10 @@ class RoundKernel:
         assert plan.kind is RoundKind.AVERAGE and plan.weights is not None, "SCAFFOLD's rounds are FedAvg's"
         if not lr > 0.0:
             raise ConfigError.invalid("lr", lr, "SCAFFOLD divides by tau * lr at the end of every round: lr > 0")
+        lrs, self._round_lrs = self._round_lrs, set()
+        if len(lrs) > 1:  # (z - y_i) / (tau lr) would not be the mean gradient of the round's steps
+            raise ConfigError.invalid("lr", sorted(lrs), "SCAFFOLD (option II) divides by tau * lr: the lr must stay "
+                                      "constant within a round (no warm-up or decay inside a round)")
         b, d, w, m = self.b, self.d, self.workers_local, self.spec.workers
         P = state[:, b : b + d]
         C = state[:, self.fields_end : self.fields_end + d]

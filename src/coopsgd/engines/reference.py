@@ -184,6 +184,7 @@ class ReferenceEngine:
         self.outer_state = None if spec.outer is None else outer_init(spec.outer, objective.dim)
         #: SCAFFOLD's control variates (``spec.control``): row i worker i's c_i, row m the server's c
         self.control = np.zeros_like(self.state) if spec.control else None
+        self._round_lrs: set[float] = set()  # SCAFFOLD: the learning rates of the steps since the last round
         self._compressed = None if spec.compressed is None else ReferenceCompressedRounds(
             spec.compressed, nodes=spec.nodes, workers=m, width=objective.dim, seed=self.seed, layout=layout,
             start=x0 if x0.ndim == 1 else x0.mean(axis=0))
@@ -232,6 +233,10 @@ class ReferenceEngine:
         assert self.control is not None
         if not lr > 0.0:
             raise ConfigError.invalid("lr", lr, "SCAFFOLD divides by tau * lr at the end of every round: lr > 0")
+        lrs, self._round_lrs = self._round_lrs, set()
+        if len(lrs) > 1:  # (z - y_i) / (tau lr) would not be the mean gradient of the round's steps
+            raise ConfigError.invalid("lr", sorted(lrs), "SCAFFOLD (option II) divides by tau * lr: the lr must stay "
+                                      "constant within a round (no warm-up or decay inside a round)")
         m, tau = self.spec.workers, self.spec.tau
         plan = plan_round(mix).plan
         sources = np.arange(m) if plan.sources is None else plan.sources
@@ -272,6 +277,8 @@ class ReferenceEngine:
         mix, sched_state = sched.advance(k, MixContext(step=k, lr=lr, losses=losses), self.schedule_state)
         if not skipped:
             assert G is not None
+            if self.control is not None:
+                self._round_lrs.add(float(lr))
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported just below
                 z_old = None
                 control = self.control

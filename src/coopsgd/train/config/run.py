@@ -175,6 +175,7 @@ class RunConfig:
             raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
                                       "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
         self._check_compression()
+        self._check_control_variates()
         if self.execution.dtype != "float32" or self.execution.engine == "reference":  # the reference: float64
             return
         for key, value in self.to_dict().items():
@@ -188,6 +189,22 @@ class RunConfig:
                 math.log(lr) + milestones * math.log(s.lr_decay_factor) > math.log(FLOAT32_MAX)):
             raise ConfigError.invalid("lr_decay_factor", s.lr_decay_factor, f"lr={lr:g} x {s.lr_decay_factor:g}^"
                                       f"{milestones} milestones does not fit dtype float32 (<= {FLOAT32_MAX:.4g})")
+
+    def _check_control_variates(self) -> None:
+        """SCAFFOLD's option II, (z - y_i) / (tau lr), is the round's mean gradient only for plain SGD steps at one
+        learning rate per round: anything else is refused here, before a run directory exists."""
+        if not self.preset_facts()["control"]:
+            return
+        opt, s = self.optimizer, self.schedule
+        if self.inner_optimizer() != "sgd" or opt.momentum != 0.0 or opt.nesterov:
+            field, value = (("momentum", opt.momentum) if self.inner_optimizer() == "sgd"
+                            else ("optimizer", self.inner_optimizer()))
+            raise ConfigError.invalid(field, value, "SCAFFOLD's control variates (option II) need plain SGD steps: "
+                                      "optimizer sgd, momentum 0, no Nesterov")
+        for key in ("lr_warmup_steps", "lr_decay_epochs", "lr_decay_times_s"):
+            if getattr(s, key):
+                raise ConfigError.invalid(key, getattr(s, key), "SCAFFOLD (option II) divides by tau * lr: the lr "
+                                          "must stay constant within a round (not supported with scaffold yet)")
 
     def _check_compression(self) -> None:
         """Compressed rounds need an engine that runs them and a preset whose rounds take the compressor: both
@@ -289,7 +306,7 @@ class RunConfig:
 def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
     """:meth:`RunConfig.preset_facts` of a preset (with a SlowMo ``base_algorithm``), from a spec of 4 workers."""
     facts: dict[str, Any] = {"inner_optimizer": None, "needs_losses": False, "sequential": False,
-                             "gossips": False, "only_gossip": False}
+                             "gossips": False, "only_gossip": False, "control": False}
     if preset not in declarations():
         return facts
     facts["gossips"] = declaration(preset).takes("topology")
@@ -298,7 +315,7 @@ def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
         spec = spec_from_settings(preset, 4, settings, shard_sizes=[1.0] * 4, steps_per_epoch=1, lenient=True)
     except ConfigError:  # a setting the preset refuses: RunConfig's own checks name it
         return facts
-    facts.update(inner_optimizer=spec.inner_optimizer, needs_losses=spec.needs_losses,
+    facts.update(inner_optimizer=spec.inner_optimizer, needs_losses=spec.needs_losses, control=spec.control,
                  sequential=bool(getattr(spec.schedule, "sequential", False)),
                  only_gossip=not spec.needs_losses  # (LSGD elects from losses: it has no gossip-only rounds)
                  and round_kinds(copy.deepcopy(spec.schedule), 4) <= {"gossip", "identity"})
