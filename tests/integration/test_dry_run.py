@@ -113,7 +113,7 @@ def _check_dry_run_all(tmp_path, code: int, out: str, err: str) -> None:
 
     assert code == 0, err
     lines = out.splitlines()
-    assert "lsgd-toy, matrix-completion have no full scale" in lines[0]
+    assert "lsgd-toy, matrix-completion, choco have no full scale" in lines[0]
     assert sum("checkpoint.pt at step 2 reloaded" in line for line in lines) == sum(SETTINGS.values())
     for name, n in SETTINGS.items():
         data = json.loads((tmp_path / name / "result.json").read_text())
