@@ -79,6 +79,10 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
         if k not in RESUME_FIELDS:
             raise ConfigError.invalid("--" + k.replace("_", "-"), given[k],
                                       f"cannot change when resuming; only {', '.join(sorted(RESUME_FIELDS))}")
+    if "max_steps" in given:  # the new length replaces the recorded one, whichever way it was given
+        base.pop("epochs", None)
+    elif "epochs" in given:
+        base.pop("max_steps", None)
     base.update(given)
     base["out"] = str(rdir)
     try:

@@ -85,6 +85,8 @@ def base_config(quick: bool, seed: int, *, dry_run: bool = False, **kw: Any) -> 
     fields.update(kw)
     if dry_run:
         fields = dry_run_fields(fields)
+    if fields.get("max_steps") is not None:  # a run of max_steps steps: the full scale's epochs do not apply
+        fields.pop("epochs", None)
     return RunConfig(**fields)
 
 

@@ -102,6 +102,7 @@ def dry_run_fields(fields: dict[str, Any]) -> dict[str, Any]:
         f["lr_decay_epochs"] = [length * e / float(f["epochs"]) for e in decays]
     f.update(dry_run_tau(f))
     f["max_steps"] = DRY_RUN_STEPS
+    f.pop("epochs", None)  # the length is max_steps now (a run refuses both)
     f["eval_every"] = 1
     f["eval_samples"] = min(int(f.get("eval_samples", 2000)), DRY_RUN_EVAL_BATCHES * int(f["batch_size"]))
     f["checkpoint_every"] = 1

@@ -150,6 +150,15 @@ def _device_syntax(key: str, value: Any) -> Any:
     return value  # checked with the engine and the dtype by ExecutionSettings (check_device)
 
 
+def _epochs_used(c: Any) -> str | None:
+    """``used_when`` of ``epochs``: the simulator's and the distributed engine's run length, unless ``max_steps``
+    gives it."""
+    why = not_reference(c)
+    if why is None and c.schedule.max_steps is not None:
+        why = f"max_steps={c.schedule.max_steps} gives the run's length"
+    return why
+
+
 def _preset(default: Any = None) -> Any:
     """A preset setting: its help, range and defaults are the preset declarations' (coopsgd.algorithms.registry)."""
     return setting(default, preset=True, help="a preset setting (declared by the presets that take it)")
@@ -295,7 +304,7 @@ class ScheduleSettings:
     lr: float | None = setting(None, help="learning rate", low=0.0, low_open=True,
                                default_text="0.1 for sgd, 0.001 for adam and adamw")
     epochs: float = setting(5.0, help="simulate / distributed: epochs (one epoch: training samples / (workers x "
-                                      "batch size) steps)", low=0.0, low_open=True, used_when=not_reference)
+                                      "batch size) steps)", low=0.0, low_open=True, used_when=_epochs_used)
     max_steps: int | None = setting(None, help="number of steps (overrides --epochs)", low=1,
                                     default_text="from --epochs; the reference engine: 300")
     lr_decay_epochs: list[float] = setting(factory=list, low=0.0,
