@@ -263,3 +263,17 @@ def test_error_feedback_is_refused_where_every_round_is_choco_gossip() -> None:
     cfg = RunConfig(preset="slowmo", base_algorithm="dpsgd", compress="topk:0.1", error_feedback="off")
     assert cfg.communication.error_feedback == "off"
     assert RunConfig(preset="local_sgd", compress="int8", error_feedback="on").communication.error_feedback == "on"
+
+
+def test_epochs_with_max_steps_is_refused_and_a_resume_replaces_the_recorded_length(tmp_path, capsys) -> None:
+    from coopsgd.train.config import RunConfig
+
+    with pytest.raises(ConfigError, match="epochs=3.0 is invalid: max_steps=10 gives the run's length"):
+        RunConfig(epochs=3.0, max_steps=10)
+    assert RunConfig(epochs=5.0, max_steps=10).schedule.max_steps == 10  # the default epochs: not a choice
+    run = tmp_path / "r"
+    assert main(["run", "--epochs", "0.1", "--workers", "2", "--checkpoint-every", "2", "--out", str(run)]) == 0
+    assert main(["run", "--resume", str(run), "--max-steps", "20"]) == 0  # the recorded epochs (13 steps) replaced
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["max_steps"] == 20 and saved["epochs"] == 5.0
+    capsys.readouterr()
