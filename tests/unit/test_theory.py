@@ -554,7 +554,7 @@ def test_heatmap_writes_png(tmp_path, saved_figures, check_png):
     got = plot_network_error_heatmap(out, circled=[(1, 0.0), (10, 0.75, "B")])
     assert got == out
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    check_png(out, size=(768, 576))
+    check_png(out, size=(1024, 768))  # 6.4 x 4.8 in at 160 dpi
     ax = saved_figures[0].axes[0]
     np.testing.assert_array_equal(np.asarray(ax.collections[0].get_array()).reshape(20, 20),
                                   network_error_grid(range(1, 21), np.linspace(0, 0.95, 20)))
