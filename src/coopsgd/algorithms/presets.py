@@ -639,7 +639,7 @@ def fedadam(
 
     (no bias correction; m and v start at 0). eta = ``outer_lr``, beta1/beta2 = ``outer_beta1`` /
     ``outer_beta2``, the adaptivity tau_a = ``outer_eps``. Defaults: eta 0.01, betas (0.9, 0.99), tau_a 1e-3
-    (FedYogi's; Flower's FedAdam strategy has eta 0.1 and tau_a 1e-9, with which the default run -- 8 workers,
+    (FedYogi's; Flower's legacy FedAdam strategy has eta 0.1 and tau_a 1e-9, with which the default run -- 8 workers,
     the MLP, 155 steps -- stays at chance accuracy, 0.11; with these, 0.94).
     """
     return _adaptive("fedadam", "adam", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
@@ -706,7 +706,7 @@ def fedadagrad(
 ) -> AlgorithmSpec:
     """FedAdagrad (Reddi et al., ICLR 2021, Algorithm 2): as :func:`fedadam` with Adagrad's second moment
     ``v_t = v_{t-1} + Delta_t^2``. Defaults: eta 0.1 and beta1 0 -- no momentum, ``m_t = Delta_t`` -- as Flower's
-    FedAdagrad strategy, tau_a 1e-2 (Flower's 1e-9 reaches 0.81 test accuracy in the default run, 1e-2 0.92); the
+    FedAdagrad strategy, tau_a 1e-2 (the legacy strategy's 1e-9 reaches 0.81 test accuracy in the default run, 1e-2 0.92); the
     paper's algorithm allows beta1 > 0 (``outer_beta1``)."""
     return _adaptive("fedadagrad", "adagrad", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
                      outer_beta2=0.0, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
