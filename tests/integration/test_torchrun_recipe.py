@@ -67,11 +67,13 @@ def _run(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def _config_copy(argv: list[str], tmp_path: Path, **changes: object) -> Path:
-    """The README's example config, with ``changes`` appended (later TOML keys cannot repeat: rewrite)."""
+    """The README's example config, with ``changes`` appended (later TOML keys cannot repeat: rewrite); a
+    ``max_steps`` replaces the file's ``epochs`` (a run refuses both)."""
     src = ROOT / _option(argv, "--config")
     assert src.is_file(), f"the README's torchrun config {src} does not exist"
+    drop = {*changes, *(("epochs",) if "max_steps" in changes else ())}
     text = "\n".join(ln for ln in src.read_text().splitlines()
-                     if not any(re.match(rf"\s*{k}\s*=", ln) for k in changes))
+                     if not any(re.match(rf"\s*{k}\s*=", ln) for k in drop))
     text += "\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in changes.items()) + "\n"
     dst = tmp_path / src.name
     dst.write_text(text)

@@ -135,7 +135,12 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     source = f"config {args.config!r}" if args.config else "config"
     data = flat_settings(load_config(args.config), source=source) if args.config else {}
     from_file = set(data)
-    data.update(given_flags(args))
+    flags = given_flags(args)
+    if "max_steps" in flags:  # a length given on the command line replaces the file's, whichever way it was given
+        data.pop("epochs", None)
+    elif "epochs" in flags:
+        data.pop("max_steps", None)
+    data.update(flags)
     for k, v in vars(args).items():
         if k.startswith("obj_"):
             data.setdefault("objective_args", {})[k[4:]] = _checked_number(k[4:], v)
