@@ -79,33 +79,11 @@ _THEORY_BASE_KEYS = frozenset({
 })
 
 
-def cmd_theory(args: argparse.Namespace) -> int:
-    if args.what == "heatmap":
-        from coopsgd.theory.heatmap import plot_network_error_heatmap
-
-        if not args.out:
-            raise ConfigError.invalid("--out", None, "coopsgd theory heatmap needs --out FILE (.png, .svg or .pdf)")
-        from coopsgd.fileio import check_output_path
-
-        check_output_path(args.out, "--out")
-        taus = range(1, flag_int("--max-tau", args.max_tau, 1, MAX_HEATMAP_TAU) + 1)
-        path = plot_network_error_heatmap(args.out, taus=taus, circled=_parse_circles(args.circle))
-        if args.json:
-            print_json({"plot": str(path)})
-        else:
-            print(f"network-error heatmap written to {path}")
-        return 0
-    if args.preset is None:
-        raise ConfigError("theory needs --preset NAME, e.g. `coopsgd theory --preset easgd --workers 8` "
-                          f"(presets: {', '.join(declarations())}), or draw [CSGD] Fig. 3a with "
-                          "`coopsgd theory heatmap --out FILE`", field="--preset")
-    from coopsgd.analysis import analyze
+def _problem_constants(args: argparse.Namespace, spec: Any) -> Any:
+    """The bounds' :class:`~coopsgd.theory.bounds.ProblemConstants` from the flags (``None``: none given), after
+    checking that CHOCO-SGD's rate flags and the bounds' flags come complete."""
     from coopsgd.theory.bounds import ProblemConstants
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        spec = spec_from_args(args)
-    spec = _with_compression(spec, args)
     const_flags = {"L": args.L, "sigma2": args.sigma2, "lr": args.lr, "steps": args.steps, "f_gap": args.f_gap}
     choco_flags = {"strong_convexity": args.strong_convexity, "G2": args.G2}
     constants = None
@@ -128,6 +106,36 @@ def cmd_theory(args: argparse.Namespace) -> int:
         constants = ProblemConstants(
             L=args.L, sigma2=args.sigma2, f_gap=args.f_gap, lr=args.lr, steps=args.steps, kappa2=args.kappa2 or 0.0
         )
+    return constants
+
+
+def cmd_theory(args: argparse.Namespace) -> int:
+    if args.what == "heatmap":
+        from coopsgd.theory.heatmap import plot_network_error_heatmap
+
+        if not args.out:
+            raise ConfigError.invalid("--out", None, "coopsgd theory heatmap needs --out FILE (.png, .svg or .pdf)")
+        from coopsgd.fileio import check_output_path
+
+        check_output_path(args.out, "--out")
+        taus = range(1, flag_int("--max-tau", args.max_tau, 1, MAX_HEATMAP_TAU) + 1)
+        path = plot_network_error_heatmap(args.out, taus=taus, circled=_parse_circles(args.circle))
+        if args.json:
+            print_json({"plot": str(path)})
+        else:
+            print(f"network-error heatmap written to {path}")
+        return 0
+    if args.preset is None:
+        raise ConfigError("theory needs --preset NAME, e.g. `coopsgd theory --preset easgd --workers 8` "
+                          f"(presets: {', '.join(declarations())}), or draw [CSGD] Fig. 3a with "
+                          "`coopsgd theory heatmap --out FILE`", field="--preset")
+    from coopsgd.analysis import analyze
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = spec_from_args(args)
+    spec = _with_compression(spec, args)
+    constants = _problem_constants(args, spec)
     out = analyze(spec, constants, params=args.params)
     if spec.compressed is not None:
         out["compression"] = compression_facts(spec, args.params, mu=args.strong_convexity, L=args.L, sigma2=args.sigma2,
