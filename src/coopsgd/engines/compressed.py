@@ -82,7 +82,8 @@ from coopsgd.engines.mixing import Round, RoundKind, RoundPlan, apply_mixing
 from coopsgd.errors import ConfigError
 from coopsgd.theory.cost import RoundCost
 
-__all__ = ["CompressedRounds", "ReferenceCompressedRounds", "round_exchange", "elastic_exchange", "push_order"]
+__all__ = ["CompressedRounds", "ReferenceCompressedRounds", "round_exchange", "load_compression_state", "elastic_exchange",
+           "push_order"]
 
 _NOT_COMPRESSIBLE = ("not compressible",)  # the cached answer "None" (a plan's cache treats None as missing)
 
@@ -561,3 +562,18 @@ class ReferenceCompressedRounds:
                      for k, v in zip(state["ref_targets"], state["refs"], strict=True)}
         self.residual, self.public, self.copies = c(state["residual"]), c(state["public"]), c(state.get("copies"))
         self.factors = {int(k): [np.array(f, dtype=np.float64) for f in v] for k, v in state["factors"].items()}
+
+
+def load_compression_state(stage: Any, saved: dict[str, Any] | None, *, field: str) -> None:
+    """Restore a checkpoint's compressed-round state ``saved`` (its optional ``compression`` key) into ``stage``
+    (the engine's compressed stage, ``None`` for an uncompressed run); a checkpoint and a run that disagree about
+    compression are refused naming ``field``."""
+    if stage is None:
+        if saved is not None:
+            raise ConfigError.invalid(field, saved.get("compress"), "the checkpoint's rounds were compressed; this "
+                                      "run's are not (resume with its compress setting)")
+        return
+    if saved is None:
+        raise ConfigError.invalid(field, None, "missing: the checkpoint's rounds were not compressed, this run "
+                                  f"compresses with {stage.compression.compress!r}")
+    stage.load_state_dict(saved)

@@ -77,6 +77,7 @@ from coopsgd.engines.base import (
     unwrap_state,
     wrap_state,
 )
+from coopsgd.engines.compressed import load_compression_state
 from coopsgd.engines.distributed.communicator import Mixer, NetEmulation, aux_placement
 from coopsgd.engines.distributed.compressed import (
     CompressedMixer,
@@ -633,16 +634,7 @@ class DistributedEngine(RankViews):
 
     def _load_compression(self, state: dict[str, Any]) -> None:
         """The compressed rounds' state of a rank checkpoint (an optional key: absent from uncompressed runs)."""
-        saved = state.get("compression")
-        if self._compressed is None:
-            if saved is not None:
-                raise ConfigError.invalid("checkpoint.ranks.compression", saved.get("compress"), "the checkpoint's "
-                                          "rounds were compressed; this run's are not (resume with its compress setting)")
-            return
-        if saved is None:
-            raise ConfigError.invalid("checkpoint.ranks.compression", None, "missing: the checkpoint's rounds were not "
-                                      f"compressed, this run compresses with {self._compressed.compression.compress!r}")
-        self._compressed.load_state_dict(saved)
+        load_compression_state(self._compressed, state.get("compression"), field="checkpoint.ranks.compression")
 
     def _check_layout(self, state: dict[str, Any]) -> None:
         """A rank checkpoint's shapes and dtype against this engine's (before anything is restored)."""

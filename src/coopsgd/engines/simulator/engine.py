@@ -79,7 +79,7 @@ from coopsgd.engines.base import (
     unwrap_state,
     wrap_state,
 )
-from coopsgd.engines.compressed import CompressedRounds
+from coopsgd.engines.compressed import CompressedRounds, load_compression_state
 from coopsgd.engines.executors import EXECUTORS, ComputeResult
 from coopsgd.engines.health import absmax, diverged, step_bound
 from coopsgd.engines.kernel import InProcess, RoundKernel, mix_columns
@@ -729,16 +729,7 @@ class Simulator(SimulatorCompute):
 
     def _load_compression(self, state: dict[str, Any]) -> None:
         """The compressed rounds' state of a checkpoint (an optional key: absent from uncompressed runs)."""
-        saved = state.get("compression")
-        if self._compressed is None:
-            if saved is not None:
-                raise ConfigError.invalid("state_dict.compression", saved.get("compress"), "the checkpoint's rounds "
-                                          "were compressed; this run's are not (resume with its compress setting)")
-            return
-        if saved is None:
-            raise ConfigError.invalid("state_dict.compression", None, "missing: the checkpoint's rounds were not "
-                                      f"compressed, this run compresses with {self._compressed.compression.compress!r}")
-        self._compressed.load_state_dict(saved)
+        load_compression_state(self._compressed, state.get("compression"), field="state_dict.compression")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (same spec, model and options; a different inner optimizer is named)."""
