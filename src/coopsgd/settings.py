@@ -170,7 +170,8 @@ def check_value(s: SettingField, value: Any) -> Any:
                            high_open=info.high_open)
     if s.kind is list:
         entries = as_number_list(key, value)
-        return [check_float(key, not_text(key, v), low=info.low, high=info.high) for v in entries]
+        return [check_float(key, not_text(key, v), low=info.low, high=info.high, low_open=info.low_open,
+                            high_open=info.high_open) for v in entries]
     if s.kind is dict:
         if not isinstance(value, Mapping):
             raise ConfigError.invalid(key, value, "must be a mapping of argument names to values")

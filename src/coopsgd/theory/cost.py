@@ -28,6 +28,7 @@ import numpy as np
 from coopsgd.errors import ConfigError, check_choice, check_float, check_int
 
 __all__ = [
+    "worker_speeds",
     "PATTERNS",
     "DISTRIBUTIONS",
     "RoundCost",
@@ -160,6 +161,25 @@ class NetworkModel:
 # ---------------------------------------------------------------------------------------------------------
 # Compute-time model (stragglers)
 # ---------------------------------------------------------------------------------------------------------
+
+
+def worker_speeds(speeds: Sequence[float] | None, workers: int) -> np.ndarray:
+    """Each worker's relative speed from speed classes: the workers split into ``len(speeds)`` consecutive
+    blocks of equal size (``numpy.array_split``: the first blocks take one more worker when m does not
+    divide), block j running at ``speeds[j]``. A worker of speed s takes 1/s times the compute time of a
+    step; ``None`` or an empty list: every worker at speed 1. ``speeds = (1, 0.5)`` with m = 8: workers 0-3
+    at full speed, workers 4-7 twice as slow."""
+    m = check_int("workers", workers, minimum=1)
+    if not speeds:
+        return np.ones(m)
+    vals = [check_float("worker_speeds", float(s), low=0.0, low_open=True) for s in speeds]
+    if len(vals) > m:
+        raise ConfigError.invalid("worker_speeds", ",".join(f"{v:g}" for v in vals),
+                                  f"at most one speed class per worker ({m} workers)")
+    out = np.empty(m)
+    for block, v in zip(np.array_split(np.arange(m), len(vals)), vals, strict=True):
+        out[block] = v
+    return out
 
 
 @dataclass(frozen=True)

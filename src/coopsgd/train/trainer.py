@@ -94,7 +94,7 @@ class Experiment:
 def sim_clock(config: RunConfig) -> SimClock:
     """The simulated clock of a run (:class:`coopsgd.engines.simulator.clock.SimClock`): the config's network and
     compute model (``"flops"``: counted FLOPs at ``compute_gflops``, falling back to a constant
-    ``compute_ms`` for a model that cannot be counted; ``"measured"``; or a ``compute_ms`` distribution)."""
+    ``compute_ms`` for a model that cannot be counted; ``"measured"``; or a ``compute_ms`` distribution), with the speed classes ``worker_speeds``."""
     c = config
     network = NetworkModel.from_mbps(c.clock.net_latency_ms, c.clock.net_bandwidth_mbps)
     compute: ComputeModel | FlopCompute | None = None
@@ -102,7 +102,7 @@ def sim_clock(config: RunConfig) -> SimClock:
         compute = FlopCompute(c.clock.compute_gflops, fallback=ComputeModel(mean_s=c.clock.compute_ms / 1e3))
     elif c.clock.compute != "measured":
         compute = ComputeModel(mean_s=c.clock.compute_ms / 1e3, distribution=c.clock.compute, spread=c.clock.compute_spread)
-    return SimClock(network, compute, seed=c.execution.seed)
+    return SimClock(network, compute, seed=c.execution.seed, speeds=c.clock.worker_speeds or None)
 
 
 def make_simulator(config: RunConfig, problem: Problem) -> Simulator:

@@ -36,7 +36,7 @@ and does not synchronise.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,7 @@ import numpy as np
 
 from coopsgd.algorithms.communication import compressed_round_cost
 from coopsgd.errors import ConfigError, check_float
-from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, round_cost
+from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, round_cost, worker_speeds
 
 __all__ = ["SimClock", "ComputeTick", "FlopCompute", "DEFAULT_GFLOPS"]
 
@@ -109,10 +109,13 @@ class SimClock:
             (:class:`~coopsgd.theory.cost.ComputeModel`), or ``None``: the compute time the simulator
             measured for each worker.
         seed: seed of the compute-time draws.
+        speeds: speed classes (:func:`~coopsgd.theory.cost.worker_speeds`): the workers in ``len(speeds)``
+            consecutive equal blocks, a worker of speed s taking 1/s times each step's compute time (modelled or
+            counted or measured). ``None``: every worker at speed 1.
     """
 
     def __init__(self, network: NetworkModel | None = None, compute: ComputeModel | FlopCompute | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, speeds: Sequence[float] | None = None) -> None:
         if network is not None and not isinstance(network, NetworkModel):
             raise ConfigError.invalid("network", network, "must be a coopsgd.theory.cost.NetworkModel")
         if compute is not None and not isinstance(compute, (ComputeModel, FlopCompute)):
@@ -121,11 +124,15 @@ class SimClock:
         self.network = network or NetworkModel()
         self.compute = compute
         self.seed = int(seed)
+        self.speeds = tuple(float(v) for v in speeds) if speeds else None
+        if self.speeds is not None:
+            worker_speeds(self.speeds, len(self.speeds))  # each speed checked now; the count against m at bind
         self.rng = np.random.default_rng(self.seed)
         self.workers = 0
         self.params = 0
         self.bytes_per_param = 4.0
         self.reset_counters(1)
+        self.speed = np.ones(1)
 
     @property
     def compute_kind(self) -> str:
@@ -145,6 +152,7 @@ class SimClock:
         self.workers = int(workers)
         self.params = int(params)
         self.bytes_per_param = float(bytes_per_param)
+        self.speed = worker_speeds(self.speeds, self.workers)
         self.reset_counters(self.workers)
         return self
 
@@ -221,6 +229,8 @@ class SimClock:
                 rng.bit_generator.state = self.rng.bit_generator.state
                 dt = cm.sample(rng, m)
                 rng_state = rng.bit_generator.state
+        if self.speeds is not None:
+            dt = dt / self.speed
         return ComputeTick(np.where(mask, dt, 0.0), rng_state)
 
     def commit(self, tick: ComputeTick) -> None:

@@ -28,6 +28,7 @@ from coopsgd.algorithms.spec import AlgorithmSpec, Policies
 from coopsgd.errors import ConfigError
 from coopsgd.fileio import not_a_file, read_text
 from coopsgd.settings import SettingField, settings_of, unknown_key, unused_settings
+from coopsgd.theory.cost import worker_speeds
 from coopsgd.train.config import sections as sec
 from coopsgd.train.config.communication import COMPRESSED_ENGINES, CommunicationSettings
 
@@ -176,6 +177,8 @@ class RunConfig:
                                       "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
         self._check_compression()
         self._check_control_variates()
+        if self.clock.worker_speeds:
+            worker_speeds(self.clock.worker_speeds, self.algorithm.workers)  # at most one class per worker
         if self.execution.dtype != "float32" or self.execution.engine == "reference":  # the reference: float64
             return
         for key, value in self.to_dict().items():

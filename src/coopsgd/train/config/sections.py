@@ -364,6 +364,10 @@ class ClockSettings:
                                     used_when=both(engines("simulate"), _compute("flops")),
                                     help="throughput of one worker for --compute flops (GFLOP/s; the default is one "
                                          "CPU core)")
+    worker_speeds: list[float] = setting(
+        factory=list, low=0.0, low_open=True, used_when=engines("simulate"),
+        help="speed classes: the workers split into as many equal consecutive blocks as speeds given, a worker of "
+             "speed s taking 1/s times each step's compute time, e.g. 1,0.5 (empty: all 1)")
     net_latency_ms: float = setting(1.0, low=0.0, help="network latency per handshake (ms)", used_when=_network)
     net_bandwidth_mbps: float = setting(1000.0, low=0.0, low_open=True, help="network bandwidth (Mbit/s)",
                                         used_when=_network)
