@@ -458,7 +458,7 @@ class Simulator(SimulatorCompute):
         batches = self._check_batches(batches, rows)
         if self._comm.deferred is not None:  # the rows this step reads hold their values (FedAvg sampling)
             self._materialize(None if spec.needs_losses and self.loss_estimate == "probe" else idx)
-        if self._executor is None:
+        if self._executor is None and rows != []:
             self._choose_executor(batches, rows)
         flops = self._step_flops(batches) if self.clock.counts_flops else None
         losses = np.full(m, np.nan)
@@ -500,6 +500,9 @@ class Simulator(SimulatorCompute):
         ``losses``; ``None`` when a value was non-finite (under ``"skip"``; ``"stop"`` raises)."""
         if self._bad is not None:
             return None
+        if rows == []:  # no client works in this step (uneven local work: all finished): the round still runs
+            return ComputeResult([], self._state.new_zeros((0, self._kernel.d)), self._state.new_zeros(0), None, {},
+                                 np.zeros(0)), 0.0, 0.0
         res = self._reuse_calibration(batches, rows) if self._calibrated is not None else None
         if res is None:
             assert self._executor is not None
@@ -660,7 +663,8 @@ class Simulator(SimulatorCompute):
         """A server optimizer's round (:meth:`_server_round_in_place`) in place: the rows it writes (the sampled
         clients and z), the optimizers' state and the deferred broadcast are kept first and restored when a value
         is not finite (the error is returned, the state is then unchanged)."""
-        written = torch.as_tensor(sorted({*rows, self.m}), device=self.device)
+        sampled = range(self.m) if rnd.plan.sources is None else rnd.plan.sources.tolist()  # SCAFFOLD: their c_i
+        written = torch.as_tensor(sorted({*rows, *sampled, self.m}), device=self.device)
         kept = self._state.index_select(0, written)
         snap = self._optimizer_snapshot()
         deferred = self._comm.snapshot()
