@@ -523,4 +523,4 @@ class RoundKernel:
 
     @staticmethod
     def as_rows(rows: list[int] | None, device: torch.device) -> Tensor | None:
-        return None if rows is None else torch.as_tensor(rows, device=device)
+        return None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=device)

@@ -241,18 +241,20 @@ class SimClock:
             self.rng.bit_generator.state = tick.rng_state
 
     def round_costs(self, pattern: str, matrix: np.ndarray | None = None, *, payload_bytes: float | None = None,
-                    reducible: bool = False) -> list[RoundCost]:
+                    reducible: bool = False, senders: int | None = None) -> list[RoundCost]:
         """The alpha-beta cost items of one round of ``pattern`` (see the module docstring).
 
         ``payload_bytes``: the round sends compressed payloads of this many bytes per node instead of the d
         parameters (``reducible``: payloads a reduction adds on the wire); priced by
-        :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11)."""
-        m, d, bpp = self.workers, self.params, self.bytes_per_param
+        :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11). ``senders``: the workers that
+        take part when not all m do (a sampled FedAvg round: its k clients send and receive, the others are not
+        synchronised)."""
+        m, d, bpp = self.workers if senders is None else int(senders), self.params, self.bytes_per_param
         if pattern == "local":
             return []
         if payload_bytes is not None:
             return [compressed_round_cost(c, workers=m, params=d, bytes_per_param=bpp, payload_bytes=payload_bytes,
-                                          reducible=reducible) for c in self.round_costs(pattern, matrix)]
+                                          reducible=reducible) for c in self.round_costs(pattern, matrix, senders=senders)]
         if pattern == "broadcast":
             gather = RoundCost("allgather", m if m > 1 else 0, float(m), float(m) * bpp)
             return [gather, round_cost("broadcast", workers=m, params=d, bytes_per_param=bpp)]

@@ -542,16 +542,19 @@ class Simulator(SimulatorCompute):
             matrix = None if mix.structure is not None and mix.pattern != "neighbor" else mix.matrix
             comp = self._compressed
             rnd = plan_round(mix)
+            # a sampled FedAvg round: only its k clients send and receive (the others are not synchronised)
+            senders = (int(np.count_nonzero(mix.structure.sources < self.m))
+                       if mix.structure is not None and mix.pattern == "parameter_server" else None)
             elastic = None if comp is None else comp.elastic_cost(rnd, self.clock.bytes_per_param)
             if elastic is not None:  # point-to-point payloads: uploads and replies (docs/compression.md)
                 costs = [elastic]
             elif comp is not None and comp.sends_payload(rnd):  # the compressor's payloads
                 costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
-                                               reducible=comp.reducible)
+                                               reducible=comp.reducible, senders=senders)
             else:
-                costs = self.clock.round_costs(mix.pattern, matrix)
+                costs = self.clock.round_costs(mix.pattern, matrix, senders=senders)
                 if self.spec.control:  # SCAFFOLD sends its control variates with the models: twice the bytes
-                    costs = costs + self.clock.round_costs(mix.pattern, matrix)
+                    costs = costs + self.clock.round_costs(mix.pattern, matrix, senders=senders)
             self.clock.communicate(costs, overlap=self.spec.overlap)
             bytes_sent = float(sum(c.bytes_sent for c in costs))
             self.bytes_sent += bytes_sent
