@@ -46,7 +46,7 @@ from coopsgd.algorithms.communication import compressed_round_cost
 from coopsgd.errors import ConfigError, check_float
 from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, round_cost, worker_speeds
 
-__all__ = ["SimClock", "ComputeTick", "FlopCompute", "DEFAULT_GFLOPS"]
+__all__ = ["SimClock", "ComputeTick", "FlopCompute", "DEFAULT_GFLOPS", "round_senders"]
 
 #: Default throughput of :class:`FlopCompute`, in GFLOP/s per worker: a stated, round, conservative figure
 #: for one CPU core running PyTorch's float32 training kernels on small per-worker batches. Where it comes
@@ -89,6 +89,16 @@ class FlopCompute:
         f = self.fallback
         spread = "" if f.distribution == "constant" else f", spread {f.spread:g}"
         return f"{f.distribution} {f.mean_s * 1e3:g} ms per step{spread} (compute_ms)"
+
+
+def round_senders(mix: Any, workers: int) -> int | None:
+    """The workers that send and receive in the round ``mix`` when not all do: a sampled FedAvg round (a
+    ``parameter_server`` round with its :class:`~coopsgd.algorithms.schedules.Averaging` structure) has its k
+    sampled clients; the unsampled ones are not synchronised. ``None``: every worker."""
+    st = getattr(mix, "structure", None)
+    if st is None or mix.pattern != "parameter_server":
+        return None
+    return int(np.count_nonzero(st.sources < workers))
 
 
 @dataclass(frozen=True)

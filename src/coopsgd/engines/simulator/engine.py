@@ -88,7 +88,7 @@ from coopsgd.engines.optim import SGDOptions, TorchOptimizer, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES
 from coopsgd.engines.simulator.calibration import ExecutorCache
-from coopsgd.engines.simulator.clock import FlopCompute, SimClock
+from coopsgd.engines.simulator.clock import FlopCompute, SimClock, round_senders
 from coopsgd.engines.simulator.compute import SimulatorCompute
 from coopsgd.errors import ConfigError, check_float, check_int
 
@@ -542,9 +542,7 @@ class Simulator(SimulatorCompute):
             matrix = None if mix.structure is not None and mix.pattern != "neighbor" else mix.matrix
             comp = self._compressed
             rnd = plan_round(mix)
-            # a sampled FedAvg round: only its k clients send and receive (the others are not synchronised)
-            senders = (int(np.count_nonzero(mix.structure.sources < self.m))
-                       if mix.structure is not None and mix.pattern == "parameter_server" else None)
+            senders = round_senders(mix, self.m)  # a sampled FedAvg round: its k clients send and receive
             elastic = None if comp is None else comp.elastic_cost(rnd, self.clock.bytes_per_param)
             if elastic is not None:  # point-to-point payloads: uploads and replies (docs/compression.md)
                 costs = [elastic]
