@@ -182,6 +182,13 @@ def fed_no_bound(spec: AlgorithmSpec) -> str | None:
         why.append(f"the server optimizer ({spec.name}: {spec.outer.kind}) is not plain averaging; Reddi et al.'s "
                    "bounds (2021, Theorems 1-2) need a gradient bound G and the clients' heterogeneity sigma_g, "
                    "not estimated here")
+    work = spec.params.get("local_work")
+    if work is not None:
+        why.append(f"uneven local work ({work}: K_i <= tau steps per client) optimises a weighted objective "
+                   "other than F unless normalised (Wang et al. 2020, Theorem 1); its rates are not computed here")
+    if spec.name == "fednova":
+        why.append("FedNova's normalised averaging (Wang et al. 2020, Theorem 2) needs the clients' gradient "
+                   "dissimilarity, not estimated here")
     rob = spec.robust
     if rob is not None:
         why.append(f"aggregation {rob.rule!r}"

@@ -199,6 +199,8 @@ class AlgorithmSettings:
     outer_beta2: float | None = _preset()
     outer_eps: float | None = _preset()
     mu: float | None = _preset()
+    local_work: str | None = _preset()
+    min_local_steps: int | None = _preset()
     aggregation: str | None = _preset()
     trim: float | None = _preset()
     byzantine_fraction: float | None = _preset()
