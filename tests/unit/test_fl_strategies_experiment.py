@@ -32,7 +32,8 @@ def _result(*, scaffold: float, prox_wiggle: float, adam_ppl: float, mean_acc: f
     def mlp(final: float, wiggle: float = 0.0, acc: float = 0.9) -> list:
         return [[k, final + 1.0 / (k + 1) + (wiggle if k % 2 else 0.0), acc] for k in range(10)]
 
-    curves = {"FedAvg": mlp(0.5, 0.2), "SCAFFOLD": mlp(scaffold), "FedProx mu=1": mlp(0.5, prox_wiggle),
+    curves = {"FedAvg": mlp(0.5, 0.2), "SCAFFOLD": mlp(scaffold), "FedNova": mlp(scaffold - 0.05),
+              "FedProx mu=1": mlp(0.5, prox_wiggle),
               "mean, no attack": mlp(0.3, acc=0.9), "mean, 20% sign-flip": mlp(0.3, acc=mean_acc),
               "median, 20% sign-flip": mlp(0.3, acc=0.89), "Krum, 20% sign-flip": mlp(0.3, acc=0.88),
               "LSTM FedAvg": [[0, 7.0, 900.0], [10, 5.0, 150.0], [20, 4.8, 120.0]],
@@ -63,10 +64,12 @@ def test_verdicts_follow_the_rule() -> None:
 
 def test_reduced_run_writes_its_figure_and_result(tmp_path) -> None:
     args = ExperimentArgs(out=tmp_path / "f", quick=True, scale=0.04)  # 2 rounds of each
-    res = fl.run_fl_strategies(args, only=("SCAFFOLD", "median, 20% sign-flip", "mean, no attack"))
-    assert [r["label"] for r in res["runs"]] == ["SCAFFOLD", "mean, no attack", "median, 20% sign-flip"]
+    res = fl.run_fl_strategies(args, only=("FedNova", "median, 20% sign-flip", "mean, no attack"))
+    assert [r["label"] for r in res["runs"]] == ["FedNova", "mean, no attack", "median, 20% sign-flip"]
     assert all(r["diverged"] is None and r["communication_rounds"] == 2 for r in res["runs"])
-    assert [row[0] for row in res["curves"]["SCAFFOLD"]] == [0, 1, 2]  # evaluated after every round
+    assert [row[0] for row in res["curves"]["FedNova"]] == [0, 1, 2]  # evaluated after every round
+    assert res["runs"][0]["clients"] == {"workers": 5, "fraction": 1.0, "partition": "dirichlet",
+                                         "dirichlet_beta": 0.1, "local_work": "uniform", "min_local_steps": 1}
     assert (tmp_path / "f" / "fl_strategies.png").stat().st_size > 1000
     m = fl.fl_metrics(res)
     assert m["median under sign-flip: accuracy retained R"] is not None and "Krum, 20% sign-flip" not in str(m)

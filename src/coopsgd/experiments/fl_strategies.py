@@ -83,6 +83,9 @@ PROX_MU = 1.0
 #: Claim d's thresholds on R, the share of the clean accuracy above chance a run keeps.
 KEEP = 0.95
 COLLAPSE = 0.5
+#: Claims a's and b's uneven local work: client i runs K_i local steps of a round, drawn uniformly from
+#: {1, ..., tau} per (seed, round, client) (:class:`~coopsgd.algorithms.schedules.FedAvgSchedule`).
+UNEVEN: dict[str, Any] = {"local_work": "uniform", "min_local_steps": 1}
 #: Chance accuracy of MNIST's 10 classes.
 CHANCE = 0.1
 
@@ -92,6 +95,7 @@ CHANCE = 0.1
 MLP_RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "FedAvg": ("drift", "fedavg", {}),
     "SCAFFOLD": ("drift", "scaffold", {}),
+    "FedNova": ("drift", "fednova", {}),
     f"FedProx mu={PROX_MU:g}": ("prox", "fedprox", {"mu": PROX_MU}),
     "mean, no attack": ("robust", "fedavg", {}),
     "mean, 20% sign-flip": ("robust", "fedavg", dict(ATTACK)),
@@ -103,7 +107,7 @@ LSTM_RUNS: dict[str, str] = {"FedAvg": "fedavg", "FedAdam": "fedadam", "FedYogi"
 
 #: The claims and the runs each one's panels show (``FedAvg`` of the MLP serves a and b).
 CLAIMS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "drift": ("a. label skew (Dirichlet 0.1): SCAFFOLD vs FedAvg", ("FedAvg", "SCAFFOLD")),
+    "drift": ("a. label skew, uneven work: SCAFFOLD, FedNova vs FedAvg", ("FedAvg", "SCAFFOLD", "FedNova")),
     "prox": (f"b. stability: FedProx mu={PROX_MU:g} vs FedAvg", ("FedAvg", f"FedProx mu={PROX_MU:g}")),
     "adaptive": ("c. LSTM: FedAdam, FedYogi vs FedAvg", tuple(f"LSTM {k}" for k in LSTM_RUNS)),
     "robust": ("d. 20% sign-flip clients (IID)", ("mean, no attack", "mean, 20% sign-flip", "median, 20% sign-flip",
@@ -116,7 +120,7 @@ CLAIMS: dict[str, tuple[str, tuple[str, ...]]] = {
 QUICK: dict[str, Any] = {
     "mlp": {"model": "mlp", "dataset": "mnist_bundled", "batch_size": 32, "lr": 0.05, "tau": 5, "rounds": 60,
             "eval_samples": 2000},
-    "skew": {"workers": 5, "fraction": 1.0, "partition": "dirichlet", "dirichlet_beta": 0.1},
+    "skew": {"workers": 5, "fraction": 1.0, "partition": "dirichlet", "dirichlet_beta": 0.1, **UNEVEN},
     "robust": {"workers": 10, "fraction": 1.0, "partition": "iid"},
     "lstm": {"workers": 4, "hidden": 64, "layers": 2, "seq_len": 35, "batch_size": 20, "lr": 1.0, "tau": 5,
              "rounds": 30, "eval_every_rounds": 2, "vocab_cap": 2000, "test_windows": 150, "eval_samples": 150},
@@ -124,7 +128,7 @@ QUICK: dict[str, Any] = {
 FULL: dict[str, Any] = {
     "mlp": {"model": "mlp", "dataset": "mnist", "batch_size": 32, "lr": 0.05, "tau": 10, "rounds": 500,
             "eval_samples": 10000},
-    "skew": {"workers": 20, "fraction": 0.5, "partition": "dirichlet", "dirichlet_beta": 0.1},
+    "skew": {"workers": 20, "fraction": 0.5, "partition": "dirichlet", "dirichlet_beta": 0.1, **UNEVEN},
     "robust": {"workers": 50, "fraction": 0.2, "partition": "iid"},
     "lstm": {"workers": 8, "hidden": 200, "layers": 2, "seq_len": 35, "batch_size": 20, "lr": 1.0, "tau": 10,
              "rounds": 400, "eval_every_rounds": 10, "vocab_cap": None, "test_windows": None, "eval_samples": 2000},
@@ -155,7 +159,9 @@ def _mlp_config(args: ExperimentArgs, st: dict[str, Any], group: str, preset: st
         "eval_samples": mlp["eval_samples"], "seed": args.seed, "device": DEVICE.get(), **time_fields(args.quick),
         **clients, **settings,
     }
-    return RunConfig(**(dry_run_fields(fields) if args.dry_run else fields))
+    if args.dry_run:  # the MLP keeps its clients under the tests' DRY_RUN_WORKERS hook (Krum needs k >= f + 3)
+        fields = {**dry_run_fields(fields), "workers": clients["workers"]}
+    return RunConfig(**fields)
 
 
 def _lstm_run(args: ExperimentArgs, out: Path, lstm: dict[str, Any], label: str, preset: str) -> dict[str, Any]:
@@ -169,7 +175,8 @@ def _lstm_run(args: ExperimentArgs, out: Path, lstm: dict[str, Any], label: str,
     if args.dry_run:  # the full scale's model and vocabulary size on random tokens, two steps
         st.update(synthetic_vocab=WIKITEXT2_VOCAB, test_windows=100, batch_size=DRY_RUN_BATCH.get() or st["batch_size"],
                   workers=DRY_RUN_WORKERS.get() or st["workers"])
-        length = {"max_steps": DRY_RUN_STEPS, "eval_every": 1, "checkpoint_every": 1, **dry_run_tau({"tau": tau})}
+        length = {"max_steps": DRY_RUN_STEPS, "eval_every": 1, "checkpoint_every": 1}
+        tau = int(dry_run_tau({"tau": tau}).get("tau", tau))
     cfg = RunConfig(preset=preset, model="lstm_lm", dataset="wikitext2", workers=st["workers"],
                     batch_size=st["batch_size"], seed=args.seed, eval_samples=st["eval_samples"], holdout_fraction=0.0,
                     executor="loop", device=DEVICE.get(), lr=st["lr"], tau=tau, **length, **time_fields(args.quick))
@@ -219,7 +226,8 @@ def _scale_text(args: ExperimentArgs, st: dict[str, Any]) -> str:
     m, sk, rb, lm = st["mlp"], st["skew"], st["robust"], st["lstm"]
     data = "bundled MNIST (8,000 images)" if m["dataset"] == "mnist_bundled" else "MNIST (60,000 images)"
     text = (f"MLP on {data}: tau {m['tau']}, batch {m['batch_size']}, lr {m['lr']:g}, {m['rounds']} rounds; "
-            f"a-b: {sk['workers']} clients (fraction {sk['fraction']:g}), Dirichlet beta {sk['dirichlet_beta']:g}; "
+            f"a-b: {sk['workers']} clients (fraction {sk['fraction']:g}), Dirichlet beta {sk['dirichlet_beta']:g}, "
+            f"uneven work (K_i uniform on {sk['min_local_steps']}..{m['tau']}); "
             f"d: {rb['workers']} clients (fraction {rb['fraction']:g}), IID; LSTM ({lm['hidden']} units) on WikiText-2"
             + (f" (vocabulary cut to {lm['vocab_cap']} words)" if lm.get("vocab_cap") else "")
             + f": {lm['workers']} clients, tau {lm['tau']}, lr {lm['lr']:g}, {lm['rounds']} rounds")
@@ -335,8 +343,10 @@ def fl_assessment() -> Assessment:
     """The claims of ``reproduce fl-strategies`` and the papers' statements beside our numbers."""
     prox = f"FedProx mu={PROX_MU:g}"
     claims = [
-        Claim("a. On Dirichlet(0.1) label skew, SCAFFOLD reaches a lower training loss than FedAvg at equal rounds",
-              ("SCAFFOLD: final training loss", "FedAvg: final training loss")),
+        Claim("a. On Dirichlet(0.1) label skew with uneven local work, SCAFFOLD and FedNova reach a lower training "
+              "loss than FedAvg at equal rounds",
+              ("SCAFFOLD: final training loss", "FedAvg: final training loss"),
+              also=(("FedNova: final training loss", "FedAvg: final training loss"),)),
         Claim(f"b. FedProx with mu > 0 is more stable than FedAvg (mu = {PROX_MU:g}; V: mean |change| of the "
               "training loss between consecutive rounds over the second half)",
               (f"{prox}: loss variation V (2nd half)", "FedAvg: loss variation V (2nd half)")),
@@ -355,8 +365,11 @@ def fl_assessment() -> Assessment:
               what=f"R < {COLLAPSE:g} for the mean"),
     ]
     rows = [
+        PaperRow("FedAvg, label skew and uneven work", "the baseline", "FedAvg: final training loss"),
         PaperRow("SCAFFOLD vs FedAvg, label skew", "SCAFFOLD converges in fewer rounds (Karimireddy et al., Fig. 2)",
                  "SCAFFOLD: final training loss"),
+        PaperRow("FedNova vs FedAvg, uneven work", "removes the objective inconsistency (Wang et al., Fig. 1)",
+                 "FedNova: final training loss"),
         PaperRow("FedProx vs FedAvg, uneven work", "mu > 0 stabilises training (Li et al., Fig. 1)",
                  f"{prox}: loss variation V (2nd half)"),
         PaperRow("FedAdam vs FedAvg, language model", "fewer rounds to a given accuracy (Reddi et al., Fig. 1)",
