@@ -2,12 +2,15 @@
 
 Every strategy is the project's preset (:mod:`coopsgd.algorithms.federated_presets`) at its documented defaults
 unless stated here; nothing was tuned on these runs. The rounds are FedAvg's with full participation at the
-quick scale (every client works every round), so that "equal rounds" is also equal local work and equal bytes
-for every strategy but SCAFFOLD (twice FedAvg's bytes).
+quick scale (every client works every round), and a client's local steps in a round are drawn from (seed,
+round, client) alone, so that "equal rounds" is also equal local work and equal bytes for every strategy but
+SCAFFOLD (twice FedAvg's bytes).
 
 a. **Client drift** (Karimireddy et al. 2020; Wang et al. 2020): on a Dirichlet(β = 0.1) label split with
-   uneven local work, SCAFFOLD and FedNova reach a lower training loss than FedAvg at equal rounds. Measured:
-   the training loss of the server model on the first ``eval_samples`` training samples after the last round
+   uneven local work (client i runs K_i local steps of a round, uniform on {1, ..., tau}: :data:`UNEVEN`),
+   SCAFFOLD and FedNova reach a lower training loss than FedAvg at equal rounds. Measured: the training loss of
+   the server model (which every client holds after a round) on the first ``eval_samples`` training samples
+   after the last round
    (:func:`coopsgd.train.records.nn_evaluator`), "SCAFFOLD < FedAvg" and "FedNova < FedAvg".
 b. **FedProx's stability** (Li et al. 2020): with μ > 0 the server model's training loss is more stable than
    FedAvg's under the same split and local work. *Stability* is measured as the round-to-round variation of the
@@ -34,11 +37,13 @@ Each claim is judged by the report's rule (:func:`coopsgd.experiments.stats.verd
 seeds that do not overlap. The figure (``fl_strategies.png``) has one column per claim: the training loss (top)
 and the test accuracy or perplexity (bottom) against rounds.
 
-Quick scale (:data:`QUICK`): the MLP on the bundled MNIST (8,000 training images), 10 clients, and the LSTM task
-of ``lsgd-lstm`` (64 units, the bundled WikiText-2 with the vocabulary cut to 2,000 words), 4 clients; about
-two minutes per seed on 2 CPU cores. Full scale (:data:`FULL`): the MLP on MNIST's 60,000 images, 100 clients
-of which 10 per round, and the 200-unit LSTM on WikiText-2. A dry run (``--dry-run``) runs every setting of the
-full scale for two steps on synthetic data of the real shapes.
+Quick scale (:data:`QUICK`): the MLP on the bundled MNIST (8,000 training images) with 5 label-skewed clients
+(a, b) or 10 IID clients (d), and the LSTM task of ``lsgd-lstm`` (64 units, the bundled WikiText-2 with the
+vocabulary cut to 2,000 words) with 4 clients; a few minutes per seed on 2 CPU cores. Full scale
+(:data:`FULL`): the MLP on MNIST's 60,000 images (20 skewed clients, half of them per round; 50 IID clients, 10
+per round) and the 200-unit LSTM on WikiText-2 with 8 clients. A dry run (``--dry-run``) runs every setting of
+the full scale for two steps on synthetic data of the real shapes (the skewed clients' split IID there: 2,048
+synthetic images leave some of 20 Dirichlet(0.1) shards without a full batch).
 """
 
 from __future__ import annotations
@@ -336,7 +341,28 @@ def fl_metrics(res: dict[str, Any]) -> dict[str, float | None]:
         m[f"LSTM {label}: final test perplexity"] = None if c is None else _final(c, 2)
         m[f"LSTM {label}: rounds to FedAvg's final perplexity"] = (
             None if c is None or target is None else rounds_to(c, target))
+    m.update(_paired(m))
     return m
+
+
+#: Same-seed differences the notes report (not judged: the claims compare the bands): name -> (A, B), A − B.
+PAIRED: dict[str, tuple[str, str]] = {
+    "SCAFFOLD − FedAvg: final training loss (same seed)": ("SCAFFOLD: final training loss",
+                                                          "FedAvg: final training loss"),
+    "FedNova − FedAvg: final training loss (same seed)": ("FedNova: final training loss",
+                                                         "FedAvg: final training loss"),
+    f"FedProx mu={PROX_MU:g} − FedAvg: V (same seed)": (f"FedProx mu={PROX_MU:g}: loss variation V (2nd half)",
+                                                        "FedAvg: loss variation V (2nd half)"),
+}
+
+
+def _paired(m: Mapping[str, float | None]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name, (a, b) in PAIRED.items():
+        if a in m and b in m:
+            va, vb = m[a], m[b]
+            out[name] = None if va is None or vb is None else va - vb
+    return out
 
 
 def fl_assessment() -> Assessment:
@@ -387,6 +413,12 @@ def _notes(bands: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if b and b.get("missing"):
             lines.append(f"{who[5:]} did not reach FedAvg's final test perplexity within the run on "
                          f"{b['missing']} seed(s) (counted as not measured, not as fewer rounds)")
+    for name in PAIRED:
+        b = bands.get(name)
+        if b and b.get("n"):
+            below = sum(v is not None and v < 0 for v in b["values"])
+            lines.append(f"seed by seed, {name}: {b['min']:.3g} to {b['max']:.3g} (negative on {below} of "
+                         f"{b['n']} seeds)")
     return lines
 
 
