@@ -155,7 +155,7 @@ def test_reference_engine_equals_the_hand_written_rounds(normalized: bool) -> No
 @pytest.mark.parametrize("executor", ["loop", "vmap"])
 @pytest.mark.parametrize(("name", "kw"), [
     ("fednova", {"local_work": "uniform", "fraction": 0.5}),
-    ("fednova", {"local_work": "budget", "client_speeds": [0.2, 1.0, 0.5, 0.3, 0.25, 0.6], "fraction": 0.5}),
+    ("fednova", {"local_work": "budget", "client_speeds": [0.2, 1.0, 0.5, 0.3, 0.25, 0.6], "fraction": 1.0}),
     ("fedavg", {"local_work": "uniform", "fraction": 1.0}),
     ("scaffold", {"local_work": "uniform", "fraction": 0.5}),
     ("fedadam", {"local_work": "budget", "client_speeds": [1.0, 0.5, 0.5, 0.25, 1.0, 0.75], "fraction": 0.5}),
@@ -322,3 +322,19 @@ def test_a_sampled_round_is_charged_for_its_k_clients() -> None:
     assert spec_round_cost(presets.fedavg(m, 2, fraction=0.25), d, bytes_per_param=8).bytes_sent == 160.0
     assert spec_round_cost(presets.fedavg(m, 2), d, bytes_per_param=8).bytes_sent == 2 * d * m * 8.0
     assert spec_round_cost(presets.scaffold(m, 2, fraction=0.25), d, bytes_per_param=8).bytes_sent == 320.0
+
+
+def test_a_fednova_round_touches_only_the_sampled_rows() -> None:
+    m, tau = 8, 4
+    spec = presets.fednova(m, tau, fraction=0.25, seed=1, local_work="uniform")  # clients 3, 4 with K = 4, 1
+    sched = spec.schedule
+    assert isinstance(sched, FedAvgSchedule)
+    mix = sched.mix(3)
+    assert mix is not None and mix.structure is not None and m in mix.structure.sources.tolist()  # uneven: z too
+    sim = _sim(spec)
+    obj = LeastSquares(m)
+    counters = [0] * m
+    for _ in range(tau):
+        _feed(sim, obj, counters)
+    pend = sim._comm.deferred
+    assert pend is not None and pend[:m].all() and not pend[m]  # the broadcast to the clients stays deferred
