@@ -79,7 +79,8 @@ def test_the_run_configuration_passes_the_clocks_speeds_to_the_schedule() -> Non
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"local_work": "random"}, "local_work"),
                                                ({"local_work": "uniform", "min_local_steps": 6}, "min_local_steps"),
-                                               ({"min_local_steps": 0}, "min_local_steps")])
+                                               ({"local_work": "uniform", "min_local_steps": 0}, "min_local_steps"),
+                                               ({"local_work": "budget", "min_local_steps": 2}, "min_local_steps")])
 def test_bad_settings_name_the_setting(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as err:
         presets.fednova(4, 5, **kwargs)
@@ -338,3 +339,13 @@ def test_a_fednova_round_touches_only_the_sampled_rows() -> None:
         _feed(sim, obj, counters)
     pend = sim._comm.deferred
     assert pend is not None and pend[:m].all() and not pend[m]  # the broadcast to the clients stays deferred
+
+
+def test_theory_says_no_bound_applies_to_uneven_work_and_fednova() -> None:
+    from coopsgd.algorithms.hooks import fed_no_bound
+
+    assert fed_no_bound(presets.fedavg(4)) is None
+    why = fed_no_bound(presets.fedavg(4, local_work="uniform"))
+    assert why is not None and "uneven local work" in why and "Theorem 1" in why
+    why = fed_no_bound(presets.fednova(4))
+    assert why is not None and "FedNova" in why and "uneven" not in why

@@ -37,6 +37,8 @@ def _work(local_work: str, min_local_steps: int, client_speeds: Sequence[float] 
     sampled client runs tau steps, FedAvg bit for bit)."""
     if local_work not in LOCAL_WORK:
         raise ConfigError.invalid("local_work", local_work, f"choose one of {', '.join(LOCAL_WORK)}")
+    if min_local_steps != 1 and local_work != "uniform":
+        raise ConfigError.invalid("min_local_steps", min_local_steps, "is used by local_work uniform only")
     return dict(local_work=local_work, min_local_steps=check_int("min_local_steps", min_local_steps, minimum=1),
                 speeds=None if client_speeds is None else list(client_speeds))
 
