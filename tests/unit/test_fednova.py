@@ -349,3 +349,13 @@ def test_theory_says_no_bound_applies_to_uneven_work_and_fednova() -> None:
     assert why is not None and "uneven local work" in why and "Theorem 1" in why
     why = fed_no_bound(presets.fednova(4))
     assert why is not None and "FedNova" in why and "uneven" not in why
+
+
+def test_every_engine_takes_the_speeds_for_budget_work() -> None:
+    cfg = RunConfig(engine="reference", objective="quadratic", preset="fednova", workers=4, tau=4,
+                    local_work="budget", worker_speeds=[1.0, 0.5])
+    sched = cfg.build_spec().schedule
+    assert isinstance(sched, FedAvgSchedule)
+    np.testing.assert_array_equal(sched.local_steps(0), [4, 4, 2, 2])
+    with pytest.raises(ConfigError, match="worker_speeds"):  # without budget work only the simulator's clock uses it
+        RunConfig(engine="reference", objective="quadratic", preset="fednova", workers=4, worker_speeds=[1.0, 0.5])
