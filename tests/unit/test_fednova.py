@@ -359,3 +359,15 @@ def test_every_engine_takes_the_speeds_for_budget_work() -> None:
     np.testing.assert_array_equal(sched.local_steps(0), [4, 4, 2, 2])
     with pytest.raises(ConfigError, match="worker_speeds"):  # without budget work only the simulator's clock uses it
         RunConfig(engine="reference", objective="quadratic", preset="fednova", workers=4, worker_speeds=[1.0, 0.5])
+
+
+@pytest.mark.parametrize("compression", ["int8", "topk:0.5"])
+def test_compressed_fednova_rounds(compression: str) -> None:
+    # the server row is among an uneven round's sources: its change since x_ref is 0, so it sends nothing (and is
+    # not charged); the clients' decoded changes get FedNova's weights
+    kw: dict[str, Any] = {"local_work": "uniform", "fraction": 0.5, "seed": 3}
+    sim, eng = _both(lambda: presets.fednova(4, 4, compression=compression, **kw), 13)
+    np.testing.assert_allclose(sim.params.numpy(), eng.state, rtol=0, atol=1e-10)
+    a = _run_sim(presets.fedavg(6, 3, sample_counts=COUNTS, fraction=0.5, seed=2, compression=compression), 10)
+    b = _run_sim(presets.fednova(6, 3, sample_counts=COUNTS, fraction=0.5, seed=2, compression=compression), 10)
+    assert torch.equal(a.params, b.params) and a.bytes_sent == b.bytes_sent  # equal work: FedAvg's rounds

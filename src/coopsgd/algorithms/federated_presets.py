@@ -202,6 +202,7 @@ def scaffold(
                       params={"outer_lr": lr}, control=True)
 
 
+@compressible
 def fednova(
     workers: int,
     tau: int = 5,
