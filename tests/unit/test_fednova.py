@@ -371,3 +371,19 @@ def test_compressed_fednova_rounds(compression: str) -> None:
     a = _run_sim(presets.fedavg(6, 3, sample_counts=COUNTS, fraction=0.5, seed=2, compression=compression), 10)
     b = _run_sim(presets.fednova(6, 3, sample_counts=COUNTS, fraction=0.5, seed=2, compression=compression), 10)
     assert torch.equal(a.params, b.params) and a.bytes_sent == b.bytes_sent  # equal work: FedAvg's rounds
+
+
+def test_budget_work_fits_the_fastest_clients_time_on_the_clock() -> None:
+    from coopsgd.train.trainer import train
+
+    # speeds 1, 1, 0.5, 0.5 and tau 4: the slow clients run 2 steps of 20 ms in the 40 ms of the fast ones' 4 steps
+    base = dict(preset="fedavg", workers=4, tau=4, max_steps=8, batch_size=8, compute="constant", compute_ms=10.0,
+                eval_every=8, eval_samples=64, net_latency_ms=0.0, net_bandwidth_mbps=1e6, worker_speeds=[1.0, 0.5])
+    budget = train(RunConfig(**base, local_work="budget"))
+    equal = train(RunConfig(**base))
+    comm = equal["simulated_split_s"]["communication_s"]
+    assert budget["simulated_time_s"] == pytest.approx(2 * 0.04 + comm, rel=1e-9)
+    assert equal["simulated_time_s"] == pytest.approx(2 * 0.08 + comm, rel=1e-9)  # the slow clients' 4 steps
+    split = budget["simulated_split_s"]
+    assert split["compute_s"] == pytest.approx(2 * 0.04, rel=1e-9)  # every client busy 40 ms a round
+    assert split["idle_s"] == pytest.approx(0.0, abs=1e-12)
