@@ -2,7 +2,7 @@
 
 * the schedule: K_i drawn per (seed, round, client) or from the clients' speeds; a client works in the first K_i
   steps of its round only; ``"equal"`` is FedAvg as before;
-* FedNova's round by hand (the weights of Wang et al. 2020, eq. (4)-(6)) against the reference engine, the
+* FedNova's round by hand (the weights of Wang et al. 2020) against the reference engine, the
   simulator against the reference engine, equal work = FedAvg bit for bit;
 * the objective inconsistency on quadratics (closed-form fixed points): FedAvg with uneven work converges away
   from the minimizer, FedNova to it (up to its O(lr) term);

@@ -216,7 +216,7 @@ def fednova(
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """FedNova (Wang, Liu, Liang, Joshi, Poor, NeurIPS 2020, "Tackling the Objective Inconsistency Problem in
-    Heterogeneous Federated Optimization", eq. (4)-(6) with plain local SGD): FedAvg's rounds whose server
+    Heterogeneous Federated Optimization", normalized averaging with plain local SGD): FedAvg's rounds whose server
     averages the clients' *normalized* updates. Client i runs K_i local steps from the server model x to y_i; with
     a_i = K_i (the sum of its steps' learning rates over lr when the lr varies within a round)::
 

@@ -184,7 +184,7 @@ def fed_no_bound(spec: AlgorithmSpec) -> str | None:
                    "not estimated here")
     work = spec.params.get("local_work")
     if spec.name == "fednova":
-        why.append("FedNova's normalised averaging (Wang et al. 2020, Theorem 2) needs the clients' gradient "
+        why.append("FedNova's normalised averaging (Wang et al. 2020, its convergence analysis) needs the clients' gradient "
                    "dissimilarity, not estimated here")
     elif work is not None:
         why.append(f"uneven local work ({work}: K_i <= tau steps per client) optimises a weighted objective "
