@@ -106,7 +106,7 @@ ScheduleState = dict[str, Any]
 class Averaging:
     """The structure of an averaging matrix: every column of S is the same vector w (``S = w 1^T``), whose
     non-zero entries are ``weights`` at the rows ``sources`` (FedAvg's weighted average of the sampled
-    clients, sent to every node).
+    clients, sent to every node; FedNova's adds the server row, with a weight that may be negative).
 
     Attributes:
         n: the number of nodes.
