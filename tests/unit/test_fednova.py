@@ -2,7 +2,7 @@
 
 * the schedule: K_i drawn per (seed, round, client) or from the clients' speeds; a client works in the first K_i
   steps of its round only; ``"equal"`` is FedAvg as before;
-* FedNova's round by hand (the weights of Wang et al. 2020, eq. (4)-(6)) against the reference engine, the
+* FedNova's round by hand (the weights of Wang et al. 2020) against the reference engine, the
   simulator against the reference engine, equal work = FedAvg bit for bit;
 * the objective inconsistency on quadratics (closed-form fixed points): FedAvg with uneven work converges away
   from the minimizer, FedNova to it (up to its O(lr) term);
@@ -79,7 +79,8 @@ def test_the_run_configuration_passes_the_clocks_speeds_to_the_schedule() -> Non
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"local_work": "random"}, "local_work"),
                                                ({"local_work": "uniform", "min_local_steps": 6}, "min_local_steps"),
-                                               ({"min_local_steps": 0}, "min_local_steps")])
+                                               ({"local_work": "uniform", "min_local_steps": 0}, "min_local_steps"),
+                                               ({"local_work": "budget", "min_local_steps": 2}, "min_local_steps")])
 def test_bad_settings_name_the_setting(kwargs: dict[str, Any], field: str) -> None:
     with pytest.raises(ConfigError) as err:
         presets.fednova(4, 5, **kwargs)
@@ -155,7 +156,7 @@ def test_reference_engine_equals_the_hand_written_rounds(normalized: bool) -> No
 @pytest.mark.parametrize("executor", ["loop", "vmap"])
 @pytest.mark.parametrize(("name", "kw"), [
     ("fednova", {"local_work": "uniform", "fraction": 0.5}),
-    ("fednova", {"local_work": "budget", "client_speeds": [0.2, 1.0, 0.5, 0.3, 0.25, 0.6], "fraction": 0.5}),
+    ("fednova", {"local_work": "budget", "client_speeds": [0.2, 1.0, 0.5, 0.3, 0.25, 0.6], "fraction": 1.0}),
     ("fedavg", {"local_work": "uniform", "fraction": 1.0}),
     ("scaffold", {"local_work": "uniform", "fraction": 0.5}),
     ("fedadam", {"local_work": "budget", "client_speeds": [1.0, 0.5, 0.5, 0.25, 1.0, 0.75], "fraction": 0.5}),
@@ -322,3 +323,67 @@ def test_a_sampled_round_is_charged_for_its_k_clients() -> None:
     assert spec_round_cost(presets.fedavg(m, 2, fraction=0.25), d, bytes_per_param=8).bytes_sent == 160.0
     assert spec_round_cost(presets.fedavg(m, 2), d, bytes_per_param=8).bytes_sent == 2 * d * m * 8.0
     assert spec_round_cost(presets.scaffold(m, 2, fraction=0.25), d, bytes_per_param=8).bytes_sent == 320.0
+
+
+def test_a_fednova_round_touches_only_the_sampled_rows() -> None:
+    m, tau = 8, 4
+    spec = presets.fednova(m, tau, fraction=0.25, seed=1, local_work="uniform")  # clients 3, 4 with K = 4, 1
+    sched = spec.schedule
+    assert isinstance(sched, FedAvgSchedule)
+    mix = sched.mix(3)
+    assert mix is not None and mix.structure is not None and m in mix.structure.sources.tolist()  # uneven: z too
+    sim = _sim(spec)
+    obj = LeastSquares(m)
+    counters = [0] * m
+    for _ in range(tau):
+        _feed(sim, obj, counters)
+    pend = sim._comm.deferred
+    assert pend is not None and pend[:m].all() and not pend[m]  # the broadcast to the clients stays deferred
+
+
+def test_theory_says_no_bound_applies_to_uneven_work_and_fednova() -> None:
+    from coopsgd.algorithms.hooks import fed_no_bound
+
+    assert fed_no_bound(presets.fedavg(4)) is None
+    why = fed_no_bound(presets.fedavg(4, local_work="uniform"))
+    assert why is not None and "uneven local work" in why and "Theorem 1" in why
+    why = fed_no_bound(presets.fednova(4))
+    assert why is not None and "FedNova" in why and "uneven" not in why
+
+
+def test_every_engine_takes_the_speeds_for_budget_work() -> None:
+    cfg = RunConfig(engine="reference", objective="quadratic", preset="fednova", workers=4, tau=4,
+                    local_work="budget", worker_speeds=[1.0, 0.5])
+    sched = cfg.build_spec().schedule
+    assert isinstance(sched, FedAvgSchedule)
+    np.testing.assert_array_equal(sched.local_steps(0), [4, 4, 2, 2])
+    with pytest.raises(ConfigError, match="worker_speeds"):  # without budget work only the simulator's clock uses it
+        RunConfig(engine="reference", objective="quadratic", preset="fednova", workers=4, worker_speeds=[1.0, 0.5])
+
+
+@pytest.mark.parametrize("compression", ["int8", "topk:0.5"])
+def test_compressed_fednova_rounds(compression: str) -> None:
+    # the server row is among an uneven round's sources: its change since x_ref is 0, so it sends nothing (and is
+    # not charged); the clients' decoded changes get FedNova's weights
+    kw: dict[str, Any] = {"local_work": "uniform", "fraction": 0.5, "seed": 3}
+    sim, eng = _both(lambda: presets.fednova(4, 4, compression=compression, **kw), 13)
+    np.testing.assert_allclose(sim.params.numpy(), eng.state, rtol=0, atol=1e-10)
+    a = _run_sim(presets.fedavg(6, 3, sample_counts=COUNTS, fraction=0.5, seed=2, compression=compression), 10)
+    b = _run_sim(presets.fednova(6, 3, sample_counts=COUNTS, fraction=0.5, seed=2, compression=compression), 10)
+    assert torch.equal(a.params, b.params) and a.bytes_sent == b.bytes_sent  # equal work: FedAvg's rounds
+
+
+def test_budget_work_fits_the_fastest_clients_time_on_the_clock() -> None:
+    from coopsgd.train.trainer import train
+
+    # speeds 1, 1, 0.5, 0.5 and tau 4: the slow clients run 2 steps of 20 ms in the 40 ms of the fast ones' 4 steps
+    base = dict(preset="fedavg", workers=4, tau=4, max_steps=8, batch_size=8, compute="constant", compute_ms=10.0,
+                eval_every=8, eval_samples=64, net_latency_ms=0.0, net_bandwidth_mbps=1e6, worker_speeds=[1.0, 0.5])
+    budget = train(RunConfig(**base, local_work="budget"))
+    equal = train(RunConfig(**base))
+    comm = equal["simulated_split_s"]["communication_s"]
+    assert budget["simulated_time_s"] == pytest.approx(2 * 0.04 + comm, rel=1e-9)
+    assert equal["simulated_time_s"] == pytest.approx(2 * 0.08 + comm, rel=1e-9)  # the slow clients' 4 steps
+    split = budget["simulated_split_s"]
+    assert split["compute_s"] == pytest.approx(2 * 0.04, rel=1e-9)  # every client busy 40 ms a round
+    assert split["idle_s"] == pytest.approx(0.0, abs=1e-12)

@@ -37,6 +37,8 @@ def _work(local_work: str, min_local_steps: int, client_speeds: Sequence[float] 
     sampled client runs tau steps, FedAvg bit for bit)."""
     if local_work not in LOCAL_WORK:
         raise ConfigError.invalid("local_work", local_work, f"choose one of {', '.join(LOCAL_WORK)}")
+    if min_local_steps != 1 and local_work != "uniform":
+        raise ConfigError.invalid("min_local_steps", min_local_steps, "is used by local_work uniform only")
     return dict(local_work=local_work, min_local_steps=check_int("min_local_steps", min_local_steps, minimum=1),
                 speeds=None if client_speeds is None else list(client_speeds))
 
@@ -200,6 +202,7 @@ def scaffold(
                       params={"outer_lr": lr}, control=True)
 
 
+@compressible
 def fednova(
     workers: int,
     tau: int = 5,
@@ -213,7 +216,7 @@ def fednova(
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """FedNova (Wang, Liu, Liang, Joshi, Poor, NeurIPS 2020, "Tackling the Objective Inconsistency Problem in
-    Heterogeneous Federated Optimization", eq. (4)-(6) with plain local SGD): FedAvg's rounds whose server
+    Heterogeneous Federated Optimization", normalized averaging with plain local SGD): FedAvg's rounds whose server
     averages the clients' *normalized* updates. Client i runs K_i local steps from the server model x to y_i; with
     a_i = K_i (the sum of its steps' learning rates over lr when the lr varies within a round)::
 

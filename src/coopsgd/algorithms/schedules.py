@@ -106,7 +106,7 @@ ScheduleState = dict[str, Any]
 class Averaging:
     """The structure of an averaging matrix: every column of S is the same vector w (``S = w 1^T``), whose
     non-zero entries are ``weights`` at the rows ``sources`` (FedAvg's weighted average of the sampled
-    clients, sent to every node).
+    clients, sent to every node; FedNova's adds the server row, with a weight that may be negative).
 
     Attributes:
         n: the number of nodes.
@@ -500,8 +500,8 @@ class FedAvgSchedule(_Base):
     the first ``K_i`` of the round (:meth:`active` masks it afterwards, so it computes nothing and its model
     waits for the round's end); :meth:`local_steps` gives the K_i of a round, the same on every engine.
 
-    ``normalized=True`` is FedNova's round (Wang, Liu, Liang, Joshi, Poor, NeurIPS 2020, eq. (4)-(6) with plain
-    local SGD): client i's normalized update is ``d_i = (x - y_i) / a_i`` with ``a_i = K_i`` and the server takes
+    ``normalized=True`` is FedNova's round (Wang, Liu, Liang, Joshi, Poor, NeurIPS 2020: normalized averaging,
+    plain local SGD): client i's normalized update is ``d_i = (x - y_i) / a_i`` with ``a_i = K_i`` and the server takes
     ``x <- x - tau_eff sum_i p_i d_i``, ``tau_eff = sum_i p_i a_i``. That is one averaging matrix over the
     sampled rows and the server row: client weights ``tau_eff p_i / a_i``, the server's ``1 - tau_eff sum_i p_i
     / a_i`` (the weights sum to 1; the server's is <= 0 by Cauchy-Schwarz). When the learning rate varies within

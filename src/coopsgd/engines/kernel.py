@@ -164,11 +164,12 @@ class InProcess:
         return plan.targets is None or bool(np.isin(np.flatnonzero(pend), plan.targets).all())
 
     def _lazy(self, plan: RoundPlan) -> bool:
-        """Whether an averaging round may leave its rows below ``lazy_rows`` deferred: its sources are a
-        strict subset of those rows (sampled clients), so most of them are not read before the next round."""
+        """Whether an averaging round may leave its rows below ``lazy_rows`` deferred: its sources among those
+        rows are a strict subset of them (sampled clients; FedNova's server row may be a source too, it is never
+        deferred), so most of them are not read before the next round."""
         src = plan.sources
         return (self.lazy_rows > 0 and plan.kind is RoundKind.AVERAGE and src is not None
-                and src.size < self.lazy_rows and int(src[-1]) < self.lazy_rows)
+                and int(np.count_nonzero(src < self.lazy_rows)) < self.lazy_rows)
 
     def communicate(self, rows: Tensor, rnd: Round, *, overlap: bool = False) -> None:
         """Apply the round ``rnd`` to ``rows`` (every node) in place."""
