@@ -121,7 +121,7 @@ CLAIMS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 #: ``mlp``: the MLP runs' common settings; ``skew``: the clients of claims a and b (a Dirichlet(0.1) label split:
 #: 5 clients, so that every client holds a full batch -- with 10 clients of the 8,000 images the smallest shard
-#: is below 32 samples on 6 of the seeds 0-19), ``robust``: claim d's (IID); ``lstm``: claim c's.
+#: is below 32 samples on 5 of the seeds 0-19), ``robust``: claim d's (IID); ``lstm``: claim c's.
 QUICK: dict[str, Any] = {
     "mlp": {"model": "mlp", "dataset": "mnist_bundled", "batch_size": 32, "lr": 0.05, "tau": 5, "rounds": 60,
             "eval_samples": 2000},
