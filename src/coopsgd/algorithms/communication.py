@@ -46,6 +46,7 @@ import numpy as np
 
 from coopsgd.algorithms.schedules import Mix, MixContext, Schedule
 from coopsgd.errors import ConfigError, check_float
+from coopsgd.theory.codec import CodecTime
 from coopsgd.theory.cost import RoundCost
 
 if TYPE_CHECKING:
@@ -321,12 +322,18 @@ def pushes_of(S: np.ndarray, workers: int, order: Any) -> bool:
     return bool(np.allclose(S, want, rtol=0.0, atol=1e-12))
 
 
-def push_round_cost(workers: int, *, bytes_per_param: float, payload_bytes: float) -> RoundCost:
+def push_round_cost(workers: int, *, bytes_per_param: float, payload_bytes: float,
+                    codec: CodecTime | None = None) -> RoundCost:
     """The cost of a compressed round of pushes (:func:`pushes_of`): every byte passes through the server, m
     pushes in and m replies out (2 m payloads), one handshake per worker: the parameter server's round of
-    [CSGD] Table 3 with payloads in place of the d parameters each way."""
+    [CSGD] Table 3 with payloads in place of the d parameters each way. ``codec``: the compressor's times;
+    the pushes are sequential, so 2m encodes and 2m decodes (:mod:`coopsgd.theory.codec`)."""
     m, p, bpp = int(workers), float(payload_bytes), float(bytes_per_param)
-    return RoundCost("parameter_server", m, 2 * m * p / bpp, 2 * m * p)
+    return RoundCost("parameter_server", m, 2 * m * p / bpp, 2 * m * p, _codec_s(codec, 2 * m, 2 * m))
+
+
+def _codec_s(codec: CodecTime | None, encodes: int, decodes: int) -> float:
+    return 0.0 if codec is None else codec.seconds(encodes, decodes)
 
 
 def _kind(S: np.ndarray, workers: int, mix: Mix | None = None) -> str | None:
@@ -393,18 +400,22 @@ def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, c
                                   "receivers share; use topk, randk, sign, int8, qsgd, fp16 or bf16")
 
 
-def elastic_round_cost(exchange: ElasticExchange, *, bytes_per_param: float, payload_bytes: float) -> RoundCost:
+def elastic_round_cost(exchange: ElasticExchange, *, bytes_per_param: float, payload_bytes: float,
+                       codec: CodecTime | None = None) -> RoundCost:
     """The cost of a compressed elastic round (SPEC §11): every payload goes point to point from its sender to
     each node that needs it (:func:`elastic_of`); like a parameter server's round, it is charged the traffic
     of the busiest node, sent and received (``exchange.payloads`` payloads of ``payload_bytes``), with one
     handshake per peer of that node (``exchange.handshakes``). For EASGD with m workers: m uploads received and
-    the reply sent to m workers by the centre, 2 m payloads, m handshakes."""
+    the reply sent to m workers by the centre, 2 m payloads, m handshakes. ``codec``: the compressor's times
+    (2 encodes, the upload's and the reply's; h + 1 decodes, h = ``exchange.handshakes``)."""
     p, bpp = float(payload_bytes), float(bytes_per_param)
-    return RoundCost("parameter_server", int(exchange.handshakes), exchange.payloads * p / bpp, exchange.payloads * p)
+    h = int(exchange.handshakes)
+    return RoundCost("parameter_server", h, exchange.payloads * p / bpp, exchange.payloads * p,
+                     _codec_s(codec, 2, h + 1))
 
 
 def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_per_param: float,
-                          payload_bytes: float, reducible: bool) -> RoundCost:
+                          payload_bytes: float, reducible: bool, codec: CodecTime | None = None) -> RoundCost:
     """The cost of a round that sends compressed payloads of ``payload_bytes`` per node, from the uncompressed
     round's ``cost`` ([CSGD] Table 3, :func:`coopsgd.theory.cost.round_cost`) with m = ``workers`` and d =
     ``params``; the bytes are the payloads' (SPEC §11):
@@ -416,31 +427,38 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
       (2 payloads) instead, for a compressor whose payloads a reduction adds exactly;
     * ``"parameter_server"``: m payloads up, and the server's dense reply (m · d parameters) down;
     * any other pattern: unchanged (its rounds are not compressed).
+
+    ``codec``: the compressor's times (:mod:`coopsgd.theory.codec`): one encode, and a decode of each payload
+    the busiest node receives (m − 1 all-gathered, max degree for gossip, m at the server; 1 after a
+    reduction).
     """
     m, d, bpp, p = int(workers), int(params), float(bytes_per_param), float(payload_bytes)
     if d <= 0:
         return cost
     if cost.pattern == "parameter_server":
-        return RoundCost("parameter_server", cost.handshakes, m * p / bpp + m * d, m * p + m * d * bpp)
+        return RoundCost("parameter_server", cost.handshakes, m * p / bpp + m * d, m * p + m * d * bpp,
+                         _codec_s(codec, 1, m))
     if cost.pattern == "allreduce" and not reducible:
         hops = m - 1 if m > 1 else 0
-        return RoundCost("allgather", hops, hops * p / bpp, hops * p)
+        return RoundCost("allgather", hops, hops * p / bpp, hops * p, _codec_s(codec, 1, hops))
     if cost.pattern in ("allreduce", "neighbor"):
         ratio = p / (d * bpp)  # a payload in place of one row
-        return RoundCost(cost.pattern, cost.handshakes, cost.floats_sent * ratio, cost.bytes_sent * ratio)
+        decodes = cost.handshakes if cost.pattern == "neighbor" else 1
+        return RoundCost(cost.pattern, cost.handshakes, cost.floats_sent * ratio, cost.bytes_sent * ratio,
+                         _codec_s(codec, 1, decodes))
     return cost
 
 
 def elastic_spec_cost(schedule: Schedule, workers: int, *, bytes_per_param: float,
-                      payload_bytes: float) -> RoundCost | None:
+                      payload_bytes: float, codec: CodecTime | None = None) -> RoundCost | None:
     """The cost of the costliest compressed elastic round of ``schedule`` (:func:`elastic_round_cost` over its
     finite set of matrices; :func:`push_round_cost` for sequential pushes), or ``None`` when it has no such
     round or no finite set of matrices (the per-round cost of ``coopsgd theory`` and of reference runs)."""
     if schedule.sequential and round_kinds(schedule, workers) == {"pushes"}:
-        return push_round_cost(workers, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes)
+        return push_round_cost(workers, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes, codec=codec)
     mats = schedule.matrices(_SAMPLE_STEPS)
     if mats is None:
         return None
-    costs = [elastic_round_cost(ex, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes)
+    costs = [elastic_round_cost(ex, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes, codec=codec)
              for ex in (elastic_of(M, workers) for M in mats if exchange_of(M, workers) is None) if ex is not None]
     return max(costs, key=lambda c: (c.bytes_sent, c.handshakes)) if costs else None

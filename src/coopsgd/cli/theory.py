@@ -208,6 +208,7 @@ def compression_facts(spec: Any, params: int, *, mu: float | None = None, L: flo
 
     from coopsgd.analysis import spec_round_cost
     from coopsgd.theory import compression as ct
+    from coopsgd.theory.codec import codec_speed
     from coopsgd.theory.spectral import zeta
 
     comp = spec.compressed
@@ -228,6 +229,9 @@ def compression_facts(spec: Any, params: int, *, mu: float | None = None, L: flo
     out["pattern"] = rc.pattern
     out["uncompressed_pattern"] = rc0.pattern
     out["bytes_ratio"] = ct.bytes_ratio(rc0.bytes_sent, rc.bytes_sent)
+    speed = codec_speed(q.name)
+    out["codec_s_per_round"] = rc.codec_s  # encode / decode on the round's critical path (coopsgd.theory.codec)
+    out["codec_GBps"] = None if speed is None else {"encode": speed.encode_Bps / 1e9, "decode": speed.decode_Bps / 1e9}
     kinds = _round_kinds(spec)
     out["round"] = ", ".join(_KIND_TEXT[k] for k in kinds)
     if kinds != ["gossip"]:
@@ -304,6 +308,10 @@ def _compression_lines(c: dict[str, Any]) -> list[str]:
     lines.append(f"    bytes per round: {c['bytes_per_round'] / 1e6:.4g} MB ({c['pattern']}) vs "
                  f"{c['uncompressed_bytes_per_round'] / 1e6:.4g} MB uncompressed ({c['uncompressed_pattern']}): "
                  f"{c['bytes_ratio']:.4g}x fewer")
+    if c.get("codec_GBps"):
+        g = c["codec_GBps"]
+        lines.append(f"    codec time per round: {c['codec_s_per_round'] * 1e3:.4g} ms (stated throughputs: encode "
+                     f"{g['encode']:.3g} GB/s, decode {g['decode']:.3g} GB/s of the dense row; coopsgd.theory.codec)")
     if "bound" in c:
         lines.append(f"    error feedback {'on' if c['error_feedback'] else 'off'}; {c['bound']}")
     if "choco_delta" in c:

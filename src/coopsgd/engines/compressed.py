@@ -80,6 +80,7 @@ from coopsgd.compression import Compressor, reference_roundtrip
 from coopsgd.engines.base import Communicator
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan, apply_mixing
 from coopsgd.errors import ConfigError
+from coopsgd.theory.codec import CodecTime
 from coopsgd.theory.cost import RoundCost
 
 __all__ = ["CompressedRounds", "ReferenceCompressedRounds", "round_exchange", "load_compression_state", "elastic_exchange",
@@ -183,17 +184,19 @@ class CompressedRounds:
         return kind in ("average", "gossip") or (kind is None and (push_order(rnd, self.workers) is not None
                                                                    or elastic_exchange(rnd, self.workers) is not None))
 
-    def elastic_cost(self, rnd: Round, bytes_per_param: float) -> RoundCost | None:
+    def elastic_cost(self, rnd: Round, bytes_per_param: float, codec: CodecTime | None = None) -> RoundCost | None:
         """The cost of round ``rnd`` when it is a compressed elastic round
         (:func:`~coopsgd.algorithms.communication.elastic_round_cost`) or a round of compressed pushes
-        (:func:`~coopsgd.algorithms.communication.push_round_cost`), else ``None``."""
+        (:func:`~coopsgd.algorithms.communication.push_round_cost`), else ``None``; ``codec``: the
+        compressor's encode / decode times (:mod:`coopsgd.theory.codec`)."""
         if not self.compresses or round_exchange(rnd, self.workers) is not None:
             return None
         if push_order(rnd, self.workers) is not None:
-            return push_round_cost(self.workers, bytes_per_param=bytes_per_param, payload_bytes=self.row_bytes)
+            return push_round_cost(self.workers, bytes_per_param=bytes_per_param, payload_bytes=self.row_bytes,
+                                   codec=codec)
         ex = elastic_exchange(rnd, self.workers)
         return None if ex is None else elastic_round_cost(ex, bytes_per_param=bytes_per_param,
-                                                          payload_bytes=self.row_bytes)
+                                                          payload_bytes=self.row_bytes, codec=codec)
 
     def communicate(self, rows: Tensor, rnd: Round, comm: Communicator, *, overlap: bool = False) -> None:
         """Round ``rnd`` on ``rows`` (every node's mixed columns) in place; ``comm`` moves what is not compressed."""

@@ -287,7 +287,8 @@ class CompressedMixer:
         else:
             pattern = mix.pattern
             matrix = None if mix.structure is not None and pattern != "neighbor" else mix.matrix
-        return self.clock.round_costs(pattern, matrix, payload_bytes=self.row_bytes, reducible=self.reducible)
+        return self.clock.round_costs(pattern, matrix, payload_bytes=self.row_bytes, reducible=self.reducible,
+                                      compressor=self.compressor.name)
 
     def _encode(self, V: Tensor, nodes: list[int], local: list[int]) -> Payload:
         """Compress rows ``V`` of the nodes ``nodes`` (this rank's rows ``local``), PowerSGD's warm starts kept."""

@@ -539,12 +539,13 @@ class Simulator(SimulatorCompute):
             matrix = None if mix.structure is not None and mix.pattern != "neighbor" else mix.matrix
             comp = self._compressed
             rnd = plan_round(mix)
-            elastic = None if comp is None else comp.elastic_cost(rnd, self.clock.bytes_per_param)
+            elastic = None if comp is None else comp.elastic_cost(rnd, self.clock.bytes_per_param,
+                                                                  self.clock.codec_time(comp.compressor.name))
             if elastic is not None:  # point-to-point payloads: uploads and replies (docs/compression.md)
                 costs = [elastic]
             elif comp is not None and comp.sends_payload(rnd):  # the compressor's payloads
                 costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
-                                               reducible=comp.reducible)
+                                               reducible=comp.reducible, compressor=comp.compressor.name)
             else:
                 costs = self.clock.round_costs(mix.pattern, matrix)
                 if self.spec.control:  # SCAFFOLD sends its control variates with the models: twice the bytes
