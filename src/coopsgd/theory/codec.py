@@ -7,8 +7,8 @@ compressor's work on the round's critical path, ``RoundCost.codec_s``:
     codec_s = encodes · D / encode_Bps + decodes · D / decode_Bps,
 
 with D = d · b the bytes of one dense row (d coordinates of b bytes), ``encode_Bps`` the throughput of one
-node's *encode* (compress its row and decode its own payload: :meth:`Compressor.roundtrip` on one row, which
-is what a sender does -- error feedback needs its own decoded payload) and ``decode_Bps`` that of decoding one
+node's *encode* (what a sender does: form c = x − x_ref + e, compress it and decode its own payload --
+:meth:`Compressor.roundtrip` on one row -- and keep e ← c − Q(c)) and ``decode_Bps`` that of decoding one
 received payload and adding it into a dense row (the combine). Both are in bytes of the dense row per second,
 so a compressor's time grows with d and does not depend on its ratio. Which encodes and decodes lie on the
 critical path (the busiest node's, as the α–β model charges the busiest node's bytes) depends on the round

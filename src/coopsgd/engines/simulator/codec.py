@@ -2,8 +2,9 @@
 
 The clock charges compressed rounds their codec time (:mod:`coopsgd.theory.codec`) from stated throughputs by
 default; :func:`calibrate` measures them instead, once, on one row of the run's width: the median of ``reps``
-timed calls after a warm-up, with the torch thread count the caller set. ``encode`` is
-:meth:`~coopsgd.compression.Compressor.roundtrip` of one row (what a sender does); ``decode`` is
+timed calls after a warm-up, with the torch thread count the caller set. ``encode`` is what a sender does
+with error feedback: c = x − x_ref + e, :meth:`~coopsgd.compression.Compressor.roundtrip` of c (one row),
+e ← c − Q(c) (three memory passes besides the compressor's); ``decode`` is
 :meth:`~coopsgd.compression.Compressor.decompress` of one received payload added into a dense row (what a
 receiver does per payload). Measured times follow the machine's load: two calibrations differ.
 """
@@ -44,8 +45,16 @@ def calibrate(compressor: Compressor | str, width: int, dtype: torch.dtype = tor
     row = torch.randn(1, d, generator=g, dtype=torch.float64).to(dtype)
     nodes = [0]
     state = q.init_state(1, d, seed=seed, dtype=dtype) if hasattr(q, "init_state") else None
+    ref = torch.randn(1, d, generator=g, dtype=torch.float64).to(dtype)
+    residual = torch.zeros(1, d, dtype=dtype)
     rounds = iter(range(1 << 62))
-    enc = _median(lambda: q.roundtrip(row, round=next(rounds), nodes=nodes, seed=seed, state=state), reps)
+
+    def encode() -> None:  # a sender with error feedback: c = x - x_ref + e, Q(c), e <- c - Q(c)
+        c = torch.sub(row, ref).add_(residual)
+        decoded = q.roundtrip(c, round=next(rounds), nodes=nodes, seed=seed, state=state).decoded
+        torch.sub(c, decoded, out=residual)
+
+    enc = _median(encode, reps)
     payload = q.compress(row, round=0, nodes=nodes, seed=seed, state=state)
     acc = torch.zeros(1, d, dtype=dtype)
     dec = _median(lambda: acc.add_(q.decompress(payload)), reps)
