@@ -164,7 +164,7 @@ def _check_arguments(model: Any, optimizer: Any, spec: Any) -> None:
         raise ConfigError.invalid("spec.prox" if spec.prox > 0.0 else "spec.control", spec.prox or spec.control,
                                   "the wrapper steps your optimizer on its own gradients: FedProx's term and SCAFFOLD's "
                                   "control variates need the simulator or the distributed engine")
-    check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
+    check_distributed_compression(spec)  # LSGD: refused, never a silent uncompressed run
 
 
 def _rank_and_world(communicator: Any, group: Any, net_latency_ms: float | None,

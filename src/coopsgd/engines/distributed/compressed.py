@@ -63,11 +63,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coopsgd.algorithms.communication import REDUCIBLE, Compression, exchange_of, round_kinds
+from coopsgd.algorithms.communication import (
+    REDUCIBLE,
+    Compression,
+    ElasticExchange,
+    elastic_round_cost,
+    exchange_of,
+    push_round_cost,
+    round_kinds,
+)
 from coopsgd.algorithms.schedules import MatchaSchedule, Schedule
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.compression import Compressor, Payload
-from coopsgd.engines.compressed import round_exchange
+from coopsgd.engines.compressed import elastic_exchange, push_order, round_exchange
+from coopsgd.engines.distributed.collectives import aux_placement
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan
 from coopsgd.engines.simulator.clock import SimClock
 from coopsgd.errors import ConfigError
@@ -81,27 +90,35 @@ TRANSPORT_METHODS = ("gather_bytes", "broadcast_bytes", "exchange_bytes", "charg
 #: Steps of a schedule whose finite set of matrices is looked up (its gossip graph).
 _SAMPLE_STEPS = 4096
 
-_ELASTIC = ("easgd", "generalized_elastic", "hierarchical", "lsgd", "downpour")
+#: The round kinds the distributed engine compresses (:func:`~coopsgd.algorithms.communication.round_kinds`).
+_KINDS = {"identity", "average", "gossip", "elastic", "pushes"}
 
 
-def _refuse_rounds(spec: AlgorithmSpec, comp: Compression) -> ConfigError:
-    return ConfigError.invalid(
-        "compress", comp.compress, f"preset {spec.name!r} has rounds that are neither averages nor gossip among the "
-        f"workers (an auxiliary node: {', '.join(_ELASTIC)}); the distributed engine does not compress such "
-        "rounds: run them on the simulator or the reference engine (engine 'simulate' or 'reference')")
-
-
-def check_distributed_compression(spec: AlgorithmSpec) -> None:
+def check_distributed_compression(spec: AlgorithmSpec, *, asynchronous: bool = False) -> None:
     """Refuse (``ConfigError`` naming ``compress``) a compressed spec whose rounds the distributed engine cannot
-    send compressed: anything but averaging and gossip rounds (elastic rounds with an auxiliary node, LSGD's
-    election, DOWNPOUR's pushes)."""
+    send compressed: LSGD's leader refresh, DOWNPOUR's pushes in the real asynchronous order
+    (``asynchronous``: ``downpour_order="async"``), auxiliaries placed on subsets of ranks (hierarchical
+    averaging), and rounds of no compressible kind."""
     comp = spec.compressed
     if comp is None or not comp.compresses:
         return  # none with gamma != 1: only gossip rounds change, and every round can take that
-    if spec.schedule.sequential or spec.schedule.needs_losses:
-        raise _refuse_rounds(spec, comp)
-    if not round_kinds(copy.deepcopy(spec.schedule), spec.workers) <= {"identity", "average", "gossip"}:
-        raise _refuse_rounds(spec, comp)
+    if spec.schedule.needs_losses:
+        raise ConfigError.invalid(
+            "compress", comp.compress, f"preset {spec.name!r}: a compressed leader refresh (LSGD) is not implemented "
+            "on the distributed engine; run it on the simulator or the reference engine, or use compress=none")
+    if spec.schedule.sequential and asynchronous:
+        raise ConfigError.invalid(
+            "compress", comp.compress, "compressed pushes run in the schedule's order (downpour_order='schedule'); "
+            "the asynchronous parameter server (downpour_order='async') sends dense rows")
+    if spec.outer is None and aux_placement(spec) is not None:  # the engine's placement (an outer step's z: everywhere)
+        raise ConfigError.invalid(
+            "compress", comp.compress, f"preset {spec.name!r} keeps auxiliaries on subsets of ranks (hierarchical "
+            "averaging's group centres): compressed rounds with placed auxiliaries are not implemented on the "
+            "distributed engine; run it on the simulator or the reference engine")
+    if not round_kinds(copy.deepcopy(spec.schedule), spec.workers) <= _KINDS:
+        raise ConfigError.invalid(
+            "compress", comp.compress, f"preset {spec.name!r} has rounds that are neither averages, gossip among the "
+            "workers, elastic rounds nor sequential pushes: use compress=none")
 
 
 def gossip_graph(schedule: Schedule, workers: int) -> np.ndarray | None:
@@ -167,7 +184,9 @@ def _unpack(buf: Tensor, fmt: Sequence[_Part]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     at = 0
     for p in fmt:
-        raw = buf[:, at : at + p.nbytes].contiguous()
+        raw = buf[:, at : at + p.nbytes]
+        if raw.storage_offset() or not raw.is_contiguous():  # a fresh buffer: viewable as any dtype (one row too)
+            raw = raw.clone(memory_format=torch.contiguous_format)
         out[p.name] = raw.reshape(-1).view(p.dtype).reshape((R, *p.shape))
         at += p.nbytes
     return out
@@ -236,6 +255,7 @@ class CompressedMixer:
         self.residual: Tensor | None = None  # (1 + v, width): the rows this rank encodes in averaging rounds
         self.copies: Tensor | None = None  # (len(copy_nodes), width): the public copies x_hat this rank keeps
         self.factors: tuple[Tensor, ...] | None = None  # PowerSGD: one (1 + v, m_t, R) per compressed matrix
+        self.centres: Tensor | None = None  # (v, width): elastic rounds' public copies z_hat of the auxiliaries
         self.calls = 0  # compressed rounds so far (keys the draws)
 
     # -- the Communicator protocol ---------------------------------------------------------------------
@@ -261,10 +281,14 @@ class CompressedMixer:
             self.comm.communicate(rows, rnd, overlap=overlap)
         elif kind == "average":
             self._average(rows, rnd)
+        elif (order := push_order(rnd, self.m)) is not None:
+            self._pushes(rows, order)
+        elif (ex := elastic_exchange(rnd, self.m)) is not None:
+            self._elastic(rows, rnd, ex)
         else:  # never a silent uncompressed round
             raise ConfigError.invalid("compress", self.compression.compress, f"a round of kind {rnd.kind.value} that "
-                                      "is neither an average nor gossip among the workers cannot be compressed on the "
-                                      "distributed engine")
+                                      "is neither an average, gossip among the workers, an elastic round nor pushes "
+                                      "cannot be compressed on the distributed engine")
 
     def settle(self, rows: Tensor, rnd: Round) -> None:
         """After an outer step moved the workers to z: z is what the round's participants agree on (x_ref)."""
@@ -445,6 +469,126 @@ class CompressedMixer:
             rows[0].add_(y.sub_(me), alpha=self.gamma)
         self.calls += 1
 
+    # -- elastic rounds (EASGD, generalized elastic, hierarchical) --------------------------------------------
+    def _local(self, node: int) -> int:
+        """This rank's row of ``node`` (its worker: 0; auxiliary c: 1 + c − m)."""
+        return 0 if node == self.rank else 1 + node - self.m
+
+    def _transport(self, mine: Tensor | None, senders: list[int], device: torch.device) -> tuple[Tensor, float, str]:
+        """Every sender's packed payload on every rank, (len(senders), N) in the order of ``senders``: one
+        all-gather when every worker sends, else one broadcast per sender; the bytes this rank sent."""
+        r, m = self.rank, self.m
+        if senders == list(range(m)):
+            assert mine is not None
+            return self.comm.gather_bytes(mine), float(self.row_bytes * (m - 1)), "compressed_all_gather"
+        bufs = []
+        for j in senders:
+            buf = mine.clone() if j == r and mine is not None else torch.empty(self.row_bytes, dtype=torch.uint8,
+                                                                              device=device)
+            self.comm.broadcast_bytes(buf, j)
+            bufs.append(buf)
+        out = torch.stack(bufs) if bufs else torch.empty((0, self.row_bytes), dtype=torch.uint8, device=device)
+        return out, float(self.row_bytes * (m - 1) / m) if r in senders else 0.0, "compressed_broadcast"
+
+    def _elastic(self, rows: Tensor, rnd: Round, ex: ElasticExchange) -> None:
+        """The simulator's elastic round node by node. Every rank holds every auxiliary, so each computes the
+        replies Q(z_c − ẑ_c) itself (nothing travels for them, as for the auxiliary sources of an average);
+        the uploads Q(x_i − ẑ_{c(i)} + e_i) of the workers another node reads travel (one all-gather, or a
+        broadcast per sender); then every changed row j of this rank is S[j, j] x_j + Σ_{i≠j} S[i, j] v_i."""
+        m, r, dev = self.m, self.rank, rows.device
+        if self.centres is None:  # what every node holds of the auxiliaries at the first elastic round
+            self.centres = rows[1:].clone()
+        C = self.centres
+        v: dict[int, Tensor] = {}
+        rep = [int(c) for c in ex.replies]
+        at = torch.as_tensor([c - m for c in rep], dtype=torch.int64, device=dev)
+        q = self.compressor.decompress(self._encode(rows[1:].index_select(0, at).sub_(C.index_select(0, at)), rep,
+                                                    [1 + c - m for c in rep]))
+        if self.gossip_scale != 1.0:
+            q.mul_(self.gossip_scale)
+        C.index_add_(0, at, q)
+        self.calls += 1
+        for c in rep:
+            v[c] = C[c - m]
+        t0 = time.perf_counter()
+        sent, what = 0.0, "compressed_elastic"
+        if ex.uploads.size:
+            ups, centres = [int(i) for i in ex.uploads], [int(c) for c in ex.centres]
+            mine, c_r = None, None
+            if r in ups:
+                c_r = torch.sub(rows[0:1], C[centres[ups.index(r)] - m])
+                if self.feedback:
+                    if self.residual is None:
+                        self.residual = rows.new_zeros((1 + self.v, self.width))
+                    c_r.add_(self.residual[0:1])
+                mine = _pack(self._encode(c_r, [r], [0]).parts, 0)
+            gathered, sent, what = self._transport(mine, ups, dev)
+            decoded = self._decode(gathered.to(dev), ups)
+            if c_r is not None and self.feedback:
+                assert self.residual is not None
+                k = ups.index(r)
+                torch.sub(c_r, decoded[k : k + 1], out=self.residual[0:1])
+            for k, (i, c) in enumerate(zip(ups, centres, strict=True)):
+                v[i] = C[c - m] + decoded[k]
+            self.calls += 1
+        cost = elastic_round_cost(ex, bytes_per_param=self.clock.bytes_per_param, payload_bytes=self.row_bytes,
+                                  codec=self.clock.codec_time(self.compressor.name))
+        self.comm.charge(what, t0, [cost], sent)
+        S = rnd.matrix
+        changed = {int(j) for j in ex.changed}
+        new: list[tuple[int, Tensor]] = []
+        for li, j in enumerate(self.nodes):
+            if j not in changed:
+                continue
+            y = rows[li] * float(S[j, j])
+            for i in (int(i) for i in np.flatnonzero(S[:, j])):
+                if i != j:
+                    y.add_(v[i], alpha=float(S[i, j]))
+            new.append((li, y))
+        for li, y in new:
+            rows[li].copy_(y)
+
+    # -- DOWNPOUR's pushes, in the schedule's order ----------------------------------------------------------
+    def _pushes(self, rows: Tensor, order: list[int]) -> None:
+        """The simulator's round of pushes: worker i's push u_i = Q(x_i − b_i + e_i) depends on its own row and
+        copy b_i only (each worker pushes once a round), so every rank encodes its push at once and one
+        all-gather moves them; every rank (each holds z and every b_i) then replays the pushes in the order:
+        z ← z + u_i, the reply Q(z − b_i) computed by every rank alike, b_i ← b_i + reply, and worker i's rank
+        sets x_i ← b_i. The draws are keyed as the simulator's: push j of the order at call c + 2j, its reply
+        at c + 2j + 1, by the row (i, and m + 1 + i for the reply)."""
+        m, r, dev = self.m, self.rank, rows.device
+        base = self.calls
+        b_r = 2 + r  # this rank's row of b_r (node m + 1 + r)
+        c_r = torch.sub(rows[0:1], rows[b_r : b_r + 1])
+        if self.feedback:
+            if self.residual is None:
+                self.residual = rows.new_zeros((1 + self.v, self.width))
+            c_r.add_(self.residual[0:1])
+        self.calls = base + 2 * order.index(r)
+        mine = _pack(self._encode(c_r, [r], [0]).parts, 0)
+        t0 = time.perf_counter()
+        gathered, sent, what = self._transport(mine, list(range(m)), dev)
+        cost = push_round_cost(m, bytes_per_param=self.clock.bytes_per_param, payload_bytes=self.row_bytes,
+                               codec=self.clock.codec_time(self.compressor.name))
+        self.comm.charge(what.replace("all_gather", "pushes"), t0, [cost], sent)
+        z = rows[1:2]
+        for j, i in enumerate(order):
+            self.calls = base + 2 * j
+            u = self._decode(gathered[i : i + 1].to(dev), [i])
+            if i == r and self.feedback:
+                assert self.residual is not None
+                torch.sub(c_r, u, out=self.residual[0:1])
+            z.add_(u)
+            b = 2 + i
+            self.calls += 1
+            reply = self.compressor.decompress(self._encode(z - rows[b : b + 1], [m + 1 + i], [b]))
+            if self.gossip_scale != 1.0:
+                reply.mul_(self.gossip_scale)
+            rows[b : b + 1].add_(reply)
+            if i == r:
+                rows[0:1].copy_(rows[b : b + 1])
+        self.calls = base + 2 * m
+
     # -- checkpoints and rollbacks ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's compressed-round state (CPU copies; loadable with ``torch.load(weights_only=True)``)."""
@@ -459,6 +603,7 @@ class CompressedMixer:
             "refs": [cpu(self.refs[k]) for k in keys],
             "residual": cpu(self.residual), "copies": cpu(self.copies),
             "factors": None if self.factors is None else [cpu(f) for f in self.factors],
+            "centres": cpu(self.centres),
         }
 
     def load_state_dict(self, state: dict[str, Any], prefix: str = "checkpoint.ranks.compression") -> None:
@@ -470,7 +615,7 @@ class CompressedMixer:
         for name, mine in (("nodes", list(self.nodes)), ("copy_nodes", list(self.copy_nodes))):
             if [int(i) for i in state.get(name, [])] != mine:
                 raise ConfigError.invalid(f"{prefix}.{name}", state.get(name), f"this rank holds {mine}")
-        for name, rows in (("residual", 1 + self.v), ("copies", len(self.copy_nodes))):
+        for name, rows in (("residual", 1 + self.v), ("copies", len(self.copy_nodes)), ("centres", self.v)):
             t = state.get(name)
             if t is not None and tuple(t.shape) != (rows, self.width):
                 raise ConfigError.invalid(f"{prefix}.{name}", tuple(t.shape), f"expected {(rows, self.width)}")
@@ -486,19 +631,20 @@ class CompressedMixer:
                      for k, t in zip(state["ref_targets"], (dev(t) for t in state["refs"]), strict=True)
                      if t is not None}
         self.residual, self.copies = dev(state.get("residual")), dev(state.get("copies"))
+        self.centres = dev(state.get("centres"))  # absent before the first elastic round (and in older checkpoints)
         f = state.get("factors")
         self.factors = None if f is None else tuple(t.to(self.device, self.dtype).clone() for t in f)
 
     def snapshot(self) -> dict[str, Any]:
         """The state for a rollback (copies on the rows' device)."""
         return _copied({"calls": self.calls, "refs": self.refs, "residual": self.residual, "copies": self.copies,
-                        "factors": self.factors})
+                        "factors": self.factors, "centres": self.centres})
 
     def restore(self, snap: dict[str, Any]) -> None:
         """Restore a :meth:`snapshot` (the snapshot stays usable for a later rollback)."""
         s = _copied(snap)
-        self.calls, self.refs, self.residual, self.copies, self.factors = (
-            s["calls"], s["refs"], s["residual"], s["copies"], s["factors"])
+        self.calls, self.refs, self.residual, self.copies, self.factors, self.centres = (
+            s["calls"], s["refs"], s["residual"], s["copies"], s["factors"], s["centres"])
 
 
 def _copied(state: dict[str, Any]) -> dict[str, Any]:
@@ -508,7 +654,7 @@ def _copied(state: dict[str, Any]) -> dict[str, Any]:
     f = state["factors"]
     return {"calls": state["calls"], "refs": {k: v.clone() for k, v in state["refs"].items()},
             "residual": c(state["residual"]), "copies": c(state["copies"]),
-            "factors": None if f is None else tuple(t.clone() for t in f)}
+            "factors": None if f is None else tuple(t.clone() for t in f), "centres": c(state["centres"])}
 
 
 def average_start(rows: Tensor, per_worker: bool, all_reduce: Any, workers: int) -> Tensor:

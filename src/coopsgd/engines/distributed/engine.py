@@ -37,12 +37,13 @@ means "the order in which pushes arrive"). Non-blocking EASGD is truly asynchron
 round). NaN/Inf in a worker's loss or gradient stops that rank with an error naming it; a NaN that
 reaches other workers through mixing is detected by them right after the communication round.
 
-A spec with compression (``spec.compressed``, SPEC §11) sends its averaging and gossip rounds through
+A spec with compression (``spec.compressed``, SPEC §11) sends its rounds through
 :class:`~coopsgd.engines.distributed.compressed.CompressedMixer`: the compressor's packed payload is what goes
 on the wire (all-gather, the sampled clients' broadcasts, or point-to-point to the neighbours for CHOCO),
 the iterates and the bytes charged equal the simulator's, and its per-rank state (residuals, public copies,
 x_ref, PowerSGD's factors, the round count) is in the rank checkpoint (``"compression"``) and the NaN-skip
-rollback. Elastic rounds with a compressor are refused (:func:`~coopsgd.engines.distributed.compressed.check_distributed_compression`).
+rollback. Elastic rounds and DOWNPOUR's pushes (``downpour_order="schedule"``) are compressed too; LSGD and
+asynchronous pushes are refused (:func:`~coopsgd.engines.distributed.compressed.check_distributed_compression`).
 
 The engine implements :class:`coopsgd.engines.base.Engine`; the update itself is the shared round kernel
 (:class:`coopsgd.engines.kernel.RoundKernel`) with the collectives of :class:`coopsgd.engines.distributed.communicator.Mixer` as
@@ -120,7 +121,8 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
     """The engine's own arguments checked against the process group: (this rank, whether DOWNPOUR is asynchronous)."""
     if not isinstance(spec, AlgorithmSpec):
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
-    check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
+    # LSGD and asynchronous pushes: refused, never a silent uncompressed run
+    check_distributed_compression(spec, asynchronous=downpour_order == "async")
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -225,10 +225,10 @@ class RunConfig:
             spec = spec_from_settings(self.algorithm.preset, self.algorithm.workers, settings,
                                       seed=self.execution.seed, policies=self.spec_policies(), lenient=True,
                                       compression=comp)
-            if self.execution.engine == "distributed":  # elastic rounds: refused here, before any rank starts
+            if self.execution.engine == "distributed":  # LSGD, asynchronous pushes: refused before any rank starts
                 from coopsgd.engines.distributed.compressed import check_distributed_compression
 
-                check_distributed_compression(spec)
+                check_distributed_compression(spec, asynchronous=self.algorithm.downpour_order in ("clock", "async"))
 
     # -- conversion ------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> RunConfig:
