@@ -63,8 +63,9 @@ Compression (SPEC §11, ``compression=`` on the preset): the rounds of a compres
 distributed engine's :class:`~coopsgd.engines.distributed.compressed.CompressedMixer` -- averaging rounds send
 Q(x_i − x_ref + e_i) (all-gather or the sampled clients' broadcasts), gossip rounds run CHOCO-SGD
 (point-to-point to the neighbours) -- so the wrapped models are the simulator's iterates and the bytes on
-the wire are the payloads. Pass the same ``seed`` on every rank (it keys ``qsgd`` / ``randk`` draws). Elastic
-rounds with a compressor, and an injected communicator that cannot move packed payloads, are refused.
+the wire are the payloads; elastic rounds (EASGD, generalized elastic) and DOWNPOUR's pushes as on the engine.
+Pass the same ``seed`` on every rank (it keys ``qsgd`` / ``randk`` draws). LSGD, placed auxiliaries
+(hierarchical) with a compressor, and an injected communicator that cannot move packed payloads, are refused.
 """
 
 from __future__ import annotations

@@ -21,6 +21,19 @@ iterates equal the simulator's (float64: to 1e-10, ``tests/integration/test_comp
     its worker by γ (Σ_j S[j, r] x̂_j − x̂_r). With ``none`` the round is the uncompressed one (γ = 1: D-PSGD's
     own; else x ← x + γ (X S − x)).
 
+``elastic`` (EASGD, generalized elastic averaging; :func:`~coopsgd.algorithms.communication.elastic_of`)
+    every rank holds every auxiliary node, so each computes every centre's reply ρ_c = Q(z_c − ẑ_c) itself
+    (the same bits everywhere: nothing travels for it) and keeps the copies ẑ; every worker another node reads
+    sends Q(x_i − ẑ_{c(i)} + e_i) (error feedback on its rank); then each rank sets its changed rows to
+    S[j, j] x_j + Σ_{i≠j} S[i, j] v_i. Hierarchical averaging is refused: the engine places its group centres
+    on their groups' ranks, and a rank without a centre would need its replies sent.
+``pushes`` (DOWNPOUR with ``downpour_order="schedule"``)
+    each worker pushes once a round, and its push Q(x_i − b_i + e_i) depends on its own row and copy b_i only:
+    every rank encodes its push at once, one all-gather moves them, and every rank (each holds z and every
+    b_i) replays them in the schedule's order with the replies Q(z − b_i), exactly the simulator's sequence.
+    The real asynchronous order (``downpour_order="async"``, a parameter server on rank 0 applying pushes as
+    they arrive) sends dense rows and is refused with a compressor.
+
 The wire. A node's payload (:attr:`coopsgd.compression.Payload.parts`: int8 / fp16 / bf16 values, top-k
 values and indices, sign bits and scale, qsgd levels and norm, PowerSGD's factors; ``randk`` sends its
 values only, every receiver draws the indices from (seed, c, sender)) is packed into one uint8 buffer of
@@ -44,11 +57,14 @@ charge a compressed round exactly what the simulator's clock charges
 put on the wire: (m − 1) p for an all-gather, p (m − 1)/m per broadcast, p per neighbour. They agree with
 the model for an averaging round's all-gather (every compressor's, ``fp16`` and ``bf16`` included: the model
 charges the all-gather that is performed); the model's neighbour rounds count 2 · deg · p (Table 3: sent and
-received).
+received). Elastic rounds and pushes put (m − 1) p per rank on the wire (the all-gather of the uploads or
+pushes; the replies of the replicated centre or server are computed where they are used), where the model
+charges the busiest node of a centre that is one node (2m payloads through EASGD's centre or DOWNPOUR's
+server: :func:`~coopsgd.algorithms.communication.elastic_round_cost`, :func:`~coopsgd.algorithms.communication.push_round_cost`).
 
 State per rank (its checkpoint's ``compression`` entry, restored by the NaN-skip rollback): the residuals
-of the rows it encodes (its worker, the auxiliaries), its public copies x̂, PowerSGD's warm-start factors,
-the x_ref rows and the round count.
+of the rows it encodes (its worker, the auxiliaries), its public copies x̂, the centres' copies ẑ (``centres``,
+absent before the first elastic round), PowerSGD's warm-start factors, the x_ref rows and the round count.
 """
 
 from __future__ import annotations
