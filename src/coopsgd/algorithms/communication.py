@@ -29,8 +29,15 @@ classified from their matrices alone (:func:`exchange_of`), never from a preset'
     server adds it to z and replies Q(z − b_i) (an unbiased Q used as Q/(1 + ω)); b_i ← b_i + Q(z − b_i) and
     x_i ← b_i.
 
-LSGD (the leader refresh, fused with the pull in one matrix) is refused: :func:`check_compressible` raises a
-:class:`~coopsgd.errors.ConfigError` naming ``compress``. See docs/compression.md.
+``"leader"``
+    LSGD's leader refresh fused with its pull (one leader, one slot: :func:`leader_round_of`; the elected
+    leader L from the round's ``Mix.info["leader"]``): the slot row s is the public copy of the leader's model
+    that every worker holds; the leader sends Q(x_L − s) (an unbiased Q used as Q/(1 + ω); the copy carries
+    what was not sent, as CHOCO's x̂: no error feedback), s ← s + Q(·), and every other worker is pulled
+    toward the copy: x_i ← S[i, i] x_i + S[L, i] s. The loss estimates of the election are floats sent as
+    they are. The steps between refreshes pull toward the same copy and send nothing. Multi-level LSGD
+    (groups > 1) is refused: :func:`check_compressible` raises a :class:`~coopsgd.errors.ConfigError` naming
+    ``compress``. See docs/compression.md.
 
 This module imports no torch at import time (the compressor library is imported when a spec string other
 than ``none`` is checked), so building a configuration's parser stays cheap.
@@ -67,6 +74,7 @@ __all__ = [
     "elastic_spec_cost",
     "pushes_of",
     "push_round_cost",
+    "leader_round_of",
     "compressed_round_cost",
     "REDUCIBLE",
 ]
@@ -322,6 +330,33 @@ def pushes_of(S: np.ndarray, workers: int, order: Any) -> bool:
     return bool(np.allclose(S, want, rtol=0.0, atol=1e-12))
 
 
+def leader_round_of(S: np.ndarray, workers: int, leader: Any) -> str | None:
+    """Whether ``X <- X S`` is a round of single-leader LSGD in its layout (the workers, then one slot row m
+    holding the leader's model): ``"refresh"`` when S refreshes the slot from worker ``leader`` L and pulls the
+    others toward it in the same matrix (S[:, m] = S[:, L] = e_L; every other worker's column is supported on
+    {i, L}), ``"pull"`` when S only pulls the workers toward the slot (S[:, m] = e_m; every worker's column
+    supported on {i, m}), else ``None``."""
+    S = np.asarray(S, dtype=np.float64)
+    m = int(workers)
+    if S.shape != (m + 1, m + 1):
+        return None
+    nz = S != 0
+
+    def only(col: int, rows: set[int]) -> bool:
+        return set(np.flatnonzero(nz[:, col]).tolist()) <= rows
+
+    try:
+        L = int(leader)
+    except (TypeError, ValueError):
+        return None
+    if 0 <= L < m and S[L, m] == 1.0 and only(m, {L}) and S[L, L] == 1.0 and only(L, {L}) and all(
+            only(i, {i, L}) for i in range(m) if i != L):
+        return "refresh"
+    if S[m, m] == 1.0 and only(m, {m}) and all(only(i, {i, m}) for i in range(m)):
+        return "pull"
+    return None
+
+
 def push_round_cost(workers: int, *, bytes_per_param: float, payload_bytes: float,
                     codec: CodecTime | None = None) -> RoundCost:
     """The cost of a compressed round of pushes (:func:`pushes_of`): every byte passes through the server, m
@@ -378,11 +413,13 @@ def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, c
     if not compression.compresses:
         return  # none: only gossip rounds change (γ != 1), and every round can take that
     spec = compression.compress
-    if schedule.needs_losses:
-        raise ConfigError.invalid(
-            "compress", spec, f"preset {name!r} copies the elected leader's model into the leader slots within the "
-            "same matrix as the pull (LSGD): a compressed leader refresh is not implemented (compressed elastic "
-            "rounds cover easgd, generalized_elastic, hierarchical and downpour); use compress=none")
+    if schedule.needs_losses:  # LSGD: its rounds need the losses to be built, so they are not sampled here
+        if getattr(schedule, "v", None) != 1:
+            raise ConfigError.invalid(
+                "compress", spec, f"preset {name!r}: a compressed leader refresh is implemented for one leader "
+                "(groups=1); multi-level LSGD (a slot per group and a global one) is not; use groups=1 or "
+                "compress=none")
+        return
     kinds = round_kinds(schedule, workers)
     if None in kinds:
         raise ConfigError.invalid(
@@ -426,7 +463,8 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
       the result: no compressor of :data:`REDUCIBLE`); ``reducible`` charges an all-reduce of payloads
       (2 payloads) instead, for a compressor whose payloads a reduction adds exactly;
     * ``"parameter_server"``: m payloads up, and the server's dense reply (m · d parameters) down;
-    * any other pattern: unchanged (its rounds are not compressed).
+    * ``"broadcast"`` (LSGD's leader refresh): the leader's payload in place of its d parameters at every hop;
+    * any other pattern (the election's all-gather of loss estimates): unchanged (not compressed).
 
     ``codec``: the compressor's times (:mod:`coopsgd.theory.codec`): one encode, and a decode of each payload
     the busiest node receives (m − 1 all-gathered, max degree for gossip, m at the server; 1 after a
@@ -441,8 +479,8 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
     if cost.pattern == "allreduce" and not reducible:
         hops = m - 1 if m > 1 else 0
         return RoundCost("allgather", hops, hops * p / bpp, hops * p, _codec_s(codec, 1, hops))
-    if cost.pattern in ("allreduce", "neighbor"):
-        ratio = p / (d * bpp)  # a payload in place of one row
+    if cost.pattern in ("allreduce", "neighbor", "broadcast"):
+        ratio = p / (d * bpp)  # a payload in place of one row (LSGD's refresh: the leader's payload down the tree)
         decodes = cost.handshakes if cost.pattern == "neighbor" else 1
         return RoundCost(cost.pattern, cost.handshakes, cost.floats_sent * ratio, cost.bytes_sent * ratio,
                          _codec_s(codec, 1, decodes))

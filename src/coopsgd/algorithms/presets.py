@@ -375,8 +375,8 @@ def lsgd(
     ``groups > 1`` gives the multi-level form with a local leader per group (pull ``lam``) and a global
     leader (pull ``lam_global``, default ``lam``). The leader is elected from per-worker loss estimates.
 
-    ``compression`` other than ``none`` is refused: the leader refresh is fused with the pull in one matrix
-    (docs/compression.md, "What is refused").
+    ``compression`` (one leader, ``groups=1``): a refresh sends Q(x_L − s) against the slot s every worker holds,
+    s ← s + Q(·), and the pull reads s (docs/compression.md, "LSGD (leader refresh)"); refused for groups > 1.
     """
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)

@@ -73,6 +73,7 @@ from coopsgd.algorithms.communication import (
     elastic_of,
     elastic_round_cost,
     exchange_of,
+    leader_round_of,
     push_round_cost,
     pushes_of,
 )
@@ -117,6 +118,17 @@ def push_order(rnd: Round, workers: int) -> list[int] | None:
     seq = [int(i) for i in order]
     ok = rnd.plan.derived(("pushes", workers, tuple(seq)), lambda: pushes_of(rnd.matrix, workers, seq) or _NOT_COMPRESSIBLE)
     return None if ok is _NOT_COMPRESSIBLE else seq
+
+
+def leader_round(rnd: Round, workers: int) -> tuple[str, int] | None:
+    """``("refresh", L)`` or ``("pull", L)`` for a round of single-leader LSGD
+    (:func:`~coopsgd.algorithms.communication.leader_round_of`; the leader L from the Mix's ``info["leader"]``),
+    else ``None``."""
+    if rnd.mix is None or "leader" not in rnd.mix.info:
+        return None
+    L = rnd.mix.info["leader"]
+    got = rnd.plan.derived(("leader", workers, L), lambda: leader_round_of(rnd.matrix, workers, L) or _NOT_COMPRESSIBLE)
+    return None if got is _NOT_COMPRESSIBLE else (str(got), int(L))
 
 
 def _refuse(rnd: Round, spec: str) -> ConfigError:
@@ -180,6 +192,8 @@ class CompressedRounds:
         """Whether round ``rnd`` sends compressed payloads (its bytes are the compressor's)."""
         if not self.compresses:
             return False
+        if (lead := leader_round(rnd, self.workers)) is not None:
+            return lead[0] == "refresh"
         kind = round_exchange(rnd, self.workers)
         return kind in ("average", "gossip") or (kind is None and (push_order(rnd, self.workers) is not None
                                                                    or elastic_exchange(rnd, self.workers) is not None))
@@ -189,7 +203,9 @@ class CompressedRounds:
         (:func:`~coopsgd.algorithms.communication.elastic_round_cost`) or a round of compressed pushes
         (:func:`~coopsgd.algorithms.communication.push_round_cost`), else ``None``; ``codec``: the
         compressor's encode / decode times (:mod:`coopsgd.theory.codec`)."""
-        if not self.compresses or round_exchange(rnd, self.workers) is not None:
+        if not self.compresses or leader_round(rnd, self.workers) is not None:
+            return None
+        if round_exchange(rnd, self.workers) is not None:
             return None
         if push_order(rnd, self.workers) is not None:
             return push_round_cost(self.workers, bytes_per_param=bytes_per_param, payload_bytes=self.row_bytes,
@@ -202,6 +218,12 @@ class CompressedRounds:
         """Round ``rnd`` on ``rows`` (every node's mixed columns) in place; ``comm`` moves what is not compressed."""
         kind = round_exchange(rnd, self.workers)
         if kind == "identity":
+            return
+        if self.compresses and (lead := leader_round(rnd, self.workers)) is not None:
+            if lead[0] == "refresh":
+                self._leader(rows, rnd, lead[1])
+            else:  # the pull toward the copy every worker holds: nothing is sent
+                comm.communicate(rows, rnd, overlap=overlap)
             return
         if kind == "average" and self.compresses:
             self._average(rows, rnd.plan)
@@ -318,6 +340,20 @@ class CompressedRounds:
         own = rows.index_select(0, ch).sub_(V.index_select(0, ch)).mul_(diag)
         rows.index_copy_(0, ch, Y.index_select(0, ch).add_(own))
 
+    def _leader(self, rows: Tensor, rnd: Round, leader: int) -> None:
+        """LSGD's refresh: the leader sends Q(x_L − s) against the slot s, the copy every worker holds (keyed by
+        the slot's row, m); s ← s + Q(·); every other worker i ← S[i, i] x_i + S[L, i] s."""
+        m, dev, S = self.workers, rows.device, rnd.matrix
+        slot = torch.tensor([m], device=dev)
+        q = self._roundtrip(rows[leader : leader + 1] - rows[m : m + 1], slot, slot)
+        if self.gossip_scale != 1.0:
+            q.mul_(self.gossip_scale)
+        rows[m : m + 1].add_(q)
+        keep = torch.as_tensor(np.diag(S)[:m].copy(), dtype=rows.dtype, device=dev).unsqueeze(1)
+        pull = np.array(S[leader, :m], dtype=np.float64)
+        pull[leader] = 0.0
+        rows[:m].mul_(keep).add_(torch.as_tensor(pull, dtype=rows.dtype, device=dev).unsqueeze(1) * rows[m : m + 1])
+
     def _pushes(self, rows: Tensor, order: list[int]) -> None:
         m, dev = self.workers, rows.device
         z = rows[m : m + 1]
@@ -428,6 +464,8 @@ class ReferenceCompressedRounds:
         kind = round_exchange(rnd, self.workers)
         if kind == "identity":
             return X
+        if self.compresses and (lead := leader_round(rnd, self.workers)) is not None:
+            return self._leader(X, rnd.matrix, lead[1]) if lead[0] == "refresh" else apply_mixing(X, rnd.matrix)
         if kind == "average" and self.compresses:
             return self._average(X, rnd.plan)
         if kind == "gossip":
@@ -518,6 +556,17 @@ class ReferenceCompressedRounds:
         np.fill_diagonal(off, 0.0)
         out = X.copy()
         out[ex.changed] = ex.diagonal[:, None] * X[ex.changed] + off[:, ex.changed].T @ V
+        return out
+
+    def _leader(self, X: np.ndarray, S: np.ndarray, leader: int) -> np.ndarray:
+        """LSGD's refresh (the definition): s ← s + Q(x_L − s); x_i ← S[i, i] x_i + S[L, i] s for i ≠ L."""
+        m = self.workers
+        out = X.copy()
+        q = self._roundtrip(X[leader : leader + 1] - X[m : m + 1], np.array([m]))
+        out[m] = X[m] + (q[0] if self.gossip_scale == 1.0 else q[0] * self.gossip_scale)
+        pull = np.array(S[leader, :m], dtype=np.float64)
+        pull[leader] = 0.0
+        out[:m] = np.diag(S)[:m, None] * X[:m] + pull[:, None] * out[m][None, :]
         return out
 
     def _pushes(self, X: np.ndarray, order: list[int]) -> np.ndarray:
