@@ -9,7 +9,7 @@ Q(x_L − s), s ← s + Q(·), and the others are pulled toward s. Checked:
 * one refresh against the definition by hand; the copy's invariant (what was not sent stays in x_L − s);
 * bytes: the election's loss floats plus the leader's payload down the broadcast tree; no bytes between
   refreshes;
-* a checkpoint resumes bit-exactly; multi-level LSGD and the distributed engine are refused with one line.
+* a checkpoint resumes bit-exactly; multi-level LSGD is refused with one line.
 """
 
 from __future__ import annotations
@@ -159,7 +159,5 @@ def test_refusals_with_one_line() -> None:
         presets.lsgd(4, groups=2, compression="int8")
     msg = str(info.value)
     assert "compress" in msg and "groups=1" in msg and len(msg.splitlines()) == 1
-    with pytest.raises(ConfigError) as info:  # the distributed engine: not implemented there
-        check_distributed_compression(presets.lsgd(4, compression="int8"))
-    msg = str(info.value)
-    assert "compress" in msg and "leader refresh" in msg and len(msg.splitlines()) == 1
+    check_distributed_compression(presets.lsgd(4, compression="int8"))  # the distributed engine: the leader
+    # broadcasts its payload (tests/integration/test_compressed_distributed.py, tests/unit/test_wrapper_compressed.py)

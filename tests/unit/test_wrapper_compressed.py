@@ -4,8 +4,8 @@ m simulated ranks run as m threads over an in-process wire (a rendezvous per col
 ``tests/unit/test_wrapper.py``) that also moves the packed payloads (all-gather, broadcast, point-to-point).
 The wrappers' models equal the one-process simulator's (float64, 1e-10) for averaging rounds (local SGD,
 FedAvg with sampled clients, PowerSGD on sync), CHOCO gossip on a ring, elastic rounds (EASGD, generalized
-elastic) and DOWNPOUR's pushes; what the wrapper cannot do is refused with one line naming the
-field.
+elastic), DOWNPOUR's pushes and LSGD's leader refresh; what the wrapper cannot do is refused with one line
+naming the field.
 """
 
 from __future__ import annotations
@@ -282,6 +282,22 @@ def test_elastic_rounds_and_pushes_equal_the_simulator(name: str) -> None:
             assert r["state"]["centres"].abs().max() > 0
 
 
+@pytest.mark.parametrize("compressor", ["topk:0.25", "qsgd:4"])
+def test_lsgd_leader_refresh_equals_the_simulator(compressor: str) -> None:
+    """The leader broadcasts Q(x_L − s); every rank adds it to its slot s and pulls toward it."""
+    spec = presets.lsgd(4, 2, compression=compressor)
+    batches = _batches(4, 6)
+    results = _train_pre_mix(spec, batches)
+    got = torch.cat([torch.stack([r["params"] for r in results]), results[0]["aux"]])
+    expected, model_bytes = _simulate(spec, batches)
+    assert float((got - expected).abs().max()) <= TOL
+    p = parse_compressor(compressor).payload_bytes(75, torch.float64)
+    for r in results:  # one broadcast per refresh; the clock's cost items but the losses' all-gather (4 floats)
+        assert [c[0] for c in r["charged"]] == ["compressed_broadcast"] * 3
+        assert all(c[1] == p * 3 / 4 for c in r["charged"])
+        assert sum(c[2] for c in r["charged"]) + 3 * 4 * 8 == pytest.approx(model_bytes, rel=1e-12)
+
+
 class Bare(ThreadComm):
     """A communicator without the byte transport (the wrapper's uncompressed collectives only)."""
 
@@ -298,9 +314,10 @@ def test_what_the_wrapper_cannot_compress_is_refused_with_one_line() -> None:
     text = str(err.value)
     assert "communicator" in text and "gather_bytes" in text and "\n" not in text
     CooperativeSGD(_mlp(), None, spec=presets.local_sgd(1, 2), communicator=Bare(wire, 0))  # uncompressed: fine
-    # LSGD's leader refresh with a compressor (refused by the spec itself, before the wrapper sees it)
+    # multi-level LSGD with a compressor (refused by the spec itself, before the wrapper sees it)
     with pytest.raises(ConfigError) as err:
-        CooperativeSGD(_mlp(), None, spec=dataclasses.replace(presets.lsgd(2, 2), compression=Compression("topk:0.5")),
+        CooperativeSGD(_mlp(), None, spec=dataclasses.replace(presets.lsgd(4, 2, groups=2),
+                                                              compression=Compression("topk:0.5")),
                        communicator=ThreadComm(wire, 0))
     assert "compress" in str(err.value) and "topk:0.5" in str(err.value) and "\n" not in str(err.value)
 

@@ -27,6 +27,9 @@ iterates equal the simulator's (float64: to 1e-10, ``tests/integration/test_comp
     sends Q(x_i − ẑ_{c(i)} + e_i) (error feedback on its rank); then each rank sets its changed rows to
     S[j, j] x_j + Σ_{i≠j} S[i, j] v_i. Hierarchical averaging is refused: the engine places its group centres
     on their groups' ranks, and a rank without a centre would need its replies sent.
+``leader`` (LSGD with one leader)
+    the slot s (the leader's copy) is on every rank: the leader's rank encodes Q(x_L − s) and broadcasts the
+    packed payload; every rank adds it to s and pulls its worker toward s. Between refreshes nothing is sent.
 ``pushes`` (DOWNPOUR with ``downpour_order="schedule"``)
     each worker pushes once a round, and its push Q(x_i − b_i + e_i) depends on its own row and copy b_i only:
     every rank encodes its push at once, one all-gather moves them, and every rank (each holds z and every
@@ -91,7 +94,7 @@ from coopsgd.algorithms.communication import (
 from coopsgd.algorithms.schedules import MatchaSchedule, Schedule
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.compression import Compressor, Payload
-from coopsgd.engines.compressed import elastic_exchange, push_order, round_exchange
+from coopsgd.engines.compressed import elastic_exchange, leader_round, push_order, round_exchange
 from coopsgd.engines.distributed.collectives import aux_placement
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan
 from coopsgd.engines.simulator.clock import SimClock
@@ -112,16 +115,14 @@ _KINDS = {"identity", "average", "gossip", "elastic", "pushes"}
 
 def check_distributed_compression(spec: AlgorithmSpec, *, asynchronous: bool = False) -> None:
     """Refuse (``ConfigError`` naming ``compress``) a compressed spec whose rounds the distributed engine cannot
-    send compressed: LSGD's leader refresh, DOWNPOUR's pushes in the real asynchronous order
+    send compressed: DOWNPOUR's pushes in the real asynchronous order
     (``asynchronous``: ``downpour_order="async"``), auxiliaries placed on subsets of ranks (hierarchical
     averaging), and rounds of no compressible kind."""
     comp = spec.compressed
     if comp is None or not comp.compresses:
         return  # none with gamma != 1: only gossip rounds change, and every round can take that
     if spec.schedule.needs_losses:
-        raise ConfigError.invalid(
-            "compress", comp.compress, f"preset {spec.name!r}: a compressed leader refresh (LSGD) is not implemented "
-            "on the distributed engine; run it on the simulator or the reference engine, or use compress=none")
+        return  # LSGD with one leader (the spec refuses more): the slot is on every rank, the leader broadcasts
     if spec.schedule.sequential and asynchronous:
         raise ConfigError.invalid(
             "compress", comp.compress, "compressed pushes run in the schedule's order (downpour_order='schedule'); "
@@ -291,6 +292,12 @@ class CompressedMixer:
         if kind == "identity":
             return
         self.comm.finalize()
+        if self.compresses and (lead := leader_round(rnd, self.m)) is not None:
+            if lead[0] == "refresh":
+                self._leader(rows, lead[1], rnd)
+            else:  # the pull toward the slot every rank holds: nothing is sent
+                self.comm.communicate(rows, rnd, overlap=overlap)
+            return
         if kind == "gossip":
             self._gossip(rows, rnd, overlap)
         elif not self.compresses:  # none (gamma != 1 changes gossip rounds only): the uncompressed round
@@ -563,6 +570,31 @@ class CompressedMixer:
             new.append((li, y))
         for li, y in new:
             rows[li].copy_(y)
+
+    # -- LSGD's leader refresh (one leader) -------------------------------------------------------------------
+    def _leader(self, rows: Tensor, leader: int, rnd: Round) -> None:
+        """The simulator's refresh: the leader's rank encodes Q(x_L − s) against the slot s (every rank holds it;
+        keyed by the slot's row m) and broadcasts the packed payload; every rank adds it to s and pulls its
+        worker: x_r ← S[r, r] x_r + S[L, r] s (the leader keeps its row)."""
+        m, r, dev = self.m, self.rank, rows.device
+        slot = rows[1:2]
+        if r == leader:
+            buf = _pack(self._encode(rows[0:1] - slot, [m], [1]).parts, 0)
+        else:
+            buf = torch.empty(self.row_bytes, dtype=torch.uint8, device=dev)
+        t0 = time.perf_counter()
+        self.comm.broadcast_bytes(buf, leader)
+        cost = self.clock.round_costs("broadcast", None, payload_bytes=self.row_bytes, reducible=False,
+                                      compressor=self.compressor.name)[1:]  # (the losses' all-gather: charged there)
+        self.comm.charge("compressed_broadcast", t0, cost, float(self.row_bytes * (m - 1) / m))
+        q = self._decode(buf.reshape(1, -1), [m])
+        if self.gossip_scale != 1.0:
+            q.mul_(self.gossip_scale)
+        slot.add_(q)
+        self.calls += 1
+        if r != leader:
+            S = rnd.matrix
+            rows[0:1].mul_(float(S[r, r])).add_(slot, alpha=float(S[leader, r]))
 
     # -- DOWNPOUR's pushes, in the schedule's order ----------------------------------------------------------
     def _pushes(self, rows: Tensor, order: list[int]) -> None:

@@ -42,8 +42,9 @@ A spec with compression (``spec.compressed``, SPEC §11) sends its rounds throug
 on the wire (all-gather, the sampled clients' broadcasts, or point-to-point to the neighbours for CHOCO),
 the iterates and the bytes charged equal the simulator's, and its per-rank state (residuals, public copies,
 x_ref, PowerSGD's factors, the round count) is in the rank checkpoint (``"compression"``) and the NaN-skip
-rollback. Elastic rounds and DOWNPOUR's pushes (``downpour_order="schedule"``) are compressed too; LSGD and
-asynchronous pushes are refused (:func:`~coopsgd.engines.distributed.compressed.check_distributed_compression`).
+rollback. Elastic rounds, LSGD's leader refresh and DOWNPOUR's pushes (``downpour_order="schedule"``) are
+compressed too; placed auxiliaries (hierarchical) and asynchronous pushes are refused
+(:func:`~coopsgd.engines.distributed.compressed.check_distributed_compression`).
 
 The engine implements :class:`coopsgd.engines.base.Engine`; the update itself is the shared round kernel
 (:class:`coopsgd.engines.kernel.RoundKernel`) with the collectives of :class:`coopsgd.engines.distributed.communicator.Mixer` as
@@ -121,7 +122,7 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
     """The engine's own arguments checked against the process group: (this rank, whether DOWNPOUR is asynchronous)."""
     if not isinstance(spec, AlgorithmSpec):
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
-    # LSGD and asynchronous pushes: refused, never a silent uncompressed run
+    # placed auxiliaries and asynchronous pushes: refused, never a silent uncompressed run
     check_distributed_compression(spec, asynchronous=downpour_order == "async")
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
