@@ -378,18 +378,17 @@ def test_config_and_cli_refuse_with_one_line(capsys, tmp_path, monkeypatch) -> N
     monkeypatch.chdir(tmp_path)
     assert RunConfig(engine="distributed", compress="int8").communication.compress == "int8"
     assert RunConfig(engine="distributed", preset="easgd", compress="int8").communication.compress == "int8"
-    # refused before any rank: DOWNPOUR's default order there (the real asynchronous server) and placed auxiliaries
+    RunConfig(engine="distributed", preset="hierarchical", compress="int8")  # placed centres: elastic rounds
+    # refused before any rank: DOWNPOUR's default order there (the real asynchronous server)
     with pytest.raises(ConfigError, match="downpour_order='schedule'"):
         RunConfig(engine="distributed", preset="downpour", compress="int8")
     RunConfig(engine="distributed", preset="downpour", downpour_order="schedule", compress="int8")
-    with pytest.raises(ConfigError, match="placed auxiliaries"):
-        RunConfig(engine="distributed", preset="hierarchical", compress="int8")
     assert RunConfig(preset="lsgd").build_spec().compressed is None
     assert RunConfig(preset="lsgd", compress="int8").build_spec().compressed is not None  # one leader
     with pytest.raises(ConfigError, match="groups=1"):
         RunConfig(preset="lsgd", groups=2, compress="int8").build_spec()
     for argv in (["run", "--compress", "topk:2"], ["run", "--preset", "dpsgd", "--compress", "powersgd:1"],
-                 ["run", "--engine", "distributed", "--preset", "hierarchical", "--compress", "int8"]):
+                 ["run", "--engine", "distributed", "--preset", "downpour", "--compress", "int8"]):
         assert main([*argv, "--max-steps", "1"]) == 2
         err = capsys.readouterr().err.strip()
         assert "compress" in err and len(err.splitlines()) == 1, err

@@ -4,7 +4,7 @@ m simulated ranks run as m threads over an in-process wire (a rendezvous per col
 ``tests/unit/test_wrapper.py``) that also moves the packed payloads (all-gather, broadcast, point-to-point).
 The wrappers' models equal the one-process simulator's (float64, 1e-10) for averaging rounds (local SGD,
 FedAvg with sampled clients, PowerSGD on sync), CHOCO gossip on a ring, elastic rounds (EASGD, generalized
-elastic), DOWNPOUR's pushes and LSGD's leader refresh; what the wrapper cannot do is refused with one line
+elastic, hierarchical), DOWNPOUR's pushes and LSGD's leader refresh; what the wrapper cannot do is refused with one line
 naming the field.
 """
 
@@ -225,7 +225,7 @@ def test_wrapper_with_compression_equals_the_simulator(name: str) -> None:
 
 
 def _train_pre_mix(spec: AlgorithmSpec, batches: list) -> list[dict[str, Any]]:
-    """The exact iterates of a pre-mix preset (EASGD, generalized elastic): ``coop.step`` between
+    """The exact iterates of a pre-mix preset (EASGD, generalized elastic, hierarchical): ``coop.step`` between
     the backward pass and ``opt.step`` (the module docstring of coopsgd.wrapper)."""
     m = spec.workers
     models = [_mlp() for _ in range(m)]
@@ -253,6 +253,7 @@ ELASTIC = {
     "easgd topk": lambda: presets.easgd(4, 2, compression="topk:0.25"),
     "easgd powersgd": lambda: presets.easgd(4, 2, compression="powersgd:1"),
     "generalized_elastic int8": lambda: presets.generalized_elastic(4, 2, compression="int8"),
+    "hierarchical topk": lambda: presets.hierarchical(4, 1, compression="topk:0.25"),  # (every rank holds all)
     "downpour qsgd": lambda: presets.downpour(4, 1, compression="qsgd:4"),
     "downpour randk": lambda: presets.downpour(3, 1, compression="randk:0.3"),
 }

@@ -25,8 +25,9 @@ iterates equal the simulator's (float64: to 1e-10, ``tests/integration/test_comp
     every rank holds every auxiliary node, so each computes every centre's reply ρ_c = Q(z_c − ẑ_c) itself
     (the same bits everywhere: nothing travels for it) and keeps the copies ẑ; every worker another node reads
     sends Q(x_i − ẑ_{c(i)} + e_i) (error feedback on its rank); then each rank sets its changed rows to
-    S[j, j] x_j + Σ_{i≠j} S[i, j] v_i. Hierarchical averaging is refused: the engine places its group centres
-    on their groups' ranks, and a rank without a centre would need its replies sent.
+    S[j, j] x_j + Σ_{i≠j} S[i, j] v_i. Hierarchical averaging: the engine places its group centres on their
+    groups' ranks, so each reply is encoded by its centre's host (which holds z_c) and broadcast; every rank
+    keeps every copy ẑ and updates the rows it holds.
 ``leader`` (LSGD with one leader)
     the slot s (the leader's copy) is on every rank: the leader's rank encodes Q(x_L − s) and broadcasts the
     packed payload; every rank adds it to s and pulls its worker toward s. Between refreshes nothing is sent.
@@ -116,8 +117,8 @@ _KINDS = {"identity", "average", "gossip", "elastic", "pushes"}
 def check_distributed_compression(spec: AlgorithmSpec, *, asynchronous: bool = False) -> None:
     """Refuse (``ConfigError`` naming ``compress``) a compressed spec whose rounds the distributed engine cannot
     send compressed: DOWNPOUR's pushes in the real asynchronous order
-    (``asynchronous``: ``downpour_order="async"``), auxiliaries placed on subsets of ranks (hierarchical
-    averaging), and rounds of no compressible kind."""
+    (``asynchronous``: ``downpour_order="async"``), auxiliaries placed on subsets of ranks with rounds other
+    than elastic ones, and rounds of no compressible kind."""
     comp = spec.compressed
     if comp is None or not comp.compresses:
         return  # none with gamma != 1: only gossip rounds change, and every round can take that
@@ -127,12 +128,14 @@ def check_distributed_compression(spec: AlgorithmSpec, *, asynchronous: bool = F
         raise ConfigError.invalid(
             "compress", comp.compress, "compressed pushes run in the schedule's order (downpour_order='schedule'); "
             "the asynchronous parameter server (downpour_order='async') sends dense rows")
-    if spec.outer is None and aux_placement(spec) is not None:  # the engine's placement (an outer step's z: everywhere)
+    kinds = round_kinds(copy.deepcopy(spec.schedule), spec.workers)
+    placed = spec.outer is None and aux_placement(spec) is not None  # (an outer step's z: on every rank)
+    if placed and not kinds <= {"identity", "elastic"}:
         raise ConfigError.invalid(
-            "compress", comp.compress, f"preset {spec.name!r} keeps auxiliaries on subsets of ranks (hierarchical "
-            "averaging's group centres): compressed rounds with placed auxiliaries are not implemented on the "
+            "compress", comp.compress, f"preset {spec.name!r} keeps auxiliaries on subsets of ranks and has rounds "
+            "other than elastic ones: compressed rounds with placed auxiliaries are elastic rounds only on the "
             "distributed engine; run it on the simulator or the reference engine")
-    if not round_kinds(copy.deepcopy(spec.schedule), spec.workers) <= _KINDS:
+    if not kinds <= _KINDS:
         raise ConfigError.invalid(
             "compress", comp.compress, f"preset {spec.name!r} has rounds that are neither averages, gossip among the "
             "workers, elastic rounds nor sequential pushes: use compress=none")
@@ -232,9 +235,8 @@ class CompressedMixer:
         if missing:
             raise ConfigError.invalid("communicator", type(comm).__name__, "compressed rounds need a communicator "
                                       f"that moves packed payloads (missing: {', '.join(missing)})")
-        if getattr(comm, "placed", False):
-            raise ConfigError.invalid("compress", compression.compress, "compressed rounds with auxiliaries held by "
-                                      "subsets of ranks (placed auxiliaries) are not implemented")
+        #: auxiliaries held by subsets of ranks (hierarchical averaging's group centres): elastic rounds only
+        self.placed = bool(getattr(comm, "placed", False))
         self.comm = comm
         self.compression = compression
         self.compressor: Compressor = compression.compressor(layout)
@@ -302,6 +304,9 @@ class CompressedMixer:
             self._gossip(rows, rnd, overlap)
         elif not self.compresses:  # none (gamma != 1 changes gossip rounds only): the uncompressed round
             self.comm.communicate(rows, rnd, overlap=overlap)
+        elif self.placed and (kind == "average" or push_order(rnd, self.m) is not None):
+            raise ConfigError.invalid("compress", self.compression.compress, "with auxiliaries held by subsets of "
+                                      "ranks only elastic rounds are compressed on the distributed engine")
         elif kind == "average":
             self._average(rows, rnd)
         elif (order := push_order(rnd, self.m)) is not None:
@@ -525,16 +530,21 @@ class CompressedMixer:
         v: dict[int, Tensor] = {}
         rep = [int(c) for c in ex.replies]
         at = torch.as_tensor([c - m for c in rep], dtype=torch.int64, device=dev)
-        q = self.compressor.decompress(self._encode(rows[1:].index_select(0, at).sub_(C.index_select(0, at)), rep,
-                                                    [1 + c - m for c in rep]))
+        t0 = time.perf_counter()
+        sent, what = 0.0, "compressed_elastic"
+        if not self.placed:  # every rank holds every centre: each computes the replies itself
+            q = self.compressor.decompress(self._encode(rows[1:].index_select(0, at).sub_(C.index_select(0, at)),
+                                                        rep, [1 + c - m for c in rep]))
+        else:  # placed centres: each reply is encoded by its host (which holds it) and broadcast to every rank
+            q = self._placed_replies(rows, rep, dev)
+            sent = float(sum(self.row_bytes * (m - 1) / m for c in rep if self.comm.host(c - m) == r))
+            what = "compressed_broadcast"
         if self.gossip_scale != 1.0:
             q.mul_(self.gossip_scale)
         C.index_add_(0, at, q)
         self.calls += 1
         for c in rep:
             v[c] = C[c - m]
-        t0 = time.perf_counter()
-        sent, what = 0.0, "compressed_elastic"
         if ex.uploads.size:
             ups, centres = [int(i) for i in ex.uploads], [int(c) for c in ex.centres]
             mine, c_r = None, None
@@ -545,7 +555,8 @@ class CompressedMixer:
                         self.residual = rows.new_zeros((1 + self.v, self.width))
                     c_r.add_(self.residual[0:1])
                 mine = _pack(self._encode(c_r, [r], [0]).parts, 0)
-            gathered, sent, what = self._transport(mine, ups, dev)
+            gathered, up_sent, what = self._transport(mine, ups, dev)
+            sent += up_sent
             decoded = self._decode(gathered.to(dev), ups)
             if c_r is not None and self.feedback:
                 assert self.residual is not None
@@ -561,8 +572,8 @@ class CompressedMixer:
         changed = {int(j) for j in ex.changed}
         new: list[tuple[int, Tensor]] = []
         for li, j in enumerate(self.nodes):
-            if j not in changed:
-                continue
+            if j not in changed or (self.placed and j >= m and not self.comm.holds(j - m)):
+                continue  # (an auxiliary this rank does not hold: another rank keeps it current)
             y = rows[li] * float(S[j, j])
             for i in (int(i) for i in np.flatnonzero(S[:, j])):
                 if i != j:
@@ -595,6 +606,23 @@ class CompressedMixer:
         if r != leader:
             S = rnd.matrix
             rows[0:1].mul_(float(S[r, r])).add_(slot, alpha=float(S[leader, r]))
+
+    def _placed_replies(self, rows: Tensor, rep: list[int], dev: torch.device) -> Tensor:
+        """The replies Q(z_c − ẑ_c) of centres held by subsets of ranks, (len(rep), width) on every rank: the host
+        of each encodes it from its current z_c, and one broadcast per reply carries the packed payload."""
+        m, r = self.m, self.rank
+        bufs = []
+        for c in rep:
+            host = int(self.comm.host(c - m))
+            if host == r:
+                assert self.centres is not None
+                diff = rows[1 + c - m : 2 + c - m] - self.centres[c - m : c - m + 1]
+                buf = _pack(self._encode(diff, [c], [1 + c - m]).parts, 0)
+            else:  # (PowerSGD's warm start of c is the host's alone: only the host encodes c's replies)
+                buf = torch.empty(self.row_bytes, dtype=torch.uint8, device=dev)
+            self.comm.broadcast_bytes(buf, host)
+            bufs.append(buf)
+        return self._decode(torch.stack(bufs), rep) if bufs else rows.new_zeros((0, self.width))
 
     # -- DOWNPOUR's pushes, in the schedule's order ----------------------------------------------------------
     def _pushes(self, rows: Tensor, order: list[int]) -> None:

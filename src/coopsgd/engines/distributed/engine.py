@@ -43,7 +43,7 @@ on the wire (all-gather, the sampled clients' broadcasts, or point-to-point to t
 the iterates and the bytes charged equal the simulator's, and its per-rank state (residuals, public copies,
 x_ref, PowerSGD's factors, the round count) is in the rank checkpoint (``"compression"``) and the NaN-skip
 rollback. Elastic rounds, LSGD's leader refresh and DOWNPOUR's pushes (``downpour_order="schedule"``) are
-compressed too; placed auxiliaries (hierarchical) and asynchronous pushes are refused
+compressed too; asynchronous pushes are refused
 (:func:`~coopsgd.engines.distributed.compressed.check_distributed_compression`).
 
 The engine implements :class:`coopsgd.engines.base.Engine`; the update itself is the shared round kernel
@@ -122,7 +122,7 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
     """The engine's own arguments checked against the process group: (this rank, whether DOWNPOUR is asynchronous)."""
     if not isinstance(spec, AlgorithmSpec):
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
-    # placed auxiliaries and asynchronous pushes: refused, never a silent uncompressed run
+    # asynchronous pushes: refused, never a silent uncompressed run
     check_distributed_compression(spec, asynchronous=downpour_order == "async")
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
