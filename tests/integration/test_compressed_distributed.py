@@ -242,6 +242,7 @@ def test_resume_mid_run_is_bit_identical_and_rollback_restores() -> None:
         _job("easgd topk", presets.easgd(m, 2, compression="topk:0.25"), m, steps),
         _job("downpour int8", presets.downpour(m, 1, compression="int8"), m, steps),
         _job("lsgd topk", presets.lsgd(m, 2, compression="topk:0.25"), m, steps),
+        _job("hierarchical int8", presets.hierarchical(m, 1, groups=2, compression="int8"), m, steps),  # placed
     ]
     results = launch(_resume_rank, m, (jobs,), timeout_s=90)
     for per_rank in results:
@@ -260,6 +261,7 @@ def test_resume_mid_run_is_bit_identical_and_rollback_restores() -> None:
         assert state["choco sign"]["copies"].abs().max() > 0  # ... with x_hat != 0
         assert state["sync powersgd"]["factors"] and state["sync powersgd"]["residual"].abs().max() > 0
         assert state["easgd topk"]["centres"].abs().max() > 0  # ... with z_hat != 0
+        assert state["hierarchical int8"]["centres"].abs().max() > 0
         assert state["downpour int8"]["residual"].abs().max() > 0
         assert rb["dropped"] is not None and rb["dropped"]["workers"] == [1]
         _equal(rb["good"], rb["after"], "rollback")
