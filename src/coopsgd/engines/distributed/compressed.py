@@ -98,7 +98,7 @@ from coopsgd.compression import Compressor, Payload
 from coopsgd.engines.compressed import elastic_exchange, leader_round, push_order, round_exchange
 from coopsgd.engines.distributed.collectives import aux_placement
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan
-from coopsgd.engines.simulator.clock import SimClock
+from coopsgd.engines.simulator.clock import SimClock, round_senders
 from coopsgd.errors import ConfigError
 
 __all__ = ["CompressedMixer", "check_distributed_compression", "gossip_graph", "average_start", "TRANSPORT_METHODS"]
@@ -340,6 +340,7 @@ class CompressedMixer:
             pattern = mix.pattern
             matrix = None if mix.structure is not None and pattern != "neighbor" else mix.matrix
         return self.clock.round_costs(pattern, matrix, payload_bytes=self.row_bytes, reducible=self.reducible,
+                                      senders=None if mix is None else round_senders(mix, self.m),
                                       compressor=self.compressor.name)
 
     def _encode(self, V: Tensor, nodes: list[int], local: list[int]) -> Payload:
