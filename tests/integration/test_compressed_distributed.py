@@ -12,7 +12,6 @@ code, in threads, are in ``tests/unit/test_wrapper_compressed.py``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
@@ -147,7 +146,8 @@ ELASTIC_JOBS = [(name, make, c) for name, make in (
 ) for c in ("topk:0.25", "int8")] + [("easgd", lambda c: presets.easgd(4, 2, compression=c), "powersgd:1"),
                                      ("downpour", lambda c: presets.downpour(4, 1, compression=c), "qsgd:4"),
                                      ("lsgd", lambda c: presets.lsgd(4, 2, compression=c), "topk:0.25"),
-                                     ("lsgd", lambda c: presets.lsgd(4, 2, compression=c), "int8")]
+                                     ("lsgd", lambda c: presets.lsgd(4, 2, compression=c), "int8"),
+                                     ("lsgd groups", lambda c: presets.lsgd(4, 2, groups=2, compression=c), "qsgd:4")]
 
 
 @pytest.mark.slow  # one launch of 4 processes for every elastic configuration
@@ -281,7 +281,5 @@ def test_what_the_engine_cannot_compress_is_refused_with_one_line() -> None:
     assert "compress" in text and "int8" in text and "async" in text and "\n" not in text
     with pytest.raises(ConfigError, match="compress"):  # the engine refuses it before any collective
         DistributedEngine(downpour, _mlp, downpour_order="async")
-    check_distributed_compression(presets.lsgd(2, 2, compression="int8"))  # one leader
-    with pytest.raises(ConfigError, match="groups=1"):  # multi-level LSGD (the spec itself refuses it)
-        check_distributed_compression(dataclasses.replace(presets.lsgd(4, 2, groups=2),
-                                                          compression=Compression("int8")))
+    check_distributed_compression(presets.lsgd(2, 2, compression="int8"))  # LSGD
+    check_distributed_compression(presets.lsgd(4, 2, groups=2, compression="int8"))  # multi-level

@@ -11,8 +11,7 @@
 * a checkpoint with non-zero residuals and copies resumes bit-exactly (simulator, reference engine); the
   NaN-skip rollback restores the copies;
 * DOWNPOUR's pushes: the same (simulator == reference, a round by hand, bytes, resume with the clock's order);
-* multi-level lsgd and rounds outside the definition are refused naming ``compress`` (single-leader lsgd:
-  ``tests/unit/test_compressed_lsgd.py``).
+* rounds outside the definition are refused naming ``compress`` (lsgd: ``tests/unit/test_compressed_lsgd.py``).
 """
 
 from __future__ import annotations
@@ -364,16 +363,6 @@ def test_nan_skip_rollback_restores_the_copies() -> None:
 
 
 # -- refusals -----------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(("build", "words"), [
-    (lambda: presets.lsgd(4, groups=2, compression="int8"), "groups=1"),  # one leader: tests/unit/test_compressed_lsgd.py
-])
-def test_multi_level_lsgd_is_refused(build: Callable[[], object], words: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        build()
-    msg = str(info.value)
-    assert words in msg and "compress" in msg and len(msg.splitlines()) == 1
-
 
 def test_pushes_are_recognised_from_the_matrix_and_its_order() -> None:
     for m in (1, 2, 5):

@@ -9,7 +9,7 @@ Q(x_L − s), s ← s + Q(·), and the others are pulled toward s. Checked:
 * one refresh against the definition by hand; the copy's invariant (what was not sent stays in x_L − s);
 * bytes: the election's loss floats plus the leader's payload down the broadcast tree; no bytes between
   refreshes;
-* a checkpoint resumes bit-exactly; multi-level LSGD is refused with one line.
+* multi-level LSGD (a slot per group and a global one) likewise; a checkpoint resumes bit-exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from coopsgd.engines.kernel import InProcess
 from coopsgd.engines.mixing import plan_round
 from coopsgd.engines.reference import ReferenceEngine
 from coopsgd.engines.simulator import Simulator
-from coopsgd.errors import ConfigError
 
 
 def _lsgd_sim(spec: AlgorithmSpec, obj: LeastSquares, out: int = 1) -> Simulator:
@@ -98,10 +97,10 @@ def test_a_refresh_is_the_definition() -> None:
     for i in (0, 2):
         S[:, i] = 0.0
         S[i, i], S[L, i] = 1 - a, a
-    assert leader_round_of(S, m, L) == "refresh" and leader_round_of(S, m, 0) is None
-    pull = np.eye(m + 1)
-    pull[m, 0], pull[0, 0] = a, 1 - a
-    assert leader_round_of(pull, m, L) == "pull"
+    lead = leader_round_of(S, m, [L], L)
+    assert lead is not None and lead.refresh and lead.slots == (m,) and lead.leaders == (L,)
+    np.testing.assert_array_equal(lead.pull, [[a, 0.0, a]])
+    assert leader_round_of(S, m, [0], 0) is None
     X = np.random.default_rng(0).standard_normal((m + 1, w))
     q = parse_compressor("topk:0.3")
     sent = q.roundtrip(torch.from_numpy(X[L:L + 1] - X[m:m + 1]), round=0, nodes=[m], seed=3).decoded[0].numpy()
@@ -110,7 +109,7 @@ def test_a_refresh_is_the_definition() -> None:
     want[0], want[2] = (1 - a) * X[0] + a * want[m], (1 - a) * X[2] + a * want[m]
 
     class Mix:  # what the kernel hands over: the matrix and the schedule's info
-        matrix, pattern, info, structure = S, "broadcast", {"leader": L, "refresh": True}, None
+        matrix, pattern, info, structure = S, "broadcast", {"leader": L, "local_leaders": [L], "refresh": True}, None
         communicates = True
 
     rnd = plan_round(S)
@@ -154,10 +153,34 @@ def test_resume_mid_run_is_bit_exact() -> None:
     assert torch.equal(resumed.params, full.params) and resumed.bytes_sent == full.bytes_sent
 
 
-def test_refusals_with_one_line() -> None:
-    with pytest.raises(ConfigError) as info:
-        presets.lsgd(4, groups=2, compression="int8")
-    msg = str(info.value)
-    assert "compress" in msg and "groups=1" in msg and len(msg.splitlines()) == 1
-    check_distributed_compression(presets.lsgd(4, compression="int8"))  # the distributed engine: the leader
-    # broadcasts its payload (tests/integration/test_compressed_distributed.py, tests/unit/test_wrapper_compressed.py)
+MULTI = {
+    "groups": lambda c: presets.lsgd(6, 2, lam=0.3, groups=2, lam_global=0.1, compression=c),
+    "groups of one": lambda c: presets.lsgd(4, 1, groups=4, compression=c),  # every worker its own local leader
+}
+
+
+@pytest.mark.parametrize("name", list(MULTI))
+def test_multi_level_lsgd(name: str) -> None:
+    """Each slot's leader sends Q(x_L − s) (the global leader twice: to its group's slot and the global one);
+    where S sums the two pulls toward one worker they are split with the weights read elsewhere in S."""
+    make = MULTI[name]
+    exact_sim, exact_eng = _pair(lambda: make("topk:1"), 10)
+    plain_sim, plain_eng = _pair(lambda: make(None), 10)
+    np.testing.assert_allclose(exact_eng.state, plain_eng.state, rtol=0, atol=1e-12)
+    torch.testing.assert_close(exact_sim.params, plain_sim.params, rtol=0, atol=1e-12)
+    sim, eng = _pair(lambda: make("qsgd:4"), 10)
+    np.testing.assert_allclose(sim.params.numpy(), eng.state, rtol=0, atol=TOL)
+    assert not np.allclose(eng.state, plain_eng.state, rtol=0, atol=1e-12)
+
+
+def test_rounds_outside_the_layout_are_not_leader_rounds() -> None:
+    m = 3
+    pull = np.eye(m + 1)
+    pull[m, 0], pull[0, 0] = 0.2, 0.8
+    assert leader_round_of(pull, m, [1], 1).refresh is False  # type: ignore[union-attr]
+    bad = pull.copy()
+    bad[2, 0], bad[0, 0] = 0.1, 0.7  # worker 0 also reads worker 2
+    assert leader_round_of(bad, m, [1], 1) is None
+    assert leader_round_of(pull, m, [1, 2], 1) is None  # two groups of 3 workers: not LSGD's layout
+    assert leader_round_of(pull, m, "x", 1) is None
+    check_distributed_compression(presets.lsgd(4, groups=2, compression="int8"))  # the distributed engine too

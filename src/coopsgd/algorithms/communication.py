@@ -30,14 +30,13 @@ classified from their matrices alone (:func:`exchange_of`), never from a preset'
     x_i ← b_i.
 
 ``"leader"``
-    LSGD's leader refresh fused with its pull (one leader, one slot: :func:`leader_round_of`; the elected
-    leader L from the round's ``Mix.info["leader"]``): the slot row s is the public copy of the leader's model
-    that every worker holds; the leader sends Q(x_L − s) (an unbiased Q used as Q/(1 + ω); the copy carries
-    what was not sent, as CHOCO's x̂: no error feedback), s ← s + Q(·), and every other worker is pulled
-    toward the copy: x_i ← S[i, i] x_i + S[L, i] s. The loss estimates of the election are floats sent as
-    they are. The steps between refreshes pull toward the same copy and send nothing. Multi-level LSGD
-    (groups > 1) is refused: :func:`check_compressible` raises a :class:`~coopsgd.errors.ConfigError` naming
-    ``compress``. See docs/compression.md.
+    LSGD's leader refresh fused with its pull (:func:`leader_round_of`; the elected leaders from the round's
+    ``Mix.info``): each slot row s (one per group, and a global one with several groups) is the public copy
+    of its leader's model that the workers reading it hold; each leader L sends Q(x_L − s) (an unbiased Q used
+    as Q/(1 + ω); the copy carries what was not sent, as CHOCO's x̂: no error feedback), s ← s + Q(·), and
+    every worker is pulled toward its copies with the pull's weights: x_i ← P[i, i] x_i + Σ_s P[s, i] s. The
+    loss estimates of the election are floats sent as they are. The steps between refreshes pull toward the
+    same copies and send nothing. See docs/compression.md.
 
 This module imports no torch at import time (the compressor library is imported when a spec string other
 than ``none`` is checked), so building a configuration's parser stays cheap.
@@ -75,6 +74,7 @@ __all__ = [
     "pushes_of",
     "push_round_cost",
     "leader_round_of",
+    "LeaderRound",
     "compressed_round_cost",
     "REDUCIBLE",
 ]
@@ -330,31 +330,88 @@ def pushes_of(S: np.ndarray, workers: int, order: Any) -> bool:
     return bool(np.allclose(S, want, rtol=0.0, atol=1e-12))
 
 
-def leader_round_of(S: np.ndarray, workers: int, leader: Any) -> str | None:
-    """Whether ``X <- X S`` is a round of single-leader LSGD in its layout (the workers, then one slot row m
-    holding the leader's model): ``"refresh"`` when S refreshes the slot from worker ``leader`` L and pulls the
-    others toward it in the same matrix (S[:, m] = S[:, L] = e_L; every other worker's column is supported on
-    {i, L}), ``"pull"`` when S only pulls the workers toward the slot (S[:, m] = e_m; every worker's column
-    supported on {i, m}), else ``None``."""
+@dataclass(frozen=True, eq=False)
+class LeaderRound:
+    """A round of LSGD in its layout (:func:`leader_round_of`): the workers, then one slot row per group holding
+    its local leader's model and, with several groups, a global slot holding the global leader's.
+
+    Attributes:
+        refresh: the slots are refreshed from their leaders in this round (else the round only pulls).
+        slots: the slot rows (ascending), and ``leaders`` the worker each one copies.
+        pull: (len(slots), m) the weight of each slot in each worker's new row (P[s, i] of S = R P); with
+            ``keep`` (m,) the weight of the worker's own row, every worker becomes keep_i x_i + Σ_s pull[s, i] s.
+    """
+
+    refresh: bool
+    slots: tuple[int, ...]
+    leaders: tuple[int, ...]
+    pull: np.ndarray
+    keep: np.ndarray
+
+
+def leader_round_of(S: np.ndarray, workers: int, local_leaders: Any, global_leader: Any) -> LeaderRound | None:
+    """Whether ``X <- X S`` is a round of LSGD (:class:`~coopsgd.algorithms.schedules.LeaderSchedule`: m workers in
+    ``len(local_leaders)`` equal consecutive groups, a slot per group, and a global slot when there are several
+    groups), with these elected leaders: a refresh fused with the pull (S = R P: every slot column is e of its
+    leader, every worker column supported on itself and the leaders) or a pull alone (every slot column is its
+    own e, every worker column supported on itself and the slots); ``None`` otherwise. A refresh's P is read
+    back from S: where a worker reads its group's slot and the global slot and both copy the same worker, S has
+    their sum, which is split with the two pull weights read where they are apart (another group's worker:
+    groups are equal, so one with a non-leader member exists whenever this sum does)."""
     S = np.asarray(S, dtype=np.float64)
     m = int(workers)
-    if S.shape != (m + 1, m + 1):
-        return None
-    nz = S != 0
-
-    def only(col: int, rows: set[int]) -> bool:
-        return set(np.flatnonzero(nz[:, col]).tolist()) <= rows
-
     try:
-        L = int(leader)
+        local = [int(x) for x in local_leaders]
+        glob = int(global_leader)
     except (TypeError, ValueError):
         return None
-    if 0 <= L < m and S[L, m] == 1.0 and only(m, {L}) and S[L, L] == 1.0 and only(L, {L}) and all(
-            only(i, {i, L}) for i in range(m) if i != L):
-        return "refresh"
-    if S[m, m] == 1.0 and only(m, {m}) and all(only(i, {i, m}) for i in range(m)):
-        return "pull"
-    return None
+    g = len(local)
+    if g < 1 or m % g or not all(0 <= x < m for x in (*local, glob)):
+        return None
+    multi = g > 1
+    slots = tuple(range(m, m + g + (1 if multi else 0)))
+    leaders = tuple(local + ([glob] if multi else []))
+    if S.shape != (m + len(slots), m + len(slots)):
+        return None
+    group = np.arange(m) // (m // g)
+    reads = np.zeros((len(slots), m), dtype=bool)  # which slots worker i reads
+    for i in range(m):
+        reads[group[i], i] = i != local[group[i]]
+        if multi:
+            reads[g, i] = i != glob
+    keep = np.diag(S)[:m].copy()
+    off = S[:, :m].copy()
+    off[np.arange(m), np.arange(m)] = 0.0
+    e = np.eye(S.shape[0])
+    if all(np.array_equal(S[:, s], e[:, s]) for s in slots):  # a pull alone
+        ok = not np.any(off[:m] != 0) and all(np.all(off[slots[k], ~reads[k]] == 0) for k in range(len(slots)))
+        return LeaderRound(False, slots, leaders, S[list(slots), :m].copy(), keep) if ok else None
+    if np.any(S[m:, :m] != 0) or not all(np.array_equal(S[:, s], e[:, L]) for s, L in zip(slots, leaders,
+                                                                                           strict=True)):
+        return None
+    pull = np.zeros((len(slots), m))
+    a_loc = a_glob = None
+    for i in range(m):  # the weights where each slot's leader appears alone in the worker's column
+        L_i = local[group[i]]
+        if reads[group[i], i] and not (multi and reads[g, i] and L_i == glob):
+            a_loc = off[L_i, i]
+        if multi and reads[g, i] and not (reads[group[i], i] and L_i == glob):
+            a_glob = off[glob, i]
+    for i in range(m):
+        want = {k for k in range(len(slots)) if reads[k, i]}
+        support = set(np.flatnonzero(off[:, i]).tolist())
+        if not support <= {leaders[k] for k in want}:
+            return None
+        for k in want:
+            L = leaders[k]
+            shared = [q for q in want if leaders[q] == L]
+            if len(shared) == 1:
+                pull[k, i] = off[L, i]
+            elif a_loc is None or a_glob is None:
+                return None
+            else:
+                pull[k, i] = a_glob if k == g else a_loc
+    return LeaderRound(True, slots, leaders, pull, keep)
 
 
 def push_round_cost(workers: int, *, bytes_per_param: float, payload_bytes: float,
@@ -414,11 +471,6 @@ def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, c
         return  # none: only gossip rounds change (γ != 1), and every round can take that
     spec = compression.compress
     if schedule.needs_losses:  # LSGD: its rounds need the losses to be built, so they are not sampled here
-        if getattr(schedule, "v", None) != 1:
-            raise ConfigError.invalid(
-                "compress", spec, f"preset {name!r}: a compressed leader refresh is implemented for one leader "
-                "(groups=1); multi-level LSGD (a slot per group and a global one) is not; use groups=1 or "
-                "compress=none")
         return
     kinds = round_kinds(schedule, workers)
     if None in kinds:

@@ -377,8 +377,8 @@ def lsgd(
     ``groups > 1`` gives the multi-level form with a local leader per group (pull ``lam``) and a global
     leader (pull ``lam_global``, default ``lam``). The leader is elected from per-worker loss estimates.
 
-    ``compression`` (one leader, ``groups=1``): a refresh sends Q(x_L − s) against the slot s every worker holds,
-    s ← s + Q(·), and the pull reads s (docs/compression.md, "LSGD (leader refresh)"); refused for groups > 1.
+    ``compression``: a refresh has each slot's leader send Q(x_L − s) against the slot s its workers hold,
+    s ← s + Q(·), and the pull reads s (docs/compression.md, "LSGD (leader refresh)").
     """
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)

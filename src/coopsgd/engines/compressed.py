@@ -70,6 +70,7 @@ from coopsgd.algorithms.communication import (
     REDUCIBLE,
     Compression,
     ElasticExchange,
+    LeaderRound,
     elastic_of,
     elastic_round_cost,
     exchange_of,
@@ -120,15 +121,16 @@ def push_order(rnd: Round, workers: int) -> list[int] | None:
     return None if ok is _NOT_COMPRESSIBLE else seq
 
 
-def leader_round(rnd: Round, workers: int) -> tuple[str, int] | None:
-    """``("refresh", L)`` or ``("pull", L)`` for a round of single-leader LSGD
-    (:func:`~coopsgd.algorithms.communication.leader_round_of`; the leader L from the Mix's ``info["leader"]``),
-    else ``None``."""
-    if rnd.mix is None or "leader" not in rnd.mix.info:
+def leader_round(rnd: Round, workers: int) -> LeaderRound | None:
+    """The LSGD round ``rnd`` is (:func:`~coopsgd.algorithms.communication.leader_round_of`, analysed once per
+    plan; the leaders from the Mix's ``info``), or ``None`` when it is not one."""
+    info = {} if rnd.mix is None else rnd.mix.info
+    if "local_leaders" not in info or "leader" not in info:
         return None
-    L = rnd.mix.info["leader"]
-    got = rnd.plan.derived(("leader", workers, L), lambda: leader_round_of(rnd.matrix, workers, L) or _NOT_COMPRESSIBLE)
-    return None if got is _NOT_COMPRESSIBLE else (str(got), int(L))
+    key = ("leader", workers, tuple(info["local_leaders"]), info["leader"])
+    got = rnd.plan.derived(key, lambda: leader_round_of(rnd.matrix, workers, info["local_leaders"], info["leader"])
+                           or _NOT_COMPRESSIBLE)
+    return None if got is _NOT_COMPRESSIBLE else got
 
 
 def _refuse(rnd: Round, spec: str) -> ConfigError:
@@ -193,7 +195,7 @@ class CompressedRounds:
         if not self.compresses:
             return False
         if (lead := leader_round(rnd, self.workers)) is not None:
-            return lead[0] == "refresh"
+            return lead.refresh
         kind = round_exchange(rnd, self.workers)
         return kind in ("average", "gossip") or (kind is None and (push_order(rnd, self.workers) is not None
                                                                    or elastic_exchange(rnd, self.workers) is not None))
@@ -220,9 +222,9 @@ class CompressedRounds:
         if kind == "identity":
             return
         if self.compresses and (lead := leader_round(rnd, self.workers)) is not None:
-            if lead[0] == "refresh":
-                self._leader(rows, rnd, lead[1])
-            else:  # the pull toward the copy every worker holds: nothing is sent
+            if lead.refresh:
+                self._leader(rows, lead)
+            else:  # the pull toward the copies the workers hold: nothing is sent
                 comm.communicate(rows, rnd, overlap=overlap)
             return
         if kind == "average" and self.compresses:
@@ -340,19 +342,19 @@ class CompressedRounds:
         own = rows.index_select(0, ch).sub_(V.index_select(0, ch)).mul_(diag)
         rows.index_copy_(0, ch, Y.index_select(0, ch).add_(own))
 
-    def _leader(self, rows: Tensor, rnd: Round, leader: int) -> None:
-        """LSGD's refresh: the leader sends Q(x_L − s) against the slot s, the copy every worker holds (keyed by
-        the slot's row, m); s ← s + Q(·); every other worker i ← S[i, i] x_i + S[L, i] s."""
-        m, dev, S = self.workers, rows.device, rnd.matrix
-        slot = torch.tensor([m], device=dev)
-        q = self._roundtrip(rows[leader : leader + 1] - rows[m : m + 1], slot, slot)
+    def _leader(self, rows: Tensor, lead: LeaderRound) -> None:
+        """LSGD's refresh: each slot s's leader L sends Q(x_L − s) against the copy its readers hold (one call for
+        every slot, keyed by the slots' rows); s ← s + Q(·); every worker i ← P[i, i] x_i + Σ_s P[s, i] s."""
+        m, dev = self.workers, rows.device
+        slots = torch.as_tensor(lead.slots, device=dev)
+        diff = rows.index_select(0, torch.as_tensor(lead.leaders, device=dev)).sub_(rows.index_select(0, slots))
+        q = self._roundtrip(diff, slots, slots)
         if self.gossip_scale != 1.0:
             q.mul_(self.gossip_scale)
-        rows[m : m + 1].add_(q)
-        keep = torch.as_tensor(np.diag(S)[:m].copy(), dtype=rows.dtype, device=dev).unsqueeze(1)
-        pull = np.array(S[leader, :m], dtype=np.float64)
-        pull[leader] = 0.0
-        rows[:m].mul_(keep).add_(torch.as_tensor(pull, dtype=rows.dtype, device=dev).unsqueeze(1) * rows[m : m + 1])
+        rows.index_add_(0, slots, q)
+        keep = torch.as_tensor(lead.keep, dtype=rows.dtype, device=dev).unsqueeze(1)
+        pull = torch.as_tensor(lead.pull, dtype=rows.dtype, device=dev)
+        rows[:m].mul_(keep).add_(pull.T @ rows.index_select(0, slots))
 
     def _pushes(self, rows: Tensor, order: list[int]) -> None:
         m, dev = self.workers, rows.device
@@ -465,7 +467,7 @@ class ReferenceCompressedRounds:
         if kind == "identity":
             return X
         if self.compresses and (lead := leader_round(rnd, self.workers)) is not None:
-            return self._leader(X, rnd.matrix, lead[1]) if lead[0] == "refresh" else apply_mixing(X, rnd.matrix)
+            return self._leader(X, lead) if lead.refresh else apply_mixing(X, rnd.matrix)
         if kind == "average" and self.compresses:
             return self._average(X, rnd.plan)
         if kind == "gossip":
@@ -558,15 +560,14 @@ class ReferenceCompressedRounds:
         out[ex.changed] = ex.diagonal[:, None] * X[ex.changed] + off[:, ex.changed].T @ V
         return out
 
-    def _leader(self, X: np.ndarray, S: np.ndarray, leader: int) -> np.ndarray:
-        """LSGD's refresh (the definition): s ← s + Q(x_L − s); x_i ← S[i, i] x_i + S[L, i] s for i ≠ L."""
+    def _leader(self, X: np.ndarray, lead: LeaderRound) -> np.ndarray:
+        """LSGD's refresh (the definition): s ← s + Q(x_L − s) for every slot; x_i ← P[i, i] x_i + Σ_s P[s, i] s."""
         m = self.workers
         out = X.copy()
-        q = self._roundtrip(X[leader : leader + 1] - X[m : m + 1], np.array([m]))
-        out[m] = X[m] + (q[0] if self.gossip_scale == 1.0 else q[0] * self.gossip_scale)
-        pull = np.array(S[leader, :m], dtype=np.float64)
-        pull[leader] = 0.0
-        out[:m] = np.diag(S)[:m, None] * X[:m] + pull[:, None] * out[m][None, :]
+        slots, leaders = list(lead.slots), list(lead.leaders)
+        q = self._roundtrip(X[leaders] - X[slots], np.asarray(slots))
+        out[slots] = X[slots] + (q if self.gossip_scale == 1.0 else q * self.gossip_scale)
+        out[:m] = lead.keep[:, None] * X[:m] + lead.pull.T @ out[slots]
         return out
 
     def _pushes(self, X: np.ndarray, order: list[int]) -> np.ndarray:

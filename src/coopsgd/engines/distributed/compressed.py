@@ -28,9 +28,10 @@ iterates equal the simulator's (float64: to 1e-10, ``tests/integration/test_comp
     S[j, j] x_j + Σ_{i≠j} S[i, j] v_i. Hierarchical averaging: the engine places its group centres on their
     groups' ranks, so each reply is encoded by its centre's host (which holds z_c) and broadcast; every rank
     keeps every copy ẑ and updates the rows it holds.
-``leader`` (LSGD with one leader)
-    the slot s (the leader's copy) is on every rank: the leader's rank encodes Q(x_L − s) and broadcasts the
-    packed payload; every rank adds it to s and pulls its worker toward s. Between refreshes nothing is sent.
+``leader`` (LSGD)
+    the slots (each leader's copy) are on every rank: each leader's rank encodes Q(x_L − s) and broadcasts the
+    packed payload (one broadcast per slot); every rank adds them to its slots and pulls its worker toward
+    them. Between refreshes nothing is sent.
 ``pushes`` (DOWNPOUR with ``downpour_order="schedule"``)
     each worker pushes once a round, and its push Q(x_i − b_i + e_i) depends on its own row and copy b_i only:
     every rank encodes its push at once, one all-gather moves them, and every rank (each holds z and every
@@ -87,6 +88,7 @@ from coopsgd.algorithms.communication import (
     REDUCIBLE,
     Compression,
     ElasticExchange,
+    LeaderRound,
     elastic_round_cost,
     exchange_of,
     push_round_cost,
@@ -123,7 +125,7 @@ def check_distributed_compression(spec: AlgorithmSpec, *, asynchronous: bool = F
     if comp is None or not comp.compresses:
         return  # none with gamma != 1: only gossip rounds change, and every round can take that
     if spec.schedule.needs_losses:
-        return  # LSGD with one leader (the spec refuses more): the slot is on every rank, the leader broadcasts
+        return  # LSGD: its slots are on every rank (its rounds need losses: no placement), the leaders broadcast
     if spec.schedule.sequential and asynchronous:
         raise ConfigError.invalid(
             "compress", comp.compress, "compressed pushes run in the schedule's order (downpour_order='schedule'); "
@@ -295,8 +297,8 @@ class CompressedMixer:
             return
         self.comm.finalize()
         if self.compresses and (lead := leader_round(rnd, self.m)) is not None:
-            if lead[0] == "refresh":
-                self._leader(rows, lead[1], rnd)
+            if lead.refresh:
+                self._leader(rows, lead)
             else:  # the pull toward the slot every rank holds: nothing is sent
                 self.comm.communicate(rows, rnd, overlap=overlap)
             return
@@ -583,31 +585,6 @@ class CompressedMixer:
         for li, y in new:
             rows[li].copy_(y)
 
-    # -- LSGD's leader refresh (one leader) -------------------------------------------------------------------
-    def _leader(self, rows: Tensor, leader: int, rnd: Round) -> None:
-        """The simulator's refresh: the leader's rank encodes Q(x_L − s) against the slot s (every rank holds it;
-        keyed by the slot's row m) and broadcasts the packed payload; every rank adds it to s and pulls its
-        worker: x_r ← S[r, r] x_r + S[L, r] s (the leader keeps its row)."""
-        m, r, dev = self.m, self.rank, rows.device
-        slot = rows[1:2]
-        if r == leader:
-            buf = _pack(self._encode(rows[0:1] - slot, [m], [1]).parts, 0)
-        else:
-            buf = torch.empty(self.row_bytes, dtype=torch.uint8, device=dev)
-        t0 = time.perf_counter()
-        self.comm.broadcast_bytes(buf, leader)
-        cost = self.clock.round_costs("broadcast", None, payload_bytes=self.row_bytes, reducible=False,
-                                      compressor=self.compressor.name)[1:]  # (the losses' all-gather: charged there)
-        self.comm.charge("compressed_broadcast", t0, cost, float(self.row_bytes * (m - 1) / m))
-        q = self._decode(buf.reshape(1, -1), [m])
-        if self.gossip_scale != 1.0:
-            q.mul_(self.gossip_scale)
-        slot.add_(q)
-        self.calls += 1
-        if r != leader:
-            S = rnd.matrix
-            rows[0:1].mul_(float(S[r, r])).add_(slot, alpha=float(S[leader, r]))
-
     def _placed_replies(self, rows: Tensor, rep: list[int], dev: torch.device) -> Tensor:
         """The replies Q(z_c − ẑ_c) of centres held by subsets of ranks, (len(rep), width) on every rank: the host
         of each encodes it from its current z_c, and one broadcast per reply carries the packed payload."""
@@ -624,6 +601,37 @@ class CompressedMixer:
             self.comm.broadcast_bytes(buf, host)
             bufs.append(buf)
         return self._decode(torch.stack(bufs), rep) if bufs else rows.new_zeros((0, self.width))
+
+    # -- LSGD's leader refresh -------------------------------------------------------------------------------
+    def _leader(self, rows: Tensor, lead: LeaderRound) -> None:
+        """The simulator's refresh: for each slot s (every rank holds every slot), its leader's rank encodes
+        Q(x_L − s) (keyed by the slot's row) and broadcasts the packed payload; every rank adds each to its slot
+        and pulls its worker: x_r ← P[r, r] x_r + Σ_s P[s, r] s."""
+        m, r, dev = self.m, self.rank, rows.device
+        t0 = time.perf_counter()
+        bufs, sent = [], 0.0
+        for s, L in zip(lead.slots, lead.leaders, strict=True):
+            sent += float(self.row_bytes * (m - 1) / m)  # a tree broadcast, on average per rank (as Mixer.broadcast)
+            if r == L:
+                buf = _pack(self._encode(rows[0:1] - rows[1 + s - m : 2 + s - m], [s], [1 + s - m]).parts, 0)
+            else:
+                buf = torch.empty(self.row_bytes, dtype=torch.uint8, device=dev)
+            self.comm.broadcast_bytes(buf, L)
+            bufs.append(buf)
+        cost = self.clock.round_costs("broadcast", None, payload_bytes=self.row_bytes, reducible=False,
+                                      compressor=self.compressor.name)[1:]  # (the losses' all-gather: charged there)
+        self.comm.charge("compressed_broadcast", t0, cost, sent)
+        q = self._decode(torch.stack(bufs), list(lead.slots))
+        if self.gossip_scale != 1.0:
+            q.mul_(self.gossip_scale)
+        at = torch.as_tensor([1 + s - m for s in lead.slots], dtype=torch.int64, device=dev)
+        rows.index_add_(0, at, q)
+        self.calls += 1
+        y = rows[0:1] * float(lead.keep[r])
+        for k in range(len(lead.slots)):
+            if lead.pull[k, r] != 0.0:
+                y.add_(rows[int(at[k]) : int(at[k]) + 1], alpha=float(lead.pull[k, r]))
+        rows[0:1].copy_(y)
 
     # -- DOWNPOUR's pushes, in the schedule's order ----------------------------------------------------------
     def _pushes(self, rows: Tensor, order: list[int]) -> None:
