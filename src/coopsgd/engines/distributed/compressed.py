@@ -501,10 +501,6 @@ class CompressedMixer:
         self.calls += 1
 
     # -- elastic rounds (EASGD, generalized elastic, hierarchical) --------------------------------------------
-    def _local(self, node: int) -> int:
-        """This rank's row of ``node`` (its worker: 0; auxiliary c: 1 + c − m)."""
-        return 0 if node == self.rank else 1 + node - self.m
-
     def _transport(self, mine: Tensor | None, senders: list[int], device: torch.device) -> tuple[Tensor, float, str]:
         """Every sender's packed payload on every rank, (len(senders), N) in the order of ``senders``: one
         all-gather when every worker sends, else one broadcast per sender; the bytes this rank sent."""
