@@ -44,9 +44,15 @@ payloads with the round's weights. Which vector is sent depends on the round's k
     replies r_i = Q(z − b_i) (an unbiased Q used as Q/(1 + ω); keyed by b_i's row), b_i ← b_i + r_i, x_i ← b_i:
     b_i is the copy of z both ends hold, and z − b_i, carried into the next reply, the server's residual.
 
+``leader`` (LSGD: :func:`leader_round`, from S and the leaders the Mix carries)
+    on a refresh each slot's leader L sends Q(x_L − s) against the slot s (the public copy its workers hold;
+    an unbiased Q used as Q/(1 + ω)), s ← s + Q(·), and every worker i ← P[i, i] x_i + Σ_s P[s, i] s (P read
+    back from S = R P); between refreshes the pull toward the copies sends nothing (the uncompressed round).
+
 Averaging rounds with ``none`` are the uncompressed round (the communicator's fused kernel). The draws of
 ``qsgd`` / ``randk`` / PowerSGD's first factor are keyed by (seed, c, node), c counting the compressor
-calls of the run (one per averaging or gossip round, two per elastic round, 2m per DOWNPOUR round), so the
+calls of the run (one per averaging, gossip or LSGD refresh round, two per elastic round, 2m per DOWNPOUR
+round), so the
 reference engine (:class:`ReferenceCompressedRounds`, numpy, one node at a time
 through :func:`~coopsgd.compression.reference_roundtrip`) draws the same ones.
 
