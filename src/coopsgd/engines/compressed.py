@@ -52,9 +52,8 @@ payloads with the round's weights. Which vector is sent depends on the round's k
 Averaging rounds with ``none`` are the uncompressed round (the communicator's fused kernel). The draws of
 ``qsgd`` / ``randk`` / PowerSGD's first factor are keyed by (seed, c, node), c counting the compressor
 calls of the run (one per averaging, gossip or LSGD refresh round, two per elastic round, 2m per DOWNPOUR
-round), so the
-reference engine (:class:`ReferenceCompressedRounds`, numpy, one node at a time
-through :func:`~coopsgd.compression.reference_roundtrip`) draws the same ones.
+round), so the reference engine (:class:`ReferenceCompressedRounds`, numpy, one node at a time through
+:func:`~coopsgd.compression.reference_roundtrip`) draws the same ones.
 
 The per-node state -- the residuals e (n, width), the public copies x̂ (n, width) of gossip, the copies ẑ
 (n, width; the auxiliary rows are used) of elastic rounds, PowerSGD's warm-start
