@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from coopsgd.algorithms import AlgorithmSpec
+from coopsgd.algorithms.asynchronous import bind_speeds
 from coopsgd.analysis import spec_round_cost
 from coopsgd.engines.base import Engine
 from coopsgd.engines.reference import ReferenceEngine, consensus_distance
@@ -62,6 +63,7 @@ def make_reference(config: RunConfig, spec: AlgorithmSpec, objective: Objective)
     if inner != "sgd":
         raise ConfigError.invalid("optimizer", inner, "the reference engine's workers run plain SGD on analytic "
                                   f"objectives; use --optimizer sgd (preset {spec.name!r}) or another engine")
+    spec = bind_speeds(spec, config.clock.worker_speeds)  # an asynchronous server's arrival order: the speed classes
     return ReferenceEngine(spec, objective, seed=config.execution.seed, nan_policy=config.execution.nan_policy)
 
 

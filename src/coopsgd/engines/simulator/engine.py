@@ -69,9 +69,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coopsgd.algorithms.asynchronous import bind_speeds
 from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.asynchronous import ArrivalReport, AsyncServer, start_rows
 from coopsgd.engines.base import (
     DroppedRound,
     NonFiniteError,
@@ -178,6 +180,8 @@ class Simulator(SimulatorCompute):
         if executor_cache is not None and not isinstance(executor_cache, ExecutorCache):
             raise ConfigError.invalid("executor_cache", executor_cache, "must be an ExecutorCache or None")
         workers = spec.workers if isinstance(spec, AlgorithmSpec) else 0
+        if workers and spec.asynchronous is not None:  # the arrival order comes from this clock's speed classes
+            spec = bind_speeds(spec, None if clock is None else clock.speeds)
         super().__init__(spec, model, workers_held=range(workers), aux_rows=spec.auxiliaries if workers else 0,
                          loss_fn=loss_fn, dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
                          nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch,
@@ -197,6 +201,9 @@ class Simulator(SimulatorCompute):
         # simulated attackers send models no running bound covers (Gaussian noise): their rounds are checked as
         # a server optimizer's are (the robust rules themselves stay inside the range of what they receive)
         self._attacked = spec.robust is not None and spec.robust.byzantine_count > 0
+        self._async = None if spec.asynchronous is None else AsyncServer(
+            spec.asynchronous, self.rows_params[start_rows(spec.schedule)],
+            lambda: torch.zeros(d, dtype=dtype, device=self.device))
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
         self._bad: dict[str, Any] | None = None
@@ -480,11 +487,64 @@ class Simulator(SimulatorCompute):
                 if err is not None:
                     self._found(k, err)
                     got = None
+            arrived = self._arrivals(k) if got is not None and self._async is not None else None
         before = (self.clock.compute_s, self.clock.communication_s, self.clock.idle_s)
         self.clock.commit(tick)
+        if arrived is not None:
+            return self._record_arrivals(k, lr, losses, arrived, before)
         self.schedule_state = sched_state
         self._hist, self._hist_count = hist, count
         return self._record(k, lr, losses, mix, est, skipped=got is None, before=before)
+
+    def _arrivals(self, k: int) -> ArrivalReport | None:
+        """An asynchronous server's arrivals at step ``k`` (:class:`~coopsgd.engines.asynchronous.AsyncServer`): the
+        rows they write, the server's vectors and ledger are kept first and restored when z goes non-finite
+        (``None`` is then returned after :meth:`_found`). Only the arriving slots' rows are touched."""
+        assert self._async is not None
+        event = self.spec.schedule.step_events(k)  # type: ignore[attr-defined]
+        if not event.arrivals:
+            return ArrivalReport()
+        written = torch.as_tensor(AsyncServer.rows_written(self.m, event), device=self.device)
+        kept = self._state.index_select(0, written)
+        snap = self._async.snapshot()
+        report = self._async.arrive(self.rows_params, self.m, event)
+        z = self.rows_params[self.m]
+        if not bool(torch.isfinite(z).all()):
+            self._state.index_copy_(0, written, kept)
+            self._async.restore(snap)
+            self._found(k, self._nonfinite(np.ones(1, dtype=bool), [self.m], k, "model"))
+            return None
+        self._bound = max(self._bound, absmax(z))
+        return report
+
+    def _record_arrivals(self, k: int, lr: float, losses: np.ndarray, report: ArrivalReport,
+                         before: tuple[float, float, float]) -> StepStats:
+        """Count an asynchronous step: each arrival is charged to the arriving worker's clock alone (a parameter
+        server's push and pull for one worker, :meth:`~coopsgd.engines.simulator.clock.SimClock.arrive`), and the
+        slot's next worker starts when it ends."""
+        self.step_count += 1
+        event = self.spec.schedule.step_events(k)  # type: ignore[attr-defined]
+        bytes_sent = 0.0
+        for _, w, nxt in event.arrivals:
+            one = self.clock.arrival_costs()
+            self.clock.arrive(w, nxt, one)
+            bytes_sent += float(sum(c.bytes_sent for c in one))
+        communicated = bool(event.arrivals)
+        if communicated:
+            self.rounds += 1
+            self.bytes_sent += bytes_sent
+        c = self.clock
+        return StepStats(
+            step=k, lr=lr, losses=losses, communicated=communicated, round=self.rounds,
+            pattern="parameter_server" if communicated else None, bytes_sent=bytes_sent, info=report.info(),
+            sim_time=c.elapsed, compute_s=c.compute_s - before[0], communication_s=c.communication_s - before[1],
+            idle_s=c.idle_s - before[2], estimates=None, skipped=False,
+        )
+
+    def async_record(self) -> dict[str, Any]:
+        """An asynchronous server's staleness statistics (:data:`~coopsgd.algorithms.asynchronous.ASYNC_STATS`)
+        for the metric records; empty for every other algorithm."""
+        return {} if self._async is None else self._async.stats()
 
     def _probe_losses(self, k: int) -> np.ndarray | None:
         """LSGD's probe losses of every worker (``None`` after a non-finite one under ``"skip"``)."""
@@ -570,6 +630,7 @@ class Simulator(SimulatorCompute):
         good = self._snapshot_rows(self._good)  # the last good round's buffer is reused
         good["deferred"] = self._comm.snapshot()
         good["compressed"] = None if self._compressed is None else self._compressed.snapshot()
+        good["async"] = None if self._async is None else self._async.snapshot()
         self._good = good
         self._good_step = self.step_count
 
@@ -588,6 +649,8 @@ class Simulator(SimulatorCompute):
             self._comm.restore(self._good["deferred"])
             if self._compressed is not None:
                 self._compressed.restore(self._good["compressed"])
+            if self._async is not None:
+                self._async.restore(self._good["async"])
         self._bound = self._absmax()
         first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
         return DroppedRound(step=self.step_count - 1, workers=sorted(int(w) for w in first),
@@ -725,6 +788,7 @@ class Simulator(SimulatorCompute):
             "calibration": dict(self.calibration),
             "torch_rng_state": torch.get_rng_state(),
             **({} if self._compressed is None else {"compression": self._compressed.state_dict()}),
+            **({} if self._async is None else {"asynchronous": self._async.state_dict()}),
         })
 
     def _load_compression(self, state: dict[str, Any]) -> None:
@@ -750,6 +814,8 @@ class Simulator(SimulatorCompute):
         if hist.shape != self._hist.shape:
             raise ConfigError.invalid("state_dict.loss_history", hist.shape, f"expected window x m = {self._hist.shape}")
         self._load_compression(state)
+        if self._async is not None:
+            self._async.load_state_dict(state.get("asynchronous"), "state_dict.asynchronous")
         self._comm.clear()
         self._calibrated = None
         self._load_rows_payload(state, "state_dict")

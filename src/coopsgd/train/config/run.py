@@ -175,6 +175,9 @@ class RunConfig:
         if self.algorithm.downpour_order == "async" and self.execution.engine != "distributed":
             raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
                                       "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
+        if self.execution.engine == "distributed" and self.preset_facts()["asynchronous"]:
+            raise ConfigError.invalid("engine", "distributed", f"preset {self.algorithm.preset!r} (an asynchronous "
+                                      "server) runs on engines simulate and reference only")
         self._check_compression()
         self._check_control_variates()
         if self.clock.worker_speeds:
@@ -309,7 +312,7 @@ class RunConfig:
 def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
     """:meth:`RunConfig.preset_facts` of a preset (with a SlowMo ``base_algorithm``), from a spec of 4 workers."""
     facts: dict[str, Any] = {"inner_optimizer": None, "needs_losses": False, "sequential": False,
-                             "gossips": False, "only_gossip": False, "control": False}
+                             "gossips": False, "only_gossip": False, "control": False, "asynchronous": False}
     if preset not in declarations():
         return facts
     facts["gossips"] = declaration(preset).takes("topology")
@@ -319,6 +322,7 @@ def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
     except ConfigError:  # a setting the preset refuses: RunConfig's own checks name it
         return facts
     facts.update(inner_optimizer=spec.inner_optimizer, needs_losses=spec.needs_losses, control=spec.control,
+                 asynchronous=spec.asynchronous is not None,
                  sequential=bool(getattr(spec.schedule, "sequential", False)),
                  only_gossip=not spec.needs_losses  # (LSGD elects from losses: it has no gossip-only rounds)
                  and round_kinds(copy.deepcopy(spec.schedule), 4) <= {"gossip", "identity"})

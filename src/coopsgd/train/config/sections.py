@@ -208,6 +208,12 @@ class AlgorithmSettings:
     krum_f: int | None = _preset()
     multi_krum_keep: int | None = _preset()
     base_algorithm: str | None = _preset()
+    buffer_size: int | None = _preset()
+    concurrency: int | None = _preset()
+    staleness: str | None = _preset()
+    staleness_exponent: float | None = _preset()
+    delayed_nesterov: int | None = _preset()
+    dynamic_local_updates: bool = _preset(False)
     downpour_order: str = setting(
         "clock", choices=("clock", "schedule", "async"),
         help="DOWNPOUR push order: clock (order of arrival: on the simulated clock, or at a real asynchronous "
