@@ -262,8 +262,8 @@ def _concurrency(m: int, concurrency: int | None, fraction: float) -> int:
     return max(1, int(round(c * m)))
 
 
-_NOTE = ("asynchronous server: each arrival's pseudo-gradient is applied with its staleness, so no fixed W "
-         "describes the algorithm and [CSGD] Theorems 1-4 do not apply")
+_NOTE = ("asynchronous server: each arrival's pseudo-gradient is applied with its own staleness; no fixed W "
+         "describes the algorithm, so [CSGD] Theorems 1-4 do not apply and no convergence bound is computed")
 
 
 def fedbuff(
