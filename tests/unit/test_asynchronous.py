@@ -271,3 +271,21 @@ def test_theory_says_no_bound_applies(capsys) -> None:
     assert out["bounds"]["asynchronous"].startswith("no convergence bound applies")
     assert out["asynchronous_server"]["buffer_size"] == 4
     assert any("no convergence bound" in n for n in out["notes"])
+
+
+def test_a_dropped_round_restores_the_server_state() -> None:
+    sim = Simulator(fedbuff(3, 2, buffer_size=2), lambda: nn.Linear(4, 3), loss_fn=F.cross_entropy,
+                    dtype=torch.float64, executor="loop", nan_policy="skip", clock=SimClock())
+    sim.step(_batches(3, 0), 0.2)
+    assert sim.check_health() is None  # the state after step 0 is the last good one
+    good, ledger = sim.params.clone(), dict(sim._async.ledger)  # type: ignore[union-attr]
+    bad = _batches(3, 1)
+    bad[0] = (torch.full_like(bad[0][0], float("nan")), bad[0][1])
+    st = sim.step(bad, 0.2)
+    assert st.skipped and st.communicated and st.info["arrivals"] == []  # the slots' rounds end, nothing applied
+    dropped = sim.check_health()
+    assert dropped is not None and dropped.workers == [0]
+    assert torch.equal(sim.params, good) and sim._async.ledger == ledger  # type: ignore[union-attr]
+    for k in range(2, 6):
+        sim.step(_batches(3, k), 0.2)
+    assert sim.async_record()["arrivals"] == 6 and bool(torch.isfinite(sim.params).all())

@@ -324,11 +324,13 @@ class ReferenceEngine:
             elif async_snap is not None:
                 assert self._async is not None
                 self._async.restore(async_snap)
+                info = None
         self.schedule_state = sched_state
         self.step_count += 1
         communicated = mix is not None and mix.communicates
-        if info is not None:  # an asynchronous step communicates when someone arrived
-            communicated = bool(info["arrivals"])
+        if self._async is not None:  # an asynchronous step communicates when someone arrived (skipped: nothing applied)
+            communicated = bool(sched.step_events(k).arrivals)  # type: ignore[attr-defined]
+            info = info if info is not None and not skipped else {"arrivals": [], "staleness": [], "server_steps": 0}
         if communicated:
             self.rounds += 1
         if mix is not None and "leader" in mix.info:

@@ -121,6 +121,9 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
     if not isinstance(spec, AlgorithmSpec):
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
     check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
+    if spec.asynchronous is not None:  # arrivals in the order of a real server are not written yet
+        raise ConfigError.invalid("spec.asynchronous", spec.name, "an asynchronous server (FedBuff, asynchronous "
+                                  "local SGD) runs on the simulator and the reference engine only")
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
     rank, world = dist.get_rank(), dist.get_world_size()

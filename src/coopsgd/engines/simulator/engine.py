@@ -487,11 +487,11 @@ class Simulator(SimulatorCompute):
                 if err is not None:
                     self._found(k, err)
                     got = None
-            arrived = self._arrivals(k) if got is not None and self._async is not None else None
+            arrived = None if got is None or self._async is None else self._arrivals(k)
         before = (self.clock.compute_s, self.clock.communication_s, self.clock.idle_s)
         self.clock.commit(tick)
-        if arrived is not None:
-            return self._record_arrivals(k, lr, losses, arrived, before)
+        if self._async is not None:  # a skipped step's arrivals still end its slots' rounds (nothing is applied)
+            return self._record_arrivals(k, lr, losses, arrived or ArrivalReport(), before, skipped=arrived is None)
         self.schedule_state = sched_state
         self._hist, self._hist_count = hist, count
         return self._record(k, lr, losses, mix, est, skipped=got is None, before=before)
@@ -518,7 +518,7 @@ class Simulator(SimulatorCompute):
         return report
 
     def _record_arrivals(self, k: int, lr: float, losses: np.ndarray, report: ArrivalReport,
-                         before: tuple[float, float, float]) -> StepStats:
+                         before: tuple[float, float, float], *, skipped: bool) -> StepStats:
         """Count an asynchronous step: each arrival is charged to the arriving worker's clock alone (a parameter
         server's push and pull for one worker, :meth:`~coopsgd.engines.simulator.clock.SimClock.arrive`), and the
         slot's next worker starts when it ends."""
@@ -538,7 +538,7 @@ class Simulator(SimulatorCompute):
             step=k, lr=lr, losses=losses, communicated=communicated, round=self.rounds,
             pattern="parameter_server" if communicated else None, bytes_sent=bytes_sent, info=report.info(),
             sim_time=c.elapsed, compute_s=c.compute_s - before[0], communication_s=c.communication_s - before[1],
-            idle_s=c.idle_s - before[2], estimates=None, skipped=False,
+            idle_s=c.idle_s - before[2], estimates=None, skipped=skipped,
         )
 
     def async_record(self) -> dict[str, Any]:
