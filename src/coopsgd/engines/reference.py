@@ -409,6 +409,11 @@ class ReferenceEngine:
     def consensus_distance(self) -> float:
         return consensus_distance(self.state, self.spec.workers)
 
+    def async_record(self) -> dict[str, Any]:
+        """An asynchronous server's staleness statistics (:data:`~coopsgd.algorithms.asynchronous.ASYNC_STATS`);
+        empty for every other algorithm."""
+        return {} if self._async is None else self._async.stats()
+
     def center_node(self) -> int | None:
         """The centre model's node (:meth:`AlgorithmSpec.center_node`), ``None`` for the workers' average."""
         estimates = None

@@ -105,6 +105,7 @@ def _workload(c: RunConfig, spec: AlgorithmSpec, obj: Objective, steps: int, rc:
         }
         if logistic:
             rec["test_accuracy"] = float(obj.accuracy(center))  # type: ignore[attr-defined]
+        rec.update(engine.async_record())  # an asynchronous server's staleness statistics (none otherwise)
         return rec
 
     return Workload(total_steps=steps, eval_every=max(1, steps // 200), lr=lambda k, _t: lr_at(c, k, max(1, steps), 0.0),

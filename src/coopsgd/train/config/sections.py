@@ -93,6 +93,14 @@ def _partition(name: str) -> Used:
     return used
 
 
+def _speeds(c: Any) -> str | None:
+    """The speed classes: the simulator's clock, and on the reference engine an asynchronous server's arrival order."""
+    if c.execution.engine == "simulate" or (c.execution.engine == "reference" and c.preset_facts()["asynchronous"]):
+        return None
+    return (f"engine is {c.execution.engine!r} (used by the simulator, and on the reference engine by an asynchronous "
+            "server's arrival order)")
+
+
 def _nan_skip(c: Any) -> str | None:
     if c.execution.nan_policy == "skip":
         return None
@@ -371,7 +379,7 @@ class ClockSettings:
                                     help="throughput of one worker for --compute flops (GFLOP/s; the default is one "
                                          "CPU core)")
     worker_speeds: list[float] = setting(
-        factory=list, low=0.0, low_open=True, used_when=engines("simulate"),
+        factory=list, low=0.0, low_open=True, used_when=_speeds,
         help="speed classes: the workers split into as many equal consecutive blocks as speeds given, a worker of "
              "speed s taking 1/s times each step's compute time, e.g. 1,0.5 (empty: all 1)")
     net_latency_ms: float = setting(1.0, low=0.0, help="network latency per handshake (ms)", used_when=_network)
