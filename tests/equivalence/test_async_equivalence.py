@@ -51,9 +51,9 @@ class LeastSquares:
 SPEEDS = (1.0, 0.5, 0.25)
 CASES = {
     "fedbuff": lambda: fedbuff(6, 3, buffer_size=2, concurrency=4, outer_lr=0.8, staleness="poly",
-                               staleness_exponent=0.6, seed=3, speeds=SPEEDS),
+                               staleness_exponent=0.6, seed=3, speeds=SPEEDS, arrival_time=0.75),
     "async_local_sgd": lambda: async_local_sgd(6, 4, outer_lr=0.6, outer_momentum=0.9, delayed_nesterov=3,
-                                               dynamic_local_updates=True, speeds=SPEEDS),
+                                               dynamic_local_updates=True, speeds=SPEEDS, arrival_time=0.5),
 }
 
 

@@ -31,14 +31,18 @@ by one generator seeded with ``seed``; asynchronous local SGD: the same worker),
   gives worker i ``H_i = max(1, round(H s_i / max_j s_j))`` local steps (s its speed), so that every worker
   takes about the same time per round.
 
-**When things happen** (:class:`AsyncSchedule`, pure given the step): a worker of speed s takes 1/s units of
-simulated compute per local step (the clock's speed classes, :func:`coopsgd.theory.cost.worker_speeds`: with a
-constant or counted-FLOPs compute model every step of a speed-1 worker costs the same). One engine step
-advances every slot whose next local step completes at the earliest time (a speed class ties, so its rows stay
-batched); the arrivals of that instant are applied in worker-index order. Times are exact rationals, so ties are
-exact and the order never depends on rounding. The arrival's push and pull are charged to the arriving
-worker's clock alone (:meth:`coopsgd.engines.simulator.clock.SimClock.arrive`); they do not move the order,
-which is the compute timeline of the speed classes.
+**When things happen** (:class:`AsyncSchedule`, pure given the step): time is counted in units of one local
+step of a speed-1 worker (with a constant or counted-FLOPs compute model every such step costs the same); a
+worker of speed s takes 1/s units per local step (the clock's speed classes,
+:func:`coopsgd.theory.cost.worker_speeds`), and an arrival's push and pull take ``arrival_time`` units, after
+which the slot's next worker starts. One engine step advances every slot whose next local step completes at the
+earliest time (a speed class ties, so its rows stay batched); the arrivals of that instant are applied in
+worker-index order. Times are exact rationals, so ties are exact and the order never depends on rounding. The
+simulator binds both from its clock (the speed classes; ``arrival_time`` = one parameter-server round of one
+worker over the mean compute time of a speed-1 step), and charges the same times to the workers' clocks
+(:meth:`coopsgd.engines.simulator.clock.SimClock.arrive`: only the arriving worker pays its push and pull), so the
+order is the simulated clock's. A random compute model (a distribution with a spread) or measured compute time
+moves the simulated times around their means but not the order, which follows the means.
 
 The server step is not linear in the stacked state and the staleness is data of the run, so no fixed W
 describes the algorithm: the [CSGD] theorems do not apply.
@@ -143,6 +147,8 @@ class AsyncSchedule(_Base):
             with a clock of its own binds the clock's (:meth:`with_speeds`).
         dynamic_local_updates: worker i runs ``max(1, round(H s_i / max_j s_j))`` local steps per arrival.
         seed: the generator of FedBuff's client draws.
+        arrival_time: an arrival's push and pull, in units of a speed-1 local step (>= 0); ``None``: 0 until an
+            engine binds its clock's (:meth:`with_timing`).
 
     ``asynchronous = True`` declares that a round is not a matrix: engines apply :meth:`step_events`'s arrivals
     with :class:`AsyncAggregation` instead; :meth:`advance` never returns a mix.
@@ -151,7 +157,8 @@ class AsyncSchedule(_Base):
     asynchronous = True
 
     def __init__(self, workers: int, tau: int, *, concurrency: int | None = None,
-                 speeds: Sequence[float] | None = None, dynamic_local_updates: bool = False, seed: int = 0) -> None:
+                 speeds: Sequence[float] | None = None, dynamic_local_updates: bool = False, seed: int = 0,
+                 arrival_time: float | None = None) -> None:
         self.m = check_int("workers", workers, minimum=1)
         self.tau = check_int("tau", tau, minimum=1)
         self.n = self.m + 1
@@ -165,12 +172,14 @@ class AsyncSchedule(_Base):
         self.local_steps = np.array([max(1, int(round(self.tau * s / top))) if self.dynamic else self.tau
                                      for s in self.speed], dtype=np.int64)
         self._rate = [Fraction(float(s)) for s in self.speed]
+        self.arrival_time = None if arrival_time is None else check_float("arrival_time", arrival_time, low=0.0)
+        self._arrival = Fraction(self.arrival_time or 0.0)
         self._reset()
 
-    def with_speeds(self, speeds: Sequence[float] | None) -> AsyncSchedule:
-        """The same schedule with the given speed classes (a new object; this one is unchanged)."""
+    def with_timing(self, speeds: Sequence[float] | None, arrival_time: float | None) -> AsyncSchedule:
+        """The same schedule with the given speed classes and arrival time (a new object; this one is unchanged)."""
         return AsyncSchedule(self.m, self.tau, concurrency=self.concurrency, speeds=speeds,
-                             dynamic_local_updates=self.dynamic, seed=self.seed)
+                             dynamic_local_updates=self.dynamic, seed=self.seed, arrival_time=arrival_time)
 
     # -- the timeline (a cache: every entry is a function of the step alone) -----------------------------------
     def _reset(self) -> None:
@@ -218,7 +227,7 @@ class AsyncSchedule(_Base):
                 self._free.pop()
             arrivals.append((j, w, nxt))
             self._slot_worker[j] = nxt
-            self._start[j] = t
+            self._start[j] = t + self._arrival  # the next worker starts once the push and the pull are done
             self._done[j] = 0
         self._events.append(AsyncStep(t, workers, tuple(arrivals)))
 
@@ -243,7 +252,7 @@ class AsyncSchedule(_Base):
 
     def describe(self) -> dict[str, Any]:
         return {"concurrency": self.concurrency, "local_steps": sorted(set(self.local_steps.tolist())),
-                "speeds": None if self.speeds is None else list(self.speeds)}
+                "speeds": None if self.speeds is None else list(self.speeds), "arrival_time": self.arrival_time}
 
 
 def _no_compression(compression: Compression | str | None) -> None:
@@ -278,6 +287,7 @@ def fedbuff(
     staleness_exponent: float = 0.5,
     seed: int = 0,
     speeds: Sequence[float] | None = None,
+    arrival_time: float | None = None,
     compression: Compression | str | None = None,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
@@ -287,7 +297,8 @@ def fedbuff(
     ``fraction`` c; default every client); each runs ``tau`` local steps from the server model it pulled and
     sends ``Delta = y - x``; every ``buffer_size`` = K arrivals the server takes
     ``z <- z - eta (1/K) sum_j w(s_j) Delta_j`` (eta = ``outer_lr``, w from ``staleness``: ``constant`` 1,
-    ``sqrt`` 1/sqrt(1+s), ``poly`` (1+s)^-a with a = ``staleness_exponent``).
+    ``sqrt`` 1/sqrt(1+s), ``poly`` (1+s)^-a with a = ``staleness_exponent``). Python only: ``speeds`` and
+    ``arrival_time`` fix the timeline (:class:`AsyncSchedule`; by default an engine binds its clock's).
     """
     from coopsgd.algorithms.spec import AlgorithmSpec, Policies  # noqa: F811 (spec imports this module)
 
@@ -297,7 +308,7 @@ def fedbuff(
     c = _concurrency(m, concurrency, fraction)
     agg = AsyncAggregation(buffer_size=buffer_size, lr=outer_lr, staleness=staleness,
                            staleness_exponent=staleness_exponent)
-    sched = AsyncSchedule(m, tau, concurrency=c, speeds=speeds, seed=seed)
+    sched = AsyncSchedule(m, tau, concurrency=c, speeds=speeds, seed=seed, arrival_time=arrival_time)
     return AlgorithmSpec(
         name="fedbuff", workers=m, auxiliaries=1, tau=tau, schedule=sched, rule="post_mix", center="auxiliary",
         theory_matrix=None, pattern="parameter_server", policies=policies or Policies(),
@@ -316,6 +327,7 @@ def async_local_sgd(
     delayed_nesterov: int = 1,
     dynamic_local_updates: bool = False,
     speeds: Sequence[float] | None = None,
+    arrival_time: float | None = None,
     compression: Compression | str | None = None,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
@@ -330,7 +342,7 @@ def async_local_sgd(
     tau = check_int("tau", tau, minimum=1)
     _no_compression(compression)
     agg = AsyncAggregation(buffer_size=1, lr=outer_lr, momentum=outer_momentum, delayed_nesterov=delayed_nesterov)
-    sched = AsyncSchedule(m, tau, speeds=speeds, dynamic_local_updates=dynamic_local_updates)
+    sched = AsyncSchedule(m, tau, speeds=speeds, dynamic_local_updates=dynamic_local_updates, arrival_time=arrival_time)
     return AlgorithmSpec(
         name="async_local_sgd", workers=m, auxiliaries=1, tau=tau, schedule=sched, rule="post_mix",
         center="auxiliary", theory_matrix=None, pattern="parameter_server", policies=policies or Policies(),
@@ -349,4 +361,13 @@ def bind_speeds(spec: AlgorithmSpec, speeds: Sequence[float] | None) -> Algorith
     speeds = tuple(float(s) for s in speeds)
     if sched.speeds is not None and tuple(sched.speeds) != speeds:
         raise ConfigError.invalid("worker_speeds", list(speeds), f"the spec was built with speeds {list(sched.speeds)}")
-    return replace(spec, schedule=sched.with_speeds(speeds))
+    return replace(spec, schedule=sched.with_timing(speeds, sched.arrival_time))
+
+
+def bind_arrival_time(spec: AlgorithmSpec, arrival_time: float) -> AlgorithmSpec:
+    """``spec`` with its asynchronous schedule's arrival time set (the spec itself when it has none, or when the
+    schedule was built with one: an explicit value is kept)."""
+    sched = spec.schedule
+    if not isinstance(sched, AsyncSchedule) or sched.arrival_time is not None:
+        return spec
+    return replace(spec, schedule=sched.with_timing(sched.speeds, arrival_time))

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from coopsgd.algorithms.asynchronous import bind_speeds
+from coopsgd.algorithms.asynchronous import bind_arrival_time, bind_speeds
 from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
@@ -204,6 +204,7 @@ class Simulator(SimulatorCompute):
         self._async = None if spec.asynchronous is None else AsyncServer(
             spec.asynchronous, self.rows_params[start_rows(spec.schedule)],
             lambda: torch.zeros(d, dtype=dtype, device=self.device))
+        self._arrival_bound = False  # the asynchronous timeline's arrival time, from this clock (_bind_arrival)
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
         self._bad: dict[str, Any] | None = None
@@ -217,6 +218,8 @@ class Simulator(SimulatorCompute):
         self._init_compute(executor, executor_cache, calibration_steps)
         self.clock = clock if clock is not None else SimClock(compute=FlopCompute())
         self.clock.bind(m, d, torch.empty((), dtype=dtype).element_size())
+        if self._async is not None and not self.clock.counts_flops:  # a stated compute time: bound now
+            self._bind_arrival(None)
 
     # ------------------------------------------------------------------------------------------------
     # construction helpers
@@ -391,7 +394,25 @@ class Simulator(SimulatorCompute):
         if self._executor is None:
             self._choose_executor(checked, rows)
         if self.clock.counts_flops:
-            self._step_flops(checked)
+            self._bind_arrival(self._step_flops(checked))
+
+    def _bind_arrival(self, flops: np.ndarray | None) -> None:
+        """Bind an asynchronous schedule's arrival time to this clock, once: one parameter-server round of one
+        worker (:meth:`~coopsgd.engines.simulator.clock.SimClock.arrival_costs`) over the mean compute time of a
+        speed-1 step (counted FLOPs, or the compute model's mean; measured time has none: 0). Done before the
+        first step's arrivals (the first step's events never depend on it); a checkpoint restores the bound value."""
+        if self._async is None or self._arrival_bound:
+            return
+        self._arrival_bound = True
+        cm = self.clock.compute
+        base = 0.0
+        if isinstance(cm, FlopCompute) and flops is not None and float(np.max(flops, initial=0.0)) > 0.0:
+            base = float(cm.seconds(float(np.max(flops))))
+        else:
+            fallback = cm.fallback if isinstance(cm, FlopCompute) else cm
+            base = 0.0 if fallback is None else float(fallback.mean_s)
+        cost = float(sum(self.clock.network.round_time(c) for c in self.clock.arrival_costs()))
+        self.spec = bind_arrival_time(self.spec, cost / base if base > 0.0 else 0.0)
 
     # ------------------------------------------------------------------------------------------------
     # stepping
@@ -468,6 +489,9 @@ class Simulator(SimulatorCompute):
         if self._executor is None:
             self._choose_executor(batches, rows)
         flops = self._step_flops(batches) if self.clock.counts_flops else None
+        if not self._arrival_bound:
+            self._bind_arrival(flops)
+            spec = self.spec
         losses = np.full(m, np.nan)
         with torch.no_grad():
             probe = self._probe_losses(k) if spec.needs_losses and self.loss_estimate == "probe" else None
@@ -788,7 +812,8 @@ class Simulator(SimulatorCompute):
             "calibration": dict(self.calibration),
             "torch_rng_state": torch.get_rng_state(),
             **({} if self._compressed is None else {"compression": self._compressed.state_dict()}),
-            **({} if self._async is None else {"asynchronous": self._async.state_dict()}),
+            **({} if self._async is None else {"asynchronous": {
+                **self._async.state_dict(), "arrival_time": getattr(self.spec.schedule, "arrival_time", None)}}),
         })
 
     def _load_compression(self, state: dict[str, Any]) -> None:
@@ -815,7 +840,11 @@ class Simulator(SimulatorCompute):
             raise ConfigError.invalid("state_dict.loss_history", hist.shape, f"expected window x m = {self._hist.shape}")
         self._load_compression(state)
         if self._async is not None:
-            self._async.load_state_dict(state.get("asynchronous"), "state_dict.asynchronous")
+            saved = state.get("asynchronous")
+            self._async.load_state_dict(saved, "state_dict.asynchronous")
+            if saved is not None and saved.get("arrival_time") is not None:  # the timeline the run was on
+                self.spec = bind_arrival_time(self.spec, float(saved["arrival_time"]))
+                self._arrival_bound = True
         self._comm.clear()
         self._calibrated = None
         self._load_rows_payload(state, "state_dict")
