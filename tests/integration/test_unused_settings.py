@@ -104,8 +104,6 @@ def test_the_same_settings_are_accepted_where_the_run_uses_them(settings: dict[s
 def test_defaults_never_refuse_on_any_engine_or_preset() -> None:
     for engine in ENGINES:
         for preset in declarations():
-            if engine == "distributed" and RunConfig(preset=preset).preset_facts()["asynchronous"]:
-                continue  # an asynchronous server is refused there (tests/unit/test_asynchronous.py)
             cfg = RunConfig(engine=engine, preset=preset)
             assert cfg.unused() == [], (engine, preset)
 

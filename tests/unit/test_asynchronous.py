@@ -268,8 +268,10 @@ def test_bad_settings_are_refused() -> None:
             fedbuff(8, **kwargs)
     with pytest.raises(ConfigError, match="delayed_nesterov"):
         async_local_sgd(4, delayed_nesterov=0)
-    with pytest.raises(ConfigError, match="engine"):
-        RunConfig(preset="fedbuff", engine="distributed")
+    with pytest.raises(ConfigError, match="concurrency"):  # one rank per client, every one training
+        RunConfig(preset="fedbuff", engine="distributed", workers=4, concurrency=2)
+    with pytest.raises(ConfigError, match="fraction"):
+        RunConfig(preset="fedbuff", engine="distributed", workers=4, fraction=0.5)
     with pytest.raises(ConfigError, match="worker_speeds"):
         Simulator(fedbuff(2, speeds=(1.0, 0.5)), lambda: nn.Linear(2, 1), clock=SimClock(speeds=(1.0,)))
     assert make_preset("async_local_sgd", 4).inner_optimizer == "adamw"

@@ -44,6 +44,10 @@ worker over the mean compute time of a speed-1 step), and charges the same times
 order is the simulated clock's. A random compute model (a distribution with a spread) or measured compute time
 moves the simulated times around their means but not the order, which follows the means.
 
+On the distributed engine (one rank per worker, every one training) the schedule is *free-running*
+(:meth:`AsyncSchedule.free`): each rank takes a local step at every step and pushes after its own H local steps to a
+real parameter server on rank 0, which applies the same rule in the order the pushes arrive.
+
 The server step is not linear in the stacked state and the staleness is data of the run, so no fixed W
 describes the algorithm: the [CSGD] theorems do not apply.
 """
@@ -149,6 +153,8 @@ class AsyncSchedule(_Base):
         seed: the generator of FedBuff's client draws.
         arrival_time: an arrival's push and pull, in units of a speed-1 local step (>= 0); ``None``: 0 until an
             engine binds its clock's (:meth:`with_timing`).
+        free_running: every worker takes a local step at every step and pushes after its own H local steps, in
+            the order a real server receives them (the distributed engine, :meth:`free`); there is no timeline.
 
     ``asynchronous = True`` declares that a round is not a matrix: engines apply :meth:`step_events`'s arrivals
     with :class:`AsyncAggregation` instead; :meth:`advance` never returns a mix.
@@ -158,7 +164,7 @@ class AsyncSchedule(_Base):
 
     def __init__(self, workers: int, tau: int, *, concurrency: int | None = None,
                  speeds: Sequence[float] | None = None, dynamic_local_updates: bool = False, seed: int = 0,
-                 arrival_time: float | None = None) -> None:
+                 arrival_time: float | None = None, free_running: bool = False) -> None:
         self.m = check_int("workers", workers, minimum=1)
         self.tau = check_int("tau", tau, minimum=1)
         self.n = self.m + 1
@@ -174,12 +180,23 @@ class AsyncSchedule(_Base):
         self._rate = [Fraction(float(s)) for s in self.speed]
         self.arrival_time = None if arrival_time is None else check_float("arrival_time", arrival_time, low=0.0)
         self._arrival = Fraction(self.arrival_time or 0.0)
+        self.free_running = bool(free_running)
+        if self.free_running and self.concurrency != self.m:
+            raise ConfigError.invalid("concurrency", self.concurrency, f"a free-running server (the distributed engine: "
+                                      f"one rank per worker) trains every worker: concurrency = workers = {self.m}")
         self._reset()
 
     def with_timing(self, speeds: Sequence[float] | None, arrival_time: float | None) -> AsyncSchedule:
         """The same schedule with the given speed classes and arrival time (a new object; this one is unchanged)."""
         return AsyncSchedule(self.m, self.tau, concurrency=self.concurrency, speeds=speeds,
-                             dynamic_local_updates=self.dynamic, seed=self.seed, arrival_time=arrival_time)
+                             dynamic_local_updates=self.dynamic, seed=self.seed, arrival_time=arrival_time,
+                             free_running=self.free_running)
+
+    def free(self) -> AsyncSchedule:
+        """The same schedule free-running (see the class docstring; a new object)."""
+        return AsyncSchedule(self.m, self.tau, concurrency=self.concurrency, speeds=self.speeds,
+                             dynamic_local_updates=self.dynamic, seed=self.seed, arrival_time=self.arrival_time,
+                             free_running=True)
 
     # -- the timeline (a cache: every entry is a function of the step alone) -----------------------------------
     def _reset(self) -> None:
@@ -240,6 +257,8 @@ class AsyncSchedule(_Base):
 
     # -- the schedule protocol ---------------------------------------------------------------------------------
     def active(self, step: int) -> np.ndarray | None:
+        if self.free_running:
+            return None
         workers = self.step_events(step).workers
         if len(workers) == self.m:
             return None

@@ -90,33 +90,47 @@ class AsyncServer:
         L["server_steps"] = t
         L["version"] = int(L["version"]) + 1
 
+    def receive(self, z: Rows, delta: Rows, slot: int) -> tuple[int, bool]:
+        """One arrival's pseudo-gradient ``delta`` (y_j - x) from ``slot``: buffered with its staleness weight, and
+        a server step on ``z`` (in place) when the buffer is full. Returns the staleness and whether z stepped."""
+        L = self.ledger
+        s = int(L["version"]) - int(L["pulled_version"][slot])
+        weight = self.agg.weight(s)
+        if weight == 1.0:
+            self.buffer += delta
+        else:
+            self.buffer += weight * delta
+        L["buffered"] = int(L["buffered"]) + 1
+        L["arrivals"] = int(L["arrivals"]) + 1
+        L["staleness_sum"] = int(L["staleness_sum"]) + s
+        L["staleness_max"] = max(int(L["staleness_max"]), s)
+        stepped = L["buffered"] == self.agg.buffer_size
+        if stepped:
+            self._server_step(z)
+            L["buffered"] = 0
+        return s, stepped
+
     def arrive(self, params: Rows, server: int, event: AsyncStep) -> ArrivalReport:
         """Apply ``event``'s arrivals, in order, to ``params`` ((n, d) parameter rows, changed in place; row
         ``server`` is z). Nothing is checked here: :meth:`rows_written` says which rows to check."""
         L, rep = self.ledger, ArrivalReport()
         z = params[server]
         for slot, w, nxt in event.arrivals:
-            s = int(L["version"]) - int(L["pulled_version"][slot])
-            weight = self.agg.weight(s)
-            delta = self.pulled[slot] - params[w]
-            if weight == 1.0:
-                self.buffer += delta
-            else:
-                self.buffer += weight * delta
-            L["buffered"] = int(L["buffered"]) + 1
-            L["arrivals"] = int(L["arrivals"]) + 1
-            L["staleness_sum"] = int(L["staleness_sum"]) + s
-            L["staleness_max"] = max(int(L["staleness_max"]), s)
+            s, stepped = self.receive(z, self.pulled[slot] - params[w], slot)
             rep.workers.append(int(w))
             rep.staleness.append(s)
-            if L["buffered"] == self.agg.buffer_size:
-                self._server_step(z)
-                L["buffered"] = 0
-                rep.server_steps += 1
+            rep.server_steps += int(stepped)
             params[nxt] = z
             self.pulled[slot] = z
             L["pulled_version"][slot] = int(L["version"])
         return rep
+
+    def on_push(self, z: Tensor, push: Tensor, rank: int) -> None:
+        """The rule of a real parameter server (:class:`~coopsgd.engines.distributed.parameter_server.AsyncParameterServer`,
+        one slot per rank): a push ``x - b`` is the pseudo-gradient ``-(push)``; the rank then pulls z at the new
+        version (the server keeps the pulled copies b itself)."""
+        self.receive(z, -push, rank)
+        self.ledger["pulled_version"][rank] = int(self.ledger["version"])
 
     @staticmethod
     def rows_written(server: int, event: AsyncStep) -> list[int]:

@@ -175,9 +175,14 @@ class RunConfig:
         if self.algorithm.downpour_order == "async" and self.execution.engine != "distributed":
             raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
                                       "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
-        if self.execution.engine == "distributed" and self.preset_facts()["asynchronous"]:
-            raise ConfigError.invalid("engine", "distributed", f"preset {self.algorithm.preset!r} (an asynchronous "
-                                      "server) runs on engines simulate and reference only")
+        a = self.algorithm
+        if self.execution.engine == "distributed" and self.preset_facts()["asynchronous"] and (
+                (a.concurrency is not None and a.concurrency != a.workers)
+                or (a.fraction is not None and max(1, round(a.fraction * a.workers)) != a.workers)):
+            raise ConfigError.invalid("concurrency" if a.concurrency is not None else "fraction",
+                                      a.concurrency if a.concurrency is not None else a.fraction,
+                                      "the distributed engine runs one rank per client, every one training: "
+                                      "concurrency = workers (fraction 1)")
         self._check_compression()
         self._check_control_variates()
         if self.clock.worker_speeds:
