@@ -312,3 +312,18 @@ def test_a_dropped_round_restores_the_server_state() -> None:
     for k in range(2, 6):
         sim.step(_batches(3, k), 0.2)
     assert sim.async_record()["arrivals"] == 6 and bool(torch.isfinite(sim.params).all())
+
+
+def test_the_reset_policy_restarts_a_pulling_workers_optimizer() -> None:
+    from coopsgd.algorithms.spec import Policies
+
+    spec = async_local_sgd(2, 2, speeds=(1.0, 0.5), policies=Policies(optimizer_state="reset"))
+    sim = Simulator(spec, lambda: nn.Linear(4, 3), dtype=torch.float64, executor="loop", clock=SimClock())
+    sim.step(_batches(2, 0), 0.01)  # worker 0 steps
+    st = sim.step(_batches(2, 1), 0.01)  # both step; worker 0 arrives and pulls
+    assert st.info["arrivals"] == [0]
+    state = sim.optimizer_state
+    assert all(bool((v[0] == 0).all()) and bool((v[1] != 0).any()) for v in state.values())
+    assert sim.optimizer_steps.tolist() == [0, 1]
+    with pytest.raises(ConfigError, match="optimizer_state"):
+        async_local_sgd(2, policies=Policies(optimizer_state="mix"))

@@ -198,6 +198,9 @@ class AlgorithmSpec:
                 self.compression is not None and self.compression.active):
             raise ConfigError.invalid("asynchronous", a.describe(), "takes no outer optimizer, proximal term, "
                                       "control variates, robust rule or compression")
+        if self.policies.optimizer_state == "mix":
+            raise ConfigError.invalid("optimizer_state", "mix", "an asynchronous server mixes nothing: use 'local' "
+                                      "(each worker keeps its optimizer state) or 'reset' (restarted at each pull)")
 
     @property
     def compressed(self) -> Compression | None:

@@ -20,6 +20,7 @@ from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.engines.asynchronous import ArrivalReport, AsyncServer
 from coopsgd.engines.base import NonFiniteError, StepStats
 from coopsgd.engines.health import absmax
+from coopsgd.engines.kernel import RoundKernel
 from coopsgd.engines.simulator.clock import FlopCompute, SimClock
 
 __all__ = ["AsyncArrivals"]
@@ -37,12 +38,16 @@ class AsyncArrivals:
     _async: AsyncServer | None
     _arrival_bound: bool
     device: torch.device
+    _kernel: RoundKernel
     _state: Tensor
     _bound: float
 
     if TYPE_CHECKING:  # the Simulator's own (ModelRows' rows, its non-finite handling)
         @property
         def rows_params(self) -> Tensor: ...
+
+        @property
+        def _opt_counters(self) -> Tensor: ...
 
         def _found(self, k: int, exc: NonFiniteError) -> None: ...
 
@@ -84,6 +89,12 @@ class AsyncArrivals:
             self._async.restore(snap)
             self._found(k, self._nonfinite(np.ones(1, dtype=bool), [self.m], k, "model"))
             return None
+        k_ = self._kernel
+        if k_.nfields and self.spec.policies.optimizer_state == "reset":  # a pull restarts the worker's optimizer
+            nxt = torch.as_tensor(sorted({n for _, _, n in event.arrivals}), device=self.device)
+            self._state[nxt, k_.b + k_.d : k_.fields_end] = 0.0
+            if not k_.sgd:
+                self._opt_counters[nxt.cpu()] = 0
         self._bound = max(self._bound, absmax(z))
         return report
 
