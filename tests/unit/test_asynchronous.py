@@ -327,3 +327,12 @@ def test_the_reset_policy_restarts_a_pulling_workers_optimizer() -> None:
     assert sim.optimizer_steps.tolist() == [0, 1]
     with pytest.raises(ConfigError, match="optimizer_state"):
         async_local_sgd(2, policies=Policies(optimizer_state="mix"))
+
+
+def test_the_timeline_cache_is_bounded_and_an_old_step_is_recomputed() -> None:
+    s = AsyncSchedule(5, 3, concurrency=2, speeds=(1.0, 0.3), seed=1, arrival_time=0.25)
+    late = s.step_events(2000)
+    assert len(s._events) <= 512
+    early = s.step_events(3)  # older than the cache: computed again from the start
+    fresh = AsyncSchedule(5, 3, concurrency=2, speeds=(1.0, 0.3), seed=1, arrival_time=0.25)
+    assert early == fresh.step_events(3) and s.step_events(2000) == late == fresh.step_events(2000)

@@ -75,6 +75,9 @@ __all__ = ["AsyncAggregation", "AsyncSchedule", "AsyncStep", "STALENESS_RULES", 
 #: FedBuff's staleness weights w(s).
 STALENESS_RULES = ("constant", "sqrt", "poly")
 
+#: How many recent steps' events an :class:`AsyncSchedule` keeps (at most twice as many).
+_KEPT = 256
+
 #: The staleness statistics an asynchronous run adds to its metric records and summary.
 ASYNC_STATS = ("arrivals", "server_updates", "staleness_mean", "staleness_max")
 
@@ -200,25 +203,26 @@ class AsyncSchedule(_Base):
 
     # -- the timeline (a cache: every entry is a function of the step alone) -----------------------------------
     def _reset(self) -> None:
-        rng = np.random.default_rng([self.seed, 0xA5])
-        if self.concurrency == self.m:
-            first = list(range(self.m))
-        else:
-            first = sorted(int(w) for w in rng.choice(self.m, size=self.concurrency, replace=False))
-        self._rng = rng
+        self._rng, first = self._initial()
         self._slot_worker = list(first)
         held = set(first)
         self._free = [w for w in range(self.m) if w not in held]
         self._start = [Fraction(0)] * self.concurrency
         self._done = [0] * self.concurrency
-        self._events: list[AsyncStep] = []
+        self._events: list[AsyncStep] = []  # the most recent events, from step self._first on
+        self._first = 0
+
+    def _initial(self) -> tuple[np.random.Generator, list[int]]:
+        """The generator of the client draws and the first C clients (every worker when C = m; else C drawn
+        without replacement, sorted: slot j holds entry j)."""
+        rng = np.random.default_rng([self.seed, 0xA5])
+        if self.concurrency == self.m:
+            return rng, list(range(self.m))
+        return rng, sorted(int(w) for w in rng.choice(self.m, size=self.concurrency, replace=False))
 
     def initial_workers(self) -> list[int]:
         """The worker holding each slot at the start (slot j: entry j)."""
-        if self.concurrency == self.m:
-            return list(range(self.m))
-        rng = np.random.default_rng([self.seed, 0xA5])
-        return sorted(int(w) for w in rng.choice(self.m, size=self.concurrency, replace=False))
+        return self._initial()[1]
 
     def _next_time(self, j: int) -> Fraction:
         return self._start[j] + Fraction(self._done[j] + 1) / self._rate[self._slot_worker[j]]
@@ -247,13 +251,19 @@ class AsyncSchedule(_Base):
             self._start[j] = t + self._arrival  # the next worker starts once the push and the pull are done
             self._done[j] = 0
         self._events.append(AsyncStep(t, workers, tuple(arrivals)))
+        if len(self._events) > 2 * _KEPT:  # a bounded cache: a run asks for its steps in order
+            del self._events[:_KEPT]
+            self._first += _KEPT
 
     def step_events(self, step: int) -> AsyncStep:
-        """What happens at engine step ``step`` (0-based)."""
+        """What happens at engine step ``step`` (0-based). Steps are computed in order from the start and the
+        recent ones kept; asking for an older one computes the timeline again from the start (same result)."""
         step = check_int("step", step, minimum=0)
-        while len(self._events) <= step:
+        if step < self._first:
+            self._reset()
+        while self._first + len(self._events) <= step:
             self._extend()
-        return self._events[step]
+        return self._events[step - self._first]
 
     # -- the schedule protocol ---------------------------------------------------------------------------------
     def active(self, step: int) -> np.ndarray | None:
