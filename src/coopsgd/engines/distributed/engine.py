@@ -238,7 +238,8 @@ class DistributedEngine(RankViews):
         self._server_rule: AsyncServer | None = None
         self._ps = self._start_parameter_server(net) if self.asynchronous else None
         #: local steps between pushes: tau, or an asynchronous server's H_i of this worker
-        self._push_every = int(getattr(spec.schedule, "local_steps", [spec.tau] * self.m)[self.rank])
+        self._push_every = spec.tau if spec.asynchronous is None else \
+            int(spec.schedule.local_steps[self.rank])  # type: ignore[attr-defined]
 
         # -- estimates and timing ------------------------------------------------------------------------
         self._hist = np.full(self.window, np.nan)
