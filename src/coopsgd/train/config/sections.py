@@ -93,14 +93,6 @@ def _partition(name: str) -> Used:
     return used
 
 
-def _speeds(c: Any) -> str | None:
-    """The speed classes: the simulator's clock, and on the reference engine an asynchronous server's arrival order."""
-    if c.execution.engine == "simulate" or (c.execution.engine == "reference" and c.preset_facts()["asynchronous"]):
-        return None
-    return (f"engine is {c.execution.engine!r} (used by the simulator, and on the reference engine by an asynchronous "
-            "server's arrival order)")
-
-
 def _nan_skip(c: Any) -> str | None:
     if c.execution.nan_policy == "skip":
         return None
@@ -114,6 +106,18 @@ def _preset_fact(fact: str, what: str) -> Used:
             return None
         return f"preset {c.algorithm.preset!r} does not use it ({what})"
     return used
+
+
+def _speeds(c: Any) -> str | None:
+    """The speed classes: the simulator's clock, on every engine the clients' local steps of a FedAvg-family
+    preset with ``local_work`` budget (each client runs as many steps as fit in the fastest one's tau), and on the
+    reference engine an asynchronous server's arrival order (FedBuff, asynchronous local SGD)."""
+    if c.execution.engine == "simulate" or c.algorithm.local_work == "budget":
+        return None
+    if c.execution.engine == "reference" and c.preset_facts()["asynchronous"]:
+        return None
+    return (f"the {c.execution.engine} engine does not use it (simulate only, local_work budget on any engine, or an "
+            "asynchronous preset on the reference engine)")
 
 
 def _compute(*kinds: str) -> Used:
@@ -207,6 +211,8 @@ class AlgorithmSettings:
     outer_beta2: float | None = _preset()
     outer_eps: float | None = _preset()
     mu: float | None = _preset()
+    local_work: str | None = _preset()
+    min_local_steps: int | None = _preset()
     aggregation: str | None = _preset()
     trim: float | None = _preset()
     byzantine_fraction: float | None = _preset()
