@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from coopsgd.algorithms.spec import AlgorithmSpec, Policies  # noqa: F811 (spec imports this module)
 
 __all__ = ["AsyncAggregation", "AsyncSchedule", "AsyncStep", "STALENESS_RULES", "staleness_weight",
-           "fedbuff", "async_local_sgd", "ASYNC_STATS"]
+           "fedbuff", "async_local_sgd", "ASYNC_STATS", "bind_speeds", "bind_arrival_time"]
 
 #: FedBuff's staleness weights w(s).
 STALENESS_RULES = ("constant", "sqrt", "poly")
