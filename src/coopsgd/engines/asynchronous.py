@@ -18,7 +18,6 @@ One arrival of the worker ``w`` holding slot ``j`` (x its model row, z the serve
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -187,15 +186,3 @@ def start_rows(schedule: Any) -> Sequence[int]:
     """The worker rows each slot starts from (the schedule's first workers)."""
     return list(schedule.initial_workers())
 
-
-def finite(values: Rows) -> bool:
-    """Whether every value is finite (torch or numpy)."""
-    if isinstance(values, Tensor):
-        return bool(torch.isfinite(values).all())
-    return bool(np.all(np.isfinite(values)))
-
-
-def absmax_rows(values: Rows) -> float:
-    if isinstance(values, Tensor):
-        return float(values.abs().max()) if values.numel() else 0.0
-    return float(np.abs(values).max(initial=0.0)) if values.size else math.nan
