@@ -147,7 +147,7 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
                                   "CPU tensors with gloo; use downpour_order='schedule' on GPUs")
     if asynchronous and nan_policy == "skip":
         raise ConfigError.invalid("nan_policy", nan_policy, "'skip' cannot roll back an asynchronous parameter "
-                                                            "server; use 'stop' or downpour_order='schedule'")
+                                  "server; use 'stop'" + ("" if server else " or downpour_order='schedule'"))
     if fault is not None and not callable(fault):
         raise ConfigError.invalid("fault", fault, "must be callable as fault(rank, step)")
     return rank, asynchronous
