@@ -161,6 +161,9 @@ def _check_arguments(model: Any, optimizer: Any, spec: Any) -> None:
     if spec.outer is not None:
         raise ConfigError.invalid("spec.outer", spec.outer.kind, "the wrapper runs no outer optimizer (DiLoCo, "
                                   "SlowMo); use the simulator or the distributed engine")
+    if spec.asynchronous is not None:
+        raise ConfigError.invalid("spec.asynchronous", spec.name, "the wrapper runs no asynchronous server (FedBuff, "
+                                  "asynchronous local SGD); use the simulator, the reference or the distributed engine")
     if spec.prox > 0.0 or spec.control:  # never a silent FedAvg in place of FedProx / SCAFFOLD
         raise ConfigError.invalid("spec.prox" if spec.prox > 0.0 else "spec.control", spec.prox or spec.control,
                                   "the wrapper steps your optimizer on its own gradients: FedProx's term and SCAFFOLD's "

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms.async_presets import ASYNC_DECLS
 from coopsgd.algorithms.communication import Compression, CompressionArg, as_compression
 from coopsgd.algorithms.federated_presets import (
     FEDERATED_DECLS,
@@ -615,6 +616,7 @@ _DECLS: tuple[PresetDecl, ...] = (
         theory=(EASGD_ALPHA_PER_GROUP,),
     ),
     *FEDERATED_DECLS,
+    *ASYNC_DECLS,
     PresetDecl(
         "lsgd", lsgd, "Leader SGD: pull toward the best worker",
         args=(_TAU.replace(default=1),

@@ -315,6 +315,29 @@ class SimClock:
         self.rounds += 1
         return c
 
+    def arrival_costs(self) -> list[RoundCost]:
+        """The cost of one asynchronous arrival: a parameter server's push and pull for one worker (1 handshake,
+        2d floats)."""
+        return [round_cost("parameter_server", workers=1, params=self.params, bytes_per_param=self.bytes_per_param)]
+
+    def arrive(self, worker: int, next_worker: int, costs: list[RoundCost]) -> float:
+        """An asynchronous arrival: only ``worker`` pays ``costs`` (its push and pull; no other clock moves, nobody
+        waits), and ``next_worker`` (the worker taking its slot; itself when it stays) starts when it ends (the time
+        it waited for that counts as idle). Returns the arrival's alpha-beta seconds.
+
+        ``communication_s`` grows by the mean over workers (each worker's clock is its compute, idle and own
+        communication, so ``elapsed = compute_s + idle_s + communication_s`` still holds)."""
+        c = float(sum(self.network.round_time(cost) for cost in costs))
+        w, nxt = int(worker), int(next_worker)
+        self.t[w] += c
+        self.exposed += c / max(self.workers, 1)
+        if nxt != w and self.t[nxt] < self.t[w]:
+            self.waited[nxt] += self.t[w] - self.t[nxt]
+            self.t[nxt] = self.t[w]
+        self.bytes_total += float(sum(cost.bytes_sent for cost in costs))
+        self.rounds += 1
+        return c
+
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
