@@ -11,11 +11,24 @@ from coopsgd.experiments.harness import ExperimentArgs
 from coopsgd.experiments.stats import CONTRADICTED, NOT_MEASURED, REPRODUCED, UNRESOLVED, aggregate
 
 
-def test_variation_is_the_mean_absolute_change_over_the_second_half() -> None:
-    # rounds 0..8; the second half is rounds 4..8: changes |1-3|, |3-2|, |2-2|, |2-1| -> mean 1.0
+def test_loss_rise_is_the_mean_rise_over_the_second_half() -> None:
+    # rounds 0..8; the second half is rounds 4..8: changes +2, -1, 0, -1 -> rises 2, 0, 0, 0 -> mean 0.5
     curve = [[k, v, None] for k, v in enumerate([9.0, 7.0, 5.0, 4.0, 1.0, 3.0, 2.0, 2.0, 1.0])]
-    assert fl.variation(curve) == pytest.approx(1.0)
-    assert fl.variation([[0, 1.0, None], [1, None, None], [2, 2.0, None]]) is None  # fewer than three values
+    assert fl.loss_rise(curve) == pytest.approx(0.5)
+    assert fl.loss_rise([[0, 1.0, None], [1, None, None], [2, 2.0, None]]) is None  # fewer than three values
+
+
+def test_loss_rise_measures_oscillation_not_progress() -> None:
+    # a smooth, strictly falling curve 2.0 -> 1.0 over rounds 0..10: nothing rises, U = 0
+    falling = [[k, 2.0 - k / 10, None] for k in range(11)]
+    assert fl.loss_rise(falling) == 0.0
+    # a flat curve oscillating 1 +- 0.05 over rounds 0..9: the second half (rounds 5..9) reads 0.95, 1.05, 0.95,
+    # 1.05, 0.95 -> rises 0.1, 0, 0.1, 0 -> U = 0.05, the amplitude
+    flat = [[k, 1.0 + (0.05 if k % 2 == 0 else -0.05), None] for k in range(10)]
+    assert fl.loss_rise(flat) == pytest.approx(0.05)
+    # the same oscillation on top of the fall: the fall of 0.1 per round offsets each rise of 0.1 -> U = 0
+    assert fl.loss_rise([[k, 2.0 - k / 10 + (0.05 if k % 2 == 0 else -0.05), None] for k in range(10)]) \
+        == pytest.approx(0.0, abs=1e-12)
 
 
 def test_retained_and_rounds_to() -> None:
@@ -24,6 +37,8 @@ def test_retained_and_rounds_to() -> None:
     curve = [[0, 2.0, 900.0], [2, 1.0, 300.0], [4, 0.9, 150.0], [6, 0.8, 140.0]]
     assert fl.rounds_to(curve, 150.0) == 4.0
     assert fl.rounds_to(curve, 100.0) is None
+    assert fl.censored_rounds(curve) == 8.0  # last evaluated round 6 + the interval 2: above every possible hit
+    assert fl.censored_rounds([[3, 1.0, 5.0]]) == 4.0 and fl.censored_rounds([]) is None
 
 
 def _result(*, scaffold: float, prox_wiggle: float, adam_ppl: float, mean_acc: float, adam_mid: float = 118.0
@@ -47,7 +62,7 @@ def test_verdicts_follow_the_rule() -> None:
     seeds = [_result(scaffold=0.3 + 0.01 * s, prox_wiggle=0.01 * s, adam_ppl=105.0 + s, mean_acc=0.2 + 0.05 * s)
              for s in range(3)]
     m = a.metrics(seeds[0])
-    assert m["FedAvg: loss variation V (2nd half)"] > m["FedProx mu=1: loss variation V (2nd half)"]
+    assert m["FedAvg: loss rise U (2nd half)"] > m["FedProx mu=1: loss rise U (2nd half)"] == 0.0
     assert m["LSTM FedAdam: rounds to FedAvg's final perplexity"] == 10.0
     assert m["LSTM FedAvg: rounds to FedAvg's final perplexity"] == 20.0
     assert m["mean under sign-flip: accuracy retained R"] == pytest.approx(0.1 / 0.8)
@@ -55,13 +70,26 @@ def test_verdicts_follow_the_rule() -> None:
     assert [c["verdict"] for c in good["claims"]] == [REPRODUCED] * 6
     assert any(line.startswith("seed by seed, SCAFFOLD − FedAvg") and "negative on 3 of 3 seeds" in line
                for line in good["notes"])
-    # SCAFFOLD above FedAvg, FedAdam that never reaches FedAvg's final perplexity, a mean that keeps accuracy
+    assert not any("did not reach" in line for line in good["notes"])
+    # SCAFFOLD above FedAvg, FedAdam that never reaches FedAvg's final perplexity (censored: round 20 + 10 = 30,
+    # more rounds than FedAvg's 20), a mean that keeps accuracy
     worse = [_result(scaffold=0.8, prox_wiggle=0.2 + 0.01 * s, adam_ppl=130.0, mean_acc=0.85,
                      adam_mid=140.0) for s in range(3)]
+    mw = a.metrics(worse[0])
+    assert mw["LSTM FedAdam: rounds to FedAvg's final perplexity"] == 30.0
+    assert mw["LSTM FedAdam: reached FedAvg's final perplexity"] == 0.0
+    assert mw["LSTM FedYogi: reached FedAvg's final perplexity"] == 1.0
     agg = aggregate([a.metrics(r) for r in worse], a)
-    assert [c["verdict"] for c in agg["claims"]] == [CONTRADICTED, UNRESOLVED, NOT_MEASURED, CONTRADICTED,
+    assert [c["verdict"] for c in agg["claims"]] == [CONTRADICTED, UNRESOLVED, CONTRADICTED, CONTRADICTED,
                                                      REPRODUCED, CONTRADICTED]
-    assert any("FedAdam did not reach" in line for line in agg["notes"])
+    assert agg["claims"][2]["pairs"][0]["verdict"] == CONTRADICTED  # FedAdam; FedYogi reaches it at round 10
+    assert agg["claims"][2]["pairs"][1]["verdict"] == REPRODUCED
+    assert any(line.startswith("FedAdam did not reach") and "on 3 of 3 seeds" in line and "round 30" in line
+               for line in agg["notes"])
+    # a diverged run is still missing data: not measured
+    broken = [{**r, "runs": [{**x, "diverged": {"step": 5}} if x["label"] == "LSTM FedAdam" else x
+                             for x in r["runs"]]} for r in worse]
+    assert aggregate([a.metrics(r) for r in broken], a)["claims"][2]["verdict"] == NOT_MEASURED
 
 
 def test_reduced_run_writes_its_figure_and_result(tmp_path) -> None:

@@ -13,17 +13,21 @@ a. **Client drift** (Karimireddy et al. 2020; Wang et al. 2020): on a Dirichlet(
    after the last round
    (:func:`coopsgd.train.records.nn_evaluator`), "SCAFFOLD < FedAvg" and "FedNova < FedAvg".
 b. **FedProx's stability** (Li et al. 2020): with μ > 0 the server model's training loss is more stable than
-   FedAvg's under the same split and local work. *Stability* is measured as the round-to-round variation of the
-   training loss over the second half of the run,
+   FedAvg's under the same split and local work. *Stability* is measured as the mean rise of the training loss
+   between consecutive rounds over the second half of the run,
 
-       V = mean over the evaluated rounds k in the second half of |L_k − L_(k−1)|
+       U = mean over the evaluated rounds k in the second half of max(0, L_k − L_(k−1))
 
-   (L evaluated after every round; a smaller V is a steadier curve); "V(FedProx) < V(FedAvg)". μ = 1, the
-   largest value of the grid the FedProx paper tries (0.001, 0.01, 0.1, 1), chosen before running.
+   (L evaluated after every round; a smaller U is a steadier curve); "U(FedProx) < U(FedAvg)". U measures the
+   oscillation and not the trend: a falling curve scores 0 whatever its speed, and a curve alternating between
+   c + a and c − a scores a (a rise of 2a every other round), so a run that learns steadily is never counted as
+   less stable than one that oscillates without learning. μ = 1, the largest value of the grid the FedProx paper
+   tries (0.001, 0.01, 0.1, 1), chosen before running.
 c. **Adaptive server optimizers** (Reddi et al. 2021): FedAdam and FedYogi reach FedAvg's test perplexity in
    fewer rounds on the LSTM task. Measured: the first evaluated round at which each reaches FedAvg's final test
-   perplexity (``None``, "not measured", when it never does within the run), and, at equal rounds, the final
-   test perplexity. The server optimizers run at the presets' defaults (η 0.01, τ 1e-3, β₁ 0.9, β₂ 0.99).
+   perplexity, and, at equal rounds, the final test perplexity. A run that never reaches it within the run took
+   more rounds than FedAvg (a censored outcome, not missing data): it counts as the last evaluated round plus
+   the evaluation interval, above any round a run can reach it at, and a note names the seeds it happened on. The server optimizers run at the presets' defaults (η 0.01, τ 1e-3, β₁ 0.9, β₂ 0.99).
 d. **Robust aggregation** (Blanchard et al. 2017; Yin et al. 2018): with 20% of the clients Byzantine sending
    sign-flipped updates, the coordinate-wise median and Krum keep their accuracy while the mean collapses, on IID
    shards. Measured by the share of the clean run's accuracy above chance that a run keeps,
@@ -79,7 +83,7 @@ from coopsgd.experiments.stats import Assessment, Claim, PaperRow
 from coopsgd.train.config import RunConfig
 
 __all__ = ["QUICK", "FULL", "CLAIMS", "MLP_RUNS", "LSTM_RUNS", "KEEP", "COLLAPSE", "run_fl_strategies",
-           "variation", "retained", "rounds_to", "fl_metrics", "fl_assessment"]
+           "loss_rise", "retained", "rounds_to", "censored_rounds", "fl_metrics", "fl_assessment"]
 
 #: Byzantine clients of claim d: 20% of the clients send their update negated.
 ATTACK: dict[str, Any] = {"byzantine_fraction": 0.2, "attack": "sign_flip"}
@@ -283,15 +287,18 @@ def _plot(path: Path, runs: list[dict[str, Any]], note: str) -> Path:
                        note=note, ncols=max(1, len(top)))
 
 
-def variation(curve: list[list[float | None]]) -> float | None:
-    """Claim b's V: the mean |L_k − L_(k−1)| of the training loss over the evaluations in the second half of the
-    rounds (``curve``: ``[round, loss, ...]`` rows); ``None`` without two finite values there."""
+def loss_rise(curve: list[list[float | None]]) -> float | None:
+    """Claim b's U: the mean of max(0, L_k − L_(k−1)) of the training loss over the evaluations in the second
+    half of the rounds (``curve``: ``[round, loss, ...]`` rows); ``None`` without two finite values there.
+
+    Only the rises count, so U measures oscillation and not progress: a falling curve scores 0 whatever its
+    speed, a curve alternating between c + a and c − a scores a."""
     rows = [(float(r[0]), float(r[1])) for r in curve if r[0] is not None and r[1] is not None and np.isfinite(r[1])]
     if len(rows) < 3:
         return None
     half = rows[-1][0] / 2.0
     ys = np.array([y for x, y in rows if x >= half])
-    return float(np.abs(np.diff(ys)).mean()) if len(ys) >= 2 else None
+    return float(np.maximum(np.diff(ys), 0.0).mean()) if len(ys) >= 2 else None
 
 
 def retained(acc: float | None, clean: float | None) -> float | None:
@@ -303,11 +310,22 @@ def retained(acc: float | None, clean: float | None) -> float | None:
 
 
 def rounds_to(curve: list[list[float | None]], target: float) -> float | None:
-    """The first evaluated round whose test perplexity (the third column) is at most ``target``."""
+    """The first evaluated round whose test perplexity (the third column) is at most ``target``; ``None`` when no
+    evaluation reaches it (:func:`censored_rounds` is what claim c counts then)."""
     for r in curve:
         if r[0] is not None and r[2] is not None and r[2] <= target:
             return float(r[0])
     return None
+
+
+def censored_rounds(curve: list[list[float | None]]) -> float | None:
+    """Claim c's value for a run that never reaches the target: its last evaluated round plus the evaluation
+    interval (the spacing of its last two evaluations, 1 with a single one), above every round a run of this
+    length can reach the target at; ``None`` for a curve without an evaluated round."""
+    xs = [float(r[0]) for r in curve if r[0] is not None]
+    if not xs:
+        return None
+    return xs[-1] + (xs[-1] - xs[-2] if len(xs) >= 2 and xs[-1] > xs[-2] else 1.0)
 
 
 def _final(curve: list[list[float | None]], col: int) -> float | None:
@@ -326,7 +344,7 @@ def fl_metrics(res: dict[str, Any]) -> dict[str, float | None]:
         m[f"{label}: final training loss"] = None if c is None else _final(c, 1)
         m[f"{label}: final test accuracy"] = None if c is None else _final(c, 2)
         if MLP_RUNS[label][0] != "robust":
-            m[f"{label}: loss variation V (2nd half)"] = None if c is None else variation(c)
+            m[f"{label}: loss rise U (2nd half)"] = None if c is None else loss_rise(c)
     clean = m.get("mean, no attack: final test accuracy")
     for who in ("mean", "median", "Krum"):
         key = f"{who}, 20% sign-flip: final test accuracy"
@@ -339,8 +357,11 @@ def fl_metrics(res: dict[str, Any]) -> dict[str, float | None]:
         if f"LSTM {label}" not in curves:
             continue
         m[f"LSTM {label}: final test perplexity"] = None if c is None else _final(c, 2)
+        hit = None if c is None or target is None else rounds_to(c, target)
+        m[f"LSTM {label}: reached FedAvg's final perplexity"] = (
+            None if c is None or target is None else float(hit is not None))
         m[f"LSTM {label}: rounds to FedAvg's final perplexity"] = (
-            None if c is None or target is None else rounds_to(c, target))
+            None if c is None or target is None else hit if hit is not None else censored_rounds(c))
     m.update(_paired(m))
     return m
 
@@ -351,8 +372,8 @@ PAIRED: dict[str, tuple[str, str]] = {
                                                           "FedAvg: final training loss"),
     "FedNova − FedAvg: final training loss (same seed)": ("FedNova: final training loss",
                                                          "FedAvg: final training loss"),
-    f"FedProx mu={PROX_MU:g} − FedAvg: V (same seed)": (f"FedProx mu={PROX_MU:g}: loss variation V (2nd half)",
-                                                        "FedAvg: loss variation V (2nd half)"),
+    f"FedProx mu={PROX_MU:g} − FedAvg: U (same seed)": (f"FedProx mu={PROX_MU:g}: loss rise U (2nd half)",
+                                                        "FedAvg: loss rise U (2nd half)"),
 }
 
 
@@ -373,10 +394,11 @@ def fl_assessment() -> Assessment:
               "loss than FedAvg at equal rounds",
               ("SCAFFOLD: final training loss", "FedAvg: final training loss"),
               also=(("FedNova: final training loss", "FedAvg: final training loss"),)),
-        Claim(f"b. FedProx with mu > 0 is more stable than FedAvg (mu = {PROX_MU:g}; V: mean |change| of the "
-              "training loss between consecutive rounds over the second half)",
-              (f"{prox}: loss variation V (2nd half)", "FedAvg: loss variation V (2nd half)")),
-        Claim("c. FedAdam and FedYogi reach FedAvg's test perplexity in fewer rounds (LSTM)",
+        Claim(f"b. FedProx with mu > 0 is more stable than FedAvg (mu = {PROX_MU:g}; U: mean rise of the "
+              "training loss between consecutive rounds over the second half, falls counting 0)",
+              (f"{prox}: loss rise U (2nd half)", "FedAvg: loss rise U (2nd half)")),
+        Claim("c. FedAdam and FedYogi reach FedAvg's test perplexity in fewer rounds (LSTM; a run that never "
+              "reaches it counts as its last evaluated round + the evaluation interval)",
               ("LSTM FedAdam: rounds to FedAvg's final perplexity", "LSTM FedAvg: rounds to FedAvg's final perplexity"),
               also=(("LSTM FedYogi: rounds to FedAvg's final perplexity",
                      "LSTM FedAvg: rounds to FedAvg's final perplexity"),)),
@@ -397,7 +419,7 @@ def fl_assessment() -> Assessment:
         PaperRow("FedNova vs FedAvg, uneven work", "removes the objective inconsistency (Wang et al., Fig. 1)",
                  "FedNova: final training loss"),
         PaperRow("FedProx vs FedAvg, uneven work", "mu > 0 stabilises training (Li et al., Fig. 1)",
-                 f"{prox}: loss variation V (2nd half)"),
+                 f"{prox}: loss rise U (2nd half)"),
         PaperRow("FedAdam vs FedAvg, language model", "fewer rounds to a given accuracy (Reddi et al., Fig. 1)",
                  "LSTM FedAdam: final test perplexity"),
         PaperRow("median / Krum vs mean, Byzantine clients", "robust rules keep accuracy, the mean does not "
@@ -409,10 +431,17 @@ def fl_assessment() -> Assessment:
 def _notes(bands: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = []
     for who in ("LSTM FedAdam", "LSTM FedYogi"):
-        b = bands.get(f"{who}: rounds to FedAvg's final perplexity")
-        if b and b.get("missing"):
-            lines.append(f"{who[5:]} did not reach FedAvg's final test perplexity within the run on "
-                         f"{b['missing']} seed(s) (counted as not measured, not as fewer rounds)")
+        b = bands.get(f"{who}: reached FedAvg's final perplexity")
+        r = bands.get(f"{who}: rounds to FedAvg's final perplexity")
+        if not b or not r:
+            continue
+        missed = [i for i, v in enumerate(b["values"]) if v == 0.0]
+        if missed:
+            at = ", ".join(f"{r['values'][i]:g}" for i in missed)
+            lines.append(f"{who[5:]} did not reach FedAvg's final test perplexity within the run on {len(missed)} "
+                         f"of {len(b['values'])} seeds (seed positions {', '.join(map(str, missed))}): censored, "
+                         f"counted as round {at} (the last evaluated round + the evaluation interval, more than "
+                         "FedAvg's)")
     for name in PAIRED:
         b = bands.get(name)
         if b and b.get("n"):
