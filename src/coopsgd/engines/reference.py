@@ -321,6 +321,9 @@ class ReferenceEngine:
                 assert self._async is not None
                 self._async.restore(async_snap)
                 info = None
+                skipped = True
+        if skipped and self._async is not None:  # a dropped step's slots still pass on: the pulls alone
+            self._async.pull_only(self.state, spec.workers, sched.step_events(k))  # type: ignore[attr-defined]
         self.schedule_state = sched_state
         self.step_count += 1
         communicated = mix is not None and mix.communicates
@@ -390,8 +393,10 @@ class ReferenceEngine:
         self.control = None if self._good[4] is None else self._good[4].copy()
         if self._compressed is not None:
             self._compressed.load(self._good[3])
-        if self._async is not None and self._async_good is not None:
+        if self._async is not None and self._async_good is not None:  # rolled back: the slots pass on all the same
             self._async.restore(self._async_good)
+            for j in range(self._good[1], self.step_count):
+                self._async.pull_only(self.state, self.spec.workers, self.spec.schedule.step_events(j))  # type: ignore[attr-defined]
         first = dict(sorted(bad.items(), key=lambda kv: int(kv[0])))
         return DroppedRound(step=self.step_count - 1, workers=[int(w) for w in first], first_steps=first,
                             restored_to_step=self._good[1])

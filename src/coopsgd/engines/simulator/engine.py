@@ -495,6 +495,8 @@ class Simulator(AsyncArrivals, SimulatorCompute):
                     self._found(k, err)
                     got = None
             arrived = None if got is None or self._async is None else self._arrivals(k)
+            if self._async is not None and arrived is None:  # dropped: the slots still pass on (pulls only)
+                self._pull_only(range(k, k + 1))
         before = (self.clock.compute_s, self.clock.communication_s, self.clock.idle_s)
         self.clock.commit(tick)
         self.schedule_state = sched_state
@@ -612,8 +614,9 @@ class Simulator(AsyncArrivals, SimulatorCompute):
             self._comm.restore(self._good["deferred"])
             if self._compressed is not None:
                 self._compressed.restore(self._good["compressed"])
-            if self._async is not None:
+            if self._async is not None:  # the rolled-back steps' slots pass on all the same: their pulls
                 self._async.restore(self._good["async"])
+                self._pull_only(range(self._good_step, self.step_count))
         self._bound = self._absmax()
         first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
         return DroppedRound(step=self.step_count - 1, workers=sorted(int(w) for w in first),
