@@ -295,6 +295,17 @@ def test_cli_refuses_a_zero_buffer_in_one_line(capsys) -> None:
     assert len(lines) == 1 and "buffer_size" in lines[0] and ">= 1" in lines[0]
 
 
+@pytest.mark.parametrize("extra", [[], ["--worker-speeds", "1"], ["--engine", "distributed", "--worker-speeds", "1,0.5"]])
+def test_cli_refuses_dynamic_local_updates_where_they_change_nothing(capsys, extra) -> None:
+    from coopsgd.cli import main
+
+    assert main(["run", "--preset", "async_local_sgd", "--workers", "4", "--dynamic-local-updates", *extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "dynamic_local_updates=True" in lines[0]
+    assert ("distributed" if "--engine" in extra else "speed classes") in lines[0]
+    RunConfig(preset="async_local_sgd", workers=4, dynamic_local_updates=True, worker_speeds=[1.0, 0.5])  # accepted
+
+
 def test_theory_says_no_bound_applies(capsys) -> None:
     from coopsgd.cli import main
 

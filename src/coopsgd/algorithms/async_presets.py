@@ -59,7 +59,8 @@ ASYNC_DECLS: tuple[PresetDecl, ...] = (
               PresetArg("delayed_nesterov", int, 1, help="asynchronous local SGD: the outer momentum is applied "
                         "once every N arrivals, plain outer steps in between (1: every arrival)", low=1),
               PresetArg("dynamic_local_updates", bool, False, help="asynchronous local SGD: worker i runs "
-                        "max(1, round(tau s_i / max s)) local steps (s: its speed class)")),
+                        "max(1, round(tau s_i / max s)) local steps (s: its speed class; needs two --worker-speeds classes or "
+                        "more, not on the distributed engine)")),
         theory=(ASYNC_NO_BOUND,),
     ),
 )

@@ -134,6 +134,9 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
         raise ConfigError.invalid("concurrency", getattr(spec.schedule, "concurrency", None), "the distributed "
                                   f"engine runs one rank per client, every one training: concurrency = workers = "
                                   f"{spec.workers}")
+    if server and getattr(spec.schedule, "dynamic", False):
+        raise ConfigError.invalid("dynamic_local_updates", True, "false on the distributed engine (each rank pushes "
+                                  "after its own tau real local steps; H_i follows simulated speed classes)")
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
     rank, world = dist.get_rank(), dist.get_world_size()
