@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.algorithms.streaming import fragment_bounds
 from coopsgd.engines.aggregation import RobustRounds
 from coopsgd.engines.base import Communicator
 from coopsgd.engines.compressed import CompressedRounds
@@ -235,6 +236,10 @@ class RoundKernel:
             to ``comm`` as it is.
         worker_ids: the workers the first ``workers_local`` rows are (``None``: 0, 1, ...; a distributed rank
             passes its own), for SCAFFOLD's sampled clients.
+        param_sizes: the sizes of the parameter tensors in order (``None``: one vector of d), from which a
+            Streaming DiLoCo round's fragment columns follow (:func:`~coopsgd.algorithms.streaming.fragment_bounds`).
+        fragment_stages: per fragment, the compression stage of its columns (Streaming DiLoCo with compression;
+            built by the engine from :meth:`fragment_columns`), or ``None``.
     """
 
     spec: AlgorithmSpec
@@ -246,6 +251,8 @@ class RoundKernel:
     outer: OuterRuntime | None = None
     compressed: CompressedRounds | None = None
     worker_ids: tuple[int, ...] | None = None
+    param_sizes: tuple[int, ...] | None = None
+    fragment_stages: list[CompressedRounds] | None = None
 
     def __post_init__(self) -> None:
         self.cols = mix_columns(self.spec, self.b, self.d, self.opts)
@@ -306,6 +313,9 @@ class RoundKernel:
             lr: the learning rate.
             on_round: called right before the round is communicated (timing and liveness hooks).
         """
+        if rnd is not None and rnd.mix is not None and "fragment" in rnd.mix.info:
+            self._local_then_fragment(state, grads, rows, new_buffers, counters, rnd, lr, on_round)
+            return
         pre = self.spec.rule == "pre_mix" and rnd is not None
         pending = None
         if self.spec.control and grads is not None:
@@ -357,6 +367,77 @@ class RoundKernel:
             self.outer_round(state, lr, z_old)
             if self.compressed is not None:  # the workers restarted from z: z is their new x_ref
                 self.compressed.settle(state[:, lo:hi], rnd)
+
+    # -- Streaming DiLoCo (coopsgd.algorithms.streaming) -------------------------------------------------------
+    def fragment_columns(self, fragment: int, fragments: int) -> tuple[int, int]:
+        """The state columns ``[lo, hi)`` a round of ``fragment`` (of ``fragments``) sends: its parameter columns,
+        and for fragment 0 the float buffers too when the policy mixes them."""
+        lo, hi = fragment_bounds(self.param_sizes or (self.d,), fragments)[fragment]
+        start = self.cols[0] if fragment == 0 else self.b + lo
+        return start, self.b + hi
+
+    def _local_then_fragment(self, state: Tensor, grads: Tensor | None, rows: Tensor | None,
+                             new_buffers: Tensor | None, counters: Tensor, rnd: Round, lr: float,
+                             on_round: Callable[[], None] | None) -> None:
+        """A step ending in a Streaming DiLoCo event (``post_mix``): the local update, then the fragment's round
+        (send: average, z's outer step on the fragment; the workers keep their values unless the update is
+        applied at once) or the application of its delayed update (merge by alpha)."""
+        assert rnd.mix is not None and self.spec.rule == "post_mix" and self.outer is not None
+        if grads is not None:
+            pending = self._local_update(state, grads, rows, counters, lr, False)
+            if new_buffers is not None and self.b:
+                if rows is None:
+                    state[: self.workers_local, : self.b].copy_(new_buffers)
+                else:
+                    state[:, : self.b].index_copy_(0, rows, new_buffers)
+            if pending is not None:
+                self._add(state, rows, *pending)
+        info = rnd.mix.info
+        p, P = int(info["fragment"]), int(info["fragments"])
+        c_lo, c_hi = self.fragment_columns(p, P)
+        alpha = float(info.get("merge_alpha", 0.0))
+        if info.get("outer"):
+            self._fragment_send(state, rnd, lr, p, P, c_lo, c_hi, keep=alpha > 0.0 or int(info.get("delay", 0)) > 0,
+                                on_round=on_round)
+            if int(info.get("delay", 0)) > 0:
+                return
+        self._fragment_merge(state, c_lo, c_hi, alpha)
+
+    def _fragment_send(self, state: Tensor, rnd: Round, lr: float, p: int, P: int, c_lo: int, c_hi: int, *,
+                       keep: bool, on_round: Callable[[], None] | None) -> None:
+        """Average the workers on the fragment's columns and step z's fragment (its float buffers, fragment 0
+        with mixed buffers, become the workers' mean); with ``keep`` the workers' own values are kept."""
+        assert self.outer is not None
+        w, b = self.workers_local, self.b
+        kept = state[:w, c_lo:c_hi].clone() if keep else None
+        if on_round is not None:
+            on_round()
+        cols = state[:, c_lo:c_hi]
+        stage = None if self.fragment_stages is None else self.fragment_stages[p]
+        if stage is not None:
+            stage.communicate(cols, rnd, self.comm, overlap=self.spec.overlap)
+        else:
+            self.comm.communicate(cols, rnd, overlap=self.spec.overlap)
+        f_lo, f_hi = max(c_lo, b) - b, c_hi - b
+        whole = (f_lo, f_hi) == (0, self.d)
+        P_ = state[:, b : b + self.d]
+        z_new = self.outer.step(P_[w, f_lo:f_hi], P_[0, f_lo:f_hi], lr, None if whole else (f_lo, f_hi))
+        P_[w, f_lo:f_hi].copy_(z_new)
+        if c_lo < b:
+            state[w, c_lo:b].copy_(state[0, c_lo:b])
+        if kept is not None:
+            state[:w, c_lo:c_hi].copy_(kept)
+        if stage is not None:  # every worker will take z's fragment: z is the stage's x_ref
+            stage.settle(cols, rnd)
+
+    def _fragment_merge(self, state: Tensor, c_lo: int, c_hi: int, alpha: float) -> None:
+        """Every worker's fragment columns become ``alpha x_i + (1 - alpha) z`` (alpha = 0: z's, copied)."""
+        w = self.workers_local
+        X, z = state[:w, c_lo:c_hi], state[w, c_lo:c_hi]
+        if alpha == 0.0:
+            X.copy_(z.expand_as(X))
+        else:
+            X.mul_(alpha).add_(z, alpha=1.0 - alpha)
 
     def _robust_gathered(self, rows: Tensor, rnd: Round) -> None:
         """A robust FedAvg round on a process that holds one client (a distributed rank): every rank's row is

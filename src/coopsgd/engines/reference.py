@@ -35,6 +35,7 @@ from coopsgd.algorithms.outer import ADAPTIVE_KINDS, OuterOptimizer
 from coopsgd.algorithms.robust import aggregate_np, attack_np
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.algorithms.streaming import fragment_bounds
 from coopsgd.engines.base import (
     NAN_POLICIES,
     Batch,
@@ -60,6 +61,13 @@ def outer_init(outer: OuterOptimizer, d: int) -> dict[str, Any]:
     out: dict[str, Any] = {"step": 0, "last_lr": 0.0}
     if outer.momentum > 0:
         out["momentum_buffer"] = np.zeros(d)
+    return out
+
+
+def _put(full: np.ndarray, lo: int, hi: int, part: np.ndarray) -> np.ndarray:
+    """A copy of ``full`` with ``[lo, hi)`` replaced by ``part``."""
+    out = full.copy()
+    out[lo:hi] = part
     return out
 
 
@@ -169,6 +177,7 @@ class ReferenceEngine:
         self.spec = spec
         self.objective = objective
         self.seed = int(seed)
+        self.layout = None if layout is None else [tuple(int(n) for n in shape) for shape in layout]
         m = spec.workers
         if x0 is None:
             x0 = objective.initial_point(np.random.default_rng(seed))
@@ -282,7 +291,11 @@ class ReferenceEngine:
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported just below
                 z_old = None
                 control = self.control
-                if spec.rule == "post_mix":
+                fragment = mix is not None and "fragment" in mix.info
+                if fragment:  # Streaming DiLoCo (post_mix): the fragment's round or its delayed update
+                    assert mix is not None
+                    X, outer_state = self._fragment_event(self.state - lr * G, mix, lr)
+                elif spec.rule == "post_mix":
                     X = self.state - lr * G
                     if control is not None and mix is not None and mix.communicates:
                         control = self._control_round(X, mix, lr)
@@ -293,8 +306,9 @@ class ReferenceEngine:
                 else:
                     X = self.state if mix is None else self._round(self.state, mix)
                     X = X - lr * G
-                outer_state = self.outer_state
-                if spec.outer is not None and mix is not None and mix.info.get("outer"):
+                if not fragment:
+                    outer_state = self.outer_state
+                if not fragment and spec.outer is not None and mix is not None and mix.info.get("outer"):
                     m = spec.workers
                     col = np.asarray(mix.matrix[:, m])
                     if col[m] == 1.0 and np.count_nonzero(col) == 1:  # z kept: the workers hold their average
@@ -323,6 +337,39 @@ class ReferenceEngine:
             step=k, lr=lr, losses=values, communicated=communicated, round=self.rounds,
             pattern=None if mix is None else mix.pattern, info={} if mix is None else mix.info, skipped=skipped,
         )
+
+    def fragment_columns(self, fragment: int, fragments: int) -> tuple[int, int]:
+        """The coordinates ``[lo, hi)`` of a Streaming DiLoCo fragment: of the layout's tensors (whole tensors when
+        there are at least ``fragments``), else of x cut into equal chunks
+        (:func:`~coopsgd.algorithms.streaming.fragment_bounds`)."""
+        sizes = [self.objective.dim] if self.layout is None else [int(np.prod(s)) for s in self.layout]
+        return fragment_bounds(sizes, fragments)[fragment]
+
+    def _fragment_event(self, X: np.ndarray, mix: Mix, lr: float) -> tuple[np.ndarray, Any]:
+        """Streaming DiLoCo after the local step (``X``): at a send, the workers' fragment averaged by the round,
+        z's fragment stepped by the outer optimizer on its own coordinates (the workers keep their values when
+        the update is delayed); at the application (or a send without delay) every worker's fragment becomes
+        ``alpha x_i + (1 - alpha) z``. Returns the new array and the outer optimizer's state."""
+        assert self.spec.outer is not None and self.outer_state is not None
+        m = self.spec.workers
+        info = mix.info
+        lo, hi = self.fragment_columns(int(info["fragment"]), int(info["fragments"]))
+        st: Any = self.outer_state
+        X = X.copy()
+        if info.get("outer"):
+            Y = self._round(X[:, lo:hi], mix)
+            whole = (lo, hi) == (0, X.shape[1])
+            sub = st if whole else {k: (v[lo:hi] if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+            z, new = outer_step(self.spec.outer, sub, Y[m], Y[0], lr)
+            if not whole:
+                new = {k: (_put(st[k], lo, hi, v) if isinstance(v, np.ndarray) else v) for k, v in new.items()}
+            st = new
+            X[m, lo:hi] = z
+            if int(info.get("delay", 0)) > 0:
+                return X, st
+        alpha = float(info.get("merge_alpha", 0.0))
+        X[:m, lo:hi] = X[m, lo:hi] if alpha == 0.0 else alpha * X[:m, lo:hi] + (1.0 - alpha) * X[m, lo:hi]
+        return X, st
 
     def _round(self, X: np.ndarray, mix: Mix) -> np.ndarray:
         """``X`` after the round ``mix``: ``X S``, the compressed round of ``spec.compressed``, or (``spec.robust``)

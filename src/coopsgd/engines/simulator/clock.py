@@ -241,18 +241,19 @@ class SimClock:
             self.rng.bit_generator.state = tick.rng_state
 
     def round_costs(self, pattern: str, matrix: np.ndarray | None = None, *, payload_bytes: float | None = None,
-                    reducible: bool = False) -> list[RoundCost]:
+                    reducible: bool = False, params: int | None = None) -> list[RoundCost]:
         """The alpha-beta cost items of one round of ``pattern`` (see the module docstring).
 
         ``payload_bytes``: the round sends compressed payloads of this many bytes per node instead of the d
         parameters (``reducible``: payloads a reduction adds on the wire); priced by
-        :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11)."""
-        m, d, bpp = self.workers, self.params, self.bytes_per_param
+        :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11). ``params``: the round sends
+        this many parameters instead of all of them (a Streaming DiLoCo fragment)."""
+        m, d, bpp = self.workers, self.params if params is None else int(params), self.bytes_per_param
         if pattern == "local":
             return []
         if payload_bytes is not None:
             return [compressed_round_cost(c, workers=m, params=d, bytes_per_param=bpp, payload_bytes=payload_bytes,
-                                          reducible=reducible) for c in self.round_costs(pattern, matrix)]
+                                          reducible=reducible) for c in self.round_costs(pattern, matrix, params=d)]
         if pattern == "broadcast":
             gather = RoundCost("allgather", m if m > 1 else 0, float(m), float(m) * bpp)
             return [gather, round_cost("broadcast", workers=m, params=d, bytes_per_param=bpp)]
@@ -285,6 +286,21 @@ class SimClock:
         self.bytes_total += float(sum(cost.bytes_sent for cost in costs))
         self.rounds += 1
         return c
+
+    def wait_pending(self) -> None:
+        """Every worker waits for the overlapped communication still running (a delayed update it needs now:
+        Streaming DiLoCo's application). Waiting past the slowest worker is exposed communication; a worker
+        that arrives earlier idles until the later of the communication's end and nothing else (the totals keep
+        ``elapsed = compute_s + idle_s + communication_s``)."""
+        tmax = float(self.t.max(initial=0.0))
+        if self.pending_until > tmax:
+            self.waited += tmax - self.t
+            self.exposed += self.pending_until - tmax
+            self.t[:] = self.pending_until
+        else:
+            late = np.maximum(self.pending_until - self.t, 0.0)
+            self.waited += late
+            self.t += late
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

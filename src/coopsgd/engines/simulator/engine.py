@@ -193,7 +193,8 @@ class Simulator(SimulatorCompute):
         # FedAvg's unread broadcasts wait (not when a compressor reads the workers; an outer optimizer's step moves
         # the deferred value: RoundKernel.outer_round)
         self._comm = InProcess(lazy_rows=m if self._compressed is None else 0)
-        self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer, compressed=self._compressed)
+        self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer, compressed=self._compressed,
+                                   param_sizes=tuple(math.prod(s) for s in self.layout.param_shapes))
         # simulated attackers send models no running bound covers (Gaussian noise): their rounds are checked as
         # a server optimizer's are (the robust rules themselves stay inside the range of what they receive)
         self._attacked = spec.robust is not None and spec.robust.byzantine_count > 0
@@ -205,6 +206,7 @@ class Simulator(SimulatorCompute):
 
         # -- estimates, executors, clock -------------------------------------------------------------
         self.bytes_sent = 0.0  # the alpha-beta model's bytes of every round so far
+        self.peak_bytes = 0.0  # the most bytes of the rounds of one step so far (peak_bytes_per_step)
         self._hist = np.full((self.window, m), np.nan)
         self._hist_count = np.zeros(m, dtype=np.int64)
         self._init_compute(executor, executor_cache, calibration_steps)
@@ -301,7 +303,8 @@ class Simulator(SimulatorCompute):
     def time_record(self, *, local: bool = False) -> dict[str, Any]:
         """Bytes and time so far, in the metric schema's names: the simulated clock (nothing is measured)."""
         c = self.clock
-        return {"bytes_sent": float(self.bytes_sent), "simulated_time_s": float(c.elapsed),
+        return {"bytes_sent": float(self.bytes_sent), "peak_bytes_per_step": float(self.peak_bytes),
+                "simulated_time_s": float(c.elapsed),
                 "simulated_compute_s": float(c.compute_s), "simulated_communication_s": float(c.communication_s),
                 "simulated_idle_s": float(c.idle_s), "measured_compute_s": None, "measured_communication_s": None}
 
@@ -545,13 +548,19 @@ class Simulator(SimulatorCompute):
             elif comp is not None and comp.sends_payload(rnd):  # the compressor's payloads
                 costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
                                                reducible=comp.reducible)
+            elif "fragment" in mix.info:  # a Streaming DiLoCo fragment: its parameters only
+                costs = self.clock.round_costs(mix.pattern, matrix, params=self._fragment_params(mix))
             else:
                 costs = self.clock.round_costs(mix.pattern, matrix)
                 if self.spec.control:  # SCAFFOLD sends its control variates with the models: twice the bytes
                     costs = costs + self.clock.round_costs(mix.pattern, matrix)
-            self.clock.communicate(costs, overlap=self.spec.overlap)
+            # a delayed fragment update overlaps the steps until its application
+            self.clock.communicate(costs, overlap=self.spec.overlap or int(mix.info.get("delay", 0)) > 0)
             bytes_sent = float(sum(c.bytes_sent for c in costs))
             self.bytes_sent += bytes_sent
+            self.peak_bytes = max(self.peak_bytes, bytes_sent)
+        elif mix is not None and mix.info.get("apply"):  # a delayed fragment update is needed now
+            self.clock.wait_pending()
         if mix is not None and "leader" in mix.info:
             self.leader = mix.info["leader"]
         c = self.clock
@@ -562,6 +571,11 @@ class Simulator(SimulatorCompute):
             communication_s=c.communication_s - before[1], idle_s=c.idle_s - before[2], estimates=est,
             skipped=skipped,
         )
+
+    def _fragment_params(self, mix: Mix) -> int:
+        """The parameters a Streaming DiLoCo fragment round sends (the cost model's d of the round)."""
+        lo, hi = self._kernel.fragment_columns(int(mix.info["fragment"]), int(mix.info["fragments"]))
+        return hi - max(lo, self.b)
 
     # ------------------------------------------------------------------------------------------------
     # nan_policy="skip"
@@ -718,6 +732,7 @@ class Simulator(SimulatorCompute):
             "shape": [self.m, self.v, self.d, self.b],
             **self._rows_payload(),
             "bytes_sent": float(self.bytes_sent),
+            "peak_bytes_per_step": float(self.peak_bytes),
             "loss_history": torch.from_numpy(self._hist.copy()),
             "loss_count": torch.from_numpy(self._hist_count.copy()),
             "clock": self.clock.state_dict(),
@@ -754,6 +769,7 @@ class Simulator(SimulatorCompute):
         self._calibrated = None
         self._load_rows_payload(state, "state_dict")
         self.bytes_sent = float(state["bytes_sent"])
+        self.peak_bytes = float(state.get("peak_bytes_per_step", 0.0))
         self._hist = hist.copy()
         self._hist_count = state["loss_count"].numpy().copy()
         self.clock.load_state_dict(state["clock"])

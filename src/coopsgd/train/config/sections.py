@@ -208,6 +208,9 @@ class AlgorithmSettings:
     krum_f: int | None = _preset()
     multi_krum_keep: int | None = _preset()
     base_algorithm: str | None = _preset()
+    fragments: int | None = _preset()
+    fragment_delay: int | None = _preset()
+    merge_alpha: float | None = _preset()
     downpour_order: str = setting(
         "clock", choices=("clock", "schedule", "async"),
         help="DOWNPOUR push order: clock (order of arrival: on the simulated clock, or at a real asynchronous "
