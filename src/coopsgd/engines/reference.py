@@ -188,6 +188,10 @@ class ReferenceEngine:
         self.rngs = [np.random.default_rng([self.seed, i]) for i in range(m)]
         self.step_count = 0
         self.rounds = 0
+        #: the rounds weighted by the share of x each sends (a Streaming DiLoCo fragment: its share; any other
+        #: round: 1), and the largest share of one step (the trainer's bytes and peak bytes per step)
+        self.units_sent = 0.0
+        self.peak_units = 0.0
         self.leader: int | None = None
         self.schedule_state = spec.schedule.init_state()
         self.outer_state = None if spec.outer is None else outer_init(spec.outer, objective.dim)
@@ -329,6 +333,13 @@ class ReferenceEngine:
         communicated = mix is not None and mix.communicates
         if communicated:
             self.rounds += 1
+            assert mix is not None
+            units = 1.0
+            if "fragment" in mix.info:
+                lo, hi = self.fragment_columns(int(mix.info["fragment"]), int(mix.info["fragments"]))
+                units = (hi - lo) / self.objective.dim
+            self.units_sent += units
+            self.peak_units = max(self.peak_units, units)
         if mix is not None and "leader" in mix.info:
             self.leader = mix.info["leader"]
         with np.errstate(all="ignore"):
@@ -444,6 +455,7 @@ class ReferenceEngine:
         return wrap_state("reference", {
             "state": self.state.copy(), "rngs": [g.bit_generator.state for g in self.rngs],
             "step": self.step_count, "rounds": self.rounds, "leader": self.leader,
+            "units_sent": self.units_sent, "peak_units": self.peak_units,
             "schedule_state": dict(self.schedule_state),
             "outer_state": None if self.outer_state is None else dict(self.outer_state),
             **({} if self.control is None else {"control": self.control.copy()}),
@@ -471,6 +483,8 @@ class ReferenceEngine:
         for g, st in zip(self.rngs, p["rngs"], strict=True):
             g.bit_generator.state = st
         self.step_count, self.rounds = int(p["step"]), int(p["rounds"])
+        self.units_sent = float(p.get("units_sent", self.rounds))
+        self.peak_units = float(p.get("peak_units", 1.0 if self.rounds else 0.0))
         self.leader = None if p["leader"] is None else int(p["leader"])
         self.schedule_state = dict(p["schedule_state"])
         if self.outer_state is not None:

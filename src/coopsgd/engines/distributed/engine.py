@@ -222,13 +222,15 @@ class DistributedEngine(RankViews):
         # a compressed spec's rounds go through its compressed stage, which hands the rest to the mixer
         self._compressed = self._compression_stage()
         comm = self.mixer if self._compressed is None else self._compressed
-        self._kernel = RoundKernel(spec, self.opts, b, d, 1, comm, outer=self.outer, worker_ids=(self.rank,))
+        self._kernel = RoundKernel(spec, self.opts, b, d, 1, comm, outer=self.outer, worker_ids=(self.rank,),
+                                   param_sizes=tuple(math.prod(s) for s in self.layout.param_shapes))
         self._ps = self._start_parameter_server(net) if self.asynchronous else None
 
         # -- estimates and timing ------------------------------------------------------------------------
         self._hist = np.full(self.window, np.nan)
         self._hist_count = 0
         self.compute_s = 0.0
+        self.peak_bytes = 0.0  # this rank's most bytes sent in one step (peak_bytes_per_step: summed over ranks)
         self._round_arrivals: list[float] = []
         self._round_durations: list[float] = []
         self._t_start: float | None = None
@@ -411,6 +413,7 @@ class DistributedEngine(RankViews):
             self._round_arrivals.append(arrived)
             self._round_durations.append(self.mixer.stats.comm_s - comm0)
         self._hist, self._hist_count = hist, count
+        self.peak_bytes = max(self.peak_bytes, float(self.mixer.stats.bytes_sent - sent0))
         return self._record(k, lr, loss, mix, losses, ps_round=ps_round, sent=self.mixer.stats.bytes_sent - sent0)
 
     def _gradients(self, batch: Batch | None, poison: bool, k: int) -> tuple[ComputeResult | None, float, float | None]:
@@ -569,7 +572,7 @@ class DistributedEngine(RankViews):
             "compute_s": float(self.compute_s),
             "comm": {"bytes_sent": float(st.bytes_sent), "bytes_model": float(st.bytes_model),
                      "ops": {str(k): int(n) for k, n in st.ops.items()}, "comm_s": float(st.comm_s),
-                     "emulated_s": float(st.emulated_s)},
+                     "emulated_s": float(st.emulated_s), "peak_bytes": float(self.peak_bytes)},
             "parameter_server": None if self._ps is None else {
                 "z": self._ps.server_value() if self.rank == self._ps.host else None,
                 "pulled": self._ps.pulled.clone(), "pushes": int(self._ps.stats.pushes)},
@@ -613,6 +616,7 @@ class DistributedEngine(RankViews):
         st.ops = {str(k): int(n) for k, n in saved["ops"].items()}
         st.comm_s = float(saved["comm_s"])
         st.emulated_s = float(saved["emulated_s"])
+        self.peak_bytes = float(saved.get("peak_bytes", 0.0))
         if self._ps is not None:
             saved_ps = state["parameter_server"]
             self._ps.load_state(saved_ps["z"], saved_ps["pulled"])
