@@ -425,10 +425,10 @@ class RoundKernel:
         P_[w, f_lo:f_hi].copy_(z_new)
         if c_lo < b:
             state[w, c_lo:b].copy_(state[0, c_lo:b])
+        if stage is not None:  # every worker will take z's fragment: z is the stage's x_ref (rows from z's on)
+            stage.settle(state[w:, c_lo:c_hi], rnd)
         if kept is not None:
             state[:w, c_lo:c_hi].copy_(kept)
-        if stage is not None:  # every worker will take z's fragment: z is the stage's x_ref
-            stage.settle(cols, rnd)
 
     def _fragment_merge(self, state: Tensor, c_lo: int, c_hi: int, alpha: float) -> None:
         """Every worker's fragment columns become ``alpha x_i + (1 - alpha) z`` (alpha = 0: z's, copied)."""

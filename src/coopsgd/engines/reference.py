@@ -46,6 +46,7 @@ from coopsgd.engines.base import (
     wrap_state,
 )
 from coopsgd.engines.compressed import ReferenceCompressedRounds
+from coopsgd.engines.fragments import reference_fragment_stages
 from coopsgd.engines.mixing import RoundKind, apply_mixing, plan_round
 from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.objectives import Objective
@@ -201,6 +202,11 @@ class ReferenceEngine:
         self._compressed = None if spec.compressed is None else ReferenceCompressedRounds(
             spec.compressed, nodes=spec.nodes, workers=m, width=objective.dim, seed=self.seed, layout=layout,
             start=x0 if x0.ndim == 1 else x0.mean(axis=0))
+        sizes = [objective.dim] if self.layout is None else [int(np.prod(s)) for s in self.layout]
+        self._fragments = reference_fragment_stages(spec, sizes, self.layout, nodes=spec.nodes, workers=m,
+                                                    seed=self.seed, start=x0 if x0.ndim == 1 else x0.mean(axis=0))
+        if self._fragments is not None:  # Streaming DiLoCo: a stage per fragment (coopsgd.engines.fragments)
+            self._compressed = None
         self._bad: dict[str, int] | None = None  # nan_policy="skip": worker -> first non-finite step
         self._good: tuple[np.ndarray, int, Any, Any, Any] = (self.state.copy(), 0, self.outer_state,
                                                              self._compression_state(), self._control_copy())
@@ -367,8 +373,9 @@ class ReferenceEngine:
         lo, hi = self.fragment_columns(int(info["fragment"]), int(info["fragments"]))
         st: Any = self.outer_state
         X = X.copy()
+        stage = None if self._fragments is None else self._fragments.stages[int(info["fragment"])]
         if info.get("outer"):
-            Y = self._round(X[:, lo:hi], mix)
+            Y = self._round(X[:, lo:hi], mix) if stage is None else stage.communicate(X[:, lo:hi], plan_round(mix))
             whole = (lo, hi) == (0, X.shape[1])
             sub = st if whole else {k: (v[lo:hi] if isinstance(v, np.ndarray) else v) for k, v in st.items()}
             z, new = outer_step(self.spec.outer, sub, Y[m], Y[0], lr)
@@ -376,6 +383,8 @@ class ReferenceEngine:
                 new = {k: (_put(st[k], lo, hi, v) if isinstance(v, np.ndarray) else v) for k, v in new.items()}
             st = new
             X[m, lo:hi] = z
+            if stage is not None:  # z's fragment is what every node agrees on (rows from z's on)
+                stage.settle(X[m:, lo:hi], plan_round(mix))
             if int(info.get("delay", 0)) > 0:
                 return X, st
         alpha = float(info.get("merge_alpha", 0.0))
@@ -401,6 +410,8 @@ class ReferenceEngine:
         return self._compressed.communicate(X, plan_round(mix))
 
     def _compression_state(self) -> dict[str, Any] | None:
+        if self._fragments is not None:
+            return self._fragments.state()
         return None if self._compressed is None else self._compressed.state()
 
     def _finite_or_skip(self, arr: np.ndarray, step: int, what: str) -> bool:
@@ -430,6 +441,8 @@ class ReferenceEngine:
         self.control = None if self._good[4] is None else self._good[4].copy()
         if self._compressed is not None:
             self._compressed.load(self._good[3])
+        if self._fragments is not None:
+            self._fragments.load(self._good[3])
         first = dict(sorted(bad.items(), key=lambda kv: int(kv[0])))
         return DroppedRound(step=self.step_count - 1, workers=[int(w) for w in first], first_steps=first,
                             restored_to_step=self._good[1])
@@ -459,7 +472,7 @@ class ReferenceEngine:
             "schedule_state": dict(self.schedule_state),
             "outer_state": None if self.outer_state is None else dict(self.outer_state),
             **({} if self.control is None else {"control": self.control.copy()}),
-            **({} if self._compressed is None else {"compression": self._compressed.state()}),
+            **({} if self._compression_state() is None else {"compression": self._compression_state()}),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -467,12 +480,13 @@ class ReferenceEngine:
         if np.shape(p["state"]) != self.state.shape:
             raise ConfigError.invalid("state_dict.state", np.shape(p["state"]), f"expected {self.state.shape}")
         saved = p.get("compression")  # optional: absent from uncompressed runs
-        if (saved is None) != (self._compressed is None):
+        stages = self._compressed if self._fragments is None else self._fragments
+        if (saved is None) != (stages is None):
             raise ConfigError.invalid("state_dict.compression", None if saved is None else saved.get("compress"),
                                       "the checkpoint and this run differ in whether their rounds are compressed "
                                       "(resume with the checkpoint's compress setting)")
-        if self._compressed is not None and saved is not None:
-            self._compressed.load(saved)
+        if stages is not None and saved is not None:
+            stages.load(saved)
         if self.control is not None:
             saved_c = p.get("control")
             if saved_c is None or np.shape(saved_c) != self.control.shape:

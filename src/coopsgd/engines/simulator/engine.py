@@ -81,6 +81,7 @@ from coopsgd.engines.base import (
 )
 from coopsgd.engines.compressed import CompressedRounds, load_compression_state
 from coopsgd.engines.executors import EXECUTORS, ComputeResult
+from coopsgd.engines.fragments import FragmentStages, fragment_count, simulator_stages
 from coopsgd.engines.health import absmax, diverged, step_bound
 from coopsgd.engines.kernel import InProcess, RoundKernel, mix_columns
 from coopsgd.engines.mixing import Round, RoundKind, plan_round
@@ -190,11 +191,15 @@ class Simulator(SimulatorCompute):
         self._check_initial_state()
         self._drop_template_storage()
         self._compressed = self._compression_stage()
+        self._fragments = self._fragment_stages()  # Streaming DiLoCo: a stage per fragment replaces the one stage
+        if self._fragments is not None:
+            self._compressed = None
         # FedAvg's unread broadcasts wait (not when a compressor reads the workers; an outer optimizer's step moves
         # the deferred value: RoundKernel.outer_round)
         self._comm = InProcess(lazy_rows=m if self._compressed is None else 0)
         self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer, compressed=self._compressed,
-                                   param_sizes=tuple(math.prod(s) for s in self.layout.param_shapes))
+                                   param_sizes=tuple(math.prod(s) for s in self.layout.param_shapes),
+                                   fragment_stages=None if self._fragments is None else self._fragments.stages)
         # simulated attackers send models no running bound covers (Gaussian noise): their rounds are checked as
         # a server optimizer's are (the robust rules themselves stay inside the range of what they receive)
         self._attacked = spec.robust is not None and spec.robust.byzantine_count > 0
@@ -242,6 +247,17 @@ class Simulator(SimulatorCompute):
         start = rows.mean(dim=0) if self.per_worker_start else rows[0]
         return CompressedRounds(comp, nodes=self.n, workers=self.m, width=hi - lo, dtype=self.dtype,
                                 device=self.device, seed=self.seed, layout=layout, start=start)
+
+    def _fragment_stages(self) -> FragmentStages | None:
+        """The fragments' compressed stages of a compressed Streaming DiLoCo spec (``None`` otherwise), from the
+        same start as the one stage (:meth:`_compression_stage`)."""
+        if self._compressed is None or fragment_count(self.spec) is None:
+            return None
+        return simulator_stages(self.spec, param_shapes=self.layout.param_shapes,
+                                buffer_shapes=self.layout.buffer_shapes, b=self.b,
+                                cols=mix_columns(self.spec, self.b, self.d, self.opts),
+                                start=self._compressed.start.reshape(-1), nodes=self.n, workers=self.m,
+                                dtype=self.dtype, device=self.device, seed=self.seed)
 
     # ------------------------------------------------------------------------------------------------
     # views
@@ -549,7 +565,12 @@ class Simulator(SimulatorCompute):
                 costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
                                                reducible=comp.reducible)
             elif "fragment" in mix.info:  # a Streaming DiLoCo fragment: its parameters only
-                costs = self.clock.round_costs(mix.pattern, matrix, params=self._fragment_params(mix))
+                stage = None if self._fragments is None else self._fragments.stages[int(mix.info["fragment"])]
+                if stage is not None and stage.sends_payload(rnd):
+                    costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=stage.row_bytes,
+                                                   reducible=stage.reducible, params=self._fragment_params(mix))
+                else:
+                    costs = self.clock.round_costs(mix.pattern, matrix, params=self._fragment_params(mix))
             else:
                 costs = self.clock.round_costs(mix.pattern, matrix)
                 if self.spec.control:  # SCAFFOLD sends its control variates with the models: twice the bytes
@@ -584,6 +605,7 @@ class Simulator(SimulatorCompute):
         good = self._snapshot_rows(self._good)  # the last good round's buffer is reused
         good["deferred"] = self._comm.snapshot()
         good["compressed"] = None if self._compressed is None else self._compressed.snapshot()
+        good["fragments"] = None if self._fragments is None else self._fragments.snapshot()
         self._good = good
         self._good_step = self.step_count
 
@@ -602,6 +624,8 @@ class Simulator(SimulatorCompute):
             self._comm.restore(self._good["deferred"])
             if self._compressed is not None:
                 self._compressed.restore(self._good["compressed"])
+            if self._fragments is not None:
+                self._fragments.restore(self._good["fragments"])
         self._bound = self._absmax()
         first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
         return DroppedRound(step=self.step_count - 1, workers=sorted(int(w) for w in first),
@@ -702,6 +726,7 @@ class Simulator(SimulatorCompute):
         outside the state tensor is restored and the error returned)."""
         snap = None if isinstance(self.opts, SGDOptions) and self.outer is None else self._optimizer_snapshot()
         compressed = None if self._compressed is None else self._compressed.snapshot()
+        fragments = None if self._fragments is None else self._fragments.snapshot()
         self._materialize()
         work = self._state.clone()
         self._kernel.apply(work, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
@@ -714,6 +739,9 @@ class Simulator(SimulatorCompute):
             if compressed is not None:
                 assert self._compressed is not None
                 self._compressed.restore(compressed)
+            if fragments is not None:
+                assert self._fragments is not None
+                self._fragments.restore(fragments)
             return self._nonfinite(~finite.cpu().numpy(), list(range(self.n)), k, "model")
         self._state.copy_(work)
         self._bound = self._absmax()
@@ -740,10 +768,14 @@ class Simulator(SimulatorCompute):
             "calibration": dict(self.calibration),
             "torch_rng_state": torch.get_rng_state(),
             **({} if self._compressed is None else {"compression": self._compressed.state_dict()}),
+            **({} if self._fragments is None else {"compression": self._fragments.state_dict()}),
         })
 
     def _load_compression(self, state: dict[str, Any]) -> None:
         """The compressed rounds' state of a checkpoint (an optional key: absent from uncompressed runs)."""
+        if self._fragments is not None:
+            self._fragments.load_state_dict(state.get("compression"), field="state_dict.compression")
+            return
         load_compression_state(self._compressed, state.get("compression"), field="state_dict.compression")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
