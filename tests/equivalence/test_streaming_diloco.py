@@ -44,10 +44,11 @@ def _run_ref(spec: AlgorithmSpec, steps: int, x0: np.ndarray) -> tuple[Reference
     return eng, [eng.step(None, LR) for _ in range(steps)]
 
 
-def test_one_fragment_without_delay_is_diloco_bit_for_bit() -> None:
+@pytest.mark.parametrize("compression", [None, "int4:2", "qsgd:4"])
+def test_one_fragment_without_delay_is_diloco_bit_for_bit(compression: str | None) -> None:
     m, tau, steps = 3, 4, 14  # two local steps after the last round
-    a, sa = _run_sim(presets.diloco(m, tau, outer_lr=0.5), steps)
-    b, sb = _run_sim(presets.streaming_diloco(m, tau, fragments=1, outer_lr=0.5), steps)
+    a, sa = _run_sim(presets.diloco(m, tau, outer_lr=0.5, compression=compression), steps)
+    b, sb = _run_sim(presets.streaming_diloco(m, tau, fragments=1, outer_lr=0.5, compression=compression), steps)
     assert torch.equal(a._state, b._state)
     assert a.outer is not None and b.outer is not None
     assert torch.equal(a.outer.state["momentum_buffer"], b.outer.state["momentum_buffer"])
@@ -57,8 +58,8 @@ def test_one_fragment_without_delay_is_diloco_bit_for_bit() -> None:
     assert a.time_record() == b.time_record()
     assert a.rounds == b.rounds == 3
     x0 = np.linspace(-1.0, 1.0, 5)
-    r1, s1 = _run_ref(presets.diloco(m, tau, outer_lr=0.5), steps, x0)
-    r2, s2 = _run_ref(presets.streaming_diloco(m, tau, fragments=1, outer_lr=0.5), steps, x0)
+    r1, s1 = _run_ref(presets.diloco(m, tau, outer_lr=0.5, compression=compression), steps, x0)
+    r2, s2 = _run_ref(presets.streaming_diloco(m, tau, fragments=1, outer_lr=0.5, compression=compression), steps, x0)
     assert np.array_equal(r1.state, r2.state)
     assert r1.outer_state is not None and r2.outer_state is not None
     assert np.array_equal(r1.outer_state["momentum_buffer"], r2.outer_state["momentum_buffer"])
@@ -122,6 +123,9 @@ SPECS = {
                                                         outer_lr=0.5),
     "p3_delay1": lambda: presets.streaming_diloco(3, 8, fragments=3, fragment_delay=1, outer_lr=0.6),
     "p2_heavy_ball": lambda: presets.streaming_diloco(2, 4, fragments=2, outer_optimizer="sgd", outer_momentum=0.5),
+    "p2_delay1_int4": lambda: presets.streaming_diloco(3, 8, fragments=2, fragment_delay=1, merge_alpha=0.3,
+                                                       outer_lr=0.5, compression="int4:2"),
+    "p3_qsgd": lambda: presets.streaming_diloco(3, 6, fragments=3, fragment_delay=1, compression="qsgd:4"),
 }
 
 
@@ -131,7 +135,7 @@ def test_simulator_equals_reference_engine(name: str) -> None:
     obj_sim = BatchLeastSquares(m)
     sim = _simulator(SPECS[name](), obj_sim, "loop", optimizer="sgd")
     x0 = sim.params[0].numpy().copy()
-    eng = ReferenceEngine(SPECS[name](), BatchLeastSquares(m), x0)
+    eng = ReferenceEngine(SPECS[name](), BatchLeastSquares(m), x0, seed=4)  # the simulator's seed (draws)
     counters = [0] * m
     for _ in range(steps):
         ref = eng.step(None, LR)
@@ -142,10 +146,11 @@ def test_simulator_equals_reference_engine(name: str) -> None:
     assert not np.allclose(sim.params[0].numpy(), sim.params[1].numpy())  # workers differ between rounds
 
 
-def test_resume_mid_fragment_with_an_update_in_flight_is_bit_exact() -> None:
+@pytest.mark.parametrize("compression", [None, "int4:2"])
+def test_resume_mid_fragment_with_an_update_in_flight_is_bit_exact(compression: str | None) -> None:
     # H = 8, P = 2, delay 2: fragment 1 sends after step 3 and is applied after step 5; stop after step 4
     spec = lambda: presets.streaming_diloco(3, 8, fragments=2, fragment_delay=2, merge_alpha=0.25,  # noqa: E731
-                                            outer_lr=0.5)
+                                            outer_lr=0.5, compression=compression)
     clock = lambda: SimClock(compute=ComputeModel(mean_s=1e-3, distribution="constant"))  # noqa: E731
     full, _ = _run_sim(spec(), 13, clock=clock())
     obj = BatchLeastSquares(3)
@@ -206,6 +211,14 @@ def test_peak_bytes_are_one_over_p_of_diloco() -> None:
         assert st["peak_bytes_per_step"] == pytest.approx(dil["peak_bytes_per_step"] / P, rel=1e-12)
         assert st["bytes_sent"] == pytest.approx(dil["bytes_sent"], rel=1e-12)  # the same bytes, spread out
     assert dil["peak_bytes_per_step"] > 0
+    # 4-bit fragments: a fragment's payload is int4's (5 levels in 3 bytes plus one float64 scale), all-gathered
+    # (int4 payloads do not add up on the wire: m - 1 of them per node); DiLoCo's whole-model payload is 4 times
+    # the levels and scales
+    q = _blocks_sim(presets.streaming_diloco(m, H, fragments=4, compression="int4:5"), steps).time_record()
+    qd = _blocks_sim(presets.diloco(m, H, compression="int4:5"), steps).time_record()
+    assert q["peak_bytes_per_step"] == (m - 1) * (3 + 8)
+    assert qd["peak_bytes_per_step"] == (m - 1) * (10 + 4 * 8)
+    assert q["peak_bytes_per_step"] < dil["peak_bytes_per_step"] / 4
 
 
 def test_a_delay_hides_the_fragment_communication_behind_compute() -> None:
