@@ -57,3 +57,7 @@ def test_streaming_diloco_matches_simulator() -> None:
         diff = float((res["params"] - expected).abs().max())
         assert diff <= TOL, f"{job.name}: max |distributed - simulator| = {diff:.3e}"
         assert res["rounds"] == sim.rounds, job.name
+        # a delayed fragment's all-reduce is started at its round and waited for at its application
+        ops = res["timing"]["ranks"][0]["ops"]
+        delayed = int(job.spec.params["fragment_delay"]) > 0
+        assert (ops.get("all_reduce_async", 0) == sim.rounds) if delayed else ("all_reduce_async" not in ops), ops

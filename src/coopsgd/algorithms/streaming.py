@@ -19,11 +19,13 @@ z (node m, the model to evaluate) holds the new fragment from the send on; nothi
 the application, because tau_d < floor(H / P) keeps the rounds of different fragments (and one fragment's
 send and application) on different steps. An update still in flight when the run ends is not applied.
 
-The schedule is pure data: a send is a :class:`~coopsgd.algorithms.schedules.Mix` with DiLoCo's outer matrix
-``blockdiag(J_m, 1)`` tagged ``info = {"outer": True, "fragment": p, "fragments": P, "delay": tau_d,
-"merge_alpha": alpha}``; an application (tau_d > 0) is a ``"local"`` identity mix tagged ``{"fragment": p,
-"fragments": P, "apply": True, "merge_alpha": alpha}``. The engines map the fragment index to the columns
-of :func:`fragment_bounds` of their parameter layout.
+The schedule is pure data: a send is a :class:`~coopsgd.algorithms.schedules.Mix` tagged ``info = {"outer":
+True, "fragment": p, "fragments": P, "delay": tau_d, "merge_alpha": alpha}``, with DiLoCo's outer matrix
+``blockdiag(J_m, 1)`` when tau_d = 0 (the workers averaged, then all restart from z) and
+:func:`z_average_matrix` when tau_d > 0 (only z receives the workers' average; the workers keep training, so
+a distributed engine can leave the reduction in flight until the application); an application (tau_d > 0)
+is a ``"local"`` identity mix tagged ``{"fragment": p, "fragments": P, "apply": True, "merge_alpha": alpha}``.
+The engines map the fragment index to the columns of :func:`fragment_bounds` of their parameter layout.
 
 Fragments (:func:`fragment_bounds`): consecutive groups of whole parameter tensors of about equal total
 size, in the model's parameter order; a layout with fewer tensors than fragments (an analytic objective's
@@ -40,7 +42,16 @@ from coopsgd.algorithms.outer import outer_matrix
 from coopsgd.algorithms.schedules import Mix, MixContext, ScheduleState
 from coopsgd.errors import ConfigError, check_float, check_int
 
-__all__ = ["StreamingSchedule", "fragment_bounds", "fragment_offsets", "check_streaming"]
+__all__ = ["StreamingSchedule", "fragment_bounds", "fragment_offsets", "check_streaming", "z_average_matrix"]
+
+
+def z_average_matrix(workers: int) -> np.ndarray:
+    """Over m workers and z (column convention): z becomes the workers' average, the workers stay as they are."""
+    m = check_int("workers", workers, minimum=1)
+    S = np.eye(m + 1)
+    S[:m, m] = 1.0 / m
+    S[m, m] = 0.0
+    return S
 
 
 def fragment_offsets(period: int, fragments: int) -> list[int]:
@@ -106,7 +117,7 @@ class StreamingSchedule:
         self.n = self.m + 1
         self.offsets = fragment_offsets(self.period, self.fragments)
         self._slot = {o: p for p, o in enumerate(self.offsets)}
-        self._outer = outer_matrix(self.m)
+        self._outer = outer_matrix(self.m) if self.delay == 0 else z_average_matrix(self.m)
         self._identity = np.eye(self.n)
 
     def init_state(self) -> ScheduleState:

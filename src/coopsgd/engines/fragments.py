@@ -24,7 +24,7 @@ from coopsgd.algorithms.streaming import fragment_bounds
 from coopsgd.engines.compressed import CompressedRounds, ReferenceCompressedRounds, load_compression_state
 from coopsgd.errors import ConfigError
 
-__all__ = ["fragment_count", "fragment_columns", "FragmentStages", "ReferenceFragmentStages", "simulator_stages",
+__all__ = ["fragment_count", "check_distributed_fragments", "fragment_columns", "FragmentStages", "ReferenceFragmentStages", "simulator_stages",
            "reference_fragment_stages"]
 
 
@@ -32,6 +32,15 @@ def fragment_count(spec: AlgorithmSpec) -> int | None:
     """The number of fragments the spec's schedule declares (``None``: its rounds are not fragments)."""
     P = getattr(spec.schedule, "fragments", None)
     return None if P is None else int(P)
+
+
+def check_distributed_fragments(spec: AlgorithmSpec) -> None:
+    """Refuse (``ConfigError`` naming ``compress``) compressed fragment rounds on the distributed engine: its
+    fragment rounds are sent uncompressed only (the simulator and the reference engine compress them)."""
+    comp = spec.compressed
+    if fragment_count(spec) is not None and comp is not None and comp.compresses:
+        raise ConfigError.invalid("compress", comp.compress, "fragment rounds (streaming_diloco) are compressed on "
+                                  "the simulate and reference engines; the distributed engine sends them uncompressed")
 
 
 def fragment_columns(param_sizes: Sequence[int], fragments: int, cols: tuple[int, int], b: int) -> list[tuple[int, int]]:

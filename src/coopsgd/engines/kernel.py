@@ -256,6 +256,9 @@ class RoundKernel:
 
     def __post_init__(self) -> None:
         self.cols = mix_columns(self.spec, self.b, self.d, self.opts)
+        # Streaming DiLoCo: delayed fragment rounds whose outer step waits for the reduction (fragment -> z's
+        # columns before the round, lr, the columns, the round); empty whenever the communicator is not pending
+        self._inflight: dict[int, tuple[Tensor, float, int, int, Round]] = {}
         self.nfields = len(self.opts.fields)
         self.sgd = isinstance(self.opts, SGDOptions)
         self.fields_end = self.b + self.d + self.nfields * self.d  # SCAFFOLD's control columns follow
@@ -396,17 +399,21 @@ class RoundKernel:
         p, P = int(info["fragment"]), int(info["fragments"])
         c_lo, c_hi = self.fragment_columns(p, P)
         alpha = float(info.get("merge_alpha", 0.0))
+        if info.get("outer") and int(info.get("delay", 0)) > 0:
+            self._fragment_send_delayed(state, rnd, lr, p, c_lo, c_hi, on_round)
+            return
         if info.get("outer"):
-            self._fragment_send(state, rnd, lr, p, P, c_lo, c_hi, keep=alpha > 0.0 or int(info.get("delay", 0)) > 0,
-                                on_round=on_round)
-            if int(info.get("delay", 0)) > 0:
-                return
+            self._fragment_send(state, rnd, lr, p, c_lo, c_hi, keep=alpha > 0.0, on_round=on_round)
+        elif p in self._inflight:  # the delayed update is needed now: wait for its reduction
+            self.comm.finalize()
+            self.complete_fragments(state)
         self._fragment_merge(state, c_lo, c_hi, alpha)
 
-    def _fragment_send(self, state: Tensor, rnd: Round, lr: float, p: int, P: int, c_lo: int, c_hi: int, *,
+    def _fragment_send(self, state: Tensor, rnd: Round, lr: float, p: int, c_lo: int, c_hi: int, *,
                        keep: bool, on_round: Callable[[], None] | None) -> None:
-        """Average the workers on the fragment's columns and step z's fragment (its float buffers, fragment 0
-        with mixed buffers, become the workers' mean); with ``keep`` the workers' own values are kept."""
+        """Without delay (DiLoCo's round on the fragment): average the workers on the fragment's columns and step
+        z's fragment (its float buffers, fragment 0 with mixed buffers, become the workers' mean); with ``keep``
+        the workers' own values are kept for the merge."""
         assert self.outer is not None
         w, b = self.workers_local, self.b
         kept = state[:w, c_lo:c_hi].clone() if keep else None
@@ -429,6 +436,48 @@ class RoundKernel:
             stage.settle(state[w:, c_lo:c_hi], rnd)
         if kept is not None:
             state[:w, c_lo:c_hi].copy_(kept)
+
+    def _fragment_send_delayed(self, state: Tensor, rnd: Round, lr: float, p: int, c_lo: int, c_hi: int,
+                               on_round: Callable[[], None] | None) -> None:
+        """With a delay: z's row receives the workers' average of the fragment (the workers keep training) and z's
+        fragment then takes its outer step from its value before the round. A communicator that leaves the
+        reduction in flight (``pending``: the distributed engine's asynchronous all-reduce) completes it when
+        the update is applied, or earlier at its ``finalize`` (:meth:`complete_fragments`)."""
+        w = self.workers_local
+        z_old = state[w, c_lo:c_hi].clone()
+        if on_round is not None:
+            on_round()
+        cols = state[:, c_lo:c_hi]
+        stage = None if self.fragment_stages is None else self.fragment_stages[p]
+        if stage is not None:  # a compressed average writes every participant: the workers keep their values
+            kept = state[:w, c_lo:c_hi].clone()
+            stage.communicate(cols, rnd, self.comm, overlap=True)
+            state[:w, c_lo:c_hi].copy_(kept)
+        else:
+            self.comm.communicate(cols, rnd, overlap=True)
+        self._inflight[p] = (z_old, lr, c_lo, c_hi, rnd)
+        if not self.comm.pending:
+            self.complete_fragments(state)
+
+    def complete_fragments(self, state: Tensor) -> None:
+        """The outer steps of the delayed fragment rounds whose reductions are complete (z's row holds the
+        workers' average): z's fragment steps from its value before the round (its float buffers, fragment 0's
+        with mixed buffers, keep the average). Called when the communicator finalizes (the engines' hook)."""
+        if not self._inflight or self.comm.pending:
+            return
+        assert self.outer is not None
+        w, b = self.workers_local, self.b
+        for p, (z_old, lr, c_lo, c_hi, rnd) in sorted(self._inflight.items()):
+            f_lo, f_hi = max(c_lo, b) - b, c_hi - b
+            whole = (f_lo, f_hi) == (0, self.d)
+            P_ = state[:, b : b + self.d]
+            z_params = z_old[max(b - c_lo, 0) :]  # z_old covers [c_lo, c_hi): its parameter part
+            z_new = self.outer.step(z_params, P_[w, f_lo:f_hi], lr, None if whole else (f_lo, f_hi))
+            P_[w, f_lo:f_hi].copy_(z_new)
+            stage = None if self.fragment_stages is None else self.fragment_stages[p]
+            if stage is not None:  # z's fragment is what every node agrees on (rows from z's on)
+                stage.settle(state[w:, c_lo:c_hi], rnd)
+        self._inflight.clear()
 
     def _fragment_merge(self, state: Tensor, c_lo: int, c_hi: int, alpha: float) -> None:
         """Every worker's fragment columns become ``alpha x_i + (1 - alpha) z`` (alpha = 0: z's, copied)."""

@@ -374,18 +374,21 @@ class ReferenceEngine:
         st: Any = self.outer_state
         X = X.copy()
         stage = None if self._fragments is None else self._fragments.stages[int(info["fragment"])]
+        delayed = int(info.get("delay", 0)) > 0
         if info.get("outer"):
             Y = self._round(X[:, lo:hi], mix) if stage is None else stage.communicate(X[:, lo:hi], plan_round(mix))
             whole = (lo, hi) == (0, X.shape[1])
             sub = st if whole else {k: (v[lo:hi] if isinstance(v, np.ndarray) else v) for k, v in st.items()}
-            z, new = outer_step(self.spec.outer, sub, Y[m], Y[0], lr)
+            # delayed: z received the average (the workers kept their values); else the workers hold it
+            z_in, a = (X[m, lo:hi], Y[m]) if delayed else (Y[m], Y[0])
+            z, new = outer_step(self.spec.outer, sub, z_in, a, lr)
             if not whole:
                 new = {k: (_put(st[k], lo, hi, v) if isinstance(v, np.ndarray) else v) for k, v in new.items()}
             st = new
             X[m, lo:hi] = z
             if stage is not None:  # z's fragment is what every node agrees on (rows from z's on)
                 stage.settle(X[m:, lo:hi], plan_round(mix))
-            if int(info.get("delay", 0)) > 0:
+            if delayed:
                 return X, st
         alpha = float(info.get("merge_alpha", 0.0))
         X[:m, lo:hi] = X[m, lo:hi] if alpha == 0.0 else alpha * X[:m, lo:hi] + (1.0 - alpha) * X[m, lo:hi]

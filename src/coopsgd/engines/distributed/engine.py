@@ -89,6 +89,7 @@ from coopsgd.engines.distributed.launch import no_heartbeat
 from coopsgd.engines.distributed.parameter_server import AsyncParameterServer
 from coopsgd.engines.distributed.views import RankViews, communication_table
 from coopsgd.engines.executors import ComputeResult, LoopExecutor
+from coopsgd.engines.fragments import check_distributed_fragments
 from coopsgd.engines.health import diverged
 from coopsgd.engines.kernel import RoundKernel, mix_columns
 from coopsgd.engines.mixing import Round, plan_round
@@ -121,6 +122,7 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
     if not isinstance(spec, AlgorithmSpec):
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
     check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
+    check_distributed_fragments(spec)  # compressed fragment rounds: refused likewise
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -297,7 +299,10 @@ class DistributedEngine(RankViews):
         return {k: v[0] for k, v in self.rows_optimizer_state.items()}
 
     def _zero_aux_momentum(self) -> None:
+        """After a non-blocking round completes: the auxiliaries hold no optimizer state, and the outer steps of
+        Streaming DiLoCo's delayed fragment rounds (their reductions just arrived) are taken."""
         self._kernel.zero_aux_momentum(self._state)
+        self._kernel.complete_fragments(self._state)
 
     # -- the loop's side of the engine contract ------------------------------------------------------------
     name = "distributed"
