@@ -221,6 +221,23 @@ def test_peak_bytes_are_one_over_p_of_diloco() -> None:
     assert q["peak_bytes_per_step"] < dil["peak_bytes_per_step"] / 4
 
 
+def test_coordinate_fragments_reach_one_over_p_when_a_tensor_dominates() -> None:
+    m, H, steps = 4, 8, 16
+
+    def peak(spec: AlgorithmSpec) -> float:
+        obj = BatchLeastSquares(m)
+        sim = Simulator(spec, lambda: nn.Linear(5, 1), loss_fn=torch.nn.functional.mse_loss, dtype=torch.float64,
+                        executor="loop", seed=4)
+        counters = [0] * m
+        for _ in range(steps):
+            _feed(sim, obj, counters)
+        return float(sim.time_record()["peak_bytes_per_step"])
+
+    dil = peak(presets.diloco(m, H))
+    assert peak(presets.streaming_diloco(m, H, fragments=2)) == pytest.approx(dil * 5 / 6, rel=1e-12)  # weight | bias
+    assert peak(presets.streaming_diloco(m, H, fragments=2, fragment_split="coordinates")) == pytest.approx(dil / 2)
+
+
 def test_a_delay_hides_the_fragment_communication_behind_compute() -> None:
     m, H, steps = 4, 8, 16
 
@@ -248,6 +265,9 @@ def test_fragments_schedule_and_bounds() -> None:
     assert fragment_bounds([4, 4, 4, 4], 2) == [(0, 8), (8, 16)]
     assert fragment_bounds([10, 1, 1, 1, 1], 2) == [(0, 10), (10, 14)]  # whole tensors, the nearest boundary
     assert fragment_bounds([1, 1, 10], 3) == [(0, 1), (1, 2), (2, 12)]  # every fragment keeps a tensor
+    assert fragment_bounds([10, 1, 1, 1, 1], 2, "coordinates") == [(0, 7), (7, 14)]
+    with pytest.raises(ConfigError, match="fragment_split"):
+        fragment_bounds([4], 2, "layers")
     sched = StreamingSchedule(2, 10, fragments=3, delay=2)
     assert sched.offsets == [0, 3, 6]
     events = {k: sched.mix(k) for k in range(20)}

@@ -20,16 +20,19 @@ the application, because tau_d < floor(H / P) keeps the rounds of different frag
 send and application) on different steps. An update still in flight when the run ends is not applied.
 
 The schedule is pure data: a send is a :class:`~coopsgd.algorithms.schedules.Mix` tagged ``info = {"outer":
-True, "fragment": p, "fragments": P, "delay": tau_d, "merge_alpha": alpha}``, with DiLoCo's outer matrix
+True, "fragment": p, "fragments": P, "delay": tau_d, "merge_alpha": alpha, "split": split}``, with DiLoCo's outer matrix
 ``blockdiag(J_m, 1)`` when tau_d = 0 (the workers averaged, then all restart from z) and
 :func:`z_average_matrix` when tau_d > 0 (only z receives the workers' average; the workers keep training, so
 a distributed engine can leave the reduction in flight until the application); an application (tau_d > 0)
-is a ``"local"`` identity mix tagged ``{"fragment": p, "fragments": P, "apply": True, "merge_alpha": alpha}``.
+is a ``"local"`` identity mix tagged ``{"fragment": p, "fragments": P, "apply": True, "merge_alpha": alpha,
+"split": split}``.
 The engines map the fragment index to the columns of :func:`fragment_bounds` of their parameter layout.
 
-Fragments (:func:`fragment_bounds`): consecutive groups of whole parameter tensors of about equal total
-size, in the model's parameter order; a layout with fewer tensors than fragments (an analytic objective's
-single vector) is cut into P consecutive chunks of ``floor(j d / P)`` coordinates.
+Fragments (:func:`fragment_bounds`): with ``split="tensors"`` (the default) consecutive groups of whole
+parameter tensors of about equal total size, in the model's parameter order; a layout with fewer tensors than
+fragments (an analytic objective's single vector) is cut into P consecutive chunks of ``floor(j d / P)``
+coordinates, and so is every layout with ``split="coordinates"`` (equal fragments also when one tensor, such
+as a language model's embedding, outweighs the others: whole tensors cannot then reach 1/P of the bytes).
 """
 
 from __future__ import annotations
@@ -42,7 +45,12 @@ from coopsgd.algorithms.outer import outer_matrix
 from coopsgd.algorithms.schedules import Mix, MixContext, ScheduleState
 from coopsgd.errors import ConfigError, check_float, check_int
 
-__all__ = ["StreamingSchedule", "fragment_bounds", "fragment_offsets", "check_streaming", "z_average_matrix"]
+__all__ = ["StreamingSchedule", "FRAGMENT_SPLITS", "fragment_bounds", "fragment_offsets", "check_streaming", "z_average_matrix"]
+
+
+#: How the parameters are cut into fragments: whole tensors (equal chunks when there are fewer than P), or
+#: equal chunks of the coordinates.
+FRAGMENT_SPLITS = ("tensors", "coordinates")
 
 
 def z_average_matrix(workers: int) -> np.ndarray:
@@ -73,19 +81,21 @@ def check_streaming(period: int, fragments: int, delay: int, merge_alpha: float)
     return H, P, d, a
 
 
-def fragment_bounds(sizes: Sequence[int], fragments: int) -> list[tuple[int, int]]:
+def fragment_bounds(sizes: Sequence[int], fragments: int, split: str = "tensors") -> list[tuple[int, int]]:
     """The column ranges ``[lo, hi)`` of the P fragments of a parameter vector made of tensors of ``sizes``.
 
-    With at least P tensors: consecutive groups of whole tensors, fragment j ending at the tensor boundary
+    ``split="tensors"`` with at least P tensors: consecutive groups of whole tensors, fragment j ending at the tensor boundary
     nearest to ``j d / P`` (ties to the earlier one) while leaving every fragment at least one tensor. With
-    fewer tensors than fragments: P chunks ``[floor(j d / P), floor((j + 1) d / P))`` of the coordinates.
+    fewer tensors than fragments, or ``split="coordinates"``: P chunks ``[floor(j d / P), floor((j + 1) d / P))`` of the coordinates.
     """
     P = check_int("fragments", fragments, minimum=1)
     sizes = [int(s) for s in sizes]
     d = sum(sizes)
     if d < P:
         raise ConfigError.invalid("fragments", P, f"at most the {d} parameters of the model")
-    if len(sizes) < P:
+    if split not in FRAGMENT_SPLITS:
+        raise ConfigError.invalid("fragment_split", split, f"choose one of {', '.join(FRAGMENT_SPLITS)}")
+    if len(sizes) < P or split == "coordinates":
         cuts = [(j * d) // P for j in range(P + 1)]
         return [(cuts[j], cuts[j + 1]) for j in range(P)]
     ends = np.cumsum(sizes).tolist()  # tensor boundaries after tensor t
@@ -110,8 +120,12 @@ class StreamingSchedule:
     needs_losses = False
     sequential = False
 
-    def __init__(self, workers: int, period: int, fragments: int = 1, delay: int = 0, merge_alpha: float = 0.0) -> None:
+    def __init__(self, workers: int, period: int, fragments: int = 1, delay: int = 0, merge_alpha: float = 0.0,
+                 split: str = "tensors") -> None:
         self.m = check_int("workers", workers, minimum=1)
+        if split not in FRAGMENT_SPLITS:
+            raise ConfigError.invalid("fragment_split", split, f"choose one of {', '.join(FRAGMENT_SPLITS)}")
+        self.split = split
         self.period, self.fragments, self.delay, self.merge_alpha = check_streaming(period, fragments, delay,
                                                                                     merge_alpha)
         self.n = self.m + 1
@@ -140,7 +154,7 @@ class StreamingSchedule:
 
     def advance(self, step: int, ctx: MixContext, state: ScheduleState) -> tuple[Mix | None, ScheduleState]:
         p = self.sends(step)
-        info = {"fragment": p, "fragments": self.fragments, "merge_alpha": self.merge_alpha}
+        info = {"fragment": p, "fragments": self.fragments, "merge_alpha": self.merge_alpha, "split": self.split}
         if p is not None:
             return Mix(self._outer, "allreduce", round=self.rounds_through(step) - 1,
                        info={"outer": True, **info, "delay": self.delay}), state

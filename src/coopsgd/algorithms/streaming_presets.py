@@ -13,7 +13,7 @@ from coopsgd.algorithms.outer import OuterOptimizer
 from coopsgd.algorithms.preset_base import _OUTER_LR, _OUTER_MOMENTUM, _TAU, _workers, compressible
 from coopsgd.algorithms.registry import PresetArg, PresetDecl
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
-from coopsgd.algorithms.streaming import StreamingSchedule
+from coopsgd.algorithms.streaming import FRAGMENT_SPLITS, StreamingSchedule
 from coopsgd.errors import ConfigError, check_float
 
 __all__ = ["streaming_diloco", "STREAMING_DECLS", "STREAMING_OUTER", "DEFAULT_FRAGMENTS"]
@@ -33,6 +33,7 @@ def streaming_diloco(
     fragments: int = DEFAULT_FRAGMENTS,
     fragment_delay: int = 0,
     merge_alpha: float = 0.0,
+    fragment_split: str = "tensors",
     outer_lr: float = 0.7,
     outer_momentum: float = 0.9,
     outer_optimizer: str = "nesterov",
@@ -44,10 +45,12 @@ def streaming_diloco(
 
     P = 1, no delay and alpha = 0 is :func:`~coopsgd.algorithms.presets.diloco` bit for bit. The workers'
     optimizer state stays local (``optimizer_state="local"``: a fragment round does not touch it).
+    ``fragment_split``: ``"tensors"`` (consecutive groups of whole parameter tensors of about equal size) or
+    ``"coordinates"`` (equal chunks of the flat parameter vector, for models where one tensor outweighs the rest).
     ``compression``: each fragment's round is compressed on its own columns (docs/compression.md).
     """
     m = _workers(workers)
-    sched = StreamingSchedule(m, tau, fragments, fragment_delay, merge_alpha)
+    sched = StreamingSchedule(m, tau, fragments, fragment_delay, merge_alpha, fragment_split)
     if outer_optimizer not in STREAMING_OUTER:
         raise ConfigError.invalid("outer_optimizer", outer_optimizer, f"choose one of {', '.join(STREAMING_OUTER)}")
     lr = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
@@ -61,6 +64,7 @@ def streaming_diloco(
         name="streaming_diloco", workers=m, auxiliaries=1, tau=sched.period, schedule=sched, rule="post_mix",
         center="auxiliary", theory_matrix=None, pattern="allreduce", policies=pol,
         params={"fragments": sched.fragments, "fragment_delay": sched.delay, "merge_alpha": sched.merge_alpha,
+                "fragment_split": sched.split,
                 "outer_optimizer": outer_optimizer, "outer_lr": lr, "outer_momentum": mu},
         notes=("an outer optimizer on z per fragment: no fixed W describes the round, so [CSGD] Theorems 1-4 do not "
                "apply; with an adaptive inner optimizer (AdamW) no convergence bound is computed",),
@@ -81,6 +85,9 @@ STREAMING_DECLS: tuple[PresetDecl, ...] = (
                              "receiving its update (< floor(tau / fragments))"),
               PresetArg("merge_alpha", float, 0.0, low=0.0, high=1.0, high_open=True,
                         help="streaming_diloco: merge x <- alpha x_local + (1 - alpha) x_global"),
+              PresetArg("fragment_split", str, "tensors", choices=FRAGMENT_SPLITS,
+                        help="streaming_diloco: fragments of whole parameter tensors, or equal chunks of the "
+                             "coordinates (1/P of the bytes each, whatever the tensor sizes)"),
               _OUTER_LR.replace(default=0.7), _OUTER_MOMENTUM.replace(default=0.9),
               PresetArg("outer_optimizer", str, "nesterov", choices=STREAMING_OUTER,
                         help="streaming_diloco: z's optimizer on each fragment's pseudo-gradient")),

@@ -34,6 +34,11 @@ def fragment_count(spec: AlgorithmSpec) -> int | None:
     return None if P is None else int(P)
 
 
+def fragment_split(spec: AlgorithmSpec) -> str:
+    """How the spec's schedule cuts the parameters into fragments (:data:`~coopsgd.algorithms.streaming.FRAGMENT_SPLITS`)."""
+    return str(getattr(spec.schedule, "split", "tensors"))
+
+
 def check_distributed_fragments(spec: AlgorithmSpec) -> None:
     """Refuse (``ConfigError`` naming ``compress``) compressed fragment rounds on the distributed engine: its
     fragment rounds are sent uncompressed only (the simulator and the reference engine compress them)."""
@@ -43,11 +48,12 @@ def check_distributed_fragments(spec: AlgorithmSpec) -> None:
                                   "the simulate and reference engines; the distributed engine sends them uncompressed")
 
 
-def fragment_columns(param_sizes: Sequence[int], fragments: int, cols: tuple[int, int], b: int) -> list[tuple[int, int]]:
+def fragment_columns(param_sizes: Sequence[int], fragments: int, cols: tuple[int, int], b: int,
+                     split: str = "tensors") -> list[tuple[int, int]]:
     """Per fragment, the state columns its round sends: its parameter columns (after ``b`` buffer columns), and
     for fragment 0 the float buffers too when the mixed columns ``cols`` start at 0."""
     out = []
-    for p, (lo, hi) in enumerate(fragment_bounds(param_sizes, fragments)):
+    for p, (lo, hi) in enumerate(fragment_bounds(param_sizes, fragments, split)):
         out.append((cols[0] if p == 0 else b + lo, b + hi))
     return out
 
@@ -97,8 +103,8 @@ def simulator_stages(spec: AlgorithmSpec, *, param_shapes: Sequence[Sequence[int
         return None
     shapes = [tuple(int(n) for n in s) for s in param_shapes]
     sizes = [int(np.prod(s)) for s in shapes]
-    bounds = fragment_bounds(sizes, P)
-    columns = fragment_columns(sizes, P, cols, b)
+    bounds = fragment_bounds(sizes, P, fragment_split(spec))
+    columns = fragment_columns(sizes, P, cols, b, fragment_split(spec))
 
     def make(p: int, c: tuple[int, int]) -> CompressedRounds:
         lo, hi = bounds[p]
@@ -140,7 +146,7 @@ def reference_fragment_stages(spec: AlgorithmSpec, sizes: Sequence[int], layout:
     comp = spec.compressed
     if P is None or comp is None:
         return None
-    bounds = fragment_bounds(sizes, P)
+    bounds = fragment_bounds(sizes, P, fragment_split(spec))
     out = []
     for p, (lo, hi) in enumerate(bounds):
         lay: list[tuple[int, ...]] | None = [(hi - lo,)] if (lo, hi) != (0, sum(sizes)) else None

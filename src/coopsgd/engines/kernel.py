@@ -52,8 +52,9 @@ The engines differ only in the communicator and in which rows they hold: the ker
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -372,10 +373,12 @@ class RoundKernel:
                 self.compressed.settle(state[:, lo:hi], rnd)
 
     # -- Streaming DiLoCo (coopsgd.algorithms.streaming) -------------------------------------------------------
-    def fragment_columns(self, fragment: int, fragments: int) -> tuple[int, int]:
-        """The state columns ``[lo, hi)`` a round of ``fragment`` (of ``fragments``) sends: its parameter columns,
-        and for fragment 0 the float buffers too when the policy mixes them."""
-        lo, hi = fragment_bounds(self.param_sizes or (self.d,), fragments)[fragment]
+    def fragment_columns(self, info: Mapping[str, Any]) -> tuple[int, int]:
+        """The state columns ``[lo, hi)`` a fragment round (its ``Mix.info``) sends: its parameter columns, and for
+        fragment 0 the float buffers too when the policy mixes them."""
+        fragment = int(info["fragment"])
+        bounds = fragment_bounds(self.param_sizes or (self.d,), int(info["fragments"]), str(info.get("split", "tensors")))
+        lo, hi = bounds[fragment]
         start = self.cols[0] if fragment == 0 else self.b + lo
         return start, self.b + hi
 
@@ -396,8 +399,8 @@ class RoundKernel:
             if pending is not None:
                 self._add(state, rows, *pending)
         info = rnd.mix.info
-        p, P = int(info["fragment"]), int(info["fragments"])
-        c_lo, c_hi = self.fragment_columns(p, P)
+        p = int(info["fragment"])
+        c_lo, c_hi = self.fragment_columns(info)
         alpha = float(info.get("merge_alpha", 0.0))
         if info.get("outer") and int(info.get("delay", 0)) > 0:
             self._fragment_send_delayed(state, rnd, lr, p, c_lo, c_hi, on_round)

@@ -25,7 +25,7 @@ distance ``||X (I - J)||_F^2 / m``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -342,7 +342,7 @@ class ReferenceEngine:
             assert mix is not None
             units = 1.0
             if "fragment" in mix.info:
-                lo, hi = self.fragment_columns(int(mix.info["fragment"]), int(mix.info["fragments"]))
+                lo, hi = self.fragment_columns(mix.info)
                 units = (hi - lo) / self.objective.dim
             self.units_sent += units
             self.peak_units = max(self.peak_units, units)
@@ -355,12 +355,11 @@ class ReferenceEngine:
             pattern=None if mix is None else mix.pattern, info={} if mix is None else mix.info, skipped=skipped,
         )
 
-    def fragment_columns(self, fragment: int, fragments: int) -> tuple[int, int]:
-        """The coordinates ``[lo, hi)`` of a Streaming DiLoCo fragment: of the layout's tensors (whole tensors when
-        there are at least ``fragments``), else of x cut into equal chunks
-        (:func:`~coopsgd.algorithms.streaming.fragment_bounds`)."""
+    def fragment_columns(self, info: Mapping[str, Any]) -> tuple[int, int]:
+        """The coordinates ``[lo, hi)`` of a Streaming DiLoCo fragment (its round's ``Mix.info``): of the layout's
+        tensors, else of x cut into equal chunks (:func:`~coopsgd.algorithms.streaming.fragment_bounds`)."""
         sizes = [self.objective.dim] if self.layout is None else [int(np.prod(s)) for s in self.layout]
-        return fragment_bounds(sizes, fragments)[fragment]
+        return fragment_bounds(sizes, int(info["fragments"]), str(info.get("split", "tensors")))[int(info["fragment"])]
 
     def _fragment_event(self, X: np.ndarray, mix: Mix, lr: float) -> tuple[np.ndarray, Any]:
         """Streaming DiLoCo after the local step (``X``): at a send, the workers' fragment averaged by the round,
@@ -370,7 +369,7 @@ class ReferenceEngine:
         assert self.spec.outer is not None and self.outer_state is not None
         m = self.spec.workers
         info = mix.info
-        lo, hi = self.fragment_columns(int(info["fragment"]), int(info["fragments"]))
+        lo, hi = self.fragment_columns(info)
         st: Any = self.outer_state
         X = X.copy()
         stage = None if self._fragments is None else self._fragments.stages[int(info["fragment"])]

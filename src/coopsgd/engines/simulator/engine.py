@@ -595,7 +595,7 @@ class Simulator(SimulatorCompute):
 
     def _fragment_params(self, mix: Mix) -> int:
         """The parameters a Streaming DiLoCo fragment round sends (the cost model's d of the round)."""
-        lo, hi = self._kernel.fragment_columns(int(mix.info["fragment"]), int(mix.info["fragments"]))
+        lo, hi = self._kernel.fragment_columns(mix.info)
         return hi - max(lo, self.b)
 
     # ------------------------------------------------------------------------------------------------

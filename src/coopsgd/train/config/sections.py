@@ -211,6 +211,7 @@ class AlgorithmSettings:
     fragments: int | None = _preset()
     fragment_delay: int | None = _preset()
     merge_alpha: float | None = _preset()
+    fragment_split: str | None = _preset()
     downpour_order: str = setting(
         "clock", choices=("clock", "schedule", "async"),
         help="DOWNPOUR push order: clock (order of arrival: on the simulated clock, or at a real asynchronous "
