@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.algorithms.streaming import fragment_bounds
 from coopsgd.engines.compressed import CompressedRounds, ReferenceCompressedRounds, load_compression_state
+from coopsgd.engines.mixing import Round
 from coopsgd.errors import ConfigError
+from coopsgd.theory.cost import RoundCost
 
 __all__ = ["fragment_count", "check_distributed_fragments", "fragment_columns", "FragmentStages", "ReferenceFragmentStages", "simulator_stages",
            "reference_fragment_stages"]
@@ -90,18 +90,18 @@ class FragmentStages:
             s.restore(sn)
 
 
-def simulator_stages(spec: AlgorithmSpec, *, param_shapes: Sequence[Sequence[int]],
-                     buffer_shapes: Sequence[Sequence[int]], cols: tuple[int, int], b: int,
-                     start: Tensor, nodes: int, workers: int, dtype: torch.dtype, device: torch.device,
-                     seed: int) -> FragmentStages | None:
-    """The fragments' stages of a compressed Streaming DiLoCo spec on stacked rows (``None`` otherwise).
-
-    ``start``: x_ref before the first round over the mixed columns ``cols`` (the common start)."""
+def simulator_stages(spec: AlgorithmSpec, layout: Any, cols: tuple[int, int], b: int, one: CompressedRounds | None,
+                     *, nodes: int, workers: int, seed: int) -> FragmentStages | None:
+    """The fragments' stages of a compressed Streaming DiLoCo spec on stacked rows (``None`` otherwise): over the
+    model ``layout`` (its ``param_shapes`` and ``buffer_shapes``), from the start of the run's one stage ``one``
+    over the mixed columns ``cols`` (the common start)."""
     P = fragment_count(spec)
     comp = spec.compressed
-    if P is None or comp is None:
+    if P is None or comp is None or one is None:
         return None
-    shapes = [tuple(int(n) for n in s) for s in param_shapes]
+    start, dtype, device = one.start.reshape(-1), one.dtype, one.device
+    buffer_shapes = layout.buffer_shapes
+    shapes = [tuple(int(n) for n in s) for s in layout.param_shapes]
     sizes = [int(np.prod(s)) for s in shapes]
     bounds = fragment_bounds(sizes, P, fragment_split(spec))
     columns = fragment_columns(sizes, P, cols, b, fragment_split(spec))
@@ -136,6 +136,21 @@ class ReferenceFragmentStages:
                                       f"expected the compressed state of {len(self.stages)} fragments")
         for stage, part in zip(self.stages, parts, strict=True):
             stage.load(part, prefix)
+
+
+def fragment_costs(clock: Any, rnd: Round, columns: tuple[int, int], b: int,
+                   stages: FragmentStages | None) -> list[RoundCost]:
+    """The simulated clock's cost items of a fragment round sending the state ``columns`` (its parameters: the cost
+    model's d; with compression its stage's payload)."""
+    assert rnd.mix is not None
+    mix = rnd.mix
+    params = columns[1] - max(columns[0], b)
+    matrix = None if mix.structure is not None else mix.matrix
+    stage = None if stages is None else stages.stages[int(mix.info["fragment"])]
+    if stage is not None and stage.sends_payload(rnd):
+        return clock.round_costs(mix.pattern, matrix, payload_bytes=stage.row_bytes, reducible=stage.reducible,
+                                 params=params)
+    return list(clock.round_costs(mix.pattern, matrix, params=params))
 
 
 def reference_fragment_stages(spec: AlgorithmSpec, sizes: Sequence[int], layout: Sequence[Sequence[int]] | None,

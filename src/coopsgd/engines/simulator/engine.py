@@ -81,7 +81,7 @@ from coopsgd.engines.base import (
 )
 from coopsgd.engines.compressed import CompressedRounds, load_compression_state
 from coopsgd.engines.executors import EXECUTORS, ComputeResult
-from coopsgd.engines.fragments import FragmentStages, fragment_count, simulator_stages
+from coopsgd.engines.fragments import fragment_costs, simulator_stages
 from coopsgd.engines.health import absmax, diverged, step_bound
 from coopsgd.engines.kernel import InProcess, RoundKernel, mix_columns
 from coopsgd.engines.mixing import Round, RoundKind, plan_round
@@ -191,7 +191,9 @@ class Simulator(SimulatorCompute):
         self._check_initial_state()
         self._drop_template_storage()
         self._compressed = self._compression_stage()
-        self._fragments = self._fragment_stages()  # Streaming DiLoCo: a stage per fragment replaces the one stage
+        # Streaming DiLoCo: a compression stage per fragment (from the one stage's start) replaces the one stage
+        self._fragments = simulator_stages(spec, self.layout, mix_columns(spec, b, d, self.opts), b, self._compressed,
+                                           nodes=self.n, workers=m, seed=self.seed)
         if self._fragments is not None:
             self._compressed = None
         # FedAvg's unread broadcasts wait (not when a compressor reads the workers; an outer optimizer's step moves
@@ -247,17 +249,6 @@ class Simulator(SimulatorCompute):
         start = rows.mean(dim=0) if self.per_worker_start else rows[0]
         return CompressedRounds(comp, nodes=self.n, workers=self.m, width=hi - lo, dtype=self.dtype,
                                 device=self.device, seed=self.seed, layout=layout, start=start)
-
-    def _fragment_stages(self) -> FragmentStages | None:
-        """The fragments' compressed stages of a compressed Streaming DiLoCo spec (``None`` otherwise), from the
-        same start as the one stage (:meth:`_compression_stage`)."""
-        if self._compressed is None or fragment_count(self.spec) is None:
-            return None
-        return simulator_stages(self.spec, param_shapes=self.layout.param_shapes,
-                                buffer_shapes=self.layout.buffer_shapes, b=self.b,
-                                cols=mix_columns(self.spec, self.b, self.d, self.opts),
-                                start=self._compressed.start.reshape(-1), nodes=self.n, workers=self.m,
-                                dtype=self.dtype, device=self.device, seed=self.seed)
 
     # ------------------------------------------------------------------------------------------------
     # views
@@ -564,13 +555,8 @@ class Simulator(SimulatorCompute):
             elif comp is not None and comp.sends_payload(rnd):  # the compressor's payloads
                 costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
                                                reducible=comp.reducible)
-            elif "fragment" in mix.info:  # a Streaming DiLoCo fragment: its parameters only
-                stage = None if self._fragments is None else self._fragments.stages[int(mix.info["fragment"])]
-                if stage is not None and stage.sends_payload(rnd):
-                    costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=stage.row_bytes,
-                                                   reducible=stage.reducible, params=self._fragment_params(mix))
-                else:
-                    costs = self.clock.round_costs(mix.pattern, matrix, params=self._fragment_params(mix))
+            elif "fragment" in mix.info:  # a Streaming DiLoCo fragment: its columns, its compressor
+                costs = fragment_costs(self.clock, rnd, self._kernel.fragment_columns(mix.info), self.b, self._fragments)
             else:
                 costs = self.clock.round_costs(mix.pattern, matrix)
                 if self.spec.control:  # SCAFFOLD sends its control variates with the models: twice the bytes
@@ -592,11 +578,6 @@ class Simulator(SimulatorCompute):
             communication_s=c.communication_s - before[1], idle_s=c.idle_s - before[2], estimates=est,
             skipped=skipped,
         )
-
-    def _fragment_params(self, mix: Mix) -> int:
-        """The parameters a Streaming DiLoCo fragment round sends (the cost model's d of the round)."""
-        lo, hi = self._kernel.fragment_columns(mix.info)
-        return hi - max(lo, self.b)
 
     # ------------------------------------------------------------------------------------------------
     # nan_policy="skip"
