@@ -67,7 +67,9 @@ def streaming_diloco(
                 "fragment_split": sched.split,
                 "outer_optimizer": outer_optimizer, "outer_lr": lr, "outer_momentum": mu},
         notes=("an outer optimizer on z per fragment: no fixed W describes the round, so [CSGD] Theorems 1-4 do not "
-               "apply; with an adaptive inner optimizer (AdamW) no convergence bound is computed",),
+               "apply; with an adaptive inner optimizer (AdamW) no convergence bound is computed",
+               f"the cost model counts one whole-model round per tau steps: each of the {sched.fragments} fragment "
+               "rounds per tau steps sends about 1/fragments of it (peak_bytes_per_step in a run's records)"),
         outer=outer, inner_optimizer="adamw",
     )
 
