@@ -39,7 +39,7 @@ def spec_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int = 4) 
                                 payload_bytes=q.payload_bytes(params, dtype))
     if elastic is not None:
         return elastic
-    return compressed_round_cost(rc, workers=spec.nodes if rc.pattern == "neighbor" else spec.workers, params=params,
+    return compressed_round_cost(rc, workers=spec.nodes if rc.pattern == "neighbor" else _senders(spec), params=params,
                                  bytes_per_param=bytes_per_param, payload_bytes=q.payload_bytes(params, dtype),
                                  reducible=q.name in REDUCIBLE)
 
@@ -58,7 +58,15 @@ def _uncompressed_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: 
         return cost.round_cost(
             pattern, workers=spec.nodes, params=params, max_degree=max_degree, bytes_per_param=bytes_per_param
         )
-    return cost.round_cost(pattern, workers=spec.workers, params=params, bytes_per_param=bytes_per_param)
+    return cost.round_cost(pattern, workers=_senders(spec), params=params, bytes_per_param=bytes_per_param)
+
+
+def _senders(spec: AlgorithmSpec) -> int:
+    """The workers that send and receive in a round: a sampled FedAvg round's k clients (the others are not
+    synchronised), else all m."""
+    if spec.pattern == "parameter_server" and "clients_per_round" in spec.params:
+        return int(spec.params["clients_per_round"])
+    return spec.workers
 
 
 def _finite(x: float) -> float | None:

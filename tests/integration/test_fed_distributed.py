@@ -2,7 +2,7 @@
 float64, and a server optimizer's run resumes bit-identically.
 
 One set of 3 gloo processes runs every equivalence case (:func:`run_spec` with several jobs: FedProx and the
-server optimizers and SCAFFOLD with sampled, weighted clients); the resume test starts three runs of 2 processes.
+server optimizers, SCAFFOLD and FedNova -- also with uneven local work and an lr that changes inside a round --, with sampled, weighted clients); the resume test starts three runs of 2 processes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from numpy.polynomial import Polynomial
 from torch import nn
 
 from coopsgd.algorithms import presets
@@ -52,7 +53,7 @@ def _simulate(job: SpecJob) -> tuple[torch.Tensor, Simulator]:
         active = job.spec.schedule.active(k)
         if active is not None:
             batches = [b if active[i] else None for i, b in enumerate(batches)]
-        sim.step(batches, job.lr)
+        sim.step(batches, float(job.lr(k)) if callable(job.lr) else job.lr)
     return sim.params.detach().clone(), sim
 
 
@@ -69,6 +70,10 @@ def test_federated_strategies_match_the_simulator() -> None:
         # (SCAFFOLD takes plain SGD steps only: its option II control variates are mean gradients)
         _job("scaffold_server_lr", presets.scaffold(m, 3, outer_lr=0.7, mu=0.2, fraction=0.34, seed=2)),
         _job("fedavg", presets.fedavg(m, 2, **kw)),
+        # FedNova with uneven local work: K_i uniform on {1, 2, 3}, the server row among the round's sources
+        _job("fednova_uneven", presets.fednova(m, 3, local_work="uniform", **kw)),
+        # SCAFFOLD with uneven work and an lr falling inside the rounds: c_i divides by each client's own lr sum
+        _job("scaffold_uneven_lr", presets.scaffold(m, 3, local_work="uniform", **kw), lr=Polynomial([0.05, -0.002])),
     ]
     results = run_spec(jobs, timeout_s=90)
     for job, res in zip(jobs, results, strict=True):

@@ -583,7 +583,7 @@ def test_defaults_and_declarations() -> None:
         decl = declaration(name)
         names = [a.name for a in decl.args]
         assert "mu" in names and "fraction" in names and "local_epochs" in names, name
-        assert [i.argument for i in decl.inputs] == ["sample_counts", "tau"]
+        assert [i.argument for i in decl.inputs] == ["sample_counts", "client_speeds", "tau"]
     assert "outer_beta2" not in [a.name for a in declaration("fedadagrad").args]
 
 

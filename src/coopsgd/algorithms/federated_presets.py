@@ -18,11 +18,11 @@ from coopsgd.algorithms.outer import OuterOptimizer
 from coopsgd.algorithms.preset_base import _OUTER_LR, _OUTER_MOMENTUM, _SEED, _TAU, _workers, compressible
 from coopsgd.algorithms.registry import DataInput, PresetArg, PresetDecl
 from coopsgd.algorithms.robust import AGGREGATIONS, ATTACKS, RobustAggregation
-from coopsgd.algorithms.schedules import FedAvgSchedule
+from coopsgd.algorithms.schedules import LOCAL_WORK, FedAvgSchedule
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
 from coopsgd.errors import ConfigError, check_float, check_int
 
-__all__ = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "FEDERATED_DECLS"]
+__all__ = ["fedavg", "fedprox", "scaffold", "fednova", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "FEDERATED_DECLS"]
 
 
 def _robust(aggregation: str, trim: float, byzantine_fraction: float, attack: str, attack_std: float,
@@ -30,6 +30,17 @@ def _robust(aggregation: str, trim: float, byzantine_fraction: float, attack: st
     """The robust-aggregation settings of the FedAvg presets as :class:`RobustAggregation`'s arguments."""
     return dict(rule=aggregation, trim=trim, byzantine_fraction=byzantine_fraction, attack=attack,
                 attack_std=attack_std, attack_scale=attack_scale, krum_f=krum_f, multi_krum_keep=multi_krum_keep)
+
+
+def _work(local_work: str, min_local_steps: int, client_speeds: Sequence[float] | None) -> dict[str, Any]:
+    """The local-work settings of the FedAvg presets as :class:`FedAvgSchedule`'s arguments (``"equal"``: every
+    sampled client runs tau steps, FedAvg bit for bit)."""
+    if local_work not in LOCAL_WORK:
+        raise ConfigError.invalid("local_work", local_work, f"choose one of {', '.join(LOCAL_WORK)}")
+    if min_local_steps != 1 and local_work != "uniform":
+        raise ConfigError.invalid("min_local_steps", min_local_steps, "is used by local_work uniform only")
+    return dict(local_work=local_work, min_local_steps=check_int("min_local_steps", min_local_steps, minimum=1),
+                speeds=None if client_speeds is None else list(client_speeds))
 
 
 def _federated(
@@ -46,16 +57,21 @@ def _federated(
     params: dict[str, Any] | None = None,
     control: bool = False,
     robust: dict[str, Any] | None = None,
+    work: dict[str, Any] | None = None,
+    normalized: bool = False,
 ) -> AlgorithmSpec:
     """FedAvg's rounds (:class:`FedAvgSchedule`) with FedProx's ``mu``, with ``outer`` a server optimizer, with
     ``control`` SCAFFOLD's control variates, with ``robust`` the settings of a robust aggregation rule and
     simulated Byzantine clients (:class:`~coopsgd.algorithms.robust.RobustAggregation`; FedAvg's weighted mean
-    with honest clients is kept as no rule at all, so that it stays FedAvg bit for bit)."""
+    with honest clients is kept as no rule at all, so that it stays FedAvg bit for bit); ``work`` the clients'
+    local work (:func:`_work`), ``normalized`` FedNova's round."""
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
     c = check_float("fraction", fraction, low=0.0, high=1.0, low_open=True)
     mu = check_float("mu", mu, low=0.0)
-    sched = FedAvgSchedule(m, tau, fraction=c, sample_counts=sample_counts, seed=seed, outer=outer is not None)
+    work = work or {}
+    sched = FedAvgSchedule(m, tau, fraction=c, sample_counts=sample_counts, seed=seed, outer=outer is not None,
+                           normalized=normalized, track_lrs=normalized or control, **work)
     notes = (f"theory: with IID data use Corollary 2 (local SGD) with {sched.clients_per_round} workers",)
     rob = None
     if robust is not None:
@@ -71,6 +87,7 @@ def _federated(
         theory_matrix=None, theory_v=0, pattern="parameter_server", policies=policies or Policies(),
         params={"fraction": c, "clients_per_round": sched.clients_per_round, "seed": int(seed),
                 **({"mu": mu} if mu > 0.0 or name == "fedprox" else {}), **(params or {}),
+                **({} if not sched.uneven else {"local_work": sched.local_work, "min_local_steps": sched.min_local_steps}),
                 **({} if rob is None else {k: v for k, v in rob.describe().items() if k != "byzantine"})},
         notes=notes, outer=outer, prox=mu, control=control, robust=rob,
     )
@@ -87,6 +104,9 @@ def fedavg(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    local_work: str = "equal",
+    min_local_steps: int = 1,
+    client_speeds: Sequence[float] | None = None,
     aggregation: str = "mean",
     trim: float = 0.2,
     byzantine_fraction: float = 0.0,
@@ -104,7 +124,7 @@ def fedavg(
     (:func:`fedprox`); ``mu = 0`` is FedAvg bit for bit.
     """
     return _federated("fedavg", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
-                      policies=policies,
+                      policies=policies, work=_work(local_work, min_local_steps, client_speeds),
                       robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
                                      multi_krum_keep))
 
@@ -118,6 +138,9 @@ def fedprox(
     fraction: float = 1.0,
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
+    local_work: str = "equal",
+    min_local_steps: int = 1,
+    client_speeds: Sequence[float] | None = None,
     aggregation: str = "mean",
     trim: float = 0.2,
     byzantine_fraction: float = 0.0,
@@ -138,7 +161,7 @@ def fedprox(
     the default 0.01 is one of them.
     """
     return _federated("fedprox", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
-                      policies=policies,
+                      policies=policies, work=_work(local_work, min_local_steps, client_speeds),
                       robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
                                      multi_krum_keep))
 
@@ -153,6 +176,9 @@ def scaffold(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    local_work: str = "equal",
+    min_local_steps: int = 1,
+    client_speeds: Sequence[float] | None = None,
     policies: Policies | None = None,
 ) -> AlgorithmSpec:
     """SCAFFOLD (Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, ICML 2020, Algorithm 1 with option II):
@@ -172,7 +198,39 @@ def scaffold(
     lr = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
     outer = None if lr == 1.0 else OuterOptimizer("sgd", lr=lr)
     return _federated("scaffold", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
-                      policies=policies, outer=outer, params={"outer_lr": lr}, control=True)
+                      policies=policies, work=_work(local_work, min_local_steps, client_speeds), outer=outer,
+                      params={"outer_lr": lr}, control=True)
+
+
+@compressible
+def fednova(
+    workers: int,
+    tau: int = 5,
+    *,
+    fraction: float = 1.0,
+    sample_counts: Sequence[float] | None = None,
+    seed: int = 0,
+    local_work: str = "equal",
+    min_local_steps: int = 1,
+    client_speeds: Sequence[float] | None = None,
+    policies: Policies | None = None,
+) -> AlgorithmSpec:
+    """FedNova (Wang, Liu, Liang, Joshi, Poor, NeurIPS 2020, "Tackling the Objective Inconsistency Problem in
+    Heterogeneous Federated Optimization", normalized averaging with plain local SGD): FedAvg's rounds whose server
+    averages the clients' *normalized* updates. Client i runs K_i local steps from the server model x to y_i; with
+    a_i = K_i (the sum of its steps' learning rates over lr when the lr varies within a round)::
+
+        d_i = (x - y_i) / a_i,        x <- x - tau_eff sum_i p_i d_i,        tau_eff = sum_i p_i a_i
+
+    p_i being FedAvg's weights of the sampled clients (their sample counts, normalized). The round is one
+    averaging matrix: client weights ``tau_eff p_i / a_i`` and the server's ``1 - tau_eff sum_i p_i / a_i``.
+    FedAvg with uneven work (``local_work``) converges to the minimizer of ``sum_i (p_i a_i / tau_eff) F_i``, not
+    of ``F = sum_i p_i F_i`` (their Theorem 1: the objective inconsistency); FedNova's is F's. With equal work
+    (every a_i equal) its weights are FedAvg's exactly: the same run bit for bit. Momentum and other inner
+    optimizers are refused (a_i here is plain SGD's), as are FedProx's mu and robust aggregation.
+    """
+    return _federated("fednova", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=0.0,
+                      policies=policies, work=_work(local_work, min_local_steps, client_speeds), normalized=True)
 
 
 # Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan, "Adaptive Federated Optimization", ICLR 2021:
@@ -191,6 +249,9 @@ def fedavgm(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    local_work: str = "equal",
+    min_local_steps: int = 1,
+    client_speeds: Sequence[float] | None = None,
     aggregation: str = "mean",
     trim: float = 0.2,
     byzantine_fraction: float = 0.0,
@@ -212,14 +273,15 @@ def fedavgm(
     beta = check_float("outer_momentum", outer_momentum, low=0.0, high=1.0, high_open=True)
     outer = OuterOptimizer("sgd", lr=lr, momentum=beta)
     return _federated("fedavgm", workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
-                      policies=policies, outer=outer, params={"outer_lr": lr, "outer_momentum": beta},
+                      policies=policies, work=_work(local_work, min_local_steps, client_speeds), outer=outer,
+                      params={"outer_lr": lr, "outer_momentum": beta},
                       robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
                                      multi_krum_keep))
 
 
 def _adaptive(name: str, kind: str, workers: int, tau: int, *, outer_lr: float, outer_beta1: float,
               outer_beta2: float, outer_eps: float, fraction: float, sample_counts: Sequence[float] | None,
-              seed: int, mu: float, policies: Policies | None,
+              seed: int, mu: float, policies: Policies | None, work: dict[str, Any],
               robust: dict[str, Any] | None = None) -> AlgorithmSpec:
     lr = check_float("outer_lr", outer_lr, low=0.0, low_open=True)
     b1 = check_float("outer_beta1", outer_beta1, low=0.0, high=1.0, high_open=True)
@@ -230,7 +292,7 @@ def _adaptive(name: str, kind: str, workers: int, tau: int, *, outer_lr: float, 
     if kind != "adagrad":
         params["outer_beta2"] = b2
     return _federated(name, workers, tau, fraction=fraction, sample_counts=sample_counts, seed=seed, mu=mu,
-                      policies=policies, outer=outer, params=params, robust=robust)
+                      policies=policies, work=work, outer=outer, params=params, robust=robust)
 
 
 @compressible
@@ -246,6 +308,9 @@ def fedadam(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    local_work: str = "equal",
+    min_local_steps: int = 1,
+    client_speeds: Sequence[float] | None = None,
     aggregation: str = "mean",
     trim: float = 0.2,
     byzantine_fraction: float = 0.0,
@@ -269,7 +334,7 @@ def fedadam(
     """
     return _adaptive("fedadam", "adam", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
                      outer_beta2=outer_beta2, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
-                     seed=seed, mu=mu, policies=policies,
+                     seed=seed, mu=mu, policies=policies, work=_work(local_work, min_local_steps, client_speeds),
                      robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
                                      multi_krum_keep))
 
@@ -287,6 +352,9 @@ def fedyogi(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    local_work: str = "equal",
+    min_local_steps: int = 1,
+    client_speeds: Sequence[float] | None = None,
     aggregation: str = "mean",
     trim: float = 0.2,
     byzantine_fraction: float = 0.0,
@@ -302,7 +370,7 @@ def fedyogi(
     (eta 0.01, betas (0.9, 0.99), tau_a 1e-3)."""
     return _adaptive("fedyogi", "yogi", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
                      outer_beta2=outer_beta2, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
-                     seed=seed, mu=mu, policies=policies,
+                     seed=seed, mu=mu, policies=policies, work=_work(local_work, min_local_steps, client_speeds),
                      robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
                                      multi_krum_keep))
 
@@ -319,6 +387,9 @@ def fedadagrad(
     sample_counts: Sequence[float] | None = None,
     seed: int = 0,
     mu: float = 0.0,
+    local_work: str = "equal",
+    min_local_steps: int = 1,
+    client_speeds: Sequence[float] | None = None,
     aggregation: str = "mean",
     trim: float = 0.2,
     byzantine_fraction: float = 0.0,
@@ -335,7 +406,7 @@ def fedadagrad(
     paper's algorithm allows beta1 > 0 (``outer_beta1``)."""
     return _adaptive("fedadagrad", "adagrad", workers, tau, outer_lr=outer_lr, outer_beta1=outer_beta1,
                      outer_beta2=0.0, outer_eps=outer_eps, fraction=fraction, sample_counts=sample_counts,
-                     seed=seed, mu=mu, policies=policies,
+                     seed=seed, mu=mu, policies=policies, work=_work(local_work, min_local_steps, client_speeds),
                      robust=_robust(aggregation, trim, byzantine_fraction, attack, attack_std, attack_scale, krum_f,
                                      multi_krum_keep))
 
@@ -356,6 +427,10 @@ def _tau_from_local_epochs(settings: Any, facts: Any) -> int:
     return max(1, round(settings["local_epochs"] * facts["steps_per_epoch"]))
 
 
+def _client_speeds(settings: Any, facts: Any) -> list[float]:
+    return [float(s) for s in facts["worker_speeds"]]
+
+
 
 _MU = PresetArg("mu", float, 0.0, help="FedProx's proximal coefficient mu: each local step adds mu (x - x_server) "
                "to the gradient (0: none)", low=0.0)
@@ -364,6 +439,13 @@ _FED_ARGS = (
     _SEED,
     PresetArg("local_epochs", float, None, help="FedAvg: local epochs per round (instead of tau)",
               low=0.0, low_open=True, kind="derived", excludes=("tau",), default_text="use tau"),
+)
+_WORK_ARGS = (
+    PresetArg("local_work", str, "equal", choices=LOCAL_WORK,
+              help="local steps of a sampled client per round: tau each (equal), K_i uniform on {min_local_steps, "
+                   "..., tau} drawn per (seed, round, client) (uniform), or as many as fit in the time the fastest "
+                   "client takes for tau, K_i = max(1, floor(tau s_i / max s)) with the clock's worker_speeds (budget)"),
+    PresetArg("min_local_steps", int, 1, help="local_work uniform: the fewest local steps a client draws", low=1),
 )
 _ROBUST_ARGS = (
     PresetArg("aggregation", str, "mean", choices=AGGREGATIONS,
@@ -386,6 +468,8 @@ _ROBUST_ARGS = (
 )
 _FED_INPUTS = (DataInput("sample_counts", ("shard_sizes",), _client_weights,
                          help="clients are weighted by their number of training samples"),
+               DataInput("client_speeds", ("worker_speeds",), _client_speeds,
+                         help="local_work budget: the clients' simulated speeds (the clock's worker_speeds)"),
                DataInput("tau", ("steps_per_epoch",), _tau_from_local_epochs, when="local_epochs",
                          help="tau = max(1, round(local_epochs * steps_per_epoch))"))
 _OUTER_BETA1 = PresetArg("outer_beta1", float, help="server optimizer's beta1 (first-moment decay; Reddi et al.)",
@@ -400,33 +484,39 @@ _OUTER_EPS = PresetArg("outer_eps", float, help="server optimizer's adaptivity t
 FEDERATED_DECLS: tuple[PresetDecl, ...] = (
     PresetDecl(
         "fedavg", fedavg, "federated averaging on a sampled fraction of clients",
-        args=(_TAU.replace(default=5), *_FED_ARGS, _MU, *_ROBUST_ARGS),
+        args=(_TAU.replace(default=5), *_FED_ARGS, *_WORK_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FEDAVG_COROLLARY2, FED_NO_BOUND),
     ),
     PresetDecl(
         "fedprox", fedprox, "FedProx: FedAvg whose local steps add mu (x - x_server) to the gradient",
-        args=(_TAU.replace(default=5), _MU.replace(default=0.01), *_FED_ARGS, *_ROBUST_ARGS),
+        args=(_TAU.replace(default=5), _MU.replace(default=0.01), *_FED_ARGS, *_WORK_ARGS, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),
     PresetDecl(
         "scaffold", scaffold, "SCAFFOLD: FedAvg with client and server control variates (option II)",
-        args=(_TAU.replace(default=5), _OUTER_LR.replace(default=1.0), *_FED_ARGS, _MU),
+        args=(_TAU.replace(default=5), _OUTER_LR.replace(default=1.0), *_FED_ARGS, *_WORK_ARGS, _MU),
+        inputs=_FED_INPUTS,
+        theory=(FED_NO_BOUND,),
+    ),
+    PresetDecl(
+        "fednova", fednova, "FedNova: FedAvg whose server averages the clients' updates normalized by their local work",
+        args=(_TAU.replace(default=5), *_FED_ARGS, *_WORK_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),
     PresetDecl(
         "fedavgm", fedavgm, "FedAvgM: FedAvg with server momentum on the pseudo-gradient",
         args=(_TAU.replace(default=5), _OUTER_LR.replace(default=1.0),
-              _OUTER_MOMENTUM.replace(default=0.9), *_FED_ARGS, _MU, *_ROBUST_ARGS),
+              _OUTER_MOMENTUM.replace(default=0.9), *_FED_ARGS, *_WORK_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),
     PresetDecl(
         "fedadam", fedadam, "FedAdam: FedAvg with an Adam server step (Reddi et al., no bias correction)",
         args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.01), _OUTER_BETA1.replace(default=0.9),
-              _OUTER_BETA2.replace(default=0.99), _OUTER_EPS.replace(default=1e-3), *_FED_ARGS, _MU, *_ROBUST_ARGS),
+              _OUTER_BETA2.replace(default=0.99), _OUTER_EPS.replace(default=1e-3), *_FED_ARGS, *_WORK_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),
@@ -434,14 +524,14 @@ FEDERATED_DECLS: tuple[PresetDecl, ...] = (
         "fedyogi", fedyogi, "FedYogi: FedAvg with a Yogi server step (Reddi et al.)",
         args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.01),
               _OUTER_BETA1.replace(default=0.9), _OUTER_BETA2.replace(default=0.99), _OUTER_EPS.replace(default=1e-3),
-              *_FED_ARGS, _MU, *_ROBUST_ARGS),
+              *_FED_ARGS, *_WORK_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),
     PresetDecl(
         "fedadagrad", fedadagrad, "FedAdagrad: FedAvg with an Adagrad server step (Reddi et al.)",
         args=(_TAU.replace(default=5), _OUTER_LR.replace(default=0.1),
-              _OUTER_BETA1.replace(default=0.0), _OUTER_EPS.replace(default=1e-2), *_FED_ARGS, _MU, *_ROBUST_ARGS),
+              _OUTER_BETA1.replace(default=0.0), _OUTER_EPS.replace(default=1e-2), *_FED_ARGS, *_WORK_ARGS, _MU, *_ROBUST_ARGS),
         inputs=_FED_INPUTS,
         theory=(FED_NO_BOUND,),
     ),

@@ -182,6 +182,13 @@ def fed_no_bound(spec: AlgorithmSpec) -> str | None:
         why.append(f"the server optimizer ({spec.name}: {spec.outer.kind}) is not plain averaging; Reddi et al.'s "
                    "bounds (2021, Theorems 1-2) need a gradient bound G and the clients' heterogeneity sigma_g, "
                    "not estimated here")
+    work = spec.params.get("local_work")
+    if spec.name == "fednova":
+        why.append("FedNova's normalised averaging (Wang et al. 2020, its convergence analysis) needs the clients' gradient "
+                   "dissimilarity, not estimated here")
+    elif work is not None:
+        why.append(f"uneven local work ({work}: K_i <= tau steps per client) optimises a weighted objective "
+                   "other than F (Wang et al. 2020, Theorem 1; fednova normalises it); its rates are not computed here")
     rob = spec.robust
     if rob is not None:
         why.append(f"aggregation {rob.rule!r}"
@@ -196,6 +203,8 @@ def fed_no_bound(spec: AlgorithmSpec) -> str | None:
 def _fed_facts(spec: AlgorithmSpec, out: dict[str, Any], notes: list[str]) -> None:
     """FedProx's mu and the server optimizer of a FedAvg-family preset; why no bound applies."""
     out["mu"] = spec.prox
+    if "local_work" in spec.params:
+        out["local_work"] = spec.params["local_work"]
     if spec.control:
         out["control_variates"] = "SCAFFOLD option II: c_i <- c_i - c + (x - y_i) / (tau lr)"
     if spec.outer is not None:

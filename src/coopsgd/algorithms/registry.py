@@ -61,7 +61,7 @@ __all__ = [
 
 SETTING_KINDS = ("argument", "shared", "derived")
 #: Facts about the data a :class:`DataInput` may need (keyword arguments of :func:`spec_from_settings`).
-DATA_FACTS = ("shard_sizes", "steps_per_epoch")
+DATA_FACTS = ("shard_sizes", "steps_per_epoch", "worker_speeds")
 _TYPES = (int, float, str, bool)
 
 
@@ -347,6 +347,7 @@ def spec_from_settings(
     policies: Policies | None = None,
     lenient: bool = False,
     compression: Compression | None = None,
+    worker_speeds: Sequence[float] | None = None,
 ) -> AlgorithmSpec:
     """Build preset ``name`` for ``workers`` workers from settings and facts about the data.
 
@@ -362,6 +363,8 @@ def spec_from_settings(
         shard_sizes: the number of training samples of each worker (FedAvg weights clients by them).
         steps_per_epoch: steps per pass over a worker's shard (FedAvg turns ``local_epochs`` into
             ``tau = max(1, round(local_epochs * steps_per_epoch))``).
+        worker_speeds: each worker's simulated speed (the clock's speed classes; FedAvg's ``local_work="budget"``
+            gives faster clients more local steps).
         seed: the run's seed, passed to presets that take one.
         policies: buffer / optimizer-state policies (default :class:`Policies()`).
         lenient: drop settings the preset does not take (``coopsgd compare`` shares one set of settings
@@ -383,7 +386,8 @@ def spec_from_settings(
         a = decl.arg(key)
         if _given(value) and a is not None and a.kind != "shared":
             taken[key] = a.check(value)
-    facts = {k: v for k, v in (("shard_sizes", shard_sizes), ("steps_per_epoch", steps_per_epoch)) if v is not None}
+    facts = {k: v for k, v in (("shard_sizes", shard_sizes), ("steps_per_epoch", steps_per_epoch),
+                               ("worker_speeds", worker_speeds)) if v is not None}
     for inp in decl.inputs:
         if inp.when is not None and inp.when not in taken:
             continue

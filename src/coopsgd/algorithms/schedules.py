@@ -56,6 +56,8 @@ __all__ = [
     "CallableSchedule",
     "PATTERNS",
     "STEP_COUNTINGS",
+    "LOCAL_WORK",
+    "round_lr_sums",
 ]
 
 #: Communication patterns understood by the cost model ([CSGD] Table 3 plus leader broadcast).
@@ -70,6 +72,12 @@ PATTERNS = ("allreduce", "neighbor", "parameter_server", "broadcast", "local")
 #:   ``torch.distributed.algorithms.model_averaging.averagers.PeriodicModelAverager(period=p,
 #:   warmup_steps=W)`` does (it averages when ``step >= W and (step - W) % p == 0``, counting from 0).
 STEP_COUNTINGS = ("paper", "pytorch")
+
+#: How much local work a sampled FedAvg client does in a round (:class:`FedAvgSchedule`): ``"equal"`` tau
+#: steps each; ``"uniform"`` K_i uniform on {min_local_steps, ..., tau}, drawn per (seed, round, client);
+#: ``"budget"`` as many steps as fit in the time the fastest client takes for tau,
+#: ``K_i = max(1, floor(tau s_i / max_j s_j))`` for client speeds s.
+LOCAL_WORK = ("equal", "uniform", "budget")
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,7 @@ ScheduleState = dict[str, Any]
 class Averaging:
     """The structure of an averaging matrix: every column of S is the same vector w (``S = w 1^T``), whose
     non-zero entries are ``weights`` at the rows ``sources`` (FedAvg's weighted average of the sampled
-    clients, sent to every node).
+    clients, sent to every node; FedNova's adds the server row, with a weight that may be negative).
 
     Attributes:
         n: the number of nodes.
@@ -487,6 +495,21 @@ class FedAvgSchedule(_Base):
     ``outer=True`` tags every round ``info["outer"]``: a server optimizer (FedAvgM, FedAdam, FedYogi,
     FedAdagrad: ``AlgorithmSpec.outer``) then moves the server model from its value before the round along
     the round's average, and every client receives the result (:class:`coopsgd.algorithms.outer.OuterOptimizer`).
+
+    Uneven local work (``local_work``, :data:`LOCAL_WORK`): sampled client i runs ``K_i <= tau`` local steps,
+    the first ``K_i`` of the round (:meth:`active` masks it afterwards, so it computes nothing and its model
+    waits for the round's end); :meth:`local_steps` gives the K_i of a round, the same on every engine.
+
+    ``normalized=True`` is FedNova's round (Wang, Liu, Liang, Joshi, Poor, NeurIPS 2020: normalized averaging,
+    plain local SGD): client i's normalized update is ``d_i = (x - y_i) / a_i`` with ``a_i = K_i`` and the server takes
+    ``x <- x - tau_eff sum_i p_i d_i``, ``tau_eff = sum_i p_i a_i``. That is one averaging matrix over the
+    sampled rows and the server row: client weights ``tau_eff p_i / a_i``, the server's ``1 - tau_eff sum_i p_i
+    / a_i`` (the weights sum to 1; the server's is <= 0 by Cauchy-Schwarz). When the learning rate varies within
+    a round, ``a_i`` is the sum of the client's K_i learning rates (a common factor cancels in the weights).
+
+    ``track_lrs=True`` keeps the round's learning rates in the run state (``"lrs"``; FedNova, SCAFFOLD): a
+    round then carries ``info["lr_sums"]``, each sampled client's sum of the learning rates of its K_i steps,
+    when they were not all equal (:func:`round_lr_sums`).
     """
 
     def __init__(
@@ -498,6 +521,11 @@ class FedAvgSchedule(_Base):
         sample_counts: Sequence[float] | None = None,
         seed: int = 0,
         outer: bool = False,
+        local_work: str = "equal",
+        min_local_steps: int = 1,
+        speeds: Sequence[float] | None = None,
+        normalized: bool = False,
+        track_lrs: bool = False,
     ) -> None:
         self.m = check_int("workers", workers, minimum=1)
         self.tau = check_int("tau", tau, minimum=1)
@@ -516,6 +544,30 @@ class FedAvgSchedule(_Base):
         self.sample_counts = counts
         self.clients_per_round = max(1, int(round(self.fraction * self.m)))
         self._drawn: dict[tuple[int, int, int, int], np.ndarray] = {}  # recent rounds' draws (a cache: the draw is a function of r)
+        if local_work not in LOCAL_WORK:
+            raise ConfigError.invalid("local_work", local_work, f"choose one of {', '.join(LOCAL_WORK)}")
+        self.local_work = local_work
+        self.min_local_steps = check_int("min_local_steps", min_local_steps, minimum=1)
+        if local_work == "uniform" and self.min_local_steps > self.tau:
+            raise ConfigError.invalid("min_local_steps", min_local_steps, f"at most tau = {self.tau}")
+        self.speeds = None if speeds is None else np.asarray(speeds, dtype=np.float64)
+        if self.speeds is not None and (self.speeds.shape != (self.m,) or np.any(~np.isfinite(self.speeds))
+                                        or np.any(self.speeds <= 0)):
+            raise ConfigError.invalid("worker_speeds", list(np.atleast_1d(self.speeds)),
+                                      f"need {self.m} positive speeds, one per client")
+        self._budget = None
+        if local_work == "budget":  # fixed per client: the deadline is tau steps of the fastest client
+            s = np.ones(self.m) if self.speeds is None else self.speeds
+            self._budget = np.maximum(1, np.floor(self.tau * s / s.max() + 1e-9)).astype(np.int64)
+            self._budget.setflags(write=False)
+        self.normalized = bool(normalized)
+        self.track_lrs = bool(track_lrs)
+        self._steps: dict[int, np.ndarray] = {}  # recent rounds' K_i (a cache, as _drawn)
+
+    @property
+    def uneven(self) -> bool:
+        """Whether sampled clients may run fewer than tau local steps."""
+        return self.local_work != "equal"
 
     def rounds_before(self, step: int) -> int:
         return step // self.tau
@@ -535,30 +587,107 @@ class FedAvgSchedule(_Base):
             self._drawn[key] = got
         return got.copy()
 
+    def local_steps(self, round_index: int) -> np.ndarray:
+        """K_i of the clients sampled for round ``round_index``, in the order of :meth:`clients` (a new array):
+        tau each (``"equal"``), a draw from ``default_rng([seed, round, client])`` uniform on
+        {min_local_steps, ..., tau} (``"uniform"``), or the client's fixed budget (``"budget"``)."""
+        r = int(round_index)
+        chosen = self.clients(r)
+        if self.local_work == "equal":
+            return np.full(chosen.size, self.tau, dtype=np.int64)
+        if self._budget is not None:
+            return self._budget[chosen].copy()
+        got = self._steps.get(r)
+        if got is None:
+            got = np.array([np.random.default_rng([self.seed, r, int(i)]).integers(self.min_local_steps, self.tau + 1)
+                            for i in chosen], dtype=np.int64)
+            if len(self._steps) >= 4:
+                self._steps.pop(next(iter(self._steps)))
+            self._steps[r] = got
+        return got.copy()
+
     def active(self, step: int) -> np.ndarray | None:
-        if self.clients_per_round == self.m:
+        if self.clients_per_round == self.m and not self.uneven:
             return None
+        r, j = divmod(int(step), self.tau)
+        chosen = self.clients(r)
+        if self.uneven:  # a client works in the first K_i steps of the round only
+            chosen = chosen[self.local_steps(r) > j]
         mask = np.zeros(self.m, dtype=bool)
-        mask[self.clients(step // self.tau)] = True
+        mask[chosen] = True
         return mask
 
-    def _mix(self, step: int, ctx: MixContext) -> Mix | None:
+    def init_state(self) -> ScheduleState:
+        """``lrs`` (with ``track_lrs``): the learning rates of the current round's steps so far."""
+        return {"lrs": []} if self.track_lrs else {}
+
+    def advance(self, step: int, ctx: MixContext, state: ScheduleState) -> tuple[Mix | None, ScheduleState]:
+        if not self.track_lrs:
+            return self._mix(step, ctx), state
+        lrs = [*state.get("lrs", []), float(ctx.lr)] if step % self.tau else [float(ctx.lr)]
+        mix = self._mix(step, ctx, lrs)
+        return mix, {"lrs": [] if mix is not None else lrs}
+
+    def _lr_sums(self, steps: np.ndarray, lrs: Sequence[float] | None) -> np.ndarray | None:
+        """Each sampled client's sum of the learning rates of its K_i steps, or ``None`` when the round's
+        learning rates were all equal (or are not known: a fresh run state)."""
+        if lrs is None or len(lrs) < int(steps.max(initial=1)) or len(set(lrs)) <= 1:
+            return None
+        cum = np.cumsum(np.asarray(lrs, dtype=np.float64))
+        return cum[steps - 1]
+
+    def _weights(self, chosen: np.ndarray, steps: np.ndarray, sums: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The round's sources and weights: FedAvg's ``p_i``, or FedNova's (see the class docstring)."""
+        p = self.sample_counts[chosen] / self.sample_counts[chosen].sum()
+        if not self.normalized:
+            return chosen, p
+        a = steps.astype(np.float64) if sums is None or np.any(sums <= 0) else sums
+        if np.all(a == a[0]):  # tau_eff / a_i = 1: FedAvg's weights, exactly
+            return chosen, p
+        tau_eff = float(np.dot(p, a))
+        w = tau_eff * p / a
+        server = 1.0 - float(w.sum())
+        if server == 0.0:
+            return chosen, w
+        return np.append(chosen, self.m), np.append(w, server)
+
+    def _mix(self, step: int, ctx: MixContext, lrs: Sequence[float] | None = None) -> Mix | None:
         if (step + 1) % self.tau:
             return None
         r = step // self.tau
         chosen = self.clients(r)
-        weights = self.sample_counts[chosen] / self.sample_counts[chosen].sum()
         info: dict[str, Any] = {"clients": chosen.tolist()}
+        steps = self.local_steps(r)
+        sums = self._lr_sums(steps, lrs) if self.track_lrs else None
+        if self.uneven:
+            info["local_steps"] = steps.tolist()
+        if sums is not None:
+            info["lr_sums"] = sums.tolist()
+        sources, weights = self._weights(chosen, steps, sums)
         if self.outer:
             info["outer"] = True
         if np.all(np.isfinite(weights)) and np.all(weights != 0):
             # S = w 1^T: the round is known from the sampled clients' weights (O(c m), no n x n matrix);
             # the dense S is built only when something reads it
             return Mix(None, "parameter_server", round=r, info=info,
-                       structure=Averaging(self.n, chosen, weights))
+                       structure=Averaging(self.n, sources, weights))
         w = np.zeros(self.n)
-        w[chosen] = weights
+        w[sources] = weights
         return Mix(np.tile(w[:, None], (1, self.n)), "parameter_server", round=r, info=info)
+
+
+def round_lr_sums(mix: Mix, tau: int, lr: float) -> np.ndarray:
+    """Each sampled client's sum of the learning rates of its local steps in the round ``mix`` ends (in the
+    order of ``mix.info["clients"]``): ``info["lr_sums"]`` when the round's learning rates varied, else
+    ``K_i * lr`` (``K_i`` = ``info["local_steps"]``, tau without uneven work). SCAFFOLD divides by it."""
+    got = mix.info.get("lr_sums")
+    if got is not None:
+        return np.asarray(got, dtype=np.float64)
+    k = len(mix.info.get("clients", ()))
+    steps = mix.info.get("local_steps")
+    if steps is None:
+        return np.full(k, tau * lr)
+    return np.asarray(steps, dtype=np.float64) * lr
 
 
 class DownpourSchedule(_Base):

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from coopsgd.algorithms.schedules import round_lr_sums
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.algorithms.streaming import fragment_bounds
 from coopsgd.engines.aggregation import RobustRounds
@@ -165,11 +166,12 @@ class InProcess:
         return plan.targets is None or bool(np.isin(np.flatnonzero(pend), plan.targets).all())
 
     def _lazy(self, plan: RoundPlan) -> bool:
-        """Whether an averaging round may leave its rows below ``lazy_rows`` deferred: its sources are a
-        strict subset of those rows (sampled clients), so most of them are not read before the next round."""
+        """Whether an averaging round may leave its rows below ``lazy_rows`` deferred: its sources among those
+        rows are a strict subset of them (sampled clients; FedNova's server row may be a source too, it is never
+        deferred), so most of them are not read before the next round."""
         src = plan.sources
         return (self.lazy_rows > 0 and plan.kind is RoundKind.AVERAGE and src is not None
-                and src.size < self.lazy_rows and int(src[-1]) < self.lazy_rows)
+                and int(np.count_nonzero(src < self.lazy_rows)) < self.lazy_rows)
 
     def communicate(self, rows: Tensor, rnd: Round, *, overlap: bool = False) -> None:
         """Apply the round ``rnd`` to ``rows`` (every node) in place."""
@@ -272,7 +274,10 @@ class RoundKernel:
             raise ConfigError.invalid(
                 "optimizer", getattr(self.opts, "momentum", type(self.opts).__name__),
                 "SCAFFOLD's control variates (option II) need plain SGD steps: momentum 0, no Nesterov, not Adam")
-        self._round_lrs: set[float] = set()  # SCAFFOLD: the learning rates of the steps since the last round
+        if getattr(self.spec.schedule, "normalized", False) and not plain_sgd:  # FedNova's a_i = K_i: plain SGD's
+            raise ConfigError.invalid(
+                "optimizer", getattr(self.opts, "momentum", type(self.opts).__name__),
+                "FedNova's normalized averaging needs plain SGD steps: momentum 0, no Nesterov, not Adam")
         self.robust: RobustRounds | None = None
         if self.spec.robust is not None:
             in_process = isinstance(self.comm, InProcess) and self.workers_local == self.spec.workers
@@ -322,8 +327,6 @@ class RoundKernel:
             return
         pre = self.spec.rule == "pre_mix" and rnd is not None
         pending = None
-        if self.spec.control and grads is not None:
-            self._round_lrs.add(float(lr))
         if grads is not None:
             pending = self._local_update(state, grads, rows, counters, lr, pre)
             if new_buffers is not None and self.b:
@@ -511,27 +514,32 @@ class RoundKernel:
 
     def control_round(self, state: Tensor, rnd: Round, lr: float) -> None:
         """SCAFFOLD's control variates at a round (option II), before the models are sent: each sampled client
-        held here sets ``c_i += (z - y_i) / (tau lr) - c`` (y_i its model now, z the server model it started the
-        round from), and the server's c (the control columns of z's row) moves by ``(1/m) sum_S (c_i^+ - c_i)``.
+        held here sets ``c_i += (z - y_i) / L_i - c`` (y_i its model now, z the server model it started the
+        round from, L_i the sum of the learning rates of its K_i local steps: ``K_i lr`` at one lr per round,
+        :func:`~coopsgd.algorithms.schedules.round_lr_sums`), and the server's c (the control columns of z's row)
+        moves by ``(1/m) sum_S (c_i^+ - c_i)``.
         In process the sum runs over the sampled rows; elsewhere each client sends ``(c_i^+ - c_i) / (m w_i)``
         through the round's own plan (weights w_i), whose weighted sum is that mean."""
         plan = rnd.plan
         assert plan.kind is RoundKind.AVERAGE and plan.weights is not None, "SCAFFOLD's rounds are FedAvg's"
-        if not lr > 0.0:
-            raise ConfigError.invalid("lr", lr, "SCAFFOLD divides by tau * lr at the end of every round: lr > 0")
-        lrs, self._round_lrs = self._round_lrs, set()
-        if len(lrs) > 1:  # (z - y_i) / (tau lr) would not be the mean gradient of the round's steps
-            raise ConfigError.invalid("lr", sorted(lrs), "SCAFFOLD (option II) divides by tau * lr: the lr must stay "
-                                      "constant within a round (no warm-up or decay inside a round)")
         b, d, w, m = self.b, self.d, self.workers_local, self.spec.workers
+        sources = np.arange(m) if plan.sources is None else plan.sources
+        sums = (round_lr_sums(rnd.mix, self.spec.tau, lr) if rnd.mix is not None
+                else np.full(sources.size, self.spec.tau * lr))
+        if not np.all(sums > 0.0):
+            raise ConfigError.invalid("lr", lr, "SCAFFOLD divides by the sum of a round's learning rates: lr > 0")
         P = state[:, b : b + d]
         C = state[:, self.fields_end : self.fields_end + d]
-        sources = np.arange(m) if plan.sources is None else plan.sources
         assert self.worker_ids is not None
         pos = {int(i): j for j, i in enumerate(sources.tolist())}
         mine = [(j, pos[i]) for j, i in enumerate(self.worker_ids) if i in pos]
         idx = torch.as_tensor([j for j, _ in mine], dtype=torch.long, device=state.device)
-        dc = (P[w] - P.index_select(0, idx)).div_(self.spec.tau * lr).sub_(C[w])  # c_i^+ - c_i
+        dc = P[w] - P.index_select(0, idx)
+        if np.all(sums == sums[0]):  # one divisor (tau lr at equal work): a scalar division, as always
+            dc.div_(float(sums[0]))
+        else:
+            dc.div_(torch.as_tensor(sums[[k for _, k in mine]], dtype=state.dtype, device=state.device).unsqueeze(1))
+        dc.sub_(C[w])  # c_i^+ - c_i
         C.index_add_(0, idx, dc)
         if isinstance(self.comm, InProcess):
             C[w].add_(dc.sum(dim=0), alpha=1.0 / m)
@@ -649,4 +657,4 @@ class RoundKernel:
 
     @staticmethod
     def as_rows(rows: list[int] | None, device: torch.device) -> Tensor | None:
-        return None if rows is None else torch.as_tensor(rows, device=device)
+        return None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=device)

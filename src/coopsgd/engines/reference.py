@@ -33,7 +33,7 @@ import numpy as np
 
 from coopsgd.algorithms.outer import ADAPTIVE_KINDS, OuterOptimizer
 from coopsgd.algorithms.robust import aggregate_np, attack_np
-from coopsgd.algorithms.schedules import Mix, MixContext
+from coopsgd.algorithms.schedules import Mix, MixContext, round_lr_sums
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.algorithms.streaming import fragment_bounds
 from coopsgd.engines.base import (
@@ -198,7 +198,6 @@ class ReferenceEngine:
         self.outer_state = None if spec.outer is None else outer_init(spec.outer, objective.dim)
         #: SCAFFOLD's control variates (``spec.control``): row i worker i's c_i, row m the server's c
         self.control = np.zeros_like(self.state) if spec.control else None
-        self._round_lrs: set[float] = set()  # SCAFFOLD: the learning rates of the steps since the last round
         self._compressed = None if spec.compressed is None else ReferenceCompressedRounds(
             spec.compressed, nodes=spec.nodes, workers=m, width=objective.dim, seed=self.seed, layout=layout,
             start=x0 if x0.ndim == 1 else x0.mean(axis=0))
@@ -247,20 +246,19 @@ class ReferenceEngine:
         return None if self.control is None else self.control.copy()
 
     def _control_round(self, X: np.ndarray, mix: Mix, lr: float) -> np.ndarray:
-        """SCAFFOLD (option II) before the round: the sampled clients' ``c_i += (z - y_i) / (tau lr) - c`` and the
-        server's ``c += (1/m) sum_S (c_i^+ - c_i)``, from the models ``X`` before the round; returns the new array."""
+        """SCAFFOLD (option II) before the round: the sampled clients' ``c_i += (z - y_i) / L_i - c`` (L_i the sum
+        of the learning rates of client i's local steps in the round: :func:`round_lr_sums`) and the server's
+        ``c += (1/m) sum_S (c_i^+ - c_i)``, from the models ``X`` before the round; returns the new array."""
         assert self.control is not None
-        if not lr > 0.0:
-            raise ConfigError.invalid("lr", lr, "SCAFFOLD divides by tau * lr at the end of every round: lr > 0")
-        lrs, self._round_lrs = self._round_lrs, set()
-        if len(lrs) > 1:  # (z - y_i) / (tau lr) would not be the mean gradient of the round's steps
-            raise ConfigError.invalid("lr", sorted(lrs), "SCAFFOLD (option II) divides by tau * lr: the lr must stay "
-                                      "constant within a round (no warm-up or decay inside a round)")
         m, tau = self.spec.workers, self.spec.tau
         plan = plan_round(mix).plan
         sources = np.arange(m) if plan.sources is None else plan.sources
+        sums = round_lr_sums(mix, tau, lr)
+        if not np.all(sums > 0.0):
+            raise ConfigError.invalid("lr", lr, "SCAFFOLD divides by the sum of a round's learning rates: lr > 0")
         C = self.control.copy()
-        dc = (X[m] - X[sources]) / (tau * lr) - C[m]
+        div = sums[0] if np.all(sums == sums[0]) else sums[:, None]
+        dc = (X[m] - X[sources]) / div - C[m]
         C[sources] += dc
         C[m] += dc.sum(axis=0) / m
         return C
@@ -296,8 +294,6 @@ class ReferenceEngine:
         mix, sched_state = sched.advance(k, MixContext(step=k, lr=lr, losses=losses), self.schedule_state)
         if not skipped:
             assert G is not None
-            if self.control is not None:
-                self._round_lrs.add(float(lr))
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported just below
                 z_old = None
                 control = self.control

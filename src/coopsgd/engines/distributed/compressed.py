@@ -69,7 +69,7 @@ from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.compression import Compressor, Payload
 from coopsgd.engines.compressed import round_exchange
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan
-from coopsgd.engines.simulator.clock import SimClock
+from coopsgd.engines.simulator.clock import SimClock, round_senders
 from coopsgd.errors import ConfigError
 
 __all__ = ["CompressedMixer", "check_distributed_compression", "gossip_graph", "average_start", "TRANSPORT_METHODS"]
@@ -287,7 +287,8 @@ class CompressedMixer:
         else:
             pattern = mix.pattern
             matrix = None if mix.structure is not None and pattern != "neighbor" else mix.matrix
-        return self.clock.round_costs(pattern, matrix, payload_bytes=self.row_bytes, reducible=self.reducible)
+        return self.clock.round_costs(pattern, matrix, payload_bytes=self.row_bytes, reducible=self.reducible,
+                                      senders=None if mix is None else round_senders(mix, self.m))
 
     def _encode(self, V: Tensor, nodes: list[int], local: list[int]) -> Payload:
         """Compress rows ``V`` of the nodes ``nodes`` (this rank's rows ``local``), PowerSGD's warm starts kept."""

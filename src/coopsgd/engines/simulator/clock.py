@@ -46,7 +46,7 @@ from coopsgd.algorithms.communication import compressed_round_cost
 from coopsgd.errors import ConfigError, check_float
 from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, round_cost, worker_speeds
 
-__all__ = ["SimClock", "ComputeTick", "FlopCompute", "DEFAULT_GFLOPS"]
+__all__ = ["SimClock", "ComputeTick", "FlopCompute", "DEFAULT_GFLOPS", "round_senders"]
 
 #: Default throughput of :class:`FlopCompute`, in GFLOP/s per worker: a stated, round, conservative figure
 #: for one CPU core running PyTorch's float32 training kernels on small per-worker batches. Where it comes
@@ -89,6 +89,16 @@ class FlopCompute:
         f = self.fallback
         spread = "" if f.distribution == "constant" else f", spread {f.spread:g}"
         return f"{f.distribution} {f.mean_s * 1e3:g} ms per step{spread} (compute_ms)"
+
+
+def round_senders(mix: Any, workers: int) -> int | None:
+    """The workers that send and receive in the round ``mix`` when not all do: a sampled FedAvg round (a
+    ``parameter_server`` round with its :class:`~coopsgd.algorithms.schedules.Averaging` structure) has its k
+    sampled clients; the unsampled ones are not synchronised. ``None``: every worker."""
+    st = getattr(mix, "structure", None)
+    if st is None or mix.pattern != "parameter_server":
+        return None
+    return int(np.count_nonzero(st.sources < workers))
 
 
 @dataclass(frozen=True)
@@ -241,19 +251,23 @@ class SimClock:
             self.rng.bit_generator.state = tick.rng_state
 
     def round_costs(self, pattern: str, matrix: np.ndarray | None = None, *, payload_bytes: float | None = None,
-                    reducible: bool = False, params: int | None = None) -> list[RoundCost]:
+                    reducible: bool = False, senders: int | None = None, params: int | None = None) -> list[RoundCost]:
         """The alpha-beta cost items of one round of ``pattern`` (see the module docstring).
 
         ``payload_bytes``: the round sends compressed payloads of this many bytes per node instead of the d
         parameters (``reducible``: payloads a reduction adds on the wire); priced by
-        :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11). ``params``: the round sends
-        this many parameters instead of all of them (a Streaming DiLoCo fragment)."""
-        m, d, bpp = self.workers, self.params if params is None else int(params), self.bytes_per_param
+        :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11). ``senders``: the workers that
+        take part when not all m do (a sampled FedAvg round: its k clients send and receive, the others are not
+        synchronised). ``params``: the round sends this many parameters instead of all of them (a Streaming DiLoCo
+        fragment)."""
+        m = self.workers if senders is None else int(senders)
+        d, bpp = self.params if params is None else int(params), self.bytes_per_param
         if pattern == "local":
             return []
         if payload_bytes is not None:
             return [compressed_round_cost(c, workers=m, params=d, bytes_per_param=bpp, payload_bytes=payload_bytes,
-                                          reducible=reducible) for c in self.round_costs(pattern, matrix, params=d)]
+                                          reducible=reducible)
+                    for c in self.round_costs(pattern, matrix, senders=senders, params=d)]
         if pattern == "broadcast":
             gather = RoundCost("allgather", m if m > 1 else 0, float(m), float(m) * bpp)
             return [gather, round_cost("broadcast", workers=m, params=d, bytes_per_param=bpp)]
@@ -290,7 +304,7 @@ class SimClock:
     def wait_pending(self) -> None:
         """Every worker waits for the overlapped communication still running (a delayed update it needs now:
         Streaming DiLoCo's application). Waiting past the slowest worker is exposed communication; a worker
-        that arrives earlier idles until the later of the communication's end and nothing else (the totals keep
+        that arrives before the communication ends idles until then (the totals keep
         ``elapsed = compute_s + idle_s + communication_s``)."""
         tmax = float(self.t.max(initial=0.0))
         if self.pending_until > tmax:

@@ -89,7 +89,7 @@ from coopsgd.engines.optim import SGDOptions, TorchOptimizer, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES
 from coopsgd.engines.simulator.calibration import ExecutorCache
-from coopsgd.engines.simulator.clock import FlopCompute, SimClock
+from coopsgd.engines.simulator.clock import FlopCompute, SimClock, round_senders
 from coopsgd.engines.simulator.compute import SimulatorCompute
 from coopsgd.errors import ConfigError, check_float, check_int
 
@@ -468,7 +468,7 @@ class Simulator(SimulatorCompute):
         batches = self._check_batches(batches, rows)
         if self._comm.deferred is not None:  # the rows this step reads hold their values (FedAvg sampling)
             self._materialize(None if spec.needs_losses and self.loss_estimate == "probe" else idx)
-        if self._executor is None:
+        if self._executor is None and rows != []:
             self._choose_executor(batches, rows)
         flops = self._step_flops(batches) if self.clock.counts_flops else None
         losses = np.full(m, np.nan)
@@ -510,6 +510,9 @@ class Simulator(SimulatorCompute):
         ``losses``; ``None`` when a value was non-finite (under ``"skip"``; ``"stop"`` raises)."""
         if self._bad is not None:
             return None
+        if rows == []:  # no client works in this step (uneven local work: all finished): the round still runs
+            return ComputeResult([], self._state.new_zeros((0, self._kernel.d)), self._state.new_zeros(0), None, {},
+                                 np.zeros(0)), 0.0, 0.0
         res = self._reuse_calibration(batches, rows) if self._calibrated is not None else None
         if res is None:
             assert self._executor is not None
@@ -549,18 +552,19 @@ class Simulator(SimulatorCompute):
             matrix = None if mix.structure is not None and mix.pattern != "neighbor" else mix.matrix
             comp = self._compressed
             rnd = plan_round(mix)
+            senders = round_senders(mix, self.m)  # a sampled FedAvg round: its k clients send and receive
             elastic = None if comp is None else comp.elastic_cost(rnd, self.clock.bytes_per_param)
             if elastic is not None:  # point-to-point payloads: uploads and replies (docs/compression.md)
                 costs = [elastic]
             elif comp is not None and comp.sends_payload(rnd):  # the compressor's payloads
                 costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
-                                               reducible=comp.reducible)
+                                               reducible=comp.reducible, senders=senders)
             elif "fragment" in mix.info:  # a Streaming DiLoCo fragment: its columns, its compressor
                 costs = fragment_costs(self.clock, rnd, self._kernel.fragment_columns(mix.info), self.b, self._fragments)
             else:
-                costs = self.clock.round_costs(mix.pattern, matrix)
+                costs = self.clock.round_costs(mix.pattern, matrix, senders=senders)
                 if self.spec.control:  # SCAFFOLD sends its control variates with the models: twice the bytes
-                    costs = costs + self.clock.round_costs(mix.pattern, matrix)
+                    costs = costs + self.clock.round_costs(mix.pattern, matrix, senders=senders)
             # a delayed fragment update overlaps the steps until its application
             self.clock.communicate(costs, overlap=self.spec.overlap or int(mix.info.get("delay", 0)) > 0)
             bytes_sent = float(sum(c.bytes_sent for c in costs))
@@ -679,7 +683,8 @@ class Simulator(SimulatorCompute):
         """A server optimizer's round (:meth:`_server_round_in_place`) in place: the rows it writes (the sampled
         clients and z), the optimizers' state and the deferred broadcast are kept first and restored when a value
         is not finite (the error is returned, the state is then unchanged)."""
-        written = torch.as_tensor(sorted({*rows, self.m}), device=self.device)
+        sampled = range(self.m) if rnd.plan.sources is None else rnd.plan.sources.tolist()  # SCAFFOLD: their c_i
+        written = torch.as_tensor(sorted({*rows, *sampled, self.m}), device=self.device)
         kept = self._state.index_select(0, written)
         snap = self._optimizer_snapshot()
         deferred = self._comm.snapshot()

@@ -194,20 +194,18 @@ class RunConfig:
                                       f"{milestones} milestones does not fit dtype float32 (<= {FLOAT32_MAX:.4g})")
 
     def _check_control_variates(self) -> None:
-        """SCAFFOLD's option II, (z - y_i) / (tau lr), is the round's mean gradient only for plain SGD steps at one
-        learning rate per round: anything else is refused here, before a run directory exists."""
-        if not self.preset_facts()["control"]:
+        """SCAFFOLD's option II, (z - y_i) / sum_k lr_k, is the round's mean gradient, and FedNova's a_i = K_i its
+        normalizer, only for plain SGD steps: anything else is refused here, before a run directory exists."""
+        facts = self.preset_facts()
+        if not (facts["control"] or facts["normalized"]):
             return
-        opt, s = self.optimizer, self.schedule
+        who = "SCAFFOLD's control variates (option II)" if facts["control"] else "FedNova's normalized averaging"
+        opt = self.optimizer
         if self.inner_optimizer() != "sgd" or opt.momentum != 0.0 or opt.nesterov:
             field, value = (("momentum", opt.momentum) if self.inner_optimizer() == "sgd"
                             else ("optimizer", self.inner_optimizer()))
-            raise ConfigError.invalid(field, value, "SCAFFOLD's control variates (option II) need plain SGD steps: "
-                                      "optimizer sgd, momentum 0, no Nesterov")
-        for key in ("lr_warmup_steps", "lr_decay_epochs", "lr_decay_times_s"):
-            if getattr(s, key):
-                raise ConfigError.invalid(key, getattr(s, key), "SCAFFOLD (option II) divides by tau * lr: the lr "
-                                          "must stay constant within a round (not supported with scaffold yet)")
+            raise ConfigError.invalid(field, value, f"{who} need plain SGD steps: optimizer sgd, momentum 0, "
+                                      "no Nesterov")
 
     def _check_compression(self) -> None:
         """Compressed rounds need an engine that runs them and a preset whose rounds take the compressor: both
@@ -302,17 +300,20 @@ class RunConfig:
         self, *, shard_sizes: Any = None, steps_per_epoch: int | None = None, lenient: bool = False
     ) -> AlgorithmSpec:
         """The :class:`AlgorithmSpec` of this config (see :func:`coopsgd.algorithms.registry.spec_from_settings`)."""
+        speeds = self.clock.worker_speeds
         return spec_from_settings(self.algorithm.preset, self.algorithm.workers, self.preset_settings(),
                                   shard_sizes=shard_sizes, steps_per_epoch=steps_per_epoch, seed=self.execution.seed,
                                   policies=self.spec_policies(), lenient=lenient,
-                                  compression=self.communication.compression())
+                                  compression=self.communication.compression(),
+                                  worker_speeds=worker_speeds(speeds, self.algorithm.workers).tolist() if speeds else None)
 
 
 @functools.cache
 def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
     """:meth:`RunConfig.preset_facts` of a preset (with a SlowMo ``base_algorithm``), from a spec of 4 workers."""
     facts: dict[str, Any] = {"inner_optimizer": None, "needs_losses": False, "sequential": False,
-                             "gossips": False, "only_gossip": False, "control": False}
+                             "gossips": False, "only_gossip": False, "control": False,
+                             "normalized": False}
     if preset not in declarations():
         return facts
     facts["gossips"] = declaration(preset).takes("topology")
@@ -322,6 +323,7 @@ def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
     except ConfigError:  # a setting the preset refuses: RunConfig's own checks name it
         return facts
     facts.update(inner_optimizer=spec.inner_optimizer, needs_losses=spec.needs_losses, control=spec.control,
+                 normalized=bool(getattr(spec.schedule, "normalized", False)),
                  sequential=bool(getattr(spec.schedule, "sequential", False)),
                  only_gossip=not spec.needs_losses  # (LSGD elects from losses: it has no gossip-only rounds)
                  and round_kinds(copy.deepcopy(spec.schedule), 4) <= {"gossip", "identity"})

@@ -108,6 +108,14 @@ def _preset_fact(fact: str, what: str) -> Used:
     return used
 
 
+def _speeds(c: Any) -> str | None:
+    """The speed classes: the simulator's clock, and on every engine the clients' local steps of a FedAvg-family
+    preset with ``local_work`` budget (each client runs as many steps as fit in the fastest one's tau)."""
+    if c.execution.engine == "simulate" or c.algorithm.local_work == "budget":
+        return None
+    return f"the {c.execution.engine} engine does not use it (simulate only, or local_work budget on any engine)"
+
+
 def _compute(*kinds: str) -> Used:
     """A clock setting used by the compute models ``kinds`` (the reference engine's ``flops`` and ``measured``
     are a constant ``compute_ms``)."""
@@ -199,6 +207,8 @@ class AlgorithmSettings:
     outer_beta2: float | None = _preset()
     outer_eps: float | None = _preset()
     mu: float | None = _preset()
+    local_work: str | None = _preset()
+    min_local_steps: int | None = _preset()
     aggregation: str | None = _preset()
     trim: float | None = _preset()
     byzantine_fraction: float | None = _preset()
@@ -369,7 +379,7 @@ class ClockSettings:
                                     help="throughput of one worker for --compute flops (GFLOP/s; the default is one "
                                          "CPU core)")
     worker_speeds: list[float] = setting(
-        factory=list, low=0.0, low_open=True, used_when=engines("simulate"),
+        factory=list, low=0.0, low_open=True, used_when=_speeds,
         help="speed classes: the workers split into as many equal consecutive blocks as speeds given, a worker of "
              "speed s taking 1/s times each step's compute time, e.g. 1,0.5 (empty: all 1)")
     net_latency_ms: float = setting(1.0, low=0.0, help="network latency per handshake (ms)", used_when=_network)
