@@ -300,3 +300,15 @@ def test_cli_refuses_bad_settings_in_one_line(capsys: pytest.CaptureFixture[str]
         assert main(["run", "--preset", "streaming_diloco", "--tau", "8", "--max-steps", "1", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert field in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_theory_says_no_bound_applies(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from coopsgd.cli import main
+
+    assert main(["theory", "--preset", "streaming_diloco", "--workers", "4", "--tau", "8", "--L", "1", "--sigma2",
+                 "1", "--lr", "0.01", "--steps", "1000", "--f-gap", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bounds"]["diloco"].startswith("no convergence bound applies")
+    assert "convergence_rate" not in out and out["params"]["fragments"] == 4
