@@ -1,4 +1,6 @@
-"""The compressed rounds of Streaming DiLoCo's fragments: one compression stage per fragment.
+"""Streaming DiLoCo's fragments in the engines: what a schedule declares (:func:`fragment_count`,
+:func:`fragment_split`), the state columns of each fragment, the clock's cost of a fragment round, and the
+compressed rounds of the fragments: one compression stage per fragment.
 
 A fragment round (:mod:`coopsgd.algorithms.streaming`) sends the fragment's columns only, so each fragment has
 a :class:`~coopsgd.engines.compressed.CompressedRounds` (simulator, distributed rows) or
@@ -24,8 +26,8 @@ from coopsgd.engines.mixing import Round
 from coopsgd.errors import ConfigError
 from coopsgd.theory.cost import RoundCost
 
-__all__ = ["fragment_count", "check_distributed_fragments", "fragment_columns", "FragmentStages", "ReferenceFragmentStages", "simulator_stages",
-           "reference_fragment_stages"]
+__all__ = ["fragment_count", "fragment_split", "check_distributed_fragments", "fragment_columns", "fragment_costs",
+           "FragmentStages", "ReferenceFragmentStages", "simulator_stages", "reference_fragment_stages"]
 
 
 def fragment_count(spec: AlgorithmSpec) -> int | None:
@@ -109,13 +111,13 @@ def simulator_stages(spec: AlgorithmSpec, layout: Any, cols: tuple[int, int], b:
     def make(p: int, c: tuple[int, int]) -> CompressedRounds:
         lo, hi = bounds[p]
         ends = np.cumsum([0, *sizes])
-        layout = [s for s, a, e in zip(shapes, ends[:-1], ends[1:], strict=True) if a >= lo and e <= hi]
-        if sum(int(np.prod(s)) for s in layout) != hi - lo:  # a fragment inside a tensor: one vector
-            layout = [(hi - lo,)]
+        lay = [s for s, a, e in zip(shapes, ends[:-1], ends[1:], strict=True) if a >= lo and e <= hi]
+        if sum(int(np.prod(s)) for s in lay) != hi - lo:  # a fragment inside a tensor: one vector
+            lay = [(hi - lo,)]
         if c[0] < b:
-            layout = [tuple(int(n) for n in s) for s in buffer_shapes] + layout
+            lay = [tuple(int(n) for n in s) for s in buffer_shapes] + lay
         return CompressedRounds(comp, nodes=nodes, workers=workers, width=c[1] - c[0], dtype=dtype, device=device,
-                                seed=seed + p, layout=layout, start=start[c[0] - cols[0] : c[1] - cols[0]])
+                                seed=seed + p, layout=lay, start=start[c[0] - cols[0] : c[1] - cols[0]])
 
     return FragmentStages(make, columns)
 
