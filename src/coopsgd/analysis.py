@@ -15,6 +15,7 @@ from coopsgd.algorithms.communication import REDUCIBLE, compressed_round_cost, e
 from coopsgd.algorithms.registry import TheoryHook, declarations
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.theory import bounds, cost
+from coopsgd.theory.codec import codec_time
 from coopsgd.theory.spectral import eigenvalues, zeta
 from coopsgd.topology import MixingMatrix
 
@@ -34,14 +35,16 @@ def spec_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int = 4) 
 
     q = comp.compressor()
     dtype = torch.float64 if bytes_per_param == 8 else torch.float16 if bytes_per_param == 2 else torch.float32
+    # the stated encode / decode throughputs (coopsgd.theory.codec), as the simulator's clock charges them
+    codec = codec_time(q.name, params * bytes_per_param)
     # elastic rounds and DOWNPOUR's pushes send point to point (the busiest node's payloads), as the engines charge
     elastic = elastic_spec_cost(spec.schedule, spec.workers, bytes_per_param=bytes_per_param,
-                                payload_bytes=q.payload_bytes(params, dtype))
+                                payload_bytes=q.payload_bytes(params, dtype), codec=codec)
     if elastic is not None:
         return elastic
     return compressed_round_cost(rc, workers=spec.nodes if rc.pattern == "neighbor" else _senders(spec), params=params,
                                  bytes_per_param=bytes_per_param, payload_bytes=q.payload_bytes(params, dtype),
-                                 reducible=q.name in REDUCIBLE)
+                                 reducible=q.name in REDUCIBLE, codec=codec)
 
 
 def _uncompressed_round_cost(spec: AlgorithmSpec, params: int, bytes_per_param: int) -> cost.RoundCost:

@@ -63,8 +63,9 @@ Compression (SPEC §11, ``compression=`` on the preset): the rounds of a compres
 distributed engine's :class:`~coopsgd.engines.distributed.compressed.CompressedMixer` -- averaging rounds send
 Q(x_i − x_ref + e_i) (all-gather or the sampled clients' broadcasts), gossip rounds run CHOCO-SGD
 (point-to-point to the neighbours) -- so the wrapped models are the simulator's iterates and the bytes on
-the wire are the payloads. Pass the same ``seed`` on every rank (it keys ``qsgd`` / ``randk`` draws). Elastic
-rounds with a compressor, and an injected communicator that cannot move packed payloads, are refused.
+the wire are the payloads; elastic rounds (EASGD, generalized elastic), LSGD's leader refresh and DOWNPOUR's
+pushes as on the engine (hierarchical's placed centres too). Pass the same ``seed`` on every rank (it keys
+``qsgd`` / ``randk`` draws). An injected communicator that cannot move packed payloads is refused.
 """
 
 from __future__ import annotations
@@ -160,11 +161,14 @@ def _check_arguments(model: Any, optimizer: Any, spec: Any) -> None:
     if spec.outer is not None:
         raise ConfigError.invalid("spec.outer", spec.outer.kind, "the wrapper runs no outer optimizer (DiLoCo, "
                                   "SlowMo); use the simulator or the distributed engine")
+    if spec.asynchronous is not None:
+        raise ConfigError.invalid("spec.asynchronous", spec.name, "the wrapper runs no asynchronous server (FedBuff, "
+                                  "asynchronous local SGD); use the simulator, the reference or the distributed engine")
     if spec.prox > 0.0 or spec.control:  # never a silent FedAvg in place of FedProx / SCAFFOLD
         raise ConfigError.invalid("spec.prox" if spec.prox > 0.0 else "spec.control", spec.prox or spec.control,
                                   "the wrapper steps your optimizer on its own gradients: FedProx's term and SCAFFOLD's "
                                   "control variates need the simulator or the distributed engine")
-    check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
+    check_distributed_compression(spec)  # what cannot be compressed: refused, never a silent uncompressed run
 
 
 def _rank_and_world(communicator: Any, group: Any, net_latency_ms: float | None,

@@ -12,7 +12,6 @@ code, in threads, are in ``tests/unit/test_wrapper_compressed.py``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
@@ -137,6 +136,41 @@ def test_every_compressor_matches_the_simulator_on_four_ranks() -> None:
         assert timing["ranks"][0]["bytes_sent"] == timing["bytes_model"] == (steps // 3) * 3 * 2 * 75
 
 
+#: elastic presets with at least topk and int8 each (hierarchical averaging: the engine places its group centres
+#: on their groups' ranks), DOWNPOUR's pushes in the schedule's order and LSGD's leader refresh
+ELASTIC_JOBS = [(name, make, c) for name, make in (
+    ("easgd", lambda c: presets.easgd(4, 2, compression=c)),
+    ("generalized_elastic", lambda c: presets.generalized_elastic(4, 2, compression=c)),
+    ("hierarchical", lambda c: presets.hierarchical(4, 1, compression=c)),
+    ("downpour", lambda c: presets.downpour(4, 1, compression=c)),
+) for c in ("topk:0.25", "int8")] + [("easgd", lambda c: presets.easgd(4, 2, compression=c), "powersgd:1"),
+                                     ("downpour", lambda c: presets.downpour(4, 1, compression=c), "qsgd:4"),
+                                     ("lsgd", lambda c: presets.lsgd(4, 2, compression=c), "topk:0.25"),
+                                     ("lsgd", lambda c: presets.lsgd(4, 2, compression=c), "int8"),
+                                     ("lsgd groups", lambda c: presets.lsgd(4, 2, groups=2, compression=c), "qsgd:4")]
+
+
+@pytest.mark.slow  # one launch of 4 processes for every elastic configuration
+def test_elastic_rounds_and_pushes_match_the_simulator_on_four_ranks() -> None:
+    m, steps = 4, 6
+    jobs = [_job(f"{name} {c}", make(c), m, steps) for name, make, c in ELASTIC_JOBS]
+    results = run_spec(jobs, timeout_s=120)
+    lsgd = [k for k, job in enumerate(jobs) if job.spec.name == "lsgd"]
+    _check([j for k, j in enumerate(jobs) if k not in lsgd], [r for k, r in enumerate(results) if k not in lsgd])
+    for k in lsgd:  # the election's all-gather of m loss floats: the engine charges (m - 1) floats, the clock m
+        expected, sent = _simulate(jobs[k])
+        assert float((results[k]["params"] - expected).abs().max()) <= TOL, jobs[k].name
+        refreshes = steps // 2
+        assert results[k]["timing"]["bytes_model"] == pytest.approx(sent - refreshes * 8, rel=1e-12), jobs[k].name
+    by = {r["name"]: r for r in results}
+    assert by["lsgd int8"]["timing"]["ranks"][1]["ops"]["compressed_broadcast"] == steps // 2
+    p = 19 * (8 + 1)  # topk:0.25 on d = 75 float64: 19 values and int8 indices
+    assert by["easgd topk:0.25"]["timing"]["ranks"][0]["ops"] == {"compressed_all_gather": steps // 2}
+    assert by["easgd topk:0.25"]["timing"]["ranks"][0]["bytes_sent"] == (steps // 2) * (m - 1) * p
+    assert by["downpour topk:0.25"]["timing"]["ranks"][2]["ops"] == {"compressed_pushes": steps}
+    assert by["downpour topk:0.25"]["timing"]["ranks"][2]["bytes_sent"] == steps * (m - 1) * p
+
+
 # -- resume and rollback ------------------------------------------------------------------------------------
 
 
@@ -205,8 +239,12 @@ def test_resume_mid_run_is_bit_identical_and_rollback_restores() -> None:
         _job("choco sign", presets.choco(m, mixing=PAIR, compression="sign"), m, steps),
         _job("sync powersgd", presets.sync(m, compression="powersgd:1"), m, steps),
         _job("diloco int8", presets.diloco(m, 2, compression="int8"), m, steps),
+        _job("easgd topk", presets.easgd(m, 2, compression="topk:0.25"), m, steps),
+        _job("downpour int8", presets.downpour(m, 1, compression="int8"), m, steps),
+        _job("lsgd topk", presets.lsgd(m, 2, compression="topk:0.25"), m, steps),
+        _job("hierarchical int8", presets.hierarchical(m, 1, groups=2, compression="int8"), m, steps),  # placed
     ]
-    results = launch(_resume_rank, m, (jobs,), timeout_s=60)
+    results = launch(_resume_rank, m, (jobs,), timeout_s=90)
     for per_rank in results:
         *runs, rb = per_rank
         for res in runs:
@@ -222,23 +260,26 @@ def test_resume_mid_run_is_bit_identical_and_rollback_restores() -> None:
         assert state["local_sgd topk"]["residual"].abs().max() > 0  # resumed with e != 0
         assert state["choco sign"]["copies"].abs().max() > 0  # ... with x_hat != 0
         assert state["sync powersgd"]["factors"] and state["sync powersgd"]["residual"].abs().max() > 0
+        assert state["easgd topk"]["centres"].abs().max() > 0  # ... with z_hat != 0
+        assert state["hierarchical int8"]["centres"].abs().max() > 0
+        assert state["downpour int8"]["residual"].abs().max() > 0
         assert rb["dropped"] is not None and rb["dropped"]["workers"] == [1]
         _equal(rb["good"], rb["after"], "rollback")
 
 
-def test_elastic_rounds_are_refused_with_one_line() -> None:
-    spec = presets.local_sgd(2, 2, compression="topk:0.5")
-    check_distributed_compression(spec)  # averaging rounds: accepted
-    check_distributed_compression(presets.choco(4, compression="sign"))
-    # a spec whose rounds have an auxiliary node (EASGD's elastic round) with a compressor: refused
-    elastic = dataclasses.replace(presets.easgd(2, 2), compression=Compression("topk:0.5"))
+def test_what_the_engine_cannot_compress_is_refused_with_one_line() -> None:
+    check_distributed_compression(presets.local_sgd(2, 2, compression="topk:0.5"))  # averaging rounds
+    check_distributed_compression(presets.choco(4, compression="sign"))  # gossip
+    check_distributed_compression(presets.easgd(2, 2, compression="topk:0.5"))  # elastic rounds
+    check_distributed_compression(presets.hierarchical(4, 1, compression="int8"))  # placed centres
+    downpour = presets.downpour(2, 2, compression="int8")
+    check_distributed_compression(downpour)  # pushes in the schedule's order
+    # the real asynchronous parameter server sends dense rows
     with pytest.raises(ConfigError) as err:
-        check_distributed_compression(elastic)
+        check_distributed_compression(downpour, asynchronous=True)
     text = str(err.value)
-    assert "compress" in text and "topk:0.5" in text and "\n" not in text
+    assert "compress" in text and "int8" in text and "async" in text and "\n" not in text
     with pytest.raises(ConfigError, match="compress"):  # the engine refuses it before any collective
-        DistributedEngine(elastic, _mlp)
-    with pytest.raises(ConfigError, match="compress"):  # (the spec itself may refuse LSGD's leader refresh)
-        check_distributed_compression(dataclasses.replace(presets.lsgd(2, 2), compression=Compression("int8")))
-    with pytest.raises(ConfigError, match="compress"):  # DOWNPOUR's sequential pushes
-        check_distributed_compression(dataclasses.replace(presets.downpour(2, 2), compression=Compression("int8")))
+        DistributedEngine(downpour, _mlp, downpour_order="async")
+    check_distributed_compression(presets.lsgd(2, 2, compression="int8"))  # LSGD
+    check_distributed_compression(presets.lsgd(4, 2, groups=2, compression="int8"))  # multi-level

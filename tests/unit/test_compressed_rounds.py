@@ -358,7 +358,6 @@ def test_no_compression_changes_nothing() -> None:
     (lambda: presets.sync(4, compression="qsgd:0"), "qsgd"),
     (lambda: presets.dpsgd(4, compression="powersgd:2"), "powersgd compresses averaging rounds only"),
     (lambda: presets.matcha(4, compression="powersgd:2"), "powersgd"),
-    (lambda: presets.lsgd(4, compression="sign"), "elastic"),  # easgd & co.: tests/unit/test_compressed_elastic.py
     (lambda: presets.choco(4, compression=Compression("topk:0.1", consensus_step=0.5), gamma=0.2), "gamma"),
     (lambda: Compression("int8", error_feedback="sometimes"), "error_feedback"),
     (lambda: Compression("int8", consensus_step=1.5), "consensus_step"),
@@ -377,13 +376,17 @@ def test_config_and_cli_refuse_with_one_line(capsys, tmp_path, monkeypatch) -> N
 
     monkeypatch.chdir(tmp_path)
     assert RunConfig(engine="distributed", compress="int8").communication.compress == "int8"
-    with pytest.raises(ConfigError, match="distributed engine does not compress"):  # elastic: before any rank
-        RunConfig(engine="distributed", preset="easgd", compress="int8")
+    assert RunConfig(engine="distributed", preset="easgd", compress="int8").communication.compress == "int8"
+    RunConfig(engine="distributed", preset="hierarchical", compress="int8")  # placed centres: elastic rounds
+    # refused before any rank: DOWNPOUR's default order there (the real asynchronous server)
+    with pytest.raises(ConfigError, match="downpour_order='schedule'"):
+        RunConfig(engine="distributed", preset="downpour", compress="int8")
+    RunConfig(engine="distributed", preset="downpour", downpour_order="schedule", compress="int8")
     assert RunConfig(preset="lsgd").build_spec().compressed is None
-    with pytest.raises(ConfigError, match="elastic"):
-        RunConfig(preset="lsgd", compress="int8").build_spec()
+    assert RunConfig(preset="lsgd", compress="int8").build_spec().compressed is not None
+    assert RunConfig(preset="lsgd", groups=2, compress="int8").build_spec().compressed is not None
     for argv in (["run", "--compress", "topk:2"], ["run", "--preset", "dpsgd", "--compress", "powersgd:1"],
-                 ["run", "--engine", "distributed", "--preset", "easgd", "--compress", "int8"]):
+                 ["run", "--engine", "distributed", "--preset", "downpour", "--compress", "int8"]):
         assert main([*argv, "--max-steps", "1"]) == 2
         err = capsys.readouterr().err.strip()
         assert "compress" in err and len(err.splitlines()) == 1, err

@@ -64,6 +64,25 @@ def test_sgd_terms_closed_form() -> None:
     assert 3.0 / (0.5 * 4 * T) == pytest.approx(kappa * 7.0 / (0.5 * 0.1**2 * 0.5**4 * T**2))
 
 
+def test_the_orders_the_papers_abstract_states() -> None:
+    # arXiv 1902.00340v1's abstract (paper notation omega = our delta, delta = our rho): CHOCO-Gossip needs
+    # O(1/(rho^2 delta) log(1/eps)) rounds; CHOCO-SGD's rate is O(1/(nT) + 1/(T rho^2 delta)^2)
+    base = ct.choco_gossip_rounds(1e-3, 0.1, 1e-6)
+    assert ct.choco_gossip_rounds(0.5e-3, 0.1, 1e-6) / base == pytest.approx(2, rel=1e-4)
+    assert ct.choco_gossip_rounds(1e-3, 0.05, 1e-6) / base == pytest.approx(4, rel=1e-4)
+    assert ct.choco_gossip_rounds(1e-3, 0.1, 1e-12) / base == pytest.approx(2, rel=1e-4)
+    kw = {"mu": 1.0, "L": 2.0, "sigma2": 1.0, "G2": 1.0, "workers": 4}
+    t = ct.choco_sgd_terms(steps=1000, delta=0.1, rho=0.5, **kw)["terms"]
+    half_delta = ct.choco_sgd_terms(steps=1000, delta=0.05, rho=0.5, **kw)["terms"]
+    half_rho = ct.choco_sgd_terms(steps=1000, delta=0.1, rho=0.25, **kw)["terms"]
+    twice_T = ct.choco_sgd_terms(steps=2000, delta=0.1, rho=0.5, **kw)["terms"]
+    assert half_delta["consensus"] / t["consensus"] == pytest.approx(4)  # (rho^2 delta)^-2
+    assert half_rho["consensus"] / t["consensus"] == pytest.approx(16)
+    assert t["consensus"] / twice_T["consensus"] == pytest.approx(4)  # 1/T^2
+    assert t["sgd_noise"] / twice_T["sgd_noise"] == pytest.approx(2)  # 1/(nT), whatever the graph and Q
+    assert half_delta["sgd_noise"] == half_rho["sgd_noise"] == t["sgd_noise"]
+
+
 def test_delta_of_unbiased_and_refusals() -> None:
     assert ct.contraction_delta(None, 3.0) == pytest.approx(0.25)
     assert ct.contraction_delta(0.01, None) == 0.01

@@ -29,8 +29,14 @@ classified from their matrices alone (:func:`exchange_of`), never from a preset'
     server adds it to z and replies Q(z − b_i) (an unbiased Q used as Q/(1 + ω)); b_i ← b_i + Q(z − b_i) and
     x_i ← b_i.
 
-LSGD (the leader refresh, fused with the pull in one matrix) is refused: :func:`check_compressible` raises a
-:class:`~coopsgd.errors.ConfigError` naming ``compress``. See docs/compression.md.
+``"leader"``
+    LSGD's leader refresh fused with its pull (:func:`leader_round_of`; the elected leaders from the round's
+    ``Mix.info``): each slot row s (one per group, and a global one with several groups) is the public copy
+    of its leader's model that the workers reading it hold; each leader L sends Q(x_L − s) (an unbiased Q used
+    as Q/(1 + ω); the copy carries what was not sent, as CHOCO's x̂: no error feedback), s ← s + Q(·), and
+    every worker is pulled toward its copies with the pull's weights: x_i ← P[i, i] x_i + Σ_s P[s, i] s. The
+    loss estimates of the election are floats sent as they are. The steps between refreshes pull toward the
+    same copies and send nothing. See docs/compression.md.
 
 This module imports no torch at import time (the compressor library is imported when a spec string other
 than ``none`` is checked), so building a configuration's parser stays cheap.
@@ -46,6 +52,7 @@ import numpy as np
 
 from coopsgd.algorithms.schedules import Mix, MixContext, Schedule
 from coopsgd.errors import ConfigError, check_float
+from coopsgd.theory.codec import CodecTime
 from coopsgd.theory.cost import RoundCost
 
 if TYPE_CHECKING:
@@ -66,6 +73,8 @@ __all__ = [
     "elastic_spec_cost",
     "pushes_of",
     "push_round_cost",
+    "leader_round_of",
+    "LeaderRound",
     "compressed_round_cost",
     "REDUCIBLE",
 ]
@@ -321,12 +330,102 @@ def pushes_of(S: np.ndarray, workers: int, order: Any) -> bool:
     return bool(np.allclose(S, want, rtol=0.0, atol=1e-12))
 
 
-def push_round_cost(workers: int, *, bytes_per_param: float, payload_bytes: float) -> RoundCost:
+@dataclass(frozen=True, eq=False)
+class LeaderRound:
+    """A round of LSGD in its layout (:func:`leader_round_of`): the workers, then one slot row per group holding
+    its local leader's model and, with several groups, a global slot holding the global leader's.
+
+    Attributes:
+        refresh: the slots are refreshed from their leaders in this round (else the round only pulls).
+        slots: the slot rows (ascending), and ``leaders`` the worker each one copies.
+        pull: (len(slots), m) the weight of each slot in each worker's new row (P[s, i] of S = R P); with
+            ``keep`` (m,) the weight of the worker's own row, every worker becomes keep_i x_i + Σ_s pull[s, i] s.
+    """
+
+    refresh: bool
+    slots: tuple[int, ...]
+    leaders: tuple[int, ...]
+    pull: np.ndarray
+    keep: np.ndarray
+
+
+def leader_round_of(S: np.ndarray, workers: int, local_leaders: Any, global_leader: Any) -> LeaderRound | None:
+    """Whether ``X <- X S`` is a round of LSGD (:class:`~coopsgd.algorithms.schedules.LeaderSchedule`: m workers in
+    ``len(local_leaders)`` equal consecutive groups, a slot per group, and a global slot when there are several
+    groups), with these elected leaders: a refresh fused with the pull (S = R P: every slot column is e of its
+    leader, every worker column supported on itself and the leaders) or a pull alone (every slot column is its
+    own e, every worker column supported on itself and the slots); ``None`` otherwise. A refresh's P is read
+    back from S: where a worker reads its group's slot and the global slot and both copy the same worker, S has
+    their sum, which is split with the two pull weights read where they are apart (another group's worker:
+    groups are equal, so one with a non-leader member exists whenever this sum does)."""
+    S = np.asarray(S, dtype=np.float64)
+    m = int(workers)
+    try:
+        local = [int(x) for x in local_leaders]
+        glob = int(global_leader)
+    except (TypeError, ValueError):
+        return None
+    g = len(local)
+    if g < 1 or m % g or not all(0 <= x < m for x in (*local, glob)):
+        return None
+    multi = g > 1
+    slots = tuple(range(m, m + g + (1 if multi else 0)))
+    leaders = tuple(local + ([glob] if multi else []))
+    if S.shape != (m + len(slots), m + len(slots)):
+        return None
+    group = np.arange(m) // (m // g)
+    reads = np.zeros((len(slots), m), dtype=bool)  # which slots worker i reads
+    for i in range(m):
+        reads[group[i], i] = i != local[group[i]]
+        if multi:
+            reads[g, i] = i != glob
+    keep = np.diag(S)[:m].copy()
+    off = S[:, :m].copy()
+    off[np.arange(m), np.arange(m)] = 0.0
+    e = np.eye(S.shape[0])
+    if all(np.array_equal(S[:, s], e[:, s]) for s in slots):  # a pull alone
+        ok = not np.any(off[:m] != 0) and all(np.all(off[slots[k], ~reads[k]] == 0) for k in range(len(slots)))
+        return LeaderRound(False, slots, leaders, S[list(slots), :m].copy(), keep) if ok else None
+    if np.any(S[m:, :m] != 0) or not all(np.array_equal(S[:, s], e[:, L]) for s, L in zip(slots, leaders,
+                                                                                           strict=True)):
+        return None
+    pull = np.zeros((len(slots), m))
+    a_loc = a_glob = None
+    for i in range(m):  # the weights where each slot's leader appears alone in the worker's column
+        L_i = local[group[i]]
+        if reads[group[i], i] and not (multi and reads[g, i] and L_i == glob):
+            a_loc = off[L_i, i]
+        if multi and reads[g, i] and not (reads[group[i], i] and L_i == glob):
+            a_glob = off[glob, i]
+    for i in range(m):
+        want = {k for k in range(len(slots)) if reads[k, i]}
+        support = set(np.flatnonzero(off[:, i]).tolist())
+        if not support <= {leaders[k] for k in want}:
+            return None
+        for k in want:
+            L = leaders[k]
+            shared = [q for q in want if leaders[q] == L]
+            if len(shared) == 1:
+                pull[k, i] = off[L, i]
+            elif a_loc is None or a_glob is None:
+                return None
+            else:
+                pull[k, i] = a_glob if k == g else a_loc
+    return LeaderRound(True, slots, leaders, pull, keep)
+
+
+def push_round_cost(workers: int, *, bytes_per_param: float, payload_bytes: float,
+                    codec: CodecTime | None = None) -> RoundCost:
     """The cost of a compressed round of pushes (:func:`pushes_of`): every byte passes through the server, m
     pushes in and m replies out (2 m payloads), one handshake per worker: the parameter server's round of
-    [CSGD] Table 3 with payloads in place of the d parameters each way."""
+    [CSGD] Table 3 with payloads in place of the d parameters each way. ``codec``: the compressor's times;
+    the pushes are sequential, so 2m encodes and 2m decodes (:mod:`coopsgd.theory.codec`)."""
     m, p, bpp = int(workers), float(payload_bytes), float(bytes_per_param)
-    return RoundCost("parameter_server", m, 2 * m * p / bpp, 2 * m * p)
+    return RoundCost("parameter_server", m, 2 * m * p / bpp, 2 * m * p, _codec_s(codec, 2 * m, 2 * m))
+
+
+def _codec_s(codec: CodecTime | None, encodes: int, decodes: int) -> float:
+    return 0.0 if codec is None else codec.seconds(encodes, decodes)
 
 
 def _kind(S: np.ndarray, workers: int, mix: Mix | None = None) -> str | None:
@@ -371,11 +470,8 @@ def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, c
     if not compression.compresses:
         return  # none: only gossip rounds change (γ != 1), and every round can take that
     spec = compression.compress
-    if schedule.needs_losses:
-        raise ConfigError.invalid(
-            "compress", spec, f"preset {name!r} copies the elected leader's model into the leader slots within the "
-            "same matrix as the pull (LSGD): a compressed leader refresh is not implemented (compressed elastic "
-            "rounds cover easgd, generalized_elastic, hierarchical and downpour); use compress=none")
+    if schedule.needs_losses:  # LSGD: its rounds need the losses to be built, so they are not sampled here
+        return
     kinds = round_kinds(schedule, workers)
     if None in kinds:
         raise ConfigError.invalid(
@@ -393,18 +489,22 @@ def check_compressible(name: str, schedule: Schedule, workers: int, rule: str, c
                                   "receivers share; use topk, randk, sign, int8, qsgd, fp16 or bf16")
 
 
-def elastic_round_cost(exchange: ElasticExchange, *, bytes_per_param: float, payload_bytes: float) -> RoundCost:
+def elastic_round_cost(exchange: ElasticExchange, *, bytes_per_param: float, payload_bytes: float,
+                       codec: CodecTime | None = None) -> RoundCost:
     """The cost of a compressed elastic round (SPEC §11): every payload goes point to point from its sender to
     each node that needs it (:func:`elastic_of`); like a parameter server's round, it is charged the traffic
     of the busiest node, sent and received (``exchange.payloads`` payloads of ``payload_bytes``), with one
     handshake per peer of that node (``exchange.handshakes``). For EASGD with m workers: m uploads received and
-    the reply sent to m workers by the centre, 2 m payloads, m handshakes."""
+    the reply sent to m workers by the centre, 2 m payloads, m handshakes. ``codec``: the compressor's times
+    (2 encodes, the upload's and the reply's; h + 1 decodes, h = ``exchange.handshakes``)."""
     p, bpp = float(payload_bytes), float(bytes_per_param)
-    return RoundCost("parameter_server", int(exchange.handshakes), exchange.payloads * p / bpp, exchange.payloads * p)
+    h = int(exchange.handshakes)
+    return RoundCost("parameter_server", h, exchange.payloads * p / bpp, exchange.payloads * p,
+                     _codec_s(codec, 2, h + 1))
 
 
 def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_per_param: float,
-                          payload_bytes: float, reducible: bool) -> RoundCost:
+                          payload_bytes: float, reducible: bool, codec: CodecTime | None = None) -> RoundCost:
     """The cost of a round that sends compressed payloads of ``payload_bytes`` per node, from the uncompressed
     round's ``cost`` ([CSGD] Table 3, :func:`coopsgd.theory.cost.round_cost`) with m = ``workers`` and d =
     ``params``; the bytes are the payloads' (SPEC §11):
@@ -415,32 +515,40 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
       the result: no compressor of :data:`REDUCIBLE`); ``reducible`` charges an all-reduce of payloads
       (2 payloads) instead, for a compressor whose payloads a reduction adds exactly;
     * ``"parameter_server"``: m payloads up, and the server's dense reply (m · d parameters) down;
-    * any other pattern: unchanged (its rounds are not compressed).
+    * ``"broadcast"`` (LSGD's leader refresh): the leader's payload in place of its d parameters at every hop;
+    * any other pattern (the election's all-gather of loss estimates): unchanged (not compressed).
+
+    ``codec``: the compressor's times (:mod:`coopsgd.theory.codec`): one encode, and a decode of each payload
+    the busiest node receives (m − 1 all-gathered, max degree for gossip, m at the server; 1 after a
+    reduction).
     """
     m, d, bpp, p = int(workers), int(params), float(bytes_per_param), float(payload_bytes)
     if d <= 0:
         return cost
     if cost.pattern == "parameter_server":
-        return RoundCost("parameter_server", cost.handshakes, m * p / bpp + m * d, m * p + m * d * bpp)
+        return RoundCost("parameter_server", cost.handshakes, m * p / bpp + m * d, m * p + m * d * bpp,
+                         _codec_s(codec, 1, m))
     if cost.pattern == "allreduce" and not reducible:
         hops = m - 1 if m > 1 else 0
-        return RoundCost("allgather", hops, hops * p / bpp, hops * p)
-    if cost.pattern in ("allreduce", "neighbor"):
-        ratio = p / (d * bpp)  # a payload in place of one row
-        return RoundCost(cost.pattern, cost.handshakes, cost.floats_sent * ratio, cost.bytes_sent * ratio)
+        return RoundCost("allgather", hops, hops * p / bpp, hops * p, _codec_s(codec, 1, hops))
+    if cost.pattern in ("allreduce", "neighbor", "broadcast"):
+        ratio = p / (d * bpp)  # a payload in place of one row (LSGD's refresh: the leader's payload down the tree)
+        decodes = cost.handshakes if cost.pattern == "neighbor" else 1
+        return RoundCost(cost.pattern, cost.handshakes, cost.floats_sent * ratio, cost.bytes_sent * ratio,
+                         _codec_s(codec, 1, decodes))
     return cost
 
 
 def elastic_spec_cost(schedule: Schedule, workers: int, *, bytes_per_param: float,
-                      payload_bytes: float) -> RoundCost | None:
+                      payload_bytes: float, codec: CodecTime | None = None) -> RoundCost | None:
     """The cost of the costliest compressed elastic round of ``schedule`` (:func:`elastic_round_cost` over its
     finite set of matrices; :func:`push_round_cost` for sequential pushes), or ``None`` when it has no such
     round or no finite set of matrices (the per-round cost of ``coopsgd theory`` and of reference runs)."""
     if schedule.sequential and round_kinds(schedule, workers) == {"pushes"}:
-        return push_round_cost(workers, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes)
+        return push_round_cost(workers, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes, codec=codec)
     mats = schedule.matrices(_SAMPLE_STEPS)
     if mats is None:
         return None
-    costs = [elastic_round_cost(ex, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes)
+    costs = [elastic_round_cost(ex, bytes_per_param=bytes_per_param, payload_bytes=payload_bytes, codec=codec)
              for ex in (elastic_of(M, workers) for M in mats if exchange_of(M, workers) is None) if ex is not None]
     return max(costs, key=lambda c: (c.bytes_sent, c.handshakes)) if costs else None

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from coopsgd.algorithms.async_presets import ASYNC_DECLS
 from coopsgd.algorithms.communication import Compression, CompressionArg, as_compression
 from coopsgd.algorithms.federated_presets import (
     FEDERATED_DECLS,
@@ -379,8 +380,8 @@ def lsgd(
     ``groups > 1`` gives the multi-level form with a local leader per group (pull ``lam``) and a global
     leader (pull ``lam_global``, default ``lam``). The leader is elected from per-worker loss estimates.
 
-    ``compression`` other than ``none`` is refused: the leader refresh is fused with the pull in one matrix
-    (docs/compression.md, "What is refused").
+    ``compression``: a refresh has each slot's leader send Q(x_L − s) against the slot s its workers hold,
+    s ← s + Q(·), and the pull reads s (docs/compression.md, "LSGD (leader refresh)").
     """
     m = _workers(workers)
     tau = check_int("tau", tau, minimum=1)
@@ -617,6 +618,7 @@ _DECLS: tuple[PresetDecl, ...] = (
         theory=(EASGD_ALPHA_PER_GROUP,),
     ),
     *FEDERATED_DECLS,
+    *ASYNC_DECLS,
     PresetDecl(
         "lsgd", lsgd, "Leader SGD: pull toward the best worker",
         args=(_TAU.replace(default=1),

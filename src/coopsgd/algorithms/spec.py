@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from coopsgd.algorithms.asynchronous import AsyncAggregation
 from coopsgd.algorithms.communication import Compression, check_compressible
 from coopsgd.algorithms.outer import OuterOptimizer
 from coopsgd.algorithms.robust import RobustAggregation
@@ -102,6 +103,9 @@ class AlgorithmSpec:
             (:class:`~coopsgd.algorithms.robust.RobustAggregation`: coordinate-wise median, trimmed mean, Krum,
             multi-Krum; sign-flip, Gaussian or scaled models sent by a seeded set of clients). ``None``: the
             weighted mean, every client honest. FedAvg's family only; not with compression or control variates.
+        asynchronous: an asynchronous server (:class:`~coopsgd.algorithms.asynchronous.AsyncAggregation`: FedBuff,
+            asynchronous local SGD): the schedule (``asynchronous = True``) gives the workers of each step and the
+            arrivals, which the engines apply to z (node m) one by one. ``None``: rounds are the schedule's mixes.
     """
 
     name: str
@@ -124,6 +128,7 @@ class AlgorithmSpec:
     prox: float = 0.0
     control: bool = False
     robust: RobustAggregation | None = None
+    asynchronous: AsyncAggregation | None = None
 
     def __post_init__(self) -> None:
         check_int("workers", self.workers, minimum=1)
@@ -170,12 +175,32 @@ class AlgorithmSpec:
             if self.compression is not None and self.compression.active:
                 raise ConfigError.invalid("compression", self.compression.compress, "a robust rule or simulated "
                                           "attackers need the clients' models as they are; use compress 'none'")
+        if self.asynchronous is not None:
+            self._check_asynchronous()
         if self.inner_optimizer is not None and self.inner_optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError.invalid("inner_optimizer", self.inner_optimizer, "choose one of sgd, adam, adamw")
         if self.compression is not None:
             if not isinstance(self.compression, Compression):
                 raise ConfigError.invalid("compression", self.compression, "must be a Compression or None")
             check_compressible(self.name, self.schedule, self.workers, self.rule, self.compression)
+
+    def _check_asynchronous(self) -> None:
+        a = self.asynchronous
+        if not isinstance(a, AsyncAggregation):
+            raise ConfigError.invalid("asynchronous", a, "must be an AsyncAggregation or None")
+        if not getattr(self.schedule, "asynchronous", False):
+            raise ConfigError.invalid("schedule", type(self.schedule).__name__, "an asynchronous server needs a "
+                                      "schedule that declares asynchronous arrivals (AsyncSchedule)")
+        if self.auxiliaries != 1 or self.center != "auxiliary" or self.rule != "post_mix":
+            raise ConfigError.invalid("asynchronous", a.describe(), "needs the server model as the one auxiliary "
+                                      "node m (center 'auxiliary', post_mix rule)")
+        if self.outer is not None or self.prox > 0.0 or self.control or self.robust is not None or (
+                self.compression is not None and self.compression.active):
+            raise ConfigError.invalid("asynchronous", a.describe(), "takes no outer optimizer, proximal term, "
+                                      "control variates, robust rule or compression")
+        if self.policies.optimizer_state == "mix":
+            raise ConfigError.invalid("optimizer_state", "mix", "an asynchronous server mixes nothing: use 'local' "
+                                      "(each worker keeps its optimizer state) or 'reset' (restarted at each pull)")
 
     @property
     def compressed(self) -> Compression | None:
@@ -255,6 +280,8 @@ class AlgorithmSpec:
             out["control_variates"] = True
         if self.robust is not None:
             out["robust"] = self.robust.describe()
+        if self.asynchronous is not None:
+            out["asynchronous"] = self.asynchronous.describe()
         if self.compressed is not None:
             out["compression"] = self.compressed.describe()
         if self.notes:

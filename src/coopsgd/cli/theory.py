@@ -208,6 +208,7 @@ def compression_facts(spec: Any, params: int, *, mu: float | None = None, L: flo
 
     from coopsgd.analysis import spec_round_cost
     from coopsgd.theory import compression as ct
+    from coopsgd.theory.codec import codec_speed
     from coopsgd.theory.spectral import zeta
 
     comp = spec.compressed
@@ -228,8 +229,15 @@ def compression_facts(spec: Any, params: int, *, mu: float | None = None, L: flo
     out["pattern"] = rc.pattern
     out["uncompressed_pattern"] = rc0.pattern
     out["bytes_ratio"] = ct.bytes_ratio(rc0.bytes_sent, rc.bytes_sent)
+    speed = codec_speed(q.name)
+    out["codec_s_per_round"] = rc.codec_s  # encode / decode on the round's critical path (coopsgd.theory.codec)
+    out["codec_GBps"] = None if speed is None else {"encode": speed.encode_Bps / 1e9, "decode": speed.decode_Bps / 1e9}
     kinds = _round_kinds(spec)
     out["round"] = ", ".join(_KIND_TEXT[k] for k in kinds)
+    if kinds == ["leader"]:
+        out["bound"] = ("no bound applies: LSGD's pull toward a compressed copy of the leader (its matrix depends on "
+                        "the losses) is outside [CSGD]'s theorems and CHOCO-SGD's")
+        return out
     if kinds != ["gossip"]:
         ef = comp.feedback(q)
         out["error_feedback"] = ef
@@ -276,7 +284,8 @@ def compression_facts(spec: Any, params: int, *, mu: float | None = None, L: flo
 
 #: How :func:`compression_facts` names a round kind.
 _KIND_TEXT = {"gossip": "gossip (CHOCO-SGD)", "average": "average (x_ref + mean of Q(x_i - x_ref + e_i))",
-              "other": "elastic (an auxiliary node)"}
+              "other": "elastic (an auxiliary node)",
+              "leader": "leader refresh (the leader sends Q(x_L - s) to the copy s every worker holds)"}
 
 
 def _round_kinds(spec: Any) -> list[str]:
@@ -285,6 +294,8 @@ def _round_kinds(spec: Any) -> list[str]:
     samples) is classified by its pattern."""
     from coopsgd.algorithms.communication import exchange_of
 
+    if spec.schedule.needs_losses:  # LSGD: its rounds are built from the losses
+        return ["leader"]
     mats = spec.schedule.matrices(4096)
     if mats is None:
         return ["gossip"] if spec.pattern == "neighbor" else ["average"]
@@ -304,8 +315,13 @@ def _compression_lines(c: dict[str, Any]) -> list[str]:
     lines.append(f"    bytes per round: {c['bytes_per_round'] / 1e6:.4g} MB ({c['pattern']}) vs "
                  f"{c['uncompressed_bytes_per_round'] / 1e6:.4g} MB uncompressed ({c['uncompressed_pattern']}): "
                  f"{c['bytes_ratio']:.4g}x fewer")
+    if c.get("codec_GBps"):
+        g = c["codec_GBps"]
+        lines.append(f"    codec time per round: {c['codec_s_per_round'] * 1e3:.4g} ms (stated throughputs: encode "
+                     f"{g['encode']:.3g} GB/s, decode {g['decode']:.3g} GB/s of the dense row; coopsgd.theory.codec)")
     if "bound" in c:
-        lines.append(f"    error feedback {'on' if c['error_feedback'] else 'off'}; {c['bound']}")
+        ef = "" if "error_feedback" not in c else f"error feedback {'on' if c['error_feedback'] else 'off'}; "
+        lines.append(f"    {ef}{c['bound']}")
     if "choco_delta" in c:
         if c["omega"] is not None:
             lines.append(f"    CHOCO uses Q/(1 + omega): delta = 1/(1 + omega) = {c['choco_delta']:.6g}")

@@ -232,6 +232,10 @@ class ModelEngine(Engine, Protocol):
 
     def time_record(self, *, local: bool = False) -> dict[str, Any]: ...
 
+    def async_record(self) -> dict[str, Any]:
+        """An asynchronous server's staleness statistics for the metric records (empty for other algorithms)."""
+        ...
+
 
 def wrap_state(engine: str, payload: dict[str, Any]) -> dict[str, Any]:
     """The one envelope of an engine state: ``{"format", "engine", "payload"}``."""

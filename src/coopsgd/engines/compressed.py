@@ -44,11 +44,16 @@ payloads with the round's weights. Which vector is sent depends on the round's k
     replies r_i = Q(z − b_i) (an unbiased Q used as Q/(1 + ω); keyed by b_i's row), b_i ← b_i + r_i, x_i ← b_i:
     b_i is the copy of z both ends hold, and z − b_i, carried into the next reply, the server's residual.
 
+``leader`` (LSGD: :func:`leader_round`, from S and the leaders the Mix carries)
+    on a refresh each slot's leader L sends Q(x_L − s) against the slot s (the public copy its workers hold;
+    an unbiased Q used as Q/(1 + ω)), s ← s + Q(·), and every worker i ← P[i, i] x_i + Σ_s P[s, i] s (P read
+    back from S = R P); between refreshes the pull toward the copies sends nothing (the uncompressed round).
+
 Averaging rounds with ``none`` are the uncompressed round (the communicator's fused kernel). The draws of
 ``qsgd`` / ``randk`` / PowerSGD's first factor are keyed by (seed, c, node), c counting the compressor
-calls of the run (one per averaging or gossip round, two per elastic round, 2m per DOWNPOUR round), so the
-reference engine (:class:`ReferenceCompressedRounds`, numpy, one node at a time
-through :func:`~coopsgd.compression.reference_roundtrip`) draws the same ones.
+calls of the run (one per averaging, gossip or LSGD refresh round, two per elastic round, 2m per DOWNPOUR
+round), so the reference engine (:class:`ReferenceCompressedRounds`, numpy, one node at a time through
+:func:`~coopsgd.compression.reference_roundtrip`) draws the same ones.
 
 The per-node state -- the residuals e (n, width), the public copies x̂ (n, width) of gossip, the copies ẑ
 (n, width; the auxiliary rows are used) of elastic rounds, PowerSGD's warm-start
@@ -70,9 +75,11 @@ from coopsgd.algorithms.communication import (
     REDUCIBLE,
     Compression,
     ElasticExchange,
+    LeaderRound,
     elastic_of,
     elastic_round_cost,
     exchange_of,
+    leader_round_of,
     push_round_cost,
     pushes_of,
 )
@@ -80,6 +87,7 @@ from coopsgd.compression import Compressor, reference_roundtrip
 from coopsgd.engines.base import Communicator
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan, apply_mixing
 from coopsgd.errors import ConfigError
+from coopsgd.theory.codec import CodecTime
 from coopsgd.theory.cost import RoundCost
 
 __all__ = ["CompressedRounds", "ReferenceCompressedRounds", "round_exchange", "load_compression_state", "elastic_exchange",
@@ -116,6 +124,18 @@ def push_order(rnd: Round, workers: int) -> list[int] | None:
     seq = [int(i) for i in order]
     ok = rnd.plan.derived(("pushes", workers, tuple(seq)), lambda: pushes_of(rnd.matrix, workers, seq) or _NOT_COMPRESSIBLE)
     return None if ok is _NOT_COMPRESSIBLE else seq
+
+
+def leader_round(rnd: Round, workers: int) -> LeaderRound | None:
+    """The LSGD round ``rnd`` is (:func:`~coopsgd.algorithms.communication.leader_round_of`, analysed once per
+    plan; the leaders from the Mix's ``info``), or ``None`` when it is not one."""
+    info = {} if rnd.mix is None else rnd.mix.info
+    if "local_leaders" not in info or "leader" not in info:
+        return None
+    key = ("leader", workers, tuple(info["local_leaders"]), info["leader"])
+    got = rnd.plan.derived(key, lambda: leader_round_of(rnd.matrix, workers, info["local_leaders"], info["leader"])
+                           or _NOT_COMPRESSIBLE)
+    return None if got is _NOT_COMPRESSIBLE else got
 
 
 def _refuse(rnd: Round, spec: str) -> ConfigError:
@@ -179,26 +199,38 @@ class CompressedRounds:
         """Whether round ``rnd`` sends compressed payloads (its bytes are the compressor's)."""
         if not self.compresses:
             return False
+        if (lead := leader_round(rnd, self.workers)) is not None:
+            return lead.refresh
         kind = round_exchange(rnd, self.workers)
         return kind in ("average", "gossip") or (kind is None and (push_order(rnd, self.workers) is not None
                                                                    or elastic_exchange(rnd, self.workers) is not None))
 
-    def elastic_cost(self, rnd: Round, bytes_per_param: float) -> RoundCost | None:
+    def elastic_cost(self, rnd: Round, bytes_per_param: float, codec: CodecTime | None = None) -> RoundCost | None:
         """The cost of round ``rnd`` when it is a compressed elastic round
         (:func:`~coopsgd.algorithms.communication.elastic_round_cost`) or a round of compressed pushes
-        (:func:`~coopsgd.algorithms.communication.push_round_cost`), else ``None``."""
-        if not self.compresses or round_exchange(rnd, self.workers) is not None:
+        (:func:`~coopsgd.algorithms.communication.push_round_cost`), else ``None``; ``codec``: the
+        compressor's encode / decode times (:mod:`coopsgd.theory.codec`)."""
+        if not self.compresses or leader_round(rnd, self.workers) is not None:
+            return None
+        if round_exchange(rnd, self.workers) is not None:
             return None
         if push_order(rnd, self.workers) is not None:
-            return push_round_cost(self.workers, bytes_per_param=bytes_per_param, payload_bytes=self.row_bytes)
+            return push_round_cost(self.workers, bytes_per_param=bytes_per_param, payload_bytes=self.row_bytes,
+                                   codec=codec)
         ex = elastic_exchange(rnd, self.workers)
         return None if ex is None else elastic_round_cost(ex, bytes_per_param=bytes_per_param,
-                                                          payload_bytes=self.row_bytes)
+                                                          payload_bytes=self.row_bytes, codec=codec)
 
     def communicate(self, rows: Tensor, rnd: Round, comm: Communicator, *, overlap: bool = False) -> None:
         """Round ``rnd`` on ``rows`` (every node's mixed columns) in place; ``comm`` moves what is not compressed."""
         kind = round_exchange(rnd, self.workers)
         if kind == "identity":
+            return
+        if self.compresses and (lead := leader_round(rnd, self.workers)) is not None:
+            if lead.refresh:
+                self._leader(rows, lead)
+            else:  # the pull toward the copies the workers hold: nothing is sent
+                comm.communicate(rows, rnd, overlap=overlap)
             return
         if kind == "average" and self.compresses:
             self._average(rows, rnd.plan)
@@ -315,6 +347,20 @@ class CompressedRounds:
         own = rows.index_select(0, ch).sub_(V.index_select(0, ch)).mul_(diag)
         rows.index_copy_(0, ch, Y.index_select(0, ch).add_(own))
 
+    def _leader(self, rows: Tensor, lead: LeaderRound) -> None:
+        """LSGD's refresh: each slot s's leader L sends Q(x_L − s) against the copy its readers hold (one call for
+        every slot, keyed by the slots' rows); s ← s + Q(·); every worker i ← P[i, i] x_i + Σ_s P[s, i] s."""
+        m, dev = self.workers, rows.device
+        slots = torch.as_tensor(lead.slots, device=dev)
+        diff = rows.index_select(0, torch.as_tensor(lead.leaders, device=dev)).sub_(rows.index_select(0, slots))
+        q = self._roundtrip(diff, slots, slots)
+        if self.gossip_scale != 1.0:
+            q.mul_(self.gossip_scale)
+        rows.index_add_(0, slots, q)
+        keep = torch.as_tensor(lead.keep, dtype=rows.dtype, device=dev).unsqueeze(1)
+        pull = torch.as_tensor(lead.pull, dtype=rows.dtype, device=dev)
+        rows[:m].mul_(keep).add_(pull.T @ rows.index_select(0, slots))
+
     def _pushes(self, rows: Tensor, order: list[int]) -> None:
         m, dev = self.workers, rows.device
         z = rows[m : m + 1]
@@ -425,6 +471,8 @@ class ReferenceCompressedRounds:
         kind = round_exchange(rnd, self.workers)
         if kind == "identity":
             return X
+        if self.compresses and (lead := leader_round(rnd, self.workers)) is not None:
+            return self._leader(X, lead) if lead.refresh else apply_mixing(X, rnd.matrix)
         if kind == "average" and self.compresses:
             return self._average(X, rnd.plan)
         if kind == "gossip":
@@ -515,6 +563,16 @@ class ReferenceCompressedRounds:
         np.fill_diagonal(off, 0.0)
         out = X.copy()
         out[ex.changed] = ex.diagonal[:, None] * X[ex.changed] + off[:, ex.changed].T @ V
+        return out
+
+    def _leader(self, X: np.ndarray, lead: LeaderRound) -> np.ndarray:
+        """LSGD's refresh (the definition): s ← s + Q(x_L − s) for every slot; x_i ← P[i, i] x_i + Σ_s P[s, i] s."""
+        m = self.workers
+        out = X.copy()
+        slots, leaders = list(lead.slots), list(lead.leaders)
+        q = self._roundtrip(X[leaders] - X[slots], np.asarray(slots))
+        out[slots] = X[slots] + (q if self.gossip_scale == 1.0 else q * self.gossip_scale)
+        out[:m] = lead.keep[:, None] * X[:m] + lead.pull.T @ out[slots]
         return out
 
     def _pushes(self, X: np.ndarray, order: list[int]) -> np.ndarray:

@@ -151,7 +151,7 @@ def fragment_costs(clock: Any, rnd: Round, columns: tuple[int, int], b: int,
     stage = None if stages is None else stages.stages[int(mix.info["fragment"])]
     if stage is not None and stage.sends_payload(rnd):
         return clock.round_costs(mix.pattern, matrix, payload_bytes=stage.row_bytes, reducible=stage.reducible,
-                                 params=params)
+                                 compressor=stage.compressor.name, params=params)
     return list(clock.round_costs(mix.pattern, matrix, params=params))
 
 

@@ -36,6 +36,7 @@ from coopsgd.algorithms.robust import aggregate_np, attack_np
 from coopsgd.algorithms.schedules import Mix, MixContext, round_lr_sums
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.algorithms.streaming import fragment_bounds
+from coopsgd.engines.asynchronous import AsyncServer, start_rows
 from coopsgd.engines.base import (
     NAN_POLICIES,
     Batch,
@@ -206,6 +207,10 @@ class ReferenceEngine:
                                                     seed=self.seed, start=x0 if x0.ndim == 1 else x0.mean(axis=0))
         if self._fragments is not None:  # Streaming DiLoCo: a stage per fragment (coopsgd.engines.fragments)
             self._compressed = None
+        #: an asynchronous server (``spec.asynchronous``): the slots' pulled copies, buffer, momentum and ledger
+        self._async = None if spec.asynchronous is None else AsyncServer(
+            spec.asynchronous, self.state[start_rows(spec.schedule)], lambda: np.zeros(objective.dim))
+        self._async_good = None if self._async is None else self._async.snapshot()
         self._bad: dict[str, int] | None = None  # nan_policy="skip": worker -> first non-finite step
         self._good: tuple[np.ndarray, int, Any, Any, Any] = (self.state.copy(), 0, self.outer_state,
                                                              self._compression_state(), self._control_copy())
@@ -287,6 +292,7 @@ class ReferenceEngine:
             if self._bad is None:
                 self._check_finite(losses, k, "loss")
         skipped = self._bad is not None
+        info: dict[str, Any] | None = None
         G = None
         if not skipped:
             G = self._gradients(sched.active(k))
@@ -326,18 +332,29 @@ class ReferenceEngine:
                     X[: m + 1] = z
                     if self._compressed is not None:  # the workers restarted from z: z is their new x_ref
                         self._compressed.settle(X, plan_round(mix))
+                async_snap = None
+                if self._async is not None:  # the arrivals of this step, in order, on the new rows
+                    async_snap = self._async.snapshot()
+                    report = self._async.arrive(X, spec.workers, sched.step_events(k))  # type: ignore[attr-defined]
+                    info = report.info()
             if self._finite_or_skip(X, k, "model") and (control is None or self._finite_or_skip(control, k, "model")):
                 self.state = X
                 self.outer_state = outer_state
                 self.control = control
+            elif async_snap is not None:
+                assert self._async is not None
+                self._async.restore(async_snap)
+                info = None
         self.schedule_state = sched_state
         self.step_count += 1
         communicated = mix is not None and mix.communicates
+        if self._async is not None:  # an asynchronous step communicates when someone arrived (skipped: nothing applied)
+            communicated = bool(sched.step_events(k).arrivals)  # type: ignore[attr-defined]
+            info = info if info is not None and not skipped else {"arrivals": [], "staleness": [], "server_steps": 0}
         if communicated:
             self.rounds += 1
-            assert mix is not None
             units = 1.0
-            if "fragment" in mix.info:
+            if mix is not None and "fragment" in mix.info:
                 lo, hi = self.fragment_columns(mix.info)
                 units = (hi - lo) / self.objective.dim
             self.units_sent += units
@@ -348,7 +365,9 @@ class ReferenceEngine:
             values = np.asarray(self.objective.value(self.workers_state), dtype=np.float64)
         return StepStats(
             step=k, lr=lr, losses=values, communicated=communicated, round=self.rounds,
-            pattern=None if mix is None else mix.pattern, info={} if mix is None else mix.info, skipped=skipped,
+            pattern=("parameter_server" if communicated else None) if info is not None else
+            (None if mix is None else mix.pattern),
+            info=info if info is not None else ({} if mix is None else mix.info), skipped=skipped,
         )
 
     def fragment_columns(self, info: Mapping[str, Any]) -> tuple[int, int]:
@@ -432,6 +451,8 @@ class ReferenceEngine:
         if self._bad is None:
             self._good = (self.state.copy(), self.step_count, self.outer_state, self._compression_state(),
                           self._control_copy())
+            if self._async is not None:
+                self._async_good = self._async.snapshot()
             return None
         bad, self._bad = self._bad, None
         self.state = self._good[0].copy()
@@ -441,6 +462,8 @@ class ReferenceEngine:
             self._compressed.load(self._good[3])
         if self._fragments is not None:
             self._fragments.load(self._good[3])
+        if self._async is not None and self._async_good is not None:
+            self._async.restore(self._async_good)
         first = dict(sorted(bad.items(), key=lambda kv: int(kv[0])))
         return DroppedRound(step=self.step_count - 1, workers=[int(w) for w in first], first_steps=first,
                             restored_to_step=self._good[1])
@@ -453,6 +476,11 @@ class ReferenceEngine:
 
     def consensus_distance(self) -> float:
         return consensus_distance(self.state, self.spec.workers)
+
+    def async_record(self) -> dict[str, Any]:
+        """An asynchronous server's staleness statistics (:data:`~coopsgd.algorithms.asynchronous.ASYNC_STATS`);
+        empty for every other algorithm."""
+        return {} if self._async is None else self._async.stats()
 
     def center_node(self) -> int | None:
         """The centre model's node (:meth:`AlgorithmSpec.center_node`), ``None`` for the workers' average."""
@@ -471,6 +499,7 @@ class ReferenceEngine:
             "outer_state": None if self.outer_state is None else dict(self.outer_state),
             **({} if self.control is None else {"control": self.control.copy()}),
             **({} if self._compression_state() is None else {"compression": self._compression_state()}),
+            **({} if self._async is None else {"asynchronous": self._async.state_dict()}),
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -491,6 +520,8 @@ class ReferenceEngine:
                 raise ConfigError.invalid("state_dict.control", None if saved_c is None else np.shape(saved_c),
                                           f"this run keeps SCAFFOLD's control variates of shape {self.control.shape}")
             self.control = np.array(saved_c, dtype=np.float64)
+        if self._async is not None:
+            self._async.load_state_dict(p.get("asynchronous"), "state_dict.asynchronous")
         self.state = np.array(p["state"], dtype=np.float64)
         for g, st in zip(self.rngs, p["rngs"], strict=True):
             g.bit_generator.state = st

@@ -251,6 +251,10 @@ class ModelRows:
         if self.outer is not None:
             self.outer.restore(snap["outer"])
 
+    def async_record(self) -> dict[str, Any]:
+        """An asynchronous server's staleness statistics for the metric records (the simulator's own); empty here."""
+        return {}
+
     # -- what both engines' checkpoints and rollbacks hold of the rows -----------------------------------------
     def _rows_payload(self) -> dict[str, Any]:
         """The rows, the counters and the optimizers' state for a checkpoint (CPU copies; each engine adds

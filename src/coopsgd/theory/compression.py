@@ -30,6 +30,20 @@ What [CHOCO] proves, and what this module evaluates:
   evaluates each term with its absolute constant set to 1 — the order of magnitude, not the bound; the
   paper's constants are not restated here). Inputs: μ, L, σ̄², G², n, T (and δ, ρ from the compressor and W).
 
+**What was checked against the paper, and what was not** (2026-12-06). The paper's text was searched for (the
+arXiv preprint 1902.00340, the PMLR proceedings page, the authors' repository epfml/ChocoSGD). Found and
+checked: the abstract of arXiv 1902.00340v1, in the paper's notation (ω ≤ 1 the compression quality, our δ;
+δ the eigengap, our ρ): CHOCO-SGD converges at rate O(1/(nT) + 1/(T δ² ω)²) for strongly convex objectives,
+and CHOCO-Gossip reaches accuracy ε in O(1/(δ² ω) · log(1/ε)) rounds. In our notation these are the orders
+of :func:`choco_sgd_terms`' ``sgd_noise`` (σ̄²/(μnT)) and ``consensus`` (∝ 1/(δ²ρ⁴T²)) terms and of
+:func:`choco_gossip_rounds` (∝ log(1/ε)/(ρ²δ)); ``tests/unit/test_theory_compression.py`` checks these scalings.
+**Not found, hence not verified**: the statements of Theorem 2 and Theorem 4 themselves -- the consensus step
+γ* = ρ²δ/(16ρ + ρ² + 4β² + 2ρβ² − 8ρδ), the rate's constant 82, the step-size offset a ≥ max(410/(ρ²δ), 16κ)
+with η_t = 4/(μ(a + t)), the weights (a + t)², and the third term G²/(μδ³ρ⁶T³) -- nor the equation numbers:
+the repository holds code only (its consensus step is tuned on a grid, ``tune_consensus_stepsize.py``) and the
+searchable copies of the paper returned its abstract and introduction, not its theorems. These are the
+values as recalled, unchanged; treat them as unverified until checked against the paper's Theorems 2 and 4.
+
 Averaging rounds with error feedback (sync, local SGD, FedAvg, DiLoCo's outer step) have no theorem here:
 [CSGD]'s Theorems 1–4 assume exact averaging, and the error-feedback analyses of compressed gradient
 averaging (Stich, Cordonnier, Jaggi, NeurIPS 2018; Karimireddy et al., ICML 2019) cover τ = 1 only and are
@@ -62,9 +76,10 @@ __all__ = [
     "averaging_bound_note",
 ]
 
-#: [CHOCO] Theorem 2: E e_t ≤ (1 − ρ²δ/82)^t e_0.
+#: [CHOCO] Theorem 2: E e_t ≤ (1 − ρ²δ/82)^t e_0 (as recalled: not verified against the paper's text, see the
+#: module docstring; the order ρ²δ is the abstract's).
 GOSSIP_RATE_DENOMINATOR = 82.0
-#: [CHOCO] Theorem 4: a ≥ max(410/(ρ²δ), 16κ).
+#: [CHOCO] Theorem 4: a ≥ max(410/(ρ²δ), 16κ) (as recalled: not verified against the paper's text).
 STEP_OFFSET_NUMERATOR = 410.0
 
 

@@ -60,12 +60,15 @@ class RoundCost:
         handshakes: sequential connection set-ups on the critical path (each costs one latency).
         floats_sent: floats through the busiest link / node.
         bytes_sent: ``floats_sent * bytes_per_param``.
+        codec_s: seconds of encoding and decoding on the critical path of a compressed round
+            (:mod:`coopsgd.theory.codec`); 0 for an uncompressed one.
     """
 
     pattern: str
     handshakes: int
     floats_sent: float
     bytes_sent: float
+    codec_s: float = 0.0
 
 
 
@@ -152,7 +155,13 @@ class NetworkModel:
         return cls(latency_s=lat / 1e3, bandwidth_Bps=bw * 1e6 / 8.0)
 
     def round_time(self, cost: RoundCost) -> float:
-        """Seconds of one round: ``handshakes * latency_s + bytes_sent / bandwidth_Bps``."""
+        """Seconds of one round: its transfer (:meth:`transfer_time`) plus its codec time ``cost.codec_s`` (0
+        for an uncompressed round, whose time is then the transfer's, bit for bit)."""
+        t = self.transfer_time(cost)
+        return t + cost.codec_s if cost.codec_s else t
+
+    def transfer_time(self, cost: RoundCost) -> float:
+        """Seconds on the wire: ``handshakes * latency_s + bytes_sent / bandwidth_Bps``."""
         if not isinstance(cost, RoundCost):
             raise ConfigError.invalid("cost", cost, "must be a RoundCost (see round_cost)")
         return cost.handshakes * self.latency_s + cost.bytes_sent / self.bandwidth_Bps

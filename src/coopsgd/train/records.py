@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from coopsgd.algorithms import AlgorithmSpec
+from coopsgd.algorithms.asynchronous import ASYNC_STATS
 from coopsgd.engines.base import Engine, ModelEngine, NonFiniteError
 from coopsgd.theory.spectral import zeta
 from coopsgd.train.config import RunConfig
@@ -144,6 +145,7 @@ def nn_evaluator(config: RunConfig, data: TrainingData, *, wall_offset: float = 
             **time_fields(times, st.train_s, wall),
             "measured_samples_per_s": step * c.algorithm.workers * c.problem.batch_size / st.train_s if st.train_s > 0 else None,
         }
+        rec.update(engine.async_record())  # an asynchronous server's staleness statistics (none otherwise)
         if is_lm:
             rec["test_perplexity"] = test["perplexity"]
             rec["train_perplexity"] = train["perplexity"]
@@ -216,5 +218,8 @@ def summarize(spec: AlgorithmSpec, config: RunConfig, last: dict[str, Any], *, t
         "zeta": last.get("zeta"),
         "dropped_rounds": list(last.get("dropped_rounds") or []),
     }
+    for k in ASYNC_STATS:  # an asynchronous server's staleness statistics
+        if k in last:
+            summary[k] = last[k]
     summary.update(extra or {})
     return summary

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from coopsgd.algorithms import AlgorithmSpec
+from coopsgd.algorithms.asynchronous import bind_arrival_time, bind_speeds
 from coopsgd.analysis import spec_round_cost
 from coopsgd.engines.base import Engine
 from coopsgd.engines.reference import ReferenceEngine, consensus_distance
 from coopsgd.errors import ConfigError, Interrupted
 from coopsgd.objectives import Objective, make_objective
-from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, expected_runtime
+from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, expected_runtime, round_cost
 from coopsgd.train.config import RunConfig
 from coopsgd.train.loop import LoopState
 from coopsgd.train.problem import REFERENCE_STEPS, lr_at
@@ -62,6 +63,12 @@ def make_reference(config: RunConfig, spec: AlgorithmSpec, objective: Objective)
     if inner != "sgd":
         raise ConfigError.invalid("optimizer", inner, "the reference engine's workers run plain SGD on analytic "
                                   f"objectives; use --optimizer sgd (preset {spec.name!r}) or another engine")
+    # an asynchronous server's arrival order: the speed classes, and one worker's push and pull in units of a step
+    spec = bind_speeds(spec, config.clock.worker_speeds)
+    network = NetworkModel.from_mbps(config.clock.net_latency_ms, config.clock.net_bandwidth_mbps)
+    push_pull = network.round_time(round_cost("parameter_server", workers=1, params=objective.dim, bytes_per_param=8))
+    step_s = config.clock.compute_ms / 1e3
+    spec = bind_arrival_time(spec, push_pull / step_s if step_s > 0 else 0.0)
     return ReferenceEngine(spec, objective, seed=config.execution.seed, nan_policy=config.execution.nan_policy)
 
 
@@ -104,6 +111,7 @@ def _workload(c: RunConfig, spec: AlgorithmSpec, obj: Objective, steps: int, rc:
         }
         if logistic:
             rec["test_accuracy"] = float(obj.accuracy(center))  # type: ignore[attr-defined]
+        rec.update(engine.async_record())  # an asynchronous server's staleness statistics (none otherwise)
         return rec
 
     return Workload(total_steps=steps, eval_every=max(1, steps // 200), lr=lambda k, _t: lr_at(c, k, max(1, steps), 0.0),

@@ -97,10 +97,10 @@ class NetEmulation:
         return NetworkModel(latency_s=lat, bandwidth_Bps=bw if math.isfinite(bw) else 1e300)
 
     def delay(self, cost: RoundCost) -> float:
-        """Seconds to add for one operation of ``cost``."""
+        """Seconds to add for one operation of ``cost``: its transfer (the codec time is really spent)."""
         if not self.enabled:
             return 0.0
-        return self.model.round_time(cost)
+        return self.model.transfer_time(cost)
 
 
 @dataclass

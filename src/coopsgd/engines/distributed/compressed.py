@@ -21,6 +21,24 @@ iterates equal the simulator's (float64: to 1e-10, ``tests/integration/test_comp
     its worker by γ (Σ_j S[j, r] x̂_j − x̂_r). With ``none`` the round is the uncompressed one (γ = 1: D-PSGD's
     own; else x ← x + γ (X S − x)).
 
+``elastic`` (EASGD, generalized elastic averaging; :func:`~coopsgd.algorithms.communication.elastic_of`)
+    every rank holds every auxiliary node, so each computes every centre's reply ρ_c = Q(z_c − ẑ_c) itself
+    (the same bits everywhere: nothing travels for it) and keeps the copies ẑ; every worker another node reads
+    sends Q(x_i − ẑ_{c(i)} + e_i) (error feedback on its rank); then each rank sets its changed rows to
+    S[j, j] x_j + Σ_{i≠j} S[i, j] v_i. Hierarchical averaging: the engine places its group centres on their
+    groups' ranks, so each reply is encoded by its centre's host (which holds z_c) and broadcast; every rank
+    keeps every copy ẑ and updates the rows it holds.
+``leader`` (LSGD)
+    the slots (each leader's copy) are on every rank: each leader's rank encodes Q(x_L − s) and broadcasts the
+    packed payload (one broadcast per slot); every rank adds them to its slots and pulls its worker toward
+    them. Between refreshes nothing is sent.
+``pushes`` (DOWNPOUR with ``downpour_order="schedule"``)
+    each worker pushes once a round, and its push Q(x_i − b_i + e_i) depends on its own row and copy b_i only:
+    every rank encodes its push at once, one all-gather moves them, and every rank (each holds z and every
+    b_i) replays them in the schedule's order with the replies Q(z − b_i), exactly the simulator's sequence.
+    The real asynchronous order (``downpour_order="async"``, a parameter server on rank 0 applying pushes as
+    they arrive) sends dense rows and is refused with a compressor.
+
 The wire. A node's payload (:attr:`coopsgd.compression.Payload.parts`: int8 / fp16 / bf16 values, top-k
 values and indices, sign bits and scale, qsgd levels and norm, PowerSGD's factors; ``randk`` sends its
 values only, every receiver draws the indices from (seed, c, sender)) is packed into one uint8 buffer of
@@ -44,11 +62,14 @@ charge a compressed round exactly what the simulator's clock charges
 put on the wire: (m − 1) p for an all-gather, p (m − 1)/m per broadcast, p per neighbour. They agree with
 the model for an averaging round's all-gather (every compressor's, ``fp16`` and ``bf16`` included: the model
 charges the all-gather that is performed); the model's neighbour rounds count 2 · deg · p (Table 3: sent and
-received).
+received). Elastic rounds and pushes put (m − 1) p per rank on the wire (the all-gather of the uploads or
+pushes; the replies of the replicated centre or server are computed where they are used), where the model
+charges the busiest node of a centre that is one node (2m payloads through EASGD's centre or DOWNPOUR's
+server: :func:`~coopsgd.algorithms.communication.elastic_round_cost`, :func:`~coopsgd.algorithms.communication.push_round_cost`).
 
 State per rank (its checkpoint's ``compression`` entry, restored by the NaN-skip rollback): the residuals
-of the rows it encodes (its worker, the auxiliaries), its public copies x̂, PowerSGD's warm-start factors,
-the x_ref rows and the round count.
+of the rows it encodes (its worker, the auxiliaries), its public copies x̂, the centres' copies ẑ (``centres``,
+absent before the first elastic round), PowerSGD's warm-start factors, the x_ref rows and the round count.
 """
 
 from __future__ import annotations
@@ -63,11 +84,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coopsgd.algorithms.communication import REDUCIBLE, Compression, exchange_of, round_kinds
+from coopsgd.algorithms.communication import (
+    REDUCIBLE,
+    Compression,
+    ElasticExchange,
+    LeaderRound,
+    elastic_round_cost,
+    exchange_of,
+    push_round_cost,
+    round_kinds,
+)
 from coopsgd.algorithms.schedules import MatchaSchedule, Schedule
 from coopsgd.algorithms.spec import AlgorithmSpec
 from coopsgd.compression import Compressor, Payload
-from coopsgd.engines.compressed import round_exchange
+from coopsgd.engines.compressed import elastic_exchange, leader_round, push_order, round_exchange
+from coopsgd.engines.distributed.collectives import aux_placement
 from coopsgd.engines.mixing import Round, RoundKind, RoundPlan
 from coopsgd.engines.simulator.clock import SimClock, round_senders
 from coopsgd.errors import ConfigError
@@ -81,27 +112,35 @@ TRANSPORT_METHODS = ("gather_bytes", "broadcast_bytes", "exchange_bytes", "charg
 #: Steps of a schedule whose finite set of matrices is looked up (its gossip graph).
 _SAMPLE_STEPS = 4096
 
-_ELASTIC = ("easgd", "generalized_elastic", "hierarchical", "lsgd", "downpour")
+#: The round kinds the distributed engine compresses (:func:`~coopsgd.algorithms.communication.round_kinds`).
+_KINDS = {"identity", "average", "gossip", "elastic", "pushes"}
 
 
-def _refuse_rounds(spec: AlgorithmSpec, comp: Compression) -> ConfigError:
-    return ConfigError.invalid(
-        "compress", comp.compress, f"preset {spec.name!r} has rounds that are neither averages nor gossip among the "
-        f"workers (an auxiliary node: {', '.join(_ELASTIC)}); the distributed engine does not compress such "
-        "rounds: run them on the simulator or the reference engine (engine 'simulate' or 'reference')")
-
-
-def check_distributed_compression(spec: AlgorithmSpec) -> None:
+def check_distributed_compression(spec: AlgorithmSpec, *, asynchronous: bool = False) -> None:
     """Refuse (``ConfigError`` naming ``compress``) a compressed spec whose rounds the distributed engine cannot
-    send compressed: anything but averaging and gossip rounds (elastic rounds with an auxiliary node, LSGD's
-    election, DOWNPOUR's pushes)."""
+    send compressed: DOWNPOUR's pushes in the real asynchronous order
+    (``asynchronous``: ``downpour_order="async"``), auxiliaries placed on subsets of ranks with rounds other
+    than elastic ones, and rounds of no compressible kind."""
     comp = spec.compressed
     if comp is None or not comp.compresses:
         return  # none with gamma != 1: only gossip rounds change, and every round can take that
-    if spec.schedule.sequential or spec.schedule.needs_losses:
-        raise _refuse_rounds(spec, comp)
-    if not round_kinds(copy.deepcopy(spec.schedule), spec.workers) <= {"identity", "average", "gossip"}:
-        raise _refuse_rounds(spec, comp)
+    if spec.schedule.needs_losses:
+        return  # LSGD: its slots are on every rank (its rounds need losses: no placement), the leaders broadcast
+    if spec.schedule.sequential and asynchronous:
+        raise ConfigError.invalid(
+            "compress", comp.compress, "compressed pushes run in the schedule's order (downpour_order='schedule'); "
+            "the asynchronous parameter server (downpour_order='async') sends dense rows")
+    kinds = round_kinds(copy.deepcopy(spec.schedule), spec.workers)
+    placed = spec.outer is None and aux_placement(spec) is not None  # (an outer step's z: on every rank)
+    if placed and not kinds <= {"identity", "elastic"}:
+        raise ConfigError.invalid(
+            "compress", comp.compress, f"preset {spec.name!r} keeps auxiliaries on subsets of ranks and has rounds "
+            "other than elastic ones: compressed rounds with placed auxiliaries are elastic rounds only on the "
+            "distributed engine; run it on the simulator or the reference engine")
+    if not kinds <= _KINDS:
+        raise ConfigError.invalid(
+            "compress", comp.compress, f"preset {spec.name!r} has rounds that are neither averages, gossip among the "
+            "workers, elastic rounds nor sequential pushes: use compress=none")
 
 
 def gossip_graph(schedule: Schedule, workers: int) -> np.ndarray | None:
@@ -167,7 +206,9 @@ def _unpack(buf: Tensor, fmt: Sequence[_Part]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     at = 0
     for p in fmt:
-        raw = buf[:, at : at + p.nbytes].contiguous()
+        raw = buf[:, at : at + p.nbytes]
+        if raw.storage_offset() or not raw.is_contiguous():  # a fresh buffer: viewable as any dtype (one row too)
+            raw = raw.clone(memory_format=torch.contiguous_format)
         out[p.name] = raw.reshape(-1).view(p.dtype).reshape((R, *p.shape))
         at += p.nbytes
     return out
@@ -196,9 +237,8 @@ class CompressedMixer:
         if missing:
             raise ConfigError.invalid("communicator", type(comm).__name__, "compressed rounds need a communicator "
                                       f"that moves packed payloads (missing: {', '.join(missing)})")
-        if getattr(comm, "placed", False):
-            raise ConfigError.invalid("compress", compression.compress, "compressed rounds with auxiliaries held by "
-                                      "subsets of ranks (placed auxiliaries) are not implemented")
+        #: auxiliaries held by subsets of ranks (hierarchical averaging's group centres): elastic rounds only
+        self.placed = bool(getattr(comm, "placed", False))
         self.comm = comm
         self.compression = compression
         self.compressor: Compressor = compression.compressor(layout)
@@ -236,6 +276,7 @@ class CompressedMixer:
         self.residual: Tensor | None = None  # (1 + v, width): the rows this rank encodes in averaging rounds
         self.copies: Tensor | None = None  # (len(copy_nodes), width): the public copies x_hat this rank keeps
         self.factors: tuple[Tensor, ...] | None = None  # PowerSGD: one (1 + v, m_t, R) per compressed matrix
+        self.centres: Tensor | None = None  # (v, width): elastic rounds' public copies z_hat of the auxiliaries
         self.calls = 0  # compressed rounds so far (keys the draws)
 
     # -- the Communicator protocol ---------------------------------------------------------------------
@@ -255,16 +296,29 @@ class CompressedMixer:
         if kind == "identity":
             return
         self.comm.finalize()
+        if self.compresses and (lead := leader_round(rnd, self.m)) is not None:
+            if lead.refresh:
+                self._leader(rows, lead)
+            else:  # the pull toward the slot every rank holds: nothing is sent
+                self.comm.communicate(rows, rnd, overlap=overlap)
+            return
         if kind == "gossip":
             self._gossip(rows, rnd, overlap)
         elif not self.compresses:  # none (gamma != 1 changes gossip rounds only): the uncompressed round
             self.comm.communicate(rows, rnd, overlap=overlap)
+        elif self.placed and (kind == "average" or push_order(rnd, self.m) is not None):
+            raise ConfigError.invalid("compress", self.compression.compress, "with auxiliaries held by subsets of "
+                                      "ranks only elastic rounds are compressed on the distributed engine")
         elif kind == "average":
             self._average(rows, rnd)
+        elif (order := push_order(rnd, self.m)) is not None:
+            self._pushes(rows, order)
+        elif (ex := elastic_exchange(rnd, self.m)) is not None:
+            self._elastic(rows, rnd, ex)
         else:  # never a silent uncompressed round
             raise ConfigError.invalid("compress", self.compression.compress, f"a round of kind {rnd.kind.value} that "
-                                      "is neither an average nor gossip among the workers cannot be compressed on the "
-                                      "distributed engine")
+                                      "is neither an average, gossip among the workers, an elastic round nor pushes "
+                                      "cannot be compressed on the distributed engine")
 
     def settle(self, rows: Tensor, rnd: Round) -> None:
         """After an outer step moved the workers to z: z is what the round's participants agree on (x_ref)."""
@@ -288,7 +342,8 @@ class CompressedMixer:
             pattern = mix.pattern
             matrix = None if mix.structure is not None and pattern != "neighbor" else mix.matrix
         return self.clock.round_costs(pattern, matrix, payload_bytes=self.row_bytes, reducible=self.reducible,
-                                      senders=None if mix is None else round_senders(mix, self.m))
+                                      senders=None if mix is None else round_senders(mix, self.m),
+                                      compressor=self.compressor.name)
 
     def _encode(self, V: Tensor, nodes: list[int], local: list[int]) -> Payload:
         """Compress rows ``V`` of the nodes ``nodes`` (this rank's rows ``local``), PowerSGD's warm starts kept."""
@@ -445,6 +500,176 @@ class CompressedMixer:
             rows[0].add_(y.sub_(me), alpha=self.gamma)
         self.calls += 1
 
+    # -- elastic rounds (EASGD, generalized elastic, hierarchical) --------------------------------------------
+    def _transport(self, mine: Tensor | None, senders: list[int], device: torch.device) -> tuple[Tensor, float, str]:
+        """Every sender's packed payload on every rank, (len(senders), N) in the order of ``senders``: one
+        all-gather when every worker sends, else one broadcast per sender; the bytes this rank sent."""
+        r, m = self.rank, self.m
+        if senders == list(range(m)):
+            assert mine is not None
+            return self.comm.gather_bytes(mine), float(self.row_bytes * (m - 1)), "compressed_all_gather"
+        bufs = []
+        for j in senders:
+            buf = mine.clone() if j == r and mine is not None else torch.empty(self.row_bytes, dtype=torch.uint8,
+                                                                              device=device)
+            self.comm.broadcast_bytes(buf, j)
+            bufs.append(buf)
+        out = torch.stack(bufs) if bufs else torch.empty((0, self.row_bytes), dtype=torch.uint8, device=device)
+        return out, float(self.row_bytes * (m - 1) / m) if r in senders else 0.0, "compressed_broadcast"
+
+    def _elastic(self, rows: Tensor, rnd: Round, ex: ElasticExchange) -> None:
+        """The simulator's elastic round node by node. Every rank holds every auxiliary, so each computes the
+        replies Q(z_c − ẑ_c) itself (nothing travels for them, as for the auxiliary sources of an average);
+        the uploads Q(x_i − ẑ_{c(i)} + e_i) of the workers another node reads travel (one all-gather, or a
+        broadcast per sender); then every changed row j of this rank is S[j, j] x_j + Σ_{i≠j} S[i, j] v_i."""
+        m, r, dev = self.m, self.rank, rows.device
+        if self.centres is None:  # what every node holds of the auxiliaries at the first elastic round
+            self.centres = rows[1:].clone()
+        C = self.centres
+        v: dict[int, Tensor] = {}
+        rep = [int(c) for c in ex.replies]
+        at = torch.as_tensor([c - m for c in rep], dtype=torch.int64, device=dev)
+        t0 = time.perf_counter()
+        sent, what = 0.0, "compressed_elastic"
+        if not self.placed:  # every rank holds every centre: each computes the replies itself
+            q = self.compressor.decompress(self._encode(rows[1:].index_select(0, at).sub_(C.index_select(0, at)),
+                                                        rep, [1 + c - m for c in rep]))
+        else:  # placed centres: each reply is encoded by its host (which holds it) and broadcast to every rank
+            q = self._placed_replies(rows, rep, dev)
+            sent = float(sum(self.row_bytes * (m - 1) / m for c in rep if self.comm.host(c - m) == r))
+            what = "compressed_broadcast"
+        if self.gossip_scale != 1.0:
+            q.mul_(self.gossip_scale)
+        C.index_add_(0, at, q)
+        self.calls += 1
+        for c in rep:
+            v[c] = C[c - m]
+        if ex.uploads.size:
+            ups, centres = [int(i) for i in ex.uploads], [int(c) for c in ex.centres]
+            mine, c_r = None, None
+            if r in ups:
+                c_r = torch.sub(rows[0:1], C[centres[ups.index(r)] - m])
+                if self.feedback:
+                    if self.residual is None:
+                        self.residual = rows.new_zeros((1 + self.v, self.width))
+                    c_r.add_(self.residual[0:1])
+                mine = _pack(self._encode(c_r, [r], [0]).parts, 0)
+            gathered, up_sent, what = self._transport(mine, ups, dev)
+            sent += up_sent
+            decoded = self._decode(gathered.to(dev), ups)
+            if c_r is not None and self.feedback:
+                assert self.residual is not None
+                k = ups.index(r)
+                torch.sub(c_r, decoded[k : k + 1], out=self.residual[0:1])
+            for k, (i, c) in enumerate(zip(ups, centres, strict=True)):
+                v[i] = C[c - m] + decoded[k]
+            self.calls += 1
+        cost = elastic_round_cost(ex, bytes_per_param=self.clock.bytes_per_param, payload_bytes=self.row_bytes,
+                                  codec=self.clock.codec_time(self.compressor.name))
+        self.comm.charge(what, t0, [cost], sent)
+        S = rnd.matrix
+        changed = {int(j) for j in ex.changed}
+        new: list[tuple[int, Tensor]] = []
+        for li, j in enumerate(self.nodes):
+            if j not in changed or (self.placed and j >= m and not self.comm.holds(j - m)):
+                continue  # (an auxiliary this rank does not hold: another rank keeps it current)
+            y = rows[li] * float(S[j, j])
+            for i in (int(i) for i in np.flatnonzero(S[:, j])):
+                if i != j:
+                    y.add_(v[i], alpha=float(S[i, j]))
+            new.append((li, y))
+        for li, y in new:
+            rows[li].copy_(y)
+
+    def _placed_replies(self, rows: Tensor, rep: list[int], dev: torch.device) -> Tensor:
+        """The replies Q(z_c − ẑ_c) of centres held by subsets of ranks, (len(rep), width) on every rank: the host
+        of each encodes it from its current z_c, and one broadcast per reply carries the packed payload."""
+        m, r = self.m, self.rank
+        bufs = []
+        for c in rep:
+            host = int(self.comm.host(c - m))
+            if host == r:
+                assert self.centres is not None
+                diff = rows[1 + c - m : 2 + c - m] - self.centres[c - m : c - m + 1]
+                buf = _pack(self._encode(diff, [c], [1 + c - m]).parts, 0)
+            else:  # (PowerSGD's warm start of c is the host's alone: only the host encodes c's replies)
+                buf = torch.empty(self.row_bytes, dtype=torch.uint8, device=dev)
+            self.comm.broadcast_bytes(buf, host)
+            bufs.append(buf)
+        return self._decode(torch.stack(bufs), rep) if bufs else rows.new_zeros((0, self.width))
+
+    # -- LSGD's leader refresh -------------------------------------------------------------------------------
+    def _leader(self, rows: Tensor, lead: LeaderRound) -> None:
+        """The simulator's refresh: for each slot s (every rank holds every slot), its leader's rank encodes
+        Q(x_L − s) (keyed by the slot's row) and broadcasts the packed payload; every rank adds each to its slot
+        and pulls its worker: x_r ← P[r, r] x_r + Σ_s P[s, r] s."""
+        m, r, dev = self.m, self.rank, rows.device
+        t0 = time.perf_counter()
+        bufs, sent = [], 0.0
+        for s, L in zip(lead.slots, lead.leaders, strict=True):
+            sent += float(self.row_bytes * (m - 1) / m)  # a tree broadcast, on average per rank (as Mixer.broadcast)
+            if r == L:
+                buf = _pack(self._encode(rows[0:1] - rows[1 + s - m : 2 + s - m], [s], [1 + s - m]).parts, 0)
+            else:
+                buf = torch.empty(self.row_bytes, dtype=torch.uint8, device=dev)
+            self.comm.broadcast_bytes(buf, L)
+            bufs.append(buf)
+        cost = self.clock.round_costs("broadcast", None, payload_bytes=self.row_bytes, reducible=False,
+                                      compressor=self.compressor.name)[1:]  # (the losses' all-gather: charged there)
+        self.comm.charge("compressed_broadcast", t0, cost, sent)
+        q = self._decode(torch.stack(bufs), list(lead.slots))
+        if self.gossip_scale != 1.0:
+            q.mul_(self.gossip_scale)
+        at = torch.as_tensor([1 + s - m for s in lead.slots], dtype=torch.int64, device=dev)
+        rows.index_add_(0, at, q)
+        self.calls += 1
+        y = rows[0:1] * float(lead.keep[r])
+        for k in range(len(lead.slots)):
+            if lead.pull[k, r] != 0.0:
+                y.add_(rows[int(at[k]) : int(at[k]) + 1], alpha=float(lead.pull[k, r]))
+        rows[0:1].copy_(y)
+
+    # -- DOWNPOUR's pushes, in the schedule's order ----------------------------------------------------------
+    def _pushes(self, rows: Tensor, order: list[int]) -> None:
+        """The simulator's round of pushes: worker i's push u_i = Q(x_i − b_i + e_i) depends on its own row and
+        copy b_i only (each worker pushes once a round), so every rank encodes its push at once and one
+        all-gather moves them; every rank (each holds z and every b_i) then replays the pushes in the order:
+        z ← z + u_i, the reply Q(z − b_i) computed by every rank alike, b_i ← b_i + reply, and worker i's rank
+        sets x_i ← b_i. The draws are keyed as the simulator's: push j of the order at call c + 2j, its reply
+        at c + 2j + 1, by the row (i, and m + 1 + i for the reply)."""
+        m, r, dev = self.m, self.rank, rows.device
+        base = self.calls
+        b_r = 2 + r  # this rank's row of b_r (node m + 1 + r)
+        c_r = torch.sub(rows[0:1], rows[b_r : b_r + 1])
+        if self.feedback:
+            if self.residual is None:
+                self.residual = rows.new_zeros((1 + self.v, self.width))
+            c_r.add_(self.residual[0:1])
+        self.calls = base + 2 * order.index(r)
+        mine = _pack(self._encode(c_r, [r], [0]).parts, 0)
+        t0 = time.perf_counter()
+        gathered, sent, what = self._transport(mine, list(range(m)), dev)
+        cost = push_round_cost(m, bytes_per_param=self.clock.bytes_per_param, payload_bytes=self.row_bytes,
+                               codec=self.clock.codec_time(self.compressor.name))
+        self.comm.charge(what.replace("all_gather", "pushes"), t0, [cost], sent)
+        z = rows[1:2]
+        for j, i in enumerate(order):
+            self.calls = base + 2 * j
+            u = self._decode(gathered[i : i + 1].to(dev), [i])
+            if i == r and self.feedback:
+                assert self.residual is not None
+                torch.sub(c_r, u, out=self.residual[0:1])
+            z.add_(u)
+            b = 2 + i
+            self.calls += 1
+            reply = self.compressor.decompress(self._encode(z - rows[b : b + 1], [m + 1 + i], [b]))
+            if self.gossip_scale != 1.0:
+                reply.mul_(self.gossip_scale)
+            rows[b : b + 1].add_(reply)
+            if i == r:
+                rows[0:1].copy_(rows[b : b + 1])
+        self.calls = base + 2 * m
+
     # -- checkpoints and rollbacks ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's compressed-round state (CPU copies; loadable with ``torch.load(weights_only=True)``)."""
@@ -459,6 +684,7 @@ class CompressedMixer:
             "refs": [cpu(self.refs[k]) for k in keys],
             "residual": cpu(self.residual), "copies": cpu(self.copies),
             "factors": None if self.factors is None else [cpu(f) for f in self.factors],
+            "centres": cpu(self.centres),
         }
 
     def load_state_dict(self, state: dict[str, Any], prefix: str = "checkpoint.ranks.compression") -> None:
@@ -470,7 +696,7 @@ class CompressedMixer:
         for name, mine in (("nodes", list(self.nodes)), ("copy_nodes", list(self.copy_nodes))):
             if [int(i) for i in state.get(name, [])] != mine:
                 raise ConfigError.invalid(f"{prefix}.{name}", state.get(name), f"this rank holds {mine}")
-        for name, rows in (("residual", 1 + self.v), ("copies", len(self.copy_nodes))):
+        for name, rows in (("residual", 1 + self.v), ("copies", len(self.copy_nodes)), ("centres", self.v)):
             t = state.get(name)
             if t is not None and tuple(t.shape) != (rows, self.width):
                 raise ConfigError.invalid(f"{prefix}.{name}", tuple(t.shape), f"expected {(rows, self.width)}")
@@ -486,19 +712,20 @@ class CompressedMixer:
                      for k, t in zip(state["ref_targets"], (dev(t) for t in state["refs"]), strict=True)
                      if t is not None}
         self.residual, self.copies = dev(state.get("residual")), dev(state.get("copies"))
+        self.centres = dev(state.get("centres"))  # absent before the first elastic round (and in older checkpoints)
         f = state.get("factors")
         self.factors = None if f is None else tuple(t.to(self.device, self.dtype).clone() for t in f)
 
     def snapshot(self) -> dict[str, Any]:
         """The state for a rollback (copies on the rows' device)."""
         return _copied({"calls": self.calls, "refs": self.refs, "residual": self.residual, "copies": self.copies,
-                        "factors": self.factors})
+                        "factors": self.factors, "centres": self.centres})
 
     def restore(self, snap: dict[str, Any]) -> None:
         """Restore a :meth:`snapshot` (the snapshot stays usable for a later rollback)."""
         s = _copied(snap)
-        self.calls, self.refs, self.residual, self.copies, self.factors = (
-            s["calls"], s["refs"], s["residual"], s["copies"], s["factors"])
+        self.calls, self.refs, self.residual, self.copies, self.factors, self.centres = (
+            s["calls"], s["refs"], s["residual"], s["copies"], s["factors"], s["centres"])
 
 
 def _copied(state: dict[str, Any]) -> dict[str, Any]:
@@ -508,7 +735,7 @@ def _copied(state: dict[str, Any]) -> dict[str, Any]:
     f = state["factors"]
     return {"calls": state["calls"], "refs": {k: v.clone() for k, v in state["refs"].items()},
             "residual": c(state["residual"]), "copies": c(state["copies"]),
-            "factors": None if f is None else tuple(t.clone() for t in f)}
+            "factors": None if f is None else tuple(t.clone() for t in f), "centres": c(state["centres"])}
 
 
 def average_start(rows: Tensor, per_worker: bool, all_reduce: Any, workers: int) -> Tensor:

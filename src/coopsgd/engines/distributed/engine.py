@@ -33,16 +33,21 @@ emulated exactly by one all_gather per round and applied in that order on every 
 equal to the simulator), or runs a real asynchronous parameter server (``downpour_order="async"``,
 :mod:`coopsgd.engines.distributed.parameter_server`: z only on rank 0, pushes applied in arrival order, no barrier
 between workers -- the default of ``coopsgd run --engine distributed``, whose ``downpour_order="clock"``
-means "the order in which pushes arrive"). Non-blocking EASGD is truly asynchronous (``async_op=True``, waited at the next
+means "the order in which pushes arrive"). The asynchronous presets (FedBuff, asynchronous local SGD:
+``spec.asynchronous``) always run on that server, with their rule (buffer, staleness weights, delayed Nesterov:
+:meth:`coopsgd.engines.asynchronous.AsyncServer.on_push`) in place of DOWNPOUR's sum; each rank pushes after its
+own H local steps. Non-blocking EASGD is truly asynchronous (``async_op=True``, waited at the next
 round). NaN/Inf in a worker's loss or gradient stops that rank with an error naming it; a NaN that
 reaches other workers through mixing is detected by them right after the communication round.
 
-A spec with compression (``spec.compressed``, SPEC §11) sends its averaging and gossip rounds through
+A spec with compression (``spec.compressed``, SPEC §11) sends its rounds through
 :class:`~coopsgd.engines.distributed.compressed.CompressedMixer`: the compressor's packed payload is what goes
 on the wire (all-gather, the sampled clients' broadcasts, or point-to-point to the neighbours for CHOCO),
 the iterates and the bytes charged equal the simulator's, and its per-rank state (residuals, public copies,
 x_ref, PowerSGD's factors, the round count) is in the rank checkpoint (``"compression"``) and the NaN-skip
-rollback. Elastic rounds with a compressor are refused (:func:`~coopsgd.engines.distributed.compressed.check_distributed_compression`).
+rollback. Elastic rounds, LSGD's leader refresh and DOWNPOUR's pushes (``downpour_order="schedule"``) are
+compressed too; asynchronous pushes are refused
+(:func:`~coopsgd.engines.distributed.compressed.check_distributed_compression`).
 
 The engine implements :class:`coopsgd.engines.base.Engine`; the update itself is the shared round kernel
 (:class:`coopsgd.engines.kernel.RoundKernel`) with the collectives of :class:`coopsgd.engines.distributed.communicator.Mixer` as
@@ -59,6 +64,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -70,6 +76,7 @@ from torch import Tensor, nn
 from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.asynchronous import AsyncServer
 from coopsgd.engines.base import (
     DroppedRound,
     NonFiniteError,
@@ -121,8 +128,14 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
     """The engine's own arguments checked against the process group: (this rank, whether DOWNPOUR is asynchronous)."""
     if not isinstance(spec, AlgorithmSpec):
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
-    check_distributed_compression(spec)  # elastic rounds: refused, never a silent uncompressed run
+    # asynchronous pushes: refused, never a silent uncompressed run
+    check_distributed_compression(spec, asynchronous=downpour_order == "async")
     check_distributed_fragments(spec)  # compressed fragment rounds: refused likewise
+    server = spec.asynchronous is not None  # FedBuff, asynchronous local SGD: the real parameter server's order
+    if server and getattr(spec.schedule, "concurrency", spec.workers) != spec.workers:
+        raise ConfigError.invalid("concurrency", getattr(spec.schedule, "concurrency", None), "the distributed "
+                                  f"engine runs one rank per client, every one training: concurrency = workers = "
+                                  f"{spec.workers}")
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -130,8 +143,8 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
         raise ConfigError.invalid("workers", spec.workers, f"must equal the world size ({world}): one rank per worker")
     if downpour_order not in _DOWNPOUR_ORDERS:
         raise ConfigError.invalid("downpour_order", downpour_order, f"choose one of {', '.join(_DOWNPOUR_ORDERS)}")
-    asynchronous = downpour_order == "async"
-    if asynchronous and not spec.schedule.sequential:
+    asynchronous = downpour_order == "async" or server
+    if asynchronous and not server and not spec.schedule.sequential:
         raise ConfigError.invalid("downpour_order", downpour_order, "'async' needs a schedule whose rounds are "
                                   "sequential pushes to a server (DOWNPOUR)")
     if asynchronous and torch.device(device).type != "cpu":
@@ -139,7 +152,7 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
                                   "CPU tensors with gloo; use downpour_order='schedule' on GPUs")
     if asynchronous and nan_policy == "skip":
         raise ConfigError.invalid("nan_policy", nan_policy, "'skip' cannot roll back an asynchronous parameter "
-                                                            "server; use 'stop' or downpour_order='schedule'")
+                                  "server; use 'stop'" + ("" if server else " or downpour_order='schedule'"))
     if fault is not None and not callable(fault):
         raise ConfigError.invalid("fault", fault, "must be callable as fault(rank, step)")
     return rank, asynchronous
@@ -197,6 +210,8 @@ class DistributedEngine(RankViews):
         **optimizer_options: Any,
     ) -> None:
         self.rank, self.asynchronous = _check_options(spec, device, downpour_order, nan_policy, fault)
+        if spec.asynchronous is not None:  # every rank trains at its own pace; pushes in the server's real order
+            spec = replace(spec, schedule=spec.schedule.free())  # type: ignore[attr-defined]
         # rows: this worker, then the auxiliaries (none here with an asynchronous server: z lives in it)
         super().__init__(spec, model, workers_held=[self.rank], aux_rows=0 if self.asynchronous else spec.auxiliaries,
                          loss_fn=loss_fn, dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
@@ -226,7 +241,11 @@ class DistributedEngine(RankViews):
         comm = self.mixer if self._compressed is None else self._compressed
         self._kernel = RoundKernel(spec, self.opts, b, d, 1, comm, outer=self.outer, worker_ids=(self.rank,),
                                    param_sizes=tuple(math.prod(s) for s in self.layout.param_shapes))
+        self._server_rule: AsyncServer | None = None
         self._ps = self._start_parameter_server(net) if self.asynchronous else None
+        #: local steps between pushes: tau, or an asynchronous server's H_i of this worker
+        self._push_every = spec.tau if spec.asynchronous is None else \
+            int(spec.schedule.local_steps[self.rank])  # type: ignore[attr-defined]
 
         # -- estimates and timing ------------------------------------------------------------------------
         self._hist = np.full(self.window, np.nan)
@@ -273,7 +292,11 @@ class DistributedEngine(RankViews):
         self._aux_fill = self._state[0].clone()  # an auxiliary's columns that are not mixed: initial values
         if self.opts.fields:
             self._aux_fill[self.b + self.d :] = 0.0
-        return AsyncParameterServer(self._state[0, lo:hi].clone(), host=0, net=net, heartbeat=self.heartbeat)
+        agg = self.spec.asynchronous
+        self._server_rule = None if agg is None else AsyncServer(
+            agg, torch.zeros((self.m, 0), dtype=self.dtype), lambda: torch.zeros(hi - lo, dtype=self.dtype))
+        return AsyncParameterServer(self._state[0, lo:hi].clone(), host=0, net=net, heartbeat=self.heartbeat,
+                                    rule=None if self._server_rule is None else self._server_rule.on_push)
 
     # ------------------------------------------------------------------------------------------------
     # construction helpers and views
@@ -380,7 +403,7 @@ class DistributedEngine(RankViews):
             self.heartbeat(k, "comm")
             arrived = time.time()
             losses = self.mixer.gather_floats(est)[:, 0]
-        ps_round = self.asynchronous and (k + 1) % spec.tau == 0
+        ps_round = self.asynchronous and (k + 1) % self._push_every == 0
         mix = None
         if not self.asynchronous:
             mix, self.schedule_state = sched.advance(k, MixContext(step=k, lr=lr, losses=losses), self.schedule_state)
@@ -503,6 +526,13 @@ class DistributedEngine(RankViews):
             raise NonFiniteError(f"non-finite model on worker {self.rank} after its pull at step {k}: "
                                  f"the server model diverged")
 
+    def async_record(self) -> dict[str, Any]:
+        """An asynchronous server's staleness statistics, on the rank hosting it (empty elsewhere and for every
+        other algorithm)."""
+        if self._server_rule is None or self._ps is None or self.rank != self._ps.host:
+            return {}
+        return dict(self._ps.locked(self._server_rule.stats))
+
     def close(self) -> None:
         """End of a run (every rank): completes a pending round and, with ``downpour_order="async"``, ends
         the parameter server (rank 0 waits for every worker's last push). Views still work afterwards."""
@@ -580,7 +610,8 @@ class DistributedEngine(RankViews):
                      "emulated_s": float(st.emulated_s), "peak_bytes": float(self.peak_bytes)},
             "parameter_server": None if self._ps is None else {
                 "z": self._ps.server_value() if self.rank == self._ps.host else None,
-                "pulled": self._ps.pulled.clone(), "pushes": int(self._ps.stats.pushes)},
+                "pulled": self._ps.pulled.clone(), "pushes": int(self._ps.stats.pushes),
+                **({} if self._server_rule is None else {"rule": self._ps.locked(self._server_rule.state_dict)})},
             "round_arrivals": [float(a) for a in self._round_arrivals],
             "round_durations": [float(a) for a in self._round_durations],
             "wall_s": (self._t_last - self._t_start) if self._t_start is not None else self._resumed_wall,
@@ -626,6 +657,9 @@ class DistributedEngine(RankViews):
             saved_ps = state["parameter_server"]
             self._ps.load_state(saved_ps["z"], saved_ps["pulled"])
             self._ps.stats.pushes = int(saved_ps["pushes"])
+            if self._server_rule is not None:
+                rule, saved_rule = self._server_rule, saved_ps.get("rule")
+                self._ps.locked(lambda: rule.load_state_dict(saved_rule, "checkpoint.ranks.parameter_server.rule"))
         self._bad = None
         if self.nan_policy == "skip":  # the checkpoint was taken after a health check (finish())
             self._snapshot(self.step_count)

@@ -132,6 +132,11 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+def _add(z: Tensor, push: Tensor, rank: int) -> None:
+    """DOWNPOUR's server rule: ``z += push``."""
+    z.add_(push)
+
+
 def _world_timeout_s() -> float:
     """The default group's timeout in seconds (private torch API; 30 minutes if it cannot be read)."""
     try:
@@ -157,6 +162,10 @@ class AsyncParameterServer:
         heartbeat: ``heartbeat(step, phase)`` callback (the rank's :class:`~coopsgd.engines.distributed.launch.Heartbeat`,
             injected by whoever runs the rank; default: none);
             called with ``"comm"`` while waiting for the server and ``"compute"`` after.
+        rule: how a push changes z on the host: ``rule(z, push, rank)`` changes ``z`` in place from the push
+            ``row - b`` of ``rank`` (called under the server's lock, in arrival order; it must not keep ``push``).
+            Default: DOWNPOUR's ``z += push``. An asynchronous server's buffer and staleness weights
+            (:meth:`coopsgd.engines.asynchronous.AsyncServer.on_push`) come in this way.
 
     Construction is collective (it creates a process group and runs three small collectives on it): every
     rank must build its server at the same point of the program, in the same order as its other groups.
@@ -173,6 +182,7 @@ class AsyncParameterServer:
         timeout_s: float | None = None,
         net: NetEmulation | None = None,
         heartbeat: Callable[[int, str], None] | None = None,
+        rule: Callable[[Tensor, Tensor, int], None] | None = None,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
@@ -188,6 +198,7 @@ class AsyncParameterServer:
             "timeout_s", timeout_s, low=0.0, low_open=True)
         self.net = net or NetEmulation()
         self.heartbeat = heartbeat or no_heartbeat
+        self._rule = rule or _add
         self.width = int(row.numel())
         self.dtype = row.dtype
         self._itemsize = row.element_size()
@@ -292,7 +303,7 @@ class AsyncParameterServer:
                         self._finished.add(src)
                         self._cv.notify_all()
                         continue
-                    self._z.add_(buf[1:])
+                    self._rule(self._z, buf[1:], src)
                     n = st.pushes_by_rank[src]
                     st.pushes_by_rank[src] = n + 1
                     st.pushes += 1
@@ -318,6 +329,11 @@ class AsyncParameterServer:
                 self._server_error = err
                 self._cv.notify_all()
 
+    def locked(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` under the server's lock (reads of the server rule's state while pushes may arrive)."""
+        with self._cv:
+            return fn()
+
     def _raise_server_error(self) -> None:
         if self._server_error is not None:
             raise CommunicationError(str(self._server_error)) from self._server_error
@@ -341,7 +357,7 @@ class AsyncParameterServer:
             assert self._z is not None and self.server_stats is not None
             with self._cv:
                 self._raise_server_error()
-                self._z.add_(delta)
+                self._rule(self._z, delta, self.rank)
                 self._log.append((self.rank, n))
                 self.server_stats.pushes += 1
                 self.server_stats.pushes_by_rank[self.rank] += 1

@@ -32,6 +32,10 @@ Table 3; ``"neighbor"`` with the largest in-degree of the round's matrix; ``"bro
 refresh, priced as an all-gather of the m loss estimates (m handshakes, m floats) plus a binomial-tree
 broadcast of the d parameters; ``"local"`` (LSGD's pull toward a locally held leader copy) costs nothing
 and does not synchronise.
+
+A compressed round also costs its encoding and decoding (``RoundCost.codec_s``, :mod:`coopsgd.theory.codec`):
+the compressor's stated throughputs by default (deterministic), or measured ones (``codec``, from
+:func:`coopsgd.engines.simulator.codec.calibrate_all`). Uncompressed rounds have none: their times are unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import numpy as np
 
 from coopsgd.algorithms.communication import compressed_round_cost
 from coopsgd.errors import ConfigError, check_float
+from coopsgd.theory.codec import CodecSpeed, CodecTime, codec_time
 from coopsgd.theory.cost import ComputeModel, NetworkModel, RoundCost, round_cost, worker_speeds
 
 __all__ = ["SimClock", "ComputeTick", "FlopCompute", "DEFAULT_GFLOPS", "round_senders"]
@@ -122,10 +127,13 @@ class SimClock:
         speeds: speed classes (:func:`~coopsgd.theory.cost.worker_speeds`): the workers in ``len(speeds)``
             consecutive equal blocks, a worker of speed s taking 1/s times each step's compute time (modelled or
             counted or measured). ``None``: every worker at speed 1.
+        codec: measured encode / decode throughputs by compressor name (:func:`codec_time`); ``None``: the
+            stated ones (:data:`coopsgd.theory.codec.STATED`).
     """
 
     def __init__(self, network: NetworkModel | None = None, compute: ComputeModel | FlopCompute | None = None,
-                 seed: int = 0, speeds: Sequence[float] | None = None) -> None:
+                 seed: int = 0, speeds: Sequence[float] | None = None,
+                 codec: Mapping[str, CodecSpeed] | None = None) -> None:
         if network is not None and not isinstance(network, NetworkModel):
             raise ConfigError.invalid("network", network, "must be a coopsgd.theory.cost.NetworkModel")
         if compute is not None and not isinstance(compute, (ComputeModel, FlopCompute)):
@@ -134,6 +142,7 @@ class SimClock:
         self.network = network or NetworkModel()
         self.compute = compute
         self.seed = int(seed)
+        self.codec = dict(codec) if codec is not None else None
         self.speeds = tuple(float(v) for v in speeds) if speeds else None
         if self.speeds is not None:
             worker_speeds(self.speeds, len(self.speeds))  # each speed checked now; the count against m at bind
@@ -250,23 +259,30 @@ class SimClock:
         if tick.rng_state is not None:
             self.rng.bit_generator.state = tick.rng_state
 
+    def codec_time(self, compressor: str) -> CodecTime:
+        """Seconds of one encode and one decode of a row of the clock's d parameters by the compressor named
+        ``compressor`` (``"topk"``, ...): :func:`~coopsgd.theory.codec.codec_time` with the clock's ``codec``."""
+        return codec_time(compressor, self.params * self.bytes_per_param, self.codec)
+
     def round_costs(self, pattern: str, matrix: np.ndarray | None = None, *, payload_bytes: float | None = None,
-                    reducible: bool = False, senders: int | None = None, params: int | None = None) -> list[RoundCost]:
+                    reducible: bool = False, senders: int | None = None, compressor: str | None = None,
+                    params: int | None = None) -> list[RoundCost]:
         """The alpha-beta cost items of one round of ``pattern`` (see the module docstring).
 
         ``payload_bytes``: the round sends compressed payloads of this many bytes per node instead of the d
         parameters (``reducible``: payloads a reduction adds on the wire); priced by
-        :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11). ``senders``: the workers that
-        take part when not all m do (a sampled FedAvg round: its k clients send and receive, the others are not
-        synchronised). ``params``: the round sends this many parameters instead of all of them (a Streaming DiLoCo
-        fragment)."""
+        :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11), with the codec time of
+        ``compressor`` (its name; ``None``: none charged). ``senders``: the workers that take part when not all
+        m do (a sampled FedAvg round: its k clients send and receive, the others are not synchronised).
+        ``params``: the round sends this many parameters instead of all of them (a Streaming DiLoCo fragment)."""
         m = self.workers if senders is None else int(senders)
         d, bpp = self.params if params is None else int(params), self.bytes_per_param
         if pattern == "local":
             return []
         if payload_bytes is not None:
+            codec = None if compressor is None else self.codec_time(compressor)
             return [compressed_round_cost(c, workers=m, params=d, bytes_per_param=bpp, payload_bytes=payload_bytes,
-                                          reducible=reducible)
+                                          reducible=reducible, codec=codec)
                     for c in self.round_costs(pattern, matrix, senders=senders, params=d)]
         if pattern == "broadcast":
             gather = RoundCost("allgather", m if m > 1 else 0, float(m), float(m) * bpp)
@@ -315,6 +331,29 @@ class SimClock:
             late = np.maximum(self.pending_until - self.t, 0.0)
             self.waited += late
             self.t += late
+
+    def arrival_costs(self) -> list[RoundCost]:
+        """The cost of one asynchronous arrival: a parameter server's push and pull for one worker (1 handshake,
+        2d floats)."""
+        return [round_cost("parameter_server", workers=1, params=self.params, bytes_per_param=self.bytes_per_param)]
+
+    def arrive(self, worker: int, next_worker: int, costs: list[RoundCost]) -> float:
+        """An asynchronous arrival: only ``worker`` pays ``costs`` (its push and pull; no other clock moves, nobody
+        waits), and ``next_worker`` (the worker taking its slot; itself when it stays) starts when it ends (the time
+        it waited for that counts as idle). Returns the arrival's alpha-beta seconds.
+
+        ``communication_s`` grows by the mean over workers (each worker's clock is its compute, idle and own
+        communication, so ``elapsed = compute_s + idle_s + communication_s`` still holds)."""
+        c = float(sum(self.network.round_time(cost) for cost in costs))
+        w, nxt = int(worker), int(next_worker)
+        self.t[w] += c
+        self.exposed += c / max(self.workers, 1)
+        if nxt != w and self.t[nxt] < self.t[w]:
+            self.waited[nxt] += self.t[w] - self.t[nxt]
+            self.t[nxt] = self.t[w]
+        self.bytes_total += float(sum(cost.bytes_sent for cost in costs))
+        self.rounds += 1
+        return c
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -69,9 +69,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coopsgd.algorithms.asynchronous import bind_arrival_time, bind_speeds
 from coopsgd.algorithms.inner import OptimizerSettings
 from coopsgd.algorithms.schedules import Mix, MixContext
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.engines.asynchronous import ArrivalReport, AsyncServer, start_rows
 from coopsgd.engines.base import (
     DroppedRound,
     NonFiniteError,
@@ -88,6 +90,7 @@ from coopsgd.engines.mixing import Round, RoundKind, plan_round
 from coopsgd.engines.optim import SGDOptions, TorchOptimizer, optimizer_settings
 from coopsgd.engines.reference import consensus_distance
 from coopsgd.engines.rows import LOSS_ESTIMATES
+from coopsgd.engines.simulator.asynchronous import AsyncArrivals
 from coopsgd.engines.simulator.calibration import ExecutorCache
 from coopsgd.engines.simulator.clock import FlopCompute, SimClock, round_senders
 from coopsgd.engines.simulator.compute import SimulatorCompute
@@ -107,7 +110,7 @@ _STATE_VERSION = 2  # 2: the schedule's run state ("schedule_state") replaces "s
 Batch = tuple[Tensor, Tensor]
 
 
-class Simulator(SimulatorCompute):
+class Simulator(AsyncArrivals, SimulatorCompute):
     """Runs an :class:`AlgorithmSpec` on m simulated workers of a PyTorch model, in one process.
 
     Args:
@@ -179,6 +182,8 @@ class Simulator(SimulatorCompute):
         if executor_cache is not None and not isinstance(executor_cache, ExecutorCache):
             raise ConfigError.invalid("executor_cache", executor_cache, "must be an ExecutorCache or None")
         workers = spec.workers if isinstance(spec, AlgorithmSpec) else 0
+        if workers and spec.asynchronous is not None:  # the arrival order comes from this clock's speed classes
+            spec = bind_speeds(spec, None if clock is None else clock.speeds)
         super().__init__(spec, model, workers_held=range(workers), aux_rows=spec.auxiliaries if workers else 0,
                          loss_fn=loss_fn, dtype=dtype, device=device, seed=seed, loss_estimate=loss_estimate, window=window,
                          nan_policy=nan_policy, init_params=init_params, probe_batch=probe_batch,
@@ -205,6 +210,10 @@ class Simulator(SimulatorCompute):
         # simulated attackers send models no running bound covers (Gaussian noise): their rounds are checked as
         # a server optimizer's are (the robust rules themselves stay inside the range of what they receive)
         self._attacked = spec.robust is not None and spec.robust.byzantine_count > 0
+        self._async = None if spec.asynchronous is None else AsyncServer(
+            spec.asynchronous, self.rows_params[start_rows(spec.schedule)],
+            lambda: torch.zeros(d, dtype=dtype, device=self.device))
+        self._arrival_bound = False  # the asynchronous timeline's arrival time, from this clock (_bind_arrival)
         self._bound = self._absmax()
         # nan_policy="skip": what went non-finite since the last good round, and that round's state
         self._bad: dict[str, Any] | None = None
@@ -219,6 +228,8 @@ class Simulator(SimulatorCompute):
         self._init_compute(executor, executor_cache, calibration_steps)
         self.clock = clock if clock is not None else SimClock(compute=FlopCompute())
         self.clock.bind(m, d, torch.empty((), dtype=dtype).element_size())
+        if self._async is not None and not self.clock.counts_flops:  # a stated compute time: bound now
+            self._bind_arrival(None)
 
     # ------------------------------------------------------------------------------------------------
     # construction helpers
@@ -394,7 +405,7 @@ class Simulator(SimulatorCompute):
         if self._executor is None:
             self._choose_executor(checked, rows)
         if self.clock.counts_flops:
-            self._step_flops(checked)
+            self._bind_arrival(self._step_flops(checked))
 
     # ------------------------------------------------------------------------------------------------
     # stepping
@@ -471,6 +482,9 @@ class Simulator(SimulatorCompute):
         if self._executor is None and rows != []:
             self._choose_executor(batches, rows)
         flops = self._step_flops(batches) if self.clock.counts_flops else None
+        if not self._arrival_bound:
+            self._bind_arrival(flops)
+            spec = self.spec
         losses = np.full(m, np.nan)
         with torch.no_grad():
             probe = self._probe_losses(k) if spec.needs_losses and self.loss_estimate == "probe" else None
@@ -490,10 +504,13 @@ class Simulator(SimulatorCompute):
                 if err is not None:
                     self._found(k, err)
                     got = None
+            arrived = None if got is None or self._async is None else self._arrivals(k)
         before = (self.clock.compute_s, self.clock.communication_s, self.clock.idle_s)
         self.clock.commit(tick)
         self.schedule_state = sched_state
         self._hist, self._hist_count = hist, count
+        if self._async is not None:  # a skipped step's arrivals still end its slots' rounds (nothing is applied)
+            return self._record_arrivals(k, lr, losses, arrived or ArrivalReport(), before, skipped=arrived is None)
         return self._record(k, lr, losses, mix, est, skipped=got is None, before=before)
 
     def _probe_losses(self, k: int) -> np.ndarray | None:
@@ -553,12 +570,14 @@ class Simulator(SimulatorCompute):
             comp = self._compressed
             rnd = plan_round(mix)
             senders = round_senders(mix, self.m)  # a sampled FedAvg round: its k clients send and receive
-            elastic = None if comp is None else comp.elastic_cost(rnd, self.clock.bytes_per_param)
+            elastic = None if comp is None else comp.elastic_cost(rnd, self.clock.bytes_per_param,
+                                                                  self.clock.codec_time(comp.compressor.name))
             if elastic is not None:  # point-to-point payloads: uploads and replies (docs/compression.md)
                 costs = [elastic]
             elif comp is not None and comp.sends_payload(rnd):  # the compressor's payloads
                 costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
-                                               reducible=comp.reducible, senders=senders)
+                                               reducible=comp.reducible, senders=senders,
+                                               compressor=comp.compressor.name)
             elif "fragment" in mix.info:  # a Streaming DiLoCo fragment: its columns, its compressor
                 costs = fragment_costs(self.clock, rnd, self._kernel.fragment_columns(mix.info), self.b, self._fragments)
             else:
@@ -591,6 +610,7 @@ class Simulator(SimulatorCompute):
         good["deferred"] = self._comm.snapshot()
         good["compressed"] = None if self._compressed is None else self._compressed.snapshot()
         good["fragments"] = None if self._fragments is None else self._fragments.snapshot()
+        good["async"] = None if self._async is None else self._async.snapshot()
         self._good = good
         self._good_step = self.step_count
 
@@ -611,6 +631,8 @@ class Simulator(SimulatorCompute):
                 self._compressed.restore(self._good["compressed"])
             if self._fragments is not None:
                 self._fragments.restore(self._good["fragments"])
+            if self._async is not None:
+                self._async.restore(self._good["async"])
         self._bound = self._absmax()
         first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
         return DroppedRound(step=self.step_count - 1, workers=sorted(int(w) for w in first),
@@ -755,6 +777,8 @@ class Simulator(SimulatorCompute):
             "torch_rng_state": torch.get_rng_state(),
             **({} if self._compressed is None else {"compression": self._compressed.state_dict()}),
             **({} if self._fragments is None else {"compression": self._fragments.state_dict()}),
+            **({} if self._async is None else {"asynchronous": {
+                **self._async.state_dict(), "arrival_time": getattr(self.spec.schedule, "arrival_time", None)}}),
         })
 
     def _load_compression(self, state: dict[str, Any]) -> None:
@@ -783,6 +807,12 @@ class Simulator(SimulatorCompute):
         if hist.shape != self._hist.shape:
             raise ConfigError.invalid("state_dict.loss_history", hist.shape, f"expected window x m = {self._hist.shape}")
         self._load_compression(state)
+        if self._async is not None:
+            saved = state.get("asynchronous")
+            self._async.load_state_dict(saved, "state_dict.asynchronous")
+            if saved is not None and saved.get("arrival_time") is not None:  # the timeline the run was on
+                self.spec = bind_arrival_time(self.spec, float(saved["arrival_time"]))
+                self._arrival_bound = True
         self._comm.clear()
         self._calibrated = None
         self._load_rows_payload(state, "state_dict")

@@ -175,6 +175,14 @@ class RunConfig:
         if self.algorithm.downpour_order == "async" and self.execution.engine != "distributed":
             raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
                                       "engine 'distributed' (the simulator orders pushes by 'clock' or 'schedule')")
+        a = self.algorithm
+        if self.execution.engine == "distributed" and self.preset_facts()["asynchronous"] and (
+                (a.concurrency is not None and a.concurrency != a.workers)
+                or (a.fraction is not None and max(1, round(a.fraction * a.workers)) != a.workers)):
+            raise ConfigError.invalid("concurrency" if a.concurrency is not None else "fraction",
+                                      a.concurrency if a.concurrency is not None else a.fraction,
+                                      "the distributed engine runs one rank per client, every one training: "
+                                      "concurrency = workers (fraction 1)")
         self._check_compression()
         self._check_control_variates()
         if self.clock.worker_speeds:
@@ -223,10 +231,10 @@ class RunConfig:
             spec = spec_from_settings(self.algorithm.preset, self.algorithm.workers, settings,
                                       seed=self.execution.seed, policies=self.spec_policies(), lenient=True,
                                       compression=comp)
-            if self.execution.engine == "distributed":  # elastic rounds: refused here, before any rank starts
+            if self.execution.engine == "distributed":  # LSGD, asynchronous pushes: refused before any rank starts
                 from coopsgd.engines.distributed.compressed import check_distributed_compression
 
-                check_distributed_compression(spec)
+                check_distributed_compression(spec, asynchronous=self.algorithm.downpour_order in ("clock", "async"))
                 from coopsgd.engines.fragments import check_distributed_fragments
 
                 check_distributed_fragments(spec)
@@ -313,7 +321,7 @@ def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
     """:meth:`RunConfig.preset_facts` of a preset (with a SlowMo ``base_algorithm``), from a spec of 4 workers."""
     facts: dict[str, Any] = {"inner_optimizer": None, "needs_losses": False, "sequential": False,
                              "gossips": False, "only_gossip": False, "control": False,
-                             "normalized": False}
+                             "normalized": False, "asynchronous": False}
     if preset not in declarations():
         return facts
     facts["gossips"] = declaration(preset).takes("topology")
@@ -324,6 +332,7 @@ def _preset_facts(preset: str, base_algorithm: str | None) -> dict[str, Any]:
         return facts
     facts.update(inner_optimizer=spec.inner_optimizer, needs_losses=spec.needs_losses, control=spec.control,
                  normalized=bool(getattr(spec.schedule, "normalized", False)),
+                 asynchronous=spec.asynchronous is not None,
                  sequential=bool(getattr(spec.schedule, "sequential", False)),
                  only_gossip=not spec.needs_losses  # (LSGD elects from losses: it has no gossip-only rounds)
                  and round_kinds(copy.deepcopy(spec.schedule), 4) <= {"gossip", "identity"})

@@ -109,11 +109,15 @@ def _preset_fact(fact: str, what: str) -> Used:
 
 
 def _speeds(c: Any) -> str | None:
-    """The speed classes: the simulator's clock, and on every engine the clients' local steps of a FedAvg-family
-    preset with ``local_work`` budget (each client runs as many steps as fit in the fastest one's tau)."""
+    """The speed classes: the simulator's clock, on every engine the clients' local steps of a FedAvg-family
+    preset with ``local_work`` budget (each client runs as many steps as fit in the fastest one's tau), and on the
+    reference engine an asynchronous server's arrival order (FedBuff, asynchronous local SGD)."""
     if c.execution.engine == "simulate" or c.algorithm.local_work == "budget":
         return None
-    return f"the {c.execution.engine} engine does not use it (simulate only, or local_work budget on any engine)"
+    if c.execution.engine == "reference" and c.preset_facts()["asynchronous"]:
+        return None
+    return (f"the {c.execution.engine} engine does not use it (simulate only, local_work budget on any engine, or an "
+            "asynchronous preset on the reference engine)")
 
 
 def _compute(*kinds: str) -> Used:
@@ -222,6 +226,12 @@ class AlgorithmSettings:
     fragment_delay: int | None = _preset()
     merge_alpha: float | None = _preset()
     fragment_split: str | None = _preset()
+    buffer_size: int | None = _preset()
+    concurrency: int | None = _preset()
+    staleness: str | None = _preset()
+    staleness_exponent: float | None = _preset()
+    delayed_nesterov: int | None = _preset()
+    dynamic_local_updates: bool = _preset(False)
     downpour_order: str = setting(
         "clock", choices=("clock", "schedule", "async"),
         help="DOWNPOUR push order: clock (order of arrival: on the simulated clock, or at a real asynchronous "

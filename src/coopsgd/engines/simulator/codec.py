@@ -1,0 +1,75 @@
+"""Measure a compressor's encode and decode throughputs on this machine (:class:`~coopsgd.theory.codec.CodecSpeed`).
+
+The clock charges compressed rounds their codec time (:mod:`coopsgd.theory.codec`) from stated throughputs by
+default; :func:`calibrate` measures them instead, once, on one row of the run's width: the median of ``reps``
+timed calls after a warm-up, with the torch thread count the caller set. ``encode`` is what a sender does
+with error feedback: c = x − x_ref + e, :meth:`~coopsgd.compression.Compressor.roundtrip` of c (one row),
+e ← c − Q(c) (three memory passes besides the compressor's); ``decode`` is
+:meth:`~coopsgd.compression.Compressor.decompress` of one received payload added into a dense row (what a
+receiver does per payload). Measured times follow the machine's load: two calibrations differ.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from coopsgd.compression import Compressor, parse_compressor
+from coopsgd.errors import check_int
+from coopsgd.theory.codec import CodecSpeed
+
+__all__ = ["calibrate", "calibrate_all"]
+
+
+def _median(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return max(statistics.median(times), 1e-9)
+
+
+def calibrate(compressor: Compressor | str, width: int, dtype: torch.dtype = torch.float32, *, reps: int = 5,
+              layout: Sequence[Sequence[int]] | None = None, seed: int = 0) -> CodecSpeed:
+    """The throughputs of ``compressor`` measured on one Gaussian row of ``width`` coordinates of ``dtype``
+    (bytes of the dense row per second); ``layout`` as for PowerSGD."""
+    q = parse_compressor(compressor, layout=layout) if isinstance(compressor, str) else compressor.with_layout(layout)
+    d = check_int("width", width, minimum=1)
+    reps = check_int("reps", reps, minimum=1)
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randn(1, d, generator=g, dtype=torch.float64).to(dtype)
+    nodes = [0]
+    state = q.init_state(1, d, seed=seed, dtype=dtype) if hasattr(q, "init_state") else None
+    ref = torch.randn(1, d, generator=g, dtype=torch.float64).to(dtype)
+    residual = torch.zeros(1, d, dtype=dtype)
+    rounds = iter(range(1 << 62))
+
+    def encode() -> None:  # a sender with error feedback: c = x - x_ref + e, Q(c), e <- c - Q(c)
+        c = torch.sub(row, ref).add_(residual)
+        decoded = q.roundtrip(c, round=next(rounds), nodes=nodes, seed=seed, state=state).decoded
+        torch.sub(c, decoded, out=residual)
+
+    enc = _median(encode, reps)
+    payload = q.compress(row, round=0, nodes=nodes, seed=seed, state=state)
+    acc = torch.zeros(1, d, dtype=dtype)
+    dec = _median(lambda: acc.add_(q.decompress(payload)), reps)
+    D = float(d * row.element_size())
+    return CodecSpeed(D / enc, D / dec, f"calibrated: d = {d}, {str(dtype).removeprefix('torch.')}, "
+                                        f"{torch.get_num_threads()} thread(s), median of {reps}")
+
+
+def calibrate_all(specs: Iterable[str], width: int, dtype: torch.dtype = torch.float32, *, reps: int = 5,
+                  layout: Sequence[Sequence[int]] | None = None) -> dict[str, CodecSpeed]:
+    """:func:`calibrate` for each spec, keyed by the compressor's name (what ``SimClock(codec=...)`` takes);
+    ``none`` is skipped (it costs nothing)."""
+    out: dict[str, CodecSpeed] = {}
+    for spec in specs:
+        q = parse_compressor(spec, layout=layout)
+        if q.name != "none":
+            out[q.name] = calibrate(q, width, dtype, reps=reps, layout=layout)
+    return out
