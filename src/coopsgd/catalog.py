@@ -52,6 +52,9 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                                   "EASGD, LSGD", ("simulate",)),
         Reproduction("choco", "[CHOCO] CHOCO-Gossip's linear consensus vs naive compressed gossip; CHOCO-SGD top-1% vs "
                               "D-PSGD: loss and bytes", ("reference",)),
+        Reproduction("fl-strategies", "federated strategies: SCAFFOLD vs FedAvg under label skew, FedProx's "
+                                      "stability, FedAdam/FedYogi on the LSTM, median and Krum against sign-flip "
+                                      "clients", ("simulate",)),
         Reproduction("matrix-completion", "[LSGD] matrix completion: EASGD's centre vs LSGD's leader over ranks "
                                           "(--ranks, --trials, --steps, --d)", ("reference",)),
     )

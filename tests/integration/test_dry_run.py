@@ -88,8 +88,9 @@ def test_dry_run_fields_keep_the_full_scale_and_compress_the_lr_schedule() -> No
 
 
 #: Settings a default dry run runs: fig3 one point, fig4 the first alpha + non-blocking, fig5 one (tau, lr),
-#: fig6 its three methods, lsgd-nets 4 methods x 2 nets, lsgd-lstm 4 methods.
-SETTINGS = {"csgd-fig3": 1, "csgd-fig4": 2, "csgd-fig5": 1, "csgd-fig6": 3, "lsgd-nets": 8, "lsgd-lstm": 4}
+#: fig6 its three methods, lsgd-nets 4 methods x 2 nets, lsgd-lstm 4 methods, fl-strategies 8 MLP + 3 LSTM runs.
+SETTINGS = {"csgd-fig3": 1, "csgd-fig4": 2, "csgd-fig5": 1, "csgd-fig6": 3, "lsgd-nets": 8, "lsgd-lstm": 4,
+            "fl-strategies": 11}
 
 
 @pytest.mark.slow

@@ -42,9 +42,9 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="smoke-test the full scale without its data or a GPU: 2 steps per setting of the full-scale "
                         "models, workers, batch, partitions, lr schedule, checkpoint (written and reloaded), "
-                        "figures and result.json, on synthetic data of the real shapes (3x32x32 images of 10 "
+                        "figures and result.json, on synthetic data of the real shapes (3x32x32 or 1x28x28 images of 10 "
                         "classes; random tokens of WikiText-2's 33,278 words); the first setting of each sweep; "
-                        "one line per setting; csgd-fig3..6, lsgd-nets, lsgd-lstm or all (default --out: "
+                        "one line per setting; csgd-fig3..6, lsgd-nets, lsgd-lstm, fl-strategies or all (default --out: "
                         f"runs/NAME-dry-run); needs about {DRY_RUN_MEMORY_GB:g} GB of memory (the VGG-16 settings "
                         "of csgd-fig3..6: 8 workers of batch 128); the peak is printed at the end")
     p.add_argument("--all-settings", action="store_true", help="--dry-run: every setting of each sweep")

@@ -31,9 +31,10 @@ EXPERIMENTS: dict[str, ExperimentEntry] = {}
 ASSESSMENTS: dict[str, Any] = {}
 #: Experiments whose result does not depend on the seed (run once whatever ``--seeds`` says).
 DETERMINISTIC: set[str] = set()
-#: Experiments whose full scale needs real data (CIFAR-10 through torchvision, WikiText-2) and, in practice, a
+#: Experiments whose full scale needs real data (CIFAR-10 or MNIST through torchvision, WikiText-2) and, in practice, a
 #: GPU: the ones ``--dry-run`` smoke-tests, in ``reproduce all`` order.
-DRY_RUNS: tuple[str, ...] = ("csgd-fig3", "csgd-fig4", "csgd-fig5", "csgd-fig6", "lsgd-nets", "lsgd-lstm")
+DRY_RUNS: tuple[str, ...] = ("csgd-fig3", "csgd-fig4", "csgd-fig5", "csgd-fig6", "lsgd-nets", "lsgd-lstm",
+                             "fl-strategies")
 
 
 def assess(name: str, assessment: Any, *, deterministic: bool = False) -> None:

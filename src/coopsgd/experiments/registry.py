@@ -14,7 +14,7 @@ registered.
 from __future__ import annotations
 
 # every experiment module registers its experiments when it is imported
-from coopsgd.experiments import choco, csgd, csgd_fig6, lsgd_lstm, lsgd_nets, lsgd_toy  # noqa: F401
+from coopsgd.experiments import choco, csgd, csgd_fig6, fl_strategies, lsgd_lstm, lsgd_nets, lsgd_toy  # noqa: F401
 from coopsgd.experiments.base import (
     ASSESSMENTS,
     DETERMINISTIC,

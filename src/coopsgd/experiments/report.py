@@ -31,7 +31,7 @@ __all__ = ["REPORT_ORDER", "render_report", "report_html", "report_markdown", "m
 #: Experiments in report order (``coopsgd reproduce all`` runs them in this order too).
 REPORT_ORDER: tuple[str, ...] = (
     "csgd-fig3", "csgd-fig4", "csgd-fig5", "csgd-fig6", "lsgd-nets", "lsgd-lstm", "lsgd-toy", "matrix-completion",
-    "choco",
+    "choco", "fl-strategies",
 )
 
 _VERDICT = {"reproduced": "**reproduced**", "contradicted": "**contradicted**",
