@@ -35,6 +35,7 @@ class AsyncArrivals:
     step_count: int
     rounds: int
     bytes_sent: float
+    peak_bytes: float
     _async: AsyncServer | None
     _arrival_bound: bool
     device: torch.device
@@ -128,6 +129,7 @@ class AsyncArrivals:
         if communicated:
             self.rounds += 1
             self.bytes_sent += bytes_sent
+            self.peak_bytes = max(self.peak_bytes, bytes_sent)
         c = self.clock
         return StepStats(
             step=k, lr=lr, losses=losses, communicated=communicated, round=self.rounds,

@@ -249,6 +249,9 @@ class RunConfig:
                 from coopsgd.engines.distributed.compressed import check_distributed_compression
 
                 check_distributed_compression(spec, asynchronous=self.algorithm.downpour_order in ("clock", "async"))
+                from coopsgd.engines.fragments import check_distributed_fragments
+
+                check_distributed_fragments(spec)
 
     # -- conversion ------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> RunConfig:
