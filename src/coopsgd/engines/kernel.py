@@ -170,8 +170,10 @@ class InProcess:
         rows are a strict subset of them (sampled clients; FedNova's server row may be a source too, it is never
         deferred), so most of them are not read before the next round."""
         src = plan.sources
-        return (self.lazy_rows > 0 and plan.kind is RoundKind.AVERAGE and src is not None
-                and int(np.count_nonzero(src < self.lazy_rows)) < self.lazy_rows)
+        if self.lazy_rows <= 0 or plan.kind is not RoundKind.AVERAGE or src is None:
+            return False
+        below = int(np.count_nonzero(src < self.lazy_rows))
+        return 0 < below < self.lazy_rows
 
     def communicate(self, rows: Tensor, rnd: Round, *, overlap: bool = False) -> None:
         """Apply the round ``rnd`` to ``rows`` (every node) in place."""

@@ -202,8 +202,10 @@ class Simulator(AsyncArrivals, SimulatorCompute):
         if self._fragments is not None:
             self._compressed = None
         # FedAvg's unread broadcasts wait (not when a compressor reads the workers; an outer optimizer's step moves
-        # the deferred value: RoundKernel.outer_round)
-        self._comm = InProcess(lazy_rows=m if self._compressed is None else 0)
+        # the deferred value: RoundKernel.outer_round). Not under pre_mix: the gradient step after the round
+        # writes into the rows, and a deferred value would later overwrite it (LSGD's rounds)
+        lazy = self._compressed is None and spec.rule == "post_mix"
+        self._comm = InProcess(lazy_rows=m if lazy else 0)
         self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer, compressed=self._compressed,
                                    param_sizes=tuple(math.prod(s) for s in self.layout.param_shapes),
                                    fragment_stages=None if self._fragments is None else self._fragments.stages)
