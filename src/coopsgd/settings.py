@@ -232,9 +232,14 @@ def check_section(obj: object) -> None:
             object.__setattr__(obj, s.name, checked)
 
 
+#: List settings whose entries may repeat (speed classes: ``1,0.5,1``); in the others (milestones) an entry given
+#: twice is a typo.
+REPEATABLE_LISTS = frozenset({"worker_speeds"})
+
+
 def as_number_list(key: str, value: Any) -> list[Any]:
     """A list setting from a list, one number, ``None`` (empty) or a comma-separated text (a flag). An entry
-    given twice is refused (``100,100`` is a typo, not a setting)."""
+    given twice is refused (``100,100`` is a typo, not a setting), except in :data:`REPEATABLE_LISTS`."""
     if value is None:
         return []
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -249,7 +254,7 @@ def as_number_list(key: str, value: Any) -> list[Any]:
     else:
         raise ConfigError.invalid(key, value, "a list of numbers, e.g. [100, 150]")
     repeated = [v for i, v in enumerate(out) if isinstance(v, (int, float)) and v in out[:i]]
-    if repeated:
+    if repeated and key not in REPEATABLE_LISTS:
         raise ConfigError.invalid(key, value, f"{repeated[0]!r} is given twice; list each entry once")
     return out
 

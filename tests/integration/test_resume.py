@@ -18,6 +18,9 @@ CASES = [
     ("lsgd", {"tau": 2, "lam": 0.2}, "loop"),
     ("fedavg", {"tau": 3, "fraction": 0.5}, "vmap"),
     ("dpsgd", {"topology": "ring", "momentum": 0.5, "optimizer_state": "mix"}, "loop"),
+    # stopped after step 5: fragment 1's round (after step 5) is in flight, applied after step 6
+    ("streaming_diloco", {"tau": 4, "fragments": 2, "fragment_delay": 1, "merge_alpha": 0.5, "compress": "int4"},
+     "loop"),
 ]
 
 
@@ -38,6 +41,7 @@ def test_resume_is_bit_identical(tmp_path, preset, kw, executor) -> None:
     assert a["loader"]["epoch"] == b["loader"]["epoch"] and a["loader"]["batch"] == b["loader"]["batch"]
     assert resumed["communication_rounds"] == full["communication_rounds"]
     assert resumed["bytes_sent"] == full["bytes_sent"]
+    assert resumed["peak_bytes_per_step"] == full["peak_bytes_per_step"] > 0
     steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 14
 

@@ -163,7 +163,17 @@ def test_the_server_rule_is_torch_nesterov_and_delays_its_momentum() -> None:
         z.grad = torch.from_numpy(g.copy())
         opt.step()
     np.testing.assert_allclose(mine, z.detach().numpy(), rtol=1e-13)
-    # N = 2: plain steps at t = 1, 3, 5; momentum on the mean of the last two at t = 2, 4, 6
+    # N = 2, beta 0.9, lr 1, g = 1 at every arrival, by hand: t = 1: z moves g/2 = 0.5; t = 2: u = 0.9*0 + 1 = 1,
+    # z moves 0.5 + 0.9*1 = 1.4; t = 3: 0.5; t = 4: u = 0.9*1 + 1 = 1.9, z moves 0.5 + 0.9*1.9 = 2.21
+    srv = AsyncServer(AsyncAggregation(lr=1.0, momentum=0.9, delayed_nesterov=2), np.zeros((1, 1)), lambda: np.zeros(1))
+    z1, moves = np.zeros(1), []
+    for _ in range(4):
+        before = float(z1[0])
+        srv.buffer[:] = 1.0
+        srv._server_step(z1)
+        moves.append(before - float(z1[0]))
+    np.testing.assert_allclose(moves, [0.5, 1.4, 0.5, 2.21], rtol=1e-14)
+    # N = 2 on varying pseudo-gradients: g/2 at t = 1, 3, 5; momentum on the mean of the last two at t = 2, 4, 6
     srv = AsyncServer(AsyncAggregation(lr=0.7, momentum=0.9, delayed_nesterov=2), np.zeros((1, 3)), lambda: np.zeros(3))
     mine, ref, u, acc = np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3)
     for t, g in enumerate(deltas, start=1):
@@ -172,10 +182,10 @@ def test_the_server_rule_is_torch_nesterov_and_delays_its_momentum() -> None:
         acc = acc + g
         if t % 2 == 0:
             u = 0.9 * u + acc / 2
-            ref = ref - 0.7 * (g + 0.9 * u)
+            ref = ref - 0.7 * (g / 2 + 0.9 * u)
             acc = np.zeros(3)
         else:
-            ref = ref - 0.7 * g
+            ref = ref - 0.7 * g / 2
         np.testing.assert_allclose(mine, ref, rtol=1e-13)
 
 
@@ -285,6 +295,17 @@ def test_cli_refuses_a_zero_buffer_in_one_line(capsys) -> None:
     assert len(lines) == 1 and "buffer_size" in lines[0] and ">= 1" in lines[0]
 
 
+@pytest.mark.parametrize("extra", [[], ["--worker-speeds", "1"], ["--engine", "distributed", "--worker-speeds", "1,0.5"]])
+def test_cli_refuses_dynamic_local_updates_where_they_change_nothing(capsys, extra) -> None:
+    from coopsgd.cli import main
+
+    assert main(["run", "--preset", "async_local_sgd", "--workers", "4", "--dynamic-local-updates", *extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "dynamic_local_updates=True" in lines[0]
+    assert ("distributed" if "--engine" in extra else "speed classes") in lines[0]
+    RunConfig(preset="async_local_sgd", workers=4, dynamic_local_updates=True, worker_speeds=[1.0, 0.5])  # accepted
+
+
 def test_theory_says_no_bound_applies(capsys) -> None:
     from coopsgd.cli import main
 
@@ -308,7 +329,15 @@ def test_a_dropped_round_restores_the_server_state() -> None:
     assert st.skipped and st.communicated and st.info["arrivals"] == []  # the slots' rounds end, nothing applied
     dropped = sim.check_health()
     assert dropped is not None and dropped.workers == [0]
-    assert torch.equal(sim.params, good) and sim._async.ledger == ledger  # type: ignore[union-attr]
+    arrivals = sim.spec.schedule.step_events(1).arrivals  # type: ignore[attr-defined]
+    pulled = {n for _, _, n in arrivals}
+    z = good[3]
+    for i in range(4):  # z and the other rows as before; the slots' next workers pulled z
+        assert torch.equal(sim.params[i], z if i in pulled else good[i])
+    after = sim._async.ledger  # type: ignore[union-attr]
+    assert {k: v for k, v in after.items() if k != "pulled_version"} == \
+        {k: v for k, v in ledger.items() if k != "pulled_version"}
+    assert all(after["pulled_version"][j] == ledger["version"] for j, _, _ in arrivals)
     for k in range(2, 6):
         sim.step(_batches(3, k), 0.2)
     assert sim.async_record()["arrivals"] == 6 and bool(torch.isfinite(sim.params).all())
@@ -336,3 +365,90 @@ def test_the_timeline_cache_is_bounded_and_an_old_step_is_recomputed() -> None:
     early = s.step_events(3)  # older than the cache: computed again from the start
     fresh = AsyncSchedule(5, 3, concurrency=2, speeds=(1.0, 0.3), seed=1, arrival_time=0.25)
     assert early == fresh.step_events(3) and s.step_events(2000) == late == fresh.step_events(2000)
+
+
+class _Poisoned:
+    """Worker i's objective 0.5 ||x - c_i||^2 over 6 workers; the worker ``poison`` returns a NaN gradient."""
+
+    dim = D
+    centers = np.array([[1.0, -2.0], [3.0, 0.5], [-1.0, 4.0], [2.0, 2.0], [-3.0, 1.0], [0.5, -1.5]])
+
+    def __init__(self) -> None:
+        self.poison: int | None = None
+
+    def gradient(self, x: np.ndarray, worker: int, rng: np.random.Generator) -> np.ndarray:
+        return np.full(D, np.nan) if worker == self.poison else x - self.centers[worker]
+
+    def value(self, x: np.ndarray) -> np.ndarray | float:
+        v = 0.5 * np.sum((np.atleast_2d(x) - self.centers.mean(axis=0)) ** 2, axis=1)
+        return float(v[0]) if np.ndim(x) == 1 else v
+
+    def initial_point(self, rng: np.random.Generator) -> np.ndarray:
+        return np.zeros(D)
+
+
+def _pulls_by_hand(rows, server, ledger: dict, pulled, event) -> None:
+    """The oracle's pulls of a step whose updates are not applied: x_next <- z, y_j <- z, v_j <- version."""
+    for j, _, nxt in event.arrivals:
+        rows[nxt] = rows[server]
+        pulled[j] = rows[server]
+        ledger["pulled_version"][j] = ledger["version"]
+
+
+BAD = 7  # an arrival step of fedbuff(6, 2, K = 1, C = 2, seed 3): slot 1 passes from worker 0 to 1, slot 0 5 -> 0
+
+
+def test_a_dropped_arrival_step_still_hands_its_slots_on_reference() -> None:
+    spec = lambda: fedbuff(6, 2, buffer_size=1, concurrency=2, outer_lr=0.5, seed=3)  # noqa: E731
+    a = ReferenceEngine(spec(), _Poisoned(), X0, nan_policy="skip")
+    b = ReferenceEngine(spec(), _Poisoned(), X0, nan_policy="skip")
+    for _ in range(BAD):
+        a.step(None, LR), b.step(None, LR)
+        assert a.check_health() is None and b.check_health() is None
+    event = a.spec.schedule.step_events(BAD)  # type: ignore[attr-defined]
+    assert len(event.arrivals) == 2 and len({w for _, w, _ in event.arrivals}) == 2
+    a.objective.poison = event.arrivals[0][1]  # type: ignore[attr-defined]
+    assert a.step(None, LR).skipped
+    a.objective.poison = None  # type: ignore[attr-defined]
+    assert a.check_health() is not None
+    assert a._async is not None and b._async is not None
+    for j, _, nxt in event.arrivals:  # the invariant: each slot's new worker starts from the copy it pulled
+        assert np.array_equal(a.state[nxt], a._async.pulled[j]) and np.array_equal(a.state[nxt], a.state[6])
+    # the oracle: the same run where step BAD's updates are simply not applied (its pulls are)
+    _pulls_by_hand(b.state, 6, b._async.ledger, b._async.pulled, event)
+    b.step_count += 1
+    np.testing.assert_array_equal(a.state, b.state)
+    assert a._async.ledger == b._async.ledger
+    for _ in range(BAD + 1, BAD + 12):
+        a.step(None, LR), b.step(None, LR)
+        a.check_health()
+        np.testing.assert_array_equal(a.state, b.state)
+    assert a._async.ledger == b._async.ledger and a._async.ledger["arrivals"] > 8
+
+
+def test_a_dropped_arrival_step_still_hands_its_slots_on_simulator() -> None:
+    def make() -> Simulator:
+        torch.manual_seed(0)
+        return Simulator(fedbuff(6, 2, buffer_size=1, concurrency=2, seed=3), lambda: nn.Linear(4, 3),
+                         loss_fn=F.cross_entropy, dtype=torch.float64, executor="loop", nan_policy="skip",
+                         clock=SimClock())
+
+    a, b = make(), make()
+    for k in range(BAD):
+        a.step(_batches(6, k), 0.2), b.step(_batches(6, k), 0.2)
+        assert a.check_health() is None and b.check_health() is None
+    event = a.spec.schedule.step_events(BAD)  # type: ignore[attr-defined]
+    bad = _batches(6, BAD)
+    bad[event.arrivals[0][1]] = (torch.full_like(bad[0][0], float("nan")), bad[0][1])
+    assert a.step(bad, 0.2).skipped and a.check_health() is not None
+    assert a._async is not None and b._async is not None
+    for j, _, nxt in event.arrivals:
+        assert torch.equal(a.rows_params[nxt], a._async.pulled[j]) and torch.equal(a.rows_params[nxt], a.rows_params[6])
+    _pulls_by_hand(b.rows_params, 6, b._async.ledger, b._async.pulled, event)
+    b.step_count += 1
+    assert torch.equal(a.params, b.params) and a._async.ledger == b._async.ledger
+    for k in range(BAD + 1, BAD + 10):
+        a.step(_batches(6, k), 0.2), b.step(_batches(6, k), 0.2)
+        assert a.check_health() is None
+        assert torch.equal(a.params, b.params)
+    assert a._async.ledger == b._async.ledger and a._async.ledger["arrivals"] > 8

@@ -18,6 +18,11 @@ def test_blocks_follow_array_split() -> None:
     np.testing.assert_array_equal(worker_speeds(None, 3), [1.0, 1.0, 1.0])
     with pytest.raises(ConfigError, match="worker_speeds"):
         worker_speeds([1.0, 0.0], 4)
+    # interleaved classes repeat a speed: allowed (a milestone list refuses a repeat, a speed list does not)
+    assert RunConfig(workers=6, worker_speeds="1,0.5,1").clock.worker_speeds == [1.0, 0.5, 1.0]
+    np.testing.assert_array_equal(worker_speeds([1.0, 0.5, 1.0], 6), [1.0, 1.0, 0.5, 0.5, 1.0, 1.0])
+    with pytest.raises(ConfigError, match="given twice"):
+        RunConfig(lr_decay_epochs="2,2")
     with pytest.raises(ConfigError, match="at most one speed class per worker"):
         worker_speeds([1.0, 1.0, 1.0], 2)
 

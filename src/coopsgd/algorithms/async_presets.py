@@ -57,9 +57,11 @@ ASYNC_DECLS: tuple[PresetDecl, ...] = (
         "asynchronous local SGD: every arrival moves z by outer Nesterov (inner AdamW)",
         args=(_TAU.replace(default=500), _OUTER_LR.replace(default=0.7), _OUTER_MOMENTUM.replace(default=0.9),
               PresetArg("delayed_nesterov", int, 1, help="asynchronous local SGD: the outer momentum is applied "
-                        "once every N arrivals, plain outer steps in between (1: every arrival)", low=1),
+                        "once every N arrivals, on the mean of the N; every arrival's step is scaled by 1/N (1: Nesterov at "
+                        "every arrival)", low=1),
               PresetArg("dynamic_local_updates", bool, False, help="asynchronous local SGD: worker i runs "
-                        "max(1, round(tau s_i / max s)) local steps (s: its speed class)")),
+                        "max(1, round(tau s_i / max s)) local steps (s: its speed class; needs two --worker-speeds classes or "
+                        "more, not on the distributed engine)")),
         theory=(ASYNC_NO_BOUND,),
     ),
 )

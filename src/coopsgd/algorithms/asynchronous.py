@@ -12,8 +12,8 @@ and once K (``buffer_size``) arrivals are buffered it takes one server step with
 ``g_t = b / K`` (then ``b <- 0``, ``version <- version + 1``)::
 
     a_t <- a_t-1 + g_t                                       (delayed Nesterov's accumulator, eq. DN)
-    if t mod N == 0:  u <- beta u + a_t / N;  z <- z - eta (beta u + g_t);  a_t <- 0
-    else:             z <- z - eta g_t
+    if t mod N == 0:  u <- beta u + a_t / N;  z <- z - eta (g_t / N + beta u);  a_t <- 0
+    else:             z <- z - eta g_t / N
 
 ``t`` counts server steps from 1, eta is ``outer_lr``, beta ``outer_momentum`` and N ``delayed_nesterov``.
 With N = 1 this is Nesterov momentum as ``torch.optim.SGD(nesterov=True)`` (``u <- beta u + g;
@@ -26,8 +26,11 @@ by one generator seeded with ``seed``; asynchronous local SGD: the same worker),
   staleness weight ``w(s)`` = 1 (``constant``), ``1 / sqrt(1 + s)`` (``sqrt``) or ``(1 + s)^-a`` (``poly``).
 * Asynchronous local SGD (Liu et al., 2024, "Asynchronous Local-SGD Training for Language Modeling"): K = 1,
   w = 1, inner AdamW, outer Nesterov (eta 0.7, beta 0.9 as DiLoCo's); ``delayed_nesterov`` N > 1 is the
-  paper's delayed Nesterov momentum (the momentum is applied once every N server steps, on the mean of the N
-  pseudo-gradients since the last one, plain steps in between: the rule above); ``dynamic_local_updates``
+  paper's delayed Nesterov momentum (the rule above: every pseudo-gradient moves z by eta g / N, and every N-th
+  server step also by eta beta u, u updated once with the mean of the N pseudo-gradients since the last one; over N
+  steps z moves by Nesterov's step applied once to their mean, as the DN description of Liu et al., Section 3,
+  recalls it; the paper's own algorithm text could not be read here, the g / N scaling follows a public
+  third-party ``DelayedNesterovOptimizer`` that cites the paper); ``dynamic_local_updates``
   gives worker i ``H_i = max(1, round(H s_i / max_j s_j))`` local steps (s its speed), so that every worker
   takes about the same time per round.
 

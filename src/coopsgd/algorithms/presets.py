@@ -74,6 +74,7 @@ from coopsgd.algorithms.schedules import (
     PeriodicSchedule,
 )
 from coopsgd.algorithms.spec import AlgorithmSpec, Policies
+from coopsgd.algorithms.streaming_presets import STREAMING_DECLS, streaming_diloco
 from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.theory.bounds import (
     check_easgd_alpha,
@@ -106,6 +107,7 @@ __all__ = [
     "matcha",
     "diloco",
     "slowmo",
+    "streaming_diloco",
     "choco",
     "PRESETS",
     "make_preset",
@@ -653,6 +655,7 @@ _DECLS: tuple[PresetDecl, ...] = (
               _TOPOLOGY.replace(help="worker graph (slowmo: of the dpsgd base)"), _WEIGHTS, _SEED),
         theory=(OUTER_FACTS, SLOWMO_RATE),
     ),
+    *STREAMING_DECLS,
     PresetDecl(
         "choco", choco, "CHOCO-SGD: D-PSGD with compressed gossip through public copies (--compress, "
         "--consensus-step)",

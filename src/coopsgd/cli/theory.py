@@ -42,7 +42,7 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--f-gap", type=float, default=None, help="F(u_1) - F_inf")
     p.add_argument("--kappa2", type=float, default=None, help="non-IID dissimilarity kappa^2 (Theorem 2; default: 0)")
     p.add_argument("--compress", default=None,
-                   help="compressor of every round (none, fp16, bf16, int8[:C], qsgd:S, sign, topk:F, "
+                   help="compressor of every round (none, fp16, bf16, int8[:C], int4[:C], qsgd:S, sign, topk:F, "
                         "randk:F[:unbiased], powersgd:R): its delta or omega, bytes per round and, for gossip "
                         "rounds, CHOCO-SGD's consensus step and rate (default: none)")
     p.add_argument("--error-feedback", default=None, choices=list(ERROR_FEEDBACK),

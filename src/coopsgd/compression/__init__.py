@@ -16,7 +16,7 @@ This package is pure: it imports torch, numpy and ``coopsgd.errors`` only, never
 from coopsgd.compression.base import Compressor, Payload, Roundtrip, index_dtype, row_sum
 from coopsgd.compression.feedback import ErrorFeedback, FeedbackStep
 from coopsgd.compression.powersgd import PowerSGD
-from coopsgd.compression.quantize import BF16, FP16, QSGD, Cast, Int8, NoCompression, ScaledSign
+from coopsgd.compression.quantize import BF16, FP16, QSGD, Cast, Int4, Int8, NoCompression, ScaledSign
 from coopsgd.compression.reference import reference_roundtrip
 from coopsgd.compression.sparse import RandK, TopK
 from coopsgd.compression.spec import COMPRESSOR_SPECS, parse_compressor
@@ -32,6 +32,7 @@ __all__ = [
     "FP16",
     "BF16",
     "Int8",
+    "Int4",
     "QSGD",
     "ScaledSign",
     "TopK",

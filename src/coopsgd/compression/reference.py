@@ -1,7 +1,7 @@
 """The numpy reference of every compressor: one node's row at a time, written as the definition.
 
 ``reference_roundtrip(compressor, x, round=, node=, seed=, state=)`` returns Q(x) (the decoded row) and the
-node's next state. The torch versions must agree: exactly for ``none``, ``fp16``, ``bf16``, ``int8``,
+node's next state. The torch versions must agree: exactly for ``none``, ``fp16``, ``bf16``, ``int8``, ``int4``,
 ``topk`` and ``randk`` (the same elementwise operations, each correctly rounded); to a few ulps for
 ``qsgd``, ``sign`` and ``powersgd``, whose norms, sums and matrix products add in a different order (numpy's
 pairwise sum and BLAS against torch's blocked :func:`~coopsgd.compression.base.row_sum`), and a ``qsgd``
@@ -18,7 +18,7 @@ import numpy as np
 
 from coopsgd.compression.base import Compressor
 from coopsgd.compression.powersgd import PowerSGD
-from coopsgd.compression.quantize import QSGD, Cast, Int8, NoCompression, ScaledSign
+from coopsgd.compression.quantize import QSGD, Cast, Int4, Int8, NoCompression, ScaledSign
 from coopsgd.compression.rng import (
     MASK32,
     STREAM_POWERSGD,
@@ -55,6 +55,17 @@ def _int8(c: Compressor, x: np.ndarray, round: int, node: int, seed: int, state:
         chunk = x[start : start + c.chunk]
         scale = np.abs(chunk).max() / x.dtype.type(127.0)
         q = np.clip(np.round(chunk / scale), -127, 127) if scale > 0 else np.zeros_like(chunk)
+        out[start : start + c.chunk] = q * scale
+    return out, None
+
+
+def _int4(c: Compressor, x: np.ndarray, round: int, node: int, seed: int, state: Any) -> tuple[np.ndarray, Any]:
+    assert isinstance(c, Int4)
+    out = np.empty_like(x)
+    for start in range(0, x.size, c.chunk):
+        chunk = x[start : start + c.chunk]
+        scale = np.abs(chunk).max() / x.dtype.type(c.LEVEL)
+        q = np.clip(np.round(chunk / scale), -c.LEVEL, c.LEVEL) if scale > 0 else np.zeros_like(chunk)
         out[start : start + c.chunk] = q * scale
     return out, None
 
@@ -135,6 +146,7 @@ def _powersgd(c: Compressor, x: np.ndarray, round: int, node: int, seed: int, st
 _REFERENCE: dict[type, Callable[[Any, np.ndarray, int, int, int, Any], tuple[np.ndarray, Any]]] = {
     NoCompression: _none,
     Int8: _int8,
+    Int4: _int4,
     QSGD: _qsgd,
     ScaledSign: _sign,
     TopK: _topk,

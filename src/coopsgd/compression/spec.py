@@ -6,7 +6,17 @@ from collections.abc import Callable, Sequence
 
 from coopsgd.compression.base import Compressor
 from coopsgd.compression.powersgd import PowerSGD
-from coopsgd.compression.quantize import BF16, FP16, INT8_CHUNK, QSGD, Int8, NoCompression, ScaledSign
+from coopsgd.compression.quantize import (
+    BF16,
+    FP16,
+    INT4_CHUNK,
+    INT8_CHUNK,
+    QSGD,
+    Int4,
+    Int8,
+    NoCompression,
+    ScaledSign,
+)
 from coopsgd.compression.sparse import RandK, TopK
 from coopsgd.errors import ConfigError
 
@@ -17,7 +27,7 @@ FIELD = "compress"
 
 #: The grammar, as the error messages and ``--help`` show it.
 COMPRESSOR_SPECS = (
-    "none, fp16, bf16, int8[:CHUNK], qsgd:S, sign, topk:F, randk:F[:unbiased], powersgd:R "
+    "none, fp16, bf16, int8[:CHUNK], int4[:CHUNK], qsgd:S, sign, topk:F, randk:F[:unbiased], powersgd:R "
     "(F a fraction in (0, 1], S, R and CHUNK integers >= 1)"
 )
 
@@ -58,6 +68,7 @@ _BUILDERS: dict[str, tuple[tuple[int, ...], Callable[[str, list[str]], Compresso
     "bf16": ((0,), lambda spec, a: BF16()),
     "sign": ((0,), lambda spec, a: ScaledSign()),
     "int8": ((0, 1), lambda spec, a: Int8(_integer(spec, a[0], "int8's CHUNK") if a else INT8_CHUNK)),
+    "int4": ((0, 1), lambda spec, a: Int4(_integer(spec, a[0], "int4's CHUNK") if a else INT4_CHUNK)),
     "qsgd": ((1,), lambda spec, a: QSGD(_integer(spec, a[0], "qsgd's levels S"))),
     "topk": ((1,), lambda spec, a: TopK(_fraction(spec, a[0], "topk"))),
     "randk": ((1, 2), _randk),

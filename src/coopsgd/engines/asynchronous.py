@@ -12,6 +12,14 @@ One arrival of the worker ``w`` holding slot ``j`` (x its model row, z the serve
 
     s = version - v_j;  b <- b + w(s) (y_j - x);  buffered += 1
     if buffered == K:  g = b / K;  server step on z with g (delayed Nesterov, eq. DN);  b <- 0;  version += 1
+
+Eq. DN (server step t, counted from 1; eta, beta, N as in :class:`~coopsgd.algorithms.asynchronous.AsyncAggregation`)::
+
+    a <- a + g
+    if t mod N == 0:  u <- beta u + a / N;  z <- z - eta (g / N + beta u);  a <- 0
+    else:             z <- z - eta g / N
+
+With N = 1 (computed without a) it is ``torch.optim.SGD(nesterov=True)``; with beta = 0 plain ``z <- z - eta g``.
     the next worker w' of the slot pulls: x_w' <- z;  y_j <- z;  v_j <- version
 """
 
@@ -74,15 +82,20 @@ class AsyncServer:
         a, L = self.agg, self.ledger
         g = self.buffer / float(a.buffer_size)
         t = int(L["server_steps"]) + 1
-        if a.momentum > 0.0:
+        if a.momentum > 0.0 and a.delayed_nesterov == 1:  # torch's Nesterov SGD: u <- beta u + g
+            self.momentum *= a.momentum
+            self.momentum += g
+            z -= a.lr * (g + a.momentum * self.momentum)
+        elif a.momentum > 0.0:  # delayed Nesterov: g / N at every step, the momentum at every N-th
+            n = float(a.delayed_nesterov)
             self.accum += g
             if t % a.delayed_nesterov == 0:
                 self.momentum *= a.momentum
-                self.momentum += self.accum / float(a.delayed_nesterov)
-                z -= a.lr * (g + a.momentum * self.momentum)
+                self.momentum += self.accum / n
+                z -= a.lr * (g / n + a.momentum * self.momentum)
                 self.accum *= 0.0
             else:
-                z -= a.lr * g
+                z -= a.lr * (g / n)
         else:
             z -= a.lr * g
         self.buffer *= 0.0
@@ -112,17 +125,29 @@ class AsyncServer:
     def arrive(self, params: Rows, server: int, event: AsyncStep) -> ArrivalReport:
         """Apply ``event``'s arrivals, in order, to ``params`` ((n, d) parameter rows, changed in place; row
         ``server`` is z). Nothing is checked here: :meth:`rows_written` says which rows to check."""
-        L, rep = self.ledger, ArrivalReport()
+        rep = ArrivalReport()
         z = params[server]
         for slot, w, nxt in event.arrivals:
             s, stepped = self.receive(z, self.pulled[slot] - params[w], slot)
             rep.workers.append(int(w))
             rep.staleness.append(s)
             rep.server_steps += int(stepped)
-            params[nxt] = z
-            self.pulled[slot] = z
-            L["pulled_version"][slot] = int(L["version"])
+            self._pull(params, z, slot, nxt)
         return rep
+
+    def _pull(self, params: Rows, z: Rows, slot: int, nxt: int) -> None:
+        """The slot's next worker pulls z: ``x_nxt <- z;  y_slot <- z;  v_slot <- version``."""
+        params[nxt] = z
+        self.pulled[slot] = z
+        self.ledger["pulled_version"][slot] = int(self.ledger["version"])
+
+    def pull_only(self, params: Rows, server: int, event: AsyncStep) -> None:
+        """A dropped step's arrivals (``nan_policy="skip"``): nothing is received, but the timeline still hands
+        each slot to its next worker, which pulls z, so that every training worker's row is the copy its slot
+        pulled (the slot invariant ``x_w = y_j`` at the start of a round)."""
+        z = params[server]
+        for slot, _, nxt in event.arrivals:
+            self._pull(params, z, slot, nxt)
 
     def on_push(self, z: Tensor, push: Tensor, rank: int) -> None:
         """The rule of a real parameter server (:class:`~coopsgd.engines.distributed.parameter_server.AsyncParameterServer`,

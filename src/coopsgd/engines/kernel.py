@@ -52,8 +52,9 @@ The engines differ only in the communicator and in which rows they hold: the ker
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ from torch import Tensor
 
 from coopsgd.algorithms.schedules import round_lr_sums
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.algorithms.streaming import fragment_bounds
 from coopsgd.engines.aggregation import RobustRounds
 from coopsgd.engines.base import Communicator
 from coopsgd.engines.compressed import CompressedRounds
@@ -168,8 +170,10 @@ class InProcess:
         rows are a strict subset of them (sampled clients; FedNova's server row may be a source too, it is never
         deferred), so most of them are not read before the next round."""
         src = plan.sources
-        return (self.lazy_rows > 0 and plan.kind is RoundKind.AVERAGE and src is not None
-                and int(np.count_nonzero(src < self.lazy_rows)) < self.lazy_rows)
+        if self.lazy_rows <= 0 or plan.kind is not RoundKind.AVERAGE or src is None:
+            return False
+        below = int(np.count_nonzero(src < self.lazy_rows))
+        return 0 < below < self.lazy_rows
 
     def communicate(self, rows: Tensor, rnd: Round, *, overlap: bool = False) -> None:
         """Apply the round ``rnd`` to ``rows`` (every node) in place."""
@@ -237,6 +241,10 @@ class RoundKernel:
             to ``comm`` as it is.
         worker_ids: the workers the first ``workers_local`` rows are (``None``: 0, 1, ...; a distributed rank
             passes its own), for SCAFFOLD's sampled clients.
+        param_sizes: the sizes of the parameter tensors in order (``None``: one vector of d), from which a
+            Streaming DiLoCo round's fragment columns follow (:func:`~coopsgd.algorithms.streaming.fragment_bounds`).
+        fragment_stages: per fragment, the compression stage of its columns (Streaming DiLoCo with compression;
+            built by the engine from :meth:`fragment_columns`), or ``None``.
     """
 
     spec: AlgorithmSpec
@@ -248,9 +256,14 @@ class RoundKernel:
     outer: OuterRuntime | None = None
     compressed: CompressedRounds | None = None
     worker_ids: tuple[int, ...] | None = None
+    param_sizes: tuple[int, ...] | None = None
+    fragment_stages: list[CompressedRounds] | None = None
 
     def __post_init__(self) -> None:
         self.cols = mix_columns(self.spec, self.b, self.d, self.opts)
+        # Streaming DiLoCo: delayed fragment rounds whose outer step waits for the reduction (fragment -> z's
+        # columns before the round, lr, the columns, the round); empty whenever the communicator is not pending
+        self._inflight: dict[int, tuple[Tensor, float, int, int, Round]] = {}
         self.nfields = len(self.opts.fields)
         self.sgd = isinstance(self.opts, SGDOptions)
         self.fields_end = self.b + self.d + self.nfields * self.d  # SCAFFOLD's control columns follow
@@ -311,6 +324,9 @@ class RoundKernel:
             lr: the learning rate.
             on_round: called right before the round is communicated (timing and liveness hooks).
         """
+        if rnd is not None and rnd.mix is not None and "fragment" in rnd.mix.info:
+            self._local_then_fragment(state, grads, rows, new_buffers, counters, rnd, lr, on_round)
+            return
         pre = self.spec.rule == "pre_mix" and rnd is not None
         pending = None
         if grads is not None:
@@ -360,6 +376,125 @@ class RoundKernel:
             self.outer_round(state, lr, z_old)
             if self.compressed is not None:  # the workers restarted from z: z is their new x_ref
                 self.compressed.settle(state[:, lo:hi], rnd)
+
+    # -- Streaming DiLoCo (coopsgd.algorithms.streaming) -------------------------------------------------------
+    def fragment_columns(self, info: Mapping[str, Any]) -> tuple[int, int]:
+        """The state columns ``[lo, hi)`` a fragment round (its ``Mix.info``) sends: its parameter columns, and for
+        fragment 0 the float buffers too when the policy mixes them."""
+        fragment = int(info["fragment"])
+        bounds = fragment_bounds(self.param_sizes or (self.d,), int(info["fragments"]), str(info.get("split", "tensors")))
+        lo, hi = bounds[fragment]
+        start = self.cols[0] if fragment == 0 else self.b + lo
+        return start, self.b + hi
+
+    def _local_then_fragment(self, state: Tensor, grads: Tensor | None, rows: Tensor | None,
+                             new_buffers: Tensor | None, counters: Tensor, rnd: Round, lr: float,
+                             on_round: Callable[[], None] | None) -> None:
+        """A step ending in a Streaming DiLoCo event (``post_mix``): the local update, then the fragment's round
+        (send: average, z's outer step on the fragment; the workers keep their values unless the update is
+        applied at once) or the application of its delayed update (merge by alpha)."""
+        assert rnd.mix is not None and self.spec.rule == "post_mix" and self.outer is not None
+        if grads is not None:
+            pending = self._local_update(state, grads, rows, counters, lr, False)
+            if new_buffers is not None and self.b:
+                if rows is None:
+                    state[: self.workers_local, : self.b].copy_(new_buffers)
+                else:
+                    state[:, : self.b].index_copy_(0, rows, new_buffers)
+            if pending is not None:
+                self._add(state, rows, *pending)
+        info = rnd.mix.info
+        p = int(info["fragment"])
+        c_lo, c_hi = self.fragment_columns(info)
+        alpha = float(info.get("merge_alpha", 0.0))
+        if info.get("outer") and int(info.get("delay", 0)) > 0:
+            self._fragment_send_delayed(state, rnd, lr, p, c_lo, c_hi, on_round)
+            return
+        if info.get("outer"):
+            self._fragment_send(state, rnd, lr, p, c_lo, c_hi, keep=alpha > 0.0, on_round=on_round)
+        elif p in self._inflight:  # the delayed update is needed now: wait for its reduction
+            self.comm.finalize()
+            self.complete_fragments(state)
+        self._fragment_merge(state, c_lo, c_hi, alpha)
+
+    def _fragment_send(self, state: Tensor, rnd: Round, lr: float, p: int, c_lo: int, c_hi: int, *,
+                       keep: bool, on_round: Callable[[], None] | None) -> None:
+        """Without delay (DiLoCo's round on the fragment): average the workers on the fragment's columns and step
+        z's fragment (its float buffers, fragment 0 with mixed buffers, become the workers' mean); with ``keep``
+        the workers' own values are kept for the merge."""
+        assert self.outer is not None
+        w, b = self.workers_local, self.b
+        kept = state[:w, c_lo:c_hi].clone() if keep else None
+        if on_round is not None:
+            on_round()
+        cols = state[:, c_lo:c_hi]
+        stage = None if self.fragment_stages is None else self.fragment_stages[p]
+        if stage is not None:
+            stage.communicate(cols, rnd, self.comm, overlap=self.spec.overlap)
+        else:
+            self.comm.communicate(cols, rnd, overlap=self.spec.overlap)
+        f_lo, f_hi = max(c_lo, b) - b, c_hi - b
+        whole = (f_lo, f_hi) == (0, self.d)
+        P_ = state[:, b : b + self.d]
+        z_new = self.outer.step(P_[w, f_lo:f_hi], P_[0, f_lo:f_hi], lr, None if whole else (f_lo, f_hi))
+        P_[w, f_lo:f_hi].copy_(z_new)
+        if c_lo < b:
+            state[w, c_lo:b].copy_(state[0, c_lo:b])
+        if stage is not None:  # every worker will take z's fragment: z is the stage's x_ref (rows from z's on)
+            stage.settle(state[w:, c_lo:c_hi], rnd)
+        if kept is not None:
+            state[:w, c_lo:c_hi].copy_(kept)
+
+    def _fragment_send_delayed(self, state: Tensor, rnd: Round, lr: float, p: int, c_lo: int, c_hi: int,
+                               on_round: Callable[[], None] | None) -> None:
+        """With a delay: z's row receives the workers' average of the fragment (the workers keep training) and z's
+        fragment then takes its outer step from its value before the round. A communicator that leaves the
+        reduction in flight (``pending``: the distributed engine's asynchronous all-reduce) completes it when
+        the update is applied, or earlier at its ``finalize`` (:meth:`complete_fragments`)."""
+        w = self.workers_local
+        z_old = state[w, c_lo:c_hi].clone()
+        if on_round is not None:
+            on_round()
+        cols = state[:, c_lo:c_hi]
+        stage = None if self.fragment_stages is None else self.fragment_stages[p]
+        if stage is not None:  # a compressed average writes every participant: the workers keep their values
+            kept = state[:w, c_lo:c_hi].clone()
+            stage.communicate(cols, rnd, self.comm, overlap=True)
+            state[:w, c_lo:c_hi].copy_(kept)
+        else:
+            self.comm.communicate(cols, rnd, overlap=True)
+        self._inflight[p] = (z_old, lr, c_lo, c_hi, rnd)
+        if not self.comm.pending:
+            self.complete_fragments(state)
+
+    def complete_fragments(self, state: Tensor) -> None:
+        """The outer steps of the delayed fragment rounds whose reductions are complete (z's row holds the
+        workers' average): z's fragment steps from its value before the round (its float buffers, fragment 0's
+        with mixed buffers, keep the average). Called when the communicator finalizes (the engines' hook)."""
+        if not self._inflight or self.comm.pending:
+            return
+        assert self.outer is not None
+        w, b = self.workers_local, self.b
+        for p, (z_old, lr, c_lo, c_hi, rnd) in sorted(self._inflight.items()):
+            f_lo, f_hi = max(c_lo, b) - b, c_hi - b
+            whole = (f_lo, f_hi) == (0, self.d)
+            P_ = state[:, b : b + self.d]
+            z_params = z_old[max(b - c_lo, 0) :]  # z_old covers [c_lo, c_hi): its parameter part
+            z_new = self.outer.step(z_params, P_[w, f_lo:f_hi], lr, None if whole else (f_lo, f_hi))
+            P_[w, f_lo:f_hi].copy_(z_new)
+            stage = None if self.fragment_stages is None else self.fragment_stages[p]
+            if stage is not None:  # z's fragment is what every node agrees on (rows from z's on)
+                stage.settle(state[w:, c_lo:c_hi], rnd)
+        self._inflight.clear()
+
+    def _fragment_merge(self, state: Tensor, c_lo: int, c_hi: int, alpha: float) -> None:
+        """Every worker's fragment columns become ``alpha x_i + (1 - alpha) z`` (alpha = 0: z's, copied)."""
+        w = self.workers_local
+        X, z = state[:w, c_lo:c_hi], state[w, c_lo:c_hi]
+        if alpha == 0.0:
+            X.copy_(z.expand_as(X))
+        else:
+            X.mul_(alpha).add_(z, alpha=1.0 - alpha)
 
     def _robust_gathered(self, rows: Tensor, rnd: Round) -> None:
         """A robust FedAvg round on a process that holds one client (a distributed rank): every rank's row is

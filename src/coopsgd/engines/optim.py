@@ -442,8 +442,15 @@ class OuterRuntime:
             out["momentum_buffer"] = z()
         return out
 
-    def step(self, z: Tensor, a: Tensor, lr: float) -> Tensor:
-        """The new z (a new tensor); updates this optimizer's state."""
+    def step(self, z: Tensor, a: Tensor, lr: float, cols: tuple[int, int] | None = None) -> Tensor:
+        """The new z (a new tensor); updates this optimizer's state.
+
+        ``cols``: z and a are the coordinates ``[lo, hi)`` only (a Streaming DiLoCo fragment): the step reads
+        and updates the state of those coordinates alone (the step count counts every call). Only the SGD
+        kinds take ``cols`` (the adaptive kinds' bias correction counts whole-model rounds).
+        """
+        if cols is not None:
+            return self._fragment_step(z, a, lr, cols)
         o, st = self.spec, self.state
         delta = z - a
         st["step"] = int(st["step"]) + 1
@@ -479,6 +486,22 @@ class OuterRuntime:
         if o.lr_scaled:
             o.check_round_lr(lr)
             st["last_lr"] = float(lr)
+        return a + (delta - o.lr * D)
+
+    def _fragment_step(self, z: Tensor, a: Tensor, lr: float, cols: tuple[int, int]) -> Tensor:
+        """:meth:`step` on the coordinates ``cols`` (SGD with or without (Nesterov) momentum), same operations."""
+        o, st = self.spec, self.state
+        if o.kind != "sgd" or o.lr_scaled:
+            raise ConfigError.invalid("outer_optimizer", o.kind, "a fragment's outer step needs plain SGD outer "
+                                      "steps (momentum, Nesterov; no lr scaling)")
+        delta = z - a
+        st["step"] = int(st["step"]) + 1
+        if o.momentum > 0:
+            buf = st["momentum_buffer"][cols[0] : cols[1]]
+            buf.mul_(o.momentum).add_(delta)
+            D = delta + o.momentum * buf if o.nesterov else buf
+        else:
+            D = delta
         return a + (delta - o.lr * D)
 
     def state_dict(self) -> dict[str, Any]:

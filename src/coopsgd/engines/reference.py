@@ -25,7 +25,7 @@ distance ``||X (I - J)||_F^2 / m``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from coopsgd.algorithms.outer import ADAPTIVE_KINDS, OuterOptimizer
 from coopsgd.algorithms.robust import aggregate_np, attack_np
 from coopsgd.algorithms.schedules import Mix, MixContext, round_lr_sums
 from coopsgd.algorithms.spec import AlgorithmSpec
+from coopsgd.algorithms.streaming import fragment_bounds
 from coopsgd.engines.asynchronous import AsyncServer, start_rows
 from coopsgd.engines.base import (
     NAN_POLICIES,
@@ -46,6 +47,7 @@ from coopsgd.engines.base import (
     wrap_state,
 )
 from coopsgd.engines.compressed import ReferenceCompressedRounds
+from coopsgd.engines.fragments import reference_fragment_stages
 from coopsgd.engines.mixing import RoundKind, apply_mixing, plan_round
 from coopsgd.errors import ConfigError, check_float, check_int
 from coopsgd.objectives import Objective
@@ -61,6 +63,13 @@ def outer_init(outer: OuterOptimizer, d: int) -> dict[str, Any]:
     out: dict[str, Any] = {"step": 0, "last_lr": 0.0}
     if outer.momentum > 0:
         out["momentum_buffer"] = np.zeros(d)
+    return out
+
+
+def _put(full: np.ndarray, lo: int, hi: int, part: np.ndarray) -> np.ndarray:
+    """A copy of ``full`` with ``[lo, hi)`` replaced by ``part``."""
+    out = full.copy()
+    out[lo:hi] = part
     return out
 
 
@@ -170,6 +179,7 @@ class ReferenceEngine:
         self.spec = spec
         self.objective = objective
         self.seed = int(seed)
+        self.layout = None if layout is None else [tuple(int(n) for n in shape) for shape in layout]
         m = spec.workers
         if x0 is None:
             x0 = objective.initial_point(np.random.default_rng(seed))
@@ -180,6 +190,10 @@ class ReferenceEngine:
         self.rngs = [np.random.default_rng([self.seed, i]) for i in range(m)]
         self.step_count = 0
         self.rounds = 0
+        #: the rounds weighted by the share of x each sends (a Streaming DiLoCo fragment: its share; any other
+        #: round: 1), and the largest share of one step (the trainer's bytes and peak bytes per step)
+        self.units_sent = 0.0
+        self.peak_units = 0.0
         self.leader: int | None = None
         self.schedule_state = spec.schedule.init_state()
         self.outer_state = None if spec.outer is None else outer_init(spec.outer, objective.dim)
@@ -188,6 +202,11 @@ class ReferenceEngine:
         self._compressed = None if spec.compressed is None else ReferenceCompressedRounds(
             spec.compressed, nodes=spec.nodes, workers=m, width=objective.dim, seed=self.seed, layout=layout,
             start=x0 if x0.ndim == 1 else x0.mean(axis=0))
+        sizes = [objective.dim] if self.layout is None else [int(np.prod(s)) for s in self.layout]
+        self._fragments = reference_fragment_stages(spec, sizes, self.layout, nodes=spec.nodes, workers=m,
+                                                    seed=self.seed, start=x0 if x0.ndim == 1 else x0.mean(axis=0))
+        if self._fragments is not None:  # Streaming DiLoCo: a stage per fragment (coopsgd.engines.fragments)
+            self._compressed = None
         #: an asynchronous server (``spec.asynchronous``): the slots' pulled copies, buffer, momentum and ledger
         self._async = None if spec.asynchronous is None else AsyncServer(
             spec.asynchronous, self.state[start_rows(spec.schedule)], lambda: np.zeros(objective.dim))
@@ -284,7 +303,11 @@ class ReferenceEngine:
             with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported just below
                 z_old = None
                 control = self.control
-                if spec.rule == "post_mix":
+                fragment = mix is not None and "fragment" in mix.info
+                if fragment:  # Streaming DiLoCo (post_mix): the fragment's round or its delayed update
+                    assert mix is not None
+                    X, outer_state = self._fragment_event(self.state - lr * G, mix, lr)
+                elif spec.rule == "post_mix":
                     X = self.state - lr * G
                     if control is not None and mix is not None and mix.communicates:
                         control = self._control_round(X, mix, lr)
@@ -295,8 +318,9 @@ class ReferenceEngine:
                 else:
                     X = self.state if mix is None else self._round(self.state, mix)
                     X = X - lr * G
-                outer_state = self.outer_state
-                if spec.outer is not None and mix is not None and mix.info.get("outer"):
+                if not fragment:
+                    outer_state = self.outer_state
+                if not fragment and spec.outer is not None and mix is not None and mix.info.get("outer"):
                     m = spec.workers
                     col = np.asarray(mix.matrix[:, m])
                     if col[m] == 1.0 and np.count_nonzero(col) == 1:  # z kept: the workers hold their average
@@ -321,6 +345,9 @@ class ReferenceEngine:
                 assert self._async is not None
                 self._async.restore(async_snap)
                 info = None
+                skipped = True
+        if skipped and self._async is not None:  # a dropped step's slots still pass on: the pulls alone
+            self._async.pull_only(self.state, spec.workers, sched.step_events(k))  # type: ignore[attr-defined]
         self.schedule_state = sched_state
         self.step_count += 1
         communicated = mix is not None and mix.communicates
@@ -329,6 +356,12 @@ class ReferenceEngine:
             info = info if info is not None and not skipped else {"arrivals": [], "staleness": [], "server_steps": 0}
         if communicated:
             self.rounds += 1
+            units = 1.0
+            if mix is not None and "fragment" in mix.info:
+                lo, hi = self.fragment_columns(mix.info)
+                units = (hi - lo) / self.objective.dim
+            self.units_sent += units
+            self.peak_units = max(self.peak_units, units)
         if mix is not None and "leader" in mix.info:
             self.leader = mix.info["leader"]
         with np.errstate(all="ignore"):
@@ -339,6 +372,44 @@ class ReferenceEngine:
             (None if mix is None else mix.pattern),
             info=info if info is not None else ({} if mix is None else mix.info), skipped=skipped,
         )
+
+    def fragment_columns(self, info: Mapping[str, Any]) -> tuple[int, int]:
+        """The coordinates ``[lo, hi)`` of a Streaming DiLoCo fragment (its round's ``Mix.info``): of the layout's
+        tensors, else of x cut into equal chunks (:func:`~coopsgd.algorithms.streaming.fragment_bounds`)."""
+        sizes = [self.objective.dim] if self.layout is None else [int(np.prod(s)) for s in self.layout]
+        return fragment_bounds(sizes, int(info["fragments"]), str(info.get("split", "tensors")))[int(info["fragment"])]
+
+    def _fragment_event(self, X: np.ndarray, mix: Mix, lr: float) -> tuple[np.ndarray, Any]:
+        """Streaming DiLoCo after the local step (``X``): at a send, the workers' fragment averaged by the round,
+        z's fragment stepped by the outer optimizer on its own coordinates (the workers keep their values when
+        the update is delayed); at the application (or a send without delay) every worker's fragment becomes
+        ``alpha x_i + (1 - alpha) z``. Returns the new array and the outer optimizer's state."""
+        assert self.spec.outer is not None and self.outer_state is not None
+        m = self.spec.workers
+        info = mix.info
+        lo, hi = self.fragment_columns(info)
+        st: Any = self.outer_state
+        X = X.copy()
+        stage = None if self._fragments is None else self._fragments.stages[int(info["fragment"])]
+        delayed = int(info.get("delay", 0)) > 0
+        if info.get("outer"):
+            Y = self._round(X[:, lo:hi], mix) if stage is None else stage.communicate(X[:, lo:hi], plan_round(mix))
+            whole = (lo, hi) == (0, X.shape[1])
+            sub = st if whole else {k: (v[lo:hi] if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+            # delayed: z received the average (the workers kept their values); else the workers hold it
+            z_in, a = (X[m, lo:hi], Y[m]) if delayed else (Y[m], Y[0])
+            z, new = outer_step(self.spec.outer, sub, z_in, a, lr)
+            if not whole:
+                new = {k: (_put(st[k], lo, hi, v) if isinstance(v, np.ndarray) else v) for k, v in new.items()}
+            st = new
+            X[m, lo:hi] = z
+            if stage is not None:  # z's fragment is what every node agrees on (rows from z's on)
+                stage.settle(X[m:, lo:hi], plan_round(mix))
+            if delayed:
+                return X, st
+        alpha = float(info.get("merge_alpha", 0.0))
+        X[:m, lo:hi] = X[m, lo:hi] if alpha == 0.0 else alpha * X[:m, lo:hi] + (1.0 - alpha) * X[m, lo:hi]
+        return X, st
 
     def _round(self, X: np.ndarray, mix: Mix) -> np.ndarray:
         """``X`` after the round ``mix``: ``X S``, the compressed round of ``spec.compressed``, or (``spec.robust``)
@@ -359,6 +430,8 @@ class ReferenceEngine:
         return self._compressed.communicate(X, plan_round(mix))
 
     def _compression_state(self) -> dict[str, Any] | None:
+        if self._fragments is not None:
+            return self._fragments.state()
         return None if self._compressed is None else self._compressed.state()
 
     def _finite_or_skip(self, arr: np.ndarray, step: int, what: str) -> bool:
@@ -390,8 +463,12 @@ class ReferenceEngine:
         self.control = None if self._good[4] is None else self._good[4].copy()
         if self._compressed is not None:
             self._compressed.load(self._good[3])
-        if self._async is not None and self._async_good is not None:
+        if self._fragments is not None:
+            self._fragments.load(self._good[3])
+        if self._async is not None and self._async_good is not None:  # rolled back: the slots pass on all the same
             self._async.restore(self._async_good)
+            for j in range(self._good[1], self.step_count):
+                self._async.pull_only(self.state, self.spec.workers, self.spec.schedule.step_events(j))  # type: ignore[attr-defined]
         first = dict(sorted(bad.items(), key=lambda kv: int(kv[0])))
         return DroppedRound(step=self.step_count - 1, workers=[int(w) for w in first], first_steps=first,
                             restored_to_step=self._good[1])
@@ -422,10 +499,11 @@ class ReferenceEngine:
         return wrap_state("reference", {
             "state": self.state.copy(), "rngs": [g.bit_generator.state for g in self.rngs],
             "step": self.step_count, "rounds": self.rounds, "leader": self.leader,
+            "units_sent": self.units_sent, "peak_units": self.peak_units,
             "schedule_state": dict(self.schedule_state),
             "outer_state": None if self.outer_state is None else dict(self.outer_state),
             **({} if self.control is None else {"control": self.control.copy()}),
-            **({} if self._compressed is None else {"compression": self._compressed.state()}),
+            **({} if self._compression_state() is None else {"compression": self._compression_state()}),
             **({} if self._async is None else {"asynchronous": self._async.state_dict()}),
         })
 
@@ -434,12 +512,13 @@ class ReferenceEngine:
         if np.shape(p["state"]) != self.state.shape:
             raise ConfigError.invalid("state_dict.state", np.shape(p["state"]), f"expected {self.state.shape}")
         saved = p.get("compression")  # optional: absent from uncompressed runs
-        if (saved is None) != (self._compressed is None):
+        stages = self._compressed if self._fragments is None else self._fragments
+        if (saved is None) != (stages is None):
             raise ConfigError.invalid("state_dict.compression", None if saved is None else saved.get("compress"),
                                       "the checkpoint and this run differ in whether their rounds are compressed "
                                       "(resume with the checkpoint's compress setting)")
-        if self._compressed is not None and saved is not None:
-            self._compressed.load(saved)
+        if stages is not None and saved is not None:
+            stages.load(saved)
         if self.control is not None:
             saved_c = p.get("control")
             if saved_c is None or np.shape(saved_c) != self.control.shape:
@@ -452,6 +531,8 @@ class ReferenceEngine:
         for g, st in zip(self.rngs, p["rngs"], strict=True):
             g.bit_generator.state = st
         self.step_count, self.rounds = int(p["step"]), int(p["rounds"])
+        self.units_sent = float(p.get("units_sent", self.rounds))
+        self.peak_units = float(p.get("peak_units", 1.0 if self.rounds else 0.0))
         self.leader = None if p["leader"] is None else int(p["leader"])
         self.schedule_state = dict(p["schedule_state"])
         if self.outer_state is not None:

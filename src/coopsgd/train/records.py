@@ -92,6 +92,7 @@ def time_fields(times: dict[str, Any], train_s: float, wall: float) -> dict[str,
     simulated = times.get("simulated_time_s")
     out = {k: nonnegative(times.get(k)) for k in TIME_KEYS}
     out["bytes_sent"] = float(times.get("bytes_sent", 0.0))
+    out["peak_bytes_per_step"] = float(times.get("peak_bytes_per_step", 0.0))
     out["measured_train_s"] = float(train_s)
     out["wall_time_s"] = float(wall)
     out["time_source"] = "simulated" if simulated is not None else "measured"
@@ -212,6 +213,7 @@ def summarize(spec: AlgorithmSpec, config: RunConfig, last: dict[str, Any], *, t
         "wall_time_s": wall,
         "communication_rounds": last["rounds"],
         "bytes_sent": last["bytes_sent"],
+        "peak_bytes_per_step": last.get("peak_bytes_per_step"),
         "consensus_distance": last.get("consensus_distance"),
         "zeta": last.get("zeta"),
         "dropped_rounds": list(last.get("dropped_rounds") or []),

@@ -98,7 +98,8 @@ def _workload(c: RunConfig, spec: AlgorithmSpec, obj: Objective, steps: int, rc:
         frac = step / steps
         times = {"simulated_time_s": step * per_step, "simulated_compute_s": frac * clock["compute_s"],
                  "simulated_communication_s": frac * clock["communication_s"],
-                 "simulated_idle_s": frac * clock["idle_s"], "bytes_sent": rc.bytes_sent * engine.rounds}
+                 "simulated_idle_s": frac * clock["idle_s"], "bytes_sent": rc.bytes_sent * engine.units_sent,
+                 "peak_bytes_per_step": rc.bytes_sent * engine.peak_units}
         rec: dict[str, Any] = {
             "step": step, "epoch": None, "lr": lr, "train_loss": float(obj.value(engine.average())),
             "worker_losses": [float(v) for v in np.asarray(obj.value(engine.workers_state))],

@@ -554,7 +554,8 @@ _LIST_TAGS = {"worker_losses": "worker_loss"}
 #: The TensorBoard groups (a tag's part before the first ``/``; TensorBoard shows one section per group).
 TENSORBOARD_GROUPS = ("train", "test", "communication", "time")
 #: Metric fields in a group their name does not tell (see :func:`tensorboard_tag`).
-_TAG_GROUPS = {"rounds": "communication", "bytes_sent": "communication", "leader": "communication",
+_TAG_GROUPS = {"rounds": "communication", "bytes_sent": "communication", "peak_bytes_per_step": "communication",
+               "leader": "communication",
                "consensus_distance": "communication", "zeta": "communication", "epoch": "train", "lr": "train",
                "center_objective": "train"}
 
@@ -801,7 +802,7 @@ class RunDir:
 #: tabulate and compare.
 METRIC_NUMBERS = (
     "epoch", "lr", "train_loss", "test_loss", "test_accuracy", "test_perplexity", "consensus_distance", "zeta",
-    "rounds", "bytes_sent", "time_s", "simulated_time_s", "simulated_compute_s", "simulated_communication_s",
+    "rounds", "bytes_sent", "peak_bytes_per_step", "time_s", "simulated_time_s", "simulated_compute_s", "simulated_communication_s",
     "simulated_idle_s", "measured_train_s", "measured_compute_s", "measured_communication_s", "wall_time_s",
     "center_objective",
 )

@@ -96,6 +96,7 @@ from coopsgd.engines.distributed.launch import no_heartbeat
 from coopsgd.engines.distributed.parameter_server import AsyncParameterServer
 from coopsgd.engines.distributed.views import RankViews, communication_table
 from coopsgd.engines.executors import ComputeResult, LoopExecutor
+from coopsgd.engines.fragments import check_distributed_fragments
 from coopsgd.engines.health import diverged
 from coopsgd.engines.kernel import RoundKernel, mix_columns
 from coopsgd.engines.mixing import Round, plan_round
@@ -129,11 +130,15 @@ def _check_options(spec: AlgorithmSpec, device: str | torch.device, downpour_ord
         raise ConfigError.invalid("spec", spec, "must be an AlgorithmSpec (see coopsgd.algorithms.presets)")
     # asynchronous pushes: refused, never a silent uncompressed run
     check_distributed_compression(spec, asynchronous=downpour_order == "async")
+    check_distributed_fragments(spec)  # compressed fragment rounds: refused likewise
     server = spec.asynchronous is not None  # FedBuff, asynchronous local SGD: the real parameter server's order
     if server and getattr(spec.schedule, "concurrency", spec.workers) != spec.workers:
         raise ConfigError.invalid("concurrency", getattr(spec.schedule, "concurrency", None), "the distributed "
                                   f"engine runs one rank per client, every one training: concurrency = workers = "
                                   f"{spec.workers}")
+    if server and getattr(spec.schedule, "dynamic", False):
+        raise ConfigError.invalid("dynamic_local_updates", True, "false on the distributed engine (each rank pushes "
+                                  "after its own tau real local steps; H_i follows simulated speed classes)")
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError.invalid("process group", None, "call torch.distributed.init_process_group first")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -237,7 +242,8 @@ class DistributedEngine(RankViews):
         # a compressed spec's rounds go through its compressed stage, which hands the rest to the mixer
         self._compressed = self._compression_stage()
         comm = self.mixer if self._compressed is None else self._compressed
-        self._kernel = RoundKernel(spec, self.opts, b, d, 1, comm, outer=self.outer, worker_ids=(self.rank,))
+        self._kernel = RoundKernel(spec, self.opts, b, d, 1, comm, outer=self.outer, worker_ids=(self.rank,),
+                                   param_sizes=tuple(math.prod(s) for s in self.layout.param_shapes))
         self._server_rule: AsyncServer | None = None
         self._ps = self._start_parameter_server(net) if self.asynchronous else None
         #: local steps between pushes: tau, or an asynchronous server's H_i of this worker
@@ -248,6 +254,7 @@ class DistributedEngine(RankViews):
         self._hist = np.full(self.window, np.nan)
         self._hist_count = 0
         self.compute_s = 0.0
+        self.peak_bytes = 0.0  # this rank's most bytes sent in one step (peak_bytes_per_step: summed over ranks)
         self._round_arrivals: list[float] = []
         self._round_durations: list[float] = []
         self._t_start: float | None = None
@@ -318,7 +325,10 @@ class DistributedEngine(RankViews):
         return {k: v[0] for k, v in self.rows_optimizer_state.items()}
 
     def _zero_aux_momentum(self) -> None:
+        """After a non-blocking round completes: the auxiliaries hold no optimizer state, and the outer steps of
+        Streaming DiLoCo's delayed fragment rounds (their reductions just arrived) are taken."""
         self._kernel.zero_aux_momentum(self._state)
+        self._kernel.complete_fragments(self._state)
 
     # -- the loop's side of the engine contract ------------------------------------------------------------
     name = "distributed"
@@ -434,6 +444,7 @@ class DistributedEngine(RankViews):
             self._round_arrivals.append(arrived)
             self._round_durations.append(self.mixer.stats.comm_s - comm0)
         self._hist, self._hist_count = hist, count
+        self.peak_bytes = max(self.peak_bytes, float(self.mixer.stats.bytes_sent - sent0))
         return self._record(k, lr, loss, mix, losses, ps_round=ps_round, sent=self.mixer.stats.bytes_sent - sent0)
 
     def _gradients(self, batch: Batch | None, poison: bool, k: int) -> tuple[ComputeResult | None, float, float | None]:
@@ -599,7 +610,7 @@ class DistributedEngine(RankViews):
             "compute_s": float(self.compute_s),
             "comm": {"bytes_sent": float(st.bytes_sent), "bytes_model": float(st.bytes_model),
                      "ops": {str(k): int(n) for k, n in st.ops.items()}, "comm_s": float(st.comm_s),
-                     "emulated_s": float(st.emulated_s)},
+                     "emulated_s": float(st.emulated_s), "peak_bytes": float(self.peak_bytes)},
             "parameter_server": None if self._ps is None else {
                 "z": self._ps.server_value() if self.rank == self._ps.host else None,
                 "pulled": self._ps.pulled.clone(), "pushes": int(self._ps.stats.pushes),
@@ -644,6 +655,7 @@ class DistributedEngine(RankViews):
         st.ops = {str(k): int(n) for k, n in saved["ops"].items()}
         st.comm_s = float(saved["comm_s"])
         st.emulated_s = float(saved["emulated_s"])
+        self.peak_bytes = float(saved.get("peak_bytes", 0.0))
         if self._ps is not None:
             saved_ps = state["parameter_server"]
             self._ps.load_state(saved_ps["z"], saved_ps["pulled"])

@@ -43,6 +43,7 @@ class RankViews(ModelRows):
     _aux_fill: Tensor  # an auxiliary's columns that are not mixed (asynchronous server)
     _hist: np.ndarray
     compute_s: float
+    peak_bytes: float
     _round_arrivals: list[float]
     _round_durations: list[float]
     _t_start: float | None
@@ -95,14 +96,16 @@ class RankViews(ModelRows):
     def time_record(self, *, local: bool = False) -> dict[str, Any]:
         """Bytes and time so far in the metric schema's names: measured (no simulated clock here).
 
-        ``bytes_sent`` is summed over the ranks (collective) unless ``local``; the measured compute and
-        communication seconds are this rank's."""
-        sent = float(self.mixer.stats.bytes_sent)
+        ``bytes_sent`` is summed over the ranks (collective) unless ``local``, and so is
+        ``peak_bytes_per_step`` (each rank's most bytes in one step; the ranks of a synchronous round send alike,
+        so the sum is the busiest step's bytes over all ranks); the measured compute and communication seconds
+        are this rank's."""
+        sent, peak = float(self.mixer.stats.bytes_sent), float(self.peak_bytes)
         if not local:
-            t = torch.tensor([sent], dtype=torch.float64)
+            t = torch.tensor([sent, peak], dtype=torch.float64)
             dist.all_reduce(t)
-            sent = float(t[0])
-        return {"bytes_sent": sent, "simulated_time_s": None, "simulated_compute_s": None,
+            sent, peak = float(t[0]), float(t[1])
+        return {"bytes_sent": sent, "peak_bytes_per_step": peak, "simulated_time_s": None, "simulated_compute_s": None,
                 "simulated_communication_s": None, "simulated_idle_s": None,
                 "measured_compute_s": float(self.compute_s), "measured_communication_s": float(self.mixer.stats.comm_s)}
 

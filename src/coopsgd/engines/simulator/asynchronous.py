@@ -35,6 +35,7 @@ class AsyncArrivals:
     step_count: int
     rounds: int
     bytes_sent: float
+    peak_bytes: float
     _async: AsyncServer | None
     _arrival_bound: bool
     device: torch.device
@@ -89,14 +90,28 @@ class AsyncArrivals:
             self._async.restore(snap)
             self._found(k, self._nonfinite(np.ones(1, dtype=bool), [self.m], k, "model"))
             return None
+        self._reset_pulled(event)
+        self._bound = max(self._bound, absmax(z))
+        return report
+
+    def _reset_pulled(self, event: Any) -> None:
+        """Under ``optimizer_state="reset"``, a pull restarts the pulling workers' optimizers."""
         k_ = self._kernel
-        if k_.nfields and self.spec.policies.optimizer_state == "reset":  # a pull restarts the worker's optimizer
+        if k_.nfields and self.spec.policies.optimizer_state == "reset":
             nxt = torch.as_tensor(sorted({n for _, _, n in event.arrivals}), device=self.device)
             self._state[nxt, k_.b + k_.d : k_.fields_end] = 0.0
             if not k_.sgd:
                 self._opt_counters[nxt.cpu()] = 0
-        self._bound = max(self._bound, absmax(z))
-        return report
+
+    def _pull_only(self, steps: range) -> None:
+        """The pulls of dropped steps' arrivals, in order (:meth:`AsyncServer.pull_only`): a step skipped under
+        ``nan_policy="skip"``, or every step :meth:`check_health` rolled back, still hands its slots on."""
+        assert self._async is not None
+        for k in steps:
+            event = self.spec.schedule.step_events(k)  # type: ignore[attr-defined]
+            if event.arrivals:
+                self._async.pull_only(self.rows_params, self.m, event)
+                self._reset_pulled(event)
 
     def _record_arrivals(self, k: int, lr: float, losses: np.ndarray, report: ArrivalReport,
                          before: tuple[float, float, float], *, skipped: bool) -> StepStats:
@@ -114,6 +129,7 @@ class AsyncArrivals:
         if communicated:
             self.rounds += 1
             self.bytes_sent += bytes_sent
+            self.peak_bytes = max(self.peak_bytes, bytes_sent)
         c = self.clock
         return StepStats(
             step=k, lr=lr, losses=losses, communicated=communicated, round=self.rounds,

@@ -265,23 +265,25 @@ class SimClock:
         return codec_time(compressor, self.params * self.bytes_per_param, self.codec)
 
     def round_costs(self, pattern: str, matrix: np.ndarray | None = None, *, payload_bytes: float | None = None,
-                    reducible: bool = False, senders: int | None = None,
-                    compressor: str | None = None) -> list[RoundCost]:
+                    reducible: bool = False, senders: int | None = None, compressor: str | None = None,
+                    params: int | None = None) -> list[RoundCost]:
         """The alpha-beta cost items of one round of ``pattern`` (see the module docstring).
 
         ``payload_bytes``: the round sends compressed payloads of this many bytes per node instead of the d
         parameters (``reducible``: payloads a reduction adds on the wire); priced by
         :func:`~coopsgd.algorithms.communication.compressed_round_cost` (SPEC §11), with the codec time of
         ``compressor`` (its name; ``None``: none charged). ``senders``: the workers that take part when not all
-        m do (a sampled FedAvg round: its k clients send and receive, the others are not synchronised)."""
-        m, d, bpp = self.workers if senders is None else int(senders), self.params, self.bytes_per_param
+        m do (a sampled FedAvg round: its k clients send and receive, the others are not synchronised).
+        ``params``: the round sends this many parameters instead of all of them (a Streaming DiLoCo fragment)."""
+        m = self.workers if senders is None else int(senders)
+        d, bpp = self.params if params is None else int(params), self.bytes_per_param
         if pattern == "local":
             return []
         if payload_bytes is not None:
             codec = None if compressor is None else self.codec_time(compressor)
             return [compressed_round_cost(c, workers=m, params=d, bytes_per_param=bpp, payload_bytes=payload_bytes,
                                           reducible=reducible, codec=codec)
-                    for c in self.round_costs(pattern, matrix, senders=senders)]
+                    for c in self.round_costs(pattern, matrix, senders=senders, params=d)]
         if pattern == "broadcast":
             gather = RoundCost("allgather", m if m > 1 else 0, float(m), float(m) * bpp)
             return [gather, round_cost("broadcast", workers=m, params=d, bytes_per_param=bpp)]
@@ -314,6 +316,21 @@ class SimClock:
         self.bytes_total += float(sum(cost.bytes_sent for cost in costs))
         self.rounds += 1
         return c
+
+    def wait_pending(self) -> None:
+        """Every worker waits for the overlapped communication still running (a delayed update it needs now:
+        Streaming DiLoCo's application). Waiting past the slowest worker is exposed communication; a worker
+        that arrives before the communication ends idles until then (the totals keep
+        ``elapsed = compute_s + idle_s + communication_s``)."""
+        tmax = float(self.t.max(initial=0.0))
+        if self.pending_until > tmax:
+            self.waited += tmax - self.t
+            self.exposed += self.pending_until - tmax
+            self.t[:] = self.pending_until
+        else:
+            late = np.maximum(self.pending_until - self.t, 0.0)
+            self.waited += late
+            self.t += late
 
     def arrival_costs(self) -> list[RoundCost]:
         """The cost of one asynchronous arrival: a parameter server's push and pull for one worker (1 handshake,

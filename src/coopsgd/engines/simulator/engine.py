@@ -83,6 +83,7 @@ from coopsgd.engines.base import (
 )
 from coopsgd.engines.compressed import CompressedRounds, load_compression_state
 from coopsgd.engines.executors import EXECUTORS, ComputeResult
+from coopsgd.engines.fragments import fragment_costs, simulator_stages
 from coopsgd.engines.health import absmax, diverged, step_bound
 from coopsgd.engines.kernel import InProcess, RoundKernel, mix_columns
 from coopsgd.engines.mixing import Round, RoundKind, plan_round
@@ -195,10 +196,19 @@ class Simulator(AsyncArrivals, SimulatorCompute):
         self._check_initial_state()
         self._drop_template_storage()
         self._compressed = self._compression_stage()
+        # Streaming DiLoCo: a compression stage per fragment (from the one stage's start) replaces the one stage
+        self._fragments = simulator_stages(spec, self.layout, mix_columns(spec, b, d, self.opts), b, self._compressed,
+                                           nodes=self.n, workers=m, seed=self.seed)
+        if self._fragments is not None:
+            self._compressed = None
         # FedAvg's unread broadcasts wait (not when a compressor reads the workers; an outer optimizer's step moves
-        # the deferred value: RoundKernel.outer_round)
-        self._comm = InProcess(lazy_rows=m if self._compressed is None else 0)
-        self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer, compressed=self._compressed)
+        # the deferred value: RoundKernel.outer_round). Not under pre_mix: the gradient step after the round
+        # writes into the rows, and a deferred value would later overwrite it (LSGD's rounds)
+        lazy = self._compressed is None and spec.rule == "post_mix"
+        self._comm = InProcess(lazy_rows=m if lazy else 0)
+        self._kernel = RoundKernel(spec, self.opts, b, d, m, self._comm, outer=self.outer, compressed=self._compressed,
+                                   param_sizes=tuple(math.prod(s) for s in self.layout.param_shapes),
+                                   fragment_stages=None if self._fragments is None else self._fragments.stages)
         # simulated attackers send models no running bound covers (Gaussian noise): their rounds are checked as
         # a server optimizer's are (the robust rules themselves stay inside the range of what they receive)
         self._attacked = spec.robust is not None and spec.robust.byzantine_count > 0
@@ -214,6 +224,7 @@ class Simulator(AsyncArrivals, SimulatorCompute):
 
         # -- estimates, executors, clock -------------------------------------------------------------
         self.bytes_sent = 0.0  # the alpha-beta model's bytes of every round so far
+        self.peak_bytes = 0.0  # the most bytes of the rounds of one step so far (peak_bytes_per_step)
         self._hist = np.full((self.window, m), np.nan)
         self._hist_count = np.zeros(m, dtype=np.int64)
         self._init_compute(executor, executor_cache, calibration_steps)
@@ -312,7 +323,8 @@ class Simulator(AsyncArrivals, SimulatorCompute):
     def time_record(self, *, local: bool = False) -> dict[str, Any]:
         """Bytes and time so far, in the metric schema's names: the simulated clock (nothing is measured)."""
         c = self.clock
-        return {"bytes_sent": float(self.bytes_sent), "simulated_time_s": float(c.elapsed),
+        return {"bytes_sent": float(self.bytes_sent), "peak_bytes_per_step": float(self.peak_bytes),
+                "simulated_time_s": float(c.elapsed),
                 "simulated_compute_s": float(c.compute_s), "simulated_communication_s": float(c.communication_s),
                 "simulated_idle_s": float(c.idle_s), "measured_compute_s": None, "measured_communication_s": None}
 
@@ -495,6 +507,8 @@ class Simulator(AsyncArrivals, SimulatorCompute):
                     self._found(k, err)
                     got = None
             arrived = None if got is None or self._async is None else self._arrivals(k)
+            if self._async is not None and arrived is None:  # dropped: the slots still pass on (pulls only)
+                self._pull_only(range(k, k + 1))
         before = (self.clock.compute_s, self.clock.communication_s, self.clock.idle_s)
         self.clock.commit(tick)
         self.schedule_state = sched_state
@@ -568,13 +582,19 @@ class Simulator(AsyncArrivals, SimulatorCompute):
                 costs = self.clock.round_costs(mix.pattern, matrix, payload_bytes=comp.row_bytes,
                                                reducible=comp.reducible, senders=senders,
                                                compressor=comp.compressor.name)
+            elif "fragment" in mix.info:  # a Streaming DiLoCo fragment: its columns, its compressor
+                costs = fragment_costs(self.clock, rnd, self._kernel.fragment_columns(mix.info), self.b, self._fragments)
             else:
                 costs = self.clock.round_costs(mix.pattern, matrix, senders=senders)
                 if self.spec.control:  # SCAFFOLD sends its control variates with the models: twice the bytes
                     costs = costs + self.clock.round_costs(mix.pattern, matrix, senders=senders)
-            self.clock.communicate(costs, overlap=self.spec.overlap)
+            # a delayed fragment update overlaps the steps until its application
+            self.clock.communicate(costs, overlap=self.spec.overlap or int(mix.info.get("delay", 0)) > 0)
             bytes_sent = float(sum(c.bytes_sent for c in costs))
             self.bytes_sent += bytes_sent
+            self.peak_bytes = max(self.peak_bytes, bytes_sent)
+        elif mix is not None and mix.info.get("apply"):  # a delayed fragment update is needed now
+            self.clock.wait_pending()
         if mix is not None and "leader" in mix.info:
             self.leader = mix.info["leader"]
         c = self.clock
@@ -593,6 +613,7 @@ class Simulator(AsyncArrivals, SimulatorCompute):
         good = self._snapshot_rows(self._good)  # the last good round's buffer is reused
         good["deferred"] = self._comm.snapshot()
         good["compressed"] = None if self._compressed is None else self._compressed.snapshot()
+        good["fragments"] = None if self._fragments is None else self._fragments.snapshot()
         good["async"] = None if self._async is None else self._async.snapshot()
         self._good = good
         self._good_step = self.step_count
@@ -612,8 +633,11 @@ class Simulator(AsyncArrivals, SimulatorCompute):
             self._comm.restore(self._good["deferred"])
             if self._compressed is not None:
                 self._compressed.restore(self._good["compressed"])
-            if self._async is not None:
+            if self._fragments is not None:
+                self._fragments.restore(self._good["fragments"])
+            if self._async is not None:  # the rolled-back steps' slots pass on all the same: their pulls
                 self._async.restore(self._good["async"])
+                self._pull_only(range(self._good_step, self.step_count))
         self._bound = self._absmax()
         first = {str(w): int(s) for w, s in sorted(bad["workers"].items(), key=lambda kv: int(kv[0]))}
         return DroppedRound(step=self.step_count - 1, workers=sorted(int(w) for w in first),
@@ -715,6 +739,7 @@ class Simulator(AsyncArrivals, SimulatorCompute):
         outside the state tensor is restored and the error returned)."""
         snap = None if isinstance(self.opts, SGDOptions) and self.outer is None else self._optimizer_snapshot()
         compressed = None if self._compressed is None else self._compressed.snapshot()
+        fragments = None if self._fragments is None else self._fragments.snapshot()
         self._materialize()
         work = self._state.clone()
         self._kernel.apply(work, res.grads, t, res.buffers, self._opt_counters, rnd, lr)
@@ -727,6 +752,9 @@ class Simulator(AsyncArrivals, SimulatorCompute):
             if compressed is not None:
                 assert self._compressed is not None
                 self._compressed.restore(compressed)
+            if fragments is not None:
+                assert self._fragments is not None
+                self._fragments.restore(fragments)
             return self._nonfinite(~finite.cpu().numpy(), list(range(self.n)), k, "model")
         self._state.copy_(work)
         self._bound = self._absmax()
@@ -745,6 +773,7 @@ class Simulator(AsyncArrivals, SimulatorCompute):
             "shape": [self.m, self.v, self.d, self.b],
             **self._rows_payload(),
             "bytes_sent": float(self.bytes_sent),
+            "peak_bytes_per_step": float(self.peak_bytes),
             "loss_history": torch.from_numpy(self._hist.copy()),
             "loss_count": torch.from_numpy(self._hist_count.copy()),
             "clock": self.clock.state_dict(),
@@ -752,12 +781,16 @@ class Simulator(AsyncArrivals, SimulatorCompute):
             "calibration": dict(self.calibration),
             "torch_rng_state": torch.get_rng_state(),
             **({} if self._compressed is None else {"compression": self._compressed.state_dict()}),
+            **({} if self._fragments is None else {"compression": self._fragments.state_dict()}),
             **({} if self._async is None else {"asynchronous": {
                 **self._async.state_dict(), "arrival_time": getattr(self.spec.schedule, "arrival_time", None)}}),
         })
 
     def _load_compression(self, state: dict[str, Any]) -> None:
         """The compressed rounds' state of a checkpoint (an optional key: absent from uncompressed runs)."""
+        if self._fragments is not None:
+            self._fragments.load_state_dict(state.get("compression"), field="state_dict.compression")
+            return
         load_compression_state(self._compressed, state.get("compression"), field="state_dict.compression")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -789,6 +822,7 @@ class Simulator(AsyncArrivals, SimulatorCompute):
         self._calibrated = None
         self._load_rows_payload(state, "state_dict")
         self.bytes_sent = float(state["bytes_sent"])
+        self.peak_bytes = float(state.get("peak_bytes_per_step", 0.0))
         self._hist = hist.copy()
         self._hist_count = state["loss_count"].numpy().copy()
         self.clock.load_state_dict(state["clock"])

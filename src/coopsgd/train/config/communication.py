@@ -1,6 +1,6 @@
 """The ``communication`` section of a run configuration: what a round sends (SPEC §11).
 
-``compress`` names the compressor (``none``, ``fp16``, ``bf16``, ``int8[:C]``, ``qsgd:S``, ``sign``, ``topk:F``,
+``compress`` names the compressor (``none``, ``fp16``, ``bf16``, ``int8[:C]``, ``int4[:C]``, ``qsgd:S``, ``sign``, ``topk:F``,
 ``randk:F[:unbiased]``, ``powersgd:R``), ``error_feedback`` whether averaging rounds carry what was not sent
 into the next round, ``consensus_step`` CHOCO-SGD's γ in gossip rounds. They apply to every preset through
 :class:`coopsgd.algorithms.communication.Compression` (``RunConfig.build_spec``); a preset whose rounds cannot
@@ -56,7 +56,7 @@ class CommunicationSettings:
 
     compress: str = setting(
         "none", check=_compressor_spec,
-        choices=("none", "fp16", "bf16", "int8[:C]", "qsgd:S", "sign", "topk:F", "randk:F[:unbiased]", "powersgd:R"),
+        choices=("none", "fp16", "bf16", "int8[:C]", "int4[:C]", "qsgd:S", "sign", "topk:F", "randk:F[:unbiased]", "powersgd:R"),
         open_choices=True,
         help="compressor of what each round sends: averaging rounds send Q(x_i - x_ref + e_i), gossip rounds run "
              "CHOCO-SGD, elastic rounds send compressed differences to and from the centre (every engine; elastic "

@@ -171,6 +171,19 @@ class RunConfig:
         return self.optimizer.name or self.preset_facts()["inner_optimizer"] or "sgd"
 
     # -- checks across sections ------------------------------------------------------------------
+    def _check_dynamic_local_updates(self) -> None:
+        """Dynamic local updates scale H by the workers' speed classes on the simulated timeline: without two
+        classes, or on the distributed engine (every rank pushes after its own H real steps), they change nothing."""
+        if not self.algorithm.dynamic_local_updates:
+            return
+        if self.execution.engine == "distributed":
+            raise ConfigError.invalid("dynamic_local_updates", True, "false with engine 'distributed' (each rank "
+                                      "pushes after its own tau real local steps; H_i follows simulated speed classes)")
+        speeds = self.clock.worker_speeds
+        if not speeds or len(set(worker_speeds(speeds, self.algorithm.workers).tolist())) < 2:
+            raise ConfigError.invalid("dynamic_local_updates", True, "false unless --worker-speeds gives two speed "
+                                      f"classes or more (got {speeds or 'none'}: every worker would keep H = tau)")
+
     def _check_across(self) -> None:
         if self.algorithm.downpour_order == "async" and self.execution.engine != "distributed":
             raise ConfigError.invalid("downpour_order", "async", "a real asynchronous parameter server needs "
@@ -187,6 +200,7 @@ class RunConfig:
         self._check_control_variates()
         if self.clock.worker_speeds:
             worker_speeds(self.clock.worker_speeds, self.algorithm.workers)  # at most one class per worker
+        self._check_dynamic_local_updates()
         if self.execution.dtype != "float32" or self.execution.engine == "reference":  # the reference: float64
             return
         for key, value in self.to_dict().items():
@@ -235,6 +249,9 @@ class RunConfig:
                 from coopsgd.engines.distributed.compressed import check_distributed_compression
 
                 check_distributed_compression(spec, asynchronous=self.algorithm.downpour_order in ("clock", "async"))
+                from coopsgd.engines.fragments import check_distributed_fragments
+
+                check_distributed_fragments(spec)
 
     # -- conversion ------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> RunConfig:
