@@ -32,8 +32,10 @@ def _alive(pid: int) -> bool:
 def _first_returns_at_once(rank: int, world: int, pid_file: str) -> dict[str, object]:
     """Rank 0 notes its pid and returns; rank 1 waits a second and reports whether rank 0 is still alive."""
     path = Path(pid_file)
-    if rank == 0:
-        path.write_text(str(os.getpid()))
+    if rank == 0:  # written whole, then renamed: rank 1 never reads a created but still empty file
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, path)
         return {"rank": 0}
     deadline = time.time() + 20.0
     while not path.is_file() and time.time() < deadline:
