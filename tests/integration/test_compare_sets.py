@@ -53,6 +53,26 @@ def test_modern_set_expands_to_its_four_runs() -> None:
     assert specs["slowmo"].params["base_algorithm"] == "local_sgd"
 
 
+def test_llm_set_runs_every_method_on_one_uneven_cluster() -> None:
+    """issue 27 item 4: the small GPT, one slow class of workers shared by every run, the methods' own settings."""
+    _, runs = plan("--set", "llm")
+    cfg = dict(runs)
+    assert [(label, c.algorithm.preset) for label, c in runs] == [
+        ("sync", "sync"), ("diloco", "diloco"), ("streaming", "streaming_diloco"),
+        ("streaming_int4", "streaming_diloco"), ("async_local_sgd", "async_local_sgd")]
+    for c in cfg.values():
+        assert (c.problem.model, c.problem.dataset, c.clock.worker_speeds) == ("gpt", "wikitext2", [1.0, 0.5])
+        assert {k: c.to_dict()[k] for k in ADAMW} == ADAMW
+    shared = [{k: v for k, v in c.to_dict().items() if k not in _preset_fields() | {"preset", "compress"}}
+              for c in cfg.values()]
+    assert all(s == shared[0] for s in shared)
+    specs = {n: c.build_spec() for n, c in cfg.items()}
+    assert specs["streaming"].params["fragments"] == 4 and specs["streaming"].compressed is None
+    assert cfg["streaming_int4"].communication.compress == "int4" and specs["streaming_int4"].compressed is not None
+    assert cfg["async_local_sgd"].algorithm.delayed_nesterov == 4 and cfg["async_local_sgd"].algorithm.dynamic_local_updates
+    assert specs["async_local_sgd"].asynchronous is not None
+
+
 def test_flags_and_config_keys_override_the_set(tmp_path) -> None:
     _, runs = plan("--set", "modern", "--tau", "5", "--lr", "0.001", "--outer-lr", "0.5")
     cfg = dict(runs)

@@ -50,7 +50,7 @@ class CompareSet:
         return f"  {self.name}: {self.summary}: {runs}"
 
 
-#: The named comparisons of ``coopsgd compare --set`` (docs/optimizers.md shows ``modern``'s result,
+#: The named comparisons of ``coopsgd compare --set`` (docs/optimizers.md shows ``modern``'s and ``llm``'s results,
 #: docs/compression.md ``compressed``'s and ``compressed-lm``'s).
 COMPARE_SETS: dict[str, CompareSet] = {
     "modern": CompareSet(
@@ -110,6 +110,34 @@ COMPARE_SETS: dict[str, CompareSet] = {
             "workers": 4, "batch_size": 8, "max_steps": 200, "eval_every": 20, "eval_samples": 100,
             "optimizer": "adamw", "lr": 0.003, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01,
             "compute": "constant", "compute_ms": 10.0, "net_latency_ms": 50.0, "net_bandwidth_mbps": 100.0,
+        },
+    ),
+    # issue 27 item 4 (docs/optimizers.md shows the results): how language models are trained across uneven
+    # machines today, on one simulated cluster with a slow class of workers
+    "llm": CompareSet(
+        "llm",
+        "the small GPT (2 layers, 4 heads, width 64, context 35) on WikiText-2, AdamW inside every worker (lr 0.003), "
+        "4 workers of which 2 run at half speed (worker_speeds 1,0.5), batch 8, 200 steps, 50 ms / 100 Mbit/s: "
+        "synchronous AdamW, DiLoCo, Streaming DiLoCo (4 fragments, with and without 4-bit outer updates) and "
+        "asynchronous local SGD",
+        runs=(
+            ("sync", "sync", {}),
+            ("diloco", "diloco", {"tau": 20, "outer_optimizer": "nesterov", "outer_lr": 0.7, "outer_momentum": 0.9}),
+            ("streaming", "streaming_diloco", {"tau": 20, "fragments": 4, "fragment_split": "coordinates",
+                                               "fragment_delay": 2, "merge_alpha": 0.5, "outer_lr": 0.7,
+                                               "outer_momentum": 0.9}),
+            ("streaming_int4", "streaming_diloco", {"tau": 20, "fragments": 4, "fragment_split": "coordinates",
+                                                    "fragment_delay": 2, "merge_alpha": 0.5, "outer_lr": 0.7,
+                                                    "outer_momentum": 0.9, "compress": "int4"}),
+            ("async_local_sgd", "async_local_sgd", {"tau": 20, "outer_lr": 0.7, "outer_momentum": 0.5,
+                                                    "delayed_nesterov": 4, "dynamic_local_updates": True}),
+        ),
+        defaults={
+            "model": "gpt", "dataset": "wikitext2",
+            "model_args": {"layers": 2, "heads": 4, "width": 64, "context": 35},
+            "workers": 4, "batch_size": 8, "max_steps": 200, "eval_every": 20, "eval_samples": 100,
+            "optimizer": "adamw", "lr": 0.003, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01,
+            "worker_speeds": [1.0, 0.5], "net_latency_ms": 50.0, "net_bandwidth_mbps": 100.0,
         },
     ),
 }
@@ -186,7 +214,8 @@ def _compare_plan(args: argparse.Namespace) -> tuple[RunConfig, list[tuple[str, 
 
 def _table(results: dict[str, dict[str, Any]], metric: str | None) -> str:
     """The printed table of a comparison: one row per run; no header is cut, and the time column names its clock
-    ("simulated s" from the simulated clock, "measured s" from a real one) beside the wall-clock seconds."""
+    ("simulated s" from the simulated clock, "measured s" from a real one) beside the wall-clock seconds. "peak MB"
+    is ``peak_bytes_per_step``: the most bytes the rounds of any one step sent."""
     label = metric.replace("test_", "test ") if metric else ""
     width = max(10, len(label))
     sources = {r.get("time_source") or "simulated" for r in results.values()}
@@ -195,7 +224,7 @@ def _table(results: dict[str, dict[str, Any]], metric: str | None) -> str:
     name_w = max(24, *(len(n) for n in results))
     head = f"{'preset':{name_w}s} {'train loss':>10s} {'test loss':>10s}"
     head += f" {label:>{width}s}" if metric else ""
-    head += f" {'rounds':>7s} {'MB sent':>9s} {clock:>{tw}s} {'comm %':>7s} {'wall s':>7s}"
+    head += f" {'rounds':>7s} {'MB sent':>9s} {'peak MB':>8s} {clock:>{tw}s} {'comm %':>7s} {'wall s':>7s}"
     lines = [head]
     for n, r in results.items():
         f = r["final"]
@@ -203,7 +232,9 @@ def _table(results: dict[str, dict[str, Any]], metric: str | None) -> str:
         comm = (r.get("simulated_split_s") or r.get("measured_split_s") or {}).get("communication_s") or 0.0
         line = f"{n:{name_w}s} {f['train_loss']:10.4g} {f['test_loss']:10.4g}"
         line += f" {f.get(metric, float('nan')):{width}.4g}" if metric else ""
-        line += (f" {r['communication_rounds']:7d} {r['bytes_sent'] / 1e6:9.3g} {sim:{tw}.4g} "
+        peak = r.get("peak_bytes_per_step")
+        line += (f" {r['communication_rounds']:7d} {r['bytes_sent'] / 1e6:9.3g} "
+                 f"{float('nan') if peak is None else peak / 1e6:8.3g} {sim:{tw}.4g} "
                  f"{100 * comm / sim if sim else 0:6.1f}% {r['wall_time_s']:7.1f}")
         lines.append(line)
     return "\n".join(lines)
