@@ -21,7 +21,6 @@ One process writes a run directory at a time: a run holds the directory's lock
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -31,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,13 @@ from coopsgd.fileio import (
     read_text,
 )
 from coopsgd.train.config import RunConfig
+from coopsgd.train.tensorboard import (  # noqa: F401 -- re-exported: run directories' TensorBoard
+    LIST_TAGS,
+    TENSORBOARD_GROUPS,
+    tensorboard_enabled,
+    tensorboard_import_error,
+    tensorboard_tag,
+)
 
 __all__ = ["RunDir", "atomic_write_bytes", "atomic_write_json", "save_checkpoint", "load_checkpoint", "environment",
            "jsonable", "check_run_dir", "prepare_run_dir", "check_compare_dir", "prepare_compare_dir",
@@ -546,79 +551,8 @@ def fresh_run_dir(name: str, root: str | Path = "runs", *, now: float | None = N
 
 
 # ---------------------------------------------------------------------------------------------------------
-# TensorBoard
+# TensorBoard (the tags and when a run writes events: coopsgd.train.tensorboard)
 # ---------------------------------------------------------------------------------------------------------
-
-#: Tags of list-valued metric fields: ``worker_losses[i]`` is the scalar ``train/worker_loss/i``.
-_LIST_TAGS = {"worker_losses": "worker_loss"}
-#: The TensorBoard groups (a tag's part before the first ``/``; TensorBoard shows one section per group).
-TENSORBOARD_GROUPS = ("train", "test", "communication", "time")
-#: Metric fields in a group their name does not tell (see :func:`tensorboard_tag`).
-_TAG_GROUPS = {"rounds": "communication", "bytes_sent": "communication", "peak_bytes_per_step": "communication",
-               "leader": "communication",
-               "consensus_distance": "communication", "zeta": "communication", "epoch": "train", "lr": "train",
-               "center_objective": "train"}
-
-
-def tensorboard_tag(field: str) -> str:
-    """The TensorBoard tag of a metric field, ``group/field``: ``test_*`` in ``test/``; the clocks
-    (``time_s``, ``simulated_*``, ``measured_*``, ``wall_time_s``, any ``*_s``) in ``time/``; rounds, bytes,
-    the leader, the consensus distance and the mixing matrix's zeta in ``communication/``; the rest
-    (losses, learning rate, epoch) in ``train/``."""
-    base = field.split("/", 1)[0]
-    group = _TAG_GROUPS.get(base)
-    if group is None:
-        if base.startswith("test_"):
-            group = "test"
-        elif base.startswith(("simulated_", "measured_")) or base.endswith("_s") or base == "wall_time_s":
-            group = "time"
-        else:
-            group = "train"
-    return f"{group}/{field}"
-
-
-def tensorboard_enabled(setting: bool | None, *, has_dir: bool = True) -> bool:
-    """Whether a run writes TensorBoard event files: ``setting`` (``RunConfig.tensorboard``) ``None`` means
-    when the ``tensorboard`` package is importable and the run has a directory. ``True`` without the
-    package, or without a run directory, is a :class:`ConfigError`. A package that is installed but broken
-    (its import fails) is found here, before the run starts: an error with ``True``, a warning (and no event
-    files) when unset -- not a traceback at the first metric record."""
-    if setting is False:
-        return False
-    available = importlib.util.find_spec("tensorboard") is not None
-    if setting is True:
-        if not available:
-            raise ConfigError.invalid("tensorboard", True, "the tensorboard package is not installed "
-                                                           "(pip install 'coopsgd[tensorboard]')")
-        if not has_dir:
-            raise ConfigError.invalid("tensorboard", True, "needs a run directory (out)")
-    if not (available and has_dir):
-        return False
-    broken = tensorboard_import_error()
-    if broken is None:
-        return True
-    if setting is True:
-        raise ConfigError.invalid("tensorboard", True, f"the tensorboard package is installed but cannot be "
-                                                       f"imported ({broken}); reinstall it or use --no-tensorboard")
-    warnings.warn(f"the tensorboard package is installed but cannot be imported ({broken}); this run writes "
-                  "no TensorBoard events (reinstall it, or --no-tensorboard to silence this)", RuntimeWarning,
-                  stacklevel=2)
-    return False
-
-
-_TB_IMPORT: dict[str, str | None] = {}
-
-
-def tensorboard_import_error() -> str | None:
-    """Why ``torch.utils.tensorboard`` cannot be imported (one line), ``None`` when it can; tried once."""
-    if "error" not in _TB_IMPORT:
-        try:
-            importlib.import_module("torch.utils.tensorboard")
-            _TB_IMPORT["error"] = None
-        except Exception as exc:  # noqa: BLE001 -- any failure of an optional dependency's import
-            _TB_IMPORT["error"] = (f"{type(exc).__name__}: {exc}".splitlines() or [type(exc).__name__])[0][:200]
-    return _TB_IMPORT["error"]
-
 
 def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
     """The TensorBoard scalars of one metric record: every numeric field as in ``metrics.jsonl`` (non-finite
@@ -632,7 +566,7 @@ def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)):
             out[tensorboard_tag(key)] = float(value)
         elif isinstance(value, list):
-            tag = _LIST_TAGS.get(key, key)
+            tag = LIST_TAGS.get(key, key)
             for i, v in enumerate(value):
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     out[tensorboard_tag(f"{tag}/{i}")] = float(v)
