@@ -267,9 +267,9 @@ def test_an_installed_but_broken_tensorboard_is_found_before_the_run(capsys, tmp
     the run starts: an error when asked for (one line, no run directory), a warning and no event files when
     the setting is left to what is installed."""
     pytest.importorskip("tensorboard", reason="tensorboard is not installed")
-    import coopsgd.train.rundir as rundir
+    import coopsgd.train.tensorboard as tensorboard
 
-    monkeypatch.setattr(rundir, "tensorboard_import_error", lambda: "ImportError: broken install")
+    monkeypatch.setattr(tensorboard, "tensorboard_import_error", lambda: "ImportError: broken install")
     ref = ["run", "--engine", "reference", "--objective", "quadratic", "--workers", "2", "--steps", "4"]
     code, _, err = cli(capsys, *ref, "--tensorboard", "--out", str(tmp_path / "asked"))
     assert_one_line(code, err, "tensorboard", "installed but cannot be imported (ImportError: broken install)")
