@@ -319,19 +319,7 @@ class ReferenceEngine:
                     X = self.state if mix is None else self._round(self.state, mix)
                     X = X - lr * G
                 if not fragment:
-                    outer_state = self.outer_state
-                if not fragment and spec.outer is not None and mix is not None and mix.info.get("outer"):
-                    m = spec.workers
-                    col = np.asarray(mix.matrix[:, m])
-                    if col[m] == 1.0 and np.count_nonzero(col) == 1:  # z kept: the workers hold their average
-                        z, a = X[m], X[0]
-                    else:  # FedAvg's round sent the clients' average to every node, z included
-                        assert z_old is not None
-                        z, a = z_old, X[m]
-                    z, outer_state = outer_step(spec.outer, self.outer_state, z, a, lr)  # type: ignore[arg-type]
-                    X[: m + 1] = z
-                    if self._compressed is not None:  # the workers restarted from z: z is their new x_ref
-                        self._compressed.settle(X, plan_round(mix))
+                    outer_state = self._outer_round(X, mix, z_old, lr)
                 async_snap = None
                 if self._async is not None:  # the arrivals of this step, in order, on the new rows
                     async_snap = self._async.snapshot()
@@ -355,13 +343,7 @@ class ReferenceEngine:
             communicated = bool(sched.step_events(k).arrivals)  # type: ignore[attr-defined]
             info = info if info is not None and not skipped else {"arrivals": [], "staleness": [], "server_steps": 0}
         if communicated:
-            self.rounds += 1
-            units = 1.0
-            if mix is not None and "fragment" in mix.info:
-                lo, hi = self.fragment_columns(mix.info)
-                units = (hi - lo) / self.objective.dim
-            self.units_sent += units
-            self.peak_units = max(self.peak_units, units)
+            self._count_round(mix)
         if mix is not None and "leader" in mix.info:
             self.leader = mix.info["leader"]
         with np.errstate(all="ignore"):
@@ -372,6 +354,35 @@ class ReferenceEngine:
             (None if mix is None else mix.pattern),
             info=info if info is not None else ({} if mix is None else mix.info), skipped=skipped,
         )
+
+    def _outer_round(self, X: np.ndarray, mix: Mix | None, z_old: np.ndarray | None, lr: float) -> Any:
+        """The outer optimizer's step after an outer round (DiLoCo, SlowMo, the federated server optimizers), in
+        place on ``X``; returns the outer state (unchanged when ``mix`` is no outer round)."""
+        spec = self.spec
+        if spec.outer is None or mix is None or not mix.info.get("outer"):
+            return self.outer_state
+        m = spec.workers
+        col = np.asarray(mix.matrix[:, m])
+        if col[m] == 1.0 and np.count_nonzero(col) == 1:  # z kept: the workers hold their average
+            z, a = X[m], X[0]
+        else:  # FedAvg's round sent the clients' average to every node, z included
+            assert z_old is not None
+            z, a = z_old, X[m]
+        z, outer_state = outer_step(spec.outer, self.outer_state, z, a, lr)  # type: ignore[arg-type]
+        X[: m + 1] = z
+        if self._compressed is not None:  # the workers restarted from z: z is their new x_ref
+            self._compressed.settle(X, plan_round(mix))
+        return outer_state
+
+    def _count_round(self, mix: Mix | None) -> None:
+        """Count a communicating step: one round, and the share of the model it sent (a fragment's columns)."""
+        self.rounds += 1
+        units = 1.0
+        if mix is not None and "fragment" in mix.info:
+            lo, hi = self.fragment_columns(mix.info)
+            units = (hi - lo) / self.objective.dim
+        self.units_sent += units
+        self.peak_units = max(self.peak_units, units)
 
     def fragment_columns(self, info: Mapping[str, Any]) -> tuple[int, int]:
         """The coordinates ``[lo, hi)`` of a Streaming DiLoCo fragment (its round's ``Mix.info``): of the layout's
