@@ -33,19 +33,10 @@ from coopsgd.algorithms import presets
 from coopsgd.algorithms.schedules import MixContext
 from coopsgd.compression import parse_compressor
 from coopsgd.engines.distributed.launch import launch
+from coopsgd.engines.simulator.codec import median_seconds
 
 COMPRESSORS = ["none", "fp16", "bf16", "int8", "qsgd:4", "sign", "topk:0.01", "randk:0.01", "randk:0.01:unbiased",
                "powersgd:4"]
-
-
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -60,7 +51,7 @@ def bench_codecs(width: int, reps: int) -> None:
     side = int(round((width // 4) ** 0.5))
     layout = [(side, side)] * 4 if 4 * side * side == width else None  # PowerSGD: four square matrices
     out = torch.empty_like(rows)
-    copy_s = _median_time(lambda: out.copy_(rows), reps)  # one read and one write of the rows, no allocation
+    copy_s = median_seconds(lambda: out.copy_(rows), reps)  # one read and one write of the rows, no allocation
     gb = rows.numel() * rows.element_size() / 1e9
     print(f"\n(a) encode + decode of m = {m} rows x d = {width} float32 ({gb * 1e3:.0f} MB), median of {reps}")
     print(f"{'compressor':<22} {'ms':>9} {'GB/s':>8} {'x one copy':>11} {'payload B/row':>14}")
@@ -72,7 +63,7 @@ def bench_codecs(width: int, reps: int) -> None:
         def run(comp=comp, counter=counter) -> None:
             comp.roundtrip(rows, round=next(counter), nodes=range(m), seed=0)
 
-        s = _median_time(run, reps)
+        s = median_seconds(run, reps)
         print(f"{spec:<22} {s * 1e3:>9.2f} {gb / s:>8.2f} {s / copy_s:>11.1f} {comp.payload_bytes(width):>14}")
 
 

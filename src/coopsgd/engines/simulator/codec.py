@@ -21,10 +21,11 @@ from coopsgd.compression import Compressor, parse_compressor
 from coopsgd.errors import check_int
 from coopsgd.theory.codec import CodecSpeed
 
-__all__ = ["calibrate", "calibrate_all"]
+__all__ = ["calibrate", "calibrate_all", "median_seconds"]
 
 
-def _median(fn: Callable[[], object], reps: int) -> float:
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    """The median wall-clock seconds of ``reps`` calls of ``fn`` after one untimed warm-up call (at least 1e-9)."""
     fn()  # warm-up
     times = []
     for _ in range(reps):
@@ -54,10 +55,10 @@ def calibrate(compressor: Compressor | str, width: int, dtype: torch.dtype = tor
         decoded = q.roundtrip(c, round=next(rounds), nodes=nodes, seed=seed, state=state).decoded
         torch.sub(c, decoded, out=residual)
 
-    enc = _median(encode, reps)
+    enc = median_seconds(encode, reps)
     payload = q.compress(row, round=0, nodes=nodes, seed=seed, state=state)
     acc = torch.zeros(1, d, dtype=dtype)
-    dec = _median(lambda: acc.add_(q.decompress(payload)), reps)
+    dec = median_seconds(lambda: acc.add_(q.decompress(payload)), reps)
     D = float(d * row.element_size())
     return CodecSpeed(D / enc, D / dec, f"calibrated: d = {d}, {str(dtype).removeprefix('torch.')}, "
                                         f"{torch.get_num_threads()} thread(s), median of {reps}")
