@@ -7,8 +7,9 @@
     ``int8`` against the dense all-reduce (targets: >= 20x and >= 3x faster), each round's measured time
     against the clock's prediction (target: within 10%): the α–β time of the bytes it charges plus its codec
     time (:mod:`coopsgd.theory.codec`) at the throughputs calibrated on this machine in each rank, on its row,
-    right before its rounds (:func:`~coopsgd.engines.simulator.codec.calibrate_all`); the stated throughputs' prediction
-    is printed too. The round is the engine's communicator call on a (1, d) row: encode, transport, decode and
+    right before each round (:func:`~coopsgd.engines.simulator.codec.calibrate_all`, median of 3; the medians
+    over the rounds are compared, so a drift of the machine's speed moves both); the stated throughputs'
+    prediction is printed too. The round is the engine's communicator call on a (1, d) row: encode, transport, decode and
     combine for a compressed round; the all-reduce for the dense one.
 (c) CHOCO-SGD on a ring in the simulator (``topk:0.01``, a small MLP, vmap executor): one step's cost per
     worker at m = 1024 against m = 8 (target <= 1.5x).
@@ -95,18 +96,17 @@ def _round_rank(rank: int, world: int, width: int, specs: list[str], mbps: float
         if spec_name == "dense":
             comm = mixer
             cost = [round_cost("allreduce", workers=world, params=width, bytes_per_param=4)]
+            stated = cost
         else:
             assert spec.compressed is not None
             comm = CompressedMixer(mixer, spec.compressed, spec=spec, width=width, params=width, dtype=rows.dtype,
                                    device=rows.device, seed=0, layout=None, start=torch.zeros(width))
             stated = comm._costs(rnd, "average")
-            comm.clock.codec = calibrate_all([spec_name], width, reps=reps)  # right before its rounds
-            cost = comm._costs(rnd, "average")
-        if spec_name == "dense":
-            stated = cost
-        predicted = sum(net.model.round_time(c) for c in cost)
-        walls, comms = [], []
+        walls, comms, preds, codecs = [], [], [], []
         for rep in range(reps + 1):
+            if spec_name != "dense":  # calibrated in this rank right before each round: drift hits both alike
+                comm.clock.codec = calibrate_all([spec_name], width, reps=3)
+                cost = comm._costs(rnd, "average")
             row = rows.clone()
             dist.barrier()
             c0 = mixer.stats.comm_s
@@ -116,10 +116,12 @@ def _round_rank(rank: int, world: int, width: int, specs: list[str], mbps: float
             if rep:  # the first round warms up
                 walls.append(wall)
                 comms.append(mixer.stats.comm_s - c0)
+                preds.append(sum(net.model.round_time(c) for c in cost))
+                codecs.append(sum(c.codec_s for c in cost))
         out[spec_name] = {"wall_s": statistics.median(walls), "transport_s": statistics.median(comms),
-                          "predicted_s": predicted, "bytes_model": sum(c.bytes_sent for c in cost),
+                          "predicted_s": statistics.median(preds), "bytes_model": sum(c.bytes_sent for c in cost),
                           "transfer_s": sum(net.model.transfer_time(c) for c in cost),
-                          "codec_s": sum(c.codec_s for c in cost),
+                          "codec_s": statistics.median(codecs),
                           "stated_s": sum(net.model.round_time(c) for c in stated)}
     return out
 

@@ -171,6 +171,26 @@ def test_rows_together_equal_rows_alone(spec: str) -> None:
         assert torch.equal(alone[0], together[i]), (spec, i)
 
 
+@pytest.mark.parametrize("spec", SPECS + ["int4"])
+def test_decompress_add_is_adding_the_decoded_rows(spec: str) -> None:
+    # the combine of a compressed round: out + alpha * Q(x); sparse payloads add their k values alone
+    c, rows, nodes = make(spec), rows64(), [5, 0, 9, 2, 7, 1, 4, 3]
+    state = c.init_state(8, rows.shape[1], seed=42, dtype=rows.dtype) if hasattr(c, "init_state") else None
+    payload = c.compress(rows, round=3, nodes=nodes, seed=42, state=state)
+    base = torch.randn(rows.shape, generator=torch.Generator().manual_seed(1), dtype=rows.dtype)
+    decoded = c.decompress(payload)
+    for alpha in (1.0, -1.0, 0.3):
+        out = base.clone()
+        assert c.decompress_add(payload, out, alpha) is out
+        want = base.clone().add_(decoded, alpha=alpha)
+        if alpha in (1.0, -1.0):  # the product by +-1 is exact: the same bits
+            assert torch.equal(out, want), (spec, alpha)
+        else:  # a fused multiply-add may round once where the product and the sum round twice
+            torch.testing.assert_close(out, want, rtol=0, atol=1e-15)
+    # error feedback's residual through it: (c + (-1) Q(c)) equals c - Q(c) exactly
+    assert torch.equal(c.decompress_add(payload, rows.clone(), -1.0), rows - decoded)
+
+
 @pytest.mark.parametrize("spec", ["qsgd:16", "sign", "randk:0.001", "int8"])
 def test_long_rows_together_equal_rows_alone(spec: str) -> None:
     rows = torch.from_numpy(np.random.default_rng(1).standard_normal((4, 70_001)))

@@ -519,8 +519,8 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
     * any other pattern (the election's all-gather of loss estimates): unchanged (not compressed).
 
     ``codec``: the compressor's times (:mod:`coopsgd.theory.codec`): one encode, and a decode of each payload
-    the busiest node receives (m − 1 all-gathered, max degree for gossip, m at the server; 1 after a
-    reduction).
+    the busiest node adds into its row (m all-gathered -- its own payload is added like the others' --, max
+    degree for gossip, m at the server; 1 after a reduction).
     """
     m, d, bpp, p = int(workers), int(params), float(bytes_per_param), float(payload_bytes)
     if d <= 0:
@@ -530,7 +530,7 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
                          _codec_s(codec, 1, m))
     if cost.pattern == "allreduce" and not reducible:
         hops = m - 1 if m > 1 else 0
-        return RoundCost("allgather", hops, hops * p / bpp, hops * p, _codec_s(codec, 1, hops))
+        return RoundCost("allgather", hops, hops * p / bpp, hops * p, _codec_s(codec, 1, m if hops else 0))
     if cost.pattern in ("allreduce", "neighbor", "broadcast"):
         ratio = p / (d * bpp)  # a payload in place of one row (LSGD's refresh: the leader's payload down the tree)
         decodes = cost.handshakes if cost.pattern == "neighbor" else 1

@@ -104,6 +104,13 @@ class Compressor(abc.ABC):
     def decompress(self, payload: Payload) -> torch.Tensor:
         """Decode a payload back to (r, d) rows of the payload's dtype."""
 
+    def decompress_add(self, payload: Payload, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``out += alpha · decompress(payload)`` in place (``out``: (r, d) of the payload's dtype), and ``out``.
+
+        What a receiver does with each payload of a round (the clock's *decode*, :mod:`coopsgd.theory.codec`).
+        Sparse compressors add their k values alone, without the dense decoded row; the others decode and add."""
+        return out.add_(self.decompress(payload), alpha=alpha)
+
     def roundtrip(
         self, rows: torch.Tensor, *, round: int, nodes: Sequence[int] | torch.Tensor, seed: int, state: Any = None
     ) -> Roundtrip:

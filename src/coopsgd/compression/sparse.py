@@ -267,6 +267,10 @@ class TopK(Compressor):
         out = torch.zeros(payload.shape, dtype=payload.dtype, device=values.device)
         return out.scatter_(1, payload.parts["indices"].to(torch.int64), values)
 
+    def decompress_add(self, payload: Payload, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        values = payload.parts["values"]
+        return out.scatter_add_(1, payload.parts["indices"].to(torch.int64), values if alpha == 1.0 else values * alpha)
+
     def roundtrip(self, rows: torch.Tensor, *, round: int, nodes: Sequence[int] | torch.Tensor, seed: int,
                   state: Any = None) -> Roundtrip:
         check_rows(rows)
@@ -327,3 +331,11 @@ class RandK(Compressor):
             values = values * self.scale(d)
         out = torch.zeros(payload.shape, dtype=payload.dtype, device=values.device)
         return out.scatter_(1, idx, values)
+
+    def decompress_add(self, payload: Payload, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        r, d = payload.shape
+        idx = randk_indices(payload.nodes, d, self.k(d), seed=payload.seed, round=payload.round)
+        values = payload.parts["values"]
+        if self.unbiased:
+            values = values * self.scale(d)
+        return out.scatter_add_(1, idx, values if alpha == 1.0 else values * alpha)

@@ -7,17 +7,18 @@ compressor's work on the round's critical path, ``RoundCost.codec_s``:
     codec_s = encodes · D / encode_Bps + decodes · D / decode_Bps,
 
 with D = d · b the bytes of one dense row (d coordinates of b bytes), ``encode_Bps`` the throughput of one
-node's *encode* (what a sender does: form c = x − x_ref + e, compress it and decode its own payload --
-:meth:`Compressor.roundtrip` on one row -- and keep e ← c − Q(c)) and ``decode_Bps`` that of decoding one
-received payload and adding it into a dense row (the combine). Both are in bytes of the dense row per second,
-so a compressor's time grows with d and does not depend on its ratio. Which encodes and decodes lie on the
+node's *encode* (what a node does with its own row: form c = x − x_ref + e, compress it, keep e ← c − Q(c),
+and write the round's result into its row) and ``decode_Bps`` that of adding one payload into a dense row
+(:meth:`Compressor.decompress_add`: the combine; a sparse payload adds its k values alone). Both are in bytes
+of the dense row per second, so a compressor's time grows with d and does not depend on its ratio. Which encodes and decodes lie on the
 critical path (the busiest node's, as the α–β model charges the busiest node's bytes) depends on the round
 (:func:`coopsgd.algorithms.communication.compressed_round_cost` and its siblings):
 
 =============================================  =======  ========================================
 round                                          encodes  decodes
 =============================================  =======  ========================================
-averaging, all-gathered (m workers)            1        m − 1 (every other node's payload)
+averaging, all-gathered (m workers)            1        m (every payload, its own included, is
+                                                        added into x_ref)
 gossip (CHOCO; max degree k)                   1        k (each neighbour's payload)
 compressed uploads, dense reply (m workers)    1        m (the server decodes every upload)
 elastic (centre with h peers)                  2        h + 1 (the uploads at the centre; the
@@ -29,9 +30,9 @@ DOWNPOUR's pushes (m workers, sequential)      2m       2m (each push and each r
 **Stated throughputs** (:data:`STATED`, the default): deterministic, like
 :data:`~coopsgd.engines.simulator.clock.DEFAULT_GFLOPS`: the same run gives the same simulated times on every
 machine. Where they come from: :func:`coopsgd.engines.simulator.codec.calibrate` on one row of d = 2^20 float32
-coordinates, one torch thread, on this project's 2-core x86-64 VM (torch 2.13, 2026-12-06), the fastest of five
-calibrations rounded down to two significant figures (:data:`STATED`: the machine was shared, load ~4, so
-these are conservative). ``none`` costs nothing
+coordinates with cold caches (as a round meets them), one torch thread, on this project's 2-core x86-64 VM
+(torch 2.13, 2026-12-06, the machine otherwise quiet), the fastest of five calibrations rounded down to two
+significant figures. ``none`` costs nothing
 (the rows are sent as they are). A compressor without a stated figure is charged :data:`FALLBACK` (int8's).
 They are an assumption about the nodes, not a measurement of the machine a run is on: pass measured ones
 (``calibrate``) to the simulator's clock (``SimClock(codec=...)``) to model another machine.
@@ -81,24 +82,25 @@ def _gbps(encode: float, decode: float) -> CodecSpeed:
 
 
 #: Stated throughputs in GB/s of the dense row (module docstring), by compressor name: the fastest of five
-#: calibrations (:func:`~coopsgd.engines.simulator.codec.calibrate`: one row of 2^20 float32, error feedback's
-#: passes included, 1 thread, the project's 2-core VM, 2026-12-06 20:25 UTC, load average 4.1-4.3 from other
-#: jobs), rounded down to two significant figures; encode / decode ms of the 4.19 MB row: fp16 1.2 / 0.18,
-#: bf16 1.1 / 0.19, int8 2.2 / 0.30, qsgd:4 21 / 0.32, sign 6.0 / 1.6, topk:0.01 4.3 / 0.17, randk:0.01 23 / 11,
-#: powersgd:4 (four 512 x 512 matrices) 6.1 / 0.56. fp16 and bf16 are one cast each way; int8 ~4 passes; sign
-#: packs bits; topk selects among candidates past a sampled threshold and decodes by one scatter; randk hashes
-#: every coordinate (encode and decode) and qsgd draws a hashed uniform per coordinate; powersgd is two matrix
-#: products and an orthogonalisation per matrix. A 4 MB row stays in the caches: 8 stacked rows take longer
-#: per byte (``benchmarks/README.md``, part (a)).
+#: calibrations (:func:`~coopsgd.engines.simulator.codec.calibrate`, cold caches: one row of 2^20 float32, error
+#: feedback's passes and the result's write included, 1 thread, the project's 2-core x86-64 VM, 2026-12-06 23:06
+#: UTC, load average 0.6-0.8), rounded down to two significant figures; encode / decode ms of the 4.19 MB row:
+#: fp16 2.8 / 0.92, bf16 2.7 / 0.92, int8 4.4 / 1.4, qsgd:4 25 / 1.3, sign 7.8 / 2.7, topk:0.01 5.6 / 0.27,
+#: randk:0.01 25 / 12, powersgd:4 (four 512 x 512 matrices) 9.0 / 2.0, int4 8.5 / 2.0. fp16 and bf16 are one
+#: cast each way; int8 and int4 ~4 passes; sign packs bits; topk selects among candidates past a sampled
+#: threshold, and its decode adds k values alone (one scatter-add); randk hashes every coordinate (encode and
+#: decode) and qsgd draws a hashed uniform per coordinate; powersgd is two matrix products and an
+#: orthogonalisation per matrix.
 STATED: Mapping[str, CodecSpeed] = {
-    "fp16": _gbps(3.4, 23.0),
-    "bf16": _gbps(3.7, 21.0),
-    "int8": _gbps(1.8, 13.0),
-    "qsgd": _gbps(0.19, 13.0),
-    "sign": _gbps(0.69, 2.6),
-    "topk": _gbps(0.96, 24.0),
-    "randk": _gbps(0.18, 0.37),
-    "powersgd": _gbps(0.68, 7.4),
+    "fp16": _gbps(1.5, 4.5),
+    "bf16": _gbps(1.5, 4.5),
+    "int8": _gbps(0.95, 3.0),
+    "int4": _gbps(0.49, 2.1),
+    "qsgd": _gbps(0.16, 3.3),
+    "sign": _gbps(0.54, 1.5),
+    "topk": _gbps(0.74, 15.0),
+    "randk": _gbps(0.16, 0.35),
+    "powersgd": _gbps(0.46, 2.1),
 }
 #: The figure of a compressor :data:`STATED` does not list (int8's).
 FALLBACK: CodecSpeed = STATED["int8"]

@@ -360,12 +360,15 @@ class CompressedMixer:
                 f.index_copy_(0, idx, g)
         return payload
 
-    def _decode(self, packed: Tensor, nodes: list[int]) -> Tensor:
-        """Decode the packed payloads (R, N) of ``nodes`` (in that order) as one batch: (R, width)."""
+    def _payload(self, packed: Tensor, nodes: list[int]) -> Payload:
+        """The packed payloads (R, N) of ``nodes`` (in that order) as one :class:`Payload` of R rows."""
         parts = _unpack(packed, self.format)
         ids = torch.as_tensor(nodes, dtype=torch.int64, device=self.device)
-        payload = Payload(self.compressor.spec, (len(nodes), self.width), self.dtype, parts, self.calls, ids, self.seed)
-        return self.compressor.decompress(payload)
+        return Payload(self.compressor.spec, (len(nodes), self.width), self.dtype, parts, self.calls, ids, self.seed)
+
+    def _decode(self, packed: Tensor, nodes: list[int]) -> Tensor:
+        """Decode the packed payloads (R, N) of ``nodes`` (in that order) as one batch: (R, width)."""
+        return self.compressor.decompress(self._payload(packed, nodes))
 
     # -- averaging rounds ------------------------------------------------------------------------------
     def _average(self, rows: Tensor, rnd: Round) -> None:
@@ -393,7 +396,23 @@ class CompressedMixer:
                 # ... plus what it did not send before
                 V.add_(self.residual[lo] if lo is not None else self.residual.index_select(0, idx))
             payload = self._encode(V, nodes, local)
+            if self.feedback:  # e <- V - Q(V), written in place: this rank's own payloads subtracted from V
+                assert self.residual is not None
+                if lo is not None:
+                    self.compressor.decompress_add(payload, self.residual[lo].copy_(V), -1.0)
+                else:
+                    self.residual.index_copy_(0, idx, self.compressor.decompress_add(payload, V, -1.0))
         mine = _pack(payload.parts, 0) if sends and payload is not None else None
+        # The combine (after the transport), as the clock prices it (theory/codec.py): each payload decoded on
+        # its own and added into x_ref (Compressor.decompress_add: a sparse payload adds its k values alone),
+        # x_ref * sum(w) + sum_i w_i Q(c_i) in the order of the sources -- the same operations on every rank, so
+        # every rank's x_ref has the same bits. x_ref becomes the result in place (snapshots hold copies).
+        total = float(plan.weights.sum())
+        y = self.refs.get(key)
+        if y is None:
+            y = ref * total
+        elif total != 1.0:
+            y.mul_(total)
         # transport: every worker's payload to every rank
         t0 = time.perf_counter()
         if len(wsrc) == m:
@@ -417,22 +436,8 @@ class CompressedMixer:
             first = 1 if sends else 0
             aux = torch.stack([_pack(payload.parts, first + k) for k in range(len(asrc))])
             gathered = torch.cat([gathered, aux.to(gathered.device)])
-        decoded = self._decode(gathered, wsrc + asrc)
-        if self.feedback and V is not None:
-            assert self.residual is not None
-            at = [wsrc.index(r)] if sends else []
-            at += [len(wsrc) + k for k in range(len(asrc))]
-            at_lo = _span(at)
-            if lo is not None and at_lo is not None:  # e <- V - Q(V), written in place
-                torch.sub(V, decoded[at_lo], out=self.residual[lo])
-            else:
-                mine_decoded = decoded.index_select(0, torch.as_tensor(at, dtype=torch.int64, device=rows.device))
-                self.residual.index_copy_(0, torch.as_tensor(local, dtype=torch.int64, device=rows.device),
-                                          V.sub_(mine_decoded))
-        w = torch.as_tensor(plan.weights, dtype=rows.dtype, device=rows.device).unsqueeze(0)
-        total = float(plan.weights.sum())
-        # x_ref * sum(w) + sum_i w_i Q(c_i); x_ref * 1.0 is x_ref itself: added without the product's copy
-        y = torch.matmul(w, decoded).add_(ref if total == 1.0 else ref * total)
+        for pos, node in enumerate(wsrc + asrc):
+            self.compressor.decompress_add(self._payload(gathered[pos : pos + 1], [node]), y, float(plan.weights[pos]))
         members = set(part.tolist())
         for i, node in enumerate(self.nodes):
             if node in members:
