@@ -413,17 +413,18 @@ def fl_assessment() -> Assessment:
               what=f"R < {COLLAPSE:g} for the mean"),
     ]
     rows = [
-        PaperRow("FedAvg, label skew and uneven work", "the baseline", "FedAvg: final training loss"),
-        PaperRow("SCAFFOLD vs FedAvg, label skew", "SCAFFOLD converges in fewer rounds (Karimireddy et al., Fig. 2)",
-                 "SCAFFOLD: final training loss"),
-        PaperRow("FedNova vs FedAvg, uneven work", "removes the objective inconsistency (Wang et al., Fig. 1)",
-                 "FedNova: final training loss"),
-        PaperRow("FedProx vs FedAvg, uneven work", "mu > 0 stabilises training (Li et al., Fig. 1)",
-                 f"{prox}: loss rise U (2nd half)"),
-        PaperRow("FedAdam vs FedAvg, language model", "fewer rounds to a given accuracy (Reddi et al., Fig. 1)",
-                 "LSTM FedAdam: final test perplexity"),
-        PaperRow("median / Krum vs mean, Byzantine clients", "robust rules keep accuracy, the mean does not "
-                 "(Blanchard et al.; Yin et al.)", "mean under sign-flip: accuracy retained R"),
+        PaperRow("FedAvg: final training loss (label skew, uneven work)", "the baseline", "FedAvg: final training loss"),
+        PaperRow("SCAFFOLD: final training loss (FedAvg's: the first row)",
+                 "SCAFFOLD converges in fewer rounds (Karimireddy et al., Fig. 2)", "SCAFFOLD: final training loss"),
+        PaperRow("FedNova: final training loss (FedAvg's: the first row)",
+                 "removes the objective inconsistency (Wang et al., Fig. 1)", "FedNova: final training loss"),
+        PaperRow(f"{prox}: loss rise U, 2nd half (FedAvg's: claim b below)",
+                 "mu > 0 stabilises training (Li et al., Fig. 1)", f"{prox}: loss rise U (2nd half)"),
+        PaperRow("FedAdam: final test perplexity, LSTM (rounds to FedAvg's: claim c below)",
+                 "fewer rounds to a given accuracy (Reddi et al., Fig. 1)", "LSTM FedAdam: final test perplexity"),
+        PaperRow("the mean under sign-flip clients: accuracy retained R (median, Krum: claim d below)",
+                 "robust rules keep accuracy, the mean does not (Blanchard et al.; Yin et al.)",
+                 "mean under sign-flip: accuracy retained R"),
     ]
     return Assessment(fl_metrics, claims, rows, notes=_notes)
 
