@@ -530,7 +530,7 @@ def compressed_round_cost(cost: RoundCost, *, workers: int, params: int, bytes_p
                          _codec_s(codec, 1, m))
     if cost.pattern == "allreduce" and not reducible:
         hops = m - 1 if m > 1 else 0
-        return RoundCost("allgather", hops, hops * p / bpp, hops * p, _codec_s(codec, 1, m if hops else 0))
+        return RoundCost("allgather", hops, hops * p / bpp, hops * p, _codec_s(codec, 1, m))
     if cost.pattern in ("allreduce", "neighbor", "broadcast"):
         ratio = p / (d * bpp)  # a payload in place of one row (LSGD's refresh: the leader's payload down the tree)
         decodes = cost.handshakes if cost.pattern == "neighbor" else 1

@@ -6,13 +6,15 @@ with compression (``spec.compressed``) sends its rounds through :class:`Compress
 :class:`~coopsgd.engines.distributed.communicator.Mixer` (the engine's round kernel and the
 :class:`~coopsgd.wrapper.CooperativeSGD` wrapper hold it in place of the Mixer). It runs the definitions of
 the simulator's :class:`~coopsgd.engines.compressed.CompressedRounds` node by node, with the same compressors,
-the same draws (keyed by (seed, c, node), c counting the compressed rounds) and the same arithmetic, so the
-iterates equal the simulator's (float64: to 1e-10, ``tests/integration/test_compressed_distributed.py``):
+the same draws (keyed by (seed, c, node), c counting the compressed rounds) and the same arithmetic up to the
+order of a sum, so the iterates equal the simulator's (float64: to 1e-10, ``tests/integration/test_compressed_distributed.py``):
 
 ``average`` (sync, local SGD, FedAvg with sampled clients, the outer round of DiLoCo / SlowMo)
     every source node i sends Q(x_i − x_ref + e_i) (error feedback e_i ← c_i − Q(c_i) kept by its rank);
-    every rank decodes every payload and forms x_ref Σ w_i + Σ_i w_i Q(c_i) (the simulator's product
-    ``w @ decoded``), the round's result for every participant and the new x_ref. Every rank keeps the same
+    every rank adds every payload into x_ref (:meth:`~coopsgd.compression.Compressor.decompress_add`, in the
+    sources' order: x_ref Σ w_i + w_1 Q(c_1) + w_2 Q(c_2) + ..., the simulator's product ``w @ decoded``
+    summed in sequence, equal to it within rounding), the round's result for every participant and the new
+    x_ref. Every rank keeps the same
     x_ref per set of participants. Auxiliary sources (a round that reads z) are encoded by every rank
     itself (each holds z and its residual): nothing travels for them.
 ``gossip`` (dpsgd, decentralized_periodic, matcha, choco, SlowMo's gossip base)
@@ -401,7 +403,8 @@ class CompressedMixer:
                 if lo is not None:
                     self.compressor.decompress_add(payload, self.residual[lo].copy_(V), -1.0)
                 else:
-                    self.residual.index_copy_(0, idx, self.compressor.decompress_add(payload, V, -1.0))
+                    # on a copy of V: a payload may be V itself (a cast to the rows' own dtype), and it is packed below
+                    self.residual.index_copy_(0, idx, self.compressor.decompress_add(payload, V.clone(), -1.0))
         mine = _pack(payload.parts, 0) if sends and payload is not None else None
         # The combine (after the transport), as the clock prices it (theory/codec.py): each payload decoded on
         # its own and added into x_ref (Compressor.decompress_add: a sparse payload adds its k values alone),
